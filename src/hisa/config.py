@@ -1,0 +1,80 @@
+"""Engine configuration: one dataclass, validated once at the boundary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hisa.errors import ConfigError
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Everything the engine needs to start.
+
+    model: path to a .gguf file or Hugging Face directory, "random:<preset>", or None for the
+        embedded SmolLM2-135M-Instruct.
+    device: "cpu", "cuda" or "auto" (cuda when available).
+    dtype: "auto" (fp32 on CPU, bf16 on CUDA), "float32", "float16" or "bfloat16".
+    page_size: tokens per KV page.
+    max_num_seqs / max_num_batched_tokens: the batch limits per engine step (continuous batching;
+        prompts longer than max_num_batched_tokens are prefilled in chunks).
+    max_model_len: longest prompt + output; defaults to the model's context length.
+    kv_cache_gb / num_kv_pages: size of the dense KV page pool (num_kv_pages wins when both are set).
+        Defaults: 2 GB on CPU; on CUDA, `gpu_memory_utilization` of free memory after the weights.
+
+    Example::
+
+        EngineConfig(model=None, device="cpu", max_num_seqs=8)
+    """
+
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    page_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    kv_cache_gb: float | None = None
+    num_kv_pages: int | None = None
+    gpu_memory_utilization: float = 0.85
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device must be cpu, cuda or auto, got {self.device!r}")
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError("device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu")
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ConfigError(f"dtype must be one of auto, float32, float16, bfloat16; got {self.dtype!r}")
+        for name in ("page_size", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.page_size & (self.page_size - 1):
+            raise ConfigError(f"page_size must be a power of two, got {self.page_size}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
+            raise ConfigError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
+        if self.num_kv_pages is not None and self.num_kv_pages < 1:
+            raise ConfigError(f"num_kv_pages must be >= 1, got {self.num_kv_pages}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.float32 if self.device == "cpu" else torch.bfloat16
+        return _DTYPES[self.dtype]

@@ -1,0 +1,1 @@
+"""The engine loop: requests, scheduling (continuous batching), model execution, sampling."""

@@ -1,0 +1,216 @@
+"""The engine: `add_request` / `step` / `abort_request`, one step = schedule → run → postprocess."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import torch
+
+from hisa.config import EngineConfig
+from hisa.engine.outputs import RequestOutput
+from hisa.engine.sampler import Sampler
+from hisa.engine.sampling_params import SamplingParams
+from hisa.engine.scheduler import Scheduler
+from hisa.engine.sequence import Sequence, Status
+from hisa.engine.model_runner import ModelRunner
+from hisa.errors import ConfigError, InvalidRequestError
+from hisa.kvcache.page_allocator import PageAllocator
+from hisa.kvcache.paged_cache import PagedKVCache
+from hisa.models.factory import LoadedModel, load_model
+
+
+class LLMEngine:
+    """Continuous-batching engine over a paged KV cache.
+
+    Example::
+
+        engine = LLMEngine(EngineConfig(device="cpu"))
+        rid = engine.add_request("Hello", SamplingParams(max_tokens=8))
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    print(out.text)
+    """
+
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
+        self.config = config
+        torch.manual_seed(config.seed)
+        self.loaded = loaded or load_model(config.model, device=config.torch_device, dtype=config.torch_dtype,
+                                           progress=config.progress, seed=config.seed)
+        mcfg = self.loaded.config
+        self.model_config = mcfg
+        self.tokenizer = self.loaded.tokenizer
+        self.max_model_len = config.max_model_len or mcfg.max_position_embeddings
+        if self.max_model_len > mcfg.max_position_embeddings:
+            raise ConfigError(f"max_model_len={self.max_model_len} exceeds the model's context "
+                              f"({mcfg.max_position_embeddings} tokens)")
+        num_pages = self._num_kv_pages()
+        pages_per_seq = -(-self.max_model_len // config.page_size)
+        if num_pages < pages_per_seq:
+            raise ConfigError(
+                f"the KV pool of {num_pages} pages ({num_pages * config.page_size} tokens) cannot hold one "
+                f"request of max_model_len={self.max_model_len} tokens; raise kv_cache_gb/num_kv_pages "
+                f"or lower max_model_len")
+        self.cache = PagedKVCache(num_layers=mcfg.num_layers, num_pages=num_pages, page_size=config.page_size,
+                                  num_kv_heads=mcfg.num_kv_heads, head_dim=mcfg.head_dim,
+                                  dtype=config.torch_dtype, device=config.torch_device)
+        self.allocator = PageAllocator(num_pages)
+        self.scheduler = Scheduler(allocator=self.allocator, page_size=config.page_size,
+                                   max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.loaded.model, self.cache, config.torch_device)
+        self.sampler = Sampler(config.torch_device, config.seed)
+        self.eos_token_ids = set(mcfg.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self._ids = itertools.count()
+        self._seqs: dict[str, Sequence] = {}
+        self.num_steps = 0
+        self.last_step_tokens = 0
+
+    def _num_kv_pages(self) -> int:
+        cfg, mcfg = self.config, self.model_config
+        page_bytes = PagedKVCache.page_bytes(num_layers=mcfg.num_layers, page_size=cfg.page_size,
+                                             num_kv_heads=mcfg.num_kv_heads, head_dim=mcfg.head_dim,
+                                             dtype=cfg.torch_dtype)
+        if cfg.num_kv_pages is not None:
+            return cfg.num_kv_pages
+        if cfg.kv_cache_gb is not None:
+            budget = cfg.kv_cache_gb * 2**30
+        elif cfg.device == "cpu":
+            budget = min(2 * 2**30, page_bytes * -(-self.max_model_len // cfg.page_size) * cfg.max_num_seqs)
+        else:
+            free, _ = torch.cuda.mem_get_info(cfg.torch_device)
+            reserve = 2 * 2**30  # activations and logits of a full batch
+            budget = free * cfg.gpu_memory_utilization - reserve
+        return max(1, int(budget // page_bytes))
+
+    # -- requests ----------------------------------------------------------------------------
+    def encode(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidRequestError("this model has no tokenizer (random weights): pass token ids, not text")
+        return self.tokenizer.encode(prompt, add_special_tokens=True)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a request (text, or token ids) and return its id. Raises InvalidRequestError on bad input."""
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            text, ids = prompt, self.encode(prompt)
+        else:
+            text, ids = None, [int(t) for t in prompt]
+            if any(t < 0 or t >= self.model_config.vocab_size for t in ids):
+                raise InvalidRequestError(f"token ids must be in [0, {self.model_config.vocab_size})")
+        if not ids:
+            raise InvalidRequestError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens but the model's context is {self.max_model_len} tokens; "
+                "shorten the prompt")
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context of "
+                f"{self.max_model_len} tokens; lower max_tokens to at most {self.max_model_len - len(ids)}")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self._seqs:
+            raise InvalidRequestError(f"request id {rid!r} is already in use")
+        seq = Sequence(request_id=rid, prompt_token_ids=ids, params=params, prompt=text)
+        self._seqs[rid] = seq
+        self.scheduler.add(seq)
+        return rid
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request and free its pages. Returns False if it was unknown or already finished."""
+        seq = self.scheduler.abort(request_id)
+        if seq is None:
+            return False
+        self._forget(seq)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_prefilling(self) -> int:
+        return sum(1 for s in self.scheduler.running if s.in_prefill) + len(self.scheduler.waiting)
+
+    def num_prompt_tokens(self, request_id: str) -> int:
+        return self._seqs[request_id].num_prompt
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # -- one step ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule → run → postprocess. Returns an output for each request that got a new token."""
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            if self.scheduler.has_unfinished() and not self.scheduler.running:
+                raise RuntimeError("scheduler made no progress with an empty running set (pool too small?)")
+            return []
+        logits, rows = self.runner.run(batch)
+        self.last_step_tokens = batch.num_tokens
+        self.scheduler.complete_step(batch)
+        seqs = [batch.seqs[i] for i in rows]
+        tokens = self.sampler.sample(logits, seqs) if seqs else []
+        now = time.monotonic()
+        outputs = []
+        for seq, token in zip(seqs, tokens):
+            seq.token_ids.append(token)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            reason = self._check_stop(seq, token)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+            outputs.append(self._output(seq, now))
+            if reason is not None:
+                self._forget(seq)
+        self.scheduler.remove_finished()
+        self.num_steps += 1
+        return outputs
+
+    def _check_stop(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
+            return "stop"
+        if p.stop and self.tokenizer is not None:
+            text = self._decode(seq.output_token_ids)
+            hits = [i for i in (text.find(s) for s in p.stop) if i >= 0]
+            if hits:
+                seq.stop_text_len = min(hits)
+                return "stop"
+        if seq.num_output >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _output(self, seq: Sequence, now: float) -> RequestOutput:
+        text = self._decode(seq.output_token_ids)
+        if seq.stop_text_len is not None:
+            text = text[: seq.stop_text_len]
+        elif not seq.is_finished and text.endswith("\ufffd"):
+            text = text.rstrip("\ufffd")  # an incomplete multi-byte character: wait for the next token
+        return RequestOutput(
+            request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=seq.prompt_token_ids,
+            text=text, token_ids=list(seq.output_token_ids), finished=seq.is_finished,
+            finish_reason=seq.finish_reason, num_preemptions=seq.num_preemptions,
+            arrival_time=seq.arrival_time, first_token_time=seq.first_token_time,
+            finish_time=now if seq.is_finished else None,
+        )
+
+    def _forget(self, seq: Sequence) -> None:
+        self._seqs.pop(seq.request_id, None)
+        self.sampler.forget(seq.request_id)
+
+    def kv_pages_free(self) -> int:
+        return self.allocator.num_free

@@ -1,0 +1,69 @@
+"""One request as the scheduler and runner see it (torch-free)."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from hisa.engine.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request: its tokens, its pages and its progress.
+
+    `token_ids` = prompt + generated so far. `num_computed` counts tokens whose KV is in the cache.
+    After a preemption the pages are freed and `num_computed` drops to 0: the prompt and the output
+    so far are recomputed as one prefill (recompute preemption), and generation continues.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: Status = Status.WAITING
+    token_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    pages: list[int] = field(default_factory=list)  # physical page ids, in order
+    finish_reason: str | None = None
+    stop_text_len: int | None = None  # where a stop string cut the text
+    first_token_time: float | None = None
+    num_preemptions: int = 0
+    sparse: bool = False  # decided at admission by the sparse coordinator
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt:]
+
+    @property
+    def num_output(self) -> int:
+        return self.num_tokens - self.num_prompt
+
+    @property
+    def in_prefill(self) -> bool:
+        """True while some known token (prompt, or output after a preemption) has no KV yet, except the last."""
+        return self.num_computed < self.num_tokens - 1
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == Status.FINISHED

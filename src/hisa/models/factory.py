@@ -1,0 +1,99 @@
+"""Build a ready-to-run model (weights on the target device and dtype) from a :class:`ModelSource`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from hisa.errors import ModelLoadError
+from hisa.models import loader
+from hisa.models.config import PRESETS, ModelConfig
+from hisa.models.llama import LlamaForCausalLM
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaForCausalLM
+    config: ModelConfig
+    tokenizer: Any  # a transformers tokenizer, or None for random-weight presets
+    source: loader.ModelSource
+
+
+def load_model(model: str | None, *, device: torch.device, dtype: torch.dtype,
+               progress: bool = True, seed: int = 0) -> LoadedModel:
+    """Resolve `model` (path, "random:<preset>" or None for the embedded default) and load it.
+
+    A progress bar shows tensors loaded (GGUF dequantization takes a few seconds per 100M params).
+    """
+    source = loader.resolve_model(model)
+    rope_freqs = None
+    if source.kind == "random":
+        cfg = ModelConfig(**PRESETS[source.preset])
+        net = _empty_model(cfg, device, dtype)
+        _randomize(net, seed)
+    else:
+        if source.kind == "gguf":
+            reader = loader.open_gguf(source.path)
+            cfg = loader.gguf_config(reader, source.path)
+            tensors, total = loader.gguf_tensors(reader, cfg), len(reader.tensors)
+        else:
+            cfg = loader.hf_config(source.path)
+            tensors, total = loader.hf_tensors(source.path), loader.hf_num_tensors(source.path)
+        net = _empty_model(cfg, device, dtype)
+        params = dict(net.named_parameters(remove_duplicate=False))
+        seen: set[str] = set()
+        bar = tqdm(tensors, total=total, desc=f"loading {cfg.name or source.path.name}", unit="tensor",
+                   disable=not progress, leave=False)
+        for name, tensor in bar:
+            if name == "rope_freqs":
+                rope_freqs = tensor
+                continue
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            if name not in params:
+                raise ModelLoadError(f"{source.path}: unexpected tensor {name!r} for a {cfg.arch} model")
+            if tuple(params[name].shape) != tuple(tensor.shape):
+                raise ModelLoadError(f"{source.path}: tensor {name} has shape {tuple(tensor.shape)}, "
+                                     f"expected {tuple(params[name].shape)}")
+            with torch.no_grad():
+                params[name].copy_(tensor.to(dtype))
+            seen.add(name)
+        expected = {n for n in params if not (cfg.tie_word_embeddings and n == "lm_head.weight")}
+        missing = sorted(expected - seen)
+        if missing:
+            raise ModelLoadError(f"{source.path}: weights missing for {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+    net.rope.inv_freq = _inv_freq(cfg, rope_freqs).to(device)
+    net.eval()
+    tokenizer = loader.load_tokenizer(source)
+    return LoadedModel(net, cfg, tokenizer, source)
+
+
+def _inv_freq(cfg: ModelConfig, rope_freqs):
+    from hisa.models.rope import rope_inv_freq
+
+    return rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, rope_freqs)
+
+
+def _empty_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
+    with torch.device("meta"):
+        net = LlamaForCausalLM(cfg)
+    net = net.to_empty(device=device).to(dtype)
+    if cfg.tie_word_embeddings:
+        net.lm_head.weight = net.model.embed_tokens.weight
+    return net
+
+
+@torch.no_grad()
+def _randomize(net: LlamaForCausalLM, seed: int) -> None:
+    """Random weights with sane scales (for shape-only benchmarks): N(0, 0.02) matrices, unit norms."""
+    gen = torch.Generator(device=next(net.parameters()).device).manual_seed(seed)
+    for name, p in net.named_parameters():
+        if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif name.endswith("bias"):
+            p.zero_()
+        else:
+            p.normal_(0.0, 0.02, generator=gen)
