@@ -26,8 +26,9 @@ class LLM:
     Keyword arguments are :class:`hisa.config.EngineConfig` fields (device, dtype, page_size, ...).
     """
 
-    def __init__(self, model: str | None = None, **engine_kwargs):
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
+    def __init__(self, model: str | None = None, *, loaded=None, **engine_kwargs):
+        """`loaded` (a `hisa.models.factory.LoadedModel`) reuses weights already in memory."""
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs), loaded=loaded)
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts: str | list[str] | list[list[int]],

@@ -38,6 +38,10 @@ class LLMEngine:
         torch.manual_seed(config.seed)
         self.loaded = loaded or load_model(config.model, device=config.torch_device, dtype=config.torch_dtype,
                                            progress=config.progress, seed=config.seed)
+        weight = next(self.loaded.model.parameters())
+        if weight.device.type != config.torch_device.type or weight.dtype != config.torch_dtype:
+            raise ConfigError(f"the loaded model is {weight.dtype} on {weight.device}, the config asks for "
+                              f"{config.torch_dtype} on {config.device}")
         mcfg = self.loaded.config
         self.model_config = mcfg
         self.tokenizer = self.loaded.tokenizer
@@ -120,6 +124,30 @@ class LLMEngine:
         self.scheduler.add(seq)
         return rid
 
+    @torch.inference_mode()
+    def score(self, token_ids: list[int], *, prefill_tokens: int | None = None) -> torch.Tensor:
+        """Teacher-forced next-token logits of a document, through the engine's real paths.
+
+        The first `prefill_tokens` tokens are prefilled (in chunks), the rest are fed one decode step
+        at a time. Returns fp32 [len(token_ids) - prefill_tokens + 1, V] on the CPU: row j predicts
+        token `prefill_tokens + j` (the last row predicts the token after the document). Runs alone:
+        other requests must not be in flight.
+        """
+        if self.has_unfinished_requests():
+            raise RuntimeError("score() runs alone; finish or abort other requests first")
+        n = len(token_ids)
+        prefill_tokens = n if prefill_tokens is None else prefill_tokens
+        if not 1 <= prefill_tokens <= n:
+            raise InvalidRequestError(f"prefill_tokens must be in [1, {n}], got {prefill_tokens}")
+        forced = list(token_ids[prefill_tokens:]) + [0]  # the last forced token is never computed
+        params = SamplingParams(max_tokens=len(forced), ignore_eos=True)
+        rid = self.add_request(list(token_ids[:prefill_tokens]), params)
+        seq = self._seqs[rid]
+        seq.forced_output = forced
+        while self.has_unfinished_requests():
+            self.step()
+        return torch.stack(seq.scored_logits)
+
     def abort_request(self, request_id: str) -> bool:
         """Stop a request and free its pages. Returns False if it was unknown or already finished."""
         seq = self.scheduler.abort(request_id)
@@ -161,7 +189,10 @@ class LLMEngine:
         tokens = self.sampler.sample(logits, seqs) if seqs else []
         now = time.monotonic()
         outputs = []
-        for seq, token in zip(seqs, tokens):
+        for row, (seq, token) in enumerate(zip(seqs, tokens)):
+            if seq.forced_output is not None:
+                seq.scored_logits.append(logits[row].cpu())
+                token = seq.forced_output[seq.num_output]
             seq.token_ids.append(token)
             if seq.first_token_time is None:
                 seq.first_token_time = now

@@ -38,6 +38,9 @@ class Sequence:
     first_token_time: float | None = None
     num_preemptions: int = 0
     sparse: bool = False  # decided at admission by the sparse coordinator
+    # Teacher forcing (LLMEngine.score): the outputs to feed instead of sampling, and the logits seen.
+    forced_output: list[int] | None = None
+    scored_logits: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -288,7 +288,38 @@ def load_tokenizer(source: ModelSource):
     hf_logging.set_verbosity_error()
     try:
         if source.kind == "gguf":
-            return AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
+            return _gguf_tokenizer(source.path)
         return AutoTokenizer.from_pretrained(str(source.path))
     except Exception as e:
         raise ModelLoadError(f"could not load the tokenizer of {source.path}: {type(e).__name__}: {e}") from None
+
+
+def _gguf_tokenizer(path: Path):
+    """Build the tokenizer stored in a GGUF file, through a disk cache.
+
+    Converting a GGUF vocabulary takes seconds; the converted tokenizer is saved under
+    $HISA_CACHE_DIR (default ~/.cache/hisa) keyed by the file's path, size and mtime, and loads in
+    ~0.1 s afterwards. An unwritable cache only costs the conversion time.
+    """
+    import hashlib
+    import shutil
+    import tempfile
+
+    import transformers
+    from transformers import AutoTokenizer
+
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}".encode())
+    root = Path(os.environ.get("HISA_CACHE_DIR", Path.home() / ".cache" / "hisa")) / "tokenizers"
+    cached = root / key.hexdigest()[:24]
+    if (cached / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(cached))
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root))
+        tok.save_pretrained(str(tmp))
+        tmp.rename(cached)  # atomic: a concurrent loader sees all of it or nothing
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True) if "tmp" in locals() else None
+    return tok

@@ -1,0 +1,58 @@
+"""Shared fixtures: the embedded SmolLM2 loaded once per test session (weights reused by every engine)."""
+
+from __future__ import annotations
+
+import pytest
+exec(open("/tmp/fake.py").read())
+import torch
+
+torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """hisa's LoadedModel of the embedded SmolLM2-135M-Instruct, fp32 on the CPU."""
+    from hisa.models.factory import load_model
+
+    return load_model(None, device=torch.device("cpu"), dtype=torch.float32, progress=False)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2):
+    """Hugging Face transformers' own load of the same GGUF file (fp32), the reference."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    path = smollm2.source.path
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture
+def make_llm(smollm2):
+    """Build an LLM over the session's SmolLM2 weights with engine options of the test's choosing."""
+    from hisa import LLM
+
+    def make(**kwargs):
+        kwargs.setdefault("progress", False)
+        return LLM(loaded=smollm2, device="cpu", dtype="float32", **kwargs)
+
+    return make
+
+
+def long_text(n_words: int, seed: int = 0) -> str:
+    """Deterministic varied English-ish text of about `n_words` words (prompt material for tests)."""
+    import random
+
+    rng = random.Random(seed)
+    words = ("the a river mountain quiet engine paper window seven garden old bright storm city "
+             "market silver letter morning travels under over near between writes finds keeps "
+             "green blue small large early late history music number ocean forest road").split()
+    out = []
+    for i in range(n_words):
+        out.append(rng.choice(words))
+        if i % 12 == 11:
+            out[-1] += "."
+    return " ".join(out)
