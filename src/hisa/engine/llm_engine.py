@@ -93,7 +93,7 @@ class LLMEngine:
     # -- requests ----------------------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:
         if self.tokenizer is None:
-            raise InvalidRequestError("this model has no tokenizer (random weights): pass token ids, not text")
+            raise InvalidRequestError("this model has no tokenizer (random weights, or a directory without tokenizer files): pass token ids, not text")
         return self.tokenizer.encode(prompt, add_special_tokens=True)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,

@@ -289,6 +289,8 @@ def load_tokenizer(source: ModelSource):
     try:
         if source.kind == "gguf":
             return _gguf_tokenizer(source.path)
+        if not any((source.path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            return None  # weights only: the engine then takes token ids, not text
         return AutoTokenizer.from_pretrained(str(source.path))
     except Exception as e:
         raise ModelLoadError(f"could not load the tokenizer of {source.path}: {type(e).__name__}: {e}") from None

@@ -1,0 +1,63 @@
+"""The `hisa` command line: help, a real generation, and clear errors instead of tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hisa.cli import main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "generate" in out and "SmolLM2" in out and "examples:" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--model", "/no/such/model.gguf", "--prompt", "hi"], "does not exist"),
+    (["generate", "--prompt", "hi", "--temperature", "-1"], "temperature must be >= 0"),
+    (["generate", "--prompt", "hi", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+    (["generate", "--prompt", "hi", "--max-tokens", "0"], "max_tokens must be an integer >= 1"),
+    (["generate", "--prompt-file", "/no/such/prompt.txt"], "cannot read prompt file"),
+    (["generate"], "give a prompt"),
+    (["generate", "--prompt", "hi", "--device", "tpu"], "device must be cpu, cuda or auto"),
+])
+def test_bad_input_gets_one_line_error(capsys, argv, message):
+    code, _, err = _run(capsys, *argv)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+
+
+def test_unsupported_architecture(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "falcon"}))
+    code, _, err = _run(capsys, "generate", "--model", str(tmp_path), "--prompt", "hi")
+    assert code == 2 and "unsupported architecture 'falcon'" in err and "llama" in err
+
+
+def test_prompt_longer_than_context(capsys):
+    code, _, err = _run(capsys, "generate", "--prompt", "word " * 400, "--max-model-len", "256", "--quiet")
+    assert code == 2 and "tokens but the model's context is 256 tokens" in err
+
+
+def test_generate_end_to_end_in_a_subprocess():
+    """The installed entry point answers a question with the embedded model and its chat template."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "hisa.cli", "generate", "--prompt", "What is the capital of France?",
+         "--max-tokens", "24", "--json"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "Paris" in result["text"] and result["finish_reason"] == "stop"
+    assert "prompt + " in proc.stderr  # the timing summary
