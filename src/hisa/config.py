@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hisa.sparse.config import SparseConfig
+
 from hisa.errors import ConfigError
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -26,6 +28,8 @@ class EngineConfig:
     max_model_len: longest prompt + output; defaults to the model's context length.
     kv_cache_gb / num_kv_pages: size of the dense KV page pool (num_kv_pages wins when both are set).
         Defaults: 2 GB on CPU; on CUDA, `gpu_memory_utilization` of free memory after the weights.
+    sparse: a :class:`hisa.sparse.config.SparseConfig`; prompts of at least its min_prompt_len run
+        with the full KV in the host pool and only the selected pages on the device.
 
     Example::
 
@@ -44,6 +48,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.85
     seed: int = 0
     progress: bool = True
+    sparse: SparseConfig | None = None  # the hierarchical sparse KV cache for long prompts; None = all dense
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -66,6 +71,10 @@ class EngineConfig:
             raise ConfigError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
         if self.num_kv_pages is not None and self.num_kv_pages < 1:
             raise ConfigError(f"num_kv_pages must be >= 1, got {self.num_kv_pages}")
+        if self.sparse is not None and not isinstance(self.sparse, SparseConfig):
+            raise ConfigError("sparse must be a hisa.sparse.config.SparseConfig (or None)")
+        if self.sparse is not None:
+            self.sparse.budget_pages(self.page_size)  # the budget must fit sinks + window at this page size
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 

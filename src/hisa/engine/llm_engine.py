@@ -60,10 +60,17 @@ class LLMEngine:
                                   num_kv_heads=mcfg.num_kv_heads, head_dim=mcfg.head_dim,
                                   dtype=config.torch_dtype, device=config.torch_device)
         self.allocator = PageAllocator(num_pages)
+        self.sparse = None
+        if config.sparse is not None:
+            from hisa.sparse.coordinator import SparseCoordinator
+
+            self.sparse = SparseCoordinator(config.sparse, model_config=mcfg, page_size=config.page_size,
+                                            max_model_len=self.max_model_len, dtype=config.torch_dtype,
+                                            device=config.torch_device)
         self.scheduler = Scheduler(allocator=self.allocator, page_size=config.page_size,
                                    max_num_seqs=config.max_num_seqs,
-                                   max_num_batched_tokens=config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.loaded.model, self.cache, config.torch_device)
+                                   max_num_batched_tokens=config.max_num_batched_tokens, sparse=self.sparse)
+        self.runner = ModelRunner(self.loaded.model, self.cache, config.torch_device, sparse=self.sparse)
         self.sampler = Sampler(config.torch_device, config.seed)
         self.eos_token_ids = set(mcfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:

@@ -17,73 +17,89 @@ from hisa.models.llama import LlamaForCausalLM
 class StepPlan:
     """Host-built metadata of one step, shared by every layer (built once, read per layer).
 
-    Rows are the step's tokens, requests concatenated in batch order.
+    Rows are the step's tokens, requests concatenated in batch order. The dense fields cover only
+    dense requests; sparse requests are planned by the SparseCoordinator.
     """
 
     input_ids: torch.Tensor  # int64 [T]
     positions: torch.Tensor  # int64 [T]
-    write_pages: torch.Tensor  # int64 [T] physical page of each new token
-    write_offsets: torch.Tensor  # int64 [T] slot within that page
-    decode_rows: torch.Tensor  # int64 [Bd] rows of single-token (decode) requests
+    row_starts: list[int]  # first row of each request of the batch
+    write_rows: torch.Tensor  # int64 [Td] rows of dense requests' new tokens
+    write_pages: torch.Tensor  # int64 [Td] physical page of each of them
+    write_offsets: torch.Tensor  # int64 [Td] slot within that page
+    decode_rows: torch.Tensor  # int64 [Bd] rows of single-token (decode) dense requests
     decode_page_table: torch.Tensor  # int32 [Bd, max_pages], -1 padded
     decode_kv_lens: torch.Tensor  # int32 [Bd]
     prefills: list[tuple[int, int, torch.Tensor, int]]  # (row_start, row_end, pages int64 [n], ctx_len)
     sample_rows: torch.Tensor  # int64 [Bs] rows whose logits are sampled
     sample_index: list[int]  # index into batch.seqs of each sampled row
     max_position: int
+    num_dense_tokens: int
 
 
 class DenseAttention:
-    """Dense paged attention for one step: write new K/V into pages, attend over each request's pages."""
+    """Dense paged attention: write new K/V into pages, attend over each request's pages."""
 
     def __init__(self, cache: PagedKVCache, plan: StepPlan, scale: float):
         self.cache, self.plan, self.scale = cache, plan, scale
 
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward_rows(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
+        """Fill `out` [T, H, D] at the dense requests' rows."""
         plan, cache = self.plan, self.cache
-        cache.write(layer, plan.write_pages, plan.write_offsets, k, v)
+        if not plan.num_dense_tokens:
+            return
+        cache.write(layer, plan.write_pages, plan.write_offsets, k[plan.write_rows], v[plan.write_rows])
         keys, values = cache.keys(layer), cache.values(layer)
-        out = torch.empty_like(q)  # [T, H, D]
         if plan.decode_rows.numel():
             out[plan.decode_rows] = paged_decode_attention(
                 q[plan.decode_rows], keys, values, plan.decode_page_table, plan.decode_kv_lens, scale=self.scale)
         for start, end, pages, ctx in plan.prefills:
             out[start:end] = prefill_attention(q[start:end], gather_pages(keys, pages, ctx),
                                                gather_pages(values, pages, ctx), scale=self.scale)
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(q)  # [T, H, D]
+        self.forward_rows(layer, q, k, v, out)
         return out
 
 
 class ModelRunner:
-    """Owns the model and the dense KV cache on the device."""
+    """Owns the model and the dense KV cache on the device.
 
-    def __init__(self, model: LlamaForCausalLM, cache: PagedKVCache, device: torch.device):
-        self.model, self.cache, self.device = model, cache, device
+    `sparse` (a SparseCoordinator) takes over attention for the step's sparse requests.
+    """
+
+    def __init__(self, model: LlamaForCausalLM, cache: PagedKVCache, device: torch.device, sparse=None):
+        self.model, self.cache, self.device, self.sparse = model, cache, device, sparse
         self.page_size = cache.page_size
         self.scale = model.config.head_dim ** -0.5
 
     def plan(self, batch: ScheduledBatch) -> StepPlan:
         s = self.page_size
-        ids, pos, wpages, woffs = [], [], [], []
+        ids, pos, wrows, wpages, woffs, starts = [], [], [], [], [], []
         dec_rows, dec_tables, dec_lens, prefills, sample_rows, sample_index = [], [], [], [], [], []
         row = 0
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             c = seq.num_computed
+            starts.append(row)
             ids.extend(seq.token_ids[c:c + n])
             positions = range(c, c + n)
             pos.extend(positions)
-            wpages.extend(seq.pages[p // s] for p in positions)
-            woffs.extend(p % s for p in positions)
             ctx = c + n
-            if n == 1:
-                dec_rows.append(row)
-                dec_tables.append(seq.pages[: -(-ctx // s)])
-                dec_lens.append(ctx)
-            else:
-                pages = torch.tensor(seq.pages[: -(-ctx // s)], dtype=torch.int64)
-                prefills.append((row, row + n, pages.to(self.device), ctx))
             if ctx == seq.num_tokens:  # this step reaches the end of the known tokens: sample the next
                 sample_rows.append(row + n - 1)
                 sample_index.append(i)
+            if not seq.sparse:
+                wrows.extend(range(row, row + n))
+                wpages.extend(seq.pages[p // s] for p in positions)
+                woffs.extend(p % s for p in positions)
+                if n == 1:
+                    dec_rows.append(row)
+                    dec_tables.append(seq.pages[: -(-ctx // s)])
+                    dec_lens.append(ctx)
+                else:
+                    pages = torch.tensor(seq.pages[: -(-ctx // s)], dtype=torch.int64)
+                    prefills.append((row, row + n, pages.to(self.device), ctx))
             row += n
         width = max((len(t) for t in dec_tables), default=0)
         table = torch.full((len(dec_tables), max(width, 1)), -1, dtype=torch.int32)
@@ -94,16 +110,24 @@ class ModelRunner:
             return torch.tensor(x, dtype=dtype).to(self.device, non_blocking=True)
 
         return StepPlan(
-            input_ids=dev(ids), positions=dev(pos), write_pages=dev(wpages), write_offsets=dev(woffs),
-            decode_rows=dev(dec_rows), decode_page_table=table.to(self.device),
-            decode_kv_lens=dev(dec_lens, torch.int32), prefills=prefills,
-            sample_rows=dev(sample_rows), sample_index=sample_index, max_position=max(pos),
+            input_ids=dev(ids), positions=dev(pos), row_starts=starts, write_rows=dev(wrows),
+            write_pages=dev(wpages), write_offsets=dev(woffs), decode_rows=dev(dec_rows),
+            decode_page_table=table.to(self.device), decode_kv_lens=dev(dec_lens, torch.int32),
+            prefills=prefills, sample_rows=dev(sample_rows), sample_index=sample_index,
+            max_position=max(pos), num_dense_tokens=len(wrows),
         )
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch, attention=None) -> tuple[torch.Tensor, list[int]]:
+    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
         """Run one step. Returns (fp32 logits [Bs, V] of the sampled rows, their indices in batch.seqs)."""
         plan = self.plan(batch)
-        attn = attention(plan) if attention is not None else DenseAttention(self.cache, plan, self.scale)
+        dense = DenseAttention(self.cache, plan, self.scale)
+        if self.sparse is not None and any(seq.sparse for seq in batch.seqs):
+            attn = self.sparse.forward_begin(batch, plan, dense)
+        else:
+            attn = dense
         hidden = self.model(plan.input_ids, plan.positions, attn, plan.max_position)
-        return self.model.compute_logits(hidden[plan.sample_rows]), plan.sample_index
+        logits = self.model.compute_logits(hidden[plan.sample_rows])
+        if attn is not dense:
+            self.sparse.forward_end()
+        return logits, plan.sample_index

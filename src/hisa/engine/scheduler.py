@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from hisa.engine.sequence import Sequence, Status
 from hisa.kvcache.page_allocator import PageAllocator
@@ -33,12 +34,27 @@ class ScheduledBatch:
         return sum(self.num_new_tokens)
 
 
+class SparsePolicy(Protocol):
+    """What the scheduler needs from the sparse cache (implemented by SparseCoordinator)."""
+
+    host_allocator: PageAllocator  # sparse requests take their pages from the host pool
+
+    def wants(self, seq: Sequence) -> bool: ...
+    def on_admit(self, seq: Sequence) -> bool: ...  # False: no device buffer slot free
+    def on_release(self, seq: Sequence) -> None: ...
+
+
 class Scheduler:
-    """Decides which sequences run in each step and owns their page lists."""
+    """Decides which sequences run in each step and owns their page lists.
+
+    Dense requests take pages from `allocator` (the device pool). With a sparse policy, requests it
+    `wants` take pages from the host pool instead plus one device-buffer slot while running.
+    """
 
     def __init__(self, *, allocator: PageAllocator, page_size: int, max_num_seqs: int,
-                 max_num_batched_tokens: int):
+                 max_num_batched_tokens: int, sparse: SparsePolicy | None = None):
         self.allocator = allocator
+        self.sparse = sparse
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -49,6 +65,7 @@ class Scheduler:
     # -- queue management --------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
+        seq.sparse = self.sparse is not None and self.sparse.wants(seq)
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -69,10 +86,15 @@ class Scheduler:
         seq.finish_reason = reason
         self._release(seq)
 
+    def pool(self, seq: Sequence) -> PageAllocator:
+        return self.sparse.host_allocator if seq.sparse else self.allocator
+
     def _release(self, seq: Sequence) -> None:
         if seq.pages:
-            self.allocator.free(seq.pages)
+            self.pool(seq).free(seq.pages)
             seq.pages = []
+        if seq.sparse and seq.sparse_slot is not None:
+            self.sparse.on_release(seq)
 
     def pages_needed(self, seq: Sequence, num_new: int) -> int:
         total = -(-(seq.num_computed + num_new) // self.page_size)
@@ -87,15 +109,17 @@ class Scheduler:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed, budget)
             need = self.pages_needed(seq, n)
-            while not self.allocator.can_allocate(need):
-                victim = self.running[-1]
+            pool = self.pool(seq)
+            while not pool.can_allocate(need):
+                # the youngest running request drawing on the same pool gives its pages back
+                victim = next(s for s in reversed(self.running) if s.sparse == seq.sparse)
                 self._preempt(victim)
                 batch.preempted.append(victim)
                 if victim is seq:
                     break
             if seq.status != Status.RUNNING:  # preempted itself: nothing else can run either
                 break
-            seq.pages.extend(self.allocator.allocate(need))
+            seq.pages.extend(pool.allocate(need))
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
             budget -= n
@@ -104,16 +128,21 @@ class Scheduler:
         if batch.preempted:
             return batch  # memory is tight: let the running ones finish before admitting more
         # Keep one free page per running decode so that the next step need not preempt at once.
-        reserve = sum(1 for s in self.running if not s.in_prefill)
+        reserve = {False: 0, True: 0}
+        for s in self.running:
+            reserve[s.sparse] += not s.in_prefill
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = min(seq.num_tokens - seq.num_computed, budget)
             need = self.pages_needed(seq, n)
-            if need + reserve > self.allocator.num_free:
+            pool = self.pool(seq)
+            if need + reserve[seq.sparse] > pool.num_free:
                 break
+            if seq.sparse and not self.sparse.on_admit(seq):
+                break  # every device buffer slot is taken
             self.waiting.popleft()
             seq.status = Status.RUNNING
-            seq.pages.extend(self.allocator.allocate(need))
+            seq.pages.extend(pool.allocate(need))
             self.running.append(seq)
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)

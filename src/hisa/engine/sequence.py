@@ -37,7 +37,9 @@ class Sequence:
     stop_text_len: int | None = None  # where a stop string cut the text
     first_token_time: float | None = None
     num_preemptions: int = 0
-    sparse: bool = False  # decided at admission by the sparse coordinator
+    sparse: bool = False  # decided when the request arrives (SparseCoordinator.wants)
+    sparse_slot: int | None = None  # the device-buffer slot while a sparse request runs
+    host_pages_synced: int = 0  # how many of `pages` the device-side host page table knows
     # Teacher forcing (LLMEngine.score): the outputs to feed instead of sampling, and the logits seen.
     forced_output: list[int] | None = None
     scored_logits: list = field(default_factory=list)

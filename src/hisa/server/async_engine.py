@@ -1,0 +1,315 @@
+"""The engine loop in a background thread, bridged to asyncio.
+
+One thread owns the `LLMEngine` (and its tokenizer): it takes commands from a thread-safe queue
+(add a request, abort a request, stop), calls `engine.step()` while there is work and blocks on the
+queue while there is none. Requests that arrive while others run join the next step (continuous
+batching). Outputs go back to each request's own `asyncio.Queue` through
+`loop.call_soon_threadsafe`, so handlers never block the event loop and never touch the engine.
+
+After every loop turn the thread publishes an immutable `EngineStats` snapshot (running, waiting,
+KV pages, the sparse cache's stats if the engine has any) that `/metrics` and `/health` read.
+
+If `step()` raises, the thread records the error, fails every pending request with
+`EngineDeadError` (HTTP 500) and exits; `AsyncEngine.is_healthy` turns False and new requests fail
+at once instead of hanging.
+
+Example::
+
+    async_engine = AsyncEngine(LLMEngine(EngineConfig(device="cpu")))
+    stream = await async_engine.submit(PromptInput(text="Hi"), max_tokens=8, params_for=lambda n: SamplingParams(max_tokens=n))
+    async for out in stream:
+        print(out.text)
+    async_engine.shutdown()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from hisa.engine.outputs import RequestOutput
+from hisa.engine.sampling_params import SamplingParams
+from hisa.errors import HisaError, InvalidRequestError
+
+log = logging.getLogger("hisa.server")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread has stopped (crash or shutdown); the request cannot be served."""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What the engine thread last saw, for /metrics and /health (read without touching the engine)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_pages_used: int = 0
+    kv_pages_total: int = 0
+    sparse: Mapping[str, float] | None = None  # engine.sparse_stats, when the engine has a sparse cache
+
+
+@dataclass(frozen=True)
+class PromptInput:
+    """One prompt: text, token ids, or a chat conversation (templated on the engine thread)."""
+
+    text: str | None = None
+    token_ids: list[int] | None = None
+    messages: list[dict[str, str]] | None = None
+
+
+class RequestObserver:
+    """Callbacks the engine thread makes as a request progresses (the metrics hook up here).
+
+    Every method runs on the engine thread and must be cheap and thread-safe.
+    """
+
+    def on_first_token(self, *, num_prompt_tokens: int, ttft_s: float) -> None: ...
+
+    def on_token(self, *, inter_token_s: float | None) -> None: ...
+
+    def on_finish(self, *, finish_reason: str, e2e_s: float) -> None: ...
+
+
+class RequestStream:
+    """The async side of one request: iterate it for `RequestOutput`s until one is finished.
+
+    Leaving the iteration early (client gone, task cancelled) aborts the request in the engine.
+    `num_prompt_tokens` is set once the engine has accepted the request.
+    """
+
+    def __init__(self, request_id: str, *, engine: "AsyncEngine", loop: asyncio.AbstractEventLoop):
+        self.request_id = request_id
+        self.arrival = time.monotonic()
+        self.num_prompt_tokens = 0
+        self.finished = False
+        self._engine = engine
+        self._loop = loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._last_token_time: float | None = None  # engine-thread bookkeeping (inter-token latency)
+
+    async def next_output(self) -> RequestOutput:
+        """The next output; raises the request's error (InvalidRequestError, EngineDeadError, ...)."""
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item.finished:
+            self.finished = True
+        return item
+
+    def __aiter__(self):
+        return self._iterate()
+
+    async def _iterate(self):
+        try:
+            while not self.finished:
+                yield await self.next_output()
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Stop the request in the engine and free its pages (no-op once it has finished)."""
+        if not self.finished:
+            self.finished = True
+            self._engine._commands.put(("abort", self.request_id))
+
+    def _post(self, item: Any) -> None:
+        """Engine thread → event loop."""
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:
+            pass  # the event loop has closed (server shutting down): nobody is left to receive this
+
+
+class AsyncEngine:
+    """Owns an `LLMEngine` on a background thread; `submit()` from any coroutine.
+
+    `observer` (a RequestObserver, e.g. the Prometheus metrics) is told about first tokens, tokens
+    and finishes; it runs on the engine thread.
+    """
+
+    def __init__(self, engine, *, observer: RequestObserver | None = None):
+        self._engine = engine  # touched only by the engine thread from here on
+        self.max_model_len: int = engine.max_model_len
+        self.has_tokenizer: bool = engine.tokenizer is not None
+        self._observer = observer or RequestObserver()
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, RequestStream] = {}
+        self.stats = EngineStats(kv_pages_total=engine.allocator.num_pages)
+        self.error: BaseException | None = None
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hisa-engine", daemon=True)
+        self._thread.start()
+
+    # -- event-loop side ---------------------------------------------------------------------
+    @property
+    def is_healthy(self) -> bool:
+        return self.error is None and self._thread.is_alive()
+
+    async def submit(self, prompt: PromptInput, *, request_id: str, max_tokens: int | None,
+                     params_for: Callable[[int], SamplingParams]) -> RequestStream:
+        """Queue a request and wait until the engine has accepted it.
+
+        `max_tokens` None means "up to the end of the context"; `params_for(max_tokens)` builds the
+        SamplingParams once the prompt length is known. Raises InvalidRequestError (bad prompt or
+        params: HTTP 400) or EngineDeadError (HTTP 500) before any output is produced.
+        """
+        self._raise_if_dead()
+        stream = RequestStream(request_id, engine=self, loop=asyncio.get_running_loop())
+        self._commands.put(("add", stream, prompt, max_tokens, params_for))
+        try:
+            ack = await stream._queue.get()
+        except BaseException:
+            stream.abort()
+            raise
+        if isinstance(ack, BaseException):
+            stream.finished = True
+            raise ack
+        stream.num_prompt_tokens = ack
+        return stream
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the engine thread (pending requests fail with EngineDeadError)."""
+        self._commands.put(("stop",))
+        self._thread.join(timeout)
+
+    def _raise_if_dead(self) -> None:
+        if self.error is not None:
+            raise EngineDeadError(f"the engine has stopped: {self.error!r}") from self.error
+        if not self._thread.is_alive():
+            raise EngineDeadError("the engine has stopped")
+
+    # -- engine thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self._engine
+        try:
+            while True:
+                busy = engine.has_unfinished_requests()
+                if not self._drain(block=not busy):
+                    self.error = EngineDeadError("the server is shutting down")
+                    break
+                if engine.has_unfinished_requests():
+                    for out in engine.step():
+                        self._deliver(out)
+                self._publish_stats()
+        except BaseException as e:  # a bug or a device failure: fail everything pending, loudly
+            log.exception("engine thread crashed; failing %d pending request(s)", len(self._streams))
+            self.error = e
+        finally:
+            self._stopped.set()
+            dead = EngineDeadError(f"the engine has stopped: {self.error!r}")
+            for stream in self._streams.values():
+                stream._post(dead)
+            self._streams.clear()
+            self._fail_queued(dead)
+
+    def _fail_queued(self, dead: EngineDeadError) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                cmd[1]._post(dead)
+
+    def _drain(self, *, block: bool) -> bool:
+        """Run queued commands (waiting for one if `block`). Returns False on "stop"."""
+        while True:
+            try:
+                cmd = self._commands.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if cmd[0] == "stop":
+                return False
+            if cmd[0] == "add":
+                self._add(*cmd[1:])
+            elif cmd[0] == "abort":
+                self._abort(cmd[1])
+
+    def _add(self, stream: RequestStream, prompt: PromptInput, max_tokens: int | None,
+             params_for: Callable[[int], SamplingParams]) -> None:
+        engine = self._engine
+        try:
+            ids = self._prompt_ids(prompt)
+            if max_tokens is None:
+                max_tokens = max(1, self.max_model_len - len(ids))
+            engine.add_request(ids, params_for(max_tokens), request_id=stream.request_id)
+        except HisaError as e:
+            stream._post(e)
+            return
+        except Exception as e:  # not the user's fault: a 500 for this request, the server goes on
+            log.exception("add_request failed for %s", stream.request_id)
+            stream._post(e)
+            return
+        self._streams[stream.request_id] = stream
+        stream._post(len(ids))
+
+    def _prompt_ids(self, prompt: PromptInput) -> list[int]:
+        engine = self._engine
+        if prompt.token_ids is not None:
+            return list(prompt.token_ids)
+        if prompt.text is not None:
+            return engine.encode(prompt.text)
+        tok = engine.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise InvalidRequestError("this model has no chat template; use /v1/completions with a plain prompt")
+        ids = tok.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def _abort(self, request_id: str) -> None:
+        stream = self._streams.pop(request_id, None)
+        if stream is None:
+            return  # finished before the abort arrived
+        self._engine.abort_request(request_id)
+        self._observer.on_finish(finish_reason="abort", e2e_s=time.monotonic() - stream.arrival)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        stream = self._streams.get(out.request_id)
+        if stream is None:
+            return
+        now = time.monotonic()
+        if stream._last_token_time is None:
+            self._observer.on_first_token(num_prompt_tokens=out.num_prompt_tokens, ttft_s=now - stream.arrival)
+            self._observer.on_token(inter_token_s=None)
+        else:
+            self._observer.on_token(inter_token_s=now - stream._last_token_time)
+        stream._last_token_time = now
+        stream._post(out)
+        if out.finished:
+            del self._streams[out.request_id]
+            self._observer.on_finish(finish_reason=out.finish_reason or "stop", e2e_s=now - stream.arrival)
+
+    def _publish_stats(self) -> None:
+        engine = self._engine
+        self.stats = EngineStats(num_running=engine.num_running, num_waiting=engine.num_waiting,
+                                 kv_pages_used=engine.allocator.num_used,
+                                 kv_pages_total=engine.allocator.num_pages,
+                                 sparse=read_sparse_stats(engine))
+
+
+def read_sparse_stats(engine) -> Mapping[str, float] | None:
+    """The sparse cache's figures, if the engine exposes them (the hook for /metrics).
+
+    `engine.sparse_stats` may be a mapping, a dataclass, or a zero-argument method returning
+    either; its numeric fields are exported as gauges `hisa_sparse_<name>`. Absent → None.
+    """
+    stats = getattr(engine, "sparse_stats", None)
+    if callable(stats):
+        stats = stats()
+    if stats is None:
+        return None
+    if dataclasses.is_dataclass(stats):
+        stats = dataclasses.asdict(stats)
+    return {k: float(v) for k, v in dict(stats).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -1,0 +1,1 @@
+"""Sparse attention: coordinator, algorithms (quest, oracle, streaming), backend adaptor, config."""

@@ -1,0 +1,74 @@
+"""Configuration of the hierarchical sparse KV cache (validated once, at construction)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hisa.errors import ConfigError
+
+
+@dataclass(slots=True)
+class SparseConfig:
+    """What the sparse cache selects and how much memory each tier gets.
+
+    algorithm: a registered selection algorithm ("quest", "oracle", "streaming", ...).
+    token_budget: tokens attended per layer per decode step: sinks + selected pages + recent window,
+        the page being written included. Must cover at least the sinks, the window and one more page.
+    buffer_ratio: device buffer slots per request = buffer_ratio × budget pages (an LRU; >= 1).
+    sink_pages / recent_pages: always-resident pages at the start and the end of the context.
+    min_prompt_len: prompts shorter than this run dense.
+    host_pool_gb: the pinned host pool shared by every sparse request (the full KV lives there).
+    offload: True keeps the full KV in host memory (the point of hisa); False keeps the same pool on
+        the device (same code path, for testing that offloading changes nothing).
+    max_sparse_requests: sparse requests running at once (device buffers are preallocated per slot).
+
+    Example::
+
+        SparseConfig(algorithm="quest", token_budget=512, buffer_ratio=2.0)
+    """
+
+    algorithm: str = "quest"
+    token_budget: int = 2048
+    buffer_ratio: float = 2.0
+    sink_pages: int = 1
+    recent_pages: int = 2
+    min_prompt_len: int = 1024
+    host_pool_gb: float = 4.0
+    offload: bool = True
+    max_sparse_requests: int = 16
+
+    def __post_init__(self) -> None:
+        from hisa.sparse.base import registered_algorithms
+
+        known = registered_algorithms()
+        if self.algorithm not in known:
+            raise ConfigError(f"unknown sparse algorithm {self.algorithm!r}; choose one of: {', '.join(known)}")
+        if self.buffer_ratio < 1.0:
+            raise ConfigError(f"buffer_ratio must be >= 1 (the buffer must hold the whole selection), "
+                              f"got {self.buffer_ratio}")
+        if self.sink_pages < 0 or self.recent_pages < 1:
+            raise ConfigError("sink_pages must be >= 0 and recent_pages >= 1 (the page being written is recent)")
+        for name in ("token_budget", "min_prompt_len", "max_sparse_requests"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.host_pool_gb <= 0:
+            raise ConfigError(f"host_pool_gb must be > 0, got {self.host_pool_gb}")
+
+    def budget_pages(self, page_size: int) -> int:
+        """Pages attended per step (token_budget rounded down to whole pages)."""
+        pages = self.token_budget // page_size
+        if pages < self.sink_pages + self.recent_pages + (0 if self.algorithm == "streaming" else 1):
+            need = (self.sink_pages + self.recent_pages + 1) * page_size
+            raise ConfigError(
+                f"token_budget={self.token_budget} is smaller than the sinks ({self.sink_pages} pages) + the recent "
+                f"window ({self.recent_pages} pages) + one selected page at page_size={page_size}; raise "
+                f"--token-budget to at least {need} or lower --sink-pages/--recent-pages")
+        return pages
+
+    def selected_pages(self, page_size: int) -> int:
+        """Pages chosen by the algorithm from the middle of the context (the rest are sinks + window)."""
+        return self.budget_pages(page_size) - self.sink_pages - self.recent_pages
+
+    def buffer_slots(self, page_size: int) -> int:
+        """Device slots per request per layer: the LRU holds buffer_ratio × the whole budget."""
+        return max(self.budget_pages(page_size), int(self.buffer_ratio * self.budget_pages(page_size)))

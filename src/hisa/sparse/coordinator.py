@@ -1,0 +1,260 @@
+"""SparseCoordinator: the request lifecycle and the per-step order of calls of the sparse cache.
+
+Hooks, in order: on_request_begin (admission: a device-buffer slot) → prefill (attention over the
+host pool, KV written to it layer by layer; attention_end builds representations) → each decode
+step: forward_begin → per layer attention_begin (retrieve top-k → diff → load misses → adapt the
+page table) → attention → attention_end (update representations) → forward_end (offload the new
+tokens, collect stats) → on_request_end (free host pages and the buffer slot).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from hisa.attention.paged_decode import paged_decode_attention
+from hisa.attention.prefill import prefill_attention
+from hisa.engine.sequence import Sequence
+from hisa.kvcache.manager import SparseKVCacheManager, SparseStepStats
+from hisa.sparse.adaptor import BackendAdaptor
+from hisa.sparse.base import SelectionContext, create_algorithm
+from hisa.sparse.config import SparseConfig
+
+
+@dataclass
+class _DecodePlan:
+    rows: torch.Tensor  # int64 [R] token rows in the step
+    slots: torch.Tensor  # int64 [R] device-buffer slot of each request
+    active: torch.Tensor  # bool [max_requests]
+    template: torch.Tensor  # int64 [R, K]
+    kv_lens: torch.Tensor  # int32 [R]
+    current_index: torch.Tensor  # int64 [R] position of the written page in the row's list
+    current_host_page: torch.Tensor  # int64 [R] host page of the new token
+    current_offset: torch.Tensor  # int64 [R] its slot within the page
+    middle_end: torch.Tensor  # int64 [R]
+    num_tokens: torch.Tensor  # int64 [R]
+    table_width: int
+    host_pages_cpu: torch.Tensor  # int64 [R] (for the offload at forward_end)
+    offsets_cpu: torch.Tensor
+    num_selected: int  # pages attended per layer, summed over the rows
+
+
+class SparseCoordinator:
+    """Runs attention for the sparse requests of each step (and delegates dense ones)."""
+
+    def __init__(self, config: SparseConfig, *, model_config, page_size: int, max_model_len: int,
+                 dtype: torch.dtype, device: torch.device, collect_stats: bool = True):
+        self.config, self.page_size, self.device = config, page_size, device
+        mc = model_config
+        self.num_layers = mc.num_layers
+        self.scale = mc.head_dim ** -0.5
+        budget_pages = config.budget_pages(page_size)  # validates the budget
+        self.adaptor = BackendAdaptor(page_size=page_size, sink_pages=config.sink_pages,
+                                      recent_pages=config.recent_pages, budget_pages=budget_pages)
+        elt = torch.empty((), dtype=dtype).element_size()
+        page_bytes = mc.num_layers * 2 * page_size * mc.num_kv_heads * mc.head_dim * elt
+        host_pages = int(config.host_pool_gb * 2**30 // page_bytes)
+        max_pages = -(-max_model_len // page_size)
+        if host_pages < max_pages:
+            from hisa.errors import ConfigError
+
+            raise ConfigError(f"host_pool_gb={config.host_pool_gb} holds {host_pages * page_size} tokens, less than "
+                              f"one request of max_model_len={max_model_len}; raise --host-pool-gb")
+        self.manager = SparseKVCacheManager(
+            num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim, page_size=page_size,
+            buffer_slots=config.buffer_slots(page_size), max_requests=config.max_sparse_requests,
+            max_pages=max_pages, host_pages=host_pages, dtype=dtype, device=device, offload=config.offload)
+        self.algorithm = create_algorithm(
+            config.algorithm, num_layers=mc.num_layers, num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads,
+            head_dim=mc.head_dim, page_size=page_size, num_host_pages=host_pages, device=device, dtype=dtype)
+        self.host_allocator = self.manager.host.allocator
+        self.collect_stats = collect_stats
+        self.history: deque[SparseStepStats] = deque(maxlen=100_000)
+        self.totals = SparseStepStats(misses_per_layer=[0] * mc.num_layers,
+                                      selected_per_layer=[0] * mc.num_layers)
+        self._kv_token_bytes = 2 * mc.num_kv_heads * mc.head_dim * elt  # K+V of one token, one layer
+
+    # -- lifecycle (called by the scheduler) ----------------------------------------------------
+    def wants(self, seq: Sequence) -> bool:
+        return seq.num_prompt >= self.config.min_prompt_len
+
+    def on_admit(self, seq: Sequence) -> bool:
+        """on_request_begin: take a device-buffer slot (False if none is free)."""
+        slot = self.manager.acquire_slot()
+        if slot is None:
+            return False
+        seq.sparse_slot, seq.host_pages_synced = slot, 0
+        return True
+
+    def on_release(self, seq: Sequence) -> None:
+        """on_request_end (finish, abort or preemption): the slot goes back; the scheduler frees pages."""
+        self.manager.release_slot(seq.sparse_slot)
+        seq.sparse_slot, seq.host_pages_synced = None, 0
+
+    # -- one step -------------------------------------------------------------------------------
+    def forward_begin(self, batch, plan, dense) -> "SparseCoordinator":
+        """Plan the step's sparse work (host side, once) and return self as the step's attention."""
+        self._dense, self._plan = dense, plan
+        self._prefills: list[tuple[int, int, Sequence, int]] = []
+        decode: list[tuple[int, Sequence]] = []
+        for seq, n, row in zip(batch.seqs, batch.num_new_tokens, plan.row_starts):
+            if not seq.sparse:
+                continue
+            if seq.host_pages_synced < len(seq.pages):  # new host pages → the device-side table
+                self.manager.set_host_pages(seq.sparse_slot, seq.host_pages_synced, seq.pages[seq.host_pages_synced:])
+                seq.host_pages_synced = len(seq.pages)
+            if n == 1 and seq.num_computed > 0:
+                decode.append((row, seq))
+            else:
+                self._prefills.append((row, row + n, seq, seq.num_computed))
+        self._decode = self._plan_decode(decode) if decode else None
+        self._staged: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._misses = torch.zeros(self.num_layers, dtype=torch.int64, device=self.device)
+        self.manager.tick()
+        return self
+
+    def _plan_decode(self, decode: list[tuple[int, Sequence]]) -> _DecodePlan:
+        s = self.page_size
+        rows, slots, templates, kv_lens, cur_idx, cur_hp, cur_off, mid_end, ntok = ([] for _ in range(9))
+        width = 0
+        for row, seq in decode:
+            t = seq.num_computed + 1  # tokens once this one is written
+            template, middle_end, kv_len, ci = self.adaptor.layout(t)
+            rows.append(row), slots.append(seq.sparse_slot), templates.append(template)
+            kv_lens.append(kv_len), cur_idx.append(ci), mid_end.append(middle_end), ntok.append(t)
+            cur_hp.append(seq.pages[(t - 1) // s]), cur_off.append((t - 1) % s)
+            width = max(width, -(-t // s))
+        active = torch.zeros(self.manager.max_requests, dtype=torch.bool)
+        active[slots] = True
+
+        def dev(x, dtype=torch.int64):
+            return torch.tensor(x, dtype=dtype).to(self.device, non_blocking=True)
+
+        return _DecodePlan(
+            rows=dev(rows), slots=dev(slots), active=active.to(self.device), template=dev(templates),
+            kv_lens=dev(kv_lens, torch.int32), current_index=dev(cur_idx), current_host_page=dev(cur_hp),
+            current_offset=dev(cur_off), middle_end=dev(mid_end), num_tokens=dev(ntok), table_width=width,
+            host_pages_cpu=torch.tensor(cur_hp), offsets_cpu=torch.tensor(cur_off),
+            num_selected=sum(sum(1 for p in t if p != -1) for t in templates))
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The model's attention call for one layer: dense rows, sparse prefills, sparse decodes."""
+        out = torch.empty_like(q)  # [T, H, D]
+        self._dense.forward_rows(layer, q, k, v, out)
+        for start, end, seq, computed in self._prefills:
+            out[start:end] = self._prefill(layer, seq, computed, q[start:end], k[start:end], v[start:end])
+        if self._decode is not None:
+            d = self._decode
+            out[d.rows] = self._decode_layer(layer, q[d.rows], k[d.rows], v[d.rows])
+        return out
+
+    # -- prefill: attend over the host pool, write the chunk back to it, build representations ----
+    def _prefill(self, layer, seq, computed, q, k, v):
+        s, pool = self.page_size, self.manager.host
+        n = q.shape[0]
+        total = computed + n
+        kvh, d = k.shape[1], k.shape[2]
+        first_page = computed // s  # the page the chunk starts in (maybe partly written already)
+        last_page = -(-total // s)
+        pages = torch.tensor(seq.pages[:last_page], dtype=torch.int64)
+        prev = None
+        if computed > 0:
+            rows = pool.layer_rows(layer)[pages[: -(-computed // s)].to(pool.data.device)]
+            prev = rows.to(self.device, non_blocking=True).view(-1, 2, s, kvh, d)  # [p, 2, S, KVH, D]
+        if prev is not None:
+            k_all = torch.cat([prev[:, 0].reshape(-1, kvh, d)[:computed], k.to(prev.dtype)])
+            v_all = torch.cat([prev[:, 1].reshape(-1, kvh, d)[:computed], v.to(prev.dtype)])
+        else:
+            k_all, v_all = k.to(pool.data.dtype), v.to(pool.data.dtype)
+        out = prefill_attention(q, k_all.to(q.dtype), v_all.to(q.dtype), scale=self.scale)
+        # the pages this chunk touched, padded to whole pages: written back as rows
+        span = slice(first_page * s, total)
+        pad = last_page * s - total
+        kp = torch.nn.functional.pad(k_all[span], (0, 0, 0, 0, 0, pad))  # [P*S, KVH, D]
+        vp = torch.nn.functional.pad(v_all[span], (0, 0, 0, 0, 0, pad))
+        rows = torch.stack([kp.view(-1, s, kvh, d), vp.view(-1, s, kvh, d)], dim=1)  # [P, 2, S, KVH, D]
+        touched = pages[first_page:last_page]
+        pool.layer_rows(layer)[touched.to(pool.data.device)] = rows.reshape(len(touched), -1).to(pool.data.device)
+        keys = torch.nn.functional.pad(k_all[span].float(), (0, 0, 0, 0, 0, pad), value=float("nan"))
+        self.algorithm.construct_representations(layer, touched.to(self.device), keys)  # attention_end
+        return out
+
+    # -- decode: the hot path ----------------------------------------------------------------------
+    def _decode_layer(self, layer, q, k, v):
+        d, m = self._decode, self.manager
+        # attention_begin: select → compose → diff → load misses → physical page table
+        host_table = m.host_table[d.slots, : d.table_width]  # [R, P]
+        ctx = SelectionContext(host_table=host_table, middle_start=self.adaptor.sink_pages,
+                               middle_end=d.middle_end, num_select=self.adaptor.num_select,
+                               host_keys=m.host.layer_pages(layer)[:, 0], num_valid_tokens=d.num_tokens)
+        middle = self.algorithm.retrieve_topk(layer, q, ctx)  # [R, num_select] logical, -1 padded
+        topk = self.adaptor.compose(d.template, middle)  # int32 [R, K]
+        full = torch.full((m.max_requests, topk.shape[1]), -1, dtype=torch.int32, device=self.device)
+        full[d.slots] = topk
+        physical, misses = m.load(layer, full, d.active)
+        table = physical[d.slots]  # int32 [R, K] slots of the layer's device buffer
+        # write the new token into its page's device slot (the page is resident: it is recent)
+        cur = table.gather(1, d.current_index[:, None])[:, 0].long()
+        buf = m.buffer_pages_view(layer)  # [slots, 2, S, KVH, D]
+        buf[cur, 0, d.current_offset] = k.to(buf.dtype)
+        buf[cur, 1, d.current_offset] = v.to(buf.dtype)
+        self._staged.append((k.to(buf.dtype), v.to(buf.dtype)))
+        out = paged_decode_attention(q, buf[:, 0], buf[:, 1], table, d.kv_lens, scale=self.scale)
+        # attention_end
+        self.algorithm.update_representations(layer, d.current_host_page, d.current_offset, k)
+        if self.collect_stats:
+            self._misses[layer] += misses[d.slots].sum()
+        return out
+
+    def forward_end(self) -> None:
+        """Offload the step's new tokens to the host pool; record stats."""
+        d = self._decode
+        if d is None:
+            return
+        pool = self.manager.host
+        k = torch.stack([kv[0] for kv in self._staged])  # [L, R, KVH, D]
+        v = torch.stack([kv[1] for kv in self._staged])
+        k, v = k.to(pool.data.device), v.to(pool.data.device)  # one small D2H per step
+        hp, off = d.host_pages_cpu.to(pool.data.device), d.offsets_cpu.to(pool.data.device)
+        view = pool.data.view(pool.data.shape[0], pool.data.shape[1], 2, self.page_size, k.shape[2], k.shape[3])
+        view[:, hp, 0, off] = k
+        view[:, hp, 1, off] = v
+        if self.collect_stats:
+            self._record(d, k)
+
+    def _record(self, d: _DecodePlan, k: torch.Tensor) -> None:
+        misses = self._misses.tolist()
+        selected = [d.num_selected] * self.num_layers
+        page_row = self.manager.row_bytes
+        stats = SparseStepStats(
+            requests=len(d.rows), selected_pages=sum(selected), misses=sum(misses),
+            hits=sum(selected) - sum(misses), bytes_h2d=sum(misses) * page_row,
+            bytes_d2h=k.numel() * 2 * k.element_size(), misses_per_layer=misses, selected_per_layer=selected)
+        self.history.append(stats)
+        t = self.totals
+        t.requests += stats.requests
+        t.selected_pages += stats.selected_pages
+        t.hits += stats.hits
+        t.misses += stats.misses
+        t.bytes_h2d += stats.bytes_h2d
+        t.bytes_d2h += stats.bytes_d2h
+        t.misses_per_layer = [a + b for a, b in zip(t.misses_per_layer, misses)]
+        t.selected_per_layer = [a + b for a, b in zip(t.selected_per_layer, selected)]
+
+    # -- accounting ---------------------------------------------------------------------------
+    def device_bytes(self, seq: Sequence) -> dict[str, int]:
+        """Device bytes one sparse request holds: its KV buffer and its representations."""
+        return {"kv_buffer": self.manager.device_kv_bytes_per_request(),
+                "metadata": len(seq.pages) * self.algorithm.metadata_bytes_per_page()}
+
+    def memory(self) -> dict[str, int]:
+        m = self.manager
+        return {
+            "host_pool_bytes": m.host.nbytes,
+            "host_bytes_in_use": m.host.allocator.num_used * m.host.page_bytes,
+            "device_buffer_bytes": m.buffer_kv.numel() * m.buffer_kv.element_size(),
+            "device_buffer_bytes_in_use": (m.max_requests - m.num_free_slots) * m.device_kv_bytes_per_request(),
+            "metadata_bytes_in_use": m.host.allocator.num_used * self.algorithm.metadata_bytes_per_page(),
+        }
