@@ -38,12 +38,39 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None, help="longest prompt+output (default: the model's)")
     g.add_argument("--kv-cache-gb", type=float, default=None, help="size of the KV page pool in GB")
     g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling (default: 0)")
+    sp = p.add_argument_group("hierarchical sparse KV cache (long prompts keep their full KV in host memory)")
+    from hisa.sparse.base import registered_algorithms
+
+    sp.add_argument("--sparse", default=None, choices=registered_algorithms(),
+                    help="selection algorithm; prompts of at least --sparse-min-prompt-len tokens run sparse "
+                         "(default: off, all dense)")
+    sp.add_argument("--token-budget", type=int, default=2048,
+                    help="tokens attended per layer per step: sinks + selected + recent (default: 2048)")
+    sp.add_argument("--buffer-ratio", type=float, default=2.0,
+                    help="device LRU buffer size as a multiple of the budget (default: 2)")
+    sp.add_argument("--sink-pages", type=int, default=1, help="always-kept pages at the start (default: 1)")
+    sp.add_argument("--recent-pages", type=int, default=2, help="always-kept pages at the end (default: 2)")
+    sp.add_argument("--sparse-min-prompt-len", type=int, default=1024,
+                    help="shorter prompts run dense (default: 1024)")
+    sp.add_argument("--host-pool-gb", type=float, default=4.0, help="host KV pool size in GB (default: 4)")
+    sp.add_argument("--no-offload", action="store_true",
+                    help="keep the full KV pool on the device (for comparison; same code path)")
+    sp.add_argument("--max-sparse-requests", type=int, default=16,
+                    help="sparse requests running at once (default: 16)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
+    sparse = None
+    if args.sparse:
+        from hisa.sparse.config import SparseConfig
+
+        sparse = SparseConfig(algorithm=args.sparse, token_budget=args.token_budget, buffer_ratio=args.buffer_ratio,
+                              sink_pages=args.sink_pages, recent_pages=args.recent_pages,
+                              min_prompt_len=args.sparse_min_prompt_len, host_pool_gb=args.host_pool_gb,
+                              offload=not args.no_offload, max_sparse_requests=args.max_sparse_requests)
     return dict(model=args.model, device=args.device, dtype=args.dtype, page_size=args.page_size,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb, seed=args.seed)
+                max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb, seed=args.seed, sparse=sparse)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     out = gen.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     out.add_argument("--quiet", action="store_true", help="no progress bars and no timing summary")
+    out.add_argument("--stats", action="store_true",
+                     help="print sparse-cache statistics: pages selected, hits, misses, bytes moved, memory")
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
     return parser
@@ -126,6 +155,8 @@ def cmd_generate(args) -> int:
             if len(outputs) > 1:
                 print(f"--- [{i}] ---")
             print(out.text)
+    if args.stats:
+        print_sparse_stats(llm.engine)
     if not args.quiet:
         n_in = sum(o.num_prompt_tokens for o in outputs)
         n_out = sum(o.num_output_tokens for o in outputs)
@@ -134,6 +165,34 @@ def cmd_generate(args) -> int:
               f"{n_in} prompt + {n_out} output tokens in {gen_s:.2f}s ({n_out / max(gen_s, 1e-9):.1f} tok/s), "
               f"finish: {reasons}", file=sys.stderr)
     return 0
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def print_sparse_stats(engine) -> None:
+    """The sparse cache's statistics as a short table on stderr."""
+    if engine.sparse is None:
+        print("[hisa] --stats: the sparse cache is off (pass --sparse ALGO)", file=sys.stderr)
+        return
+    st = engine.sparse.summary()
+    if not st["decode_steps"]:
+        print("[hisa] --stats: no sparse decode step ran (prompts shorter than --sparse-min-prompt-len run dense)",
+              file=sys.stderr)
+        return
+    per_layer = [m / s if s else 0.0 for m, s in zip(st["misses_per_layer"], st["selected_per_layer"])]
+    lines = [
+        f"sparse cache ({st['algorithm']}): {st['decode_steps']} decode steps, {st['request_steps']} request-steps",
+        f"  pages selected {st['selected_pages']}  hits {st['hits']}  misses {st['misses']}  "
+        f"hit rate {st['hit_rate']:.1%}",
+        f"  bytes H2D {_mb(st['bytes_h2d'])} ({_mb(st['bytes_h2d_per_step'])}/step)  D2H {_mb(st['bytes_d2h'])}",
+        f"  device KV buffer per request {_mb(st['device_kv_bytes_per_request'])}; peak device bytes in use "
+        f"{_mb(st['peak_device_bytes_in_use'])} (buffers + metadata); peak host bytes in use "
+        f"{_mb(st['peak_host_bytes_in_use'])} of a {_mb(st['host_pool_bytes'])} pool",
+        "  miss rate per layer: " + " ".join(f"{r:.2f}" for r in per_layer),
+    ]
+    print("\n".join(lines), file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

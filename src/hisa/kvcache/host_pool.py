@@ -25,7 +25,9 @@ class HostKVPool:
                  dtype: torch.dtype, device: torch.device, pin: bool):
         self.page_size, self.num_kv_heads, self.head_dim = page_size, num_kv_heads, head_dim
         self.row = 2 * page_size * num_kv_heads * head_dim
-        self.data = torch.zeros(num_layers, num_pages, self.row, dtype=dtype, device=device, pin_memory=pin)
+        # Uninitialized on purpose (a multi-GB memset costs seconds): a token slot is always written
+        # before any kernel reads it as valid, and every reader masks by length.
+        self.data = torch.empty(num_layers, num_pages, self.row, dtype=dtype, device=device, pin_memory=pin)
         self.allocator = PageAllocator(num_pages)
         self.pinned = pin
 

@@ -31,6 +31,8 @@ class SparseStepStats:
     bytes_d2h: int = 0
     misses_per_layer: list[int] = field(default_factory=list)
     selected_per_layer: list[int] = field(default_factory=list)
+    device_bytes_in_use: int = 0  # KV buffers + representations of the running sparse requests
+    host_bytes_in_use: int = 0  # host pool pages held
 
     @property
     def hit_rate(self) -> float:

@@ -22,7 +22,8 @@ class PagedKVCache:
                  head_dim: int, dtype: torch.dtype, device: torch.device):
         self.num_layers, self.num_pages, self.page_size = num_layers, num_pages, page_size
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
-        self.data = torch.zeros(num_layers, num_pages, 2, page_size, num_kv_heads, head_dim,
+        # Uninitialized on purpose: slots are written before they are read as valid (readers mask by length).
+        self.data = torch.empty(num_layers, num_pages, 2, page_size, num_kv_heads, head_dim,
                                 dtype=dtype, device=device)
 
     @staticmethod

@@ -70,7 +70,7 @@ PRESETS: dict[str, dict] = {
     ),
     "tiny-llama": dict(
         arch="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
-        num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=4096,
+        num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=32768,
         bos_token_id=1, eos_token_ids=[2], name="random:tiny-llama",
     ),
 }

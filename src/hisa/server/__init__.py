@@ -1,10 +1,6 @@
-"""OpenAI-compatible HTTP server: `hisa serve` (FastAPI + uvicorn), engine loop on a background thread.
+"""OpenAI-compatible HTTP server: `hisa serve` (FastAPI + uvicorn) with the engine loop on a background thread.
 
-See docs/server.md. `create_app(engine, served_model_name=...)` builds the ASGI app.
+Modules: `app` (create_app: routes, errors, SSE), `async_engine` (the engine thread and its asyncio
+bridge), `protocol` (request/response models), `metrics` (Prometheus), `cli` (`serve`, `bench-serve`).
+Nothing is imported here, so `hisa --help` does not pay for FastAPI. See docs/server.md.
 """
-
-from hisa.server.app import create_app
-from hisa.server.async_engine import AsyncEngine, EngineDeadError, EngineStats
-from hisa.server.metrics import ServerMetrics
-
-__all__ = ["create_app", "AsyncEngine", "EngineDeadError", "EngineStats", "ServerMetrics"]

@@ -112,7 +112,7 @@ def create_app(engine, *, served_model_name: str) -> FastAPI:
                                     content_chunk=chunk,
                                     usage_chunk=lambda u: CompletionResponse(id=rid, created=created, model=model,
                                                                              choices=[], usage=u))
-            return _sse_response(events)
+            return _RequestStreamingResponse(events, stream)
         out = await _final_output(stream, request)
         return CompletionResponse(id=rid, created=created, model=model, usage=_usage(out),
                                   choices=[CompletionChoice(text=out.text, finish_reason=out.finish_reason)])
@@ -134,7 +134,7 @@ def create_app(engine, *, served_model_name: str) -> FastAPI:
                                     content_chunk=lambda text, reason: chunk(text or None, reason),
                                     usage_chunk=lambda u: ChatCompletionChunk(id=rid, created=created, model=model,
                                                                               choices=[], usage=u))
-            return _sse_response(events)
+            return _RequestStreamingResponse(events, stream)
         out = await _final_output(stream, request)
         return ChatCompletionResponse(id=rid, created=created, model=model, usage=_usage(out), choices=[
             ChatChoice(message=AssistantMessage(content=out.text), finish_reason=out.finish_reason)])
@@ -150,17 +150,20 @@ def _usage(out: RequestOutput) -> Usage:
 async def _final_output(stream: RequestStream, request: Request) -> RequestOutput:
     """Wait for the finished output, aborting the request if the client disconnects meanwhile."""
     getter: asyncio.Future | None = None
+    next_check = time.monotonic() + DISCONNECT_POLL_S
     try:
         while True:
             getter = getter or asyncio.ensure_future(stream.next_output())
-            done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)
+            done, _ = await asyncio.wait({getter}, timeout=max(0.0, next_check - time.monotonic()))
             if getter in done:
                 out = getter.result()
                 getter = None
                 if out.finished:
                     return out
-            elif await request.is_disconnected():
-                raise ClientDisconnected(stream.request_id)
+            if time.monotonic() >= next_check:
+                if await request.is_disconnected():
+                    raise ClientDisconnected(stream.request_id)
+                next_check = time.monotonic() + DISCONNECT_POLL_S
     finally:
         if getter is not None:
             getter.cancel()
@@ -233,12 +236,23 @@ def _sse(chunk: BaseModel, include_usage: bool) -> str:
     for choice in data.get("choices", []):
         if "delta" in choice:  # OpenAI omits unset delta fields
             choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+class _RequestStreamingResponse(StreamingResponse):
+    """An SSE response that aborts its request however it ends, even if the body never started
+    (a client gone before the first byte cancels the response before the generator runs)."""
+
+    def __init__(self, events: AsyncIterator[str], stream: RequestStream):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._request_stream = stream
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._request_stream.abort()  # no-op when finished
 
 
 # -- errors ------------------------------------------------------------------------------------

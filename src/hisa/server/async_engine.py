@@ -16,8 +16,9 @@ at once instead of hanging.
 Example::
 
     async_engine = AsyncEngine(LLMEngine(EngineConfig(device="cpu")))
-    stream = await async_engine.submit(PromptInput(text="Hi"), max_tokens=8, params_for=lambda n: SamplingParams(max_tokens=n))
-    async for out in stream:
+    stream = await async_engine.submit(PromptInput(text="Hi"), request_id="r1", max_tokens=8,
+                                       params_for=lambda n: SamplingParams(max_tokens=n))
+    async for out in stream:          # RequestOutput, text so far; the last one has finished=True
         print(out.text)
     async_engine.shutdown()
 """
@@ -121,13 +122,6 @@ class RequestStream:
             self.finished = True
             self._engine._commands.put(("abort", self.request_id))
 
-    def _post(self, item: Any) -> None:
-        """Engine thread → event loop."""
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:
-            pass  # the event loop has closed (server shutting down): nobody is left to receive this
-
 
 class AsyncEngine:
     """Owns an `LLMEngine` on a background thread; `submit()` from any coroutine.
@@ -139,20 +133,23 @@ class AsyncEngine:
     def __init__(self, engine, *, observer: RequestObserver | None = None):
         self._engine = engine  # touched only by the engine thread from here on
         self.max_model_len: int = engine.max_model_len
-        self.has_tokenizer: bool = engine.tokenizer is not None
         self._observer = observer or RequestObserver()
         self._commands: queue.Queue = queue.Queue()
-        self._streams: dict[str, RequestStream] = {}
+        self._streams: dict[str, RequestStream] = {}  # accepted, unfinished (engine thread only)
+        self._outbox: list[tuple[RequestStream, Any]] = []  # (stream, item) to hand over (engine thread only)
         self.stats = EngineStats(kv_pages_total=engine.allocator.num_pages)
         self.error: BaseException | None = None
-        self._stopped = threading.Event()
+        # Held while a request is queued and while the dying thread fails what is queued, so that no
+        # request can slip into the queue after the last drain and wait forever.
+        self._lock = threading.Lock()
+        self._dead = False
         self._thread = threading.Thread(target=self._run, name="hisa-engine", daemon=True)
         self._thread.start()
 
     # -- event-loop side ---------------------------------------------------------------------
     @property
     def is_healthy(self) -> bool:
-        return self.error is None and self._thread.is_alive()
+        return not self._dead and self._thread.is_alive()
 
     async def submit(self, prompt: PromptInput, *, request_id: str, max_tokens: int | None,
                      params_for: Callable[[int], SamplingParams]) -> RequestStream:
@@ -162,9 +159,11 @@ class AsyncEngine:
         SamplingParams once the prompt length is known. Raises InvalidRequestError (bad prompt or
         params: HTTP 400) or EngineDeadError (HTTP 500) before any output is produced.
         """
-        self._raise_if_dead()
         stream = RequestStream(request_id, engine=self, loop=asyncio.get_running_loop())
-        self._commands.put(("add", stream, prompt, max_tokens, params_for))
+        with self._lock:
+            if self._dead:
+                raise EngineDeadError(f"the engine has stopped: {self.error!r}")
+            self._commands.put(("add", stream, prompt, max_tokens, params_for))
         try:
             ack = await stream._queue.get()
         except BaseException:
@@ -181,44 +180,39 @@ class AsyncEngine:
         self._commands.put(("stop",))
         self._thread.join(timeout)
 
-    def _raise_if_dead(self) -> None:
-        if self.error is not None:
-            raise EngineDeadError(f"the engine has stopped: {self.error!r}") from self.error
-        if not self._thread.is_alive():
-            raise EngineDeadError("the engine has stopped")
-
     # -- engine thread -----------------------------------------------------------------------
     def _run(self) -> None:
         engine = self._engine
         try:
             while True:
-                busy = engine.has_unfinished_requests()
-                if not self._drain(block=not busy):
+                running = self._drain(block=not engine.has_unfinished_requests())
+                self._flush()  # acks and errors of new requests go out before the step
+                if not running:
                     self.error = EngineDeadError("the server is shutting down")
                     break
                 if engine.has_unfinished_requests():
                     for out in engine.step():
                         self._deliver(out)
+                    self._flush()
                 self._publish_stats()
         except BaseException as e:  # a bug or a device failure: fail everything pending, loudly
             log.exception("engine thread crashed; failing %d pending request(s)", len(self._streams))
             self.error = e
         finally:
-            self._stopped.set()
-            dead = EngineDeadError(f"the engine has stopped: {self.error!r}")
-            for stream in self._streams.values():
-                stream._post(dead)
-            self._streams.clear()
-            self._fail_queued(dead)
-
-    def _fail_queued(self, dead: EngineDeadError) -> None:
-        while True:
-            try:
-                cmd = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            if cmd[0] == "add":
-                cmd[1]._post(dead)
+            with self._lock:
+                self._dead = True
+                dead = EngineDeadError(f"the engine has stopped: {self.error!r}")
+                for stream in self._streams.values():
+                    self._send(stream, dead)
+                self._streams.clear()
+                while True:
+                    try:
+                        cmd = self._commands.get_nowait()
+                    except queue.Empty:
+                        break
+                    if cmd[0] == "add":
+                        self._send(cmd[1], dead)
+                self._flush()
 
     def _drain(self, *, block: bool) -> bool:
         """Run queued commands (waiting for one if `block`). Returns False on "stop"."""
@@ -237,21 +231,20 @@ class AsyncEngine:
 
     def _add(self, stream: RequestStream, prompt: PromptInput, max_tokens: int | None,
              params_for: Callable[[int], SamplingParams]) -> None:
-        engine = self._engine
         try:
             ids = self._prompt_ids(prompt)
             if max_tokens is None:
                 max_tokens = max(1, self.max_model_len - len(ids))
-            engine.add_request(ids, params_for(max_tokens), request_id=stream.request_id)
+            self._engine.add_request(ids, params_for(max_tokens), request_id=stream.request_id)
         except HisaError as e:
-            stream._post(e)
+            self._send(stream, e)
             return
         except Exception as e:  # not the user's fault: a 500 for this request, the server goes on
             log.exception("add_request failed for %s", stream.request_id)
-            stream._post(e)
+            self._send(stream, e)
             return
         self._streams[stream.request_id] = stream
-        stream._post(len(ids))
+        self._send(stream, len(ids))
 
     def _prompt_ids(self, prompt: PromptInput) -> list[int]:
         engine = self._engine
@@ -285,10 +278,27 @@ class AsyncEngine:
         else:
             self._observer.on_token(inter_token_s=now - stream._last_token_time)
         stream._last_token_time = now
-        stream._post(out)
+        self._send(stream, out)
         if out.finished:
             del self._streams[out.request_id]
             self._observer.on_finish(finish_reason=out.finish_reason or "stop", e2e_s=now - stream.arrival)
+
+    def _send(self, stream: RequestStream, item: Any) -> None:
+        self._outbox.append((stream, item))
+
+    def _flush(self) -> None:
+        """Hand the outbox to the event loop(s): one wake-up per loop per engine step, not per request."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        for stream, item in self._outbox:
+            by_loop.setdefault(stream._loop, []).append((stream._queue, item))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:
+                pass  # that event loop has closed (server shutting down): nobody is left to receive these
 
     def _publish_stats(self) -> None:
         engine = self._engine
@@ -298,17 +308,26 @@ class AsyncEngine:
                                  sparse=read_sparse_stats(engine))
 
 
-def read_sparse_stats(engine) -> Mapping[str, float] | None:
-    """The sparse cache's figures, if the engine exposes them (the hook for /metrics).
+def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
 
-    `engine.sparse_stats` may be a mapping, a dataclass, or a zero-argument method returning
-    either; its numeric fields are exported as gauges `hisa_sparse_<name>`. Absent → None.
+
+def read_sparse_stats(engine) -> Mapping[str, float] | None:
+    """The sparse cache's figures, if the engine has any (the hook behind the `hisa_sparse_*` gauges).
+
+    Reads `engine.sparse_stats` (a mapping, a dataclass, or a zero-argument method returning either)
+    or, without it, `engine.sparse.summary()` (the SparseCoordinator's totals, what `--stats` prints).
+    Numeric scalar fields are kept (lists and strings are dropped). None when the cache is off.
     """
     stats = getattr(engine, "sparse_stats", None)
     if callable(stats):
         stats = stats()
     if stats is None:
-        return None
+        sparse = getattr(engine, "sparse", None)
+        if sparse is None or not hasattr(sparse, "summary"):
+            return None
+        stats = sparse.summary()
     if dataclasses.is_dataclass(stats):
         stats = dataclasses.asdict(stats)
     return {k: float(v) for k, v in dict(stats).items()

@@ -180,6 +180,16 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
 
+    @field_validator("messages")
+    @classmethod
+    def _text_only(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        for i, m in enumerate(messages):
+            try:
+                m.text()
+            except ValueError as e:
+                raise ValueError(f"message {i}: {e}") from None
+        return messages
+
     @model_validator(mode="after")
     def _unsupported(self):
         if self.logprobs or self.top_logprobs:
@@ -188,11 +198,6 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError("tools are not supported")
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise ValueError("only response_format type 'text' is supported")
-        for i, m in enumerate(self.messages):
-            try:
-                m.text()
-            except ValueError as e:
-                raise ValueError(f"messages[{i}]: {e}") from None
         return self
 
     def requested_max_tokens(self) -> int | None:

@@ -228,12 +228,17 @@ class SparseCoordinator:
         misses = self._misses.tolist()
         selected = [d.num_selected] * self.num_layers
         page_row = self.manager.row_bytes
+        mem = self.memory()
         stats = SparseStepStats(
             requests=len(d.rows), selected_pages=sum(selected), misses=sum(misses),
             hits=sum(selected) - sum(misses), bytes_h2d=sum(misses) * page_row,
-            bytes_d2h=k.numel() * 2 * k.element_size(), misses_per_layer=misses, selected_per_layer=selected)
+            bytes_d2h=k.numel() * 2 * k.element_size(), misses_per_layer=misses, selected_per_layer=selected,
+            device_bytes_in_use=mem["device_buffer_bytes_in_use"] + mem["metadata_bytes_in_use"],
+            host_bytes_in_use=mem["host_bytes_in_use"])
         self.history.append(stats)
         t = self.totals
+        t.device_bytes_in_use = max(t.device_bytes_in_use, stats.device_bytes_in_use)  # totals keep the peak
+        t.host_bytes_in_use = max(t.host_bytes_in_use, stats.host_bytes_in_use)
         t.requests += stats.requests
         t.selected_pages += stats.selected_pages
         t.hits += stats.hits
@@ -244,6 +249,20 @@ class SparseCoordinator:
         t.selected_per_layer = [a + b for a, b in zip(t.selected_per_layer, selected)]
 
     # -- accounting ---------------------------------------------------------------------------
+    def summary(self) -> dict:
+        """Totals since start (peaks for bytes in use) and per-step means; what `--stats` prints."""
+        t, steps = self.totals, len(self.history)
+        return {
+            "algorithm": self.config.algorithm, "decode_steps": steps, "request_steps": t.requests,
+            "selected_pages": t.selected_pages, "hits": t.hits, "misses": t.misses, "hit_rate": t.hit_rate,
+            "bytes_h2d": t.bytes_h2d, "bytes_d2h": t.bytes_d2h,
+            "bytes_h2d_per_step": t.bytes_h2d / steps if steps else 0.0,
+            "misses_per_layer": t.misses_per_layer, "selected_per_layer": t.selected_per_layer,
+            "peak_device_bytes_in_use": t.device_bytes_in_use, "peak_host_bytes_in_use": t.host_bytes_in_use,
+            "device_kv_bytes_per_request": self.manager.device_kv_bytes_per_request(),
+            **self.memory(),
+        }
+
     def device_bytes(self, seq: Sequence) -> dict[str, int]:
         """Device bytes one sparse request holds: its KV buffer and its representations."""
         return {"kv_buffer": self.manager.device_kv_bytes_per_request(),

@@ -19,8 +19,9 @@ class QuestAlgorithm(BaseSparseAlgorithm):
     def __init__(self, **kw):
         super().__init__(**kw)
         shape = (self.num_layers, self.num_host_pages, self.num_kv_heads, self.head_dim)
-        self.kmin = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.kmax = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # written by construct (prefill) or by the first update of a fresh page before any read
+        self.kmin = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.kmax = torch.empty(shape, dtype=self.dtype, device=self.device)
 
     def metadata_bytes_per_page(self) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.kmin.element_size()

@@ -1,0 +1,219 @@
+"""Diff (LRU) step of the device buffer: which selected pages are resident, which must be loaded where.
+
+State of one layer's device buffer (the caller keeps one per layer, preallocated [max_reqs, NS]
+and indexed by request slot):
+  buffer_pages int32 [R, NS]  logical page held by each local slot, -1 = empty
+  last_used    int32 [R, NS]  step at which each slot was last selected (the LRU clock)
+
+Policy, per request row (deterministic; the Triton kernel matches it bitwise):
+  1. hit: a top-k page already held by a slot keeps that slot and is never reloaded;
+  2. candidates for eviction: the slots holding no page selected this step;
+  3. they are ranked by the key (occupied, last_used, slot) ascending: empty slots first, then the
+     least recently used, ties to the lowest slot index;
+  4. the j-th miss, counting misses in top-k order, takes the candidate of rank j.
+  Every slot selected this step (hit or miss) gets last_used = step.
+
+Requirements: K <= NS; a top-k row holds distinct pages (padding -1 anywhere); a buffer row
+holds distinct pages (lru_diff keeps it so). Should a corrupt state leave fewer candidates than
+misses, the extra misses get slot -1 (load_slots -1, so the I/O step skips them).
+
+`lru_diff` is the public entry point (Triton on CUDA, torch elsewhere); no host sync, no
+`.item()`, so a decode step calling it can be captured in a CUDA graph (pass `step` as a 0-d
+device tensor then, since a Python int is frozen into the graph).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+_SLOT_BITS = 20  # the victim key packs the slot index in 20 bits
+MAX_SLOTS = 1 << _SLOT_BITS
+MAX_TRITON_SLOTS = 4096  # a request's slot state lives in a program's registers (tested up to here)
+_TILE = 8192  # elements of one [CHUNK_K, BLOCK_NS] comparison tile in the kernel
+_INT64_MAX = (1 << 63) - 1
+
+
+class DiffResult(NamedTuple):
+    """Outputs of one diff step (all int32 and on the state's device).
+
+    slot_table [R, K]: local slot (0..NS-1) of each top-k entry after the step, -1 for padding.
+    load_slots [R, K]: slots to fill, compacted to the front of the row (n_miss valid, rest -1).
+    load_pages [R, K]: logical pages to load into them, same positions as load_slots.
+    num_misses [R]:    misses per row (0 for inactive rows).
+    """
+
+    slot_table: torch.Tensor
+    load_slots: torch.Tensor
+    load_pages: torch.Tensor
+    num_misses: torch.Tensor
+
+
+def lru_diff(buffer_pages: torch.Tensor, last_used: torch.Tensor, topk: torch.Tensor,
+             step: int | torch.Tensor, *, active: torch.Tensor | None = None,
+             out: DiffResult | None = None, backend: str = "auto") -> DiffResult:
+    """Make the top-k pages resident in each request's buffer (bookkeeping only; no data moves).
+
+    buffer_pages, last_used: int32 [R, NS], updated in place (last dim contiguous).
+    topk: int32 [R, K] logical page ids per row, distinct within a row, -1 padded; K <= NS.
+    step: the LRU clock value of this step, an int or a 0-d integer tensor on the device.
+    active: optional bool/uint8/int32 [R]; rows where it is 0 are untouched and output -1 / 0.
+    out: optional preallocated DiffResult to write into.
+    backend: "auto" (Triton when the state is on CUDA and NS <= MAX_TRITON_SLOTS, else torch),
+      "triton" (on CPU only under TRITON_INTERPRET=1) or "torch".
+
+    Example::
+
+        bp = torch.full((2, 4), -1, dtype=torch.int32); lu = torch.zeros(2, 4, dtype=torch.int32)
+        res = lru_diff(bp, lu, torch.tensor([[7, 3], [-1, 5]], dtype=torch.int32), 1)
+        # res.slot_table == [[0, 1], [-1, 0]], res.num_misses == [2, 1], bp[0] == [7, 3, -1, -1]
+    """
+    R, NS, K = _validate(buffer_pages, last_used, topk, step, active, out)
+    if backend == "auto":
+        backend = "triton" if buffer_pages.is_cuda and NS <= MAX_TRITON_SLOTS else "torch"
+    if out is None:
+        out = _allocate(R, K, buffer_pages.device)
+    if backend == "torch":
+        return lru_diff_reference(buffer_pages, last_used, topk, step, active=active, out=out)
+    if backend != "triton":
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    _launch_triton(buffer_pages, last_used, topk, step, active, out, R, NS, K)
+    return out
+
+
+def lru_diff_reference(buffer_pages: torch.Tensor, last_used: torch.Tensor, topk: torch.Tensor,
+                       step: int | torch.Tensor, *, active: torch.Tensor | None = None,
+                       out: DiffResult | None = None) -> DiffResult:
+    """Plain-torch lru_diff (same arguments and results; all rows at once, [R, K, NS] memory)."""
+    R, NS = buffer_pages.shape
+    K = topk.shape[1]
+    dev = buffer_pages.device
+    if out is None:
+        out = _allocate(R, K, dev)
+    tk = topk.to(torch.int32)
+    if active is not None:
+        tk = torch.where(active.to(torch.bool)[:, None], tk, -1)  # inactive rows select nothing
+    valid = tk >= 0  # [R, K]
+    s_idx = torch.arange(NS, dtype=torch.int32, device=dev)
+    eq = (tk[:, :, None] == buffer_pages[:, None, :]) & valid[:, :, None]  # [R, K, NS]
+    hit_slot = torch.where(eq, s_idx, -1).amax(2)  # [R, K] (slots hold distinct pages: <= 1 match)
+    sel = eq.any(1)  # [R, NS] slots holding a selected page
+    miss = valid & (hit_slot < 0)
+    midx = miss.to(torch.int32).cumsum(1) - 1  # [R, K] rank of each miss within its row
+    n_cand = (~sel).sum(1, keepdim=True)  # [R, 1]
+
+    key = ((buffer_pages >= 0).long() << 52) | ((last_used.long() + (1 << 31)) << _SLOT_BITS) | s_idx.long()
+    key = torch.where(sel, _INT64_MAX, key)  # [R, NS]
+    order = torch.sort(key, dim=1, stable=True).indices.to(torch.int32)  # slot of victim rank j
+    victim = order.gather(1, midx.clamp(0, max(NS - 1, 0)).long())  # [R, K]
+    victim = torch.where(miss & (midx < n_cand), victim, -1)
+    slot = torch.where(hit_slot >= 0, hit_slot, victim)
+
+    pos = torch.where(miss, midx, K).long()  # column K is a dump for non-misses
+    compact = torch.full((R, K + 1), -1, dtype=torch.int32, device=dev)
+    out.load_slots.copy_(compact.scatter(1, pos, victim)[:, :K])
+    out.load_pages.copy_(compact.scatter(1, pos, tk)[:, :K])
+    out.slot_table.copy_(slot)
+    out.num_misses.copy_(miss.sum(1))
+
+    if isinstance(step, torch.Tensor):
+        step_src = step.to(device=dev, dtype=torch.int32).reshape(()).expand(R, K)
+    else:
+        step_src = torch.full((R, K), step, dtype=torch.int32, device=dev)
+    dump = torch.full((R, 1), -1, dtype=torch.int32, device=dev)
+    new_pages = torch.cat([buffer_pages, dump], 1).scatter(1, torch.where(victim >= 0, victim, NS).long(), tk)
+    new_used = torch.cat([last_used, dump], 1).scatter(1, torch.where(slot >= 0, slot, NS).long(), step_src)
+    buffer_pages.copy_(new_pages[:, :NS])
+    last_used.copy_(new_used[:, :NS])
+    return out
+
+
+def to_physical(slot_table: torch.Tensor, slot_base: torch.Tensor) -> torch.Tensor:
+    """Local slots -> physical pages of the device pool.
+
+    slot_table: int32 [R, K] local slots (-1 padding); slot_base: int32/int64 [R], first global
+    slot of each request. Returns int32 [R, K]: slot_base[r] + slot_table[r, k], -1 kept.
+    """
+    return torch.where(slot_table >= 0, slot_table + slot_base.to(slot_table.dtype)[:, None], -1)
+
+
+# -- internals -----------------------------------------------------------------------------------
+def _allocate(R: int, K: int, device: torch.device) -> DiffResult:
+    def new(*shape):
+        return torch.empty(shape, dtype=torch.int32, device=device)
+
+    return DiffResult(new(R, K), new(R, K), new(R, K), new(R))
+
+
+def _validate(buffer_pages, last_used, topk, step, active, out) -> tuple[int, int, int]:
+    for name, t in (("buffer_pages", buffer_pages), ("last_used", last_used), ("topk", topk)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype != torch.int32:
+            raise ValueError(f"{name} must be an int32 tensor of 2 dims, got "
+                             f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+    R, NS = buffer_pages.shape
+    K = topk.shape[1]
+    dev = buffer_pages.device
+    if last_used.shape != (R, NS) or topk.shape[0] != R:
+        raise ValueError(f"shapes disagree: buffer_pages {tuple(buffer_pages.shape)}, last_used "
+                         f"{tuple(last_used.shape)}, topk {tuple(topk.shape)} (want [R, NS], [R, NS], [R, K])")
+    if K > NS:
+        raise ValueError(f"top-k width K={K} exceeds the buffer's NS={NS} slots per request; "
+                         "give each request at least K slots")
+    if not 1 <= NS <= MAX_SLOTS:
+        raise ValueError(f"NS={NS} slots per request is outside 1..{MAX_SLOTS}")
+    if last_used.device != dev or topk.device != dev:
+        raise ValueError(f"buffer_pages ({dev}), last_used ({last_used.device}) and topk ({topk.device}) "
+                         "must be on one device")
+    if active is not None and (active.shape != (R,) or active.device != dev or active.is_floating_point()):
+        raise ValueError(f"active must be a bool/integer [R={R}] tensor on {dev}, got "
+                         f"{active.dtype} {tuple(active.shape)} on {active.device}")
+    if isinstance(step, torch.Tensor):
+        if step.numel() != 1 or step.is_floating_point() or step.device != dev:
+            raise ValueError(f"step tensor must hold one integer on {dev}, got {step.dtype} "
+                             f"{tuple(step.shape)} on {step.device}")
+    elif not isinstance(step, int) or not -(1 << 31) <= step < (1 << 31):
+        raise ValueError(f"step must be an int32-range int or a 0-d tensor, got {step!r}")
+    if out is not None:
+        want = ((R, K), (R, K), (R, K), (R,))
+        for name, t, shape in zip(DiffResult._fields, out, want):
+            if t.shape != shape or t.dtype != torch.int32 or t.device != dev:
+                raise ValueError(f"out.{name} must be int32 {shape} on {dev}, got "
+                                 f"{t.dtype} {tuple(t.shape)} on {t.device}")
+    return R, NS, K
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _launch_triton(buffer_pages, last_used, topk, step, active, out, R, NS, K) -> None:
+    from hisa.kvcache.triton_diff import lru_diff_kernel
+
+    if NS > MAX_TRITON_SLOTS:
+        raise ValueError(f"the Triton diff kernel holds a request's slots in registers: NS={NS} > "
+                         f"{MAX_TRITON_SLOTS}; use backend='torch' or fewer slots per request")
+    for name, t in (("buffer_pages", buffer_pages), ("last_used", last_used), *zip(DiffResult._fields, out)):
+        if t.dim() == 2 and t.shape[1] > 1 and t.stride(1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dim (stride {t.stride()})")
+    if out.num_misses.stride(0) != 1 and R > 1:
+        raise ValueError("out.num_misses must be contiguous")
+    topk = topk if K <= 1 or topk.stride(1) == 1 else topk.contiguous()
+    if active is not None:
+        active = active.view(torch.uint8) if active.dtype == torch.bool else active
+        if R > 1 and active.stride(0) != 1:
+            active = active.contiguous()
+    step_is_tensor = isinstance(step, torch.Tensor)
+    block_ns = max(2, _next_pow2(NS))
+    chunk_k = max(2, min(_next_pow2(K), _TILE // block_ns))
+    lru_diff_kernel[(R,)](
+        buffer_pages, last_used, topk,
+        active if active is not None else buffer_pages,
+        step if step_is_tensor else buffer_pages, 0 if step_is_tensor else int(step),
+        out.slot_table, out.load_slots, out.load_pages, out.num_misses,
+        NS, K,
+        buffer_pages.stride(0), last_used.stride(0), topk.stride(0),
+        out.slot_table.stride(0), out.load_slots.stride(0), out.load_pages.stride(0),
+        HAS_ACTIVE=active is not None, STEP_FROM_PTR=step_is_tensor,
+        BLOCK_NS=block_ns, CHUNK_K=chunk_k, N_CHUNKS=-(-K // chunk_k), num_warps=4 if block_ns <= 512 else 8,
+    )

@@ -1,0 +1,179 @@
+"""`hisa serve` and `hisa bench-serve`: argument parsing and the two commands.
+
+`add_serve_parser(sub)` / `add_bench_serve_parser(sub)` add the subcommands to hisa's argparse
+subparsers; each sets `func` (run_serve / run_bench_serve, returning an exit code). Every engine flag
+comes from `hisa.cli.add_engine_args` and reaches the engine through `hisa.cli.engine_kwargs`, so new
+engine options work here without changes. This module also runs alone:
+
+    python -m hisa.server.cli serve --device cpu --port 8000
+    python -m hisa.server.cli bench-serve --num-requests 64 --concurrency 16 --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from hisa.errors import HisaError
+
+SERVE_EXAMPLES = """\
+examples:
+  hisa serve                                   # embedded SmolLM2 on http://127.0.0.1:8000/v1
+  hisa serve --model ./Qwen2.5-0.5B-Instruct --device cuda --served-model-name qwen --port 8001
+  curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+       -d '{"prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}'
+"""
+
+BENCH_EXAMPLES = """\
+examples:
+  hisa bench-serve --num-requests 64 --concurrency 16 --input-len 128 --output-len 32
+  hisa bench-serve --endpoint chat --base-url http://127.0.0.1:8001 --out bench/results/serve.json
+"""
+
+
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `serve` (OpenAI-compatible HTTP server) to hisa's subparsers."""
+    p = subparsers.add_parser(
+        "serve", help="run the OpenAI-compatible HTTP server",
+        description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                    "/v1/models, /health, /metrics). See docs/server.md.",
+        epilog=SERVE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    g.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    g.add_argument("--served-model-name", default=None,
+                   help="the model name clients send and /v1/models lists (default: --model as given, or "
+                        "the embedded model's name)")
+    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="server log level (default: info)")
+    g.add_argument("--disable-access-log", action="store_true", help="do not log each HTTP request")
+    from hisa.cli import add_engine_args  # here, not at the top: hisa.cli imports this module
+
+    add_engine_args(p)
+    p.set_defaults(func=run_serve)
+    return p
+
+
+def add_bench_serve_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `bench-serve` (load generator against a running server) to hisa's subparsers."""
+    p = subparsers.add_parser(
+        "bench-serve", help="load-test a running server (TTFT, TPOT, ITL, throughput)",
+        description="Send streamed requests with bounded concurrency to an OpenAI-compatible server and report "
+                    "latency and throughput. Targets only this machine unless --allow-remote.",
+        epilog=BENCH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="server URL (default: http://127.0.0.1:8000)")
+    p.add_argument("--num-requests", type=int, default=64, help="requests to send in all (default: 64)")
+    p.add_argument("--concurrency", type=int, default=16, help="most requests in flight (default: 16)")
+    p.add_argument("--input-len", type=int, default=128, help="prompt length in words or token ids (default: 128)")
+    p.add_argument("--output-len", type=int, default=32, help="tokens to generate per request (default: 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default: 0)")
+    p.add_argument("--endpoint", choices=["completions", "chat"], default="completions",
+                   help="which API to load (default: completions)")
+    p.add_argument("--prompt-type", choices=["words", "token-ids"], default="words",
+                   help="random words (any tokenizer) or random token ids (models without one); default: words")
+    p.add_argument("--model", default=None, help="model name to send (default: the server's first model)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0, greedy)")
+    p.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request (default: 300)")
+    p.add_argument("--max-duration", type=float, default=1800.0,
+                   help="stop the whole run after this many seconds (default: 1800)")
+    p.add_argument("--allow-remote", action="store_true", help="allow a base URL that is not this machine")
+    p.add_argument("--out", default=None, help="write the results as JSON to this file")
+    p.set_defaults(func=run_bench_serve)
+    return p
+
+
+def default_served_name(model: str | None, engine) -> str:
+    """--model as given; for the embedded default, its file name without extensions (SmolLM2-135M-Instruct)."""
+    if model:
+        return model
+    path = getattr(engine.loaded.source, "path", None)
+    return path.name.split(".")[0] if path is not None else engine.model_config.name
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Load the model, then serve until interrupted. Returns the exit code."""
+    import uvicorn
+
+    from hisa.cli import engine_kwargs
+    from hisa.config import EngineConfig
+    from hisa.engine.llm_engine import LLMEngine
+    from hisa.server.app import create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    if not 0 < args.port < 65536:
+        raise HisaError(f"port must be in 1..65535, got {args.port}")
+    engine = LLMEngine(EngineConfig(**engine_kwargs(args)))
+    name = args.served_model_name or default_served_name(args.model, engine)
+    app = create_app(engine, served_model_name=name)
+    print(f"[hisa] serving {name} on {engine.config.device} ({engine.config.torch_dtype}), context "
+          f"{engine.max_model_len} tokens, {engine.allocator.num_pages} KV pages of {engine.config.page_size}: "
+          f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                access_log=not args.disable_access_log, timeout_graceful_shutdown=5)
+    return 0
+
+
+def run_bench_serve(args: argparse.Namespace) -> int:
+    """Run the load test, print the table, write JSON if --out. Exit code 1 if any request failed."""
+    from hisa.bench.serve import BenchConfig, format_table, run_benchmark
+
+    cfg = BenchConfig(base_url=args.base_url, num_requests=args.num_requests, concurrency=args.concurrency,
+                      input_len=args.input_len, output_len=args.output_len, seed=args.seed, endpoint=args.endpoint,
+                      prompt_type=args.prompt_type, model=args.model, temperature=args.temperature,
+                      request_timeout_s=args.request_timeout, max_duration_s=args.max_duration,
+                      allow_remote=args.allow_remote)
+    results = run_benchmark(cfg)
+    results["command"] = _bench_command(args)
+    print(format_table(results))
+    if args.out:
+        path = Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"results written to {path}")
+    return 1 if results["failed"] else 0
+
+
+def _bench_command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run (every option spelled out)."""
+    parts = ["hisa", "bench-serve"]
+    for action in add_bench_serve_parser(argparse.ArgumentParser().add_subparsers())._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        value = getattr(args, action.dest, None)
+        if isinstance(value, bool):
+            parts += [action.option_strings[0]] if value else []
+        elif value is not None:
+            parts += [action.option_strings[0], str(value)]
+    return " ".join(parts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m hisa.server.cli",
+                                     description="hisa's OpenAI-compatible server and its load generator")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_serve_parser(sub)
+    add_bench_serve_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except HisaError as e:
+        print(f"hisa: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hisa: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

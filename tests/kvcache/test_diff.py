@@ -1,0 +1,253 @@
+"""Diff (LRU) step: the torch reference against a pure-Python LRU oracle (property tests), and the
+Triton kernel against the reference, bitwise, over multi-step random top-k sequences."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # no GPU: run the Triton kernels in the interpreter
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import importlib
+import importlib.util
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+
+def _real_module(name: str):
+    """The real hisa.kvcache.<name>, even where tests/conftest.py put a stand-in in sys.modules."""
+    mod = importlib.import_module(name)
+    if getattr(mod, "__file__", None):
+        return mod
+    path = Path(importlib.import_module("hisa.kvcache").__path__[0]) / f"{name.rsplit('.', 1)[1]}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+diff = _real_module("hisa.kvcache.diff")
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+I32 = torch.int32
+
+
+# -- the oracle: one request's LRU buffer in plain Python -----------------------------------------
+def oracle_step(pages: list[int], used: list[int], topk: list[int], step: int):
+    """Apply one step in place; return (slot per top-k entry, [(slot, page)] loads in miss order)."""
+    resident = {p: s for s, p in enumerate(pages) if p >= 0}
+    selected = {p for p in topk if p >= 0}
+    victims = iter(sorted((s for s in range(len(pages)) if pages[s] not in selected),
+                          key=lambda s: (pages[s] >= 0, used[s], s)))
+    slots, loads = [], []
+    for p in topk:
+        if p < 0:
+            slots.append(-1)
+            continue
+        s = resident[p] if p in resident else next(victims)
+        if p not in resident:
+            loads.append((s, p))
+            pages[s] = p
+        used[s] = step
+        slots.append(s)
+    return slots, loads
+
+
+def topk_sequence(rng: random.Random, *, R: int, K: int, universe: int, steps: int, overlap: float):
+    """Random top-k rows with temporal locality: each step keeps ~overlap of the previous pages."""
+    prev = [[] for _ in range(R)]
+    for _ in range(steps):
+        rows = []
+        for r in range(R):
+            n = rng.randint(0, K)
+            keep = [p for p in prev[r] if rng.random() < overlap][:n]
+            fresh = [p for p in rng.sample(range(universe), min(universe, K + n)) if p not in keep]
+            pages = keep + fresh[:n - len(keep)]
+            prev[r] = pages
+            row = pages + [-1] * (K - len(pages))
+            rng.shuffle(row)  # padding anywhere in the row
+            rows.append(row)
+        active = [rng.random() < 0.85 for _ in range(R)]
+        yield torch.tensor(rows, dtype=I32).reshape(R, K), torch.tensor(active)
+
+
+def random_state(rng: random.Random, R: int, NS: int, universe: int):
+    """Buffers with distinct pages, some empty slots, and clocks in 0..5 (ties included)."""
+    pages = [[p if rng.random() < 0.7 else -1 for p in rng.sample(range(universe), NS)] for _ in range(R)]
+    used = [[rng.randint(0, 5) for _ in range(NS)] for _ in range(R)]
+    return torch.tensor(pages, dtype=I32).reshape(R, NS), torch.tensor(used, dtype=I32).reshape(R, NS)
+
+
+def new_state(R: int, NS: int, device=DEV):
+    return (torch.full((R, NS), -1, dtype=I32, device=device), torch.zeros((R, NS), dtype=I32, device=device))
+
+
+# -- reference vs oracle ------------------------------------------------------------------------------
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_reference_matches_python_lru(data):
+    R = data.draw(st.integers(1, 4), label="R")
+    NS = data.draw(st.integers(1, 12), label="NS")
+    K = data.draw(st.integers(0, NS), label="K")
+    universe = data.draw(st.integers(max(NS, 1), 3 * NS + 2), label="universe")
+    overlap = data.draw(st.sampled_from([0.0, 0.5, 0.85, 0.9, 1.0]), label="overlap")
+    rng = random.Random(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    bp, lu = random_state(rng, R, NS, universe)  # any valid state, e.g. empty slots with a late clock
+    o_pages, o_used = bp.tolist(), lu.tolist()
+    for step, (topk, active) in enumerate(topk_sequence(rng, R=R, K=K, universe=universe, steps=10,
+                                                        overlap=overlap), start=6):
+        before_pages, before_used = bp.clone(), lu.clone()
+        res = diff.lru_diff_reference(bp, lu, topk, step, active=active)
+        for r in range(R):
+            row = topk[r].tolist()
+            if not active[r]:
+                assert res.slot_table[r].tolist() == [-1] * K and res.num_misses[r] == 0
+                assert torch.equal(bp[r], before_pages[r]) and torch.equal(lu[r], before_used[r])
+                continue
+            slots, loads = oracle_step(o_pages[r], o_used[r], row, step)
+            n = len(loads)
+            assert res.slot_table[r].tolist() == slots
+            assert res.num_misses[r].item() == n
+            assert res.load_slots[r].tolist() == [s for s, _ in loads] + [-1] * (K - n)
+            assert res.load_pages[r].tolist() == [p for _, p in loads] + [-1] * (K - n)
+            assert bp[r].tolist() == o_pages[r] and lu[r].tolist() == o_used[r]
+            check_invariants(before_pages[r].tolist(), bp[r].tolist(), lu[r].tolist(), row, slots, loads, step)
+
+
+def check_invariants(before, after, used, topk, slots, loads, step):
+    """Policy-free properties of one step of one row."""
+    sel = [p for p in topk if p >= 0]
+    for p, s in zip(topk, slots):  # the buffer holds the selection at slot_table
+        assert (s == -1) == (p == -1)
+        if p >= 0:
+            assert after[s] == p and used[s] == step
+    picked = [s for s in slots if s >= 0]
+    assert len(picked) == len(set(picked))  # no slot double-booked
+    assert {p for _, p in loads} == set(sel) - set(before)  # loads == misses; hits never reloaded
+    assert len(loads) == len(set(sel) - set(before))
+    for s, p in enumerate(before):  # hits keep their slot
+        if p in sel:
+            assert after[s] == p and (s, p) not in loads
+    loaded_slots = {s for s, _ in loads}
+    for s, p in enumerate(before):  # unselected pages stay unless their slot was a victim
+        assert after[s] == p or s in loaded_slots
+
+
+def test_eviction_picks_empty_then_lru():
+    bp = torch.tensor([[10, -1, 11, 12, -1]], dtype=I32)
+    lu = torch.tensor([[5, 0, 3, 3, 9]], dtype=I32)
+    res = diff.lru_diff_reference(bp, lu, torch.tensor([[12, 20, 21, 22, 23]], dtype=I32), 7)
+    # empties (1, 4) first by (last_used, slot), then 11 (used 3, slot 2) before 10 (used 5)
+    assert res.load_slots.tolist() == [[1, 4, 2, 0, -1]]
+    assert res.slot_table.tolist() == [[3, 1, 4, 2, 0]]
+    assert bp.tolist() == [[23, 20, 22, 12, 21]] and lu.tolist() == [[7] * 5]
+
+
+def test_to_physical():
+    table = torch.tensor([[0, -1, 3], [2, 1, -1]], dtype=I32)
+    phys = diff.to_physical(table, torch.tensor([0, 8], dtype=I32))
+    assert phys.tolist() == [[0, -1, 3], [10, 9, -1]] and phys.dtype == I32
+
+
+def test_validation_errors():
+    bp, lu = new_state(2, 4, "cpu")
+    with pytest.raises(ValueError, match="exceeds"):
+        diff.lru_diff(bp, lu, torch.zeros(2, 5, dtype=I32), 1)
+    with pytest.raises(ValueError, match="int32"):
+        diff.lru_diff(bp, lu, torch.zeros(2, 3, dtype=torch.int64), 1)
+    with pytest.raises(ValueError, match="active"):
+        diff.lru_diff(bp, lu, torch.zeros(2, 3, dtype=I32), 1, active=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="out.slot_table"):
+        bad = diff.DiffResult(*(torch.empty(s, dtype=I32) for s in ((2, 2), (2, 3), (2, 3), (2,))))
+        diff.lru_diff(bp, lu, torch.zeros(2, 3, dtype=I32), 1, out=bad)
+
+
+# -- Triton kernel vs reference -------------------------------------------------------------------
+@pytest.mark.parametrize("R,NS,K,overlap,tile", [
+    (3, 8, 8, 0.85, None),     # K == NS
+    (4, 6, 3, 0.5, None),
+    (2, 13, 7, 0.9, None),     # NS not a power of two
+    (3, 8, 6, 0.85, 16),       # a small tile: the top-k row streams in several chunks
+    (1, 1, 1, 0.5, None),
+    (2, 4, 0, 0.5, None),      # empty top-k
+])
+def test_triton_matches_reference(R, NS, K, overlap, tile, monkeypatch):
+    if tile is not None:
+        monkeypatch.setattr(diff, "_TILE", tile)
+    rng = random.Random(R * 1000 + NS * 10 + K)
+    ref_bp, ref_lu = random_state(rng, R, NS, 3 * NS)
+    tri_bp, tri_lu = ref_bp.to(DEV, copy=True), ref_lu.to(DEV, copy=True)
+    out = diff._allocate(R, K, DEV)
+    for step, (topk, active) in enumerate(topk_sequence(rng, R=R, K=K, universe=3 * NS, steps=6,
+                                                        overlap=overlap), start=6):
+        ref = diff.lru_diff_reference(ref_bp, ref_lu, topk, step, active=active)
+        use_tensor_step = step % 2 == 0  # both ways of passing the clock
+        tri_step = torch.tensor(step, device=DEV) if use_tensor_step else step
+        tri = diff.lru_diff(tri_bp, tri_lu, topk.to(DEV), tri_step, active=active.to(DEV), out=out,
+                            backend="triton")
+        for name, a, b in zip(diff.DiffResult._fields, ref, tri):
+            assert torch.equal(a, b.cpu()), f"step {step}: {name}\n{a}\n{b}"
+        assert torch.equal(ref_bp, tri_bp.cpu()) and torch.equal(ref_lu, tri_lu.cpu()), f"state, step {step}"
+
+
+def test_triton_without_active_and_strided_state():
+    """State rows are a view of a [layers, R, NS] tensor; no active mask."""
+    R, NS, K = 3, 8, 5
+    rng = random.Random(7)
+    big = torch.full((2, R, NS), -1, dtype=I32, device=DEV)
+    tri_bp, tri_lu = big[1], torch.zeros((2, R, NS), dtype=I32, device=DEV)[0]
+    ref_bp, ref_lu = new_state(R, NS, "cpu")
+    for step, (topk, _) in enumerate(topk_sequence(rng, R=R, K=K, universe=20, steps=4, overlap=0.8), start=1):
+        ref = diff.lru_diff_reference(ref_bp, ref_lu, topk, step)
+        tri = diff.lru_diff(tri_bp, tri_lu, topk.to(DEV), step, backend="triton")
+        assert all(torch.equal(a, b.cpu()) for a, b in zip(ref, tri))
+        assert torch.equal(ref_bp, tri_bp.cpu()) and torch.equal(ref_lu, tri_lu.cpu())
+    assert torch.equal(big[0].cpu(), torch.full((R, NS), -1, dtype=I32))  # the other layer untouched
+
+
+# -- GPU only: real sizes, CUDA graphs -------------------------------------------------------------
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("R,NS,K", [(64, 256, 128), (8, 2048, 1024), (16, 4096, 4096)])
+def test_triton_real_sizes(R, NS, K):
+    rng = random.Random(0)
+    ref_bp, ref_lu = new_state(R, NS, "cpu")
+    tri_bp, tri_lu = new_state(R, NS)
+    for step, (topk, active) in enumerate(topk_sequence(rng, R=R, K=K, universe=4 * NS, steps=4,
+                                                        overlap=0.85), start=1):
+        ref = diff.lru_diff_reference(ref_bp, ref_lu, topk, step, active=active)
+        tri = diff.lru_diff(tri_bp, tri_lu, topk.cuda(), step, active=active.cuda())
+        assert all(torch.equal(a, b.cpu()) for a, b in zip(ref, tri))
+        assert torch.equal(ref_bp, tri_bp.cpu()) and torch.equal(ref_lu, tri_lu.cpu())
+
+
+@gpu
+@pytest.mark.gpu
+def test_triton_in_cuda_graph():
+    R, NS, K = 16, 64, 32
+    rng = random.Random(1)
+    seq = list(topk_sequence(rng, R=R, K=K, universe=200, steps=5, overlap=0.85))
+    bp, lu = new_state(R, NS)
+    topk, active = torch.full((R, K), -1, dtype=I32, device=DEV), torch.ones(R, dtype=torch.bool, device=DEV)
+    step = torch.zeros((), dtype=I32, device=DEV)
+    out = diff._allocate(R, K, DEV)
+    diff.lru_diff(bp, lu, topk, step, active=active, out=out)  # compile outside the capture
+    bp.fill_(-1), lu.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        diff.lru_diff(bp, lu, topk, step, active=active, out=out)
+    ref_bp, ref_lu = new_state(R, NS, "cpu")
+    for i, (tk, act) in enumerate(seq, start=1):
+        topk.copy_(tk), active.copy_(act), step.fill_(i)
+        graph.replay()
+        ref = diff.lru_diff_reference(ref_bp, ref_lu, tk, i, active=act)
+        assert all(torch.equal(a, b.cpu()) for a, b in zip(ref, out))
+        assert torch.equal(ref_bp, bp.cpu()) and torch.equal(ref_lu, lu.cpu())
