@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print sparse-cache statistics: pages selected, hits, misses, bytes moved, memory")
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    from hisa.server.cli import add_bench_serve_parser, add_serve_parser
+
+    add_serve_parser(sub)
+    add_bench_serve_parser(sub)
     return parser
 
 

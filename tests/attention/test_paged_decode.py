@@ -173,6 +173,33 @@ def test_triton_sparse_selection_matches_dense_over_selected_tokens():
     torch.testing.assert_close(out[0].double(), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("window", [1, 7, 16, 23, 1000])
+def test_triton_sliding_window_matches_reference_and_dense(window):
+    """Gemma-3's sliding layers: only the last `window` tokens count; older ones are never read.
+
+    Tokens older than the window hold NaN, so a kernel that reads (rather than skips) them fails;
+    windows cover 1 token, less than a page, whole pages, mid-page and more than the context.
+    """
+    S, KVH, group, D, kv_lens = 4, 2, 2, 32, [0, 1, 5, 16, 23, 37]
+    q, kv, table, lens = make_case(kv_lens, page_size=S, num_kv_heads=KVH, group=group, head_dim=D,
+                                   dtype=torch.float32, seed=13)
+    want = []
+    for b, n in enumerate(kv_lens):
+        pages = table[b, : -(-n // S)].long()
+        k = kv[pages, 0].reshape(-1, KVH, D)[:n]  # [n, KVH, D] in logical order
+        v = kv[pages, 1].reshape(-1, KVH, D)[:n]
+        want.append(dense_attention(q[b], k[max(0, n - window):], v[max(0, n - window):], D ** -0.5))
+        old = torch.arange(max(0, n - window))  # poison what the window excludes
+        kv[pages[old // S], :, old % S] = float("nan")
+    ref = paged_decode_attention_ref(q, kv[:, 0], kv[:, 1], table, lens, scale=D ** -0.5, window=window)
+    for b in range(len(kv_lens)):
+        torch.testing.assert_close(ref[b].double(), want[b], atol=1e-5, rtol=1e-5)
+    for num_splits in (1, 3, None):
+        out = paged_decode_attention(q, kv[:, 0], kv[:, 1], table, lens, scale=D ** -0.5, num_splits=num_splits,
+                                     block_n=16, use_triton=True, window=window)
+        torch.testing.assert_close(out, ref, **TOL[torch.float32], msg=lambda m: f"num_splits={num_splits}: {m}")
+
+
 def test_triton_strided_q_out_argument_and_mixed_dtype():
     """q with a padded head stride, a preallocated `out`, q fp32 over an fp16 cache."""
     q, kv, table, lens = make_case([9, 17], page_size=4, num_kv_heads=2, group=2, head_dim=32,
@@ -246,6 +273,7 @@ def test_launcher_rejects_bad_arguments(change, match):
     (dict(block_n=24), r"block_n must be None or a power of two >= 16"),
     (dict(scale=float("nan")), r"scale must be a finite float"),
     (dict(out=torch.empty(2, 4, 16, dtype=torch.float16)), r"out must be \[B, H, D\]"),
+    (dict(window=0), r"window must be None or an int >= 1"),
 ])
 def test_launcher_rejects_bad_options(kwargs, match):
     kwargs.setdefault("scale", 0.25)
@@ -257,13 +285,16 @@ def test_launcher_rejects_bad_options(kwargs, match):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (compiled Triton kernels)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("num_splits", [1, None])
-def test_cuda_triton_matches_reference(dtype, num_splits):
+@pytest.mark.parametrize("window", [None, 512])
+def test_cuda_triton_matches_reference(dtype, num_splits, window):
     S, KVH, group, D = 16, 8, 4, 128
     q, kv, table, lens = make_case([0, 1, 16, 300, 1000, 777], page_size=S, num_kv_heads=KVH, group=group,
                                    head_dim=D, dtype=torch.float32, seed=11, device="cuda")
     q, kv = q.to(dtype), kv.to(dtype)
-    ref = paged_decode_attention_ref(q.float(), kv[:, 0].float(), kv[:, 1].float(), table, lens, scale=D ** -0.5)
-    out = paged_decode_attention(q, kv[:, 0], kv[:, 1], table, lens, scale=D ** -0.5, num_splits=num_splits)
+    ref = paged_decode_attention_ref(q.float(), kv[:, 0].float(), kv[:, 1].float(), table, lens, scale=D ** -0.5,
+                                     window=window)
+    out = paged_decode_attention(q, kv[:, 0], kv[:, 1], table, lens, scale=D ** -0.5, num_splits=num_splits,
+                                 window=window)
     assert out.dtype == dtype and not out.isnan().any()
     tol = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 1e-4}[dtype]
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)

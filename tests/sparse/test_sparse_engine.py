@@ -91,9 +91,11 @@ def test_nothing_leaks_after_finish_abort_and_preemption(make_llm):
 
 def test_passkey_answered_by_quest_with_a_256_token_budget(make_llm, capsys):
     llm = make_llm()
-    context = long_text(700, seed=11) + " The pass key is 58261. Remember it. 58261 is the pass key. " + \
-        long_text(500, seed=12)
-    conv = [{"role": "user", "content": context + "\nWhat is the pass key? Answer with the number."}]
+    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+    needle = "The pass key is 58261. Remember it. 58261 is the pass key. "
+    conv = [{"role": "system", "content": "You answer with the exact number from the text."},
+            {"role": "user", "content": filler * 30 + needle + filler * 30
+             + "\nWhat is the pass key? Reply with the number only."}]
     ids = llm.apply_chat_template(conv)
     assert 1300 <= len(ids) <= 1800
     params = SamplingParams(max_tokens=16)

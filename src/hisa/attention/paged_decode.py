@@ -31,7 +31,8 @@ _LOG2E = 1.4426950408889634
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            page_table: torch.Tensor, kv_lens: torch.Tensor, *, scale: float,
                            num_splits: int | None = None, out: torch.Tensor | None = None,
-                           use_triton: bool | None = None, block_n: int | None = None) -> torch.Tensor:
+                           use_triton: bool | None = None, block_n: int | None = None,
+                           window: int | None = None) -> torch.Tensor:
     """Attention of each request's new token over its paged KV (GQA, softmax in fp32).
 
     q:          [B, H, D] fp16/bf16/fp32, last dim contiguous.
@@ -49,6 +50,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     use_triton: None = Triton iff q is on CUDA; True forces Triton (on CPU only under
                 TRITON_INTERPRET=1); False forces the torch reference.
     block_n:    tokens per kernel iteration (a tuning knob, power of two >= 16); None = 64.
+    window:     sliding-window attention (Gemma-3's local layers): only the last `window` tokens
+                of each request's virtual sequence are attended, positions kv_len - window ..
+                kv_len - 1 (the newest token included); the kernel skips the older blocks. The
+                page table's tail must then hold the contiguous latest pages. None = all tokens.
     Returns [B, H, D] in q's dtype. Query head h reads kv head h // (H // KVH). When q's dtype
     differs from the cache's, the kernel casts q to the cache dtype before the products.
 
@@ -62,10 +67,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """
     _validate(q, k_cache, v_cache, page_table, kv_lens, scale=scale, num_splits=num_splits, out=out,
               block_n=block_n)
+    if window is not None and not (isinstance(window, int) and window >= 1):
+        raise ValueError(f"window must be None or an int >= 1, got {window!r}")
     if use_triton is None:
         use_triton = q.is_cuda
     if not use_triton:
-        ref = paged_decode_attention_ref(q, k_cache, v_cache, page_table, kv_lens, scale=scale)
+        ref = paged_decode_attention_ref(q, k_cache, v_cache, page_table, kv_lens, scale=scale, window=window)
         if out is None:
             return ref
         return out.copy_(ref)
@@ -77,7 +84,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if q.shape[0] == 0:
         return out
     _launch_triton(q, k_cache, v_cache, page_table, kv_lens, out, scale=scale, num_splits=num_splits,
-                   block_n=64 if block_n is None else block_n)
+                   block_n=64 if block_n is None else block_n, window=window)
     return out
 
 
@@ -105,7 +112,7 @@ def _sm_count(device_index: int) -> int:
 
 def _launch_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
                    kv_lens: torch.Tensor, out: torch.Tensor, *, scale: float, num_splits: int | None,
-                   block_n: int) -> None:
+                   block_n: int, window: int | None) -> None:
     from hisa.attention.triton_paged_decode import paged_decode_combine_kernel, paged_decode_split_kernel
 
     B, H, D = q.shape
@@ -113,7 +120,9 @@ def _launch_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     G = H // KVH
     max_tokens = page_table.shape[1] * S
     if num_splits is None:
-        num_splits = default_num_splits(batch=B, num_kv_heads=KVH, max_tokens=max_tokens, block_n=block_n,
+        # a window caps the tokens any request reads: fewer splits then fill the GPU just as well
+        attended = max_tokens if window is None else min(max_tokens, window)
+        num_splits = default_num_splits(batch=B, num_kv_heads=KVH, max_tokens=attended, block_n=block_n,
                                         device=q.device)
     block_g = max(16, _next_pow2(G))  # tl.dot needs M >= 16
     block_d = max(16, _next_pow2(D))
@@ -128,7 +137,7 @@ def _launch_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     paged_decode_split_kernel[(B, KVH, num_splits)](
         q, k_cache, v_cache, page_table, kv_lens, out, m_ws, l_ws, acc_ws,
         scale * _LOG2E,
-        H, max_tokens, num_splits,
+        H, max_tokens, num_splits, max_tokens if window is None else window,  # no window: all tokens
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

@@ -10,7 +10,8 @@ import torch
 
 
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                               page_table: torch.Tensor, kv_lens: torch.Tensor, *, scale: float) -> torch.Tensor:
+                               page_table: torch.Tensor, kv_lens: torch.Tensor, *, scale: float,
+                               window: int | None = None) -> torch.Tensor:
     """One query token per request attends to its paged KV sequence (softmax in fp32).
 
     q:          [B, H, D] query of the newest token of each request.
@@ -19,6 +20,8 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     page_table: int32 [B, max_pages] physical page ids in virtual order, -1 past the request's pages.
     kv_lens:    int32 [B] valid tokens; token i lives at page page_table[b, i // S], offset i % S.
     scale:      softmax scale, usually D ** -0.5.
+    window:     sliding window: only tokens kv_len - window .. kv_len - 1 are attended (of the
+                virtual sequence; the newest token counts); None = all kv_len tokens.
     Returns [B, H, D] in q's dtype; rows with kv_lens[b] == 0 are zeros.
     GQA: query head h reads kv head h // (H // KVH).
 
@@ -43,6 +46,8 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         v = v_cache.index_select(0, pages).reshape(n_pages * S, KVH, D)[:kv_len].float()  # [kv_len, KVH, D]
         k = k.repeat_interleave(group, dim=1)  # [kv_len, H, D]
         v = v.repeat_interleave(group, dim=1)  # [kv_len, H, D]
-        scores = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale  # [H, kv_len]
+        if window is not None:  # older tokens are never read (they may hold anything, NaN included)
+            k, v = k[max(0, kv_len - window):], v[max(0, kv_len - window):]  # [min(kv_len, window), H, D]
+        scores = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale  # [H, n]
         out[b] = torch.einsum("hn,nhd->hd", scores.softmax(dim=-1), v)  # [H, D]
     return out.to(q.dtype)

@@ -6,6 +6,9 @@ Algorithm (same result as `reference.paged_decode_attention_ref`):
     K/V row is loaded once per group. The request's tokens are cut into blocks of BLOCK_N; split s
     takes a contiguous run of ceil(n_blocks / num_splits) blocks, computed per request from its
     kv_len, so short and long requests of one batch both spread over all splits.
+  * sliding window (WINDOW < kv_len): the blocks start at kv_len - WINDOW instead of 0, so keys
+    older than the window are never visited (masked by construction) and cost nothing; the launcher
+    passes WINDOW = MAX_TOKENS when there is no window.
   * each token of a block is gathered through the page table (page = table[t // S], offset t % S),
     so any page size works and pages may be anywhere in the cache; K/V addresses use the caches'
     real strides (k and v are usually views of one [P, 2, S, KVH, D] tensor).
@@ -68,6 +71,7 @@ def paged_decode_split_kernel(
     acc_ws_ptr,                             # fp32 [B, H, NUM_SPLITS, D] (written unless DIRECT_OUT)
     scale_log2,                             # softmax scale * log2(e)
     H, MAX_TOKENS, NUM_SPLITS,
+    WINDOW,                                 # attend to virtual tokens [kv_len - WINDOW, kv_len)
     stride_qb, stride_qh,
     stride_kp, stride_ks, stride_kh,
     stride_vp, stride_vs, stride_vh,
@@ -92,8 +96,9 @@ def paged_decode_split_kernel(
 
     # clamped so a kv_len past the page table cannot read outside it
     kv_len = tl.maximum(tl.minimum(tl.load(lens_ptr + b * stride_lens), MAX_TOKENS), 0)
-    blocks_per_split = tl.cdiv(tl.cdiv(kv_len, BLOCK_N), NUM_SPLITS)
-    tok_lo = split * blocks_per_split * BLOCK_N
+    win_lo = tl.maximum(kv_len - WINDOW, 0)  # first attended token (0 without a window)
+    blocks_per_split = tl.cdiv(tl.cdiv(kv_len - win_lo, BLOCK_N), NUM_SPLITS)
+    tok_lo = win_lo + split * blocks_per_split * BLOCK_N
     tok_hi = tl.minimum(tok_lo + blocks_per_split * BLOCK_N, kv_len)
     pt_row_ptr = pt_ptr + b * stride_ptb
 

@@ -49,24 +49,28 @@ class LLMEngine:
         if self.max_model_len > mcfg.max_position_embeddings:
             raise ConfigError(f"max_model_len={self.max_model_len} exceeds the model's context "
                               f"({mcfg.max_position_embeddings} tokens)")
-        num_pages = self._num_kv_pages()
-        pages_per_seq = -(-self.max_model_len // config.page_size)
-        if num_pages < pages_per_seq:
-            raise ConfigError(
-                f"the KV pool of {num_pages} pages ({num_pages * config.page_size} tokens) cannot hold one "
-                f"request of max_model_len={self.max_model_len} tokens; raise kv_cache_gb/num_kv_pages "
-                f"or lower max_model_len")
-        self.cache = PagedKVCache(num_layers=mcfg.num_layers, num_pages=num_pages, page_size=config.page_size,
-                                  num_kv_heads=mcfg.num_kv_heads, head_dim=mcfg.head_dim,
-                                  dtype=config.torch_dtype, device=config.torch_device)
-        self.allocator = PageAllocator(num_pages)
         self.sparse = None
-        if config.sparse is not None:
+        if config.sparse is not None:  # first, so the dense pool is sized from what it leaves free
             from hisa.sparse.coordinator import SparseCoordinator
 
             self.sparse = SparseCoordinator(config.sparse, model_config=mcfg, page_size=config.page_size,
                                             max_model_len=self.max_model_len, dtype=config.torch_dtype,
                                             device=config.torch_device)
+        num_pages = self._num_kv_pages()
+        # with the sparse cache, long prompts live in the host pool: the dense pool must hold one
+        # request that is just too short to go sparse, not one of max_model_len
+        dense_len = self.max_model_len if self.sparse is None else min(self.max_model_len,
+                                                                       config.sparse.min_prompt_len)
+        pages_per_seq = -(-dense_len // config.page_size)
+        if num_pages < pages_per_seq:
+            raise ConfigError(
+                f"the KV pool of {num_pages} pages ({num_pages * config.page_size} tokens) cannot hold one "
+                f"request of {dense_len} tokens; raise kv_cache_gb/num_kv_pages "
+                f"or lower max_model_len")
+        self.cache = PagedKVCache(num_layers=mcfg.num_layers, num_pages=num_pages, page_size=config.page_size,
+                                  num_kv_heads=mcfg.num_kv_heads, head_dim=mcfg.head_dim,
+                                  dtype=config.torch_dtype, device=config.torch_device)
+        self.allocator = PageAllocator(num_pages)
         self.scheduler = Scheduler(allocator=self.allocator, page_size=config.page_size,
                                    max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens, sparse=self.sparse)

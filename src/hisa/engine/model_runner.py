@@ -10,7 +10,6 @@ from hisa.attention.paged_decode import paged_decode_attention
 from hisa.attention.prefill import gather_pages, prefill_attention
 from hisa.engine.scheduler import ScheduledBatch
 from hisa.kvcache.paged_cache import PagedKVCache
-from hisa.models.llama import LlamaForCausalLM
 
 
 @dataclass
@@ -38,10 +37,14 @@ class StepPlan:
 
 
 class DenseAttention:
-    """Dense paged attention: write new K/V into pages, attend over each request's pages."""
+    """Dense paged attention: write new K/V into pages, attend over each request's pages.
 
-    def __init__(self, cache: PagedKVCache, plan: StepPlan, scale: float):
+    windows: per layer, the sliding window in tokens (Gemma-3's local layers) or None (all tokens).
+    """
+
+    def __init__(self, cache: PagedKVCache, plan: StepPlan, scale: float, windows: list[int | None] | None = None):
         self.cache, self.plan, self.scale = cache, plan, scale
+        self.windows = windows or [None] * cache.num_layers
 
     def forward_rows(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
         """Fill `out` [T, H, D] at the dense requests' rows."""
@@ -50,12 +53,19 @@ class DenseAttention:
             return
         cache.write(layer, plan.write_pages, plan.write_offsets, k[plan.write_rows], v[plan.write_rows])
         keys, values = cache.keys(layer), cache.values(layer)
+        window = self.windows[layer]
         if plan.decode_rows.numel():
             out[plan.decode_rows] = paged_decode_attention(
-                q[plan.decode_rows], keys, values, plan.decode_page_table, plan.decode_kv_lens, scale=self.scale)
+                q[plan.decode_rows], keys, values, plan.decode_page_table, plan.decode_kv_lens, scale=self.scale,
+                window=window)
+        s = cache.page_size
         for start, end, pages, ctx in plan.prefills:
-            out[start:end] = prefill_attention(q[start:end], gather_pages(keys, pages, ctx),
-                                               gather_pages(values, pages, ctx), scale=self.scale)
+            first = 0
+            if window is not None:  # the chunk's first query reaches back window - 1 tokens: skip older pages
+                first = max(0, ctx - (end - start) - window + 1) // s
+            out[start:end] = prefill_attention(q[start:end], gather_pages(keys, pages[first:], ctx - first * s),
+                                               gather_pages(values, pages[first:], ctx - first * s),
+                                               scale=self.scale, window=window)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(q)  # [T, H, D]
@@ -69,10 +79,12 @@ class ModelRunner:
     `sparse` (a SparseCoordinator) takes over attention for the step's sparse requests.
     """
 
-    def __init__(self, model: LlamaForCausalLM, cache: PagedKVCache, device: torch.device, sparse=None):
+    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, device: torch.device, sparse=None):
+        """model: a `hisa.models` causal LM (LlamaForCausalLM, Gemma3ForCausalLM)."""
         self.model, self.cache, self.device, self.sparse = model, cache, device, sparse
         self.page_size = cache.page_size
-        self.scale = model.config.head_dim ** -0.5
+        self.scale = model.config.attention_scale
+        self.windows = model.config.layer_windows  # per layer: sliding window or None
 
     def plan(self, batch: ScheduledBatch) -> StepPlan:
         s = self.page_size
@@ -121,7 +133,7 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
         """Run one step. Returns (fp32 logits [Bs, V] of the sampled rows, their indices in batch.seqs)."""
         plan = self.plan(batch)
-        dense = DenseAttention(self.cache, plan, self.scale)
+        dense = DenseAttention(self.cache, plan, self.scale, self.windows)
         if self.sparse is not None and any(seq.sparse for seq in batch.seqs):
             attn = self.sparse.forward_begin(batch, plan, dense)
         else:

@@ -9,12 +9,21 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "llama": "llama",
     "mistral": "llama",
     "qwen2": "llama",
+    "gemma3": "gemma3",  # GGUF spelling of the Gemma-3 text model
+    "gemma3_text": "gemma3",  # Hugging Face spelling
 }
+SUPPORTED_MODELS = "Llama 2/3, Mistral, Qwen2/2.5, SmolLM2, Gemma-3 text"
+SLIDING, FULL = "sliding_attention", "full_attention"  # layer types (Hugging Face spelling)
 
 
 @dataclass(slots=True)
 class ModelConfig:
-    """Shapes and constants of a decoder-only transformer of the Llama family.
+    """Shapes and constants of a decoder-only transformer (the Llama family or Gemma-3).
+
+    The Gemma-3 fields default to "absent", so a Llama config never sets them: `layer_types`
+    marks each layer "sliding_attention" (attends to the last `sliding_window` tokens, RoPE base
+    `rope_local_theta`) or "full_attention" (the whole context, RoPE base `rope_theta` with
+    `rope_scaling`); the attention scale is `query_pre_attn_scalar ** -0.5` when that is set.
 
     Example::
 
@@ -40,6 +49,12 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     name: str = ""
+    # Gemma-3 only (None = absent)
+    sliding_window: int | None = None  # tokens a sliding layer attends to, the current one included
+    layer_types: list[str] | None = None  # per layer: "sliding_attention" or "full_attention"
+    rope_local_theta: float | None = None  # RoPE base of the sliding layers (rope_theta serves the rest)
+    query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5 (None: head_dim ** -0.5)
+    final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap)
 
     def __post_init__(self) -> None:
         if self.arch not in SUPPORTED_ARCHITECTURES:
@@ -47,11 +62,33 @@ class ModelConfig:
 
             raise ModelLoadError(
                 f"unsupported architecture {self.arch!r}; hisa supports: "
-                + ", ".join(sorted(SUPPORTED_ARCHITECTURES))
-                + " (Llama 2/3, Mistral, Qwen2/2.5, SmolLM2)"
+                + ", ".join(sorted(SUPPORTED_ARCHITECTURES)) + f" ({SUPPORTED_MODELS})"
             )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers or set(self.layer_types) - {SLIDING, FULL}:
+                raise ValueError(f"layer_types must list {self.num_layers} entries of {SLIDING!r} / {FULL!r}, "
+                                 f"got {self.layer_types}")
+            if SLIDING in self.layer_types and not (self.sliding_window and self.sliding_window > 0):
+                raise ValueError(f"sliding layers need sliding_window > 0, got {self.sliding_window}")
+
+    @property
+    def family(self) -> str:
+        """The model class that runs this architecture: "llama" or "gemma3"."""
+        return SUPPORTED_ARCHITECTURES[self.arch]
+
+    @property
+    def attention_scale(self) -> float:
+        """Softmax scale of q·k (Gemma-3: query_pre_attn_scalar ** -0.5, else head_dim ** -0.5)."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
+    def layer_windows(self) -> list[int | None]:
+        """Per layer: the sliding window in tokens, or None for attention over the whole context."""
+        if self.layer_types is None:
+            return [None] * self.num_layers
+        return [self.sliding_window if t == SLIDING else None for t in self.layer_types]
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         """Bytes of K and V for one token across all layers."""
@@ -72,5 +109,13 @@ PRESETS: dict[str, dict] = {
         arch="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
         num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=32768,
         bos_token_id=1, eos_token_ids=[2], name="random:tiny-llama",
+    ),
+    # Gemma-3 shape in miniature: a 16-token window on 3 of every 4 layers (for fast tests)
+    "tiny-gemma3": dict(
+        arch="gemma3", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=4,
+        num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=1e6, rope_local_theta=1e4,
+        max_position_embeddings=32768, tie_word_embeddings=True, bos_token_id=2, eos_token_ids=[1],
+        sliding_window=16, layer_types=["sliding_attention"] * 3 + ["full_attention"],
+        query_pre_attn_scalar=16, name="random:tiny-gemma3",
     ),
 }

@@ -11,12 +11,17 @@ from tqdm.auto import tqdm
 from hisa.errors import ModelLoadError
 from hisa.models import loader
 from hisa.models.config import PRESETS, ModelConfig
+from hisa.models.gemma3 import Gemma3ForCausalLM
 from hisa.models.llama import LlamaForCausalLM
+
+CausalLM = LlamaForCausalLM | Gemma3ForCausalLM
+# ModelConfig.family → the class that runs it
+MODEL_CLASSES: dict[str, type[CausalLM]] = {"llama": LlamaForCausalLM, "gemma3": Gemma3ForCausalLM}
 
 
 @dataclass
 class LoadedModel:
-    model: LlamaForCausalLM
+    model: CausalLM
     config: ModelConfig
     tokenizer: Any  # a transformers tokenizer, or None for random-weight presets
     source: loader.ModelSource
@@ -31,9 +36,8 @@ def load_model(model: str | None, *, device: torch.device, dtype: torch.dtype,
     source = loader.resolve_model(model)
     rope_freqs = None
     if source.kind == "random":
-        cfg = ModelConfig(**PRESETS[source.preset])
-        net = _empty_model(cfg, device, dtype)
-        _randomize(net, seed)
+        return random_model(ModelConfig(**PRESETS[source.preset]), device=device, dtype=dtype, seed=seed,
+                            source=source)
     else:
         if source.kind == "gguf":
             reader = loader.open_gguf(source.path)
@@ -65,10 +69,35 @@ def load_model(model: str | None, *, device: torch.device, dtype: torch.dtype,
         missing = sorted(expected - seen)
         if missing:
             raise ModelLoadError(f"{source.path}: weights missing for {missing[:4]}{' ...' if len(missing) > 4 else ''}")
-    net.rope.inv_freq = _inv_freq(cfg, rope_freqs).to(device)
+    _init_rope(net, cfg, rope_freqs, device)
     net.eval()
-    tokenizer = loader.load_tokenizer(source)
+    tokenizer = loader.load_tokenizer(source, family=cfg.family)
     return LoadedModel(net, cfg, tokenizer, source)
+
+
+def random_model(cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype, seed: int = 0,
+                 source: loader.ModelSource | None = None) -> LoadedModel:
+    """A model of any shape with random weights (no tokenizer), e.g. a preset varied for a test.
+
+    Example::
+
+        cfg = ModelConfig(**{**PRESETS["tiny-gemma3"], "sliding_window": 8})
+        loaded = random_model(cfg, device=torch.device("cpu"), dtype=torch.float32)
+    """
+    net = _empty_model(cfg, device, dtype)
+    _randomize(net, seed)
+    _init_rope(net, cfg, None, device)
+    net.eval()
+    return LoadedModel(net, cfg, None, source or loader.ModelSource("random", preset=cfg.name or None))
+
+
+def _init_rope(net: CausalLM, cfg: ModelConfig, rope_freqs, device: torch.device) -> None:
+    """Rotary buffers are not weights: the meta-device build left them empty, compute them here."""
+    if isinstance(net, Gemma3ForCausalLM):
+        global_freq, local_freq = Gemma3ForCausalLM.rope_inv_freqs(cfg, rope_freqs)
+        net.rope.inv_freq, net.rope_local.inv_freq = global_freq.to(device), local_freq.to(device)
+    else:
+        net.rope.inv_freq = _inv_freq(cfg, rope_freqs).to(device)
 
 
 def _inv_freq(cfg: ModelConfig, rope_freqs):
@@ -77,9 +106,9 @@ def _inv_freq(cfg: ModelConfig, rope_freqs):
     return rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, rope_freqs)
 
 
-def _empty_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
+def _empty_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> CausalLM:
     with torch.device("meta"):
-        net = LlamaForCausalLM(cfg)
+        net = MODEL_CLASSES[cfg.family](cfg)
     net = net.to_empty(device=device).to(dtype)
     if cfg.tie_word_embeddings:
         net.lm_head.weight = net.model.embed_tokens.weight
@@ -87,12 +116,14 @@ def _empty_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> 
 
 
 @torch.no_grad()
-def _randomize(net: LlamaForCausalLM, seed: int) -> None:
+def _randomize(net: CausalLM, seed: int) -> None:
     """Random weights with sane scales (for shape-only benchmarks): N(0, 0.02) matrices, unit norms."""
     gen = torch.Generator(device=next(net.parameters()).device).manual_seed(seed)
+    # Gemma's norms scale by (1 + weight): 0 is the unit norm there
+    unit_norm = 0.0 if isinstance(net, Gemma3ForCausalLM) else 1.0
     for name, p in net.named_parameters():
         if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
-            p.fill_(1.0)
+            p.fill_(unit_norm)
         elif name.endswith("bias"):
             p.zero_()
         else:

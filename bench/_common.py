@@ -1,0 +1,58 @@
+"""What every benchmark records next to its figures: command, device, date, git commit."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def git_commit(given: str | None = None) -> dict:
+    """HEAD and whether tracked files differ from it; `given` wins (a copied tree has no .git)."""
+    if given:
+        return dict(commit=given, dirty=None, source="--git-commit")
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+
+        return dict(commit=git("rev-parse", "HEAD"), dirty=bool(git("status", "--porcelain", "--untracked-files=no")),
+                    source="git rev-parse HEAD")
+    except (OSError, subprocess.CalledProcessError) as e:
+        return dict(commit="unknown", dirty=None, source=f"git failed: {e}")
+
+
+def device_info(device: torch.device) -> dict:
+    info = dict(type=device.type, torch=torch.__version__, python=platform.python_version(),
+                host_cpus=__import__("os").cpu_count())
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(name=p.name, memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda)
+        try:
+            import triton
+
+            info["triton"] = triton.__version__
+        except ImportError:
+            pass
+    else:
+        info["name"] = platform.processor() or "cpu"
+    return info
+
+
+def header(device: torch.device, git: str | None = None) -> dict:
+    return dict(command=" ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                git=git_commit(git), device=device_info(device))
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"results written to {path}")
