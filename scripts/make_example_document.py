@@ -1,4 +1,4 @@
-"""Writes examples/station_log.txt: a long logbook (about 3,500 tokens) with a question at the end.
+"""Writes examples/station_log.txt: a long logbook (about 2,250 tokens with SmolLM2's chat template) with a question at the end.
 
 The document is generated (seeded) so that it is ours and reproducible: daily entries of a fictional
 weather station, one of which records the fact the question asks about.
@@ -26,6 +26,5 @@ for day in range(1, 41):
         entry += (" During the afternoon a lost homing pigeon landed on the mast; its leg ring read "
                   "SKP-7319, and Mara kept it in the shed until the owner collected it two days later.")
     lines.append(entry)
-lines += ["", "Question: according to the logbook, what was written on the leg ring of the homing pigeon? "
-          "Answer with the ring code."]
+lines += ["", "What was written on the leg ring of the homing pigeon? Reply with the ring code only."]
 Path(__file__).resolve().parent.parent.joinpath("examples", "station_log.txt").write_text("\n".join(lines) + "\n")
