@@ -47,7 +47,8 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def run_one(loaded, *, device, dtype, ctx, steps, batch, page_size, sparse: SparseConfig | None, chunk, seed):
+def run_one(loaded, *, device, dtype, ctx, steps, batch, page_size, sparse: SparseConfig | None, chunk, seed,
+            profile: Path | None = None):
     """One engine, `batch` prompts of `ctx` random tokens, `steps` decode steps; returns figures."""
     mc = loaded.config
     kw = dict(loaded=loaded, device=device.type, dtype=dtype, page_size=page_size, progress=False,
@@ -71,10 +72,20 @@ def run_one(loaded, *, device, dtype, ctx, steps, batch, page_size, sparse: Spar
         decoding = all(s.num_computed >= s.num_prompt for s in engine.scheduler.running) and \
             not engine.scheduler.waiting and engine.scheduler.running
         sync(device)
+        prof = None
+        if profile is not None and decoding and len(step_ms) == 4:  # one warm decode step under the profiler
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
+                                          + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []))
+            prof.__enter__()
         t0 = time.perf_counter()
         engine.step()
         sync(device)
         dt = time.perf_counter() - t0
+        if prof is not None:
+            prof.__exit__(None, None, None)
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+            profile.write_text(table + "\n")
+            print(table, flush=True)
         if decoding:
             step_ms.append(dt * 1e3)
         else:
@@ -162,6 +173,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--io-rows", type=int, default=2048)
     p.add_argument("--io-reps", type=int, default=20)
+    p.add_argument("--profile", type=Path, default=None,
+                   help="write a torch.profiler table of one warm sparse decode step to this file")
     p.add_argument("--git-commit", default=None)
     p.add_argument("--out", type=Path, default=REPO / "bench/results/sparse_memory_gpu.json")
     a = p.parse_args(argv)
@@ -187,7 +200,8 @@ def main(argv=None) -> int:
                            min_prompt_len=1024, host_pool_gb=pool_gb, max_sparse_requests=a.batch)
         print(f"{a.algorithm:6s} ctx={ctx} (host pool {pool_gb:.1f} GiB) ...", flush=True)
         runs.append(run_one(loaded, device=device, dtype=dtype, ctx=ctx, steps=a.steps, batch=a.batch,
-                            page_size=a.page_size, sparse=cfg, chunk=a.chunk, seed=0))
+                            page_size=a.page_size, sparse=cfg, chunk=a.chunk, seed=0,
+                            profile=a.profile if ctx == contexts[0] else None))
         # what dense would hold for this context (computed: the same pages the dense engine allocates)
         runs[-1]["dense_device_bytes_per_request"] = -(-(ctx + a.steps) // a.page_size) * a.page_size * token_bytes
         runs[-1]["sparse_over_dense"] = runs[-1]["device_bytes_per_request"] / runs[-1]["dense_device_bytes_per_request"]
