@@ -61,3 +61,24 @@ def test_generate_end_to_end_in_a_subprocess():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "Paris" in result["text"] and result["finish_reason"] == "stop"
     assert "prompt + " in proc.stderr  # the timing summary
+
+
+def test_readme_main_command_answers_with_the_sparse_cache():
+    """The README's main command, as written there, answers from the bundled document and prints stats."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    first = re.search(r"```bash\n(.*?)\n```", readme, re.S).group(1)
+    setup, command = first.split(" && ", 1)
+    assert setup == "bash scripts/setup.sh"
+    argv = shlex.split(command)
+    assert argv[0] == ".venv/bin/hisa" and "--sparse" in argv and "--stats" in argv
+    proc = subprocess.run([sys.executable, "-m", "hisa.cli", *argv[1:], "--max-tokens", "24"], cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "SKP-7319" in proc.stdout
+    hit_rate = float(re.search(r"hit rate ([\d.]+)%", proc.stdout + proc.stderr).group(1))
+    assert hit_rate > 50, proc.stdout

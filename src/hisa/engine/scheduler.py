@@ -40,8 +40,8 @@ class SparsePolicy(Protocol):
     host_allocator: PageAllocator  # sparse requests take their pages from the host pool
 
     def wants(self, seq: Sequence) -> bool: ...
-    def on_admit(self, seq: Sequence) -> bool: ...  # False: no device buffer slot free
-    def on_release(self, seq: Sequence) -> None: ...
+    def on_request_begin(self, seq: Sequence) -> bool: ...  # False: no device buffer slot free
+    def on_request_end(self, seq: Sequence) -> None: ...
 
 
 class Scheduler:
@@ -94,7 +94,7 @@ class Scheduler:
             self.pool(seq).free(seq.pages)
             seq.pages = []
         if seq.sparse and seq.sparse_slot is not None:
-            self.sparse.on_release(seq)
+            self.sparse.on_request_end(seq)
 
     def pages_needed(self, seq: Sequence, num_new: int) -> int:
         total = -(-(seq.num_computed + num_new) // self.page_size)
@@ -138,7 +138,7 @@ class Scheduler:
             pool = self.pool(seq)
             if need + reserve[seq.sparse] > pool.num_free:
                 break
-            if seq.sparse and not self.sparse.on_admit(seq):
+            if seq.sparse and not self.sparse.on_request_begin(seq):
                 break  # every device buffer slot is taken
             self.waiting.popleft()
             seq.status = Status.RUNNING

@@ -124,7 +124,9 @@ class EvalGrid:
     budgets: token budgets for the sparse algorithms (dense ignores them).
     lengths: target context lengths in tokens (the user message; the chat template adds a few dozen).
     tasks: names from :data:`hisa.eval.tasks.TASKS`.
-    samples: samples per task per length (rounds); seed: seeds the samples (and nothing else).
+    samples: samples per task per length; seed: seeds the samples (and nothing else).
+    round_size: samples per task in one round (one engine run per row and length): 1 keeps a run
+        stopped early balanced at the finest grain; larger batches decode faster on a GPU.
     max_tokens: answer tokens for every task (None: :data:`DEFAULT_MAX_TOKENS`).
     kl_tokens: teacher-forced positions per length for the KL fidelity (0: off).
     max_minutes: start no round that would end past this (None: run every round).
@@ -136,6 +138,7 @@ class EvalGrid:
     tasks: list[str]
     samples: int = 1
     seed: int = 0
+    round_size: int = 1
     max_tokens: int | None = None
     kl_tokens: int = 0
     max_minutes: float | None = None
@@ -160,8 +163,8 @@ class EvalGrid:
         unknown = [t for t in self.tasks if t not in TASKS]
         if not self.tasks or unknown:
             raise ConfigError(f"unknown task(s) {unknown or '(none given)'}; choose from: {', '.join(TASKS)}")
-        if self.samples < 1:
-            raise ConfigError(f"samples must be >= 1, got {self.samples}")
+        if self.samples < 1 or self.round_size < 1:
+            raise ConfigError(f"samples and round_size must be >= 1, got {self.samples}, {self.round_size}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ConfigError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.kl_tokens < 0:
@@ -182,7 +185,7 @@ class EvalGrid:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(algorithms=self.algorithms, budgets=[b.label for b in self.budgets], lengths=self.lengths,
-                    tasks=self.tasks, samples=self.samples, seed=self.seed,
+                    tasks=self.tasks, samples=self.samples, seed=self.seed, round_size=self.round_size,
                     max_tokens={t: self.answer_tokens(t) for t in self.tasks}, kl_tokens=self.kl_tokens,
                     max_minutes=self.max_minutes)
 
@@ -216,21 +219,23 @@ class _Item:
     max_tokens: int
 
 
-def _round_items(grid: EvalGrid, tokenizer, index: int, context: int) -> dict[int, list[_Item]]:
-    """Sample `index` of every task at every length (seeds as generate_suite derives them)."""
+def _round_items(grid: EvalGrid, tokenizer, indices: range, context: int) -> dict[int, list[_Item]]:
+    """Samples `indices` of every task at every length (seeds as generate_suite derives them)."""
     items: dict[int, list[_Item]] = {}
     for length in grid.lengths:
         items[length] = []
         for task in grid.tasks:
-            sample = TASKS[task](tokenizer, target_tokens=length, seed=derive_seed(grid.seed, task, length, index))
-            ids = prompt_ids(tokenizer, sample)
-            need = len(ids) + grid.answer_tokens(task)
-            if need > context:
-                raise ConfigError(
-                    f"length {length}: a {task} prompt is {len(ids)} tokens with the chat template, plus "
-                    f"{grid.answer_tokens(task)} answer tokens = {need}, beyond the model's context of {context} "
-                    f"tokens; use lengths up to about {context - (need - length)}")
-            items[length].append(_Item(sample, length, index, ids, grid.answer_tokens(task)))
+            for index in indices:
+                seed = derive_seed(grid.seed, task, length, index)
+                sample = TASKS[task](tokenizer, target_tokens=length, seed=seed)
+                ids = prompt_ids(tokenizer, sample)
+                need = len(ids) + grid.answer_tokens(task)
+                if need > context:
+                    raise ConfigError(
+                        f"length {length}: a {task} prompt is {len(ids)} tokens with the chat template, plus "
+                        f"{grid.answer_tokens(task)} answer tokens = {need}, beyond the model's context of "
+                        f"{context} tokens; use lengths up to about {context - (need - length)}")
+                items[length].append(_Item(sample, length, index, ids, grid.answer_tokens(task)))
     return items
 
 
@@ -326,62 +331,28 @@ def run_eval(grid: EvalGrid, *, engine_kwargs: dict | None = None, sparse_kwargs
                      loaded=loaded, progress=progress)
     tokenizer = runner.loaded.tokenizer
     report = _header(grid, runner, command)
-    records: list[dict[str, Any]] = report["samples"]
     rows = grid.rows()
-    bar = tqdm(total=grid.samples * len(grid.lengths) * len(rows), desc="eval", unit="run", disable=not progress)
+    rounds = [range(i, min(i + grid.round_size, grid.samples)) for i in range(0, grid.samples, grid.round_size)]
+    bar = tqdm(total=len(rounds) * len(grid.lengths) * len(rows), desc="eval", unit="run", disable=not progress)
     round_seconds: list[float] = []
     try:
-        for index in range(grid.samples):
+        for r, indices in enumerate(rounds):
             elapsed = time.perf_counter() - t_start
-            if index and grid.max_minutes is not None:
-                estimate = max(round_seconds)
-                if elapsed + estimate > grid.max_minutes * 60:
-                    report["stopped_early"] = (f"after {index} of {grid.samples} rounds: another (~{estimate:.0f} s) "
-                                               f"would pass max_minutes={grid.max_minutes}")
-                    break
+            if r and grid.max_minutes is not None and elapsed + max(round_seconds) > grid.max_minutes * 60:
+                report["stopped_early"] = (f"after {indices.start} of {grid.samples} samples: another round "
+                                           f"(~{max(round_seconds):.0f} s) would pass max_minutes={grid.max_minutes}")
+                break
             t_round = time.perf_counter()
-            items = _round_items(grid, tokenizer, index, runner.context)
+            items = _round_items(grid, tokenizer, indices, runner.context)
             for length in grid.lengths:
-                dense_ids: dict[str, list[int]] = {}
-                dense_logits = None
+                dense: dict[str, Any] = {}  # the reference: token ids per (task, index), KL logits
                 for algorithm, budget in rows:
-                    label = row_label(algorithm, budget)
-                    bar.set_postfix_str(f"sample {index} length {length} {label}")
-                    batch = items[length]
-                    t0 = time.perf_counter()
-                    llm = runner.llm(algorithm, budget, length, batch=len(batch))
-                    outputs = runner.generate(llm, batch)
-                    unit = dict(row=label, algorithm=algorithm, budget=budget.label if budget else None,
-                                budget_tokens=budget.resolve(length) if budget else None, length=length,
-                                round=index, prompts=len(batch))
-                    if budget is not None:
-                        unit["sparse_stats"] = _check_ran_sparse(llm, outputs, label, length)
-                    for item, o in zip(batch, outputs):
-                        rec = _record(item, o, unit)
-                        if budget is None:
-                            dense_ids[item.sample.task] = list(o.token_ids)
-                        else:
-                            ref = dense_ids[item.sample.task]
-                            rec["agreement"] = token_agreement(ref, o.token_ids)
-                            rec["first_divergence"] = first_divergence(ref, o.token_ids)
-                        records.append(rec)
-                    if index == 0 and grid.kl_tokens:
-                        doc = batch[0].ids  # a long document: the first task's prompt at this length
-                        logits = llm.engine.score(doc, prefill_tokens=len(doc) - grid.kl_tokens)
-                        if budget is None:
-                            dense_logits = logits
-                        else:
-                            report["kl"].append(dict(row=label, length=length, positions=len(logits),
-                                                     document_task=batch[0].sample.task,
-                                                     mean_kl=mean_kl(dense_logits, logits),
-                                                     top1_agreement=top1_agreement(dense_logits, logits)))
-                    unit["seconds"] = time.perf_counter() - t0
-                    report["runs"].append(unit)
-                    del llm
-                    gc.collect()
+                    bar.set_postfix_str(f"samples {indices.start}-{indices.stop - 1} length {length} "
+                                        f"{row_label(algorithm, budget)}")
+                    _run_row(runner, report, algorithm, budget, items[length], dense, kl=r == 0)
                     bar.update(1)
             round_seconds.append(time.perf_counter() - t_round)
-            report["samples_completed"] = index + 1
+            report["samples_completed"] = indices.stop
             report["wall_seconds"] = time.perf_counter() - t_start
             report.update(summarize(report))
             if out is not None:
@@ -393,6 +364,46 @@ def run_eval(grid: EvalGrid, *, engine_kwargs: dict | None = None, sparse_kwargs
     if out is not None:
         write_report(report, out)
     return report
+
+
+def _run_row(runner: _Runner, report: dict[str, Any], algorithm: str, budget: Budget | None, batch: list[_Item],
+             dense: dict[str, Any], *, kl: bool) -> None:
+    """One engine over one batch (one length): generate, score, compare with dense; maybe the KL."""
+    label, length = row_label(algorithm, budget), batch[0].length
+    t0 = time.perf_counter()
+    llm = runner.llm(algorithm, budget, length, batch=len(batch))
+    outputs = runner.generate(llm, batch)
+    unit = dict(row=label, algorithm=algorithm, budget=budget.label if budget else None,
+                budget_tokens=budget.resolve(length) if budget else None, length=length,
+                indices=[batch[0].index, batch[-1].index], prompts=len(batch))
+    if budget is not None:
+        unit["sparse_stats"] = _check_ran_sparse(llm, outputs, label, length)
+    for item, o in zip(batch, outputs):
+        rec = _record(item, o, unit)
+        key = (item.sample.task, item.index)
+        if budget is None:
+            dense[key] = list(o.token_ids)
+        else:
+            rec["agreement"] = token_agreement(dense[key], o.token_ids)
+            rec["first_divergence"] = first_divergence(dense[key], o.token_ids)
+        report["samples"].append(rec)
+    kl_tokens = runner.grid.kl_tokens
+    if kl and kl_tokens:
+        doc = batch[0].ids  # a long document: the first prompt at this length
+        logits = llm.engine.score(doc, prefill_tokens=len(doc) - kl_tokens)  # [kl_tokens + 1, V] fp32
+        if budget is None:
+            dense["logits"] = logits
+        else:
+            report["kl"].append(dict(row=label, length=length, positions=len(logits),
+                                     document_task=batch[0].sample.task,
+                                     mean_kl=mean_kl(dense["logits"], logits),
+                                     top1_agreement=top1_agreement(dense["logits"], logits)))
+    unit["seconds"] = time.perf_counter() - t0
+    report["runs"].append(unit)
+    del llm, outputs
+    gc.collect()
+    if runner.config.device.startswith("cuda"):
+        torch.cuda.empty_cache()  # the next engine sizes its KV pool from free memory
 
 
 def _record(item: _Item, output, unit: dict[str, Any]) -> dict[str, Any]:

@@ -399,9 +399,11 @@ def gguf_tensors(reader, config: ModelConfig) -> Iterator[tuple[str, torch.Tenso
         yield name, torch.from_numpy(np.array(arr, dtype=np.float32, order="C"))  # copy: GGUF data is a read-only memmap
 
 
-# Gemma's turn format, for GGUF files that carry no tokenizer.chat_template (the Gemma-3 270M
-# GGUF we ship is one): <start_of_turn>{user|model}\n{text}<end_of_turn>\n, a system message folded
-# into the first user turn, and <start_of_turn>model\n as the generation prompt.
+# Gemma's turn format: <start_of_turn>{user|model}\n{text}<end_of_turn>\n, a system message folded
+# into the first user turn, and <start_of_turn>model\n as the generation prompt. Not applied on its
+# own: a GGUF without tokenizer.chat_template is taken as a base model (the Gemma-3 270M we use is
+# the pretrained one), whose prompts go in raw. For an instruction-tuned Gemma file that lacks its
+# template: `llm.tokenizer.chat_template = GEMMA_CHAT_TEMPLATE`.
 GEMMA_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% set sys = '' %}{% set msgs = messages %}"
@@ -420,8 +422,7 @@ GEMMA_CHAT_TEMPLATE = (
 def load_tokenizer(source: ModelSource, *, family: str | None = None):
     """A transformers tokenizer for the source (None for random-weight presets).
 
-    family: the model's `ModelConfig.family`; a Gemma-3 tokenizer without a chat template gets
-    Gemma's (`GEMMA_CHAT_TEMPLATE`).
+    family: the model's `ModelConfig.family` (kept for family-specific tokenizer fixes).
     """
     if source.kind == "random":
         return None
@@ -438,8 +439,6 @@ def load_tokenizer(source: ModelSource, *, family: str | None = None):
             tok = AutoTokenizer.from_pretrained(str(source.path))
     except Exception as e:
         raise ModelLoadError(f"could not load the tokenizer of {source.path}: {type(e).__name__}: {e}") from None
-    if family == "gemma3" and not getattr(tok, "chat_template", None):
-        tok.chat_template = GEMMA_CHAT_TEMPLATE
     return tok
 
 

@@ -95,7 +95,7 @@ class SparseCoordinator:
     def wants(self, seq: Sequence) -> bool:
         return seq.num_prompt >= self.config.min_prompt_len
 
-    def on_admit(self, seq: Sequence) -> bool:
+    def on_request_begin(self, seq: Sequence) -> bool:
         """on_request_begin: take a device-buffer slot (False if none is free)."""
         slot = self.manager.acquire_slot()
         if slot is None:
@@ -103,7 +103,7 @@ class SparseCoordinator:
         seq.sparse_slot, seq.host_pages_synced = slot, 0
         return True
 
-    def on_release(self, seq: Sequence) -> None:
+    def on_request_end(self, seq: Sequence) -> None:
         """on_request_end (finish, abort or preemption): the slot goes back; the scheduler frees pages."""
         self.manager.release_slot(seq.sparse_slot)
         seq.sparse_slot, seq.host_pages_synced = None, 0

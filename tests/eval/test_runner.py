@@ -1,0 +1,117 @@
+"""`hisa eval`'s runner: a tiny grid end to end on the embedded SmolLM2, budgets, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hisa.cli import main
+from hisa.errors import ConfigError
+from hisa.eval.runner import EvalGrid, parse_budget, parse_budgets, parse_lengths, run_eval
+
+LENGTH = 512  # ~1K would be closer to real use, but costs minutes on a shared 2-core CPU
+TASKS = ["passkey", "niah_single_1"]
+FULL, SMALL = "1024", "1/8"  # 1024 tokens cover prompt + answer; 1/8 of 512 = 64 tokens (4 pages)
+
+
+@pytest.fixture(scope="module")
+def grid_run(smollm2, tmp_path_factory):
+    """dense + quest + oracle at a full and a small budget, one sample of two tasks at ~512 tokens."""
+    out = tmp_path_factory.mktemp("eval") / "eval_tiny"
+    grid = EvalGrid(algorithms=["dense", "quest", "oracle"], budgets=parse_budgets(f"{FULL},{SMALL}"),
+                    lengths=[LENGTH], tasks=TASKS, samples=1, max_tokens=5, kl_tokens=2)
+    report = run_eval(grid, engine_kwargs=dict(device="cpu", dtype="float32"), loaded=smollm2, out=out,
+                      progress=False, command="pytest")
+    return report, out
+
+
+@pytest.mark.slow
+def test_writes_json_markdown_and_plot(grid_run):
+    report, out = grid_run
+    saved = json.loads(out.with_name(out.name + ".json").read_text())
+    for key in ("command", "model", "device", "date", "git", "samples", "cells", "rows"):
+        assert key in saved
+    assert saved["device"] == "cpu" and saved["model"]["context"] == 8192
+    assert len(saved["samples"]) == 5 * len(TASKS)  # dense once + 2 algorithms x 2 budgets
+    md = out.with_name(out.name + ".md").read_text()
+    assert "| quest@1/8 | 64 |" in md and f"{LENGTH} passkey" in md and "Δ vs dense" in md
+    assert out.with_name(out.name + ".png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_cells_carry_n_and_budgets_resolve(grid_run):
+    report, _ = grid_run
+    assert {c["row"] for c in report["cells"]} == {"dense", "quest@2048", "quest@1/8", "oracle@2048", "oracle@1/8"}
+    assert all(c["n"] == 1 for c in report["cells"])
+    assert all(r["n"] == len(TASKS) for r in report["rows"])
+    assert report["budget_tokens"] == {FULL: {str(LENGTH): 1024}, SMALL: {str(LENGTH): LENGTH // 8}}
+    for run in report["runs"]:  # every sparse run really decoded sparse
+        assert run["algorithm"] == "dense" or run["sparse_stats"]["decode_steps"] > 0
+
+
+@pytest.mark.slow
+def test_full_budget_matches_dense(grid_run):
+    report, _ = grid_run
+    dense = {r["task"]: r for r in report["samples"] if r["row"] == "dense"}
+    for rec in report["samples"]:
+        if rec["budget"] == FULL:
+            assert rec["agreement"] == 1.0 and rec["first_divergence"] is None
+            assert rec["output_token_ids"] == dense[rec["task"]]["output_token_ids"]
+            assert rec["score"] == dense[rec["task"]]["score"]
+    for kl in report["kl"]:
+        if kl["row"].endswith(f"@{FULL}"):
+            assert kl["mean_kl"] < 1e-4 and kl["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("text, tokens_at_4096", [("256", 256), ("1/8", 512), ("0.125", 512), ("1/1", 4096)])
+def test_budget_parsing(text, tokens_at_4096):
+    assert parse_budget(text).resolve(4096) == tokens_at_4096
+
+
+@pytest.mark.parametrize("text", ["abc", "0", "-8", "2.5", "1/0", "3/2", ""])
+def test_bad_budget_is_a_config_error(text):
+    with pytest.raises(ConfigError, match="neither a token count"):
+        parse_budget(text)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(algorithms=["dense", "magic"]), "unknown algorithm(s) 'magic'; choose from: dense, oracle, quest, streaming"),
+    (dict(algorithms=["quest"]), "must include dense"),
+    (dict(tasks=["niah_none"]), "unknown task(s)"),
+    (dict(budgets=[]), "need at least one budget"),
+    (dict(samples=0), "must be >= 1"),
+])
+def test_bad_grid_is_a_config_error(kwargs, message):
+    args = dict(algorithms=["dense", "quest"], budgets=parse_budgets("256"), lengths=[1024], tasks=["passkey"])
+    with pytest.raises(ConfigError) as e:
+        EvalGrid(**{**args, **kwargs})
+    assert message in str(e.value)
+
+
+def test_length_beyond_the_context_fails_before_running(smollm2):
+    grid = EvalGrid(algorithms=["dense"], budgets=[], lengths=[2048, 9000], tasks=["passkey"])
+    with pytest.raises(ConfigError, match="length 9000 .* beyond the model's context of 8192 tokens"):
+        run_eval(grid, engine_kwargs=dict(device="cpu", dtype="float32"), loaded=smollm2, progress=False)
+
+
+def test_budget_below_the_window_fails_before_running(smollm2):
+    grid = EvalGrid(algorithms=["dense", "quest"], budgets=parse_budgets("1/64"), lengths=[1024], tasks=["passkey"])
+    with pytest.raises(ConfigError, match=r"budget 1/64 at length 1024 \(16 tokens\)"):
+        run_eval(grid, engine_kwargs=dict(device="cpu", dtype="float32"), loaded=smollm2, progress=False)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--budgets", "256,abc"], "budget 'abc' is neither a token count"),
+    (["eval", "--algorithms", "dense,magic"], "unknown algorithm(s) 'magic'"),
+    (["eval", "--lengths", "2k"], "context length '2k' is not a positive whole number"),
+    (["eval", "--sparse", "quest"], "takes --algorithms and --budgets"),
+])
+def test_cli_errors_are_one_line(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_parse_lengths():
+    assert parse_lengths("2048, 4096") == [2048, 4096]
