@@ -227,13 +227,23 @@ class SparseCoordinator:
 
     # -- decode: the hot path ----------------------------------------------------------------------
     def _decode_layer(self, layer, q, k, v):
+        table, kv_lens = self.attention_begin(layer, q, k, v)
+        buf = self.manager.buffer_pages_view(layer)  # [slots, 2, S, KVH, D]
+        out = paged_decode_attention(q, buf[:, 0], buf[:, 1], table, kv_lens, scale=self.scale,
+                                     window=self.windows[layer])
+        self.attention_end(layer, k)
+        return out
+
+    def attention_begin(self, layer: int, q: torch.Tensor, k: torch.Tensor,
+                        v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Before a layer's decode attention: select → compose → diff → load misses → physical page
+        table; write the new token into its (resident) page slot. Returns (table int32 [R, K], kv_lens)."""
         d, m = self._decode, self.manager
         window = self.windows[layer]
         kv_lens, current_index = d.kv_lens, d.current_index
         if window is not None:  # Gemma-3 sliding layer: no selection, its window's pages
             topk, kv_lens, current_index = d.window_table, d.window_kv_lens, d.window_current_index
         else:
-            # attention_begin: select → compose → diff → load misses → physical page table
             host_table = m.host_table[d.slots, : d.table_width]  # [R, P]
             ctx = SelectionContext(host_table=host_table, middle_start=self.adaptor.sink_pages,
                                    middle_end=d.middle_end, num_select=self.adaptor.num_select,
@@ -244,18 +254,20 @@ class SparseCoordinator:
         full[d.slots] = topk
         physical, misses = m.load(layer, full, d.active)
         table = physical[d.slots]  # int32 [R, K] slots of the layer's device buffer
-        # write the new token into its page's device slot (the page is resident: it is recent)
-        cur = table.gather(1, current_index[:, None])[:, 0].long()
-        buf = m.buffer_pages_view(layer)  # [slots, 2, S, KVH, D]
-        buf[cur, 0, d.current_offset] = k.to(buf.dtype)
-        buf[cur, 1, d.current_offset] = v.to(buf.dtype)
-        self._staged.append((k.to(buf.dtype), v.to(buf.dtype)))
-        out = paged_decode_attention(q, buf[:, 0], buf[:, 1], table, kv_lens, scale=self.scale, window=window)
-        # attention_end
-        self.algorithm.update_representations(layer, d.current_host_page, d.current_offset, k)
+        cur = table.gather(1, current_index[:, None])[:, 0].long()  # the current page is recent: resident
+        buf = m.buffer_pages_view(layer)
+        kb, vb = k.to(buf.dtype), v.to(buf.dtype)
+        buf[cur, 0, d.current_offset] = kb
+        buf[cur, 1, d.current_offset] = vb
+        self._staged.append((kb, vb))  # offloaded to the host pool at forward_end
         if self.collect_stats:
             self._misses[layer] += misses[d.slots].sum()
-        return out
+        return table, kv_lens
+
+    def attention_end(self, layer: int, k: torch.Tensor) -> None:
+        """After a layer's decode attention: fold the new keys into the algorithm's representations."""
+        d = self._decode
+        self.algorithm.update_representations(layer, d.current_host_page, d.current_offset, k)
 
     def forward_end(self) -> None:
         """Offload the step's new tokens to the host pool; record stats."""
