@@ -205,7 +205,11 @@ def print_sparse_stats(engine) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    return run_parser(build_parser(), argv)
+
+
+def run_parser(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse `argv` and run the chosen subcommand; a HisaError becomes one line on stderr and exit code 2."""
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -3,39 +3,15 @@ reference (under TRITON_INTERPRET=1 on a CPU), and the launcher's argument check
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-
+import pytest
 import torch
+import torch.nn.functional as F
 
-# Before anything imports triton's kernels: without a GPU they run in the interpreter.
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+from hisa.attention import paged_decode  # on a CPU machine tests/conftest.py runs Triton in the interpreter
+from hisa.attention.reference import paged_decode_attention_ref
 
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-
-def _import_real(name: str):
-    """The real module `name`, even when tests/conftest.py put a stand-in under it in sys.modules.
-
-    The stand-in (a module object without a __file__) stays registered for the other tests.
-    """
-    mod = importlib.import_module(name)
-    if getattr(mod, "__file__", None):
-        return mod
-    stand_in = sys.modules.pop(name)
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.modules[name] = stand_in
-
-
-paged_decode = _import_real("hisa.attention.paged_decode")
 paged_decode_attention = paged_decode.paged_decode_attention
 default_num_splits = paged_decode.default_num_splits
-from hisa.attention.reference import paged_decode_attention_ref  # noqa: E402
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-3, rtol=2e-3)}
 # The Triton tests run compiled on a GPU, else on CPU tensors in the interpreter (use_triton=True).

@@ -3,36 +3,15 @@ Triton kernel against the reference, bitwise, over multi-step random top-k seque
 
 from __future__ import annotations
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():  # no GPU: run the Triton kernels in the interpreter
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import importlib
-import importlib.util
 import random
-from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hisa.kvcache import diff  # on a CPU machine tests/conftest.py runs Triton in the interpreter
 
-def _real_module(name: str):
-    """The real hisa.kvcache.<name>, even where tests/conftest.py put a stand-in in sys.modules."""
-    mod = importlib.import_module(name)
-    if getattr(mod, "__file__", None):
-        return mod
-    path = Path(importlib.import_module("hisa.kvcache").__path__[0]) / f"{name.rsplit('.', 1)[1]}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-diff = _real_module("hisa.kvcache.diff")
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 I32 = torch.int32
 

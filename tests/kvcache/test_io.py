@@ -4,35 +4,13 @@ CPU tensors on both sides; with CUDA the host side is pinned and read through UV
 
 from __future__ import annotations
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():  # no GPU: run the Triton kernels in the interpreter
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import importlib
-import importlib.util
 import random
-from pathlib import Path
 
 import pytest
+import torch
 
+from hisa.kvcache import diff, io  # on a CPU machine tests/conftest.py runs Triton in the interpreter
 
-def _real_module(name: str):
-    """The real hisa.kvcache.<name>, even where tests/conftest.py put a stand-in in sys.modules."""
-    mod = importlib.import_module(name)
-    if getattr(mod, "__file__", None):
-        return mod
-    path = Path(importlib.import_module("hisa.kvcache").__path__[0]) / f"{name.rsplit('.', 1)[1]}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-io = _real_module("hisa.kvcache.io")
-diff = _real_module("hisa.kvcache.diff")
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
 gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")

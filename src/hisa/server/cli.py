@@ -160,19 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    try:
-        return args.func(args)
-    except HisaError as e:
-        print(f"hisa: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("hisa: interrupted", file=sys.stderr)
-        return 130
+    from hisa.cli import run_parser
+
+    return run_parser(build_parser(), argv)
 
 
 if __name__ == "__main__":
