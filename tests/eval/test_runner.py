@@ -42,7 +42,7 @@ def test_writes_json_markdown_and_plot(grid_run):
 @pytest.mark.slow
 def test_cells_carry_n_and_budgets_resolve(grid_run):
     report, _ = grid_run
-    assert {c["row"] for c in report["cells"]} == {"dense", "quest@2048", "quest@1/8", "oracle@2048", "oracle@1/8"}
+    assert {c["row"] for c in report["cells"]} == {"dense", f"quest@{FULL}", "quest@1/8", f"oracle@{FULL}", "oracle@1/8"}
     assert all(c["n"] == 1 for c in report["cells"])
     assert all(r["n"] == len(TASKS) for r in report["rows"])
     assert report["budget_tokens"] == {FULL: {str(LENGTH): 1024}, SMALL: {str(LENGTH): LENGTH // 8}}

@@ -4,6 +4,9 @@
 - :mod:`hisa.eval.haystack`: filler text, needle material and fitting a prompt to a token budget.
 - :mod:`hisa.eval.scoring`: RULER's string-match metrics, per-sample scores, aggregation.
 - :mod:`hisa.eval.fidelity`: token agreement and KL between a reference and a test run (torch).
+- :mod:`hisa.eval.runner`: the accuracy grid (algorithms × budgets × lengths × tasks × samples) on one model.
+- :mod:`hisa.eval.report`: its aggregates, markdown table, plot and JSON.
+- :mod:`hisa.eval.cli`: ``hisa eval`` (docs/eval.md). These three load on use, not on ``import hisa.eval``.
 
 Example::
 

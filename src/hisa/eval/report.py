@@ -101,6 +101,29 @@ def _pts(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def summary_table(report: dict[str, Any]) -> list[str]:
+    """One line per row: the task average at each length, overall, Δ vs dense, token agreement."""
+    lengths = report["grid"]["lengths"]
+    head = (["row", "budget tokens at " + " / ".join(map(str, lengths))] + [f"{n} avg (n)" for n in lengths]
+            + ["all (n)", "Δ vs dense ± SE", "token agreement"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in report["rows"]:
+        per = row["lengths"]
+        budget = " / ".join(str(per[str(n)]["budget_tokens"]) if str(n) in per else "–" for n in lengths) \
+            if row["budget"] else "all"
+        out = [row["row"], budget]
+        out += [f"{_pts(per[str(n)]['avg'])} ({per[str(n)]['n']})" if str(n) in per else "–" for n in lengths]
+        out.append(f"**{_pts(row['avg'])}** ({row['n']})")
+        if "delta_vs_dense" in row:
+            se = row["delta_paired_se"]
+            out.append(f"{100 * row['delta_vs_dense']:+.1f}" + (f" ± {100 * se:.1f}" if se is not None else ""))
+            out.append(f"{row['agreement']:.2f}")
+        else:
+            out += ["", ""]
+        lines.append("| " + " | ".join(out) + " |")
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The report as markdown: provenance, the score table (cells "score (n)"), and fidelity to dense."""
     grid, model = report["grid"], report["model"]
@@ -118,15 +141,20 @@ def markdown(report: dict[str, Any]) -> str:
         f"- date: {report['date']}; commit {commit}; wall time {report['wall_seconds'] / 60:.1f} min",
         f"- samples per task per length: {done} of {grid['samples']} requested"
         + (f" (stopped early: {report['stopped_early']})" if report.get("stopped_early") else ""),
-        f"- sparse: page size {report['sparse']['page_size']}, sink pages {report['sparse'].get('sink_pages', 1)}, "
-        f"recent pages {report['sparse'].get('recent_pages', 2)}, min_prompt_len "
-        f"{report['sparse']['min_prompt_len']} (every eval prompt ran sparse; checked)",
+    ]
+    if any(r["budget"] for r in report["rows"]):
+        sp = report["sparse"]
+        lines.append(f"- sparse: page size {sp['page_size']}, sink pages {sp.get('sink_pages', 1)}, recent pages "
+                     f"{sp.get('recent_pages', 2)}, min_prompt_len {sp['min_prompt_len']} (every eval prompt ran "
+                     "sparse: checked against the cache's decode-step count)")
+    lines += [
         "",
         "Scores are RULER string match ×100. A cell is `score (n)`: the mean over n samples. `avg` is the "
         "mean of the task scores at that length; `all` the mean over lengths; `Δ` is `all` minus dense's, "
         "± the paired standard error over the same prompts.",
         "",
     ]
+    lines += summary_table(report) + ["", "Per task:", ""]
     head = ["row", "budget (tokens)"] + [f"{n} {t}" for n in lengths for t in tasks + ["avg"]] + ["all", "Δ vs dense"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in report["rows"]:
@@ -198,7 +226,7 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
     axes[0][0].set_ylabel("task average (RULER score)")
     axes[0][0].set_ylim(-2, 102)
     axes[0][-1].legend(loc="lower right", fontsize=8)
-    fig.suptitle(f"{report['model']['name']} on {report['device']}: score vs budget "
+    fig.suptitle(f"{report['model']['name']} on {report['device']} ({report['dtype']}): score vs budget "
                  f"({report['samples_completed']} samples per task per length)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -216,4 +244,4 @@ def write_report(report: dict[str, Any], prefix: str | os.PathLike) -> dict[str,
     return paths
 
 
-__all__ = ["summarize", "markdown", "plot", "write_report"]
+__all__ = ["summarize", "summary_table", "markdown", "plot", "write_report"]
