@@ -24,17 +24,22 @@ def smollm2():
     return load_model(None, device=torch.device("cpu"), dtype=torch.float32, progress=False)
 
 
-@pytest.fixture(scope="session")
-def hf_smollm2(smollm2):
-    """Hugging Face transformers' own load of the same GGUF file (fp32), the reference."""
+def load_hf_reference(loaded):
+    """transformers' own fp32 load of the GGUF file behind hisa's LoadedModel `loaded` (eval mode)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    path = smollm2.source.path
+    path = loaded.source.path
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2):
+    """Hugging Face transformers' own load of the same GGUF file (fp32), the reference."""
+    return load_hf_reference(smollm2)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import torch
 
 from hisa import LLM, SamplingParams
 from hisa.models.factory import load_model
-from tests.conftest import long_text
+from tests.conftest import load_hf_reference, long_text
 
 # fp32 on the CPU, same math in a different order (paged attention, chunked prefill, split
 # windows); measured max |Δlogit| 3e-5 (10 tokens), 2e-5 (600), 1.7e-4 (1,500) on logits of
@@ -44,15 +44,9 @@ def gemma():
 @pytest.fixture(scope="module")
 def hf_gemma(gemma):
     """transformers' own load of the same GGUF file (fp32): the reference."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    path = gemma.source.path
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    model = load_hf_reference(gemma)
     assert model.config.layer_types.count("sliding_attention") == 15 and model.config.sliding_window == 512
-    return model.eval()
+    return model
 
 
 def _llm(loaded, **kwargs) -> LLM:

@@ -71,7 +71,7 @@ def load_model(model: str | None, *, device: torch.device, dtype: torch.dtype,
             raise ModelLoadError(f"{source.path}: weights missing for {missing[:4]}{' ...' if len(missing) > 4 else ''}")
     _init_rope(net, cfg, rope_freqs, device)
     net.eval()
-    tokenizer = loader.load_tokenizer(source, family=cfg.family)
+    tokenizer = loader.load_tokenizer(source)
     return LoadedModel(net, cfg, tokenizer, source)
 
 

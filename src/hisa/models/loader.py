@@ -419,11 +419,8 @@ GEMMA_CHAT_TEMPLATE = (
 )
 
 
-def load_tokenizer(source: ModelSource, *, family: str | None = None):
-    """A transformers tokenizer for the source (None for random-weight presets).
-
-    family: the model's `ModelConfig.family` (kept for family-specific tokenizer fixes).
-    """
+def load_tokenizer(source: ModelSource):
+    """A transformers tokenizer for the source (None for random-weight presets)."""
     if source.kind == "random":
         return None
     from transformers import AutoTokenizer
