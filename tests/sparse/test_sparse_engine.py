@@ -21,7 +21,7 @@ def _prompt(tokenizer, n, seed=0):
     return tokenizer.encode(long_text(n, seed))[:n]
 
 
-@pytest.mark.parametrize("algorithm, n_prompt", [("quest", 1024), ("quest", 4000), ("oracle", 1500),
+@pytest.mark.parametrize("algorithm, n_prompt", [("quest", 1024), ("quest", 4000), ("quest-mean", 1500), ("oracle", 1500),
                                                  ("streaming", 1500)])
 def test_full_budget_equals_dense(make_llm, algorithm, n_prompt):
     """With a budget covering the whole context, every page is selected: output == dense, token for token."""

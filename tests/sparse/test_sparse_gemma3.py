@@ -53,7 +53,7 @@ def test_all_sliding_model_ignores_the_budget():
     assert m.ns == 5 and m.host.allocator.num_free == m.host.num_pages  # the buffer grew to fit; no leak
 
 
-@pytest.mark.parametrize("algorithm", ["quest", "streaming", "oracle"])
+@pytest.mark.parametrize("algorithm", ["quest", "quest-mean", "streaming", "oracle"])
 def test_full_budget_equals_dense_with_mixed_layers(algorithm):
     """3 sliding + 1 global layer, budget covering the context: sparse == dense."""
     loaded = _loaded()

@@ -1,4 +1,9 @@
-"""Quest: per-page, per-channel key min/max; a query-aware upper bound on each page's attention score."""
+"""Quest: per-page, per-channel key min/max; a query-aware upper bound on each page's attention score.
+
+Also `quest-mean`, which adds each page's mean key: the bound says how high a page *could* score,
+the mean how it scores on average, and ranking by both keeps retrieval heads on their page far more
+often on small models (docs/eval.md has the numbers, bench/selection_recall.py the per-layer recall).
+"""
 
 from __future__ import annotations
 
@@ -40,15 +45,63 @@ class QuestAlgorithm(BaseSparseAlgorithm):
         self.kmin[layer, host_pages] = torch.where(first, k, torch.minimum(cur_min, k))
         self.kmax[layer, host_pages] = torch.where(first, k, torch.maximum(cur_max, k))
 
+    def page_logits(self, layer: int, q: torch.Tensor, hp: torch.Tensor) -> torch.Tensor:
+        """Quest's scaled upper bound of each page's best logit, per query head: fp32 [R, M, KVH, G]."""
+        r, m = hp.shape
+        g = self.num_heads // self.num_kv_heads
+        kmin = self.kmin[layer][hp].float()  # [R, M, KVH, D]
+        kmax = self.kmax[layer][hp].float()
+        qg = q.float().view(r, 1, self.num_kv_heads, g, self.head_dim)  # [R, 1, KVH, G, D]
+        return torch.maximum(qg * kmin[:, :, :, None, :], qg * kmax[:, :, :, None, :]).sum(-1) * self.scale
+
+    def retrieve_topk(self, layer, q, ctx: SelectionContext):
+        m = max(0, ctx.host_table.shape[1] - ctx.middle_start)
+        hp, valid = self.middle_host_pages(ctx, m)  # [R, M]
+        bound = self.page_logits(layer, q, hp).masked_fill(~valid[:, :, None, None], float("-inf"))
+        mass = torch.softmax(bound, dim=1).nan_to_num(0.0).sum(dim=(2, 3))  # [R, M]
+        return self.topk_from_scores(mass.masked_fill(~valid, float("-inf")), ctx)
+
+
+@register("quest-mean")
+class QuestMeanAlgorithm(QuestAlgorithm):
+    """Quest's bound plus each page's mean key.
+
+    Per query head, two distributions over the middle pages: softmax of Quest's upper bounds and
+    softmax of q·mean(k) (the page's average logit). Their sum, summed over heads, ranks the pages.
+    The bound alone favours pages whose keys merely *spread* wide in a channel the query weights;
+    the mean alone misses pages where one key stands out. Both are exact for a page of one token.
+    Representations: kmin/kmax/kmean [layers, host_pages, KVH, D] (1.5x Quest's metadata).
+    The mean is kept as a running mean over the page's tokens (offset + 1 of them after an update).
+    """
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.kmean = torch.empty_like(self.kmin)
+
+    def metadata_bytes_per_page(self) -> int:
+        return 3 * self.num_layers * self.num_kv_heads * self.head_dim * self.kmin.element_size()
+
+    def construct_representations(self, layer, host_pages, keys):
+        super().construct_representations(layer, host_pages, keys)
+        k = keys.view(host_pages.numel(), self.page_size, self.num_kv_heads, self.head_dim).float()
+        self.kmean[layer, host_pages] = k.nanmean(1).to(self.dtype)  # the tail of a partial page is NaN
+
+    def update_representations(self, layer, host_pages, offsets, keys):
+        super().update_representations(layer, host_pages, offsets, keys)
+        w = (1.0 / (offsets + 1).float())[:, None, None]
+        cur, k = self.kmean[layer, host_pages].float(), keys.float()
+        first = (offsets == 0)[:, None, None]  # a fresh page: the mean is the key (the slot holds garbage)
+        self.kmean[layer, host_pages] = torch.where(first, k, cur + (k - cur) * w).to(self.dtype)
+
     def retrieve_topk(self, layer, q, ctx: SelectionContext):
         r = q.shape[0]
         m = max(0, ctx.host_table.shape[1] - ctx.middle_start)
         hp, valid = self.middle_host_pages(ctx, m)  # [R, M]
-        kmin = self.kmin[layer][hp].float()  # [R, M, KVH, D]
-        kmax = self.kmax[layer][hp].float()
+        invalid = ~valid[:, :, None, None]
+        bound = self.page_logits(layer, q, hp).masked_fill(invalid, float("-inf"))  # [R, M, KVH, G]
         g = self.num_heads // self.num_kv_heads
-        qg = q.float().view(r, 1, self.num_kv_heads, g, self.head_dim)  # [R, 1, KVH, G, D]
-        bound = torch.maximum(qg * kmin[:, :, :, None, :], qg * kmax[:, :, :, None, :]).sum(-1)  # [R, M, KVH, G]
-        bound = (bound * self.scale).masked_fill(~valid[:, :, None, None], float("-inf"))
-        mass = torch.softmax(bound, dim=1).nan_to_num(0.0).sum(dim=(2, 3))  # [R, M]
+        qg = q.float().view(r, self.num_kv_heads, g, self.head_dim)
+        mean = torch.einsum("rmkd,rkgd->rmkg", self.kmean[layer][hp].float(), qg) * self.scale
+        mean = mean.masked_fill(invalid, float("-inf"))
+        mass = (torch.softmax(bound, dim=1).nan_to_num(0.0) + torch.softmax(mean, dim=1).nan_to_num(0.0)).sum((2, 3))
         return self.topk_from_scores(mass.masked_fill(~valid, float("-inf")), ctx)
