@@ -13,6 +13,13 @@ Candidates, all at the same number of middle pages per step:
   quest           hisa's quest: per-head upper bounds → softmax over pages → summed over heads
   quest/kvhead    the same bounds, softmax per head, summed over the heads of one KV group, a list per KV head
   quest/kvhead-max  the Quest paper's rule per KV head: the max over the group's query heads of the raw bound
+  centroid        q·mean(k) of each page alone (softmax per head, summed)
+  quest-mean      what runs as "quest-mean": softmax of the bound + softmax of q·mean(k), summed over heads
+  int4 / int2     token-level scores from keys quantized to 4 / 2 bits per channel (a finer index that
+                  would cost 1/8 / 1/16 of the KV on the device at head_dim 64; not an algorithm yet)
+
+Besides recall and the attention-output error, it counts how often the heaviest page of each
+"sharp" head (one page holding > 30% of its middle mass: retrieval-like heads) is among the picks.
 
 The trajectory is driven by the oracle's pick (near dense), so every selector is scored on the same
 queries. Prompts are the eval suite's (same generators and seeds as ``hisa eval``).
@@ -37,7 +44,7 @@ from _common import REPO, header, write_json  # noqa: E402
 from hisa.sparse.base import SelectionContext, register  # noqa: E402
 from hisa.sparse.quest import QuestAlgorithm  # noqa: E402
 
-CANDIDATES = ["oracle", "oracle/kvhead", "quest", "quest/kvhead", "quest/kvhead-max", "centroid", "quest+centroid", "geo-mean", "int4", "int2"]
+CANDIDATES = ["oracle", "oracle/kvhead", "quest", "quest/kvhead", "quest/kvhead-max", "centroid", "quest-mean", "int4", "int2"]
 _SUMS: dict = defaultdict(lambda: torch.zeros(7, dtype=torch.float64))  # (cand, layer) → sums, see retrieve_topk
 
 
@@ -99,10 +106,9 @@ class RecallProbe(QuestAlgorithm):
                 "quest/kvhead": soft.sum(2),
                 "quest/kvhead-max": bound.amax(2),
                 "centroid": torch.softmax(centroid, -1).nan_to_num(0.0).sum((1, 2))[:, None].expand(r, kvh, m),
-                "quest+centroid": (soft + torch.softmax(centroid, -1).nan_to_num(0.0)).sum((1, 2))[:, None].expand(r, kvh, m),
+                "quest-mean": (soft + torch.softmax(centroid, -1).nan_to_num(0.0)).sum((1, 2))[:, None].expand(r, kvh, m),
                 "int4": quantized_mass(4).sum((1, 2))[:, None].expand(r, kvh, m),
                 "int2": quantized_mass(2).sum((1, 2))[:, None].expand(r, kvh, m),
-                "geo-mean": torch.softmax((bound + centroid) / 2, -1).nan_to_num(0.0).sum((1, 2))[:, None].expand(r, kvh, m),
             }
             for name, sc in scores.items():
                 pick = sc.masked_fill(neg, float("-inf")).topk(k, -1).indices  # [R, KVH, k]

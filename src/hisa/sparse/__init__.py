@@ -1,1 +1,1 @@
-"""Sparse attention: coordinator, algorithms (quest, oracle, streaming), backend adaptor, config."""
+"""Sparse attention: coordinator, algorithms (quest, quest-mean, oracle, streaming), backend adaptor, config."""
