@@ -42,15 +42,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, header, write_json  # noqa: E402
 
 from hisa.sparse.base import SelectionContext, register  # noqa: E402
-from hisa.sparse.quest import QuestAlgorithm  # noqa: E402
+from hisa.sparse.quest import QuestMeanAlgorithm  # noqa: E402
 
 CANDIDATES = ["oracle", "oracle/kvhead", "quest", "quest/kvhead", "quest/kvhead-max", "centroid", "quest-mean", "int4", "int2"]
 _SUMS: dict = defaultdict(lambda: torch.zeros(7, dtype=torch.float64))  # (cand, layer) → sums, see retrieve_topk
 
 
 @register("recall-probe")
-class RecallProbe(QuestAlgorithm):
-    """Quest's representations + the exact attention; records every candidate's recall, returns oracle's pick."""
+class RecallProbe(QuestMeanAlgorithm):
+    """quest-mean's representations + the exact attention; records every candidate's recall, returns oracle's pick."""
 
     host = None  # the host pool (set by main): the probe reads values too, to measure output error
 
@@ -77,16 +77,13 @@ class RecallProbe(QuestAlgorithm):
                                                              float("-inf"))
         mass = torch.softmax(mid, -1).nan_to_num(0.0).view(r, kvh, g, m, s).sum(-1)  # [R,KVH,G,M] per-head
 
-        kmin, kmax = self.kmin[layer][hp].float(), self.kmax[layer][hp].float()  # [R, M, KVH, D]
-        qg = q.float().view(r, 1, kvh, g, d)
-        bound = torch.maximum(qg * kmin[:, :, :, None], qg * kmax[:, :, :, None]).sum(-1) * self.scale  # [R,M,KVH,G]
-        bound = bound.permute(0, 2, 3, 1).masked_fill(~valid[:, None, None, :], float("-inf"))  # [R, KVH, G, M]
+        # the shipped scores (hisa.sparse.quest), as [R, KVH, G, M]
+        invalid = ~valid[:, None, None, :]
+        bound = self.page_logits(layer, q, hp).permute(0, 2, 3, 1).masked_fill(invalid, float("-inf"))
+        centroid = self.mean_logits(layer, q, hp).permute(0, 2, 3, 1).masked_fill(invalid, float("-inf"))
         soft = torch.softmax(bound, -1).nan_to_num(0.0)
         kmid = keys[:, ctx.middle_start * s:].view(r, m, s, kvh, d)
         okm = tok_ok[:, ctx.middle_start * s:].view(r, m, s)
-        mean_k = (kmid * okm[..., None, None]).sum(2) / okm.sum(2).clamp(min=1)[..., None, None]  # [R, M, KVH, D]
-        centroid = (torch.einsum("rmkd,rkgd->rkgm", mean_k, q.float().view(r, kvh, g, d)) * self.scale
-                    ).masked_fill(~valid[:, None, None, :], float("-inf"))
 
         def quantized_mass(bits):  # token-level scores from keys quantized per token and head (asymmetric)
             lo, hi = kmid.amin(-1, keepdim=True), kmid.amax(-1, keepdim=True)
@@ -99,6 +96,8 @@ class RecallProbe(QuestAlgorithm):
         k = min(ctx.num_select, int(valid.sum(1).min()))
         if k > 0:
             neg = ~valid[:, None, :]
+            top_p, top_i = mass.max(-1)  # [R, KVH, G] each head's heaviest page
+            sharp = top_p > 0.3  # a head that points at one page (retrieval-like)
             scores = {
                 "oracle": mass.sum((1, 2))[:, None].expand(r, kvh, m),
                 "oracle/kvhead": mass.sum(2),
@@ -125,8 +124,6 @@ class RecallProbe(QuestAlgorithm):
                 acc[2] += err.mean(1).sum().item()
                 acc[3] += err.amax(1).sum().item()
                 acc[4] += r
-                top_p, top_i = mass.max(-1)  # [R, KVH, G] each head's heaviest page
-                sharp = top_p > 0.3  # a head that points at one page (retrieval-like)
                 hit = (pick[:, :, None, :] == top_i[..., None]).any(-1)
                 acc[5] += (hit & sharp).sum().item()
                 acc[6] += sharp.sum().item()

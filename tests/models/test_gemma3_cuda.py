@@ -27,9 +27,9 @@ def test_teacher_forced_logits_on_cuda_match_the_cpu(sparse):
     ids = torch.randint(3, cfg.vocab_size, (1200,), generator=torch.Generator().manual_seed(0)).tolist()
     logits = {}
     cpu = random_model(cfg, device=torch.device("cpu"), dtype=torch.float32, seed=3)
-    for device in ("cpu", "cuda"):
-        loaded = random_model(cfg, device=torch.device(device), dtype=torch.float32, seed=3)
-        loaded.model.load_state_dict(cpu.model.state_dict())  # a device's generator draws other numbers
+    cuda = random_model(cfg, device=torch.device("cuda"), dtype=torch.float32, seed=3)
+    cuda.model.load_state_dict(cpu.model.state_dict())  # the CUDA generator draws other numbers
+    for device, loaded in (("cpu", cpu), ("cuda", cuda)):
         sp = None if sparse is None else SparseConfig(algorithm=sparse, token_budget=512, min_prompt_len=64,
                                                       host_pool_gb=0.5)
         llm = LLM(loaded=loaded, device=device, dtype="float32", progress=False, max_model_len=2048, sparse=sp,

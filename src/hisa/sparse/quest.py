@@ -54,11 +54,16 @@ class QuestAlgorithm(BaseSparseAlgorithm):
         qg = q.float().view(r, 1, self.num_kv_heads, g, self.head_dim)  # [R, 1, KVH, G, D]
         return torch.maximum(qg * kmin[:, :, :, None, :], qg * kmax[:, :, :, None, :]).sum(-1) * self.scale
 
+    def page_mass(self, layer: int, q: torch.Tensor, hp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Each page's score for the shared list: per head a softmax over the valid pages, summed over
+        heads. hp, valid: [R, M] → fp32 [R, M] (invalid pages hold 0)."""
+        bound = self.page_logits(layer, q, hp).masked_fill(~valid[:, :, None, None], float("-inf"))
+        return torch.softmax(bound, dim=1).nan_to_num(0.0).sum(dim=(2, 3))
+
     def retrieve_topk(self, layer, q, ctx: SelectionContext):
         m = max(0, ctx.host_table.shape[1] - ctx.middle_start)
         hp, valid = self.middle_host_pages(ctx, m)  # [R, M]
-        bound = self.page_logits(layer, q, hp).masked_fill(~valid[:, :, None, None], float("-inf"))
-        mass = torch.softmax(bound, dim=1).nan_to_num(0.0).sum(dim=(2, 3))  # [R, M]
+        mass = self.page_mass(layer, q, hp, valid)
         return self.topk_from_scores(mass.masked_fill(~valid, float("-inf")), ctx)
 
 
@@ -93,15 +98,12 @@ class QuestMeanAlgorithm(QuestAlgorithm):
         first = (offsets == 0)[:, None, None]  # a fresh page: the mean is the key (the slot holds garbage)
         self.kmean[layer, host_pages] = torch.where(first, k, cur + (k - cur) * w).to(self.dtype)
 
-    def retrieve_topk(self, layer, q, ctx: SelectionContext):
-        r = q.shape[0]
-        m = max(0, ctx.host_table.shape[1] - ctx.middle_start)
-        hp, valid = self.middle_host_pages(ctx, m)  # [R, M]
-        invalid = ~valid[:, :, None, None]
-        bound = self.page_logits(layer, q, hp).masked_fill(invalid, float("-inf"))  # [R, M, KVH, G]
+    def page_mass(self, layer, q, hp, valid):
+        mean = self.mean_logits(layer, q, hp).masked_fill(~valid[:, :, None, None], float("-inf"))
+        return super().page_mass(layer, q, hp, valid) + torch.softmax(mean, dim=1).nan_to_num(0.0).sum((2, 3))
+
+    def mean_logits(self, layer: int, q: torch.Tensor, hp: torch.Tensor) -> torch.Tensor:
+        """Each page's average logit q·mean(k) · scale, per query head: fp32 [R, M, KVH, G]."""
         g = self.num_heads // self.num_kv_heads
-        qg = q.float().view(r, self.num_kv_heads, g, self.head_dim)
-        mean = torch.einsum("rmkd,rkgd->rmkg", self.kmean[layer][hp].float(), qg) * self.scale
-        mean = mean.masked_fill(invalid, float("-inf"))
-        mass = (torch.softmax(bound, dim=1).nan_to_num(0.0) + torch.softmax(mean, dim=1).nan_to_num(0.0)).sum((2, 3))
-        return self.topk_from_scores(mass.masked_fill(~valid, float("-inf")), ctx)
+        qg = q.float().view(q.shape[0], self.num_kv_heads, g, self.head_dim)
+        return torch.einsum("rmkd,rkgd->rmkg", self.kmean[layer][hp].float(), qg) * self.scale
