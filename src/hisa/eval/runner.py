@@ -434,7 +434,7 @@ def _header(grid: EvalGrid, runner: _Runner, command: str | None) -> dict[str, A
                       context=runner.context),
         "device": device, "device_name": device_name, "dtype": str(cfg.torch_dtype).replace("torch.", ""),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git": _git_state(), "versions": {"hisa": __version__, "torch": torch.__version__},
+        "git": _git_state(), "versions": _versions(),
         "grid": grid.to_dict(),
         "sparse": dict(page_size=cfg.page_size, min_prompt_len=sk["min_prompt_len"],
                        **{k: v for k, v in sk.items() if k != "min_prompt_len"}),
@@ -442,6 +442,19 @@ def _header(grid: EvalGrid, runner: _Runner, command: str | None) -> dict[str, A
         "samples_completed": 0, "stopped_early": None, "wall_seconds": 0.0,
         "samples": [], "runs": [], "kl": [],
     }
+
+
+def _versions() -> dict[str, str | None]:
+    """Versions of what decides the numbers: the tokenizer's converter (transformers) as much as torch."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"hisa": __version__, "torch": torch.__version__}
+    for name in ("triton", "transformers", "tokenizers", "gguf", "numpy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def _git_state() -> dict[str, Any]:

@@ -439,6 +439,46 @@ def load_tokenizer(source: ModelSource):
     return tok
 
 
+TESTED_TRANSFORMERS = "5.23.0"  # the pin in pyproject.toml (a test keeps the two equal)
+# Common words that any correct tokenizer of an English-trained vocabulary encodes as one token
+# each when the vocabulary has them as whole words (after the word-boundary marker).
+_PROBE_TEXT = "Some special magic numbers are hidden within the following text. Make sure to remember them"
+_WORD_MARKERS = {"llama": "\u2581", "gemma": "\u2581", "gpt2": "\u0120"}  # SentencePiece ▁, byte-level BPE Ġ
+
+
+def gguf_tokenizer_problem(tok, vocab: list[str], *, model: str, add_bos: bool, bos_id: int | None) -> str | None:
+    """What is wrong with a tokenizer converted from a GGUF file, or None when it agrees with the file.
+
+    Checks that ids mean the same strings as in the file's vocabulary, that BOS is added when the
+    file says so, and that whole-word tokens of the vocabulary are used for common words (a
+    converter that mixes up the merge rules or scores splits "special" into "s", "pe", "ci", "al":
+    transformers 5.17 does this to Gemma-3's file, with no BOS either).
+    """
+    if not vocab:
+        return None  # nothing to compare with
+    probe_ids = list(range(min(len(vocab), 1000), min(len(vocab), 1032)))
+    got = tok.convert_ids_to_tokens(probe_ids)
+    bad = [(i, g, vocab[i]) for i, g in zip(probe_ids, got) if g != vocab[i]]
+    if bad:
+        i, g, want = bad[0]
+        return f"token id {i} is {g!r}, the file says {want!r} ({len(bad)} of {len(probe_ids)} ids checked differ)"
+    if add_bos and bos_id is not None:
+        first = tok.encode("Hello", add_special_tokens=True)[:1]
+        if first != [bos_id]:
+            return f"the file asks for a BOS token (id {bos_id}) at the start of every prompt; the tokenizer starts with {first}"
+    marker = _WORD_MARKERS.get(model)
+    if marker is None:
+        return None
+    known = set(vocab)
+    pieces = tok.convert_ids_to_tokens(tok.encode(_PROBE_TEXT, add_special_tokens=False))
+    words = [marker + w for w in _PROBE_TEXT.replace(".", "").split()[1:]]
+    split = [w[1:] for w in words if w in known and w not in pieces]
+    if split:
+        return (f"common words that are single tokens in the file's vocabulary come out split: "
+                f"{split[:4]} (the probe text became {pieces[:12]} ...)")
+    return None
+
+
 def _gguf_tokenizer(path: Path):
     """Build the tokenizer stored in a GGUF file, through a disk cache.
 
@@ -460,6 +500,16 @@ def _gguf_tokenizer(path: Path):
     if (cached / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(str(cached))
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    reader = open_gguf(path)
+    problem = gguf_tokenizer_problem(
+        tok, _field(reader, "tokenizer.ggml.tokens", []), model=_field(reader, "tokenizer.ggml.model", ""),
+        add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+        bos_id=_field(reader, "tokenizer.ggml.bos_token_id"))
+    if problem:  # checked before caching: a bad conversion is never saved
+        raise ModelLoadError(
+            f"the tokenizer that transformers {transformers.__version__} builds from {path.name} does not match "
+            f"the file's own vocabulary: {problem}. Prompts would reach the model garbled. hisa is tested with "
+            f"transformers=={TESTED_TRANSFORMERS}: pip install 'transformers=={TESTED_TRANSFORMERS}'")
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root))
