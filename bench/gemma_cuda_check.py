@@ -4,8 +4,9 @@ A 6-layer random-weight model with Gemma-3-270M's attention (head_dim 256, 4 que
 head, a 512-token window, 5 sliding + 1 global layer, hidden 640), the CPU fp32 weights copied to
 every engine. A 1,200-token document is prefilled to its last 24 tokens, which are fed through
 decode steps (`LLMEngine.score`); each run's logits are compared with CPU fp32. Used to rule the
-Triton decode kernel and fused prefill in or out of the bf16 Gemma degeneration on CUDA
-(docs/eval.md, "Gemma-3-270M"). Needs CUDA.
+Triton decode kernel and fused prefill out when dense Gemma looked broken on CUDA (the cause was the
+GPU machine's transformers 5.17 converting Gemma's tokenizer wrongly: docs/eval.md, "Gemma-3-270M").
+Needs CUDA.
 
 Usage::
 

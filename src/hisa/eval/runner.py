@@ -448,6 +448,8 @@ def _versions() -> dict[str, str | None]:
     """Versions of what decides the numbers: the tokenizer's converter (transformers) as much as torch."""
     from importlib.metadata import PackageNotFoundError, version
 
+    from hisa import __version__
+
     out: dict[str, str | None] = {"hisa": __version__, "torch": torch.__version__}
     for name in ("triton", "transformers", "tokenizers", "gguf", "numpy"):
         try:
