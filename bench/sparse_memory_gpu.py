@@ -48,11 +48,13 @@ def sync(device):
 
 
 def run_one(loaded, *, device, dtype, ctx, steps, batch, page_size, sparse: SparseConfig | None, chunk, seed,
-            profile: Path | None = None):
-    """One engine, `batch` prompts of `ctx` random tokens, `steps` decode steps; returns figures."""
+            profile: Path | None = None, cuda_graphs: bool = True):
+    """One engine, `batch` prompts of `ctx` random tokens, `steps` decode steps; returns figures
+    (and the generated token ids, under "tokens")."""
     mc = loaded.config
     kw = dict(loaded=loaded, device=device.type, dtype=dtype, page_size=page_size, progress=False,
-              max_model_len=ctx + steps + page_size, max_num_batched_tokens=chunk, max_num_seqs=batch, seed=seed)
+              max_model_len=ctx + steps + page_size, max_num_batched_tokens=chunk, max_num_seqs=batch, seed=seed,
+              cuda_graphs=cuda_graphs)
     page_bytes = PagedKVCache.page_bytes(num_layers=mc.num_layers, page_size=page_size, num_kv_heads=mc.num_kv_heads,
                                          head_dim=mc.head_dim, dtype=getattr(torch, dtype))
     if sparse is None:
@@ -63,10 +65,12 @@ def run_one(loaded, *, device, dtype, ctx, steps, batch, page_size, sparse: Spar
     llm = LLM(**kw)
     engine = llm.engine
     gen = torch.Generator().manual_seed(seed)
+    rids = []
     for _ in range(batch):
         lo = min(1000, mc.vocab_size // 4)  # skip special tokens at the ends of the vocabulary
         ids = torch.randint(lo, mc.vocab_size - lo, (ctx,), generator=gen).tolist()
-        engine.add_request(ids, SamplingParams(max_tokens=steps, ignore_eos=True))
+        rids.append(engine.add_request(ids, SamplingParams(max_tokens=steps, ignore_eos=True)))
+    tokens = {}
     prefill_s, step_ms, per_request = 0.0, [], {}
     while engine.has_unfinished_requests():
         decoding = all(s.num_computed >= s.num_prompt for s in engine.scheduler.running) and \
@@ -78,7 +82,9 @@ def run_one(loaded, *, device, dtype, ctx, steps, batch, page_size, sparse: Spar
                                           + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []))
             prof.__enter__()
         t0 = time.perf_counter()
-        engine.step()
+        for o in engine.step():
+            if o.finished:
+                tokens[o.request_id] = list(o.token_ids)
         sync(device)
         dt = time.perf_counter() - t0
         if prof is not None:
@@ -100,7 +106,11 @@ def run_one(loaded, *, device, dtype, ctx, steps, batch, page_size, sparse: Spar
                decode_steps=len(step_ms), decode_ms_per_step=statistics.median(step_ms[1:] or step_ms),
                first_decode_ms=step_ms[0], tokens_per_s=batch * 1e3 / statistics.median(step_ms[1:] or step_ms),
                device_bytes_per_request=per_request["kv"] + per_request["metadata"],
-               device_kv_bytes_per_request=per_request["kv"], device_metadata_bytes_per_request=per_request["metadata"])
+               device_kv_bytes_per_request=per_request["kv"], device_metadata_bytes_per_request=per_request["metadata"],
+               cuda_graphs=bool(sparse is not None and engine.runner.graphs is not None),
+               tokens=[tokens.get(r) for r in rids])
+    if engine.runner.graphs is not None:
+        out.update(graph_captures=engine.runner.graphs.captures, graph_replays=engine.runner.graphs.replays)
     if sparse is not None:
         st = engine.sparse.summary()
         hist = list(engine.sparse.history)

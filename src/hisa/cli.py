@@ -59,6 +59,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                     help="keep the full KV pool on the device (for comparison; same code path)")
     sp.add_argument("--max-sparse-requests", type=int, default=16,
                     help="sparse requests running at once (default: 16)")
+    sp.add_argument("--no-cuda-graphs", action="store_true",
+                    help="run sparse decode steps eagerly instead of replaying CUDA graphs (CUDA only)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -72,7 +74,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                               offload=not args.no_offload, max_sparse_requests=args.max_sparse_requests)
     return dict(model=args.model, device=args.device, dtype=args.dtype, page_size=args.page_size,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb, seed=args.seed, sparse=sparse)
+                max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb, seed=args.seed, sparse=sparse,
+                cuda_graphs=not getattr(args, "no_cuda_graphs", False))
 
 
 def build_parser() -> argparse.ArgumentParser:

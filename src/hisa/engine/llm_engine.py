@@ -74,7 +74,8 @@ class LLMEngine:
         self.scheduler = Scheduler(allocator=self.allocator, page_size=config.page_size,
                                    max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens, sparse=self.sparse)
-        self.runner = ModelRunner(self.loaded.model, self.cache, config.torch_device, sparse=self.sparse)
+        self.runner = ModelRunner(self.loaded.model, self.cache, config.torch_device, sparse=self.sparse,
+                                  cuda_graphs=config.cuda_graphs, max_model_len=self.max_model_len)
         self.sampler = Sampler(config.torch_device, config.seed)
         self.eos_token_ids = set(mcfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:

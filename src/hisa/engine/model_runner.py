@@ -79,12 +79,23 @@ class ModelRunner:
     `sparse` (a SparseCoordinator) takes over attention for the step's sparse requests.
     """
 
-    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, device: torch.device, sparse=None):
-        """model: a `hisa.models` causal LM (LlamaForCausalLM, Gemma3ForCausalLM)."""
+    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, device: torch.device, sparse=None, *,
+                 cuda_graphs: bool = False, max_model_len: int | None = None):
+        """model: a `hisa.models` causal LM (LlamaForCausalLM, Gemma3ForCausalLM).
+
+        cuda_graphs: capture pure sparse-decode steps in CUDA graphs (`hisa.engine.cuda_graph`);
+        only on CUDA with a sparse cache, else ignored.
+        """
         self.model, self.cache, self.device, self.sparse = model, cache, device, sparse
         self.page_size = cache.page_size
         self.scale = model.config.attention_scale
         self.windows = model.config.layer_windows  # per layer: sliding window or None
+        self.graphs = None
+        if cuda_graphs and sparse is not None and device.type == "cuda":
+            from hisa.engine.cuda_graph import SparseDecodeGraphs
+
+            self.graphs = SparseDecodeGraphs(model, sparse,
+                                             max_model_len=max_model_len or model.config.max_position_embeddings)
 
     def plan(self, batch: ScheduledBatch) -> StepPlan:
         s = self.page_size
@@ -138,7 +149,10 @@ class ModelRunner:
             attn = self.sparse.forward_begin(batch, plan, dense)
         else:
             attn = dense
-        hidden = self.model(plan.input_ids, plan.positions, attn, plan.max_position)
+        if attn is not dense and self.graphs is not None and self.graphs.eligible(batch):
+            hidden = self.graphs.forward(plan, attn)
+        else:
+            hidden = self.model(plan.input_ids, plan.positions, attn, plan.max_position)
         logits = self.model.compute_logits(hidden[plan.sample_rows])
         if attn is not dense:
             self.sparse.forward_end()

@@ -110,6 +110,13 @@ def _uva_ok(src_kv: torch.Tensor, dst_kv: torch.Tensor) -> bool:
     """True when a CUDA kernel can address both tensors (CUDA, or pinned host memory)."""
     if not (src_kv.is_cuda or dst_kv.is_cuda):
         return False
+    if all(t.is_cuda for t in (src_kv, dst_kv)):
+        return True
+    if torch.cuda.is_current_stream_capturing():
+        # a captured decode step (hisa.engine.cuda_graph) records the calls its eager run just made
+        # with these very tensors, where this check passed; is_pinned() is a driver query, kept
+        # out of the capture
+        return True
     return all(t.is_cuda or t.is_pinned() for t in (src_kv, dst_kv))
 
 

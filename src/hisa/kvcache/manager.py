@@ -67,6 +67,9 @@ class SparseKVCacheManager:
         self.slot_base = torch.arange(max_requests, dtype=torch.int32, device=device) * buffer_slots
         self._free_slots = list(range(max_requests - 1, -1, -1))
         self.clock = 0
+        # the clock as a 0-d device tensor too: a captured decode step reads it at replay (a Python
+        # int would be frozen into the CUDA graph)
+        self.clock_t = torch.zeros((), dtype=torch.int32, device=device)
         self.row_bytes = self.row * self.buffer_kv.element_size()
 
     # -- request slots -----------------------------------------------------------------------
@@ -105,6 +108,7 @@ class SparseKVCacheManager:
     # -- the per-layer hot path ---------------------------------------------------------------
     def tick(self) -> int:
         self.clock += 1
+        self.clock_t.fill_(self.clock)
         return self.clock
 
     def load(self, layer: int, topk: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +119,7 @@ class SparseKVCacheManager:
         buffer, num_misses int32 [max_requests]). No host sync.
         """
         slot_table, load_slots, miss_pages, num_misses = lru_diff(
-            self.buffer_pages[layer], self.last_used[layer], topk, self.clock, active=active)
+            self.buffer_pages[layer], self.last_used[layer], topk, self.clock_t, active=active)
         has = miss_pages >= 0  # [R, K]
         src = torch.where(has, self.host_table.gather(1, miss_pages.clamp(min=0).long()), -1)
         dst = torch.where(has, self.slot_base[:, None].long() + load_slots.long(), -1)

@@ -47,6 +47,12 @@ class _DecodePlan:
     window_num_selected: int = 0
 
 
+# the _DecodePlan fields that live on the device (a captured decode step reads these tensors)
+_DEVICE_PLAN_FIELDS = ("rows", "slots", "active", "template", "kv_lens", "current_index", "current_host_page",
+                       "current_offset", "middle_end", "num_tokens", "window_table", "window_kv_lens",
+                       "window_current_index")
+
+
 class SparseCoordinator:
     """Runs attention for the sparse requests of each step (and delegates dense ones)."""
 
@@ -141,6 +147,7 @@ class SparseCoordinator:
             kv_lens.append(kv_len), cur_idx.append(ci), mid_end.append(middle_end), ntok.append(t)
             cur_hp.append(seq.pages[(t - 1) // s]), cur_off.append((t - 1) % s)
             width = max(width, -(-t // s))
+        width = self.table_width_bucket(width)
         active = torch.zeros(self.manager.max_requests, dtype=torch.bool)
         active[slots] = True
 
@@ -159,6 +166,67 @@ class SparseCoordinator:
             current_offset=dev(cur_off), middle_end=dev(mid_end), num_tokens=dev(ntok), table_width=width,
             host_pages_cpu=torch.tensor(cur_hp), offsets_cpu=torch.tensor(cur_off),
             num_selected=sum(sum(1 for p in t if p != -1) for t in templates), **window)
+
+    def table_width_bucket(self, width: int) -> int:
+        """The host-table columns a step's selection reads: `width` (pages of the longest request)
+        rounded up to a power of two (at least 16, at most the table). Pages past a request's end
+        are masked either way; the rounding lets a captured decode step serve 2x growth of the
+        context before it is captured again."""
+        bucket = 16
+        while bucket < width:
+            bucket *= 2
+        return min(bucket, self.manager.max_pages)
+
+    @property
+    def graph_safe(self) -> bool:
+        """Whether this step's sparse decode can be captured in a CUDA graph (the algorithm's own say)."""
+        return self.algorithm.graph_safe
+
+    @property
+    def decode_plan(self) -> _DecodePlan | None:
+        return self._decode
+
+    def graph_key(self) -> tuple[int, int] | None:
+        """(rows, table width) of this step's sparse decode: the shapes a captured step is tied to."""
+        d = self._decode
+        return None if d is None else (int(d.rows.shape[0]), d.table_width)
+
+    def bind_decode_state(self, plan: _DecodePlan, misses: torch.Tensor) -> None:
+        """Make `plan` and `misses` (the tensors a captured step reads and writes) this step's.
+
+        The step's freshly planned values are copied into `plan`'s tensors (same shapes: the
+        graph key matched); host-side fields come from the fresh plan. `misses` is zeroed.
+        """
+        fresh = self._decode
+        if fresh is not plan:
+            for name in _DEVICE_PLAN_FIELDS:
+                dst = getattr(plan, name)
+                if dst is not None:
+                    dst.copy_(getattr(fresh, name), non_blocking=True)
+            plan.host_pages_cpu, plan.offsets_cpu = fresh.host_pages_cpu, fresh.offsets_cpu
+            plan.num_selected, plan.window_num_selected = fresh.num_selected, fresh.window_num_selected
+            self._decode = plan
+        if misses is not self._misses:
+            misses.zero_()
+            self._misses = misses
+
+    @property
+    def staged(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The (k, v) rows of the step's new tokens, one pair per layer (offloaded at forward_end)."""
+        return self._staged
+
+    @staged.setter
+    def staged(self, value: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self._staged = value
+
+    @property
+    def misses(self) -> torch.Tensor:
+        """int64 [layers] pages loaded this step per layer (summed over rows), on the device."""
+        return self._misses
+
+    @misses.setter
+    def misses(self, value: torch.Tensor) -> None:
+        self._misses = value
 
     def _window_rows(self, num_tokens: list[int]) -> tuple[list[list[int]], list[int], list[int]]:
         """Sliding layers: per row, the logical pages holding the last `window` tokens, in order.

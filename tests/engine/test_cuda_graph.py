@@ -1,0 +1,106 @@
+"""Captured sparse decode steps (hisa.engine.cuda_graph) compute what eager steps compute.
+
+On the CPU the capture is replaced by a recorder that re-runs the recorded forward at each replay:
+that checks everything around the graph (static inputs, the plan copied into the captured
+tensors, the clock as a device tensor, staged K/V and miss counts, new captures when the batch
+or the table width changes). On CUDA the same runs use real CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hisa import LLM, SamplingParams
+from hisa.engine.cuda_graph import SparseDecodeGraphs
+from hisa.models.config import PRESETS, ModelConfig
+from hisa.models.factory import random_model
+from hisa.sparse.config import SparseConfig
+
+# prompts of 230 / 250 / 180 tokens and answers of different lengths: the batch shrinks as requests
+# finish (new shapes), and the longest request crosses 16 pages (the table width doubles to 32)
+PROMPT_LENS = (230, 250, 180)
+MAX_TOKENS = (40, 24, 12)
+
+
+def _prompts(vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in PROMPT_LENS]
+
+
+def _run(loaded, device: str, dtype: str, algorithm: str, *, graphs: str | None):
+    """graphs: None = eager, "rerun" = the CPU recorder, "cuda" = real CUDA graphs."""
+    sparse = SparseConfig(algorithm=algorithm, token_budget=96, min_prompt_len=64, host_pool_gb=0.05,
+                          max_sparse_requests=4)
+    llm = LLM(loaded=loaded, device=device, dtype=dtype, progress=False, sparse=sparse, max_model_len=1024,
+              kv_cache_gb=0.05, cuda_graphs=graphs == "cuda")
+    runner, coordinator = llm.engine.runner, llm.engine.sparse
+    if graphs == "rerun":
+        def rerun(body):
+            def replay():
+                coordinator.staged = []
+                return body()
+            return replay
+
+        runner.graphs = SparseDecodeGraphs(runner.model, coordinator, max_model_len=1024, capture=rerun)
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in MAX_TOKENS]
+    outs = llm.generate(_prompts(loaded.config.vocab_size), params, use_tqdm=False)
+    summary = coordinator.summary()
+    return [o.token_ids for o in outs], summary, runner.graphs
+
+
+def _tiny(preset: str, device: str, dtype: torch.dtype):
+    return random_model(ModelConfig(**PRESETS[preset]), device=torch.device(device), dtype=dtype, seed=1)
+
+
+@pytest.mark.parametrize("preset,algorithm", [("tiny-llama", "quest"), ("tiny-llama", "quest-mean"),
+                                              ("tiny-llama", "streaming"), ("tiny-gemma3", "quest")])
+def test_replayed_steps_equal_eager_steps(preset, algorithm):
+    loaded = _tiny(preset, "cpu", torch.float32)
+    eager, eager_stats, _ = _run(loaded, "cpu", "float32", algorithm, graphs=None)
+    replayed, stats, graphs = _run(loaded, "cpu", "float32", algorithm, graphs="rerun")
+    assert replayed == eager
+    # shapes (rows, table width) seen: (3, 16), (3, 32) once the 250-token prompt passes 256 tokens,
+    # (2, 32) when the third finishes, (1, 16) when the second does (the first is at 253), (1, 32)
+    assert graphs.captures == 5
+    assert graphs.replays > 0
+    for key in ("hits", "misses", "selected_pages", "bytes_h2d", "bytes_d2h", "misses_per_layer"):
+        assert stats[key] == eager_stats[key], key
+
+
+def test_every_decode_step_after_the_first_of_a_shape_is_a_replay():
+    loaded = _tiny("tiny-llama", "cpu", torch.float32)
+    _, stats, graphs = _run(loaded, "cpu", "float32", "quest", graphs="rerun")
+    assert graphs.captures + graphs.replays == stats["decode_steps"]
+
+
+def test_oracle_steps_stay_eager():
+    loaded = _tiny("tiny-llama", "cpu", torch.float32)
+    eager, _, _ = _run(loaded, "cpu", "float32", "oracle", graphs=None)
+    out, _, graphs = _run(loaded, "cpu", "float32", "oracle", graphs="rerun")
+    assert out == eager and graphs.captures == 0 and graphs.replays == 0
+
+
+def test_cuda_graphs_are_off_on_the_cpu():
+    loaded = _tiny("tiny-llama", "cpu", torch.float32)
+    sparse = SparseConfig(algorithm="quest", token_budget=96, min_prompt_len=64, host_pool_gb=0.05)
+    llm = LLM(loaded=loaded, device="cpu", dtype="float32", progress=False, sparse=sparse, max_model_len=1024,
+              kv_cache_gb=0.05)
+    assert llm.engine.runner.graphs is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("preset,algorithm,dtype", [("tiny-llama", "quest", torch.float32),
+                                                    ("tiny-llama", "quest-mean", torch.bfloat16),
+                                                    ("tiny-gemma3", "quest", torch.bfloat16)])
+def test_cuda_graph_replays_equal_eager_on_cuda(preset, algorithm, dtype):
+    loaded = _tiny(preset, "cuda", dtype)
+    name = str(dtype).replace("torch.", "")
+    eager, eager_stats, none = _run(loaded, "cuda", name, algorithm, graphs=None)
+    assert none is None
+    replayed, stats, graphs = _run(loaded, "cuda", name, algorithm, graphs="cuda")
+    assert graphs.captures == 5 and graphs.replays > 0
+    assert replayed == eager
+    for key in ("hits", "misses", "selected_pages", "misses_per_layer"):
+        assert stats[key] == eager_stats[key], key
