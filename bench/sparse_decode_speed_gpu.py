@@ -2,11 +2,12 @@
 
 A random-weight model of Llama-3.1-8B's shape (bf16) decodes `--steps` tokens after `batch`
 prompts of `ctx` random tokens, for each batch size:
-  * dense: the whole KV in the paged device cache (eager; hisa captures only sparse steps);
-  * <algorithm> eager: the hierarchical sparse cache, every step launched from Python;
-  * <algorithm> graphs: the same, pure sparse-decode steps replayed from CUDA graphs.
-It reports the median ms per decode step and tokens/s of each, the ratios, and whether the graph
-run generated exactly the eager run's tokens. Writes JSON (and a plot beside it).
+  * dense / dense graphs: the whole KV in the paged device cache, eager / decode steps replayed
+    from CUDA graphs;
+  * <algorithm> eager / graphs: the hierarchical sparse cache, the same two ways.
+It reports the median ms per decode step and tokens/s of each, the ratio to dense (graphs when
+that row ran), and whether each graph run generated exactly its eager run's tokens. Writes JSON
+(and a plot beside it). `--no-eager` runs only the graph rows.
 
 Usage (H100)::
 
@@ -44,7 +45,8 @@ def main(argv=None) -> int:
     p.add_argument("--chunk", type=int, default=8192)
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default=None)
-    p.add_argument("--no-eager", action="store_true", help="skip the sparse eager rows")
+    p.add_argument("--no-eager", action="store_true", help="skip the eager rows")
+    p.add_argument("--no-sparse-eager", action="store_true", help="skip the sparse eager rows only")
     p.add_argument("--git-commit", default=None)
     p.add_argument("--out", type=Path, default=REPO / "bench/results/sparse_decode_speed_gpu.json")
     a = p.parse_args(argv)
@@ -62,18 +64,21 @@ def main(argv=None) -> int:
             common = dict(device=device, dtype=dtype, ctx=ctx, steps=a.steps, batch=batch, page_size=a.page_size,
                           chunk=a.chunk, seed=0)
             rows = []
-            if batch <= a.dense_max_batch:
-                print(f"dense ctx={ctx} batch={batch} ...", flush=True)
+            for graphs in ([False] if not a.no_eager else []) + [True]:
+                if batch > a.dense_max_batch:
+                    break
+                label = "dense graphs" if graphs else "dense"
+                print(f"{label} ctx={ctx} batch={batch} ...", flush=True)
                 try:
-                    rows.append(("dense", run_one(loaded, sparse=None, **common)))
+                    rows.append((label, run_one(loaded, sparse=None, cuda_graphs=graphs, **common)))
                 except torch.OutOfMemoryError:
                     print("  out of memory", flush=True)
-                    rows.append(("dense", dict(mode="dense", context=ctx, batch=batch, oom=True)))
+                    rows.append((label, dict(mode=label, context=ctx, batch=batch, oom=True)))
                     torch.cuda.empty_cache()
             pool_gb = batch * (ctx + a.steps + 2 * a.page_size) * token_bytes * 1.02 / 2**30 + 0.25
             cfg = SparseConfig(algorithm=a.algorithm, token_budget=a.budget, min_prompt_len=1024,
                                host_pool_gb=pool_gb, max_sparse_requests=batch)
-            for graphs in ([False] if not a.no_eager else []) + [True]:
+            for graphs in ([False] if not (a.no_eager or a.no_sparse_eager) else []) + [True]:
                 label = f"{a.algorithm} {'graphs' if graphs else 'eager'}"
                 print(f"{label} ctx={ctx} batch={batch} ...", flush=True)
                 try:
@@ -83,14 +88,18 @@ def main(argv=None) -> int:
                     rows.append((label, dict(mode=label, context=ctx, batch=batch, error=f"{type(e).__name__}: {e}")))
                     torch.cuda.empty_cache() if device.type == "cuda" else None
             by = dict(rows)
-            eager, graph = by.get(f"{a.algorithm} eager"), by.get(f"{a.algorithm} graphs")
+            ref = by.get("dense graphs") if "decode_ms_per_step" in by.get("dense graphs", {}) else by.get("dense", {})
             for label, r in rows:
                 r["row"] = label
-                if "decode_ms_per_step" in r and "decode_ms_per_step" in by.get("dense", {}):
-                    r["speedup_vs_dense"] = by["dense"]["decode_ms_per_step"] / r["decode_ms_per_step"]
-            if eager and graph and "tokens" in eager and "tokens" in graph:
-                graph["same_tokens_as_eager"] = graph["tokens"] == eager["tokens"]
-                graph["speedup_vs_eager"] = eager["decode_ms_per_step"] / graph["decode_ms_per_step"]
+                if "decode_ms_per_step" in r and "decode_ms_per_step" in ref:
+                    r["speedup_vs_dense"] = ref["decode_ms_per_step"] / r["decode_ms_per_step"]
+                    r["dense_reference"] = ref["row"] if "row" in ref else "dense"
+            for eager_label, graph_label in (("dense", "dense graphs"),
+                                             (f"{a.algorithm} eager", f"{a.algorithm} graphs")):
+                eager, graph = by.get(eager_label), by.get(graph_label)
+                if eager and graph and "tokens" in eager and "tokens" in graph:
+                    graph["same_tokens_as_eager"] = graph["tokens"] == eager["tokens"]
+                    graph["speedup_vs_eager"] = eager["decode_ms_per_step"] / graph["decode_ms_per_step"]
             runs += [r for _, r in rows]
     print(f"\n{'row':16s} {'context':>8s} {'batch':>5s} {'ms/step':>8s} {'tok/s':>8s} {'x dense':>8s} "
           f"{'x eager':>8s} {'tokens = eager':>14s}")

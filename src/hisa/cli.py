@@ -40,6 +40,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None, help="longest prompt+output (default: the model's)")
     g.add_argument("--kv-cache-gb", type=float, default=None, help="size of the KV page pool in GB")
     g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling (default: 0)")
+    g.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run decode steps eagerly instead of replaying CUDA graphs (CUDA only)")
     sp = p.add_argument_group("hierarchical sparse KV cache (long prompts keep their full KV in host memory)")
     from hisa.sparse.base import registered_algorithms
 
@@ -59,8 +61,6 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                     help="keep the full KV pool on the device (for comparison; same code path)")
     sp.add_argument("--max-sparse-requests", type=int, default=16,
                     help="sparse requests running at once (default: 16)")
-    sp.add_argument("--no-cuda-graphs", action="store_true",
-                    help="run sparse decode steps eagerly instead of replaying CUDA graphs (CUDA only)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:

@@ -30,9 +30,9 @@ class EngineConfig:
         Defaults: 2 GB on CPU; on CUDA, `gpu_memory_utilization` of free memory after the weights.
     sparse: a :class:`hisa.sparse.config.SparseConfig`; prompts of at least its min_prompt_len run
         with the full KV in the host pool and only the selected pages on the device.
-    cuda_graphs: on CUDA, steps where every request is a sparse decode are captured in a CUDA graph
-        per (batch size, table-width bucket) and replayed (`hisa.engine.cuda_graph`); False runs
-        every step eagerly. Ignored on the CPU.
+    cuda_graphs: on CUDA, steps where every request decodes (all dense, or all sparse) are
+        captured in a CUDA graph per (batch size, page-table width bucket) and replayed
+        (`hisa.engine.cuda_graph`); False runs every step eagerly. Ignored on the CPU.
 
     Example::
 
@@ -52,7 +52,7 @@ class EngineConfig:
     seed: int = 0
     progress: bool = True
     sparse: SparseConfig | None = None  # the hierarchical sparse KV cache for long prompts; None = all dense
-    cuda_graphs: bool = True  # capture sparse decode steps in CUDA graphs (CUDA only); False = always eager
+    cuda_graphs: bool = True  # capture decode steps in CUDA graphs (CUDA only); False = always eager
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -1,4 +1,4 @@
-"""Captured sparse decode steps (hisa.engine.cuda_graph) compute what eager steps compute.
+"""Captured decode steps (hisa.engine.cuda_graph), dense and sparse, compute what eager steps compute.
 
 On the CPU the capture is replaced by a recorder that re-runs the recorded forward at each replay:
 that checks everything around the graph (static inputs, the plan copied into the captured
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hisa import LLM, SamplingParams
-from hisa.engine.cuda_graph import SparseDecodeGraphs
+from hisa.engine.cuda_graph import DecodeGraphs
 from hisa.models.config import PRESETS, ModelConfig
 from hisa.models.factory import random_model
 from hisa.sparse.config import SparseConfig
@@ -28,24 +28,25 @@ def _prompts(vocab: int) -> list[list[int]]:
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in PROMPT_LENS]
 
 
-def _run(loaded, device: str, dtype: str, algorithm: str, *, graphs: str | None):
-    """graphs: None = eager, "rerun" = the CPU recorder, "cuda" = real CUDA graphs."""
-    sparse = SparseConfig(algorithm=algorithm, token_budget=96, min_prompt_len=64, host_pool_gb=0.05,
-                          max_sparse_requests=4)
+def _run(loaded, device: str, dtype: str, algorithm: str | None, *, graphs: str | None, min_prompt_len: int = 64):
+    """graphs: None = eager, "rerun" = the CPU recorder, "cuda" = real CUDA graphs. algorithm None: dense."""
+    sparse = None if algorithm is None else SparseConfig(
+        algorithm=algorithm, token_budget=96, min_prompt_len=min_prompt_len, host_pool_gb=0.05, max_sparse_requests=4)
     llm = LLM(loaded=loaded, device=device, dtype=dtype, progress=False, sparse=sparse, max_model_len=1024,
               kv_cache_gb=0.05, cuda_graphs=graphs == "cuda")
     runner, coordinator = llm.engine.runner, llm.engine.sparse
     if graphs == "rerun":
         def rerun(body):
             def replay():
-                coordinator.staged = []
+                if coordinator is not None:
+                    coordinator.staged = []
                 return body()
             return replay
 
-        runner.graphs = SparseDecodeGraphs(runner.model, coordinator, max_model_len=1024, capture=rerun)
+        runner.graphs = DecodeGraphs(runner.model, coordinator, max_model_len=1024, capture=rerun)
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in MAX_TOKENS]
     outs = llm.generate(_prompts(loaded.config.vocab_size), params, use_tqdm=False)
-    summary = coordinator.summary()
+    summary = coordinator.summary() if coordinator is not None else {}
     return [o.token_ids for o in outs], summary, runner.graphs
 
 
@@ -66,6 +67,27 @@ def test_replayed_steps_equal_eager_steps(preset, algorithm):
     assert graphs.replays > 0
     for key in ("hits", "misses", "selected_pages", "bytes_h2d", "bytes_d2h", "misses_per_layer"):
         assert stats[key] == eager_stats[key], key
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gemma3"])
+def test_replayed_dense_steps_equal_eager_steps(preset):
+    loaded = _tiny(preset, "cpu", torch.float32)
+    eager, _, _ = _run(loaded, "cpu", "float32", None, graphs=None)
+    replayed, _, graphs = _run(loaded, "cpu", "float32", None, graphs="rerun")
+    assert replayed == eager
+    # (batch, page-table width): (3, 16), (3, 32), (2, 32), (1, 16), (1, 32), as for the sparse steps
+    assert graphs.captures == 5 and graphs.captures + graphs.replays == max(MAX_TOKENS) - 1  # every decode step
+
+
+def test_steps_mixing_dense_and_sparse_requests_stay_eager():
+    """The 180-token prompt runs dense (min_prompt_len 200), the others sparse: steps are mixed until
+    it finishes, then pure sparse (captured)."""
+    loaded = _tiny("tiny-llama", "cpu", torch.float32)
+    eager, _, _ = _run(loaded, "cpu", "float32", "quest", graphs=None, min_prompt_len=200)
+    replayed, stats, graphs = _run(loaded, "cpu", "float32", "quest", graphs="rerun", min_prompt_len=200)
+    assert replayed == eager
+    mixed_steps = MAX_TOKENS[2] - 1
+    assert graphs.captures + graphs.replays == stats["decode_steps"] - mixed_steps
 
 
 def test_every_decode_step_after_the_first_of_a_shape_is_a_replay():
@@ -93,14 +115,16 @@ def test_cuda_graphs_are_off_on_the_cpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("preset,algorithm,dtype", [("tiny-llama", "quest", torch.float32),
                                                     ("tiny-llama", "quest-mean", torch.bfloat16),
-                                                    ("tiny-gemma3", "quest", torch.bfloat16)])
+                                                    ("tiny-gemma3", "quest", torch.bfloat16),
+                                                    ("tiny-llama", None, torch.bfloat16),
+                                                    ("tiny-gemma3", None, torch.float32)])
 def test_cuda_graph_replays_equal_eager_on_cuda(preset, algorithm, dtype):
     loaded = _tiny(preset, "cuda", dtype)
     name = str(dtype).replace("torch.", "")
-    eager, eager_stats, none = _run(loaded, "cuda", name, algorithm, graphs=None)
-    assert none is None
+    eager, eager_stats, eager_graphs = _run(loaded, "cuda", name, algorithm, graphs=None)
+    assert eager_graphs is None
     replayed, stats, graphs = _run(loaded, "cuda", name, algorithm, graphs="cuda")
     assert graphs.captures == 5 and graphs.replays > 0
     assert replayed == eager
     for key in ("hits", "misses", "selected_pages", "misses_per_layer"):
-        assert stats[key] == eager_stats[key], key
+        assert stats.get(key) == eager_stats.get(key), key

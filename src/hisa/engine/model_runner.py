@@ -83,19 +83,29 @@ class ModelRunner:
                  cuda_graphs: bool = False, max_model_len: int | None = None):
         """model: a `hisa.models` causal LM (LlamaForCausalLM, Gemma3ForCausalLM).
 
-        cuda_graphs: capture pure sparse-decode steps in CUDA graphs (`hisa.engine.cuda_graph`);
-        only on CUDA with a sparse cache, else ignored.
+        cuda_graphs: capture pure decode steps (all dense or all sparse) in CUDA graphs
+        (`hisa.engine.cuda_graph`); only on CUDA, else ignored.
         """
         self.model, self.cache, self.device, self.sparse = model, cache, device, sparse
         self.page_size = cache.page_size
         self.scale = model.config.attention_scale
         self.windows = model.config.layer_windows  # per layer: sliding window or None
+        max_model_len = max_model_len or model.config.max_position_embeddings
+        self.max_pages = -(-max_model_len // self.page_size)
         self.graphs = None
-        if cuda_graphs and sparse is not None and device.type == "cuda":
-            from hisa.engine.cuda_graph import SparseDecodeGraphs
+        if cuda_graphs and device.type == "cuda":
+            from hisa.engine.cuda_graph import DecodeGraphs
 
-            self.graphs = SparseDecodeGraphs(model, sparse,
-                                             max_model_len=max_model_len or model.config.max_position_embeddings)
+            self.graphs = DecodeGraphs(model, sparse, max_model_len=max_model_len)
+
+    def page_table_width(self, pages: int) -> int:
+        """Columns of a step's dense decode page table: the longest request's pages rounded up to a
+        power of two (at least 16, at most a max_model_len request's). Columns past a request's
+        kv_len are never read; the rounding lets a captured decode step serve 2x context growth."""
+        width = 16
+        while width < pages:
+            width *= 2
+        return max(1, min(width, self.max_pages))
 
     def plan(self, batch: ScheduledBatch) -> StepPlan:
         s = self.page_size
@@ -124,8 +134,8 @@ class ModelRunner:
                     pages = torch.tensor(seq.pages[: -(-ctx // s)], dtype=torch.int64)
                     prefills.append((row, row + n, pages.to(self.device), ctx))
             row += n
-        width = max((len(t) for t in dec_tables), default=0)
-        table = torch.full((len(dec_tables), max(width, 1)), -1, dtype=torch.int32)
+        width = self.page_table_width(max((len(t) for t in dec_tables), default=0)) if dec_tables else 1
+        table = torch.full((len(dec_tables), width), -1, dtype=torch.int32)
         for b, pages in enumerate(dec_tables):
             table[b, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
 
@@ -149,7 +159,7 @@ class ModelRunner:
             attn = self.sparse.forward_begin(batch, plan, dense)
         else:
             attn = dense
-        if attn is not dense and self.graphs is not None and self.graphs.eligible(batch):
+        if self.graphs is not None and self.graphs.eligible(batch, attn):
             hidden = self.graphs.forward(plan, attn)
         else:
             hidden = self.model(plan.input_ids, plan.positions, attn, plan.max_position)
