@@ -107,7 +107,7 @@ def run_one(loaded, *, device, dtype, ctx, steps, batch, page_size, sparse: Spar
                first_decode_ms=step_ms[0], tokens_per_s=batch * 1e3 / statistics.median(step_ms[1:] or step_ms),
                device_bytes_per_request=per_request["kv"] + per_request["metadata"],
                device_kv_bytes_per_request=per_request["kv"], device_metadata_bytes_per_request=per_request["metadata"],
-               cuda_graphs=bool(sparse is not None and engine.runner.graphs is not None),
+               cuda_graphs=engine.runner.graphs is not None,
                tokens=[tokens.get(r) for r in rids])
     if engine.runner.graphs is not None:
         out.update(graph_captures=engine.runner.graphs.captures, graph_replays=engine.runner.graphs.replays)

@@ -103,6 +103,44 @@ def test_oracle_steps_stay_eager():
     assert out == eager and graphs.captures == 0 and graphs.replays == 0
 
 
+def test_a_shape_whose_capture_fails_runs_eagerly():
+    """A capture that raises (an op a graph cannot hold) costs nothing but speed: the step's results
+    stand, a warning says so, and later steps of that shape run eagerly."""
+    loaded = _tiny("tiny-llama", "cpu", torch.float32)
+    eager, eager_stats, _ = _run(loaded, "cpu", "float32", "quest", graphs=None)
+    sparse = SparseConfig(algorithm="quest", token_budget=96, min_prompt_len=64, host_pool_gb=0.05,
+                          max_sparse_requests=4)
+    llm = LLM(loaded=loaded, device="cpu", dtype="float32", progress=False, sparse=sparse, max_model_len=1024,
+              kv_cache_gb=0.05)
+
+    def failing(body):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    runner = llm.engine.runner
+    runner.graphs = DecodeGraphs(runner.model, llm.engine.sparse, max_model_len=1024, capture=failing)
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in MAX_TOKENS]
+    with pytest.warns(RuntimeWarning, match="could not capture"):
+        outs = llm.generate(_prompts(loaded.config.vocab_size), params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == eager
+    assert llm.engine.sparse.summary()["misses"] == eager_stats["misses"]
+    assert runner.graphs.captures == 0 and runner.graphs.replays == 0 and len(runner.graphs._eager_only) == 5
+
+
+def test_table_widths_are_rounded_only_for_captured_steps():
+    loaded = _tiny("tiny-llama", "cpu", torch.float32)
+    sparse = SparseConfig(algorithm="quest", token_budget=96, min_prompt_len=64, host_pool_gb=0.05)
+    llm = LLM(loaded=loaded, device="cpu", dtype="float32", progress=False, sparse=sparse, max_model_len=1024,
+              kv_cache_gb=0.05)
+    coordinator = llm.engine.sparse
+    assert coordinator.round_table_widths is False
+    DecodeGraphs(llm.engine.runner.model, coordinator, max_model_len=1024)
+    assert coordinator.round_table_widths is True
+    oracle = LLM(loaded=loaded, device="cpu", dtype="float32", progress=False, max_model_len=1024, kv_cache_gb=0.05,
+                 sparse=SparseConfig(algorithm="oracle", token_budget=96, min_prompt_len=64, host_pool_gb=0.05))
+    DecodeGraphs(oracle.engine.runner.model, oracle.engine.sparse, max_model_len=1024)
+    assert oracle.engine.sparse.round_table_widths is False  # oracle never replays: exact widths
+
+
 def test_cuda_graphs_are_off_on_the_cpu():
     loaded = _tiny("tiny-llama", "cpu", torch.float32)
     sparse = SparseConfig(algorithm="quest", token_budget=96, min_prompt_len=64, host_pool_gb=0.05)

@@ -99,6 +99,10 @@ def test_a_bad_conversion_fails_the_load_and_is_not_cached(smollm2, monkeypatch,
     monkeypatch.setenv("HISA_CACHE_DIR", str(tmp_path))
     assert loader._gguf_tokenizer(smollm2.source.path).encode("hello") == smollm2.tokenizer.encode("hello")
     assert list(tmp_path.rglob("tokenizer_config.json"))
+    # a tokenizer cached before the check existed (or by a broken converter) is checked on load too
+    monkeypatch.setattr(loader, "gguf_tokenizer_problem", lambda *a, **k: "no BOS")
+    with pytest.raises(ModelLoadError, match="no BOS"):
+        loader._gguf_tokenizer(smollm2.source.path)
 
 
 def test_the_tested_transformers_version_is_the_pinned_one():

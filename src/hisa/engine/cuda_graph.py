@@ -25,6 +25,7 @@ memory (oracle) run eagerly.
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,7 +66,11 @@ class DecodeGraphs:
         self.max_graphs = max_graphs
         self._capture_fn = capture or self._capture_cuda_graph
         self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
+        self._eager_only: set[tuple] = set()  # shapes whose capture failed: they run eagerly
         self._pool = None
+        self.device = next(model.parameters()).device
+        if sparse is not None:  # captured sparse steps read a rounded table width (eager ones exact)
+            sparse.round_table_widths = sparse.graph_safe
         self.captures = 0  # steps captured so far (a new shape each)
         self.replays = 0  # steps served by a replay
 
@@ -89,7 +94,8 @@ class DecodeGraphs:
         entry = self._graphs.get(key)
         if entry is None:
             hidden = self.model(plan.input_ids, plan.positions, attn, plan.max_position)  # the real step
-            self._capture(key, plan, attn, sparse_step)
+            if key not in self._eager_only:
+                self._capture(key, plan, attn, sparse_step)
             return hidden
         self._graphs.move_to_end(key)
         for name in _STEP_PLAN_FIELDS:
@@ -118,7 +124,15 @@ class DecodeGraphs:
             sparse.staged = []
             sparse.bind_decode_state(entry.sparse_plan, entry.misses)
         max_position = plan.max_position
-        replay = self._capture_fn(lambda: self.model(plan.input_ids, plan.positions, attn, max_position))
+        try:
+            replay = self._capture_fn(lambda: self.model(plan.input_ids, plan.positions, attn, max_position))
+        except Exception as e:  # the eager step already ran: keep its results, run this shape eagerly
+            if sparse_step:
+                sparse.staged, sparse.misses = eager_staged, eager_misses
+            self._eager_only.add(key)
+            warnings.warn(f"hisa: could not capture a decode step of shape {key} in a CUDA graph "
+                          f"({type(e).__name__}: {e}); steps of that shape run eagerly", RuntimeWarning, stacklevel=2)
+            return
         if sparse_step:
             captured_staged = list(sparse.staged)  # the tensors a CUDA graph writes the new K/V into
 
@@ -139,12 +153,14 @@ class DecodeGraphs:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()  # one memory pool shared by every captured shape
         graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize()
-        with torch.cuda.graph(graph, pool=self._pool):
-            hidden = body()
+        with torch.cuda.device(self.device):  # the model's GPU, whichever is current
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph, pool=self._pool):
+                hidden = body()
 
         def replay() -> torch.Tensor:
-            graph.replay()
+            with torch.cuda.device(self.device):
+                graph.replay()
             return hidden
 
         return replay

@@ -99,9 +99,9 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, sparse, max_model_len=max_model_len)
 
     def page_table_width(self, pages: int) -> int:
-        """Columns of a step's dense decode page table: the longest request's pages rounded up to a
-        power of two (at least 16, at most a max_model_len request's). Columns past a request's
-        kv_len are never read; the rounding lets a captured decode step serve 2x context growth."""
+        """Columns of a dense decode page table when steps are captured: the longest request's pages
+        rounded up to a power of two (at least 16, at most a max_model_len request's). Columns past a
+        request's kv_len are never read; the rounding lets a captured step serve 2x context growth."""
         width = 16
         while width < pages:
             width *= 2
@@ -134,7 +134,9 @@ class ModelRunner:
                     pages = torch.tensor(seq.pages[: -(-ctx // s)], dtype=torch.int64)
                     prefills.append((row, row + n, pages.to(self.device), ctx))
             row += n
-        width = self.page_table_width(max((len(t) for t in dec_tables), default=0)) if dec_tables else 1
+        width = max((len(t) for t in dec_tables), default=1)
+        if self.graphs is not None and dec_tables:  # captured steps: a width that serves many steps
+            width = self.page_table_width(width)
         table = torch.full((len(dec_tables), width), -1, dtype=torch.int32)
         for b, pages in enumerate(dec_tables):
             table[b, : len(pages)] = torch.tensor(pages, dtype=torch.int32)

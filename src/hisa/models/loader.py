@@ -497,19 +497,21 @@ def _gguf_tokenizer(path: Path):
     key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}".encode())
     root = Path(os.environ.get("HISA_CACHE_DIR", Path.home() / ".cache" / "hisa")) / "tokenizers"
     cached = root / key.hexdigest()[:24]
-    if (cached / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(str(cached))
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    hit = (cached / "tokenizer_config.json").is_file()
+    tok = AutoTokenizer.from_pretrained(str(cached)) if hit else \
+        AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     reader = open_gguf(path)
     problem = gguf_tokenizer_problem(
         tok, _field(reader, "tokenizer.ggml.tokens", []), model=_field(reader, "tokenizer.ggml.model", ""),
         add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
         bos_id=_field(reader, "tokenizer.ggml.bos_token_id"))
-    if problem:  # checked before caching: a bad conversion is never saved
+    if problem:  # checked before caching (a bad conversion is never saved) and on every cache hit
         raise ModelLoadError(
             f"the tokenizer that transformers {transformers.__version__} builds from {path.name} does not match "
             f"the file's own vocabulary: {problem}. Prompts would reach the model garbled. hisa is tested with "
             f"transformers=={TESTED_TRANSFORMERS}: pip install 'transformers=={TESTED_TRANSFORMERS}'")
+    if hit:
+        return tok
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root))

@@ -69,9 +69,10 @@ class BaseSparseAlgorithm:
     """
 
     name = "base"
-    # Whether retrieve_topk / update_representations only run device work with no host sync, so a
-    # decode step can be captured in a CUDA graph (hisa.engine.cuda_graph). Oracle reads the host pool.
-    graph_safe = True
+    # Opt in (True) when retrieve_topk / update_representations run only device work, with no host
+    # sync and no Python state that changes between steps, so a decode step can be captured in a
+    # CUDA graph (hisa.engine.cuda_graph) and replayed; the default keeps an algorithm eager.
+    graph_safe = False
 
     def __init__(self, *, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
                  num_host_pages: int, device: torch.device, dtype: torch.dtype):

@@ -96,6 +96,9 @@ class SparseCoordinator:
         self.totals = SparseStepStats(misses_per_layer=[0] * mc.num_layers,
                                       selected_per_layer=[0] * mc.num_layers)
         self._kv_token_bytes = 2 * mc.num_kv_heads * mc.head_dim * elt  # K+V of one token, one layer
+        # set by hisa.engine.cuda_graph when decode steps are captured: round the table width up
+        # (table_width_bucket) so a captured step serves many steps; eager runs read exact widths
+        self.round_table_widths = False
 
     # -- lifecycle (called by the scheduler) ----------------------------------------------------
     def wants(self, seq: Sequence) -> bool:
@@ -147,7 +150,8 @@ class SparseCoordinator:
             kv_lens.append(kv_len), cur_idx.append(ci), mid_end.append(middle_end), ntok.append(t)
             cur_hp.append(seq.pages[(t - 1) // s]), cur_off.append((t - 1) % s)
             width = max(width, -(-t // s))
-        width = self.table_width_bucket(width)
+        if self.round_table_widths:
+            width = self.table_width_bucket(width)
         active = torch.zeros(self.manager.max_requests, dtype=torch.bool)
         active[slots] = True
 

@@ -13,8 +13,6 @@ class OracleAlgorithm(BaseSparseAlgorithm):
     (summed over heads). It reads all keys of the layer from the host pool each step, so it moves
     O(context) bytes: use it to measure what a perfect selector would reach, not for speed."""
 
-    graph_safe = False  # gathers keys from the (host) pool with indices it computes: runs eagerly
-
     def retrieve_topk(self, layer, q, ctx: SelectionContext):
         r, s = q.shape[0], self.page_size
         m = max(0, ctx.host_table.shape[1] - ctx.middle_start)

@@ -21,6 +21,8 @@ class QuestAlgorithm(BaseSparseAlgorithm):
     Representations: kmin/kmax [layers, host_pages, KVH, D] on the device, indexed by host page.
     """
 
+    graph_safe = True  # device tensors only, no host sync: decode steps can be replayed from CUDA graphs
+
     def __init__(self, **kw):
         super().__init__(**kw)
         shape = (self.num_layers, self.num_host_pages, self.num_kv_heads, self.head_dim)

@@ -11,6 +11,8 @@ from hisa.sparse.base import BaseSparseAlgorithm, SelectionContext, register
 class StreamingAlgorithm(BaseSparseAlgorithm):
     """Selects the latest middle pages, so the budget becomes sinks + one long recent window."""
 
+    graph_safe = True  # device tensors only, no host sync
+
     def retrieve_topk(self, layer, q, ctx: SelectionContext):
         k = ctx.num_select
         offs = torch.arange(k, 0, -1, device=ctx.middle_end.device)  # K..1
