@@ -34,7 +34,7 @@ def load_model(model: str | None, *, device: torch.device, dtype: torch.dtype,
     A progress bar shows tensors loaded (GGUF dequantization takes a few seconds per 100M params).
     """
     source = loader.resolve_model(model)
-    rope_freqs = None
+    rope_freqs = reader = None
     if source.kind == "random":
         return random_model(ModelConfig(**PRESETS[source.preset]), device=device, dtype=dtype, seed=seed,
                             source=source)
@@ -71,7 +71,7 @@ def load_model(model: str | None, *, device: torch.device, dtype: torch.dtype,
             raise ModelLoadError(f"{source.path}: weights missing for {missing[:4]}{' ...' if len(missing) > 4 else ''}")
     _init_rope(net, cfg, rope_freqs, device)
     net.eval()
-    tokenizer = loader.load_tokenizer(source)
+    tokenizer = loader.load_tokenizer(source, reader)
     return LoadedModel(net, cfg, tokenizer, source)
 
 

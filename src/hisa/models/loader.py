@@ -419,8 +419,11 @@ GEMMA_CHAT_TEMPLATE = (
 )
 
 
-def load_tokenizer(source: ModelSource):
-    """A transformers tokenizer for the source (None for random-weight presets)."""
+def load_tokenizer(source: ModelSource, reader=None):
+    """A transformers tokenizer for the source (None for random-weight presets).
+
+    reader: the source's GGUF reader when the caller already opened it (parsing a large vocabulary
+    takes seconds: Gemma-3's 262K tokens ~12 s), for the tokenizer check to reuse."""
     if source.kind == "random":
         return None
     from transformers import AutoTokenizer
@@ -429,7 +432,7 @@ def load_tokenizer(source: ModelSource):
     hf_logging.set_verbosity_error()
     try:
         if source.kind == "gguf":
-            tok = _gguf_tokenizer(source.path)
+            tok = _gguf_tokenizer(source.path, reader)
         elif not any((source.path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
             return None  # weights only: the engine then takes token ids, not text
         else:
@@ -479,12 +482,14 @@ def gguf_tokenizer_problem(tok, vocab: list[str], *, model: str, add_bos: bool, 
     return None
 
 
-def _gguf_tokenizer(path: Path):
+def _gguf_tokenizer(path: Path, reader=None):
     """Build the tokenizer stored in a GGUF file, through a disk cache.
 
     Converting a GGUF vocabulary takes seconds; the converted tokenizer is saved under
     $HISA_CACHE_DIR (default ~/.cache/hisa) keyed by the file's path, size and mtime, and loads in
-    ~0.1 s afterwards. An unwritable cache only costs the conversion time.
+    ~0.1 s afterwards. An unwritable cache only costs the conversion time. Converted or cached, the
+    tokenizer is checked against the file's vocabulary (`gguf_tokenizer_problem`; `reader`, if
+    given, is the file's open GGUFReader, so the vocabulary is not parsed a second time).
     """
     import hashlib
     import shutil
@@ -500,7 +505,7 @@ def _gguf_tokenizer(path: Path):
     hit = (cached / "tokenizer_config.json").is_file()
     tok = AutoTokenizer.from_pretrained(str(cached)) if hit else \
         AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    reader = open_gguf(path)
+    reader = reader or open_gguf(path)
     problem = gguf_tokenizer_problem(
         tok, _field(reader, "tokenizer.ggml.tokens", []), model=_field(reader, "tokenizer.ggml.model", ""),
         add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
