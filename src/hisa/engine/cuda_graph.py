@@ -8,9 +8,9 @@ kernel of a decode step reads its shapes from the batch and its values from devi
 no host sync, so the model forward of a step can be captured once and replayed.
 
 A captured step is tied to its shapes: for a sparse step, the number of decode rows and the width
-of the host page table its selection reads (`SparseCoordinator.table_width_bucket`); for a dense
-step, the batch size and the width of its page table (`ModelRunner.page_table_width`). Both widths
-are powers of two, so a context doubles before a step is captured again. The first step of a shape
+of the host page table its selection reads; for a dense step, the batch size and the width of its
+page table. With graphs on, both widths are rounded up by `width_bucket`, so a context doubles
+before a step is captured again. The first step of a shape
 runs eagerly, as it would without graphs (that run is also the warm-up: Triton kernels compiled,
 cuBLAS workspaces made), and is then captured; later steps of the shape copy their inputs (token
 ids, positions, the dense step plan, the sparse plan) into the captured tensors and replay. What a
@@ -31,6 +31,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+def width_bucket(width: int, limit: int) -> int:
+    """`width` rounded up to a power of two, at least 16 and at most `limit`: the page-table widths
+    captured steps are tied to, so a context doubles before a step is captured again."""
+    bucket = 16
+    while bucket < width:
+        bucket *= 2
+    return min(bucket, limit)
+
 
 # the StepPlan fields a captured step reads (copied in before each replay)
 _STEP_PLAN_FIELDS = ("input_ids", "positions", "write_rows", "write_pages", "write_offsets", "decode_rows",
@@ -116,34 +125,30 @@ class DecodeGraphs:
             if rope is not None:  # the rotary tables must not grow inside the graph
                 rope._ensure(self.max_model_len, plan.input_ids.device)
         entry = _Captured(replay=None, plan=plan)
-        if sparse_step:
-            sparse = self.sparse
+        sparse = self.sparse if sparse_step else None
+        if sparse is not None:  # the eager run's staged K/V and miss counts stay the step's (forward_end)
             eager_staged, eager_misses = sparse.staged, sparse.misses
-            entry.misses = torch.zeros_like(eager_misses)
-            entry.sparse_plan = sparse.decode_plan
-            sparse.staged = []
-            sparse.bind_decode_state(entry.sparse_plan, entry.misses)
+            entry.sparse_plan, entry.misses = sparse.decode_plan, torch.zeros_like(eager_misses)
+            sparse.staged, sparse.misses = [], entry.misses
         max_position = plan.max_position
         try:
             replay = self._capture_fn(lambda: self.model(plan.input_ids, plan.positions, attn, max_position))
+            captured_staged = list(sparse.staged) if sparse is not None else []  # where a graph writes new K/V
         except Exception as e:  # the eager step already ran: keep its results, run this shape eagerly
-            if sparse_step:
-                sparse.staged, sparse.misses = eager_staged, eager_misses
             self._eager_only.add(key)
             warnings.warn(f"hisa: could not capture a decode step of shape {key} in a CUDA graph "
                           f"({type(e).__name__}: {e}); steps of that shape run eagerly", RuntimeWarning, stacklevel=2)
             return
-        if sparse_step:
-            captured_staged = list(sparse.staged)  # the tensors a CUDA graph writes the new K/V into
-
+        finally:
+            if sparse is not None:
+                sparse.staged, sparse.misses = eager_staged, eager_misses
+        if sparse is not None:
             def replay_sparse(inner=replay) -> torch.Tensor:
                 sparse.staged = list(captured_staged)
                 return inner()
 
-            entry.replay = replay_sparse
-            sparse.staged, sparse.misses = eager_staged, eager_misses
-        else:
-            entry.replay = replay
+            replay = replay_sparse
+        entry.replay = replay
         self._graphs[key] = entry
         self.captures += 1
         while len(self._graphs) > self.max_graphs:

@@ -8,6 +8,7 @@ import torch
 
 from hisa.attention.paged_decode import paged_decode_attention
 from hisa.attention.prefill import gather_pages, prefill_attention
+from hisa.engine.cuda_graph import DecodeGraphs, width_bucket
 from hisa.engine.scheduler import ScheduledBatch
 from hisa.kvcache.paged_cache import PagedKVCache
 
@@ -94,18 +95,7 @@ class ModelRunner:
         self.max_pages = -(-max_model_len // self.page_size)
         self.graphs = None
         if cuda_graphs and device.type == "cuda":
-            from hisa.engine.cuda_graph import DecodeGraphs
-
             self.graphs = DecodeGraphs(model, sparse, max_model_len=max_model_len)
-
-    def page_table_width(self, pages: int) -> int:
-        """Columns of a dense decode page table when steps are captured: the longest request's pages
-        rounded up to a power of two (at least 16, at most a max_model_len request's). Columns past a
-        request's kv_len are never read; the rounding lets a captured step serve 2x context growth."""
-        width = 16
-        while width < pages:
-            width *= 2
-        return max(1, min(width, self.max_pages))
 
     def plan(self, batch: ScheduledBatch) -> StepPlan:
         s = self.page_size
@@ -136,7 +126,7 @@ class ModelRunner:
             row += n
         width = max((len(t) for t in dec_tables), default=1)
         if self.graphs is not None and dec_tables:  # captured steps: a width that serves many steps
-            width = self.page_table_width(width)
+            width = width_bucket(width, self.max_pages)
         table = torch.full((len(dec_tables), width), -1, dtype=torch.int32)
         for b, pages in enumerate(dec_tables):
             table[b, : len(pages)] = torch.tensor(pages, dtype=torch.int32)

@@ -16,6 +16,7 @@ import torch
 
 from hisa.attention.paged_decode import paged_decode_attention
 from hisa.attention.prefill import prefill_attention
+from hisa.engine.cuda_graph import width_bucket
 from hisa.engine.sequence import Sequence
 from hisa.kvcache.io import load_pages, store_pages
 from hisa.kvcache.manager import SparseKVCacheManager, SparseStepStats
@@ -97,7 +98,7 @@ class SparseCoordinator:
                                       selected_per_layer=[0] * mc.num_layers)
         self._kv_token_bytes = 2 * mc.num_kv_heads * mc.head_dim * elt  # K+V of one token, one layer
         # set by hisa.engine.cuda_graph when decode steps are captured: round the table width up
-        # (table_width_bucket) so a captured step serves many steps; eager runs read exact widths
+        # (width_bucket) so a captured step serves many steps; eager runs read exact widths
         self.round_table_widths = False
 
     # -- lifecycle (called by the scheduler) ----------------------------------------------------
@@ -134,8 +135,10 @@ class SparseCoordinator:
             else:
                 self._prefills.append((row, row + n, seq, seq.num_computed))
         self._decode = self._plan_decode(decode) if decode else None
-        self._staged: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._misses = torch.zeros(self.num_layers, dtype=torch.int64, device=self.device)
+        # the step's new (k, v) rows, one pair per layer, offloaded at forward_end; and the pages loaded
+        # per layer (int64 [layers], on the device). A captured step swaps in its own (hisa.engine.cuda_graph).
+        self.staged: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.misses = torch.zeros(self.num_layers, dtype=torch.int64, device=self.device)
         self.manager.tick()
         return self
 
@@ -151,7 +154,7 @@ class SparseCoordinator:
             cur_hp.append(seq.pages[(t - 1) // s]), cur_off.append((t - 1) % s)
             width = max(width, -(-t // s))
         if self.round_table_widths:
-            width = self.table_width_bucket(width)
+            width = width_bucket(width, self.manager.max_pages)
         active = torch.zeros(self.manager.max_requests, dtype=torch.bool)
         active[slots] = True
 
@@ -171,16 +174,6 @@ class SparseCoordinator:
             host_pages_cpu=torch.tensor(cur_hp), offsets_cpu=torch.tensor(cur_off),
             num_selected=sum(sum(1 for p in t if p != -1) for t in templates), **window)
 
-    def table_width_bucket(self, width: int) -> int:
-        """The host-table columns a step's selection reads: `width` (pages of the longest request)
-        rounded up to a power of two (at least 16, at most the table). Pages past a request's end
-        are masked either way; the rounding lets a captured decode step serve 2x growth of the
-        context before it is captured again."""
-        bucket = 16
-        while bucket < width:
-            bucket *= 2
-        return min(bucket, self.manager.max_pages)
-
     @property
     def graph_safe(self) -> bool:
         """Whether this step's sparse decode can be captured in a CUDA graph (the algorithm's own say)."""
@@ -198,39 +191,19 @@ class SparseCoordinator:
     def bind_decode_state(self, plan: _DecodePlan, misses: torch.Tensor) -> None:
         """Make `plan` and `misses` (the tensors a captured step reads and writes) this step's.
 
-        The step's freshly planned values are copied into `plan`'s tensors (same shapes: the
-        graph key matched); host-side fields come from the fresh plan. `misses` is zeroed.
+        Before a replay: the step's freshly planned values are copied into `plan`'s tensors (same
+        shapes: the graph key matched); host-side fields come from the fresh plan. `misses` is zeroed.
         """
         fresh = self._decode
-        if fresh is not plan:
-            for name in _DEVICE_PLAN_FIELDS:
-                dst = getattr(plan, name)
-                if dst is not None:
-                    dst.copy_(getattr(fresh, name), non_blocking=True)
-            plan.host_pages_cpu, plan.offsets_cpu = fresh.host_pages_cpu, fresh.offsets_cpu
-            plan.num_selected, plan.window_num_selected = fresh.num_selected, fresh.window_num_selected
-            self._decode = plan
-        if misses is not self._misses:
-            misses.zero_()
-            self._misses = misses
-
-    @property
-    def staged(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The (k, v) rows of the step's new tokens, one pair per layer (offloaded at forward_end)."""
-        return self._staged
-
-    @staged.setter
-    def staged(self, value: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self._staged = value
-
-    @property
-    def misses(self) -> torch.Tensor:
-        """int64 [layers] pages loaded this step per layer (summed over rows), on the device."""
-        return self._misses
-
-    @misses.setter
-    def misses(self, value: torch.Tensor) -> None:
-        self._misses = value
+        for name in _DEVICE_PLAN_FIELDS:
+            dst = getattr(plan, name)
+            if dst is not None:
+                dst.copy_(getattr(fresh, name), non_blocking=True)
+        plan.host_pages_cpu, plan.offsets_cpu = fresh.host_pages_cpu, fresh.offsets_cpu
+        plan.num_selected, plan.window_num_selected = fresh.num_selected, fresh.window_num_selected
+        self._decode = plan
+        misses.zero_()
+        self.misses = misses
 
     def _window_rows(self, num_tokens: list[int]) -> tuple[list[list[int]], list[int], list[int]]:
         """Sliding layers: per row, the logical pages holding the last `window` tokens, in order.
@@ -331,9 +304,9 @@ class SparseCoordinator:
         kb, vb = k.to(buf.dtype), v.to(buf.dtype)
         buf[cur, 0, d.current_offset] = kb
         buf[cur, 1, d.current_offset] = vb
-        self._staged.append((kb, vb))  # offloaded to the host pool at forward_end
+        self.staged.append((kb, vb))  # offloaded to the host pool at forward_end
         if self.collect_stats:
-            self._misses[layer] += misses[d.slots].sum()
+            self.misses[layer] += misses[d.slots].sum()
         return table, kv_lens
 
     def attention_end(self, layer: int, k: torch.Tensor) -> None:
@@ -347,8 +320,8 @@ class SparseCoordinator:
         if d is None:
             return
         pool = self.manager.host
-        k = torch.stack([kv[0] for kv in self._staged])  # [L, R, KVH, D]
-        v = torch.stack([kv[1] for kv in self._staged])
+        k = torch.stack([kv[0] for kv in self.staged])  # [L, R, KVH, D]
+        v = torch.stack([kv[1] for kv in self.staged])
         k, v = k.to(pool.data.device), v.to(pool.data.device)  # one small D2H per step
         hp, off = d.host_pages_cpu.to(pool.data.device), d.offsets_cpu.to(pool.data.device)
         view = pool.data.view(pool.data.shape[0], pool.data.shape[1], 2, self.page_size, k.shape[2], k.shape[3])
@@ -358,7 +331,7 @@ class SparseCoordinator:
             self._record(d, k)
 
     def _record(self, d: _DecodePlan, k: torch.Tensor) -> None:
-        misses = self._misses.tolist()
+        misses = self.misses.tolist()
         selected = [d.num_selected if w is None else d.window_num_selected for w in self.windows]
         page_row = self.manager.row_bytes
         mem = self.memory()
