@@ -56,9 +56,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     sp.add_argument("--recent-pages", type=int, default=2, help="always-kept pages at the end (default: 2)")
     sp.add_argument("--sparse-min-prompt-len", type=int, default=1024,
                     help="shorter prompts run dense (default: 1024)")
-    sp.add_argument("--host-pool-gb", type=float, default=4.0, help="host KV pool size in GB (default: 4)")
-    sp.add_argument("--no-offload", action="store_true",
-                    help="keep the full KV pool on the device (for comparison; same code path)")
+    sp.add_argument("--host-pool-gb", type=float, default=None,
+                    help="host KV pool size in GB (default: sized from the machine's available RAM)")
+    sp.add_argument("--residency", default="auto", choices=("auto", "device", "host"),
+                    help="where sparse requests keep their KV: auto = on the device while it fits, the host "
+                         "pool under memory pressure (default); device = always; host = always the host pool")
     sp.add_argument("--max-sparse-requests", type=int, default=16,
                     help="sparse requests running at once (default: 16)")
 
@@ -71,7 +73,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         sparse = SparseConfig(algorithm=args.sparse, token_budget=args.token_budget, buffer_ratio=args.buffer_ratio,
                               sink_pages=args.sink_pages, recent_pages=args.recent_pages,
                               min_prompt_len=args.sparse_min_prompt_len, host_pool_gb=args.host_pool_gb,
-                              offload=not args.no_offload, max_sparse_requests=args.max_sparse_requests)
+                              residency=args.residency, max_sparse_requests=args.max_sparse_requests)
     return dict(model=args.model, device=args.device, dtype=args.dtype, page_size=args.page_size,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb, seed=args.seed, sparse=sparse,

@@ -50,32 +50,24 @@ class LLMEngine:
             raise ConfigError(f"max_model_len={self.max_model_len} exceeds the model's context "
                               f"({mcfg.max_position_embeddings} tokens)")
         self.sparse = None
-        if config.sparse is not None:  # first, so the dense pool is sized from what it leaves free
-            from hisa.sparse.coordinator import SparseCoordinator
-
-            self.sparse = SparseCoordinator(config.sparse, model_config=mcfg, page_size=config.page_size,
-                                            max_model_len=self.max_model_len, dtype=config.torch_dtype,
-                                            device=config.torch_device)
+        algorithm = None
+        if config.sparse is not None:  # first, so the device pool is sized from what its metadata leaves free
+            algorithm = _sparse_algorithm(config, mcfg, self.max_model_len)
         num_pages = self._num_kv_pages()
-        # with the sparse cache, long prompts live in the host pool: the dense pool must hold one
-        # request that is just too short to go sparse, not one of max_model_len
-        dense_len = self.max_model_len if self.sparse is None else min(self.max_model_len,
-                                                                       config.sparse.min_prompt_len)
-        pages_per_seq = -(-dense_len // config.page_size)
-        if num_pages < pages_per_seq:
-            raise ConfigError(
-                f"the KV pool of {num_pages} pages ({num_pages * config.page_size} tokens) cannot hold one "
-                f"request of {dense_len} tokens; raise kv_cache_gb/num_kv_pages "
-                f"or lower max_model_len")
+        self._check_pool(num_pages)
         self.cache = PagedKVCache(num_layers=mcfg.num_layers, num_pages=num_pages, page_size=config.page_size,
                                   num_kv_heads=mcfg.num_kv_heads, head_dim=mcfg.head_dim,
                                   dtype=config.torch_dtype, device=config.torch_device)
+        if algorithm is not None:
+            self.sparse = build_sparse(config.sparse, algorithm=algorithm, cache=self.cache, model_config=mcfg,
+                                       max_model_len=self.max_model_len)
         self.allocator = PageAllocator(num_pages)
         self.scheduler = Scheduler(allocator=self.allocator, page_size=config.page_size,
                                    max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens, sparse=self.sparse)
         self.runner = ModelRunner(self.loaded.model, self.cache, config.torch_device, sparse=self.sparse,
-                                  cuda_graphs=config.cuda_graphs, max_model_len=self.max_model_len)
+                                  max_num_seqs=config.max_num_seqs, cuda_graphs=config.cuda_graphs,
+                                  max_model_len=self.max_model_len)
         self.sampler = Sampler(config.torch_device, config.seed)
         self.eos_token_ids = set(mcfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -84,6 +76,23 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
         self.num_steps = 0
         self.last_step_tokens = 0
+
+    def _check_pool(self, num_pages: int) -> None:
+        """The device pool must hold one dense request just too short to go sparse, and with the sparse
+        cache one host-backed request's buffer (or, when sparse requests stay resident, a whole one)."""
+        cfg, s = self.config, self.config.page_size
+        sp = cfg.sparse
+        need, what = -(-self.max_model_len // s), f"one request of {self.max_model_len} tokens"
+        if sp is not None and sp.residency != "device":
+            dense_len = min(self.max_model_len, sp.min_prompt_len)
+            need, what = -(-dense_len // s), f"one request of {dense_len} tokens"
+            buffer = host_backed_buffer_pages(sp, self.model_config, s, self.max_model_len)
+            if buffer > need:
+                need, what = buffer, f"one host-backed request's buffer ({buffer} pages)"
+        if num_pages < need:
+            raise ConfigError(
+                f"the KV pool of {num_pages} pages ({num_pages * s} tokens) cannot hold {what}; raise "
+                f"kv_cache_gb/num_kv_pages or lower max_model_len (or the sparse token budget)")
 
     def _num_kv_pages(self) -> int:
         cfg, mcfg = self.config, self.model_config
@@ -257,3 +266,58 @@ class LLMEngine:
 
     def kv_pages_free(self) -> int:
         return self.allocator.num_free
+
+
+# -- the sparse cache's parts ----------------------------------------------------------------------
+def _sparse_algorithm(config: EngineConfig, mcfg, max_model_len: int):
+    """The selection algorithm, with its representations preallocated for every sparse slot."""
+    from hisa.sparse.base import create_algorithm
+
+    sp = config.sparse
+    return create_algorithm(
+        sp.algorithm, num_layers=mcfg.num_layers, num_heads=mcfg.num_heads, num_kv_heads=mcfg.num_kv_heads,
+        head_dim=mcfg.head_dim, page_size=config.page_size, max_requests=sp.max_sparse_requests,
+        max_pages=-(-max_model_len // config.page_size), scale=mcfg.attention_scale, device=config.torch_device,
+        dtype=config.torch_dtype)
+
+
+def host_backed_buffer_pages(sp, mcfg, page_size: int, max_model_len: int) -> int:
+    """Device pages a host-backed request holds: LRU slots (buffer_ratio x budget, at least a sliding
+    window's pages, which the diff needs resident at once; never more than a whole context) + the
+    tail page."""
+    widest = max((w for w in mcfg.layer_windows if w is not None), default=None)
+    window_pages = None if widest is None else (widest - 1) // page_size + 2
+    return max(min(sp.buffer_slots(page_size), -(-max_model_len // page_size)), window_pages or 0) + 1
+
+
+def build_sparse(sp, *, algorithm, cache: PagedKVCache, model_config, max_model_len: int):
+    """Assemble the SparseCoordinator from its parts: the algorithm, the tiers' manager (over the
+    engine's device pool and a host pool sized from `host_pool_gb` or the machine's RAM), the adaptor."""
+    from hisa.kvcache.host_pool import default_host_pool_bytes
+    from hisa.kvcache.manager import SparseKVCacheManager
+    from hisa.sparse.adaptor import BackendAdaptor
+    from hisa.sparse.coordinator import SparseCoordinator
+
+    s, mc = cache.page_size, model_config
+    max_pages = -(-max_model_len // s)
+    page_bytes = PagedKVCache.page_bytes(num_layers=mc.num_layers, page_size=s, num_kv_heads=mc.num_kv_heads,
+                                         head_dim=mc.head_dim, dtype=cache.data.dtype)
+    if sp.host_pool_gb is not None:
+        host_pages = int(sp.host_pool_gb * 2**30 // page_bytes)
+    else:  # the machine's RAM, but no more than every sparse slot at the longest context needs
+        host_pages = min(default_host_pool_bytes() // page_bytes, sp.max_sparse_requests * (max_pages + 1))
+    if sp.residency == "device":
+        host_pages = max(host_pages, 1)
+    elif host_pages < max_pages:
+        raise ConfigError(f"the host pool ({host_pages * page_bytes / 2**30:.2f} GiB) holds {host_pages * s} tokens, "
+                          f"less than one request of max_model_len={max_model_len}; raise --host-pool-gb or lower "
+                          f"--max-model-len")
+    widest = max((w for w in mc.layer_windows if w is not None), default=None)
+    adaptor = BackendAdaptor(page_size=s, sink_pages=sp.sink_pages, recent_pages=sp.recent_pages,
+                             budget_pages=min(sp.budget_pages(s), max_pages), window=widest)  # no more than a context
+    manager = SparseKVCacheManager(device_cache=cache,
+                                   buffer_slots=host_backed_buffer_pages(sp, mc, s, max_model_len) - 1,
+                                   max_requests=sp.max_sparse_requests, max_pages=max_pages, host_pages=host_pages,
+                                   device=cache.data.device)
+    return SparseCoordinator(sp, algorithm=algorithm, manager=manager, adaptor=adaptor, windows=mc.layer_windows,
+                             scale=mc.attention_scale)

@@ -1,161 +1,161 @@
-"""Runs the model for one scheduled batch: builds the step's attention plan, runs, returns logits."""
+"""Runs the model for one scheduled batch: plans the step, runs it (eager or a CUDA-graph replay), returns logits.
+
+Plan once per step, run per layer. The decode rows (every request that adds one token after a
+computed context) are described by eight int32 numbers each, written into pinned memory and sent
+in one copy (`DecodeBuffers`); the page tables, attended lengths and the sparse layout are derived
+on the device from the per-request block table (device pages of dense and resident requests,
+kept up to date as pages are added) and the sparse manager's state. A step of decode rows only is
+captured once per shape and replayed. Prefill chunks (and steps that mix them with decodes) run
+eagerly, decode rows first.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from hisa.attention.paged_decode import paged_decode_attention
-from hisa.attention.prefill import gather_pages, prefill_attention
-from hisa.engine.cuda_graph import DecodeGraphs, width_bucket
+from hisa.engine.cuda_graph import DecodeGraphs
+from hisa.engine.decode_batch import DecodeBuffers, DecodeView, bucket, prepare_step
 from hisa.engine.scheduler import ScheduledBatch
+from hisa.engine.step_attention import PrefillChunk, StepAttention
 from hisa.kvcache.paged_cache import PagedKVCache
-
-
-@dataclass
-class StepPlan:
-    """Host-built metadata of one step, shared by every layer (built once, read per layer).
-
-    Rows are the step's tokens, requests concatenated in batch order. The dense fields cover only
-    dense requests; sparse requests are planned by the SparseCoordinator.
-    """
-
-    input_ids: torch.Tensor  # int64 [T]
-    positions: torch.Tensor  # int64 [T]
-    row_starts: list[int]  # first row of each request of the batch
-    write_rows: torch.Tensor  # int64 [Td] rows of dense requests' new tokens
-    write_pages: torch.Tensor  # int64 [Td] physical page of each of them
-    write_offsets: torch.Tensor  # int64 [Td] slot within that page
-    decode_rows: torch.Tensor  # int64 [Bd] rows of single-token (decode) dense requests
-    decode_page_table: torch.Tensor  # int32 [Bd, max_pages], -1 padded
-    decode_kv_lens: torch.Tensor  # int32 [Bd]
-    prefills: list[tuple[int, int, torch.Tensor, int]]  # (row_start, row_end, pages int64 [n], ctx_len)
-    sample_rows: torch.Tensor  # int64 [Bs] rows whose logits are sampled
-    sample_index: list[int]  # index into batch.seqs of each sampled row
-    max_position: int
-    num_dense_tokens: int
-
-
-class DenseAttention:
-    """Dense paged attention: write new K/V into pages, attend over each request's pages.
-
-    windows: per layer, the sliding window in tokens (Gemma-3's local layers) or None (all tokens).
-    """
-
-    def __init__(self, cache: PagedKVCache, plan: StepPlan, scale: float, windows: list[int | None] | None = None):
-        self.cache, self.plan, self.scale = cache, plan, scale
-        self.windows = windows or [None] * cache.num_layers
-
-    def forward_rows(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
-        """Fill `out` [T, H, D] at the dense requests' rows."""
-        plan, cache = self.plan, self.cache
-        if not plan.num_dense_tokens:
-            return
-        cache.write(layer, plan.write_pages, plan.write_offsets, k[plan.write_rows], v[plan.write_rows])
-        keys, values = cache.keys(layer), cache.values(layer)
-        window = self.windows[layer]
-        if plan.decode_rows.numel():
-            out[plan.decode_rows] = paged_decode_attention(
-                q[plan.decode_rows], keys, values, plan.decode_page_table, plan.decode_kv_lens, scale=self.scale,
-                window=window)
-        s = cache.page_size
-        for start, end, pages, ctx in plan.prefills:
-            first = 0
-            if window is not None:  # the chunk's first query reaches back window - 1 tokens: skip older pages
-                first = max(0, ctx - (end - start) - window + 1) // s
-            out[start:end] = prefill_attention(q[start:end], gather_pages(keys, pages[first:], ctx - first * s),
-                                               gather_pages(values, pages[first:], ctx - first * s),
-                                               scale=self.scale, window=window)
-
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(q)  # [T, H, D]
-        self.forward_rows(layer, q, k, v, out)
-        return out
+from hisa.sparse.adaptor import DENSE, HOST_BACKED, RESIDENT
 
 
 class ModelRunner:
-    """Owns the model and the dense KV cache on the device.
+    """Owns the model, the device page pool and the per-request block table.
 
-    `sparse` (a SparseCoordinator) takes over attention for the step's sparse requests.
+    `sparse` (a SparseCoordinator) takes over the sparse requests' side of attention.
     """
 
     def __init__(self, model: torch.nn.Module, cache: PagedKVCache, device: torch.device, sparse=None, *,
-                 cuda_graphs: bool = False, max_model_len: int | None = None):
+                 max_num_seqs: int, cuda_graphs: bool = False, max_model_len: int | None = None,
+                 graph_capture=None):
         """model: a `hisa.models` causal LM (LlamaForCausalLM, Gemma3ForCausalLM).
 
-        cuda_graphs: capture pure decode steps (all dense or all sparse) in CUDA graphs
-        (`hisa.engine.cuda_graph`); only on CUDA, else ignored.
+        cuda_graphs: capture decode steps in CUDA graphs (`hisa.engine.cuda_graph`); only on CUDA
+        (or with `graph_capture`, a test's stand-in for the capture), else ignored.
         """
         self.model, self.cache, self.device, self.sparse = model, cache, device, sparse
         self.page_size = cache.page_size
         self.scale = model.config.attention_scale
         self.windows = model.config.layer_windows  # per layer: sliding window or None
-        max_model_len = max_model_len or model.config.max_position_embeddings
-        self.max_pages = -(-max_model_len // self.page_size)
+        self.max_model_len = max_model_len or model.config.max_position_embeddings
+        self.max_pages = -(-self.max_model_len // self.page_size)
+        self.max_num_seqs = max_num_seqs
+        self.buffers = DecodeBuffers(max_rows=max_num_seqs, max_seqs=max_num_seqs, max_pages=self.max_pages,
+                                     sparse_sentinel=sparse.manager.sentinel if sparse is not None else 0,
+                                     device=device)
         self.graphs = None
-        if cuda_graphs and device.type == "cuda":
-            self.graphs = DecodeGraphs(model, sparse, max_model_len=max_model_len)
-
-    def plan(self, batch: ScheduledBatch) -> StepPlan:
-        s = self.page_size
-        ids, pos, wrows, wpages, woffs, starts = [], [], [], [], [], []
-        dec_rows, dec_tables, dec_lens, prefills, sample_rows, sample_index = [], [], [], [], [], []
-        row = 0
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            c = seq.num_computed
-            starts.append(row)
-            ids.extend(seq.token_ids[c:c + n])
-            positions = range(c, c + n)
-            pos.extend(positions)
-            ctx = c + n
-            if ctx == seq.num_tokens:  # this step reaches the end of the known tokens: sample the next
-                sample_rows.append(row + n - 1)
-                sample_index.append(i)
-            if not seq.sparse:
-                wrows.extend(range(row, row + n))
-                wpages.extend(seq.pages[p // s] for p in positions)
-                woffs.extend(p % s for p in positions)
-                if n == 1:
-                    dec_rows.append(row)
-                    dec_tables.append(seq.pages[: -(-ctx // s)])
-                    dec_lens.append(ctx)
-                else:
-                    pages = torch.tensor(seq.pages[: -(-ctx // s)], dtype=torch.int64)
-                    prefills.append((row, row + n, pages.to(self.device), ctx))
-            row += n
-        width = max((len(t) for t in dec_tables), default=1)
-        if self.graphs is not None and dec_tables:  # captured steps: a width that serves many steps
-            width = width_bucket(width, self.max_pages)
-        table = torch.full((len(dec_tables), width), -1, dtype=torch.int32)
-        for b, pages in enumerate(dec_tables):
-            table[b, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
-
-        def dev(x, dtype=torch.int64):
-            return torch.tensor(x, dtype=dtype).to(self.device, non_blocking=True)
-
-        return StepPlan(
-            input_ids=dev(ids), positions=dev(pos), row_starts=starts, write_rows=dev(wrows),
-            write_pages=dev(wpages), write_offsets=dev(woffs), decode_rows=dev(dec_rows),
-            decode_page_table=table.to(self.device), decode_kv_lens=dev(dec_lens, torch.int32),
-            prefills=prefills, sample_rows=dev(sample_rows), sample_index=sample_index,
-            max_position=max(pos), num_dense_tokens=len(wrows),
-        )
+        if (cuda_graphs and device.type == "cuda") or graph_capture is not None:
+            if sparse is None or sparse.algorithm.graph_safe:
+                self.graphs = DecodeGraphs(device, capture=graph_capture)
+            for rope in (getattr(model, "rope", None), getattr(model, "rope_local", None)):
+                if rope is not None:  # the rotary tables must not grow inside a graph
+                    rope._ensure(self.max_model_len, device)
+        self._views: dict[tuple, DecodeView] = {}
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
         """Run one step. Returns (fp32 logits [Bs, V] of the sampled rows, their indices in batch.seqs)."""
-        plan = self.plan(batch)
-        dense = DenseAttention(self.cache, plan, self.scale, self.windows)
-        if self.sparse is not None and any(seq.sparse for seq in batch.seqs):
-            attn = self.sparse.forward_begin(batch, plan, dense)
+        if batch.demoted:
+            self.sparse.apply_demotions(batch.demoted)
+        decode_rows, decode_index, sparse_t, prefill = [], [], [], []
+        s = self.page_size
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            if n == 1 and seq.num_computed > 0:
+                t = seq.num_computed + 1
+                page = seq.pages[(t - 1) // s]
+                if not seq.sparse:
+                    kind, wpage, hpage = DENSE, page, -1
+                elif seq.host_backed:
+                    kind, wpage, hpage = HOST_BACKED, seq.buffer_pages[-1], page
+                    sparse_t.append(t)
+                else:
+                    kind, wpage, hpage = RESIDENT, page, -1
+                    sparse_t.append(t)
+                sslot = seq.sparse_slot if seq.sparse else self.buffers.sparse_sentinel
+                decode_rows.append((seq.token_ids[t - 1], t - 1, t, seq.slot, sslot, kind, wpage, hpage))
+                decode_index.append(i)
+            else:
+                prefill.append(i)
+        n = len(decode_rows)
+        kinds = {row[5] for row in decode_rows}
+        has_sparse, has_host = bool(kinds & {RESIDENT, HOST_BACKED}), HOST_BACKED in kinds
+        graphed = self.graphs is not None and n and not prefill
+        n_pad = bucket(n, self.max_num_seqs) if graphed else n
+        view = None
+        if n:
+            self.buffers.fill(decode_rows, n_pad)
+            key = (n_pad, has_sparse, has_host)
+            view = self._views.get(key)
+            if view is None:
+                view = self._views[key] = self.buffers.view(n_pad, has_sparse=has_sparse, has_host_backed=has_host)
+        if graphed:
+            hidden = self.graphs.run(key, lambda: self._forward(view, []))[:n]
+            sample_index = decode_index
+        elif not prefill:
+            hidden = self._forward(view, [])
+            sample_index = decode_index
         else:
-            attn = dense
-        if self.graphs is not None and self.graphs.eligible(batch, attn):
-            hidden = self.graphs.forward(plan, attn)
+            chunks, ids, positions, sample_at, sample_index = self._plan_prefill(batch, prefill, start=n)
+            hidden = self._forward(view, chunks, ids, positions)
+            hidden = hidden[torch.tensor(list(range(n)) + sample_at, dtype=torch.int64).to(self.device)]
+            sample_index = decode_index + sample_index
+        logits = self.model.compute_logits(hidden)
+        if has_sparse:
+            self.sparse.forward_end(sparse_t)
+        return logits, sample_index
+
+    def _plan_prefill(self, batch: ScheduledBatch, which: list[int], *, start: int):
+        """Prefill chunks of the step, rows from `start` on. Host work per request (eager steps only)."""
+        s = self.page_size
+        chunks, ids, positions, sample_at, sample_index = [], [], [], [], []
+        row = start
+        for i in which:
+            seq, n = batch.seqs[i], batch.num_new_tokens[i]
+            c = seq.num_computed
+            ctx = c + n
+            ids.extend(seq.token_ids[c:ctx])
+            positions.extend(range(c, ctx))
+            chunk = PrefillChunk(start=row, end=row + n, seq=seq, computed=c)
+            if seq.sparse and seq.host_backed:
+                self.sparse.manager.set_host_pages(seq.sparse_slot, c // s, seq.pages[c // s: -(-ctx // s)])
+            else:
+                pages = seq.pages[: -(-ctx // s)]
+                self.buffers.set_pages(seq.slot, c // s, pages[c // s:])
+                chunk.pages = torch.tensor(pages, dtype=torch.int64).to(self.device)
+                chunk.write_pages = torch.tensor([pages[p // s] for p in range(c, ctx)], dtype=torch.int64).to(self.device)
+                chunk.write_offsets = (torch.arange(c, ctx) % s).to(self.device)
+            chunks.append(chunk)
+            if ctx == seq.num_tokens:  # this chunk reaches the end of the known tokens: sample the next
+                sample_at.append(row + n - 1)
+                sample_index.append(i)
+            row += n
+        ids_t, pos_t = (torch.tensor(x, dtype=torch.int32).to(self.device) for x in (ids, positions))
+        return chunks, ids_t, pos_t, sample_at, sample_index
+
+    def _forward(self, view: DecodeView | None, chunks: list[PrefillChunk], prefill_ids=None,
+                 prefill_positions=None) -> torch.Tensor:
+        """The step on the device: per-step preparation of the decode rows, then the model."""
+        if view is not None:
+            prepare_step(view, page_size=self.page_size,
+                         host_table=self.sparse.manager.host_table if view.has_host_backed else None)
+            if view.has_sparse:
+                self.sparse.forward_begin(view)
+        attn = StepAttention(cache=self.cache, scale=self.scale, windows=self.windows, decode=view, prefills=chunks,
+                             sparse=self.sparse)
+        if not chunks:
+            ids, positions, max_position = view.input_ids, view.positions, self.max_model_len
         else:
-            hidden = self.model(plan.input_ids, plan.positions, attn, plan.max_position)
-        logits = self.model.compute_logits(hidden[plan.sample_rows])
-        if attn is not dense:
-            self.sparse.forward_end()
-        return logits, plan.sample_index
+            ids, positions = prefill_ids, prefill_positions
+            if view is not None:
+                ids, positions = torch.cat([view.input_ids, ids]), torch.cat([view.positions, positions])
+            max_position = max((c.computed + c.end - c.start for c in chunks), default=0)
+            if view is not None:
+                max_position = self.max_model_len
+        return self.model(ids, positions, attn, max_position)
+
+    def close(self) -> None:
+        if self.graphs is not None:
+            self.graphs.close()
+        self._views.clear()

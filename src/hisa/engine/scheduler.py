@@ -1,23 +1,42 @@
-"""Continuous batching with chunked prefill, admission by free pages and recompute preemption.
+"""Continuous batching with chunked prefill, admission by free pages, demotion and recompute preemption.
 
-Torch-free: it only moves `Sequence` objects between queues and hands out page ids, so it tests on
-a CPU in milliseconds.
+Torch-free: it only moves `Sequence` objects between queues and hands out page ids and slots, so
+it tests on a CPU in milliseconds.
 
 Each `schedule()` returns the work of one engine step: a list of (sequence, number of new tokens).
 Running sequences go first, oldest first (a decode needs 1 token, a prefill in progress takes the
-next chunk); when pages run out, the youngest running sequence is preempted: its pages are freed
-and it goes back to the front of the waiting queue, to be recomputed later. Waiting sequences are
-then admitted while the token budget, the sequence limit and the free pages allow.
+next chunk); waiting sequences are then admitted while the token budget, the sequence limit and
+the free pages allow.
+
+Memory, with a sparse policy (the hierarchical sparse cache), is HBM first:
+  * the device page pool serves dense requests, *resident* sparse requests (every page on the
+    device; attention reads only the selected ones) and the small LRU buffers of *host-backed*
+    sparse requests (their full KV lives in the host pool);
+  * a sparse request is admitted resident when the device pool holds its prompt, else host-backed;
+  * when the device pool runs short, the youngest resident sparse request is *demoted* to
+    host-backed (its pages are copied to the host pool by the engine before the step runs; it
+    keeps `buffer_pages` device pages and frees the rest) before anyone is preempted;
+  * only then is the youngest request holding device pages preempted (pages freed, recomputed later).
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 from hisa.engine.sequence import Sequence, Status
 from hisa.kvcache.page_allocator import PageAllocator
+
+
+@dataclass
+class Demotion:
+    """A resident sparse request moved to the host pool in this step: copy `device_pages[i]` (every
+    layer) to `seq.pages[i]` (host) before the step runs. `seq.buffer_pages` are the device pages it
+    keeps (device_pages[:NS] as its LRU buffer, holding logical pages 0..NS-1, then the tail page)."""
+
+    seq: Sequence
+    device_pages: list[int]
 
 
 @dataclass
@@ -25,6 +44,7 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    demoted: list[Demotion] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -37,18 +57,19 @@ class ScheduledBatch:
 class SparsePolicy(Protocol):
     """What the scheduler needs from the sparse cache (implemented by SparseCoordinator)."""
 
-    host_allocator: PageAllocator  # sparse requests take their pages from the host pool
+    host_allocator: PageAllocator  # host-backed requests take their pages from the host pool
+    buffer_pages: int  # device pages a host-backed request holds: its LRU slots + the tail page
+    residency: Literal["auto", "device", "host"]  # auto: HBM first, host-backed under pressure
 
     def wants(self, seq: Sequence) -> bool: ...
-    def on_request_begin(self, seq: Sequence) -> bool: ...  # False: no device buffer slot free
+    def on_request_begin(self, seq: Sequence) -> bool: ...  # False: no sparse slot free
     def on_request_end(self, seq: Sequence) -> None: ...
 
 
 class Scheduler:
-    """Decides which sequences run in each step and owns their page lists.
+    """Decides which sequences run in each step and owns their page lists and slots.
 
-    Dense requests take pages from `allocator` (the device pool). With a sparse policy, requests it
-    `wants` take pages from the host pool instead plus one device-buffer slot while running.
+    Every running request holds a `slot` (a row of the device-side tables) in [0, max_num_seqs).
     """
 
     def __init__(self, *, allocator: PageAllocator, page_size: int, max_num_seqs: int,
@@ -61,6 +82,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_demotions = 0
+        self._free_slots = list(range(max_num_seqs - 1, -1, -1))
 
     # -- queue management --------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -87,18 +110,28 @@ class Scheduler:
         self._release(seq)
 
     def pool(self, seq: Sequence) -> PageAllocator:
-        return self.sparse.host_allocator if seq.sparse else self.allocator
+        return self.sparse.host_allocator if seq.host_backed else self.allocator
 
     def _release(self, seq: Sequence) -> None:
         if seq.pages:
             self.pool(seq).free(seq.pages)
             seq.pages = []
+        if seq.buffer_pages:
+            self.allocator.free(seq.buffer_pages)
+            seq.buffer_pages = []
         if seq.sparse and seq.sparse_slot is not None:
             self.sparse.on_request_end(seq)
+        seq.host_backed = False
+        if seq.slot is not None:
+            self._free_slots.append(seq.slot)
+            seq.slot = None
 
     def pages_needed(self, seq: Sequence, num_new: int) -> int:
         total = -(-(seq.num_computed + num_new) // self.page_size)
         return max(0, total - len(seq.pages))
+
+    def device_pages_held(self, seq: Sequence) -> int:
+        return len(seq.buffer_pages) + (0 if seq.host_backed else len(seq.pages))
 
     # -- one step ----------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
@@ -108,18 +141,17 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed, budget)
-            need = self.pages_needed(seq, n)
-            pool = self.pool(seq)
-            while not pool.can_allocate(need):
-                # the youngest running request drawing on the same pool gives its pages back
-                victim = next(s for s in reversed(self.running) if s.sparse == seq.sparse)
+            while not self.pool(seq).can_allocate(self.pages_needed(seq, n)):
+                if self.pool(seq) is self.allocator and self._demote_one(batch):
+                    continue  # maybe seq itself: its pages now come from the host pool
+                victim = self._preemption_victim(seq)
                 self._preempt(victim)
                 batch.preempted.append(victim)
                 if victim is seq:
                     break
             if seq.status != Status.RUNNING:  # preempted itself: nothing else can run either
                 break
-            seq.pages.extend(pool.allocate(need))
+            seq.pages.extend(self.pool(seq).allocate(self.pages_needed(seq, n)))
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
             budget -= n
@@ -128,26 +160,74 @@ class Scheduler:
         if batch.preempted:
             return batch  # memory is tight: let the running ones finish before admitting more
         # Keep one free page per running decode so that the next step need not preempt at once.
-        reserve = {False: 0, True: 0}
+        reserve = {id(self.allocator): 0}
+        if self.sparse is not None:
+            reserve[id(self.sparse.host_allocator)] = 0
         for s in self.running:
-            reserve[s.sparse] += not s.in_prefill
+            if not s.in_prefill:
+                reserve[id(self.pool(s))] += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = min(seq.num_tokens - seq.num_computed, budget)
-            need = self.pages_needed(seq, n)
-            pool = self.pool(seq)
-            if need + reserve[seq.sparse] > pool.num_free:
+            if not self._admit(seq, n, reserve):
                 break
-            if seq.sparse and not self.sparse.on_request_begin(seq):
-                break  # every device buffer slot is taken
             self.waiting.popleft()
             seq.status = Status.RUNNING
-            seq.pages.extend(pool.allocate(need))
+            seq.slot = self._free_slots.pop()
+            seq.pages.extend(self.pool(seq).allocate(self.pages_needed(seq, n)))
             self.running.append(seq)
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
             budget -= n
         return batch
+
+    def _admit(self, seq: Sequence, n: int, reserve: dict[int, int]) -> bool:
+        """Can `seq` start with a chunk of n tokens? Decides a sparse request's residency (HBM first)."""
+        need = self.pages_needed(seq, n)
+        dev = self.allocator
+        if not seq.sparse:
+            return need + reserve[id(dev)] <= dev.num_free
+        mode = self.sparse.residency
+        host = self.sparse.host_allocator
+        resident_ok = mode != "host" and need + reserve[id(dev)] <= dev.num_free
+        host_ok = (mode != "device" and need + reserve[id(host)] <= host.num_free
+                   and self.sparse.buffer_pages + reserve[id(dev)] <= dev.num_free)
+        if not (resident_ok or host_ok):
+            return False
+        seq.host_backed = not resident_ok
+        if seq.host_backed:
+            seq.buffer_pages = dev.allocate(self.sparse.buffer_pages)
+        if not self.sparse.on_request_begin(seq):  # every sparse slot is taken
+            if seq.buffer_pages:
+                dev.free(seq.buffer_pages)
+            seq.buffer_pages, seq.host_backed = [], False
+            return False
+        return True
+
+    def _demote_one(self, batch: ScheduledBatch) -> bool:
+        """Move the youngest demotable resident sparse request to the host pool. False if none can go."""
+        if self.sparse is None or self.sparse.residency != "auto":
+            return False
+        host, keep = self.sparse.host_allocator, self.sparse.buffer_pages
+        for seq in reversed(self.running):
+            # in prefill: its KV is half written; small: demoting would free nothing
+            if (seq.sparse and not seq.host_backed and not seq.in_prefill and len(seq.pages) > keep
+                    and host.can_allocate(len(seq.pages) + 1)):
+                device_pages = seq.pages
+                seq.pages = host.allocate(len(device_pages))
+                seq.buffer_pages = device_pages[: keep - 1] + [device_pages[-1]]  # LRU slots + the tail
+                self.allocator.free(device_pages[keep - 1: -1])
+                seq.host_backed = True
+                batch.demoted.append(Demotion(seq, device_pages))
+                self.num_demotions += 1
+                return True
+        return False
+
+    def _preemption_victim(self, seq: Sequence) -> Sequence:
+        """The youngest running request holding pages of the pool `seq` is short of."""
+        if seq.host_backed:
+            return next(s for s in reversed(self.running) if s.host_backed)
+        return next(s for s in reversed(self.running) if self.device_pages_held(s) > 0 or s is seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -37,9 +37,16 @@ class Sequence:
     stop_text_len: int | None = None  # where a stop string cut the text
     first_token_time: float | None = None
     num_preemptions: int = 0
+    slot: int | None = None  # its row of the device-side per-request tables while it runs
     sparse: bool = False  # decided when the request arrives (SparseCoordinator.wants)
-    sparse_slot: int | None = None  # the device-buffer slot while a sparse request runs
-    host_pages_synced: int = 0  # how many of `pages` the device-side host page table knows
+    sparse_slot: int | None = None  # its row of the sparse state (representations, LRU) while it runs
+    # Where a sparse request's KV lives (decided at admission, HBM first): resident (False) = every
+    # page in the device pool, like a dense request; host-backed (True) = every page in the host pool
+    # (`pages` are host page ids) and only `buffer_pages` on the device: an LRU of device pages
+    # that each layer fills with the pages it selects, then one "tail" page (last) that holds the
+    # page being written.
+    host_backed: bool = False
+    buffer_pages: list[int] = field(default_factory=list)
     # Teacher forcing (LLMEngine.score): the outputs to feed instead of sampling, and the logits seen.
     forced_output: list[int] | None = None
     scored_logits: list = field(default_factory=list)

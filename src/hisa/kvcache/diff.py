@@ -82,6 +82,50 @@ def lru_diff(buffer_pages: torch.Tensor, last_used: torch.Tensor, topk: torch.Te
     return out
 
 
+def lru_diff_mapped(buffer_pages: torch.Tensor, last_used: torch.Tensor, topk: torch.Tensor,
+                    step: torch.Tensor, *, rows: torch.Tensor, active: torch.Tensor, slot_pages: torch.Tensor,
+                    host_table: torch.Tensor, out: DiffResult, counter: torch.Tensor | None = None,
+                    backend: str = "auto") -> DiffResult:
+    """lru_diff for the sparse decode step: state rows chosen per top-k row, addresses out.
+
+    buffer_pages, last_used: int32 [N, NS] state of N request slots, updated in place.
+    topk: int32 [R, K] logical pages per batch row (-1 padded); rows: int32 [R] the state row of each
+      batch row (active rows must not share one); active: bool/uint8 [R].
+    slot_pages: int32 [N, NS] device page of each buffer slot; host_table: int32 [N, MAXP] host
+      page of each logical page.
+    out (preallocated, int32): slot_table [R, K] gets the device page of each entry that has a
+      slot (others are left as they were: a view of the attention table whose other entries the
+      caller wrote); load_slots / load_pages get the device page to fill and the host page to read
+      of each miss, compacted and -1 padded (the I/O kernel's row pairs); num_misses [R].
+    counter: optional int64 [1], incremented by the step's misses. No host sync on CUDA.
+    """
+    R, K = topk.shape
+    NS = buffer_pages.shape[1]
+    if backend == "auto":
+        backend = "triton" if buffer_pages.is_cuda and NS <= MAX_TRITON_SLOTS else "torch"
+    if backend == "triton":
+        _launch_triton(buffer_pages, last_used, topk, step, active, out, R, NS, K,
+                       mapped=(rows, slot_pages, host_table, counter))
+        return out
+    srow = rows.long()
+    act = active.to(torch.bool)
+    bp, lu = buffer_pages[srow], last_used[srow]  # [R, NS] copies
+    local = lru_diff_reference(bp, lu, topk, step, active=act)
+    buffer_pages[srow[act]] = bp[act]
+    last_used[srow[act]] = lu[act]
+    sp = slot_pages[srow]  # [R, NS]
+    has = local.slot_table >= 0
+    out.slot_table.copy_(torch.where(has, sp.gather(1, local.slot_table.clamp(min=0).long()), out.slot_table))
+    ls, lp = local.load_slots, local.load_pages
+    out.load_slots.copy_(torch.where(ls >= 0, sp.gather(1, ls.clamp(min=0).long()), -1))
+    host = host_table[srow].gather(1, lp.clamp(min=0).long()).to(torch.int32)
+    out.load_pages.copy_(torch.where((ls >= 0) & (lp >= 0), host, -1))
+    out.num_misses.copy_(local.num_misses)
+    if counter is not None:
+        counter += local.num_misses.sum()
+    return out
+
+
 def lru_diff_reference(buffer_pages: torch.Tensor, last_used: torch.Tensor, topk: torch.Tensor,
                        step: int | torch.Tensor, *, active: torch.Tensor | None = None,
                        out: DiffResult | None = None) -> DiffResult:
@@ -187,7 +231,7 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _launch_triton(buffer_pages, last_used, topk, step, active, out, R, NS, K) -> None:
+def _launch_triton(buffer_pages, last_used, topk, step, active, out, R, NS, K, mapped=None) -> None:
     from hisa.kvcache.triton_diff import lru_diff_kernel
 
     if NS > MAX_TRITON_SLOTS:
@@ -211,9 +255,14 @@ def _launch_triton(buffer_pages, last_used, topk, step, active, out, R, NS, K) -
         active if active is not None else buffer_pages,
         step if step_is_tensor else buffer_pages, 0 if step_is_tensor else int(step),
         out.slot_table, out.load_slots, out.load_pages, out.num_misses,
+        *(mapped[:3] if mapped else (buffer_pages,) * 3),  # rows, slot_pages, host_table
+        mapped[3] if mapped and mapped[3] is not None else buffer_pages,  # the miss counter
         NS, K,
         buffer_pages.stride(0), last_used.stride(0), topk.stride(0),
         out.slot_table.stride(0), out.load_slots.stride(0), out.load_pages.stride(0),
+        mapped[1].stride(0) if mapped else 0, mapped[2].stride(0) if mapped else 0,
         HAS_ACTIVE=active is not None, STEP_FROM_PTR=step_is_tensor,
+        HAS_ROWS=mapped is not None, MAP_PAGES=mapped is not None,
+        HAS_COUNTER=mapped is not None and mapped[3] is not None,
         BLOCK_NS=block_ns, CHUNK_K=chunk_k, N_CHUNKS=-(-K // chunk_k), num_warps=4 if block_ns <= 512 else 8,
     )

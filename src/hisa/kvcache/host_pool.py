@@ -1,18 +1,27 @@
-"""L2: the host pool holding the full KV of every sparse request (pinned when CUDA is used)."""
+"""L2: the host pool holding the full KV of every host-backed sparse request (pinned when CUDA is used).
+
+One pinned allocation per layer instead of one for the whole pool: single pinned allocations of
+~50 GB and more fail on the lent GPU machines, while 112 GiB pinned in 4 GiB pieces works. The
+per-layer piece is also the unit the hot path reads: a decode step loads one layer's missed pages
+at a time, so a kernel only ever needs that layer's tensor.
+"""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
+from hisa.errors import ConfigError
 from hisa.kvcache.page_allocator import PageAllocator
 
 
 class HostKVPool:
-    """`data` [layers, pages, ROW] with ROW = 2 * page_size * kv_heads * head_dim (K then V).
+    """Per layer `layers[l]` [pages, ROW] with ROW = 2 * page_size * kv_heads * head_dim (K then V).
 
-    One layer's pool is contiguous and a page of one layer is one row, so the per-layer load of a
-    request's missing pages is a row gather (what the I/O kernel does). Page ids are shared across
-    layers: host page p of layer l is `data[l, p]`.
+    A page of one layer is one row, so the per-layer load of a request's missing pages is a row
+    gather (what the I/O kernel does). Page ids are shared across layers: host page p of layer l is
+    `layers[l][p]`.
 
     Example::
 
@@ -25,28 +34,63 @@ class HostKVPool:
                  dtype: torch.dtype, device: torch.device, pin: bool):
         self.page_size, self.num_kv_heads, self.head_dim = page_size, num_kv_heads, head_dim
         self.row = 2 * page_size * num_kv_heads * head_dim
-        # Uninitialized on purpose (a multi-GB memset costs seconds): a token slot is always written
-        # before any kernel reads it as valid, and every reader masks by length.
-        self.data = torch.empty(num_layers, num_pages, self.row, dtype=dtype, device=device, pin_memory=pin)
-        self.allocator = PageAllocator(num_pages)
+        self.dtype = dtype
         self.pinned = pin
+        self.layers: list[torch.Tensor] = []
+        for layer in range(num_layers):
+            try:
+                # Uninitialized on purpose (a multi-GB memset costs seconds): a token slot is always
+                # written before any kernel reads it as valid, and every reader masks by length.
+                self.layers.append(torch.empty(num_pages, self.row, dtype=dtype, device=device, pin_memory=pin))
+            except (RuntimeError, torch.OutOfMemoryError) as e:
+                self.layers.clear()
+                piece = num_pages * self.row * torch.empty((), dtype=dtype).element_size()
+                raise ConfigError(
+                    f"could not {'pin' if pin else 'allocate'} the host KV pool: layer {layer} of {num_layers} "
+                    f"({piece / 2**30:.2f} GiB each, {num_layers * piece / 2**30:.1f} GiB in all) failed "
+                    f"({type(e).__name__}); lower --host-pool-gb (this machine has "
+                    f"{available_host_bytes() / 2**30:.1f} GiB available)") from e
+        self.allocator = PageAllocator(num_pages)
 
     @property
     def num_pages(self) -> int:
-        return self.data.shape[1]
+        return self.layers[0].shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
 
     @property
     def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
+        return sum(t.numel() * t.element_size() for t in self.layers)
 
     @property
     def page_bytes(self) -> int:
         """Bytes of one page across all layers."""
-        return self.data.shape[0] * self.row * self.data.element_size()
+        return self.num_layers * self.row * self.layers[0].element_size()
 
     def layer_rows(self, layer: int) -> torch.Tensor:
-        return self.data[layer]  # [pages, ROW]
+        return self.layers[layer]  # [pages, ROW]
 
     def layer_pages(self, layer: int) -> torch.Tensor:
         """[pages, 2, S, KVH, D] view of one layer."""
-        return self.data[layer].view(-1, 2, self.page_size, self.num_kv_heads, self.head_dim)
+        return self.layers[layer].view(-1, 2, self.page_size, self.num_kv_heads, self.head_dim)
+
+
+def available_host_bytes() -> int:
+    """Host memory the pool may use: MemAvailable from /proc/meminfo (the physical size elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def default_host_pool_bytes(*, headroom: float = 0.2, reserve_gb: float = 8.0) -> int:
+    """The host pool's default size: the available RAM less 20% and 8 GiB (the process, the OS page
+    cache, a GGUF being read) — so by default the pool uses the machine's RAM, not a fixed figure."""
+    avail = available_host_bytes()
+    return max(0, int(avail * (1.0 - headroom) - reserve_gb * 2**30))

@@ -122,8 +122,8 @@ def _uva_ok(src_kv: torch.Tensor, dst_kv: torch.Tensor) -> bool:
 
 def _copy_rows_torch(src_kv, dst_kv, src_rows, dst_rows) -> None:
     keep = (src_rows >= 0) & (dst_rows >= 0)
-    s = src_rows[keep].to(src_kv.device)  # boolean indexing: a sync on CUDA (fallback path)
-    d = dst_rows[keep].to(dst_kv.device)
+    s = src_rows[keep].to(src_kv.device).long()  # boolean indexing: a sync on CUDA (fallback path)
+    d = dst_rows[keep].to(dst_kv.device).long()
     rows = src_kv.index_select(0, s)  # [n, ROW] on the source device
     dst_kv.index_copy_(0, d, rows.to(dst_kv.device, non_blocking=rows.is_pinned()))
 

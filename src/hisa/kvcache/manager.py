@@ -1,128 +1,132 @@
-"""SparseKVCacheManager: the tiers (device buffer L1, host pool L2) and the moves between them.
+"""SparseKVCacheManager: the tiers of the sparse cache and every move of KV between them.
 
-Per sparse request (a *slot* r in [0, max_requests)) and per layer, the device buffer holds NS
-pages in an LRU. Each decode step and layer: the diff kernel compares the new selection with the
-buffer, keeps hits, assigns misses to least-recently-used slots; the I/O kernel then reads just
-the missed pages from the host pool. New tokens are written to the device slot of their page
-(for attention) and to the host pool at the end of the step (offload), so the host always holds
-the full KV and an evicted page never needs writing back.
+L1 is the engine's device page pool (`PagedKVCache`), shared with dense requests: a *resident*
+sparse request holds all its pages there; a *host-backed* one holds NS "buffer" pages (an LRU per
+layer: each layer fills them with the pages it selects) plus a tail page for the page being
+written. L2 is the pinned host pool holding the full KV of every host-backed request.
+
+Per decode step and layer, for the host-backed rows: `resolve` runs the diff kernel (keep hits,
+assign misses to least-recently-used non-selected slots, write each entry's device page into the
+attention table) and then the I/O kernel reads just the missed pages from the host pool. New
+tokens are written through to the host pool as they are made (`hisa.kvcache.write`), so the host
+always holds the full KV and an evicted page never needs writing back. A demotion (the scheduler
+moves a resident request to the host under memory pressure) copies its pages device → host once.
+
+Device state, preallocated and indexed by sparse slot (row SS is a sentinel for padding rows):
+  buffer_lp     [layers, SS + 1, NS] int32  logical page each buffer slot holds (-1 empty)
+  last_used     [layers, SS + 1, NS] int32  LRU clock
+  slot_pages    [SS + 1, NS] int32          device page of each buffer slot
+  host_table    [SS + 1, MAXP] int32        logical page -> host page
+  misses        [layers] int64              pages loaded per layer since start (read on demand)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-from hisa.kvcache.diff import lru_diff
+from hisa.kvcache.diff import DiffResult, lru_diff_mapped
 from hisa.kvcache.host_pool import HostKVPool
-from hisa.kvcache.io import load_pages
-
-
-@dataclass
-class SparseStepStats:
-    """Counters of one decode step (summed over layers and requests) and per layer."""
-
-    requests: int = 0
-    selected_pages: int = 0
-    hits: int = 0
-    misses: int = 0
-    bytes_h2d: int = 0
-    bytes_d2h: int = 0
-    misses_per_layer: list[int] = field(default_factory=list)
-    selected_per_layer: list[int] = field(default_factory=list)
-    device_bytes_in_use: int = 0  # KV buffers + representations of the running sparse requests
-    host_bytes_in_use: int = 0  # host pool pages held
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hits / self.selected_pages if self.selected_pages else 1.0
+from hisa.kvcache.io import load_pages, store_pages
+from hisa.kvcache.paged_cache import PagedKVCache
 
 
 class SparseKVCacheManager:
-    """Owns the host pool, the per-request device buffers and their LRU state.
+    """Owns the host pool and the per-slot residency state of the sparse requests (see module docs)."""
 
-    Device tensors (preallocated, indexed by request slot):
-      buffer_kv     [layers, max_requests * NS, ROW]   the L1 pages
-      buffer_pages  [layers, max_requests, NS] int32   logical page held by each slot (-1 empty)
-      last_used     [layers, max_requests, NS] int32   LRU clock
-      host_table    [max_requests, max_pages] int64    logical page -> host pool page
-    """
-
-    def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, page_size: int,
-                 buffer_slots: int, max_requests: int, max_pages: int, host_pages: int,
-                 dtype: torch.dtype, device: torch.device, offload: bool):
-        self.num_layers, self.page_size, self.ns = num_layers, page_size, buffer_slots
-        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+    def __init__(self, *, device_cache: PagedKVCache, buffer_slots: int, max_requests: int, max_pages: int,
+                 host_pages: int, device: torch.device):
+        c = device_cache
+        self.cache = device_cache
+        self.num_layers, self.page_size, self.ns = c.num_layers, c.page_size, buffer_slots
+        self.num_kv_heads, self.head_dim = c.num_kv_heads, c.head_dim
         self.max_requests, self.max_pages, self.device = max_requests, max_pages, device
-        pool_device = torch.device("cpu") if offload else device
-        self.host = HostKVPool(num_layers=num_layers, num_pages=host_pages, page_size=page_size,
-                               num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype, device=pool_device,
-                               pin=offload and device.type == "cuda")
+        self.sentinel = max_requests  # the state row padding rows point at (never written)
+        self.host = HostKVPool(num_layers=c.num_layers, num_pages=host_pages, page_size=c.page_size,
+                               num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=c.data.dtype,
+                               device=torch.device("cpu"), pin=device.type == "cuda")
         self.row = self.host.row
-        self.buffer_kv = torch.zeros(num_layers, max_requests * buffer_slots, self.row, dtype=dtype, device=device)
-        self.buffer_pages = torch.full((num_layers, max_requests, buffer_slots), -1, dtype=torch.int32, device=device)
-        self.last_used = torch.zeros((num_layers, max_requests, buffer_slots), dtype=torch.int32, device=device)
-        self.host_table = torch.full((max_requests, max_pages), -1, dtype=torch.int64, device=device)
-        self.slot_base = torch.arange(max_requests, dtype=torch.int32, device=device) * buffer_slots
+        self.row_bytes = self.row * c.data.element_size()
+        rows, L, NS = max_requests + 1, c.num_layers, buffer_slots
+        i32 = dict(dtype=torch.int32, device=device)
+        self.buffer_lp = torch.full((L, rows, NS), -1, **i32)
+        self.last_used = torch.zeros((L, rows, NS), **i32)
+        self.slot_pages = torch.full((rows, NS), -1, **i32)
+        self.host_table = torch.full((rows, max_pages), -1, **i32)
+        self.misses = torch.zeros(L, dtype=torch.int64, device=device)
+        # the LRU clock as a 0-d device tensor, advanced inside the (captured) decode step
+        self.clock = torch.zeros((), **i32)
         self._free_slots = list(range(max_requests - 1, -1, -1))
-        self.clock = 0
-        # the clock as a 0-d device tensor too: a captured decode step reads it at replay (a Python
-        # int would be frozen into the CUDA graph)
-        self.clock_t = torch.zeros((), dtype=torch.int32, device=device)
-        self.row_bytes = self.row * self.buffer_kv.element_size()
 
-    # -- request slots -----------------------------------------------------------------------
+    # -- sparse slots ------------------------------------------------------------------------
     @property
     def num_free_slots(self) -> int:
         return len(self._free_slots)
 
     def acquire_slot(self) -> int | None:
-        if not self._free_slots:
-            return None
-        slot = self._free_slots.pop()
-        self.buffer_pages[:, slot] = -1
-        self.last_used[:, slot] = 0
-        self.host_table[slot] = -1
-        return slot
+        return self._free_slots.pop() if self._free_slots else None
 
     def release_slot(self, slot: int) -> None:
-        self.buffer_pages[:, slot] = -1
+        self.buffer_lp[:, slot] = -1
+        self.slot_pages[slot] = -1
         self.host_table[slot] = -1
         self._free_slots.append(slot)
+
+    def begin_host_backed(self, slot: int, buffer_pages: list[int], *, holding: int = 0) -> None:
+        """Give `slot` its LRU buffer: device pages buffer_pages[:NS]; the first `holding` of them
+        already hold logical pages 0..holding-1 in every layer (a demotion), the rest are empty."""
+        pages = torch.tensor(buffer_pages[: self.ns], dtype=torch.int32)
+        self.slot_pages[slot] = pages.to(self.device)
+        lp = torch.arange(self.ns, dtype=torch.int32)
+        self.buffer_lp[:, slot] = torch.where(lp < holding, lp, -1).to(self.device)
+        self.last_used[:, slot] = 0
 
     def set_host_pages(self, slot: int, start: int, pages: list[int]) -> None:
         """Record host pages `pages` as logical pages start.. of the request in `slot`."""
         if pages:
-            self.host_table[slot, start:start + len(pages)] = torch.tensor(pages, dtype=torch.int64).to(self.device)
+            self.host_table[slot, start:start + len(pages)] = torch.tensor(pages, dtype=torch.int32).to(self.device)
 
-    # -- views ---------------------------------------------------------------------------------
-    def buffer_pages_view(self, layer: int) -> torch.Tensor:
-        """[max_requests * NS, 2, S, KVH, D] view of one layer's device buffer."""
-        return self.buffer_kv[layer].view(-1, 2, self.page_size, self.num_kv_heads, self.head_dim)
+    def demote(self, slot: int, device_pages: list[int], host_pages: list[int], buffer_pages: list[int]) -> None:
+        """A resident request moves to the host pool: copy its pages (every layer) device -> host,
+        record them, and keep buffer_pages[:NS] (= device_pages[:NS], holding logical 0..NS-1)."""
+        src = torch.tensor(device_pages, dtype=torch.int64, device=self.device)
+        dst = torch.tensor(host_pages, dtype=torch.int64, device=self.device)
+        for layer in range(self.num_layers):
+            store_pages(self.cache.layer_rows(layer), self.host.layer_rows(layer), src, dst)
+        self.set_host_pages(slot, 0, host_pages)
+        self.begin_host_backed(slot, buffer_pages, holding=self.ns)
+
+    # -- prefill of a host-backed request -----------------------------------------------------
+    def read_context(self, layer: int, host_pages: list[int]) -> torch.Tensor:
+        """The layer's pages of a host-backed request, device [n, 2, S, KVH, D] (I/O kernel: UVA gather)."""
+        src = torch.tensor(host_pages, dtype=torch.int64).to(self.device)
+        rows = torch.empty(len(host_pages), self.row, dtype=self.cache.data.dtype, device=self.device)
+        load_pages(self.host.layer_rows(layer), rows, src, torch.arange(len(host_pages), device=self.device))
+        return rows.view(-1, 2, self.page_size, self.num_kv_heads, self.head_dim)
+
+    def write_pages(self, layer: int, rows: torch.Tensor, host_pages: list[int], tail_page: int | None) -> None:
+        """Prefill: write whole pages rows [n, ROW] (device) to `host_pages`; the last one also to the
+        request's tail device page, where decoding continues it."""
+        dst = torch.tensor(host_pages, dtype=torch.int64).to(self.device)
+        src = torch.arange(len(host_pages), device=self.device)
+        store_pages(rows, self.host.layer_rows(layer), src, dst)
+        if tail_page is not None:
+            self.cache.layer_rows(layer)[tail_page] = rows[-1]
+
+    # -- the per-layer hot path -----------------------------------------------------------------
+    def resolve(self, layer: int, *, logical: torch.Tensor, active: torch.Tensor, sparse_slots: torch.Tensor,
+                table: torch.Tensor, misses: DiffResult) -> None:
+        """Make every page of `logical` (int32 [R, K], host-backed rows; -1 padded) resident in its
+        row's buffer and write its device page into table[:, :K]; load the misses from the host pool.
+
+        active: uint8 [R] host-backed rows; sparse_slots: int32 [R]; misses: preallocated int32
+        outputs (slot_table is table[:, :K]). No host sync.
+        """
+        lru_diff_mapped(self.buffer_lp[layer], self.last_used[layer], logical, self.clock, rows=sparse_slots,
+                        active=active, slot_pages=self.slot_pages, host_table=self.host_table, out=misses,
+                        counter=self.misses[layer:layer + 1])
+        load_pages(self.host.layer_rows(layer), self.cache.layer_rows(layer), misses.load_pages.reshape(-1),
+                   misses.load_slots.reshape(-1))
 
     def device_kv_bytes_per_request(self) -> int:
-        """KV buffer bytes one sparse request holds on the device (all layers): fixed, not O(context)."""
-        return self.num_layers * self.ns * self.row_bytes
-
-    # -- the per-layer hot path ---------------------------------------------------------------
-    def tick(self) -> int:
-        self.clock += 1
-        self.clock_t.fill_(self.clock)
-        return self.clock
-
-    def load(self, layer: int, topk: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Make every page of `topk` resident for one layer.
-
-        topk: int32 [max_requests, K] logical pages per request slot (-1 padded; rows not `active`
-        are ignored). Returns (physical page table int32 [max_requests, K] into the layer's
-        buffer, num_misses int32 [max_requests]). No host sync.
-        """
-        slot_table, load_slots, miss_pages, num_misses = lru_diff(
-            self.buffer_pages[layer], self.last_used[layer], topk, self.clock_t, active=active)
-        has = miss_pages >= 0  # [R, K]
-        src = torch.where(has, self.host_table.gather(1, miss_pages.clamp(min=0).long()), -1)
-        dst = torch.where(has, self.slot_base[:, None].long() + load_slots.long(), -1)
-        load_pages(self.host.layer_rows(layer), self.buffer_kv[layer], src.reshape(-1), dst.reshape(-1))
-        physical = torch.where(slot_table >= 0, slot_table + self.slot_base[:, None], -1)
-        return physical, num_misses
+        """Device KV bytes a host-backed request holds (buffer + tail page, all layers): fixed, not O(context)."""
+        return (self.ns + 1) * self.num_layers * self.row_bytes

@@ -38,6 +38,10 @@ class PagedKVCache:
     def layer(self, layer: int) -> torch.Tensor:
         return self.data[layer]  # [P, 2, S, KVH, D]
 
+    def layer_rows(self, layer: int) -> torch.Tensor:
+        """[P, ROW] one layer's pages as rows (ROW = 2 * S * KVH * D): what the I/O kernels move."""
+        return self.data[layer].view(self.num_pages, -1)
+
     def keys(self, layer: int) -> torch.Tensor:
         return self.data[layer, :, 0]  # [P, S, KVH, D], stride(0) = 2*S*KVH*D
 

@@ -1,47 +1,120 @@
-"""BackendAdaptor: logical page selections → the page table our attention kernel reads."""
+"""BackendAdaptor: each sparse row's attended pages, laid out as the paged-decode kernel reads them.
+
+Layout of a row's list: [sink pages | selected middle pages | recent pages ... current page], or for
+a sliding-window layer (Gemma-3) the pages of its window. The partially written page is last, so
+the kernel's `kv_lens` (tokens of the virtual concatenation) masks exactly its unwritten tail.
+
+Per step, `bounds` turns each row's token count into the layout's bounds (device tensors, torch
+ops, no host sync); per layer, `compose` fills the physical page table in one launch: for a
+resident request every page is on the device already (its block-table row); for a host-backed
+request the list goes to the manager's LRU diff, which finds or loads each page in the request's
+buffer and writes the device page into the same table.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+# a row's kind in a decode step (int32 in the step plan)
+PAD, DENSE, RESIDENT, HOST_BACKED = -1, 0, 1, 2
+
+
+@dataclass
+class LayoutBounds:
+    """Per decode row (int32 [R] device tensors): sinks end `lo` and recent start `hi` (the middle
+    range is [lo, hi)); the first page of the sliding window (`window_lo`, None without windows)."""
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+    window_lo: torch.Tensor | None
 
 
 class BackendAdaptor:
-    """Builds, per step, how each request's attended page list is laid out, and per layer, turns the
-    algorithm's logical middle selection into that list.
+    """Lays out each sparse row's pages (see the module docstring) for our Triton paged-decode kernel.
 
-    Layout of a row: [sink pages | selected middle pages | recent pages ... current page], then -1.
-    The partially written page is last, so the paged-decode kernel's `kv_lens` (tokens of the
-    virtual concatenation) masks exactly its unwritten tail. Everything but the middle selection is
-    known on the host, so the per-layer work is one gather on the device.
+    budget_pages: pages attended per row per global layer (sinks + selected + recent + current);
+    window: the widest sliding window in tokens (None without sliding layers).
     """
 
-    def __init__(self, *, page_size: int, sink_pages: int, recent_pages: int, budget_pages: int):
+    def __init__(self, *, page_size: int, sink_pages: int, recent_pages: int, budget_pages: int,
+                 window: int | None = None):
         self.page_size, self.sink_pages, self.recent_pages = page_size, sink_pages, recent_pages
         self.budget_pages = budget_pages
         self.num_select = budget_pages - sink_pages - recent_pages
+        self.window = window
+        self.window_pages = None if window is None else (window - 1) // page_size + 2  # pages a window touches
 
-    def layout(self, num_tokens: int) -> tuple[list[int], int, int, int]:
-        """For a context of `num_tokens` tokens (the new one included):
+    def width(self, windowed: bool) -> int:
+        """Entries of a row's list in a layer: the budget, or the pages a window can touch."""
+        return self.window_pages if windowed else self.budget_pages
 
-        returns (template, middle_end, kv_len, current_index): template [budget_pages] holds a logical
-        page id, -2 - j for the j-th middle pick, or -1 (padding); kv_len is the tokens attended
-        when every middle pick exists.
-        """
+    def bounds(self, t: torch.Tensor, kind: torch.Tensor) -> LayoutBounds:
+        """t: int32 [R] tokens once this step's is written; kind: int32 [R]. Rows that are not sparse
+        get an empty middle range (lo = hi = 0), so selection skips them."""
         s = self.page_size
-        n = -(-num_tokens // s)  # pages in the context
-        sinks = list(range(min(self.sink_pages, n)))
-        recent_start = max(len(sinks), n - self.recent_pages)
-        recent = list(range(recent_start, n))
-        n_mid = max(0, min(self.num_select, recent_start - len(sinks)))
-        template = sinks + [-2 - j for j in range(n_mid)] + recent
-        kv_len = (len(template) - 1) * s + (num_tokens - (n - 1) * s)
-        current_index = len(template) - 1
-        template += [-1] * (self.budget_pages - len(template))
-        return template, recent_start, kv_len, current_index
+        n = (t + s - 1) // s
+        lo = torch.clamp(n, max=self.sink_pages)
+        hi = torch.maximum(lo, n - self.recent_pages)
+        sparse = kind > 0
+        zero = torch.zeros_like(lo)
+        window_lo = None if self.window is None else torch.clamp(t - self.window, min=0) // s
+        return LayoutBounds(torch.where(sparse, lo, zero).to(torch.int32), torch.where(sparse, hi, zero).to(torch.int32),
+                            None if window_lo is None else window_lo.to(torch.int32))
 
-    @staticmethod
-    def compose(template: torch.Tensor, middle: torch.Tensor) -> torch.Tensor:
-        """template int64 [R, K] (from `layout`), middle int64 [R, M] (logical, -1 padded) → int32 [R, K]."""
-        pick = (-2 - template).clamp(min=0, max=max(middle.shape[1] - 1, 0))
-        from_middle = middle.gather(1, pick) if middle.shape[1] else torch.full_like(template, -1)
-        return torch.where(template <= -2, from_middle, template).to(torch.int32)
+    def compose(self, *, kind, slot, t, write_page, bounds: LayoutBounds, topk: torch.Tensor | None,
+                block_table, table, logical, kv_lens, windowed: bool, use_triton: bool | None = None) -> None:
+        """Fill `table` (int32 [R, W], physical pages) for resident rows, the tail entry of host-backed
+        rows and `logical` (int32 [R, K]) with the other pages of host-backed rows (-1 elsewhere), and
+        `kv_lens` (int32 [R]) of every sparse row. topk: int [R, num_select] middle picks (None for
+        windowed layers or algorithms that select nothing)."""
+        K = self.width(windowed)
+        nsel = 0 if windowed or topk is None else self.num_select
+        lo = bounds.window_lo if windowed else bounds.lo
+        R = kind.shape[0]
+        if R == 0:
+            return
+        if use_triton is None:
+            use_triton = kind.is_cuda
+        if not use_triton:
+            _compose_ref(kind, slot, t, write_page, lo, bounds.hi, topk if nsel else None, block_table, table,
+                         logical, kv_lens, page_size=self.page_size, num_select=nsel, K=K, windowed=windowed)
+            return
+        from hisa.sparse.triton_compose import compose_kernel
+
+        tk = topk if nsel else kind
+        compose_kernel[(R,)](
+            kind, slot, t, write_page, lo, bounds.hi, tk, block_table, table, logical, kv_lens,
+            tk.stride(0) if nsel else 0, block_table.stride(0), table.stride(0), logical.stride(0),
+            S=self.page_size, NSEL=nsel, K=K, BLOCK_K=_next_pow2(K), WINDOWED=windowed, num_warps=1)
+
+
+def _compose_ref(kind, slot, t, write_page, lo, hi, topk, block_table, table, logical, kv_lens, *,
+                 page_size: int, num_select: int, K: int, windowed: bool) -> None:
+    """Plain-torch compose (row by row on the host: the reference, not the hot path)."""
+    s = page_size
+    logical[:, :K] = -1
+    for r, (kd, sl, tt) in enumerate(zip(kind.tolist(), slot.tolist(), t.tolist())):
+        if kd <= 0:
+            continue
+        n = -(-tt // s)
+        first = int(lo[r])
+        if windowed:
+            pages = list(range(first, n))
+        else:
+            h = int(hi[r])
+            nmid = min(h - first, num_select)
+            mid = topk[r, :nmid].tolist() if nmid > 0 else []
+            pages = list(range(first)) + mid + list(range(h, n))
+        kv_lens[r] = (len(pages) - 1) * s + (tt - (n - 1) * s)
+        idx = torch.tensor(pages, dtype=torch.long, device=table.device)
+        if kd == RESIDENT:
+            table[r, : len(pages)] = block_table[sl, idx]
+        else:
+            logical[r, : len(pages) - 1] = idx[:-1].to(torch.int32)
+            table[r, len(pages) - 1] = write_page[r]
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()

@@ -17,10 +17,16 @@ class SparseConfig:
     buffer_ratio: device buffer slots per request = buffer_ratio × budget pages (an LRU; >= 1).
     sink_pages / recent_pages: always-resident pages at the start and the end of the context.
     min_prompt_len: prompts shorter than this run dense.
-    host_pool_gb: the pinned host pool shared by every sparse request (the full KV lives there).
-    offload: True keeps the full KV in host memory (the point of hisa); False keeps the same pool on
-        the device (same code path, for testing that offloading changes nothing).
-    max_sparse_requests: sparse requests running at once (device buffers are preallocated per slot).
+    residency: where a sparse request's KV lives. "auto" (HBM first): every page on the device while
+        the device pool has room (attention still reads only the selected pages, and nothing moves
+        over PCIe), the full KV in the host pool with only an LRU buffer of buffer_ratio x budget
+        pages on the device once it does not (new requests), or when the pool runs short (the
+        youngest resident request is demoted); "device": always resident (preempted when the pool
+        is full); "host": always host-backed (device memory per request O(budget) from the start).
+    host_pool_gb: the pinned host pool shared by the host-backed requests (their full KV lives
+        there); None sizes it from the RAM the machine has available (less headroom), capped at
+        what max_sparse_requests requests of the longest context need.
+    max_sparse_requests: sparse requests running at once (representations are preallocated per slot).
 
     Example::
 
@@ -33,8 +39,8 @@ class SparseConfig:
     sink_pages: int = 1
     recent_pages: int = 2
     min_prompt_len: int = 1024
-    host_pool_gb: float = 4.0
-    offload: bool = True
+    residency: str = "auto"
+    host_pool_gb: float | None = None
     max_sparse_requests: int = 16
 
     def __post_init__(self) -> None:
@@ -51,8 +57,10 @@ class SparseConfig:
         for name in ("token_budget", "min_prompt_len", "max_sparse_requests"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.host_pool_gb <= 0:
-            raise ConfigError(f"host_pool_gb must be > 0, got {self.host_pool_gb}")
+        if self.host_pool_gb is not None and self.host_pool_gb <= 0:
+            raise ConfigError(f"host_pool_gb must be > 0 (or None: sized from the machine's RAM), got {self.host_pool_gb}")
+        if self.residency not in ("auto", "device", "host"):
+            raise ConfigError(f"residency must be 'auto', 'device' or 'host', got {self.residency!r}")
 
     def budget_pages(self, page_size: int) -> int:
         """Pages attended per step (token_budget rounded down to whole pages)."""

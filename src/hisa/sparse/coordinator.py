@@ -1,385 +1,272 @@
 """SparseCoordinator: the request lifecycle and the per-step order of calls of the sparse cache.
 
-Hooks, in order: on_request_begin (admission: a device-buffer slot) → prefill (attention over the
-host pool, KV written to it layer by layer; attention_end builds representations) → each decode
-step: forward_begin → per layer attention_begin (retrieve top-k → diff → load misses → adapt the
-page table) → attention → attention_end (update representations) → forward_end (offload the new
-tokens, collect stats) → on_request_end (free host pages and the buffer slot).
+Hooks, in order: on_request_begin (admission: a sparse slot; a host-backed request's LRU buffer) →
+prefill (resident: the engine's paged prefill, then representations from the written keys;
+host-backed: attention over the host pool, KV written to it layer by layer, representations) →
+each decode step: forward_begin (the step's layout bounds, once, on the device) → per layer
+attention_begin (retrieve top-k → compose the page list → for host-backed rows, diff + load misses
+→ physical page table) → attention → attention_end (update representations) → forward_end
+(host-side counters) → on_request_end (free the slot; the scheduler frees the pages).
+
+The coordinator owns the order, not the work: the algorithm selects, the adaptor lays pages out
+for the kernel, the manager moves KV between tiers. It never imports the engine; the engine hands
+it the step's decode rows (`DecodeRowsView`).
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from hisa.attention.paged_decode import paged_decode_attention
 from hisa.attention.prefill import prefill_attention
-from hisa.engine.cuda_graph import width_bucket
-from hisa.engine.sequence import Sequence
-from hisa.kvcache.io import load_pages, store_pages
-from hisa.kvcache.manager import SparseKVCacheManager, SparseStepStats
-from hisa.sparse.adaptor import BackendAdaptor
-from hisa.sparse.base import SelectionContext, create_algorithm
+from hisa.kvcache.diff import DiffResult
+from hisa.kvcache.manager import SparseKVCacheManager
+from hisa.sparse.adaptor import HOST_BACKED, RESIDENT, BackendAdaptor, LayoutBounds
+from hisa.sparse.base import BaseSparseAlgorithm, DecodeRows
 from hisa.sparse.config import SparseConfig
 
 
+class DecodeRowsView(Protocol):
+    """What the engine's decode step exposes (int32 [R] device tensors unless said otherwise)."""
+
+    kind: torch.Tensor  # PAD -1 / DENSE 0 / RESIDENT 1 / HOST_BACKED 2
+    slot: torch.Tensor  # block-table row
+    sparse_slot: torch.Tensor  # sparse state row (the sentinel for other rows)
+    t: torch.Tensor  # tokens once this step's token is written (0 for padding)
+    write_page: torch.Tensor  # device page of this step's token (a host-backed request's tail page)
+    table: torch.Tensor  # int32 [R, W] the attention page table (dense rows filled by the engine)
+    kv_lens: torch.Tensor  # int32 [R] tokens attended (dense rows filled by the engine)
+    block_table: torch.Tensor  # int32 [max_seqs + 1, W] device page of each logical page
+    has_host_backed: bool  # host-side: does any row have kind HOST_BACKED
+
+
 @dataclass
-class _DecodePlan:
-    rows: torch.Tensor  # int64 [R] token rows in the step
-    slots: torch.Tensor  # int64 [R] device-buffer slot of each request
-    active: torch.Tensor  # bool [max_requests]
-    template: torch.Tensor  # int64 [R, K]
-    kv_lens: torch.Tensor  # int32 [R]
-    current_index: torch.Tensor  # int64 [R] position of the written page in the row's list
-    current_host_page: torch.Tensor  # int64 [R] host page of the new token
-    current_offset: torch.Tensor  # int64 [R] its slot within the page
-    middle_end: torch.Tensor  # int64 [R]
-    num_tokens: torch.Tensor  # int64 [R]
-    table_width: int
-    host_pages_cpu: torch.Tensor  # int64 [R] (for the offload at forward_end)
-    offsets_cpu: torch.Tensor
-    num_selected: int  # pages attended per layer, summed over the rows
-    # Gemma-3 sliding layers (None when the model has none): see SparseCoordinator._window_rows
-    window_table: torch.Tensor | None = None  # int32 [R, window_pages] the window's logical pages, -1 padded
-    window_kv_lens: torch.Tensor | None = None  # int32 [R]
-    window_current_index: torch.Tensor | None = None  # int64 [R]
-    window_num_selected: int = 0
+class SparseTotals:
+    """Counters since start; `misses` lives on the device and is read only when asked for."""
 
-
-# the _DecodePlan fields that live on the device (a captured decode step reads these tensors)
-_DEVICE_PLAN_FIELDS = ("rows", "slots", "active", "template", "kv_lens", "current_index", "current_host_page",
-                       "current_offset", "middle_end", "num_tokens", "window_table", "window_kv_lens",
-                       "window_current_index")
+    decode_steps: int = 0
+    request_steps: int = 0
+    selected_per_layer: list[int] | None = None
+    peak_device_bytes_in_use: int = 0
+    peak_host_bytes_in_use: int = 0
 
 
 class SparseCoordinator:
-    """Runs attention for the sparse requests of each step (and delegates dense ones)."""
+    """Runs the sparse side of each step for the engine (see the module docstring)."""
 
-    def __init__(self, config: SparseConfig, *, model_config, page_size: int, max_model_len: int,
-                 dtype: torch.dtype, device: torch.device, collect_stats: bool = True):
-        self.config, self.page_size, self.device = config, page_size, device
-        mc = model_config
-        self.num_layers = mc.num_layers
-        self.scale = mc.attention_scale  # Gemma-3: query_pre_attn_scalar ** -0.5; else head_dim ** -0.5
-        # Gemma-3 sliding-window layers (None = a global layer). They take no part in sparse
-        # selection: each step they attend to exactly the pages of their window, through the same
-        # buffer (consecutive windows share all pages but the newest, so they hit), and the kernel
-        # masks the tokens of the first page that fall before the window.
-        self.windows = mc.layer_windows
-        widest = max((w for w in self.windows if w is not None), default=None)
-        self.window_pages = None if widest is None else (widest - 1) // page_size + 2  # pages a window can touch
-        budget_pages = config.budget_pages(page_size)  # validates the budget
-        self.adaptor = BackendAdaptor(page_size=page_size, sink_pages=config.sink_pages,
-                                      recent_pages=config.recent_pages, budget_pages=budget_pages)
-        elt = torch.empty((), dtype=dtype).element_size()
-        page_bytes = mc.num_layers * 2 * page_size * mc.num_kv_heads * mc.head_dim * elt
-        host_pages = int(config.host_pool_gb * 2**30 // page_bytes)
-        max_pages = -(-max_model_len // page_size)
-        if host_pages < max_pages:
-            from hisa.errors import ConfigError
+    def __init__(self, config: SparseConfig, *, algorithm: BaseSparseAlgorithm, manager: SparseKVCacheManager,
+                 adaptor: BackendAdaptor, windows: list[int | None], scale: float):
+        """The engine builds the parts (`hisa.engine.llm_engine.build_sparse`) and hands them over.
 
-            raise ConfigError(f"host_pool_gb={config.host_pool_gb} holds {host_pages * page_size} tokens, less than "
-                              f"one request of max_model_len={max_model_len}; raise --host-pool-gb")
-        self.manager = SparseKVCacheManager(
-            num_layers=mc.num_layers, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim, page_size=page_size,
-            # a window's pages must all fit in the buffer (the LRU diff needs K <= slots)
-            buffer_slots=max(config.buffer_slots(page_size), self.window_pages or 0),
-            max_requests=config.max_sparse_requests,
-            max_pages=max_pages, host_pages=host_pages, dtype=dtype, device=device, offload=config.offload)
-        self.algorithm = create_algorithm(
-            config.algorithm, num_layers=mc.num_layers, num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads,
-            head_dim=mc.head_dim, page_size=page_size, num_host_pages=host_pages, device=device, dtype=dtype)
-        self.host_allocator = self.manager.host.allocator
-        self.collect_stats = collect_stats
-        self.history: deque[SparseStepStats] = deque(maxlen=100_000)
-        self.totals = SparseStepStats(misses_per_layer=[0] * mc.num_layers,
-                                      selected_per_layer=[0] * mc.num_layers)
-        self._kv_token_bytes = 2 * mc.num_kv_heads * mc.head_dim * elt  # K+V of one token, one layer
-        # set by hisa.engine.cuda_graph when decode steps are captured: round the table width up
-        # (width_bucket) so a captured step serves many steps; eager runs read exact widths
-        self.round_table_widths = False
+        windows: per layer, the sliding window (Gemma-3's local layers, which take no part in
+        selection: each step they attend to exactly their window's pages) or None; scale: the
+        model's attention scale (prefill attention over the host pool uses it)."""
+        self.config, self.algorithm, self.manager, self.adaptor = config, algorithm, manager, adaptor
+        self.cache = manager.cache
+        self.device = manager.device
+        self.page_size = manager.page_size
+        self.num_layers = manager.num_layers
+        self.windows, self.scale = windows, scale
+        self.max_pages = manager.max_pages
+        self.host_allocator = manager.host.allocator
+        self.buffer_pages = manager.ns + 1  # device pages of a host-backed request: LRU slots + the tail
+        self.residency = config.residency
+        self.totals = SparseTotals(selected_per_layer=[0] * self.num_layers)
+        self._d: DecodeRowsView | None = None
+        self._running: dict[int, object] = {}  # sparse slot -> the running request holding it
 
     # -- lifecycle (called by the scheduler) ----------------------------------------------------
-    def wants(self, seq: Sequence) -> bool:
+    def wants(self, seq) -> bool:
         return seq.num_prompt >= self.config.min_prompt_len
 
-    def on_request_begin(self, seq: Sequence) -> bool:
-        """on_request_begin: take a device-buffer slot (False if none is free)."""
+    def on_request_begin(self, seq) -> bool:
+        """on_request_begin: take a sparse slot (False if none is free); a host-backed request gets its
+        LRU buffer (seq.buffer_pages, already allocated by the scheduler)."""
         slot = self.manager.acquire_slot()
         if slot is None:
             return False
-        seq.sparse_slot, seq.host_pages_synced = slot, 0
+        seq.sparse_slot = slot
+        self._running[slot] = seq
+        if seq.host_backed:
+            self.manager.begin_host_backed(slot, seq.buffer_pages)
         return True
 
-    def on_request_end(self, seq: Sequence) -> None:
+    def on_request_end(self, seq) -> None:
         """on_request_end (finish, abort or preemption): the slot goes back; the scheduler frees pages."""
         self.manager.release_slot(seq.sparse_slot)
-        seq.sparse_slot, seq.host_pages_synced = None, 0
+        self._running.pop(seq.sparse_slot, None)
+        seq.sparse_slot = None
 
-    # -- one step -------------------------------------------------------------------------------
-    def forward_begin(self, batch, plan, dense) -> "SparseCoordinator":
-        """Plan the step's sparse work (host side, once) and return self as the step's attention."""
-        self._dense, self._plan = dense, plan
-        self._prefills: list[tuple[int, int, Sequence, int]] = []
-        decode: list[tuple[int, Sequence]] = []
-        for seq, n, row in zip(batch.seqs, batch.num_new_tokens, plan.row_starts):
-            if not seq.sparse:
-                continue
-            if seq.host_pages_synced < len(seq.pages):  # new host pages → the device-side table
-                self.manager.set_host_pages(seq.sparse_slot, seq.host_pages_synced, seq.pages[seq.host_pages_synced:])
-                seq.host_pages_synced = len(seq.pages)
-            if n == 1 and seq.num_computed > 0:
-                decode.append((row, seq))
-            else:
-                self._prefills.append((row, row + n, seq, seq.num_computed))
-        self._decode = self._plan_decode(decode) if decode else None
-        # the step's new (k, v) rows, one pair per layer, offloaded at forward_end; and the pages loaded
-        # per layer (int64 [layers], on the device). A captured step swaps in its own (hisa.engine.cuda_graph).
-        self.staged: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.misses = torch.zeros(self.num_layers, dtype=torch.int64, device=self.device)
-        self.manager.tick()
-        return self
+    def apply_demotions(self, demoted) -> None:
+        """Before a step: copy each demoted request's KV device -> host (scheduler.Demotion list)."""
+        for d in demoted:
+            seq = d.seq
+            self.manager.demote(seq.sparse_slot, d.device_pages, seq.pages, seq.buffer_pages)
 
-    def _plan_decode(self, decode: list[tuple[int, Sequence]]) -> _DecodePlan:
+    # -- prefill ------------------------------------------------------------------------------
+    def prefill_resident(self, layer: int, seq, computed: int, n: int) -> None:
+        """attention_end of a resident request's prefill chunk (the engine wrote its KV into device
+        pages): build the representations of the pages the chunk touched, from the written keys."""
+        if self.windows[layer] is not None or not self.algorithm.selects:
+            return
         s = self.page_size
-        rows, slots, templates, kv_lens, cur_idx, cur_hp, cur_off, mid_end, ntok = ([] for _ in range(9))
-        width = 0
-        for row, seq in decode:
-            t = seq.num_computed + 1  # tokens once this one is written
-            template, middle_end, kv_len, ci = self.adaptor.layout(t)
-            rows.append(row), slots.append(seq.sparse_slot), templates.append(template)
-            kv_lens.append(kv_len), cur_idx.append(ci), mid_end.append(middle_end), ntok.append(t)
-            cur_hp.append(seq.pages[(t - 1) // s]), cur_off.append((t - 1) % s)
-            width = max(width, -(-t // s))
-        if self.round_table_widths:
-            width = width_bucket(width, self.manager.max_pages)
-        active = torch.zeros(self.manager.max_requests, dtype=torch.bool)
-        active[slots] = True
+        first, last = computed // s, -(-(computed + n) // s)
+        pages = torch.tensor(seq.pages[first:last], dtype=torch.int64, device=self.device)
+        keys = self.cache.keys(layer).index_select(0, pages).float()  # [P, S, KVH, D]
+        keys = keys.reshape(-1, *keys.shape[2:])
+        keys[computed + n - first * s:] = float("nan")  # slots past the written tokens
+        self.algorithm.construct_representations(layer, seq.sparse_slot, first, keys)
 
-        def dev(x, dtype=torch.int64):
-            return torch.tensor(x, dtype=dtype).to(self.device, non_blocking=True)
-
-        window = {}
-        if self.window_pages is not None:
-            w_tables, w_lens, w_cur = self._window_rows(ntok)
-            window = dict(window_table=dev(w_tables, torch.int32), window_kv_lens=dev(w_lens, torch.int32),
-                          window_current_index=dev(w_cur),
-                          window_num_selected=sum(sum(1 for p in t if p != -1) for t in w_tables))
-        return _DecodePlan(
-            rows=dev(rows), slots=dev(slots), active=active.to(self.device), template=dev(templates),
-            kv_lens=dev(kv_lens, torch.int32), current_index=dev(cur_idx), current_host_page=dev(cur_hp),
-            current_offset=dev(cur_off), middle_end=dev(mid_end), num_tokens=dev(ntok), table_width=width,
-            host_pages_cpu=torch.tensor(cur_hp), offsets_cpu=torch.tensor(cur_off),
-            num_selected=sum(sum(1 for p in t if p != -1) for t in templates), **window)
-
-    @property
-    def graph_safe(self) -> bool:
-        """Whether this step's sparse decode can be captured in a CUDA graph (the algorithm's own say)."""
-        return self.algorithm.graph_safe
-
-    @property
-    def decode_plan(self) -> _DecodePlan | None:
-        return self._decode
-
-    def graph_key(self) -> tuple[int, int] | None:
-        """(rows, table width) of this step's sparse decode: the shapes a captured step is tied to."""
-        d = self._decode
-        return None if d is None else (int(d.rows.shape[0]), d.table_width)
-
-    def bind_decode_state(self, plan: _DecodePlan, misses: torch.Tensor) -> None:
-        """Make `plan` and `misses` (the tensors a captured step reads and writes) this step's.
-
-        Before a replay: the step's freshly planned values are copied into `plan`'s tensors (same
-        shapes: the graph key matched); host-side fields come from the fresh plan. `misses` is zeroed.
-        """
-        fresh = self._decode
-        for name in _DEVICE_PLAN_FIELDS:
-            dst = getattr(plan, name)
-            if dst is not None:
-                dst.copy_(getattr(fresh, name), non_blocking=True)
-        plan.host_pages_cpu, plan.offsets_cpu = fresh.host_pages_cpu, fresh.offsets_cpu
-        plan.num_selected, plan.window_num_selected = fresh.num_selected, fresh.window_num_selected
-        self._decode = plan
-        misses.zero_()
-        self.misses = misses
-
-    def _window_rows(self, num_tokens: list[int]) -> tuple[list[list[int]], list[int], list[int]]:
-        """Sliding layers: per row, the logical pages holding the last `window` tokens, in order.
-
-        The pages run up to the current (partial) one, so the kernel's virtual sequence ends at
-        the newest token and `window=` cuts it exactly at position num_tokens - window. Returns
-        (tables padded with -1 to window_pages, kv_lens, current_index); one window for all sliding
-        layers (Gemma-3 has one size).
-        """
-        s, widest = self.page_size, max(w for w in self.windows if w is not None)
-        tables, lens, cur = [], [], []
-        for t in num_tokens:
-            first, last = max(0, t - widest) // s, (t - 1) // s
-            pages = list(range(first, last + 1))
-            tables.append(pages + [-1] * (self.window_pages - len(pages)))
-            lens.append(t - first * s)
-            cur.append(len(pages) - 1)
-        return tables, lens, cur
-
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The model's attention call for one layer: dense rows, sparse prefills, sparse decodes."""
-        out = torch.empty_like(q)  # [T, H, D]
-        self._dense.forward_rows(layer, q, k, v, out)
-        for start, end, seq, computed in self._prefills:
-            out[start:end] = self._prefill(layer, seq, computed, q[start:end], k[start:end], v[start:end])
-        if self._decode is not None:
-            d = self._decode
-            out[d.rows] = self._decode_layer(layer, q[d.rows], k[d.rows], v[d.rows])
-        return out
-
-    # -- prefill: attend over the host pool, write the chunk back to it, build representations ----
-    def _prefill(self, layer, seq, computed, q, k, v):
-        s, pool = self.page_size, self.manager.host
+    def prefill_host_backed(self, layer: int, seq, computed: int, q, k, v) -> torch.Tensor:
+        """A host-backed request's prefill chunk: attend over the context read back from the host
+        pool, write the chunk's pages to it (the last also to the tail page), build representations."""
+        s, m = self.page_size, self.manager
         n = q.shape[0]
         total = computed + n
         kvh, d = k.shape[1], k.shape[2]
-        first_page = computed // s  # the page the chunk starts in (maybe partly written already)
-        last_page = -(-total // s)
-        pages = torch.tensor(seq.pages[:last_page], dtype=torch.int64)
-        prev = None
-        if computed > 0:  # the context so far, read back from the host pool (I/O kernel: UVA gather)
-            src = pages[: -(-computed // s)].to(self.device)
-            rows = torch.empty(src.numel(), pool.row, dtype=pool.data.dtype, device=self.device)
-            load_pages(pool.layer_rows(layer), rows, src, torch.arange(src.numel(), device=self.device))
-            prev = rows.view(-1, 2, s, kvh, d)  # [p, 2, S, KVH, D]
-        if prev is not None:
+        first_page, last_page = computed // s, -(-total // s)
+        if computed > 0:  # the context so far (I/O kernel: UVA gather of the layer's pages)
+            prev = m.read_context(layer, seq.pages[: -(-computed // s)])  # [p, 2, S, KVH, D]
             k_all = torch.cat([prev[:, 0].reshape(-1, kvh, d)[:computed], k.to(prev.dtype)])
             v_all = torch.cat([prev[:, 1].reshape(-1, kvh, d)[:computed], v.to(prev.dtype)])
         else:
-            k_all, v_all = k.to(pool.data.dtype), v.to(pool.data.dtype)
+            k_all, v_all = k.to(self.cache.data.dtype), v.to(self.cache.data.dtype)
         out = prefill_attention(q, k_all.to(q.dtype), v_all.to(q.dtype), scale=self.scale,
                                 window=self.windows[layer])  # Gemma-3 sliding layers: their window only
-        # the pages this chunk touched, padded to whole pages: written back as rows
-        span = slice(first_page * s, total)
-        pad = last_page * s - total
-        kp = torch.nn.functional.pad(k_all[span], (0, 0, 0, 0, 0, pad))  # [P*S, KVH, D]
+        span, pad = slice(first_page * s, total), last_page * s - total
+        kp = torch.nn.functional.pad(k_all[span], (0, 0, 0, 0, 0, pad))  # [P*S, KVH, D], whole pages
         vp = torch.nn.functional.pad(v_all[span], (0, 0, 0, 0, 0, pad))
         rows = torch.stack([kp.view(-1, s, kvh, d), vp.view(-1, s, kvh, d)], dim=1)  # [P, 2, S, KVH, D]
-        touched = pages[first_page:last_page]
-        dst = touched.to(self.device)  # offload the chunk's pages (I/O kernel: UVA scatter when pinned)
-        store_pages(rows.reshape(len(touched), -1).to(pool.data.dtype), pool.layer_rows(layer),
-                    torch.arange(len(touched), device=self.device), dst)
-        keys = torch.nn.functional.pad(k_all[span].float(), (0, 0, 0, 0, 0, pad), value=float("nan"))
-        self.algorithm.construct_representations(layer, touched.to(self.device), keys)  # attention_end
+        m.write_pages(layer, rows.reshape(last_page - first_page, -1), seq.pages[first_page:last_page],
+                      tail_page=seq.buffer_pages[-1])
+        if self.windows[layer] is None and self.algorithm.selects:
+            keys = torch.nn.functional.pad(k_all[span].float(), (0, 0, 0, 0, 0, pad), value=float("nan"))
+            self.algorithm.construct_representations(layer, seq.sparse_slot, first_page, keys)
         return out
 
-    # -- decode: the hot path ----------------------------------------------------------------------
-    def _decode_layer(self, layer, q, k, v):
-        table, kv_lens = self.attention_begin(layer, q, k, v)
-        buf = self.manager.buffer_pages_view(layer)  # [slots, 2, S, KVH, D]
-        out = paged_decode_attention(q, buf[:, 0], buf[:, 1], table, kv_lens, scale=self.scale,
-                                     window=self.windows[layer])
-        self.attention_end(layer, k)
-        return out
+    # -- one decode step ----------------------------------------------------------------------------
+    def forward_begin(self, decode: DecodeRowsView) -> None:
+        """Once per decode step, on the device (captured with the step): layout bounds, the LRU
+        clock, the buffers the layers share."""
+        self._d = d = decode
+        self._bounds: LayoutBounds = self.adaptor.bounds(d.t, d.kind)
+        self._rows = DecodeRows(sparse_slots=d.sparse_slot, t=d.t, lo=self._bounds.lo, hi=self._bounds.hi,
+                                num_select=self.adaptor.num_select, page_keys=self._page_keys)
+        R = d.kind.shape[0]
+        K = max(self.adaptor.budget_pages, self.adaptor.window_pages or 0)
+        i32 = dict(dtype=torch.int32, device=self.device)
+        self._logical = torch.empty(R, K, **i32)
+        self._host_rows = (d.kind == HOST_BACKED).to(torch.uint8)
+        self._miss = DiffResult(None, torch.empty(R, K, **i32), torch.empty(R, K, **i32), torch.empty(R, **i32))
+        if d.has_host_backed:
+            self.manager.clock.add_(1)
 
-    def attention_begin(self, layer: int, q: torch.Tensor, k: torch.Tensor,
-                        v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Before a layer's decode attention: select → compose → diff → load misses → physical page
-        table; write the new token into its (resident) page slot. Returns (table int32 [R, K], kv_lens)."""
-        d, m = self._decode, self.manager
-        window = self.windows[layer]
-        kv_lens, current_index = d.kv_lens, d.current_index
-        if window is not None:  # Gemma-3 sliding layer: no selection, its window's pages
-            topk, kv_lens, current_index = d.window_table, d.window_kv_lens, d.window_current_index
-        else:
-            host_table = m.host_table[d.slots, : d.table_width]  # [R, P]
-            ctx = SelectionContext(host_table=host_table, middle_start=self.adaptor.sink_pages,
-                                   middle_end=d.middle_end, num_select=self.adaptor.num_select,
-                                   host_keys=m.host.layer_pages(layer)[:, 0], num_valid_tokens=d.num_tokens)
-            middle = self.algorithm.retrieve_topk(layer, q, ctx)  # [R, num_select] logical, -1 padded
-            topk = self.adaptor.compose(d.template, middle)  # int32 [R, K]
-        full = torch.full((m.max_requests, topk.shape[1]), -1, dtype=torch.int32, device=self.device)
-        full[d.slots] = topk
-        physical, misses = m.load(layer, full, d.active)
-        table = physical[d.slots]  # int32 [R, K] slots of the layer's device buffer
-        cur = table.gather(1, current_index[:, None])[:, 0].long()  # the current page is recent: resident
-        buf = m.buffer_pages_view(layer)
-        kb, vb = k.to(buf.dtype), v.to(buf.dtype)
-        buf[cur, 0, d.current_offset] = kb
-        buf[cur, 1, d.current_offset] = vb
-        self.staged.append((kb, vb))  # offloaded to the host pool at forward_end
-        if self.collect_stats:
-            self.misses[layer] += misses[d.slots].sum()
-        return table, kv_lens
+    def attention_begin(self, layer: int, q: torch.Tensor) -> None:
+        """Before a layer's decode attention: select → compose → (host-backed) diff + load misses.
+        Writes the sparse rows of the step's `table` and `kv_lens`."""
+        d, windowed = self._d, self.windows[layer] is not None
+        topk = None
+        if not windowed and self.algorithm.selects and self.adaptor.num_select > 0:
+            topk = self.algorithm.retrieve_topk(layer, q, self._rows)  # [R, num_select] logical
+        K = self.adaptor.width(windowed)
+        logical = self._logical[:, :K]
+        self.adaptor.compose(kind=d.kind, slot=d.slot, t=d.t, write_page=d.write_page, bounds=self._bounds,
+                             topk=topk, block_table=d.block_table, table=d.table, logical=logical,
+                             kv_lens=d.kv_lens, windowed=windowed)
+        if d.has_host_backed:
+            miss = self._miss
+            out = DiffResult(d.table[:, :K], miss.load_slots[:, :K], miss.load_pages[:, :K], miss.num_misses)
+            self.manager.resolve(layer, logical=logical, active=self._host_rows, sparse_slots=d.sparse_slot,
+                                 table=d.table, misses=out)
 
     def attention_end(self, layer: int, k: torch.Tensor) -> None:
         """After a layer's decode attention: fold the new keys into the algorithm's representations."""
-        d = self._decode
-        self.algorithm.update_representations(layer, d.current_host_page, d.current_offset, k)
+        if self.windows[layer] is None and self.algorithm.selects:
+            self.algorithm.update_representations(layer, self._rows, k)
 
-    def forward_end(self) -> None:
-        """Offload the step's new tokens to the host pool; record stats."""
-        d = self._decode
-        if d is None:
-            return
-        pool = self.manager.host
-        k = torch.stack([kv[0] for kv in self.staged])  # [L, R, KVH, D]
-        v = torch.stack([kv[1] for kv in self.staged])
-        k, v = k.to(pool.data.device), v.to(pool.data.device)  # one small D2H per step
-        hp, off = d.host_pages_cpu.to(pool.data.device), d.offsets_cpu.to(pool.data.device)
-        view = pool.data.view(pool.data.shape[0], pool.data.shape[1], 2, self.page_size, k.shape[2], k.shape[3])
-        view[:, hp, 0, off] = k
-        view[:, hp, 1, off] = v
-        if self.collect_stats:
-            self._record(d, k)
-
-    def _record(self, d: _DecodePlan, k: torch.Tensor) -> None:
-        misses = self.misses.tolist()
-        selected = [d.num_selected if w is None else d.window_num_selected for w in self.windows]
-        page_row = self.manager.row_bytes
+    def forward_end(self, sparse_t: list[int]) -> None:
+        """After a decode step: host-side counters (no sync). sparse_t: each sparse row's token count."""
+        tot = self.totals
+        tot.decode_steps += 1
+        tot.request_steps += len(sparse_t)
+        sel = self.selected_pages(sparse_t)
+        for layer, w in enumerate(self.windows):
+            tot.selected_per_layer[layer] += sel[w is not None]
         mem = self.memory()
-        stats = SparseStepStats(
-            requests=len(d.rows), selected_pages=sum(selected), misses=sum(misses),
-            hits=sum(selected) - sum(misses), bytes_h2d=sum(misses) * page_row,
-            bytes_d2h=k.numel() * 2 * k.element_size(), misses_per_layer=misses, selected_per_layer=selected,
-            device_bytes_in_use=mem["device_buffer_bytes_in_use"] + mem["metadata_bytes_in_use"],
-            host_bytes_in_use=mem["host_bytes_in_use"])
-        self.history.append(stats)
-        t = self.totals
-        t.device_bytes_in_use = max(t.device_bytes_in_use, stats.device_bytes_in_use)  # totals keep the peak
-        t.host_bytes_in_use = max(t.host_bytes_in_use, stats.host_bytes_in_use)
-        t.requests += stats.requests
-        t.selected_pages += stats.selected_pages
-        t.hits += stats.hits
-        t.misses += stats.misses
-        t.bytes_h2d += stats.bytes_h2d
-        t.bytes_d2h += stats.bytes_d2h
-        t.misses_per_layer = [a + b for a, b in zip(t.misses_per_layer, misses)]
-        t.selected_per_layer = [a + b for a, b in zip(t.selected_per_layer, selected)]
+        tot.peak_device_bytes_in_use = max(tot.peak_device_bytes_in_use,
+                                           mem["device_kv_bytes_in_use"] + mem["metadata_bytes_in_use"])
+        tot.peak_host_bytes_in_use = max(tot.peak_host_bytes_in_use, mem["host_bytes_in_use"])
+
+    def selected_pages(self, sparse_t: list[int]) -> tuple[int, int]:
+        """Pages attended in one step by rows of these token counts: (per global layer, per sliding layer)."""
+        s, a = self.page_size, self.adaptor
+        glob = slid = 0
+        for t in sparse_t:
+            n = -(-t // s)
+            lo = min(a.sink_pages, n)
+            hi = max(lo, n - a.recent_pages)
+            glob += lo + min(hi - lo, a.num_select if self.algorithm.selects else 0) + (n - hi)
+            if a.window is not None:
+                slid += n - max(0, t - a.window) // s
+        return glob, slid
+
+    def _page_keys(self, layer: int) -> torch.Tensor:
+        """Every row's context keys [R, P, S, KVH, D] (oracle): device pages for resident rows, the host
+        pool for host-backed ones. Reads on the host: an eager-only path."""
+        d = self._d
+        kinds, slots, sslots, ts = (x.tolist() for x in (d.kind, d.slot, d.sparse_slot, d.t))
+        P = max([-(-t // self.page_size) for t in ts] + [1])
+        c = self.cache
+        out = torch.zeros(len(ts), P, self.page_size, c.num_kv_heads, c.head_dim, dtype=c.data.dtype,
+                          device=self.device)
+        host = self.manager.host.layer_pages(layer)[:, 0]
+        for r, (kd, sl, ss, t) in enumerate(zip(kinds, slots, sslots, ts)):
+            n = -(-t // self.page_size)
+            if kd == RESIDENT:
+                out[r, :n] = c.keys(layer)[d.block_table[sl, :n].long()]
+            elif kd == HOST_BACKED:
+                hp = self.manager.host_table[ss, :n].long().to(host.device)
+                out[r, :n] = host[hp].to(self.device)
+        return out
 
     # -- accounting ---------------------------------------------------------------------------
     def summary(self) -> dict:
-        """Totals since start (peaks for bytes in use) and per-step means; what `--stats` prints."""
-        t, steps = self.totals, len(self.history)
+        """Totals since start (peaks for bytes in use) and per-step means; what `--stats` prints.
+        Reads the device miss counters (a sync): call it between steps, not inside one."""
+        t = self.totals
+        misses_per_layer = self.manager.misses.tolist()
+        misses, selected = sum(misses_per_layer), sum(t.selected_per_layer)
+        row = self.manager.row_bytes
+        steps = t.decode_steps
         return {
-            "algorithm": self.config.algorithm, "decode_steps": steps, "request_steps": t.requests,
-            "selected_pages": t.selected_pages, "hits": t.hits, "misses": t.misses, "hit_rate": t.hit_rate,
-            "bytes_h2d": t.bytes_h2d, "bytes_d2h": t.bytes_d2h,
-            "bytes_h2d_per_step": t.bytes_h2d / steps if steps else 0.0,
-            "misses_per_layer": t.misses_per_layer, "selected_per_layer": t.selected_per_layer,
-            "peak_device_bytes_in_use": t.device_bytes_in_use, "peak_host_bytes_in_use": t.host_bytes_in_use,
-            "device_kv_bytes_per_request": self.manager.device_kv_bytes_per_request(),
+            "algorithm": self.config.algorithm, "decode_steps": steps, "request_steps": t.request_steps,
+            "selected_pages": selected, "hits": selected - misses, "misses": misses,
+            "hit_rate": (selected - misses) / selected if selected else 1.0,
+            "bytes_h2d": misses * row, "bytes_h2d_per_step": misses * row / steps if steps else 0.0,
+            "misses_per_layer": misses_per_layer, "selected_per_layer": list(t.selected_per_layer),
+            "peak_device_bytes_in_use": t.peak_device_bytes_in_use, "peak_host_bytes_in_use": t.peak_host_bytes_in_use,
+            "device_kv_bytes_per_host_backed_request": self.manager.device_kv_bytes_per_request(),
             **self.memory(),
         }
 
-    def device_bytes(self, seq: Sequence) -> dict[str, int]:
-        """Device bytes one sparse request holds: its KV buffer and its representations."""
-        return {"kv_buffer": self.manager.device_kv_bytes_per_request(),
-                "metadata": len(seq.pages) * self.algorithm.metadata_bytes_per_page()}
+    def device_bytes(self, seq) -> dict[str, int]:
+        """Device bytes one sparse request holds: its KV pages (all, or its buffer) and its representations."""
+        page = self.num_layers * self.manager.row_bytes
+        held = len(seq.buffer_pages) if seq.host_backed else len(seq.pages)
+        return {"kv": held * page, "metadata": len(seq.pages) * self.algorithm.metadata_bytes_per_page()}
 
     def memory(self) -> dict[str, int]:
+        """Host pool size and use; device KV and representation bytes of the running sparse requests."""
         m = self.manager
+        held = [self.device_bytes(seq) for seq in self._running.values()]
         return {
             "host_pool_bytes": m.host.nbytes,
             "host_bytes_in_use": m.host.allocator.num_used * m.host.page_bytes,
-            "device_buffer_bytes": m.buffer_kv.numel() * m.buffer_kv.element_size(),
-            "device_buffer_bytes_in_use": (m.max_requests - m.num_free_slots) * m.device_kv_bytes_per_request(),
-            "metadata_bytes_in_use": m.host.allocator.num_used * self.algorithm.metadata_bytes_per_page(),
+            "device_kv_bytes_in_use": sum(h["kv"] for h in held),
+            "metadata_bytes": (m.max_requests + 1) * self.max_pages * self.algorithm.metadata_bytes_per_page(),
+            "metadata_bytes_in_use": sum(h["metadata"] for h in held),
+            "host_backed_requests": sum(1 for seq in self._running.values() if seq.host_backed),
+            "resident_requests": sum(1 for seq in self._running.values() if not seq.host_backed),
         }

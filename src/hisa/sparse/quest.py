@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from hisa.sparse.base import BaseSparseAlgorithm, SelectionContext, register
+from hisa.sparse.base import BaseSparseAlgorithm, DecodeRows, register
+from hisa.sparse.page_scores import page_scores
 
 
 @register("quest")
@@ -18,55 +19,73 @@ class QuestAlgorithm(BaseSparseAlgorithm):
 
     The bounds are turned into a per-head distribution over pages (softmax of scaled bounds) and
     summed over heads, so one page list serves all heads of a request (our page table is shared).
-    Representations: kmin/kmax [layers, host_pages, KVH, D] on the device, indexed by host page.
+    Representations: kmin/kmax [layers, slots + 1, max_pages, KVH, D] on the device, indexed by
+    (sparse slot, logical page). Scoring and top-k for the whole batch: two Triton kernels and a
+    torch.topk per layer (`hisa.sparse.page_scores`); the update after attention: one kernel.
     """
 
     graph_safe = True  # device tensors only, no host sync: decode steps can be replayed from CUDA graphs
+    has_mean = False
 
     def __init__(self, **kw):
         super().__init__(**kw)
-        shape = (self.num_layers, self.num_host_pages, self.num_kv_heads, self.head_dim)
+        shape = (self.num_layers, self.max_requests + 1, self.max_pages, self.num_kv_heads, self.head_dim)
         # written by construct (prefill) or by the first update of a fresh page before any read
         self.kmin = torch.empty(shape, dtype=self.dtype, device=self.device)
         self.kmax = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.kmean = torch.empty(shape, dtype=self.dtype, device=self.device) if self.has_mean else None
+
+    def _summaries(self) -> list[torch.Tensor]:
+        return [self.kmin, self.kmax] + ([self.kmean] if self.has_mean else [])
 
     def metadata_bytes_per_page(self) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.kmin.element_size()
+        return len(self._summaries()) * self.num_layers * self.num_kv_heads * self.head_dim * self.kmin.element_size()
 
-    def construct_representations(self, layer, host_pages, keys):
-        n = host_pages.numel()
+    def construct_representations(self, layer, slot, first_page, keys):
+        n = keys.shape[0] // self.page_size
         k = keys.view(n, self.page_size, self.num_kv_heads, self.head_dim).float()  # [n, S, KVH, D]
         pad = torch.isnan(k)
-        self.kmin[layer, host_pages] = k.masked_fill(pad, float("inf")).amin(1).to(self.dtype)
-        self.kmax[layer, host_pages] = k.masked_fill(pad, float("-inf")).amax(1).to(self.dtype)
+        pages = slice(first_page, first_page + n)
+        self.kmin[layer, slot, pages] = k.masked_fill(pad, float("inf")).amin(1).to(self.dtype)
+        self.kmax[layer, slot, pages] = k.masked_fill(pad, float("-inf")).amax(1).to(self.dtype)
+        if self.has_mean:
+            self.kmean[layer, slot, pages] = k.nanmean(1).to(self.dtype)  # the tail of a partial page is NaN
 
-    def update_representations(self, layer, host_pages, offsets, keys):
-        first = (offsets == 0)[:, None, None]  # a fresh page starts its bounds at the new key
-        k = keys.to(self.dtype)
-        cur_min, cur_max = self.kmin[layer, host_pages], self.kmax[layer, host_pages]
-        self.kmin[layer, host_pages] = torch.where(first, k, torch.minimum(cur_min, k))
-        self.kmax[layer, host_pages] = torch.where(first, k, torch.maximum(cur_max, k))
+    def update_representations(self, layer, rows: DecodeRows, keys):
+        R = keys.shape[0]
+        if R == 0:
+            return
+        if keys.is_cuda:
+            from hisa.sparse.triton_quest_update import quest_update_kernel
 
-    def page_logits(self, layer: int, q: torch.Tensor, hp: torch.Tensor) -> torch.Tensor:
-        """Quest's scaled upper bound of each page's best logit, per query head: fp32 [R, M, KVH, G]."""
-        r, m = hp.shape
-        g = self.num_heads // self.num_kv_heads
-        kmin = self.kmin[layer][hp].float()  # [R, M, KVH, D]
-        kmax = self.kmax[layer][hp].float()
-        qg = q.float().view(r, 1, self.num_kv_heads, g, self.head_dim)  # [R, 1, KVH, G, D]
-        return torch.maximum(qg * kmin[:, :, :, None, :], qg * kmax[:, :, :, None, :]).sum(-1) * self.scale
+            kd = self.num_kv_heads * self.head_dim
+            kmin, kmax = self.kmin[layer], self.kmax[layer]
+            quest_update_kernel[(R,)](
+                keys, kmin, kmax, self.kmean[layer] if self.has_mean else kmin, rows.sparse_slots, rows.t,
+                keys.stride(0), kmin.stride(0), kmin.stride(1), self.max_requests,
+                S=self.page_size, KD=kd, BLOCK=1 << max(0, kd - 1).bit_length(), HAS_MEAN=self.has_mean,
+                num_warps=4 if kd >= 512 else 1)
+            return
+        self._update_ref(layer, rows, keys)
 
-    def page_mass(self, layer: int, q: torch.Tensor, hp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Each page's score for the shared list: per head a softmax over the valid pages, summed over
-        heads. hp, valid: [R, M] → fp32 [R, M] (invalid pages hold 0)."""
-        bound = self.page_logits(layer, q, hp).masked_fill(~valid[:, :, None, None], float("-inf"))
-        return torch.softmax(bound, dim=1).nan_to_num(0.0).sum(dim=(2, 3))
+    def _update_ref(self, layer, rows: DecodeRows, keys) -> None:
+        keep = (rows.sparse_slots != self.max_requests) & (rows.t > 0)
+        s, t = rows.sparse_slots[keep].long(), rows.t[keep].long()
+        page, off = (t - 1) // self.page_size, (t - 1) % self.page_size
+        k = keys[keep].float()
+        first = (off == 0)[:, None, None]  # a fresh page starts its summaries at the new key
+        lo, hi = self.kmin[layer, s, page].float(), self.kmax[layer, s, page].float()
+        self.kmin[layer, s, page] = torch.where(first, k, torch.minimum(lo, k)).to(self.dtype)
+        self.kmax[layer, s, page] = torch.where(first, k, torch.maximum(hi, k)).to(self.dtype)
+        if self.has_mean:
+            cur = self.kmean[layer, s, page].float()
+            mean = cur + (k - cur) / (off + 1).float()[:, None, None]
+            self.kmean[layer, s, page] = torch.where(first, k, mean).to(self.dtype)
 
-    def retrieve_topk(self, layer, q, ctx: SelectionContext):
-        m = max(0, ctx.host_table.shape[1] - ctx.middle_start)
-        hp, valid = self.middle_host_pages(ctx, m)  # [R, M]
-        mass = self.page_mass(layer, q, hp, valid)
-        return self.topk_from_scores(mass.masked_fill(~valid, float("-inf")), ctx)
+    def retrieve_topk(self, layer, q, rows: DecodeRows):
+        scores = page_scores(q, self.kmin[layer], self.kmax[layer], rows.sparse_slots, rows.lo, rows.hi,
+                             scale=self.scale, kmean=self.kmean[layer] if self.has_mean else None)
+        return self.topk_of(scores, rows.num_select)
 
 
 @register("quest-mean")
@@ -77,35 +96,8 @@ class QuestMeanAlgorithm(QuestAlgorithm):
     softmax of q·mean(k) (the page's average logit). Their sum, summed over heads, ranks the pages.
     The bound alone favours pages whose keys merely *spread* wide in a channel the query weights;
     the mean alone misses pages where one key stands out. Both are exact for a page of one token.
-    Representations: kmin/kmax/kmean [layers, host_pages, KVH, D] (1.5x Quest's metadata).
-    The mean is kept as a running mean over the page's tokens (offset + 1 of them after an update).
+    Representations: kmin/kmax/kmean (1.5x Quest's metadata); the mean is a running mean over the
+    page's tokens (offset + 1 of them after an update).
     """
 
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.kmean = torch.empty_like(self.kmin)
-
-    def metadata_bytes_per_page(self) -> int:
-        return 3 * self.num_layers * self.num_kv_heads * self.head_dim * self.kmin.element_size()
-
-    def construct_representations(self, layer, host_pages, keys):
-        super().construct_representations(layer, host_pages, keys)
-        k = keys.view(host_pages.numel(), self.page_size, self.num_kv_heads, self.head_dim).float()
-        self.kmean[layer, host_pages] = k.nanmean(1).to(self.dtype)  # the tail of a partial page is NaN
-
-    def update_representations(self, layer, host_pages, offsets, keys):
-        super().update_representations(layer, host_pages, offsets, keys)
-        w = (1.0 / (offsets + 1).float())[:, None, None]
-        cur, k = self.kmean[layer, host_pages].float(), keys.float()
-        first = (offsets == 0)[:, None, None]  # a fresh page: the mean is the key (the slot holds garbage)
-        self.kmean[layer, host_pages] = torch.where(first, k, cur + (k - cur) * w).to(self.dtype)
-
-    def page_mass(self, layer, q, hp, valid):
-        mean = self.mean_logits(layer, q, hp).masked_fill(~valid[:, :, None, None], float("-inf"))
-        return super().page_mass(layer, q, hp, valid) + torch.softmax(mean, dim=1).nan_to_num(0.0).sum((2, 3))
-
-    def mean_logits(self, layer: int, q: torch.Tensor, hp: torch.Tensor) -> torch.Tensor:
-        """Each page's average logit q·mean(k) · scale, per query head: fp32 [R, M, KVH, G]."""
-        g = self.num_heads // self.num_kv_heads
-        qg = q.float().view(q.shape[0], self.num_kv_heads, g, self.head_dim)
-        return torch.einsum("rmkd,rkgd->rmkg", self.kmean[layer][hp].float(), qg) * self.scale
+    has_mean = True

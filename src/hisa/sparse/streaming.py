@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hisa.sparse.base import BaseSparseAlgorithm, SelectionContext, register
+from hisa.sparse.base import BaseSparseAlgorithm, DecodeRows, register
 
 
 @register("streaming")
@@ -13,11 +13,7 @@ class StreamingAlgorithm(BaseSparseAlgorithm):
 
     graph_safe = True  # device tensors only, no host sync
 
-    def retrieve_topk(self, layer, q, ctx: SelectionContext):
-        k = ctx.num_select
-        offs = torch.arange(k, 0, -1, device=ctx.middle_end.device)  # K..1
-        pages = ctx.middle_end[:, None] - offs[None, :]  # [R, K] the K pages before the window
-        pages = torch.where(pages >= ctx.middle_start, pages, torch.full_like(pages, -1))
-        # valid first: rows with few pages have their -1s at the front; move them to the back
-        order = torch.argsort((pages < 0).to(torch.int8), dim=1, stable=True)
-        return pages.gather(1, order)
+    def retrieve_topk(self, layer, q, rows: DecodeRows):
+        k = rows.num_select
+        n_mid = torch.clamp(rows.hi - rows.lo, max=k).long()  # [R] pages a row attends from the middle
+        return (rows.hi.long() - n_mid)[:, None] + torch.arange(k, device=q.device)[None, :]  # oldest first

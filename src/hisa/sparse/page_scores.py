@@ -1,0 +1,90 @@
+"""Page scores for the whole decode batch from per-page key summaries (Quest's bound, the page mean).
+
+Each row (a sparse request) scores every page of its middle range [lo, hi) for every query head:
+  * Quest's bound: sum_d max(q_d * kmin_d, q_d * kmax_d) >= max_{k in page} q . k  (times the
+    attention scale);
+  * optionally the page-mean key: q . mean(k) * scale (quest-mean).
+Per head the logits become a softmax over the row's middle pages; the page score is the sum over
+heads (and over both terms). One page list per request is then the top-k of that score.
+
+`page_scores` runs two Triton kernels on CUDA (`triton_page_scores.py`), the torch reference
+elsewhere. No host sync: a captured decode step replays it.
+
+Shapes: q [R, H, D]; kmin/kmax/kmean [SS, MAXP, KVH, D] (one layer; SS sparse slots, MAXP pages per
+request); sslots, lo, hi int32 [R]. Returns fp32 [R, MAXP], -inf outside [lo, hi).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_LOG2E = 1.4426950408889634
+BLOCK_P = 32  # pages per program
+
+
+def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sslots: torch.Tensor, lo: torch.Tensor,
+                hi: torch.Tensor, *, scale: float, kmean: torch.Tensor | None = None,
+                use_triton: bool | None = None) -> torch.Tensor:
+    """Score every page of each row's middle range (see the module docstring). fp32 [R, MAXP]."""
+    R, H, D = q.shape
+    SS, MAXP, KVH, Dm = kmin.shape
+    if Dm != D or H % KVH or kmax.shape != kmin.shape or (kmean is not None and kmean.shape != kmin.shape):
+        raise ValueError(f"q {tuple(q.shape)} does not fit the metadata {tuple(kmin.shape)}")
+    for name, t in (("kmin", kmin), ("kmax", kmax)) + ((("kmean", kmean),) if kmean is not None else ()):
+        if t.stride(3) != 1 or t.stride(2) != D:
+            raise ValueError(f"{name} must be contiguous in its last two dims, got strides {t.stride()}")
+    if q.stride(2) != 1:
+        raise ValueError(f"q must be contiguous in its last dim, got strides {q.stride()}")
+    if use_triton is None:
+        use_triton = q.is_cuda
+    if not use_triton:
+        return page_scores_ref(q, kmin, kmax, sslots, lo, hi, scale=scale, kmean=kmean)
+    from hisa.sparse.triton_page_scores import page_logits_kernel, page_scores_kernel
+
+    G = H // KVH
+    PB = -(-MAXP // BLOCK_P)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    n_terms = 1 if kmean is None else 2
+    logits = torch.empty(n_terms, R, MAXP, H, **f32)
+    mpart = torch.empty(n_terms, R, PB, H, **f32)
+    spart = torch.empty(n_terms, R, PB, H, **f32)
+    scores = torch.empty(R, MAXP, **f32)
+    if R == 0:
+        return scores
+    second = (logits[-1], mpart[-1], spart[-1])
+    block_d = max(16, _next_pow2(D))
+    page_logits_kernel[(R, PB)](
+        q, kmin, kmax, kmean if kmean is not None else kmin, sslots, lo, hi,
+        logits[0], mpart[0], spart[0], *second,
+        scale * _LOG2E, MAXP, PB,
+        q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), kmin.stride(2),
+        H=H, G=G, KVH=KVH, D=D, BLOCK_P=BLOCK_P, BLOCK_G=max(16, _next_pow2(G)), BLOCK_D=block_d,
+        HAS_MEAN=kmean is not None, num_warps=4)
+    page_scores_kernel[(R, PB)](
+        logits[0], mpart[0], spart[0], *second, lo, hi, scores, MAXP, PB,
+        H=H, BLOCK_P=BLOCK_P, BLOCK_PB=max(2, _next_pow2(PB)), BLOCK_H=max(2, _next_pow2(H)),
+        HAS_MEAN=kmean is not None, num_warps=4)
+    return scores
+
+
+def page_scores_ref(q, kmin, kmax, sslots, lo, hi, *, scale: float, kmean=None) -> torch.Tensor:
+    """Plain-torch page_scores (same arguments): the semantics, spelled out."""
+    R, H, D = q.shape
+    SS, MAXP, KVH, _ = kmin.shape
+    s = sslots.long()
+    qg = q.float().view(R, 1, KVH, H // KVH, D)  # [R, 1, KVH, G, D]
+    lo_, hi_ = kmin[s].float()[:, :, :, None, :], kmax[s].float()[:, :, :, None, :]  # [R, MAXP, KVH, 1, D]
+    logits = [torch.maximum(qg * lo_, qg * hi_).sum(-1) * scale]  # [R, MAXP, KVH, G]
+    if kmean is not None:
+        logits.append((qg * kmean[s].float()[:, :, :, None, :]).sum(-1) * scale)
+    p = torch.arange(MAXP, device=q.device)
+    valid = (p[None, :] >= lo.long()[:, None]) & (p[None, :] < hi.long()[:, None])  # [R, MAXP]
+    score = torch.zeros(R, MAXP, dtype=torch.float32, device=q.device)
+    for lg in logits:
+        lg = lg.masked_fill(~valid[:, :, None, None], float("-inf"))
+        score += torch.softmax(lg, dim=1).nan_to_num(0.0).sum(dim=(2, 3))
+    return score.masked_fill(~valid, float("-inf"))
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()

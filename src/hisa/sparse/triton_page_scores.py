@@ -1,0 +1,115 @@
+"""Triton kernels of page scoring for the whole batch (Quest bound, optional page-mean key).
+Launcher and torch reference: `hisa.sparse.page_scores`.
+
+Kernel 1, grid (R, PB): program (r, b) scores pages [b * BLOCK_P, (b + 1) * BLOCK_P) of row r for
+every query head. Quest's bound max_d(q_d * kmin_d, q_d * kmax_d) summed over d equals
+q⁺ · kmax + q⁻ · kmin (q⁺ = max(q, 0), q⁻ = min(q, 0)) when kmin <= kmax, so each kv head's
+[BLOCK_P, G] tile is two tl.dot products over the page metadata (read once). The logits (log2
+domain) go to a workspace [R, MAXP, H] and each program also writes its block's per-head softmax
+partials (max, sum of 2^(l - max)) to [R, PB, H].
+Kernel 2, grid (R, PB): merges the partials of row r into each head's max and normalizer and writes
+the page score sum_h softmax_h(page) (plus the mean-key term when HAS_MEAN), -inf outside the row's
+middle range [lo, hi). torch.topk then picks the pages.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot_head(meta_ptr, base, qh, d, valid, d_ok, BLOCK_P: tl.constexpr):
+    """[BLOCK_P, BLOCK_D] metadata rows at `base` (per page) · qh [BLOCK_G, BLOCK_D]^T -> [BLOCK_P, BLOCK_G]."""
+    m = tl.load(meta_ptr + base[:, None] + d[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0)
+    return tl.dot(m.to(tl.float32), tl.trans(qh), input_precision="ieee")
+
+
+@triton.jit
+def page_logits_kernel(
+    q_ptr,                          # [R, H, D]
+    kmin_ptr, kmax_ptr, kmean_ptr,  # [SS, MAXP, KVH, D] one layer's metadata (kmean read when HAS_MEAN)
+    sslot_ptr, lo_ptr, hi_ptr,      # int32 [R]: sparse slot, middle range [lo, hi) (empty: not selected)
+    logit_ptr, mpart_ptr, spart_ptr,  # fp32 [R, MAXP, H], [R, PB, H], [R, PB, H]
+    logit2_ptr, mpart2_ptr, spart2_ptr,  # the same for the mean key (HAS_MEAN)
+    scale_log2, MAXP, PB,
+    stride_qr, stride_qh, stride_ms, stride_mp, stride_mh,
+    H: tl.constexpr, G: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MEAN: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1)
+    sslot = tl.load(sslot_ptr + r).to(tl.int64)
+    lo = tl.load(lo_ptr + r)
+    hi = tl.load(hi_ptr + r)
+    p = b * BLOCK_P + tl.arange(0, BLOCK_P)  # [BLOCK_P] logical pages
+    valid = (p >= lo) & (p < hi)
+    g = tl.arange(0, BLOCK_G)
+    g_ok = g < G
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    keep = valid[:, None] & g_ok[None, :]  # [BLOCK_P, BLOCK_G]
+    for j in tl.static_range(KVH):
+        heads = j * G + g
+        qh = tl.load(q_ptr + r * stride_qr + heads[:, None] * stride_qh + d[None, :],
+                     mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_G, BLOCK_D]
+        base = sslot * stride_ms + p.to(tl.int64) * stride_mp + j * stride_mh  # [BLOCK_P]
+        lg = (_dot_head(kmax_ptr, base, tl.maximum(qh, 0.0), d, valid, d_ok, BLOCK_P)
+              + _dot_head(kmin_ptr, base, tl.minimum(qh, 0.0), d, valid, d_ok, BLOCK_P)) * scale_log2
+        _store_block(lg, keep, r, b, p, heads, g_ok, valid, logit_ptr, mpart_ptr, spart_ptr, MAXP, PB, H)
+        if HAS_MEAN:
+            lm = _dot_head(kmean_ptr, base, qh, d, valid, d_ok, BLOCK_P) * scale_log2
+            _store_block(lm, keep, r, b, p, heads, g_ok, valid, logit2_ptr, mpart2_ptr, spart2_ptr, MAXP, PB, H)
+
+
+@triton.jit
+def _store_block(lg, keep, r, b, p, heads, g_ok, valid, logit_ptr, mpart_ptr, spart_ptr, MAXP, PB, H):
+    lg = tl.where(keep, lg, float("-inf"))  # [BLOCK_P, BLOCK_G]
+    tl.store(logit_ptr + (r * MAXP + p)[:, None] * H + heads[None, :], lg, mask=keep)  # read back where valid
+    m = tl.max(lg, axis=0)  # [BLOCK_G]
+    m_sub = tl.where(m == float("-inf"), 0.0, m)
+    s = tl.sum(tl.exp2(lg - m_sub[None, :]), axis=0)  # exp2(-inf) = 0 for masked pages
+    tl.store(mpart_ptr + (r * PB + b) * H + heads, m, mask=g_ok)
+    tl.store(spart_ptr + (r * PB + b) * H + heads, s, mask=g_ok)
+
+
+@triton.jit
+def _softmax_block(logit_ptr, mpart_ptr, spart_ptr, r, p, valid, MAXP, PB, H: tl.constexpr,
+                   BLOCK_PB: tl.constexpr, BLOCK_H: tl.constexpr):
+    """sum over heads of softmax_h at pages p: merge row r's partials, then normalize the block."""
+    h = tl.arange(0, BLOCK_H)
+    h_ok = h < H
+    pb = tl.arange(0, BLOCK_PB)
+    part = (r * PB + pb)[:, None] * H + h[None, :]  # [BLOCK_PB, BLOCK_H]
+    pm = (pb < PB)[:, None] & h_ok[None, :]
+    m = tl.load(mpart_ptr + part, mask=pm, other=float("-inf"))
+    s = tl.load(spart_ptr + part, mask=pm, other=0.0)
+    big = tl.max(m, axis=0)  # [BLOCK_H] each head's max over the row
+    big_sub = tl.where(big == float("-inf"), 0.0, big)
+    m_sub = tl.where(m == float("-inf"), big_sub[None, :], m)
+    norm = tl.sum(s * tl.exp2(m_sub - big_sub[None, :]), axis=0)  # [BLOCK_H]
+    inv = tl.where(norm > 0.0, 1.0 / tl.where(norm > 0.0, norm, 1.0), 0.0)
+    lg = tl.load(logit_ptr + (r * MAXP + p)[:, None] * H + h[None, :],
+                 mask=valid[:, None] & h_ok[None, :], other=float("-inf"))  # [BLOCK_P, BLOCK_H]
+    w = tl.exp2(lg - big_sub[None, :]) * inv[None, :]
+    return tl.sum(w, axis=1)  # [BLOCK_P]
+
+
+@triton.jit
+def page_scores_kernel(
+    logit_ptr, mpart_ptr, spart_ptr, logit2_ptr, mpart2_ptr, spart2_ptr,
+    lo_ptr, hi_ptr, score_ptr,      # int32 [R] x2, fp32 [R, MAXP] out
+    MAXP, PB,
+    H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_PB: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_MEAN: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1)
+    lo = tl.load(lo_ptr + r)
+    hi = tl.load(hi_ptr + r)
+    p = b * BLOCK_P + tl.arange(0, BLOCK_P)
+    valid = (p >= lo) & (p < hi)
+    score = _softmax_block(logit_ptr, mpart_ptr, spart_ptr, r, p, valid, MAXP, PB, H, BLOCK_PB, BLOCK_H)
+    if HAS_MEAN:
+        score += _softmax_block(logit2_ptr, mpart2_ptr, spart2_ptr, r, p, valid, MAXP, PB, H, BLOCK_PB, BLOCK_H)
+    tl.store(score_ptr + r * MAXP + p, tl.where(valid, score, float("-inf")), mask=p < MAXP)
