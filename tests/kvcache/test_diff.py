@@ -230,3 +230,44 @@ def test_triton_in_cuda_graph():
         ref = diff.lru_diff_reference(ref_bp, ref_lu, tk, i, active=act)
         assert all(torch.equal(a, b.cpu()) for a, b in zip(ref, out))
         assert torch.equal(ref_bp, bp.cpu()) and torch.equal(ref_lu, lu.cpu())
+
+
+# -- the decode step's form: state rows by sparse slot, device / host pages out ---------------------------
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mapped_triton_matches_torch_over_steps(seed):
+    """lru_diff_mapped (Triton, interpreter on the CPU) against its torch path over 8 steps of random
+    selections: same state, same physical table (pre-written entries kept), same (device, host)
+    miss pairs, same miss counter; rows in step order point at state rows by slot."""
+    rng = random.Random(seed)
+    N, NS, K, universe, maxp = 5, 6, 4, 14, 20  # 4 request slots + the sentinel row
+    slot_pages = torch.tensor([rng.sample(range(100), NS) for _ in range(N)], dtype=I32)
+    host_table = torch.tensor([rng.sample(range(200), maxp) for _ in range(N)], dtype=I32)
+    rows = torch.tensor([2, 4, 0, 3], dtype=I32)  # the second row is padding (sentinel)
+    active = torch.tensor([1, 0, 1, 1], dtype=torch.uint8)
+    slot_pages, host_table, rows, active = (x.to(DEV) for x in (slot_pages, host_table, rows, active))
+    states = [new_state(N, NS, DEV) for _ in range(2)]
+    counters = [torch.zeros(1, dtype=torch.int64, device=DEV) for _ in range(2)]
+    for step, (topk, _) in enumerate(topk_sequence(rng, R=4, K=K, universe=universe, steps=8, overlap=0.7), 1):
+        results = []
+        for (bp, lu), counter, backend in zip(states, counters, ("torch", "triton")):
+            table = torch.full((4, K + 2), -9, dtype=I32, device=DEV)
+            table[:, K - 1] = 555  # a pre-written entry (the tail page): kept where the top-k has no page
+            out = diff.DiffResult(table[:, :K], torch.empty(4, K, dtype=I32, device=DEV),
+                                  torch.empty(4, K, dtype=I32, device=DEV), torch.empty(4, dtype=I32, device=DEV))
+            tk = topk.clone().to(DEV)
+            tk[:, K - 1] = -1
+            diff.lru_diff_mapped(bp, lu, tk, torch.tensor(step, dtype=I32), rows=rows, active=active,
+                                 slot_pages=slot_pages, host_table=host_table, out=out, counter=counter,
+                                 backend=backend)
+            results.append((table, out))
+        (t0, o0), (t1, o1) = results
+        assert torch.equal(t0, t1) and (t0[:, K - 1] == 555).all()
+        for a, b in zip(o0[1:], o1[1:]):
+            assert torch.equal(a, b)
+        assert torch.equal(states[0][0], states[1][0]) and torch.equal(states[0][1], states[1][1])
+        assert (o0.num_misses[1] == 0) and (o0.load_slots[1] == -1).all()  # the padding row did nothing
+        for r in (0, 2, 3):  # each miss reads the row's host page of the loaded logical page
+            for j in range(int(o0.num_misses[r])):
+                assert int(o0.load_pages[r, j]) in host_table[int(rows[r])].tolist()
+    assert counters[0].item() == counters[1].item() > 0
+    assert (states[0][0][4] == -1).all()  # the sentinel state row was never written

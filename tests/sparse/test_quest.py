@@ -1,48 +1,65 @@
-"""Quest and quest-mean page representations and rankings against direct computation from the keys."""
+"""Quest and quest-mean: page summaries against direct computation from the keys, rankings, and the
+Triton update / scoring kernels against their torch references."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hisa.sparse.base import SelectionContext, create_algorithm
+from hisa.sparse.base import DecodeRows, create_algorithm
+from hisa.sparse.page_scores import page_scores, page_scores_ref
+from hisa.sparse.quest import quest_update
 
 L, H, KVH, D = 2, 6, 2, 8
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _algo(name, page_size, host_pages=16):
+def _algo(name, page_size, max_pages=16, slots=3):
     return create_algorithm(name, num_layers=L, num_heads=H, num_kv_heads=KVH, head_dim=D, page_size=page_size,
-                            num_host_pages=host_pages, device=torch.device("cpu"), dtype=torch.float32)
+                            max_requests=slots, max_pages=max_pages, scale=D ** -0.5, device=torch.device("cpu"),
+                            dtype=torch.float32)
+
+
+def _rows(slot, t, lo, hi, num_select):
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    return DecodeRows(sparse_slots=i32(slot), t=i32(t), lo=i32(lo), hi=i32(hi), num_select=num_select)
 
 
 @pytest.mark.parametrize("name", ["quest", "quest-mean"])
-def test_prefill_then_decode_updates_equal_direct_page_statistics(name):
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_prefill_then_decode_updates_equal_direct_page_statistics(name, use_triton):
     """A prompt ending mid-page, then decode tokens filling that page and starting the next: the
-    min/max (and mean) of every page equal those computed from the page's keys directly."""
+    min/max (and mean) of every page equal those computed from the page's keys directly, for the
+    torch update and the Triton kernel (interpreter on the CPU)."""
     torch.manual_seed(0)
-    s, n_prompt, n_decode = 4, 10, 7  # pages 0,1 full, page 2 holds 2 prompt tokens
+    s, n_prompt, n_decode, slot = 4, 10, 7, 1  # pages 0,1 full, page 2 holds 2 prompt tokens
     algo = _algo(name, s)
     keys = torch.randn(n_prompt + n_decode, KVH, D)
-    host = torch.tensor([5, 9, 2, 11, 14])  # logical page -> host page
     n_pages = -(-n_prompt // s)
     padded = torch.full((n_pages * s, KVH, D), float("nan"))
     padded[:n_prompt] = keys[:n_prompt]
-    algo.construct_representations(1, host[:n_pages], padded)
+    algo.construct_representations(1, slot, 0, padded)
     for t in range(n_prompt, n_prompt + n_decode):
-        algo.update_representations(1, host[t // s].view(1), torch.tensor([t % s]), keys[t].view(1, KVH, D))
+        # a batch of two rows: this request and a padding row (the sentinel slot) that must not write
+        ss = torch.tensor([slot, algo.max_requests], dtype=torch.int32)
+        tt = torch.tensor([t + 1, 0], dtype=torch.int32)
+        k = torch.stack([keys[t], torch.full((KVH, D), 1e9)])
+        if use_triton and DEV.type == "cuda":  # the kernel on the GPU, the summaries copied back
+            sums = [x[1].to(DEV) for x in (algo.kmin, algo.kmax) + ((algo.kmean,) if algo.has_mean else ())]
+            quest_update(sums[0], sums[1], sums[2] if algo.has_mean else None, k.to(DEV), ss.to(DEV), tt.to(DEV),
+                         page_size=s, sentinel=algo.max_requests, use_triton=True)
+            for x, y in zip((algo.kmin, algo.kmax, algo.kmean), sums):
+                x[1] = y.cpu()
+            continue
+        quest_update(algo.kmin[1], algo.kmax[1], algo.kmean[1] if algo.has_mean else None, k, ss, tt,
+                     page_size=s, sentinel=algo.max_requests, use_triton=use_triton)
     total = n_prompt + n_decode
     for p in range(-(-total // s)):
         page = keys[p * s: min(total, (p + 1) * s)]
-        torch.testing.assert_close(algo.kmin[1, host[p]], page.amin(0))
-        torch.testing.assert_close(algo.kmax[1, host[p]], page.amax(0))
+        torch.testing.assert_close(algo.kmin[1, slot, p], page.amin(0))
+        torch.testing.assert_close(algo.kmax[1, slot, p], page.amax(0))
         if name == "quest-mean":
-            torch.testing.assert_close(algo.kmean[1, host[p]], page.mean(0), rtol=1e-5, atol=1e-6)
-
-
-def _ctx(n_pages, num_select, r=1):
-    table = torch.arange(n_pages).repeat(r, 1)
-    return SelectionContext(host_table=table, middle_start=0, middle_end=torch.full((r,), n_pages),
-                            num_select=num_select, num_valid_tokens=torch.full((r,), n_pages))
+            torch.testing.assert_close(algo.kmean[1, slot, p], page.mean(0), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["quest", "quest-mean"])
@@ -54,10 +71,11 @@ def test_one_token_pages_rank_by_exact_attention_mass(name):
     keys = torch.randn(n, KVH, D)
     q = torch.randn(2, H, D)
     algo, oracle = _algo(name, 1), _algo("oracle", 1)
-    algo.construct_representations(0, torch.arange(n), keys)
-    ctx = _ctx(n, 5, r=2)
-    ctx.host_keys = keys.view(n, 1, KVH, D)
-    assert torch.equal(algo.retrieve_topk(0, q, ctx), oracle.retrieve_topk(0, q, ctx))
+    for slot in (0, 2):
+        algo.construct_representations(0, slot, 0, keys)
+    rows = _rows([0, 2], [n, n], [0, 0], [n, n], 5)
+    rows.page_keys = lambda layer: keys.view(1, n, 1, KVH, D).expand(2, n, 1, KVH, D)
+    assert torch.equal(algo.retrieve_topk(0, q, rows), oracle.retrieve_topk(0, q, rows))
 
 
 def test_quest_mean_finds_the_page_a_wide_page_hides_from_the_bound():
@@ -73,10 +91,52 @@ def test_quest_mean_finds_the_page_a_wide_page_hides_from_the_bound():
     picks = {}
     for name in ("quest", "quest-mean"):
         algo = _algo(name, s)
-        algo.construct_representations(0, torch.arange(3), keys)
-        picks[name] = algo.retrieve_topk(0, q, _ctx(3, 1)).item()
+        algo.construct_representations(0, 0, 0, keys)
+        picks[name] = algo.retrieve_topk(0, q, _rows([0], [3 * s], [0], [3], 1)).item()
     assert picks == {"quest": 0, "quest-mean": 1}
 
 
 def test_quest_mean_metadata_is_one_and_a_half_quest():
     assert _algo("quest-mean", 16).metadata_bytes_per_page() * 2 == _algo("quest", 16).metadata_bytes_per_page() * 3
+
+
+def _summaries(ss, maxp, kvh, d, dtype, device):
+    a, b = torch.randn(ss, maxp, kvh, d, device=device), torch.randn(ss, maxp, kvh, d, device=device)
+    return (torch.minimum(a, b).to(dtype), torch.maximum(a, b).to(dtype), ((a + b) / 2).to(dtype))
+
+
+@pytest.mark.parametrize("with_mean", [False, True])
+@pytest.mark.parametrize("h,kvh,d,maxp", [(6, 2, 16, 70), (4, 4, 32, 33), (9, 3, 64, 40)])
+def test_page_scores_triton_matches_reference(with_mean, h, kvh, d, maxp):
+    """Two Triton kernels (per-block logits + softmax partials, then the merge) against the torch
+    reference: rows with a middle range, a row that selects nothing, ranges cut at block edges."""
+    torch.manual_seed(h * 100 + maxp)
+    R, SS = 4, 5
+    q = torch.randn(R, h, d)
+    kmin, kmax, kmean = _summaries(SS, maxp, kvh, d, torch.float32, "cpu")
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    ss, lo, hi = i32([3, 0, 1, 4]), i32([1, 0, 1, 0]), i32([maxp - 2, 0, 33, maxp])
+    args = (q, kmin, kmax, ss, lo, hi)
+    want = page_scores_ref(*args, scale=0.3, kmean=kmean if with_mean else None)
+    args, kmean = tuple(x.to(DEV) for x in args), kmean.to(DEV)  # Triton on the GPU, or the interpreter
+    got = page_scores(*args, scale=0.3, kmean=kmean if with_mean else None, use_triton=True).cpu()
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    torch.testing.assert_close(got.nan_to_num(0, neginf=0), want.nan_to_num(0, neginf=0), rtol=1e-5, atol=1e-6)
+    assert torch.isinf(got[1]).all()  # the row with an empty range scores nothing
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (real sizes)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_page_scores_real_sizes_on_gpu(dtype):
+    """Llama-3.1-8B shape at 128K tokens, page 32: 4,096 pages, 32 heads over 8 kv heads."""
+    torch.manual_seed(0)
+    R, SS, maxp = 8, 9, 4096
+    q = torch.randn(R, 32, 128, device="cuda", dtype=dtype)
+    kmin, kmax, kmean = _summaries(SS, maxp, 8, 128, dtype, "cuda")
+    ss = torch.arange(R, dtype=torch.int32, device="cuda")
+    lo = torch.ones(R, dtype=torch.int32, device="cuda")
+    hi = torch.tensor([4094, 1000, 17, 4000, 2048, 3, 4094, 600], dtype=torch.int32, device="cuda")
+    for km in (None, kmean):
+        got = page_scores(q, kmin, kmax, ss, lo, hi, scale=128 ** -0.5, kmean=km)
+        want = page_scores_ref(q, kmin, kmax, ss, lo, hi, scale=128 ** -0.5, kmean=km)
+        torch.testing.assert_close(got.nan_to_num(0, neginf=0), want.nan_to_num(0, neginf=0), rtol=2e-3, atol=1e-5)

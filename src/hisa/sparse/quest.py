@@ -52,35 +52,8 @@ class QuestAlgorithm(BaseSparseAlgorithm):
             self.kmean[layer, slot, pages] = k.nanmean(1).to(self.dtype)  # the tail of a partial page is NaN
 
     def update_representations(self, layer, rows: DecodeRows, keys):
-        R = keys.shape[0]
-        if R == 0:
-            return
-        if keys.is_cuda:
-            from hisa.sparse.triton_quest_update import quest_update_kernel
-
-            kd = self.num_kv_heads * self.head_dim
-            kmin, kmax = self.kmin[layer], self.kmax[layer]
-            quest_update_kernel[(R,)](
-                keys, kmin, kmax, self.kmean[layer] if self.has_mean else kmin, rows.sparse_slots, rows.t,
-                keys.stride(0), kmin.stride(0), kmin.stride(1), self.max_requests,
-                S=self.page_size, KD=kd, BLOCK=1 << max(0, kd - 1).bit_length(), HAS_MEAN=self.has_mean,
-                num_warps=4 if kd >= 512 else 1)
-            return
-        self._update_ref(layer, rows, keys)
-
-    def _update_ref(self, layer, rows: DecodeRows, keys) -> None:
-        keep = (rows.sparse_slots != self.max_requests) & (rows.t > 0)
-        s, t = rows.sparse_slots[keep].long(), rows.t[keep].long()
-        page, off = (t - 1) // self.page_size, (t - 1) % self.page_size
-        k = keys[keep].float()
-        first = (off == 0)[:, None, None]  # a fresh page starts its summaries at the new key
-        lo, hi = self.kmin[layer, s, page].float(), self.kmax[layer, s, page].float()
-        self.kmin[layer, s, page] = torch.where(first, k, torch.minimum(lo, k)).to(self.dtype)
-        self.kmax[layer, s, page] = torch.where(first, k, torch.maximum(hi, k)).to(self.dtype)
-        if self.has_mean:
-            cur = self.kmean[layer, s, page].float()
-            mean = cur + (k - cur) / (off + 1).float()[:, None, None]
-            self.kmean[layer, s, page] = torch.where(first, k, mean).to(self.dtype)
+        quest_update(self.kmin[layer], self.kmax[layer], self.kmean[layer] if self.has_mean else None, keys,
+                     rows.sparse_slots, rows.t, page_size=self.page_size, sentinel=self.max_requests)
 
     def retrieve_topk(self, layer, q, rows: DecodeRows):
         scores = page_scores(q, self.kmin[layer], self.kmax[layer], rows.sparse_slots, rows.lo, rows.hi,
@@ -101,3 +74,44 @@ class QuestMeanAlgorithm(QuestAlgorithm):
     """
 
     has_mean = True
+
+
+def quest_update(kmin: torch.Tensor, kmax: torch.Tensor, kmean: torch.Tensor | None, keys: torch.Tensor,
+                 sparse_slots: torch.Tensor, t: torch.Tensor, *, page_size: int, sentinel: int,
+                 use_triton: bool | None = None) -> None:
+    """Fold each row's new key into its page's summaries, in place (one layer).
+
+    kmin/kmax/kmean: [SS, MAXP, KVH, D]; keys: [R, KVH, D] (rows may be strided); sparse_slots, t:
+    int32 [R]. Row r's key is token t - 1 of its request: page (t - 1) // S of slot sparse_slots[r];
+    a page's first token (offset 0) resets the summaries to the key. Rows of the sentinel slot or
+    with t == 0 are skipped. One Triton launch on CUDA (no sync), the torch reference elsewhere.
+    """
+    R = keys.shape[0]
+    if R == 0:
+        return
+    if keys.stride(2) != 1 or keys.stride(1) != keys.shape[2]:
+        raise ValueError(f"keys must be contiguous within a row, got strides {keys.stride()}")
+    if use_triton is None:
+        use_triton = keys.is_cuda
+    if use_triton:
+        from hisa.sparse.triton_quest_update import quest_update_kernel
+
+        kd = keys.shape[1] * keys.shape[2]
+        quest_update_kernel[(R,)](
+            keys, kmin, kmax, kmean if kmean is not None else kmin, sparse_slots, t,
+            keys.stride(0), kmin.stride(0), kmin.stride(1), sentinel,
+            S=page_size, KD=kd, BLOCK=1 << max(0, kd - 1).bit_length(), HAS_MEAN=kmean is not None,
+            num_warps=4 if kd >= 512 else 1)
+        return
+    keep = (sparse_slots != sentinel) & (t > 0)
+    s, tt = sparse_slots[keep].long(), t[keep].long()
+    page, off = (tt - 1) // page_size, (tt - 1) % page_size
+    k = keys[keep].float()
+    first = (off == 0)[:, None, None]  # a fresh page starts its summaries at the new key
+    lo, hi = kmin[s, page].float(), kmax[s, page].float()
+    kmin[s, page] = torch.where(first, k, torch.minimum(lo, k)).to(kmin.dtype)
+    kmax[s, page] = torch.where(first, k, torch.maximum(hi, k)).to(kmax.dtype)
+    if kmean is not None:
+        cur = kmean[s, page].float()
+        mean = cur + (k - cur) / (off + 1).float()[:, None, None]
+        kmean[s, page] = torch.where(first, k, mean).to(kmean.dtype)

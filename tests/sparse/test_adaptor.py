@@ -1,0 +1,80 @@
+"""BackendAdaptor: layout bounds and the compose kernel (Triton, interpreter on the CPU) against the
+torch reference and against the layout written out by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hisa.sparse.adaptor import DENSE, HOST_BACKED, PAD, RESIDENT, BackendAdaptor
+
+I32 = dict(dtype=torch.int32)
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU runs Triton in the interpreter
+
+
+def _case(adaptor, windowed, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s, maxp = adaptor.page_size, 40
+    kind = torch.tensor([RESIDENT, HOST_BACKED, DENSE, RESIDENT, HOST_BACKED, PAD], **I32)
+    t = torch.tensor([300, 181, 50, 17, 33, 0], **I32)  # pages 19, 12, 4, 2, 3
+    slot = torch.tensor([4, 0, 2, 1, 3, 6], **I32)
+    write_page = torch.tensor([90, 77, 5, 91, 78, -1], **I32)
+    block_table = torch.randperm(7 * maxp, generator=g).view(7, maxp).to(torch.int32)
+    bounds = adaptor.bounds(t, kind)
+    topk = None
+    if not windowed:  # distinct middle picks, best first (random order), -1 beyond what exists
+        rows = []
+        for lo, hi in zip(bounds.lo.tolist(), bounds.hi.tolist()):
+            mid = torch.arange(lo, hi)[torch.randperm(max(0, hi - lo), generator=g)].tolist()
+            rows.append((mid + [-1] * adaptor.num_select)[: adaptor.num_select])
+        topk = torch.tensor(rows, dtype=torch.int64)
+    return dict(kind=kind, slot=slot, t=t, write_page=write_page, bounds=bounds, topk=topk, block_table=block_table)
+
+
+def _run(adaptor, case, windowed, use_triton):
+    R, K = case["kind"].shape[0], adaptor.width(windowed)
+    table = torch.full((R, 48), -7, **I32, device=DEV)
+    logical = torch.full((R, K), -7, **I32, device=DEV)
+    kv_lens = torch.full((R,), -7, **I32, device=DEV)
+    case = {k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+    b = case["bounds"]
+    case["bounds"] = type(b)(*(x.to(DEV) if x is not None else None for x in (b.lo, b.hi, b.window_lo)))
+    adaptor.compose(**case, table=table, logical=logical, kv_lens=kv_lens, windowed=windowed, use_triton=use_triton)
+    return table.cpu(), logical.cpu(), kv_lens.cpu()
+
+
+@pytest.mark.parametrize("windowed", [False, True])
+def test_compose_triton_matches_reference_and_hand_layout(windowed):
+    adaptor = BackendAdaptor(page_size=16, sink_pages=1, recent_pages=2, budget_pages=7, window=40)
+    case = _case(adaptor, windowed)
+    want = _run(adaptor, case, windowed, use_triton=False)
+    got = _run(adaptor, case, windowed, use_triton=True)
+    host = case["kind"] == HOST_BACKED
+    sparse = case["kind"] > 0
+    assert torch.equal(got[2][sparse], want[2][sparse])  # kv_lens of sparse rows
+    assert torch.equal(got[1][host], want[1][host])  # logical pages of host-backed rows
+    for r in range(len(case["t"])):
+        if sparse[r]:
+            n = -(-int(want[2][r]) // 16)
+            assert torch.equal(got[0][r, :n], want[0][r, :n])
+    # by hand, row 0 (resident, 300 tokens = 19 pages, budget 7 = sink + 4 picks + 2 recent)
+    bt, t0 = case["block_table"], 300
+    if not windowed:
+        pages = [0] + case["topk"][0, :4].tolist() + [17, 18]
+        assert want[2][0] == 6 * 16 + (t0 - 18 * 16)
+    else:  # the window's pages: tokens 260..299 live in pages 16..18
+        pages = [16, 17, 18]
+        assert want[2][0] == 2 * 16 + (t0 - 18 * 16)
+    assert want[0][0, : len(pages)].tolist() == bt[4, pages].tolist()
+    # row 1 (host-backed, 181 tokens = 12 pages): the tail page is last, the rest go to the diff
+    assert want[0][1, want[2][1] // 16 if want[2][1] % 16 else want[2][1] // 16 - 1] == 77
+    assert (want[1][1] >= 0).sum() == -(-int(want[2][1]) // 16) - 1
+    # untouched rows (dense, padding)
+    assert (got[0][2] == -7).all() and got[2][2] == -7 and got[2][5] == -7
+
+
+def test_bounds_short_contexts():
+    """A context shorter than sinks + recent pages has an empty middle; non-sparse rows select nothing."""
+    a = BackendAdaptor(page_size=4, sink_pages=1, recent_pages=2, budget_pages=5)
+    b = a.bounds(torch.tensor([3, 9, 40, 40], **I32), torch.tensor([RESIDENT, HOST_BACKED, RESIDENT, DENSE], **I32))
+    assert b.lo.tolist() == [1, 1, 1, 0] and b.hi.tolist() == [1, 1, 8, 0]
