@@ -117,6 +117,27 @@ class Engine:
                        resident_requests=st["resident_requests"], host_backed_requests=st["host_backed_requests"])
         return out
 
+    def kernels_per_step(self) -> dict:
+        """One eager decode step under the profiler: GPU kernels launched (per layer), and the step's
+        device-to-host copies (the sampled tokens only, if the step is right)."""
+        e = self.llm.engine
+        graphs, e.runner.graphs = e.runner.graphs, None
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=acts) as prof:
+            e.step()
+            sync(self.device)
+        e.runner.graphs = graphs
+        kernels = [ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA
+                   and "memcpy" not in ev.name.lower() and "memset" not in ev.name.lower()]
+        d2h = [ev for ev in prof.events() if "DtoH" in ev.name or "Device -> Pageable" in ev.name
+               or "Device -> Pinned" in ev.name]
+        names: dict[str, int] = {}
+        for ev in kernels:
+            names[ev.name[:60]] = names.get(ev.name[:60], 0) + 1
+        layers = self.llm.engine.model_config.num_layers
+        return dict(kernels=len(kernels), kernels_per_layer=len(kernels) / layers, d2h_copies=len(d2h),
+                    top_kernels=sorted(names.items(), key=lambda kv: -kv[1])[:25])
+
     def keep(self, n: int) -> None:
         """Abort all but the n oldest requests (the resident ones, under HBM-first admission)."""
         for rid in self.rids[n:]:
@@ -198,6 +219,7 @@ def main(argv=None) -> int:
     p.add_argument("--host-pool-gb", type=float, default=None)
     p.add_argument("--util", type=float, default=0.9, help="gpu_memory_utilization of both engines")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--profile", action="store_true", help="count kernels per layer of one eager step (first rows)")
     p.add_argument("--git-commit", default=None)
     p.add_argument("--out", type=Path, default=REPO / "bench/results/decode_speed_gpu.json")
     a = p.parse_args(argv)
@@ -227,10 +249,14 @@ def main(argv=None) -> int:
         for batch in (int(b) for b in a.batches.split(",")):
             pair = {}
             for name, sp in (("dense", None), (a.algorithm, sparse_cfg(batch))):
-                eng = Engine(loaded, device=device, ctx=ctx, batch=batch, steps=a.steps, sparse=sp,
+                eng = Engine(loaded, device=device, ctx=ctx, batch=batch, steps=a.steps + 4, sparse=sp,
                              page_size=a.page_size, chunk=a.chunk, util=a.util)
                 res = eng.decode(a.steps)
                 extra = {}
+                if a.profile:
+                    extra["profile"] = eng.kernels_per_step()
+                    print(f"  {extra['profile']['kernels_per_layer']:.1f} kernels per layer, "
+                          f"{extra['profile']['d2h_copies']} D2H copies per step", flush=True)
                 if sp is not None:
                     alg = eng.llm.engine.sparse.algorithm
                     meta = alg.metadata_bytes_per_page() // loaded.config.num_layers
