@@ -256,7 +256,7 @@ def test_mapped_triton_matches_torch_over_steps(seed):
                                   torch.empty(4, K, dtype=I32, device=DEV), torch.empty(4, dtype=I32, device=DEV))
             tk = topk.clone().to(DEV)
             tk[:, K - 1] = -1
-            diff.lru_diff_mapped(bp, lu, tk, torch.tensor(step, dtype=I32), rows=rows, active=active,
+            diff.lru_diff_mapped(bp, lu, tk, torch.tensor(step, dtype=I32, device=DEV), rows=rows, active=active,
                                  slot_pages=slot_pages, host_table=host_table, out=out, counter=counter,
                                  backend=backend)
             results.append((table, out))
