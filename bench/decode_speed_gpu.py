@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -228,100 +231,131 @@ def main(argv=None) -> int:
     p.add_argument("--host-rows", action="store_true", help="also run the first rows with every request host-backed")
     p.add_argument("--git-commit", default=None)
     p.add_argument("--out", type=Path, default=REPO / "bench/results/decode_speed_gpu.json")
+    p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: one engine, in a child process
     a = p.parse_args(argv)
+    if a.job:
+        return run_job(a, json.loads(a.job))
     device = torch.device(a.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    loaded = load_model(f"random:{a.preset}", device=device, dtype=dtype, progress=False)
     hbm = hbm_bandwidth(device)
-    print(f"loaded random:{a.preset}; HBM copy bandwidth {hbm / 1e12:.2f} TB/s", flush=True)
+    print(f"HBM copy bandwidth {hbm / 1e12:.2f} TB/s", flush=True)
     rows = []
 
-    def sparse_cfg(batch, residency="auto"):
-        return SparseConfig(algorithm=a.algorithm, token_budget=a.budget, min_prompt_len=1024,
-                            host_pool_gb=a.host_pool_gb, max_sparse_requests=max(batch, 1), residency=residency)
+    def job(**spec):
+        """One engine per child process: its memory (device pool, pinned host pool, graph pools) is the
+        operating system's again when it exits, and a crash loses that row only."""
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--job",
+                   json.dumps(dict(spec, hbm=hbm, out=f.name))]
+            proc = subprocess.run(cmd, text=True, capture_output=True)
+            if proc.returncode != 0:
+                print(f"  job {spec} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
+                got = [dict(row=spec.get("name"), context=spec.get("ctx"), error=proc.stderr[-2000:],
+                            running_batch_per_step=[0], ms_per_step=float("nan"), tokens_per_s=float("nan"))]
+            else:
+                got = json.loads(Path(f.name).read_text())
+        for r in got:
+            _print_row(r)
+        rows.extend(got)
+        return {r["row"]: r for r in got}
 
-    def record(label, ctx, eng, res, **extra):
-        row = dict(row=label, context=ctx, batch_asked=len(eng.rids), prefill_s=eng.prefill_s, **res,
-                   memory=eng.memory(), **extra)
-        rows.append(row)
-        print(f"{label:28s} ctx={ctx:6d} running={max(res['running_batch_per_step'])} "
-              f"{res['ms_per_step']:8.2f} ms/step {res['tokens_per_s']:9.1f} tok/s"
-              + (f"  hit {res['hit_rate']:.3f}, {res['bytes_h2d_per_step'] / 2**20:.1f} MiB H2D/step"
-                 if "hit_rate" in res else ""), flush=True)
-        return row
-
-    meta = None
     for ctx in (int(c) for c in a.contexts.split(",")):
         for batch in (int(b) for b in a.batches.split(",")):
-            pair = {}
-            variants = [("dense", None), (a.algorithm, sparse_cfg(batch))]
+            pair = job(kind="fixed", ctx=ctx, batch=batch, name="dense", residency=None)
+            pair.update(job(kind="fixed", ctx=ctx, batch=batch, name=a.algorithm, residency="auto"))
             if a.host_rows:  # the same batch with every request host-backed (the PCIe regime)
-                variants.append((f"{a.algorithm} host", sparse_cfg(batch, "host")))
-            for name, sp in variants:
-                eng = Engine(loaded, device=device, ctx=ctx, batch=batch, steps=a.steps + 4, sparse=sp,
-                             page_size=a.page_size, chunk=a.chunk, util=a.util)
-                res = eng.decode(a.steps)
-                extra = {}
-                if a.profile:
-                    extra["profile"] = eng.kernels_per_step()
-                    print(f"  {extra['profile']['kernels_per_layer']:.1f} kernels per layer, "
-                          f"{extra['profile']['d2h_copies']} D2H copies per step", flush=True)
-                if sp is not None:
-                    alg = eng.llm.engine.sparse.algorithm
-                    meta = alg.metadata_bytes_per_page() // loaded.config.num_layers
-                    if not any(res["host_backed_per_step"]):
-                        bound = byte_bound(loaded, batch=batch, budget=a.budget, ctx=ctx, page_size=a.page_size,
-                                           meta_bytes_per_page_layer=meta, hbm=hbm)
-                        extra = dict(byte_bound_ms=bound * 1e3, over_byte_bound=res["ms_per_step"] / (bound * 1e3))
-                pair[name] = record(f"{name} b{batch}", ctx, eng, res, **extra)
-                eng.close()
-            for name in pair:
-                if name != "dense":
-                    pair[name]["speedup_vs_dense"] = pair[name]["tokens_per_s"] / pair["dense"]["tokens_per_s"]
+                pair.update(job(kind="fixed", ctx=ctx, batch=batch, name=f"{a.algorithm} host", residency="host"))
+            ref = pair.get(f"dense b{batch}", {}).get("tokens_per_s")
+            for label, r in pair.items():
+                if not label.startswith("dense") and ref:
+                    r["speedup_vs_dense"] = r["tokens_per_s"] / ref
 
     if a.max_context:
         ctx = a.max_context
-        biggest = {}
-        for name, sp_fn in (("dense", lambda b: None), (a.algorithm, sparse_cfg)):
-            sp_probe = sp_fn(64)
-            n = largest_batch(loaded, device=device, ctx=ctx, steps=a.steps, sparse=sp_probe, page_size=a.page_size,
-                              util=a.util)
-            sp = sp_fn(n)
-            if sp is not None:  # the metadata of n slots, not 64: the pool grows, so ask again
-                n = largest_batch(loaded, device=device, ctx=ctx, steps=a.steps, sparse=sp, page_size=a.page_size,
-                                  util=a.util)
-                sp = sp_fn(n)
-            print(f"{name}: largest batch at {ctx} tokens = {n}", flush=True)
-            eng = Engine(loaded, device=device, ctx=ctx, batch=n, steps=2 * a.steps, sparse=sp,
-                         page_size=a.page_size, chunk=a.chunk, util=a.util)
-            biggest[name] = record(f"{name} largest", ctx, eng, eng.decode(a.steps), largest_batch=n)
-            eng.keep(a.small_batch)
-            res = eng.decode(a.steps)
-            extra = {}
-            if sp is not None and not any(res["host_backed_per_step"]):
-                bound = byte_bound(loaded, batch=a.small_batch, budget=a.budget, ctx=ctx, page_size=a.page_size,
-                                   meta_bytes_per_page_layer=meta, hbm=hbm)
-                extra = dict(byte_bound_ms=bound * 1e3, over_byte_bound=res["ms_per_step"] / (bound * 1e3))
-            biggest[f"{name} small"] = record(f"{name} b{a.small_batch}", ctx, eng, res, **extra)
-            eng.close()
-        s, d = biggest[a.algorithm], biggest["dense"]
-        s["largest_batch_vs_dense"] = s["largest_batch"] / d["largest_batch"]
-        s["tokens_per_s_vs_dense_best"] = s["tokens_per_s"] / max(d["tokens_per_s"], biggest["dense small"]["tokens_per_s"])
-        small = biggest[f"{a.algorithm} small"]
-        small["speedup_vs_dense"] = small["tokens_per_s"] / biggest["dense small"]["tokens_per_s"]
+        dense = job(kind="largest", ctx=ctx, name="dense", residency=None)
+        sparse = job(kind="largest", ctx=ctx, name=a.algorithm, residency="auto")
+        d, s_ = dense.get("dense largest"), sparse.get(f"{a.algorithm} largest")
+        ds, ss = dense.get(f"dense b{a.small_batch}"), sparse.get(f"{a.algorithm} b{a.small_batch}")
+        if d and s_ and "largest_batch" in d and "largest_batch" in s_:
+            s_["largest_batch_vs_dense"] = s_["largest_batch"] / d["largest_batch"]
+            best = max(d["tokens_per_s"], ds["tokens_per_s"] if ds else 0.0)
+            s_["tokens_per_s_vs_dense_best"] = s_["tokens_per_s"] / best
+        if ds and ss and ds.get("tokens_per_s"):
+            ss["speedup_vs_dense"] = ss["tokens_per_s"] / ds["tokens_per_s"]
 
     print(f"\n{'row':22s} {'ctx':>7s} {'batch':>5s} {'ms/step':>8s} {'tok/s':>8s} {'x dense':>8s} {'hit':>6s} "
           f"{'MiB H2D':>8s} {'x bound':>8s}")
     for r in rows:
+        if "error" in r:
+            continue
         print(f"{r['row']:22s} {r['context']:7d} {max(r['running_batch_per_step']):5d} {r['ms_per_step']:8.2f} "
               f"{r['tokens_per_s']:8.1f} {r.get('speedup_vs_dense', float('nan')):8.2f} "
               f"{r.get('hit_rate', float('nan')):6.3f} {r.get('bytes_h2d_per_step', 0) / 2**20:8.1f} "
               f"{r.get('over_byte_bound', float('nan')):8.2f}")
-    write_json(a.out, dict(**header(device, a.git_commit), model=f"random:{a.preset}", dtype=str(dtype),
+    rows = [r for r in rows if "error" not in r] + [r for r in rows if "error" in r]
+    write_json(a.out, dict(**header(device, a.git_commit), model=f"random:{a.preset}", dtype="bfloat16",
                            page_size=a.page_size, budget_tokens=a.budget, algorithm=a.algorithm, steps=a.steps,
                            hbm_copy_bytes_per_s=hbm, rows=rows))
     _plot(rows, a.out.with_suffix(".png"))
     return 0
+
+
+def run_job(a, spec: dict) -> int:
+    """Child process: build one engine, time it, write its rows (JSON) to spec["out"]."""
+    device = torch.device(a.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    loaded = load_model(f"random:{a.preset}", device=device, dtype=dtype, progress=False)
+    ctx, name, hbm = spec["ctx"], spec["name"], spec["hbm"]
+
+    def cfg(batch):
+        if spec["residency"] is None:
+            return None
+        return SparseConfig(algorithm=a.algorithm, token_budget=a.budget, min_prompt_len=1024,
+                            host_pool_gb=a.host_pool_gb, max_sparse_requests=max(batch, 1),
+                            residency=spec["residency"])
+
+    def row(label, eng, res, batch, **extra):
+        if eng.llm.engine.sparse is not None and not any(res["host_backed_per_step"]):
+            meta = eng.llm.engine.sparse.algorithm.metadata_bytes_per_page() // loaded.config.num_layers
+            bound = byte_bound(loaded, batch=batch, budget=a.budget, ctx=ctx, page_size=a.page_size,
+                               meta_bytes_per_page_layer=meta, hbm=hbm)
+            extra.update(byte_bound_ms=bound * 1e3, over_byte_bound=res["ms_per_step"] / (bound * 1e3))
+        return dict(row=label, context=ctx, batch_asked=batch, prefill_s=eng.prefill_s, **res, memory=eng.memory(),
+                    **extra)
+
+    rows = []
+    if spec["kind"] == "fixed":
+        batch = spec["batch"]
+        eng = Engine(loaded, device=device, ctx=ctx, batch=batch, steps=a.steps + 4, sparse=cfg(batch),
+                     page_size=a.page_size, chunk=a.chunk, util=a.util)
+        res = eng.decode(a.steps)
+        extra = dict(profile=eng.kernels_per_step()) if a.profile else {}
+        rows.append(row(f"{name} b{batch}", eng, res, batch, **extra))
+    else:  # the largest batch this engine holds, then the same engine with --small-batch requests
+        n = largest_batch(loaded, device=device, ctx=ctx, steps=2 * a.steps, sparse=cfg(64), page_size=a.page_size,
+                          util=a.util)
+        if spec["residency"] is not None:  # with the metadata of n slots, not 64, the pool grows: ask again
+            n = largest_batch(loaded, device=device, ctx=ctx, steps=2 * a.steps, sparse=cfg(n),
+                              page_size=a.page_size, util=a.util)
+        eng = Engine(loaded, device=device, ctx=ctx, batch=n, steps=2 * a.steps, sparse=cfg(n),
+                     page_size=a.page_size, chunk=a.chunk, util=a.util)
+        rows.append(row(f"{name} largest", eng, eng.decode(a.steps), n, largest_batch=n))
+        eng.keep(a.small_batch)
+        rows.append(row(f"{name} b{a.small_batch}", eng, eng.decode(a.steps), a.small_batch))
+    Path(spec["out"]).write_text(json.dumps(rows))
+    return 0
+
+
+def _print_row(r: dict) -> None:
+    if "error" in r:
+        print(f"{str(r['row']):24s} ctx={r['context']} failed", flush=True)
+        return
+    prof = r.get("profile")
+    print(f"{r['row']:24s} ctx={r['context']:6d} running={max(r['running_batch_per_step'])} "
+          f"{r['ms_per_step']:8.2f} ms/step {r['tokens_per_s']:9.1f} tok/s"
+          + (f"  hit {r['hit_rate']:.3f}, {r['bytes_h2d_per_step'] / 2**20:.1f} MiB H2D/step" if "hit_rate" in r else "")
+          + (f"  {r['over_byte_bound']:.2f}x byte bound" if "over_byte_bound" in r else "")
+          + (f"  {prof['kernels_per_layer']:.1f} kernels/layer, {prof['d2h_copies']} D2H/step" if prof else ""),
+          flush=True)
 
 
 def _plot(rows, path: Path) -> None:
@@ -331,6 +365,7 @@ def _plot(rows, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4))
+    rows = [r for r in rows if "error" not in r]
     labels = [f"{r['row']}\n{r['context'] // 1024}K x{max(r['running_batch_per_step'])}" for r in rows]
     ax.bar(range(len(rows)), [r["tokens_per_s"] for r in rows],
            color=["tab:gray" if r["row"].startswith("dense") else "tab:blue" for r in rows])
