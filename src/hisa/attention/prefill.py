@@ -22,30 +22,70 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scal
     GQA: H is a multiple of KVH.
     window: sliding-window attention: the query at position p sees keys p-window+1 .. p (`window`
     tokens, itself included), as Gemma's sliding layers do; None = the whole causal context.
+
+    Every path runs a fused SDPA kernel (flash / memory-efficient), which takes only 4-D inputs:
+    3-D or masked-math inputs fall back to the math kernel, which materializes H x n x ctx scores
+    (on the CPU that made a 2K chunk after a 2K prefix ~4x slower).
     """
     n, ctx = q.shape[0], k.shape[0]
-    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, n, D], [KVH, ctx, D]
-    gqa = True
+    qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # [1, H, n, D], [1, KVH, ctx, D]
+    whole = window is None or window >= ctx
     if q.is_cuda:
-        # The fused kernels (flash, memory-efficient) take only 4-D inputs and K/V with every head;
-        # 3-D or grouped inputs fall back to the math kernel, which materializes H x n x ctx scores.
-        g = qh.shape[0] // kh.shape[0]
-        if g > 1:
-            kh, vh = kh.repeat_interleave(g, 0), vh.repeat_interleave(g, 0)
-        qh, kh, vh, gqa = qh[None], kh[None], vh[None], False
-    if n == ctx and (window is None or window >= ctx):
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
-    elif window is None and q.is_cuda:
-        # a chunk after a cached prefix: causal aligned to the bottom right, as a bias object the
-        # memory-efficient kernel applies without an [n, ctx] mask
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(n, ctx), scale=scale)
+        out = _prefill_cuda(qh, kh, vh, scale=scale, window=None if whole else window)
+    elif n == ctx and whole:  # CPU, a prompt's first chunk: the flash kernel, causal (skips masked blocks)
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+    elif whole:  # CPU, a chunk after a cached prefix
+        out = _prefill_cpu_after_prefix(qh, kh, vh, scale=scale)
     else:
-        qpos = torch.arange(ctx - n, ctx, device=q.device)[:, None]  # [n, 1]
-        kpos = torch.arange(ctx, device=q.device)[None, :]  # [1, ctx]
-        mask = kpos <= qpos  # [n, ctx]
-        if window is not None:
-            mask &= kpos > qpos - window
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    if q.is_cuda:
-        out = out[0]
-    return out.transpose(0, 1)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=_mask(n, ctx, window, q.device), scale=scale,
+                                             enable_gqa=True)
+    return out[0].transpose(0, 1)
+
+
+def _mask(n: int, ctx: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """bool [n, ctx]: query i (position ctx - n + i) sees key j."""
+    qpos = torch.arange(ctx - n, ctx, device=device)[:, None]  # [n, 1]
+    kpos = torch.arange(ctx, device=device)[None, :]  # [1, ctx]
+    mask = kpos <= qpos
+    if window is not None:
+        mask &= kpos > qpos - window
+    return mask
+
+
+def _prefill_cuda(qh, kh, vh, *, scale, window):
+    # the fused CUDA kernels want K/V with every head (grouped inputs fall back to the math kernel)
+    g = qh.shape[1] // kh.shape[1]
+    if g > 1:
+        kh, vh = kh.repeat_interleave(g, 1), vh.repeat_interleave(g, 1)
+    n, ctx = qh.shape[2], kh.shape[2]
+    if n == ctx and window is None:
+        return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+    if window is None:  # causal aligned to the bottom right, a bias object the memory-efficient kernel applies
+        return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(n, ctx), scale=scale)
+    return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=_mask(n, ctx, window, qh.device), scale=scale)
+
+
+def _prefill_cpu_after_prefix(qh, kh, vh, *, scale):
+    """[1, H, n, D] queries after a cached prefix of ctx - n keys, on the CPU.
+
+    Two flash calls instead of one masked one: the chunk attends to the whole prefix (no mask)
+    and causally to itself (a square block, where upper-left and lower-right causal agree, so
+    the kernel skips the masked half); the two softmaxes are merged by their log-sum-exps.
+    """
+    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    n, ctx = qh.shape[2], kh.shape[2]
+    if flash is None:  # a torch without the CPU flash op (it returns the log-sum-exp we need)
+        return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=_mask(n, ctx, None, qh.device), scale=scale,
+                                              enable_gqa=True)
+    g = qh.shape[1] // kh.shape[1]
+    if g > 1:  # the op has no GQA: every query head gets its K/V
+        kh, vh = kh.repeat_interleave(g, 1), vh.repeat_interleave(g, 1)  # [1, H, ctx, D]
+    p = ctx - n
+    o_prefix, lse_prefix = flash(qh, kh[:, :, :p], vh[:, :, :p], 0.0, False, scale=scale)  # [1, H, n, D], [1, H, n]
+    o_chunk, lse_chunk = flash(qh, kh[:, :, p:], vh[:, :, p:], 0.0, True, scale=scale)
+    m = torch.maximum(lse_prefix, lse_chunk)
+    w_prefix, w_chunk = (lse_prefix - m).exp_(), (lse_chunk - m).exp_()
+    total = w_prefix + w_chunk
+    out = o_prefix.float() * (w_prefix / total)[..., None]
+    out.addcmul_(o_chunk.float(), (w_chunk / total)[..., None])
+    return out.to(qh.dtype)

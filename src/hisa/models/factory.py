@@ -12,6 +12,7 @@ from hisa.errors import ModelLoadError
 from hisa.models import loader
 from hisa.models.config import PRESETS, ModelConfig
 from hisa.models.gemma3 import Gemma3ForCausalLM
+from hisa.models.layers import checkpoint_targets
 from hisa.models.llama import LlamaForCausalLM
 
 CausalLM = LlamaForCausalLM | Gemma3ForCausalLM
@@ -47,7 +48,7 @@ def load_model(model: str | None, *, device: torch.device, dtype: torch.dtype,
             cfg = loader.hf_config(source.path)
             tensors, total = loader.hf_tensors(source.path), loader.hf_num_tensors(source.path)
         net = _empty_model(cfg, device, dtype)
-        params = dict(net.named_parameters(remove_duplicate=False))
+        params = checkpoint_targets(net)  # checkpoint name → parameter, or rows of a fused one (qkv, gate|up)
         seen: set[str] = set()
         bar = tqdm(tensors, total=total, desc=f"loading {cfg.name or source.path.name}", unit="tensor",
                    disable=not progress, leave=False)

@@ -15,31 +15,29 @@ What differs from the Llama family (`llama.py`), all checked against transformer
 
 Parameter names follow Hugging Face (`model.layers.0.self_attn.q_norm.weight`, ...), and norm
 weights hold Hugging Face's value (the offset from 1; GGUF files store 1 + w, the loader subtracts 1).
+The dense parts are fused as in `llama.py` (`qkv_proj`, `gate_up_proj`, loaded by their Hugging Face
+names); here the QK-norm runs inside the rope kernel, and each post-sublayer norm is fused with the
+residual add and the next pre-norm, so a decode step also runs ~8 kernels per layer besides attention.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hisa.models.config import SLIDING, ModelConfig
+from hisa.models.layers import FusedLinear, RMSNorm
 from hisa.models.llama import AttentionFn
 from hisa.models.rope import RotaryEmbedding, rope_inv_freq
+from hisa.ops.act_mul import act_mul
+from hisa.ops.qkv_rope import qkv_rope
 
 
-class GemmaRMSNorm(nn.Module):
+class GemmaRMSNorm(RMSNorm):
     """RMSNorm over the last dim with a (1 + weight) scale, in fp32, cast back to the input dtype."""
 
     def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * (1.0 + self.weight.float())).to(x.dtype)
+        super().__init__(dim, eps, unit_offset=True)
 
 
 class Gemma3Attention(nn.Module):
@@ -49,33 +47,31 @@ class Gemma3Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.is_sliding = cfg.layer_windows[layer_idx] is not None
         bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=bias)
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = FusedLinear(cfg.hidden_size, {"q_proj": q, "k_proj": kv, "v_proj": kv}, bias=bias)
+        self.o_proj = nn.Linear(q, cfg.hidden_size, bias=bias)
         self.q_norm = GemmaRMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_norm = GemmaRMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
-                attn: AttentionFn, max_position: int | None) -> torch.Tensor:
-        t = x.shape[0]
-        q = self.q_norm(self.q_proj(x).view(t, self.num_heads, self.head_dim))  # [T, H, D]
-        k = self.k_norm(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim))  # [T, KVH, D]
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
-        q, k = rope(positions, q, k, max_position)
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, attn: AttentionFn) -> torch.Tensor:
+        """x: [T, hidden] normed, cos_sin: fp32 [T, 2, D/2] (this layer's RoPE base) → [T, hidden]."""
+        q, k, v = qkv_rope(self.qkv_proj(x), cos_sin, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                           head_dim=self.head_dim, q_norm_weight=self.q_norm.weight, k_norm_weight=self.k_norm.weight,
+                           eps=self.q_norm.eps)  # QK-norm, then RoPE: [T, H, D], [T, KVH, D], [T, KVH, D]
         out = attn.forward(self.layer_idx, q, k, v)  # [T, H, D]; the window (if any) is the attention's job
-        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.head_dim))
 
 
 class Gemma3MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        inter = cfg.intermediate_size
+        self.gate_up_proj = FusedLinear(cfg.hidden_size, {"gate_proj": inter, "up_proj": inter}, bias=False)
+        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        """x: [T, hidden] → [T, hidden] (gated GELU, tanh approximation)."""
+        return self.down_proj(act_mul(self.gate_up_proj(x), act="gelu_tanh"))
 
 
 class Gemma3DecoderLayer(nn.Module):
@@ -89,11 +85,15 @@ class Gemma3DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = GemmaRMSNorm(cfg.hidden_size, eps)
         self.post_feedforward_layernorm = GemmaRMSNorm(cfg.hidden_size, eps)
 
-    def forward(self, x, positions, rope, attn, max_position):
-        h = self.self_attn(self.input_layernorm(x), positions, rope, attn, max_position)
-        x = x + self.post_attention_layernorm(h)
-        h = self.mlp(self.pre_feedforward_layernorm(x))
-        return x + self.post_feedforward_layernorm(h)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos_sin: torch.Tensor, attn: AttentionFn,
+                prev_post_norm: GemmaRMSNorm | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MLP output before its post-feedforward norm `prev_post_norm`
+        (the scaled embeddings for the first layer, with residual and prev_post_norm None)
+        → (this layer's MLP output, before its post-feedforward norm; the residual stream)."""
+        h, residual = self.input_layernorm.add_norm(x, residual, prev_post_norm)
+        h = self.self_attn(h, cos_sin, attn)
+        h, residual = self.pre_feedforward_layernorm.add_norm(h, residual, self.post_attention_layernorm)
+        return self.mlp(h), residual
 
 
 class Gemma3Body(nn.Module):
@@ -143,10 +143,15 @@ class Gemma3ForCausalLM(nn.Module):
         # the scale is rounded to fp32, then to the weights' dtype, as transformers does (bf16: sqrt(640) → 25.25)
         x = emb(input_ids) * torch.tensor(self.config.hidden_size ** 0.5).to(emb.weight.dtype)
         if max_position is None:
-            max_position = int(positions.max())  # one sync for both rotary caches, not one per layer
+            max_position = int(positions.max())  # one sync for both rotary tables, not one per layer
+        cos_sin = {False: self.rope.lookup(positions, max_position)}  # [T, 2, D/2] per RoPE base
+        if any(self._sliding):
+            cos_sin[True] = self.rope_local.lookup(positions, max_position)
+        residual, post_norm = None, None
         for layer, sliding in zip(self.model.layers, self._sliding):
-            x = layer(x, positions, self.rope_local if sliding else self.rope, attn, max_position)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, cos_sin[sliding], attn, post_norm)
+            post_norm = layer.post_feedforward_layernorm
+        return self.model.norm.add_norm(x, residual, post_norm)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] → fp32 logits [N, vocab] (soft-capped when the config says so)."""

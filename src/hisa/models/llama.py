@@ -1,8 +1,15 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, SmolLM2) with grouped-query attention.
 
-Parameter names follow Hugging Face so checkpoints load as they are. Attention itself is not done
-here: each layer hands its q/k/v to `attn.forward(layer_idx, q, k, v)`, an object the model runner
-builds per step (dense paged attention, or the sparse coordinator), which owns the KV cache.
+Attention itself is not done here: each layer hands its q/k/v to `attn.forward(layer_idx, q, k, v)`,
+an object the model runner builds per step (dense paged attention, or the sparse coordinator),
+which owns the KV cache.
+
+The dense parts are fused (`hisa.ops`; one kernel each on CUDA): q/k/v are one GEMM (`qkv_proj`,
+with Qwen2's biases) whose output one kernel splits and rotates (RoPE); gate/up are one GEMM
+(`gate_up_proj`) followed by one SiLU-and-multiply; each residual add is fused with the norm that
+follows it. A decode step runs per layer: add+norm, qkv GEMM, rope, [attention], o_proj, add+norm,
+gate_up GEMM, act*mul, down GEMM. Checkpoints still load by their Hugging Face names
+(`...q_proj.weight` fills rows of `qkv_proj.weight`: `hisa.models.layers.checkpoint_targets`).
 """
 
 from __future__ import annotations
@@ -10,28 +17,20 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hisa.models.config import ModelConfig
+from hisa.models.layers import FusedLinear, RMSNorm
 from hisa.models.rope import RotaryEmbedding, rope_inv_freq
+from hisa.ops.act_mul import act_mul
+from hisa.ops.qkv_rope import qkv_rope
+
+__all__ = ["AttentionFn", "RMSNorm", "Attention", "MLP", "DecoderLayer", "LlamaForCausalLM"]
 
 
 class AttentionFn(Protocol):
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [T, H, D], k/v: [T, KVH, D] for the T tokens of this step → [T, H, D]."""
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        """q: [T, H, D], k/v: [T, KVH, D] (contiguous) for the T tokens of this step → [T, H, D]."""
 
 
 class Attention(nn.Module):
@@ -39,32 +38,29 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = FusedLinear(cfg.hidden_size, {"q_proj": q, "k_proj": kv, "v_proj": kv}, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(q, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
-                attn: AttentionFn, max_position: int | None) -> torch.Tensor:
-        t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)  # [T, H, D]
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k, max_position)
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, attn: AttentionFn) -> torch.Tensor:
+        """x: [T, hidden] normed, cos_sin: fp32 [T, 2, D/2] → [T, hidden]."""
+        q, k, v = qkv_rope(self.qkv_proj(x), cos_sin, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                           head_dim=self.head_dim)  # [T, H, D], [T, KVH, D], [T, KVH, D]
         out = attn.forward(self.layer_idx, q, k, v)  # [T, H, D]
-        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, act: str = "silu"):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        inter = cfg.intermediate_size
+        self.gate_up_proj = FusedLinear(cfg.hidden_size, {"gate_proj": inter, "up_proj": inter}, bias=False)
+        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
+        self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        """x: [T, hidden] → [T, hidden]."""
+        return self.down_proj(act_mul(self.gate_up_proj(x), act=self.act))  # [T, 2I] → [T, I] → [T, hidden]
 
 
 class DecoderLayer(nn.Module):
@@ -75,9 +71,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, positions, rope, attn, max_position):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, attn, max_position)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos_sin: torch.Tensor,
+                attn: AttentionFn) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MLP output (the embeddings for the first layer, with residual
+        None), residual: [T, hidden] the stream before x is added → (this layer's MLP output, residual)."""
+        h, residual = self.input_layernorm.add_norm(x, residual)
+        h, residual = self.post_attention_layernorm.add_norm(self.self_attn(h, cos_sin, attn), residual)
+        return self.mlp(h), residual
 
 
 class LlamaBody(nn.Module):
@@ -109,11 +109,15 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionFn,
                 max_position: int | None = None) -> torch.Tensor:
-        """input_ids, positions: int64 [T] (all tokens of the step, requests concatenated) → [T, hidden]."""
-        x = self.model.embed_tokens(input_ids)
+        """input_ids, positions: int64 [T] (all tokens of the step, requests concatenated) → [T, hidden].
+
+        `max_position` (>= positions.max(), known to the caller) spares a device sync.
+        """
+        x, residual = self.model.embed_tokens(input_ids), None  # [T, hidden]
+        cos_sin = self.rope.lookup(positions, max_position)  # [T, 2, D/2], shared by every layer
         for layer in self.model.layers:
-            x = layer(x, positions, self.rope, attn, max_position)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, cos_sin, attn)
+        return self.model.norm.add_norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] → fp32 logits [N, vocab]."""

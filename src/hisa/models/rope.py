@@ -37,36 +37,35 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None,
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """Applies RoPE to q and k given absolute positions; caches cos/sin on the device, grown on demand."""
+    """cos/sin of absolute positions for RoPE (applied by `hisa.ops.qkv_rope.qkv_rope`).
+
+    The table covers positions 0 .. n-1 on the device and grows on demand (doubling, at least 4K);
+    `_ensure(max_pos, device)` grows it ahead of time (CUDA graphs must not grow it inside a capture).
+
+    Example::
+
+        rope = RotaryEmbedding(rope_inv_freq(64, 10000.0, None))
+        cos_sin = rope.lookup(torch.tensor([0, 1, 2]), max_position=2)   # fp32 [3, 2, 32]
+    """
 
     def __init__(self, inv_freq: torch.Tensor):
         super().__init__()
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self._cos = self._sin = None
+        self._cos_sin = None  # fp32 [n, 2, D/2]
 
     def _ensure(self, max_pos: int, device: torch.device) -> None:
-        if self._cos is not None and self._cos.shape[0] > max_pos and self._cos.device == device:
+        table = self._cos_sin
+        if table is not None and table.shape[0] > max_pos and table.device == device:
             return
-        n = max(int(max_pos) + 1, 2 * (0 if self._cos is None else self._cos.shape[0]), 4096)
+        n = max(int(max_pos) + 1, 2 * (0 if table is None else table.shape[0]), 4096)
         t = torch.arange(n, device=device, dtype=torch.float32)
-        freqs = torch.outer(t, self.inv_freq.to(device))  # [n, D/2]
-        emb = torch.cat([freqs, freqs], dim=-1)  # [n, D]
-        self._cos, self._sin = emb.cos(), emb.sin()
+        freqs = torch.outer(t, self.inv_freq.to(device))  # [n, D/2], as transformers computes them
+        self._cos_sin = torch.stack([freqs.cos(), freqs.sin()], dim=1)  # [n, 2, D/2]
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                max_position: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, H, D], k: [T, KVH, D], positions: int64 [T]. Returns rotated (q, k) in their dtype.
+    def lookup(self, positions: torch.Tensor, max_position: int | None = None) -> torch.Tensor:
+        """positions: int64 [T] → fp32 [T, 2, D/2], each token's (cos, sin) per frequency.
 
-        `max_position` (an int the caller already knows) avoids a device sync to size the cache.
+        `max_position` (an int the caller already knows) avoids a device sync to size the table.
         """
-        self._ensure(int(positions.max()) if max_position is None else max_position, q.device)
-        cos = self._cos[positions].unsqueeze(1)  # [T, 1, D]
-        sin = self._sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    xf = x.float()
-    half = xf.shape[-1] // 2
-    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
+        self._ensure(int(positions.max()) if max_position is None else max_position, positions.device)
+        return self._cos_sin[positions]

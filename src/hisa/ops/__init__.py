@@ -1,0 +1,15 @@
+"""Fused elementwise kernels of the model's dense parts (Triton on CUDA, torch elsewhere).
+
+rms_norm.py          `rms_norm`: RMSNorm, optionally fused with the residual add (and, for Gemma,
+                     with the sublayer's post-norm before the add); returns (normed, new residual)
+triton_rms_norm.py   its @triton.jit kernel
+qkv_rope.py          `qkv_rope`: split a fused q|k|v projection, (Gemma) QK-norm, RoPE on q and k
+triton_qkv_rope.py   its @triton.jit kernel
+act_mul.py           `act_mul`: act(gate) * up of a fused gate|up projection (SiLU, GELU-tanh)
+triton_act_mul.py    its @triton.jit kernel
+
+Each launcher checks its arguments, runs the Triton kernel for CUDA tensors and a torch path
+otherwise, and has a plain-torch reference (`*_ref`) that the kernels are tested against
+(tests/ops/, under TRITON_INTERPRET=1 on a CPU). Import from the submodules; this file re-exports
+nothing, so importing the package does not import Triton.
+"""
