@@ -137,12 +137,15 @@ class Engine:
                    and "memcpy" not in ev.name.lower() and "memset" not in ev.name.lower()]
         d2h = [ev for ev in prof.events() if "DtoH" in ev.name or "Device -> Pageable" in ev.name
                or "Device -> Pinned" in ev.name]
-        names: dict[str, int] = {}
+        names: dict[str, list] = {}
         for ev in kernels:
-            names[ev.name[:60]] = names.get(ev.name[:60], 0) + 1
+            entry = names.setdefault(ev.name[:60], [0, 0.0])
+            entry[0] += 1
+            entry[1] += ev.device_time_total / 1e3  # ms
         layers = self.llm.engine.model_config.num_layers
         return dict(kernels=len(kernels), kernels_per_layer=len(kernels) / layers, d2h_copies=len(d2h),
-                    top_kernels=sorted(names.items(), key=lambda kv: -kv[1])[:25])
+                    kernel_ms=sum(v[1] for v in names.values()),
+                    top_kernels=sorted(([k, n, round(ms, 3)] for k, (n, ms) in names.items()), key=lambda x: -x[2])[:25])
 
     def keep(self, n: int) -> None:
         """Abort all but the n oldest requests (the resident ones, under HBM-first admission)."""
@@ -229,6 +232,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--profile", action="store_true", help="count kernels per layer of one eager step (first rows)")
     p.add_argument("--host-rows", action="store_true", help="also run the first rows with every request host-backed")
+    p.add_argument("--skip-dense", action="store_true", help="no dense row at --contexts x --batches")
     p.add_argument("--git-commit", default=None)
     p.add_argument("--out", type=Path, default=REPO / "bench/results/decode_speed_gpu.json")
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: one engine, in a child process
@@ -260,7 +264,7 @@ def main(argv=None) -> int:
 
     for ctx in (int(c) for c in a.contexts.split(",")):
         for batch in (int(b) for b in a.batches.split(",")):
-            pair = job(kind="fixed", ctx=ctx, batch=batch, name="dense", residency=None)
+            pair = {} if a.skip_dense else job(kind="fixed", ctx=ctx, batch=batch, name="dense", residency=None)
             pair.update(job(kind="fixed", ctx=ctx, batch=batch, name=a.algorithm, residency="auto"))
             if a.host_rows:  # the same batch with every request host-backed (the PCIe regime)
                 pair.update(job(kind="fixed", ctx=ctx, batch=batch, name=f"{a.algorithm} host", residency="host"))
