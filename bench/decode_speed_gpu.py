@@ -260,6 +260,9 @@ def main(argv=None) -> int:
         for r in got:
             _print_row(r)
         rows.extend(got)
+        write_json(a.out, dict(**header(device, a.git_commit), model=f"random:{a.preset}", dtype="bfloat16",
+                               page_size=a.page_size, budget_tokens=a.budget, algorithm=a.algorithm, steps=a.steps,
+                               hbm_copy_bytes_per_s=hbm, partial=True, rows=rows))  # what a cut-short run keeps
         return {r["row"]: r for r in got}
 
     for ctx in (int(c) for c in a.contexts.split(",")):
