@@ -71,8 +71,10 @@ class Engine:
 
     def __init__(self, loaded, *, device, ctx, batch, steps, sparse, page_size, chunk, util, seed=0):
         mc = loaded.config
-        self.device, self.ctx, self.steps, self.page_size = device, ctx, steps, page_size
         self.spare = batch * -(-ctx // chunk) + 8  # prefill steps during which early requests decode
+        # a context at the model's limit (128K = 131,072) leaves room for the tokens it will generate
+        ctx = min(ctx, mc.max_position_embeddings - steps - self.spare - page_size)
+        self.device, self.ctx, self.steps, self.page_size = device, ctx, steps, page_size
         t0 = time.perf_counter()
         self.llm = LLM(loaded=loaded, device=device.type, dtype="bfloat16" if device.type == "cuda" else "float32",
                        page_size=page_size, progress=False, max_model_len=ctx + steps + self.spare + page_size,
@@ -182,6 +184,7 @@ class Engine:
 
 def largest_batch(loaded, *, device, ctx, steps, sparse, page_size, util) -> int:
     """How many requests of ctx + steps tokens one engine holds at once (no request preempted)."""
+    ctx = min(ctx, loaded.config.max_position_embeddings - steps - page_size)
     llm = LLM(loaded=loaded, device=device.type, dtype="bfloat16" if device.type == "cuda" else "float32",
               page_size=page_size, progress=False, max_model_len=ctx + steps + page_size, sparse=sparse,
               gpu_memory_utilization=util, max_num_seqs=1)
@@ -326,7 +329,7 @@ def run_job(a, spec: dict) -> int:
             bound = byte_bound(loaded, batch=batch, budget=a.budget, ctx=ctx, page_size=a.page_size,
                                meta_bytes_per_page_layer=meta, hbm=hbm)
             extra.update(byte_bound_ms=bound * 1e3, over_byte_bound=res["ms_per_step"] / (bound * 1e3))
-        return dict(row=label, context=ctx, batch_asked=batch, prefill_s=eng.prefill_s, **res, memory=eng.memory(),
+        return dict(row=label, context=eng.ctx, batch_asked=batch, prefill_s=eng.prefill_s, **res, memory=eng.memory(),
                     **extra)
 
     rows = []

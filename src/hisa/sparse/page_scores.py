@@ -52,12 +52,12 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sslots:
     if R == 0:
         return scores
     second = (logits[-1], mpart[-1], spart[-1])
-    page_logits_kernel[(R, PB)](
+    page_logits_kernel[(R, PB, KVH)](
         q, kmin, kmax, kmean if kmean is not None else kmin, sslots, lo, hi,
         logits[0], mpart[0], spart[0], *second,
         scale * _LOG2E, MAXP, PB,
         q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), kmin.stride(2),
-        H=H, G=G, KVH=KVH, D=D, BLOCK_P=BLOCK_P, BLOCK_D=_next_pow2(D), HAS_MEAN=kmean is not None, num_warps=4)
+        H=H, G=G, D=D, BLOCK_P=BLOCK_P, BLOCK_D=_next_pow2(D), HAS_MEAN=kmean is not None, num_warps=4)
     page_scores_kernel[(R, PB)](
         logits[0], mpart[0], spart[0], *second, lo, hi, scores, MAXP, PB,
         H=H, BLOCK_P=BLOCK_P, BLOCK_PB=max(2, _next_pow2(PB)), BLOCK_H=max(2, _next_pow2(H)),

@@ -1,8 +1,8 @@
 """Triton kernels of page scoring for the whole batch (Quest bound, optional page-mean key).
 Launcher and torch reference: `hisa.sparse.page_scores`.
 
-Kernel 1, grid (R, PB): program (r, b) scores pages [b * BLOCK_P, (b + 1) * BLOCK_P) of row r for
-every query head. Quest's bound max_d(q_d * kmin_d, q_d * kmax_d) summed over d equals
+Kernel 1, grid (R, PB, KVH): program (r, b, j) scores pages [b * BLOCK_P, (b + 1) * BLOCK_P) of row
+r for the query heads of kv head j. Quest's bound max_d(q_d * kmin_d, q_d * kmax_d) summed over d equals
 q⁺ · kmax + q⁻ · kmin (q⁺ = max(q, 0), q⁻ = min(q, 0)) when kmin <= kmax. Each kv head's page
 summaries are read once into registers and serve its G query heads as fp32 multiply-and-sum
 (a tl.dot in exact fp32 was 30x slower: 170 µs per layer at 32K x 8 rows on an H200). The logits
@@ -28,11 +28,12 @@ def page_logits_kernel(
     logit2_ptr, mpart2_ptr, spart2_ptr,  # the same for the mean key (HAS_MEAN)
     scale_log2, MAXP, PB,
     stride_qr, stride_qh, stride_ms, stride_mp, stride_mh,
-    H: tl.constexpr, G: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr,
+    H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MEAN: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1)
+    j = tl.program_id(2)  # the kv head
     sslot = tl.load(sslot_ptr + r).to(tl.int64)
     lo = tl.load(lo_ptr + r)
     hi = tl.load(hi_ptr + r)
@@ -41,22 +42,21 @@ def page_logits_kernel(
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     tile = valid[:, None] & d_ok[None, :]
-    for j in tl.static_range(KVH):
-        # the kv head's summaries of the block's pages, read once for its G query heads
-        base = (sslot * stride_ms + p.to(tl.int64) * stride_mp + j * stride_mh)[:, None] + d[None, :]
-        kmax = tl.load(kmax_ptr + base, mask=tile, other=0.0).to(tl.float32)  # [BLOCK_P, BLOCK_D]
-        kmin = tl.load(kmin_ptr + base, mask=tile, other=0.0).to(tl.float32)
+    # the kv head's summaries of the block's pages, read once for its G query heads
+    base = (sslot * stride_ms + p.to(tl.int64) * stride_mp + j * stride_mh)[:, None] + d[None, :]
+    kmax = tl.load(kmax_ptr + base, mask=tile, other=0.0).to(tl.float32)  # [BLOCK_P, BLOCK_D]
+    kmin = tl.load(kmin_ptr + base, mask=tile, other=0.0).to(tl.float32)
+    if HAS_MEAN:
+        kmean = tl.load(kmean_ptr + base, mask=tile, other=0.0).to(tl.float32)
+    for g in tl.static_range(G):
+        h = j * G + g
+        qh = tl.load(q_ptr + r * stride_qr + h * stride_qh + d, mask=d_ok, other=0.0).to(tl.float32)  # [BLOCK_D]
+        lg = (tl.sum(kmax * tl.maximum(qh, 0.0)[None, :], axis=1)
+              + tl.sum(kmin * tl.minimum(qh, 0.0)[None, :], axis=1)) * scale_log2  # [BLOCK_P]
+        _store_head(lg, valid, r, b, p, h, logit_ptr, mpart_ptr, spart_ptr, MAXP, PB, H)
         if HAS_MEAN:
-            kmean = tl.load(kmean_ptr + base, mask=tile, other=0.0).to(tl.float32)
-        for g in tl.static_range(G):
-            h = j * G + g
-            qh = tl.load(q_ptr + r * stride_qr + h * stride_qh + d, mask=d_ok, other=0.0).to(tl.float32)  # [BLOCK_D]
-            lg = (tl.sum(kmax * tl.maximum(qh, 0.0)[None, :], axis=1)
-                  + tl.sum(kmin * tl.minimum(qh, 0.0)[None, :], axis=1)) * scale_log2  # [BLOCK_P]
-            _store_head(lg, valid, r, b, p, h, logit_ptr, mpart_ptr, spart_ptr, MAXP, PB, H)
-            if HAS_MEAN:
-                lm = tl.sum(kmean * qh[None, :], axis=1) * scale_log2
-                _store_head(lm, valid, r, b, p, h, logit2_ptr, mpart2_ptr, spart2_ptr, MAXP, PB, H)
+            lm = tl.sum(kmean * qh[None, :], axis=1) * scale_log2
+            _store_head(lm, valid, r, b, p, h, logit2_ptr, mpart2_ptr, spart2_ptr, MAXP, PB, H)
 
 
 @triton.jit
