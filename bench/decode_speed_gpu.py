@@ -183,16 +183,18 @@ class Engine:
 
 
 def largest_batch(loaded, *, device, ctx, steps, sparse, page_size, util) -> int:
-    """How many requests of ctx + steps tokens one engine holds at once (no request preempted)."""
-    ctx = min(ctx, loaded.config.max_position_embeddings - steps - page_size)
+    """How many requests of about ctx + steps tokens one engine holds at once (none preempted).
+
+    Counted from the pools of an engine built the way `Engine` builds it (max_model_len at most the
+    model's), with each request charged its max_model_len's pages, so the timed run never preempts."""
+    max_len = min(ctx + steps + 1100 + page_size, loaded.config.max_position_embeddings)  # 1100: Engine.spare's bound
     llm = LLM(loaded=loaded, device=device.type, dtype="bfloat16" if device.type == "cuda" else "float32",
-              page_size=page_size, progress=False, max_model_len=ctx + steps + page_size, sparse=sparse,
+              page_size=page_size, progress=False, max_model_len=max_len, sparse=sparse,
               gpu_memory_utilization=util, max_num_seqs=1)
     e = llm.engine
-    per = -(-(ctx + steps + 1) // page_size) + 1  # pages of one request, one spare for the scheduler's reserve
-    dense_fit = e.allocator.num_pages // per
+    per = -(-max_len // page_size) + 1  # pages of one request, one spare for the scheduler's reserve
     if sparse is None:
-        n = dense_fit
+        n = e.allocator.num_pages // per
     else:
         host_fit = e.sparse.host_allocator.num_pages // per
         buf = e.sparse.buffer_pages
