@@ -107,3 +107,107 @@ def test_abort_frees_pages():
     assert sched.abort("0").finish_reason == "abort"
     assert sched.allocator.num_used == 0 and not sched.has_unfinished()
     assert sched.abort("missing") is None
+
+
+# -- HBM first: resident and host-backed sparse requests ----------------------------------------------
+class _Policy:
+    """A torch-free sparse policy: prompts of >= 8 tokens are sparse; `slots` sparse slots."""
+
+    def __init__(self, host_pages: int, *, buffer_pages: int = 3, residency: str = "auto", slots: int = 8):
+        self.host_allocator = PageAllocator(host_pages)
+        self.buffer_pages, self.residency = buffer_pages, residency
+        self.free = list(range(slots))
+        self.begun, self.ended = [], []
+
+    def wants(self, seq):
+        return seq.num_prompt >= 8
+
+    def on_request_begin(self, seq):
+        if not self.free:
+            return False
+        seq.sparse_slot = self.free.pop()
+        self.begun.append((seq.request_id, seq.host_backed, list(seq.buffer_pages)))
+        return True
+
+    def on_request_end(self, seq):
+        self.free.append(seq.sparse_slot)
+        self.ended.append(seq.request_id)
+        seq.sparse_slot = None
+
+
+def _sparse_sched(num_pages, host_pages, **kw):
+    policy = _Policy(host_pages, **kw)
+    return Scheduler(allocator=PageAllocator(num_pages), page_size=4, max_num_seqs=8, max_num_batched_tokens=64,
+                     sparse=policy), policy
+
+
+def test_sparse_requests_are_resident_while_the_device_pool_has_room():
+    sched, policy = _sparse_sched(num_pages=15, host_pages=40)
+    a, b = _seq(0, 16), _seq(1, 16)  # 4 pages each
+    sched.add(a), sched.add(b)
+    _run_step(sched, sched.schedule(), random.Random(0))
+    assert not a.host_backed and not b.host_backed
+    assert sched.allocator.num_used == 8 and policy.host_allocator.num_used == 0
+    c = _seq(2, 16)
+    sched.add(c)
+    # a and b take their 5th page (10 used, 5 free): c's 4 pages + the two decodes' reserve do not fit
+    # on the device, its 3-page buffer + the reserve do: host-backed
+    batch = sched.schedule()
+    assert c in batch.seqs and c.host_backed and len(c.buffer_pages) == 3
+    assert policy.host_allocator.num_used == 4 and len(c.pages) == 4
+    assert policy.begun[-1] == ("2", True, c.buffer_pages)  # the policy saw the buffer at begin
+
+
+def test_the_youngest_resident_request_is_demoted_before_anyone_is_preempted():
+    """The device pool runs short while two resident requests decode: the younger one moves to the
+    host pool (its pages listed for the copy, the first buffer_pages-1 and the last kept) instead of a
+    recompute preemption; nothing is lost or double-counted."""
+    rng = random.Random(0)
+    sched, policy = _sparse_sched(num_pages=11, host_pages=40)
+    a, b = _seq(0, 16, max_tokens=12), _seq(1, 16, max_tokens=12)
+    sched.add(a), sched.add(b)
+    demoted = []
+    while sched.has_unfinished():
+        batch = sched.schedule()
+        demoted += [(d, len(d.seq.pages), list(d.seq.buffer_pages)) for d in batch.demoted]
+        assert not batch.preempted
+        held = sum(sched.device_pages_held(s) for s in sched.running)
+        assert held == sched.allocator.num_used
+        assert sum(len(s.pages) for s in sched.running if s.host_backed) == policy.host_allocator.num_used
+        _run_step(sched, batch, rng)
+    assert [d.seq for d, _, _ in demoted] == [b] and sched.num_demotions == 1
+    d, host_pages, kept = demoted[0]
+    # every page goes to the host (and the step's new page, when the demotion made room for it, is a host page)
+    assert host_pages in (len(d.device_pages), len(d.device_pages) + 1)
+    assert kept == d.device_pages[:2] + d.device_pages[-1:]  # the buffer holds logical 0, 1; then the tail
+    assert a.num_output == b.num_output == 12 and a.num_preemptions == b.num_preemptions == 0
+    assert sched.allocator.num_free == 11 and policy.host_allocator.num_free == 40
+    assert sorted(policy.ended) == ["0", "1"]
+
+
+@pytest.mark.parametrize("residency", ["device", "host"])
+def test_residency_modes_pin_the_tier(residency):
+    sched, policy = _sparse_sched(num_pages=40, host_pages=40, residency=residency)
+    s = _seq(0, 16)
+    sched.add(s)
+    sched.schedule()
+    assert s.host_backed == (residency == "host")
+
+
+def test_random_sparse_workload_never_leaks_any_tier():
+    rng = random.Random(3)
+    sched, policy = _sparse_sched(num_pages=30, host_pages=50, slots=3)
+    seqs = [_seq(i, rng.randint(2, 40), max_tokens=rng.randint(1, 16)) for i in range(25)]
+    for s in seqs:
+        sched.add(s)
+    steps = 0
+    while sched.has_unfinished():
+        batch = sched.schedule()
+        assert sum(sched.device_pages_held(s) for s in sched.running) == sched.allocator.num_used
+        assert sum(len(s.pages) for s in sched.running if s.host_backed) == policy.host_allocator.num_used
+        assert sum(1 for s in sched.running if s.sparse) <= 3
+        _run_step(sched, batch, rng)
+        steps += 1
+        assert steps < 10_000
+    assert sched.allocator.num_free == 30 and policy.host_allocator.num_free == 50 and len(policy.free) == 3
+    assert all(s.status == Status.FINISHED and s.num_output == s.params.max_tokens for s in seqs)

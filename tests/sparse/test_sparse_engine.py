@@ -7,6 +7,7 @@ import torch
 
 from hisa import LLM, SamplingParams
 from hisa.errors import ConfigError
+from hisa.models.factory import load_model
 from hisa.sparse.config import SparseConfig
 from tests.conftest import long_text
 
@@ -21,56 +22,98 @@ def _prompt(tokenizer, n, seed=0):
     return tokenizer.encode(long_text(n, seed))[:n]
 
 
-@pytest.mark.parametrize("algorithm, n_prompt", [("quest", 1024), ("quest", 4000), ("quest-mean", 1500), ("oracle", 1500),
-                                                 ("streaming", 1500)])
-def test_full_budget_equals_dense(make_llm, algorithm, n_prompt):
-    """With a budget covering the whole context, every page is selected: output == dense, token for token."""
+@pytest.mark.parametrize("algorithm, n_prompt, residency", [
+    ("quest", 1024, "host"), ("quest", 4000, "host"), ("quest", 1500, "auto"), ("quest-mean", 1500, "host"),
+    ("oracle", 1500, "host"), ("streaming", 1500, "host")])
+def test_full_budget_equals_dense(make_llm, algorithm, n_prompt, residency):
+    """With a budget covering the whole context, every page is selected: output == dense, token for token,
+    whether the request's KV lives on the device (resident) or in the host pool (host-backed)."""
     dense_llm = make_llm()
     ids = _prompt(dense_llm.tokenizer, n_prompt, seed=n_prompt)
     params = SamplingParams(max_tokens=64, ignore_eos=True)
     dense = dense_llm.generate([ids], params, use_tqdm=False)[0].token_ids
-    llm = make_llm(sparse=_sparse(algorithm=algorithm, token_budget=8192), max_num_batched_tokens=1024)
-    out = llm.generate([ids], params, use_tqdm=False)[0]
-    assert out.token_ids == dense
-    assert llm.engine.sparse.summary()["decode_steps"] == 63  # it really ran sparse
-    assert llm.engine.allocator.num_used == 0  # and never touched the dense pool
+    llm = make_llm(sparse=_sparse(algorithm=algorithm, token_budget=8192, residency=residency),
+                   max_num_batched_tokens=1024)
+    engine = llm.engine
+    engine.add_request(ids, params)
+    kinds, out = set(), None
+    while engine.has_unfinished_requests():
+        kinds |= {seq.host_backed for seq in engine.scheduler.running}
+        for o in engine.step():
+            out = o.token_ids
+    assert out == dense
+    assert engine.sparse.summary()["decode_steps"] == 63  # it really ran sparse
+    assert kinds == {residency == "host"}  # where it was asked to live
 
 
 def test_offloaded_equals_all_on_device(make_llm):
     """Same selection → same result whether the full KV lives in the host pool or on the device."""
     ids = _prompt(make_llm().tokenizer, 1500, seed=5)
     params = SamplingParams(max_tokens=32, ignore_eos=True)
-    outs = []
-    for offload in (True, False):
-        llm = make_llm(sparse=_sparse(algorithm="quest", token_budget=256, offload=offload))
+    outs, misses = [], []
+    for residency in ("host", "device"):
+        llm = make_llm(sparse=_sparse(algorithm="quest", token_budget=256, residency=residency))
         outs.append(llm.generate([ids], params, use_tqdm=False)[0].token_ids)
-        assert llm.engine.sparse.manager.host.data.device.type == "cpu"  # on a CPU machine both are CPU memory
+        misses.append(llm.engine.sparse.summary()["misses"])
     assert outs[0] == outs[1]
+    assert misses[0] > 0 and misses[1] == 0  # the host-backed run loaded pages, the resident one never
 
 
-def test_device_bytes_do_not_grow_with_the_prompt(smollm2):
-    """A fixed budget gives the same device KV bytes per request at 1K, 4K and 8K prompt tokens."""
-    from hisa.models.factory import load_model
+def test_a_request_demoted_mid_generation_gives_the_same_tokens():
+    """Two resident requests grow until the device pool runs short: the younger is demoted to the host
+    pool mid-generation (its KV copied device -> host, decoding continues from its LRU buffer). Its
+    tokens, and the other's, equal a run where both stay resident on a pool big enough for both."""
+    tiny = load_model("random:tiny-llama", device=torch.device("cpu"), dtype=torch.float32, progress=False)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 500, (300,), generator=g).tolist() for _ in range(2)]
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
 
+    def run(num_kv_pages, residency):
+        llm = LLM(loaded=tiny, device="cpu", dtype="float32", progress=False, page_size=16, max_model_len=512,
+                  num_kv_pages=num_kv_pages, max_num_batched_tokens=1024,
+                  sparse=SparseConfig(algorithm="quest", token_budget=96, min_prompt_len=64, host_pool_gb=0.01,
+                                      residency=residency))
+        engine = llm.engine
+        ids = [engine.add_request(p, params) for p in prompts]
+        out, host_steps = {}, 0
+        while engine.has_unfinished_requests():
+            host_steps += any(s.host_backed for s in engine.scheduler.running if s.num_computed >= s.num_prompt)
+            for o in engine.step():
+                out[o.request_id] = o.token_ids
+        assert engine.allocator.num_free == engine.allocator.num_pages
+        assert engine.sparse.host_allocator.num_free == engine.sparse.host_allocator.num_pages
+        return [out[i] for i in ids], engine.scheduler.num_demotions, host_steps, engine.sparse.summary()
+
+    resident, demotions, _, _ = run(200, "device")
+    assert demotions == 0
+    # 2 x 19 prompt pages + reserve fit; the growth to 2 x 22 pages does not: one demotion
+    mixed, demotions, host_steps, stats = run(41, "auto")
+    assert demotions == 1 and host_steps > 0 and stats["misses"] > 0
+    assert mixed == resident
+
+
+def test_device_bytes_do_not_grow_with_the_prompt():
+    """Host-backed, a fixed budget gives the same device KV bytes per request at 1K, 4K and 8K prompt tokens."""
     tiny = load_model("random:tiny-llama", device=torch.device("cpu"), dtype=torch.float32, progress=False)
     per_request, host_used = {}, {}
     for n in (1024, 4096, 8192):
         llm = LLM(loaded=tiny, device="cpu", dtype="float32", progress=False,
-                  sparse=_sparse(algorithm="quest", token_budget=512))
+                  sparse=_sparse(algorithm="quest", token_budget=512, residency="host"))
         engine = llm.engine
         engine.add_request([1 + i % 500 for i in range(n)], SamplingParams(max_tokens=4, ignore_eos=True))
         while engine.has_unfinished_requests():
             engine.step()
             for seq in engine.scheduler.running:
-                per_request[n] = engine.sparse.device_bytes(seq)["kv_buffer"]
+                per_request[n] = engine.sparse.device_bytes(seq)["kv"]
                 host_used[n] = engine.sparse.memory()["host_bytes_in_use"]
         assert engine.allocator.num_used == 0
     assert per_request[1024] == per_request[4096] == per_request[8192] > 0
     assert host_used[8192] > 7 * host_used[1024]  # the full KV went to the host pool instead
 
 
-def test_nothing_leaks_after_finish_abort_and_preemption(make_llm):
-    llm = make_llm(sparse=_sparse(algorithm="quest", token_budget=256, max_sparse_requests=2),
+@pytest.mark.parametrize("residency", ["host", "auto"])
+def test_nothing_leaks_after_finish_abort_and_preemption(make_llm, residency):
+    llm = make_llm(sparse=_sparse(algorithm="quest", token_budget=256, max_sparse_requests=2, residency=residency),
                    max_num_batched_tokens=512)
     engine = llm.engine
     tok = llm.tokenizer
@@ -86,7 +129,7 @@ def test_nothing_leaks_after_finish_abort_and_preemption(make_llm):
     assert m.host.allocator.num_free == m.host.num_pages
     assert m.num_free_slots == m.max_requests
     assert engine.allocator.num_free == engine.allocator.num_pages
-    assert (m.buffer_pages == -1).all()
+    assert (m.buffer_lp == -1).all() and (m.slot_pages == -1).all() and (m.host_table == -1).all()
 
 
 def test_passkey_answered_by_quest_with_a_256_token_budget(make_llm, capsys):
@@ -101,7 +144,7 @@ def test_passkey_answered_by_quest_with_a_256_token_budget(make_llm, capsys):
     params = SamplingParams(max_tokens=16)
     dense = llm.generate([ids], params, use_tqdm=False)[0]
     assert "58261" in dense.text
-    sparse_llm = make_llm(sparse=_sparse(algorithm="quest", token_budget=256, min_prompt_len=1024))
+    sparse_llm = make_llm(sparse=_sparse(algorithm="quest", token_budget=256, min_prompt_len=1024, residency="host"))
     out = sparse_llm.generate([ids], params, use_tqdm=False)[0]
     st = sparse_llm.engine.sparse.summary()
     with capsys.disabled():

@@ -87,9 +87,10 @@ class SparseKVCacheManager:
 
     def demote(self, slot: int, device_pages: list[int], host_pages: list[int], buffer_pages: list[int]) -> None:
         """A resident request moves to the host pool: copy its pages (every layer) device -> host,
-        record them, and keep buffer_pages[:NS] (= device_pages[:NS], holding logical 0..NS-1)."""
+        record them, and keep buffer_pages[:NS] (= device_pages[:NS], holding logical 0..NS-1).
+        host_pages may hold one page more than device_pages: the step's new page, still empty."""
         src = torch.tensor(device_pages, dtype=torch.int64, device=self.device)
-        dst = torch.tensor(host_pages, dtype=torch.int64, device=self.device)
+        dst = torch.tensor(host_pages[: len(device_pages)], dtype=torch.int64, device=self.device)
         for layer in range(self.num_layers):
             store_pages(self.cache.layer_rows(layer), self.host.layer_rows(layer), src, dst)
         self.set_host_pages(slot, 0, host_pages)
