@@ -200,9 +200,10 @@ def print_sparse_stats(engine) -> None:
         f"sparse cache ({st['algorithm']}): {st['decode_steps']} decode steps, {st['request_steps']} request-steps",
         f"  pages selected {st['selected_pages']}  hits {st['hits']}  misses {st['misses']}  "
         f"hit rate {st['hit_rate']:.1%}",
-        f"  bytes H2D {_mb(st['bytes_h2d'])} ({_mb(st['bytes_h2d_per_step'])}/step)  D2H {_mb(st['bytes_d2h'])}",
-        f"  device KV buffer per request {_mb(st['device_kv_bytes_per_request'])}; peak device bytes in use "
-        f"{_mb(st['peak_device_bytes_in_use'])} (buffers + metadata); peak host bytes in use "
+        f"  bytes H2D {_mb(st['bytes_h2d'])} ({_mb(st['bytes_h2d_per_step'])}/step)",
+        f"  device KV of a host-backed request {_mb(st['device_kv_bytes_per_host_backed_request'])} "
+        f"(resident requests keep every page on the device); peak device bytes of sparse requests "
+        f"{_mb(st['peak_device_bytes_in_use'])} (KV + metadata); peak host bytes in use "
         f"{_mb(st['peak_host_bytes_in_use'])} of a {_mb(st['host_pool_bytes'])} pool",
         "  miss rate per layer: " + " ".join(f"{r:.2f}" for r in per_layer),
     ]

@@ -1,0 +1,123 @@
+"""A decode step reads nothing back from the device but the sampled tokens.
+
+On the GPU: the profiler counts device-to-host copies in one decode step (eager, and replayed from a
+CUDA graph): exactly one, the sampled token ids. On the CPU: a guard counts every host read of a
+tensor value (`.item()`, `.tolist()`, `bool(t)`, data-dependent ops such as `nonzero`) made by the
+engine's own code during a decode step: the planning, the per-step preparation, the sparse
+coordinator, adaptor and manager. The kernels' torch references (what runs here instead of Triton)
+and the sampler are exempt: on CUDA the kernels never read back, and reading the sampled tokens is
+the one sync a step needs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from hisa import LLM, SamplingParams
+from hisa.models.factory import load_model
+from hisa.sparse.config import SparseConfig
+
+aten = torch.ops.aten
+_DATA_DEPENDENT = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
+                   aten._unique2.default, aten.item.default, aten.is_nonzero.default}
+
+
+class HostReadGuard(TorchDispatchMode):
+    """Records host reads of tensor values while not paused."""
+
+    def __init__(self):
+        super().__init__()
+        self.paused = 0
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused and func in _DATA_DEPENDENT:
+            self.reads.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+    def exempt(self, fn):
+        @functools.wraps(fn)
+        def wrapper(*a, **k):
+            self.paused += 1
+            try:
+                return fn(*a, **k)
+            finally:
+                self.paused -= 1
+        return wrapper
+
+
+def _engine(device: str, dtype: str, residency: str, graphs: bool = False):
+    loaded = load_model("random:tiny-llama", device=torch.device(device), dtype=getattr(torch, dtype), progress=False)
+    llm = LLM(loaded=loaded, device=device, dtype=dtype, progress=False, page_size=16, max_model_len=1024,
+              kv_cache_gb=0.05, cuda_graphs=graphs,
+              sparse=SparseConfig(algorithm="quest", token_budget=96, min_prompt_len=64, host_pool_gb=0.02,
+                                  residency=residency))
+    engine = llm.engine
+    g = torch.Generator().manual_seed(0)
+    for n in (300, 40, 200):  # two sparse requests and a dense one decode together
+        engine.add_request(torch.randint(3, 500, (n,), generator=g).tolist(), SamplingParams(max_tokens=30, ignore_eos=True))
+    while any(s.num_computed < s.num_prompt for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    engine.step()  # a first pure decode step (captured when graphs are on)
+    return llm, engine
+
+
+@pytest.mark.parametrize("residency", ["host", "auto"])
+def test_a_decode_step_reads_nothing_back_on_the_cpu(monkeypatch, residency):
+    llm, engine = _engine("cpu", "float32", residency)
+    guard = HostReadGuard()
+    import hisa.attention.paged_decode as pd
+    import hisa.engine.sampler as sampler
+    import hisa.kvcache.io as io
+    import hisa.kvcache.manager as manager
+    import hisa.kvcache.write as write
+    import hisa.sparse.adaptor as adaptor
+    import hisa.sparse.page_scores as scores
+    import hisa.sparse.quest as quest
+
+    # the torch references of the Triton kernels (CUDA runs the kernels), and the sampler
+    for module, name in ((pd, "paged_decode_attention_ref"), (adaptor, "_compose_ref"), (manager, "lru_diff_mapped"),
+                         (io, "_copy_rows_torch"), (write, "write_token_kv_ref"), (scores, "page_scores_ref"),
+                         (quest, "quest_update")):
+        monkeypatch.setattr(module, name, guard.exempt(getattr(module, name)))
+    monkeypatch.setattr(sampler.Sampler, "sample", guard.exempt(sampler.Sampler.sample))
+    real_tolist, real_item = torch.Tensor.tolist, torch.Tensor.item
+
+    def counted(real):
+        def read(t, *a, **k):
+            if not guard.paused:
+                guard.reads.append(real.__name__)
+            return real(t, *a, **k)
+        return read
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted(real_tolist))
+    monkeypatch.setattr(torch.Tensor, "item", counted(real_item))
+    kinds_before = {s.host_backed for s in engine.scheduler.running if s.sparse}
+    with guard:
+        for _ in range(3):
+            outs = engine.step()
+    assert len(outs) == 3  # three requests decoded in each guarded step
+    assert kinds_before == {residency == "host"}
+    assert guard.reads == [], f"host reads in a decode step: {guard.reads}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("residency", ["host", "auto"])
+def test_a_decode_step_copies_only_the_sampled_tokens_to_the_host_on_cuda(graphs, residency):
+    llm, engine = _engine("cuda", "bfloat16", residency, graphs=graphs)
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        outs = engine.step()
+        torch.cuda.synchronize()
+    assert len(outs) == 3
+    d2h = [e.name for e in prof.events() if "DtoH" in e.name or "Device -> Pageable" in e.name
+           or "Device -> Pinned" in e.name]
+    assert len(d2h) == 1, d2h  # the sampled token ids
+    if graphs:
+        assert engine.runner.graphs.replays >= 1
