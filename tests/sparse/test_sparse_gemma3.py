@@ -29,9 +29,9 @@ def _score(loaded, ids, sparse=None):
     return llm.engine.score(ids, prefill_tokens=60), llm.engine
 
 
-def _sparse(algorithm="quest", token_budget=1024, **kw):
+def _sparse(algorithm="quest", token_budget=1024, residency="host", **kw):
     return SparseConfig(algorithm=algorithm, token_budget=token_budget, min_prompt_len=32, host_pool_gb=0.01,
-                        sink_pages=1, recent_pages=1, **kw)
+                        sink_pages=1, recent_pages=1, residency=residency, **kw)
 
 
 IDS = torch.randint(3, 500, (100,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -53,12 +53,13 @@ def test_all_sliding_model_ignores_the_budget():
     assert m.ns == 5 and m.host.allocator.num_free == m.host.num_pages  # the buffer grew to fit; no leak
 
 
-@pytest.mark.parametrize("algorithm", ["quest", "quest-mean", "streaming", "oracle"])
-def test_full_budget_equals_dense_with_mixed_layers(algorithm):
-    """3 sliding + 1 global layer, budget covering the context: sparse == dense."""
+@pytest.mark.parametrize("algorithm, residency", [("quest", "host"), ("quest", "auto"), ("quest-mean", "host"),
+                                                  ("streaming", "host"), ("oracle", "host")])
+def test_full_budget_equals_dense_with_mixed_layers(algorithm, residency):
+    """3 sliding + 1 global layer, budget covering the context: sparse == dense, host-backed or resident."""
     loaded = _loaded()
     dense, _ = _score(loaded, IDS)
-    sparse, engine = _score(loaded, IDS, _sparse(algorithm))
+    sparse, engine = _score(loaded, IDS, _sparse(algorithm, residency=residency))
     assert (sparse - dense).abs().max().item() < 1e-5
     selected = engine.sparse.summary()["selected_per_layer"]
     assert selected[3] > 2 * selected[0]  # the global layer read its whole context, sliding ones their window
