@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hisa.sparse.base import DecodeRows, create_algorithm
-from hisa.sparse.page_scores import page_scores, page_scores_ref
+from hisa.sparse.page_scores import page_scores, page_scores_ref, select_pages, select_pages_ref
 from hisa.sparse.quest import quest_update
 
 L, H, KVH, D = 2, 6, 2, 8
@@ -75,7 +75,8 @@ def test_one_token_pages_rank_by_exact_attention_mass(name):
         algo.construct_representations(0, slot, 0, keys)
     rows = _rows([0, 2], [n, n], [0, 0], [n, n], 5)
     rows.page_keys = lambda layer: keys.view(1, n, 1, KVH, D).expand(2, n, 1, KVH, D)
-    assert torch.equal(algo.retrieve_topk(0, q, rows), oracle.retrieve_topk(0, q, rows))
+    picks = algo.retrieve_topk(0, q, rows).long()  # in page order
+    assert torch.equal(picks, oracle.retrieve_topk(0, q, rows).sort(dim=1).values)  # oracle: best first
 
 
 def test_quest_mean_finds_the_page_a_wide_page_hides_from_the_bound():
@@ -140,3 +141,29 @@ def test_page_scores_real_sizes_on_gpu(dtype):
         got = page_scores(q, kmin, kmax, ss, lo, hi, scale=128 ** -0.5, kmean=km)
         want = page_scores_ref(q, kmin, kmax, ss, lo, hi, scale=128 ** -0.5, kmean=km)
         torch.testing.assert_close(got.nan_to_num(0, neginf=0), want.nan_to_num(0, neginf=0), rtol=2e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("maxp,k", [(70, 5), (33, 40), (300, 61), (16, 16)])
+def test_select_pages_triton_matches_reference(maxp, k):
+    """Radix select (Triton) against a stable sort: the same pages, in page order, ties to the lower
+    page; rows with fewer valid pages than k, an empty row, many exact ties."""
+    torch.manual_seed(maxp + k)
+    R = 5
+    scores = torch.rand(R, maxp)
+    scores[2] = torch.randint(0, 3, (maxp,)).float() / 4  # heavy ties
+    scores[3, ::2] = 0.0  # underflowed softmax weights are valid pages too
+    lo = torch.tensor([1, 0, 0, 3, 0], dtype=torch.int32)
+    hi = torch.tensor([maxp - 2, 0, maxp, min(maxp, 12), maxp], dtype=torch.int32)
+    scores = torch.where((torch.arange(maxp)[None, :] >= lo[:, None].long())
+                         & (torch.arange(maxp)[None, :] < hi[:, None].long()), scores, float("-inf"))
+    want = select_pages_ref(scores, lo, hi, k)
+    got = select_pages(scores.to(DEV), lo.to(DEV), hi.to(DEV), k, use_triton=True).cpu()
+    assert torch.equal(got, want)
+    assert (want[1] == -1).all()
+    for r in range(R):  # each row holds min(k, valid) distinct pages of its range, ascending
+        row = [x for x in want[r].tolist() if x >= 0]
+        assert row == sorted(set(row)) and len(row) == min(k, int(hi[r] - lo[r]))
+        if row:
+            worst = scores[r, row].min()
+            rest = [x for x in range(int(lo[r]), int(hi[r])) if x not in row]
+            assert all(scores[r, x] <= worst for x in rest)  # nothing left out scores higher

@@ -67,8 +67,8 @@ class BaseSparseAlgorithm:
     """Selection policy. Subclasses override the hooks they need; the defaults keep nothing.
 
     Shapes: q [R, H, D]; keys [T, KVH, D]. `retrieve_topk` returns [R, num_select] LOGICAL page
-    ids, best first: the first min(num_select, hi - lo) entries of a row must be distinct pages of
-    [lo, hi) (later entries are ignored). `scale` is the model's attention scale (Gemma-3 uses
+    ids (int32 or int64): the first min(num_select, hi - lo) entries of a row must be distinct pages
+    of [lo, hi), in any order (later entries are ignored). `scale` is the model's attention scale (Gemma-3 uses
     query_pre_attn_scalar ** -0.5, not head_dim ** -0.5), so scores match attention's.
     """
 

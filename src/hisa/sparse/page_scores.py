@@ -86,3 +86,42 @@ def page_scores_ref(q, kmin, kmax, sslots, lo, hi, *, scale: float, kmean=None) 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
+
+
+def select_pages(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, k: int, *,
+                 use_triton: bool | None = None) -> torch.Tensor:
+    """The k best pages of each row by score, in page order: int32 [R, k], -1 padded.
+
+    scores: fp32 [R, MAXP] (what `page_scores` returns: >= 0 inside each row's [lo, hi), -inf
+    outside); a row with fewer than k valid pages gets them all. Ties go to the lower page. One
+    Triton launch on CUDA (a radix select: no sort, no host sync), the torch reference elsewhere.
+    """
+    R, MAXP = scores.shape
+    if use_triton is None:
+        use_triton = scores.is_cuda
+    if not use_triton:
+        return select_pages_ref(scores, lo, hi, k)
+    from hisa.sparse.triton_page_scores import select_pages_kernel
+
+    out = torch.empty(R, k, dtype=torch.int32, device=scores.device)
+    if R and k:
+        block = _next_pow2(MAXP)
+        select_pages_kernel[(R,)](scores, lo, hi, out, MAXP, out.stride(0), K=k, BLOCK=block,
+                                  BLOCK_K=_next_pow2(k), num_warps=8 if block >= 2048 else 4)
+    return out
+
+
+def select_pages_ref(scores, lo, hi, k: int) -> torch.Tensor:
+    """Plain-torch select_pages: a stable sort by score (ties: lower page first), the first k kept."""
+    R, MAXP = scores.shape
+    p = torch.arange(MAXP, device=scores.device)
+    valid = (p[None, :] >= lo.long()[:, None]) & (p[None, :] < hi.long()[:, None])
+    order = torch.sort(torch.where(valid, scores, float("-inf")), dim=1, descending=True, stable=True).indices
+    n = valid.sum(1).clamp(max=k)  # [R]
+    keep = torch.arange(min(k, MAXP), device=scores.device)[None, :] < n[:, None]
+    picked = torch.where(keep, order[:, :k], MAXP)  # MAXP sorts after every page
+    picked = torch.sort(picked, dim=1).values
+    out = torch.where(picked < MAXP, picked, -1).to(torch.int32)
+    if out.shape[1] < k:
+        out = torch.cat([out, out.new_full((R, k - out.shape[1]), -1)], dim=1)
+    return out

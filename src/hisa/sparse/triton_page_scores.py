@@ -111,3 +111,41 @@ def page_scores_kernel(
     if HAS_MEAN:
         score += _softmax_block(logit2_ptr, mpart2_ptr, spart2_ptr, r, p, valid, MAXP, PB, H, BLOCK_PB, BLOCK_H)
     tl.store(score_ptr + r * MAXP + p, tl.where(valid, score, float("-inf")), mask=p < MAXP)
+
+
+@triton.jit
+def select_pages_kernel(
+    score_ptr,                      # fp32 [R, MAXP] page scores (>= 0 inside [lo, hi))
+    lo_ptr, hi_ptr,                 # int32 [R]
+    out_ptr,                        # int32 [R, K] out: the chosen pages in page order, -1 padded
+    MAXP, stride_o,
+    K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Top-K pages of each row by score, written in page order (radix select, no sort).
+
+    Scores of valid pages are non-negative, so their fp32 bit patterns order like the values: a
+    31-step binary search finds the K-th largest pattern T; the pages above T and the first
+    (lowest) pages equal to T make the K. Ties go to the lower page, as a stable sort would."""
+    r = tl.program_id(0).to(tl.int64)
+    lo = tl.load(lo_ptr + r)
+    hi = tl.load(hi_ptr + r)
+    p = tl.arange(0, BLOCK)
+    valid = (p >= lo) & (p < hi) & (p < MAXP)
+    score = tl.load(score_ptr + r * MAXP + p, mask=valid, other=0.0)
+    bits = tl.where(valid, score.to(tl.int32, bitcast=True), -1)  # [BLOCK], -1 outside the range
+    kk = tl.minimum(tl.sum(valid.to(tl.int32), axis=0), K)
+    t_lo = tl.zeros([], dtype=tl.int64)
+    t_hi = tl.full([], 2147483647, tl.int64)  # bits of valid scores are in [0, 2^31 - 1)
+    for _ in range(31):
+        mid = (t_lo + t_hi + 1) // 2
+        enough = tl.sum((bits.to(tl.int64) >= mid).to(tl.int32), axis=0) >= kk
+        t_lo = tl.where(enough, mid, t_lo)
+        t_hi = tl.where(enough, t_hi, mid - 1)
+    above = bits.to(tl.int64) > t_lo
+    tie = (bits.to(tl.int64) == t_lo) & valid
+    need = kk - tl.sum(above.to(tl.int32), axis=0)
+    take = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= need))
+    pos = tl.cumsum(take.to(tl.int32), axis=0) - 1
+    tl.store(out_ptr + r * stride_o + pos, p, mask=take)
+    k = tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + r * stride_o + k, tl.full([BLOCK_K], -1, tl.int32), mask=(k >= kk) & (k < K))
