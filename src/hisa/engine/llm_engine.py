@@ -16,6 +16,7 @@ from hisa.engine.sequence import Sequence, Status
 from hisa.engine.model_runner import ModelRunner
 from hisa.errors import ConfigError, InvalidRequestError
 from hisa.kvcache.page_allocator import PageAllocator
+from hisa.kvcache.mla_cache import MLAKVCache
 from hisa.kvcache.paged_cache import PagedKVCache
 from hisa.models.factory import LoadedModel, load_model
 
@@ -50,6 +51,9 @@ class LLMEngine:
             raise ConfigError(f"max_model_len={self.max_model_len} exceeds the model's context "
                               f"({mcfg.max_position_embeddings} tokens)")
         self.sparse = None
+        if config.sparse is not None and mcfg.dsa is not None:
+            raise ConfigError(f"--sparse is not supported yet for {mcfg.arch} models: without it they already run "
+                              "the model's own sparse attention (DSA), with the whole cache on the device")
         if config.sparse is not None:  # first, so the dense pool is sized from what it leaves free
             from hisa.sparse.coordinator import SparseCoordinator
 
@@ -67,9 +71,14 @@ class LLMEngine:
                 f"the KV pool of {num_pages} pages ({num_pages * config.page_size} tokens) cannot hold one "
                 f"request of {dense_len} tokens; raise kv_cache_gb/num_kv_pages "
                 f"or lower max_model_len")
-        self.cache = PagedKVCache(num_layers=mcfg.num_layers, num_pages=num_pages, page_size=config.page_size,
-                                  num_kv_heads=mcfg.num_kv_heads, head_dim=mcfg.head_dim,
-                                  dtype=config.torch_dtype, device=config.torch_device)
+        if mcfg.dsa is not None:  # DeepSeek-V3.2: latent rows + indexer keys (kvcache/mla_cache.py)
+            self.cache = MLAKVCache(num_layers=mcfg.num_layers, num_pages=num_pages, page_size=config.page_size,
+                                    latent_dim=mcfg.dsa.latent_dim, index_head_dim=mcfg.dsa.index_head_dim,
+                                    dtype=config.torch_dtype, device=config.torch_device)
+        else:
+            self.cache = PagedKVCache(num_layers=mcfg.num_layers, num_pages=num_pages, page_size=config.page_size,
+                                      num_kv_heads=mcfg.num_kv_heads, head_dim=mcfg.head_dim,
+                                      dtype=config.torch_dtype, device=config.torch_device)
         self.allocator = PageAllocator(num_pages)
         self.scheduler = Scheduler(allocator=self.allocator, page_size=config.page_size,
                                    max_num_seqs=config.max_num_seqs,
@@ -87,9 +96,14 @@ class LLMEngine:
 
     def _num_kv_pages(self) -> int:
         cfg, mcfg = self.config, self.model_config
-        page_bytes = PagedKVCache.page_bytes(num_layers=mcfg.num_layers, page_size=cfg.page_size,
-                                             num_kv_heads=mcfg.num_kv_heads, head_dim=mcfg.head_dim,
-                                             dtype=cfg.torch_dtype)
+        if mcfg.dsa is not None:
+            page_bytes = MLAKVCache.page_bytes(num_layers=mcfg.num_layers, page_size=cfg.page_size,
+                                               latent_dim=mcfg.dsa.latent_dim, index_head_dim=mcfg.dsa.index_head_dim,
+                                               dtype=cfg.torch_dtype)
+        else:
+            page_bytes = PagedKVCache.page_bytes(num_layers=mcfg.num_layers, page_size=cfg.page_size,
+                                                 num_kv_heads=mcfg.num_kv_heads, head_dim=mcfg.head_dim,
+                                                 dtype=cfg.torch_dtype)
         if cfg.num_kv_pages is not None:
             return cfg.num_kv_pages
         if cfg.kv_cache_gb is not None:

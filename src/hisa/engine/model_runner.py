@@ -146,7 +146,12 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
         """Run one step. Returns (fp32 logits [Bs, V] of the sampled rows, their indices in batch.seqs)."""
         plan = self.plan(batch)
-        dense = DenseAttention(self.cache, plan, self.scale, self.windows)
+        if self.model.config.dsa is not None:  # DeepSeek-V3.2 (MLA + DSA): its own attention over MLAKVCache
+            from hisa.engine.dsa_attention import DSAAttention
+
+            dense = DSAAttention(self.cache, plan, self.model.config)
+        else:
+            dense = DenseAttention(self.cache, plan, self.scale, self.windows)
         if self.sparse is not None and any(seq.sparse for seq in batch.seqs):
             attn = self.sparse.forward_begin(batch, plan, dense)
         else:

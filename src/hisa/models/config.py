@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hisa.models.dsa_config import DSAConfig
+
 # Hugging Face `model_type` / GGUF `general.architecture` values we can run, mapped to our family.
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "llama": "llama",
@@ -11,8 +13,9 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "qwen2": "llama",
     "gemma3": "gemma3",  # GGUF spelling of the Gemma-3 text model
     "gemma3_text": "gemma3",  # Hugging Face spelling
+    "deepseek_v32": "deepseek_v32",  # DeepSeek-V3.2: MLA + lightning indexer (DSA) + MoE
 }
-SUPPORTED_MODELS = "Llama 2/3, Mistral, Qwen2/2.5, SmolLM2, Gemma-3 text"
+SUPPORTED_MODELS = "Llama 2/3, Mistral, Qwen2/2.5, SmolLM2, Gemma-3 text, DeepSeek-V3.2"
 SLIDING, FULL = "sliding_attention", "full_attention"  # layer types (Hugging Face spelling)
 
 
@@ -55,6 +58,8 @@ class ModelConfig:
     rope_local_theta: float | None = None  # RoPE base of the sliding layers (rope_theta serves the rest)
     query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5 (None: head_dim ** -0.5)
     final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap)
+    # DeepSeek-V3.2 family only: MLA, indexer and MoE fields (a dict is converted once, here)
+    dsa: DSAConfig | None = None
 
     def __post_init__(self) -> None:
         if self.arch not in SUPPORTED_ARCHITECTURES:
@@ -72,6 +77,16 @@ class ModelConfig:
                                  f"got {self.layer_types}")
             if SLIDING in self.layer_types and not (self.sliding_window and self.sliding_window > 0):
                 raise ValueError(f"sliding layers need sliding_window > 0, got {self.sliding_window}")
+        if isinstance(self.dsa, dict):
+            self.dsa = DSAConfig(**self.dsa)
+        if (self.dsa is not None) != (self.family == "deepseek_v32"):
+            raise ValueError(f"architecture {self.arch!r} " + ("needs" if self.dsa is None else "takes no")
+                             + " DSA fields (ModelConfig.dsa)")
+        if self.dsa is not None:
+            self.dsa.check_layers(self.num_layers)
+            if self.num_kv_heads != 1 or self.head_dim != self.dsa.qk_nope_head_dim + self.dsa.qk_rope_head_dim:
+                raise ValueError("a DSA model has num_kv_heads=1 (one latent head) and head_dim = qk_nope_head_dim "
+                                 f"+ qk_rope_head_dim, got {self.num_kv_heads} and {self.head_dim}")
 
     @property
     def family(self) -> str:
@@ -80,8 +95,14 @@ class ModelConfig:
 
     @property
     def attention_scale(self) -> float:
-        """Softmax scale of q·k (Gemma-3: query_pre_attn_scalar ** -0.5, else head_dim ** -0.5)."""
-        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+        """Softmax scale of q·k (Gemma-3: query_pre_attn_scalar ** -0.5, else head_dim ** -0.5; DSA
+        models with YaRN: times the squared YaRN mscale, as transformers' DeepSeek models do)."""
+        scale = (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+        if self.dsa is not None:
+            from hisa.models.rope import yarn_softmax_mscale
+
+            scale *= yarn_softmax_mscale(self.rope_scaling) ** 2
+        return scale
 
     @property
     def layer_windows(self) -> list[int | None]:
@@ -91,7 +112,9 @@ class ModelConfig:
         return [self.sliding_window if t == SLIDING else None for t in self.layer_types]
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
-        """Bytes of K and V for one token across all layers."""
+        """Bytes of K and V for one token across all layers (DSA: the latent row and the indexer key)."""
+        if self.dsa is not None:
+            return self.num_layers * (self.dsa.latent_dim + self.dsa.index_head_dim) * dtype_bytes
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
 
 
