@@ -141,4 +141,29 @@ PRESETS: dict[str, dict] = {
         sliding_window=16, layer_types=["sliding_attention"] * 3 + ["full_attention"],
         query_pre_attn_scalar=16, name="random:tiny-gemma3",
     ),
+    # DeepSeek-V3.2's attention at its real shapes (MLA: 128 heads, q_lora 1536, kv_lora 512, rope 64,
+    # nope 128, v 128; indexer 64 heads x 128, top-2048; YaRN x40) with 4 layers (1 dense + 3 MoE) and
+    # a reduced MoE (16 routed experts of 2048, top-4 from 2 of 4 groups, 1 shared): ~5.3B parameters,
+    # ~10.5 GB in bf16. KV per token and layer: 576 latent + 128 indexer values. For GPU benchmarks.
+    "deepseek-v3.2-small": dict(
+        arch="deepseek_v32", vocab_size=129280, hidden_size=7168, intermediate_size=18432, num_layers=4,
+        num_heads=128, num_kv_heads=1, head_dim=192, rms_norm_eps=1e-6, rope_theta=10000.0,
+        rope_scaling={"rope_type": "yarn", "factor": 40.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                      "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1},
+        max_position_embeddings=163840, bos_token_id=0, eos_token_ids=[1], name="random:deepseek-v3.2-small",
+        dsa=dict(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                 index_n_heads=64, index_head_dim=128, index_topk=2048, moe_intermediate_size=2048,
+                 n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
+                 routed_scaling_factor=2.5, mlp_layer_types=["dense", "sparse", "sparse", "sparse"]),
+    ),
+    # the same structure in miniature (for fast tests): a 32-token selection, 4 experts in 2 groups
+    "tiny-deepseek-v3.2": dict(
+        arch="deepseek_v32", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=3,
+        num_heads=4, num_kv_heads=1, head_dim=48, rms_norm_eps=1e-6, max_position_embeddings=32768,
+        bos_token_id=0, eos_token_ids=[1], name="random:tiny-deepseek-v3.2",
+        dsa=dict(q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=24,
+                 index_n_heads=8, index_head_dim=32, index_topk=32, moe_intermediate_size=32,
+                 n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+                 routed_scaling_factor=2.5, mlp_layer_types=["dense", "sparse", "sparse"]),
+    ),
 }
