@@ -14,8 +14,9 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "gemma3": "gemma3",  # GGUF spelling of the Gemma-3 text model
     "gemma3_text": "gemma3",  # Hugging Face spelling
     "deepseek_v32": "deepseek_v32",  # DeepSeek-V3.2: MLA + lightning indexer (DSA) + MoE
+    "glm_moe_dsa": "deepseek_v32",  # GLM-5: the same, interleaved RoPE in the indexer, some layers reuse top-k
 }
-SUPPORTED_MODELS = "Llama 2/3, Mistral, Qwen2/2.5, SmolLM2, Gemma-3 text, DeepSeek-V3.2"
+SUPPORTED_MODELS = "Llama 2/3, Mistral, Qwen2/2.5, SmolLM2, Gemma-3 text, DeepSeek-V3.2, GLM-5"
 SLIDING, FULL = "sliding_attention", "full_attention"  # layer types (Hugging Face spelling)
 
 

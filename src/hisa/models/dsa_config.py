@@ -107,15 +107,35 @@ class DSAConfig:
         return self.indexer_types is None or self.indexer_types[layer] == FULL_INDEXER
 
 
-# transformers' DeepseekV32Config defaults, for keys a config.json leaves out
-_HF_DEFAULTS = dict(n_group=8, topk_group=4, routed_scaling_factor=2.5, norm_topk_prob=True, n_shared_experts=1,
-                    index_topk=2048, index_head_dim=128, index_n_heads=64, first_k_dense_replace=3)
+# transformers' DeepseekV32Config / GlmMoeDsaConfig defaults, for keys a config.json leaves out
+_HF_DEFAULTS = {
+    "deepseek_v32": dict(n_group=8, topk_group=4, routed_scaling_factor=2.5, norm_topk_prob=True, n_shared_experts=1,
+                         index_topk=2048, index_head_dim=128, index_n_heads=64, first_k_dense_replace=3),
+    "glm_moe_dsa": dict(n_group=1, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True, n_shared_experts=1,
+                        index_topk=2048, index_head_dim=128, index_n_heads=32, first_k_dense_replace=3),
+}
+
+
+def _glm_indexer_types(raw: dict, n: int) -> list[str]:
+    """GLM-5's per-layer "full" / "shared" indexers, read as GlmMoeDsaConfig derives them."""
+    if raw.get("indexer_types"):
+        return list(raw["indexer_types"])
+    pattern = raw.get("index_topk_pattern")
+    if pattern is not None:
+        return [{"F": FULL_INDEXER, "S": SHARED_INDEXER}[c] for c in pattern] if isinstance(pattern, str) \
+            else list(pattern)
+    freq, offset = max(raw.get("index_topk_freq", 1), 1), raw.get("index_skip_topk_offset", 2)
+    return [FULL_INDEXER if max(i - offset + 1, 0) % freq == 0 else SHARED_INDEXER for i in range(n)]
 
 
 def dsa_fields_from_hf(raw: dict, where: str) -> tuple[DSAConfig, dict]:
-    """A `deepseek_v32` config.json → (DSAConfig, the ModelConfig fields that differ from other families:
-    num_kv_heads, head_dim, rope_theta, rope_scaling). Raises ModelLoadError on what hisa cannot run."""
+    """A `deepseek_v32` (DeepSeek-V3.2) or `glm_moe_dsa` (GLM-5) config.json → (DSAConfig, the ModelConfig
+    fields that differ from other families: num_kv_heads, head_dim, rope_theta, rope_scaling).
+    Raises ModelLoadError on what hisa cannot run."""
     from hisa.errors import ModelLoadError
+
+    glm = raw.get("model_type") == "glm_moe_dsa"
+    defaults = _HF_DEFAULTS["glm_moe_dsa" if glm else "deepseek_v32"]
 
     if raw.get("quantization_config"):
         method = raw["quantization_config"].get("quant_method", "?")
@@ -128,7 +148,7 @@ def dsa_fields_from_hf(raw: dict, where: str) -> tuple[DSAConfig, dict]:
     if raw.get("scoring_func", "sigmoid") != "sigmoid" or raw.get("moe_layer_freq", 1) != 1:
         raise ModelLoadError(f"{where}: only sigmoid routing with an MoE in every layer after the dense ones is "
                              "supported (DeepSeek-V3 style)")
-    get = lambda key: raw.get(key, _HF_DEFAULTS.get(key))  # noqa: E731
+    get = lambda key: raw.get(key, defaults.get(key))  # noqa: E731
     n = raw["num_hidden_layers"]
     mlp_types = raw.get("mlp_layer_types")
     if not mlp_types:
@@ -142,7 +162,8 @@ def dsa_fields_from_hf(raw: dict, where: str) -> tuple[DSAConfig, dict]:
             moe_intermediate_size=raw["moe_intermediate_size"], n_routed_experts=raw["n_routed_experts"],
             n_shared_experts=get("n_shared_experts") or 0, num_experts_per_tok=raw["num_experts_per_tok"],
             mlp_layer_types=list(mlp_types), n_group=get("n_group"), topk_group=get("topk_group"),
-            routed_scaling_factor=float(get("routed_scaling_factor")), norm_topk_prob=bool(get("norm_topk_prob")))
+            routed_scaling_factor=float(get("routed_scaling_factor")), norm_topk_prob=bool(get("norm_topk_prob")),
+            indexer_rope_interleaved=glm, indexer_types=_glm_indexer_types(raw, n) if glm else None)
     except KeyError as e:
         raise ModelLoadError(f"{where}: the DeepSeek-V3.2 field {e.args[0]!r} is missing") from None
     except ValueError as e:
