@@ -80,9 +80,10 @@ def indexer_topk_prefill(q: torch.Tensor, weights: torch.Tensor, keys: torch.Ten
     out = torch.empty(n, k, dtype=torch.int32, device=q.device)
     block = max(1, _PREFILL_BLOCK_BYTES // (4 * ih * ctx))
     kpos = torch.arange(ctx, device=q.device)
+    keys = keys.float().unsqueeze(0)  # [1, ctx, ID], converted once for every block
     for lo in range(0, n, block):
         hi = min(n, lo + block)
-        scores = index_scores(q[lo:hi], weights[lo:hi], keys.unsqueeze(0), scale=scale)  # [qb, ctx]
+        scores = index_scores(q[lo:hi], weights[lo:hi], keys, scale=scale)  # [qb, ctx]
         qpos = torch.arange(ctx - n + lo, ctx - n + hi, device=q.device)  # [qb]
         scores = scores.masked_fill(kpos[None, :] > qpos[:, None], float("-inf"))
         out[lo:hi] = _topk_or_pad(scores, k)
