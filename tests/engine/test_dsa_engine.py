@@ -74,3 +74,23 @@ def test_kv_pool_is_sized_by_latent_and_indexer_bytes(tiny):
     assert isinstance(cache, MLAKVCache)
     page_bytes = tiny.config.num_layers * 16 * (d.kv_lora_rank + d.qk_rope_head_dim + d.index_head_dim) * 4
     assert cache.num_pages == int(0.001 * 2**30 // page_bytes) and cache.nbytes == cache.num_pages * page_bytes
+
+
+def test_engine_through_the_triton_kernel_equals_the_reference(tiny, monkeypatch):
+    """The engine's decode rows through the Triton kernel (interpreter on a CPU) give the tokens of the
+    torch reference: the cache views, page tables and selections it passes are what the kernel reads."""
+    import functools
+
+    import hisa.engine.dsa_attention as dsa_attention
+
+    prompt = _prompts(tiny.config.vocab_size)[2]  # 45 tokens: the indexer selects 32 of them
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+
+    def run() -> list[int]:
+        llm = LLM(loaded=tiny, device="cpu", dtype="float32", progress=False, page_size=16, max_model_len=128)
+        return llm.generate([prompt], params, use_tqdm=False)[0].token_ids
+
+    reference = run()
+    monkeypatch.setattr(dsa_attention, "mla_decode_attention",
+                        functools.partial(dsa_attention.mla_decode_attention, use_triton=True))
+    assert run() == reference
