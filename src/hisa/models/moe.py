@@ -13,12 +13,13 @@ The routed experts are stored fused, as transformers 5 holds them: `gate_up_proj
 (`experts.{e}.gate_proj.weight`, ...) are converted on load (`fuse_expert_tensors`).
 
 Three ways to run the experts, chosen by shapes only (so a decode step stays graph-capturable):
-  * few tokens (T x k <= E, small-batch decode): gather each (token, slot)'s expert weights and
-    run batched mat-vecs: reads only the chosen experts, no host sync;
-  * up to 64 tokens: every expert over every token, weighted by the (mostly zero) routing weight:
-    no host sync, and with T x k > E most experts are read anyway;
-  * more tokens (prefill): tokens sorted by expert, each expert runs on its own rows (one host sync
-    for the counts).
+  * few tokens (T x k <= E and the gathered weights <= 1 GiB; small-batch decode): gather each
+    (token, slot)'s expert weights and run batched mat-vecs: reads only the chosen experts (copied
+    once), no host sync;
+  * up to 64 tokens with at most 64 experts: every expert over every token, weighted by the (mostly
+    zero) routing weight: no host sync, and with T x k > E most experts are read anyway;
+  * otherwise (prefill; decode of a 256-expert model past the first case): tokens sorted by expert,
+    each expert runs on its own rows (one host sync for the counts, so such a step is not captured).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from torch import nn
 from hisa.errors import ModelLoadError
 from hisa.models.config import ModelConfig
 
-_DENSE_EXPERTS_MAX_TOKENS = 64
+_DENSE_EXPERTS_MAX_TOKENS = 64  # every-expert path: at most this many tokens ...
+_DENSE_EXPERTS_MAX_EXPERTS = 64  # ... and experts
+_GATHER_MAX_BYTES = 2**30  # gathered-weights path: at most this many bytes of copied expert weights
 
 
 class GatedMLP(nn.Module):
@@ -90,9 +93,10 @@ class RoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, hidden], fp32 weights [T, k], int64 ids [T, k] → [T, hidden]: sum_k weight * expert(x)."""
         t, k = ids.shape
-        if t * k <= self.num_experts:
+        expert_bytes = (self.gate_up_proj[0].numel() + self.down_proj[0].numel()) * self.down_proj.element_size()
+        if t * k <= self.num_experts and t * k * expert_bytes <= _GATHER_MAX_BYTES:
             return self._gathered(x, weights, ids)
-        if t <= _DENSE_EXPERTS_MAX_TOKENS:
+        if t <= _DENSE_EXPERTS_MAX_TOKENS and self.num_experts <= _DENSE_EXPERTS_MAX_EXPERTS:
             return self._every_expert(x, weights, ids)
         return self._grouped(x, weights, ids)
 
