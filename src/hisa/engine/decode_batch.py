@@ -60,13 +60,14 @@ class DecodeBuffers:
     """
 
     def __init__(self, *, max_rows: int, max_seqs: int, max_pages: int, sparse_sentinel: int,
-                 device: torch.device):
+                 device: torch.device, scratch_page: int = -1):
         self.max_rows, self.max_pages, self.device = max_rows, max_pages, device
         self.pad_slot, self.sparse_sentinel = max_seqs, sparse_sentinel
         pin = device.type == "cuda"
         self.host = torch.zeros(len(FIELDS), max_rows, dtype=torch.int32, pin_memory=pin)
         self._np = self.host.numpy()
-        self._pad = np.array([0, 0, 0, max_seqs, sparse_sentinel, PAD, -1, -1], dtype=np.int32)[:, None]
+        # a padding row: no token (t = 0), kind PAD, its write aimed at the scratch page (never read)
+        self._pad = np.array([0, 0, 0, max_seqs, sparse_sentinel, PAD, scratch_page, -1], dtype=np.int32)[:, None]
         i32 = dict(dtype=torch.int32, device=device)
         self.dev = torch.zeros(len(FIELDS), max_rows, **i32)
         self.block_table = torch.full((max_seqs + 1, max_pages), -1, **i32)

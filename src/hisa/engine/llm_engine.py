@@ -16,6 +16,7 @@ from hisa.engine.sequence import Sequence, Status
 from hisa.engine.model_runner import ModelRunner
 from hisa.errors import ConfigError, InvalidRequestError
 from hisa.kvcache.page_allocator import PageAllocator
+from hisa.kvcache.mla_cache import MLAKVCache
 from hisa.kvcache.paged_cache import PagedKVCache
 from hisa.models.factory import LoadedModel, load_model
 
@@ -50,14 +51,24 @@ class LLMEngine:
             raise ConfigError(f"max_model_len={self.max_model_len} exceeds the model's context "
                               f"({mcfg.max_position_embeddings} tokens)")
         self.sparse = None
+        if config.sparse is not None and mcfg.dsa is not None:
+            raise ConfigError(f"--sparse is not supported yet for {mcfg.arch} models: without it they already run "
+                              "the model's own sparse attention (DSA), with the whole cache on the device")
         algorithm = None
         if config.sparse is not None:  # first, so the device pool is sized from what its metadata leaves free
             algorithm = _sparse_algorithm(config, mcfg, self.max_model_len)
         num_pages = self._num_kv_pages()
         self._check_pool(num_pages)
-        self.cache = PagedKVCache(num_layers=mcfg.num_layers, num_pages=num_pages, page_size=config.page_size,
-                                  num_kv_heads=mcfg.num_kv_heads, head_dim=mcfg.head_dim,
-                                  dtype=config.torch_dtype, device=config.torch_device)
+        # one page more than the allocator hands out: the scratch page padding rows of a decode step write
+        # into (page id num_pages), never read
+        if mcfg.dsa is not None:  # DeepSeek-V3.2: latent rows + indexer keys (kvcache/mla_cache.py)
+            self.cache = MLAKVCache(num_layers=mcfg.num_layers, num_pages=num_pages + 1, page_size=config.page_size,
+                                    latent_dim=mcfg.dsa.latent_dim, index_head_dim=mcfg.dsa.index_head_dim,
+                                    dtype=config.torch_dtype, device=config.torch_device)
+        else:
+            self.cache = PagedKVCache(num_layers=mcfg.num_layers, num_pages=num_pages + 1, page_size=config.page_size,
+                                      num_kv_heads=mcfg.num_kv_heads, head_dim=mcfg.head_dim,
+                                      dtype=config.torch_dtype, device=config.torch_device)
         if algorithm is not None:
             self.sparse = build_sparse(config.sparse, algorithm=algorithm, cache=self.cache, model_config=mcfg,
                                        max_model_len=self.max_model_len)
@@ -67,7 +78,7 @@ class LLMEngine:
                                    max_num_batched_tokens=config.max_num_batched_tokens, sparse=self.sparse)
         self.runner = ModelRunner(self.loaded.model, self.cache, config.torch_device, sparse=self.sparse,
                                   max_num_seqs=config.max_num_seqs, cuda_graphs=config.cuda_graphs,
-                                  max_model_len=self.max_model_len)
+                                  max_model_len=self.max_model_len, scratch_page=num_pages)
         self.sampler = Sampler(config.torch_device, config.seed)
         self.eos_token_ids = set(mcfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -96,9 +107,14 @@ class LLMEngine:
 
     def _num_kv_pages(self) -> int:
         cfg, mcfg = self.config, self.model_config
-        page_bytes = PagedKVCache.page_bytes(num_layers=mcfg.num_layers, page_size=cfg.page_size,
-                                             num_kv_heads=mcfg.num_kv_heads, head_dim=mcfg.head_dim,
-                                             dtype=cfg.torch_dtype)
+        if mcfg.dsa is not None:
+            page_bytes = MLAKVCache.page_bytes(num_layers=mcfg.num_layers, page_size=cfg.page_size,
+                                               latent_dim=mcfg.dsa.latent_dim, index_head_dim=mcfg.dsa.index_head_dim,
+                                               dtype=cfg.torch_dtype)
+        else:
+            page_bytes = PagedKVCache.page_bytes(num_layers=mcfg.num_layers, page_size=cfg.page_size,
+                                                 num_kv_heads=mcfg.num_kv_heads, head_dim=mcfg.head_dim,
+                                                 dtype=cfg.torch_dtype)
         if cfg.num_kv_pages is not None:
             return cfg.num_kv_pages
         if cfg.kv_cache_gb is not None:

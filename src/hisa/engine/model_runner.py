@@ -29,11 +29,12 @@ class ModelRunner:
 
     def __init__(self, model: torch.nn.Module, cache: PagedKVCache, device: torch.device, sparse=None, *,
                  max_num_seqs: int, cuda_graphs: bool = False, max_model_len: int | None = None,
-                 graph_capture=None):
+                 graph_capture=None, scratch_page: int = -1):
         """model: a `hisa.models` causal LM (LlamaForCausalLM, Gemma3ForCausalLM).
 
         cuda_graphs: capture decode steps in CUDA graphs (`hisa.engine.cuda_graph`); only on CUDA
         (or with `graph_capture`, a test's stand-in for the capture), else ignored.
+        scratch_page: a device page no request owns, where padding rows of a decode step may write.
         """
         self.model, self.cache, self.device, self.sparse = model, cache, device, sparse
         self.page_size = cache.page_size
@@ -44,7 +45,7 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.buffers = DecodeBuffers(max_rows=max_num_seqs, max_seqs=max_num_seqs, max_pages=self.max_pages,
                                      sparse_sentinel=sparse.manager.sentinel if sparse is not None else 0,
-                                     device=device)
+                                     scratch_page=scratch_page, device=device)
         self.graphs = None
         if (cuda_graphs and device.type == "cuda") or graph_capture is not None:
             if sparse is None or sparse.algorithm.graph_safe:
@@ -142,8 +143,13 @@ class ModelRunner:
                          host_table=self.sparse.manager.host_table if view.has_host_backed else None)
             if view.has_sparse:
                 self.sparse.forward_begin(view)
-        attn = StepAttention(cache=self.cache, scale=self.scale, windows=self.windows, decode=view, prefills=chunks,
-                             sparse=self.sparse)
+        if self.model.config.dsa is not None:  # DeepSeek-V3.2 (MLA + DSA): its own attention over MLAKVCache
+            from hisa.engine.dsa_attention import DSAAttention
+
+            attn = DSAAttention(self.cache, self.model.config, decode=view, prefills=chunks)
+        else:
+            attn = StepAttention(cache=self.cache, scale=self.scale, windows=self.windows, decode=view,
+                                 prefills=chunks, sparse=self.sparse)
         if not chunks:
             ids, positions, max_position = view.input_ids, view.positions, self.max_model_len
         else:

@@ -11,13 +11,15 @@ from tqdm.auto import tqdm
 from hisa.errors import ModelLoadError
 from hisa.models import loader
 from hisa.models.config import PRESETS, ModelConfig
+from hisa.models.deepseek_v32 import DeepseekV32ForCausalLM
 from hisa.models.gemma3 import Gemma3ForCausalLM
 from hisa.models.layers import checkpoint_targets
 from hisa.models.llama import LlamaForCausalLM
 
-CausalLM = LlamaForCausalLM | Gemma3ForCausalLM
+CausalLM = LlamaForCausalLM | Gemma3ForCausalLM | DeepseekV32ForCausalLM
 # ModelConfig.family → the class that runs it
-MODEL_CLASSES: dict[str, type[CausalLM]] = {"llama": LlamaForCausalLM, "gemma3": Gemma3ForCausalLM}
+MODEL_CLASSES: dict[str, type[CausalLM]] = {"llama": LlamaForCausalLM, "gemma3": Gemma3ForCausalLM,
+                                            "deepseek_v32": DeepseekV32ForCausalLM}
 
 
 @dataclass
@@ -48,6 +50,8 @@ def load_model(model: str | None, *, device: torch.device, dtype: torch.dtype,
             cfg = loader.hf_config(source.path)
             tensors, total = loader.hf_tensors(source.path), loader.hf_num_tensors(source.path)
         net = _empty_model(cfg, device, dtype)
+        if isinstance(net, DeepseekV32ForCausalLM):  # per-expert tensors fused, MTP layers dropped
+            tensors = net.convert_checkpoint(tensors)
         params = checkpoint_targets(net)  # checkpoint name → parameter, or rows of a fused one (qkv, gate|up)
         seen: set[str] = set()
         bar = tqdm(tensors, total=total, desc=f"loading {cfg.name or source.path.name}", unit="tensor",
@@ -64,7 +68,7 @@ def load_model(model: str | None, *, device: torch.device, dtype: torch.dtype,
                 raise ModelLoadError(f"{source.path}: tensor {name} has shape {tuple(tensor.shape)}, "
                                      f"expected {tuple(params[name].shape)}")
             with torch.no_grad():
-                params[name].copy_(tensor.to(dtype))
+                params[name].copy_(tensor.to(params[name].dtype))  # the model dtype, or fp32 where kept so
             seen.add(name)
         expected = {n for n in params if not (cfg.tie_word_embeddings and n == "lm_head.weight")}
         missing = sorted(expected - seen)
@@ -97,6 +101,8 @@ def _init_rope(net: CausalLM, cfg: ModelConfig, rope_freqs, device: torch.device
     if isinstance(net, Gemma3ForCausalLM):
         global_freq, local_freq = Gemma3ForCausalLM.rope_inv_freqs(cfg, rope_freqs)
         net.rope.inv_freq, net.rope_local.inv_freq = global_freq.to(device), local_freq.to(device)
+    elif isinstance(net, DeepseekV32ForCausalLM):  # RoPE covers only the qk_rope_head_dim slice
+        net.rope.inv_freq = DeepseekV32ForCausalLM.rope_inv_freq(cfg).to(device)
     else:
         net.rope.inv_freq = _inv_freq(cfg, rope_freqs).to(device)
 
@@ -111,6 +117,8 @@ def _empty_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> 
     with torch.device("meta"):
         net = MODEL_CLASSES[cfg.family](cfg)
     net = net.to_empty(device=device).to(dtype)
+    for p in getattr(net, "fp32_parameters", list)():  # DeepSeek: indexer head weights, router bias
+        p.data = p.data.float()
     if cfg.tie_word_embeddings:
         net.lm_head.weight = net.model.embed_tokens.weight
     return net

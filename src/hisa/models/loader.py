@@ -159,9 +159,16 @@ def hf_config(path: Path) -> ModelConfig:
     if arch == "mistral" and raw.get("sliding_window") and raw["sliding_window"] < raw.get("max_position_embeddings", 0):
         # Mistral v0.1 uses a 4K sliding window; we attend to the full context (same as HF up to 4K tokens).
         pass
-    gemma = {}
+    extra = {}  # the family's own ModelConfig fields
     if SUPPORTED_ARCHITECTURES[arch] == "gemma3":
-        gemma, rope_theta, rope_scaling = _hf_gemma3_fields(raw, path)
+        extra, rope_theta, rope_scaling = _hf_gemma3_fields(raw, path)
+    if SUPPORTED_ARCHITECTURES[arch] == "deepseek_v32":  # MLA + DSA + MoE (models/dsa_config.py)
+        from hisa.models.dsa_config import dsa_fields_from_hf
+
+        dsa, fields = dsa_fields_from_hf(raw, str(path / "config.json"))
+        extra = dict(dsa=dsa)
+        head_dim, rope_theta, rope_scaling = fields["head_dim"], fields["rope_theta"], fields["rope_scaling"]
+        raw = {**raw, "num_key_value_heads": fields["num_kv_heads"]}  # one latent head
     return ModelConfig(
         arch=arch,
         vocab_size=raw["vocab_size"],
@@ -181,7 +188,7 @@ def hf_config(path: Path) -> ModelConfig:
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=eos_ids,
         name=path.name,
-        **gemma,
+        **extra,
     )
 
 

@@ -1,0 +1,102 @@
+"""Attention of a DeepSeek-V3.2 (MLA + DSA) model for one engine step, everything on the device.
+
+This is "dense mode" for a DSA model: the model's own sparse attention, as the model defines it,
+with the whole latent and indexer caches in device pages (`MLAKVCache`). Per layer:
+
+  1. the new tokens' latent rows and indexer keys go to their page slots;
+  2. selection: each query's indexer top-`index_topk` tokens among those it sees (causal). While a
+     query sees at most `index_topk` tokens it attends to all of them, so the indexer is skipped
+     when the step's longest context fits (decided from shapes: the page-table width);
+  3. MLA over the selection in the absorbed form: decode rows through the paged Triton kernel
+     (`mla_decode_attention`, -1-padded top-k positions), prefill chunks in torch
+     (`mla_prefill_attention`).
+
+The decode path reads only the step plan's device tensors and shapes (no host sync), so a pure
+decode step can be captured in a CUDA graph like a dense one.
+
+For hierarchical DSA (latent rows in the host pool) the pieces map onto the sparse framework:
+`indexer_topk` is the `dsa` algorithm's `retrieve_topk` (its representation is the indexer key
+cache, kept on the device), and `mla_decode_attention` takes the selected positions through a page
+table that the BackendAdaptor would point at device-buffer slots. See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hisa.attention.dsa_indexer import indexer_topk, indexer_topk_prefill
+from hisa.attention.mla_decode import mla_decode_attention
+from hisa.attention.mla_prefill import mla_prefill_attention
+from hisa.attention.prefill import gather_pages
+from hisa.kvcache.mla_cache import MLAKVCache
+from hisa.models.config import ModelConfig
+from hisa.models.deepseek_v32 import IndexerStep
+
+
+class DSAAttention:
+    """The `forward_mla` attention object of one step (built by ModelRunner in place of StepAttention).
+
+    decode: the step's decode rows (`DecodeView`: rows [0, n) of the step, their page table and
+    lengths prepared on the device), or None; prefills: the step's prefill chunks (`PrefillChunk`).
+
+    Example::
+
+        attn = DSAAttention(cache, model.config, decode=view, prefills=chunks)
+        hidden = model(input_ids, positions, attn, max_position)
+    """
+
+    def __init__(self, cache: MLAKVCache, config: ModelConfig, *, decode=None, prefills=()):
+        d = config.dsa
+        self.cache, self.decode, self.prefills = cache, decode, list(prefills)
+        self.scale = config.attention_scale
+        self.kv_lora_rank, self.topk = d.kv_lora_rank, d.index_topk
+        self.index_scale = d.index_head_dim ** -0.5
+        # GLM-5's shared layers reuse the last full layer's selection: (decode, per prefill chunk)
+        self._last: tuple[torch.Tensor | None, list[torch.Tensor | None]] = (None, [])
+
+    def indexer_topk(self, layer: int, index: IndexerStep, rows: torch.Tensor, page_table: torch.Tensor,
+                     lengths: torch.Tensor) -> torch.Tensor:
+        """Decode selection of `rows` [B] of the step: int32 [B, min(index_topk, W * S)] token positions,
+        -1 padded, from the layer's cached indexer keys (the new tokens' already written)."""
+        return indexer_topk(index.q[rows], index.weights[rows], self.cache.index_keys(layer), page_table, lengths,
+                            topk=self.topk, scale=self.index_scale)
+
+    def forward_mla(self, layer: int, q: torch.Tensor, kv: torch.Tensor, index: IndexerStep | None) -> torch.Tensor:
+        """q: [T, H, Dl + Dr] absorbed queries; kv: [T, Dl + Dr] new latent rows → [T, H, Dl]."""
+        cache, d = self.cache, self.decode
+        out = q.new_zeros(q.shape[0], q.shape[1], self.kv_lora_rank)  # [T, H, Dl]
+        latent = cache.latent_rows(layer)  # [P, S, Dl + Dr]
+        last_decode, last_prefill = self._last
+        decode_sel = None
+        n = d.n if d is not None else 0
+        if n:
+            # padding rows (t == 0) write into the engine's scratch page, never read
+            offsets = (torch.clamp(d.t - 1, min=0) % cache.page_size).long()
+            cache.write(layer, d.write_page.long(), offsets, kv[:n], None if index is None else index.keys[:n])
+            table, lens = d.table, d.kv_lens
+            rows = torch.arange(n, device=q.device)
+            if index is None:
+                decode_sel = last_decode
+            elif table.shape[1] * cache.page_size > self.topk:  # some context may exceed the selection
+                decode_sel = self.indexer_topk(layer, index, rows, table, lens)
+            out[:n] = mla_decode_attention(q[:n], latent, table, lens, scale=self.scale,
+                                           kv_lora_rank=self.kv_lora_rank, indices=decode_sel)
+        prefill_sel = []
+        for i, c in enumerate(self.prefills):
+            start, end = c.start, c.end
+            ctx = c.computed + end - start
+            cache.write(layer, c.write_pages, c.write_offsets, kv[start:end],
+                        None if index is None else index.keys[start:end])
+            sel = None
+            if index is None:
+                sel = last_prefill[i]
+            elif ctx > self.topk:
+                keys = gather_pages(cache.index_keys(layer), c.pages, ctx)  # [ctx, ID]
+                sel = indexer_topk_prefill(index.q[start:end], index.weights[start:end], keys, topk=self.topk,
+                                           scale=self.index_scale)  # [n, topk]
+            prefill_sel.append(sel)
+            out[start:end] = mla_prefill_attention(q[start:end], gather_pages(latent, c.pages, ctx), scale=self.scale,
+                                                   kv_lora_rank=self.kv_lora_rank, indices=sel)
+        if index is not None:
+            self._last = (decode_sel, prefill_sel)
+        return out
