@@ -325,9 +325,11 @@ def build_sparse(sp, *, algorithm, cache: PagedKVCache, model_config, max_model_
     if sp.residency == "device":
         host_pages = max(host_pages, 1)
     elif host_pages < max_pages:
-        raise ConfigError(f"the host pool ({host_pages * page_bytes / 2**30:.2f} GiB) holds {host_pages * s} tokens, "
-                          f"less than one request of max_model_len={max_model_len}; raise --host-pool-gb or lower "
-                          f"--max-model-len")
+        where = ("--host-pool-gb" if sp.host_pool_gb is not None else
+                 f"75% of the RAM available now ({default_host_pool_bytes() / 0.75 / 2**30:.1f} GiB)")
+        raise ConfigError(f"the host pool ({host_pages * page_bytes / 2**30:.2f} GiB, from {where}) holds "
+                          f"{host_pages * s} tokens, less than one request of max_model_len={max_model_len}; free "
+                          f"memory, pass a larger --host-pool-gb, lower --max-model-len, or use --residency device")
     widest = max((w for w in mc.layer_windows if w is not None), default=None)
     adaptor = BackendAdaptor(page_size=s, sink_pages=sp.sink_pages, recent_pages=sp.recent_pages,
                              budget_pages=min(sp.budget_pages(s), max_pages), window=widest)  # no more than a context

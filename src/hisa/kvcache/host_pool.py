@@ -89,8 +89,7 @@ def available_host_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def default_host_pool_bytes(*, headroom: float = 0.2, reserve_gb: float = 8.0) -> int:
-    """The host pool's default size: the available RAM less 20% and 8 GiB (the process, the OS page
-    cache, a GGUF being read) — so by default the pool uses the machine's RAM, not a fixed figure."""
-    avail = available_host_bytes()
-    return max(0, int(avail * (1.0 - headroom) - reserve_gb * 2**30))
+def default_host_pool_bytes(*, headroom: float = 0.25) -> int:
+    """The host pool's default size: 75% of the RAM available now (the rest for the process, the OS
+    page cache, a GGUF being read) — so by default the pool uses the machine's RAM, not a fixed figure."""
+    return int(available_host_bytes() * (1.0 - headroom))
