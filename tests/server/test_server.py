@@ -365,9 +365,10 @@ def test_metrics_add_up_to_what_the_tests_sent(server):
     assert m["hisa_requests_running"] == 0 and m["hisa_requests_waiting"] == 0
 
 
-# -- engine crash (in process) ---------------------------------------------------------------------
-def test_engine_crash_fails_pending_requests_and_health(smollm2):
-    """A crash of the engine thread fails pending requests with 500 and /health turns 503; nothing hangs."""
+# -- broken device (in process) ---------------------------------------------------------------------
+def test_broken_device_fails_pending_requests_and_health(smollm2):
+    """A step failure after which the device no longer works stops the engine: pending requests get 500,
+    /health turns 503 with the reason, later requests fail at once, nothing hangs, on_dead is told."""
     from hisa.config import EngineConfig
     from hisa.engine.llm_engine import LLMEngine
     from hisa.server.app import create_app
@@ -375,11 +376,13 @@ def test_engine_crash_fails_pending_requests_and_health(smollm2):
     engine = LLMEngine(EngineConfig(device="cpu", dtype="float32", max_model_len=256, max_num_seqs=4,
                                     progress=False), loaded=smollm2)
 
-    def broken_step():
-        raise RuntimeError("simulated device failure")
+    def broken_run(batch):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
 
-    engine.step = broken_step
-    app = create_app(engine, served_model_name=MODEL)
+    engine.runner.run = broken_run
+    engine.device_is_healthy = lambda: False
+    dead = []
+    app = create_app(engine, served_model_name=MODEL, on_engine_dead=dead.append)
 
     async def scenario():
         transport = httpx.ASGITransport(app=app)
@@ -388,9 +391,10 @@ def test_engine_crash_fails_pending_requests_and_health(smollm2):
             resp = await http.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 4})
             assert resp.status_code == 500
             assert resp.json()["error"]["code"] == "engine_dead"
-            assert "simulated device failure" in resp.json()["error"]["message"]
+            assert "illegal memory access" in resp.json()["error"]["message"]
             health = await http.get("/health")
             assert health.status_code == 503 and health.json()["status"] == "unhealthy"
+            assert "DeviceError" in health.json()["error"] and "stopped working" in health.json()["error"]
             again = await http.post("/v1/chat/completions",
                                     json={"messages": [{"role": "user", "content": "hi"}], "stream": True})
             assert again.status_code == 500
@@ -398,6 +402,8 @@ def test_engine_crash_fails_pending_requests_and_health(smollm2):
             assert 'hisa_request_errors_total{code="500"} 2.0' in metrics
 
     asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+    assert len(dead) == 1 and "illegal memory access" in repr(dead[0])
+    assert engine.closed  # the dead engine gave its memory back
     app.state.async_engine.shutdown()
 
 
