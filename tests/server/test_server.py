@@ -6,10 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -19,7 +15,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-MODEL = "hisa-test"
+from tests.server.serve_process import MODEL, serve
+
 MAX_MODEL_LEN = 512
 
 
@@ -38,75 +35,12 @@ class Ledger:
             else usage["completion_tokens"]
 
 
-@dataclass
-class Server:
-    port: int
-    proc: subprocess.Popen
-    ledger: Ledger
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def client(self) -> openai.OpenAI:
-        # max_retries=0: a retried request would be counted twice by the server.
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="x", max_retries=0, timeout=60)
-
-    def http(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60, trust_env=False)
-
-    def metrics(self) -> dict[str, float]:
-        """Every sample of /metrics as {"name{label=value,...}": value}."""
-        with self.http() as http:
-            resp = http.get("/metrics")
-        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
-        out = {}
-        for family in text_string_to_metric_families(resp.text):
-            for s in family.samples:
-                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-                out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-        return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "server.log"
-    cmd = [sys.executable, "-m", "hisa.server.cli", "serve", "--port", str(port), "--device", "cpu",
-           "--served-model-name", MODEL, "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "16",
-           "--page-size", "16", "--disable-access-log", "--log-level", "warning"]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
-    srv = Server(port=port, proc=proc, ledger=Ledger())
-    deadline = time.monotonic() + 180
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"hisa serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                with srv.http() as http:
-                    if http.get("/health").status_code == 200:
-                        break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"hisa serve did not become healthy:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.25)
+    args = ["--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "16", "--page-size", "16"]
+    with serve(args, log_dir=tmp_path_factory.mktemp("serve")) as srv:
+        srv.ledger = Ledger()
         yield srv
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    assert "Traceback" not in log_path.read_text(), log_path.read_text()[-4000:]
 
 
 def _streamed_text(stream, ledger: Ledger, *, chat: bool) -> tuple[str, str | None]:

@@ -329,11 +329,18 @@ def _validation_error(e: RequestValidationError) -> APIError:
     return APIError(400, f"{param}: {msg}" if param else msg, param=param)
 
 
+class _ErrorJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error message may quote the client's text, lone surrogates included."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode()
+
+
 def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
     def respond(e: BaseException) -> JSONResponse:
         status, body = _error_body(e)
         metrics.count_error(status)
-        return JSONResponse(body, status_code=status)
+        return _ErrorJSONResponse(body, status_code=status)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):

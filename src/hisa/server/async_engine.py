@@ -150,7 +150,8 @@ class AsyncEngine:
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, RequestStream] = {}  # accepted, unfinished (engine thread only)
         self._outbox: list[tuple[RequestStream, Any]] = []  # (stream, item) to hand over (engine thread only)
-        self.stats = EngineStats(kv_pages_total=engine.allocator.num_pages)
+        self.stats = EngineStats()
+        self._publish_stats()  # the thread has not started: reading the engine here is safe
         self.error: BaseException | None = None
         # Held while a request is queued and while the dying thread fails what is queued, so that no
         # request can slip into the queue after the last drain and wait forever.

@@ -180,6 +180,8 @@ class CompletionRequest(_SamplingFields):
             prompt = prompt[0]
         if (isinstance(prompt, str) and not prompt) or (isinstance(prompt, list) and not prompt):
             raise ValueError("the prompt is empty")
+        if isinstance(prompt, str):
+            _check_unicode(prompt, "the prompt")
         return prompt
 
     @field_validator("echo")
@@ -228,6 +230,15 @@ class ChatMessage(_Request):
                 raise ValueError(f"only text content parts are supported, got type {part.get('type')!r}")
             parts.append(part["text"])
         return "".join(parts)
+
+    @field_validator("content")
+    @classmethod
+    def _unicode_content(cls, content):
+        texts = [content] if isinstance(content, str) else [p.get("text") for p in content or []]
+        for text in texts:
+            if isinstance(text, str):
+                _check_unicode(text, "the content")
+        return content
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -363,6 +374,14 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+def _check_unicode(text: str, what: str) -> None:
+    """Refuse text that is not valid Unicode (a lone surrogate, which JSON can carry as "\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode: a lone surrogate at character {e.start}") from None
 
 
 def new_id(prefix: str) -> str:
