@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 
@@ -158,6 +159,8 @@ def decode_utf8(data: bytes, *, what: str) -> str:
 
 def cmd_generate(args) -> int:
     from hisa import LLM, SamplingParams
+
+    logging.basicConfig(level=logging.WARNING, format="hisa: %(message)s")  # engine warnings, one line each
 
     prompts = _read_prompts(args)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,

@@ -121,6 +121,6 @@ def fit_sparse_to_context(sparse: SparseConfig, *, max_model_len: int, page_size
     if ratio != sparse.buffer_ratio:
         notes.append(f"buffer_ratio {sparse.buffer_ratio:g} -> {ratio:g}")
     logging.getLogger("hisa").warning(
-        "hisa: the sparse cache is capped at the context of %d tokens (%s): a request never attends or "
+        "the sparse cache is capped at the context of %d tokens (%s): a request never attends or "
         "buffers more than its context", max_model_len, ", ".join(notes))
     return dataclasses.replace(sparse, token_budget=budget, buffer_ratio=ratio)

@@ -146,3 +146,31 @@ def test_api_key_is_checked_before_anything_else(engine):
 
     m = _serve(engine, scenario, api_key="sk-test")
     assert m["hisa_request_errors_total{code=401}"] == 2
+
+
+def test_metrics_are_fresh_while_a_step_runs(engine):
+    """/metrics reflects the step being run (running, pages), not the state before it, while the model runs."""
+    import threading
+
+    real_run = engine.runner.run
+    in_step, release = threading.Event(), threading.Event()
+
+    def run(batch):  # a long prefill step: held until the test has read /metrics
+        in_step.set()
+        release.wait(60)
+        return real_run(batch)
+
+    engine.runner.run = run
+
+    async def scenario(http):
+        task = asyncio.create_task(http.post("/v1/completions", json=_body("The capital of France is")))
+        while not in_step.is_set():
+            await asyncio.sleep(0.01)
+        during = _metrics((await http.get("/metrics")).text)
+        release.set()
+        assert (await task).status_code == 200
+        return during
+
+    during = _serve(engine, scenario)
+    assert during["hisa_requests_running"] == 1 and during["hisa_requests_waiting"] == 0
+    assert during["hisa_kv_pages_used"] == 1
