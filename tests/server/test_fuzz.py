@@ -21,7 +21,7 @@ FUZZ_EXAMPLES = int(os.environ.get("HISA_FUZZ_EXAMPLES", "500"))
 FUZZ_SERVER_ARGS = ["--max-model-len", "96", "--page-size", "8", "--max-num-seqs", "8", "--sparse", "quest",
                     "--token-budget", "32", "--sparse-min-prompt-len", "24", "--host-pool-gb", "0.02",
                     "--max-sparse-requests", "4"]
-CHECK = {"model": MODEL, "prompt": [504, 3575, 282, 4649, 314], "max_tokens": 2, "temperature": 0,
+CHECK = {"model": MODEL, "prompt": [504, 3575, 282, 4649, 314], "max_tokens": 1, "temperature": 0,
          "ignore_eos": True}
 POOL_GAUGES = ("hisa_requests_running", "hisa_requests_waiting", "hisa_kv_pages_used",
                "hisa_sparse_host_bytes_in_use", "hisa_sparse_device_buffer_bytes_in_use")
