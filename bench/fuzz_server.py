@@ -5,9 +5,12 @@ for --examples (default 20,000) or until --max-minutes: after every example the 
 fixed greedy request with the same text, be healthy, and have every pool gauge (running, waiting, KV
 pages, sparse host and device bytes) back at zero; no answer may be a 5xx and the server log may hold
 no traceback. Hypothesis runs in batches of --batch examples (each a fresh random run) so a long run
-can stop on time. Writes JSON with the command, date, git commit, machine and figures.
+can stop on time. With --concurrency K, each hypothesis example is a group of K requests sent at once
+(the engine batches them: valid and invalid requests side by side), and the checks run after every
+group. Writes JSON with the command, date, git commit, machine and figures.
 
     python bench/fuzz_server.py --examples 20000 --out bench/results/fuzz_server_cpu.json
+    python bench/fuzz_server.py --examples 20000 --concurrency 8 --threads 1   # a busy 2-core CPU
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -24,6 +28,7 @@ from _common import REPO, header, write_json
 sys.path.insert(0, str(REPO))
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from tests.server.fuzz_strategies import REQUESTS, FuzzTally, send_and_check  # noqa: E402
 from tests.server.serve_process import serve  # noqa: E402
@@ -42,7 +47,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--examples", type=int, default=20_000, help="examples to run (default: 20000)")
     ap.add_argument("--max-minutes", type=float, default=60.0, help="stop after this long (default: 60)")
-    ap.add_argument("--batch", type=int, default=500, help="examples per hypothesis run (default: 500)")
+    ap.add_argument("--batch", type=int, default=500, help="requests per hypothesis run (default: 500)")
+    ap.add_argument("--concurrency", type=int, default=1,
+                    help="requests sent at once per example; the checks run after each group (default: 1)")
     ap.add_argument("--out", default=str(REPO / "bench/results/fuzz_server_cpu.json"))
     ap.add_argument("--threads", type=int, default=None,
                     help="OMP_NUM_THREADS of the server (default: torch's; 1 avoids oversubscription on a busy CPU)")
@@ -59,14 +66,17 @@ def main() -> int:
                 srv.http(timeout=60) as http:
             expected = http.post("/v1/completions", json=CHECK).json()["choices"][0]["text"]
             rss_start = rss_mib(srv.proc.pid)
+            k = args.concurrency
+            pool = ThreadPoolExecutor(k)
             while tally.examples < args.examples and time.monotonic() - t0 < args.max_minutes * 60:
-                n = min(args.batch, args.examples - tally.examples)
+                n = max(1, min(args.batch, args.examples - tally.examples) // k)
 
                 @settings(max_examples=n, deadline=None, database=None, print_blob=True,
                           suppress_health_check=list(HealthCheck))
-                @given(REQUESTS)
-                def example(req):
-                    send_and_check(http, req, tally)
+                @given(st.lists(REQUESTS, min_size=k, max_size=k))
+                def example(reqs):
+                    for f in [pool.submit(send_and_check, http, r, tally) for r in reqs]:
+                        f.result()
                     check_server(srv, http, expected)
 
                 try:
@@ -86,7 +96,7 @@ def main() -> int:
     duration = time.monotonic() - t0
     results = header(torch.device("cpu"), args.git_commit)
     results.update(
-        server_args=FUZZ_SERVER_ARGS, server_env=env, check_request=CHECK, examples_asked=args.examples,
+        server_args=FUZZ_SERVER_ARGS, server_env=env, check_request=CHECK, concurrency=args.concurrency, examples_asked=args.examples,
         max_minutes=args.max_minutes, examples_run=tally.examples, hypothesis_batches=batches,
         duration_s=round(duration, 1), examples_per_s=round(tally.examples / duration, 2),
         statuses=dict(sorted(tally.statuses.items())), streams=tally.streams,

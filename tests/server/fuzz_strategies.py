@@ -10,6 +10,7 @@ max_tokens, or the small context of the fuzzed server), so thousands of examples
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, field
 
 import httpx
@@ -161,16 +162,20 @@ REQUESTS = st.one_of(
 
 @dataclass
 class FuzzTally:
-    """What the fuzzed server answered: HTTP statuses, streams, and generated tokens."""
+    """What the fuzzed server answered: HTTP statuses, streams, and generated tokens (thread-safe)."""
 
     examples: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
     streams: int = 0
     completion_tokens: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def count(self, status: int) -> None:
-        self.examples += 1
-        self.statuses[str(status)] = self.statuses.get(str(status), 0) + 1
+    def count(self, status: int, *, tokens: int = 0, stream: bool = False) -> None:
+        with self._lock:
+            self.examples += 1
+            self.statuses[str(status)] = self.statuses.get(str(status), 0) + 1
+            self.completion_tokens += tokens
+            self.streams += stream
 
 
 def send_and_check(http: httpx.Client, req: FuzzRequest, tally: FuzzTally) -> None:
@@ -181,23 +186,22 @@ def send_and_check(http: httpx.Client, req: FuzzRequest, tally: FuzzTally) -> No
             if resp.status_code == 200:
                 events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
                 assert events and events[-1] == "[DONE]", events[-3:]
+                tokens = 0
                 for e in events[:-1]:
                     chunk = json.loads(e)
                     assert "error" not in chunk, chunk
                     if chunk.get("usage"):
-                        tally.completion_tokens += chunk["usage"]["completion_tokens"]
-                tally.streams += 1
-                tally.count(200)
+                        tokens = chunk["usage"]["completion_tokens"]
+                tally.count(200, tokens=tokens, stream=True)
                 return
             resp.read()
     else:
         resp = http.post(req.path, content=req.payload(), headers=headers)
-    tally.count(resp.status_code)
+    body = resp.json() if resp.status_code < 500 else None
+    tally.count(resp.status_code, tokens=body["usage"]["completion_tokens"] if resp.status_code == 200 else 0)
     assert resp.status_code < 500, resp.text
-    body = resp.json()
     if resp.status_code == 200:
         assert body["choices"] and body["usage"]["completion_tokens"] >= 1, body
-        tally.completion_tokens += body["usage"]["completion_tokens"]
     else:
         assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
         assert body["error"]["message"], body

@@ -97,6 +97,7 @@ def test_a_request_failing_in_the_sampler_fails_alone(engine):
     assert m["hisa_requests_total{finish_reason=error}"] == 2
     assert m['hisa_request_errors_total{code=500}'] == 2
     assert m["hisa_requests_total{finish_reason=length}"] == 2 * len(PROMPTS) + 1
+    assert m["hisa_time_to_first_token_seconds_count"] == 2 * len(PROMPTS) + 1  # a failed request had no token
     assert m["hisa_kv_pages_used"] == 0 and m["hisa_requests_running"] == 0 and m["hisa_requests_waiting"] == 0
 
 

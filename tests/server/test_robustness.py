@@ -72,6 +72,7 @@ BAD = [  # (body, param) — every one a 400 naming its field
     ({"prompt": "Hi", "repetition_penalty": 1.2}, "repetition_penalty"),
     ({"prompt": "Hi", "min_p": -0.5}, "min_p"),
     ({"prompt": "Hi", "stop_token_ids": [-3]}, None),
+    ({"prompt": "a" * 50_000}, None),  # refused before it is tokenized: no 512-token context holds it
 ]
 
 

@@ -95,7 +95,7 @@ class SamplingParams:
             if not _is_number(value) or not PENALTY_RANGE[0] <= value <= PENALTY_RANGE[1]:
                 raise InvalidRequestError(f"{name} must be in [-2, 2], got {value!r}")
         if self.logit_bias is not None:
-            self.logit_bias = _check_logit_bias(self.logit_bias)
+            self.logit_bias = check_logit_bias(self.logit_bias)
         if self.top_k == -1:
             self.top_k = 0
 
@@ -116,7 +116,7 @@ class SamplingParams:
                 raise InvalidRequestError(f"{name}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
 
 
-def _check_logit_bias(bias) -> dict[int, float]:
+def check_logit_bias(bias) -> dict[int, float]:
     """{token id: bias}; keys may be ints or decimal strings (JSON object keys are strings)."""
     if not isinstance(bias, dict):
         raise InvalidRequestError("logit_bias must map token ids to numbers")

@@ -43,7 +43,7 @@ from typing import Any
 from hisa.chat_template import apply_chat_template
 from hisa.engine.outputs import RequestOutput
 from hisa.engine.sampling_params import SamplingParams
-from hisa.errors import DeviceError, HisaError, StepFailedError
+from hisa.errors import DeviceError, HisaError, InvalidRequestError, StepFailedError
 
 log = logging.getLogger("hisa.server")
 
@@ -146,6 +146,7 @@ class AsyncEngine:
         self._engine = engine  # touched only by the engine thread from here on
         self._on_dead = on_dead
         self.max_model_len: int = engine.max_model_len
+        self._max_prompt_chars = _max_prompt_chars(engine.tokenizer, engine.max_model_len)
         self._observer = observer or RequestObserver()
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, RequestStream] = {}  # accepted, unfinished (engine thread only)
@@ -173,6 +174,11 @@ class AsyncEngine:
         SamplingParams once the prompt length is known. Raises InvalidRequestError (bad prompt or
         params: HTTP 400) or EngineDeadError (HTTP 500) before any output is produced.
         """
+        chars = len(prompt.text or "") + sum(len(m.get("content") or "") for m in prompt.messages or [])
+        if chars > self._max_prompt_chars:  # refused before the engine thread spends time tokenizing it
+            raise InvalidRequestError(
+                f"the prompt has {chars} characters, more than a context of {self.max_model_len} tokens can hold; "
+                "shorten the prompt")
         stream = RequestStream(request_id, engine=self, loop=asyncio.get_running_loop())
         with self._lock:
             if self._dead:
@@ -311,13 +317,7 @@ class AsyncEngine:
         if stream is None:
             return
         now = time.monotonic()
-        if stream._last_token_time is None:
-            self._observer.on_first_token(num_prompt_tokens=out.num_prompt_tokens, ttft_s=now - stream.arrival)
-            self._observer.on_token(inter_token_s=None)
-        else:
-            self._observer.on_token(inter_token_s=now - stream._last_token_time)
-        stream._last_token_time = now
-        if out.error is not None:  # the engine failed this request alone (its pages are freed)
+        if out.error is not None:  # the engine failed this request alone (its pages are freed): no new token
             del self._streams[out.request_id]
             self._observer.on_finish(finish_reason="error", e2e_s=now - stream.arrival)
             error = out.error
@@ -325,6 +325,12 @@ class AsyncEngine:
                 error = RequestFailedError(f"the engine failed this request: {error!r}")
             self._send(stream, error)
             return
+        if stream._last_token_time is None:
+            self._observer.on_first_token(num_prompt_tokens=out.num_prompt_tokens, ttft_s=now - stream.arrival)
+            self._observer.on_token(inter_token_s=None)
+        else:
+            self._observer.on_token(inter_token_s=now - stream._last_token_time)
+        stream._last_token_time = now
         self._send(stream, out)
         if out.finished:
             del self._streams[out.request_id]
@@ -359,6 +365,16 @@ class AsyncEngine:
                                  kv_pages_used=engine.allocator.num_used,
                                  kv_pages_total=engine.allocator.num_pages,
                                  sparse=read_sparse_stats(engine))
+
+
+def _max_prompt_chars(tokenizer, max_model_len: int) -> int:
+    """Characters beyond which a text prompt is certainly longer than the context: every token covers
+    at most as many characters as the vocabulary's longest token string (byte-level tokens spell one
+    byte per character, so this holds for any UTF-8 text)."""
+    if tokenizer is None or not hasattr(tokenizer, "get_vocab"):
+        return 2**62
+    longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+    return (max_model_len + 1) * max(longest, 1)
 
 
 def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:

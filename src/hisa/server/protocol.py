@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from hisa.engine.sampling_params import (
     FP32_MAX, FP32_TINY, MAX_SEED, MAX_STOP_CHARS, MAX_STOP_STRINGS, PENALTY_RANGE, SamplingParams,
-    _check_logit_bias,
+    check_logit_bias,
 )
 from hisa.errors import InvalidRequestError
 
@@ -132,7 +132,7 @@ class _SamplingFields(_Request):
         if value is None:
             return None
         try:
-            return _check_logit_bias(value)
+            return check_logit_bias(value)
         except InvalidRequestError as e:
             raise ValueError(str(e).removeprefix("logit_bias ")) from None
 
