@@ -60,6 +60,16 @@ def test_prompt_file_utf8_with_bom_is_read(tmp_path):
     assert decode_utf8("\ufeffcafé".encode("utf-8"), what="x") == "café"
 
 
+def test_engine_flags_users_expect_reach_the_engine_config():
+    from hisa.cli import build_parser, engine_kwargs
+
+    args = build_parser().parse_args(["generate", "--prompt", "hi", "--gpu-memory-utilization", "0.5",
+                                      "--chat-template", "t.jinja"])
+    assert engine_kwargs(args)["gpu_memory_utilization"] == 0.5 and args.chat_template == "t.jinja"
+    serve = build_parser().parse_args(["serve", "--api-key", "k", "--gpu-memory-utilization", "0.6"])
+    assert serve.api_key == "k" and engine_kwargs(serve)["gpu_memory_utilization"] == 0.6
+
+
 def test_unsupported_architecture(capsys, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "falcon"}))
     code, _, err = _run(capsys, "generate", "--model", str(tmp_path), "--prompt", "hi")

@@ -43,8 +43,8 @@ def test_huge_temperature_samples_nearly_uniformly_without_nan():
 
 @pytest.mark.parametrize("field, value, message", [
     ("temperature", 1e-40, "cannot be applied in fp32"),
-    ("temperature", float("inf"), "temperature must be a finite number"),
-    ("temperature", float("nan"), "temperature must be a finite number"),
+    ("temperature", float("inf"), "temperature must be >= 0 (0 = greedy) and finite"),
+    ("temperature", float("nan"), "temperature must be >= 0 (0 = greedy) and finite"),
     ("temperature", 1e39, "cannot be applied in fp32"),
     ("seed", 2**64, "seed must be an integer in [0, 2**64 - 1]"),
     ("seed", -1, "seed must be an integer"),

@@ -140,3 +140,17 @@ def test_a_long_prefill_does_not_hold_short_requests(server):
     print(f"\nshort TTFT {short_ttft * 1e3:.0f} ms; decode steps during the long prefill: {len(during)}, "
           f"max gap {max(gaps) * 1e3:.0f} ms")
     assert short_ttft <= 3 * max(gaps) + 1.0  # its own step plus at most the one in flight (generous on a busy CPU)
+
+
+def test_bench_serve_sends_the_key_and_never_records_it(server, tmp_path, monkeypatch, capsys):
+    from hisa.server.cli import main as server_cli
+
+    monkeypatch.delenv("HISA_API_KEY", raising=False)
+    args = ["bench-serve", "--base-url", server.url, "--num-requests", "8", "--concurrency", "8", "--input-len", "8",
+            "--output-len", "3"]
+    assert server_cli(args) == 2  # without the key: GET /v1/models answers 401, one line, no traceback
+    assert "HTTP 401" in capsys.readouterr().err
+    out = tmp_path / "bench.json"
+    assert server_cli([*args, "--api-key", API_KEY, "--out", str(out)]) == 0
+    text = out.read_text()
+    assert json.loads(text)["completed"] == 8 and API_KEY not in text

@@ -69,7 +69,7 @@ class SamplingParams:
             raise InvalidRequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         t = self.temperature
         if not _is_number(t) or t < 0:
-            raise InvalidRequestError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+            raise InvalidRequestError(f"temperature must be >= 0 (0 = greedy) and finite, got {t!r}")
         if 0 < t < FP32_TINY or t > FP32_MAX:
             raise InvalidRequestError(f"temperature {t!r} cannot be applied in fp32: use 0 (greedy) or a value "
                                       f"between {FP32_TINY:.2g} and {FP32_MAX:.2g}")

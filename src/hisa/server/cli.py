@@ -89,6 +89,8 @@ def add_bench_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-duration", type=float, default=1800.0,
                    help="stop the whole run after this many seconds (default: 1800)")
     p.add_argument("--allow-remote", action="store_true", help="allow a base URL that is not this machine")
+    p.add_argument("--api-key", default=None,
+                   help=f"the server's API key (default: the {API_KEY_ENV} environment variable); not recorded")
     p.add_argument("--out", default=None, help="write the results as JSON to this file")
     p.set_defaults(func=run_bench_serve)
     return p
@@ -154,7 +156,8 @@ def run_bench_serve(args: argparse.Namespace) -> int:
                       input_len=args.input_len, output_len=args.output_len, seed=args.seed, endpoint=args.endpoint,
                       prompt_type=args.prompt_type, model=args.model, temperature=args.temperature,
                       request_timeout_s=args.request_timeout, max_duration_s=args.max_duration,
-                      allow_remote=args.allow_remote)
+                      allow_remote=args.allow_remote,
+                      api_key=args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None)
     results = run_benchmark(cfg)
     results["command"] = _bench_command(args)
     print(format_table(results))
@@ -170,7 +173,7 @@ def _bench_command(args: argparse.Namespace) -> str:
     """The command line that reproduces this run (every option spelled out)."""
     parts = ["hisa", "bench-serve"]
     for action in add_bench_serve_parser(argparse.ArgumentParser().add_subparsers())._actions:
-        if not action.option_strings or action.dest == "help":
+        if not action.option_strings or action.dest in ("help", "api_key"):
             continue
         value = getattr(args, action.dest, None)
         if isinstance(value, bool):
