@@ -116,10 +116,8 @@ class LLM:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __del__(self):
-        engine = self.__dict__.get("engine")
-        if engine is not None:
-            engine.__del__()
+    # Deleting an LLM needs no __del__ here: the engine is referenced by nothing else, so it goes with
+    # it and LLMEngine.__del__ frees its memory (an engine still referenced elsewhere stays usable).
 
     # -- generation --------------------------------------------------------------------------
     def generate(self, prompts: str | list[str] | list[list[int]],

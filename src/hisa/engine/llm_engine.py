@@ -327,9 +327,10 @@ class LLMEngine:
         if self._owns_weights:
             self.__dict__["loaded"] = None
         self.__dict__.get("_seqs", {}).clear()
-        if collect:
-            gc.collect()  # captured CUDA graphs hold their tensors through closures
-        if self.config.torch_device.type == "cuda" and torch.cuda.is_available():
+        on_cuda = self.config.torch_device.type == "cuda" and torch.cuda.is_available()
+        if collect or on_cuda:  # captured CUDA graphs may hold their pools through reference cycles
+            gc.collect()  # (inside a collection already under way, this returns at once)
+        if on_cuda:
             torch.cuda.empty_cache()
 
     def _check_open(self) -> None:
