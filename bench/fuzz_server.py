@@ -106,7 +106,7 @@ def main() -> int:
         request_errors_total={k: v for k, v in final_metrics.items() if k.startswith("hisa_request_errors_total")},
         pool_gauges_at_end={k: final_metrics.get(k) for k in (
             "hisa_requests_running", "hisa_requests_waiting", "hisa_kv_pages_used", "hisa_sparse_host_bytes_in_use",
-            "hisa_sparse_device_buffer_bytes_in_use")},
+            "hisa_sparse_device_kv_bytes_in_use")},
         stopped_on_time=failure is None and tally.examples < args.examples,
     )
     write_json(Path(args.out), results)

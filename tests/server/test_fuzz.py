@@ -24,7 +24,7 @@ FUZZ_SERVER_ARGS = ["--max-model-len", "96", "--page-size", "8", "--max-num-seqs
 CHECK = {"model": MODEL, "prompt": [504, 3575, 282, 4649, 314], "max_tokens": 1, "temperature": 0,
          "ignore_eos": True}
 POOL_GAUGES = ("hisa_requests_running", "hisa_requests_waiting", "hisa_kv_pages_used",
-               "hisa_sparse_host_bytes_in_use", "hisa_sparse_device_buffer_bytes_in_use")
+               "hisa_sparse_host_bytes_in_use", "hisa_sparse_device_kv_bytes_in_use")
 
 
 @pytest.fixture(scope="module")
