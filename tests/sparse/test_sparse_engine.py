@@ -59,6 +59,32 @@ def test_offloaded_equals_all_on_device(make_llm):
     assert misses[0] > 0 and misses[1] == 0  # the host-backed run loaded pages, the resident one never
 
 
+@pytest.mark.parametrize("algorithm", ["lowbit", "lowbit-2bit"])
+def test_tiny_model_full_budget_equals_dense_and_host_equals_device(algorithm):
+    """On a small random model (cheap on a CPU): a budget covering the context gives dense's tokens,
+    resident or host-backed; a small budget gives the same tokens host-backed and resident."""
+    tiny = load_model("random:tiny-llama", device=torch.device("cpu"), dtype=torch.float32, progress=False)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (300, 220)]
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+
+    def run(sparse):
+        llm = LLM(loaded=tiny, device="cpu", dtype="float32", progress=False, page_size=16, max_model_len=512,
+                  sparse=sparse)
+        outs = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        return outs, llm.engine.sparse.summary() if sparse is not None else None
+
+    dense, _ = run(None)
+    for residency in ("host", "device"):
+        full, st = run(_sparse(algorithm=algorithm, token_budget=512, min_prompt_len=64, host_pool_gb=0.01,
+                               residency=residency))
+        assert full == dense and st["decode_steps"] == 23
+    small = [run(_sparse(algorithm=algorithm, token_budget=96, min_prompt_len=64, host_pool_gb=0.01,
+                         residency=residency)) for residency in ("host", "device")]
+    assert small[0][0] == small[1][0] != dense
+    assert small[0][1]["misses"] > 0 and small[1][1]["misses"] == 0
+
+
 def test_a_request_demoted_mid_generation_gives_the_same_tokens():
     """Two resident requests grow until the device pool runs short: the younger is demoted to the host
     pool mid-generation (its KV copied device -> host, decoding continues from its LRU buffer). Its
