@@ -223,7 +223,7 @@ def byte_bound(loaded, *, batch, budget, ctx, page_size, meta_bytes_per_page_lay
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="llama-3.1-8b")
-    p.add_argument("--contexts", default="32768")
+    p.add_argument("--contexts", default="32768", help="comma-separated; empty: none")
     p.add_argument("--batches", default="8")
     p.add_argument("--max-context", type=int, default=131072, help="the context of the largest-batch rows (0: skip)")
     p.add_argument("--small-batch", type=int, default=4, help="batch of the rows after the aborts at --max-context")
@@ -270,7 +270,7 @@ def main(argv=None) -> int:
                                hbm_copy_bytes_per_s=hbm, partial=True, rows=rows))  # what a cut-short run keeps
         return {r["row"]: r for r in got}
 
-    for ctx in (int(c) for c in a.contexts.split(",")):
+    for ctx in (int(c) for c in a.contexts.split(",") if c):  # --contexts "": only the largest-batch rows
         for batch in (int(b) for b in a.batches.split(",")):
             pair = {} if a.skip_dense else job(kind="fixed", ctx=ctx, batch=batch, name="dense", residency=None)
             pair.update(job(kind="fixed", ctx=ctx, batch=batch, name=a.algorithm, residency="auto"))

@@ -13,6 +13,8 @@ figures are the difference between 4-layer and 2-layer models of one shape, divi
 the embedding, the rotary lookup and the final norm are counted apart ("per forward").
 
     python bench/launch_count.py --out bench/results/launch_count_cpu.json
+    git archive e36fb60 src | tar -x -C /tmp/old && PYTHONPATH=/tmp/old/src python bench/launch_count.py \
+        --git-commit e36fb60 --label "before the fusion" --out bench/results/launch_count_cpu_before.json
 """
 
 from __future__ import annotations
@@ -136,6 +138,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     ap.add_argument("--label", default="", help="a name for this tree in the JSON (e.g. before / after)")
+    ap.add_argument("--git-commit", default=None, help="the commit of the hisa tree counted, when not this checkout's")
     args = ap.parse_args()
     import hisa
 
@@ -149,7 +152,7 @@ def main() -> None:
     if args.out:
         from _common import header, write_json
 
-        write_json(args.out, dict(**header(torch.device("cpu")), label=args.label, hisa=str(Path(hisa.__file__).parent),
+        write_json(args.out, dict(**header(torch.device("cpu"), args.git_commit), label=args.label, hisa=str(Path(hisa.__file__).parent),
                                   fused_ops=has_fused_ops(), counts=rows))
 
 

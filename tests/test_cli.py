@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -33,11 +34,40 @@ def test_help_lists_commands(capsys):
     (["generate", "--prompt-file", "/no/such/prompt.txt"], "cannot read prompt file"),
     (["generate"], "give a prompt"),
     (["generate", "--prompt", "hi", "--device", "tpu"], "device must be cpu, cuda or auto"),
+    (["generate", "--prompt", "hi", "--temperature", "1e-40"], "temperature 1e-40 cannot be applied in fp32"),
+    (["generate", "--prompt", "hi", "--sample-seed", "18446744073709551616"],
+     "seed must be an integer in [0, 2**64 - 1]"),
+    (["generate", "--prompt", "hi", "--chat-template", "/no/such/template.jinja"], "does not exist"),
+    (["generate", "--prompt", "hi", "--chat-template", "{% if %}"], "the chat template does not compile"),
 ])
 def test_bad_input_gets_one_line_error(capsys, argv, message):
     code, _, err = _run(capsys, *argv)
     assert code == 2
     assert message in err and "Traceback" not in err
+
+
+def test_prompt_file_that_is_not_utf8_gets_one_line_error(capsys, tmp_path):
+    path = tmp_path / "binary.bin"
+    path.write_bytes(b"caf\xe9 \x00\xff\xfe")
+    code, _, err = _run(capsys, "generate", "--prompt-file", str(path))
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"prompt file '{path}' is not UTF-8 text: byte 0xe9 at offset 3" in err
+
+
+def test_prompt_file_utf8_with_bom_is_read(tmp_path):
+    from hisa.cli import decode_utf8
+
+    assert decode_utf8("\ufeffcafé".encode("utf-8"), what="x") == "café"
+
+
+def test_engine_flags_users_expect_reach_the_engine_config():
+    from hisa.cli import build_parser, engine_kwargs
+
+    args = build_parser().parse_args(["generate", "--prompt", "hi", "--gpu-memory-utilization", "0.5",
+                                      "--chat-template", "t.jinja"])
+    assert engine_kwargs(args)["gpu_memory_utilization"] == 0.5 and args.chat_template == "t.jinja"
+    serve = build_parser().parse_args(["serve", "--api-key", "k", "--gpu-memory-utilization", "0.6"])
+    assert serve.api_key == "k" and engine_kwargs(serve)["gpu_memory_utilization"] == 0.6
 
 
 def test_unsupported_architecture(capsys, tmp_path):
@@ -60,7 +90,9 @@ def test_generate_end_to_end_in_a_subprocess():
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "Paris" in result["text"] and result["finish_reason"] == "stop"
-    assert "prompt + " in proc.stderr  # the timing summary
+    summary = proc.stderr.strip().splitlines()[-1]  # what happened: prefill and decode, each with its rate
+    assert re.search(r"\d+ prompt \+ \d+ output tokens: prefill \d+ tok in [\d.]+s \([\d.]+ tok/s\), "
+                     r"decode \d+ tok in [\d.]+s \([\d.]+ tok/s\); finish: stop", summary), summary
 
 
 def test_readme_main_command_answers_with_the_sparse_cache():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 
@@ -39,6 +40,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="most tokens in one step; longer prompts are prefilled in chunks (default: 2048)")
     g.add_argument("--max-model-len", type=int, default=None, help="longest prompt+output (default: the model's)")
     g.add_argument("--kv-cache-gb", type=float, default=None, help="size of the KV page pool in GB")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.85,
+                   help="CUDA: fraction of the GPU's free memory (after the weights) the KV pool may take, "
+                        "when --kv-cache-gb is not given (default: 0.85)")
+    g.add_argument("--chat-template", default=None,
+                   help="a Jinja chat template, or a file holding one, replacing the model's (for chat requests "
+                        "and `generate` without --raw)")
     g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling (default: 0)")
     g.add_argument("--no-cuda-graphs", action="store_true",
                    help="run decode steps eagerly instead of replaying CUDA graphs (CUDA only)")
@@ -76,7 +83,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                               residency=args.residency, max_sparse_requests=args.max_sparse_requests)
     return dict(model=args.model, device=args.device, dtype=args.dtype, page_size=args.page_size,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb, seed=args.seed, sparse=sparse,
+                max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb,
+                gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed, sparse=sparse,
                 cuda_graphs=not getattr(args, "no_cuda_graphs", False))
 
 
@@ -128,27 +136,39 @@ def _version() -> str:
 def _read_prompts(args) -> list[str]:
     prompts = list(args.prompt)
     for path in args.prompt_file:
-        if path == "-":
-            prompts.append(sys.stdin.read())
-            continue
         try:
-            with open(path, encoding="utf-8") as f:
-                prompts.append(f.read())
+            if path == "-":
+                data = sys.stdin.buffer.read()
+            else:
+                with open(path, "rb") as f:
+                    data = f.read()
         except OSError as e:
             raise HisaError(f"cannot read prompt file {path!r}: {e.strerror}") from None
+        prompts.append(decode_utf8(data, what="stdin" if path == "-" else f"prompt file {path!r}"))
     if not prompts:
         raise HisaError("give a prompt with --prompt TEXT or --prompt-file PATH")
     return prompts
 
 
+def decode_utf8(data: bytes, *, what: str) -> str:
+    """`data` as UTF-8 text (a leading byte-order mark dropped); one clear HisaError if it is not."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise HisaError(f"{what} is not UTF-8 text: byte {data[e.start]:#04x} at offset {e.start} cannot be "
+                        "decoded; convert it first (e.g. iconv -f latin1 -t utf-8)") from None
+
+
 def cmd_generate(args) -> int:
     from hisa import LLM, SamplingParams
+
+    logging.basicConfig(level=logging.WARNING, format="hisa: %(message)s")  # engine warnings, one line each
 
     prompts = _read_prompts(args)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.sample_seed, stop=args.stop)
     t0 = time.perf_counter()
-    llm = LLM(progress=not args.quiet, **engine_kwargs(args))
+    llm = LLM(progress=not args.quiet, chat_template=args.chat_template, **engine_kwargs(args))
     load_s = time.perf_counter() - t0
     use_template = not args.raw and llm.tokenizer is not None and getattr(llm.tokenizer, "chat_template", None)
     if use_template:
@@ -158,9 +178,7 @@ def cmd_generate(args) -> int:
             inputs.append(llm.apply_chat_template(msgs))
     else:
         inputs = prompts
-    t1 = time.perf_counter()
     outputs = llm.generate(inputs, params, use_tqdm=not args.quiet)
-    gen_s = time.perf_counter() - t1
     for i, out in enumerate(outputs):
         if args.json:
             print(json.dumps({"prompt_tokens": out.num_prompt_tokens, "text": out.text, "token_ids": out.token_ids,
@@ -176,8 +194,9 @@ def cmd_generate(args) -> int:
         n_out = sum(o.num_output_tokens for o in outputs)
         reasons = ",".join(sorted({o.finish_reason for o in outputs}))
         print(f"[hisa] {llm.engine.model_config.name} on {llm.engine.config.device}: load {load_s:.1f}s, "
-              f"{n_in} prompt + {n_out} output tokens in {gen_s:.2f}s ({n_out / max(gen_s, 1e-9):.1f} tok/s), "
-              f"finish: {reasons}", file=sys.stderr)
+              f"{n_in} prompt + {n_out} output tokens: {llm.last_stats.summary()}; finish: {reasons}",
+              file=sys.stderr)
+    llm.close()
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -91,3 +93,34 @@ class EngineConfig:
         if self.dtype == "auto":
             return torch.float32 if self.device == "cpu" else torch.bfloat16
         return _DTYPES[self.dtype]
+
+
+def fit_sparse_to_context(sparse: SparseConfig, *, max_model_len: int, page_size: int) -> SparseConfig:
+    """`sparse` with token_budget capped at the context and the device buffer at the context's pages.
+
+    A request never attends more tokens than its context holds, and its LRU buffer never needs more
+    slots than the context has pages: larger values only size the per-request device buffers (an
+    over-large --token-budget once asked for 147 GB). Logs one line when it caps something.
+
+    Example::
+
+        fit_sparse_to_context(SparseConfig(token_budget=100_000), max_model_len=8192, page_size=16)
+        # -> token_budget=8192, buffer_ratio=1.0
+    """
+    max_pages = -(-max_model_len // page_size)
+    budget = min(sparse.token_budget, max_pages * page_size)
+    ratio = sparse.buffer_ratio
+    budget_pages = budget // page_size
+    if budget_pages and ratio * budget_pages > max_pages:
+        ratio = max(1.0, max_pages / budget_pages)
+    if budget == sparse.token_budget and ratio == sparse.buffer_ratio:
+        return sparse
+    notes = []
+    if budget != sparse.token_budget:
+        notes.append(f"token_budget {sparse.token_budget} -> {budget}")
+    if ratio != sparse.buffer_ratio:
+        notes.append(f"buffer_ratio {sparse.buffer_ratio:g} -> {ratio:g}")
+    logging.getLogger("hisa").warning(
+        "the sparse cache is capped at the context of %d tokens (%s): a request never attends or "
+        "buffers more than its context", max_model_len, ", ".join(notes))
+    return dataclasses.replace(sparse, token_budget=budget, buffer_ratio=ratio)

@@ -20,3 +20,12 @@ class InvalidRequestError(HisaError, ValueError):
 
 class ConfigError(HisaError, ValueError):
     """An engine configuration value is invalid."""
+
+
+class StepFailedError(RuntimeError):
+    """An engine step failed for a reason no single request caused (out of memory, a bug): the step's
+    requests were ended with this error and their pages freed; the engine goes on."""
+
+
+class DeviceError(RuntimeError):
+    """The device no longer works (a CUDA error that persists after a failed step): the engine stops."""

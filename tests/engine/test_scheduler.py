@@ -211,3 +211,59 @@ def test_random_sparse_workload_never_leaks_any_tier():
         assert steps < 10_000
     assert sched.allocator.num_free == 30 and policy.host_allocator.num_free == 50 and len(policy.free) == 3
     assert all(s.status == Status.FINISHED and s.num_output == s.params.max_tokens for s in seqs)
+
+
+# -- mixed load: the per-step token budget ------------------------------------------------------------
+from hisa.engine.scheduler import split_token_budget  # noqa: E402
+
+
+@pytest.mark.parametrize("budget, decodes, demands, expected", [
+    (512, 2, [6000, 20], [1, 1, 490, 20]),  # a short prompt behind a long one: prefilled at once
+    (512, 0, [6000], [512]),  # a prompt alone takes the whole budget
+    (512, 0, [6000, 6000, 30], [256, 226, 30]),  # shortest first after the oldest's half
+    (2048, 0, [1000] * 4, [1000, 1000, 48, 0]),  # equal prompts: first come, first served
+    (4, 6, [100], [1, 1, 1, 1, 0, 0, 0]),  # more decodes than budget
+    (10, 0, [], []),
+])
+def test_split_token_budget(budget, decodes, demands, expected):
+    shares = split_token_budget(budget, num_decodes=decodes, prefill_demands=demands)
+    assert shares == expected and sum(shares) <= budget
+
+
+def test_split_token_budget_properties():
+    rng = random.Random(0)
+    for _ in range(2000):
+        budget, decodes = rng.randint(1, 600), rng.randint(0, 40)
+        demands = [rng.choice([1, 5, 30, 200, 5000]) for _ in range(rng.randint(0, 8))]
+        shares = split_token_budget(budget, num_decodes=decodes, prefill_demands=demands)
+        pre = shares[decodes:]
+        assert sum(shares) == min(budget, decodes + sum(demands))  # no budget wasted, none exceeded
+        assert all(0 <= s <= d for s, d in zip(pre, demands))
+        left = budget - min(budget, decodes)
+        if demands and left > 0:  # the oldest prompt always progresses: at least half of what is left
+            assert pre[0] >= min(demands[0], max(1, left // 2))
+            # the others, shortest first, are served in full while they fit in the other half
+            cumulative, other_half = 0, left - min(demands[0], max(1, left // 2))
+            for i in sorted(range(1, len(demands)), key=lambda j: demands[j]):
+                cumulative += demands[i]
+                if cumulative <= other_half:
+                    assert pre[i] == demands[i]
+
+
+def test_long_prefill_does_not_hold_decodes_or_a_short_prompt():
+    sched = _make(num_pages=400, page_size=4, max_tokens=64)
+    rng = random.Random(0)
+    decoding = _seq("d", 5, max_tokens=100)
+    sched.add(decoding)
+    _run_step(sched, sched.schedule(), rng)  # prefilled; decodes from now on
+    long = _seq("long", 1000)
+    sched.add(long)
+    batch = sched.schedule()
+    assert dict(zip(batch.seqs, batch.num_new_tokens)) == {decoding: 1, long: 63}
+    _run_step(sched, batch, rng)
+    short = _seq("short", 20)
+    sched.add(short)  # arrives while the long prompt is prefilling
+    batch = sched.schedule()
+    assert dict(zip(batch.seqs, batch.num_new_tokens)) == {decoding: 1, long: 43, short: 20}
+    _run_step(sched, batch, rng)
+    assert short.num_output == 1 and long.in_prefill  # its first token, one step after it arrived

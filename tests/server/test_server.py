@@ -6,10 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -19,7 +15,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-MODEL = "hisa-test"
+from tests.server.serve_process import MODEL, serve
+
 MAX_MODEL_LEN = 512
 
 
@@ -38,75 +35,12 @@ class Ledger:
             else usage["completion_tokens"]
 
 
-@dataclass
-class Server:
-    port: int
-    proc: subprocess.Popen
-    ledger: Ledger
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def client(self) -> openai.OpenAI:
-        # max_retries=0: a retried request would be counted twice by the server.
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="x", max_retries=0, timeout=60)
-
-    def http(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60, trust_env=False)
-
-    def metrics(self) -> dict[str, float]:
-        """Every sample of /metrics as {"name{label=value,...}": value}."""
-        with self.http() as http:
-            resp = http.get("/metrics")
-        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
-        out = {}
-        for family in text_string_to_metric_families(resp.text):
-            for s in family.samples:
-                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-                out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-        return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "server.log"
-    cmd = [sys.executable, "-m", "hisa.server.cli", "serve", "--port", str(port), "--device", "cpu",
-           "--served-model-name", MODEL, "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "16",
-           "--page-size", "16", "--disable-access-log", "--log-level", "warning"]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
-    srv = Server(port=port, proc=proc, ledger=Ledger())
-    deadline = time.monotonic() + 180
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"hisa serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                with srv.http() as http:
-                    if http.get("/health").status_code == 200:
-                        break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"hisa serve did not become healthy:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.25)
+    args = ["--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "16", "--page-size", "16"]
+    with serve(args, log_dir=tmp_path_factory.mktemp("serve")) as srv:
+        srv.ledger = Ledger()
         yield srv
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    assert "Traceback" not in log_path.read_text(), log_path.read_text()[-4000:]
 
 
 def _streamed_text(stream, ledger: Ledger, *, chat: bool) -> tuple[str, str | None]:
@@ -365,9 +299,10 @@ def test_metrics_add_up_to_what_the_tests_sent(server):
     assert m["hisa_requests_running"] == 0 and m["hisa_requests_waiting"] == 0
 
 
-# -- engine crash (in process) ---------------------------------------------------------------------
-def test_engine_crash_fails_pending_requests_and_health(smollm2):
-    """A crash of the engine thread fails pending requests with 500 and /health turns 503; nothing hangs."""
+# -- broken device (in process) ---------------------------------------------------------------------
+def test_broken_device_fails_pending_requests_and_health(smollm2):
+    """A step failure after which the device no longer works stops the engine: pending requests get 500,
+    /health turns 503 with the reason, later requests fail at once, nothing hangs, on_dead is told."""
     from hisa.config import EngineConfig
     from hisa.engine.llm_engine import LLMEngine
     from hisa.server.app import create_app
@@ -375,11 +310,13 @@ def test_engine_crash_fails_pending_requests_and_health(smollm2):
     engine = LLMEngine(EngineConfig(device="cpu", dtype="float32", max_model_len=256, max_num_seqs=4,
                                     progress=False), loaded=smollm2)
 
-    def broken_step():
-        raise RuntimeError("simulated device failure")
+    def broken_run(batch):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
 
-    engine.step = broken_step
-    app = create_app(engine, served_model_name=MODEL)
+    engine.runner.run = broken_run
+    engine.device_is_healthy = lambda: False
+    dead = []
+    app = create_app(engine, served_model_name=MODEL, on_engine_dead=dead.append)
 
     async def scenario():
         transport = httpx.ASGITransport(app=app)
@@ -388,9 +325,10 @@ def test_engine_crash_fails_pending_requests_and_health(smollm2):
             resp = await http.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 4})
             assert resp.status_code == 500
             assert resp.json()["error"]["code"] == "engine_dead"
-            assert "simulated device failure" in resp.json()["error"]["message"]
+            assert "illegal memory access" in resp.json()["error"]["message"]
             health = await http.get("/health")
             assert health.status_code == 503 and health.json()["status"] == "unhealthy"
+            assert "DeviceError" in health.json()["error"] and "stopped working" in health.json()["error"]
             again = await http.post("/v1/chat/completions",
                                     json={"messages": [{"role": "user", "content": "hi"}], "stream": True})
             assert again.status_code == 500
@@ -398,6 +336,8 @@ def test_engine_crash_fails_pending_requests_and_health(smollm2):
             assert 'hisa_request_errors_total{code="500"} 2.0' in metrics
 
     asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+    assert len(dead) == 1 and "illegal memory access" in repr(dead[0])
+    assert engine.closed  # the dead engine gave its memory back
     app.state.async_engine.shutdown()
 
 

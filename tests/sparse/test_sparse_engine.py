@@ -190,3 +190,28 @@ def test_invalid_configurations_fail_at_construction(kwargs, message):
 
     with pytest.raises(ConfigError, match=message):
         EngineConfig(device="cpu", page_size=16, sparse=SparseConfig(**kwargs))
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gemma3"])
+def test_prefetch_changes_no_token(preset):
+    """Host-backed requests with the cross-layer prefetch (each global layer's list loaded into the
+    next one's buffer while it computes) give the tokens of runs without it; the prefetched pages are
+    counted apart. Gemma-3's sliding layers always prefetch the next one's window (the same pages):
+    there their own misses must vanish."""
+    tiny = load_model(f"random:{preset}", device=torch.device("cpu"), dtype=torch.float32, progress=False)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (400, 300)]
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    runs = {}
+    for prefetch in (False, True):
+        llm = LLM(loaded=tiny, device="cpu", dtype="float32", progress=False, page_size=16, max_model_len=512,
+                  sparse=SparseConfig(algorithm="quest", token_budget=96, min_prompt_len=64, host_pool_gb=0.01,
+                                      residency="host", prefetch=prefetch))
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        runs[prefetch] = ([o.token_ids for o in outs], llm.engine.sparse.summary())
+    assert runs[True][0] == runs[False][0]
+    on, off = runs[True][1], runs[False][1]
+    if preset == "tiny-llama":  # the global layers' guesses come on top
+        assert on["prefetched_pages"] > off["prefetched_pages"] == 0
+    else:  # layers 1 and 2 are sliding and follow a sliding layer: no own misses (one global layer: no guess)
+        assert off["misses_per_layer"][1] == off["misses_per_layer"][2] == 0 < off["misses_per_layer"][0]

@@ -14,7 +14,7 @@ import os
 import torch
 
 from hisa.attention.mla_reference import mla_decode_attention_ref
-from hisa.attention.paged_decode import _sm_count
+from hisa.attention.paged_decode import _sm_count, split_workspaces
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_SPLITS = 32  # the combine kernel holds one [num_splits, Dl] fp32 tile (Dl = 512 for DeepSeek)
@@ -101,12 +101,7 @@ def _launch(q, latent_cache, page_table, kv_lens, indices, out, *, scale, kv_lor
         num_splits = default_mla_splits(batch=B, head_blocks=head_blocks, max_items=num_items, block_n=block_n,
                                         device=q.device)
     direct = num_splits == 1
-    if direct:
-        m_ws = l_ws = acc_ws = out  # unused by the kernel
-    else:
-        m_ws = torch.empty(B, H, num_splits, dtype=torch.float32, device=q.device)  # [B, H, NS]
-        l_ws = torch.empty(B, H, num_splits, dtype=torch.float32, device=q.device)  # [B, H, NS]
-        acc_ws = torch.empty(B, H, num_splits, Dl, dtype=torch.float32, device=q.device)  # [B, H, NS, Dl]
+    m_ws, l_ws, acc_ws = split_workspaces(out, num_splits, Dl)
     idx = indices if sparse else page_table  # not read when dense
     gpu = q.is_cuda
     mla_decode_split_kernel[(B, head_blocks, num_splits)](

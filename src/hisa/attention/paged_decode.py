@@ -127,12 +127,7 @@ def _launch_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     block_g = max(16, _next_pow2(G))  # tl.dot needs M >= 16
     block_d = max(16, _next_pow2(D))
     direct = num_splits == 1
-    if direct:
-        m_ws = l_ws = acc_ws = out  # unused by the kernel
-    else:
-        m_ws = torch.empty(B, H, num_splits, dtype=torch.float32, device=q.device)  # [B, H, NS]
-        l_ws = torch.empty(B, H, num_splits, dtype=torch.float32, device=q.device)  # [B, H, NS]
-        acc_ws = torch.empty(B, H, num_splits, D, dtype=torch.float32, device=q.device)  # [B, H, NS, D]
+    m_ws, l_ws, acc_ws = split_workspaces(out, num_splits, D)
     gpu = q.is_cuda
     paged_decode_split_kernel[(B, KVH, num_splits)](
         q, k_cache, v_cache, page_table, kv_lens, out, m_ws, l_ws, acc_ws,
@@ -153,6 +148,17 @@ def _launch_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             m_ws, l_ws, acc_ws, out, H, D, num_splits, out.stride(0), out.stride(1),
             BLOCK_S=block_s, BLOCK_D=block_d, num_warps=8 if block_s * block_d > 8192 else 4,
         )
+
+
+def split_workspaces(out: torch.Tensor, num_splits: int, d: int) -> tuple[torch.Tensor, ...]:
+    """The split kernels' fp32 partials for out [B, H, *]: (max [B, H, NS], sum [B, H, NS], acc
+    [B, H, NS, d]); with one split the kernel writes `out` directly and these are not read."""
+    if num_splits == 1:
+        return out, out, out
+    B, H = out.shape[:2]
+    f32 = dict(dtype=torch.float32, device=out.device)
+    return (torch.empty(B, H, num_splits, **f32), torch.empty(B, H, num_splits, **f32),
+            torch.empty(B, H, num_splits, d, **f32))
 
 
 def _next_pow2(n: int) -> int:

@@ -74,12 +74,16 @@ def _prefill_cpu_after_prefix(qh, kh, vh, *, scale):
     """
     flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     n, ctx = qh.shape[2], kh.shape[2]
-    if flash is None:  # a torch without the CPU flash op (it returns the log-sum-exp we need)
+    if flash is None or vh.shape[-1] > qh.shape[-1]:  # a torch without the CPU flash op (it returns the
+        # log-sum-exp we need), or values wider than keys (the op wants one head size; narrower V is padded)
         return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=_mask(n, ctx, None, qh.device), scale=scale,
                                               enable_gqa=True)
     g = qh.shape[1] // kh.shape[1]
     if g > 1:  # the op has no GQA: every query head gets its K/V
         kh, vh = kh.repeat_interleave(g, 1), vh.repeat_interleave(g, 1)  # [1, H, ctx, D]
+    dv = vh.shape[-1]
+    if dv != qh.shape[-1]:  # the op wants one head size (MLA's V is the latent's first part): pad V with zeros
+        vh = F.pad(vh, (0, qh.shape[-1] - dv))
     p = ctx - n
     o_prefix, lse_prefix = flash(qh, kh[:, :, :p], vh[:, :, :p], 0.0, False, scale=scale)  # [1, H, n, D], [1, H, n]
     o_chunk, lse_chunk = flash(qh, kh[:, :, p:], vh[:, :, p:], 0.0, True, scale=scale)
@@ -88,4 +92,4 @@ def _prefill_cpu_after_prefix(qh, kh, vh, *, scale):
     total = w_prefix + w_chunk
     out = o_prefix.float() * (w_prefix / total)[..., None]
     out.addcmul_(o_chunk.float(), (w_chunk / total)[..., None])
-    return out.to(qh.dtype)
+    return out[..., :dv].to(qh.dtype)

@@ -65,6 +65,7 @@ class BenchConfig:
     request_timeout_s: float = 300.0
     max_duration_s: float = 1800.0
     allow_remote: bool = False
+    api_key: str | None = None  # sent as "Authorization: Bearer ..."; never written to the results
 
     def __post_init__(self) -> None:
         for name in ("num_requests", "concurrency", "input_len", "output_len"):
@@ -199,7 +200,9 @@ async def benchmark(cfg: BenchConfig) -> dict:
     timeout = httpx.Timeout(cfg.request_timeout_s, connect=10.0)
     limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
     # trust_env=False: a proxy from the environment must never see (or reroute) loopback traffic.
-    async with httpx.AsyncClient(base_url=cfg.base_url, timeout=timeout, limits=limits, trust_env=False) as client:
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    async with httpx.AsyncClient(base_url=cfg.base_url, timeout=timeout, limits=limits, trust_env=False,
+                                 headers=headers) as client:
         try:
             model = cfg.model or await _discover_model(client)
         except httpx.HTTPError as e:
@@ -250,7 +253,7 @@ def summarize(cfg: BenchConfig, model: str, results: list[RequestResult], durati
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
         "client": {"host": platform.node(), "python": platform.python_version(), "machine": platform.machine()},
-        "config": asdict(cfg),
+        "config": {k: v for k, v in asdict(cfg).items() if k != "api_key"},
         "model": model,
         "completed": len(ok),
         "failed": len(results) - len(ok),

@@ -1,9 +1,18 @@
-"""The engine: `add_request` / `step` / `abort_request`, one step = schedule → run → postprocess."""
+"""The engine: `add_request` / `step` / `abort_request`, one step = schedule → run → postprocess.
+
+Fault isolation: an exception raised for one request (its sampling row, its stop check, its
+detokenization) ends that request alone with finish_reason "error"; an exception in the step itself
+(the model forward: out of memory, a bug) ends that step's requests the same way and the engine goes
+on, unless the device no longer works (`DeviceError`). Either way the failed requests' pages are freed.
+"""
 
 from __future__ import annotations
 
+import gc
 import itertools
+import logging
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -14,11 +23,14 @@ from hisa.engine.sampling_params import SamplingParams
 from hisa.engine.scheduler import Scheduler
 from hisa.engine.sequence import Sequence, Status
 from hisa.engine.model_runner import ModelRunner
-from hisa.errors import ConfigError, InvalidRequestError
+from hisa.config import fit_sparse_to_context
+from hisa.errors import ConfigError, DeviceError, InvalidRequestError, StepFailedError
 from hisa.kvcache.page_allocator import PageAllocator
 from hisa.kvcache.mla_cache import MLAKVCache
 from hisa.kvcache.paged_cache import PagedKVCache
 from hisa.models.factory import LoadedModel, load_model
+
+log = logging.getLogger("hisa.engine")
 
 
 class LLMEngine:
@@ -35,7 +47,11 @@ class LLMEngine:
     """
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
+        self.closed = False
         self.config = config
+        self._owns_weights = loaded is None  # close() frees weights only if this engine loaded them
+        # called after each step's schedule(), before the model runs (the server refreshes /metrics here)
+        self.on_schedule: Callable[[], None] | None = None
         torch.manual_seed(config.seed)
         self.loaded = loaded or load_model(config.model, device=config.torch_device, dtype=config.torch_dtype,
                                            progress=config.progress, seed=config.seed)
@@ -54,6 +70,9 @@ class LLMEngine:
         if config.sparse is not None and mcfg.dsa is not None:
             raise ConfigError(f"--sparse is not supported yet for {mcfg.arch} models: without it they already run "
                               "the model's own sparse attention (DSA), with the whole cache on the device")
+        if config.sparse is not None:  # a budget or buffer beyond the context would only waste memory
+            config.sparse = fit_sparse_to_context(config.sparse, max_model_len=self.max_model_len,
+                                                  page_size=config.page_size)
         algorithm = None
         if config.sparse is not None:  # first, so the device pool is sized from what its metadata leaves free
             algorithm = _sparse_algorithm(config, mcfg, self.max_model_len)
@@ -86,7 +105,8 @@ class LLMEngine:
         self._ids = itertools.count()
         self._seqs: dict[str, Sequence] = {}
         self.num_steps = 0
-        self.last_step_tokens = 0
+        self.last_step_tokens = 0  # tokens the last step ran (prefill chunks + decodes)
+        self.last_step_prefill_tokens = 0  # of which prompt (prefill) tokens
 
     def _check_pool(self, num_pages: int) -> None:
         """The device pool must hold one dense request just too short to go sparse, and with the sparse
@@ -102,8 +122,9 @@ class LLMEngine:
                 need, what = buffer, f"one host-backed request's buffer ({buffer} pages)"
         if num_pages < need:
             raise ConfigError(
-                f"the KV pool of {num_pages} pages ({num_pages * s} tokens) cannot hold {what}; raise "
-                f"kv_cache_gb/num_kv_pages or lower max_model_len (or the sparse token budget)")
+                f"the KV pool of {num_pages} pages ({num_pages * s} tokens) cannot hold {what}; "
+                f"{_device_memory_note(cfg.torch_device)}raise kv_cache_gb/num_kv_pages or gpu_memory_utilization, "
+                f"or lower max_model_len (or the sparse token budget)")
 
     def _num_kv_pages(self) -> int:
         cfg, mcfg = self.config, self.model_config
@@ -122,6 +143,8 @@ class LLMEngine:
         elif cfg.device == "cpu":
             budget = min(2 * 2**30, page_bytes * -(-self.max_model_len // cfg.page_size) * cfg.max_num_seqs)
         else:
+            gc.collect()  # engines dropped without close() may still hold the device in reference cycles
+            torch.cuda.empty_cache()
             free, _ = torch.cuda.mem_get_info(cfg.torch_device)
             reserve = 2 * 2**30  # activations and logits of a full batch
             budget = free * cfg.gpu_memory_utilization - reserve
@@ -136,7 +159,9 @@ class LLMEngine:
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
         """Queue a request (text, or token ids) and return its id. Raises InvalidRequestError on bad input."""
+        self._check_open()
         params = params or SamplingParams()
+        params.check_vocab(self.model_config.vocab_size)
         if isinstance(prompt, str):
             text, ids = prompt, self.encode(prompt)
         else:
@@ -182,7 +207,9 @@ class LLMEngine:
         seq = self._seqs[rid]
         seq.forced_output = forced
         while self.has_unfinished_requests():
-            self.step()
+            for out in self.step():
+                if out.error is not None:
+                    raise out.error
         return torch.stack(seq.scored_logits)
 
     def abort_request(self, request_id: str) -> bool:
@@ -213,35 +240,128 @@ class LLMEngine:
 
     # -- one step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule → run → postprocess. Returns an output for each request that got a new token."""
+        """Schedule → run → postprocess. Returns an output for each request that got a new token, and
+        a finished one (finish_reason "error") for each request the step failed.
+
+        Raises DeviceError when the step failed and the device no longer works."""
+        self._check_open()
         batch = self.scheduler.schedule()
         if not batch.seqs:
             if self.scheduler.has_unfinished() and not self.scheduler.running:
                 raise RuntimeError("scheduler made no progress with an empty running set (pool too small?)")
             return []
-        logits, rows = self.runner.run(batch)
+        if self.on_schedule is not None:
+            self.on_schedule()
+        prefill_tokens = sum(n for seq, n in zip(batch.seqs, batch.num_new_tokens) if not _is_decode(seq, n))
+        try:
+            logits, rows = self.runner.run(batch)
+            seqs = [batch.seqs[i] for i in rows]
+            tokens = self.sampler.sample(logits, seqs) if seqs else []
+        except Exception as e:  # noqa: BLE001 — not one request's fault: end the step's requests, go on
+            return self._fail_step(batch, e)
         self.last_step_tokens = batch.num_tokens
+        self.last_step_prefill_tokens = prefill_tokens
         self.scheduler.complete_step(batch)
-        seqs = [batch.seqs[i] for i in rows]
-        tokens = self.sampler.sample(logits, seqs) if seqs else []
         now = time.monotonic()
         outputs = []
         for row, (seq, token) in enumerate(zip(seqs, tokens)):
-            if seq.forced_output is not None:
-                seq.scored_logits.append(logits[row].cpu())
-                token = seq.forced_output[seq.num_output]
-            seq.token_ids.append(token)
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            reason = self._check_stop(seq, token)
-            if reason is not None:
-                self.scheduler.finish(seq, reason)
-            outputs.append(self._output(seq, now))
-            if reason is not None:
-                self._forget(seq)
+            try:
+                if isinstance(token, Exception):
+                    raise token
+                if seq.forced_output is not None:
+                    seq.scored_logits.append(logits[row].cpu())
+                    token = seq.forced_output[seq.num_output]
+                seq.token_ids.append(token)
+                if seq.first_token_time is None:
+                    seq.first_token_time = now
+                reason = self._check_stop(seq, token)
+                if reason is not None:
+                    self.scheduler.finish(seq, reason)
+                outputs.append(self._output(seq, now))
+                if reason is not None:
+                    self._forget(seq)
+            except Exception as e:  # noqa: BLE001 — this request's fault alone: end it, keep the others
+                outputs.append(self._fail_request(seq, e, now))
         self.scheduler.remove_finished()
         self.num_steps += 1
         return outputs
+
+    # -- fault isolation -----------------------------------------------------------------------
+    def _fail_request(self, seq: Sequence, error: Exception, now: float) -> RequestOutput:
+        """End `seq` with finish_reason "error" (its pages freed) and return its final output."""
+        if not isinstance(error, InvalidRequestError):
+            log.error("request %s failed: %r", seq.request_id, error, exc_info=error)
+        if not seq.is_finished:
+            self.scheduler.finish(seq, "error")
+        self._forget(seq)
+        return RequestOutput(
+            request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=seq.prompt_token_ids, text="",
+            token_ids=list(seq.output_token_ids), finished=True, finish_reason="error",
+            num_preemptions=seq.num_preemptions, arrival_time=seq.arrival_time,
+            first_token_time=seq.first_token_time, finish_time=now, error=error)
+
+    def _fail_step(self, batch, error: Exception) -> list[RequestOutput]:
+        """The step itself failed: end each of its requests with a StepFailedError, then check the device."""
+        log.error("engine step of %d request(s) failed; ending them and going on: %r", len(batch.seqs), error,
+                  exc_info=error)
+        if isinstance(error, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()
+        failed = StepFailedError(f"the engine step running this request failed: {error!r}")
+        failed.__cause__ = error
+        now = time.monotonic()
+        outputs = [self._fail_request(seq, failed, now) for seq in batch.seqs if not seq.is_finished]
+        self.scheduler.remove_finished()
+        self.last_step_tokens = self.last_step_prefill_tokens = 0
+        if not self.device_is_healthy():
+            raise DeviceError(f"the device {self.config.device} stopped working after a failed step: {error!r}") \
+                from error
+        return outputs
+
+    def device_is_healthy(self) -> bool:
+        """False when the device no longer runs work (a sticky CUDA error). Always True on the CPU."""
+        device = self.config.torch_device
+        if device.type != "cuda":
+            return True
+        try:
+            torch.cuda.synchronize(device)
+            return int((torch.ones(1, device=device) + 1).item()) == 2
+        except Exception:  # noqa: BLE001 — any failure here means the device is gone
+            return False
+
+    # -- freeing memory --------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free the engine's memory now: the KV pool, CUDA graphs and their pools, the sparse cache's
+        device and host tensors, and the weights if this engine loaded them. Requests in flight are
+        aborted. Idempotent; the engine cannot be used afterwards (LLM.close() calls this)."""
+        self._release(collect=True)
+
+    def __del__(self):
+        try:
+            self._release(collect=False)
+        except Exception:  # noqa: BLE001 — interpreter shutdown: torch may be half gone
+            pass
+
+    def _release(self, *, collect: bool) -> None:
+        if self.__dict__.get("closed", True):  # closed already, or __init__ failed before setting it
+            return
+        self.closed = True
+        scheduler = self.__dict__.get("scheduler")
+        for seq in (list(scheduler.running) + list(scheduler.waiting)) if scheduler is not None else []:
+            self.abort_request(seq.request_id)
+        for name in ("runner", "cache", "sparse", "scheduler", "sampler"):
+            self.__dict__[name] = None
+        if self._owns_weights:
+            self.__dict__["loaded"] = None
+        self.__dict__.get("_seqs", {}).clear()
+        on_cuda = self.config.torch_device.type == "cuda" and torch.cuda.is_available()
+        if collect or on_cuda:  # captured CUDA graphs may hold their pools through reference cycles
+            gc.collect()  # (inside a collection already under way, this returns at once)
+        if on_cuda:
+            torch.cuda.empty_cache()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("this engine is closed (close() freed its memory); create a new one")
 
     def _check_stop(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
@@ -339,3 +459,22 @@ def build_sparse(sp, *, algorithm, cache: PagedKVCache, model_config, max_model_
                                    device=cache.data.device)
     return SparseCoordinator(sp, algorithm=algorithm, manager=manager, adaptor=adaptor, windows=mc.layer_windows,
                              scale=mc.attention_scale)
+
+
+def _is_decode(seq: Sequence, num_new: int) -> bool:
+    """True when this scheduled piece is one decode token (not a prompt chunk or a recompute)."""
+    return num_new == 1 and seq.num_output > 0 and seq.num_computed == seq.num_tokens - 1
+
+
+def _device_memory_note(device: torch.device) -> str:
+    """On CUDA, what holds the device's memory (for the pool-size error); empty on the CPU."""
+    if device.type != "cuda":
+        return ""
+    free, total = torch.cuda.mem_get_info(device)
+    reserved, allocated = torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device)
+    others = max(0, total - free - reserved)
+    gib = 2**30
+    return (f"the GPU has {free / gib:.1f} GiB free of {total / gib:.1f} GiB: this process holds "
+            f"{reserved / gib:.1f} GiB ({allocated / gib:.1f} GiB in live tensors: weights, and the KV pools "
+            f"of LLM/LLMEngine objects not yet closed; call .close() or use `with LLM(...) as llm:`), other "
+            f"processes and the CUDA context {others / gib:.1f} GiB; ")

@@ -11,7 +11,8 @@ class RequestOutput:
 
     `text` and `token_ids` hold everything generated so far; `finished` tells whether more will
     come. `finish_reason` is "stop" (EOS, a stop token or a stop string), "length" (max_tokens or
-    the context limit) or "abort".
+    the context limit), "abort", or "error": the engine failed this request (`error` holds the
+    exception; a `HisaError` when the request's input was the cause) and freed its pages.
     """
 
     request_id: str
@@ -25,6 +26,7 @@ class RequestOutput:
     arrival_time: float = 0.0
     first_token_time: float | None = None
     finish_time: float | None = None
+    error: Exception | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,4 +1,4 @@
-"""Token sampling for a batch: greedy, temperature, top-k, top-p, per-request seeds."""
+"""Token sampling for a batch: greedy, temperature, min-p, top-k, top-p, penalties, logit bias, seeds."""
 
 from __future__ import annotations
 
@@ -8,11 +8,17 @@ from hisa.engine.sequence import Sequence
 
 
 class Sampler:
-    """Picks the next token of each row of `logits`.
+    """Picks the next token of each row of `logits`, in fp32.
 
-    Greedy rows take the argmax. Sampled rows apply temperature, then top-k, then top-p (nucleus)
-    and draw from what is left. A request with a seed draws from its own generator, so its output
-    does not depend on what else shares the batch.
+    Rows with penalties or a logit bias get them first (greedy rows too). Greedy rows take the
+    argmax. Sampled rows subtract their max logit before dividing by the temperature, so any
+    temperature SamplingParams accepts (0 or >= 1.2e-38) gives finite logits: a tiny one puts all
+    the mass on the top token, never inf/NaN. Then min-p, top-k, top-p (nucleus), and a draw. A
+    request with a seed draws from its own generator, so its output does not depend on what else
+    shares the batch.
+
+    A failure in one row (a NaN logit from the model, ...) fails that row alone: `sample` returns
+    the exception in its place and the other rows get their tokens.
     """
 
     def __init__(self, device: torch.device, seed: int = 0):
@@ -33,23 +39,50 @@ class Sampler:
         return gen
 
     @torch.no_grad()
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """logits: fp32 [B, V] (one row per sequence in `seqs`) → B token ids."""
-        out = logits.argmax(dim=-1)  # [B]
-        sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
-        for i in sampled:  # per-row: each may have its own generator and filters
-            p = seqs[i].params
-            row = logits[i] / p.temperature
-            if p.top_k and p.top_k < row.shape[-1]:
-                kth = torch.topk(row, p.top_k).values[-1]
-                row = row.masked_fill(row < kth, float("-inf"))
-            if p.top_p < 1.0:
-                sorted_logits, order = torch.sort(row, descending=True)
-                probs = sorted_logits.softmax(-1)
-                # drop a token when the mass before it already reaches top_p (the first one always stays)
-                drop = probs.cumsum(-1) - probs >= p.top_p
-                sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-                row = torch.empty_like(row).scatter_(0, order, sorted_logits)
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int | Exception]:
+        """logits: [B, V] (one row per sequence in `seqs`) → B token ids, or the exception that failed a row."""
+        logits = logits.float()
+        out: list[int | Exception] = logits.argmax(dim=-1).tolist()  # [B]
+        for i, seq in enumerate(seqs):  # per row: each may have its own generator and filters
+            p = seq.params
+            if p.greedy and not p.adjusts_logits:
+                continue
+            try:
+                row = self._adjusted(logits[i], seq)
+                out[i] = int(row.argmax()) if p.greedy else self._draw(row, seq)
+            except Exception as e:  # noqa: BLE001 — handed to the engine, which fails this request alone
+                out[i] = e
+        return out
+
+    @staticmethod
+    def _adjusted(row: torch.Tensor, seq: Sequence) -> torch.Tensor:
+        """`row` [V] fp32 with the request's logit bias and presence/frequency penalties applied."""
+        p = seq.params
+        if not p.adjusts_logits:
+            return row
+        row = row.clone()
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), dtype=torch.int64, device=row.device)
+            row.index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), dtype=row.dtype, device=row.device))
+        if (p.presence_penalty or p.frequency_penalty) and seq.num_output:
+            ids, counts = torch.tensor(seq.output_token_ids, device=row.device).unique(return_counts=True)
+            row[ids] -= counts.to(row.dtype) * p.frequency_penalty + p.presence_penalty
+        return row
+
+    def _draw(self, row: torch.Tensor, seq: Sequence) -> int:
+        p = seq.params
+        row = (row - row.max()) / p.temperature  # <= 0 with the top token at 0: no overflow, any temperature
+        if p.min_p > 0.0:
             probs = row.softmax(-1)
-            out[i] = torch.multinomial(probs, 1, generator=self._generator(seqs[i]))[0]
-        return out.tolist()
+            row = row.masked_fill(probs < p.min_p * probs.max(), float("-inf"))  # the top token always stays
+        if p.top_k and p.top_k < row.shape[-1]:
+            kth = torch.topk(row, p.top_k).values[-1]
+            row = row.masked_fill(row < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, order = torch.sort(row, descending=True)
+            probs = sorted_logits.softmax(-1)
+            # drop a token when the mass before it already reaches top_p (the first one always stays)
+            drop = probs.cumsum(-1) - probs >= p.top_p
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            row = torch.empty_like(row).scatter_(0, order, sorted_logits)
+        return int(torch.multinomial(row.softmax(-1), 1, generator=self._generator(seq))[0])

@@ -4,9 +4,11 @@ Torch-free: it only moves `Sequence` objects between queues and hands out page i
 it tests on a CPU in milliseconds.
 
 Each `schedule()` returns the work of one engine step: a list of (sequence, number of new tokens).
-Running sequences go first, oldest first (a decode needs 1 token, a prefill in progress takes the
-next chunk); waiting sequences are then admitted while the token budget, the sequence limit and
-the free pages allow.
+The step's token budget (`max_num_batched_tokens`) is split by `split_token_budget`: every decode
+gets its token first, then prompt chunks share the rest so that a long prompt's prefill never holds
+a short request for more than one step (see there). Running sequences are scheduled oldest first;
+waiting sequences are then admitted while their share of the budget, the sequence limit and the
+free pages allow.
 
 Memory, with a sparse policy (the hierarchical sparse cache), is HBM first:
   * the device page pool serves dense requests, *resident* sparse requests (every page on the
@@ -134,13 +136,26 @@ class Scheduler:
         return len(seq.buffer_pages) + (0 if seq.host_backed else len(seq.pages))
 
     # -- one step ----------------------------------------------------------------------------
+    def _token_shares(self) -> dict[Sequence, int]:
+        """This step's tokens per sequence: running ones, and the waiting ones that could be admitted."""
+        decodes = [s for s in self.running if not s.in_prefill]
+        prefills = [s for s in self.running if s.in_prefill]
+        prefills += list(self.waiting)[: max(0, self.max_num_seqs - len(self.running))]
+        shares = split_token_budget(self.max_num_batched_tokens, num_decodes=len(decodes),
+                                    prefill_demands=[s.num_tokens - s.num_computed for s in prefills])
+        return dict(zip(decodes + prefills, shares))
+
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
+        shares = self._token_shares()
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = min(shares.get(seq, 0), budget)
+            if n == 0:  # a prefill with no share this step (the decodes took the budget)
+                i += 1
+                continue
             while not self.pool(seq).can_allocate(self.pages_needed(seq, n)):
                 if self.pool(seq) is self.allocator and self._demote_one(batch):
                     continue  # maybe seq itself: its pages now come from the host pool
@@ -166,12 +181,13 @@ class Scheduler:
         for s in self.running:
             if not s.in_prefill:
                 reserve[id(self.pool(s))] += 1
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed, budget)
+        for seq in [s for s in self.waiting if shares.get(s, 0)]:
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                break
+            n = min(shares[seq], budget)
             if not self._admit(seq, n, reserve):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.status = Status.RUNNING
             seq.slot = self._free_slots.pop()
             seq.pages.extend(self.pool(seq).allocate(self.pages_needed(seq, n)))
@@ -245,3 +261,37 @@ class Scheduler:
 
     def remove_finished(self) -> None:
         self.running = [s for s in self.running if not s.is_finished]
+
+
+def split_token_budget(budget: int, *, num_decodes: int, prefill_demands: list[int]) -> list[int]:
+    """Split one step's token budget: decodes first, then prompt chunks. Torch-free, pure.
+
+    prefill_demands: remaining prompt tokens of each prefill candidate, oldest first (running
+    prefills, then the waiting queue). Returns one share per decode (1, or 0 when the decodes alone
+    exceed the budget) followed by one per prefill candidate, summing to at most `budget`.
+
+    When several prompts compete, the oldest is guaranteed half of what the decodes leave (so a long
+    prompt always progresses), the others are served shortest first from the other half (so a short
+    prompt arriving during a long prefill is prefilled in the next step when it fits in half the
+    budget), and whatever is left goes back to them oldest first. A prompt alone gets all of it.
+
+    Example::
+
+        split_token_budget(512, num_decodes=2, prefill_demands=[6000, 20])   # -> [1, 1, 490, 20]
+    """
+    decodes = [1 if i < budget else 0 for i in range(num_decodes)]
+    left = budget - sum(decodes)
+    shares = [0] * len(prefill_demands)
+    if not prefill_demands or left <= 0:
+        return decodes + shares
+    oldest = prefill_demands[0]
+    shares[0] = min(oldest, left if len(prefill_demands) == 1 else max(1, left // 2))
+    left -= shares[0]
+    for i in sorted(range(1, len(prefill_demands)), key=lambda j: prefill_demands[j]):
+        shares[i] = min(prefill_demands[i], left)
+        left -= shares[i]
+    for i, demand in enumerate(prefill_demands):
+        extra = min(left, demand - shares[i])
+        shares[i] += extra
+        left -= extra
+    return decodes + shares

@@ -17,10 +17,21 @@ Device state, preallocated and indexed by sparse slot (row SS is a sentinel for 
   last_used     [layers, SS + 1, NS] int32  LRU clock
   slot_pages    [SS + 1, NS] int32          device page of each buffer slot
   host_table    [SS + 1, MAXP] int32        logical page -> host page
-  misses        [layers] int64              pages loaded per layer since start (read on demand)
+  misses        [layers] int64              pages loaded in the layer that needed them (read on demand)
+  prefetched    [layers] int64              pages loaded ahead, by the prefetch
+
+Hiding the misses: the pages a layer lacks are the ones its selection newly chose this step, so a
+layer's own last list predicts nothing (those pages are resident already). What does predict them
+is the layer just resolved: its list is this step's token looking at the same context, and the
+sliding-window layers of a Gemma-3 model read exactly the same window pages. So after layer l
+resolves, a side stream resolves layer l + 1 with layer l's list and loads what l + 1's buffer lacks
+(`prefetch`), while layer l computes; layer l + 1's own resolve first waits for it. A wrong guess
+costs bandwidth and buffer slots, never correctness: the real diff loads whatever is still missing.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -53,6 +64,10 @@ class SparseKVCacheManager:
         self.slot_pages = torch.full((rows, NS), -1, **i32)
         self.host_table = torch.full((rows, max_pages), -1, **i32)
         self.misses = torch.zeros(L, dtype=torch.int64, device=device)
+        self.prefetched = torch.zeros(L, dtype=torch.int64, device=device)
+        self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._ready = [torch.cuda.Event() for _ in range(L)] if self._side is not None else None
+        self._pending: dict[int, DiffResult] = {}  # layer -> the prefetch in flight (its outputs kept alive)
         # the LRU clock as a 0-d device tensor, advanced inside the (captured) decode step
         self.clock = torch.zeros((), **i32)
         self._free_slots = list(range(max_requests - 1, -1, -1))
@@ -120,13 +135,37 @@ class SparseKVCacheManager:
         row's buffer and write its device page into table[:, :K]; load the misses from the host pool.
 
         active: uint8 [R] host-backed rows; sparse_slots: int32 [R]; misses: preallocated int32
-        outputs (slot_table is table[:, :K]). No host sync.
+        outputs (slot_table is table[:, :K]). Waits for this layer's prefetch, if one is in flight.
+        No host sync.
         """
+        if self._pending.pop(layer, None) is not None and self._ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._ready[layer])
         lru_diff_mapped(self.buffer_lp[layer], self.last_used[layer], logical, self.clock, rows=sparse_slots,
                         active=active, slot_pages=self.slot_pages, host_table=self.host_table, out=misses,
                         counter=self.misses[layer:layer + 1])
         load_pages(self.host.layer_rows(layer), self.cache.layer_rows(layer), misses.load_pages.reshape(-1),
                    misses.load_slots.reshape(-1))
+
+    def prefetch(self, layer: int, guess: torch.Tensor, *, active: torch.Tensor, sparse_slots: torch.Tensor) -> None:
+        """Start making the pages of `guess` (int32 [R, K] logical, -1 padded: the list the layer before
+        just resolved) resident in layer `layer`'s buffers, on a side stream on CUDA; that layer's
+        `resolve` waits for it."""
+        R, width = guess.shape
+        i32 = dict(dtype=torch.int32, device=self.device)
+        out = DiffResult(torch.empty(R, width, **i32), torch.empty(R, width, **i32), torch.empty(R, width, **i32),
+                         torch.empty(R, **i32))
+        self._pending[layer] = out  # kept alive until resolve (the side stream writes it)
+        side = self._side
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(self.device))  # the state as the main stream left it
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            lru_diff_mapped(self.buffer_lp[layer], self.last_used[layer], guess, self.clock, rows=sparse_slots,
+                            active=active, slot_pages=self.slot_pages, host_table=self.host_table, out=out,
+                            counter=self.prefetched[layer:layer + 1])
+            load_pages(self.host.layer_rows(layer), self.cache.layer_rows(layer), out.load_pages.reshape(-1),
+                       out.load_slots.reshape(-1))
+            if side is not None:
+                self._ready[layer].record(side)
 
     def device_kv_bytes_per_request(self) -> int:
         """Device KV bytes a host-backed request holds (buffer + tail page, all layers): fixed, not O(context)."""

@@ -27,14 +27,13 @@ def qkv_rope_kernel(
     t = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     dtype = q_ptr.dtype.element_ty
-    D: tl.constexpr = 2 * HALF
     d = tl.arange(0, BLOCK_H)
     ok = d < HALF
-    src = qkv_ptr + t * stride_qkv + head * D
+    src = qkv_ptr + t * stride_qkv + head * 2 * HALF
     x1 = tl.load(src + d, mask=ok, other=0.0).to(tl.float32)  # [BLOCK_H]
     x2 = tl.load(src + HALF + d, mask=ok, other=0.0).to(tl.float32)
     if head >= H + KVH:  # a v head: copied as it is
-        dst = v_ptr + (t * KVH + head - H - KVH) * D
+        dst = v_ptr + (t * KVH + head - H - KVH) * 2 * HALF
         tl.store(dst + d, x1.to(dtype), mask=ok)
         tl.store(dst + HALF + d, x2.to(dtype), mask=ok)
     else:
@@ -46,7 +45,7 @@ def qkv_rope_kernel(
             else:
                 w1 = tl.load(kw_ptr + d, mask=ok, other=0.0).to(tl.float32)
                 w2 = tl.load(kw_ptr + HALF + d, mask=ok, other=0.0).to(tl.float32)
-            rstd = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / D + eps)
+            rstd = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / (2 * HALF) + eps)
             if UNIT_OFFSET:
                 x1 = (x1 * rstd * (1.0 + w1)).to(dtype).to(tl.float32)
                 x2 = (x2 * rstd * (1.0 + w2)).to(dtype).to(tl.float32)
@@ -58,8 +57,8 @@ def qkv_rope_kernel(
         o1 = (x1 * cos - x2 * sin).to(dtype)
         o2 = (x2 * cos + x1 * sin).to(dtype)
         if is_q:
-            dst = q_ptr + (t * H + head) * D
+            dst = q_ptr + (t * H + head) * 2 * HALF
         else:
-            dst = k_ptr + (t * KVH + head - H) * D
+            dst = k_ptr + (t * KVH + head - H) * 2 * HALF
         tl.store(dst + d, o1, mask=ok)
         tl.store(dst + HALF + d, o2, mask=ok)

@@ -16,17 +16,6 @@ import triton.language as tl
 
 
 @triton.jit
-def _norm(x, w, eps, n_cols, dtype, UNIT_OFFSET: tl.constexpr):
-    """x, w: fp32 [BLOCK_N], zeros past n_cols → the normed row in `dtype`."""
-    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    if UNIT_OFFSET:
-        y = (x * rstd * (1.0 + w)).to(dtype)
-    else:
-        y = ((x * rstd).to(dtype).to(tl.float32) * w).to(dtype)
-    return y
-
-
-@triton.jit
 def rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, pre_w_ptr,  # x, residual [T, N] (row strides below); weights [N]
     out_ptr, res_out_ptr,              # [T, N] contiguous: the normed output, the new residual
@@ -41,10 +30,19 @@ def rms_norm_kernel(
     if HAS_RESIDUAL:
         if HAS_PRE:  # Gemma: the sublayer's output is normed (its post norm) before the add
             pw = tl.load(pre_w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-            x = _norm(x, pw, pre_eps, n_cols, dtype, UNIT_OFFSET).to(tl.float32)
+            prstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + pre_eps)
+            if UNIT_OFFSET:
+                x = (x * prstd * (1.0 + pw)).to(dtype).to(tl.float32)
+            else:
+                x = ((x * prstd).to(dtype).to(tl.float32) * pw).to(dtype).to(tl.float32)
         res = tl.load(res_ptr + row * stride_res + cols, mask=ok, other=0.0).to(tl.float32)
         r = (x + res).to(dtype)
         tl.store(res_out_ptr + row * n_cols + cols, r, mask=ok)
         x = r.to(tl.float32)
     w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * n_cols + cols, _norm(x, w, eps, n_cols, dtype, UNIT_OFFSET), mask=ok)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)  # masked columns hold 0: the sum is the row's
+    if UNIT_OFFSET:
+        y = (x * rstd * (1.0 + w)).to(dtype)
+    else:
+        y = ((x * rstd).to(dtype).to(tl.float32) * w).to(dtype)
+    tl.store(out_ptr + row * n_cols + cols, y, mask=ok)

@@ -3,14 +3,18 @@
 Example::
 
     engine = LLMEngine(EngineConfig(device="cpu"))
-    app = create_app(engine, served_model_name="SmolLM2-135M-Instruct")
+    app = create_app(engine, served_model_name="SmolLM2-135M-Instruct", api_key="sk-local")
     uvicorn.run(app, host="127.0.0.1", port=8000)
+
+With `api_key`, every /v1 request must carry `Authorization: Bearer <key>` (401 otherwise);
+/health and /metrics stay open for probes and scrapers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import time
@@ -23,8 +27,8 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hisa.engine.outputs import RequestOutput
-from hisa.errors import HisaError
-from hisa.server.async_engine import AsyncEngine, EngineDeadError, PromptInput, RequestStream
+from hisa.errors import DeviceError, HisaError, StepFailedError
+from hisa.server.async_engine import AsyncEngine, EngineDeadError, PromptInput, RequestFailedError, RequestStream
 from hisa.server.metrics import CONTENT_TYPE, ServerMetrics
 from hisa.server.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
@@ -50,14 +54,17 @@ class ClientDisconnected(Exception):
     """The client went away before its non-streaming response was ready."""
 
 
-def create_app(engine, *, served_model_name: str) -> FastAPI:
+def create_app(engine, *, served_model_name: str, api_key: str | None = None,
+               on_engine_dead=None) -> FastAPI:
     """Build the app around `engine` (an LLMEngine, handed over to a background thread from here on).
 
     The engine thread starts now and stops at the app's shutdown (or `app.state.async_engine.shutdown()`).
     `app.state.metrics` is the app's ServerMetrics (its own prometheus CollectorRegistry).
+    `api_key`: when set, /v1 requests without `Authorization: Bearer <api_key>` get 401.
+    `on_engine_dead(error)`: called (on the engine thread) if the engine stops for good (a broken device).
     """
     metrics = ServerMetrics()
-    async_engine = AsyncEngine(engine, observer=metrics)
+    async_engine = AsyncEngine(engine, observer=metrics, on_dead=on_engine_dead)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -70,6 +77,8 @@ def create_app(engine, *, served_model_name: str) -> FastAPI:
     app.state.metrics = metrics
     app.state.served_model_name = served_model_name
     _add_error_handlers(app, metrics)
+    if api_key:
+        app.add_middleware(_APIKeyMiddleware, api_key=api_key, metrics=metrics)
 
     def check_model(name: str | None) -> str:
         if name is not None and name != served_model_name:
@@ -265,7 +274,46 @@ def _error_body(e: BaseException) -> tuple[int, dict]:
     if isinstance(e, EngineDeadError):
         return 500, ErrorResponse(error=ErrorInfo(message=str(e), type="server_error",
                                                   code="engine_dead")).model_dump()
+    if isinstance(e, RequestFailedError):
+        return 500, ErrorResponse(error=ErrorInfo(message=str(e), type="server_error",
+                                                  code="request_failed")).model_dump()
+    if isinstance(e, StepFailedError):
+        return 500, ErrorResponse(error=ErrorInfo(message=str(e), type="server_error",
+                                                  code="step_failed")).model_dump()
+    if isinstance(e, DeviceError):
+        return 500, ErrorResponse(error=ErrorInfo(message=str(e), type="server_error",
+                                                  code="device_error")).model_dump()
     return 500, ErrorResponse(error=ErrorInfo(message=f"internal error: {e!r}", type="server_error")).model_dump()
+
+
+class _APIKeyMiddleware:
+    """Refuse /v1 requests without `Authorization: Bearer <api_key>` (401, OpenAI's error body).
+
+    A plain ASGI middleware: it answers before the body is read, so a client without the key learns
+    nothing else (not even whether its JSON was valid), and streamed responses pass through untouched.
+    """
+
+    def __init__(self, app, *, api_key: str, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+        self._key = api_key.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1") and not self._authorized(scope):
+            self.metrics.count_error(401)
+            body = ErrorResponse(error=ErrorInfo(
+                message="Incorrect or missing API key: send the header 'Authorization: Bearer <key>' with the key "
+                        "the server was started with (--api-key or HISA_API_KEY)",
+                type="invalid_request_error", code="invalid_api_key")).model_dump()
+            await JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _authorized(self, scope) -> bool:
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._key)
+        return False
 
 
 def _validation_error(e: RequestValidationError) -> APIError:
@@ -281,11 +329,18 @@ def _validation_error(e: RequestValidationError) -> APIError:
     return APIError(400, f"{param}: {msg}" if param else msg, param=param)
 
 
+class _ErrorJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error message may quote the client's text, lone surrogates included."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode()
+
+
 def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
     def respond(e: BaseException) -> JSONResponse:
         status, body = _error_body(e)
         metrics.count_error(status)
-        return JSONResponse(body, status_code=status)
+        return _ErrorJSONResponse(body, status_code=status)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
@@ -301,6 +356,14 @@ def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
 
     @app.exception_handler(EngineDeadError)
     async def engine_dead(request: Request, e: EngineDeadError):
+        return respond(e)
+
+    @app.exception_handler(RequestFailedError)
+    async def request_failed(request: Request, e: RequestFailedError):  # the engine thread logged it
+        return respond(e)
+
+    @app.exception_handler(StepFailedError)
+    async def step_failed(request: Request, e: StepFailedError):  # the engine thread logged it
         return respond(e)
 
     @app.exception_handler(ClientDisconnected)

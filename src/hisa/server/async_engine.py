@@ -6,12 +6,17 @@ queue while there is none. Requests that arrive while others run join the next s
 batching). Outputs go back to each request's own `asyncio.Queue` through
 `loop.call_soon_threadsafe`, so handlers never block the event loop and never touch the engine.
 
-After every loop turn the thread publishes an immutable `EngineStats` snapshot (running, waiting,
-KV pages, the sparse cache's stats if the engine has any) that `/metrics` and `/health` read.
+The thread publishes an immutable `EngineStats` snapshot (running, waiting, KV pages, the sparse
+cache's stats if the engine has any) that `/metrics` and `/health` read: once a step is scheduled
+(before the model runs, so the gauges are fresh during a long step) and after every loop turn.
 
-If `step()` raises, the thread records the error, fails every pending request with
-`EngineDeadError` (HTTP 500) and exits; `AsyncEngine.is_healthy` turns False and new requests fail
-at once instead of hanging.
+Faults stay with the requests they belong to. A request the engine fails (finish_reason "error":
+its sampling row, its stop check, or the step that ran it) gets its error (HTTP 400 when its input
+was the cause, 500 otherwise) and the others go on. If `step()` itself raises, every request in
+flight is failed with `StepFailedError` (HTTP 500), their pages are freed, and the loop goes on.
+Only a `DeviceError` (the device no longer works) or a failure to clean up stops the thread: it
+fails every pending request with `EngineDeadError` (HTTP 500), `AsyncEngine.is_healthy` turns
+False, new requests fail at once instead of hanging, and `on_dead` is called (`hisa serve` exits).
 
 Example::
 
@@ -35,15 +40,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from hisa.chat_template import apply_chat_template
 from hisa.engine.outputs import RequestOutput
 from hisa.engine.sampling_params import SamplingParams
-from hisa.errors import HisaError, InvalidRequestError
+from hisa.errors import DeviceError, HisaError, InvalidRequestError, StepFailedError
 
 log = logging.getLogger("hisa.server")
 
 
 class EngineDeadError(RuntimeError):
     """The engine thread has stopped (crash or shutdown); the request cannot be served."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed this request alone, not because of its input (HTTP 500); the others go on."""
 
 
 @dataclass(frozen=True)
@@ -127,17 +137,22 @@ class AsyncEngine:
     """Owns an `LLMEngine` on a background thread; `submit()` from any coroutine.
 
     `observer` (a RequestObserver, e.g. the Prometheus metrics) is told about first tokens, tokens
-    and finishes; it runs on the engine thread.
+    and finishes; it runs on the engine thread. `on_dead(error)` is called on the engine thread if
+    it stops for any reason but `shutdown()` (a broken device).
     """
 
-    def __init__(self, engine, *, observer: RequestObserver | None = None):
+    def __init__(self, engine, *, observer: RequestObserver | None = None,
+                 on_dead: Callable[[BaseException], None] | None = None):
         self._engine = engine  # touched only by the engine thread from here on
+        self._on_dead = on_dead
         self.max_model_len: int = engine.max_model_len
+        self._max_prompt_chars = _max_prompt_chars(engine.tokenizer, engine.max_model_len)
         self._observer = observer or RequestObserver()
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, RequestStream] = {}  # accepted, unfinished (engine thread only)
         self._outbox: list[tuple[RequestStream, Any]] = []  # (stream, item) to hand over (engine thread only)
-        self.stats = EngineStats(kv_pages_total=engine.allocator.num_pages)
+        self.stats = EngineStats()
+        self._publish_stats()  # the thread has not started: reading the engine here is safe
         self.error: BaseException | None = None
         # Held while a request is queued and while the dying thread fails what is queued, so that no
         # request can slip into the queue after the last drain and wait forever.
@@ -159,6 +174,11 @@ class AsyncEngine:
         SamplingParams once the prompt length is known. Raises InvalidRequestError (bad prompt or
         params: HTTP 400) or EngineDeadError (HTTP 500) before any output is produced.
         """
+        chars = len(prompt.text or "") + sum(len(m.get("content") or "") for m in prompt.messages or [])
+        if chars > self._max_prompt_chars:  # refused before the engine thread spends time tokenizing it
+            raise InvalidRequestError(
+                f"the prompt has {chars} characters, more than a context of {self.max_model_len} tokens can hold; "
+                "shorten the prompt")
         stream = RequestStream(request_id, engine=self, loop=asyncio.get_running_loop())
         with self._lock:
             if self._dead:
@@ -176,27 +196,31 @@ class AsyncEngine:
         return stream
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the engine thread (pending requests fail with EngineDeadError)."""
+        """Stop the engine thread (pending requests fail with EngineDeadError) and free the engine's memory."""
         self._commands.put(("stop",))
         self._thread.join(timeout)
 
     # -- engine thread -----------------------------------------------------------------------
     def _run(self) -> None:
         engine = self._engine
+        engine.on_schedule = self._publish_stats  # gauges fresh while the step's model runs
+        stopping = False
         try:
             while True:
                 running = self._drain(block=not engine.has_unfinished_requests())
                 self._flush()  # acks and errors of new requests go out before the step
                 if not running:
                     self.error = EngineDeadError("the server is shutting down")
+                    stopping = True
                     break
                 if engine.has_unfinished_requests():
-                    for out in engine.step():
+                    for out in self._step():
                         self._deliver(out)
-                    self._flush()
-                self._publish_stats()
-        except BaseException as e:  # a bug or a device failure: fail everything pending, loudly
-            log.exception("engine thread crashed; failing %d pending request(s)", len(self._streams))
+                self._publish_stats()  # before the outputs go out: a client that sees its end sees its pages freed
+                self._flush()
+        except BaseException as e:  # a broken device, or a failure to clean up: fail everything pending, loudly
+            log.critical("engine thread stopped; failing %d pending request(s): %r", len(self._streams), e,
+                         exc_info=not isinstance(e, DeviceError))
             self.error = e
         finally:
             with self._lock:
@@ -213,6 +237,33 @@ class AsyncEngine:
                     if cmd[0] == "add":
                         self._send(cmd[1], dead)
                 self._flush()
+            self._publish_stats_safely()
+            close = getattr(engine, "close", None)
+            if close is not None:
+                try:
+                    close()  # free the KV pool, graphs and sparse cache now, not when the process exits
+                except Exception:  # noqa: BLE001 — a broken device may refuse; nothing is left to serve
+                    log.exception("closing the engine failed")
+            if not stopping and self._on_dead is not None:
+                self._on_dead(self.error)
+
+    def _step(self) -> list[RequestOutput]:
+        """engine.step(); if it raises (not a DeviceError), fail every request in flight and go on."""
+        try:
+            return self._engine.step()
+        except DeviceError:
+            raise
+        except Exception as e:  # noqa: BLE001 — no single request to blame: end them all, keep serving
+            log.exception("engine step failed; failing the %d request(s) in flight", len(self._streams))
+            failed = StepFailedError(f"the engine step running this request failed: {e!r}")
+            for request_id, stream in list(self._streams.items()):
+                self._engine.abort_request(request_id)  # frees its pages; if this raises, the thread stops
+                self._streams.pop(request_id)
+                self._observer.on_finish(finish_reason="error", e2e_s=time.monotonic() - stream.arrival)
+                self._send(stream, failed)
+            if not self._engine.device_is_healthy():
+                raise DeviceError(f"the device stopped working after a failed step: {e!r}") from e
+            return []
 
     def _drain(self, *, block: bool) -> bool:
         """Run queued commands (waiting for one if `block`). Returns False on "stop"."""
@@ -252,13 +303,7 @@ class AsyncEngine:
             return list(prompt.token_ids)
         if prompt.text is not None:
             return engine.encode(prompt.text)
-        tok = engine.tokenizer
-        if tok is None or not getattr(tok, "chat_template", None):
-            raise InvalidRequestError("this model has no chat template; use /v1/completions with a plain prompt")
-        ids = tok.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=True)
-        if hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
+        return apply_chat_template(engine.tokenizer, prompt.messages)
 
     def _abort(self, request_id: str) -> None:
         stream = self._streams.pop(request_id, None)
@@ -272,6 +317,14 @@ class AsyncEngine:
         if stream is None:
             return
         now = time.monotonic()
+        if out.error is not None:  # the engine failed this request alone (its pages are freed): no new token
+            del self._streams[out.request_id]
+            self._observer.on_finish(finish_reason="error", e2e_s=now - stream.arrival)
+            error = out.error
+            if not isinstance(error, (HisaError, StepFailedError)):  # already logged with its traceback
+                error = RequestFailedError(f"the engine failed this request: {error!r}")
+            self._send(stream, error)
+            return
         if stream._last_token_time is None:
             self._observer.on_first_token(num_prompt_tokens=out.num_prompt_tokens, ttft_s=now - stream.arrival)
             self._observer.on_token(inter_token_s=None)
@@ -300,12 +353,28 @@ class AsyncEngine:
             except RuntimeError:
                 pass  # that event loop has closed (server shutting down): nobody is left to receive these
 
+    def _publish_stats_safely(self) -> None:
+        try:
+            self._publish_stats()
+        except Exception:  # noqa: BLE001 — the engine is dying; the last snapshot stays
+            pass
+
     def _publish_stats(self) -> None:
         engine = self._engine
         self.stats = EngineStats(num_running=engine.num_running, num_waiting=engine.num_waiting,
                                  kv_pages_used=engine.allocator.num_used,
                                  kv_pages_total=engine.allocator.num_pages,
                                  sparse=read_sparse_stats(engine))
+
+
+def _max_prompt_chars(tokenizer, max_model_len: int) -> int:
+    """Characters beyond which a text prompt is certainly longer than the context: every token covers
+    at most as many characters as the vocabulary's longest token string (byte-level tokens spell one
+    byte per character, so this holds for any UTF-8 text)."""
+    if tokenizer is None or not hasattr(tokenizer, "get_vocab"):
+        return 2**62
+    longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+    return (max_model_len + 1) * max(longest, 1)
 
 
 def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:

@@ -14,15 +14,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import threading
 from pathlib import Path
 
 from hisa.errors import HisaError
+
+API_KEY_ENV = "HISA_API_KEY"
+ENGINE_DEATH_EXIT_DELAY_S = 5.0  # /health says 503 this long before the process exits
 
 SERVE_EXAMPLES = """\
 examples:
   hisa serve                                   # embedded SmolLM2 on http://127.0.0.1:8000/v1
   hisa serve --model ./Qwen2.5-0.5B-Instruct --device cuda --served-model-name qwen --port 8001
+  HISA_API_KEY=sk-local hisa serve --host 0.0.0.0   # clients must send 'Authorization: Bearer sk-local'
   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"prompt": "The capital of France is", "max_tokens": 16, "temperature": 0}'
 """
@@ -50,6 +56,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="server log level (default: info)")
     g.add_argument("--disable-access-log", action="store_true", help="do not log each HTTP request")
+    g.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on /v1 requests (401 without it); default: the "
+                        f"{API_KEY_ENV} environment variable, which keeps the key out of `ps` (unset: no key)")
     from hisa.cli import add_engine_args  # here, not at the top: hisa.cli imports this module
 
     add_engine_args(p)
@@ -80,6 +89,8 @@ def add_bench_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-duration", type=float, default=1800.0,
                    help="stop the whole run after this many seconds (default: 1800)")
     p.add_argument("--allow-remote", action="store_true", help="allow a base URL that is not this machine")
+    p.add_argument("--api-key", default=None,
+                   help=f"the server's API key (default: the {API_KEY_ENV} environment variable); not recorded")
     p.add_argument("--out", default=None, help="write the results as JSON to this file")
     p.set_defaults(func=run_bench_serve)
     return p
@@ -101,19 +112,40 @@ def run_serve(args: argparse.Namespace) -> int:
     from hisa.config import EngineConfig
     from hisa.engine.llm_engine import LLMEngine
     from hisa.server.app import create_app
+    from hisa.server.async_engine import EngineDeadError
+
+    from hisa.chat_template import load_chat_template, set_chat_template
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     if not 0 < args.port < 65536:
         raise HisaError(f"port must be in 1..65535, got {args.port}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    if api_key is not None and not api_key.strip():
+        raise HisaError("--api-key is empty")
+    template = load_chat_template(args.chat_template) if args.chat_template is not None else None
     engine = LLMEngine(EngineConfig(**engine_kwargs(args)))
+    if template is not None:
+        set_chat_template(engine.tokenizer, template)
     name = args.served_model_name or default_served_name(args.model, engine)
-    app = create_app(engine, served_model_name=name)
+    server: uvicorn.Server | None = None
+
+    def on_engine_dead(error: BaseException) -> None:  # engine thread: the device is broken, exit soon
+        logging.getLogger("hisa.server").critical(
+            "the engine has stopped for good (%r); /health reports 503 and the server exits in %.0f s",
+            error, ENGINE_DEATH_EXIT_DELAY_S)
+        if server is not None:
+            threading.Timer(ENGINE_DEATH_EXIT_DELAY_S, lambda: setattr(server, "should_exit", True)).start()
+
+    app = create_app(engine, served_model_name=name, api_key=api_key, on_engine_dead=on_engine_dead)
     print(f"[hisa] serving {name} on {engine.config.device} ({engine.config.torch_dtype}), context "
-          f"{engine.max_model_len} tokens, {engine.allocator.num_pages} KV pages of {engine.config.page_size}: "
+          f"{engine.max_model_len} tokens, {engine.allocator.num_pages} KV pages of {engine.config.page_size}, "
+          f"{engine.config.max_num_batched_tokens} tokens per step, API key {'required' if api_key else 'off'}: "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                access_log=not args.disable_access_log, timeout_graceful_shutdown=5)
-    return 0
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           access_log=not args.disable_access_log, timeout_graceful_shutdown=5))
+    server.run()
+    return 0 if app.state.async_engine.error is None or isinstance(app.state.async_engine.error, EngineDeadError) \
+        else 1
 
 
 def run_bench_serve(args: argparse.Namespace) -> int:
@@ -124,7 +156,8 @@ def run_bench_serve(args: argparse.Namespace) -> int:
                       input_len=args.input_len, output_len=args.output_len, seed=args.seed, endpoint=args.endpoint,
                       prompt_type=args.prompt_type, model=args.model, temperature=args.temperature,
                       request_timeout_s=args.request_timeout, max_duration_s=args.max_duration,
-                      allow_remote=args.allow_remote)
+                      allow_remote=args.allow_remote,
+                      api_key=args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None)
     results = run_benchmark(cfg)
     results["command"] = _bench_command(args)
     print(format_table(results))
@@ -140,7 +173,7 @@ def _bench_command(args: argparse.Namespace) -> str:
     """The command line that reproduces this run (every option spelled out)."""
     parts = ["hisa", "bench-serve"]
     for action in add_bench_serve_parser(argparse.ArgumentParser().add_subparsers())._actions:
-        if not action.option_strings or action.dest == "help":
+        if not action.option_strings or action.dest in ("help", "api_key"):
             continue
         value = getattr(args, action.dest, None)
         if isinstance(value, bool):

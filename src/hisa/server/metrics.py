@@ -9,7 +9,7 @@ gauges are set from the engine thread's latest `EngineStats` snapshot when /metr
 | hisa_kv_pages_used / hisa_kv_pages_total | gauge | dense KV pages in use / in the pool |
 | hisa_prompt_tokens_total | counter | prompt tokens of requests that reached their first token |
 | hisa_generation_tokens_total | counter | tokens generated (aborted requests included) |
-| hisa_requests_total{finish_reason} | counter | finished requests: stop, length, abort (client gone) |
+| hisa_requests_total{finish_reason} | counter | finished requests: stop, length, abort (client gone), error |
 | hisa_request_errors_total{code} | counter | error responses, by HTTP status |
 | hisa_time_to_first_token_seconds | histogram | request arrival → first token |
 | hisa_time_per_output_token_seconds | histogram | time between consecutive tokens of a request |
@@ -55,7 +55,7 @@ class ServerMetrics(RequestObserver):
         self.prompt_tokens = Counter("hisa_prompt_tokens", "Prompt tokens of requests that reached their "
                                      "first token", registry=r)
         self.generation_tokens = Counter("hisa_generation_tokens", "Generated tokens", registry=r)
-        self.requests = Counter("hisa_requests", "Finished requests by finish reason (abort = client gone)",
+        self.requests = Counter("hisa_requests", "Finished requests by finish reason (abort = client gone, error = failed by the engine)",
                                 ["finish_reason"], registry=r)
         self.request_errors = Counter("hisa_request_errors", "Error responses by HTTP status code", ["code"],
                                       registry=r)

@@ -1,9 +1,12 @@
 """OpenAI-compatible request and response models (pydantic), and their mapping to SamplingParams.
 
-Requests are validated here, at the boundary: ranges (temperature >= 0, 0 < top_p <= 1, ...) and
-unsupported features (n > 1, logprobs, echo, penalties, tools) fail with a message that names the
-field, and the app turns the failure into an OpenAI error body with HTTP 400. Unknown extra fields
-are ignored, as OpenAI clients send fields this server has no use for (user, metadata, ...).
+Requests are validated here, at the boundary, against what the engine can do: ranges (temperature 0
+or a normal fp32 number, 0 < top_p <= 1, 0 <= seed < 2**64, penalties in [-2, 2], logit_bias values
+in [-100, 100], ...; no inf or NaN anywhere) and unsupported features (n > 1, logprobs, echo, tools,
+vLLM's beam search, guided decoding, ...) fail with a message that names the field, and the app turns
+the failure into an OpenAI error body with HTTP 400. Token ids are checked against the vocabulary by
+the engine (also a 400). Unknown extra fields are ignored, as OpenAI clients send fields this server
+has no use for (user, metadata, ...).
 
 Example::
 
@@ -17,9 +20,13 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from hisa.engine.sampling_params import SamplingParams
+from hisa.engine.sampling_params import (
+    FP32_MAX, FP32_TINY, MAX_SEED, MAX_STOP_CHARS, MAX_STOP_STRINGS, PENALTY_RANGE, SamplingParams,
+    check_logit_bias,
+)
+from hisa.errors import InvalidRequestError
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -32,30 +39,82 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+def _finite(**kw):
+    return Field(default=None, allow_inf_nan=False, **kw)
+
+
+# vLLM's extra sampling fields this engine does not implement: refused by name unless left at the default
+_UNSUPPORTED_EXTRAS = {
+    "repetition_penalty": (None, 1, 1.0), "length_penalty": (None, 1, 1.0), "min_tokens": (None, 0),
+    "use_beam_search": (None, False), "include_stop_str_in_output": (None, False), "prompt_logprobs": (None,),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+    "structured_outputs": (None,), "truncate_prompt_tokens": (None,), "functions": (None,),
+    "function_call": (None, "none"), "tool_choice": (None, "none"), "bad_words": (None, []),
+}
+
+
+def _is_default(value: Any, defaults: tuple) -> bool:
+    return any(value == d and type(value) is type(d) for d in defaults)
+
+
 class _SamplingFields(_Request):
     """The sampling fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    temperature: float | None = _finite(ge=0.0, le=FP32_MAX)
+    top_p: float | None = _finite(gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1)  # extra: 0 or -1 = off
-    seed: int | None = Field(default=None, ge=0)
+    min_p: float | None = _finite(ge=0.0, le=1.0)  # extra (vLLM): drop tokens below min_p x the top probability
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stop: str | list[str] | None = None
-    n: int = 1
-    stream: bool = False
+    stop_token_ids: list[int] | None = None  # extra (vLLM)
+    n: int | None = 1
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    ignore_eos: bool = False  # extra: generate exactly max_tokens tokens
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    ignore_eos: bool | None = False  # extra: generate exactly max_tokens tokens
+    presence_penalty: float | None = _finite(ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
+    frequency_penalty: float | None = _finite(ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
     logit_bias: dict[str, float] | None = None
+    # refused unless left at their defaults (_UNSUPPORTED_EXTRAS)
+    repetition_penalty: Any = None
+    length_penalty: Any = None
+    min_tokens: Any = None
+    use_beam_search: Any = None
+    include_stop_str_in_output: Any = None
+    prompt_logprobs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
+    truncate_prompt_tokens: Any = None
+    functions: Any = None
+    function_call: Any = None
+    tool_choice: Any = None
+    bad_words: Any = None
+
+    @field_validator(*_UNSUPPORTED_EXTRAS)
+    @classmethod
+    def _unsupported_extra(cls, value: Any, info: ValidationInfo) -> Any:
+        if not _is_default(value, _UNSUPPORTED_EXTRAS[info.field_name]):
+            raise ValueError(f"{info.field_name} is not supported; leave it out")
+        return value
+
+    @field_validator("temperature")
+    @classmethod
+    def _fp32_temperature(cls, t: float | None) -> float | None:
+        if t is not None and 0 < t < FP32_TINY:
+            raise ValueError(f"temperature {t!r} is below fp32's smallest normal number ({FP32_TINY:.2g}) and "
+                             "cannot be applied; use 0 for greedy")
+        return t
 
     @field_validator("n")
     @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
+    def _one_choice(cls, n: int | None) -> int:
+        if n not in (None, 1):
             raise ValueError("only n=1 is supported; send one request per completion")
-        return n
+        return 1
 
     @field_validator("stop")
     @classmethod
@@ -63,21 +122,19 @@ class _SamplingFields(_Request):
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         if any(not s for s in stop):
             raise ValueError("stop strings must be non-empty")
+        if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stop):
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters each")
         return stop
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, value: float | None) -> float | None:
-        if value:
-            raise ValueError("penalties are not supported; leave them at 0")
-        return value
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, value: dict | None) -> dict | None:
-        if value:
-            raise ValueError("logit_bias is not supported")
-        return value
+    def _logit_bias(cls, value: dict | None) -> dict | None:
+        if value is None:
+            return None
+        try:
+            return check_logit_bias(value)
+        except InvalidRequestError as e:
+            raise ValueError(str(e).removeprefix("logit_bias ")) from None
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
@@ -99,14 +156,17 @@ class _SamplingFields(_Request):
             max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else float(self.temperature),
             top_k=self.top_k or 0, top_p=1.0 if self.top_p is None else float(self.top_p),
-            seed=self.seed, stop=list(self.stop or []), ignore_eos=self.ignore_eos)
+            min_p=float(self.min_p or 0.0), seed=self.seed, stop=list(self.stop or []),
+            stop_token_ids=list(self.stop_token_ids or []), ignore_eos=bool(self.ignore_eos),
+            presence_penalty=float(self.presence_penalty or 0.0),
+            frequency_penalty=float(self.frequency_penalty or 0.0), logit_bias=self.logit_bias or None)
 
 
 class CompletionRequest(_SamplingFields):
     """POST /v1/completions. `prompt` is a string or a list of token ids (one prompt per request)."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
-    echo: bool = False
+    echo: bool | None = False
     logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None
@@ -120,11 +180,13 @@ class CompletionRequest(_SamplingFields):
             prompt = prompt[0]
         if (isinstance(prompt, str) and not prompt) or (isinstance(prompt, list) and not prompt):
             raise ValueError("the prompt is empty")
+        if isinstance(prompt, str):
+            _check_unicode(prompt, "the prompt")
         return prompt
 
     @field_validator("echo")
     @classmethod
-    def _no_echo(cls, echo: bool) -> bool:
+    def _no_echo(cls, echo: bool | None) -> bool | None:
         if echo:
             raise ValueError("echo is not supported")
         return echo
@@ -169,13 +231,22 @@ class ChatMessage(_Request):
             parts.append(part["text"])
         return "".join(parts)
 
+    @field_validator("content")
+    @classmethod
+    def _unicode_content(cls, content):
+        texts = [content] if isinstance(content, str) else [p.get("text") for p in content or []]
+        for text in texts:
+            if isinstance(text, str):
+                _check_unicode(text, "the content")
+        return content
+
 
 class ChatCompletionRequest(_SamplingFields):
     """POST /v1/chat/completions. `max_completion_tokens` is the newer name of `max_tokens`."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
@@ -303,6 +374,14 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+def _check_unicode(text: str, what: str) -> None:
+    """Refuse text that is not valid Unicode (a lone surrogate, which JSON can carry as "\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode: a lone surrogate at character {e.start}") from None
 
 
 def new_id(prefix: str) -> str:

@@ -180,6 +180,12 @@ class SparseCoordinator:
             out = DiffResult(d.table[:, :K], miss.load_slots[:, :K], miss.load_pages[:, :K], miss.num_misses)
             self.manager.resolve(layer, logical=logical, active=self._host_rows, sparse_slots=d.sparse_slot,
                                  table=d.table, misses=out)
+            nxt = layer + 1
+            # sliding-window layers read the same window pages: the next one's list is known exactly;
+            # a global layer's is only guessed from this one's (SparseConfig.prefetch)
+            if nxt < self.num_layers and (self.windows[nxt] is not None and windowed
+                                          or self.config.prefetch and self.windows[nxt] is None and not windowed):
+                self.manager.prefetch(nxt, logical, active=self._host_rows, sparse_slots=d.sparse_slot)
 
     def attention_end(self, layer: int, k: torch.Tensor) -> None:
         """After a layer's decode attention: fold the new keys into the algorithm's representations."""
@@ -238,13 +244,16 @@ class SparseCoordinator:
         t = self.totals
         misses_per_layer = self.manager.misses.tolist()
         misses, selected = sum(misses_per_layer), sum(t.selected_per_layer)
+        prefetched = int(self.manager.prefetched.sum())
         row = self.manager.row_bytes
         steps = t.decode_steps
+        loaded = misses + prefetched
         return {
             "algorithm": self.config.algorithm, "decode_steps": steps, "request_steps": t.request_steps,
             "selected_pages": selected, "hits": selected - misses, "misses": misses,
             "hit_rate": (selected - misses) / selected if selected else 1.0,
-            "bytes_h2d": misses * row, "bytes_h2d_per_step": misses * row / steps if steps else 0.0,
+            "prefetched_pages": prefetched,  # loaded ahead on a side stream (not counted as misses)
+            "bytes_h2d": loaded * row, "bytes_h2d_per_step": loaded * row / steps if steps else 0.0,
             "misses_per_layer": misses_per_layer, "selected_per_layer": list(t.selected_per_layer),
             "peak_device_bytes_in_use": t.peak_device_bytes_in_use, "peak_host_bytes_in_use": t.peak_host_bytes_in_use,
             "device_kv_bytes_per_host_backed_request": self.manager.device_kv_bytes_per_request(),

@@ -1,0 +1,131 @@
+"""The sampler and SamplingParams: every value the boundary accepts samples safely in fp32, every value it
+cannot take is refused by name, and one bad row fails alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hisa import SamplingParams
+from hisa.engine.sampler import Sampler
+from hisa.engine.sampling_params import FP32_TINY
+from hisa.engine.sequence import Sequence
+from hisa.errors import InvalidRequestError
+
+V = 50
+
+
+def _seq(i=0, output=(), **params):
+    seq = Sequence(request_id=str(i), prompt_token_ids=[1, 2, 3], params=SamplingParams(**params))
+    seq.token_ids.extend(output)
+    return seq
+
+
+def _logits(rows=4, seed=0):
+    return torch.randn(rows, V, generator=torch.Generator().manual_seed(seed)) * 8
+
+
+@pytest.mark.parametrize("temperature", [FP32_TINY, 1e-30, 1e-8])
+def test_tiny_temperature_puts_all_mass_on_the_top_token(temperature):
+    logits = _logits()
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    for trial in range(20):
+        seqs = [_seq(i, temperature=temperature) for i in range(4)]
+        assert sampler.sample(logits, seqs) == logits.argmax(-1).tolist()
+
+
+def test_huge_temperature_samples_nearly_uniformly_without_nan():
+    logits = _logits(rows=1)
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    seen = {sampler.sample(logits, [_seq(temperature=1e30)])[0] for _ in range(400)}
+    assert len(seen) > V // 2  # no NaN error, and not stuck on the argmax
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("temperature", 1e-40, "cannot be applied in fp32"),
+    ("temperature", float("inf"), "temperature must be >= 0 (0 = greedy) and finite"),
+    ("temperature", float("nan"), "temperature must be >= 0 (0 = greedy) and finite"),
+    ("temperature", 1e39, "cannot be applied in fp32"),
+    ("seed", 2**64, "seed must be an integer in [0, 2**64 - 1]"),
+    ("seed", -1, "seed must be an integer"),
+    ("seed", True, "seed must be an integer"),
+    ("max_tokens", True, "max_tokens must be an integer"),
+    ("top_p", float("nan"), "top_p must be in (0, 1]"),
+    ("top_k", -2, "top_k must be an integer >= 0"),
+    ("min_p", 1.5, "min_p must be in [0, 1]"),
+    ("presence_penalty", 2.5, "presence_penalty must be in [-2, 2]"),
+    ("frequency_penalty", float("-inf"), "frequency_penalty must be in [-2, 2]"),
+    ("logit_bias", {"abc": 1}, "logit_bias keys must be token ids"),
+    ("logit_bias", {"5": 101}, "logit_bias values must be in [-100, 100]"),
+    ("stop", ["x" * 2000], "at most 32 stop strings"),
+    ("stop", [""], "stop strings must be non-empty"),
+    ("ignore_eos", "yes", "ignore_eos must be true or false"),
+])
+def test_values_the_sampler_cannot_take_are_refused_by_name(field, value, message):
+    with pytest.raises(InvalidRequestError) as e:
+        SamplingParams(**{field: value})
+    assert message in str(e.value)
+
+
+def test_the_largest_seed_works_and_is_reproducible():
+    logits = _logits(rows=1)
+    draws = {Sampler(torch.device("cpu"), seed=i).sample(logits, [_seq(temperature=5.0, seed=2**64 - 1)])[0]
+             for i in range(5)}  # fresh samplers with different engine seeds: the request's seed decides
+    assert len(draws) == 1
+
+
+def test_logit_bias_moves_greedy_and_sampled_picks():
+    logits = _logits(rows=1)
+    top = int(logits.argmax())
+    target = (top + 7) % V
+    sampler = Sampler(torch.device("cpu"))
+    assert sampler.sample(logits, [_seq(logit_bias={str(target): 100})]) == [target]
+    second = int(logits[0].topk(2).indices[1])
+    assert sampler.sample(logits, [_seq(logit_bias={top: -100})]) == [second]
+    assert sampler.sample(logits, [_seq(temperature=1e-3, logit_bias={target: 100})]) == [target]
+
+
+def test_presence_and_frequency_penalties_lower_generated_tokens():
+    logits = torch.zeros(1, V)
+    logits[0, 3], logits[0, 4] = 10.0, 9.0
+    seq = _seq(output=[3, 3, 3], frequency_penalty=0.5, presence_penalty=0.4)
+    row = Sampler._adjusted(logits[0], seq)
+    assert row[3].item() == pytest.approx(10.0 - 3 * 0.5 - 0.4)
+    assert row[4].item() == 9.0 and logits[0, 3] == 10.0  # other tokens and the input untouched
+    assert Sampler(torch.device("cpu")).sample(logits, [seq]) == [4]  # greedy with penalties
+    assert Sampler(torch.device("cpu")).sample(logits, [_seq(output=[3, 3, 3])]) == [3]  # without
+
+
+def test_min_p_keeps_only_tokens_near_the_top():
+    logits = torch.full((1, V), -30.0)
+    logits[0, :3] = torch.tensor([0.0, -0.1, -5.0])  # probs ~ 0.52, 0.47, 0.003
+    sampler = Sampler(torch.device("cpu"), seed=1)
+    drawn = {sampler.sample(logits, [_seq(temperature=1.0, min_p=0.5)])[0] for _ in range(200)}
+    assert drawn == {0, 1}
+    assert {sampler.sample(logits, [_seq(temperature=1.0, min_p=1.0)])[0] for _ in range(50)} == {0}
+
+
+def test_a_failing_row_fails_alone():
+    logits = _logits(rows=3)
+    logits[1] = float("nan")
+    seqs = [_seq(0, temperature=0.7, seed=1), _seq(1, temperature=0.7, seed=1), _seq(2)]
+    out = Sampler(torch.device("cpu")).sample(logits, seqs)
+    assert isinstance(out[1], Exception)
+    assert isinstance(out[0], int) and out[2] == int(logits[2].argmax())
+
+
+def test_token_ids_are_checked_against_the_vocabulary():
+    SamplingParams(logit_bias={"10": 1.0}, stop_token_ids=[3]).check_vocab(V)
+    with pytest.raises(InvalidRequestError, match=r"logit_bias: token id 50 is outside the vocabulary \[0, 50\)"):
+        SamplingParams(logit_bias={"50": 1.0}).check_vocab(V)
+    with pytest.raises(InvalidRequestError, match="stop_token_ids: token id -1"):
+        SamplingParams(stop_token_ids=[-1]).check_vocab(V)
+
+
+def test_tiny_temperature_generates_the_greedy_text(make_llm):
+    """End to end through the engine: 1.2e-38 (the smallest accepted) samples exactly the greedy tokens."""
+    llm = make_llm()
+    greedy = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8), use_tqdm=False)[0]
+    tiny = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=FP32_TINY, seed=3),
+                        use_tqdm=False)[0]
+    assert tiny.token_ids == greedy.token_ids and tiny.finish_reason == greedy.finish_reason

@@ -1,0 +1,89 @@
+"""The LLM object's lifetime: close(), the `with` block and deletion free the engine's memory at once
+(KV pool, sparse cache, weights it loaded), a closed LLM refuses further use, and weights passed in
+with `loaded=` stay with their owner. (tests/test_llm_cuda.py checks device memory on a GPU.)"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+
+from hisa import LLM, SamplingParams, SparseConfig
+
+PARAMS = SamplingParams(max_tokens=4, ignore_eos=True)
+
+
+def _tiny(**kwargs) -> LLM:
+    sparse = SparseConfig(algorithm="quest", token_budget=64, min_prompt_len=32, host_pool_gb=0.01,
+                          max_sparse_requests=2)
+    return LLM("random:tiny-llama", device="cpu", max_model_len=256, page_size=16, progress=False, sparse=sparse,
+               **kwargs)
+
+
+def _held(llm: LLM) -> list[weakref.ref]:
+    """Weak references to the big tensors the engine holds: KV pool, sparse buffer, host pool, weights."""
+    e = llm.engine
+    tensors = [e.cache.data, e.sparse.manager.buffer_kv, e.sparse.manager.host.data]
+    return [weakref.ref(t) for t in tensors] + [weakref.ref(p) for p in e.loaded.model.parameters()]
+
+
+def test_close_frees_everything_and_refuses_further_use():
+    llm = _tiny()
+    outs = llm.generate([list(range(1, 48)), [5, 6, 7]], PARAMS, use_tqdm=False)  # one sparse, one dense
+    assert [len(o.token_ids) for o in outs] == [4, 4] and llm.engine.sparse.summary()["decode_steps"] > 0
+    held = _held(llm)
+    llm.close()
+    assert all(ref() is None for ref in held)
+    with pytest.raises(RuntimeError, match="this engine is closed"):
+        llm.generate([[1, 2, 3]], PARAMS, use_tqdm=False)
+    llm.close()  # idempotent
+
+
+def test_with_block_and_deletion_free_the_engine():
+    with _tiny() as llm:
+        llm.generate([[1, 2, 3]], PARAMS, use_tqdm=False)
+        held = _held(llm)
+    assert all(ref() is None for ref in held)
+    llm = _tiny()
+    llm.generate([list(range(1, 48))], PARAMS, use_tqdm=False)
+    held = _held(llm)
+    del llm  # no close(): deletion alone gives the memory back, without waiting for the garbage collector
+    assert all(ref() is None for ref in held)
+
+
+def test_shared_weights_stay_with_their_owner(smollm2):
+    llm = LLM(loaded=smollm2, device="cpu", dtype="float32", max_model_len=128, progress=False)
+    first = llm.generate(["The sky is"], PARAMS, use_tqdm=False)[0].token_ids
+    cache = weakref.ref(llm.engine.cache.data)
+    llm.close()
+    gc.collect()
+    assert cache() is None
+    with LLM(loaded=smollm2, device="cpu", dtype="float32", max_model_len=128, progress=False) as again:
+        assert again.generate(["The sky is"], PARAMS, use_tqdm=False)[0].token_ids == first
+
+
+def test_generate_reports_prefill_and_decode_separately(smollm2):
+    with LLM(loaded=smollm2, device="cpu", dtype="float32", max_model_len=512, max_num_batched_tokens=64,
+             progress=False) as llm:
+        ids = llm.tokenizer.encode("word " * 150)[:150]
+        out = llm.generate([ids], SamplingParams(max_tokens=5, ignore_eos=True), use_tqdm=False)[0]
+        stats = llm.last_stats
+    assert stats.prefill_tokens == 150 and stats.steps == 3 + 4  # 3 prefill chunks (64 + 64 + 22), 4 decodes
+    assert stats.decode_tokens == 4 and stats.output_tokens == len(out.token_ids) == 5
+    assert stats.prefill_s > 0 and stats.decode_s > 0
+    assert stats.prefill_tok_s == pytest.approx(150 / stats.prefill_s)
+    assert "prefill 150 tok in" in stats.summary() and "decode 4 tok in" in stats.summary()
+
+
+def test_progress_bar_moves_through_prefill_then_decode(capsys):
+    from hisa.llm import _Progress
+
+    bar = _Progress(prompt_tokens=150, max_output_tokens=10, disable=False)
+    bar.step(still_prefilling=True, prefill_tokens=64, output_tokens=0, stopped_early=0)
+    assert (bar.bar.desc.rstrip(": "), bar.bar.n, bar.bar.total) == ("prefill", 64, 150)  # not "prefill 0/150" while prefilling
+    bar.step(still_prefilling=False, prefill_tokens=86, output_tokens=1, stopped_early=0)
+    assert (bar.bar.desc.rstrip(": "), bar.bar.n, bar.bar.total) == ("decode", 1, 10)
+    bar.step(still_prefilling=False, prefill_tokens=0, output_tokens=1, stopped_early=6)  # stopped at 2 of 10
+    assert (bar.bar.n, bar.bar.total) == (2, 4)
+    bar.close()
