@@ -114,3 +114,17 @@ def test_readme_main_command_answers_with_the_sparse_cache():
     assert "SKP-7319" in proc.stdout
     hit_rate = float(re.search(r"hit rate ([\d.]+)%", proc.stdout + proc.stderr).group(1))
     assert hit_rate > 50, proc.stdout
+
+
+@pytest.mark.parametrize("algorithm", ["lowbit", "lowbit-2bit"])
+def test_lowbit_is_selectable_in_generate_and_eval(algorithm):
+    """`--sparse lowbit` reaches the engine's SparseConfig; `hisa eval --algorithms dense,lowbit` is a valid grid."""
+    from hisa.cli import build_parser, engine_kwargs
+    from hisa.eval.runner import EvalGrid, parse_budgets
+
+    args = build_parser().parse_args(["generate", "--prompt", "hi", "--sparse", algorithm, "--token-budget", "256"])
+    assert engine_kwargs(args)["sparse"].algorithm == algorithm
+    args = build_parser().parse_args(["eval", "--algorithms", f"dense,quest,{algorithm}", "--budgets", "1/8"])
+    grid = EvalGrid(algorithms=args.algorithms.split(","), budgets=parse_budgets(args.budgets), lengths=[2048],
+                    tasks=["passkey"])
+    assert grid.sparse_algorithms == ["quest", algorithm]
