@@ -128,3 +128,12 @@ def test_lowbit_is_selectable_in_generate_and_eval(algorithm):
     grid = EvalGrid(algorithms=args.algorithms.split(","), budgets=parse_budgets(args.budgets), lengths=[2048],
                     tasks=["passkey"])
     assert grid.sparse_algorithms == ["quest", algorithm]
+
+
+def test_dense_layers_flag_reaches_the_sparse_config(capsys):
+    from hisa.cli import build_parser, engine_kwargs
+
+    argv = ["generate", "--prompt", "hi", "--sparse", "lowbit", "--dense-layers", "2", "--residency", "device"]
+    assert engine_kwargs(build_parser().parse_args(argv))["sparse"].dense_layers == 2
+    code, _, err = _run(capsys, "generate", "--prompt", "hi", "--sparse", "quest", "--dense-layers", "2")
+    assert code == 2 and "needs residency='device'" in err and "Traceback" not in err

@@ -435,6 +435,8 @@ def build_sparse(sp, *, algorithm, cache: PagedKVCache, model_config, max_model_
     from hisa.sparse.coordinator import SparseCoordinator
 
     s, mc = cache.page_size, model_config
+    if sp.dense_layers > mc.num_layers:
+        raise ConfigError(f"dense_layers={sp.dense_layers} is more than the model's {mc.num_layers} layers")
     max_pages = -(-max_model_len // s)
     page_bytes = PagedKVCache.page_bytes(num_layers=mc.num_layers, page_size=s, num_kv_heads=mc.num_kv_heads,
                                          head_dim=mc.head_dim, dtype=cache.data.dtype)
