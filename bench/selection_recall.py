@@ -15,14 +15,20 @@ Candidates, all at the same number of middle pages per step:
   quest/kvhead-max  the Quest paper's rule per KV head: the max over the group's query heads of the raw bound
   centroid        q·mean(k) of each page alone (softmax per head, summed)
   quest-mean      what runs as "quest-mean": softmax of the bound + softmax of q·mean(k), summed over heads
-  int4 / int2     token-level scores from keys quantized to 4 / 2 bits per channel (a finer index that
-                  would cost 1/8 / 1/16 of the KV on the device at head_dim 64; not an algorithm yet)
+  int4 / int2     token-level scores from keys quantized per token and head (one group of head_dim
+                  channels), each page's summed softmax mass: the study that led to lowbit
+  lowbit          what runs as "lowbit" (hisa.sparse.lowbit: 4-bit keys, groups of 32 channels with
+                  fp16 step/min, softmax per head, the best token per page, mean over the GQA group,
+                  summed over KV heads), scored by the shipped `lowbit_page_scores`
+  lowbit-max      the same, the group's query heads pooled by max ("lowbit-max")
+  lowbit-2bit     the same at 2 bits ("lowbit-2bit")
 
 Besides recall and the attention-output error, it counts how often the heaviest page of each
 "sharp" head (one page holding > 30% of its middle mass: retrieval-like heads) is among the picks.
 
 The trajectory is driven by the oracle's pick (near dense), so every selector is scored on the same
-queries. Prompts are the eval suite's (same generators and seeds as ``hisa eval``).
+queries. Prompts are the eval suite's (same generators and seeds as ``hisa eval``). Requests run
+resident (every page on the device), one at a time.
 
 Usage::
 
@@ -41,80 +47,112 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, header, write_json  # noqa: E402
 
-from hisa.sparse.base import SelectionContext, register  # noqa: E402
+from hisa.sparse.base import DecodeRows, register  # noqa: E402
+from hisa.sparse.lowbit import LowBit2Algorithm, LowBitAlgorithm  # noqa: E402
+from hisa.sparse.lowbit_scores import lowbit_page_scores  # noqa: E402
 from hisa.sparse.quest import QuestMeanAlgorithm  # noqa: E402
 
-CANDIDATES = ["oracle", "oracle/kvhead", "quest", "quest/kvhead", "quest/kvhead-max", "centroid", "quest-mean", "int4", "int2"]
+CANDIDATES = ["oracle", "oracle/kvhead", "quest", "quest/kvhead", "quest/kvhead-max", "centroid", "quest-mean",
+              "int4", "int2", "lowbit", "lowbit-max", "lowbit-2bit"]
 _SUMS: dict = defaultdict(lambda: torch.zeros(7, dtype=torch.float64))  # (cand, layer) → sums, see retrieve_topk
 
 
 @register("recall-probe")
 class RecallProbe(QuestMeanAlgorithm):
-    """quest-mean's representations + the exact attention; records every candidate's recall, returns oracle's pick."""
+    """quest-mean's and lowbit's representations + the exact attention; records every candidate's
+    recall, returns oracle's pick."""
 
-    host = None  # the host pool (set by main): the probe reads values too, to measure output error
+    coordinator = None  # the engine's SparseCoordinator (set by main): the probe reads the step's pages
 
-    def retrieve_topk(self, layer, q, ctx: SelectionContext):
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.lowbit4, self.lowbit2 = LowBitAlgorithm(**kw), LowBit2Algorithm(**kw)
+
+    def construct_representations(self, layer, slot, first_page, keys):
+        super().construct_representations(layer, slot, first_page, keys)
+        for a in (self.lowbit4, self.lowbit2):
+            a.construct_representations(layer, slot, first_page, keys)
+
+    def update_representations(self, layer, rows, keys):
+        super().update_representations(layer, rows, keys)
+        for a in (self.lowbit4, self.lowbit2):
+            a.update_representations(layer, rows, keys)
+
+    def retrieve_topk(self, layer, q, rows: DecodeRows):
         r, s, kvh, d = q.shape[0], self.page_size, self.num_kv_heads, self.head_dim
         g = self.num_heads // kvh
-        p_all = ctx.host_table.shape[1]
-        table = ctx.host_table.clamp(min=0).reshape(-1).to(self.host.data.device)
-        pages = self.host.layer_pages(layer)[table].to(q.device).float()  # [R*P, 2, S, KVH, D]
-        keys = pages[:, 0].reshape(r, p_all * s, kvh, d)
-        vals = pages[:, 1].reshape(r, p_all * s, kvh, d)
-        tok = torch.arange(p_all * s, device=q.device)
-        # every token but the current one (not in the host pool yet), on pages that exist
-        tok_ok = (tok[None, :] < ctx.num_valid_tokens[:, None] - 1) & (ctx.host_table >= 0).repeat_interleave(s, 1)
+        view, cache = self.coordinator._d, self.coordinator.cache
+        if r != 1:
+            raise ValueError("the probe runs one request at a time")
+        t, lo, hi = int(rows.t[0]), int(rows.lo[0]), int(rows.hi[0])  # eager: a bench, not the hot path
+        n = -(-t // s)
+        pages = view.block_table[int(view.slot[0]), :n].long()  # resident: every page on the device
+        keys = cache.keys(layer)[pages].float().reshape(1, n * s, kvh, d)
+        vals = cache.values(layer)[pages].float().reshape(1, n * s, kvh, d)
+        tok = torch.arange(n * s, device=q.device)
+        tok_ok = tok[None, :] < t  # written tokens (this step's included)
         logits = torch.einsum("rkgd,rtkd->rkgt", q.float().view(r, kvh, g, d), keys) * self.scale
         logits = logits.masked_fill(~tok_ok[:, None, None, :], float("-inf"))
         page_of = tok // s
-        always = (page_of[None, :] < ctx.middle_start) | (page_of[None, :] >= ctx.middle_end[:, None])  # sinks+recent
+        always = ((page_of < lo) | (page_of >= hi))[None, :]  # sinks + recent window
         full_out = torch.einsum("rkgt,rtkd->rkgd", torch.softmax(logits, -1), vals)
 
-        m = max(0, p_all - ctx.middle_start)
-        hp, valid = self.middle_host_pages(ctx, m)
-        mid = logits[..., ctx.middle_start * s:].masked_fill(~valid.repeat_interleave(s, 1)[:, None, None, :],
-                                                             float("-inf"))
+        m = hi - lo
+        mid = logits[..., lo * s:hi * s]
         mass = torch.softmax(mid, -1).nan_to_num(0.0).view(r, kvh, g, m, s).sum(-1)  # [R,KVH,G,M] per-head
 
-        # the shipped scores (hisa.sparse.quest), as [R, KVH, G, M]
-        invalid = ~valid[:, None, None, :]
-        bound = self.page_logits(layer, q, hp).permute(0, 2, 3, 1).masked_fill(invalid, float("-inf"))
-        centroid = self.mean_logits(layer, q, hp).permute(0, 2, 3, 1).masked_fill(invalid, float("-inf"))
+        # the shipped scores, as [R, KVH, G, M]
+        qg = q.float().view(r, 1, kvh, g, d)
+        sl = rows.sparse_slots.long()
+        kmin, kmax = (x[layer][sl, lo:hi].float()[:, :, :, None, :] for x in (self.kmin, self.kmax))
+        bound = (torch.maximum(qg * kmin, qg * kmax).sum(-1) * self.scale).permute(0, 2, 3, 1)
+        kmean = self.kmean[layer][sl, lo:hi].float()[:, :, :, None, :]
+        centroid = ((qg * kmean).sum(-1) * self.scale).permute(0, 2, 3, 1)
         soft = torch.softmax(bound, -1).nan_to_num(0.0)
-        kmid = keys[:, ctx.middle_start * s:].view(r, m, s, kvh, d)
-        okm = tok_ok[:, ctx.middle_start * s:].view(r, m, s)
+        kmid = keys[:, lo * s:hi * s].view(r, m, s, kvh, d)
+        okm = tok_ok[:, lo * s:hi * s].view(r, m, s)
 
         def quantized_mass(bits):  # token-level scores from keys quantized per token and head (asymmetric)
-            lo, hi = kmid.amin(-1, keepdim=True), kmid.amax(-1, keepdim=True)
-            step = (hi - lo).clamp(min=1e-6) / (2 ** bits - 1)
-            kq = ((kmid - lo) / step).round() * step + lo  # [R, M, S, KVH, D]
+            mn, mx = kmid.amin(-1, keepdim=True), kmid.amax(-1, keepdim=True)
+            step = (mx - mn).clamp(min=1e-6) / (2 ** bits - 1)
+            kq = ((kmid - mn) / step).round() * step + mn  # [R, M, S, KVH, D]
             lg = torch.einsum("rmskd,rkgd->rkgms", kq, q.float().view(r, kvh, g, d)) * self.scale
             lg = lg.masked_fill(~okm[:, None, None], float("-inf")).reshape(r, kvh, g, m * s)
             return torch.softmax(lg, -1).nan_to_num(0.0).view(r, kvh, g, m, s).sum(-1)
 
-        k = min(ctx.num_select, int(valid.sum(1).min()))
+        def shipped_lowbit(algo, pool):  # [R, M]: the page scores the algorithm ranks by
+            sc = lowbit_page_scores(q, algo.codes[layer], algo.scales[layer], rows.sparse_slots, rows.lo, rows.hi,
+                                    scale=self.scale, page_size=s, bits=algo.bits, group_size=algo.group_size,
+                                    pool=pool)
+            return sc[:, lo:hi]
+
+        k = min(rows.num_select, m)
         if k > 0:
-            neg = ~valid[:, None, :]
             top_p, top_i = mass.max(-1)  # [R, KVH, G] each head's heaviest page
             sharp = top_p > 0.3  # a head that points at one page (retrieval-like)
+            per_request = lambda x: x[:, None].expand(r, kvh, m)  # noqa: E731  one list shared by the KV heads
             scores = {
-                "oracle": mass.sum((1, 2))[:, None].expand(r, kvh, m),
+                "oracle": per_request(mass.sum((1, 2))),
                 "oracle/kvhead": mass.sum(2),
-                "quest": soft.sum((1, 2))[:, None].expand(r, kvh, m),
+                "quest": per_request(soft.sum((1, 2))),
                 "quest/kvhead": soft.sum(2),
                 "quest/kvhead-max": bound.amax(2),
-                "centroid": torch.softmax(centroid, -1).nan_to_num(0.0).sum((1, 2))[:, None].expand(r, kvh, m),
-                "quest-mean": (soft + torch.softmax(centroid, -1).nan_to_num(0.0)).sum((1, 2))[:, None].expand(r, kvh, m),
-                "int4": quantized_mass(4).sum((1, 2))[:, None].expand(r, kvh, m),
-                "int2": quantized_mass(2).sum((1, 2))[:, None].expand(r, kvh, m),
+                "centroid": per_request(torch.softmax(centroid, -1).nan_to_num(0.0).sum((1, 2))),
+                "quest-mean": per_request((soft + torch.softmax(centroid, -1).nan_to_num(0.0)).sum((1, 2))),
+                "int4": per_request(quantized_mass(4).sum((1, 2))),
+                "int2": per_request(quantized_mass(2).sum((1, 2))),
+                "lowbit": per_request(shipped_lowbit(self.lowbit4, "mean")),
+                "lowbit-max": per_request(shipped_lowbit(self.lowbit4, "max")),
+                "lowbit-2bit": per_request(shipped_lowbit(self.lowbit2, "mean")),
             }
             for name, sc in scores.items():
-                pick = sc.masked_fill(neg, float("-inf")).topk(k, -1).indices  # [R, KVH, k]
+                pick = sc.topk(k, -1).indices  # [R, KVH, k]
                 got = mass.gather(3, pick[:, :, None, :].expand(r, kvh, g, k)).sum(-1).reshape(r, -1)  # [R, H]
                 chosen = torch.zeros(r, kvh, m, dtype=torch.bool, device=q.device).scatter_(2, pick, True)
-                sel_tok = torch.cat([torch.zeros(r, kvh, ctx.middle_start * s, dtype=torch.bool, device=q.device),
-                                     chosen.repeat_interleave(s, 2)], 2) | always[:, None, :]  # [R, KVH, T]
+                sel_tok = torch.cat([torch.zeros(r, kvh, lo * s, dtype=torch.bool, device=q.device),
+                                     chosen.repeat_interleave(s, 2),
+                                     torch.zeros(r, kvh, (n - hi) * s, dtype=torch.bool, device=q.device)],
+                                    2) | always[:, None, :]  # [R, KVH, T]
                 out = torch.einsum("rkgt,rtkd->rkgd", torch.softmax(
                     logits.masked_fill(~sel_tok[:, :, None, :], float("-inf")), -1), vals)
                 err = ((out - full_out).norm(dim=-1) / full_out.norm(dim=-1).clamp(min=1e-6)).reshape(r, -1)
@@ -127,8 +165,9 @@ class RecallProbe(QuestMeanAlgorithm):
                 hit = (pick[:, :, None, :] == top_i[..., None]).any(-1)
                 acc[5] += (hit & sharp).sum().item()
                 acc[6] += sharp.sum().item()
-        pages_score = mass.sum((1, 2)).masked_fill(~valid, float("-inf"))
-        return self.topk_from_scores(pages_score, ctx)
+        scores = torch.full((r, self.max_pages), float("-inf"), device=q.device)
+        scores[:, lo:hi] = mass.sum((1, 2))
+        return self.topk_of(scores, rows.num_select)
 
 
 def main() -> None:
@@ -165,9 +204,10 @@ def main() -> None:
         for length in lengths:
             _SUMS.clear()
             sparse = SparseConfig(algorithm="recall-probe", token_budget=budget.resolve(length), min_prompt_len=1,
-                                  max_sparse_requests=1)
-            llm = LLM(loaded=loaded, device=args.device, page_size=page_size, sparse=sparse, progress=False)
-            RecallProbe.host = llm.engine.sparse.manager.host
+                                  max_sparse_requests=1, residency="device")
+            llm = LLM(loaded=loaded, device=args.device, page_size=page_size, sparse=sparse, progress=False,
+                      max_model_len=max(lengths) + 256)
+            RecallProbe.coordinator = llm.engine.sparse
             for it in items[length]:
                 llm.generate([it.ids], SamplingParams(max_tokens=args.max_tokens, temperature=0.0), use_tqdm=False)
             layers = loaded.config.num_layers
@@ -181,6 +221,7 @@ def main() -> None:
                 tot = sum(rows)
                 run["candidates"][c] = {
                     **{n: (tot[j] / tot[4]).item() for j, n in enumerate(names)},
+                    "sharp_top_page_hit_rate": (tot[5] / max(tot[6], 1)).item(), "sharp_head_steps": int(tot[6]),
                     **{n + "_per_layer": [(_SUMS[(c, i)][j] / _SUMS[(c, i)][4]).item() if _SUMS[(c, i)][4] else None
                                           for i in range(layers)] for j, n in enumerate(names)}}
             print(f"\npage {page_size}, length {length}, budget {budget.resolve(length)} tokens. recall: share of "

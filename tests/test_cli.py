@@ -114,3 +114,26 @@ def test_readme_main_command_answers_with_the_sparse_cache():
     assert "SKP-7319" in proc.stdout
     hit_rate = float(re.search(r"hit rate ([\d.]+)%", proc.stdout + proc.stderr).group(1))
     assert hit_rate > 50, proc.stdout
+
+
+@pytest.mark.parametrize("algorithm", ["lowbit", "lowbit-2bit"])
+def test_lowbit_is_selectable_in_generate_and_eval(algorithm):
+    """`--sparse lowbit` reaches the engine's SparseConfig; `hisa eval --algorithms dense,lowbit` is a valid grid."""
+    from hisa.cli import build_parser, engine_kwargs
+    from hisa.eval.runner import EvalGrid, parse_budgets
+
+    args = build_parser().parse_args(["generate", "--prompt", "hi", "--sparse", algorithm, "--token-budget", "256"])
+    assert engine_kwargs(args)["sparse"].algorithm == algorithm
+    args = build_parser().parse_args(["eval", "--algorithms", f"dense,quest,{algorithm}", "--budgets", "1/8"])
+    grid = EvalGrid(algorithms=args.algorithms.split(","), budgets=parse_budgets(args.budgets), lengths=[2048],
+                    tasks=["passkey"])
+    assert grid.sparse_algorithms == ["quest", algorithm]
+
+
+def test_dense_layers_flag_reaches_the_sparse_config(capsys):
+    from hisa.cli import build_parser, engine_kwargs
+
+    argv = ["generate", "--prompt", "hi", "--sparse", "lowbit", "--dense-layers", "2", "--residency", "device"]
+    assert engine_kwargs(build_parser().parse_args(argv))["sparse"].dense_layers == 2
+    code, _, err = _run(capsys, "generate", "--prompt", "hi", "--sparse", "quest", "--dense-layers", "2")
+    assert code == 2 and "needs residency='device'" in err and "Traceback" not in err

@@ -22,9 +22,9 @@ def _tiny(**kwargs) -> LLM:
 
 
 def _held(llm: LLM) -> list[weakref.ref]:
-    """Weak references to the big tensors the engine holds: KV pool, sparse buffer, host pool, weights."""
+    """Weak references to the big tensors the engine holds: KV pool (sparse buffers included), host pool, weights."""
     e = llm.engine
-    tensors = [e.cache.data, e.sparse.manager.buffer_kv, e.sparse.manager.host.data]
+    tensors = [e.cache.data, *e.sparse.manager.host.layers]  # sparse buffers are pages of the KV pool
     return [weakref.ref(t) for t in tensors] + [weakref.ref(p) for p in e.loaded.model.parameters()]
 
 

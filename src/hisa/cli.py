@@ -70,6 +70,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                          "pool under memory pressure (default); device = always; host = always the host pool")
     sp.add_argument("--max-sparse-requests", type=int, default=16,
                     help="sparse requests running at once (default: 16)")
+    sp.add_argument("--dense-layers", type=int, default=0,
+                    help="the first N layers attend densely to every page (needs --residency device) (default: 0)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -80,7 +82,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         sparse = SparseConfig(algorithm=args.sparse, token_budget=args.token_budget, buffer_ratio=args.buffer_ratio,
                               sink_pages=args.sink_pages, recent_pages=args.recent_pages,
                               min_prompt_len=args.sparse_min_prompt_len, host_pool_gb=args.host_pool_gb,
-                              residency=args.residency, max_sparse_requests=args.max_sparse_requests)
+                              residency=args.residency, max_sparse_requests=args.max_sparse_requests,
+                              dense_layers=args.dense_layers)
     return dict(model=args.model, device=args.device, dtype=args.dtype, page_size=args.page_size,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb,

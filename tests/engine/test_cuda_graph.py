@@ -56,7 +56,8 @@ def _tiny(preset: str, device: str, dtype: torch.dtype):
 
 @pytest.mark.parametrize("preset,algorithm,residency", [
     ("tiny-llama", "quest", "auto"), ("tiny-llama", "quest", "host"), ("tiny-llama", "quest-mean", "host"),
-    ("tiny-llama", "streaming", "auto"), ("tiny-gemma3", "quest", "host"), ("tiny-gemma3", "quest", "auto")])
+    ("tiny-llama", "streaming", "auto"), ("tiny-gemma3", "quest", "host"), ("tiny-gemma3", "quest", "auto"),
+    ("tiny-llama", "lowbit", "host"), ("tiny-gemma3", "lowbit", "auto")])
 def test_replayed_steps_equal_eager_steps(preset, algorithm, residency):
     loaded = _tiny(preset, "cpu", torch.float32)
     eager, eager_stats, _ = _run(loaded, "cpu", "float32", algorithm, graphs=None, residency=residency)
@@ -140,7 +141,9 @@ def test_cuda_graphs_are_off_on_the_cpu():
     ("tiny-llama", "quest", torch.float32, "host"), ("tiny-llama", "quest", torch.bfloat16, "auto"),
     ("tiny-llama", "quest-mean", torch.bfloat16, "host"), ("tiny-gemma3", "quest", torch.bfloat16, "host"),
     ("tiny-gemma3", "quest", torch.float32, "auto"), ("tiny-llama", "streaming", torch.bfloat16, "host"),
-    ("tiny-llama", None, torch.bfloat16, "auto"), ("tiny-gemma3", None, torch.float32, "auto")])
+    ("tiny-llama", None, torch.bfloat16, "auto"), ("tiny-gemma3", None, torch.float32, "auto"),
+    ("tiny-llama", "lowbit", torch.bfloat16, "host"), ("tiny-llama", "lowbit-2bit", torch.float16, "auto"),
+    ("tiny-gemma3", "lowbit", torch.bfloat16, "auto")])
 def test_cuda_graph_replays_equal_eager_on_cuda(preset, algorithm, dtype, residency):
     loaded = _tiny(preset, "cuda", dtype)
     name = str(dtype).replace("torch.", "")

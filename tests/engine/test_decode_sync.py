@@ -50,11 +50,11 @@ class HostReadGuard(TorchDispatchMode):
         return wrapper
 
 
-def _engine(device: str, dtype: str, residency: str, graphs: bool = False):
+def _engine(device: str, dtype: str, residency: str, graphs: bool = False, algorithm: str = "quest"):
     loaded = load_model("random:tiny-llama", device=torch.device(device), dtype=getattr(torch, dtype), progress=False)
     llm = LLM(loaded=loaded, device=device, dtype=dtype, progress=False, page_size=16, max_model_len=1024,
               kv_cache_gb=0.05, cuda_graphs=graphs,
-              sparse=SparseConfig(algorithm="quest", token_budget=96, min_prompt_len=64, host_pool_gb=0.02,
+              sparse=SparseConfig(algorithm=algorithm, token_budget=96, min_prompt_len=64, host_pool_gb=0.02,
                                   residency=residency))
     engine = llm.engine
     g = torch.Generator().manual_seed(0)
@@ -66,9 +66,9 @@ def _engine(device: str, dtype: str, residency: str, graphs: bool = False):
     return llm, engine
 
 
-@pytest.mark.parametrize("residency", ["host", "auto"])
-def test_a_decode_step_reads_nothing_back_on_the_cpu(monkeypatch, residency):
-    llm, engine = _engine("cpu", "float32", residency)
+@pytest.mark.parametrize("residency, algorithm", [("host", "quest"), ("auto", "quest"), ("host", "lowbit")])
+def test_a_decode_step_reads_nothing_back_on_the_cpu(monkeypatch, residency, algorithm):
+    llm, engine = _engine("cpu", "float32", residency, algorithm=algorithm)
     guard = HostReadGuard()
     import hisa.attention.paged_decode as pd
     import hisa.engine.sampler as sampler
@@ -108,9 +108,9 @@ def test_a_decode_step_reads_nothing_back_on_the_cpu(monkeypatch, residency):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("graphs", [False, True])
-@pytest.mark.parametrize("residency", ["host", "auto"])
-def test_a_decode_step_copies_only_the_sampled_tokens_to_the_host_on_cuda(graphs, residency):
-    llm, engine = _engine("cuda", "bfloat16", residency, graphs=graphs)
+@pytest.mark.parametrize("residency, algorithm", [("host", "quest"), ("auto", "quest"), ("host", "lowbit")])
+def test_a_decode_step_copies_only_the_sampled_tokens_to_the_host_on_cuda(graphs, residency, algorithm):
+    llm, engine = _engine("cuda", "bfloat16", residency, graphs=graphs, algorithm=algorithm)
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
         outs = engine.step()

@@ -48,6 +48,9 @@ def test_cells_carry_n_and_budgets_resolve(grid_run):
     assert report["budget_tokens"] == {FULL: {str(LENGTH): 1024}, SMALL: {str(LENGTH): LENGTH // 8}}
     for run in report["runs"]:  # every sparse run really decoded sparse
         assert run["algorithm"] == "dense" or run["sparse_stats"]["decode_steps"] > 0
+    meta = {r["row"]: r["metadata_bytes_per_request"] for r in report["rows"]}
+    assert meta["dense"] == 0 and meta["oracle@1/8"] == 0 and meta["quest@1/8"] > 0  # device bytes per request
+    assert all(r["kv_bytes_per_request"] > 0 for r in report["rows"])
 
 
 @pytest.mark.slow
@@ -76,7 +79,7 @@ def test_bad_budget_is_a_config_error(text):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(algorithms=["dense", "magic"]), "unknown algorithm(s) 'magic'; choose from: dense, oracle, quest, quest-mean, streaming"),
+    (dict(algorithms=["dense", "magic"]), "unknown algorithm(s) 'magic'; choose from: dense, lowbit, lowbit-2bit, lowbit-max, oracle, quest, quest-mean, streaming"),
     (dict(algorithms=["quest"]), "must include dense"),
     (dict(tasks=["niah_none"]), "unknown task(s)"),
     (dict(budgets=[]), "need at least one budget"),
@@ -115,3 +118,30 @@ def test_cli_errors_are_one_line(capsys, argv, message):
 
 def test_parse_lengths():
     assert parse_lengths("2048, 4096") == [2048, 4096]
+
+
+def test_device_metadata_bytes_per_request_per_algorithm():
+    """What `hisa eval` reports beside each score: a request's representation bytes on the device.
+    Quest keeps 2 key summaries per page (1/page_size of the KV in the same dtype); lowbit a 4-bit
+    key per token plus an fp16 (step, min) per group of channels; dense and oracle keep nothing."""
+    import torch
+
+    from hisa.eval.runner import _device_bytes
+    from hisa.llm import LLM
+    from hisa.models.factory import load_model
+    from hisa.sparse.config import SparseConfig
+
+    tiny = load_model("random:tiny-llama", device=torch.device("cpu"), dtype=torch.float32, progress=False)
+    d = tiny.config.head_dim  # 16: lowbit has one group of 16 channels per key
+    ratio = {}
+    for algorithm in ("dense", "quest", "lowbit", "oracle"):
+        sparse = None if algorithm == "dense" else SparseConfig(algorithm=algorithm, token_budget=96,
+                                                                 host_pool_gb=0.01)
+        llm = LLM(loaded=tiny, device="cpu", dtype="float32", progress=False, page_size=16, max_model_len=512,
+                  sparse=sparse)
+        got = _device_bytes(llm, 1000)  # 63 pages
+        assert got["kv_bytes"] == 63 * tiny.config.num_layers * 2 * 16 * tiny.config.num_kv_heads * d * 4
+        ratio[algorithm] = got["metadata_bytes"] / got["kv_bytes"]
+    assert ratio["dense"] == ratio["oracle"] == 0
+    assert ratio["quest"] == pytest.approx(1 / 16)
+    assert ratio["lowbit"] == pytest.approx((d // 2 + 4) / (2 * d * 4))  # 12 of the 128 bytes of fp32 K+V

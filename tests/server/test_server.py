@@ -336,6 +336,9 @@ def test_broken_device_fails_pending_requests_and_health(smollm2):
             assert 'hisa_request_errors_total{code="500"} 2.0' in metrics
 
     asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+    deadline = time.monotonic() + 30  # the engine thread closes the engine (a collection) before on_dead
+    while not dead and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert len(dead) == 1 and "illegal memory access" in repr(dead[0])
     assert engine.closed  # the dead engine gave its memory back
     app.state.async_engine.shutdown()

@@ -59,6 +59,32 @@ def test_offloaded_equals_all_on_device(make_llm):
     assert misses[0] > 0 and misses[1] == 0  # the host-backed run loaded pages, the resident one never
 
 
+@pytest.mark.parametrize("algorithm", ["lowbit", "lowbit-2bit"])
+def test_tiny_model_full_budget_equals_dense_and_host_equals_device(algorithm):
+    """On a small random model (cheap on a CPU): a budget covering the context gives dense's tokens,
+    resident or host-backed; a small budget gives the same tokens host-backed and resident."""
+    tiny = load_model("random:tiny-llama", device=torch.device("cpu"), dtype=torch.float32, progress=False)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (300, 220)]
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+
+    def run(sparse):
+        llm = LLM(loaded=tiny, device="cpu", dtype="float32", progress=False, page_size=16, max_model_len=512,
+                  sparse=sparse)
+        outs = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        return outs, llm.engine.sparse.summary() if sparse is not None else None
+
+    dense, _ = run(None)
+    for residency in ("host", "device"):
+        full, st = run(_sparse(algorithm=algorithm, token_budget=512, min_prompt_len=64, host_pool_gb=0.01,
+                               residency=residency))
+        assert full == dense and st["decode_steps"] == 23
+    small = [run(_sparse(algorithm=algorithm, token_budget=96, min_prompt_len=64, host_pool_gb=0.01,
+                         residency=residency)) for residency in ("host", "device")]
+    assert small[0][0] == small[1][0] != dense
+    assert small[0][1]["misses"] > 0 and small[1][1]["misses"] == 0
+
+
 def test_a_request_demoted_mid_generation_gives_the_same_tokens():
     """Two resident requests grow until the device pool runs short: the younger is demoted to the host
     pool mid-generation (its KV copied device -> host, decoding continues from its LRU buffer). Its
@@ -158,6 +184,8 @@ def test_passkey_answered_by_quest_with_a_256_token_budget(make_llm, capsys):
     (dict(token_budget=32), "smaller than the sinks"),
     (dict(buffer_ratio=0.5), "buffer_ratio must be >= 1"),
     (dict(algorithm="magic"), "unknown sparse algorithm 'magic'; choose one of: .*oracle.*quest.*streaming"),
+    (dict(dense_layers=-1, residency="device"), "dense_layers must be >= 0"),
+    (dict(dense_layers=2), "dense_layers=2 needs residency='device'"),
 ])
 def test_invalid_configurations_fail_at_construction(kwargs, message):
     from hisa.config import EngineConfig
@@ -189,3 +217,31 @@ def test_prefetch_changes_no_token(preset):
         assert on["prefetched_pages"] > off["prefetched_pages"] == 0
     else:  # layers 1 and 2 are sliding and follow a sliding layer: no own misses (one global layer: no guess)
         assert off["misses_per_layer"][1] == off["misses_per_layer"][2] == 0 < off["misses_per_layer"][0]
+
+
+@pytest.mark.parametrize("preset, algorithm", [("tiny-llama", "lowbit"), ("tiny-llama", "quest"),
+                                               ("tiny-gemma3", "quest")])
+def test_dense_layers_equal_to_the_model_give_dense_tokens(preset, algorithm):
+    """dense_layers = num_layers at a budget far below the context: every layer reads every page, so the
+    tokens are dense's, and the counters say each layer attended the whole context."""
+    tiny = load_model(f"random:{preset}", device=torch.device("cpu"), dtype=torch.float32, progress=False)
+    layers = tiny.config.num_layers
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (300, 220)]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+
+    def run(sparse):
+        llm = LLM(loaded=tiny, device="cpu", dtype="float32", progress=False, page_size=16, max_model_len=512,
+                  sparse=sparse)
+        outs = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        return outs, llm.engine.sparse.summary() if sparse is not None else None
+
+    dense, _ = run(None)
+    small = dict(algorithm=algorithm, token_budget=96, min_prompt_len=64, host_pool_gb=0.01, residency="device")
+    all_dense, st = run(_sparse(**small, dense_layers=layers))
+    assert all_dense == dense
+    globals_ = [i for i, w in enumerate(tiny.config.layer_windows) if w is None]
+    assert st["selected_per_layer"][globals_[0]] > st["decode_steps"] * (96 // 16) * 2  # more than the budget
+    with pytest.raises(ConfigError, match=f"more than the model's {layers} layers"):
+        LLM(loaded=tiny, device="cpu", dtype="float32", progress=False, page_size=16, max_model_len=512,
+            sparse=_sparse(**small, dense_layers=layers + 1))

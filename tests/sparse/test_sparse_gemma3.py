@@ -54,6 +54,7 @@ def test_all_sliding_model_ignores_the_budget():
 
 
 @pytest.mark.parametrize("algorithm, residency", [("quest", "host"), ("quest", "auto"), ("quest-mean", "host"),
+                                                  ("lowbit", "host"), ("lowbit", "auto"),
                                                   ("streaming", "host"), ("oracle", "host")])
 def test_full_budget_equals_dense_with_mixed_layers(algorithm, residency):
     """3 sliding + 1 global layer, budget covering the context: sparse == dense, host-backed or resident."""

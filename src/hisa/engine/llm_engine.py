@@ -348,6 +348,11 @@ class LLMEngine:
         scheduler = self.__dict__.get("scheduler")
         for seq in (list(scheduler.running) + list(scheduler.waiting)) if scheduler is not None else []:
             self.abort_request(seq.request_id)
+        del scheduler  # it holds the KV cache: a live local would keep the pool through the collection below
+        sparse = self.__dict__.get("sparse")
+        if sparse is not None:
+            sparse.drop_step_state()
+        del sparse
         for name in ("runner", "cache", "sparse", "scheduler", "sampler"):
             self.__dict__[name] = None
         if self._owns_weights:
@@ -435,6 +440,8 @@ def build_sparse(sp, *, algorithm, cache: PagedKVCache, model_config, max_model_
     from hisa.sparse.coordinator import SparseCoordinator
 
     s, mc = cache.page_size, model_config
+    if sp.dense_layers > mc.num_layers:
+        raise ConfigError(f"dense_layers={sp.dense_layers} is more than the model's {mc.num_layers} layers")
     max_pages = -(-max_model_len // s)
     page_bytes = PagedKVCache.page_bytes(num_layers=mc.num_layers, page_size=s, num_kv_heads=mc.num_kv_heads,
                                          head_dim=mc.head_dim, dtype=cache.data.dtype)

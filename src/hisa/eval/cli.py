@@ -102,7 +102,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
     kwargs["progress"] = not args.quiet
     sparse_kwargs = dict(buffer_ratio=args.buffer_ratio, sink_pages=args.sink_pages, recent_pages=args.recent_pages,
                          min_prompt_len=args.sparse_min_prompt_len, host_pool_gb=args.host_pool_gb,
-                         residency=args.residency, max_sparse_requests=args.max_sparse_requests)
+                         residency=args.residency, max_sparse_requests=args.max_sparse_requests,
+                         dense_layers=args.dense_layers)
     out = args.out or default_out(args.model)
     report = run_eval(grid, engine_kwargs=kwargs, sparse_kwargs=sparse_kwargs, out=out, progress=not args.quiet,
                       command=_command_line(args))

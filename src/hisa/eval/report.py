@@ -83,6 +83,10 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
         row: dict[str, Any] = dict(row=label, algorithm=algorithm, budget=budget, lengths=per_length,
                                    avg=mean(e["avg"] for e in per_length.values()),
                                    n=sum(e["n"] for e in per_length.values()))
+        recs = [r for r in report["samples"] if r["row"] == label and "metadata_bytes" in r]
+        if recs:  # device bytes per request: the algorithm's representations next to the request's KV
+            row["metadata_bytes_per_request"] = mean(r["metadata_bytes"] for r in recs)
+            row["kv_bytes_per_request"] = mean(r["kv_bytes"] for r in recs)
         rows.append(row)
     dense = next((r for r in rows if r["row"] == DENSE), None)
     for row in rows:
@@ -105,7 +109,7 @@ def summary_table(report: dict[str, Any]) -> list[str]:
     """One line per row: the task average at each length, overall, Δ vs dense, token agreement."""
     lengths = report["grid"]["lengths"]
     head = (["row", "budget tokens at " + " / ".join(map(str, lengths))] + [f"{n} avg (n)" for n in lengths]
-            + ["all (n)", "Δ vs dense ± SE", "token agreement"])
+            + ["all (n)", "Δ vs dense ± SE", "token agreement", "device metadata per request (of its KV)"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in report["rows"]:
         per = row["lengths"]
@@ -120,8 +124,18 @@ def summary_table(report: dict[str, Any]) -> list[str]:
             out.append(f"{row['agreement']:.2f}")
         else:
             out += ["", ""]
+        out.append(_metadata(row))
         lines.append("| " + " | ".join(out) + " |")
     return lines
+
+
+def _metadata(row: dict[str, Any]) -> str:
+    """'1.2 MiB (15.6%)': a request's representation bytes on the device (mean over prompts) and
+    their share of the request's KV bytes; '–' for a report without byte counts."""
+    if "metadata_bytes_per_request" not in row:
+        return "–"
+    meta, kv = row["metadata_bytes_per_request"], row["kv_bytes_per_request"]
+    return f"{meta / 2**20:.2f} MiB ({100 * meta / kv:.1f}%)" if kv else f"{meta / 2**20:.2f} MiB"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -151,7 +165,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "Scores are RULER string match ×100. A cell is `score (n)`: the mean over n samples. `avg` is the "
         "mean of the task scores at that length; `all` the mean over lengths; `Δ` is `all` minus dense's, "
-        "± the paired standard error over the same prompts.",
+        "± the paired standard error over the same prompts. Device metadata: the algorithm's representations "
+        "of one request (mean over prompts), and their share of that request's KV.",
         "",
     ]
     lines += summary_table(report) + ["", "Per task:", ""]

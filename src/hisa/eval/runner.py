@@ -380,6 +380,7 @@ def _run_row(runner: _Runner, report: dict[str, Any], algorithm: str, budget: Bu
         unit["sparse_stats"] = _check_ran_sparse(llm, outputs, label, length)
     for item, o in zip(batch, outputs):
         rec = _record(item, o, unit)
+        rec.update(_device_bytes(llm, len(item.ids) + o.num_output_tokens))
         key = (item.sample.task, item.index)
         if budget is None:
             dense[key] = list(o.token_ids)
@@ -404,6 +405,18 @@ def _run_row(runner: _Runner, report: dict[str, Any], algorithm: str, budget: Bu
     gc.collect()
     if runner.config.device.startswith("cuda"):
         torch.cuda.empty_cache()  # the next engine sizes its KV pool from free memory
+
+
+def _device_bytes(llm, tokens: int) -> dict[str, int]:
+    """Device bytes one request of `tokens` tokens holds at its end: its whole KV (dense, or a resident
+    sparse request) and the algorithm's representations (0 for dense; a host-backed request would
+    hold its buffer instead of the KV, the same representations)."""
+    engine = llm.engine
+    data = engine.cache.data  # [layers, pages + 1, 2, S, KVH, D]
+    pages = -(-tokens // engine.config.page_size)
+    page_bytes = data[:, 0].numel() * data.element_size()
+    meta = engine.sparse.algorithm.metadata_bytes_per_page() if engine.sparse is not None else 0
+    return {"kv_bytes": pages * page_bytes, "metadata_bytes": pages * meta}
 
 
 def _record(item: _Item, output, unit: dict[str, Any]) -> dict[str, Any]:

@@ -39,7 +39,7 @@ def create_algorithm(name: str, **kwargs) -> "BaseSparseAlgorithm":
 
 
 def _import_builtin() -> None:
-    from hisa.sparse import oracle, quest, streaming  # noqa: F401  (registration side effect)
+    from hisa.sparse import lowbit, oracle, quest, streaming  # noqa: F401  (registration side effect)
 
 
 @dataclass

@@ -32,6 +32,10 @@ class SparseConfig:
         select alike (hisa.kvcache.manager). Off by default: with random weights the guess was wrong
         more often than right (tiny-llama: 51 pages loaded ahead, 5 more misses). Sliding-window
         layers (Gemma-3) always load the next one's window ahead: it is the same pages.
+    dense_layers: the first N layers attend densely to every page of a sparse request (no selection
+        there; Quest keeps 2); 0 (the default) selects in every layer. Sliding-window layers keep
+        their window either way. Needs residency="device": a host-backed request's device buffer
+        holds only its budget's pages, not a whole context per layer.
 
     Example::
 
@@ -48,6 +52,7 @@ class SparseConfig:
     host_pool_gb: float | None = None
     max_sparse_requests: int = 16
     prefetch: bool = False
+    dense_layers: int = 0
 
     def __post_init__(self) -> None:
         from hisa.sparse.base import registered_algorithms
@@ -67,6 +72,12 @@ class SparseConfig:
             raise ConfigError(f"host_pool_gb must be > 0 (or None: sized from the machine's RAM), got {self.host_pool_gb}")
         if self.residency not in ("auto", "device", "host"):
             raise ConfigError(f"residency must be 'auto', 'device' or 'host', got {self.residency!r}")
+        if self.dense_layers < 0:
+            raise ConfigError(f"dense_layers must be >= 0, got {self.dense_layers}")
+        if self.dense_layers and self.residency != "device":
+            raise ConfigError(f"dense_layers={self.dense_layers} needs residency='device' (--residency device): a "
+                              f"host-backed request keeps only its budget's pages on the device, not a whole "
+                              f"context for its dense layers")
 
     def budget_pages(self, page_size: int) -> int:
         """Pages attended per step (token_budget rounded down to whole pages)."""

@@ -73,6 +73,8 @@ class SparseCoordinator:
         self.host_allocator = manager.host.allocator
         self.buffer_pages = manager.ns + 1  # device pages of a host-backed request: LRU slots + the tail
         self.residency = config.residency
+        # the first dense_layers layers select nothing: their global layers read every page (resident rows)
+        self.dense = [i < config.dense_layers and w is None for i, w in enumerate(self.windows)]
         self.totals = SparseTotals(selected_per_layer=[0] * self.num_layers)
         self._d: DecodeRowsView | None = None
         self._running: dict[int, object] = {}  # sparse slot -> the running request holding it
@@ -109,7 +111,7 @@ class SparseCoordinator:
     def prefill_resident(self, layer: int, seq, computed: int, n: int) -> None:
         """attention_end of a resident request's prefill chunk (the engine wrote its KV into device
         pages): build the representations of the pages the chunk touched, from the written keys."""
-        if self.windows[layer] is not None or not self.algorithm.selects:
+        if self.windows[layer] is not None or not self.algorithm.selects or self.dense[layer]:
             return
         s = self.page_size
         first, last = computed // s, -(-(computed + n) // s)
@@ -141,7 +143,7 @@ class SparseCoordinator:
         rows = torch.stack([kp.view(-1, s, kvh, d), vp.view(-1, s, kvh, d)], dim=1)  # [P, 2, S, KVH, D]
         m.write_pages(layer, rows.reshape(last_page - first_page, -1), seq.pages[first_page:last_page],
                       tail_page=seq.buffer_pages[-1])
-        if self.windows[layer] is None and self.algorithm.selects:
+        if self.windows[layer] is None and self.algorithm.selects and not self.dense[layer]:
             keys = torch.nn.functional.pad(k_all[span].float(), (0, 0, 0, 0, 0, pad), value=float("nan"))
             self.algorithm.construct_representations(layer, seq.sparse_slot, first_page, keys)
         return out
@@ -167,6 +169,11 @@ class SparseCoordinator:
         """Before a layer's decode attention: select → compose → (host-backed) diff + load misses.
         Writes the sparse rows of the step's `table` and `kv_lens`."""
         d, windowed = self._d, self.windows[layer] is not None
+        if self.dense[layer]:  # every page, as prepare_step laid the rows out (an earlier layer may have composed)
+            resident = d.kind == RESIDENT
+            d.table.copy_(torch.where(resident[:, None], d.block_table.index_select(0, d.slot.long()), d.table))
+            d.kv_lens.copy_(torch.where(resident, d.t, d.kv_lens))
+            return
         topk = None
         if not windowed and self.algorithm.selects and self.adaptor.num_select > 0:
             topk = self.algorithm.retrieve_topk(layer, q, self._rows)  # [R, num_select] logical
@@ -189,7 +196,7 @@ class SparseCoordinator:
 
     def attention_end(self, layer: int, k: torch.Tensor) -> None:
         """After a layer's decode attention: fold the new keys into the algorithm's representations."""
-        if self.windows[layer] is None and self.algorithm.selects:
+        if self.windows[layer] is None and self.algorithm.selects and not self.dense[layer]:
             self.algorithm.update_representations(layer, self._rows, k)
 
     def forward_end(self, sparse_t: list[int]) -> None:
@@ -198,8 +205,9 @@ class SparseCoordinator:
         tot.decode_steps += 1
         tot.request_steps += len(sparse_t)
         sel = self.selected_pages(sparse_t)
+        every = sum(-(-t // self.page_size) for t in sparse_t)  # a dense layer's pages
         for layer, w in enumerate(self.windows):
-            tot.selected_per_layer[layer] += sel[w is not None]
+            tot.selected_per_layer[layer] += every if self.dense[layer] else sel[w is not None]
         mem = self.memory()
         tot.peak_device_bytes_in_use = max(tot.peak_device_bytes_in_use,
                                            mem["device_kv_bytes_in_use"] + mem["metadata_bytes_in_use"])
@@ -236,6 +244,13 @@ class SparseCoordinator:
                 hp = self.manager.host_table[ss, :n].long().to(host.device)
                 out[r, :n] = host[hp].to(self.device)
         return out
+
+    def drop_step_state(self) -> None:
+        """Forget the last decode step's per-step objects. Its DecodeRows holds a bound method of this
+        coordinator (a reference cycle), so without this a dropped engine's KV pool would wait for the
+        garbage collector (LLMEngine.close and deletion call it)."""
+        self.__dict__.pop("_rows", None)
+        self.__dict__.pop("_d", None)
 
     # -- accounting ---------------------------------------------------------------------------
     def summary(self) -> dict:
