@@ -7,10 +7,11 @@ ConfigError at start-up if it cannot) and returns an :class:`L3Store`. See READM
 from __future__ import annotations
 
 from hisa.errors import ConfigError
+from hisa.kvcache.l3.keys import KVLayout, page_keys
 from hisa.kvcache.l3.store import L3Backend, L3Stats, L3Store
 from hisa.kvcache.l3.url import FileL3Spec, L3Spec, MooncakeL3Spec, RedisL3Spec, parse_l3_url
 
-__all__ = ["L3Backend", "L3Stats", "L3Store", "L3Spec", "FileL3Spec", "RedisL3Spec", "MooncakeL3Spec",
+__all__ = ["KVLayout", "page_keys", "L3Backend", "L3Stats", "L3Store", "L3Spec", "FileL3Spec", "RedisL3Spec", "MooncakeL3Spec",
            "parse_l3_url", "open_backend", "open_l3"]
 
 
