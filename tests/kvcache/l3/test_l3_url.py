@@ -38,3 +38,21 @@ def test_accepted_forms(url, spec):
 def test_rejected_forms_say_what_to_use(url, says):
     with pytest.raises(ConfigError, match=says):
         parse_l3_url(url)
+
+
+def test_engine_config_checks_l3_before_loading_anything():
+    from hisa.config import EngineConfig
+
+    assert EngineConfig(device="cpu").l3 is None              # off by default
+    with pytest.raises(ConfigError, match="unknown scheme"):
+        EngineConfig(device="cpu", l3="s3://bucket")
+    with pytest.raises(ConfigError, match="needs l3"):
+        EngineConfig(device="cpu", l3_gb=4.0)
+
+
+def test_cli_passes_l3_flags():
+    from hisa.cli import build_parser, engine_kwargs
+
+    args = build_parser().parse_args(["generate", "--prompt", "hi", "--l3", "file:/tmp/x", "--l3-gb", "2"])
+    kw = engine_kwargs(args)
+    assert (kw["l3"], kw["l3_gb"]) == ("file:/tmp/x", 2.0)
