@@ -52,7 +52,7 @@ def test_l3_prefix_gives_identical_output_and_skips_prefill(make_llm, prompts, r
     m = llm.engine.l3_prefix.metrics()
     # the first prompt stored its pages; the next two loaded the shared prefix's 18 full pages each
     assert m["requests_hit"] == 2 and m["pages_loaded"] == 2 * (300 // S)
-    assert m["l3_corrupt"] == 0 and m["l3_failures"] == 0
+    assert m["store_corrupt"] == 0 and m["store_failures"] == 0
     _check_no_leak(llm)
     # a new engine (another process, or after a restart) over the same directory: all but the last page
     again = make_llm(max_num_batched_tokens=128, l3=url)
@@ -80,7 +80,7 @@ def test_corrupt_and_deleted_pages_are_recomputed(make_llm, prompts, reference, 
     llm = make_llm(max_num_batched_tokens=128, l3=url)
     assert _one_by_one(llm, prompts[1:2]) == reference[1:2]
     m = llm.engine.l3_prefix.metrics()
-    assert m["l3_corrupt"] == 1 and m["pages_loaded"] == 5   # pages 0-4: the run ends at the corrupt page
+    assert m["store_corrupt"] == 1 and m["pages_loaded"] == 5   # pages 0-4: the run ends at the corrupt page
     assert _one_by_one(llm, prompts[2:]) == reference[2:]     # page 5 was rewritten; 9 too
     assert llm.engine.l3_prefix.metrics()["pages_loaded"] == 5 + 300 // S
     _check_no_leak(llm)
@@ -98,7 +98,7 @@ def test_redis_shared_by_two_engines_and_killed_mid_run(make_llm, prompts, refer
         server.kill()
         assert _one_by_one(b, prompts[2:]) == reference[2:]             # no L3 now: recomputed
         m = b.engine.l3_prefix.metrics()
-        assert m["l3_failures"] == 1 and m["pages_loaded"] == 300 // S
+        assert m["store_failures"] == 1 and m["pages_loaded"] == 300 // S
         _check_no_leak(a)
         _check_no_leak(b)
     finally:

@@ -20,6 +20,7 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from hisa.engine.scheduler import Scheduler
@@ -94,9 +95,10 @@ class L3PrefixCache:
             self.stats.tokens_loaded += hits * s
 
     def _write_pages(self, pages: list[int], payloads) -> None:
-        dtype = self.cache.data.dtype
-        host = torch.stack([torch.frombuffer(bytearray(p), dtype=dtype) for p in payloads])   # [n, page numel]
-        host = host.view(len(pages), *self.page_shape)                                          # [n, L, 2, S, KVH, D]
+        host = torch.empty(len(pages), *self.page_shape, dtype=self.cache.data.dtype)   # [n, L, 2, S, KVH, D]
+        rows = host.view(len(pages), -1).view(torch.uint8).numpy()                     # [n, page bytes]
+        for row, payload in zip(rows, payloads):                                      # one copy per page
+            row[:] = np.frombuffer(payload, dtype=np.uint8)
         index = torch.tensor(pages, dtype=torch.int64, device=self.cache.data.device)
         self.cache.data.index_copy_(1, index, host.transpose(0, 1).to(self.cache.data.device))
 
@@ -125,7 +127,7 @@ class L3PrefixCache:
         self._stored.discard(request_id)
 
     def metrics(self) -> dict[str, int]:
-        return {**asdict(self.stats), **{f"l3_{k}": v for k, v in self.l3.stats.as_dict().items()}}
+        return {**asdict(self.stats), **{f"store_{k}": v for k, v in self.l3.stats.as_dict().items()}}
 
 
 def kv_layout(loaded, cache: PagedKVCache, *, seed: int) -> KVLayout:

@@ -50,6 +50,7 @@ class MooncakeBackend:
             raise MooncakeError(f"could not join the Mooncake Store at master {master} (metadata {metadata}): "
                                 f"setup returned {rc}")
         self._closed = False
+        self._page_bytes = 1 << 20   # the largest page seen (a guess until then): sizes get batches
 
     def exists(self, keys: Sequence[str]) -> list[bool]:
         codes = self.store.batch_is_exist(list(keys))
@@ -60,15 +61,27 @@ class MooncakeBackend:
 
     def get(self, keys: Sequence[str]) -> list[bytes | None]:
         # get_batch gives b"" for a page it does not find; a page is never empty (it has a header).
-        values = self.store.get_batch(list(keys))
-        if len(values) != len(keys):
-            raise MooncakeError(f"get_batch returned {len(values)} values for {len(keys)} keys")
-        return [v if len(v) else None for v in values]
+        # Batches go through the client's local buffer too: as many keys per call as fit in
+        # _BATCH_BYTES at the size of the largest page seen so far.
+        out: list[bytes | None] = []
+        start = 0
+        while start < len(keys):
+            step = max(1, _BATCH_BYTES // max(self._page_bytes, 1))
+            part = list(keys[start:start + step])
+            values = self.store.get_batch(part)
+            if len(values) != len(part):
+                raise MooncakeError(f"get_batch returned {len(values)} values for {len(part)} keys")
+            for v in values:
+                self._page_bytes = max(self._page_bytes, len(v))
+                out.append(v if len(v) else None)
+            start += len(part)
+        return out
 
     def set(self, keys: Sequence[str], values: Sequence[bytes]) -> None:
         start, size = 0, 0
         for i, value in enumerate(values):
             size += len(value)
+            self._page_bytes = max(self._page_bytes, len(value))
             if size >= _BATCH_BYTES or i == len(values) - 1:
                 rc = self.store.upsert_batch(list(keys[start:i + 1]), list(values[start:i + 1]))
                 if rc != 0:
