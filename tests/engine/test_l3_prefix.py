@@ -13,7 +13,7 @@ from hisa import SamplingParams
 from tests.conftest import long_text
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "kvcache", "l3"))
-from l3_servers import REDIS_SERVER, RedisServer  # noqa: E402
+from l3_servers import REDIS_SERVER, MooncakeStoreServers, RedisServer, require_mooncake  # noqa: E402
 
 pytestmark = pytest.mark.slow   # three SmolLM2 engines and a reference run
 
@@ -103,3 +103,17 @@ def test_redis_shared_by_two_engines_and_killed_mid_run(make_llm, prompts, refer
         _check_no_leak(b)
     finally:
         server.stop()
+
+
+def test_mooncake_store_serves_a_prefix(make_llm, prompts, reference, tmp_path):
+    require_mooncake()
+    servers = MooncakeStoreServers(tmp_path).start()
+    try:
+        llm = make_llm(max_num_batched_tokens=128, l3=servers.url)
+        assert _one_by_one(llm, prompts[:2]) == reference[:2]
+        m = llm.engine.l3_prefix.metrics()
+        assert m["pages_loaded"] == 300 // S and m["store_corrupt"] == 0 and m["store_failures"] == 0
+        _check_no_leak(llm)
+        llm.close()
+    finally:
+        servers.stop()

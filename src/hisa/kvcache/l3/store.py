@@ -115,6 +115,8 @@ class L3Store:
         if not ok:
             self.stats.unavailable += len(keys)
             return [None] * len(keys)
+        if len(records) != len(keys):
+            raise RuntimeError(f"L3 backend {self.backend.name} returned {len(records)} pages for {len(keys)} keys")
         out: list[memoryview | None] = []
         bad: list[str] = []
         for key, rec in zip(keys, records):
