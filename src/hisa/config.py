@@ -32,6 +32,10 @@ class EngineConfig:
         Defaults: 2 GB on CPU; on CUDA, `gpu_memory_utilization` of free memory after the weights.
     sparse: a :class:`hisa.sparse.config.SparseConfig`; prompts of at least its min_prompt_len run
         with the full KV in the host pool and only the selected pages on the device.
+    l3: None (off, the default) or an L3 store for prompt pages, `file:PATH`, `redis://HOST:PORT` or
+        `mooncake://MASTER_HOST:PORT`: dense requests load the full prompt pages it holds instead of
+        prefilling them, and store theirs (hisa.engine.l3_prefix).
+    l3_gb: the most GB of pages this process keeps in L3 (LRU eviction); None = no bound.
     cuda_graphs: on CUDA, steps where every request decodes (all dense, or all sparse) are
         captured in a CUDA graph per (batch size, page-table width bucket) and replayed
         (`hisa.engine.cuda_graph`); False runs every step eagerly. Ignored on the CPU.
@@ -55,6 +59,8 @@ class EngineConfig:
     progress: bool = True
     sparse: SparseConfig | None = None  # the hierarchical sparse KV cache for long prompts; None = all dense
     cuda_graphs: bool = True  # capture decode steps in CUDA graphs (CUDA only); False = always eager
+    l3: str | None = None  # prefix reuse through an L3 store (file:PATH | redis://HOST:PORT | mooncake://...)
+    l3_gb: float | None = None
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -81,6 +87,12 @@ class EngineConfig:
             raise ConfigError("sparse must be a hisa.sparse.config.SparseConfig (or None)")
         if self.sparse is not None:
             self.sparse.budget_pages(self.page_size)  # the budget must fit sinks + window at this page size
+        if self.l3 is not None:
+            from hisa.kvcache.l3.url import parse_l3_url
+
+            parse_l3_url(self.l3)  # a malformed --l3 fails here, before the model loads
+        if self.l3_gb is not None and (self.l3 is None or self.l3_gb <= 0):
+            raise ConfigError(f"l3_gb must be > 0 and needs l3 (--l3), got l3_gb={self.l3_gb!r}, l3={self.l3!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 

@@ -99,6 +99,7 @@ class LLMEngine:
                                   max_num_seqs=config.max_num_seqs, cuda_graphs=config.cuda_graphs,
                                   max_model_len=self.max_model_len, scratch_page=num_pages)
         self.sampler = Sampler(config.torch_device, config.seed)
+        self.l3_prefix = self._open_l3() if config.l3 is not None else None
         self.eos_token_ids = set(mcfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
@@ -107,6 +108,17 @@ class LLMEngine:
         self.num_steps = 0
         self.last_step_tokens = 0  # tokens the last step ran (prefill chunks + decodes)
         self.last_step_prefill_tokens = 0  # of which prompt (prefill) tokens
+
+    def _open_l3(self):
+        """Prefix reuse through the L3 store `config.l3` (dense requests; hisa.engine.l3_prefix)."""
+        from hisa.engine.l3_prefix import L3PrefixCache, kv_layout
+        from hisa.kvcache.l3 import open_l3
+
+        if not isinstance(self.cache, PagedKVCache):
+            raise ConfigError(f"--l3 is not supported yet for {self.model_config.arch} models (MLA cache)")
+        capacity = None if self.config.l3_gb is None else int(self.config.l3_gb * 2**30)
+        return L3PrefixCache(open_l3(self.config.l3, capacity_bytes=capacity), cache=self.cache,
+                             layout=kv_layout(self.loaded, self.cache, seed=self.config.seed))
 
     def _check_pool(self, num_pages: int) -> None:
         """The device pool must hold one dense request just too short to go sparse, and with the sparse
@@ -245,6 +257,8 @@ class LLMEngine:
 
         Raises DeviceError when the step failed and the device no longer works."""
         self._check_open()
+        if self.l3_prefix is not None:
+            self.l3_prefix.load(self.scheduler)
         batch = self.scheduler.schedule()
         if not batch.seqs:
             if self.scheduler.has_unfinished() and not self.scheduler.running:
@@ -262,6 +276,8 @@ class LLMEngine:
         self.last_step_tokens = batch.num_tokens
         self.last_step_prefill_tokens = prefill_tokens
         self.scheduler.complete_step(batch)
+        if self.l3_prefix is not None:
+            self.l3_prefix.store_prompts(batch.seqs)
         now = time.monotonic()
         outputs = []
         for row, (seq, token) in enumerate(zip(seqs, tokens)):
@@ -353,7 +369,9 @@ class LLMEngine:
         if sparse is not None:
             sparse.drop_step_state()
         del sparse
-        for name in ("runner", "cache", "sparse", "scheduler", "sampler"):
+        if self.__dict__.get("l3_prefix") is not None:
+            self.l3_prefix.l3.close()
+        for name in ("runner", "cache", "sparse", "scheduler", "sampler", "l3_prefix"):
             self.__dict__[name] = None
         if self._owns_weights:
             self.__dict__["loaded"] = None
@@ -404,6 +422,8 @@ class LLMEngine:
     def _forget(self, seq: Sequence) -> None:
         self._seqs.pop(seq.request_id, None)
         self.sampler.forget(seq.request_id)
+        if self.__dict__.get("l3_prefix") is not None:
+            self.l3_prefix.forget(seq.request_id)
 
     def kv_pages_free(self) -> int:
         return self.allocator.num_free

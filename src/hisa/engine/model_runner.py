@@ -123,7 +123,8 @@ class ModelRunner:
                 self.sparse.manager.set_host_pages(seq.sparse_slot, c // s, seq.pages[c // s: -(-ctx // s)])
             else:
                 pages = seq.pages[: -(-ctx // s)]
-                self.buffers.set_pages(seq.slot, c // s, pages[c // s:])
+                # from page 0, not c // s: a prefix loaded from L3 was never prefilled through this slot
+                self.buffers.set_pages(seq.slot, 0, pages)
                 chunk.pages = torch.tensor(pages, dtype=torch.int64).to(self.device)
                 chunk.write_pages = torch.tensor([pages[p // s] for p in range(c, ctx)], dtype=torch.int64).to(self.device)
                 chunk.write_offsets = (torch.arange(c, ctx) % s).to(self.device)

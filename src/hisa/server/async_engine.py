@@ -65,6 +65,7 @@ class EngineStats:
     kv_pages_used: int = 0
     kv_pages_total: int = 0
     sparse: Mapping[str, float] | None = None  # engine.sparse_stats, when the engine has a sparse cache
+    l3: Mapping[str, float] | None = None  # engine.l3_prefix.metrics(), when --l3 is on
 
 
 @dataclass(frozen=True)
@@ -364,7 +365,8 @@ class AsyncEngine:
         self.stats = EngineStats(num_running=engine.num_running, num_waiting=engine.num_waiting,
                                  kv_pages_used=engine.allocator.num_used,
                                  kv_pages_total=engine.allocator.num_pages,
-                                 sparse=read_sparse_stats(engine))
+                                 sparse=read_sparse_stats(engine),
+                                 l3=engine.l3_prefix.metrics() if getattr(engine, "l3_prefix", None) else None)
 
 
 def _max_prompt_chars(tokenizer, max_model_len: int) -> int:

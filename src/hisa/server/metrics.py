@@ -15,6 +15,7 @@ gauges are set from the engine thread's latest `EngineStats` snapshot when /metr
 | hisa_time_per_output_token_seconds | histogram | time between consecutive tokens of a request |
 | hisa_e2e_request_latency_seconds | histogram | request arrival → last token |
 | hisa_sparse_<name> | gauge | each numeric field of `engine.sparse_stats`, when present |
+| hisa_l3_<name> | gauge | with --l3: the prefix counters (lookups, requests_hit, pages_loaded, tokens_loaded, pages_stored) and the store's (store_hits, store_misses, store_corrupt, store_unavailable, store_failures, store_bytes_read, store_bytes_written, store_evictions, ...) |
 
 Example::
 
@@ -94,13 +95,17 @@ class ServerMetrics(RequestObserver):
         self.kv_pages_total.set(stats.kv_pages_total)
         for name, value in (stats.sparse or {}).items():
             self._sparse_gauge(name).set(value)
+        for name, value in (stats.l3 or {}).items():
+            self._sparse_gauge(name, prefix="hisa_l3_", what="L3 prefix reuse", source="engine.l3_prefix.metrics()"
+                               ).set(value)
 
-    def _sparse_gauge(self, name: str) -> Gauge:
-        gauge = self._sparse.get(name)
+    def _sparse_gauge(self, name: str, *, prefix: str = "hisa_sparse_", what: str = "Sparse KV cache",
+                      source: str = "engine.sparse_stats") -> Gauge:
+        metric = prefix + re.sub(r"[^a-zA-Z0-9_]", "_", name)
+        gauge = self._sparse.get(metric)
         if gauge is None:
-            metric = "hisa_sparse_" + re.sub(r"[^a-zA-Z0-9_]", "_", name)
-            gauge = Gauge(metric, f"Sparse KV cache: {name} (from engine.sparse_stats)", registry=self.registry)
-            self._sparse[name] = gauge
+            gauge = Gauge(metric, f"{what}: {name} (from {source})", registry=self.registry)
+            self._sparse[metric] = gauge
         return gauge
 
     def render(self) -> bytes:

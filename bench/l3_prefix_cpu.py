@@ -1,0 +1,143 @@
+"""Time to first token of a long prompt whose prefix was seen before, served from L3, on the CPU.
+
+The embedded SmolLM2-135M (fp32, dense). A prompt of --prompt-len tokens = a shared prefix (all but
+the last --tail tokens) + a tail. For each mode:
+  recompute   no L3: the whole prompt is prefilled;
+  file/redis/mooncake
+              an engine with --l3 first serves the prefix with another tail (its prefill stores the
+              prefix's pages), then the measured prompt: the prefix's full pages are read from L3 and
+              only the rest is prefilled.
+Servers (redis-server, Mooncake master + store process) are started on loopback ports and stopped
+afterwards. Each mode's first output token is checked against the recompute one. Writes JSON (with
+command, date, commit, machine) and a bar plot beside it.
+
+    python bench/l3_prefix_cpu.py --prompt-len 8000 --threads 1 --out bench/results/l3_prefix_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _common import REPO, header, write_json
+
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests" / "kvcache" / "l3"))
+
+from l3_servers import MooncakeStoreServers, RedisServer  # noqa: E402
+from tests.conftest import long_text  # noqa: E402
+
+from hisa import LLM, SamplingParams  # noqa: E402
+from hisa.models.factory import load_model  # noqa: E402
+
+
+def ttft(llm: LLM, prompt: list[int]) -> tuple[float, int]:
+    """(seconds from add to the first token, that token) of one request running alone."""
+    out = llm.generate([prompt], SamplingParams(max_tokens=1, ignore_eos=True), use_tqdm=False)[0]
+    return out.first_token_time - out.arrival_time, out.token_ids[0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--prompt-len", type=int, default=8000)
+    ap.add_argument("--tail", type=int, default=64, help="tokens after the shared prefix (default 64)")
+    ap.add_argument("--chunk", type=int, default=2048, help="--max-num-batched-tokens (default 2048)")
+    ap.add_argument("--modes", nargs="+", default=["recompute", "file", "redis", "mooncake"])
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: on a shared 2-core machine 2 threads ran 10x slower)")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "l3_prefix_cpu.json")
+    args = ap.parse_args()
+
+    device = torch.device("cpu")
+    torch.set_num_threads(args.threads)
+    loaded = load_model(None, device=device, dtype=torch.float32, progress=False)
+    tok = loaded.tokenizer
+    text_ids = tok.encode(long_text(3 * args.prompt_len, seed=7))
+    prefix = text_ids[: args.prompt_len - args.tail]
+    other = tok.encode(long_text(200, seed=8))[: args.tail]          # the tail of the request that fills L3
+    measured = prefix + tok.encode(long_text(200, seed=9))[: args.tail]
+    assert len(measured) == args.prompt_len
+    kw = dict(loaded=loaded, device="cpu", dtype="float32", progress=False, max_num_batched_tokens=args.chunk,
+              max_model_len=max(args.prompt_len + 8, 2048), max_num_seqs=4)
+    warm = LLM(**kw)
+    warm.generate([text_ids[:256]], SamplingParams(max_tokens=2), use_tqdm=False)   # first-call overheads
+    del warm
+
+    rows, reference = [], None
+    with tempfile.TemporaryDirectory(prefix="hisa-l3-bench-") as tmp:
+        for mode in args.modes:
+            server = None
+            if mode == "recompute":
+                url = None
+            elif mode == "file":
+                url = f"file:{tmp}/l3"
+            elif mode == "redis":
+                server = RedisServer(Path(tmp)).start()
+                url = server.url
+            elif mode == "mooncake":
+                (Path(tmp) / "mooncake").mkdir()
+                server = MooncakeStoreServers(Path(tmp) / "mooncake", segment="1 GB").start()
+                url = server.url
+            else:
+                raise SystemExit(f"unknown mode {mode!r}")
+            try:
+                llm = LLM(**kw, l3=url)
+                row = dict(mode=mode, prompt_tokens=len(measured), prefix_tokens=len(prefix))
+                if url is not None:
+                    t0 = time.perf_counter()
+                    row["fill_ttft_s"], _ = ttft(llm, prefix + other)   # prefill + storing the pages
+                    row["fill_wall_s"] = time.perf_counter() - t0
+                row["ttft_s"], first = ttft(llm, measured)
+                if mode == "recompute":
+                    reference = first
+                row["first_token"] = first
+                row["same_first_token"] = reference is None or first == reference
+                if url is not None:
+                    row["l3"] = llm.engine.l3_prefix.metrics()
+                rows.append(row)
+                print(f"{mode:10s} ttft {row['ttft_s']:.3f} s"
+                      + (f"  (filling it: {row['fill_ttft_s']:.2f} s; pages loaded {row['l3']['pages_loaded']},"
+                         f" MB read {row['l3']['store_bytes_read'] / 1e6:.1f})" if url else ""), flush=True)
+                llm.close()
+            finally:
+                if server is not None:
+                    server.stop()
+    base = next((r["ttft_s"] for r in rows if r["mode"] == "recompute"), None)
+    for r in rows:
+        if base is not None:
+            r["speedup_vs_recompute"] = round(base / r["ttft_s"], 2)
+    payload = dict(**header(device), model="SmolLM2-135M-Instruct (embedded GGUF), fp32, dense, page 16",
+                   prompt_len=args.prompt_len, tail=args.tail, max_num_batched_tokens=args.chunk, threads=args.threads, rows=rows,
+                   note="ttft_s: arrival to first token of one request alone (engine step time, L3 reads "
+                        "included). Machine shared with other jobs: absolute times vary run to run.")
+    write_json(args.out, payload)
+    plot(rows, args.out.with_suffix(".png"), payload["device"].get("name", "cpu"))
+
+
+def plot(rows, path: Path, device: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = [r["mode"] for r in rows]
+    vals = [r["ttft_s"] for r in rows]
+    bars = ax.bar(names, vals, color=["#888"] + ["#3a7"] * (len(rows) - 1))
+    for b, r in zip(bars, rows):
+        label = f"{r['ttft_s']:.2f}s" + (f"\n{r['speedup_vs_recompute']}x" if "speedup_vs_recompute" in r else "")
+        ax.annotate(label, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("time to first token (s)")
+    ax.set_title(f"SmolLM2 {rows[0]['prompt_tokens']}-token prompt, prefix from L3 ({device}, CPU)", fontsize=9)
+    ax.set_ylim(0, max(vals) * 1.25)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot written to {path}")
+
+
+if __name__ == "__main__":
+    main()

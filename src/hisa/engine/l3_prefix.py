@@ -1,0 +1,145 @@
+"""Prefix reuse from L3 for dense requests: load a prompt's full pages that L3 holds instead of
+prefilling them, and store a prompt's full pages once its prefill is done.
+
+A page in L3 is one token page across every layer, `[layers, 2, page_size, kv_heads, head_dim]`
+in the cache's dtype (what `PagedKVCache.data[:, page]` holds), keyed by the chain of its tokens
+and the KV layout (`hisa.kvcache.l3.keys`). Before each schedule, each waiting dense request the
+scheduler may admit next (never looked up since it last lost its pages) has its keys checked: the
+longest run of leading pages that L3 holds and that pass their checksum is copied into newly
+allocated device pages and counted as computed, so the scheduler prefills only the rest (a chunk
+after a cached prefix). At least the prompt's last token is always computed: its logits give the
+first output token. A missing or corrupt page ends the run; nothing past it is used.
+
+Synchronous: a lookup and its reads run on the engine thread before the step; the write of a
+finished prefill runs after the step. Sparse requests and MLA caches are not served yet.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hisa.engine.scheduler import Scheduler
+from hisa.engine.sequence import Sequence
+from hisa.kvcache.l3 import KVLayout, L3Store, page_keys
+from hisa.kvcache.paged_cache import PagedKVCache
+
+log = logging.getLogger("hisa.l3")
+
+
+@dataclass(slots=True)
+class PrefixStats:
+    """Engine-side counters (pages are token pages across all layers)."""
+    lookups: int = 0          # requests whose prompt was looked up
+    requests_hit: int = 0     # of which at least one page was loaded
+    pages_loaded: int = 0
+    tokens_loaded: int = 0    # prompt tokens not prefilled thanks to L3
+    pages_stored: int = 0
+
+
+class L3PrefixCache:
+    """Loads and stores dense requests' prompt pages through an :class:`L3Store`.
+
+    Example::
+
+        prefix = L3PrefixCache(open_l3("file:/tmp/l3"), cache=engine.cache, layout=layout)
+        prefix.load(engine.scheduler)        # before schedule()
+        prefix.store_prompts(batch.seqs)             # after the step's KV is written
+    """
+
+    def __init__(self, store: L3Store, *, cache: PagedKVCache, layout: KVLayout):
+        self.l3, self.cache, self.layout = store, cache, layout
+        self.page_size = cache.page_size
+        self.page_shape = tuple(cache.data.shape[:1] + cache.data.shape[2:])  # [layers, 2, S, KVH, D]
+        self.page_bytes = cache.data[:, 0].numel() * cache.data.element_size()
+        self.stats = PrefixStats()
+        self._looked_up: dict[str, int] = {}   # request id -> num_preemptions when last looked up
+        self._stored: set[str] = set()
+
+    # -- load --------------------------------------------------------------------------------
+    def load(self, scheduler: Scheduler) -> None:
+        """Give waiting dense requests that the scheduler may admit next their L3 prefix pages."""
+        room = scheduler.max_num_seqs - len(scheduler.running)
+        reserve = len(scheduler.running)   # the one-page-per-running-request margin the scheduler keeps
+        for seq in list(scheduler.waiting)[:max(0, room)]:
+            if seq.sparse or seq.pages or seq.num_computed:
+                continue
+            if self._looked_up.get(seq.request_id) == seq.num_preemptions:
+                continue
+            self._looked_up[seq.request_id] = seq.num_preemptions
+            s = self.page_size
+            full = (seq.num_tokens - 1) // s   # the last token is always computed (it gives the logits)
+            # only when the whole request fits now: pages held by a waiting request cannot be preempted
+            if full == 0 or scheduler.allocator.num_free < -(-seq.num_tokens // s) + reserve:
+                continue
+            self.stats.lookups += 1
+            keys = page_keys(seq.token_ids[:full * s], self.layout)
+            found = self.l3.exists(keys)
+            hits = found.index(False) if False in found else len(found)
+            if hits == 0:
+                continue
+            payloads = self.l3.get(keys[:hits])
+            hits = next((i for i, p in enumerate(payloads) if p is None or len(p) != self.page_bytes), hits)
+            if hits == 0:
+                continue
+            pages = scheduler.allocator.allocate(hits)
+            self._write_pages(pages, payloads[:hits])
+            seq.pages, seq.num_computed = pages, hits * s
+            self._stored.discard(seq.request_id)
+            self.stats.requests_hit += 1
+            self.stats.pages_loaded += hits
+            self.stats.tokens_loaded += hits * s
+
+    def _write_pages(self, pages: list[int], payloads) -> None:
+        host = torch.empty(len(pages), *self.page_shape, dtype=self.cache.data.dtype)   # [n, L, 2, S, KVH, D]
+        rows = host.view(len(pages), -1).view(torch.uint8).numpy()                     # [n, page bytes]
+        for row, payload in zip(rows, payloads):                                      # one copy per page
+            row[:] = np.frombuffer(payload, dtype=np.uint8)
+        index = torch.tensor(pages, dtype=torch.int64, device=self.cache.data.device)
+        self.cache.data.index_copy_(1, index, host.transpose(0, 1).to(self.cache.data.device))
+
+    # -- store -------------------------------------------------------------------------------
+    def store_prompts(self, seqs: list[Sequence]) -> None:
+        """Write the full prompt pages of dense requests whose prefill just ended (those L3 lacks)."""
+        s = self.page_size
+        for seq in seqs:
+            if seq.sparse or seq.request_id in self._stored or seq.num_computed < seq.num_prompt:
+                continue
+            self._stored.add(seq.request_id)
+            full = seq.num_prompt // s
+            if full == 0:
+                continue
+            keys = page_keys(seq.token_ids[:full * s], self.layout)
+            missing = [i for i, there in enumerate(self.l3.exists(keys)) if not there]
+            if not missing:
+                continue
+            index = torch.tensor([seq.pages[i] for i in missing], dtype=torch.int64, device=self.cache.data.device)
+            host = self.cache.data.index_select(1, index).transpose(0, 1).contiguous().cpu()   # [n, L, 2, S, KVH, D]
+            rows = host.view(len(missing), -1).view(torch.uint8).numpy()
+            self.stats.pages_stored += self.l3.set([keys[i] for i in missing], [rows[j].data for j in range(len(missing))])
+
+    def forget(self, request_id: str) -> None:
+        self._looked_up.pop(request_id, None)
+        self._stored.discard(request_id)
+
+    def metrics(self) -> dict[str, int]:
+        return {**asdict(self.stats), **{f"store_{k}": v for k, v in self.l3.stats.as_dict().items()}}
+
+
+def kv_layout(loaded, cache: PagedKVCache, *, seed: int) -> KVLayout:
+    """The layout that keys a model's pages: its weights' identity, dtype and page geometry."""
+    src, cfg = loaded.source, loaded.config
+    if src.kind == "random":
+        model_id = f"random:{src.preset}:seed{seed}"
+    else:
+        path = Path(src.path)
+        files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) or sorted(path.iterdir())
+        model_id = f"{src.kind}:{path.name}:{sum(f.stat().st_size for f in files if f.is_file())}"
+    return KVLayout(model_id=model_id, dtype=str(cache.data.dtype).removeprefix("torch."), page_size=cache.page_size,
+                    num_layers=cache.num_layers, num_kv_heads=cache.num_kv_heads, head_dim=cache.head_dim,
+                    extra=(("arch", str(cfg.arch)), ("windows", repr(list(cfg.layer_windows))),
+                           ("page_layout", "layers,2,S,KVH,D")))

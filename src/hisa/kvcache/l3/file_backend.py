@@ -1,0 +1,101 @@
+"""L3 backend `file`: one file per page in a directory on local disk.
+
+Layout `ROOT/<first two characters of the key>/<key>` (256 subdirectories for hex keys, so no
+directory grows past a few thousand entries per million pages). A page is written to a temporary
+file in its subdirectory and renamed over its name (`os.replace`, atomic on POSIX), so a reader sees
+the whole old page, the whole new page or nothing, and a crash leaves at most a `.tmp` file (removed
+by the next start-up's listing). Pages are not fsynced: L3 is a cache, a page lost in a power cut
+reads as a miss and the checksum catches a torn one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from typing import Sequence
+
+_KEY = re.compile(r"^[A-Za-z0-9_-]{3,200}$")
+_TMP = ".tmp"
+
+
+class FileBackend:
+    """Pages as files under `root` (created if missing). Keys: letters, digits, '_' and '-'.
+
+    Example::
+
+        b = FileBackend("/tmp/hisa-l3")
+        b.set(["ab12"], [b"..."]); b.get(["ab12", "cd34"])   # [b"...", None]
+    """
+    name = "file"
+    errors: tuple[type[BaseException], ...] = (OSError,)
+
+    def __init__(self, root: str):
+        self.root = os.path.abspath(root)
+        os.makedirs(self.root, exist_ok=True)
+        if not os.access(self.root, os.W_OK):
+            raise PermissionError(f"L3 directory {self.root} is not writable")
+
+    def path(self, key: str) -> str:
+        if not _KEY.match(key):
+            raise ValueError(f"L3 key {key!r} is not a valid file name (letters, digits, '_', '-', 3-200 of them)")
+        return os.path.join(self.root, key[:2], key)
+
+    def exists(self, keys: Sequence[str]) -> list[bool]:
+        return [os.path.exists(self.path(k)) for k in keys]
+
+    def get(self, keys: Sequence[str]) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        for key in keys:
+            try:
+                with open(self.path(key), "rb", buffering=0) as f:
+                    out.append(f.read())
+            except FileNotFoundError:
+                out.append(None)
+        return out
+
+    def set(self, keys: Sequence[str], values: Sequence[bytes]) -> None:
+        for key, value in zip(keys, values, strict=True):
+            path = self.path(key)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}{_TMP}"
+            try:
+                with open(tmp, "wb", buffering=0) as f:
+                    view = memoryview(value)
+                    while view:
+                        view = view[f.write(view):]
+                os.replace(tmp, path)
+            except BaseException:
+                _unlink(tmp)
+                raise
+
+    def delete(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            _unlink(self.path(key))
+
+    def listing(self) -> list[tuple[str, int]]:
+        """(key, bytes) of every stored page, least recently written first; removes stale temporaries."""
+        found: list[tuple[float, str, int]] = []
+        with os.scandir(self.root) as subdirs:
+            for sub in subdirs:
+                if not sub.is_dir(follow_symlinks=False):
+                    continue
+                with os.scandir(sub.path) as entries:
+                    for e in entries:
+                        if e.name.endswith(_TMP):
+                            _unlink(e.path)
+                        elif _KEY.match(e.name) and e.is_file(follow_symlinks=False):
+                            st = e.stat(follow_symlinks=False)
+                            found.append((st.st_mtime, e.name, st.st_size))
+        found.sort()
+        return [(key, size) for _, key, size in found]
+
+    def close(self) -> None:
+        pass
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,219 @@
+"""L3Store: checksums, an LRU capacity bound and fault handling over one storage backend.
+
+A backend only moves opaque values (`exists/get/set/delete`, batched; file, redis, mooncake). This
+class is what the engine talks to; it adds what every backend needs alike:
+
+- every page is framed with a checksum (`record.py`) and verified on every read: a missing or
+  corrupt page reads as a miss (counted; a corrupt one is also deleted), never as KV;
+- `capacity_bytes` (`--l3-gb`) bounds the bytes this process keeps in the store, evicting its least
+  recently used pages (written or read) first; a backend that can list its pages seeds the order
+  at start-up (file: by modification time; redis: in scan order);
+- a backend error (the server went away, the disk failed) never reaches the engine: the call returns
+  misses / stores nothing, a warning is logged, `stats.failures` counts it and the store is
+  unavailable ("no L3") until `retry_after_s` has passed, when the next call tries again.
+
+Torch-free. Not thread-safe: one engine loop calls it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import Callable, Protocol, Sequence, TypeVar
+
+from hisa.kvcache.l3 import record
+
+log = logging.getLogger("hisa.l3")
+T = TypeVar("T")
+
+
+class L3Backend(Protocol):
+    """What a storage backend provides. Values are opaque bytes; keys are short ASCII strings."""
+    name: str
+    errors: tuple[type[BaseException], ...]   # what a failing backend raises; anything else is a bug
+
+    def exists(self, keys: Sequence[str]) -> list[bool]: ...
+    def get(self, keys: Sequence[str]) -> list[bytes | None]: ...
+    def set(self, keys: Sequence[str], values: Sequence[bytes]) -> None: ...
+    def delete(self, keys: Sequence[str]) -> None: ...
+    def listing(self) -> list[tuple[str, int]]: ...   # (key, stored bytes), oldest first; [] if unknown
+    def close(self) -> None: ...
+
+
+@dataclass(slots=True)
+class L3Stats:
+    """Counters since the store was opened (pages unless the name says bytes)."""
+    hits: int = 0
+    misses: int = 0           # asked for and absent
+    corrupt: int = 0          # present but failed the checksum (read as a miss; deleted)
+    unavailable: int = 0      # asked for while the backend was down (read as a miss)
+    failures: int = 0         # backend calls that raised
+    pages_written: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    evictions: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class L3Store:
+    """Pages keyed by content in one backend, checked, bounded and fault-tolerant.
+
+    Example::
+
+        store = L3Store(FileBackend("/tmp/hisa-l3"), capacity_bytes=8 << 30)
+        store.set(["k0", "k1"], [page0_bytes, page1_bytes])
+        store.exists(["k0", "k9"])       # [True, False]
+        store.get(["k0", "k9"])          # [memoryview of page0, None]
+    """
+
+    def __init__(self, backend: L3Backend, *, capacity_bytes: int | None = None, retry_after_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic):
+        if capacity_bytes is not None and capacity_bytes <= 0:
+            raise ValueError(f"capacity_bytes must be positive or None, got {capacity_bytes}")
+        self.backend = backend
+        self.capacity_bytes = capacity_bytes
+        self.retry_after_s = retry_after_s
+        self.stats = L3Stats()
+        self._clock = clock
+        self._down_until: float | None = None      # None: available
+        self._lru: OrderedDict[str, int] = OrderedDict()  # key -> stored bytes, oldest first
+        self._used = 0
+        if capacity_bytes is not None:
+            ok, listing = self._call("listing", backend.listing)
+            for key, nbytes in listing if ok else ():
+                self._touch(key, nbytes)
+            self._evict(keep=())
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def available(self) -> bool:
+        """False while the backend is considered down (until the retry time)."""
+        return self._down_until is None or self._clock() >= self._down_until
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of the pages this process knows to be stored (what `capacity_bytes` bounds)."""
+        return self._used
+
+    # -- the interface -----------------------------------------------------------------------
+    def exists(self, keys: Sequence[str]) -> list[bool]:
+        """Whether each page is stored (cheap; not checksummed: `get` is the only verdict)."""
+        if not keys:
+            return []
+        ok, found = self._call("exists", lambda: self.backend.exists(keys))
+        return list(found) if ok else [False] * len(keys)
+
+    def get(self, keys: Sequence[str]) -> list[memoryview | None]:
+        """The verified payload of each page, or None for a miss (absent, corrupt or L3 down)."""
+        if not keys:
+            return []
+        ok, records = self._call("get", lambda: self.backend.get(keys))
+        if not ok:
+            self.stats.unavailable += len(keys)
+            return [None] * len(keys)
+        if len(records) != len(keys):
+            raise RuntimeError(f"L3 backend {self.backend.name} returned {len(records)} pages for {len(keys)} keys")
+        out: list[memoryview | None] = []
+        bad: list[str] = []
+        for key, rec in zip(keys, records):
+            if rec is None:
+                self.stats.misses += 1
+                self._forget(key)
+                out.append(None)
+                continue
+            payload = record.decode(key, rec)
+            if payload is None:
+                self.stats.corrupt += 1
+                bad.append(key)
+                out.append(None)
+                continue
+            self.stats.hits += 1
+            self.stats.bytes_read += len(payload)
+            self._touch(key, len(rec))
+            out.append(payload)
+        if bad:
+            log.warning("L3 (%s): %d corrupt page(s) read as misses and deleted", self.backend.name, len(bad))
+            self.delete(bad)
+        return out
+
+    def set(self, keys: Sequence[str], pages: Sequence[bytes | bytearray | memoryview]) -> int:
+        """Store pages (overwriting); returns how many were stored (0 while L3 is down). A page
+        larger than the whole capacity is skipped."""
+        if len(keys) != len(pages):
+            raise ValueError(f"{len(keys)} keys for {len(pages)} pages")
+        records = [record.encode(k, p) for k, p in zip(keys, pages)]
+        if self.capacity_bytes is not None:
+            fits = [i for i, r in enumerate(records) if len(r) <= self.capacity_bytes]
+            keys, records = [keys[i] for i in fits], [records[i] for i in fits]
+        if not keys:
+            return 0
+        if not self._call("set", lambda: self.backend.set(keys, records))[0]:
+            return 0
+        for key, rec in zip(keys, records):
+            self._touch(key, len(rec))
+            self.stats.bytes_written += len(rec) - record.HEADER_BYTES - len(key)
+        self.stats.pages_written += len(keys)
+        self._evict(keep=set(keys))
+        return len(keys)
+
+    def delete(self, keys: Sequence[str]) -> bool:
+        """Remove pages (absent ones are ignored); False if the backend could not be reached."""
+        if not keys:
+            return True
+        ok, _ = self._call("delete", lambda: self.backend.delete(keys))
+        if ok:
+            for key in keys:
+                self._forget(key)
+        return ok
+
+    def close(self) -> None:
+        self._call("close", self.backend.close)
+
+    # -- internals ---------------------------------------------------------------------------
+    def _call(self, op: str, fn: Callable[[], T]) -> tuple[bool, T | None]:
+        """(True, fn()) or (False, None): a backend error marks L3 down for `retry_after_s` (warned,
+        counted), and while it is down no call is made."""
+        if not self.available:
+            return False, None
+        was_down = self._down_until is not None
+        try:
+            result = fn()
+        except self.backend.errors as e:
+            self.stats.failures += 1
+            self._down_until = self._clock() + self.retry_after_s
+            log.warning("L3 (%s) %s failed: %s: %s; running without L3 for %.0f s", self.backend.name, op,
+                        type(e).__name__, e, self.retry_after_s)
+            return False, None
+        if was_down:
+            self._down_until = None
+            log.warning("L3 (%s) is back", self.backend.name)
+        return True, result
+
+    def _touch(self, key: str, nbytes: int) -> None:
+        old = self._lru.pop(key, None)
+        self._used += nbytes - (old or 0)
+        self._lru[key] = nbytes
+
+    def _forget(self, key: str) -> None:
+        old = self._lru.pop(key, None)
+        if old is not None:
+            self._used -= old
+
+    def _evict(self, *, keep) -> None:
+        if self.capacity_bytes is None or self._used <= self.capacity_bytes:
+            return
+        victims: list[str] = []
+        freed = 0
+        for key, nbytes in self._lru.items():   # oldest first
+            if self._used - freed <= self.capacity_bytes:
+                break
+            if key in keep:
+                continue
+            victims.append(key)
+            freed += nbytes
+        if victims and self.delete(victims):
+            self.stats.evictions += len(victims)

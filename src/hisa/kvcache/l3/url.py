@@ -1,0 +1,96 @@
+"""Parse `--l3 file:PATH | redis://HOST:PORT[/DB] | mooncake://MASTER_HOST:PORT[?metadata=URL]`.
+
+Torch-free. Every malformed value raises :class:`hisa.errors.ConfigError` with the accepted forms,
+so the CLI prints it without a traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import parse_qs, urlsplit
+
+from hisa.errors import ConfigError
+
+FORMS = "file:PATH, redis://HOST:PORT[/DB] or mooncake://MASTER_HOST:PORT[?metadata=URL]"
+
+
+@dataclass(frozen=True, slots=True)
+class FileL3Spec:
+    """A directory on local disk (created if missing)."""
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class RedisL3Spec:
+    """A Redis server; several hisa processes may share it."""
+    host: str
+    port: int
+    db: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class MooncakeL3Spec:
+    """A Mooncake Store master (`mooncake_master`). `metadata` is the transfer engine's metadata
+    server; by default the master's own HTTP metadata server on its default port 8080."""
+    master_host: str
+    master_port: int
+    metadata: str
+
+    @property
+    def master(self) -> str:
+        return f"{self.master_host}:{self.master_port}"
+
+
+L3Spec = FileL3Spec | RedisL3Spec | MooncakeL3Spec
+
+
+def parse_l3_url(url: str) -> L3Spec:
+    """`--l3` value -> spec.
+
+    Example::
+
+        parse_l3_url("file:/var/cache/hisa")      # FileL3Spec(path='/var/cache/hisa')
+        parse_l3_url("redis://127.0.0.1:6379")    # RedisL3Spec(host='127.0.0.1', port=6379, db=0)
+        parse_l3_url("mooncake://10.0.0.5:50051") # MooncakeL3Spec(..., metadata='http://10.0.0.5:8080/metadata')
+    """
+    if not isinstance(url, str) or not url.strip():
+        raise ConfigError(f"--l3 is empty; use {FORMS}")
+    url = url.strip()
+    scheme, sep, rest = url.partition(":")
+    scheme = scheme.lower()
+    if not sep:
+        raise ConfigError(f"--l3 {url!r} has no scheme; use {FORMS}")
+    if scheme == "file":
+        path = rest[2:] if rest.startswith("//") else rest  # file:///abs and file:/abs alike
+        if not path:
+            raise ConfigError(f"--l3 {url!r}: the directory is missing; use file:PATH, e.g. file:/tmp/hisa-l3")
+        return FileL3Spec(path=path)
+    if scheme in ("redis", "mooncake"):
+        if not rest.startswith("//"):
+            raise ConfigError(f"--l3 {url!r}: use {scheme}://HOST:PORT")
+        parts = urlsplit(url)
+        host = parts.hostname
+        try:
+            port = parts.port
+        except ValueError:
+            raise ConfigError(f"--l3 {url!r}: the port is not a number in 1-65535") from None
+        if not host or port is None:
+            raise ConfigError(f"--l3 {url!r}: both a host and a port are needed ({scheme}://HOST:PORT)")
+        if scheme == "redis":
+            if parts.query:
+                raise ConfigError(f"--l3 {url!r}: redis takes no options; use redis://HOST:PORT[/DB]")
+            db_text = parts.path.strip("/")
+            if db_text and not db_text.isdigit():
+                raise ConfigError(f"--l3 {url!r}: the database after the port must be a number (redis://HOST:PORT/0)")
+            return RedisL3Spec(host=host, port=port, db=int(db_text or 0))
+        if parts.path.strip("/"):
+            raise ConfigError(f"--l3 {url!r}: mooncake takes no path; use mooncake://MASTER_HOST:PORT[?metadata=URL]")
+        query = parse_qs(parts.query, keep_blank_values=True)
+        unknown = set(query) - {"metadata"}
+        if unknown:
+            raise ConfigError(f"--l3 {url!r}: unknown option(s) {sorted(unknown)}; the only one is metadata=URL")
+        metadata = query.get("metadata", [f"http://{host}:8080/metadata"])[-1]
+        if not metadata:
+            raise ConfigError(f"--l3 {url!r}: metadata= is empty")
+        return MooncakeL3Spec(master_host=host, master_port=port, metadata=metadata)
+    raise ConfigError(f"--l3 {url!r}: unknown scheme {scheme!r}; use {FORMS}")

@@ -1,0 +1,30 @@
+"""Fixtures starting real L3 servers (l3_servers.py); their tests skip, saying what to install, where
+a server binary or package is absent."""
+
+from __future__ import annotations
+
+import pytest
+
+from l3_servers import REDIS_SERVER, MooncakeStoreServers, RedisServer, require_mooncake
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (scripts/setup.sh installs the Debian package redis-server)")
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def mooncake_servers(tmp_path_factory):
+    require_mooncake()
+    servers = MooncakeStoreServers(tmp_path_factory.mktemp("mooncake"))
+    try:
+        servers.start()
+    except BaseException:
+        servers.stop()
+        raise
+    yield servers
+    servers.stop()

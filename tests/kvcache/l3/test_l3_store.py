@@ -1,0 +1,153 @@
+"""L3Store's own guarantees: checksums catch every flipped bit, `--l3-gb` evicts least recently used
+pages, and a backend that fails (a directory gone, redis-server or the Mooncake master killed)
+degrades to "no L3": misses, a warning, a counter, no exception; it is retried later."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import pytest
+
+from hisa.errors import ConfigError
+from hisa.kvcache.l3 import L3Store, open_l3
+from hisa.kvcache.l3 import record
+from hisa.kvcache.l3.file_backend import FileBackend
+
+
+def test_every_single_bit_flip_is_caught():
+    rec = bytearray(record.encode("abc123", bytes(range(256)) * 2))
+    assert bytes(record.decode("abc123", bytes(rec))) == bytes(range(256)) * 2
+    for bit in range(8 * len(rec)):
+        rec[bit // 8] ^= 1 << bit % 8
+        assert record.decode("abc123", bytes(rec)) is None, bit
+        rec[bit // 8] ^= 1 << bit % 8
+
+
+def test_a_page_under_another_key_or_truncated_is_corrupt():
+    rec = record.encode("abc123", b"page")
+    assert record.decode("abc124", rec) is None
+    assert record.decode("abc123", rec[:-1]) is None
+    assert record.decode("abc123", rec + b"x") is None
+    assert record.decode("abc123", b"") is None
+
+
+def _kb(i):
+    return bytes([i]) * 1000
+
+
+def test_capacity_evicts_least_recently_used(tmp_path):
+    page = len(record.encode("k000", _kb(0)))
+    store = L3Store(FileBackend(str(tmp_path)), capacity_bytes=4 * page)
+    store.set(["k000", "k001", "k002", "k003"], [_kb(i) for i in range(4)])
+    store.get(["k000"])                                   # k000 is now the most recently used
+    store.set(["k004", "k005"], [_kb(4), _kb(5)])        # evicts k001, k002
+    assert store.exists(["k000", "k001", "k002", "k003", "k004", "k005"]) == [True, False, False, True, True, True]
+    assert store.stats.evictions == 2 and store.used_bytes == 4 * page
+    # a batch larger than the capacity keeps its own newest pages, never evicting what it just wrote
+    store.set([f"b{i:03d}" for i in range(6)], [_kb(i) for i in range(6)])
+    assert store.used_bytes <= 6 * page
+    assert sum(store.exists([f"b{i:03d}" for i in range(6)])) == 6
+    store.set(["c000"], [_kb(9)])
+    assert store.used_bytes <= 4 * page
+    # a page larger than the whole capacity is not stored
+    assert store.set(["huge"], [bytes(5 * page)]) == 0
+
+
+def test_capacity_is_enforced_across_restarts(tmp_path):
+    page = len(record.encode("k000", _kb(0)))
+    first = L3Store(FileBackend(str(tmp_path)))
+    for i in range(6):                                    # written one by one: distinct mtimes, oldest first
+        first.set([f"k{i:03d}"], [_kb(i)])
+        os.utime(first.backend.path(f"k{i:03d}"), (1000 + i, 1000 + i))
+    (tmp_path / "k0").mkdir(exist_ok=True)
+    (tmp_path / "k0" / "k007.123.deadbeef.tmp").write_bytes(b"half a page")   # a crashed writer's leftover
+    second = L3Store(FileBackend(str(tmp_path)), capacity_bytes=3 * page)
+    assert second.exists([f"k{i:03d}" for i in range(6)]) == [False] * 3 + [True] * 3
+    assert second.stats.evictions == 3
+    assert not (tmp_path / "k0" / "k007.123.deadbeef.tmp").exists()
+
+
+def test_file_writes_leave_no_temporaries(tmp_path):
+    store = L3Store(FileBackend(str(tmp_path)))
+    store.set([f"a{i:03d}" for i in range(20)], [_kb(i) for i in range(20)])
+    names = [n for _, _, files in os.walk(tmp_path) for n in files]
+    assert len(names) == 20 and not [n for n in names if n.endswith(".tmp")]
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_file_backend_failure_degrades_then_recovers(tmp_path, caplog):
+    root = tmp_path / "l3"
+    clock = Clock()
+    store = L3Store(FileBackend(str(root)), retry_after_s=10.0, clock=clock)
+    store.set(["k000"], [_kb(0)])
+    shutil.rmtree(root)
+    root.write_bytes(b"not a directory")                 # the disk went away under us
+    with caplog.at_level(logging.WARNING, logger="hisa.l3"):
+        assert store.set(["k001"], [_kb(1)]) == 0          # no exception
+    assert "running without L3" in caplog.text
+    assert store.stats.failures == 1 and not store.available
+    assert store.get(["k000", "k001"]) == [None, None]
+    assert store.stats.unavailable == 2 and store.stats.failures == 1   # no call while it is down
+    root.unlink()
+    clock.now = 10.0
+    assert store.available
+    assert store.set(["k001"], [_kb(1)]) == 1
+    assert bytes(store.get(["k001"])[0]) == _kb(1)
+
+
+def test_redis_killed_mid_run_degrades_and_comes_back(redis_server, caplog):
+    clock = Clock()
+    store = open_l3(redis_server.url, retry_after_s=5.0)
+    store._clock = clock
+    keys = [f"r{i:03d}" for i in range(8)]
+    assert store.set(keys, [_kb(i) for i in range(8)]) == 8
+    assert all(p is not None for p in store.get(keys))
+    redis_server.kill()
+    with caplog.at_level(logging.WARNING, logger="hisa.l3"):
+        assert store.get(keys) == [None] * 8
+        assert store.exists(keys) == [False] * 8
+        assert store.set(["r999"], [_kb(9)]) == 0
+    assert store.stats.failures == 1 and store.stats.unavailable == 8
+    assert "L3 (redis) get failed" in caplog.text
+    redis_server.start()                                   # a fresh, empty server on the same port
+    assert store.get(keys) == [None] * 8                   # still within retry_after_s: not even tried
+    clock.now = 5.0
+    assert store.set(keys[:2], [_kb(0), _kb(1)]) == 2
+    assert store.exists(keys[:3]) == [True, True, False]
+    store.close()
+
+
+def test_mooncake_master_killed_degrades(tmp_path_factory, caplog):
+    from l3_servers import MooncakeStoreServers, require_mooncake   # its own servers: the master is killed
+    require_mooncake()
+    servers = MooncakeStoreServers(tmp_path_factory.mktemp("mooncake_kill")).start()
+    try:
+        store = open_l3(servers.url)
+        keys = [f"m{i:03d}" for i in range(4)]
+        assert store.set(keys, [_kb(i) for i in range(4)]) == 4
+        assert all(p is not None for p in store.get(keys))
+        servers.kill_master()
+        with caplog.at_level(logging.WARNING, logger="hisa.l3"):
+            assert store.exists(keys) == [False] * 4
+            assert store.get(keys) == [None] * 4
+        assert store.stats.failures == 1 and not store.available
+        assert "L3 (mooncake)" in caplog.text
+        store.close()
+    finally:
+        servers.stop()
+
+
+def test_unreachable_servers_fail_at_start_up_with_advice():
+    from l3_servers import free_port
+    port = free_port()
+    with pytest.raises(ConfigError, match="cannot reach the server"):
+        open_l3(f"redis://127.0.0.1:{port}")

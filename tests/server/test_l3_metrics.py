@@ -1,0 +1,22 @@
+"""/metrics shows the L3 counters (hits, bytes, faults) when --l3 is on, and nothing of L3 when it is off."""
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from hisa.server.async_engine import EngineStats
+from hisa.server.metrics import ServerMetrics
+
+
+def _samples(metrics):
+    return {s.name: s.value for f in text_string_to_metric_families(metrics.render().decode()) for s in f.samples}
+
+
+def test_l3_counters_are_gauges():
+    metrics = ServerMetrics()
+    metrics.refresh(EngineStats(kv_pages_used=1, kv_pages_total=8))
+    assert not [n for n in _samples(metrics) if n.startswith("hisa_l3_")]
+    metrics.refresh(EngineStats(kv_pages_used=1, kv_pages_total=8,
+                                l3=dict(pages_loaded=18, tokens_loaded=288, store_corrupt=1, store_failures=0,
+                                        store_bytes_read=13_271_040)))
+    samples = _samples(metrics)
+    assert samples["hisa_l3_pages_loaded"] == 18 and samples["hisa_l3_store_corrupt"] == 1
+    assert samples["hisa_l3_store_bytes_read"] == 13_271_040 and samples["hisa_l3_store_failures"] == 0
