@@ -226,6 +226,8 @@ def main(argv=None) -> int:
     p.add_argument("--contexts", default="32768", help="comma-separated; empty: none")
     p.add_argument("--batches", default="8")
     p.add_argument("--max-context", type=int, default=131072, help="the context of the largest-batch rows (0: skip)")
+    p.add_argument("--largest", default="dense,sparse",
+                   help="which engines run the --max-context rows: dense, sparse or both (split a long run in two)")
     p.add_argument("--small-batch", type=int, default=4, help="batch of the rows after the aborts at --max-context")
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--algorithm", default="quest")
@@ -283,8 +285,9 @@ def main(argv=None) -> int:
 
     if a.max_context:
         ctx = a.max_context
-        dense = job(kind="largest", ctx=ctx, name="dense", residency=None)
-        sparse = job(kind="largest", ctx=ctx, name=a.algorithm, residency="auto")
+        which = set(a.largest.split(","))
+        dense = job(kind="largest", ctx=ctx, name="dense", residency=None) if "dense" in which else {}
+        sparse = job(kind="largest", ctx=ctx, name=a.algorithm, residency="auto") if "sparse" in which else {}
         d, s_ = dense.get("dense largest"), sparse.get(f"{a.algorithm} largest")
         ds, ss = dense.get(f"dense b{a.small_batch}"), sparse.get(f"{a.algorithm} b{a.small_batch}")
         if d and s_ and "largest_batch" in d and "largest_batch" in s_:
