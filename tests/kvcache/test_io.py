@@ -205,3 +205,34 @@ def test_uva_load_in_cuda_graph():
         src.copy_(s), dst.copy_(d)
         graph.replay()
         assert torch.equal(bits(dev), bits(want))
+
+
+@gpu
+@pytest.mark.gpu
+def test_host_pool_is_pinned_at_its_exact_size_and_unpinned_when_dropped():
+    """The pool registers plain memory with CUDA: no power-of-two rounding or caching by torch's
+    pinned allocator (a 2.9 GiB layer used to take 4 GiB and stay pinned after the pool was gone),
+    and the Triton UVA gather reads it in place."""
+    import gc
+
+    from hisa.kvcache.host_pool import HostKVPool
+
+    before = torch.cuda.host_memory_stats().get("allocated_bytes.all.current", 0)
+    pool = HostKVPool(num_layers=2, num_pages=3 * 2**12 + 5, page_size=16, num_kv_heads=8, head_dim=128,
+                      dtype=torch.bfloat16, device=torch.device("cpu"), pin=True)  # 1.5 GiB per layer, not 2^k
+    rows = pool.layer_rows(1)
+    assert rows.is_pinned() and all(t.is_pinned() for t in pool.layers)
+    assert torch.cuda.host_memory_stats().get("allocated_bytes.all.current", 0) == before
+    rows[:64].copy_(torch.randn(64, pool.row).to(torch.bfloat16))
+    dev = torch.zeros(32, pool.row, dtype=torch.bfloat16, device="cuda")
+    src, dst = torch.arange(0, 64, 2, device="cuda"), torch.arange(32, device="cuda")
+    io.load_pages(rows, dev, src, dst)  # auto: the Triton UVA path (needs pinned, mapped memory)
+    assert torch.equal(bits(dev.cpu()), bits(rows[0:64:2]))
+    ptr = rows.data_ptr()
+    del pool, rows
+    gc.collect()
+    # unregistered: registering the same range again would fail with "already registered" otherwise
+    probe = torch.cuda.cudart().cudaHostRegister(ptr, 4096, 0)
+    if int(probe) == 0:
+        torch.cuda.cudart().cudaHostUnregister(ptr)
+    assert int(probe) != 712, "the pool's memory is still registered after the pool was dropped"
