@@ -203,7 +203,6 @@ def largest_batch(loaded, *, device, ctx, steps, sparse, page_size, util) -> int
             if h * buf > e.allocator.num_pages:
                 break
             n = max(n, h + (e.allocator.num_pages - h * buf) // per)
-        n = min(n, sparse.max_sparse_requests)
     del llm, e
     gc.collect()
     torch.cuda.empty_cache() if device.type == "cuda" else None
@@ -346,11 +345,19 @@ def run_job(a, spec: dict) -> int:
         extra = dict(profile=eng.kernels_per_step()) if a.profile else {}
         rows.append(row(f"{name} b{batch}", eng, res, batch, **extra))
     else:  # the largest batch this engine holds, then the same engine with --small-batch requests
-        n = largest_batch(loaded, device=device, ctx=ctx, steps=2 * a.steps, sparse=cfg(64), page_size=a.page_size,
-                          util=a.util)
-        if spec["residency"] is not None:  # with the metadata of n slots, not 64, the pool grows: ask again
-            n = largest_batch(loaded, device=device, ctx=ctx, steps=2 * a.steps, sparse=cfg(n),
-                              page_size=a.page_size, util=a.util)
+        def fits(slots):  # requests an engine whose sparse cache has `slots` request slots holds
+            return largest_batch(loaded, device=device, ctx=ctx, steps=2 * a.steps, sparse=cfg(slots),
+                                 page_size=a.page_size, util=a.util)
+
+        n = fits(64)
+        if spec["residency"] is not None:
+            # each slot preallocates its representations on the device, so fewer slots leave a larger
+            # pool: grow n while an engine with n slots still holds n requests
+            for _ in range(4):
+                m = fits(n)
+                if m <= n or fits(m) < m:
+                    break
+                n = m
         eng = Engine(loaded, device=device, ctx=ctx, batch=n, steps=2 * a.steps, sparse=cfg(n),
                      page_size=a.page_size, chunk=a.chunk, util=a.util)
         rows.append(row(f"{name} largest", eng, eng.decode(a.steps), n, largest_batch=n))

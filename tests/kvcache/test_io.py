@@ -228,11 +228,7 @@ def test_host_pool_is_pinned_at_its_exact_size_and_unpinned_when_dropped():
     src, dst = torch.arange(0, 64, 2, device="cuda"), torch.arange(32, device="cuda")
     io.load_pages(rows, dev, src, dst)  # auto: the Triton UVA path (needs pinned, mapped memory)
     assert torch.equal(bits(dev.cpu()), bits(rows[0:64:2]))
-    ptr = rows.data_ptr()
+    keep = rows[:4]  # a view that outlives the pool: the memory stays valid, but no longer pinned
     del pool, rows
     gc.collect()
-    # unregistered: registering the same range again would fail with "already registered" otherwise
-    probe = torch.cuda.cudart().cudaHostRegister(ptr, 4096, 0)
-    if int(probe) == 0:
-        torch.cuda.cudart().cudaHostUnregister(ptr)
-    assert int(probe) != 712, "the pool's memory is still registered after the pool was dropped"
+    assert not keep.is_pinned(), "the pool's memory is still registered after the pool was dropped"

@@ -38,6 +38,14 @@ def test_cuda_graphs_equal_eager_and_bf16_close_to_fp32(tiny_dsa):  # noqa: F811
     assert graphs == eager
     assert llm.engine.runner.graphs.replays > 0, "no decode step was replayed"
     assert eager == [_hf_greedy(model, p, 24) for p in prompts]
-    bf16 = [o.token_ids for o in _llm(path, dtype="bfloat16").generate(prompts, params, use_tqdm=False)]
-    agree = sum(a == b for x, y in zip(bf16, eager) for a, b in zip(x, y)) / sum(map(len, eager))
-    assert agree > 0.5, agree  # random weights: bf16 drifts after the first differing token
+    # bf16 against fp32, teacher-forced on the fp32 continuation (free-running greedy tokens drift
+    # apart after the first near-tie of random weights, which says nothing about the arithmetic)
+    ids = prompts[0] + eager[0]
+    ref = _llm(path, dtype="float32", cuda_graphs=False).engine.score(ids, prefill_tokens=len(prompts[0]))
+    low = _llm(path, dtype="bfloat16").engine.score(ids, prefill_tokens=len(prompts[0]))
+    cos = torch.nn.functional.cosine_similarity(low, ref, dim=-1)
+    agree = (low.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    print(f"bf16 vs fp32: cosine min {cos.min().item():.4f} mean {cos.mean().item():.4f}, argmax agreement {agree:.2f}")
+    # bf16 rounding can change which tokens the indexer keeps (top 64 of 400), so single rows move
+    # more than in a dense model: on an H200, cosine min 0.960, argmax agreement 0.72 (Dec 2026)
+    assert cos.min().item() > 0.9 and cos.mean().item() > 0.98 and agree >= 0.6, (cos.min().item(), agree)

@@ -32,7 +32,7 @@ def test_reference_is_the_gated_mlp():
 
 
 def test_strided_rows_in_triton():
-    wide = torch.randn(4, 80)
+    wide = torch.randn(4, 80, device=DEVICE)
     x = wide[:, :64]
     torch.testing.assert_close(act_mul(x, act="silu", use_triton=True), act_mul_ref(x, act="silu"), **TOL[torch.float32])
 

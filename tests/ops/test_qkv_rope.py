@@ -18,13 +18,13 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_ava
 def _case(t, h, kvh, d, dtype, *, norm, seed=0, device=DEVICE, row_pad=0):
     gen = torch.Generator().manual_seed(seed)
     width = (h + 2 * kvh) * d
-    qkv = torch.randn(t, width + row_pad, generator=gen)[:, :width]  # row_pad > 0: a strided view
+    qkv = torch.randn(t, width + row_pad, generator=gen)
     positions = torch.randint(0, 5000, (t,), generator=gen)
     cos_sin = RotaryEmbedding(rope_inv_freq(d, 10000.0, None)).lookup(positions)  # [T, 2, D/2]
     qw = torch.randn(d, generator=gen) * 0.5 if norm else None
     kw = torch.randn(d, generator=gen) * 0.5 if norm else None
     move = (lambda a: None if a is None else a.to(device, dtype))
-    return move(qkv), cos_sin.to(device), move(qw), move(kw), positions
+    return move(qkv)[:, :width], cos_sin.to(device), move(qw), move(kw), positions  # row_pad > 0: a strided view
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -52,7 +52,7 @@ def test_cpu_path_matches_reference(dtype, norm):
 
 
 def test_strided_rows_in_triton():
-    qkv, cos_sin, _, _, _ = _case(4, 4, 2, 16, torch.float32, norm=False, device="cpu", row_pad=16)
+    qkv, cos_sin, _, _, _ = _case(4, 4, 2, 16, torch.float32, norm=False, device=DEVICE, row_pad=16)
     args = dict(num_heads=4, num_kv_heads=2, head_dim=16)
     for a, b in zip(qkv_rope(qkv, cos_sin, use_triton=True, **args), qkv_rope_ref(qkv, cos_sin, **args)):
         torch.testing.assert_close(a, b, **TOL[torch.float32])

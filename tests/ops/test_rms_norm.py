@@ -72,7 +72,7 @@ def test_reference_is_transformers_llama_and_gemma_math():
 
 
 def test_inputs_are_not_written():
-    x, w, r, pw = _case(3, 64, torch.float32, residual=True, pre=True, device="cpu")
+    x, w, r, pw = _case(3, 64, torch.float32, residual=True, pre=True, device=DEVICE)
     before = [t.clone() for t in (x, w, r, pw)]
     for use_triton in (False, True):
         rms_norm(x, w, eps=1e-6, unit_offset=True, residual=r, pre_weight=pw, use_triton=use_triton)
@@ -80,8 +80,8 @@ def test_inputs_are_not_written():
 
 
 def test_strided_rows_are_read_in_place():
-    x, w, r, _ = _case(4, 128, torch.float32, residual=True, pre=False, device="cpu")
-    wide = torch.randn(4, 256)
+    x, w, r, _ = _case(4, 128, torch.float32, residual=True, pre=False, device=DEVICE)
+    wide = torch.randn(4, 256, device=DEVICE)
     wide[:, :128] = x
     out, res = rms_norm(wide[:, :128], w, eps=1e-6, residual=r, use_triton=True)
     ref_out, ref_res = rms_norm_ref(x, w, eps=1e-6, residual=r)
