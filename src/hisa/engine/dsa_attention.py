@@ -87,7 +87,8 @@ class DSAAttention:
             if index is None:
                 decode_sel = last_decode
             elif hier is not None:  # the host-backed rows' indexer runs over the representation
-                decode_sel = hier.select_tokens(layer, index)
+                decode_sel = hier.select_tokens(layer, IndexerStep(q=index.q[:n], weights=index.weights[:n],
+                                                                   keys=index.keys[:n]))
                 if d.has_on_device:
                     decode_sel = torch.where((d.kind == HOST_BACKED)[:, None], decode_sel,
                                              self.indexer_topk(layer, index, rows, table, lens))
