@@ -150,3 +150,23 @@ def test_dsa_needs_a_dsa_model_and_a_dsa_model_needs_dsa(tiny):
     other = random_model(ModelConfig(**PRESETS["tiny-llama"]), device=torch.device("cpu"), dtype=torch.float32)
     with pytest.raises(ConfigError, match="indexer"):
         _llm(other, page_size=4, sparse=_dsa())
+
+
+def test_replayed_host_backed_decode_steps_equal_eager_steps(tiny):
+    """The `dsa` algorithm is graph-safe: decode steps recorded once per shape and replayed (the CPU
+    recorder re-runs the recorded step on the static buffers) give the eager tokens and loads."""
+    from hisa.engine.cuda_graph import DecodeGraphs
+
+    prompt = _prompts(tiny.config.vocab_size, [200])[0]
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    runs = []
+    for graphs in (False, True):
+        llm = _llm(tiny, page_size=4, sparse=_dsa(residency="host", buffer_ratio=1.0))
+        runner = llm.engine.runner
+        if graphs:
+            assert llm.engine.sparse.algorithm.graph_safe
+            runner.graphs = DecodeGraphs(torch.device("cpu"), capture=lambda body: body)
+        tokens = llm.generate([prompt], params, use_tqdm=False)[0].token_ids
+        runs.append((tokens, llm.engine.sparse.summary()["misses"]))
+    assert runs[0] == runs[1]
+    assert runner.graphs.captures > 0 and runner.graphs.replays > 0

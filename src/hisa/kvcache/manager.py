@@ -56,6 +56,9 @@ class SparseKVCacheManager:
                                device=torch.device("cpu"), pin=device.type == "cuda")
         self.row = self.host.row
         self.row_bytes = self.row * torch.empty((), dtype=c.dtype).element_size()
+        # a device page across layers: the host row for GQA; for MLA latent rows + indexer keys (a
+        # host-backed request's buffer pages are whole pages of the device pool)
+        self.device_page_bytes = c.nbytes // c.num_pages
         rows, L, NS = max_requests + 1, c.num_layers, buffer_slots
         i32 = dict(dtype=torch.int32, device=device)
         self.buffer_lp = torch.full((L, rows, NS), -1, **i32)
@@ -169,4 +172,4 @@ class SparseKVCacheManager:
 
     def device_kv_bytes_per_request(self) -> int:
         """Device KV bytes a host-backed request holds (buffer + tail page, all layers): fixed, not O(context)."""
-        return (self.ns + 1) * self.num_layers * self.row_bytes
+        return (self.ns + 1) * self.device_page_bytes

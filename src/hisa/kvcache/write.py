@@ -92,4 +92,4 @@ def write_token_rows(rows: torch.Tensor, host_rows: torch.Tensor, host_pages: to
     tokens = host_rows.view(-1, width)  # [HP * S, Dl + Dr]: one row per token
     keep = (host_pages >= 0) & (t > 0)
     dst = torch.where(keep, host_pages.long() * page_size + (t.long() - 1) % page_size, -1)
-    store_pages(rows.contiguous(), tokens, torch.arange(rows.shape[0], device=rows.device), dst)
+    store_pages(rows.to(host_rows.dtype).contiguous(), tokens, torch.arange(rows.shape[0], device=rows.device), dst)

@@ -356,7 +356,7 @@ class SparseCoordinator:
 
     def device_bytes(self, seq) -> dict[str, int]:
         """Device bytes one sparse request holds: its KV pages (all, or its buffer) and its representations."""
-        page = self.num_layers * self.manager.row_bytes
+        page = self.manager.device_page_bytes
         held = len(seq.buffer_pages) if seq.host_backed else len(seq.pages)
         return {"kv": held * page, "metadata": len(seq.pages) * self.algorithm.metadata_bytes_per_page()}
 
