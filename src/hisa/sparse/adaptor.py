@@ -95,7 +95,8 @@ class BackendAdaptor:
         """tokens: int32 [R, N] selected positions (-1 padded); t: int32 [R] tokens of each row.
         Returns int64 [R, num_select]: the distinct logical pages holding them, ascending, the current
         page (t - 1) // S left out, padded with a large sentinel (> any page) that `remap_tokens` searches
-        and `pages_or_pad` turns into -1. Device ops only (two sorts), no host sync."""
+        and `pages_or_pad` turns into -1. Device ops only (two sorts), no host sync. num_select must be at
+        least the distinct pages a row can pick (the engine sizes it min(index_topk, pages - 1))."""
         s, big = self.page_size, _BIG_PAGE
         cur = (torch.clamp(t.long() - 1, min=0) // s)[:, None]  # [R, 1]
         lp = torch.where(tokens >= 0, tokens.long() // s, big)
