@@ -218,7 +218,7 @@ def test_host_pool_is_pinned_at_its_exact_size_and_unpinned_when_dropped():
     from hisa.kvcache.host_pool import HostKVPool
 
     before = torch.cuda.host_memory_stats().get("allocated_bytes.all.current", 0)
-    pool = HostKVPool(num_layers=2, num_pages=3 * 2**12 + 5, page_size=16, num_kv_heads=8, head_dim=128,
+    pool = HostKVPool(num_layers=2, num_pages=3 * 2**12 + 5, page_shape=(2, 16, 8, 128),
                       dtype=torch.bfloat16, device=torch.device("cpu"), pin=True)  # 1.5 GiB per layer, not 2^k
     rows = pool.layer_rows(1)
     assert rows.is_pinned() and all(t.is_pinned() for t in pool.layers)

@@ -158,8 +158,26 @@ def test_cli_generates_from_the_directory(tiny_dsa, capsys):
     assert result["token_ids"] == _hf_greedy(model, prompt, 8, eos=EOS)
 
 
-def test_sparse_mode_is_refused_with_a_clear_message(tiny_dsa, capsys):
+def test_cli_hierarchical_dsa_gives_transformers_tokens(tiny_dsa, capsys):
+    """`hisa generate --sparse dsa`: the latent KV in the host pool behind a 64-slot buffer (page 1,
+    index_topk 64, buffer ratio 1) for a 212-token prompt: transformers' greedy tokens, and statistics."""
+    path, model = tiny_dsa
+    text = "the quiet river writes a letter to the old mountain. " * 4
+    code = main(["generate", "--model", str(path), "--device", "cpu", "--prompt", text, "--raw", "--max-tokens", "8",
+                 "--json", "--quiet", "--stats", "--page-size", "1", "--max-model-len", "256", "--sparse", "dsa",
+                 "--residency", "host", "--buffer-ratio", "1", "--sparse-min-prompt-len", "64", "--host-pool-gb", "0.01"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out.strip().splitlines()[-1])
+    from transformers import AutoTokenizer
+
+    prompt = AutoTokenizer.from_pretrained(str(path)).encode(text)
+    assert result["token_ids"] == _hf_greedy(model, prompt, 8, eos=EOS)
+    assert "sparse cache (dsa): 7 decode steps" in captured.err and "misses" in captured.err
+
+
+def test_other_sparse_algorithms_are_refused_with_a_clear_message(tiny_dsa, capsys):
     path, _ = tiny_dsa
     code = main(["generate", "--model", str(path), "--device", "cpu", "--prompt", "hi", "--raw", "--sparse", "quest",
                  "--quiet"])
-    assert code == 2 and "own sparse attention (DSA)" in capsys.readouterr().err
+    assert code == 2 and "use --sparse dsa" in capsys.readouterr().err

@@ -59,3 +59,21 @@ def test_glm5_logits_and_greedy_tokens_match_transformers(tiny_glm):
     prompt = ids[:PROMPT_LEN]
     out = llm.generate([prompt], SamplingParams(max_tokens=16, ignore_eos=True), use_tqdm=False)[0]
     assert out.token_ids == _hf_greedy(model, prompt, 16)
+
+
+def test_glm5_hierarchical_dsa_gives_transformers_tokens(tiny_glm):
+    """Hierarchical DSA on GLM-5: a shared layer reuses the previous full layer's token picks, and its own
+    buffer loads their pages. Latent KV in the host pool behind a 96-token buffer (page 2, ratio 1) for a
+    300-token prompt: transformers' greedy tokens."""
+    from hisa.sparse.config import SparseConfig
+
+    path, model = tiny_glm
+    llm = LLM(str(path), device="cpu", dtype="float32", progress=False, page_size=2, max_num_batched_tokens=128,
+              max_model_len=512, sparse=SparseConfig(algorithm="dsa", residency="host", buffer_ratio=1.0,
+                                                    min_prompt_len=64, host_pool_gb=0.01))
+    prompt = _prompt(PROMPT_LEN, seed=3)
+    out = llm.generate([prompt], SamplingParams(max_tokens=16, ignore_eos=True), use_tqdm=False)[0]
+    stats = llm.engine.sparse.summary()
+    assert llm.engine.sparse.manager.ns * 2 < PROMPT_LEN
+    assert out.token_ids == _hf_greedy(model, prompt, 16)
+    assert stats["decode_steps"] == 15 and all(m > 0 for m in stats["misses_per_layer"])

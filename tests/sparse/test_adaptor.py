@@ -78,3 +78,31 @@ def test_bounds_short_contexts():
     a = BackendAdaptor(page_size=4, sink_pages=1, recent_pages=2, budget_pages=5)
     b = a.bounds(torch.tensor([3, 9, 40, 40], **I32), torch.tensor([RESIDENT, HOST_BACKED, RESIDENT, DENSE], **I32))
     assert b.lo.tolist() == [1, 1, 1, 0] and b.hi.tolist() == [1, 1, 8, 0]
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_token_pages_and_remap_read_exactly_the_selected_tokens(page_size):
+    """DSA's token-level layout: the pages holding a row's picks (distinct, ascending, the current page
+    left out), and each pick remapped into [those pages | the tail page] lands on the same token."""
+    g = torch.Generator().manual_seed(page_size)
+    s, k_pages, R, N = page_size, 12, 5, 12  # N <= K: the engine sizes K = min(index_topk, pages - 1)
+    a = BackendAdaptor(page_size=s, sink_pages=0, recent_pages=1, budget_pages=k_pages + 1)
+    t = torch.tensor([7, 60, 200, 1, 45], **I32)
+    tokens = torch.full((R, N), -1, **I32)
+    for r, tt in enumerate(t.tolist()):
+        n = min(N, tt)
+        tokens[r, :n] = torch.randperm(tt, generator=g)[:n].to(torch.int32)  # picks in score order, -1 padded
+    pages = a.token_pages(tokens, t)
+    logical = a.pages_or_pad(pages)
+    remapped = a.remap_tokens(tokens, pages, t)
+    for r, tt in enumerate(t.tolist()):
+        cur = (tt - 1) // s
+        picks = [p for p in tokens[r].tolist() if p >= 0]
+        want = sorted({p // s for p in picks} - {cur})
+        assert logical[r].tolist() == (want + [-1] * k_pages)[:k_pages]
+        table = want + [-1] * (k_pages - len(want)) + [cur]  # buffer entries, then the tail page
+        for p, q in zip(tokens[r].tolist(), remapped[r].tolist()):
+            if p < 0:
+                assert q == -1
+            else:  # the same logical page and offset, read through the row's table
+                assert 0 <= q < (k_pages + 1) * s and table[q // s] == p // s and q % s == p % s

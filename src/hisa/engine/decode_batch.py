@@ -51,6 +51,7 @@ class DecodeView:
     block_table: torch.Tensor  # int32 [max_seqs + 1, max_pages] device page of each request's logical page
     has_sparse: bool
     has_host_backed: bool
+    has_on_device: bool = True  # any dense or resident row (their KV all on the device)
 
 
 class DecodeBuffers:
@@ -88,10 +89,11 @@ class DecodeBuffers:
         if self._copied is not None:
             self._copied.record()
 
-    def view(self, n: int, *, has_sparse: bool, has_host_backed: bool) -> DecodeView:
+    def view(self, n: int, *, has_sparse: bool, has_host_backed: bool, has_on_device: bool = True) -> DecodeView:
         fields = {name: self.dev[i, :n] for i, name in enumerate(FIELDS)}
         return DecodeView(n=n, table=self.table[:n], kv_lens=self.kv_lens[:n], block_table=self.block_table,
-                          has_sparse=has_sparse, has_host_backed=has_host_backed, **fields)
+                          has_sparse=has_sparse, has_host_backed=has_host_backed, has_on_device=has_on_device,
+                          **fields)
 
     def set_pages(self, slot: int, start: int, pages: list[int]) -> None:
         """Prefill: record device pages `pages` as logical pages start.. of the request in `slot`."""

@@ -14,10 +14,15 @@ with the whole latent and indexer caches in device pages (`MLAKVCache`). Per lay
 The decode path reads only the step plan's device tensors and shapes (no host sync), so a pure
 decode step can be captured in a CUDA graph like a dense one.
 
-For hierarchical DSA (latent rows in the host pool) the pieces map onto the sparse framework:
-`indexer_topk` is the `dsa` algorithm's `retrieve_topk` (its representation is the indexer key
-cache, kept on the device), and `mla_decode_attention` takes the selected positions through a page
-table that the BackendAdaptor would point at device-buffer slots. See docs/architecture.md.
+Hierarchical DSA (`sparse`, a SparseCoordinator running the `dsa` algorithm): a *host-backed*
+request keeps its latent rows in the host pool and its indexer keys in the algorithm's
+representation (device). Its decode rows, per layer: the new latent row goes to the tail page and,
+write-through, to its host page; the new indexer key to the representation; the indexer selects
+over the representation; the coordinator maps the selected tokens to pages, diffs them against the
+request's LRU buffer, loads the misses and rewrites the row's page table and positions to buffer
+slots; then the same kernel call as every other row. Its prefill chunks attend over the context
+read back from the host pool layer by layer. Dense and resident sparse requests run exactly as
+without `sparse` (everything on the device). See docs/dsa.md.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from hisa.attention.prefill import gather_pages
 from hisa.kvcache.mla_cache import MLAKVCache
 from hisa.models.config import ModelConfig
 from hisa.models.deepseek_v32 import IndexerStep
+from hisa.sparse.adaptor import HOST_BACKED
 
 
 class DSAAttention:
@@ -45,9 +51,9 @@ class DSAAttention:
         hidden = model(input_ids, positions, attn, max_position)
     """
 
-    def __init__(self, cache: MLAKVCache, config: ModelConfig, *, decode=None, prefills=()):
+    def __init__(self, cache: MLAKVCache, config: ModelConfig, *, decode=None, prefills=(), sparse=None):
         d = config.dsa
-        self.cache, self.decode, self.prefills = cache, decode, list(prefills)
+        self.cache, self.decode, self.prefills, self.sparse = cache, decode, list(prefills), sparse
         self.scale = config.attention_scale
         self.kv_lora_rank, self.topk = d.kv_lora_rank, d.index_topk
         self.index_scale = d.index_head_dim ** -0.5
@@ -75,27 +81,42 @@ class DSAAttention:
             cache.write(layer, d.write_page.long(), offsets, kv[:n], None if index is None else index.keys[:n])
             table, lens = d.table, d.kv_lens
             rows = torch.arange(n, device=q.device)
+            hier = self.sparse if d.has_host_backed else None
+            if hier is not None:  # host-backed rows: latent row to the host too, indexer key to the representation
+                hier.write_through_mla(layer, kv[:n], None if index is None else index.keys[:n])
             if index is None:
                 decode_sel = last_decode
+            elif hier is not None:  # the host-backed rows' indexer runs over the representation
+                decode_sel = hier.select_tokens(layer, IndexerStep(q=index.q[:n], weights=index.weights[:n],
+                                                                   keys=index.keys[:n]))
+                if d.has_on_device:
+                    decode_sel = torch.where((d.kind == HOST_BACKED)[:, None], decode_sel,
+                                             self.indexer_topk(layer, index, rows, table, lens))
             elif table.shape[1] * cache.page_size > self.topk:  # some context may exceed the selection
                 decode_sel = self.indexer_topk(layer, index, rows, table, lens)
+            # host-backed rows: their picks' pages into the buffer, table and positions remapped to its slots
+            attend = decode_sel if hier is None else hier.attention_begin_tokens(layer, decode_sel)
             out[:n] = mla_decode_attention(q[:n], latent, table, lens, scale=self.scale,
-                                           kv_lora_rank=self.kv_lora_rank, indices=decode_sel)
+                                           kv_lora_rank=self.kv_lora_rank, indices=attend)
         prefill_sel = []
         for i, c in enumerate(self.prefills):
             start, end = c.start, c.end
             ctx = c.computed + end - start
-            cache.write(layer, c.write_pages, c.write_offsets, kv[start:end],
-                        None if index is None else index.keys[start:end])
+            new_keys = None if index is None else index.keys[start:end]
+            if c.seq.sparse and c.seq.host_backed:  # the context comes back from the host pool, layer by layer
+                context, keys = self.sparse.prefill_host_backed_mla(layer, c.seq, c.computed, kv[start:end], new_keys)
+            else:
+                cache.write(layer, c.write_pages, c.write_offsets, kv[start:end], new_keys)
+                context = gather_pages(latent, c.pages, ctx)  # [ctx, Dl + Dr]
+                keys = None if index is None or ctx <= self.topk else gather_pages(cache.index_keys(layer), c.pages, ctx)
             sel = None
             if index is None:
                 sel = last_prefill[i]
             elif ctx > self.topk:
-                keys = gather_pages(cache.index_keys(layer), c.pages, ctx)  # [ctx, ID]
                 sel = indexer_topk_prefill(index.q[start:end], index.weights[start:end], keys, topk=self.topk,
                                            scale=self.index_scale)  # [n, topk]
             prefill_sel.append(sel)
-            out[start:end] = mla_prefill_attention(q[start:end], gather_pages(latent, c.pages, ctx), scale=self.scale,
+            out[start:end] = mla_prefill_attention(q[start:end], context, scale=self.scale,
                                                    kv_lora_rank=self.kv_lora_rank, indices=sel)
         if index is not None:
             self._last = (decode_sel, prefill_sel)

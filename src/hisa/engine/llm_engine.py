@@ -67,10 +67,9 @@ class LLMEngine:
             raise ConfigError(f"max_model_len={self.max_model_len} exceeds the model's context "
                               f"({mcfg.max_position_embeddings} tokens)")
         self.sparse = None
-        if config.sparse is not None and mcfg.dsa is not None:
-            raise ConfigError(f"--sparse is not supported yet for {mcfg.arch} models: without it they already run "
-                              "the model's own sparse attention (DSA), with the whole cache on the device")
-        if config.sparse is not None:  # a budget or buffer beyond the context would only waste memory
+        if config.sparse is not None:
+            _check_sparse_algorithm(config.sparse.algorithm, mcfg)
+        if config.sparse is not None and mcfg.dsa is None:  # a budget or buffer beyond the context would only waste memory
             config.sparse = fit_sparse_to_context(config.sparse, max_model_len=self.max_model_len,
                                                   page_size=config.page_size)
         algorithm = None
@@ -435,23 +434,45 @@ def _sparse_algorithm(config: EngineConfig, mcfg, max_model_len: int):
     from hisa.sparse.base import create_algorithm
 
     sp = config.sparse
+    extra = {} if mcfg.dsa is None else dict(index_head_dim=mcfg.dsa.index_head_dim, index_topk=mcfg.dsa.index_topk)
     return create_algorithm(
         sp.algorithm, num_layers=mcfg.num_layers, num_heads=mcfg.num_heads, num_kv_heads=mcfg.num_kv_heads,
         head_dim=mcfg.head_dim, page_size=config.page_size, max_requests=sp.max_sparse_requests,
         max_pages=-(-max_model_len // config.page_size), scale=mcfg.attention_scale, device=config.torch_device,
-        dtype=config.torch_dtype)
+        dtype=config.torch_dtype, **extra)
+
+
+def _check_sparse_algorithm(algorithm: str, mcfg) -> None:
+    """A DSA model selects with its own indexer (`dsa`); `dsa` needs a model that has one."""
+    if mcfg.dsa is not None and algorithm != "dsa":
+        raise ConfigError(f"{mcfg.arch} models select tokens with their own indexer: use --sparse dsa (hierarchical "
+                          f"DSA: latent KV in the host pool), or no --sparse (DSA with everything on the device), "
+                          f"not {algorithm!r}")
+    if mcfg.dsa is None and algorithm == "dsa":
+        raise ConfigError(f"--sparse dsa needs a model with DSA's indexer (DeepSeek-V3.2, GLM-5); {mcfg.arch} has "
+                          "none: choose quest, oracle or streaming")
+
+
+def dsa_selected_pages(mcfg, page_size: int, max_model_len: int) -> int:
+    """Pages a DSA decode step can need from a host-backed request's buffer per layer: the distinct
+    pages of index_topk tokens, the page being written (the tail page) excluded."""
+    return max(1, min(mcfg.dsa.index_topk, -(-max_model_len // page_size) - 1))
 
 
 def host_backed_buffer_pages(sp, mcfg, page_size: int, max_model_len: int) -> int:
     """Device pages a host-backed request holds: LRU slots (buffer_ratio x budget, at least a sliding
     window's pages, which the diff needs resident at once; never more than a whole context) + the
     tail page."""
+    max_pages = -(-max_model_len // page_size)
+    if mcfg.dsa is not None:  # DSA: buffer_ratio x the pages index_topk tokens can touch
+        picks = dsa_selected_pages(mcfg, page_size, max_model_len)
+        return min(max(picks, int(sp.buffer_ratio * picks)), max_pages) + 1
     widest = max((w for w in mcfg.layer_windows if w is not None), default=None)
     window_pages = None if widest is None else (widest - 1) // page_size + 2
-    return max(min(sp.buffer_slots(page_size), -(-max_model_len // page_size)), window_pages or 0) + 1
+    return max(min(sp.buffer_slots(page_size), max_pages), window_pages or 0) + 1
 
 
-def build_sparse(sp, *, algorithm, cache: PagedKVCache, model_config, max_model_len: int):
+def build_sparse(sp, *, algorithm, cache: PagedKVCache | MLAKVCache, model_config, max_model_len: int):
     """Assemble the SparseCoordinator from its parts: the algorithm, the tiers' manager (over the
     engine's device pool and a host pool sized from `host_pool_gb` or the machine's RAM), the adaptor."""
     from hisa.kvcache.host_pool import default_host_pool_bytes
@@ -463,8 +484,8 @@ def build_sparse(sp, *, algorithm, cache: PagedKVCache, model_config, max_model_
     if sp.dense_layers > mc.num_layers:
         raise ConfigError(f"dense_layers={sp.dense_layers} is more than the model's {mc.num_layers} layers")
     max_pages = -(-max_model_len // s)
-    page_bytes = PagedKVCache.page_bytes(num_layers=mc.num_layers, page_size=s, num_kv_heads=mc.num_kv_heads,
-                                         head_dim=mc.head_dim, dtype=cache.data.dtype)
+    # a host page: one device page of every layer (GQA: K and V; DSA: the latent rows only)
+    page_bytes = mc.num_layers * cache.layer_rows(0).shape[1] * cache.layer_rows(0).element_size()
     if sp.host_pool_gb is not None:
         host_pages = int(sp.host_pool_gb * 2**30 // page_bytes)
     else:  # the machine's RAM, but no more than every sparse slot at the longest context needs
@@ -478,12 +499,16 @@ def build_sparse(sp, *, algorithm, cache: PagedKVCache, model_config, max_model_
                           f"{host_pages * s} tokens, less than one request of max_model_len={max_model_len}; free "
                           f"memory, pass a larger --host-pool-gb, lower --max-model-len, or use --residency device")
     widest = max((w for w in mc.layer_windows if w is not None), default=None)
-    adaptor = BackendAdaptor(page_size=s, sink_pages=sp.sink_pages, recent_pages=sp.recent_pages,
-                             budget_pages=min(sp.budget_pages(s), max_pages), window=widest)  # no more than a context
+    if mc.dsa is not None:  # the indexer's picks (up to index_topk pages) + the tail page; no sinks or window
+        adaptor = BackendAdaptor(page_size=s, sink_pages=0, recent_pages=1,
+                                 budget_pages=dsa_selected_pages(mc, s, max_model_len) + 1)
+    else:
+        adaptor = BackendAdaptor(page_size=s, sink_pages=sp.sink_pages, recent_pages=sp.recent_pages,
+                                 budget_pages=min(sp.budget_pages(s), max_pages), window=widest)  # no more than a context
     manager = SparseKVCacheManager(device_cache=cache,
                                    buffer_slots=host_backed_buffer_pages(sp, mc, s, max_model_len) - 1,
                                    max_requests=sp.max_sparse_requests, max_pages=max_pages, host_pages=host_pages,
-                                   device=cache.data.device)
+                                   device=cache.device)
     return SparseCoordinator(sp, algorithm=algorithm, manager=manager, adaptor=adaptor, windows=mc.layer_windows,
                              scale=mc.attention_scale)
 

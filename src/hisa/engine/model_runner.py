@@ -82,15 +82,17 @@ class ModelRunner:
         n = len(decode_rows)
         kinds = {row[5] for row in decode_rows}
         has_sparse, has_host = bool(kinds & {RESIDENT, HOST_BACKED}), HOST_BACKED in kinds
+        on_device = bool(kinds & {DENSE, RESIDENT})
         graphed = self.graphs is not None and n and not prefill
         n_pad = bucket(n, self.max_num_seqs) if graphed else n
         view = None
         if n:
             self.buffers.fill(decode_rows, n_pad)
-            key = (n_pad, has_sparse, has_host)
+            key = (n_pad, has_sparse, has_host, on_device)
             view = self._views.get(key)
             if view is None:
-                view = self._views[key] = self.buffers.view(n_pad, has_sparse=has_sparse, has_host_backed=has_host)
+                view = self._views[key] = self.buffers.view(n_pad, has_sparse=has_sparse, has_host_backed=has_host,
+                                                            has_on_device=on_device)
         if graphed:
             hidden = self.graphs.run(key, lambda: self._forward(view, []))[:n]
             sample_index = decode_index
@@ -147,7 +149,7 @@ class ModelRunner:
         if self.model.config.dsa is not None:  # DeepSeek-V3.2 (MLA + DSA): its own attention over MLAKVCache
             from hisa.engine.dsa_attention import DSAAttention
 
-            attn = DSAAttention(self.cache, self.model.config, decode=view, prefills=chunks)
+            attn = DSAAttention(self.cache, self.model.config, decode=view, prefills=chunks, sparse=self.sparse)
         else:
             attn = StepAttention(cache=self.cache, scale=self.scale, windows=self.windows, decode=view,
                                  prefills=chunks, sparse=self.sparse)

@@ -25,7 +25,8 @@ from hisa.kvcache.page_allocator import PageAllocator
 
 
 class HostKVPool:
-    """Per layer `layers[l]` [pages, ROW] with ROW = 2 * page_size * kv_heads * head_dim (K then V).
+    """Per layer `layers[l]` [pages, ROW] with ROW = prod(page_shape): one layer's page of the device
+    cache as one row (GQA: [2, S, KVH, D], K then V; MLA: [S, latent_dim], the latent rows).
 
     A page of one layer is one row, so the per-layer load of a request's missing pages is a row
     gather (what the I/O kernel does). Page ids are shared across layers: host page p of layer l is
@@ -33,15 +34,17 @@ class HostKVPool:
 
     Example::
 
-        pool = HostKVPool(num_layers=2, num_pages=64, page_size=16, num_kv_heads=2, head_dim=64,
+        pool = HostKVPool(num_layers=2, num_pages=64, page_shape=(2, 16, 2, 64),
                           dtype=torch.float16, device=torch.device("cpu"), pin=False)
         rows = pool.layer_rows(0)          # [64, ROW]
     """
 
-    def __init__(self, *, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device, pin: bool):
-        self.page_size, self.num_kv_heads, self.head_dim = page_size, num_kv_heads, head_dim
-        self.row = 2 * page_size * num_kv_heads * head_dim
+    def __init__(self, *, num_layers: int, num_pages: int, page_shape: tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device, pin: bool):
+        self.page_shape = tuple(page_shape)
+        self.row = 1
+        for n in self.page_shape:
+            self.row *= n
         self.dtype = dtype
         self.pinned = pin
         self.layers: list[torch.Tensor] = []
@@ -81,8 +84,8 @@ class HostKVPool:
         return self.layers[layer]  # [pages, ROW]
 
     def layer_pages(self, layer: int) -> torch.Tensor:
-        """[pages, 2, S, KVH, D] view of one layer."""
-        return self.layers[layer].view(-1, 2, self.page_size, self.num_kv_heads, self.head_dim)
+        """[pages, *page_shape] view of one layer (GQA: [pages, 2, S, KVH, D])."""
+        return self.layers[layer].view(-1, *self.page_shape)
 
 
 def host_tensor(shape: tuple[int, ...], dtype: torch.dtype, *, pin: bool, owner: object) -> torch.Tensor:

@@ -49,14 +49,16 @@ class SparseKVCacheManager:
         c = device_cache
         self.cache = device_cache
         self.num_layers, self.page_size, self.ns = c.num_layers, c.page_size, buffer_slots
-        self.num_kv_heads, self.head_dim = c.num_kv_heads, c.head_dim
         self.max_requests, self.max_pages, self.device = max_requests, max_pages, device
         self.sentinel = max_requests  # the state row padding rows point at (never written)
-        self.host = HostKVPool(num_layers=c.num_layers, num_pages=host_pages, page_size=c.page_size,
-                               num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=c.data.dtype,
+        # a host page of one layer mirrors a device page of one layer (GQA: K and V; MLA: latent rows)
+        self.host = HostKVPool(num_layers=c.num_layers, num_pages=host_pages, page_shape=c.page_shape, dtype=c.dtype,
                                device=torch.device("cpu"), pin=device.type == "cuda")
         self.row = self.host.row
-        self.row_bytes = self.row * c.data.element_size()
+        self.row_bytes = self.row * torch.empty((), dtype=c.dtype).element_size()
+        # a device page across layers: the host row for GQA; for MLA latent rows + indexer keys (a
+        # host-backed request's buffer pages are whole pages of the device pool)
+        self.device_page_bytes = c.nbytes // c.num_pages
         rows, L, NS = max_requests + 1, c.num_layers, buffer_slots
         i32 = dict(dtype=torch.int32, device=device)
         self.buffer_lp = torch.full((L, rows, NS), -1, **i32)
@@ -113,11 +115,12 @@ class SparseKVCacheManager:
 
     # -- prefill of a host-backed request -----------------------------------------------------
     def read_context(self, layer: int, host_pages: list[int]) -> torch.Tensor:
-        """The layer's pages of a host-backed request, device [n, 2, S, KVH, D] (I/O kernel: UVA gather)."""
+        """The layer's pages of a host-backed request, device [n, *page_shape] (GQA: [n, 2, S, KVH, D];
+        MLA: [n, S, latent_dim]) (I/O kernel: UVA gather)."""
         src = torch.tensor(host_pages, dtype=torch.int64).to(self.device)
-        rows = torch.empty(len(host_pages), self.row, dtype=self.cache.data.dtype, device=self.device)
+        rows = torch.empty(len(host_pages), self.row, dtype=self.cache.dtype, device=self.device)
         load_pages(self.host.layer_rows(layer), rows, src, torch.arange(len(host_pages), device=self.device))
-        return rows.view(-1, 2, self.page_size, self.num_kv_heads, self.head_dim)
+        return rows.view(-1, *self.host.page_shape)
 
     def write_pages(self, layer: int, rows: torch.Tensor, host_pages: list[int], tail_page: int | None) -> None:
         """Prefill: write whole pages rows [n, ROW] (device) to `host_pages`; the last one also to the
@@ -169,4 +172,4 @@ class SparseKVCacheManager:
 
     def device_kv_bytes_per_request(self) -> int:
         """Device KV bytes a host-backed request holds (buffer + tail page, all layers): fixed, not O(context)."""
-        return (self.ns + 1) * self.num_layers * self.row_bytes
+        return (self.ns + 1) * self.device_page_bytes

@@ -43,6 +43,24 @@ class MLAKVCache:
     def nbytes(self) -> int:
         return (self.latent.numel() + self.index.numel()) * self.latent.element_size()
 
+    @property
+    def page_shape(self) -> tuple[int, ...]:
+        """Shape of one layer's page of latent rows ([S, latent_dim]): what the host pool holds for
+        a host-backed request (the indexer keys stay on the device, in the `dsa` algorithm)."""
+        return (self.page_size, self.latent_dim)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.latent.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.latent.device
+
+    def layer_rows(self, layer: int) -> torch.Tensor:
+        """[P, S * latent_dim] one layer's latent pages as rows: what the I/O kernels move."""
+        return self.latent[layer].view(self.num_pages, -1)
+
     def latent_rows(self, layer: int) -> torch.Tensor:
         return self.latent[layer]  # [P, S, latent_dim]
 

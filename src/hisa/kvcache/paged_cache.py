@@ -35,6 +35,19 @@ class PagedKVCache:
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
 
+    @property
+    def page_shape(self) -> tuple[int, ...]:
+        """Shape of one layer's page ([2, S, KVH, D]): a host pool mirrors it row for row."""
+        return tuple(self.data.shape[2:])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
     def layer(self, layer: int) -> torch.Tensor:
         return self.data[layer]  # [P, 2, S, KVH, D]
 

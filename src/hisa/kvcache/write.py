@@ -75,3 +75,21 @@ def write_token_kv_ref(k, v, dev_rows, pages, t, *, host_rows=None, host_pages=N
 
 def triton_next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
+
+
+def write_token_rows(rows: torch.Tensor, host_rows: torch.Tensor, host_pages: torch.Tensor, t: torch.Tensor, *,
+                     page_size: int) -> None:
+    """MLA write-through: host_rows[host_pages[r]] at token (t[r] - 1) % S <- rows[r], for rows with
+    host_pages[r] >= 0 and t[r] > 0.
+
+    rows: [R, Dl + Dr] the new tokens' latent rows (device); host_rows: [HP, S * (Dl + Dr)] one
+    layer of the host pool; host_pages, t: int32 [R] on the device. Through the I/O kernel (a UVA
+    scatter on CUDA: no CPU copy, no sync; index copies elsewhere).
+    """
+    from hisa.kvcache.io import store_pages
+
+    width = rows.shape[1]
+    tokens = host_rows.view(-1, width)  # [HP * S, Dl + Dr]: one row per token
+    keep = (host_pages >= 0) & (t > 0)
+    dst = torch.where(keep, host_pages.long() * page_size + (t.long() - 1) % page_size, -1)
+    store_pages(rows.to(host_rows.dtype).contiguous(), tokens, torch.arange(rows.shape[0], device=rows.device), dst)

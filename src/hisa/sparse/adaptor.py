@@ -90,6 +90,46 @@ class BackendAdaptor:
             S=self.page_size, NSEL=nsel, K=K, BLOCK_K=_next_pow2(K), WINDOWED=windowed, num_warps=1)
 
 
+    # -- token-level selection (DSA) ------------------------------------------------------------------
+    def token_pages(self, tokens: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """tokens: int32 [R, N] selected positions (-1 padded); t: int32 [R] tokens of each row.
+        Returns int64 [R, num_select]: the distinct logical pages holding them, ascending, the current
+        page (t - 1) // S left out, padded with a large sentinel (> any page) that `remap_tokens` searches
+        and `pages_or_pad` turns into -1. Device ops only (two sorts), no host sync. num_select must be at
+        least the distinct pages a row can pick (the engine sizes it min(index_topk, pages - 1))."""
+        s, big = self.page_size, _BIG_PAGE
+        cur = (torch.clamp(t.long() - 1, min=0) // s)[:, None]  # [R, 1]
+        lp = torch.where(tokens >= 0, tokens.long() // s, big)
+        lp = torch.where(lp == cur, big, lp).sort(dim=1).values  # [R, N]
+        dup = torch.zeros_like(lp, dtype=torch.bool)
+        dup[:, 1:] = lp[:, 1:] == lp[:, :-1]
+        lp = torch.where(dup, big, lp).sort(dim=1).values  # distinct pages first
+        k = self.num_select
+        if lp.shape[1] < k:
+            lp = torch.nn.functional.pad(lp, (0, k - lp.shape[1]), value=big)
+        return lp[:, :k]
+
+    @staticmethod
+    def pages_or_pad(pages: torch.Tensor) -> torch.Tensor:
+        """token_pages' output as the diff's int32 list (-1 padded)."""
+        return torch.where(pages == _BIG_PAGE, -1, pages).to(torch.int32)
+
+    def remap_tokens(self, tokens: torch.Tensor, pages: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """int32 [R, N]: each selected position p as j * S + p % S, j = p's page's entry in `pages`
+        (token_pages' output) or num_select for the current page (the tail, last in the table); -1 kept.
+        The row's kv_len for the kernel is then (num_select + 1) * S."""
+        s = self.page_size
+        tk = tokens.long()
+        page = torch.clamp(tk, min=0) // s
+        cur = (torch.clamp(t.long() - 1, min=0) // s)[:, None]
+        j = torch.searchsorted(pages.contiguous(), page)  # [R, N]
+        j = torch.where(page == cur, self.num_select, j)
+        return torch.where(tokens >= 0, j * s + tk % s, -1).to(torch.int32)
+
+
+_BIG_PAGE = 1 << 40  # pads token_pages' sorted lists (larger than any logical page)
+
+
 def _compose_ref(kind, slot, t, write_page, lo, hi, topk, block_table, table, logical, kv_lens, *,
                  page_size: int, num_select: int, K: int, windowed: bool) -> None:
     """Plain-torch compose (row by row on the host: the reference, not the hot path)."""

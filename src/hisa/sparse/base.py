@@ -39,7 +39,7 @@ def create_algorithm(name: str, **kwargs) -> "BaseSparseAlgorithm":
 
 
 def _import_builtin() -> None:
-    from hisa.sparse import lowbit, oracle, quest, streaming  # noqa: F401  (registration side effect)
+    from hisa.sparse import dsa, lowbit, oracle, quest, streaming  # noqa: F401  (registration side effect)
 
 
 @dataclass
@@ -79,6 +79,9 @@ class BaseSparseAlgorithm:
     graph_safe = False
     # False: the algorithm picks no middle pages (sinks + recent window only, e.g. streaming)
     selects = True
+    # True: retrieve_topk returns TOKEN positions (DSA's indexer), which the adaptor maps to the pages
+    # holding them; False: logical page ids in the [sinks | picks | recent] layout
+    token_level = False
 
     def __init__(self, *, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
                  max_requests: int, max_pages: int, scale: float, device: torch.device, dtype: torch.dtype):

@@ -8,6 +8,14 @@ attention_begin (retrieve top-k → compose the page list → for host-backed ro
 → physical page table) → attention → attention_end (update representations) → forward_end
 (host-side counters) → on_request_end (free the slot; the scheduler frees the pages).
 
+DSA models (MLA + the model's own indexer, the `dsa` algorithm) take the same hooks with latent rows
+in place of K/V, called from `hisa.engine.dsa_attention`: `prefill_host_backed_mla`, and per decode
+layer `write_through_mla` (the new latent row to the host pool, the new indexer key to the
+representation) → `select_tokens` (the indexer) → `attention_begin_tokens` (tokens → pages → diff +
+load misses → the buffer-slot table and remapped positions). The new indexer key must be in the
+representation before selection (the token selects itself), so DSA updates it first, not at
+attention_end.
+
 The coordinator owns the order, not the work: the algorithm selects, the adaptor lays pages out
 for the kernel, the manager moves KV between tiers. It never imports the engine; the engine hands
 it the step's decode rows (`DecodeRowsView`).
@@ -23,6 +31,7 @@ import torch
 from hisa.attention.prefill import prefill_attention
 from hisa.kvcache.diff import DiffResult
 from hisa.kvcache.manager import SparseKVCacheManager
+from hisa.kvcache.write import write_token_rows
 from hisa.sparse.adaptor import HOST_BACKED, RESIDENT, BackendAdaptor, LayoutBounds
 from hisa.sparse.base import BaseSparseAlgorithm, DecodeRows
 from hisa.sparse.config import SparseConfig
@@ -36,6 +45,7 @@ class DecodeRowsView(Protocol):
     sparse_slot: torch.Tensor  # sparse state row (the sentinel for other rows)
     t: torch.Tensor  # tokens once this step's token is written (0 for padding)
     write_page: torch.Tensor  # device page of this step's token (a host-backed request's tail page)
+    write_host_page: torch.Tensor  # host page of this step's token (host-backed rows; -1 elsewhere)
     table: torch.Tensor  # int32 [R, W] the attention page table (dense rows filled by the engine)
     kv_lens: torch.Tensor  # int32 [R] tokens attended (dense rows filled by the engine)
     block_table: torch.Tensor  # int32 [max_seqs + 1, W] device page of each logical page
@@ -76,6 +86,9 @@ class SparseCoordinator:
         # the first dense_layers layers select nothing: their global layers read every page (resident rows)
         self.dense = [i < config.dense_layers and w is None for i, w in enumerate(self.windows)]
         self.totals = SparseTotals(selected_per_layer=[0] * self.num_layers)
+        # token-level selection (DSA): pages the host-backed rows needed from their buffers, per layer
+        # (data-dependent, so counted on the device and read only by summary())
+        self._selected = torch.zeros(self.num_layers, dtype=torch.int64, device=self.device)
         self._d: DecodeRowsView | None = None
         self._running: dict[int, object] = {}  # sparse slot -> the running request holding it
 
@@ -106,6 +119,11 @@ class SparseCoordinator:
         for d in demoted:
             seq = d.seq
             self.manager.demote(seq.sparse_slot, d.device_pages, seq.pages, seq.buffer_pages)
+            if self.algorithm.token_level:  # DSA: a resident request's indexer keys lived in its device pages
+                pages = torch.tensor(d.device_pages, dtype=torch.int64, device=self.device)
+                for layer in range(self.num_layers):
+                    keys = self.cache.index_keys(layer).index_select(0, pages)  # [P, S, ID]
+                    self.algorithm.construct_representations(layer, seq.sparse_slot, 0, keys.reshape(-1, keys.shape[-1]))
 
     # -- prefill ------------------------------------------------------------------------------
     def prefill_resident(self, layer: int, seq, computed: int, n: int) -> None:
@@ -147,6 +165,36 @@ class SparseCoordinator:
             keys = torch.nn.functional.pad(k_all[span].float(), (0, 0, 0, 0, 0, pad), value=float("nan"))
             self.algorithm.construct_representations(layer, seq.sparse_slot, first_page, keys)
         return out
+
+    def prefill_host_backed_mla(self, layer: int, seq, computed: int, rows: torch.Tensor,
+                                index_keys: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A host-backed DSA request's prefill chunk (MLA): read the context's latent rows back from the
+        host pool, write the chunk's pages to it (the last also to the tail page), put the chunk's
+        indexer keys into the representation (device).
+
+        rows: [n, Dl + Dr] the chunk's latent rows; index_keys: [n, ID] its indexer keys (None on a
+        layer without an indexer). Returns the whole context's latent rows [computed + n, Dl + Dr]
+        and indexer keys [computed + n, ID] (None without), on the device, for the caller's attention."""
+        s, m = self.page_size, self.manager
+        n, width = rows.shape
+        total = computed + n
+        first_page, last_page = computed // s, -(-total // s)
+        if computed > 0:  # the context so far (I/O kernel: UVA gather of the layer's pages)
+            prev = m.read_context(layer, seq.pages[: -(-computed // s)]).reshape(-1, width)[:computed]
+            latent = torch.cat([prev, rows.to(prev.dtype)])
+        else:
+            latent = rows.to(self.cache.dtype)
+        pad = last_page * s - total
+        span = torch.nn.functional.pad(latent[first_page * s:], (0, 0, 0, pad))  # [P * S, W], whole pages
+        m.write_pages(layer, span.reshape(last_page - first_page, -1), seq.pages[first_page:last_page],
+                      tail_page=seq.buffer_pages[-1])
+        keys = None
+        if index_keys is not None:
+            prev_keys = self.algorithm.context_keys(layer, seq.sparse_slot, computed)
+            keys = torch.cat([prev_keys, index_keys.to(prev_keys.dtype)])  # a copy: written back below
+            self.algorithm.construct_representations(
+                layer, seq.sparse_slot, first_page, torch.nn.functional.pad(keys[first_page * s:], (0, 0, 0, pad)))
+        return latent, keys
 
     # -- one decode step ----------------------------------------------------------------------------
     def forward_begin(self, decode: DecodeRowsView) -> None:
@@ -199,15 +247,55 @@ class SparseCoordinator:
         if self.windows[layer] is None and self.algorithm.selects and not self.dense[layer]:
             self.algorithm.update_representations(layer, self._rows, k)
 
+    # -- one decode step of a DSA model (token-level selection, MLA over latent rows) -----------------
+    def write_through_mla(self, layer: int, rows: torch.Tensor, index_keys: torch.Tensor | None) -> None:
+        """The decode rows' new latent rows [R, Dl + Dr] to their host pages (host-backed rows; the
+        engine wrote the tail page), their new indexer keys [R, ID] to the representation."""
+        d = self._d
+        write_token_rows(rows, self.manager.host.layer_rows(layer), d.write_host_page, d.t, page_size=self.page_size)
+        if index_keys is not None:
+            self.algorithm.update_representations(layer, self._rows, index_keys)
+
+    def select_tokens(self, layer: int, index) -> torch.Tensor:
+        """retrieve_topk of the token-level algorithm (DSA's indexer over the representation) for every
+        decode row: int32 [R, N] positions, -1 padded (only host-backed rows' are meaningful)."""
+        return self.algorithm.retrieve_topk(layer, index, self._rows)
+
+    def attention_begin_tokens(self, layer: int, tokens: torch.Tensor) -> torch.Tensor:
+        """Before a DSA layer's decode attention, for the host-backed rows: the pages holding the
+        selected `tokens` (int32 [R, N]) → diff against the row's buffer + load the misses → the row's
+        page table [buffer pages of the picks | tail page] and kv_len (K + 1) * S in the step's `table`
+        / `kv_lens`. Returns the positions to attend: host-backed rows' remapped into that table, the
+        other rows' unchanged. Device work only."""
+        d, a = self._d, self.adaptor
+        K = a.num_select
+        host = self._host_rows.bool()
+        pages = a.token_pages(tokens, d.t)  # [R, K] sorted, big-padded
+        logical = self._logical[:, :K]
+        logical.copy_(torch.where(host[:, None], a.pages_or_pad(pages), -1))
+        table = d.table
+        table[:, :K + 1].masked_fill_(host[:, None], -1)
+        miss = self._miss
+        out = DiffResult(table[:, :K], miss.load_slots[:, :K], miss.load_pages[:, :K], miss.num_misses)
+        self.manager.resolve(layer, logical=logical, active=self._host_rows, sparse_slots=d.sparse_slot,
+                             table=table, misses=out)
+        table[:, K] = torch.where(host, d.write_page, table[:, K])
+        d.kv_lens.copy_(torch.where(host, (K + 1) * self.page_size, d.kv_lens))
+        self._selected[layer] += (logical >= 0).sum()
+        if self.config.prefetch and layer + 1 < self.num_layers:  # guess: the next layer picks alike
+            self.manager.prefetch(layer + 1, logical, active=self._host_rows, sparse_slots=d.sparse_slot)
+        return torch.where(host[:, None], a.remap_tokens(tokens, pages, d.t), tokens)
+
     def forward_end(self, sparse_t: list[int]) -> None:
         """After a decode step: host-side counters (no sync). sparse_t: each sparse row's token count."""
         tot = self.totals
         tot.decode_steps += 1
         tot.request_steps += len(sparse_t)
-        sel = self.selected_pages(sparse_t)
-        every = sum(-(-t // self.page_size) for t in sparse_t)  # a dense layer's pages
-        for layer, w in enumerate(self.windows):
-            tot.selected_per_layer[layer] += every if self.dense[layer] else sel[w is not None]
+        if not self.algorithm.token_level:  # token-level selection counts on the device (summary())
+            sel = self.selected_pages(sparse_t)
+            every = sum(-(-t // self.page_size) for t in sparse_t)  # a dense layer's pages
+            for layer, w in enumerate(self.windows):
+                tot.selected_per_layer[layer] += every if self.dense[layer] else sel[w is not None]
         mem = self.memory()
         tot.peak_device_bytes_in_use = max(tot.peak_device_bytes_in_use,
                                            mem["device_kv_bytes_in_use"] + mem["metadata_bytes_in_use"])
@@ -255,10 +343,16 @@ class SparseCoordinator:
     # -- accounting ---------------------------------------------------------------------------
     def summary(self) -> dict:
         """Totals since start (peaks for bytes in use) and per-step means; what `--stats` prints.
-        Reads the device miss counters (a sync): call it between steps, not inside one."""
+        Reads the device miss counters (a sync): call it between steps, not inside one.
+
+        Pages are one layer's device page (`bytes_h2d` = pages loaded x its bytes). For a token-level
+        algorithm (DSA), `selected_pages` counts the distinct pages of the host-backed rows' picks
+        that had to be in the buffer (the tail page excluded; resident rows move nothing), so
+        hits / misses are those of the buffer."""
         t = self.totals
         misses_per_layer = self.manager.misses.tolist()
-        misses, selected = sum(misses_per_layer), sum(t.selected_per_layer)
+        selected_per_layer = self._selected.tolist() if self.algorithm.token_level else list(t.selected_per_layer)
+        misses, selected = sum(misses_per_layer), sum(selected_per_layer)
         prefetched = int(self.manager.prefetched.sum())
         row = self.manager.row_bytes
         steps = t.decode_steps
@@ -269,7 +363,7 @@ class SparseCoordinator:
             "hit_rate": (selected - misses) / selected if selected else 1.0,
             "prefetched_pages": prefetched,  # loaded ahead on a side stream (not counted as misses)
             "bytes_h2d": loaded * row, "bytes_h2d_per_step": loaded * row / steps if steps else 0.0,
-            "misses_per_layer": misses_per_layer, "selected_per_layer": list(t.selected_per_layer),
+            "misses_per_layer": misses_per_layer, "selected_per_layer": selected_per_layer,
             "peak_device_bytes_in_use": t.peak_device_bytes_in_use, "peak_host_bytes_in_use": t.peak_host_bytes_in_use,
             "device_kv_bytes_per_host_backed_request": self.manager.device_kv_bytes_per_request(),
             **self.memory(),
@@ -277,7 +371,7 @@ class SparseCoordinator:
 
     def device_bytes(self, seq) -> dict[str, int]:
         """Device bytes one sparse request holds: its KV pages (all, or its buffer) and its representations."""
-        page = self.num_layers * self.manager.row_bytes
+        page = self.manager.device_page_bytes
         held = len(seq.buffer_pages) if seq.host_backed else len(seq.pages)
         return {"kv": held * page, "metadata": len(seq.pages) * self.algorithm.metadata_bytes_per_page()}
 
