@@ -68,3 +68,18 @@ def long_text(n_words: int, seed: int = 0) -> str:
         if i % 12 == 11:
             out[-1] += "."
     return " ".join(out)
+
+
+def sharp_tiny_dsa(seed: int = 3):
+    """The `tiny-deepseek-v3.2` preset with random fp32 weights on the CPU, scaled to N(0, 0.1)
+    (from N(0, 0.02)) so attention and the indexer's scores are sharp enough that selection matters."""
+    from hisa.models.config import PRESETS, ModelConfig
+    from hisa.models.factory import random_model
+
+    loaded = random_model(ModelConfig(**PRESETS["tiny-deepseek-v3.2"]), device=torch.device("cpu"),
+                          dtype=torch.float32, seed=seed)
+    with torch.no_grad():
+        for p in loaded.model.parameters():
+            if p.ndim >= 2:
+                p.mul_(5.0)
+    return loaded

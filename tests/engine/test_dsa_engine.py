@@ -12,21 +12,14 @@ import torch
 from hisa import LLM, SamplingParams
 from hisa.engine.cuda_graph import DecodeGraphs
 from hisa.kvcache.mla_cache import MLAKVCache
-from hisa.models.config import PRESETS, ModelConfig
-from hisa.models.factory import random_model
+from tests.conftest import sharp_tiny_dsa
 
 PROMPT_LENS, MAX_TOKENS = (20, 90, 45), (24, 12, 18)
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    loaded = random_model(ModelConfig(**PRESETS["tiny-deepseek-v3.2"]), device=torch.device("cpu"),
-                          dtype=torch.float32, seed=3)
-    with torch.no_grad():
-        for name, p in loaded.model.named_parameters():
-            if p.ndim >= 2:
-                p.mul_(5.0)  # N(0, 0.1) instead of N(0, 0.02)
-    return loaded
+    return sharp_tiny_dsa(seed=3)
 
 
 def _prompts(vocab: int) -> list[list[int]]:

@@ -16,6 +16,7 @@ from hisa import LLM, SamplingParams
 from hisa.errors import ConfigError
 from hisa.models.config import PRESETS, ModelConfig
 from hisa.models.factory import random_model
+from tests.conftest import sharp_tiny_dsa
 from hisa.sparse.config import SparseConfig
 
 MAX_MODEL_LEN = 320
@@ -24,13 +25,7 @@ DECODE_STEPS = 64
 
 @pytest.fixture(scope="module")
 def tiny():
-    loaded = random_model(ModelConfig(**PRESETS["tiny-deepseek-v3.2"]), device=torch.device("cpu"),
-                          dtype=torch.float32, seed=3)
-    with torch.no_grad():
-        for _, p in loaded.model.named_parameters():
-            if p.ndim >= 2:
-                p.mul_(5.0)  # N(0, 0.1) instead of N(0, 0.02)
-    return loaded
+    return sharp_tiny_dsa(seed=3)
 
 
 def _prompts(vocab: int, lens) -> list[list[int]]:
