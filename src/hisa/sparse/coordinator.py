@@ -23,6 +23,8 @@ it the step's decode rows (`DecodeRowsView`).
 
 from __future__ import annotations
 
+import weakref
+
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -203,7 +205,7 @@ class SparseCoordinator:
         self._d = d = decode
         self._bounds: LayoutBounds = self.adaptor.bounds(d.t, d.kind)
         self._rows = DecodeRows(sparse_slots=d.sparse_slot, t=d.t, lo=self._bounds.lo, hi=self._bounds.hi,
-                                num_select=self.adaptor.num_select, page_keys=self._page_keys)
+                                num_select=self.adaptor.num_select, page_keys=_weak_call(self._page_keys))
         R = d.kind.shape[0]
         K = max(self.adaptor.budget_pages, self.adaptor.window_pages or 0)
         i32 = dict(dtype=torch.int32, device=self.device)
@@ -334,9 +336,9 @@ class SparseCoordinator:
         return out
 
     def drop_step_state(self) -> None:
-        """Forget the last decode step's per-step objects. Its DecodeRows holds a bound method of this
-        coordinator (a reference cycle), so without this a dropped engine's KV pool would wait for the
-        garbage collector (LLMEngine.close and deletion call it)."""
+        """Forget the last decode step's per-step objects (its view of the engine's decode batch and its
+        DecodeRows), so nothing of a closed engine's step outlives close() (LLMEngine.close and deletion
+        call it). DecodeRows reaches this coordinator only weakly (see _weak_call)."""
         self.__dict__.pop("_rows", None)
         self.__dict__.pop("_d", None)
 
@@ -388,3 +390,15 @@ class SparseCoordinator:
             "host_backed_requests": sum(1 for seq in self._running.values() if seq.host_backed),
             "resident_requests": sum(1 for seq in self._running.values() if not seq.host_backed),
         }
+
+
+def _weak_call(method):
+    """`method` (bound) as a function that holds its object weakly: the step's DecodeRows keeps it,
+    and a strong reference would be a coordinator -> DecodeRows -> coordinator cycle that keeps a
+    dropped engine's pools alive until the garbage collector runs."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args, **kwargs):
+        return ref()(*args, **kwargs)
+
+    return call
