@@ -23,6 +23,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from hisa.sparse.triton_page_scores import head_softmax
+
 
 @triton.jit
 def lowbit_update_kernel(
@@ -152,22 +154,11 @@ def lowbit_scores_kernel(
     hi = tl.load(hi_ptr + r)
     p = b * BLOCK_P + tl.arange(0, BLOCK_P)
     valid = (p >= lo) & (p < hi)
-    h = tl.arange(0, BLOCK_H)
-    h_ok = h < H
-    pb = tl.arange(0, BLOCK_PB)
-    part = (r * PB + pb)[:, None] * H + h[None, :]  # [BLOCK_PB, BLOCK_H]
-    pmask = (pb < PB)[:, None] & h_ok[None, :]
-    m = tl.load(mpart_ptr + part, mask=pmask, other=float("-inf"))
-    s = tl.load(spart_ptr + part, mask=pmask, other=0.0)
-    big = tl.max(m, axis=0)  # [BLOCK_H] each head's max over the row's middle tokens
-    big_sub = tl.where(big == float("-inf"), 0.0, big)
-    m_sub = tl.where(m == float("-inf"), big_sub[None, :], m)
-    norm = tl.sum(s * tl.exp2(m_sub - big_sub[None, :]), axis=0)  # [BLOCK_H]
-    inv = tl.where(norm > 0.0, 1.0 / tl.where(norm > 0.0, norm, 1.0), 0.0)
-    lg = tl.load(logit_ptr + (r * H + h)[None, :] * MAXP + p[:, None], mask=valid[:, None] & h_ok[None, :],
-                 other=float("-inf"))  # [BLOCK_P, BLOCK_H]
-    w = tl.exp2(lg - big_sub[None, :]) * inv[None, :]  # each head's softmax at its page's best token
+    # each head's softmax at its page's best token (partials merged over the row's middle tokens)
+    w = head_softmax(logit_ptr, mpart_ptr, spart_ptr, r, p, valid, MAXP, PB, H, BLOCK_PB, BLOCK_H)
     if POOL_MAX:
+        h = tl.arange(0, BLOCK_H)
+        h_ok = h < H
         score = tl.zeros([BLOCK_P], tl.float32)
         kv_of = h // G
         for k in tl.static_range(KVH):

@@ -74,7 +74,17 @@ def _store_head(lg, valid, r, b, p, h, logit_ptr, mpart_ptr, spart_ptr, MAXP, PB
 @triton.jit
 def _softmax_block(logit_ptr, mpart_ptr, spart_ptr, r, p, valid, MAXP, PB, H: tl.constexpr,
                    BLOCK_PB: tl.constexpr, BLOCK_H: tl.constexpr):
-    """sum over heads of softmax_h at pages p: merge row r's partials, then normalize the block."""
+    """sum over heads of softmax_h at pages p."""
+    return tl.sum(head_softmax(logit_ptr, mpart_ptr, spart_ptr, r, p, valid, MAXP, PB, H, BLOCK_PB, BLOCK_H),
+                  axis=1)
+
+
+@triton.jit
+def head_softmax(logit_ptr, mpart_ptr, spart_ptr, r, p, valid, MAXP, PB, H: tl.constexpr,
+                  BLOCK_PB: tl.constexpr, BLOCK_H: tl.constexpr):
+    """softmax_h at pages p for every head h, [BLOCK_P, BLOCK_H] (0 outside valid pages and heads):
+    merge row r's per-block partials (max, sum) into each head's normalizer, then normalize the
+    block's logits."""
     h = tl.arange(0, BLOCK_H)
     h_ok = h < H
     pb = tl.arange(0, BLOCK_PB)
@@ -89,8 +99,7 @@ def _softmax_block(logit_ptr, mpart_ptr, spart_ptr, r, p, valid, MAXP, PB, H: tl
     inv = tl.where(norm > 0.0, 1.0 / tl.where(norm > 0.0, norm, 1.0), 0.0)
     lg = tl.load(logit_ptr + (r * H + h)[None, :] * MAXP + p[:, None],
                  mask=valid[:, None] & h_ok[None, :], other=float("-inf"))  # [BLOCK_P, BLOCK_H]
-    w = tl.exp2(lg - big_sub[None, :]) * inv[None, :]
-    return tl.sum(w, axis=1)  # [BLOCK_P]
+    return tl.exp2(lg - big_sub[None, :]) * inv[None, :]
 
 
 @triton.jit
