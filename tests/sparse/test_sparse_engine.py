@@ -59,6 +59,15 @@ def test_offloaded_equals_all_on_device(make_llm):
     assert misses[0] > 0 and misses[1] == 0  # the host-backed run loaded pages, the resident one never
 
 
+def _generate_tiny(tiny, prompts, params, sparse):
+    """Greedy tokens of `prompts` on a small random model (page 16, 512 tokens), and the sparse
+    cache's summary (None for dense)."""
+    llm = LLM(loaded=tiny, device="cpu", dtype="float32", progress=False, page_size=16, max_model_len=512,
+              sparse=sparse)
+    outs = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    return outs, llm.engine.sparse.summary() if sparse is not None else None
+
+
 @pytest.mark.parametrize("algorithm", ["lowbit", "lowbit-2bit"])
 def test_tiny_model_full_budget_equals_dense_and_host_equals_device(algorithm):
     """On a small random model (cheap on a CPU): a budget covering the context gives dense's tokens,
@@ -69,10 +78,7 @@ def test_tiny_model_full_budget_equals_dense_and_host_equals_device(algorithm):
     params = SamplingParams(max_tokens=24, ignore_eos=True)
 
     def run(sparse):
-        llm = LLM(loaded=tiny, device="cpu", dtype="float32", progress=False, page_size=16, max_model_len=512,
-                  sparse=sparse)
-        outs = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-        return outs, llm.engine.sparse.summary() if sparse is not None else None
+        return _generate_tiny(tiny, prompts, params, sparse)
 
     dense, _ = run(None)
     for residency in ("host", "device"):
@@ -231,10 +237,7 @@ def test_dense_layers_equal_to_the_model_give_dense_tokens(preset, algorithm):
     params = SamplingParams(max_tokens=12, ignore_eos=True)
 
     def run(sparse):
-        llm = LLM(loaded=tiny, device="cpu", dtype="float32", progress=False, page_size=16, max_model_len=512,
-                  sparse=sparse)
-        outs = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-        return outs, llm.engine.sparse.summary() if sparse is not None else None
+        return _generate_tiny(tiny, prompts, params, sparse)
 
     dense, _ = run(None)
     small = dict(algorithm=algorithm, token_budget=96, min_prompt_len=64, host_pool_gb=0.01, residency="device")
