@@ -45,7 +45,8 @@ def make_prompts(tokenizer, *, batch: int, tokens: int, seed: int) -> list[list[
     per_task = -(-batch // len(tasks))
     suite = generate_suite(tokenizer, tasks=tasks, lengths=[tokens], samples_per_task=per_task, seed=seed)
     # interleave tasks so a small batch still mixes them
-    suite = sorted(suite, key=lambda s: (suite.index(s) % per_task, s.task))
+    # (generate_suite lists each task's samples together: the i-th sample is number i % per_task of its task)
+    suite = [s for _, s in sorted(enumerate(suite), key=lambda e: (e[0] % per_task, e[1].task))]
     return [prompt_ids(tokenizer, s) for s in suite[:batch]]
 
 

@@ -353,11 +353,14 @@ def run_job(a, spec: dict) -> int:
         if spec["residency"] is not None:
             # each slot preallocates its representations on the device, so fewer slots leave a larger
             # pool: grow n while an engine with n slots still holds n requests
+            held = fits(n)  # each call builds an engine (and pins its host pool): none is asked twice
             for _ in range(4):
-                m = fits(n)
-                if m <= n or fits(m) < m:
+                if held <= n:
                     break
-                n = m
+                more = fits(held)
+                if more < held:
+                    break
+                n, held = held, more
         eng = Engine(loaded, device=device, ctx=ctx, batch=n, steps=2 * a.steps, sparse=cfg(n),
                      page_size=a.page_size, chunk=a.chunk, util=a.util)
         rows.append(row(f"{name} largest", eng, eng.decode(a.steps), n, largest_batch=n))
