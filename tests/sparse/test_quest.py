@@ -107,10 +107,11 @@ def _summaries(ss, maxp, kvh, d, dtype, device):
 
 
 @pytest.mark.parametrize("with_mean", [False, True])
-@pytest.mark.parametrize("h,kvh,d,maxp", [(6, 2, 16, 70), (4, 4, 32, 33), (9, 3, 64, 40)])
-def test_page_scores_triton_matches_reference(with_mean, h, kvh, d, maxp):
+@pytest.mark.parametrize("h,kvh,d,maxp,block_p", [(6, 2, 16, 70, None), (4, 4, 32, 33, 16), (9, 3, 64, 40, 64)])
+def test_page_scores_triton_matches_reference(with_mean, h, kvh, d, maxp, block_p):
     """Two Triton kernels (per-block logits + softmax partials, then the merge) against the torch
-    reference: rows with a middle range, a row that selects nothing, ranges cut at block edges."""
+    reference: rows with a middle range, a row that selects nothing, ranges cut at block edges, at
+    the default and two other pages-per-program tunings."""
     torch.manual_seed(h * 100 + maxp)
     R, SS = 4, 5
     q = torch.randn(R, h, d)
@@ -120,7 +121,7 @@ def test_page_scores_triton_matches_reference(with_mean, h, kvh, d, maxp):
     args = (q, kmin, kmax, ss, lo, hi)
     want = page_scores_ref(*args, scale=0.3, kmean=kmean if with_mean else None)
     args, kmean = tuple(x.to(DEV) for x in args), kmean.to(DEV)  # Triton on the GPU, or the interpreter
-    got = page_scores(*args, scale=0.3, kmean=kmean if with_mean else None, use_triton=True).cpu()
+    got = page_scores(*args, scale=0.3, kmean=kmean if with_mean else None, use_triton=True, block_p=block_p).cpu()
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     torch.testing.assert_close(got.nan_to_num(0, neginf=0), want.nan_to_num(0, neginf=0), rtol=1e-5, atol=1e-6)
     assert torch.isinf(got[1]).all()  # the row with an empty range scores nothing
@@ -143,10 +144,12 @@ def test_page_scores_real_sizes_on_gpu(dtype):
         torch.testing.assert_close(got.nan_to_num(0, neginf=0), want.nan_to_num(0, neginf=0), rtol=2e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("radix_bits", [1, 2, 4])
 @pytest.mark.parametrize("maxp,k", [(70, 5), (33, 40), (300, 61), (16, 16)])
-def test_select_pages_triton_matches_reference(maxp, k):
+def test_select_pages_triton_matches_reference(maxp, k, radix_bits):
     """Radix select (Triton) against a stable sort: the same pages, in page order, ties to the lower
-    page; rows with fewer valid pages than k, an empty row, many exact ties."""
+    page; rows with fewer valid pages than k, an empty row, many exact ties; for each number of
+    threshold bits found per round."""
     torch.manual_seed(maxp + k)
     R = 5
     scores = torch.rand(R, maxp)
@@ -157,7 +160,7 @@ def test_select_pages_triton_matches_reference(maxp, k):
     scores = torch.where((torch.arange(maxp)[None, :] >= lo[:, None].long())
                          & (torch.arange(maxp)[None, :] < hi[:, None].long()), scores, float("-inf"))
     want = select_pages_ref(scores, lo, hi, k)
-    got = select_pages(scores.to(DEV), lo.to(DEV), hi.to(DEV), k, use_triton=True).cpu()
+    got = select_pages(scores.to(DEV), lo.to(DEV), hi.to(DEV), k, use_triton=True, radix_bits=radix_bits).cpu()
     assert torch.equal(got, want)
     assert (want[1] == -1).all()
     for r in range(R):  # each row holds min(k, valid) distinct pages of its range, ascending
@@ -167,3 +170,20 @@ def test_select_pages_triton_matches_reference(maxp, k):
             worst = scores[r, row].min()
             rest = [x for x in range(int(lo[r]), int(hi[r])) if x not in row]
             assert all(scores[r, x] <= worst for x in rest)  # nothing left out scores higher
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (real sizes)")
+@pytest.mark.parametrize("radix_bits", [1, 2, 3, 4])
+def test_select_pages_real_sizes_on_gpu(radix_bits):
+    """128K tokens at page 32 (4,096 pages) and 32K (1,024), 62 of them kept: every tuning of the
+    radix select picks the stable sort's pages."""
+    torch.manual_seed(radix_bits)
+    for maxp in (1024, 4096):
+        scores = torch.rand(6, maxp, device="cuda").pow(8)  # many near-zero scores, as softmax sums give
+        scores[1] = torch.randint(0, 5, (maxp,), device="cuda").float()  # heavy ties
+        lo = torch.tensor([1, 1, 0, 7, 1, 0], dtype=torch.int32, device="cuda")
+        hi = torch.tensor([maxp - 1, maxp - 1, 40, maxp, 1, maxp], dtype=torch.int32, device="cuda")
+        p = torch.arange(maxp, device="cuda")
+        scores = torch.where((p[None, :] >= lo[:, None]) & (p[None, :] < hi[:, None]), scores, float("-inf"))
+        got = select_pages(scores, lo, hi, 62, radix_bits=radix_bits)
+        assert torch.equal(got, select_pages_ref(scores, lo, hi, 62))

@@ -19,13 +19,20 @@ from __future__ import annotations
 import torch
 
 _LOG2E = 1.4426950408889634
-BLOCK_P = 32  # pages per program
+BLOCK_P = 32  # pages per program of the logits kernel (a tuning knob; `bench/selection_kernels_gpu.py`)
+LOGITS_WARPS = 4
+SELECT_RADIX_BITS = 1  # bits of the threshold found per round of select_pages_kernel (1 = binary search)
+SELECT_WARPS = None  # None: 8 warps from 2,048 pages up, else 4
 
 
 def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sslots: torch.Tensor, lo: torch.Tensor,
                 hi: torch.Tensor, *, scale: float, kmean: torch.Tensor | None = None,
-                use_triton: bool | None = None) -> torch.Tensor:
-    """Score every page of each row's middle range (see the module docstring). fp32 [R, MAXP]."""
+                use_triton: bool | None = None, block_p: int | None = None,
+                num_warps: int | None = None) -> torch.Tensor:
+    """Score every page of each row's middle range (see the module docstring). fp32 [R, MAXP].
+
+    block_p (pages per program, a power of two >= 2) and num_warps tune the logits kernel; None takes
+    the module's BLOCK_P / LOGITS_WARPS."""
     R, H, D = q.shape
     SS, MAXP, KVH, Dm = kmin.shape
     if Dm != D or H % KVH or kmax.shape != kmin.shape or (kmean is not None and kmean.shape != kmin.shape):
@@ -41,8 +48,12 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sslots:
         return page_scores_ref(q, kmin, kmax, sslots, lo, hi, scale=scale, kmean=kmean)
     from hisa.sparse.triton_page_scores import page_logits_kernel, page_scores_kernel
 
+    block_p = BLOCK_P if block_p is None else block_p
+    num_warps = LOGITS_WARPS if num_warps is None else num_warps
+    if block_p < 2 or block_p & (block_p - 1):
+        raise ValueError(f"block_p must be a power of two >= 2, got {block_p}")
     G = H // KVH
-    PB = -(-MAXP // BLOCK_P)
+    PB = -(-MAXP // block_p)
     f32 = dict(dtype=torch.float32, device=q.device)
     n_terms = 1 if kmean is None else 2
     logits = torch.empty(n_terms, R, H, MAXP, **f32)
@@ -57,10 +68,10 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sslots:
         logits[0], mpart[0], spart[0], *second,
         scale * _LOG2E, MAXP, PB,
         q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), kmin.stride(2),
-        H=H, G=G, D=D, BLOCK_P=BLOCK_P, BLOCK_D=_next_pow2(D), HAS_MEAN=kmean is not None, num_warps=4)
+        H=H, G=G, D=D, BLOCK_P=block_p, BLOCK_D=_next_pow2(D), HAS_MEAN=kmean is not None, num_warps=num_warps)
     page_scores_kernel[(R, PB)](
         logits[0], mpart[0], spart[0], *second, lo, hi, scores, MAXP, PB,
-        H=H, BLOCK_P=BLOCK_P, BLOCK_PB=max(2, _next_pow2(PB)), BLOCK_H=max(2, _next_pow2(H)),
+        H=H, BLOCK_P=block_p, BLOCK_PB=max(2, _next_pow2(PB)), BLOCK_H=max(2, _next_pow2(H)),
         HAS_MEAN=kmean is not None, num_warps=4)
     return scores
 
@@ -89,12 +100,15 @@ def _next_pow2(n: int) -> int:
 
 
 def select_pages(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, k: int, *,
-                 use_triton: bool | None = None) -> torch.Tensor:
+                 use_triton: bool | None = None, radix_bits: int | None = None,
+                 num_warps: int | None = None) -> torch.Tensor:
     """The k best pages of each row by score, in page order: int32 [R, k], -1 padded.
 
     scores: fp32 [R, MAXP] (what `page_scores` returns: >= 0 inside each row's [lo, hi), -inf
     outside); a row with fewer than k valid pages gets them all. Ties go to the lower page. One
     Triton launch on CUDA (a radix select: no sort, no host sync), the torch reference elsewhere.
+    radix_bits (1-4: threshold bits found per round, ceil(31 / bits) rounds) and num_warps tune the
+    kernel; None takes the module's SELECT_RADIX_BITS / SELECT_WARPS.
     """
     R, MAXP = scores.shape
     if use_triton is None:
@@ -106,8 +120,13 @@ def select_pages(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, k: in
     out = torch.empty(R, k, dtype=torch.int32, device=scores.device)
     if R and k:
         block = _next_pow2(MAXP)
+        bits = SELECT_RADIX_BITS if radix_bits is None else radix_bits
+        if bits not in (1, 2, 3, 4):
+            raise ValueError(f"radix_bits must be 1, 2, 3 or 4, got {bits}")
+        warps = num_warps or SELECT_WARPS or (8 if block >= 2048 else 4)
         select_pages_kernel[(R,)](scores, lo, hi, out, MAXP, out.stride(0), K=k, BLOCK=block,
-                                  BLOCK_K=_next_pow2(k), num_warps=8 if block >= 2048 else 4)
+                                  BLOCK_K=_next_pow2(k), RADIX_BITS=bits, ROUNDS=-(-31 // bits),
+                                  num_warps=warps)
     return out
 
 

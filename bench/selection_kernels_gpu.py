@@ -1,0 +1,192 @@
+"""Tuning sweep of the sparse decode step's own kernels on a GPU, at the decode benchmark's shapes.
+
+The Llama-3.1-8B shape (32 query heads, 8 KV heads, head dim 128, bf16, page 32, budget 2,048
+tokens = 64 pages) at 32K x 8 rows, 128K x 4 and 128K x 11. For each kernel and each setting of its
+knobs it captures one CUDA graph that calls the kernel once per layer (32 calls, each on its own
+layer's tensors, so nothing is served from L2 as in a real step) and reports the GPU time per call
+(median of --reps replays) and the bytes per second it reaches:
+
+  * `page_scores` (Quest's bound, two kernels): pages per program (block_p) x warps of the logits
+    kernel; bytes = the page summaries read (kmin + kmax of every page of every row);
+  * `select_pages` (top-k pages per row): threshold bits per round (radix_bits) x warps;
+  * `paged_decode_attention` over the selected pages (64 full pages + the newest, at random
+    physical places in a buffer twice the budget): KV splits x tokens per iteration (block_n);
+    bytes = the K and V read.
+
+Every setting is first checked against the default setting's output (the same pages; attention
+within bf16 rounding). Prints a table per kernel, writes JSON (command, device, date, git commit,
+figures; the fastest setting per kernel and shape) and a plot beside it.
+
+    python bench/selection_kernels_gpu.py --out bench/results/selection_kernels_gpu_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from _common import REPO, header, write_json
+
+sys.path.insert(0, str(REPO / "src"))
+
+from hisa.attention.paged_decode import paged_decode_attention  # noqa: E402
+from hisa.sparse.page_scores import page_scores, select_pages  # noqa: E402
+
+H, KVH, D, S, BUDGET_PAGES, LAYERS = 32, 8, 128, 32, 64, 32
+SHAPES = {"32K x 8": (32768, 8), "128K x 4": (131072, 4), "128K x 11": (131072, 11)}
+
+
+def graph_us(calls: list, reps: int) -> float:
+    """GPU time per call (µs): one graph holding every call, replayed `reps` times (median)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for fn in calls:  # warm-up: compile and autotune outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for fn in calls:
+            fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000 / len(calls))
+    return statistics.median(times)
+
+
+def sweep_scores(ctx: int, rows: int, reps: int) -> list[dict]:
+    maxp = ctx // S
+    dev = "cuda"
+    q = torch.randn(rows, H, D, device=dev, dtype=torch.bfloat16)
+    meta = []
+    for _ in range(LAYERS):
+        a, b = torch.randn(2, rows, maxp, KVH, D, device=dev, dtype=torch.bfloat16)
+        meta.append((torch.minimum(a, b), torch.maximum(a, b)))
+    ss = torch.arange(rows, dtype=torch.int32, device=dev)
+    lo = torch.ones(rows, dtype=torch.int32, device=dev)  # one sink page, the newest page recent
+    hi = torch.full((rows,), maxp - 1, dtype=torch.int32, device=dev)
+    k = BUDGET_PAGES - 2
+    scale = D ** -0.5
+    base_scores = page_scores(q, *meta[0], ss, lo, hi, scale=scale)
+    base_pages = select_pages(base_scores, lo, hi, k)
+    nbytes = rows * maxp * KVH * D * 2 * 2  # kmin + kmax, bf16
+    out = []
+    for block_p, warps in itertools.product((16, 32, 64, 128), (1, 2, 4, 8)):
+        got = page_scores(q, *meta[0], ss, lo, hi, scale=scale, block_p=block_p, num_warps=warps)
+        ok = torch.allclose(got.nan_to_num(0, neginf=0), base_scores.nan_to_num(0, neginf=0), rtol=1e-4, atol=1e-6)
+        us = graph_us([lambda m=m: page_scores(q, *m, ss, lo, hi, scale=scale, block_p=block_p, num_warps=warps)
+                       for m in meta], reps)
+        out.append(dict(kernel="page_scores", block_p=block_p, num_warps=warps, us=us, ok=ok,
+                        gb_s=nbytes / us / 1e3))
+    scores = [page_scores(q, *m, ss, lo, hi, scale=scale) for m in meta]
+    for bits, warps in itertools.product((1, 2, 3, 4), (1, 2, 4, 8, 16)):
+        try:
+            got = select_pages(base_scores, lo, hi, k, radix_bits=bits, num_warps=warps)
+            ok = torch.equal(got, base_pages)
+            us = graph_us([lambda s_=s_: select_pages(s_, lo, hi, k, radix_bits=bits, num_warps=warps)
+                           for s_ in scores], reps)
+        except Exception as e:  # noqa: BLE001 - a setting the compiler cannot fit (registers, shared memory)
+            print(f"select_pages radix_bits={bits} num_warps={warps}: {type(e).__name__}: {e}"[:300])
+            ok, us = False, float("nan")
+        out.append(dict(kernel="select_pages", radix_bits=bits, num_warps=warps, us=us, ok=ok))
+    return out
+
+
+def sweep_decode(rows: int, reps: int) -> list[dict]:
+    dev = "cuda"
+    gen = torch.Generator().manual_seed(0)
+    pool = 2 * BUDGET_PAGES * rows + 1
+    kv_len = (BUDGET_PAGES - 1) * S + S // 2  # 63 full pages and the newest, half full
+    caches, tables = [], []
+    for _ in range(LAYERS):
+        caches.append(torch.randn(pool, 2, S, KVH, D, device=dev, dtype=torch.bfloat16))
+        perm = torch.randperm(pool, generator=gen)[: rows * BUDGET_PAGES].view(rows, BUDGET_PAGES)
+        tables.append(perm.to(torch.int32).to(dev))
+    q = torch.randn(rows, H, D, device=dev, dtype=torch.bfloat16)
+    lens = torch.full((rows,), kv_len, dtype=torch.int32, device=dev)
+    outs = [torch.empty_like(q) for _ in range(LAYERS)]
+    scale = D ** -0.5
+    want = paged_decode_attention(q, caches[0][:, 0], caches[0][:, 1], tables[0], lens, scale=scale)
+    nbytes = rows * kv_len * KVH * D * 2 * 2
+    out = []
+    for splits, block_n in itertools.product((None, 2, 4, 8, 16, 32), (32, 64, 128)):
+        got = paged_decode_attention(q, caches[0][:, 0], caches[0][:, 1], tables[0], lens, scale=scale,
+                                     num_splits=splits, block_n=block_n)
+        ok = torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+        us = graph_us([lambda i=i: paged_decode_attention(q, caches[i][:, 0], caches[i][:, 1], tables[i], lens,
+                                                          scale=scale, num_splits=splits, block_n=block_n,
+                                                          out=outs[i]) for i in range(LAYERS)], reps)
+        out.append(dict(kernel="paged_decode", num_splits=splits or "auto", block_n=block_n, us=us, ok=ok,
+                        gb_s=nbytes / us / 1e3))
+    return out
+
+
+def knobs(r: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in r.items() if k not in ("kernel", "us", "ok", "gb_s", "shape"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {list(SHAPES)}")
+    ap.add_argument("--out", default=str(REPO / "bench/results/selection_kernels_gpu.json"))
+    ap.add_argument("--git-commit", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    rows = []
+    for name in args.shapes.split(","):
+        ctx, batch = SHAPES[name]
+        for r in sweep_scores(ctx, batch, args.reps) + sweep_decode(batch, args.reps):
+            rows.append(dict(shape=name, **r))
+        torch.cuda.empty_cache()
+    best = {}
+    for name in args.shapes.split(","):
+        print(f"\n== {name} (µs per call, one call per layer in one graph)")
+        for kern in ("page_scores", "select_pages", "paged_decode"):
+            rs = [r for r in rows if r["shape"] == name and r["kernel"] == kern]
+            good = [r for r in rs if r["ok"] and r["us"] == r["us"]]
+            top = min(good, key=lambda r: r["us"]) if good else None
+            if top:
+                best[f"{name} {kern}"] = dict(knobs=knobs(top), us=top["us"])
+            for r in sorted(rs, key=lambda r: (r["us"] != r["us"], r["us"])):
+                gb = f"{r['gb_s']:7.0f} GB/s" if "gb_s" in r else ""
+                print(f"  {kern:13s} {knobs(r):34s} {r['us']:8.1f} µs {gb} {'' if r['ok'] else 'MISMATCH'}"
+                      f"{'  <- best' if r is top else ''}")
+    write_json(Path(args.out), dict(**header(torch.device("cuda"), args.git_commit), rows=rows, best=best))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        kerns = ("page_scores", "select_pages", "paged_decode")
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        for ax, kern in zip(axes, kerns):
+            for name in args.shapes.split(","):
+                rs = [r for r in rows if r["shape"] == name and r["kernel"] == kern and r["ok"]]
+                ax.plot(range(len(rs)), [r["us"] for r in rs], marker="o", label=name)
+                ax.set_xticks(range(len(rs)), [knobs(r).replace(" ", "\n") for r in rs], fontsize=5, rotation=90)
+            ax.set_title(kern)
+            ax.set_ylabel("µs per call")
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(Path(args.out).with_suffix(".png"), dpi=120)
+    except ImportError:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
