@@ -160,7 +160,7 @@ def select_pages_kernel(
     else:
         digit = tl.arange(0, 1 << RADIX_BITS).to(tl.int64)  # [NC] candidate digits
         for i in tl.static_range(ROUNDS):
-            shift: tl.constexpr = (ROUNDS - 1 - i) * RADIX_BITS
+            shift = (ROUNDS - 1 - i) * RADIX_BITS
             cand = t_lo + (digit << shift)  # [NC]
             count = tl.sum((bits.to(tl.int64)[:, None] >= cand[None, :]).to(tl.int32), axis=0)  # [NC], decreasing
             t_lo = t_lo + ((tl.sum((count >= kk).to(tl.int64), axis=0) - 1) << shift)
