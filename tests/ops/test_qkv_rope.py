@@ -106,3 +106,23 @@ def test_cuda_real_shapes(h, kvh, d, norm):
     args = dict(num_heads=h, num_kv_heads=kvh, head_dim=d, q_norm_weight=qw, k_norm_weight=kw)
     for a, b in zip(qkv_rope(qkv, cos_sin, **args), qkv_rope_ref(qkv, cos_sin, **args)):
         torch.testing.assert_close(a, b, **TOL[torch.bfloat16])
+
+
+def test_rotary_table_is_built_once_per_device_however_the_device_is_named():
+    """Each engine made over the same loaded weights asks the shared rotary table for its max model
+    length. Asking again must not grow it: on CUDA the engine names the device "cuda" while the table
+    lives on "cuda:0", and every engine of `hisa eval` used to double it (32 GiB after 14 engines)."""
+    rope = RotaryEmbedding(rope_inv_freq(64, 10000.0, None))
+    name = "cuda" if torch.cuda.is_available() else "cpu"
+    rope._ensure(8192, torch.device(name))
+    first = rope._cos_sin
+    assert first.shape[0] == 8193
+    for _ in range(3):
+        rope._ensure(8192, torch.device(name))
+        rope._ensure(8000, name)
+    assert rope._cos_sin is first
+    rope._ensure(9000, name)  # a longer model length grows it, geometrically
+    assert rope._cos_sin.shape[0] == 2 * 8193
+    if torch.cuda.is_available():  # a table on another device is rebuilt at the asked size, not doubled
+        rope._ensure(100, "cpu")
+        assert rope._cos_sin.shape[0] == 4096 and rope._cos_sin.device.type == "cpu"

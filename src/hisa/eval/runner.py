@@ -376,6 +376,8 @@ def _run_row(runner: _Runner, report: dict[str, Any], algorithm: str, budget: Bu
     unit = dict(row=label, algorithm=algorithm, budget=budget.label if budget else None,
                 budget_tokens=budget.resolve(length) if budget else None, length=length,
                 indices=[batch[0].index, batch[-1].index], prompts=len(batch))
+    if runner.config.device.startswith("cuda"):  # what this engine and the shared weights hold: flat across runs
+        unit["device_allocated_gib"] = round(torch.cuda.memory_allocated() / 2**30, 3)
     if budget is not None:
         unit["sparse_stats"] = _check_ran_sparse(llm, outputs, label, length)
     for item, o in zip(batch, outputs):

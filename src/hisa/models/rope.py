@@ -105,10 +105,16 @@ class RotaryEmbedding(torch.nn.Module):
         self._cos_sin = None  # fp32 [n, 2, D/2]
 
     def _ensure(self, max_pos: int, device: torch.device) -> None:
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" is the current device: compare as "cuda:N"
+            device = torch.device("cuda", torch.cuda.current_device())
         table = self._cos_sin
-        if table is not None and table.shape[0] > max_pos and table.device == device:
+        same = table is not None and table.device == device
+        if same and table.shape[0] > max_pos:
             return
-        n = max(int(max_pos) + 1, 2 * (0 if table is None else table.shape[0]), 4096)
+        # grow geometrically on the same device (positions creep up one decode step at a time); a
+        # table for another device is rebuilt at the size asked, never doubled
+        n = max(int(max_pos) + 1, 2 * table.shape[0] if same else 0, 4096)
         t = torch.arange(n, device=device, dtype=torch.float32)
         freqs = torch.outer(t, self.inv_freq.to(device))  # [n, D/2], as transformers computes them
         self._cos_sin = torch.stack([freqs.cos(), freqs.sin()], dim=1)  # [n, 2, D/2]
