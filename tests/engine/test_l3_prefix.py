@@ -117,3 +117,51 @@ def test_mooncake_store_serves_a_prefix(make_llm, prompts, reference, tmp_path):
         llm.close()
     finally:
         servers.stop()
+
+
+def _run_counting_prefill(llm, prompts, params):
+    """Outputs in prompt order, and the prefill tokens the engine ran (prompts and recomputations)."""
+    engine = llm.engine
+    ids = [engine.add_request(p, params) for p in prompts]
+    done, prefill = {}, 0
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                done[o.request_id] = list(o.token_ids)
+        prefill += engine.last_step_prefill_tokens
+    return [done[i] for i in ids], prefill
+
+
+def test_preempted_requests_park_in_l3_and_resume_from_it(make_llm, tmp_path):
+    """A pool smaller than the batch preempts requests mid-generation. With L3 each victim first writes
+    its full pages (prompt and generated tokens) there, and on resumption loads them instead of
+    recomputing its context: same greedy outputs, fewer prefill tokens, nothing leaked."""
+    tok = make_llm().tokenizer
+    # four prompts of ~300 tokens fit the 88 pages together (76); growing by 80 tokens each they do not
+    prompts = [tok.encode(long_text(300, seed=40 + i))[:290 + 5 * i] for i in range(4)]
+    params = SamplingParams(max_tokens=80, ignore_eos=True)
+    small = dict(num_kv_pages=88, page_size=S, max_model_len=512, max_num_batched_tokens=512)
+    plain = make_llm(**small)
+    want, prefill_plain = _run_counting_prefill(plain, prompts, params)
+    assert plain.engine.scheduler.num_preemptions > 0, "the test did not exercise preemption"
+    parked = make_llm(**small, l3=f"file:{tmp_path / 'l3'}")
+    got, prefill_parked = _run_counting_prefill(parked, prompts, params)
+    assert got == want
+    m = parked.engine.l3_prefix.metrics()
+    assert parked.engine.scheduler.num_preemptions > 0
+    assert m["requests_parked"] > 0 and m["pages_parked"] > 0
+    # tokens run again after preemptions (prefill tokens past the prompts): a resumed request loads
+    # its parked pages and recomputes little more than its last partial page
+    redone_plain, redone_parked = (n - sum(map(len, prompts)) for n in (prefill_plain, prefill_parked))
+    assert m["tokens_loaded"] > 0 and 0 <= redone_parked < redone_plain / 2, (redone_parked, redone_plain)
+    assert m["store_corrupt"] == 0 and m["store_failures"] == 0
+    _check_no_leak(parked)
+    # a resumed request's pages past its prompt came from its parking (prompts are stored only
+    # up to their last full prompt page): L3 holds pages keyed by generated tokens
+    from hisa.kvcache.l3 import page_keys
+
+    layout = parked.engine.l3_prefix.layout
+    full = [(len(p) + len(o) - 1) // S for p, o in zip(prompts, got)]
+    with_outputs = [page_keys(p + o[:f * S - len(p)], layout)[len(p) // S:f]
+                    for p, o, f in zip(prompts, got, full) if f * S > len(p)]
+    assert any(any(parked.engine.l3_prefix.l3.exists(keys)) for keys in with_outputs if keys)

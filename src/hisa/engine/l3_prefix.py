@@ -10,8 +10,15 @@ allocated device pages and counted as computed, so the scheduler prefills only t
 after a cached prefix). At least the prompt's last token is always computed: its logits give the
 first output token. A missing or corrupt page ends the run; nothing past it is used.
 
+Parking: a dense request the scheduler preempts (the device pool ran short) first writes its full
+pages, prompt and generated tokens alike, to L3 (those L3 lacks); its pages are then freed as
+before. When it is admitted again, the same lookup finds them under the keys of its tokens so far,
+and it resumes from L3 instead of recomputing its whole context: only the tokens past its last full
+page run again.
+
 Synchronous: a lookup and its reads run on the engine thread before the step; the write of a
-finished prefill runs after the step. Sparse requests and MLA caches are not served yet.
+finished prefill runs after the step, a parking write inside the schedule that preempts. Sparse
+requests and MLA caches are not served yet.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ class PrefixStats:
     pages_loaded: int = 0
     tokens_loaded: int = 0    # prompt tokens not prefilled thanks to L3
     pages_stored: int = 0
+    requests_parked: int = 0  # preempted requests whose full pages were written to L3 before being freed
+    pages_parked: int = 0     # pages those writes added (pages L3 held already are not written again)
 
 
 class L3PrefixCache:
@@ -65,19 +74,27 @@ class L3PrefixCache:
         """Give waiting dense requests that the scheduler may admit next their L3 prefix pages."""
         room = scheduler.max_num_seqs - len(scheduler.running)
         reserve = len(scheduler.running)   # the one-page-per-running-request margin the scheduler keeps
-        for seq in list(scheduler.waiting)[:max(0, room)]:
+        for i, seq in enumerate(list(scheduler.waiting)[:max(0, room)]):
             if seq.sparse or seq.pages or seq.num_computed:
                 continue
             if self._looked_up.get(seq.request_id) == seq.num_preemptions:
                 continue
-            self._looked_up[seq.request_id] = seq.num_preemptions
             s = self.page_size
             full = (seq.num_tokens - 1) // s   # the last token is always computed (it gives the logits)
-            # only when the whole request fits now: pages held by a waiting request cannot be preempted
-            if full == 0 or scheduler.allocator.num_free < -(-seq.num_tokens // s) + reserve:
+            if full == 0:
                 continue
+            # Pages held by a waiting request cannot be preempted, so a request gets pages only when the
+            # scheduler admits it next: the whole request fits now, or it is first in line (a request
+            # just preempted is put there) and loads the leading pages that fit, one page and the
+            # running requests' margin left free, prefilling the rest in chunks as pages free up.
+            # Otherwise it is looked up again at a later step.
+            free = scheduler.allocator.num_free
+            cap = full if free >= -(-seq.num_tokens // s) + reserve else (free - reserve - 1 if i == 0 else 0)
+            if cap <= 0:
+                continue
+            self._looked_up[seq.request_id] = seq.num_preemptions
             self.stats.lookups += 1
-            keys = page_keys(seq.token_ids[:full * s], self.layout)
+            keys = page_keys(seq.token_ids[:full * s], self.layout)[:cap]
             found = self.l3.exists(keys)
             hits = found.index(False) if False in found else len(found)
             if hits == 0:
@@ -105,22 +122,35 @@ class L3PrefixCache:
     # -- store -------------------------------------------------------------------------------
     def store_prompts(self, seqs: list[Sequence]) -> None:
         """Write the full prompt pages of dense requests whose prefill just ended (those L3 lacks)."""
-        s = self.page_size
         for seq in seqs:
             if seq.sparse or seq.request_id in self._stored or seq.num_computed < seq.num_prompt:
                 continue
             self._stored.add(seq.request_id)
-            full = seq.num_prompt // s
-            if full == 0:
-                continue
-            keys = page_keys(seq.token_ids[:full * s], self.layout)
-            missing = [i for i, there in enumerate(self.l3.exists(keys)) if not there]
-            if not missing:
-                continue
-            index = torch.tensor([seq.pages[i] for i in missing], dtype=torch.int64, device=self.cache.data.device)
-            host = self.cache.data.index_select(1, index).transpose(0, 1).contiguous().cpu()   # [n, L, 2, S, KVH, D]
-            rows = host.view(len(missing), -1).view(torch.uint8).numpy()
-            self.stats.pages_stored += self.l3.set([keys[i] for i in missing], [rows[j].data for j in range(len(missing))])
+            self.stats.pages_stored += self._write_missing(seq, seq.num_prompt // self.page_size)
+
+    def park(self, seq: Sequence) -> None:
+        """Before a dense request is preempted: write every full page whose KV it has computed (prompt
+        and generated tokens) to L3, so that its resumption loads them instead of recomputing them."""
+        if seq.sparse or not seq.pages:
+            return
+        full = min(seq.num_computed // self.page_size, len(seq.pages))
+        if full == 0:
+            return
+        self.stats.requests_parked += 1
+        self.stats.pages_parked += self._write_missing(seq, full)
+
+    def _write_missing(self, seq: Sequence, full: int) -> int:
+        """Write the first `full` pages of `seq` that L3 lacks; the number written."""
+        if full == 0:
+            return 0
+        keys = page_keys(seq.token_ids[:full * self.page_size], self.layout)
+        missing = [i for i, there in enumerate(self.l3.exists(keys)) if not there]
+        if not missing:
+            return 0
+        index = torch.tensor([seq.pages[i] for i in missing], dtype=torch.int64, device=self.cache.data.device)
+        host = self.cache.data.index_select(1, index).transpose(0, 1).contiguous().cpu()   # [n, L, 2, S, KVH, D]
+        rows = host.view(len(missing), -1).view(torch.uint8).numpy()
+        return self.l3.set([keys[i] for i in missing], [rows[j].data for j in range(len(missing))])
 
     def forget(self, request_id: str) -> None:
         self._looked_up.pop(request_id, None)

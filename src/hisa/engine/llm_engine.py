@@ -99,6 +99,8 @@ class LLMEngine:
                                   max_model_len=self.max_model_len, scratch_page=num_pages)
         self.sampler = Sampler(config.torch_device, config.seed)
         self.l3_prefix = self._open_l3() if config.l3 is not None else None
+        if self.l3_prefix is not None:  # a preempted dense request parks its KV in L3 and resumes from it
+            self.scheduler.on_preempt = self.l3_prefix.park
         self.eos_token_ids = set(mcfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)

@@ -85,6 +85,9 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.num_demotions = 0
+        # called with a request about to be preempted, while its pages still hold its KV (the L3
+        # prefix cache parks them there: hisa.engine.l3_prefix); None = recompute only
+        self.on_preempt = None
         self._free_slots = list(range(max_num_seqs - 1, -1, -1))
 
     # -- queue management --------------------------------------------------------------------
@@ -247,6 +250,8 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        if self.on_preempt is not None:
+            self.on_preempt(seq)
         self._release(seq)
         seq.num_computed = 0
         seq.status = Status.WAITING

@@ -15,7 +15,7 @@ gauges are set from the engine thread's latest `EngineStats` snapshot when /metr
 | hisa_time_per_output_token_seconds | histogram | time between consecutive tokens of a request |
 | hisa_e2e_request_latency_seconds | histogram | request arrival → last token |
 | hisa_sparse_<name> | gauge | each numeric field of `engine.sparse_stats`, when present |
-| hisa_l3_<name> | gauge | with --l3: the prefix counters (lookups, requests_hit, pages_loaded, tokens_loaded, pages_stored) and the store's (store_hits, store_misses, store_corrupt, store_unavailable, store_failures, store_bytes_read, store_bytes_written, store_evictions, ...) |
+| hisa_l3_<name> | gauge | with --l3: the prefix counters (lookups, requests_hit, pages_loaded, tokens_loaded, pages_stored, requests_parked, pages_parked) and the store's (store_hits, store_misses, store_corrupt, store_unavailable, store_failures, store_bytes_read, store_bytes_written, store_evictions, ...) |
 
 Example::
 
