@@ -8,7 +8,7 @@ layer's tensors, so nothing is served from L2 as in a real step) and reports the
 
   * `page_scores` (Quest's bound, two kernels): pages per program (block_p) x warps of the logits
     kernel; bytes = the page summaries read (kmin + kmax of every page of every row);
-  * `select_pages` (top-k pages per row): threshold bits per round (radix_bits) x warps;
+  * `select_pages` (top-k pages per row): warps;
   * `paged_decode_attention` over the selected pages (64 full pages + the newest, at random
     physical places in a buffer twice the budget): KV splits x tokens per iteration (block_n);
     bytes = the K and V read.
@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 from _common import REPO, header, write_json
+from paged_decode_gpu import time_graph_ms
 
 sys.path.insert(0, str(REPO / "src"))
 
@@ -42,26 +42,7 @@ SHAPES = {"32K x 8": (32768, 8), "128K x 4": (131072, 4), "128K x 11": (131072, 
 
 def graph_us(calls: list, reps: int) -> float:
     """GPU time per call (µs): one graph holding every call, replayed `reps` times (median)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for fn in calls:  # warm-up: compile and autotune outside the capture
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for fn in calls:
-            fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000 / len(calls))
-    return statistics.median(times)
+    return time_graph_ms(calls, reps=reps) * 1000
 
 
 def sweep_scores(ctx: int, rows: int, reps: int) -> list[dict]:
@@ -90,16 +71,10 @@ def sweep_scores(ctx: int, rows: int, reps: int) -> list[dict]:
                         gb_s=nbytes / us / 1e3))
         progress(out[-1])
     scores = [page_scores(q, *m, ss, lo, hi, scale=scale) for m in meta]
-    for bits, warps in itertools.product((1, 2, 4), (1, 4, 8)):
-        try:
-            got = select_pages(base_scores, lo, hi, k, radix_bits=bits, num_warps=warps)
-            ok = torch.equal(got, base_pages)
-            us = graph_us([lambda s_=s_: select_pages(s_, lo, hi, k, radix_bits=bits, num_warps=warps)
-                           for s_ in scores], reps)
-        except Exception as e:  # noqa: BLE001 - a setting the compiler cannot fit (registers, shared memory)
-            print(f"select_pages radix_bits={bits} num_warps={warps}: {type(e).__name__}: {e}"[:300])
-            ok, us = False, float("nan")
-        out.append(dict(kernel="select_pages", radix_bits=bits, num_warps=warps, us=us, ok=ok))
+    for warps in (1, 4, 8, 16):
+        ok = torch.equal(select_pages(base_scores, lo, hi, k, num_warps=warps), base_pages)
+        us = graph_us([lambda s_=s_: select_pages(s_, lo, hi, k, num_warps=warps) for s_ in scores], reps)
+        out.append(dict(kernel="select_pages", num_warps=warps, us=us, ok=ok))
         progress(out[-1])
     return out
 

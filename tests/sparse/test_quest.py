@@ -144,12 +144,10 @@ def test_page_scores_real_sizes_on_gpu(dtype):
         torch.testing.assert_close(got.nan_to_num(0, neginf=0), want.nan_to_num(0, neginf=0), rtol=2e-3, atol=1e-5)
 
 
-@pytest.mark.parametrize("radix_bits", [1, 2, 4])
 @pytest.mark.parametrize("maxp,k", [(70, 5), (33, 40), (300, 61), (16, 16)])
-def test_select_pages_triton_matches_reference(maxp, k, radix_bits):
+def test_select_pages_triton_matches_reference(maxp, k):
     """Radix select (Triton) against a stable sort: the same pages, in page order, ties to the lower
-    page; rows with fewer valid pages than k, an empty row, many exact ties; for each number of
-    threshold bits found per round."""
+    page; rows with fewer valid pages than k, an empty row, many exact ties."""
     torch.manual_seed(maxp + k)
     R = 5
     scores = torch.rand(R, maxp)
@@ -160,7 +158,7 @@ def test_select_pages_triton_matches_reference(maxp, k, radix_bits):
     scores = torch.where((torch.arange(maxp)[None, :] >= lo[:, None].long())
                          & (torch.arange(maxp)[None, :] < hi[:, None].long()), scores, float("-inf"))
     want = select_pages_ref(scores, lo, hi, k)
-    got = select_pages(scores.to(DEV), lo.to(DEV), hi.to(DEV), k, use_triton=True, radix_bits=radix_bits).cpu()
+    got = select_pages(scores.to(DEV), lo.to(DEV), hi.to(DEV), k, use_triton=True).cpu()
     assert torch.equal(got, want)
     assert (want[1] == -1).all()
     for r in range(R):  # each row holds min(k, valid) distinct pages of its range, ascending
@@ -173,11 +171,11 @@ def test_select_pages_triton_matches_reference(maxp, k, radix_bits):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (real sizes)")
-@pytest.mark.parametrize("radix_bits", [1, 2, 3, 4])
-def test_select_pages_real_sizes_on_gpu(radix_bits):
-    """128K tokens at page 32 (4,096 pages) and 32K (1,024), 62 of them kept: every tuning of the
-    radix select picks the stable sort's pages."""
-    torch.manual_seed(radix_bits)
+@pytest.mark.parametrize("num_warps", [None, 1, 16])
+def test_select_pages_real_sizes_on_gpu(num_warps):
+    """128K tokens at page 32 (4,096 pages) and 32K (1,024), 62 of them kept: the radix select picks
+    the stable sort's pages, at the default warps and two others."""
+    torch.manual_seed(num_warps or 0)
     for maxp in (1024, 4096):
         scores = torch.rand(6, maxp, device="cuda").pow(8)  # many near-zero scores, as softmax sums give
         scores[1] = torch.randint(0, 5, (maxp,), device="cuda").float()  # heavy ties
@@ -185,5 +183,5 @@ def test_select_pages_real_sizes_on_gpu(radix_bits):
         hi = torch.tensor([maxp - 1, maxp - 1, 40, maxp, 1, maxp], dtype=torch.int32, device="cuda")
         p = torch.arange(maxp, device="cuda")
         scores = torch.where((p[None, :] >= lo[:, None]) & (p[None, :] < hi[:, None]), scores, float("-inf"))
-        got = select_pages(scores, lo, hi, 62, radix_bits=radix_bits)
+        got = select_pages(scores, lo, hi, 62, num_warps=num_warps)
         assert torch.equal(got, select_pages_ref(scores, lo, hi, 62))

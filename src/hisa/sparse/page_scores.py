@@ -21,8 +21,6 @@ import torch
 _LOG2E = 1.4426950408889634
 BLOCK_P = 32  # pages per program of the logits kernel (a tuning knob; `bench/selection_kernels_gpu.py`)
 LOGITS_WARPS = 4
-SELECT_RADIX_BITS = 1  # bits of the threshold found per round of select_pages_kernel (1 = binary search)
-SELECT_WARPS = None  # None: 8 warps from 2,048 pages up, else 4
 
 
 def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sslots: torch.Tensor, lo: torch.Tensor,
@@ -100,15 +98,13 @@ def _next_pow2(n: int) -> int:
 
 
 def select_pages(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, k: int, *,
-                 use_triton: bool | None = None, radix_bits: int | None = None,
-                 num_warps: int | None = None) -> torch.Tensor:
+                 use_triton: bool | None = None, num_warps: int | None = None) -> torch.Tensor:
     """The k best pages of each row by score, in page order: int32 [R, k], -1 padded.
 
     scores: fp32 [R, MAXP] (what `page_scores` returns: >= 0 inside each row's [lo, hi), -inf
     outside); a row with fewer than k valid pages gets them all. Ties go to the lower page. One
     Triton launch on CUDA (a radix select: no sort, no host sync), the torch reference elsewhere.
-    radix_bits (1-4: threshold bits found per round, ceil(31 / bits) rounds) and num_warps tune the
-    kernel; None takes the module's SELECT_RADIX_BITS / SELECT_WARPS.
+    num_warps tunes the kernel; None = 8 from 2,048 pages up, else 4.
     """
     R, MAXP = scores.shape
     if use_triton is None:
@@ -120,13 +116,8 @@ def select_pages(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, k: in
     out = torch.empty(R, k, dtype=torch.int32, device=scores.device)
     if R and k:
         block = _next_pow2(MAXP)
-        bits = SELECT_RADIX_BITS if radix_bits is None else radix_bits
-        if bits not in (1, 2, 3, 4):
-            raise ValueError(f"radix_bits must be 1, 2, 3 or 4, got {bits}")
-        warps = num_warps or SELECT_WARPS or (8 if block >= 2048 else 4)
         select_pages_kernel[(R,)](scores, lo, hi, out, MAXP, out.stride(0), K=k, BLOCK=block,
-                                  BLOCK_K=_next_pow2(k), RADIX_BITS=bits, ROUNDS=-(-31 // bits),
-                                  num_warps=warps)
+                                  BLOCK_K=_next_pow2(k), num_warps=num_warps or (8 if block >= 2048 else 4))
     return out
 
 

@@ -128,17 +128,15 @@ def select_pages_kernel(
     lo_ptr, hi_ptr,                 # int32 [R]
     out_ptr,                        # int32 [R, K] out: the chosen pages in page order, -1 padded
     MAXP, stride_o,
-    K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, RADIX_BITS: tl.constexpr,
-    ROUNDS: tl.constexpr,
+    K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Top-K pages of each row by score, written in page order (radix select, no sort).
 
-    Scores of valid pages are non-negative, so their fp32 bit patterns order like the values. The
-    K-th largest pattern T is found RADIX_BITS bits per round, most significant first (ROUNDS
-    rounds cover the 31 bits): a round counts the patterns >= each of the 2^RADIX_BITS candidates
-    for its digit in one reduction and keeps the largest candidate that still has K above it
-    (RADIX_BITS 1 is a binary search). The pages above T and the first (lowest) pages equal to T
-    make the K. Ties go to the lower page, as a stable sort would."""
+    Scores of valid pages are non-negative, so their fp32 bit patterns order like the values: a
+    31-step binary search finds the K-th largest pattern T; the pages above T and the first
+    (lowest) pages equal to T make the K. Ties go to the lower page, as a stable sort would.
+    (Finding 2 or 4 bits of T per round, 16 or 8 rounds of 4- or 16-way counts, was no faster on an
+    H200: bench/results/selection_kernels_gpu_h200_partial.md.)"""
     r = tl.program_id(0).to(tl.int64)
     lo = tl.load(lo_ptr + r)
     hi = tl.load(hi_ptr + r)
@@ -147,23 +145,13 @@ def select_pages_kernel(
     score = tl.load(score_ptr + r * MAXP + p, mask=valid, other=0.0)
     bits = tl.where(valid, score.to(tl.int32, bitcast=True), -1)  # [BLOCK], -1 outside the range
     kk = tl.minimum(tl.sum(valid.to(tl.int32), axis=0), K)
-    # invariant: at least kk patterns are >= t_lo (all valid ones are >= 0); with kk = 0 t_lo runs
-    # past every pattern and nothing is taken
     t_lo = tl.zeros([], dtype=tl.int64)
-    if RADIX_BITS == 1:
-        t_hi = tl.full([], 2147483647, tl.int64)  # bits of valid scores are in [0, 2^31 - 1)
-        for _ in range(31):
-            mid = (t_lo + t_hi + 1) // 2
-            enough = tl.sum((bits.to(tl.int64) >= mid).to(tl.int32), axis=0) >= kk
-            t_lo = tl.where(enough, mid, t_lo)
-            t_hi = tl.where(enough, t_hi, mid - 1)
-    else:
-        digit = tl.arange(0, 1 << RADIX_BITS).to(tl.int64)  # [NC] candidate digits
-        for i in tl.static_range(ROUNDS):
-            shift = (ROUNDS - 1 - i) * RADIX_BITS
-            cand = t_lo + (digit << shift)  # [NC]
-            count = tl.sum((bits.to(tl.int64)[:, None] >= cand[None, :]).to(tl.int32), axis=0)  # [NC], decreasing
-            t_lo = t_lo + ((tl.sum((count >= kk).to(tl.int64), axis=0) - 1) << shift)
+    t_hi = tl.full([], 2147483647, tl.int64)  # bits of valid scores are in [0, 2^31 - 1)
+    for _ in range(31):
+        mid = (t_lo + t_hi + 1) // 2
+        enough = tl.sum((bits.to(tl.int64) >= mid).to(tl.int32), axis=0) >= kk
+        t_lo = tl.where(enough, mid, t_lo)
+        t_hi = tl.where(enough, t_hi, mid - 1)
     above = bits.to(tl.int64) > t_lo
     tie = (bits.to(tl.int64) == t_lo) & valid
     need = kk - tl.sum(above.to(tl.int32), axis=0)
