@@ -171,7 +171,7 @@ def test_select_pages_triton_matches_reference(maxp, k):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (real sizes)")
-@pytest.mark.parametrize("num_warps", [None, 1, 16])
+@pytest.mark.parametrize("num_warps", [None, 1, 8])
 def test_select_pages_real_sizes_on_gpu(num_warps):
     """128K tokens at page 32 (4,096 pages) and 32K (1,024), 62 of them kept: the radix select picks
     the stable sort's pages, at the default warps and two others."""
