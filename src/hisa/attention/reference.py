@@ -60,6 +60,6 @@ def _gather_heads(cache: torch.Tensor, pages: torch.Tensor, span: slice) -> torc
     fp32 [KVH, n, D]. (One index_select over the 5-D view [1, KVH, P, S, D] writes that layout
     directly; a CPU decode step of SmolLM2 at 4K tokens spends ~30% less in attention this way than
     gathering token-major and letting SDPA stride over the heads.)"""
-    _, S, KVH, D = cache.shape
+    KVH, D = cache.shape[2:]
     g = cache[None].permute(0, 3, 1, 2, 4).index_select(2, pages)  # [1, KVH, n_pages, S, D]
     return g.view(KVH, -1, D)[:, span].float()
