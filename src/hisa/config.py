@@ -39,6 +39,10 @@ class EngineConfig:
     cuda_graphs: on CUDA, steps where every request decodes (all dense, or all sparse) are
         captured in a CUDA graph per (batch size, page-table width bucket) and replayed
         (`hisa.engine.cuda_graph`); False runs every step eagerly. Ignored on the CPU.
+    cpu_decode_kv_gb: on the CPU, the most GB of fp32 K/V kept contiguous per decoding dense
+        request beside the paged cache, so decode attention reads it in place instead of gathering
+        pages every step (`hisa.engine.cpu_decode_kv`); requests past it take the paged path; 0 = off.
+        Ignored on CUDA.
 
     Example::
 
@@ -61,6 +65,7 @@ class EngineConfig:
     cuda_graphs: bool = True  # capture decode steps in CUDA graphs (CUDA only); False = always eager
     l3: str | None = None  # prefix reuse through an L3 store (file:PATH | redis://HOST:PORT | mooncake://...)
     l3_gb: float | None = None
+    cpu_decode_kv_gb: float = 1.0
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -93,6 +98,8 @@ class EngineConfig:
             parse_l3_url(self.l3)  # a malformed --l3 fails here, before the model loads
         if self.l3_gb is not None and (self.l3 is None or self.l3_gb <= 0):
             raise ConfigError(f"l3_gb must be > 0 and needs l3 (--l3), got l3_gb={self.l3_gb!r}, l3={self.l3!r}")
+        if not isinstance(self.cpu_decode_kv_gb, (int, float)) or self.cpu_decode_kv_gb < 0:
+            raise ConfigError(f"cpu_decode_kv_gb must be >= 0, got {self.cpu_decode_kv_gb!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 

@@ -46,7 +46,7 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         pages = page_table[b, lo: -(-kv_len // S)].long()  # [n_pages]
         # index_select fails loudly on a -1 page (negative indexing would silently wrap)
         span = slice(first - lo * S, kv_len - lo * S)
-        k, v = _gather_heads(k_cache, pages, span), _gather_heads(v_cache, pages, span)  # [KVH, n, D] each
+        k, v = gather_head_runs(k_cache, pages, span), gather_head_runs(v_cache, pages, span)  # [KVH, n, D] each
         # softmax(q k^T * scale) v per query head, kv head h // (H // KVH): the G query heads of a kv
         # head are its G query rows (one token attends, so nothing is masked), and SDPA's fused CPU
         # kernel reads each kv head's keys and values once, front to back
@@ -55,7 +55,7 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     return out.to(q.dtype)
 
 
-def _gather_heads(cache: torch.Tensor, pages: torch.Tensor, span: slice) -> torch.Tensor:
+def gather_head_runs(cache: torch.Tensor, pages: torch.Tensor, span: slice) -> torch.Tensor:
     """The tokens `span` of pages `pages` of cache [P, S, KVH, D], one contiguous [n, D] run per kv head:
     fp32 [KVH, n, D]. (One index_select over the 5-D view [1, KVH, P, S, D] writes that layout
     directly; a CPU decode step of SmolLM2 at 4K tokens spends ~30% less in attention this way than

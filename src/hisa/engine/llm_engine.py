@@ -96,7 +96,8 @@ class LLMEngine:
                                    max_num_batched_tokens=config.max_num_batched_tokens, sparse=self.sparse)
         self.runner = ModelRunner(self.loaded.model, self.cache, config.torch_device, sparse=self.sparse,
                                   max_num_seqs=config.max_num_seqs, cuda_graphs=config.cuda_graphs,
-                                  max_model_len=self.max_model_len, scratch_page=num_pages)
+                                  max_model_len=self.max_model_len, scratch_page=num_pages,
+                                  cpu_decode_kv_bytes=int(config.cpu_decode_kv_gb * 2**30))
         self.sampler = Sampler(config.torch_device, config.seed)
         self.l3_prefix = self._open_l3() if config.l3 is not None else None
         if self.l3_prefix is not None:  # a preempted dense request parks its KV in L3 and resumes from it
@@ -423,6 +424,9 @@ class LLMEngine:
     def _forget(self, seq: Sequence) -> None:
         self._seqs.pop(seq.request_id, None)
         self.sampler.forget(seq.request_id)
+        runner = self.__dict__.get("runner")
+        if runner is not None and runner.cpu_kv is not None:
+            runner.cpu_kv.forget(seq.request_id)
         if self.__dict__.get("l3_prefix") is not None:
             self.l3_prefix.forget(seq.request_id)
 

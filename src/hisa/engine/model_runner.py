@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from hisa.engine.cpu_decode_kv import CpuDecodeKV, CpuDecodeStep
 from hisa.engine.cuda_graph import DecodeGraphs
 from hisa.engine.decode_batch import DecodeBuffers, DecodeView, bucket, prepare_step
 from hisa.engine.scheduler import ScheduledBatch
@@ -29,12 +30,14 @@ class ModelRunner:
 
     def __init__(self, model: torch.nn.Module, cache: PagedKVCache, device: torch.device, sparse=None, *,
                  max_num_seqs: int, cuda_graphs: bool = False, max_model_len: int | None = None,
-                 graph_capture=None, scratch_page: int = -1):
+                 graph_capture=None, scratch_page: int = -1, cpu_decode_kv_bytes: int = 0):
         """model: a `hisa.models` causal LM (LlamaForCausalLM, Gemma3ForCausalLM).
 
         cuda_graphs: capture decode steps in CUDA graphs (`hisa.engine.cuda_graph`); only on CUDA
         (or with `graph_capture`, a test's stand-in for the capture), else ignored.
         scratch_page: a device page no request owns, where padding rows of a decode step may write.
+        cpu_decode_kv_bytes: on the CPU, the budget of `CpuDecodeKV` (dense decode rows attend over a
+        contiguous copy of their K/V); 0 = off.
         """
         self.model, self.cache, self.device, self.sparse = model, cache, device, sparse
         self.page_size = cache.page_size
@@ -54,6 +57,10 @@ class ModelRunner:
                 if rope is not None:  # the rotary tables must not grow inside a graph
                     rope._ensure(self.max_model_len, device)
         self._views: dict[tuple, DecodeView] = {}
+        self.cpu_kv = None
+        if device.type == "cpu" and cpu_decode_kv_bytes > 0 and model.config.dsa is None:
+            self.cpu_kv = CpuDecodeKV(num_layers=cache.num_layers, num_kv_heads=cache.num_kv_heads,
+                                      head_dim=cache.head_dim, budget_bytes=cpu_decode_kv_bytes)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
@@ -80,6 +87,10 @@ class ModelRunner:
             else:
                 prefill.append(i)
         n = len(decode_rows)
+        cpu_step = None
+        if self.cpu_kv is not None:  # every step, so entries of requests that stopped decoding are freed
+            cpu_step = self.cpu_kv.plan([(r, batch.seqs[i].request_id, row[2])
+                                         for r, (i, row) in enumerate(zip(decode_index, decode_rows)) if row[5] == DENSE])
         kinds = {row[5] for row in decode_rows}
         has_sparse, has_host = bool(kinds & {RESIDENT, HOST_BACKED}), HOST_BACKED in kinds
         on_device = bool(kinds & {DENSE, RESIDENT})
@@ -97,11 +108,11 @@ class ModelRunner:
             hidden = self.graphs.run(key, lambda: self._forward(view, []))[:n]
             sample_index = decode_index
         elif not prefill:
-            hidden = self._forward(view, [])
+            hidden = self._forward(view, [], cpu_kv=cpu_step)
             sample_index = decode_index
         else:
             chunks, ids, positions, sample_at, sample_index = self._plan_prefill(batch, prefill, start=n)
-            hidden = self._forward(view, chunks, ids, positions)
+            hidden = self._forward(view, chunks, ids, positions, cpu_kv=cpu_step)
             hidden = hidden[torch.tensor(list(range(n)) + sample_at, dtype=torch.int64).to(self.device)]
             sample_index = decode_index + sample_index
         logits = self.model.compute_logits(hidden)
@@ -139,7 +150,7 @@ class ModelRunner:
         return chunks, ids_t, pos_t, sample_at, sample_index
 
     def _forward(self, view: DecodeView | None, chunks: list[PrefillChunk], prefill_ids=None,
-                 prefill_positions=None) -> torch.Tensor:
+                 prefill_positions=None, cpu_kv: CpuDecodeStep | None = None) -> torch.Tensor:
         """The step on the device: per-step preparation of the decode rows, then the model."""
         if view is not None:
             prepare_step(view, page_size=self.page_size,
@@ -152,7 +163,7 @@ class ModelRunner:
             attn = DSAAttention(self.cache, self.model.config, decode=view, prefills=chunks, sparse=self.sparse)
         else:
             attn = StepAttention(cache=self.cache, scale=self.scale, windows=self.windows, decode=view,
-                                 prefills=chunks, sparse=self.sparse)
+                                 prefills=chunks, sparse=self.sparse, cpu_kv=cpu_kv)
         if not chunks:
             ids, positions, max_position = view.input_ids, view.positions, self.max_model_len
         else:

@@ -17,6 +17,7 @@ import torch
 
 from hisa.attention.paged_decode import paged_decode_attention
 from hisa.attention.prefill import gather_pages, prefill_attention
+from hisa.engine.cpu_decode_kv import CpuDecodeStep
 from hisa.engine.decode_batch import DecodeView
 from hisa.kvcache.paged_cache import PagedKVCache
 from hisa.kvcache.write import write_token_kv
@@ -39,9 +40,10 @@ class StepAttention:
     """Attention of one step (see the module docstring). `decode` None: no decode rows."""
 
     def __init__(self, *, cache: PagedKVCache, scale: float, windows: list[int | None], decode: DecodeView | None,
-                 prefills: list[PrefillChunk], sparse=None):
+                 prefills: list[PrefillChunk], sparse=None, cpu_kv: CpuDecodeStep | None = None):
         self.cache, self.scale, self.windows = cache, scale, windows
         self.decode, self.prefills, self.sparse = decode, prefills, sparse
+        self.cpu_kv = cpu_kv  # CPU: the dense rows that attend over their contiguous copy
         self._host = sparse.manager.host if sparse is not None else None
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -64,8 +66,13 @@ class StepAttention:
                        host_pages=d.write_host_page if host else None)
         if d.has_sparse:
             self.sparse.attention_begin(layer, q)  # the sparse rows' page lists (and their loads)
-        out = paged_decode_attention(q, self.cache.keys(layer), self.cache.values(layer), d.table, d.kv_lens,
-                                     scale=self.scale, window=self.windows[layer])
+        if self.cpu_kv is not None:
+            out = self.cpu_kv.attend(layer, q, k, v, self.cache.keys(layer), self.cache.values(layer), d.table,
+                                     d.kv_lens, scale=self.scale, window=self.windows[layer],
+                                     paged=paged_decode_attention)
+        else:
+            out = paged_decode_attention(q, self.cache.keys(layer), self.cache.values(layer), d.table, d.kv_lens,
+                                         scale=self.scale, window=self.windows[layer])
         if d.has_sparse:
             self.sparse.attention_end(layer, k)
         return out
