@@ -318,7 +318,8 @@ def main(argv=None) -> int:
     p.add_argument("--device-batches", default="4,max", help="all-on-device rows; max = the largest that fits")
     p.add_argument("--hier-batches", default="4,max",
                    help="hierarchical rows: a number runs every request host-backed; max = HBM first at the largest")
-    p.add_argument("--max-batch-cap", type=int, default=512, help="never run a row larger than this")
+    p.add_argument("--max-batch-cap", type=int, default=320,
+                   help="never run a row larger than this (32K fits ~670 / ~1060 on an H200: both capped)")
     p.add_argument("--steps", type=int, default=16, help="decode tokens per request")
     p.add_argument("--page-size", type=int, default=1)
     p.add_argument("--buffer-ratio", type=float, default=2.0)
@@ -328,7 +329,8 @@ def main(argv=None) -> int:
     p.add_argument("--graphs", action="store_true", help="capture decode steps in CUDA graphs (default eager)")
     p.add_argument("--hbm-gb", type=float, default=None, help="KV budget on the device (default: free after the "
                    "weights and the template, less a reserve)")
-    p.add_argument("--host-gb", type=float, default=None, help="host pool budget (default: 75%% of available RAM)")
+    p.add_argument("--host-gb", type=float, default=None,
+                   help="host pool budget (default: 70%% of the RAM available, a little under the engine's 75%%)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--git-commit", default=None)
@@ -372,7 +374,7 @@ def main(argv=None) -> int:
         else:
             free, total = 0, 0
         hbm = int(a.hbm_gb * 2**30) if a.hbm_gb is not None else int(free * 0.95) - DEVICE_RESERVE
-        host = int(a.host_gb * 2**30) if a.host_gb is not None else default_host_pool_bytes()
+        host = int(a.host_gb * 2**30) if a.host_gb is not None else default_host_pool_bytes(headroom=0.3)
         fit = largest(sz, hbm=hbm, host=host)
         total_hbm = total or hbm
         fit4 = largest(sz, hbm=hbm, host=int(4 * total_hbm * 0.75))
