@@ -89,3 +89,21 @@ def test_short_contexts_select_everything():
     ids = indexer_topk_prefill(q, w, keys, topk=64, scale=SCALE)
     assert ids.shape == (5, 5)  # min(topk, ctx) columns
     assert _as_sets(ids) == [set(range(i + 1)) for i in range(5)]
+
+
+def test_decode_topk_in_row_blocks_equals_all_rows_at_once(monkeypatch):
+    """Large batches at long contexts are scored a block of rows at a time (the fp32 scores of 160 rows
+    at 128K would take 25 GiB at once): the picks are the same as scoring every row together."""
+    import hisa.attention.dsa_indexer as ix
+
+    S, topk, B, W = 2, 8, 7, 12
+    q, w, _ = _inputs(B, 1, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    cache = torch.randn(B * W, S, ID, generator=gen)
+    table = torch.randperm(B * W, generator=gen).view(B, W).to(torch.int32)
+    lens = torch.tensor([24, 3, 17, 9, 24, 1, 12], dtype=torch.int32)
+    whole = indexer_topk(q, w, cache, table, lens, topk=topk, scale=SCALE)
+    per_row = W * S * (ID * (cache.element_size() + 4) + 2 * 4 * IH + 8)
+    monkeypatch.setattr(ix, "_DECODE_BLOCK_BYTES", 2 * per_row + 1)  # blocks of 2 rows, the last of 1
+    blocked = indexer_topk(q, w, cache, table, lens, topk=topk, scale=SCALE)
+    assert torch.equal(blocked, whole)

@@ -232,3 +232,38 @@ def test_host_pool_is_pinned_at_its_exact_size_and_unpinned_when_dropped():
     del pool, rows
     gc.collect()
     assert not keep.is_pinned(), "the pool's memory is still registered after the pool was dropped"
+
+
+@pytest.mark.parametrize("ptr,size,piece", [(64, 10 * 2**30, 4 * 2**30), (0, 8 * 2**30, 4 * 2**30),
+                                            (4096 * 3 + 80, 5 * 4096 + 7, 2 * 4096), (128, 100, 4 * 2**30)])
+def test_pin_ranges_cover_the_tensor_in_pieces_cut_at_page_boundaries(ptr, size, piece):
+    """The host pool pins a layer in pieces (one 22 GiB registration is what fails on the lent
+    machines): the pieces tile the range exactly, none is over the piece size, and every cut is at an
+    OS page boundary, so no page is registered twice."""
+    from hisa.kvcache.host_pool import pin_ranges
+
+    ranges = pin_ranges(ptr, size, piece_bytes=piece)
+    assert ranges[0][0] == ptr and sum(n for _, n in ranges) == size
+    assert all(a + n == b for (a, n), (b, _) in zip(ranges, ranges[1:]))
+    assert all(0 < n <= piece for _, n in ranges)
+    assert all(a % 4096 == 0 for a, _ in ranges[1:])
+
+
+@gpu
+@pytest.mark.gpu
+def test_host_pool_pinned_in_pieces_is_read_across_the_cuts():
+    """A layer registered in several pieces (16 MiB here, 4 GiB in the engine) is still one tensor the
+    UVA gather reads anywhere, rows straddling a cut included."""
+    from hisa.kvcache.host_pool import host_tensor
+
+    class Owner:
+        pass
+
+    owner = Owner()
+    rows = host_tensor((9000, 5000), torch.float16, pin=True, owner=owner, piece_bytes=16 * 2**20)  # ~86 MiB
+    assert rows.is_pinned()
+    rows.copy_(torch.randn(9000, 5000).to(torch.float16))
+    src = torch.arange(0, 9000, 7, device="cuda")
+    dev = torch.zeros(src.numel(), 5000, dtype=torch.float16, device="cuda")
+    io.load_pages(rows, dev, src, torch.arange(src.numel(), device="cuda"))
+    assert torch.equal(bits(dev.cpu()), bits(rows[0:9000:7]))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 _PREFILL_BLOCK_BYTES = 256 * 2**20  # fp32 scores per query block in prefill ([qb, IH, ctx])
+_DECODE_BLOCK_BYTES = 2 * 2**30  # decode: gathered keys + fp32 scores of one block of rows
 
 
 def index_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, *, scale: float) -> torch.Tensor:
@@ -48,12 +49,32 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Tens
     page_table:  int32 [B, W] pages in token order, -1 past a request's pages.
     lengths:     int32 [B] tokens of each request (the new one included).
     Returns int32 [B, min(topk, W * S)] token positions, best first, -1 padded when a request has
-    fewer tokens. Shapes depend only on the arguments' shapes: graph-safe.
+    fewer tokens. Shapes depend only on the arguments' shapes: graph-safe. Rows are scored in blocks
+    of at most `_DECODE_BLOCK_BYTES` of intermediates (a fixed split by shapes, same results).
 
     Example::
 
         ids = indexer_topk(q, w, cache.index_keys(layer), table, lens, topk=2048, scale=128 ** -0.5)
     """
+    B, W = page_table.shape
+    S, ID = index_cache.shape[1], index_cache.shape[-1]
+    k = min(topk, W * S)
+    # rows per block so the gathered keys (bf16 + fp32) and the fp32 scores (products, ReLU) of a block
+    # stay under _DECODE_BLOCK_BYTES: ~160 MiB per row at 128K, 25 GiB for a batch of 160 at once
+    per_row = W * S * (ID * (index_cache.element_size() + 4) + 2 * 4 * q.shape[1] + 8)
+    block = max(1, _DECODE_BLOCK_BYTES // per_row)
+    if block >= B:
+        return _indexer_topk_rows(q, weights, index_cache, page_table, lengths, k=k, scale=scale)
+    out = torch.empty(B, k, dtype=torch.int32, device=q.device)
+    for lo in range(0, B, block):  # a fixed split by shapes: no host sync, graph-safe
+        hi = min(B, lo + block)
+        out[lo:hi] = _indexer_topk_rows(q[lo:hi], weights[lo:hi], index_cache, page_table[lo:hi], lengths[lo:hi],
+                                        k=k, scale=scale)
+    return out
+
+
+def _indexer_topk_rows(q, weights, index_cache, page_table, lengths, *, k: int, scale: float) -> torch.Tensor:
+    """indexer_topk over all of its rows at once (k = min(topk, W * S))."""
     B, W = page_table.shape
     S = index_cache.shape[1]
     pages = page_table.long().clamp(min=0)  # [B, W]; -1 pages are masked by length below
@@ -61,7 +82,7 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Tens
     scores = index_scores(q, weights, keys, scale=scale)  # [B, W*S]
     pos = torch.arange(W * S, device=q.device)
     scores = scores.masked_fill(pos[None, :] >= lengths.long()[:, None], float("-inf"))
-    return _topk_or_pad(scores, min(topk, W * S))
+    return _topk_or_pad(scores, k)
 
 
 def indexer_topk_prefill(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, *, topk: int,

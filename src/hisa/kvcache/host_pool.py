@@ -11,6 +11,11 @@ keeps freed blocks cached for reuse: a 2.9 GiB layer took 4 GiB, so a pool sized
 asked for all of it (an H200 machine's 128K-context run was killed by the kernel's OOM killer), and a
 closed engine's pool stayed pinned. Registered memory is exactly the pool's size and is unpinned and
 freed when the pool goes.
+
+Each layer's tensor is registered in pieces of at most 4 GiB (`PIN_PIECE_BYTES`), cut at OS page
+boundaries: a 4-layer model's pool of ~90 GiB has 22 GiB layers, and single pinned regions that large
+are what failed on the lent machines. The pieces are adjacent, so the layer is still one tensor and
+one address range for the GPU (a mapped registration's device address is its host address).
 """
 
 from __future__ import annotations
@@ -88,25 +93,63 @@ class HostKVPool:
         return self.layers[layer].view(-1, *self.page_shape)
 
 
-def host_tensor(shape: tuple[int, ...], dtype: torch.dtype, *, pin: bool, owner: object) -> torch.Tensor:
+PIN_PIECE_BYTES = 4 * 2**30  # most bytes one cudaHostRegister call pins (see the module docstring)
+
+
+def host_tensor(shape: tuple[int, ...], dtype: torch.dtype, *, pin: bool, owner: object,
+                piece_bytes: int = PIN_PIECE_BYTES) -> torch.Tensor:
     """An uninitialized host tensor of exactly its size; with `pin`, page-locked and mapped for the GPU
-    (cudaHostRegister, portable + mapped: a kernel may read it through its UVA address).
+    (cudaHostRegister, portable + mapped: a kernel may read it through its UVA address), registered in
+    pieces of at most `piece_bytes` (`pin_ranges`).
 
     `owner` is the object that keeps the tensor (a pool): when it is collected, the memory is
     unregistered before the owner's attributes, and so the tensor, are released (a weakref callback
     runs first). A view that outlives the owner keeps plain pageable memory, which stays valid.
 
-    Raises RuntimeError when CUDA refuses to pin it (e.g. the RAM is not there)."""
+    Raises RuntimeError when CUDA refuses to pin it (e.g. the RAM is not there); pieces already
+    registered are unregistered first."""
     t = torch.empty(shape, dtype=dtype)
     if not pin or t.numel() == 0:
         return t
     cudart = torch.cuda.cudart()
-    ptr, size = t.data_ptr(), t.numel() * t.element_size()
-    err = cudart.cudaHostRegister(ptr, size, 3)  # cudaHostRegisterPortable | cudaHostRegisterMapped
-    if int(err) != 0:
-        raise RuntimeError(f"cudaHostRegister of {size / 2**30:.2f} GiB failed (CUDA error {int(err)})")
-    weakref.finalize(owner, cudart.cudaHostUnregister, ptr)
+    size = t.numel() * t.element_size()
+    done: list[int] = []
+    for start, length in pin_ranges(t.data_ptr(), size, piece_bytes=piece_bytes):
+        err = cudart.cudaHostRegister(start, length, 3)  # cudaHostRegisterPortable | cudaHostRegisterMapped
+        if int(err) != 0:
+            for p in done:
+                cudart.cudaHostUnregister(p)
+            raise RuntimeError(f"cudaHostRegister of {length / 2**30:.2f} GiB (a piece of {size / 2**30:.2f} GiB) "
+                               f"failed (CUDA error {int(err)})")
+        done.append(start)
+    weakref.finalize(owner, _unregister, cudart, done)
     return t
+
+
+def _unregister(cudart, starts: list[int]) -> None:
+    for p in starts:
+        cudart.cudaHostUnregister(p)
+
+
+def pin_ranges(ptr: int, size: int, *, piece_bytes: int = PIN_PIECE_BYTES, page: int = 4096) -> list[tuple[int, int]]:
+    """[ptr, ptr + size) as (start, length) pieces of at most piece_bytes bytes, cut at multiples
+    of `page` (two registrations never share an OS page), in address order, covering it exactly.
+
+    Example::
+
+        pin_ranges(64, 10 * 2**30, piece_bytes=4 * 2**30)   # 3 pieces: 4 GiB - 64 B, 4 GiB, 2 GiB + 64 B
+    """
+    if piece_bytes < page:
+        raise ValueError(f"piece_bytes ({piece_bytes}) must be at least one page ({page})")
+    end, out, start = ptr + size, [], ptr
+    while start < end:
+        cut = (start + piece_bytes) // page * page  # the next page boundary at most piece_bytes on
+        if cut <= start:
+            cut = start + piece_bytes
+        cut = min(cut, end)
+        out.append((start, cut - start))
+        start = cut
+    return out
 
 
 def available_host_bytes() -> int:
