@@ -108,7 +108,8 @@ def main(argv=None) -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     path = default_model_path()
-    engine_kwargs = dict(device="cpu", dtype="float32", progress=False)
+    engine_kwargs = dict(device="cpu", dtype="float32", progress=False,
+                         prefix_cache=False)  # each round re-sends the prompt: it must be prefilled
     if a.max_num_batched_tokens:
         engine_kwargs["max_num_batched_tokens"] = a.max_num_batched_tokens
     llm = LLM(**engine_kwargs)

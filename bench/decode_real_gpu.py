@@ -54,7 +54,8 @@ def run_engine(loaded, prompts, *, device, name, sparse, steps, chunk, util, pag
     longest = max(len(p) for p in prompts)
     llm = LLM(loaded=loaded, device=device.type, dtype="bfloat16" if device.type == "cuda" else "float32",
               page_size=page_size, progress=False, max_model_len=longest + steps + 4 * len(prompts) + page_size,
-              max_num_batched_tokens=chunk, max_num_seqs=len(prompts), sparse=sparse, gpu_memory_utilization=util)
+              max_num_batched_tokens=chunk, max_num_seqs=len(prompts), sparse=sparse, gpu_memory_utilization=util,
+              prefix_cache=False)  # prompts of one task share a prefix: dense must not share pages here
     e = llm.engine
     spare = len(prompts) * -(-longest // chunk) + 4  # steps early requests decode while later ones prefill
     rids = [e.add_request(p, SamplingParams(max_tokens=steps + spare, ignore_eos=True)) for p in prompts]

@@ -78,7 +78,7 @@ class Engine:
         t0 = time.perf_counter()
         self.llm = LLM(loaded=loaded, device=device.type, dtype="bfloat16" if device.type == "cuda" else "float32",
                        page_size=page_size, progress=False, max_model_len=ctx + steps + self.spare + page_size,
-                       max_num_batched_tokens=chunk, max_num_seqs=max(batch, 1), seed=seed, sparse=sparse,
+                       max_num_batched_tokens=chunk, max_num_seqs=max(batch, 1), seed=seed, sparse=sparse, prefix_cache=False,
                        gpu_memory_utilization=util)
         self.build_s = time.perf_counter() - t0
         e = self.llm.engine
@@ -190,7 +190,7 @@ def largest_batch(loaded, *, device, ctx, steps, sparse, page_size, util) -> int
     max_len = min(ctx + steps + 1100 + page_size, loaded.config.max_position_embeddings)  # 1100: Engine.spare's bound
     llm = LLM(loaded=loaded, device=device.type, dtype="bfloat16" if device.type == "cuda" else "float32",
               page_size=page_size, progress=False, max_model_len=max_len, sparse=sparse,
-              gpu_memory_utilization=util, max_num_seqs=1)
+              gpu_memory_utilization=util, max_num_seqs=1, prefix_cache=False)
     e = llm.engine
     per = -(-max_len // page_size) + 1  # pages of one request, one spare for the scheduler's reserve
     if sparse is None:

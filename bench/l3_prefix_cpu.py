@@ -1,10 +1,12 @@
-"""Time to first token of a long prompt whose prefix was seen before, served from L3, on the CPU.
+"""Time to first token of a long prompt whose prefix was seen before, from the KV pool or L3, on the CPU.
 
 The embedded SmolLM2-135M (fp32, dense). A prompt of --prompt-len tokens = a shared prefix (all but
 the last --tail tokens) + a tail. For each mode:
-  recompute   no L3: the whole prompt is prefilled;
+  recompute   no reuse: the whole prompt is prefilled;
+  pool        the pool's prefix cache (--prefix-cache, no L3): an engine first serves the prefix with
+              another tail, then the measured prompt takes the prefix's full pages from the pool;
   file/redis/mooncake
-              an engine with --l3 first serves the prefix with another tail (its prefill stores the
+              an engine with --l3 (and --no-prefix-cache, so the pages come from L3) first serves the prefix with another tail (its prefill stores the
               prefix's pages), then the measured prompt: the prefix's full pages are read from L3 and
               only the rest is prefilled.
 Servers (redis-server, Mooncake master + store process) are started on loopback ports and stopped
@@ -46,7 +48,9 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=8000)
     ap.add_argument("--tail", type=int, default=64, help="tokens after the shared prefix (default 64)")
     ap.add_argument("--chunk", type=int, default=2048, help="--max-num-batched-tokens (default 2048)")
-    ap.add_argument("--modes", nargs="+", default=["recompute", "file", "redis", "mooncake"])
+    ap.add_argument("--modes", nargs="+", default=["recompute", "pool", "file", "redis", "mooncake"],
+                    help="recompute: no reuse; pool: the device pool's prefix cache (--prefix-cache); file/redis/"
+                         "mooncake: L3 only (the pool's prefix cache off, so the pages come from L3)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: on a shared 2-core machine 2 threads ran 10x slower)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "l3_prefix_cpu.json")
@@ -62,7 +66,7 @@ def main() -> None:
     measured = prefix + tok.encode(long_text(200, seed=9))[: args.tail]
     assert len(measured) == args.prompt_len
     kw = dict(loaded=loaded, device="cpu", dtype="float32", progress=False, max_num_batched_tokens=args.chunk,
-              max_model_len=max(args.prompt_len + 8, 2048), max_num_seqs=4)
+              max_model_len=max(args.prompt_len + 8, 2048), max_num_seqs=4, prefix_cache=False)
     warm = LLM(**kw)
     warm.generate([text_ids[:256]], SamplingParams(max_tokens=2), use_tqdm=False)   # first-call overheads
     del warm
@@ -71,7 +75,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="hisa-l3-bench-") as tmp:
         for mode in args.modes:
             server = None
-            if mode == "recompute":
+            if mode in ("recompute", "pool"):
                 url = None
             elif mode == "file":
                 url = f"file:{tmp}/l3"
@@ -85,9 +89,9 @@ def main() -> None:
             else:
                 raise SystemExit(f"unknown mode {mode!r}")
             try:
-                llm = LLM(**kw, l3=url)
+                llm = LLM(**{**kw, "prefix_cache": mode == "pool"}, l3=url)
                 row = dict(mode=mode, prompt_tokens=len(measured), prefix_tokens=len(prefix))
-                if url is not None:
+                if mode != "recompute":
                     t0 = time.perf_counter()
                     row["fill_ttft_s"], _ = ttft(llm, prefix + other)   # prefill + storing the pages
                     row["fill_wall_s"] = time.perf_counter() - t0
@@ -98,10 +102,14 @@ def main() -> None:
                 row["same_first_token"] = reference is None or first == reference
                 if url is not None:
                     row["l3"] = llm.engine.l3_prefix.metrics()
+                if mode == "pool":
+                    row["prefix_cache"] = llm.engine.prefix_cache.metrics()
                 rows.append(row)
                 print(f"{mode:10s} ttft {row['ttft_s']:.3f} s"
                       + (f"  (filling it: {row['fill_ttft_s']:.2f} s; pages loaded {row['l3']['pages_loaded']},"
-                         f" MB read {row['l3']['store_bytes_read'] / 1e6:.1f})" if url else ""), flush=True)
+                         f" MB read {row['l3']['store_bytes_read'] / 1e6:.1f})" if url else "")
+                      + (f"  (filling it: {row['fill_ttft_s']:.2f} s; pages reused "
+                         f"{row['prefix_cache']['pages_hit']})" if mode == "pool" else ""), flush=True)
                 llm.close()
             finally:
                 if server is not None:

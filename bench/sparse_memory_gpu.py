@@ -54,7 +54,7 @@ def run_one(loaded, *, device, dtype, ctx, steps, batch, page_size, sparse: Spar
     mc = loaded.config
     kw = dict(loaded=loaded, device=device.type, dtype=dtype, page_size=page_size, progress=False,
               max_model_len=ctx + steps + page_size, max_num_batched_tokens=chunk, max_num_seqs=batch, seed=seed,
-              cuda_graphs=cuda_graphs)
+              cuda_graphs=cuda_graphs, prefix_cache=False)
     page_bytes = PagedKVCache.page_bytes(num_layers=mc.num_layers, page_size=page_size, num_kv_heads=mc.num_kv_heads,
                                          head_dim=mc.head_dim, dtype=getattr(torch, dtype))
     if sparse is None:

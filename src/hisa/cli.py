@@ -49,6 +49,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling (default: 0)")
     g.add_argument("--no-cuda-graphs", action="store_true",
                    help="run decode steps eagerly instead of replaying CUDA graphs (CUDA only)")
+    g.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV of full prompt pages already in the KV pool (a prefix shared with a running "
+                        "request, or kept after earlier requests) instead of prefilling them (default: on)")
     l3 = p.add_argument_group("L3: prompt KV pages in storage, reused by later requests with the same prefix")
     l3.add_argument("--l3", default=None, metavar="URL",
                     help="file:PATH, redis://HOST:PORT or mooncake://MASTER_HOST:PORT[?metadata=URL] (default: off)")
@@ -93,7 +96,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb,
                 gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed, sparse=sparse,
-                cuda_graphs=not getattr(args, "no_cuda_graphs", False), l3=args.l3, l3_gb=args.l3_gb)
+                cuda_graphs=not getattr(args, "no_cuda_graphs", False), l3=args.l3, l3_gb=args.l3_gb,
+                prefix_cache=args.prefix_cache)
 
 
 def build_parser() -> argparse.ArgumentParser:

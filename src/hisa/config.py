@@ -39,6 +39,9 @@ class EngineConfig:
     cuda_graphs: on CUDA, steps where every request decodes (all dense, or all sparse) are
         captured in a CUDA graph per (batch size, page-table width bucket) and replayed
         (`hisa.engine.cuda_graph`); False runs every step eagerly. Ignored on the CPU.
+    prefix_cache: dense requests reuse the KV of full prompt pages already in the device pool (a
+        shared prefix of a running request, or pages kept after their requests finished, evicted
+        LRU when the pool needs room) instead of prefilling them (`hisa.engine.prefix_cache`).
     cpu_decode_kv_gb: on the CPU, the most GB of fp32 K/V kept contiguous per decoding dense
         request beside the paged cache, so decode attention reads it in place instead of gathering
         pages every step (`hisa.engine.cpu_decode_kv`); requests past it take the paged path; 0 = off.
@@ -65,6 +68,7 @@ class EngineConfig:
     cuda_graphs: bool = True  # capture decode steps in CUDA graphs (CUDA only); False = always eager
     l3: str | None = None  # prefix reuse through an L3 store (file:PATH | redis://HOST:PORT | mooncake://...)
     l3_gb: float | None = None
+    prefix_cache: bool = True
     cpu_decode_kv_gb: float = 1.0
 
     def __post_init__(self) -> None:

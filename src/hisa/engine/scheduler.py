@@ -75,8 +75,11 @@ class Scheduler:
     """
 
     def __init__(self, *, allocator: PageAllocator, page_size: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, sparse: SparsePolicy | None = None):
+                 max_num_batched_tokens: int, sparse: SparsePolicy | None = None, prefix=None):
+        """prefix: a `hisa.engine.prefix_cache.DevicePrefixCache` over `allocator` (dense requests
+        reuse cached prefix pages at admission, and register theirs after each step), or None."""
         self.allocator = allocator
+        self.prefix = prefix
         self.sparse = sparse
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
@@ -121,6 +124,7 @@ class Scheduler:
         if seq.pages:
             self.pool(seq).free(seq.pages)
             seq.pages = []
+        seq.num_registered = 0
         if seq.buffer_pages:
             self.allocator.free(seq.buffer_pages)
             seq.buffer_pages = []
@@ -187,8 +191,11 @@ class Scheduler:
         for seq in [s for s in self.waiting if shares.get(s, 0)]:
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
-            n = min(shares[seq], budget)
+            matched = self.prefix.match(seq) if self.prefix is not None else 0
+            n = min(shares[seq], budget, seq.num_tokens - seq.num_computed)
             if not self._admit(seq, n, reserve):
+                if matched:
+                    self.prefix.unmatch(seq)
                 break
             self.waiting.remove(seq)
             seq.status = Status.RUNNING
@@ -263,6 +270,8 @@ class Scheduler:
         """Advance `num_computed` of every scheduled sequence by the tokens it just ran."""
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed += n
+        if self.prefix is not None:
+            self.prefix.register(batch.seqs)
 
     def remove_finished(self) -> None:
         self.running = [s for s in self.running if not s.is_finished]

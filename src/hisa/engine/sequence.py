@@ -47,6 +47,10 @@ class Sequence:
     # page being written.
     host_backed: bool = False
     buffer_pages: list[int] = field(default_factory=list)
+    # Device prefix reuse (hisa.engine.prefix_cache): chain digests of its full pages so far, and how
+    # many of its pages are registered in the allocator (0 again once its pages are released)
+    prefix_digests: list[bytes] = field(default_factory=list)
+    num_registered: int = 0
     # Teacher forcing (LLMEngine.score): the outputs to feed instead of sampling, and the logits seen.
     forced_output: list[int] | None = None
     scored_logits: list = field(default_factory=list)

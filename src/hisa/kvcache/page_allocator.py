@@ -1,17 +1,29 @@
-"""Torch-free bookkeeping of fixed-size KV pages: which page ids are free."""
+"""Torch-free bookkeeping of fixed-size KV pages: which page ids are free, shared or cached.
+
+A page is *in use* while at least one request holds it (a reference count: requests that share a
+prompt prefix hold the same pages). A full page may also be *registered* under a key (the chained
+hash of its tokens and every token before them, `hisa.engine.prefix_cache`): when its last holder
+frees it, it keeps its KV and its key and becomes *cached* instead of free, so a later request with
+the same prefix can take it back (`lookup` + `share`) instead of recomputing it. Cached pages count
+as free: `allocate` takes truly free pages first, then evicts cached ones, least recently freed
+first, dropping their keys.
+"""
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 
 class PageAllocator:
-    """A free list of page ids 0..num_pages-1.
+    """Page ids 0..num_pages-1: a free list, reference counts and an LRU of cached prefix pages.
 
     Example::
 
         alloc = PageAllocator(8)
-        pages = alloc.allocate(3)   # [0, 1, 2]
-        alloc.free(pages)
-        assert alloc.num_free == 8
+        pages = alloc.allocate(3)       # [0, 1, 2]
+        alloc.register(pages[0], b"k0")  # page 0 now holds the prefix named b"k0"
+        alloc.free(pages)               # page 0 is cached, 1 and 2 are free; num_free == 8
+        alloc.share(alloc.lookup([b"k0", b"k1"]))   # [0]: a later request takes page 0 back
     """
 
     def __init__(self, num_pages: int):
@@ -19,30 +31,84 @@ class PageAllocator:
             raise ValueError(f"num_pages must be >= 1, got {num_pages}")
         self.num_pages = num_pages
         self._free = list(range(num_pages - 1, -1, -1))  # pop() from the end hands out low ids first
-        self._used = bytearray(num_pages)
+        self._refs = [0] * num_pages
+        self._key_of: dict[int, bytes] = {}  # registered pages (in use or cached) -> key
+        self._page_of: dict[bytes, int] = {}
+        self._cached: OrderedDict[int, None] = OrderedDict()  # refs 0, still registered; oldest first
+        self.evicted = 0  # cached pages handed out again (their prefix forgotten)
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Pages `allocate` can hand out: free ones and cached ones (evicted on demand)."""
+        return len(self._free) + len(self._cached)
 
     @property
     def num_used(self) -> int:
-        return self.num_pages - len(self._free)
+        return self.num_pages - self.num_free
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._cached)
 
     def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
+        return n <= self.num_free
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise MemoryError(f"asked for {n} pages, {len(self._free)} free")
-        pages = [self._free.pop() for _ in range(n)]
-        for p in pages:
-            self._used[p] = 1
+        if n > self.num_free:
+            raise MemoryError(f"asked for {n} pages, {self.num_free} free")
+        pages = []
+        for _ in range(n):
+            if self._free:
+                p = self._free.pop()
+            else:  # evict the least recently freed cached page
+                p, _ = self._cached.popitem(last=False)
+                del self._page_of[self._key_of.pop(p)]
+                self.evicted += 1
+            self._refs[p] = 1
+            pages.append(p)
         return pages
 
     def free(self, pages: list[int]) -> None:
+        """Drop one reference to each page; a page nobody holds becomes cached (registered) or free."""
         for p in pages:
-            if not self._used[p]:
+            if self._refs[p] <= 0:
                 raise ValueError(f"page {p} freed twice or never allocated")
-            self._used[p] = 0
-            self._free.append(p)
+            self._refs[p] -= 1
+            if self._refs[p] == 0:
+                if p in self._key_of:
+                    self._cached[p] = None
+                else:
+                    self._free.append(p)
+
+    # -- prefix pages --------------------------------------------------------------------------
+    def register(self, page: int, key: bytes) -> bool:
+        """Name an in-use full page by its prefix key. False (nothing changes) when the key already
+        names another page or the page already has a key."""
+        if self._refs[page] <= 0:
+            raise ValueError(f"page {page} is not in use: only a page holding KV can be registered")
+        if key in self._page_of or page in self._key_of:
+            return False
+        self._key_of[page], self._page_of[key] = key, page
+        return True
+
+    def lookup(self, keys: list[bytes]) -> list[int]:
+        """The pages of the leading run of `keys` that are registered (in use or cached)."""
+        pages = []
+        for key in keys:
+            p = self._page_of.get(key)
+            if p is None:
+                break
+            pages.append(p)
+        return pages
+
+    def share(self, pages: list[int]) -> None:
+        """Take one more reference to each (registered) page; cached ones are in use again."""
+        for p in pages:
+            if p not in self._key_of:
+                raise ValueError(f"page {p} holds no registered prefix")
+            if self._refs[p] == 0:
+                del self._cached[p]
+            self._refs[p] += 1
+
+    def refs(self, page: int) -> int:
+        return self._refs[page]

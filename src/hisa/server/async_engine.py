@@ -66,6 +66,7 @@ class EngineStats:
     kv_pages_total: int = 0
     sparse: Mapping[str, float] | None = None  # engine.sparse_stats, when the engine has a sparse cache
     l3: Mapping[str, float] | None = None  # engine.l3_prefix.metrics(), when --l3 is on
+    prefix: Mapping[str, float] | None = None  # engine.prefix_cache.metrics(), when --prefix-cache is on
 
 
 @dataclass(frozen=True)
@@ -366,7 +367,9 @@ class AsyncEngine:
                                  kv_pages_used=engine.allocator.num_used,
                                  kv_pages_total=engine.allocator.num_pages,
                                  sparse=read_sparse_stats(engine),
-                                 l3=engine.l3_prefix.metrics() if getattr(engine, "l3_prefix", None) else None)
+                                 l3=engine.l3_prefix.metrics() if getattr(engine, "l3_prefix", None) else None,
+                                 prefix=engine.prefix_cache.metrics() if getattr(engine, "prefix_cache", None)
+                                 else None)
 
 
 def _max_prompt_chars(tokenizer, max_model_len: int) -> int:

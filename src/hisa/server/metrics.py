@@ -15,6 +15,7 @@ gauges are set from the engine thread's latest `EngineStats` snapshot when /metr
 | hisa_time_per_output_token_seconds | histogram | time between consecutive tokens of a request |
 | hisa_e2e_request_latency_seconds | histogram | request arrival → last token |
 | hisa_sparse_<name> | gauge | each numeric field of `engine.sparse_stats`, when present |
+| hisa_prefix_cache_<name> | gauge | with --prefix-cache (the default): device prefix reuse (lookups, requests_hit, pages_hit, tokens_hit, pages_registered, pages_cached, pages_evicted) |
 | hisa_l3_<name> | gauge | with --l3: the prefix counters (lookups, requests_hit, pages_loaded, tokens_loaded, pages_stored, requests_parked, pages_parked) and the store's (store_hits, store_misses, store_corrupt, store_unavailable, store_failures, store_bytes_read, store_bytes_written, store_evictions, ...) |
 
 Example::
@@ -95,6 +96,9 @@ class ServerMetrics(RequestObserver):
         self.kv_pages_total.set(stats.kv_pages_total)
         for name, value in (stats.sparse or {}).items():
             self._sparse_gauge(name).set(value)
+        for name, value in (stats.prefix or {}).items():
+            self._sparse_gauge(name, prefix="hisa_prefix_cache_", what="device prefix reuse",
+                               source="engine.prefix_cache.metrics()").set(value)
         for name, value in (stats.l3 or {}).items():
             self._sparse_gauge(name, prefix="hisa_l3_", what="L3 prefix reuse", source="engine.l3_prefix.metrics()"
                                ).set(value)

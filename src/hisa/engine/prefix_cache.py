@@ -1,0 +1,103 @@
+"""Prefix reuse in the device page pool (L1): a prompt that starts with KV already computed skips it.
+
+Every full page a dense request computes (prompt or generated tokens) is registered in the page
+allocator under the chained digest of its tokens and every token before them (as L3 keys pages,
+`hisa.kvcache.l3.keys`, without the layout: one engine, one layout). When its last holder frees it,
+the page keeps its KV as a *cached* page (counted as free, evicted least recently freed first when
+the pool needs room). A dense request being admitted takes the leading run of its full pages that
+the allocator knows (shared with running requests, or cached) instead of prefilling them: only the
+rest is prefilled, in chunks as usual. At least its last token is always computed: its logits give
+the next token. A preempted request finds its own pages again this way if nobody evicted them.
+
+Multi-turn chats and agents send the previous turn's prompt and answer as the start of the next
+prompt: its pages were registered as they filled, answer included.
+
+Sparse requests neither share nor register pages (their representations would have to be rebuilt),
+and DeepSeek-V3.2 models (MLA cache) do not use this. Torch-free.
+
+Example::
+
+    prefix = DevicePrefixCache(allocator, page_size=16)
+    prefix.match(seq)            # at admission: seq.pages / seq.num_computed cover its cached prefix
+    prefix.register([seq])       # after a step: its newly full pages become reusable
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+
+from hisa.engine.sequence import Sequence
+from hisa.kvcache.l3.keys import DIGEST_BYTES, chain_digest
+from hisa.kvcache.page_allocator import PageAllocator
+
+_ROOT = hashlib.blake2b(b"hisa-device-prefix-v1", digest_size=DIGEST_BYTES).digest()
+
+
+@dataclass(slots=True)
+class PrefixCacheStats:
+    lookups: int = 0         # dense requests looked up at admission
+    requests_hit: int = 0    # of which at least one page was reused
+    pages_hit: int = 0
+    tokens_hit: int = 0      # prompt tokens not prefilled
+    pages_registered: int = 0
+
+
+class DevicePrefixCache:
+    """Shares and registers dense requests' full pages through a :class:`PageAllocator`."""
+
+    def __init__(self, allocator: PageAllocator, *, page_size: int):
+        self.allocator, self.page_size = allocator, page_size
+        self.stats = PrefixCacheStats()
+
+    def digests(self, seq: Sequence, num_pages: int) -> list[bytes]:
+        """The chain digests of seq's first num_pages full pages (extended and kept on the seq)."""
+        s, have = self.page_size, seq.prefix_digests
+        parent = have[-1] if have else _ROOT
+        for i in range(len(have), num_pages):
+            parent = chain_digest(parent, seq.token_ids[i * s:(i + 1) * s])
+            have.append(parent)
+        return have[:num_pages]
+
+    def match(self, seq: Sequence) -> int:
+        """Give a dense request that holds no pages yet the leading pages the pool knows. Returns the
+        tokens it no longer has to prefill (seq.num_computed)."""
+        if seq.sparse or seq.pages or seq.num_computed:
+            return 0
+        full = (seq.num_tokens - 1) // self.page_size  # the last token is always computed
+        if full == 0:
+            return 0
+        self.stats.lookups += 1
+        pages = self.allocator.lookup(self.digests(seq, full))
+        if not pages:
+            return 0
+        self.allocator.share(pages)
+        seq.pages = pages
+        seq.num_computed, seq.num_registered = len(pages) * self.page_size, len(pages)
+        self.stats.requests_hit += 1
+        self.stats.pages_hit += len(pages)
+        self.stats.tokens_hit += seq.num_computed
+        return seq.num_computed
+
+    def unmatch(self, seq: Sequence) -> None:
+        """Undo `match` for a request that was not admitted after all (its pages go back to the cache)."""
+        if seq.pages:
+            self.allocator.free(seq.pages)
+        seq.pages, seq.num_computed, seq.num_registered = [], 0, 0
+
+    def register(self, seqs: list[Sequence]) -> None:
+        """Register the pages of `seqs` (dense, after a step) that have filled since last time."""
+        s = self.page_size
+        for seq in seqs:
+            if seq.sparse or not seq.pages:
+                continue
+            full = min(seq.num_computed // s, len(seq.pages))
+            if full <= seq.num_registered:
+                continue
+            keys = self.digests(seq, full)
+            for i in range(seq.num_registered, full):
+                self.stats.pages_registered += self.allocator.register(seq.pages[i], keys[i])
+            seq.num_registered = full
+
+    def metrics(self) -> dict[str, int]:
+        return {**asdict(self.stats), "pages_cached": self.allocator.num_cached, "pages_evicted": self.allocator.evicted}
