@@ -20,8 +20,9 @@ the codes); fp32 q: an fp32 ("ieee") dot. Per head it stores each page's max log
 written to [R, PB, H] at the end. The sub-tile loop has a constant trip count (NSUB) so the compiler
 can pipeline its loads; tokens outside [lo, hi) are masked, and a program whose block misses the
 range skips the loop (no data-dependent host control: the grid depends on shapes only).
-On an H200 (Llama-8B shape, 32K tokens x 8 rows, bf16 q) this runs ~0.3 ms per layer where the
-per-head fp32 multiply-and-sum it replaced took ~1.5 ms (bench/selection_kernels_gpu.py --only lowbit).
+On an H200 (Llama-8B shape, 32K tokens x 8 rows, bf16 q) it measured ~0.3 ms per layer (one ad-hoc
+graph-timed run; the per-head fp32 multiply-and-sum it replaced was reported at ~50 ms per 32-layer
+step, not re-measured); bench/selection_kernels_gpu.py --only lowbit times it.
 
 lowbit_scores_kernel, grid (R, page blocks): merges row r's partials into each head's max M_h and
 normalizer Z_h, and writes score(page) = Σ_kvh pool_{h in kvh} 2^(pagemax_h - M_h) / Z_h
