@@ -11,13 +11,19 @@ layer's tensors, so nothing is served from L2 as in a real step) and reports the
   * `select_pages` (top-k pages per row): warps;
   * `paged_decode_attention` over the selected pages (64 full pages + the newest, at random
     physical places in a buffer twice the budget): KV splits x tokens per iteration (block_n);
-    bytes = the K and V read.
+    bytes = the K and V read;
+  * `lowbit_page_scores` (4-bit keys, groups of 32; two kernels), alone (lowbit_scores) and followed
+    by `select_pages` (lowbit_select): tokens per dot (sub_tokens) x warps of the logits kernel;
+    bytes = the codes + scales of every middle token + q.
 
 Every setting is first checked against the default setting's output (the same pages; attention
-within bf16 rounding). Prints a table per kernel, writes JSON (command, device, date, git commit,
-figures; the fastest setting per kernel and shape) and a plot beside it.
+within bf16 rounding; lowbit scores within fp32 rounding, and the default's within bf16 rounding of
+the torch reference). Prints progress per setting and a table per kernel, writes JSON (command,
+device, date, git commit, figures; the fastest setting per kernel and shape) after every section and
+shape (partial: true until the end) and a plot beside it at the end.
 
     python bench/selection_kernels_gpu.py --out bench/results/selection_kernels_gpu_h200.json
+    python bench/selection_kernels_gpu.py --only lowbit --out bench/results/lowbit_kernels_gpu_h200.json
 """
 
 from __future__ import annotations
@@ -34,10 +40,15 @@ from paged_decode_gpu import time_graph_ms
 sys.path.insert(0, str(REPO / "src"))
 
 from hisa.attention.paged_decode import paged_decode_attention  # noqa: E402
+from hisa.sparse.lowbit_scores import lowbit_page_scores, lowbit_page_scores_ref  # noqa: E402
 from hisa.sparse.page_scores import page_scores, select_pages  # noqa: E402
 
 H, KVH, D, S, BUDGET_PAGES, LAYERS = 32, 8, 128, 32, 64, 32
 SHAPES = {"32K x 8": (32768, 8), "128K x 4": (131072, 4), "128K x 11": (131072, 11)}
+LOWBIT_BITS, LOWBIT_GROUP = 4, 32
+LOWBIT_SETTINGS = ((64, 4), (128, 4), (32, 4))  # (sub_tokens, num_warps); the first is the default
+KERNELS = {"page_scores": ("page_scores", "select_pages"), "decode": ("paged_decode",),
+           "lowbit": ("lowbit_scores", "lowbit_select")}
 
 
 def graph_us(calls: list, reps: int) -> float:
@@ -109,6 +120,45 @@ def sweep_decode(rows: int, reps: int) -> list[dict]:
     return out
 
 
+def sweep_lowbit(ctx: int, rows: int, reps: int) -> list[dict]:
+    """lowbit_page_scores per layer (random codes and scales: the kernel's time does not depend on
+    their values), alone and followed by select_pages, per (sub_tokens, num_warps) setting."""
+    maxp = ctx // S
+    dev = "cuda"
+    db, ng = D * LOWBIT_BITS // 8, D // LOWBIT_GROUP
+    q = torch.randn(rows, H, D, device=dev, dtype=torch.bfloat16)
+    index = []
+    for _ in range(LAYERS):
+        codes = torch.randint(0, 256, (rows, ctx, KVH, db), device=dev, dtype=torch.uint8)
+        step = torch.rand(rows, ctx, KVH, ng, device=dev) * 0.4 + 0.1  # as 4-bit codes of unit-scale keys
+        mn = -7.5 * step + 0.1 * torch.randn_like(step)
+        index.append((codes, torch.stack([step, mn], dim=-1).half()))
+    ss = torch.arange(rows, dtype=torch.int32, device=dev)
+    lo = torch.ones(rows, dtype=torch.int32, device=dev)  # one sink page, the newest page recent
+    hi = torch.full((rows,), maxp - 1, dtype=torch.int32, device=dev)
+    k = BUDGET_PAGES - 2
+    kw = dict(scale=D ** -0.5, page_size=S, bits=LOWBIT_BITS, group_size=LOWBIT_GROUP)
+    ref = lowbit_page_scores_ref(q, *index[0], ss, lo, hi, **kw)
+    base = lowbit_page_scores(q, *index[0], ss, lo, hi, **kw)
+    ref_ok = torch.allclose(base.nan_to_num(0, neginf=0), ref.nan_to_num(0, neginf=0), rtol=1e-2, atol=1e-6)
+    print(f"  lowbit default setting vs torch reference: {'ok' if ref_ok else 'MISMATCH'}", flush=True)
+    del ref
+    nbytes = rows * (maxp - 2) * S * KVH * (db + ng * 4) + q.numel() * q.element_size()
+    out = []
+    for sub_tokens, warps in LOWBIT_SETTINGS:
+        knob = dict(sub_tokens=sub_tokens, num_warps=warps)
+        got = lowbit_page_scores(q, *index[0], ss, lo, hi, **kw, **knob)
+        ok = ref_ok and torch.allclose(got.nan_to_num(0, neginf=0), base.nan_to_num(0, neginf=0), rtol=1e-4, atol=1e-7)
+        scores = [lambda x=x: lowbit_page_scores(q, *x, ss, lo, hi, **kw, **knob) for x in index]
+        us = graph_us(scores, reps)
+        out.append(dict(kernel="lowbit_scores", **knob, us=us, ok=ok, gb_s=nbytes / us / 1e3))
+        progress(out[-1])
+        us = graph_us([lambda f=f: select_pages(f(), lo, hi, k) for f in scores], reps)
+        out.append(dict(kernel="lowbit_select", **knob, us=us, ok=ok, gb_s=nbytes / us / 1e3))
+        progress(out[-1])
+    return out
+
+
 def progress(r: dict) -> None:
     print(f"  {r['kernel']:13s} {knobs(r):34s} {r['us']:8.1f} µs{'' if r['ok'] else '  MISMATCH'}", flush=True)
 
@@ -123,21 +173,30 @@ def main() -> int:
     ap.add_argument("--shapes", default="32K x 8,128K x 4", help=f"comma-separated, of {list(SHAPES)}")
     ap.add_argument("--out", default=str(REPO / "bench/results/selection_kernels_gpu.json"))
     ap.add_argument("--git-commit", default=None)
+    ap.add_argument("--only", choices=sorted(KERNELS), action="append",
+                    help="run only these sections (repeatable); default: all")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
+    sections = args.only or list(KERNELS)
+    sweeps = dict(page_scores=lambda c, b: sweep_scores(c, b, args.reps),
+                  decode=lambda c, b: sweep_decode(b, args.reps), lowbit=lambda c, b: sweep_lowbit(c, b, args.reps))
+    head = header(torch.device("cuda"), args.git_commit)
     rows = []
     for name in args.shapes.split(","):
         ctx, batch = SHAPES[name]
-        print(f"== {name}", flush=True)
-        for r in sweep_scores(ctx, batch, args.reps) + sweep_decode(batch, args.reps):
-            rows.append(dict(shape=name, **r))
-        torch.cuda.empty_cache()
+        for section in sections:
+            print(f"== {name}: {section}", flush=True)
+            for r in sweeps[section](ctx, batch):
+                rows.append(dict(shape=name, **r))
+            write_json(Path(args.out), dict(**head, rows=rows, partial=True))  # what has run so far
+            torch.cuda.empty_cache()
+    kerns = [k for section in sections for k in KERNELS[section]]
     best = {}
     for name in args.shapes.split(","):
         print(f"\n== {name} (µs per call, one call per layer in one graph)")
-        for kern in ("page_scores", "select_pages", "paged_decode"):
+        for kern in kerns:
             rs = [r for r in rows if r["shape"] == name and r["kernel"] == kern]
             good = [r for r in rs if r["ok"] and r["us"] == r["us"]]
             top = min(good, key=lambda r: r["us"]) if good else None
@@ -147,16 +206,15 @@ def main() -> int:
                 gb = f"{r['gb_s']:7.0f} GB/s" if "gb_s" in r else ""
                 print(f"  {kern:13s} {knobs(r):34s} {r['us']:8.1f} µs {gb} {'' if r['ok'] else 'MISMATCH'}"
                       f"{'  <- best' if r is top else ''}")
-    write_json(Path(args.out), dict(**header(torch.device("cuda"), args.git_commit), rows=rows, best=best))
+    write_json(Path(args.out), dict(**head, rows=rows, best=best))
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        kerns = ("page_scores", "select_pages", "paged_decode")
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-        for ax, kern in zip(axes, kerns):
+        fig, axes = plt.subplots(1, len(kerns), figsize=(5 * len(kerns), 4), squeeze=False)
+        for ax, kern in zip(axes[0], kerns):
             for name in args.shapes.split(","):
                 rs = [r for r in rows if r["shape"] == name and r["kernel"] == kern and r["ok"]]
                 ax.plot(range(len(rs)), [r["us"] for r in rs], marker="o", label=name)

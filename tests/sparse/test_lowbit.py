@@ -9,6 +9,7 @@ import torch
 from hisa.sparse.base import DecodeRows, create_algorithm
 from hisa.sparse.lowbit_keys import dequantize_keys, lowbit_update, quantize_keys
 from hisa.sparse.lowbit_scores import lowbit_page_scores, lowbit_page_scores_ref
+from hisa.sparse.page_scores import select_pages
 
 L, H, KVH, D = 2, 6, 2, 64
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -118,6 +119,76 @@ def test_page_scores_triton_matches_reference(h, kvh, d, s, maxp, bits, group, p
     assert torch.isinf(got[1]).all()  # the row with an empty range scores nothing
 
 
+# fp16 q: the kernel rounds the dequantized keys to fp16 (2^-11 relative) before its fp32-accumulated
+# dot; the reference keeps them in fp32. Logits move by ~1e-4 (log2 units), scores by ~1e-4 relative.
+FP16_RTOL = 2e-3
+
+
+@pytest.mark.parametrize("h,kvh,d,s,bits,group,sub_tokens", [
+    (8, 1, 32, 8, 2, 32, 16),     # G = 8; D * bits / 8 = 8 bytes: the dot still runs over all 32 channels
+    (4, 4, 16, 16, 2, 16, 64),    # G = 1 (padded to 16 rows), D = 16: the smallest dot
+    (6, 2, 96, 32, 4, 32, 16),    # three groups padded to four (a 128-channel dot); sub_tokens < page
+    (4, 2, 64, 32, 4, 16, 128),   # four pages per dot
+    (6, 3, 64, 8, 2, 64, 32)])
+def test_page_scores_fp16_dot_matches_reference(h, kvh, d, s, bits, group, sub_tokens):
+    """fp16 q: the dot over keys dequantized to fp16, against the fp32 reference, over the
+    shapes that pad (heads, groups), the smallest head dim, pages per dot from 1/2 to 16."""
+    torch.manual_seed(d + s)
+    R, SS, maxp = 3, 4, 12
+    q = torch.randn(R, h, d).half()
+    codes, scales = _index(SS, maxp * s, kvh, d, bits, group, seed=d)
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    ss, lo, hi = i32([2, 0, 3]), i32([1, 5, 0]), i32([maxp - 1, 5, maxp])
+    kw = dict(scale=d ** -0.5, page_size=s, bits=bits, group_size=group)
+    want = lowbit_page_scores_ref(q, codes, scales, ss, lo, hi, **kw)
+    got = lowbit_page_scores(*(x.to(DEV) for x in (q, codes, scales, ss, lo, hi)), use_triton=True,
+                             sub_tokens=sub_tokens, **kw).cpu()
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    torch.testing.assert_close(got.nan_to_num(0, neginf=0), want.nan_to_num(0, neginf=0), rtol=FP16_RTOL,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_page_scores_pick_the_same_pages_as_the_reference(dtype):
+    """Random keys plus one needle token per chosen page that matches its row's query (a clear
+    winner per page, of varied strength): the kernel's top-k page sets equal the reference's."""
+    torch.manual_seed(7)
+    R, h, kvh, d, s, maxp, k = 3, 8, 2, 64, 16, 40, 6
+    q = torch.randn(R, h, d)
+    keys = torch.randn(R, maxp * s, kvh, d)
+    for r in range(R):
+        pages = torch.randperm(maxp)[:k]
+        for n, p in enumerate(pages.tolist()):  # needle strength 2..4.5 x a typical key's match
+            keys[r, p * s + n % s] = q[r].view(kvh, h // kvh, d).mean(1) * (2 + 0.5 * n)
+    codes, scales = quantize_keys(keys.view(-1, kvh, d), bits=4, group_size=32)
+    codes, scales = codes.view(R, maxp * s, kvh, -1), scales.view(R, maxp * s, kvh, d // 32, 2)
+    ss = torch.arange(R, dtype=torch.int32)
+    lo, hi = torch.zeros(R, dtype=torch.int32), torch.full((R,), maxp, dtype=torch.int32)
+    kw = dict(scale=d ** -0.5, page_size=s, bits=4, group_size=32)
+    q = q.to(dtype)
+    want = select_pages(lowbit_page_scores_ref(q, codes, scales, ss, lo, hi, **kw), lo, hi, k)
+    got = lowbit_page_scores(*(x.to(DEV) for x in (q, codes, scales, ss, lo, hi)), use_triton=True, **kw).cpu()
+    assert torch.equal(select_pages(got, lo, hi, k), want)
+
+
+def test_sub_tokens_is_a_pure_tuning_knob():
+    """Tokens per dot (16 to 256 at page 4) change nothing beyond fp32 rounding; a value tl.dot
+    cannot run is refused with a message."""
+    torch.manual_seed(3)
+    R, h, kvh, d, s, maxp = 2, 4, 2, 32, 4, 70
+    q = torch.randn(R, h, d)
+    codes, scales = _index(R, maxp * s, kvh, d, 4, 32, seed=3)
+    ss, lo = torch.arange(R, dtype=torch.int32), torch.tensor([0, 3], dtype=torch.int32)
+    hi = torch.tensor([maxp, 66], dtype=torch.int32)
+    kw = dict(scale=0.2, page_size=s, bits=4, group_size=32, use_triton=True)
+    base = lowbit_page_scores(q, codes, scales, ss, lo, hi, **kw)
+    for sub in (16, 128, 256):
+        torch.testing.assert_close(lowbit_page_scores(q, codes, scales, ss, lo, hi, sub_tokens=sub, num_warps=2, **kw),
+                                   base, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="sub_tokens"):
+        lowbit_page_scores(q, codes, scales, ss, lo, hi, sub_tokens=8, **kw)
+
+
 def _exact_keys(n, kvh, d, seed):
     """Keys 4 bits represent exactly: integers 0..15 in every group, with a 0 and a 15 in each."""
     g = torch.Generator().manual_seed(seed)
@@ -222,7 +293,9 @@ def test_page_scores_real_sizes_on_gpu(dtype, bits):
         kw = dict(scale=128 ** -0.5, page_size=s, bits=bits, group_size=32, pool=pool)
         got = lowbit_page_scores(q, codes, scales, ss, lo, hi, **kw)
         want = lowbit_page_scores_ref(q, codes, scales, ss, lo, hi, **kw)
-        torch.testing.assert_close(got.nan_to_num(0, neginf=0), want.nan_to_num(0, neginf=0), rtol=2e-3, atol=1e-6)
+        # the dot rounds the dequantized keys to q's dtype: bf16 keeps 8 mantissa bits (2^-9), fp16 11
+        rtol = 1e-2 if dtype == torch.bfloat16 else FP16_RTOL
+        torch.testing.assert_close(got.nan_to_num(0, neginf=0), want.nan_to_num(0, neginf=0), rtol=rtol, atol=1e-6)
     new = torch.randn(R, 8, 128, device="cuda", dtype=dtype)
     t = torch.tensor([5, 700, 32768, 1], dtype=torch.int32, device="cuda")
     a = (codes.clone(), scales.clone())

@@ -9,9 +9,9 @@ token lifts its page); the query heads of a KV group share one value, their mean
     score(page) = Σ_kvh pool_{h ∈ group(kvh)} max_{τ ∈ page} p_h(τ)
 
 Because the softmax is monotonic per head, max_τ p_h(τ) = 2^(max_τ l_h(τ) - M_h) / Z_h: kernel 1
-(grid rows x 32-page blocks x KV heads) dequantizes each token once per KV head, computes its
-group's logits and writes each page's maximum logit per head plus the block's softmax partials
-(max, sum); kernel 2 (grid rows x page blocks) merges the partials into each head's M_h and Z_h and
+(grid rows x 32-page blocks x KV heads) dequantizes each token once per KV head into q's dtype,
+computes its group's logits with one tensor-core dot per `sub_tokens` tokens and writes each page's
+maximum logit per head plus the block's softmax partials (max, sum); kernel 2 (grid rows x page blocks) merges the partials into each head's M_h and Z_h and
 writes the page scores. `select_pages` then takes the top k. No host sync: a captured decode step
 replays it.
 
@@ -28,13 +28,22 @@ from hisa.sparse.lowbit_keys import check_layout, dequantize_keys
 
 _LOG2E = 1.4426950408889634
 BLOCK_P = 32  # pages per program of kernel 1 (one softmax partial per block), as Quest's kernels
-SUB_TOKENS = 64  # tokens a program of kernel 1 holds at once
+SUB_TOKENS = 64  # tokens kernel 1 dequantizes per tl.dot (a tuning knob; `bench/selection_kernels_gpu.py`)
+LOGITS_WARPS = 4
 
 
 def lowbit_page_scores(q: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, sslots: torch.Tensor,
                        lo: torch.Tensor, hi: torch.Tensor, *, scale: float, page_size: int, bits: int,
-                       group_size: int, pool: str = "mean", use_triton: bool | None = None) -> torch.Tensor:
-    """Score every page of each row's middle range (see the module docstring). fp32 [R, MAXP]."""
+                       group_size: int, pool: str = "mean", use_triton: bool | None = None,
+                       sub_tokens: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+    """Score every page of each row's middle range (see the module docstring). fp32 [R, MAXP].
+
+    q fp32, fp16 or bf16: kernel 1's dot multiplies q with keys dequantized to q's dtype (fp32: exact
+    fp32 products). sub_tokens (tokens dequantized per dot, a power of two >= 16; a page at least)
+    and num_warps tune kernel 1; None takes the module's SUB_TOKENS / LOGITS_WARPS.
+
+    Example: lowbit_page_scores(q, codes, scales, sslots, lo, hi, scale=128 ** -0.5, page_size=32,
+    bits=4, group_size=32) -> [R, MAXP], then `select_pages(scores, lo, hi, k)`."""
     R, H, D = q.shape
     SS, MAXT, KVH, DB = codes.shape
     check_layout(D, bits, group_size)
@@ -48,6 +57,8 @@ def lowbit_page_scores(q: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
         raise ValueError("codes and scales must be contiguous per token (a slot/layer slice of the full tensors)")
     if q.stride(2) != 1:
         raise ValueError(f"q must be contiguous in its last dim, got strides {q.stride()}")
+    if page_size & (page_size - 1):
+        raise ValueError(f"page_size must be a power of two, got {page_size}")
     if use_triton is None:
         use_triton = q.is_cuda
     if not use_triton:
@@ -55,10 +66,17 @@ def lowbit_page_scores(q: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
                                       group_size=group_size, pool=pool)
     from hisa.sparse.triton_lowbit import lowbit_logits_kernel, lowbit_scores_kernel
 
+    sub_tokens = SUB_TOKENS if sub_tokens is None else sub_tokens
+    num_warps = LOGITS_WARPS if num_warps is None else num_warps
+    if sub_tokens < 16 or sub_tokens & (sub_tokens - 1):
+        raise ValueError(f"sub_tokens must be a power of two >= 16 (tl.dot's smallest N), got {sub_tokens}")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"q must be fp32, fp16 or bf16, got {q.dtype}")
     S = page_size
     MAXP = MAXT // S
     G = H // KVH
-    sub_p = max(1, SUB_TOKENS // S)
+    NG = D // group_size
+    sub_p = max(1, sub_tokens // S)  # pages per dot: sub_p * S = max(sub_tokens, S) tokens
     block_p = max(BLOCK_P, sub_p)
     PB = -(-MAXP // block_p)
     f32 = dict(dtype=torch.float32, device=q.device)
@@ -72,8 +90,10 @@ def lowbit_page_scores(q: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
         q, codes, scales, sslots, lo, hi, logits, mpart, spart,
         scale * _LOG2E, MAXP, PB,
         q.stride(0), q.stride(1), codes.stride(0), codes.stride(1), scales.stride(0), scales.stride(1),
-        H=H, G=G, BLOCK_G=_next_pow2(G), S=S, SUB_P=sub_p, NSUB=block_p // sub_p, DB=DB,
-        BLOCK_DB=_next_pow2(DB), NG=D // group_size, GROUP=group_size, BITS=bits, num_warps=4)
+        # tl.dot needs M, N, K >= 16: the query heads pad to 16 rows, D to whole groups (>= 16 channels)
+        H=H, G=G, BLOCK_G=max(16, _next_pow2(G)), S=S, SUB_P=sub_p, NSUB=block_p // sub_p, DB=DB, NG=NG,
+        BLOCK_NG=max(_next_pow2(NG), -(-16 // group_size)), GROUP=group_size, BITS=bits,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps)
     lowbit_scores_kernel[(R, -(-MAXP // BLOCK_P))](
         logits, mpart, spart, lo, hi, scores, MAXP, PB,
         H=H, G=G, KVH=KVH, BLOCK_P=BLOCK_P, BLOCK_PB=max(2, _next_pow2(PB)), BLOCK_H=max(2, _next_pow2(H)),
