@@ -79,6 +79,8 @@ class L3PrefixCache:
                 continue
             if self._looked_up.get(seq.request_id) == seq.num_preemptions:
                 continue
+            if scheduler.prefix is not None and scheduler.prefix.has_first_page(seq):
+                continue  # the pool holds its prefix: sharing those pages beats copying them from L3
             s = self.page_size
             full = (seq.num_tokens - 1) // s   # the last token is always computed (it gives the logits)
             if full == 0:
