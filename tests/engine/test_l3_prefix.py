@@ -18,6 +18,8 @@ from l3_servers import REDIS_SERVER, MooncakeStoreServers, RedisServer, require_
 pytestmark = pytest.mark.slow   # three SmolLM2 engines and a reference run
 
 PARAMS = SamplingParams(max_tokens=8, ignore_eos=True)
+# These engines turn the pool's prefix cache off (prefix_cache=False) so that the pages come from L3;
+# test_pool_prefix_comes_before_l3 runs both.
 S = 16
 
 
@@ -47,7 +49,7 @@ def _check_no_leak(llm):
 
 def test_l3_prefix_gives_identical_output_and_skips_prefill(make_llm, prompts, reference, tmp_path):
     url = f"file:{tmp_path / 'l3'}"
-    llm = make_llm(max_num_batched_tokens=128, l3=url)
+    llm = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=url)
     assert _one_by_one(llm, prompts) == reference
     m = llm.engine.l3_prefix.metrics()
     # the first prompt stored its pages; the next two loaded the shared prefix's 18 full pages each
@@ -55,7 +57,7 @@ def test_l3_prefix_gives_identical_output_and_skips_prefill(make_llm, prompts, r
     assert m["store_corrupt"] == 0 and m["store_failures"] == 0
     _check_no_leak(llm)
     # a new engine (another process, or after a restart) over the same directory: all but the last page
-    again = make_llm(max_num_batched_tokens=128, l3=url)
+    again = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=url)
     assert _one_by_one(again, prompts) == reference
     m = again.engine.l3_prefix.metrics()
     assert m["pages_loaded"] == sum((len(p) - 1) // S for p in prompts)
@@ -64,7 +66,7 @@ def test_l3_prefix_gives_identical_output_and_skips_prefill(make_llm, prompts, r
 
 def test_corrupt_and_deleted_pages_are_recomputed(make_llm, prompts, reference, tmp_path):
     url = f"file:{tmp_path / 'l3'}"
-    first = make_llm(max_num_batched_tokens=128, l3=url)
+    first = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=url)
     assert _one_by_one(first, prompts[:1]) == reference[:1]
     from hisa.kvcache.l3 import page_keys
 
@@ -77,7 +79,7 @@ def test_corrupt_and_deleted_pages_are_recomputed(make_llm, prompts, reference, 
         f.seek(4000)
         f.write(bytes([byte ^ 0x10]))
     os.unlink(backend.path(keys[9]))                  # and delete page 9 (fixed again by the prompt's store)
-    llm = make_llm(max_num_batched_tokens=128, l3=url)
+    llm = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=url)
     assert _one_by_one(llm, prompts[1:2]) == reference[1:2]
     m = llm.engine.l3_prefix.metrics()
     assert m["store_corrupt"] == 1 and m["pages_loaded"] == 5   # pages 0-4: the run ends at the corrupt page
@@ -90,8 +92,8 @@ def test_corrupt_and_deleted_pages_are_recomputed(make_llm, prompts, reference, 
 def test_redis_shared_by_two_engines_and_killed_mid_run(make_llm, prompts, reference, tmp_path):
     server = RedisServer(tmp_path).start()
     try:
-        a = make_llm(max_num_batched_tokens=128, l3=server.url)
-        b = make_llm(max_num_batched_tokens=128, l3=server.url)
+        a = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=server.url)
+        b = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=server.url)
         assert _one_by_one(a, prompts[:1]) == reference[:1]
         assert _one_by_one(b, prompts[1:2]) == reference[1:2]          # b reuses a's prefix
         assert b.engine.l3_prefix.metrics()["pages_loaded"] == 300 // S
@@ -109,7 +111,7 @@ def test_mooncake_store_serves_a_prefix(make_llm, prompts, reference, tmp_path):
     require_mooncake()
     servers = MooncakeStoreServers(tmp_path).start()
     try:
-        llm = make_llm(max_num_batched_tokens=128, l3=servers.url)
+        llm = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=servers.url)
         assert _one_by_one(llm, prompts[:2]) == reference[:2]
         m = llm.engine.l3_prefix.metrics()
         assert m["pages_loaded"] == 300 // S and m["store_corrupt"] == 0 and m["store_failures"] == 0
@@ -140,7 +142,9 @@ def test_preempted_requests_park_in_l3_and_resume_from_it(make_llm, tmp_path):
     # four prompts of ~300 tokens fit the 88 pages together (76); growing by 80 tokens each they do not
     prompts = [tok.encode(long_text(300, seed=40 + i))[:290 + 5 * i] for i in range(4)]
     params = SamplingParams(max_tokens=80, ignore_eos=True)
-    small = dict(num_kv_pages=88, page_size=S, max_model_len=512, max_num_batched_tokens=512)
+    # the pool's own prefix cache off: the resumed requests' pages must come from L3, not from pages
+    # the pool still held (tests/engine/test_prefix_cache.py covers that path)
+    small = dict(num_kv_pages=88, page_size=S, max_model_len=512, max_num_batched_tokens=512, prefix_cache=False)
     plain = make_llm(**small)
     want, prefill_plain = _run_counting_prefill(plain, prompts, params)
     assert plain.engine.scheduler.num_preemptions > 0, "the test did not exercise preemption"
@@ -165,3 +169,34 @@ def test_preempted_requests_park_in_l3_and_resume_from_it(make_llm, tmp_path):
     with_outputs = [page_keys(p + o[:f * S - len(p)], layout)[len(p) // S:f]
                     for p, o, f in zip(prompts, got, full) if f * S > len(p)]
     assert any(any(parked.engine.l3_prefix.l3.exists(keys)) for keys in with_outputs if keys)
+
+
+def test_pool_prefix_comes_before_l3(make_llm, prompts, reference, tmp_path):
+    """With both on, a prompt whose prefix the pool still holds shares those pages instead of copying
+    them from L3; L3 serves a new engine (an empty pool); outputs are the same either way."""
+    url = f"file:{tmp_path / 'l3'}"
+    llm = make_llm(max_num_batched_tokens=128, l3=url)
+    assert _one_by_one(llm, prompts) == reference
+    pool, l3 = llm.engine.prefix_cache.stats, llm.engine.l3_prefix.metrics()
+    assert pool.requests_hit == 2 and pool.pages_hit == 2 * (300 // S) and l3["requests_hit"] == 0
+    _check_no_leak(llm)
+    again = make_llm(max_num_batched_tokens=128, l3=url)
+    assert _one_by_one(again, prompts[:1]) == reference[:1]
+    assert again.engine.l3_prefix.metrics()["requests_hit"] == 1
+
+
+def test_a_second_turn_loads_the_first_turns_answer_from_l3(make_llm, prompts, tmp_path):
+    """A finished request writes its answer's full pages too: the next turn (prompt + answer + a new
+    question) served by another engine loads them from L3, and its tokens equal a run without L3."""
+    url = f"file:{tmp_path / 'l3'}"
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    first = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=url)
+    answer = first.generate([prompts[0]], params, use_tqdm=False)[0].token_ids
+    turn2 = prompts[0] + answer + prompts[1][-20:]
+    want = make_llm(max_num_batched_tokens=128, prefix_cache=False).generate([turn2], PARAMS, use_tqdm=False)
+    second = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=url)
+    assert second.generate([turn2], PARAMS, use_tqdm=False)[0].token_ids == want[0].token_ids
+    m = second.engine.l3_prefix.metrics()
+    # every full page of turn 1's prompt + answer that turn 1 computed (its last token's KV never was)
+    assert m["tokens_loaded"] == (len(prompts[0]) + len(answer) - 1) // S * S > len(prompts[0]) // S * S
+    _check_no_leak(second)

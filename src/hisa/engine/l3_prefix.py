@@ -16,6 +16,9 @@ before. When it is admitted again, the same lookup finds them under the keys of 
 and it resumes from L3 instead of recomputing its whole context: only the tokens past its last full
 page run again.
 
+A request that finishes (stop or length) also writes its answer's full pages: a chat's or an
+agent's next turn starts with this turn's prompt and answer, and finds all of it in L3.
+
 Synchronous: a lookup and its reads run on the engine thread before the step; the write of a
 finished prefill runs after the step, a parking write inside the schedule that preempts. Sparse
 requests and MLA caches are not served yet.
@@ -129,6 +132,16 @@ class L3PrefixCache:
                 continue
             self._stored.add(seq.request_id)
             self.stats.pages_stored += self._write_missing(seq, seq.num_prompt // self.page_size)
+
+    def store_finished(self, seq: Sequence) -> None:
+        """When a dense request finishes (stop or length): write its full pages past the prompt's (its
+        answer) that L3 lacks, so the next turn of the conversation, which starts with this prompt
+        and answer, loads them too."""
+        if seq.sparse or not seq.pages:
+            return
+        full = min(seq.num_computed // self.page_size, len(seq.pages))
+        if full > seq.num_prompt // self.page_size:
+            self.stats.pages_stored += self._write_missing(seq, full)
 
     def park(self, seq: Sequence) -> None:
         """Before a dense request is preempted: write every full page whose KV it has computed (prompt

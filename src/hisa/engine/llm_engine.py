@@ -299,6 +299,8 @@ class LLMEngine:
                     seq.first_token_time = now
                 reason = self._check_stop(seq, token)
                 if reason is not None:
+                    if self.l3_prefix is not None:  # the next turn starts with this prompt and answer
+                        self.l3_prefix.store_finished(seq)
                     self.scheduler.finish(seq, reason)
                 outputs.append(self._output(seq, now))
                 if reason is not None:
