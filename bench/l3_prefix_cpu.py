@@ -14,6 +14,8 @@ afterwards. Each mode's first output token is checked against the recompute one.
 command, date, commit, machine) and a bar plot beside it.
 
     python bench/l3_prefix_cpu.py --prompt-len 8000 --threads 1 --out bench/results/l3_prefix_cpu.json
+    python bench/l3_prefix_cpu.py --model random:llama-3.1-8b --device cuda --prompt-len 16384 \
+        --chunk 8192 --modes recompute pool file --out bench/results/l3_prefix_gpu.json   # on a GPU
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from _common import REPO, header, write_json
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests" / "kvcache" / "l3"))
 
-from l3_servers import MooncakeStoreServers, RedisServer  # noqa: E402
 from tests.conftest import long_text  # noqa: E402
 
 from hisa import LLM, SamplingParams  # noqa: E402
@@ -53,20 +54,34 @@ def main() -> None:
                          "mooncake: L3 only (the pool's prefix cache off, so the pages come from L3)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: on a shared 2-core machine 2 threads ran 10x slower)")
+    ap.add_argument("--model", default=None, help="default: the embedded SmolLM2; e.g. random:llama-3.1-8b on a GPU")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--kv-cache-gb", type=float, default=None)
+    ap.add_argument("--git-commit", default=None)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "l3_prefix_cpu.json")
     args = ap.parse_args()
 
-    device = torch.device("cpu")
-    torch.set_num_threads(args.threads)
-    loaded = load_model(None, device=device, dtype=torch.float32, progress=False)
+    device = torch.device(args.device)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    loaded = load_model(args.model, device=device, dtype=dtype, progress=False)
     tok = loaded.tokenizer
-    text_ids = tok.encode(long_text(3 * args.prompt_len, seed=7))
+    if tok is not None:
+        text_ids = tok.encode(long_text(3 * args.prompt_len, seed=7))
+        other = tok.encode(long_text(200, seed=8))[: args.tail]          # the tail of the request that fills L3
+        tail = tok.encode(long_text(200, seed=9))[: args.tail]
+    else:  # a random-weight model: random token ids
+        g = torch.Generator().manual_seed(7)
+        lo = min(1000, loaded.config.vocab_size // 4)  # away from the special tokens at both ends
+        text_ids, other, tail = (torch.randint(lo, loaded.config.vocab_size - lo, (n,), generator=g).tolist()
+                                 for n in (args.prompt_len, args.tail, args.tail))
     prefix = text_ids[: args.prompt_len - args.tail]
-    other = tok.encode(long_text(200, seed=8))[: args.tail]          # the tail of the request that fills L3
-    measured = prefix + tok.encode(long_text(200, seed=9))[: args.tail]
+    measured = prefix + tail
     assert len(measured) == args.prompt_len
-    kw = dict(loaded=loaded, device="cpu", dtype="float32", progress=False, max_num_batched_tokens=args.chunk,
-              max_model_len=max(args.prompt_len + 8, 2048), max_num_seqs=4, prefix_cache=False)
+    kw = dict(loaded=loaded, device=device.type, dtype=str(dtype).removeprefix("torch."), progress=False,
+              max_num_batched_tokens=args.chunk, max_model_len=max(args.prompt_len + 8, 2048), max_num_seqs=4,
+              prefix_cache=False, kv_cache_gb=args.kv_cache_gb)
     warm = LLM(**kw)
     warm.generate([text_ids[:256]], SamplingParams(max_tokens=2), use_tqdm=False)   # first-call overheads
     del warm
@@ -80,9 +95,13 @@ def main() -> None:
             elif mode == "file":
                 url = f"file:{tmp}/l3"
             elif mode == "redis":
+                from l3_servers import RedisServer
+
                 server = RedisServer(Path(tmp)).start()
                 url = server.url
             elif mode == "mooncake":
+                from l3_servers import MooncakeStoreServers
+
                 (Path(tmp) / "mooncake").mkdir()
                 server = MooncakeStoreServers(Path(tmp) / "mooncake", segment="1 GB").start()
                 url = server.url
@@ -118,15 +137,17 @@ def main() -> None:
     for r in rows:
         if base is not None:
             r["speedup_vs_recompute"] = round(base / r["ttft_s"], 2)
-    payload = dict(**header(device), model="SmolLM2-135M-Instruct (embedded GGUF), fp32, dense, page 16",
+    payload = dict(**header(device, args.git_commit),
+                   model=f"{args.model or 'SmolLM2-135M-Instruct (embedded GGUF)'}, {str(dtype).removeprefix('torch.')}, "
+                         "dense, page 16",
                    prompt_len=args.prompt_len, tail=args.tail, max_num_batched_tokens=args.chunk, threads=args.threads, rows=rows,
                    note="ttft_s: arrival to first token of one request alone (engine step time, L3 reads "
                         "included). Machine shared with other jobs: absolute times vary run to run.")
     write_json(args.out, payload)
-    plot(rows, args.out.with_suffix(".png"), payload["device"].get("name", "cpu"))
+    plot(rows, args.out.with_suffix(".png"), payload["device"].get("name", "cpu"), args.model or "SmolLM2")
 
 
-def plot(rows, path: Path, device: str) -> None:
+def plot(rows, path: Path, device: str, model: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,7 +161,7 @@ def plot(rows, path: Path, device: str) -> None:
         label = f"{r['ttft_s']:.2f}s" + (f"\n{r['speedup_vs_recompute']}x" if "speedup_vs_recompute" in r else "")
         ax.annotate(label, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("time to first token (s)")
-    ax.set_title(f"SmolLM2 {rows[0]['prompt_tokens']}-token prompt, prefix from L3 ({device}, CPU)", fontsize=9)
+    ax.set_title(f"{model} {rows[0]['prompt_tokens']}-token prompt, prefix reused ({device})", fontsize=9)
     ax.set_ylim(0, max(vals) * 1.25)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
