@@ -49,18 +49,22 @@ def _scheduler(num_pages: int = 32, max_tokens: int = 64, max_num_seqs: int = 4)
                      prefix=prefix), prefix
 
 
+def _finish_step(sched, batch, rng) -> None:
+    """What the engine does after the model ran, with made-up tokens: advance, sample, finish."""
+    sched.complete_step(batch)
+    for seq in batch.seqs:
+        if seq.num_computed == seq.num_tokens:
+            seq.token_ids.append(rng.randrange(1000, 2000))
+            if seq.num_output >= seq.params.max_tokens:
+                sched.finish(seq, "length")
+    sched.remove_finished()
+
+
 def _run(sched, rng=None):
-    """Steps until every request finished (the engine's postprocess, with made-up tokens)."""
+    """Steps until every request finished."""
     rng = rng or random.Random(0)
     while sched.has_unfinished():
-        batch = sched.schedule()
-        sched.complete_step(batch)
-        for seq in batch.seqs:
-            if seq.num_computed == seq.num_tokens:
-                seq.token_ids.append(rng.randrange(1000, 2000))
-                if seq.num_output >= seq.params.max_tokens:
-                    sched.finish(seq, "length")
-        sched.remove_finished()
+        _finish_step(sched, sched.schedule(), rng)
 
 
 def test_a_request_starts_after_the_pages_an_earlier_one_left():
@@ -100,13 +104,7 @@ def test_requests_sharing_a_prefix_hold_the_same_pages_and_none_leaks():
                 held[p] = held.get(p, 0) + 1
         assert all(sched.allocator.refs(p) == n for p, n in held.items())  # one reference per holder
         assert len(held) == sched.allocator.num_used
-        sched.complete_step(batch)
-        for seq in batch.seqs:
-            if seq.num_computed == seq.num_tokens:
-                seq.token_ids.append(rng.randrange(1000, 2000))
-                if seq.num_output >= seq.params.max_tokens:
-                    sched.finish(seq, "length")
-        sched.remove_finished()
+        _finish_step(sched, batch, rng)
         steps += 1
         assert steps < 10_000
     assert all(s.status == Status.FINISHED for s in seqs)
