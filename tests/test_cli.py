@@ -68,6 +68,9 @@ def test_engine_flags_users_expect_reach_the_engine_config():
     assert engine_kwargs(args)["gpu_memory_utilization"] == 0.5 and args.chat_template == "t.jinja"
     serve = build_parser().parse_args(["serve", "--api-key", "k", "--gpu-memory-utilization", "0.6"])
     assert serve.api_key == "k" and engine_kwargs(serve)["gpu_memory_utilization"] == 0.6
+    assert engine_kwargs(args)["prefix_cache"] is True  # on unless turned off
+    off = build_parser().parse_args(["serve", "--no-prefix-cache"])
+    assert engine_kwargs(off)["prefix_cache"] is False
 
 
 def test_unsupported_architecture(capsys, tmp_path):

@@ -1,4 +1,5 @@
-"""/metrics shows the L3 counters (hits, bytes, faults) when --l3 is on, and nothing of L3 when it is off."""
+"""/metrics shows the L3 counters (hits, bytes, faults) when --l3 is on, and nothing of L3 when it is off;
+likewise the pool's prefix-cache counters."""
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -20,3 +21,13 @@ def test_l3_counters_are_gauges():
     samples = _samples(metrics)
     assert samples["hisa_l3_pages_loaded"] == 18 and samples["hisa_l3_store_corrupt"] == 1
     assert samples["hisa_l3_store_bytes_read"] == 13_271_040 and samples["hisa_l3_store_failures"] == 0
+
+
+def test_prefix_cache_counters_are_gauges():
+    metrics = ServerMetrics()
+    metrics.refresh(EngineStats(kv_pages_used=1, kv_pages_total=8))
+    assert not [n for n in _samples(metrics) if n.startswith("hisa_prefix_cache_")]
+    metrics.refresh(EngineStats(kv_pages_used=1, kv_pages_total=8,
+                                prefix=dict(lookups=3, requests_hit=2, pages_hit=36, tokens_hit=576, pages_cached=5)))
+    samples = _samples(metrics)
+    assert samples["hisa_prefix_cache_tokens_hit"] == 576 and samples["hisa_prefix_cache_pages_cached"] == 5

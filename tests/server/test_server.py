@@ -297,6 +297,8 @@ def test_metrics_add_up_to_what_the_tests_sent(server):
     assert m["hisa_generation_tokens_total"] >= led.completion_tokens + led.aborted
     assert m["hisa_kv_pages_used"] == 0 and m["hisa_kv_pages_total"] > 0
     assert m["hisa_requests_running"] == 0 and m["hisa_requests_waiting"] == 0
+    # the pool's prefix cache is on by default: requests above were looked up in it
+    assert m["hisa_prefix_cache_lookups"] > 0 and m["hisa_prefix_cache_pages_cached"] >= 0
 
 
 # -- broken device (in process) ---------------------------------------------------------------------
