@@ -117,12 +117,16 @@ class L3PrefixCache:
             self.stats.tokens_loaded += hits * s
 
     def _write_pages(self, pages: list[int], payloads) -> None:
-        host = torch.empty(len(pages), *self.page_shape, dtype=self.cache.data.dtype)   # [n, L, 2, S, KVH, D]
+        device = self.cache.data.device
+        # pinned on CUDA: one DMA copy to the device instead of a staged pageable one
+        host = torch.empty(len(pages), *self.page_shape, dtype=self.cache.data.dtype,
+                           pin_memory=device.type == "cuda")                          # [n, L, 2, S, KVH, D]
         rows = host.view(len(pages), -1).view(torch.uint8).numpy()                     # [n, page bytes]
         for row, payload in zip(rows, payloads):                                      # one copy per page
             row[:] = np.frombuffer(payload, dtype=np.uint8)
-        index = torch.tensor(pages, dtype=torch.int64, device=self.cache.data.device)
-        self.cache.data.index_copy_(1, index, host.transpose(0, 1).to(self.cache.data.device))
+        index = torch.tensor(pages, dtype=torch.int64, device=device)
+        # the contiguous host rows cross as they are; the [n, L] -> [L, n] swap happens on the device
+        self.cache.data.index_copy_(1, index, host.to(device, non_blocking=True).transpose(0, 1))
 
     # -- store -------------------------------------------------------------------------------
     def store_prompts(self, seqs: list[Sequence]) -> None:

@@ -13,10 +13,20 @@ from __future__ import annotations
 import os
 import re
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 _KEY = re.compile(r"^[A-Za-z0-9_-]{3,200}$")
 _TMP = ".tmp"
+READ_THREADS = min(8, os.cpu_count() or 1)
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        with open(path, "rb", buffering=0) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
 
 
 class FileBackend:
@@ -31,6 +41,7 @@ class FileBackend:
     errors: tuple[type[BaseException], ...] = (OSError,)
 
     def __init__(self, root: str):
+        self._pool: ThreadPoolExecutor | None = None
         self.root = os.path.abspath(root)
         os.makedirs(self.root, exist_ok=True)
         if not os.access(self.root, os.W_OK):
@@ -45,14 +56,18 @@ class FileBackend:
         return [os.path.exists(self.path(k)) for k in keys]
 
     def get(self, keys: Sequence[str]) -> list[bytes | None]:
-        out: list[bytes | None] = []
-        for key in keys:
-            try:
-                with open(self.path(key), "rb", buffering=0) as f:
-                    out.append(f.read())
-            except FileNotFoundError:
-                out.append(None)
-        return out
+        """Pages are read by a few threads at once (file reads release the GIL): one reader
+        thread moved ~0.6 GB/s from the page cache on the H200 machine, far below what its GPU
+        prefills."""
+        paths = [self.path(k) for k in keys]
+        if len(paths) < 4:
+            return [_read(p) for p in paths]
+        return list(self._readers().map(_read, paths))
+
+    def _readers(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="hisa-l3-file")
+        return self._pool
 
     def set(self, keys: Sequence[str], values: Sequence[bytes]) -> None:
         for key, value in zip(keys, values, strict=True):
@@ -91,7 +106,9 @@ class FileBackend:
         return [(key, size) for _, key, size in found]
 
     def close(self) -> None:
-        pass
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 def _unlink(path: str) -> None:
