@@ -169,3 +169,18 @@ def test_gemma3_tokens_do_not_change():
     _equal_with_and_without(lambda **kw: LLM(loaded=gemma, device="cpu", dtype="float32", progress=False,
                                              page_size=16, max_num_batched_tokens=64, max_model_len=1024, **kw),
                             gemma.tokenizer)
+
+
+def test_under_pressure_a_cached_prefix_loses_its_tail_before_its_head():
+    sched, prefix = _scheduler(num_pages=8, max_tokens=64, max_num_seqs=1)
+    first = _seq("a", list(range(21)), max_tokens=1)  # 5 full pages registered (20 tokens computed... + 1)
+    sched.add(first)
+    _run(sched)
+    assert sched.allocator.num_cached == 5
+    other = _seq("b", [7] * 13, max_tokens=1)  # needs 4 pages: 3 free + the oldest cached one
+    sched.add(other)
+    _run(sched)
+    again = _seq("c", list(range(21)))
+    sched.add(again)
+    sched.schedule()
+    assert again.num_computed == 4 * S  # pages 0-3 still there: only the last page was evicted

@@ -86,7 +86,7 @@ class DevicePrefixCache:
     def unmatch(self, seq: Sequence) -> None:
         """Undo `match` for a request that was not admitted after all (its pages go back to the cache)."""
         if seq.pages:
-            self.allocator.free(seq.pages)
+            self.allocator.free(seq.pages[::-1])  # tail first into the LRU, as Scheduler._release
         seq.pages, seq.num_computed, seq.num_registered = [], 0, 0
 
     def register(self, seqs: list[Sequence]) -> None:

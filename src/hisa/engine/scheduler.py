@@ -122,7 +122,9 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         if seq.pages:
-            self.pool(seq).free(seq.pages)
+            # last page first: cached prefix pages are evicted least recently freed first, so under
+            # pressure a prefix loses its tail before its head (a later request reuses a leading run)
+            self.pool(seq).free(seq.pages[::-1])
             seq.pages = []
         seq.num_registered = 0
         if seq.buffer_pages:
