@@ -200,3 +200,18 @@ def test_a_second_turn_loads_the_first_turns_answer_from_l3(make_llm, prompts, t
     # every full page of turn 1's prompt + answer that turn 1 computed (its last token's KV never was)
     assert m["tokens_loaded"] == (len(prompts[0]) + len(answer) - 1) // S * S > len(prompts[0]) // S * S
     _check_no_leak(second)
+
+
+def test_l3_continues_a_prefix_whose_tail_the_pool_evicted(make_llm, prompts, reference, smollm2, tmp_path):
+    """A small pool forgets the last pages of a finished prompt (they go first) while another request
+    runs; the same prompt again shares the pages the pool kept and loads the rest from L3."""
+    llm = make_llm(max_num_batched_tokens=128, l3=f"file:{tmp_path / 'l3'}", num_kv_pages=30, max_model_len=400)
+    assert _one_by_one(llm, prompts[:1]) == reference[:1]  # 21 full pages, cached in the pool and in L3
+    other = smollm2.tokenizer.encode(long_text(300, seed=99))[:200]  # 13 pages: evicts 4 of the 21
+    llm.generate([other], PARAMS, use_tqdm=False)
+    assert _one_by_one(llm, prompts[:1]) == reference[:1]
+    pool, l3 = llm.engine.prefix_cache.stats, llm.engine.l3_prefix.metrics()
+    full = (len(prompts[0]) - 1) // S
+    assert 0 < pool.pages_hit < full and l3["pages_loaded"] > 0
+    assert pool.pages_hit + l3["pages_loaded"] == full  # the pool's leading pages, then L3's
+    _check_no_leak(llm)

@@ -8,7 +8,8 @@ scheduler may admit next (never looked up since it last lost its pages) has its 
 longest run of leading pages that L3 holds and that pass their checksum is copied into newly
 allocated device pages and counted as computed, so the scheduler prefills only the rest (a chunk
 after a cached prefix). At least the prompt's last token is always computed: its logits give the
-first output token. A missing or corrupt page ends the run; nothing past it is used.
+first output token. A missing or corrupt page ends the run; nothing past it is used. With the pool's prefix cache on,
+the leading pages the pool still holds are shared first and L3 fills in the pages after them.
 
 Parking: a dense request the scheduler preempts (the device pool ran short) first writes its full
 pages, prompt and generated tokens alike, to L3 (those L3 lacks); its pages are then freed as
@@ -85,8 +86,6 @@ class L3PrefixCache:
                 continue
             if self._looked_up.get(seq.request_id) == seq.num_preemptions:
                 continue
-            if scheduler.prefix is not None and scheduler.prefix.has_first_page(seq):
-                continue  # the pool holds its prefix: sharing those pages beats copying them from L3
             s = self.page_size
             full = (seq.num_tokens - 1) // s   # the last token is always computed (it gives the logits)
             if full == 0:
@@ -102,9 +101,12 @@ class L3PrefixCache:
                 continue
             self._looked_up[seq.request_id] = seq.num_preemptions
             self.stats.lookups += 1
-            keys = page_keys(seq.token_ids[:full * s], self.layout)[:cap]
+            # the leading pages the pool still holds are shared (cheaper than any copy); L3 continues after them
+            start = scheduler.prefix.match(seq) // s if scheduler.prefix is not None else 0
+            keys = page_keys(seq.token_ids[:full * s], self.layout)[start:cap]
             found = self.l3.exists(keys)
             hits = found.index(False) if False in found else len(found)
+            hits = min(hits, max(0, scheduler.allocator.num_free - reserve - 1))  # sharing may have used room
             if hits == 0:
                 continue
             payloads = self.l3.get(keys[:hits])
@@ -113,7 +115,7 @@ class L3PrefixCache:
                 continue
             pages = scheduler.allocator.allocate(hits)
             self._write_pages(pages, payloads[:hits])
-            seq.pages, seq.num_computed = pages, hits * s
+            seq.pages, seq.num_computed = seq.pages + pages, (start + hits) * s
             self._stored.discard(seq.request_id)
             self.stats.requests_hit += 1
             self.stats.pages_loaded += hits

@@ -79,10 +79,6 @@ class DevicePrefixCache:
         self.stats.tokens_hit += seq.num_computed
         return seq.num_computed
 
-    def has_first_page(self, seq: Sequence) -> bool:
-        """Whether the pool knows seq's first page (its admission will reuse pages from here)."""
-        return (seq.num_tokens - 1) // self.page_size > 0 and bool(self.allocator.lookup(self.digests(seq, 1)))
-
     def unmatch(self, seq: Sequence) -> None:
         """Undo `match` for a request that was not admitted after all (its pages go back to the cache)."""
         if seq.pages:
