@@ -22,8 +22,10 @@ def test_batch_equals_alone_with_chunked_prefill(make_llm):
 
 
 def test_batch_equals_alone_when_pages_run_out(make_llm):
-    """The pool holds less than the whole batch, so the batch must preempt and recompute."""
-    llm = make_llm(num_kv_pages=128, page_size=16, max_model_len=2048, max_num_batched_tokens=512)
+    """The pool holds less than the whole batch, so the batch must preempt and recompute. (The pool's
+    prefix cache is off: the prompts run alone first, and the batch would share their cached pages.)"""
+    llm = make_llm(num_kv_pages=128, page_size=16, max_model_len=2048, max_num_batched_tokens=512,
+                   prefix_cache=False)
     prompts = _prompts(llm.tokenizer)
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     alone = [llm.generate([p], params, use_tqdm=False)[0].token_ids for p in prompts]
