@@ -41,7 +41,6 @@ GROW_TOKENS = 512  # capacity is kept a multiple of this (a request re-allocates
 
 @dataclass
 class _Entry:
-    key: object  # the request's identity (its request id)
     data: torch.Tensor  # fp32 [layers, 2, KVH, capacity, D]
     valid: int  # tokens written in every layer before this step
 
@@ -102,7 +101,7 @@ class CpuDecodeKV:
                     continue
                 data = torch.empty(self.num_layers, 2, self.num_kv_heads, need, self.head_dim, dtype=torch.float32)
                 if entry is None:
-                    entry = self._entries[key] = _Entry(key, data, 0)
+                    entry = self._entries[key] = _Entry(data, 0)
                 else:
                     data[:, :, :, :entry.valid] = entry.data[:, :, :, :entry.valid]
                     entry.data = data
@@ -133,7 +132,7 @@ class CpuDecodeStep:
         lens = kv_lens.clone()
         lens[[r.row for r in self.rows]] = 0  # these rows are attended below
         out = paged(q, k_cache, v_cache, table, lens, scale=scale, window=window)
-        B, H, D = q.shape
+        H, D = q.shape[1:]
         KVH = k.shape[1]
         S = k_cache.shape[1]
         for r in self.rows:  # one SDPA per request: their lengths differ (the CPU path loops rows anyway)

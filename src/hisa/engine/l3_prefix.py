@@ -127,21 +127,19 @@ class L3PrefixCache:
         2 GB pinned buffer per load cost ~1 s of cudaHostAlloc on the H200 machine); on the CPU the
         pages go straight into the cache."""
         device = self.cache.data.device
-        per_chunk = max(1, STAGING_BYTES // self.page_bytes)
-        want = min(per_chunk, len(pages))
-        if device.type == "cuda" and (self._staging is None or self._staging[0].shape[0] < want):
-            if self._staged is not None:  # grown up to STAGING_BYTES as loads need: let the old copies finish
-                for e in self._staged:
-                    e.synchronize()
-            self._staging = [torch.empty(want, *self.page_shape, dtype=self.cache.data.dtype, pin_memory=True)
-                             for _ in range(2)]
-            self._staged = [torch.cuda.Event(), torch.cuda.Event()]
         if device.type != "cuda":
             host = torch.empty(len(pages), *self.page_shape, dtype=self.cache.data.dtype)   # [n, L, 2, S, KVH, D]
             self._fill(host, payloads)
             self.cache.data.index_copy_(1, torch.tensor(pages, dtype=torch.int64), host.transpose(0, 1))
             return
-        per_chunk = min(per_chunk, self._staging[0].shape[0])
+        per_chunk = min(max(1, STAGING_BYTES // self.page_bytes), len(pages))
+        if self._staging is None or self._staging[0].shape[0] < per_chunk:
+            if self._staged is not None:  # grown up to STAGING_BYTES as loads need: let the old copies finish
+                for e in self._staged:
+                    e.synchronize()
+            self._staging = [torch.empty(per_chunk, *self.page_shape, dtype=self.cache.data.dtype, pin_memory=True)
+                             for _ in range(2)]
+            self._staged = [torch.cuda.Event(), torch.cuda.Event()]
         for j, first in enumerate(range(0, len(pages), per_chunk)):
             buf, done = self._staging[j % 2], self._staged[j % 2]
             n = min(per_chunk, len(pages) - first)
@@ -170,22 +168,24 @@ class L3PrefixCache:
         """When a dense request finishes (stop or length): write its full pages past the prompt's (its
         answer) that L3 lacks, so the next turn of the conversation, which starts with this prompt
         and answer, loads them too."""
-        if seq.sparse or not seq.pages:
-            return
-        full = min(seq.num_computed // self.page_size, len(seq.pages))
+        full = self._computed_pages(seq)
         if full > seq.num_prompt // self.page_size:
             self.stats.pages_stored += self._write_missing(seq, full)
 
     def park(self, seq: Sequence) -> None:
         """Before a dense request is preempted: write every full page whose KV it has computed (prompt
         and generated tokens) to L3, so that its resumption loads them instead of recomputing them."""
-        if seq.sparse or not seq.pages:
-            return
-        full = min(seq.num_computed // self.page_size, len(seq.pages))
+        full = self._computed_pages(seq)
         if full == 0:
             return
         self.stats.requests_parked += 1
         self.stats.pages_parked += self._write_missing(seq, full)
+
+    def _computed_pages(self, seq: Sequence) -> int:
+        """Full pages of a dense request whose KV is computed and still held (0 for a sparse one)."""
+        if seq.sparse or not seq.pages:
+            return 0
+        return min(seq.num_computed // self.page_size, len(seq.pages))
 
     def _write_missing(self, seq: Sequence, full: int) -> int:
         """Write the first `full` pages of `seq` that L3 lacks; the number written."""
