@@ -48,7 +48,7 @@ class LowBitAlgorithm(BaseSparseAlgorithm):
     Representations: codes uint8 [layers, slots + 1, max_pages * S, KVH, D * bits / 8] and scales
     fp16 [layers, slots + 1, max_pages * S, KVH, D / group, 2] on the device, indexed by (sparse
     slot, token). Scoring + top-k for the whole batch: three Triton kernels per layer (logits with
-    softmax partials, merge into page scores, radix select); the update after attention: one kernel.
+    softmax partials, merge into page scores, top-k select); the update after attention: one kernel.
     """
 
     graph_safe = True  # device tensors only, no host sync

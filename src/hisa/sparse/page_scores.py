@@ -8,7 +8,9 @@ Per head the logits become a softmax over the row's middle pages; the page score
 heads (and over both terms). One page list per request is then the top-k of that score.
 
 `page_scores` runs two Triton kernels on CUDA (`triton_page_scores.py`), the torch reference
-elsewhere. No host sync: a captured decode step replays it.
+elsewhere; `page_topk` (what Quest's decode step calls) runs the same first kernel and then one that
+merges, scores and selects each row's top k pages in registers. No host sync: a captured decode step
+replays them.
 
 Shapes: q [R, H, D]; kmin/kmax/kmean [SS, MAXP, KVH, D] (one layer; SS sparse slots, MAXP pages per
 request); sslots, lo, hi int32 [R]. Returns fp32 [R, MAXP], -inf outside [lo, hi).
@@ -29,8 +31,61 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sslots:
                 num_warps: int | None = None) -> torch.Tensor:
     """Score every page of each row's middle range (see the module docstring). fp32 [R, MAXP].
 
-    block_p (pages per program, a power of two >= 2) and num_warps tune the logits kernel; None takes
+    block_p (pages per program, a power of two >= 16) and num_warps tune the logits kernel; None takes
     the module's BLOCK_P / LOGITS_WARPS."""
+    _check_summaries(q, kmin, kmax, kmean)
+    R, H, D = q.shape
+    MAXP = kmin.shape[1]
+    if use_triton is None:
+        use_triton = q.is_cuda
+    if not use_triton:
+        return page_scores_ref(q, kmin, kmax, sslots, lo, hi, scale=scale, kmean=kmean)
+    from hisa.sparse.triton_page_scores import page_scores_kernel
+
+    logits, mpart, spart, PB, block_p = _page_logits(q, kmin, kmax, sslots, lo, hi, scale=scale, kmean=kmean,
+                                                     block_p=block_p, num_warps=num_warps)
+    scores = torch.empty(R, MAXP, dtype=torch.float32, device=q.device)
+    if R:
+        page_scores_kernel[(R, PB)](
+            logits[0], mpart[0], spart[0], logits[-1], mpart[-1], spart[-1], lo, hi, scores, MAXP, PB,
+            H=H, BLOCK_P=block_p, BLOCK_PB=max(2, _next_pow2(PB)), BLOCK_H=max(2, _next_pow2(H)),
+            HAS_MEAN=kmean is not None, num_warps=4)
+    return scores
+
+
+def page_topk(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sslots: torch.Tensor, lo: torch.Tensor,
+              hi: torch.Tensor, k: int, *, scale: float, kmean: torch.Tensor | None = None,
+              use_triton: bool | None = None, block_p: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+    """The k best pages of each row by `page_scores`, in page order: int32 [R, k], -1 padded.
+
+    Equals `select_pages(page_scores(...), lo, hi, k)` up to fp32 rounding of the scores (the heads'
+    terms are summed in another order), in two launches on CUDA instead of three: the logits kernel,
+    then one program per row that merges, sums and selects in registers (no score tensor)."""
+    _check_summaries(q, kmin, kmax, kmean)
+    R, H, D = q.shape
+    MAXP = kmin.shape[1]
+    if use_triton is None:
+        use_triton = q.is_cuda
+    if not use_triton:
+        return select_pages_ref(page_scores_ref(q, kmin, kmax, sslots, lo, hi, scale=scale, kmean=kmean), lo, hi, k)
+    from hisa.sparse.triton_page_scores import page_topk_kernel
+
+    if MAXP > 1 << 15:
+        raise ValueError(f"page_topk takes at most 32,768 pages per row, got {MAXP}")
+    logits, mpart, spart, PB, _ = _page_logits(q, kmin, kmax, sslots, lo, hi, scale=scale, kmean=kmean,
+                                               block_p=block_p, num_warps=num_warps)
+    out = torch.empty(R, k, dtype=torch.int32, device=q.device)
+    if R and k:
+        block = _next_pow2(MAXP)
+        page_topk_kernel[(R,)](
+            logits[0], mpart[0], spart[0], logits[-1], mpart[-1], spart[-1], lo, hi, out, MAXP, PB, out.stride(0),
+            H=H, K=k, BLOCK=block, BLOCK_K=_next_pow2(k), BLOCK_PB=max(2, _next_pow2(PB)),
+            BLOCK_HC=max(1, min(_next_pow2(H), 8192 // block)), HAS_MEAN=kmean is not None,
+            num_warps=8 if block >= 2048 else 4)
+    return out
+
+
+def _check_summaries(q, kmin, kmax, kmean) -> None:
     R, H, D = q.shape
     SS, MAXP, KVH, Dm = kmin.shape
     if Dm != D or H % KVH or kmax.shape != kmin.shape or (kmean is not None and kmean.shape != kmin.shape):
@@ -40,38 +95,37 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sslots:
             raise ValueError(f"{name} must be contiguous in its last two dims, got strides {t.stride()}")
     if q.stride(2) != 1:
         raise ValueError(f"q must be contiguous in its last dim, got strides {q.stride()}")
-    if use_triton is None:
-        use_triton = q.is_cuda
-    if not use_triton:
-        return page_scores_ref(q, kmin, kmax, sslots, lo, hi, scale=scale, kmean=kmean)
-    from hisa.sparse.triton_page_scores import page_logits_kernel, page_scores_kernel
 
+
+def _page_logits(q, kmin, kmax, sslots, lo, hi, *, scale, kmean, block_p, num_warps):
+    """Run page_logits_kernel: (logits, mpart, spart) each [terms, ...] (terms = 2 with kmean), PB, block_p."""
+    from hisa.sparse.triton_page_scores import page_logits_kernel
+
+    R, H, D = q.shape
+    SS, MAXP, KVH, _ = kmin.shape
     block_p = BLOCK_P if block_p is None else block_p
     num_warps = LOGITS_WARPS if num_warps is None else num_warps
-    if block_p < 2 or block_p & (block_p - 1):
-        raise ValueError(f"block_p must be a power of two >= 2, got {block_p}")
-    G = H // KVH
+    if block_p < 16 or block_p & (block_p - 1):
+        raise ValueError(f"block_p must be a power of two >= 16 (tl.dot's smallest M), got {block_p}")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"q must be fp32, fp16 or bf16, got {q.dtype}")
+    q = q.to(kmin.dtype)  # one product dtype (the model's: they are the same in a decode step)
     PB = -(-MAXP // block_p)
     f32 = dict(dtype=torch.float32, device=q.device)
     n_terms = 1 if kmean is None else 2
     logits = torch.empty(n_terms, R, H, MAXP, **f32)
     mpart = torch.empty(n_terms, R, PB, H, **f32)
     spart = torch.empty(n_terms, R, PB, H, **f32)
-    scores = torch.empty(R, MAXP, **f32)
-    if R == 0:
-        return scores
-    second = (logits[-1], mpart[-1], spart[-1])
-    page_logits_kernel[(R, PB, KVH)](
-        q, kmin, kmax, kmean if kmean is not None else kmin, sslots, lo, hi,
-        logits[0], mpart[0], spart[0], *second,
-        scale * _LOG2E, MAXP, PB,
-        q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), kmin.stride(2),
-        H=H, G=G, D=D, BLOCK_P=block_p, BLOCK_D=_next_pow2(D), HAS_MEAN=kmean is not None, num_warps=num_warps)
-    page_scores_kernel[(R, PB)](
-        logits[0], mpart[0], spart[0], *second, lo, hi, scores, MAXP, PB,
-        H=H, BLOCK_P=block_p, BLOCK_PB=max(2, _next_pow2(PB)), BLOCK_H=max(2, _next_pow2(H)),
-        HAS_MEAN=kmean is not None, num_warps=4)
-    return scores
+    if R:
+        page_logits_kernel[(R, PB, KVH)](
+            q, kmin, kmax, kmean if kmean is not None else kmin, sslots, lo, hi,
+            logits[0], mpart[0], spart[0], logits[-1], mpart[-1], spart[-1],
+            scale * _LOG2E, MAXP, PB,
+            q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), kmin.stride(2),
+            H=H, G=H // KVH, D=D, BLOCK_P=block_p, BLOCK_D=max(16, _next_pow2(D)),
+            BLOCK_G=max(16, _next_pow2(H // KVH)), HAS_MEAN=kmean is not None,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps)
+    return logits, mpart, spart, PB, block_p
 
 
 def page_scores_ref(q, kmin, kmax, sslots, lo, hi, *, scale: float, kmean=None) -> torch.Tensor:
@@ -103,7 +157,7 @@ def select_pages(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, k: in
 
     scores: fp32 [R, MAXP] (what `page_scores` returns: >= 0 inside each row's [lo, hi), -inf
     outside); a row with fewer than k valid pages gets them all. Ties go to the lower page. One
-    Triton launch on CUDA (a radix select: no sort, no host sync), the torch reference elsewhere.
+    Triton launch on CUDA (a search over the scores' bit patterns: no sort, no host sync), the torch reference elsewhere.
     num_warps tunes the kernel; None = 8 from 2,048 pages up, else 4.
     """
     R, MAXP = scores.shape
@@ -113,6 +167,8 @@ def select_pages(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, k: in
         return select_pages_ref(scores, lo, hi, k)
     from hisa.sparse.triton_page_scores import select_pages_kernel
 
+    if MAXP > 1 << 15:
+        raise ValueError(f"select_pages takes at most 32,768 pages per row, got {MAXP}")
     out = torch.empty(R, k, dtype=torch.int32, device=scores.device)
     if R and k:
         block = _next_pow2(MAXP)

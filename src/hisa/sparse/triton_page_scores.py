@@ -1,16 +1,21 @@
 """Triton kernels of page scoring for the whole batch (Quest bound, optional page-mean key).
 Launcher and torch reference: `hisa.sparse.page_scores`.
 
-Kernel 1, grid (R, PB, KVH): program (r, b, j) scores pages [b * BLOCK_P, (b + 1) * BLOCK_P) of row
-r for the query heads of kv head j. Quest's bound max_d(q_d * kmin_d, q_d * kmax_d) summed over d equals
-q⁺ · kmax + q⁻ · kmin (q⁺ = max(q, 0), q⁻ = min(q, 0)) when kmin <= kmax. Each kv head's page
-summaries are read once into registers and serve its G query heads as fp32 multiply-and-sum
-(a tl.dot in exact fp32 was 30x slower: 170 µs per layer at 32K x 8 rows on an H200). The logits
-(log2 domain) go to a workspace [R, H, MAXP] and each program also writes its block's per-head
-softmax partials (max, sum of 2^(l - max)) to [R, PB, H].
-Kernel 2, grid (R, PB): merges the partials of row r into each head's max and normalizer and writes
-the page score sum_h softmax_h(page) (plus the mean-key term when HAS_MEAN), -inf outside the row's
-middle range [lo, hi). torch.topk then picks the pages.
+Kernel 1 (page_logits_kernel), grid (R, PB, KVH): program (r, b, j) scores pages
+[b * BLOCK_P, (b + 1) * BLOCK_P) of row r for the query heads of kv head j. Quest's bound
+max_d(q_d * kmin_d, q_d * kmax_d) summed over d equals q⁺ · kmax + q⁻ · kmin (q⁺ = max(q, 0),
+q⁻ = min(q, 0)) when kmin <= kmax. Each kv head's page summaries are read once and serve its G query
+heads as two tl.dot products in q's dtype ([BLOCK_P, D] x [D, G], heads padded to 16 rows; products
+of two bf16/fp16 values are exact in the fp32 accumulator). The logits (log2 domain) go to a
+workspace [R, H, MAXP] and each program also writes its block's per-head softmax partials (max,
+sum of 2^(l - max)) to [R, PB, H].
+Then either
+  * page_scores_kernel, grid (R, PB): merges the partials of row r into each head's max and
+    normalizer and writes the page score sum_h softmax_h(page) (plus the mean-key term when
+    HAS_MEAN), -inf outside the row's middle range [lo, hi) (`page_scores`); or
+  * page_topk_kernel, grid (R,): the same score for a whole row in registers, then its top K pages
+    (`page_topk`, what Quest's decode step runs: two launches per layer for scoring and selection).
+select_pages_kernel picks the top K of given scores (lowbit's path).
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ def page_logits_kernel(
     scale_log2, MAXP, PB,
     stride_qr, stride_qh, stride_ms, stride_mp, stride_mh,
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MEAN: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, HAS_MEAN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1)
@@ -42,33 +48,37 @@ def page_logits_kernel(
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     tile = valid[:, None] & d_ok[None, :]
-    # the kv head's summaries of the block's pages, read once for its G query heads
+    g = tl.arange(0, BLOCK_G)
+    g_ok = g < G
+    h = j * G + g  # the kv head's query heads (padded to BLOCK_G rows for tl.dot)
+    # the group's queries split by sign: q . bound = q+ . kmax + q- . kmin (exact in q's dtype)
+    qg = tl.load(q_ptr + r * stride_qr + h[:, None] * stride_qh + d[None, :],
+                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+    zero = tl.zeros_like(qg)
+    # the kv head's summaries of the block's pages, read once, one product per bound for all G heads
     base = (sslot * stride_ms + p.to(tl.int64) * stride_mp + j * stride_mh)[:, None] + d[None, :]
-    kmax = tl.load(kmax_ptr + base, mask=tile, other=0.0).to(tl.float32)  # [BLOCK_P, BLOCK_D]
-    kmin = tl.load(kmin_ptr + base, mask=tile, other=0.0).to(tl.float32)
+    kmax = tl.load(kmax_ptr + base, mask=tile, other=0.0)  # [BLOCK_P, BLOCK_D]
+    kmin = tl.load(kmin_ptr + base, mask=tile, other=0.0)
+    lg = tl.dot(kmax, tl.trans(tl.maximum(qg, zero)), input_precision=DOT_PRECISION)
+    lg = tl.dot(kmin, tl.trans(tl.minimum(qg, zero)), acc=lg, input_precision=DOT_PRECISION)  # [BLOCK_P, BLOCK_G]
+    _store_heads(lg * scale_log2, valid, g_ok, r, b, p, h, logit_ptr, mpart_ptr, spart_ptr, MAXP, PB, H)
     if HAS_MEAN:
-        kmean = tl.load(kmean_ptr + base, mask=tile, other=0.0).to(tl.float32)
-    for g in tl.static_range(G):
-        h = j * G + g
-        qh = tl.load(q_ptr + r * stride_qr + h * stride_qh + d, mask=d_ok, other=0.0).to(tl.float32)  # [BLOCK_D]
-        lg = (tl.sum(kmax * tl.maximum(qh, 0.0)[None, :], axis=1)
-              + tl.sum(kmin * tl.minimum(qh, 0.0)[None, :], axis=1)) * scale_log2  # [BLOCK_P]
-        _store_head(lg, valid, r, b, p, h, logit_ptr, mpart_ptr, spart_ptr, MAXP, PB, H)
-        if HAS_MEAN:
-            lm = tl.sum(kmean * qh[None, :], axis=1) * scale_log2
-            _store_head(lm, valid, r, b, p, h, logit2_ptr, mpart2_ptr, spart2_ptr, MAXP, PB, H)
+        kmean = tl.load(kmean_ptr + base, mask=tile, other=0.0)
+        lm = tl.dot(kmean, tl.trans(qg), input_precision=DOT_PRECISION)
+        _store_heads(lm * scale_log2, valid, g_ok, r, b, p, h, logit2_ptr, mpart2_ptr, spart2_ptr, MAXP, PB, H)
 
 
 @triton.jit
-def _store_head(lg, valid, r, b, p, h, logit_ptr, mpart_ptr, spart_ptr, MAXP, PB, H):
-    """One head's logits of the block (read back where valid) and its softmax partials (max, sum)."""
-    lg = tl.where(valid, lg, float("-inf"))  # [BLOCK_P]
-    tl.store(logit_ptr + (r * H + h) * MAXP + p, lg, mask=valid)
-    m = tl.max(lg, axis=0)
+def _store_heads(lg, valid, g_ok, r, b, p, h, logit_ptr, mpart_ptr, spart_ptr, MAXP, PB, H):
+    """A block's logits [BLOCK_P, BLOCK_G] of the heads h (read back where valid) and each head's
+    softmax partials over the block (max, sum of 2^(l - max))."""
+    lg = tl.where(valid[:, None] & g_ok[None, :], lg, float("-inf"))
+    tl.store(logit_ptr + (r * H + h)[None, :] * MAXP + p[:, None], lg, mask=valid[:, None] & g_ok[None, :])
+    m = tl.max(lg, axis=0)  # [BLOCK_G]
     m_sub = tl.where(m == float("-inf"), 0.0, m)
-    s = tl.sum(tl.exp2(lg - m_sub), axis=0)  # exp2(-inf) = 0 for masked pages
-    tl.store(mpart_ptr + (r * PB + b) * H + h, m)
-    tl.store(spart_ptr + (r * PB + b) * H + h, s)
+    s = tl.sum(tl.exp2(lg - m_sub[None, :]), axis=0)  # exp2(-inf) = 0 for masked pages
+    tl.store(mpart_ptr + (r * PB + b) * H + h, m, mask=g_ok)
+    tl.store(spart_ptr + (r * PB + b) * H + h, s, mask=g_ok)
 
 
 @triton.jit
@@ -130,33 +140,97 @@ def select_pages_kernel(
     MAXP, stride_o,
     K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Top-K pages of each row by score, written in page order (radix select, no sort).
-
-    Scores of valid pages are non-negative, so their fp32 bit patterns order like the values: a
-    31-step binary search finds the K-th largest pattern T; the pages above T and the first
-    (lowest) pages equal to T make the K. Ties go to the lower page, as a stable sort would.
-    (Finding 2 or 4 bits of T per round, 16 or 8 rounds of 4- or 16-way counts, was no faster on an
-    H200: bench/results/selection_kernels_gpu_h200_partial.md.)"""
+    """Top-K pages of each row by score, written in page order (`_select_in_page_order`)."""
     r = tl.program_id(0).to(tl.int64)
     lo = tl.load(lo_ptr + r)
     hi = tl.load(hi_ptr + r)
     p = tl.arange(0, BLOCK)
     valid = (p >= lo) & (p < hi) & (p < MAXP)
     score = tl.load(score_ptr + r * MAXP + p, mask=valid, other=0.0)
-    bits = tl.where(valid, score.to(tl.int32, bitcast=True), -1)  # [BLOCK], -1 outside the range
+    _select_in_page_order(score, valid, p, out_ptr + r * stride_o, K, BLOCK_K)
+
+
+@triton.jit
+def page_topk_kernel(
+    logit_ptr, mpart_ptr, spart_ptr, logit2_ptr, mpart2_ptr, spart2_ptr,  # page_logits_kernel's output
+    lo_ptr, hi_ptr,                 # int32 [R]
+    out_ptr,                        # int32 [R, K] out: the chosen pages in page order, -1 padded
+    MAXP, PB, stride_o,
+    H: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_PB: tl.constexpr,
+    BLOCK_HC: tl.constexpr, HAS_MEAN: tl.constexpr,
+):
+    """One program per row: merge the row's softmax partials into each head's normalizer, sum the
+    heads' softmax at every page (BLOCK_HC heads at a time), and select the top K pages of that
+    score, all in registers: page_scores_kernel + select_pages_kernel in one launch."""
+    r = tl.program_id(0).to(tl.int64)
+    lo = tl.load(lo_ptr + r)
+    hi = tl.load(hi_ptr + r)
+    p = tl.arange(0, BLOCK)
+    valid = (p >= lo) & (p < hi) & (p < MAXP)
+    score = _head_softmax_sum(logit_ptr, mpart_ptr, spart_ptr, r, p, valid, MAXP, PB, H, BLOCK, BLOCK_PB, BLOCK_HC)
+    if HAS_MEAN:
+        score += _head_softmax_sum(logit2_ptr, mpart2_ptr, spart2_ptr, r, p, valid, MAXP, PB, H, BLOCK, BLOCK_PB,
+                                   BLOCK_HC)
+    _select_in_page_order(score, valid, p, out_ptr + r * stride_o, K, BLOCK_K)
+
+
+@triton.jit
+def _head_softmax_sum(logit_ptr, mpart_ptr, spart_ptr, r, p, valid, MAXP, PB, H: tl.constexpr,
+                      BLOCK: tl.constexpr, BLOCK_PB: tl.constexpr, BLOCK_HC: tl.constexpr):
+    """sum over heads of softmax_h at every page p of row r, [BLOCK] (0 outside valid pages)."""
+    score = tl.zeros([BLOCK], tl.float32)
+    pb = tl.arange(0, BLOCK_PB)
+    for h0 in range(0, H, BLOCK_HC):
+        h = h0 + tl.arange(0, BLOCK_HC)
+        h_ok = h < H
+        part = (r * PB + pb)[None, :] * H + h[:, None]  # [BLOCK_HC, BLOCK_PB]
+        pm = h_ok[:, None] & (pb < PB)[None, :]
+        m = tl.load(mpart_ptr + part, mask=pm, other=float("-inf"))
+        s = tl.load(spart_ptr + part, mask=pm, other=0.0)
+        big = tl.max(m, axis=1)  # [BLOCK_HC] each head's max over the row
+        big_sub = tl.where(big == float("-inf"), 0.0, big)
+        m_sub = tl.where(m == float("-inf"), big_sub[:, None], m)
+        norm = tl.sum(s * tl.exp2(m_sub - big_sub[:, None]), axis=1)
+        inv = tl.where(norm > 0.0, 1.0 / tl.where(norm > 0.0, norm, 1.0), 0.0)
+        lg = tl.load(logit_ptr + (r * H + h)[:, None] * MAXP + p[None, :],
+                     mask=h_ok[:, None] & valid[None, :], other=float("-inf"))  # [BLOCK_HC, BLOCK]
+        score += tl.sum(tl.exp2(lg - big_sub[:, None]) * inv[:, None], axis=0)
+    return score
+
+
+@triton.jit
+def _select_in_page_order(score, valid, p, out_ptr, K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Write the top K of `score` (>= 0 where valid) to out_ptr[0:K] in page order, -1 padded.
+
+    Scores of valid pages are non-negative, so their fp32 bit patterns order like the values. A
+    search finds the K-th largest pattern T: each round splits the candidate range [t_lo, t_hi] in
+    four and counts the patterns >= each of the three cut points in *one* reduction (three 16-bit
+    counts packed in an int64: a row has at most 2^15 pages), so 16 reductions replace a binary
+    search's 31. The pages above T and the first (lowest) pages equal to T make the K; ties go to the lower
+    page, as a stable sort would."""
+    bits = tl.where(valid, score.to(tl.int32, bitcast=True), -1).to(tl.int64)  # -1 outside the range
     kk = tl.minimum(tl.sum(valid.to(tl.int32), axis=0), K)
     t_lo = tl.zeros([], dtype=tl.int64)
     t_hi = tl.full([], 2147483647, tl.int64)  # bits of valid scores are in [0, 2^31 - 1)
-    for _ in range(31):
-        mid = (t_lo + t_hi + 1) // 2
-        enough = tl.sum((bits.to(tl.int64) >= mid).to(tl.int32), axis=0) >= kk
-        t_lo = tl.where(enough, mid, t_lo)
-        t_hi = tl.where(enough, t_hi, mid - 1)
-    above = bits.to(tl.int64) > t_lo
-    tie = (bits.to(tl.int64) == t_lo) & valid
+    for _ in range(15):  # the range holds 2^31 patterns, then 2^29, ..., 2 after 15 rounds
+        q4 = (t_hi - t_lo + 1) // 4
+        c1 = t_lo + q4
+        c2 = c1 + q4
+        c3 = c2 + q4
+        packed = tl.sum((bits >= c1).to(tl.int64) + ((bits >= c2).to(tl.int64) << 16)
+                        + ((bits >= c3).to(tl.int64) << 32), axis=0)
+        n1 = packed & 0xFFFF
+        n2 = (packed >> 16) & 0xFFFF
+        n3 = packed >> 32
+        # T is at or above the largest cut point that still has kk patterns at or above it
+        t_hi = tl.where(n3 >= kk, t_hi, tl.where(n2 >= kk, c3 - 1, tl.where(n1 >= kk, c2 - 1, c1 - 1)))
+        t_lo = tl.where(n3 >= kk, c3, tl.where(n2 >= kk, c2, tl.where(n1 >= kk, c1, t_lo)))
+    t_lo = tl.where(tl.sum((bits >= t_hi).to(tl.int32), axis=0) >= kk, t_hi, t_lo)  # the last of two
+    above = bits > t_lo
+    tie = (bits == t_lo) & valid
     need = kk - tl.sum(above.to(tl.int32), axis=0)
     take = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= need))
     pos = tl.cumsum(take.to(tl.int32), axis=0) - 1
-    tl.store(out_ptr + r * stride_o + pos, p, mask=take)
+    tl.store(out_ptr + pos, p, mask=take)
     k = tl.arange(0, BLOCK_K)
-    tl.store(out_ptr + r * stride_o + k, tl.full([BLOCK_K], -1, tl.int32), mask=(k >= kk) & (k < K))
+    tl.store(out_ptr + k, tl.full([BLOCK_K], -1, tl.int32), mask=(k >= kk) & (k < K))
