@@ -54,17 +54,18 @@ def page_logits_kernel(
     # the group's queries split by sign: q . bound = q+ . kmax + q- . kmin (exact in q's dtype)
     qg = tl.load(q_ptr + r * stride_qr + h[:, None] * stride_qh + d[None, :],
                  mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
-    zero = tl.zeros_like(qg)
     # the kv head's summaries of the block's pages, read once, one product per bound for all G heads
     base = (sslot * stride_ms + p.to(tl.int64) * stride_mp + j * stride_mh)[:, None] + d[None, :]
     kmax = tl.load(kmax_ptr + base, mask=tile, other=0.0)  # [BLOCK_P, BLOCK_D]
     kmin = tl.load(kmin_ptr + base, mask=tile, other=0.0)
-    lg = tl.dot(kmax, tl.trans(tl.maximum(qg, zero)), input_precision=DOT_PRECISION)
-    lg = tl.dot(kmin, tl.trans(tl.minimum(qg, zero)), acc=lg, input_precision=DOT_PRECISION)  # [BLOCK_P, BLOCK_G]
+    q_pos = tl.where(qg > 0, qg, 0.0).to(kmax.dtype)  # (Triton's max/where compute bf16 in fp32)
+    q_neg = tl.where(qg < 0, qg, 0.0).to(kmax.dtype)
+    lg = tl.dot(kmax, tl.trans(q_pos), input_precision=DOT_PRECISION)
+    lg = tl.dot(kmin, tl.trans(q_neg), acc=lg, input_precision=DOT_PRECISION)  # [BLOCK_P, BLOCK_G]
     _store_heads(lg * scale_log2, valid, g_ok, r, b, p, h, logit_ptr, mpart_ptr, spart_ptr, MAXP, PB, H)
     if HAS_MEAN:
         kmean = tl.load(kmean_ptr + base, mask=tile, other=0.0)
-        lm = tl.dot(kmean, tl.trans(qg), input_precision=DOT_PRECISION)
+        lm = tl.dot(kmean, tl.trans(qg.to(kmean.dtype)), input_precision=DOT_PRECISION)
         _store_heads(lm * scale_log2, valid, g_ok, r, b, p, h, logit2_ptr, mpart2_ptr, spart2_ptr, MAXP, PB, H)
 
 
