@@ -206,8 +206,9 @@ def test_page_topk_real_sizes_on_gpu(dtype):
             _assert_same_top(got, scores, lo.cpu(), hi.cpu(), 62, rtol=2e-3)
 
 
+@pytest.mark.parametrize("ways", [2, 3, 4])
 @pytest.mark.parametrize("maxp,k", [(70, 5), (33, 40), (300, 61), (16, 16)])
-def test_select_pages_triton_matches_reference(maxp, k):
+def test_select_pages_triton_matches_reference(maxp, k, ways):
     """Radix select (Triton) against a stable sort: the same pages, in page order, ties to the lower
     page; rows with fewer valid pages than k, an empty row, many exact ties."""
     torch.manual_seed(maxp + k)
@@ -220,7 +221,7 @@ def test_select_pages_triton_matches_reference(maxp, k):
     scores = torch.where((torch.arange(maxp)[None, :] >= lo[:, None].long())
                          & (torch.arange(maxp)[None, :] < hi[:, None].long()), scores, float("-inf"))
     want = select_pages_ref(scores, lo, hi, k)
-    got = select_pages(scores.to(DEV), lo.to(DEV), hi.to(DEV), k, use_triton=True).cpu()
+    got = select_pages(scores.to(DEV), lo.to(DEV), hi.to(DEV), k, use_triton=True, ways=ways).cpu()
     assert torch.equal(got, want)
     assert (want[1] == -1).all()
     for r in range(R):  # each row holds min(k, valid) distinct pages of its range, ascending

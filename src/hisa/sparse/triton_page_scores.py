@@ -139,7 +139,7 @@ def select_pages_kernel(
     lo_ptr, hi_ptr,                 # int32 [R]
     out_ptr,                        # int32 [R, K] out: the chosen pages in page order, -1 padded
     MAXP, stride_o,
-    K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+    K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, WAYS: tl.constexpr, ROUNDS: tl.constexpr,
 ):
     """Top-K pages of each row by score, written in page order (`_select_in_page_order`)."""
     r = tl.program_id(0).to(tl.int64)
@@ -148,7 +148,7 @@ def select_pages_kernel(
     p = tl.arange(0, BLOCK)
     valid = (p >= lo) & (p < hi) & (p < MAXP)
     score = tl.load(score_ptr + r * MAXP + p, mask=valid, other=0.0)
-    _select_in_page_order(score, valid, p, out_ptr + r * stride_o, K, BLOCK_K)
+    _select_in_page_order(score, valid, p, out_ptr + r * stride_o, K, BLOCK_K, WAYS, ROUNDS)
 
 
 @triton.jit
@@ -158,7 +158,7 @@ def page_topk_kernel(
     out_ptr,                        # int32 [R, K] out: the chosen pages in page order, -1 padded
     MAXP, PB, stride_o,
     H: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_PB: tl.constexpr,
-    BLOCK_HC: tl.constexpr, HAS_MEAN: tl.constexpr,
+    BLOCK_HC: tl.constexpr, HAS_MEAN: tl.constexpr, WAYS: tl.constexpr, ROUNDS: tl.constexpr,
 ):
     """One program per row: merge the row's softmax partials into each head's normalizer, sum the
     heads' softmax at every page (BLOCK_HC heads at a time), and select the top K pages of that
@@ -172,7 +172,7 @@ def page_topk_kernel(
     if HAS_MEAN:
         score += _head_softmax_sum(logit2_ptr, mpart2_ptr, spart2_ptr, r, p, valid, MAXP, PB, H, BLOCK, BLOCK_PB,
                                    BLOCK_HC)
-    _select_in_page_order(score, valid, p, out_ptr + r * stride_o, K, BLOCK_K)
+    _select_in_page_order(score, valid, p, out_ptr + r * stride_o, K, BLOCK_K, WAYS, ROUNDS)
 
 
 @triton.jit
@@ -200,33 +200,45 @@ def _head_softmax_sum(logit_ptr, mpart_ptr, spart_ptr, r, p, valid, MAXP, PB, H:
 
 
 @triton.jit
-def _select_in_page_order(score, valid, p, out_ptr, K: tl.constexpr, BLOCK_K: tl.constexpr):
+def _select_in_page_order(score, valid, p, out_ptr, K: tl.constexpr, BLOCK_K: tl.constexpr, WAYS: tl.constexpr,
+                          ROUNDS: tl.constexpr):
     """Write the top K of `score` (>= 0 where valid) to out_ptr[0:K] in page order, -1 padded.
 
     Scores of valid pages are non-negative, so their fp32 bit patterns order like the values. A
-    search finds the K-th largest pattern T: each round splits the candidate range [t_lo, t_hi] in
-    four and counts the patterns >= each of the three cut points in *one* reduction (three 16-bit
-    counts packed in an int64: a row has at most 2^15 pages), so 16 reductions replace a binary
-    search's 31. The pages above T and the first (lowest) pages equal to T make the K; ties go to the lower
-    page, as a stable sort would."""
+    search finds the K-th largest pattern T = max{t : #(patterns >= t) >= K}: each round cuts the
+    candidate range [t_lo, t_hi] into WAYS parts and counts the patterns at or above each cut in
+    one reduction (the counts packed 16 bits apart: a row has fewer than 2^15 pages), ROUNDS =
+    ceil(log_WAYS(2^31)) rounds. The pages above T and the first (lowest) pages equal to T make
+    the K; ties go to the lower page, as a stable sort would."""
     bits = tl.where(valid, score.to(tl.int32, bitcast=True), -1).to(tl.int64)  # -1 outside the range
     kk = tl.minimum(tl.sum(valid.to(tl.int32), axis=0), K)
     t_lo = tl.zeros([], dtype=tl.int64)
     t_hi = tl.full([], 2147483647, tl.int64)  # bits of valid scores are in [0, 2^31 - 1)
-    for _ in range(15):  # the range holds 2^31 patterns, then 2^29, ..., 2 after 15 rounds
-        q4 = (t_hi - t_lo + 1) // 4
-        c1 = t_lo + q4
-        c2 = c1 + q4
-        c3 = c2 + q4
-        packed = tl.sum((bits >= c1).to(tl.int64) + ((bits >= c2).to(tl.int64) << 16)
-                        + ((bits >= c3).to(tl.int64) << 32), axis=0)
-        n1 = packed & 0xFFFF
-        n2 = (packed >> 16) & 0xFFFF
-        n3 = packed >> 32
-        # T is at or above the largest cut point that still has kk patterns at or above it
-        t_hi = tl.where(n3 >= kk, t_hi, tl.where(n2 >= kk, c3 - 1, tl.where(n1 >= kk, c2 - 1, c1 - 1)))
-        t_lo = tl.where(n3 >= kk, c3, tl.where(n2 >= kk, c2, tl.where(n1 >= kk, c1, t_lo)))
-    t_lo = tl.where(tl.sum((bits >= t_hi).to(tl.int32), axis=0) >= kk, t_hi, t_lo)  # the last of two
+    for _ in range(ROUNDS):
+        step = (t_hi - t_lo + WAYS) // WAYS  # ceil of the range over WAYS, >= 1
+        c1 = t_lo + step
+        if WAYS == 2:
+            n1 = tl.sum((bits >= c1).to(tl.int32), axis=0)
+            t_hi = tl.where(n1 >= kk, t_hi, c1 - 1)
+            t_lo = tl.where(n1 >= kk, c1, t_lo)
+        elif WAYS == 3:
+            c2 = c1 + step
+            packed = tl.sum((bits >= c1).to(tl.int32) + ((bits >= c2).to(tl.int32) << 16), axis=0)
+            n1 = packed & 0xFFFF
+            n2 = packed >> 16
+            t_hi = tl.where(n2 >= kk, t_hi, tl.where(n1 >= kk, tl.minimum(c2 - 1, t_hi), c1 - 1))
+            t_lo = tl.where(n2 >= kk, c2, tl.where(n1 >= kk, c1, t_lo))
+        else:
+            c2 = c1 + step
+            c3 = c2 + step
+            packed = tl.sum((bits >= c1).to(tl.int64) + ((bits >= c2).to(tl.int64) << 16)
+                            + ((bits >= c3).to(tl.int64) << 32), axis=0)
+            n1 = packed & 0xFFFF
+            n2 = (packed >> 16) & 0xFFFF
+            n3 = packed >> 32
+            t_hi = tl.where(n3 >= kk, t_hi, tl.where(n2 >= kk, tl.minimum(c3 - 1, t_hi),
+                                                     tl.where(n1 >= kk, tl.minimum(c2 - 1, t_hi), c1 - 1)))
+            t_lo = tl.where(n3 >= kk, c3, tl.where(n2 >= kk, c2, tl.where(n1 >= kk, c1, t_lo)))
     above = bits > t_lo
     tie = (bits == t_lo) & valid
     need = kk - tl.sum(above.to(tl.int32), axis=0)
