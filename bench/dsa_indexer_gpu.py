@@ -93,7 +93,8 @@ def bench_shape(name: str, ctx: int, rows: int, args, device: torch.device, dtyp
 
     def item(kind: str, fns: list, ok: bool, **knobs) -> None:
         us = time_us(fns, reps=args.reps, device=device)
-        emit(dict(shape=name, ctx=ctx, rows=rows, kind=kind, **knobs, us=us, gb_s=key_bytes / us / 1e3, ok=ok))
+        gb_s = None if kind == "topk" else key_bytes / us / 1e3  # top-k alone reads no keys
+        emit(dict(shape=name, ctx=ctx, rows=rows, kind=kind, **knobs, us=us, gb_s=gb_s, ok=ok))
 
     ids = indexer_topk(q, w, caches[0], table, lens, topk=TOPK, scale=scale, use_triton=False)
     item("torch", [lambda c=c: indexer_topk(q, w, c, table, lens, topk=TOPK, scale=scale, use_triton=False)
@@ -126,7 +127,8 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.barh(range(len(rs)), [r["us"] for r in rs], color=["C3" if not r["ok"] else "C0" for r in rs])
         ax.set_yticks(range(len(rs)), [label(r) for r in rs], fontsize=7)
         for i, r in enumerate(rs):
-            ax.text(r["us"], i, f" {r['gb_s']:.0f} GB/s", va="center", fontsize=7)
+            ax.text(r["us"], i, f" {r['us']:.0f} µs" + (f", {r['gb_s']:.0f} GB/s" if r["gb_s"] else ""), va="center",
+                    fontsize=7)
         ax.set_xscale("log")
         ax.set_xlabel("µs per layer (GB/s of indexer keys)")
         ax.set_title(f"DSA indexer, {name}, IH {IH} x ID {ID}")
@@ -168,8 +170,8 @@ def main() -> int:
 
     def emit(r: dict) -> None:
         rows.append(r)
-        print(f"  {r['shape']:10s} {label(r):24s} {r['us']:10.1f} µs {r['gb_s']:8.1f} GB/s"
-              f"{'' if r['ok'] else '  MISMATCH'}", flush=True)
+        gb = f"{r['gb_s']:8.1f} GB/s" if r["gb_s"] else " " * 13
+        print(f"  {r['shape']:10s} {label(r):24s} {r['us']:10.1f} µs {gb}{'' if r['ok'] else '  MISMATCH'}", flush=True)
         write_json(out, dict(**head, rows=rows, partial=True))
 
     for name, (ctx, batch) in shapes.items():
