@@ -120,6 +120,8 @@ def indexer_scores(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Te
     from hisa.attention.triton_dsa_indexer import dsa_indexer_scores_kernel
 
     B, IH, ID = q.shape
+    if B > 65535:
+        raise ValueError(f"the kernel scores at most 65,535 rows per call (its grid's second axis), got {B}")
     W, S = page_table.shape[1], index_cache.shape[1]
     N = W * S
     out = torch.empty(B, N, dtype=torch.float32, device=q.device)
