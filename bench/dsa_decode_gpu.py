@@ -61,7 +61,7 @@ from hisa.sparse.config import SparseConfig  # noqa: E402
 
 HBM_BYTES_PER_S = 4.2e12  # H200, measured (docs/architecture.md)
 PCIE_BYTES_PER_S = 55e9  # pinned H2D, Gen5
-DEVICE_RESERVE = 6 * 2**30  # activations, logits, the indexer's blocks (<= 2 GiB), the MoE of a large batch
+DEVICE_RESERVE = 6 * 2**30  # activations, logits, the indexer's fp32 scores and top-k, the MoE of a large batch
 
 
 @dataclass

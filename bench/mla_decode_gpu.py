@@ -1,11 +1,11 @@
 """MLA decode attention (absorbed form, paged latent cache) and the DSA indexer's top-k at DeepSeek-V3.2's shapes.
 
 For each (batch, context): the Triton kernel `mla_decode_attention` over the indexer's top-2048
-(sparse, DSA's decode) and over every token (dense MLA), and `indexer_topk` (torch: scores over
-every cached indexer key, then top-k), all in bf16 with 128 heads, latent 512 + rope 64, indexer
-64 heads x 128, pages of 64 tokens. Reports the median time of each (CUDA events), the bytes each
-must read (latent rows 1,152 B each; indexer keys 256 B each) and the bandwidth that makes, next to
-the HBM bound. A first pass sweeps the kernel's tiling (block_h, block_n, num_warps) on the sparse
+(sparse, DSA's decode) and over every token (dense MLA), and `indexer_topk` (on CUDA the fused
+score kernel over every cached indexer key, then torch.topk), all in bf16 with 128 heads, latent
+512 + rope 64, indexer 64 heads x 128, pages of 64 tokens. Reports the median time of each (CUDA
+events), the bytes each must read (latent rows 1,152 B each; indexer keys 256 B each) and the
+bandwidth that makes, next to the HBM bound. A first pass sweeps the kernel's tiling (block_h, block_n, num_warps) on the sparse
 batch-8 case and uses the best for the rest. Checks each kernel configuration against the torch
 reference on one small batch. Writes JSON and a plot beside it.
 

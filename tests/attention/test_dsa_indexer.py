@@ -1,11 +1,14 @@
 """DSA's lightning indexer: scores against the formula, decode top-k over paged keys and prefill top-k
-(causal) against brute force, and the two agreeing with each other."""
+(causal) against brute force, and the two agreeing with each other; the fused Triton decode score
+kernel against the torch reference (interpreter on the CPU at small sizes, real sizes on CUDA)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from hisa.attention.dsa_indexer import index_scores, indexer_topk, indexer_topk_prefill
+from hisa.attention.dsa_indexer import (index_scores, indexer_scores, indexer_scores_ref, indexer_topk,
+                                        indexer_topk_prefill)
 
 IH, ID, SCALE = 6, 16, 16 ** -0.5
 
@@ -107,3 +110,135 @@ def test_decode_topk_in_row_blocks_equals_all_rows_at_once(monkeypatch):
     monkeypatch.setattr(ix, "_DECODE_BLOCK_BYTES", 2 * per_row + 1)  # blocks of 2 rows, the last of 1
     blocked = indexer_topk(q, w, cache, table, lens, topk=topk, scale=SCALE)
     assert torch.equal(blocked, whole)
+
+
+def _paged(B: int, W: int, S: int, ID: int, lens: list[int], *, seed: int, dtype=torch.float32, width: int = 0):
+    """A shuffled paged cache [P, S, ID] holding B requests (NaN wherever no request's token lives,
+    so a key read past a length or through a -1 page shows), its int32 page table [B, W] (-1 past
+    each request's pages) and lengths. width > ID: the cache is the first ID values of wider rows (a
+    strided view)."""
+    gen = torch.Generator().manual_seed(seed)
+    P = B * W + 3
+    store = torch.full((P, S, max(width, ID)), float("nan"))
+    perm = torch.randperm(P, generator=gen)
+    table = torch.full((B, W), -1, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(lens):
+        npg = -(-n // S)
+        table[b, :npg] = perm[used:used + npg].to(torch.int32)
+        used += npg
+        tok = torch.arange(n)
+        store[table[b, tok // S].long(), tok % S, :ID] = torch.randn(n, ID, generator=gen) + torch.linspace(-1, 1, ID)
+    return store.to(dtype)[..., :ID], table, torch.tensor(lens, dtype=torch.int32)
+
+
+def _assert_scores_close(got: torch.Tensor, want: torch.Tensor, rtol: float) -> None:
+    """-inf exactly where the reference has it, finite scores within rtol of the row's largest."""
+    assert torch.equal(torch.isinf(got), torch.isinf(want)) and not got.isnan().any()
+    scale = want.nan_to_num(0, neginf=0).abs().amax(-1, keepdim=True).clamp(min=1e-6)
+    torch.testing.assert_close(got.nan_to_num(0, neginf=0) / scale, want.nan_to_num(0, neginf=0) / scale,
+                               rtol=0, atol=rtol)
+
+
+def _assert_topk_is_a_best_set(ids: torch.Tensor, ref: torch.Tensor, k: int, rtol: float) -> None:
+    """ids [B, k] (-1 padded) are k distinct tokens the reference scores [B, N] rank among the best:
+    as many as the row has finite scores (up to k), each scoring at least the reference's k-th best
+    minus rtol of the row's scale (ties and near-ties may pick either token)."""
+    assert ids.shape == (ref.shape[0], k) and ids.dtype == torch.int32
+    for row, scores in zip(ids, ref.double()):
+        picked = row[row >= 0].long()
+        n_finite = int(torch.isfinite(scores).sum())
+        assert picked.numel() == min(k, n_finite) and picked.unique().numel() == picked.numel()
+        assert (row[picked.numel():] == -1).all()  # best first, then the padding
+        if picked.numel():
+            kth = scores.topk(picked.numel()).values[-1]
+            scale = scores[torch.isfinite(scores)].abs().max().clamp(min=1e-6)
+            assert (scores[picked] >= kth - rtol * scale).all()
+
+
+# (S, IH, ID, block_t, tiles): page sizes 1 to 16, IH 6 and 9 (not powers of two, padded to 16 heads),
+# 8 (the tiny preset) and 20 (padded to 32), ID 16 to 32 (24: channels padded), tiles of 16 or 32 tokens
+KERNEL_SHAPES = [(1, 8, 32, 16, 2), (4, 6, 16, 16, 1), (16, 9, 24, 32, 2), (2, 20, 32, 16, 3), (8, 8, 32, 64, 1)]
+
+
+@pytest.mark.parametrize("S,ih,d,block_t,tiles", KERNEL_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_score_kernel_matches_reference(S, ih, d, block_t, tiles, dtype):
+    """The fused kernel's scores equal the torch reference's: ragged lengths (0, 1, not a multiple of
+    the tile, the whole table), shuffled pages, -1 padded tables, NaN everywhere unowned (never read)."""
+    W = -(-70 // S) + 1
+    lens = [70, 1, 0, W * S, 33]
+    cache, table, lengths = _paged(len(lens), W, S, d, lens, seed=S * 10 + ih, dtype=dtype)
+    gen = torch.Generator().manual_seed(ih)
+    q = torch.randn(len(lens), ih, d, generator=gen).to(dtype)
+    w = torch.randn(len(lens), ih, generator=gen)
+    kw = dict(scale=d ** -0.5)
+    want = indexer_scores_ref(q, w, cache, table, lengths, **kw)
+    got = indexer_scores(q, w, cache, table, lengths, use_triton=True, block_t=block_t, tiles=tiles, **kw)
+    assert got.shape == (len(lens), W * S) and got.dtype == torch.float32
+    _assert_scores_close(got, want, rtol=1e-5)  # fp16 x fp16 products are exact in fp32, as the reference's
+    assert torch.isinf(got[2]).all() and torch.isfinite(got[3]).all()
+
+
+def test_score_kernel_over_strided_cache_and_mixed_dtypes():
+    """A cache that is a strided view (the first 32 of 48 values per token), fp16 keys with fp32
+    queries (the dot runs in fp32), and a table whose -1 pages sit inside a row's length (a
+    host-backed row of a mixed step: its tokens there score -inf, the NaN pages are not read)."""
+    S, ih, d, lens = 4, 8, 32, [37, 50, 12]
+    cache, table, lengths = _paged(3, 13, S, d, lens, seed=7, dtype=torch.float16, width=48)
+    assert not cache.is_contiguous()
+    table[1, 3:6] = -1  # tokens 12..23 of row 1 have no page
+    gen = torch.Generator().manual_seed(8)
+    q, w = torch.randn(3, ih, d, generator=gen), torch.randn(3, ih, generator=gen)
+    want = indexer_scores_ref(q, w, cache, table, lengths, scale=d ** -0.5)
+    got = indexer_scores(q, w, cache, table, lengths, scale=d ** -0.5, use_triton=True, block_t=16)
+    _assert_scores_close(got, want, rtol=1e-5)
+    assert torch.isinf(got[1, 12:24]).all() and torch.isfinite(got[1, 24:50]).all()
+
+
+@pytest.mark.parametrize("S", [1, 4])
+def test_kernel_topk_picks_the_reference_best(S):
+    """indexer_topk through the kernel: the same contract (int32 [B, min(topk, W * S)], best first, -1
+    padded), and the tokens it picks are a best set under the reference scores."""
+    ih, d, topk, lens = 6, 16, 24, [90, 5, 24, 0, 61]
+    W = -(-90 // S)
+    cache, table, lengths = _paged(len(lens), W, S, d, lens, seed=S)
+    gen = torch.Generator().manual_seed(9)
+    q, w = torch.randn(len(lens), ih, d, generator=gen), torch.randn(len(lens), ih, generator=gen)
+    ids = indexer_topk(q, w, cache, table, lengths, topk=topk, scale=d ** -0.5, use_triton=True)
+    ref = indexer_scores_ref(q, w, cache, table, lengths, scale=d ** -0.5)
+    _assert_topk_is_a_best_set(ids, ref, topk, rtol=1e-5)
+    assert _as_sets(ids[1:3]) == [set(range(5)), set(range(24))]  # rows within topk take every token
+    assert _as_sets(ids) == _as_sets(indexer_topk(q, w, cache, table, lengths, topk=topk, scale=d ** -0.5))
+
+
+def test_kernel_arguments_are_checked():
+    cache, table, lengths = _paged(2, 4, 4, 16, [9, 3], seed=0)
+    q, w = torch.randn(2, 4, 16), torch.randn(2, 4)
+    with pytest.raises(ValueError, match="int32"):
+        indexer_scores(q, w, cache, table.long(), lengths, scale=0.25)
+    with pytest.raises(ValueError, match="block_t"):
+        indexer_scores(q, w, cache, table, lengths, scale=0.25, use_triton=True, block_t=24)
+    with pytest.raises(ValueError, match="values"):
+        indexer_scores(q, w, cache[..., :8], table, lengths, scale=0.25)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (real sizes)")
+@pytest.mark.parametrize("S", [1, 64])
+def test_score_kernel_real_sizes_on_gpu(S):
+    """DeepSeek-V3.2's indexer (64 heads x 128, bf16 keys and queries) at 32K tokens, ragged rows
+    (one of them a padding row), shuffled pages: scores within fp32 summation order of the reference
+    (bf16 products are exact in fp32) and a best top-2048 set."""
+    torch.manual_seed(0)
+    ih, d, topk, ctx = 64, 128, 2048, 32768
+    lens = torch.tensor([ctx, 20001, 0, 2049], dtype=torch.int32, device="cuda")
+    B, W = len(lens), ctx // S
+    P = B * W + 5
+    cache = torch.randn(P, S, d, device="cuda").to(torch.bfloat16)
+    table = torch.randperm(P, device="cuda")[:B * W].view(B, W).to(torch.int32)
+    q = torch.randn(B, ih, d, device="cuda").to(torch.bfloat16)
+    w = torch.randn(B, ih, device="cuda") * ih ** -0.5
+    want = indexer_scores_ref(q, w, cache, table, lens, scale=d ** -0.5)
+    _assert_scores_close(indexer_scores(q, w, cache, table, lens, scale=d ** -0.5), want, rtol=1e-5)
+    ids = indexer_topk(q, w, cache, table, lens, topk=topk, scale=d ** -0.5)
+    _assert_topk_is_a_best_set(ids.cpu(), want.cpu(), topk, rtol=1e-5)

@@ -16,14 +16,26 @@ decode disagree there). Nothing here depends on which zero-score tokens are take
 
 `indexer_topk` (decode, paged keys, the whole batch in one call, no host sync) is what a sparse
 algorithm's `retrieve_topk` calls; `indexer_topk_prefill` serves the queries of one prompt chunk.
+
+Decode on CUDA: `indexer_scores` runs the fused Triton kernel (`triton_dsa_indexer.py`: keys gathered
+through the page table, q · k on tensor cores, ReLU and the weighted sum over heads in registers,
+fp32 scores [B, W * S] out), then torch.topk. Elsewhere (and as the reference) torch gathers the
+keys and computes the fp32 [B, IH, W * S] products, a block of rows at a time.
 """
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 
 _PREFILL_BLOCK_BYTES = 256 * 2**20  # fp32 scores per query block in prefill ([qb, IH, ctx])
-_DECODE_BLOCK_BYTES = 2 * 2**30  # decode: gathered keys + fp32 scores of one block of rows
+_DECODE_BLOCK_BYTES = 2 * 2**30  # decode in torch: gathered keys + fp32 scores of one block of rows
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BLOCK_T = 64  # tokens per tl.dot of the score kernel (a tuning knob; bench/dsa_indexer_gpu.py)
+TILES = 4  # tiles of BLOCK_T tokens per program
+NUM_WARPS = 4
 
 
 def index_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, *, scale: float) -> torch.Tensor:
@@ -40,7 +52,7 @@ def _topk_or_pad(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def indexer_topk(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Tensor, page_table: torch.Tensor,
-                 lengths: torch.Tensor, *, topk: int, scale: float) -> torch.Tensor:
+                 lengths: torch.Tensor, *, topk: int, scale: float, use_triton: bool | None = None) -> torch.Tensor:
     """Each request's top-`topk` tokens for its decode query (one query per request).
 
     q:           [B, IH, ID] indexer queries (roped).
@@ -48,9 +60,12 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Tens
     index_cache: [P, S, ID] one layer's indexer keys in pages of S tokens (may be a strided view).
     page_table:  int32 [B, W] pages in token order, -1 past a request's pages.
     lengths:     int32 [B] tokens of each request (the new one included).
+    use_triton:  None = the fused score kernel iff q is on CUDA; True forces it (CPU: TRITON_INTERPRET=1).
     Returns int32 [B, min(topk, W * S)] token positions, best first, -1 padded when a request has
-    fewer tokens. Shapes depend only on the arguments' shapes: graph-safe. Rows are scored in blocks
-    of at most `_DECODE_BLOCK_BYTES` of intermediates (a fixed split by shapes, same results).
+    fewer tokens (tokens on a -1 page are never selected). Shapes depend only on the arguments'
+    shapes: graph-safe. The kernel's only intermediate is the fp32 scores [B, W * S]; torch scores
+    rows in blocks of at most `_DECODE_BLOCK_BYTES` of intermediates (a fixed split by shapes, same
+    results).
 
     Example::
 
@@ -59,30 +74,83 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Tens
     B, W = page_table.shape
     S, ID = index_cache.shape[1], index_cache.shape[-1]
     k = min(topk, W * S)
+    if use_triton is None:
+        use_triton = q.is_cuda
+    if use_triton:
+        return _topk_or_pad(indexer_scores(q, weights, index_cache, page_table, lengths, scale=scale,
+                                           use_triton=True), k)
     # rows per block so the gathered keys (bf16 + fp32) and the fp32 scores (products, ReLU) of a block
     # stay under _DECODE_BLOCK_BYTES: ~160 MiB per row at 128K, 25 GiB for a batch of 160 at once
     per_row = W * S * (ID * (index_cache.element_size() + 4) + 2 * 4 * q.shape[1] + 8)
     block = max(1, _DECODE_BLOCK_BYTES // per_row)
     if block >= B:
-        return _indexer_topk_rows(q, weights, index_cache, page_table, lengths, k=k, scale=scale)
+        return _topk_or_pad(indexer_scores_ref(q, weights, index_cache, page_table, lengths, scale=scale), k)
     out = torch.empty(B, k, dtype=torch.int32, device=q.device)
     for lo in range(0, B, block):  # a fixed split by shapes: no host sync, graph-safe
         hi = min(B, lo + block)
-        out[lo:hi] = _indexer_topk_rows(q[lo:hi], weights[lo:hi], index_cache, page_table[lo:hi], lengths[lo:hi],
-                                        k=k, scale=scale)
+        scores = indexer_scores_ref(q[lo:hi], weights[lo:hi], index_cache, page_table[lo:hi], lengths[lo:hi],
+                                    scale=scale)
+        out[lo:hi] = _topk_or_pad(scores, k)
     return out
 
 
-def _indexer_topk_rows(q, weights, index_cache, page_table, lengths, *, k: int, scale: float) -> torch.Tensor:
-    """indexer_topk over all of its rows at once (k = min(topk, W * S))."""
+def indexer_scores(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Tensor, page_table: torch.Tensor,
+                   lengths: torch.Tensor, *, scale: float, use_triton: bool | None = None, block_t: int = BLOCK_T,
+                   tiles: int = TILES, num_warps: int = NUM_WARPS) -> torch.Tensor:
+    """Decode indexer scores of every token of every request, fp32 [B, W * S] (arguments as
+    `indexer_topk`): I(t) for t < length on a page >= 0, -inf elsewhere.
+
+    use_triton: None = the fused kernel iff q is on CUDA (else `indexer_scores_ref`). The kernel's
+    dot runs in the wider of q's and the cache's dtypes (bf16 x bf16 products are exact in its fp32
+    accumulator, as in the reference). block_t (tokens per dot, a power of two >= 16), tiles (tiles
+    per program) and num_warps tune it; they change nothing beyond fp32 summation order.
+
+    Example::
+
+        scores = indexer_scores(q, w, cache.index_keys(layer), table, lens, scale=128 ** -0.5)  # [B, W * S]
+    """
+    _validate(q, weights, index_cache, page_table, lengths, scale=scale, block_t=block_t, tiles=tiles)
+    if use_triton is None:
+        use_triton = q.is_cuda
+    if not use_triton:
+        return indexer_scores_ref(q, weights, index_cache, page_table, lengths, scale=scale)
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("use_triton=True with CPU tensors needs TRITON_INTERPRET=1 set before triton is "
+                         "imported; move the tensors to CUDA or pass use_triton=False")
+    from hisa.attention.triton_dsa_indexer import dsa_indexer_scores_kernel
+
+    B, IH, ID = q.shape
+    if B > 65535:
+        raise ValueError(f"the kernel scores at most 65,535 rows per call (its grid's second axis), got {B}")
+    W, S = page_table.shape[1], index_cache.shape[1]
+    N = W * S
+    out = torch.empty(B, N, dtype=torch.float32, device=q.device)
+    if B == 0 or N == 0:
+        return out
+    dot_dtype = torch.promote_types(q.dtype, index_cache.dtype)
+    q = q.to(dot_dtype)  # [B, IH, ID], a no-op when the dtypes agree
+    dsa_indexer_scores_kernel[(-(-N // (block_t * tiles)), B)](
+        q, weights, index_cache, page_table, lengths, out, scale, N,
+        q.stride(0), q.stride(1), q.stride(2), weights.stride(0), weights.stride(1),
+        index_cache.stride(0), index_cache.stride(1), index_cache.stride(2),
+        page_table.stride(0), page_table.stride(1), lengths.stride(0), out.stride(0),
+        IH=IH, ID=ID, S=S, BLOCK_H=max(16, _next_pow2(IH)), BLOCK_D=max(16, _next_pow2(ID)), BLOCK_T=block_t,
+        TILES=tiles, DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
+        num_warps=num_warps if q.is_cuda else 1)
+    return out
+
+
+def indexer_scores_ref(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Tensor, page_table: torch.Tensor,
+                       lengths: torch.Tensor, *, scale: float) -> torch.Tensor:
+    """Plain-torch `indexer_scores` (same arguments, fp32 [B, W * S]): gathers every key, fp32 products."""
     B, W = page_table.shape
     S = index_cache.shape[1]
-    pages = page_table.long().clamp(min=0)  # [B, W]; -1 pages are masked by length below
-    keys = index_cache[pages].reshape(B, W * S, index_cache.shape[-1])  # [B, W*S, ID]
+    pages = page_table.long()  # [B, W]
+    keys = index_cache[pages.clamp(min=0)].reshape(B, W * S, index_cache.shape[-1])  # [B, W*S, ID]
     scores = index_scores(q, weights, keys, scale=scale)  # [B, W*S]
     pos = torch.arange(W * S, device=q.device)
-    scores = scores.masked_fill(pos[None, :] >= lengths.long()[:, None], float("-inf"))
-    return _topk_or_pad(scores, k)
+    valid = (pos[None, :] < lengths.long()[:, None]) & (pages >= 0)[:, :, None].expand(B, W, S).reshape(B, W * S)
+    return scores.masked_fill(~valid, float("-inf"))
 
 
 def indexer_topk_prefill(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, *, topk: int,
@@ -109,3 +177,38 @@ def indexer_topk_prefill(q: torch.Tensor, weights: torch.Tensor, keys: torch.Ten
         scores = scores.masked_fill(kpos[None, :] > qpos[:, None], float("-inf"))
         out[lo:hi] = _topk_or_pad(scores, k)
     return out
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _validate(q, weights, index_cache, page_table, lengths, *, scale, block_t, tiles) -> None:
+    """Raise ValueError with an actionable message on any bad argument of `indexer_scores`."""
+    for name, t, ndim, shape in (("q", q, 3, "[B, IH, ID]"), ("weights", weights, 2, "[B, IH]"),
+                                 ("index_cache", index_cache, 3, "[P, S, ID]"),
+                                 ("page_table", page_table, 2, "[B, W]"), ("lengths", lengths, 1, "[B]")):
+        if t.ndim != ndim:
+            raise ValueError(f"{name} must be {ndim}-D {shape}, got shape {tuple(t.shape)}")
+    B, IH, ID = q.shape
+    if weights.shape != (B, IH) or page_table.shape[0] != B or lengths.shape[0] != B:
+        raise ValueError(f"q {tuple(q.shape)} does not fit weights {tuple(weights.shape)}, page_table "
+                         f"{tuple(page_table.shape)} or lengths {tuple(lengths.shape)}: [B, IH], [B, W], [B]")
+    if index_cache.shape[2] != ID:
+        raise ValueError(f"index_cache keys have {index_cache.shape[2]} values, q has {ID} per head")
+    if q.dtype not in _FLOAT_DTYPES or index_cache.dtype not in _FLOAT_DTYPES or weights.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"q, weights and index_cache must be one of {_FLOAT_DTYPES}, got {q.dtype}, "
+                         f"{weights.dtype} and {index_cache.dtype}")
+    if page_table.dtype != torch.int32 or lengths.dtype != torch.int32:
+        raise ValueError(f"page_table and lengths must be int32, got {page_table.dtype} and {lengths.dtype}; "
+                         f"convert with .to(torch.int32)")
+    tensors = (q, weights, index_cache, page_table, lengths)
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError(f"q, weights, index_cache, page_table and lengths must be on one device, got "
+                         f"{[str(t.device) for t in tensors]}")
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite float (ID ** -0.5), got {scale!r}")
+    if not (isinstance(block_t, int) and block_t >= 16 and block_t & (block_t - 1) == 0):
+        raise ValueError(f"block_t must be a power of two >= 16 (tl.dot's smallest dim), got {block_t!r}")
+    if not (isinstance(tiles, int) and tiles >= 1):
+        raise ValueError(f"tiles must be a positive int, got {tiles!r}")
