@@ -8,8 +8,7 @@ layer's tensors, so nothing is served from L2 as in a real step) and reports the
 
   * Quest's selection: `page_scores` (two kernels) per (pages per program, warps) of its logits
     kernel, bytes = the page summaries read (kmin + kmax of every page of every row); then
-    `select_pages` per cuts per search round (ways); and `page_topk`, the logits kernel followed by
-    one program per row that merges, scores and selects;
+    `select_pages` (top-k pages per row) per warps;
   * `paged_decode_attention` over the selected pages (64 full pages + the newest, at random
     physical places in a buffer twice the budget): KV splits x tokens per iteration (block_n);
     bytes = the K and V read;
@@ -42,15 +41,15 @@ sys.path.insert(0, str(REPO / "src"))
 
 from hisa.attention.paged_decode import paged_decode_attention  # noqa: E402
 from hisa.sparse.lowbit_scores import lowbit_page_scores, lowbit_page_scores_ref  # noqa: E402
-from hisa.sparse.page_scores import page_scores, page_topk, select_pages  # noqa: E402
+from hisa.sparse.page_scores import page_scores, select_pages  # noqa: E402
 
 H, KVH, D, S, BUDGET_PAGES, LAYERS = 32, 8, 128, 32, 64, 32
 SHAPES = {"32K x 8": (32768, 8), "128K x 4": (131072, 4), "128K x 11": (131072, 11)}
 SLACK_PAGES = 4  # an engine's rows have a few page slots past the prompt (the tokens it generates)
 LOWBIT_BITS, LOWBIT_GROUP = 4, 32
 LOWBIT_SETTINGS = ((64, 4), (128, 4), (32, 4))  # (sub_tokens, num_warps); the first is the default
-BLOCK_P_WARPS = ((32, 4), (64, 4), (64, 8))  # the logits kernel's settings; the first is the default
-KERNELS = {"page_scores": ("page_scores", "select_pages", "page_topk"), "decode": ("paged_decode",),
+BLOCK_P_WARPS = ((64, 4), (32, 4), (64, 8))  # the logits kernel's settings; the first is the default
+KERNELS = {"page_scores": ("page_scores", "select_pages"), "decode": ("paged_decode",),
            "lowbit": ("lowbit_scores", "lowbit_select")}
 
 
@@ -84,16 +83,11 @@ def sweep_scores(ctx: int, rows: int, reps: int) -> list[dict]:
         out.append(dict(kernel="page_scores", block_p=block_p, num_warps=warps, us=us, ok=ok, gb_s=nbytes / us / 1e3))
         progress(out[-1])
     scores = [page_scores(q, *m, ss, lo, hi, scale=scale) for m in meta]
-    for ways in (4, 3, 2):
-        ok = torch.equal(select_pages(base_scores, lo, hi, k, ways=ways), base_pages)
-        us = graph_us([lambda s_=s_: select_pages(s_, lo, hi, k, ways=ways) for s_ in scores], reps)
-        out.append(dict(kernel="select_pages", ways=ways, us=us, ok=ok))
+    for warps in (None, 4, 8):
+        ok = torch.equal(select_pages(base_scores, lo, hi, k, num_warps=warps), base_pages)
+        us = graph_us([lambda s_=s_: select_pages(s_, lo, hi, k, num_warps=warps) for s_ in scores], reps)
+        out.append(dict(kernel="select_pages", num_warps=warps or "auto", us=us, ok=ok))
         progress(out[-1])
-    # the fused merge + score + select (one program per row) after the same logits kernel
-    got = page_topk(q, *meta[0], ss, lo, hi, k, scale=scale)
-    us = graph_us([lambda m=m: page_topk(q, *m, ss, lo, hi, k, scale=scale) for m in meta], reps)
-    out.append(dict(kernel="page_topk", us=us, ok=torch.equal(got, base_pages), gb_s=nbytes / us / 1e3))
-    progress(out[-1])
     return out
 
 

@@ -112,11 +112,15 @@ def test_decode_topk_in_row_blocks_equals_all_rows_at_once(monkeypatch):
     assert torch.equal(blocked, whole)
 
 
-def _paged(B: int, W: int, S: int, ID: int, lens: list[int], *, seed: int, dtype=torch.float32, width: int = 0):
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the kernel: on the GPU, or the interpreter
+
+
+def _paged(B: int, W: int, S: int, ID: int, lens: list[int], *, seed: int, dtype=torch.float32, width: int = 0,
+           device=DEV):
     """A shuffled paged cache [P, S, ID] holding B requests (NaN wherever no request's token lives,
     so a key read past a length or through a -1 page shows), its int32 page table [B, W] (-1 past
-    each request's pages) and lengths. width > ID: the cache is the first ID values of wider rows (a
-    strided view)."""
+    each request's pages) and lengths, on `device`. width > ID: the cache is the first ID values of
+    wider rows (a strided view)."""
     gen = torch.Generator().manual_seed(seed)
     P = B * W + 3
     store = torch.full((P, S, max(width, ID)), float("nan"))
@@ -129,7 +133,8 @@ def _paged(B: int, W: int, S: int, ID: int, lens: list[int], *, seed: int, dtype
         used += npg
         tok = torch.arange(n)
         store[table[b, tok // S].long(), tok % S, :ID] = torch.randn(n, ID, generator=gen) + torch.linspace(-1, 1, ID)
-    return store.to(dtype)[..., :ID], table, torch.tensor(lens, dtype=torch.int32)
+    return (store.to(device=device, dtype=dtype)[..., :ID], table.to(device),
+            torch.tensor(lens, dtype=torch.int32, device=device))
 
 
 def _assert_scores_close(got: torch.Tensor, want: torch.Tensor, rtol: float) -> None:
@@ -170,8 +175,8 @@ def test_score_kernel_matches_reference(S, ih, d, block_t, tiles, dtype):
     lens = [70, 1, 0, W * S, 33]
     cache, table, lengths = _paged(len(lens), W, S, d, lens, seed=S * 10 + ih, dtype=dtype)
     gen = torch.Generator().manual_seed(ih)
-    q = torch.randn(len(lens), ih, d, generator=gen).to(dtype)
-    w = torch.randn(len(lens), ih, generator=gen)
+    q = torch.randn(len(lens), ih, d, generator=gen).to(device=DEV, dtype=dtype)
+    w = torch.randn(len(lens), ih, generator=gen).to(DEV)
     kw = dict(scale=d ** -0.5)
     want = indexer_scores_ref(q, w, cache, table, lengths, **kw)
     got = indexer_scores(q, w, cache, table, lengths, use_triton=True, block_t=block_t, tiles=tiles, **kw)
@@ -189,7 +194,7 @@ def test_score_kernel_over_strided_cache_and_mixed_dtypes():
     assert not cache.is_contiguous()
     table[1, 3:6] = -1  # tokens 12..23 of row 1 have no page
     gen = torch.Generator().manual_seed(8)
-    q, w = torch.randn(3, ih, d, generator=gen), torch.randn(3, ih, generator=gen)
+    q, w = torch.randn(3, ih, d, generator=gen).to(DEV), torch.randn(3, ih, generator=gen).to(DEV)
     want = indexer_scores_ref(q, w, cache, table, lengths, scale=d ** -0.5)
     got = indexer_scores(q, w, cache, table, lengths, scale=d ** -0.5, use_triton=True, block_t=16)
     _assert_scores_close(got, want, rtol=1e-5)
@@ -204,17 +209,18 @@ def test_kernel_topk_picks_the_reference_best(S):
     W = -(-90 // S)
     cache, table, lengths = _paged(len(lens), W, S, d, lens, seed=S)
     gen = torch.Generator().manual_seed(9)
-    q, w = torch.randn(len(lens), ih, d, generator=gen), torch.randn(len(lens), ih, generator=gen)
+    q, w = torch.randn(len(lens), ih, d, generator=gen).to(DEV), torch.randn(len(lens), ih, generator=gen).to(DEV)
     ids = indexer_topk(q, w, cache, table, lengths, topk=topk, scale=d ** -0.5, use_triton=True)
     ref = indexer_scores_ref(q, w, cache, table, lengths, scale=d ** -0.5)
     _assert_topk_is_a_best_set(ids, ref, topk, rtol=1e-5)
     assert _as_sets(ids[1:3]) == [set(range(5)), set(range(24))]  # rows within topk take every token
-    assert _as_sets(ids) == _as_sets(indexer_topk(q, w, cache, table, lengths, topk=topk, scale=d ** -0.5))
+    torch_path = indexer_topk(q, w, cache, table, lengths, topk=topk, scale=d ** -0.5, use_triton=False)
+    assert _as_sets(ids) == _as_sets(torch_path)
 
 
 def test_kernel_arguments_are_checked():
     cache, table, lengths = _paged(2, 4, 4, 16, [9, 3], seed=0)
-    q, w = torch.randn(2, 4, 16), torch.randn(2, 4)
+    q, w = torch.randn(2, 4, 16, device=DEV), torch.randn(2, 4, device=DEV)
     with pytest.raises(ValueError, match="int32"):
         indexer_scores(q, w, cache, table.long(), lengths, scale=0.25)
     with pytest.raises(ValueError, match="block_t"):

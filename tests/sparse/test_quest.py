@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hisa.sparse.base import DecodeRows, create_algorithm
-from hisa.sparse.page_scores import page_scores, page_scores_ref, page_topk, select_pages, select_pages_ref
+from hisa.sparse.page_scores import page_scores, page_scores_ref, select_pages, select_pages_ref
 from hisa.sparse.quest import quest_update
 
 L, H, KVH, D = 2, 6, 2, 8
@@ -128,47 +128,6 @@ def test_page_scores_triton_matches_reference(with_mean, h, kvh, d, maxp, block_
     assert torch.isinf(got[1]).all()  # the row with an empty range scores nothing
 
 
-def _assert_same_top(got, scores, lo, hi, k, rtol=1e-5):
-    """got [R, k] picks each row's top min(k, valid) pages of `scores` in page order, -1 padded, where a
-    page may trade places with one whose score is equal within rtol (fp32 rounding of another
-    summation order)."""
-    for r in range(got.shape[0]):
-        row = [x for x in got[r].tolist() if x >= 0]
-        n_valid = max(0, int(hi[r]) - int(lo[r]))
-        assert row == sorted(set(row)) and len(row) == min(k, n_valid)
-        assert all(x == -1 for x in got[r, len(row):].tolist())
-        assert all(int(lo[r]) <= x < int(hi[r]) for x in row)
-        if row and len(row) < n_valid:
-            worst = scores[r, row].min().item()
-            rest = torch.tensor([scores[r, x].item() for x in range(int(lo[r]), int(hi[r])) if x not in row])
-            assert rest.max().item() <= worst * (1 + rtol) + 1e-12  # nothing left out scores higher
-
-
-@pytest.mark.parametrize("with_mean", [False, True])
-@pytest.mark.parametrize("h,kvh,d,maxp,k,block_p", [(6, 2, 16, 70, 5, None), (4, 4, 32, 33, 40, 16),
-                                                     (9, 3, 64, 300, 61, 32), (32, 8, 16, 40, 16, None)])
-def test_page_topk_triton_matches_reference(with_mean, h, kvh, d, maxp, k, block_p):
-    """Logits kernel + one fused merge/score/select program per row against the torch reference's
-    scores and a stable sort: the top pages in page order, -1 padded; rows with fewer valid pages
-    than k, an empty row, heads summed in chunks (32 heads)."""
-    torch.manual_seed(h * 100 + maxp + k)
-    R, SS = 4, 5
-    q = torch.randn(R, h, d)
-    kmin, kmax, kmean = _summaries(SS, maxp, kvh, d, torch.float32, "cpu")
-    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
-    ss, lo, hi = i32([3, 0, 1, 4]), i32([1, 0, 1, 0]), i32([maxp - 2, 0, min(maxp, 33), maxp])
-    args = (q, kmin, kmax, ss, lo, hi)
-    km = kmean if with_mean else None
-    scores = page_scores_ref(*args, scale=0.3, kmean=km)
-    want = page_topk(*args, k, scale=0.3, kmean=km, use_triton=False)
-    assert torch.equal(want, select_pages_ref(scores, lo, hi, k))
-    dev = tuple(x.to(DEV) for x in args)
-    got = page_topk(*dev, k, scale=0.3, kmean=km.to(DEV) if km is not None else None, use_triton=True,
-                    block_p=block_p).cpu()
-    assert (got[1] == -1).all()  # the row with an empty range selects nothing
-    _assert_same_top(got, scores, lo, hi, k)
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (real sizes)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_page_scores_real_sizes_on_gpu(dtype):
@@ -186,30 +145,9 @@ def test_page_scores_real_sizes_on_gpu(dtype):
         torch.testing.assert_close(got.nan_to_num(0, neginf=0), want.nan_to_num(0, neginf=0), rtol=2e-3, atol=1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (real sizes)")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_page_topk_real_sizes_on_gpu(dtype):
-    """Llama-3.1-8B shape at 32K and 128K tokens, page 32 (1,024 and 4,096 pages), 62 pages kept: the
-    fused kernels pick the reference scores' top pages."""
-    torch.manual_seed(1)
-    R, SS = 8, 9
-    for maxp in (1024, 4096):
-        q = torch.randn(R, 32, 128, device="cuda", dtype=dtype)
-        kmin, kmax, kmean = _summaries(SS, maxp, 8, 128, dtype, "cuda")
-        ss = torch.arange(R, dtype=torch.int32, device="cuda")
-        lo = torch.ones(R, dtype=torch.int32, device="cuda")
-        hi = torch.tensor([maxp - 2, 1000, 17, maxp - 96, 2 * maxp // 3, 3, maxp - 2, 600],
-                          dtype=torch.int32, device="cuda")
-        for km in (None, kmean):
-            got = page_topk(q, kmin, kmax, ss, lo, hi, 62, scale=128 ** -0.5, kmean=km).cpu()
-            scores = page_scores_ref(q, kmin, kmax, ss, lo, hi, scale=128 ** -0.5, kmean=km).cpu()
-            _assert_same_top(got, scores, lo.cpu(), hi.cpu(), 62, rtol=2e-3)
-
-
-@pytest.mark.parametrize("ways", [2, 3, 4])
 @pytest.mark.parametrize("maxp,k", [(70, 5), (33, 40), (300, 61), (16, 16)])
-def test_select_pages_triton_matches_reference(maxp, k, ways):
-    """Radix select (Triton) against a stable sort: the same pages, in page order, ties to the lower
+def test_select_pages_triton_matches_reference(maxp, k):
+    """The top-k search (Triton) against a stable sort: the same pages, in page order, ties to the lower
     page; rows with fewer valid pages than k, an empty row, many exact ties."""
     torch.manual_seed(maxp + k)
     R = 5
@@ -221,7 +159,7 @@ def test_select_pages_triton_matches_reference(maxp, k, ways):
     scores = torch.where((torch.arange(maxp)[None, :] >= lo[:, None].long())
                          & (torch.arange(maxp)[None, :] < hi[:, None].long()), scores, float("-inf"))
     want = select_pages_ref(scores, lo, hi, k)
-    got = select_pages(scores.to(DEV), lo.to(DEV), hi.to(DEV), k, use_triton=True, ways=ways).cpu()
+    got = select_pages(scores.to(DEV), lo.to(DEV), hi.to(DEV), k, use_triton=True).cpu()
     assert torch.equal(got, want)
     assert (want[1] == -1).all()
     for r in range(R):  # each row holds min(k, valid) distinct pages of its range, ascending

@@ -8,9 +8,7 @@ Per head the logits become a softmax over the row's middle pages; the page score
 heads (and over both terms). One page list per request is then the top-k of that score.
 
 `page_scores` runs two Triton kernels on CUDA (`triton_page_scores.py`), the torch reference
-elsewhere; `page_topk` (what Quest's decode step calls) runs the same first kernel and then one that
-merges, scores and selects each row's top k pages in registers. No host sync: a captured decode step
-replays them.
+elsewhere; `select_pages` one more. No host sync: a captured decode step replays them.
 
 Shapes: q [R, H, D]; kmin/kmax/kmean [SS, MAXP, KVH, D] (one layer; SS sparse slots, MAXP pages per
 request); sslots, lo, hi int32 [R]. Returns fp32 [R, MAXP], -inf outside [lo, hi).
@@ -21,9 +19,8 @@ from __future__ import annotations
 import torch
 
 _LOG2E = 1.4426950408889634
-BLOCK_P = 32  # pages per program of the logits kernel (a tuning knob; `bench/selection_kernels_gpu.py`)
+BLOCK_P = 64  # pages per program of the logits kernel (a tuning knob; `bench/selection_kernels_gpu.py`)
 LOGITS_WARPS = 4
-SELECT_WAYS = 4  # cuts per round of the top-k search (2, 3 or 4; `bench/selection_kernels_gpu.py`)
 
 
 def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sslots: torch.Tensor, lo: torch.Tensor,
@@ -52,39 +49,6 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sslots:
             H=H, BLOCK_P=block_p, BLOCK_PB=max(2, _next_pow2(PB)), BLOCK_H=max(2, _next_pow2(H)),
             HAS_MEAN=kmean is not None, num_warps=4)
     return scores
-
-
-def page_topk(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sslots: torch.Tensor, lo: torch.Tensor,
-              hi: torch.Tensor, k: int, *, scale: float, kmean: torch.Tensor | None = None,
-              use_triton: bool | None = None, block_p: int | None = None, num_warps: int | None = None,
-              ways: int | None = None) -> torch.Tensor:
-    """The k best pages of each row by `page_scores`, in page order: int32 [R, k], -1 padded.
-
-    Equals `select_pages(page_scores(...), lo, hi, k)` up to fp32 rounding of the scores (the heads'
-    terms are summed in another order), in two launches on CUDA instead of three: the logits kernel,
-    then one program per row that merges, sums and selects in registers (no score tensor)."""
-    _check_summaries(q, kmin, kmax, kmean)
-    R, H, D = q.shape
-    MAXP = kmin.shape[1]
-    if use_triton is None:
-        use_triton = q.is_cuda
-    if not use_triton:
-        return select_pages_ref(page_scores_ref(q, kmin, kmax, sslots, lo, hi, scale=scale, kmean=kmean), lo, hi, k)
-    from hisa.sparse.triton_page_scores import page_topk_kernel
-
-    if MAXP >= 1 << 15:
-        raise ValueError(f"page_topk takes fewer than 32,768 pages per row, got {MAXP}")
-    logits, mpart, spart, PB, _ = _page_logits(q, kmin, kmax, sslots, lo, hi, scale=scale, kmean=kmean,
-                                               block_p=block_p, num_warps=num_warps)
-    out = torch.empty(R, k, dtype=torch.int32, device=q.device)
-    if R and k:
-        block = _next_pow2(MAXP)
-        page_topk_kernel[(R,)](
-            logits[0], mpart[0], spart[0], logits[-1], mpart[-1], spart[-1], lo, hi, out, MAXP, PB, out.stride(0),
-            H=H, K=k, BLOCK=block, BLOCK_K=_next_pow2(k), BLOCK_PB=max(2, _next_pow2(PB)),
-            BLOCK_HC=max(1, min(_next_pow2(H), 8192 // block)), HAS_MEAN=kmean is not None,
-            **_search(ways), num_warps=8 if block >= 2048 else 4)
-    return out
 
 
 def _check_summaries(q, kmin, kmax, kmean) -> None:
@@ -149,22 +113,12 @@ def page_scores_ref(q, kmin, kmax, sslots, lo, hi, *, scale: float, kmean=None) 
     return score.masked_fill(~valid, float("-inf"))
 
 
-def _search(ways: int | None) -> dict:
-    ways = SELECT_WAYS if ways is None else ways
-    if ways not in (2, 3, 4):
-        raise ValueError(f"ways must be 2, 3 or 4, got {ways}")
-    rounds = 0
-    while ways ** rounds < 1 << 31:
-        rounds += 1
-    return dict(WAYS=ways, ROUNDS=rounds)
-
-
 def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
 def select_pages(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, k: int, *,
-                 use_triton: bool | None = None, num_warps: int | None = None, ways: int | None = None) -> torch.Tensor:
+                 use_triton: bool | None = None, num_warps: int | None = None) -> torch.Tensor:
     """The k best pages of each row by score, in page order: int32 [R, k], -1 padded.
 
     scores: fp32 [R, MAXP] (what `page_scores` returns: >= 0 inside each row's [lo, hi), -inf
@@ -185,7 +139,7 @@ def select_pages(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, k: in
     if R and k:
         block = _next_pow2(MAXP)
         select_pages_kernel[(R,)](scores, lo, hi, out, MAXP, out.stride(0), K=k, BLOCK=block,
-                                  BLOCK_K=_next_pow2(k), **_search(ways), num_warps=num_warps or (8 if block >= 2048 else 4))
+                                  BLOCK_K=_next_pow2(k), num_warps=num_warps or (8 if block >= 2048 else 4))
     return out
 
 

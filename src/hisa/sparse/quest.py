@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from hisa.sparse.base import BaseSparseAlgorithm, DecodeRows, register
-from hisa.sparse.page_scores import page_topk
+from hisa.sparse.page_scores import page_scores, select_pages
 
 
 @register("quest")
@@ -20,9 +20,9 @@ class QuestAlgorithm(BaseSparseAlgorithm):
     The bounds are turned into a per-head distribution over pages (softmax of scaled bounds) and
     summed over heads, so one page list serves all heads of a request (our page table is shared).
     Representations: kmin/kmax [layers, slots + 1, max_pages, KVH, D] on the device, indexed by
-    (sparse slot, logical page). Scoring and top-k for the whole batch: two Triton kernels per
-    layer (`hisa.sparse.page_scores.page_topk`: logits + softmax partials, then merge, score and
-    select); the update after attention: one kernel.
+    (sparse slot, logical page). Scoring and top-k for the whole batch: three Triton kernels per
+    layer (`hisa.sparse.page_scores`: logits + softmax partials, scores, top-k select); the update
+    after attention: one kernel.
     """
 
     graph_safe = True  # device tensors only, no host sync: decode steps can be replayed from CUDA graphs
@@ -57,8 +57,9 @@ class QuestAlgorithm(BaseSparseAlgorithm):
                      rows.sparse_slots, rows.t, page_size=self.page_size, sentinel=self.max_requests)
 
     def retrieve_topk(self, layer, q, rows: DecodeRows):
-        return page_topk(q, self.kmin[layer], self.kmax[layer], rows.sparse_slots, rows.lo, rows.hi, rows.num_select,
-                         scale=self.scale, kmean=self.kmean[layer] if self.has_mean else None)  # in page order
+        scores = page_scores(q, self.kmin[layer], self.kmax[layer], rows.sparse_slots, rows.lo, rows.hi,
+                             scale=self.scale, kmean=self.kmean[layer] if self.has_mean else None)
+        return select_pages(scores, rows.lo, rows.hi, rows.num_select)  # in page order
 
 
 @register("quest-mean")

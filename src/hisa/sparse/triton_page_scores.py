@@ -9,13 +9,12 @@ heads as two tl.dot products in q's dtype ([BLOCK_P, D] x [D, G], heads padded t
 of two bf16/fp16 values are exact in the fp32 accumulator). The logits (log2 domain) go to a
 workspace [R, H, MAXP] and each program also writes its block's per-head softmax partials (max,
 sum of 2^(l - max)) to [R, PB, H].
-Then either
-  * page_scores_kernel, grid (R, PB): merges the partials of row r into each head's max and
-    normalizer and writes the page score sum_h softmax_h(page) (plus the mean-key term when
-    HAS_MEAN), -inf outside the row's middle range [lo, hi) (`page_scores`); or
-  * page_topk_kernel, grid (R,): the same score for a whole row in registers, then its top K pages
-    (`page_topk`, what Quest's decode step runs: two launches per layer for scoring and selection).
-select_pages_kernel picks the top K of given scores (lowbit's path).
+Kernel 2 (page_scores_kernel), grid (R, PB): merges the partials of row r into each head's max and
+normalizer and writes the page score sum_h softmax_h(page) (plus the mean-key term when HAS_MEAN),
+-inf outside the row's middle range [lo, hi).
+Kernel 3 (select_pages_kernel), grid (R,): the top K pages of each row, in page order.
+(Merging, scoring and selecting in one program per row was slower: 35 vs 27 µs per layer for
+kernels 2 + 3 after kernel 1 at 32K x 8, one SM per row reading all its logits.)
 """
 
 from __future__ import annotations
@@ -139,7 +138,7 @@ def select_pages_kernel(
     lo_ptr, hi_ptr,                 # int32 [R]
     out_ptr,                        # int32 [R, K] out: the chosen pages in page order, -1 padded
     MAXP, stride_o,
-    K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, WAYS: tl.constexpr, ROUNDS: tl.constexpr,
+    K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Top-K pages of each row by score, written in page order (`_select_in_page_order`)."""
     r = tl.program_id(0).to(tl.int64)
@@ -148,97 +147,35 @@ def select_pages_kernel(
     p = tl.arange(0, BLOCK)
     valid = (p >= lo) & (p < hi) & (p < MAXP)
     score = tl.load(score_ptr + r * MAXP + p, mask=valid, other=0.0)
-    _select_in_page_order(score, valid, p, out_ptr + r * stride_o, K, BLOCK_K, WAYS, ROUNDS)
+    _select_in_page_order(score, valid, p, out_ptr + r * stride_o, K, BLOCK_K)
 
 
 @triton.jit
-def page_topk_kernel(
-    logit_ptr, mpart_ptr, spart_ptr, logit2_ptr, mpart2_ptr, spart2_ptr,  # page_logits_kernel's output
-    lo_ptr, hi_ptr,                 # int32 [R]
-    out_ptr,                        # int32 [R, K] out: the chosen pages in page order, -1 padded
-    MAXP, PB, stride_o,
-    H: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_PB: tl.constexpr,
-    BLOCK_HC: tl.constexpr, HAS_MEAN: tl.constexpr, WAYS: tl.constexpr, ROUNDS: tl.constexpr,
-):
-    """One program per row: merge the row's softmax partials into each head's normalizer, sum the
-    heads' softmax at every page (BLOCK_HC heads at a time), and select the top K pages of that
-    score, all in registers: page_scores_kernel + select_pages_kernel in one launch."""
-    r = tl.program_id(0).to(tl.int64)
-    lo = tl.load(lo_ptr + r)
-    hi = tl.load(hi_ptr + r)
-    p = tl.arange(0, BLOCK)
-    valid = (p >= lo) & (p < hi) & (p < MAXP)
-    score = _head_softmax_sum(logit_ptr, mpart_ptr, spart_ptr, r, p, valid, MAXP, PB, H, BLOCK, BLOCK_PB, BLOCK_HC)
-    if HAS_MEAN:
-        score += _head_softmax_sum(logit2_ptr, mpart2_ptr, spart2_ptr, r, p, valid, MAXP, PB, H, BLOCK, BLOCK_PB,
-                                   BLOCK_HC)
-    _select_in_page_order(score, valid, p, out_ptr + r * stride_o, K, BLOCK_K, WAYS, ROUNDS)
-
-
-@triton.jit
-def _head_softmax_sum(logit_ptr, mpart_ptr, spart_ptr, r, p, valid, MAXP, PB, H: tl.constexpr,
-                      BLOCK: tl.constexpr, BLOCK_PB: tl.constexpr, BLOCK_HC: tl.constexpr):
-    """sum over heads of softmax_h at every page p of row r, [BLOCK] (0 outside valid pages)."""
-    score = tl.zeros([BLOCK], tl.float32)
-    pb = tl.arange(0, BLOCK_PB)
-    for h0 in range(0, H, BLOCK_HC):
-        h = h0 + tl.arange(0, BLOCK_HC)
-        h_ok = h < H
-        part = (r * PB + pb)[None, :] * H + h[:, None]  # [BLOCK_HC, BLOCK_PB]
-        pm = h_ok[:, None] & (pb < PB)[None, :]
-        m = tl.load(mpart_ptr + part, mask=pm, other=float("-inf"))
-        s = tl.load(spart_ptr + part, mask=pm, other=0.0)
-        big = tl.max(m, axis=1)  # [BLOCK_HC] each head's max over the row
-        big_sub = tl.where(big == float("-inf"), 0.0, big)
-        m_sub = tl.where(m == float("-inf"), big_sub[:, None], m)
-        norm = tl.sum(s * tl.exp2(m_sub - big_sub[:, None]), axis=1)
-        inv = tl.where(norm > 0.0, 1.0 / tl.where(norm > 0.0, norm, 1.0), 0.0)
-        lg = tl.load(logit_ptr + (r * H + h)[:, None] * MAXP + p[None, :],
-                     mask=h_ok[:, None] & valid[None, :], other=float("-inf"))  # [BLOCK_HC, BLOCK]
-        score += tl.sum(tl.exp2(lg - big_sub[:, None]) * inv[:, None], axis=0)
-    return score
-
-
-@triton.jit
-def _select_in_page_order(score, valid, p, out_ptr, K: tl.constexpr, BLOCK_K: tl.constexpr, WAYS: tl.constexpr,
-                          ROUNDS: tl.constexpr):
+def _select_in_page_order(score, valid, p, out_ptr, K: tl.constexpr, BLOCK_K: tl.constexpr):
     """Write the top K of `score` (>= 0 where valid) to out_ptr[0:K] in page order, -1 padded.
 
     Scores of valid pages are non-negative, so their fp32 bit patterns order like the values. A
     search finds the K-th largest pattern T = max{t : #(patterns >= t) >= K}: each round cuts the
-    candidate range [t_lo, t_hi] into WAYS parts and counts the patterns at or above each cut in
-    one reduction (the counts packed 16 bits apart: a row has fewer than 2^15 pages), ROUNDS =
-    ceil(log_WAYS(2^31)) rounds. The pages above T and the first (lowest) pages equal to T make
-    the K; ties go to the lower page, as a stable sort would."""
+    candidate range [t_lo, t_hi] in three and counts the patterns at or above both cuts in one
+    reduction (two counts packed 16 bits apart in an int32: a row has fewer than 2^15 pages), so
+    20 rounds (3^20 > 2^31) replace a binary search's 31. The pages above T and the first (lowest)
+    pages equal to T make the K; ties go to the lower page, as a stable sort would. (On an H200 the
+    three-way search was the fastest at 1,028 pages, 9.3 vs 10.2 µs per call for two-way and 10.5
+    for four-way counts packed in an int64; at 4,096 the three were within 4 µs:
+    bench/results/selection_kernels_gpu_h200_v2.json.)"""
     bits = tl.where(valid, score.to(tl.int32, bitcast=True), -1).to(tl.int64)  # -1 outside the range
     kk = tl.minimum(tl.sum(valid.to(tl.int32), axis=0), K)
     t_lo = tl.zeros([], dtype=tl.int64)
     t_hi = tl.full([], 2147483647, tl.int64)  # bits of valid scores are in [0, 2^31 - 1)
-    for _ in range(ROUNDS):
-        step = (t_hi - t_lo + WAYS) // WAYS  # ceil of the range over WAYS, >= 1
+    for _ in range(20):
+        step = (t_hi - t_lo + 3) // 3  # a third of the range, rounded up (>= 1)
         c1 = t_lo + step
-        if WAYS == 2:
-            n1 = tl.sum((bits >= c1).to(tl.int32), axis=0)
-            t_hi = tl.where(n1 >= kk, t_hi, c1 - 1)
-            t_lo = tl.where(n1 >= kk, c1, t_lo)
-        elif WAYS == 3:
-            c2 = c1 + step
-            packed = tl.sum((bits >= c1).to(tl.int32) + ((bits >= c2).to(tl.int32) << 16), axis=0)
-            n1 = packed & 0xFFFF
-            n2 = packed >> 16
-            t_hi = tl.where(n2 >= kk, t_hi, tl.where(n1 >= kk, tl.minimum(c2 - 1, t_hi), c1 - 1))
-            t_lo = tl.where(n2 >= kk, c2, tl.where(n1 >= kk, c1, t_lo))
-        else:
-            c2 = c1 + step
-            c3 = c2 + step
-            packed = tl.sum((bits >= c1).to(tl.int64) + ((bits >= c2).to(tl.int64) << 16)
-                            + ((bits >= c3).to(tl.int64) << 32), axis=0)
-            n1 = packed & 0xFFFF
-            n2 = (packed >> 16) & 0xFFFF
-            n3 = packed >> 32
-            t_hi = tl.where(n3 >= kk, t_hi, tl.where(n2 >= kk, tl.minimum(c3 - 1, t_hi),
-                                                     tl.where(n1 >= kk, tl.minimum(c2 - 1, t_hi), c1 - 1)))
-            t_lo = tl.where(n3 >= kk, c3, tl.where(n2 >= kk, c2, tl.where(n1 >= kk, c1, t_lo)))
+        c2 = c1 + step
+        packed = tl.sum((bits >= c1).to(tl.int32) + ((bits >= c2).to(tl.int32) << 16), axis=0)
+        n1 = packed & 0xFFFF
+        n2 = packed >> 16
+        t_hi = tl.where(n2 >= kk, t_hi, tl.where(n1 >= kk, tl.minimum(c2 - 1, t_hi), c1 - 1))
+        t_lo = tl.where(n2 >= kk, c2, tl.where(n1 >= kk, c1, t_lo))
     above = bits > t_lo
     tie = (bits == t_lo) & valid
     need = kk - tl.sum(above.to(tl.int32), axis=0)
