@@ -147,7 +147,30 @@ class Engine:
         layers = self.llm.engine.model_config.num_layers
         return dict(kernels=len(kernels), kernels_per_layer=len(kernels) / layers, d2h_copies=len(d2h),
                     kernel_ms=sum(v[1] for v in names.values()),
-                    top_kernels=sorted(([k, n, round(ms, 3)] for k, (n, ms) in names.items()), key=lambda x: -x[2])[:25])
+                    top_kernels=sorted(([k, n, round(ms, 3)] for k, (n, ms) in names.items()), key=lambda x: -x[2])[:25],
+                    **(self.graph_timeline() if e.runner.graphs is not None else {}))
+
+    def graph_timeline(self, steps: int = 3) -> dict:
+        """Where a replayed (CUDA-graph) step's time goes, from the profiler's GPU timeline, medians
+        over `steps` steps: wall (the step on the host, synced), span (first kernel start to last
+        kernel end), busy (kernel time); wall - span is host time the GPU waits through, span - busy
+        the gaps between the graph's kernels."""
+        e = self.llm.engine
+        walls, spans, busys = [], [], []
+        for _ in range(steps):
+            acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            with torch.profiler.profile(activities=acts) as prof:
+                sync(self.device)
+                t = time.perf_counter()
+                e.step()
+                sync(self.device)
+                walls.append((time.perf_counter() - t) * 1e3)
+            ks = [ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA
+                  and "memcpy" not in ev.name.lower() and "memset" not in ev.name.lower()]
+            spans.append((max(ev.time_range.end for ev in ks) - min(ev.time_range.start for ev in ks)) / 1e3)
+            busys.append(sum(ev.device_time_total for ev in ks) / 1e3)
+        med = statistics.median
+        return dict(graph_wall_ms=med(walls), graph_span_ms=med(spans), graph_busy_ms=med(busys))
 
     def keep(self, n: int) -> None:
         """Abort all but the n oldest requests (the resident ones, under HBM-first admission)."""
@@ -379,7 +402,9 @@ def _print_row(r: dict) -> None:
           f"{r['ms_per_step']:8.2f} ms/step {r['tokens_per_s']:9.1f} tok/s"
           + (f"  hit {r['hit_rate']:.3f}, {r['bytes_h2d_per_step'] / 2**20:.1f} MiB H2D/step" if "hit_rate" in r else "")
           + (f"  {r['over_byte_bound']:.2f}x byte bound" if "over_byte_bound" in r else "")
-          + (f"  {prof['kernels_per_layer']:.1f} kernels/layer, {prof['d2h_copies']} D2H/step" if prof else ""),
+          + (f"  {prof['kernels_per_layer']:.1f} kernels/layer, {prof['d2h_copies']} D2H/step" if prof else "")
+          + (f"  graph step: wall {prof['graph_wall_ms']:.2f}, GPU span {prof['graph_span_ms']:.2f}, kernels "
+             f"{prof['graph_busy_ms']:.2f} ms" if prof and "graph_wall_ms" in prof else ""),
           flush=True)
 
 
