@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from hisa.config import EngineConfig
+from hisa.engine.detokenizer import Detokenizer
 from hisa.engine.outputs import RequestOutput
 from hisa.engine.prefix_cache import DevicePrefixCache
 from hisa.engine.sampler import Sampler
@@ -63,6 +64,7 @@ class LLMEngine:
         mcfg = self.loaded.config
         self.model_config = mcfg
         self.tokenizer = self.loaded.tokenizer
+        self.detokenizer = Detokenizer(self.tokenizer) if self.tokenizer is not None else None
         self.max_model_len = config.max_model_len or mcfg.max_position_embeddings
         if self.max_model_len > mcfg.max_position_embeddings:
             raise ConfigError(f"max_model_len={self.max_model_len} exceeds the model's context "
@@ -399,8 +401,8 @@ class LLMEngine:
         p = seq.params
         if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
             return "stop"
-        if p.stop and self.tokenizer is not None:
-            text = self._decode(seq.output_token_ids)
+        if p.stop and self.detokenizer is not None:
+            text = self.detokenizer.peek(seq.detok, seq.output_token_ids)
             hits = [i for i in (text.find(s) for s in p.stop) if i >= 0]
             if hits:
                 seq.stop_text_len = min(hits)
@@ -409,17 +411,15 @@ class LLMEngine:
             return "length"
         return None
 
-    def _decode(self, ids: list[int]) -> str:
-        if self.tokenizer is None:
-            return ""
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
     def _output(self, seq: Sequence, now: float) -> RequestOutput:
-        text = self._decode(seq.output_token_ids)
-        if seq.stop_text_len is not None:
-            text = text[: seq.stop_text_len]
-        elif not seq.is_finished and text.endswith("\ufffd"):
-            text = text.rstrip("\ufffd")  # an incomplete multi-byte character: wait for the next token
+        if self.detokenizer is None:
+            text = ""
+        elif seq.is_finished:  # the whole output decoded once: exactly what the tokenizer makes of it
+            text = self.detokenizer.decode(seq.output_token_ids)
+            if seq.stop_text_len is not None:
+                text = text[: seq.stop_text_len]
+        else:  # an incomplete multi-byte character at the end waits for the next token
+            text = self.detokenizer.update(seq.detok, seq.output_token_ids)
         return RequestOutput(
             request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=seq.prompt_token_ids,
             text=text, token_ids=list(seq.output_token_ids), finished=seq.is_finished,

@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from hisa.engine.detokenizer import DetokState
 from hisa.engine.sampling_params import SamplingParams
 
 
@@ -54,6 +55,7 @@ class Sequence:
     # Teacher forcing (LLMEngine.score): the outputs to feed instead of sampling, and the logits seen.
     forced_output: list[int] | None = None
     scored_logits: list = field(default_factory=list)
+    detok: DetokState = field(default_factory=DetokState)  # its output's text, built incrementally
 
     def __post_init__(self) -> None:
         if not self.token_ids:
