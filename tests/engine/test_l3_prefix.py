@@ -1,6 +1,10 @@
 """Prefix reuse from L3 (dense requests, the embedded SmolLM2): a prompt whose full pages another
 request stored in L3 loads them instead of prefilling them, and greedy outputs are identical with
-and without L3, also when a page is corrupt or missing or the Redis server dies mid-run."""
+and without L3, also when a page is corrupt or missing or the Redis server dies mid-run.
+
+L3 calls run on the engine's I/O thread (the default): an engine sees its own writes, another engine
+sees them once they have run, so a test that opens a second engine over the same store first
+drains the first one's writes (`L3PrefixCache.drain`)."""
 
 from __future__ import annotations
 
@@ -56,6 +60,7 @@ def test_l3_prefix_gives_identical_output_and_skips_prefill(make_llm, prompts, r
     assert m["requests_hit"] == 2 and m["pages_loaded"] == 2 * (300 // S)
     assert m["store_corrupt"] == 0 and m["store_failures"] == 0
     _check_no_leak(llm)
+    llm.engine.l3_prefix.drain()
     # a new engine (another process, or after a restart) over the same directory: all but the last page
     again = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=url)
     assert _one_by_one(again, prompts) == reference
@@ -68,6 +73,7 @@ def test_corrupt_and_deleted_pages_are_recomputed(make_llm, prompts, reference, 
     url = f"file:{tmp_path / 'l3'}"
     first = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=url)
     assert _one_by_one(first, prompts[:1]) == reference[:1]
+    first.engine.l3_prefix.drain()
     from hisa.kvcache.l3 import page_keys
 
     prefix = first.engine.l3_prefix
@@ -95,6 +101,7 @@ def test_redis_shared_by_two_engines_and_killed_mid_run(make_llm, prompts, refer
         a = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=server.url)
         b = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=server.url)
         assert _one_by_one(a, prompts[:1]) == reference[:1]
+        a.engine.l3_prefix.drain()
         assert _one_by_one(b, prompts[1:2]) == reference[1:2]          # b reuses a's prefix
         assert b.engine.l3_prefix.metrics()["pages_loaded"] == 300 // S
         server.kill()
@@ -134,22 +141,37 @@ def _run_counting_prefill(llm, prompts, params):
     return [done[i] for i in ids], prefill
 
 
-def test_preempted_requests_park_in_l3_and_resume_from_it(make_llm, tmp_path):
+# four prompts of ~300 tokens fit the 88 pages together (76); growing by 80 tokens each they do not.
+# The pool's own prefix cache is off: the resumed requests' pages must come from L3, not from pages
+# the pool still held (tests/engine/test_prefix_cache.py covers that path).
+PARK_POOL = dict(num_kv_pages=88, page_size=S, max_model_len=512, max_num_batched_tokens=512, prefix_cache=False)
+PARK_PARAMS = SamplingParams(max_tokens=80, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def park_run(smollm2):
+    """The preemption test's prompts, and their outputs and prefill tokens without L3."""
+    from hisa import LLM
+
+    prompts = [smollm2.tokenizer.encode(long_text(300, seed=40 + i))[:290 + 5 * i] for i in range(4)]
+    plain = LLM(loaded=smollm2, device="cpu", dtype="float32", progress=False, **PARK_POOL)
+    want, prefill = _run_counting_prefill(plain, prompts, PARK_PARAMS)
+    assert plain.engine.scheduler.num_preemptions > 0, "the test did not exercise preemption"
+    return prompts, want, prefill
+
+
+@pytest.mark.parametrize("l3_async", [False, True], ids=["sync", "async"])
+def test_preempted_requests_park_in_l3_and_resume_from_it(make_llm, park_run, tmp_path, l3_async):
     """A pool smaller than the batch preempts requests mid-generation. With L3 each victim first writes
     its full pages (prompt and generated tokens) there, and on resumption loads them instead of
-    recomputing its context: same greedy outputs, fewer prefill tokens, nothing leaked."""
-    tok = make_llm().tokenizer
-    # four prompts of ~300 tokens fit the 88 pages together (76); growing by 80 tokens each they do not
-    prompts = [tok.encode(long_text(300, seed=40 + i))[:290 + 5 * i] for i in range(4)]
-    params = SamplingParams(max_tokens=80, ignore_eos=True)
-    # the pool's own prefix cache off: the resumed requests' pages must come from L3, not from pages
-    # the pool still held (tests/engine/test_prefix_cache.py covers that path)
-    small = dict(num_kv_pages=88, page_size=S, max_model_len=512, max_num_batched_tokens=512, prefix_cache=False)
-    plain = make_llm(**small)
-    want, prefill_plain = _run_counting_prefill(plain, prompts, params)
-    assert plain.engine.scheduler.num_preemptions > 0, "the test did not exercise preemption"
-    parked = make_llm(**small, l3=f"file:{tmp_path / 'l3'}")
-    got, prefill_parked = _run_counting_prefill(parked, prompts, params)
+    recomputing its context: same greedy outputs, fewer prefill tokens, nothing leaked.
+
+    Synchronous, a victim's lookup lands in the step after its preemption; asynchronous, a step or two
+    later (and the fresh requests' lookups land at different steps, so the batches differ): the pages
+    the running requests took meanwhile are prefilled instead of loaded, hence the looser bound."""
+    prompts, want, prefill_plain = park_run
+    parked = make_llm(**PARK_POOL, l3=f"file:{tmp_path / 'l3'}", l3_async=l3_async)
+    got, prefill_parked = _run_counting_prefill(parked, prompts, PARK_PARAMS)
     assert got == want
     m = parked.engine.l3_prefix.metrics()
     assert parked.engine.scheduler.num_preemptions > 0
@@ -157,9 +179,11 @@ def test_preempted_requests_park_in_l3_and_resume_from_it(make_llm, tmp_path):
     # tokens run again after preemptions (prefill tokens past the prompts): a resumed request loads
     # its parked pages and recomputes little more than its last partial page
     redone_plain, redone_parked = (n - sum(map(len, prompts)) for n in (prefill_plain, prefill_parked))
-    assert m["tokens_loaded"] > 0 and 0 <= redone_parked < redone_plain / 2, (redone_parked, redone_plain)
+    bound = 0.75 if l3_async else 0.5
+    assert m["tokens_loaded"] > 0 and 0 <= redone_parked < redone_plain * bound, (redone_parked, redone_plain)
     assert m["store_corrupt"] == 0 and m["store_failures"] == 0
     _check_no_leak(parked)
+    parked.engine.l3_prefix.drain()
     # a resumed request's pages past its prompt came from its parking (prompts are stored only
     # up to their last full prompt page): L3 holds pages keyed by generated tokens
     from hisa.kvcache.l3 import page_keys
@@ -180,6 +204,7 @@ def test_pool_prefix_comes_before_l3(make_llm, prompts, reference, tmp_path):
     pool, l3 = llm.engine.prefix_cache.stats, llm.engine.l3_prefix.metrics()
     assert pool.requests_hit == 2 and pool.pages_hit == 2 * (300 // S) and l3["requests_hit"] == 0
     _check_no_leak(llm)
+    llm.engine.l3_prefix.drain()
     again = make_llm(max_num_batched_tokens=128, l3=url)
     assert _one_by_one(again, prompts[:1]) == reference[:1]
     assert again.engine.l3_prefix.metrics()["requests_hit"] == 1
@@ -192,6 +217,7 @@ def test_a_second_turn_loads_the_first_turns_answer_from_l3(make_llm, prompts, t
     params = SamplingParams(max_tokens=40, ignore_eos=True)
     first = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=url)
     answer = first.generate([prompts[0]], params, use_tqdm=False)[0].token_ids
+    first.engine.l3_prefix.drain()
     turn2 = prompts[0] + answer + prompts[1][-20:]
     want = make_llm(max_num_batched_tokens=128, prefix_cache=False).generate([turn2], PARAMS, use_tqdm=False)
     second = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=url)
