@@ -57,6 +57,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                     help="file:PATH, redis://HOST:PORT or mooncake://MASTER_HOST:PORT[?metadata=URL] (default: off)")
     l3.add_argument("--l3-gb", type=float, default=None,
                     help="most GB of pages this process keeps in L3, least recently used evicted (default: no bound)")
+    l3.add_argument("--l3-sync", action="store_true",
+                    help="run L3 lookups and writes on the engine thread between steps instead of a background "
+                         "thread (a slow store then delays every step)")
     sp = p.add_argument_group("hierarchical sparse KV cache (long prompts keep their full KV in host memory)")
     from hisa.sparse.base import registered_algorithms
 
@@ -97,7 +100,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb,
                 gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed, sparse=sparse,
                 cuda_graphs=not getattr(args, "no_cuda_graphs", False), l3=args.l3, l3_gb=args.l3_gb,
-                prefix_cache=args.prefix_cache)
+                l3_async=not args.l3_sync, prefix_cache=args.prefix_cache)
 
 
 def build_parser() -> argparse.ArgumentParser:

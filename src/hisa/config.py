@@ -36,6 +36,8 @@ class EngineConfig:
         `mooncake://MASTER_HOST:PORT`: dense requests load the full prompt pages it holds instead of
         prefilling them, and store theirs (hisa.engine.l3_prefix).
     l3_gb: the most GB of pages this process keeps in L3 (LRU eviction); None = no bound.
+    l3_async: L3 lookups and writes run on a background thread, so a slow store never delays a step
+        (the default); False runs them on the engine thread between steps.
     cuda_graphs: on CUDA, steps where every request decodes (all dense, or all sparse) are
         captured in a CUDA graph per (batch size, page-table width bucket) and replayed
         (`hisa.engine.cuda_graph`); False runs every step eagerly. Ignored on the CPU.
@@ -68,6 +70,7 @@ class EngineConfig:
     cuda_graphs: bool = True  # capture decode steps in CUDA graphs (CUDA only); False = always eager
     l3: str | None = None  # prefix reuse through an L3 store (file:PATH | redis://HOST:PORT | mooncake://...)
     l3_gb: float | None = None
+    l3_async: bool = True
     prefix_cache: bool = True
     cpu_decode_kv_gb: float = 1.0
 

@@ -17,10 +17,12 @@ def test_l3_counters_are_gauges():
     assert not [n for n in _samples(metrics) if n.startswith("hisa_l3_")]
     metrics.refresh(EngineStats(kv_pages_used=1, kv_pages_total=8,
                                 l3=dict(pages_loaded=18, tokens_loaded=288, store_corrupt=1, store_failures=0,
-                                        store_bytes_read=13_271_040)))
+                                        store_bytes_read=13_271_040, pending_lookups=2, pending_calls=3,
+                                        pending_write_bytes=1_474_560)))
     samples = _samples(metrics)
     assert samples["hisa_l3_pages_loaded"] == 18 and samples["hisa_l3_store_corrupt"] == 1
     assert samples["hisa_l3_store_bytes_read"] == 13_271_040 and samples["hisa_l3_store_failures"] == 0
+    assert samples["hisa_l3_pending_calls"] == 3 and samples["hisa_l3_pending_write_bytes"] == 1_474_560
 
 
 def test_prefix_cache_counters_are_gauges():

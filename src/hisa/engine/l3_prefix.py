@@ -1,33 +1,59 @@
 """Prefix reuse from L3 for dense requests: load a prompt's full pages that L3 holds instead of
-prefilling them, and store a prompt's full pages once its prefill is done.
+prefilling them, and store a request's full pages once they are computed.
 
 A page in L3 is one token page across every layer, `[layers, 2, page_size, kv_heads, head_dim]`
 in the cache's dtype (what `PagedKVCache.data[:, page]` holds), keyed by the chain of its tokens
-and the KV layout (`hisa.kvcache.l3.keys`). Before each schedule, each waiting dense request the
-scheduler may admit next (never looked up since it last lost its pages) has its keys checked: the
-longest run of leading pages that L3 holds and that pass their checksum is copied into newly
-allocated device pages and counted as computed, so the scheduler prefills only the rest (a chunk
-after a cached prefix). At least the prompt's last token is always computed: its logits give the
-first output token. A missing or corrupt page ends the run; nothing past it is used. With the pool's prefix cache on,
-the leading pages the pool still holds are shared first and L3 fills in the pages after them.
+and the KV layout (`hisa.kvcache.l3.keys`).
 
-Parking: a dense request the scheduler preempts (the device pool ran short) first writes its full
-pages, prompt and generated tokens alike, to L3 (those L3 lacks); its pages are then freed as
-before. When it is admitted again, the same lookup finds them under the keys of its tokens so far,
-and it resumes from L3 instead of recomputing its whole context: only the tokens past its last full
-page run again.
+Asynchronous: every L3 call runs on one I/O thread (`hisa.kvcache.l3.worker`), one at a time in the
+order handed over, so a slow backend (a slow disk, a far Redis) never delays a step of the running
+requests.
 
-A request that finishes (stop or length) also writes its answer's full pages: a chat's or an
-agent's next turn starts with this turn's prompt and answer, and finds all of it in L3.
+Load: before each schedule, each waiting dense request the scheduler may admit next (never looked
+up since it last lost its pages) is marked `loading` and its lookup goes to the I/O thread: which
+of its keys L3 holds, then a read of the leading run of them. The scheduler leaves a loading request
+waiting (it holds no pages and no slot; requests behind it may be admitted) while the others keep
+stepping. Once the lookup is back (checked before each schedule), the leading pages the pool's
+prefix cache holds then are shared, and the run of pages that L3 returned after them, checksums
+passed, is copied into newly allocated device pages; all count as computed, so the scheduler
+prefills only the rest (a chunk after a cached prefix). At least the prompt's last token is always
+computed: its logits give the first output token. A missing or corrupt page ends the run; nothing
+past it is used. When nothing else can run, the engine step waits for a lookup (briefly, so that new
+requests and aborts get in). A lookup not back after `load_timeout_s` is given up
+(`loads_timed_out`) and the request prefills; a backend error reads as misses (`L3Store`). A request
+aborted while loading holds nothing but its lookup, which is forgotten.
 
-Synchronous: a lookup and its reads run on the engine thread before the step; the write of a
-finished prefill runs after the step, a parking write inside the schedule that preempts. Sparse
-requests and MLA caches are not served yet.
+Store: once a dense request's prefill reaches the end of its prompt, its full prompt pages are
+written; when it finishes (stop or length), its answer's full pages too (a chat's or an agent's next
+turn starts with this turn's prompt and answer, and finds all of it in L3). The pages are copied off
+the device at once (one gather, one device-to-host copy: the caller may free or overwrite them right
+after) and the write (which of the keys L3 lacks, then one batched `set` of those) goes to the I/O
+thread. Pending writes hold at most `max_pending_bytes` of pages in host memory: a write past that
+is dropped (`pages_dropped`; L3 is a cache, the engine never waits for it). The leading pages a
+request got from L3 or from the pool (whose pages the request that computed them wrote), or handed
+over already, are not copied again.
+
+Consistency: a lookup runs after every write handed over before it, so it finds their pages (a
+request parked and then looked up again finds its own). Another engine or process sharing the store
+finds a write once it has run; `drain()` waits for that.
+
+Parking: a dense request the scheduler preempts (the device pool ran short) first hands its full
+pages, prompt and generated tokens alike, to a write; its pages are then freed as before. When it
+is looked up again, the lookup runs after that write and finds them under the keys of its tokens so
+far: it resumes from L3 instead of recomputing its whole context; only the tokens past its last
+full page run again.
+
+`sync=True` (`EngineConfig.l3_async=False`) runs every L3 call at once on the engine thread: a
+lookup and its reads before the schedule, a write where it is handed over (a slow backend then
+delays every step). Sparse requests and MLA caches are not served yet.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,89 +63,177 @@ import torch
 from hisa.engine.scheduler import Scheduler
 from hisa.engine.sequence import Sequence
 from hisa.kvcache.l3 import KVLayout, L3Store, page_keys
+from hisa.kvcache.l3.worker import MAX_PENDING_BYTES, L3Worker
 from hisa.kvcache.paged_cache import PagedKVCache
 
 log = logging.getLogger("hisa.l3")
 STAGING_BYTES = 256 << 20  # CUDA: the size of each of the two pinned buffers loaded pages cross through
+LOAD_TIMEOUT_S = 10.0      # a lookup not back by then is given up: the request prefills instead
 
 
 @dataclass(slots=True)
 class PrefixStats:
-    """Engine-side counters (pages are token pages across all layers)."""
+    """Engine-side counters (pages are token pages across all layers). `pages_stored` and
+    `pages_parked` count pages written, on the I/O thread once a write has run."""
     lookups: int = 0          # requests whose prompt was looked up
     requests_hit: int = 0     # of which at least one page was loaded
     pages_loaded: int = 0
     tokens_loaded: int = 0    # prompt tokens not prefilled thanks to L3
     pages_stored: int = 0
-    requests_parked: int = 0  # preempted requests whose full pages were written to L3 before being freed
+    requests_parked: int = 0  # preempted requests whose full pages were handed to a write before being freed
     pages_parked: int = 0     # pages those writes added (pages L3 held already are not written again)
+    pages_dropped: int = 0    # pages not written: the pending writes held max_pending_bytes already
+    loads_timed_out: int = 0  # lookups given up after load_timeout_s (the request prefilled instead)
+
+
+@dataclass(slots=True)
+class _Lookup:
+    """A waiting request's lookup in flight."""
+    seq: Sequence
+    start: int         # leading pages the pool held when it was handed over: L3's keys start after them
+    future: Future     # -> the payloads of the leading run of pages from `start` that L3 holds
+    deadline: float    # time.monotonic() past which it is given up
 
 
 class L3PrefixCache:
-    """Loads and stores dense requests' prompt pages through an :class:`L3Store`.
+    """Loads and stores dense requests' full pages through an :class:`L3Store`, off the engine thread.
 
     Example::
 
         prefix = L3PrefixCache(open_l3("file:/tmp/l3"), cache=engine.cache, layout=layout)
-        prefix.load(engine.scheduler)        # before schedule()
-        prefix.store_prompts(batch.seqs)             # after the step's KV is written
+        prefix.load(engine.scheduler)        # before schedule(): start lookups, apply those back
+        prefix.store_prompts(batch.seqs)     # after the step's KV is written
+        prefix.close()                       # runs the writes still queued, joins the I/O thread
     """
 
-    def __init__(self, store: L3Store, *, cache: PagedKVCache, layout: KVLayout):
+    def __init__(self, store: L3Store, *, cache: PagedKVCache, layout: KVLayout, sync: bool = False,
+                 max_pending_bytes: int = MAX_PENDING_BYTES, load_timeout_s: float = LOAD_TIMEOUT_S):
         self.l3, self.cache, self.layout = store, cache, layout
+        self.io = L3Worker(threaded=not sync, max_pending_bytes=max_pending_bytes)
+        self.load_timeout_s = load_timeout_s
         self.page_size = cache.page_size
         self.page_shape = tuple(cache.data.shape[:1] + cache.data.shape[2:])  # [layers, 2, S, KVH, D]
         self.page_bytes = cache.data[:, 0].numel() * cache.data.element_size()
         self.stats = PrefixStats()
         self._staging: list[torch.Tensor] | None = None  # CUDA: two pinned [n, L, 2, S, KVH, D] buffers
         self._staged: list | None = None  # and the events of their last copies
+        self._lookups: dict[str, _Lookup] = {}  # request id -> its lookup in flight
         self._looked_up: dict[str, int] = {}   # request id -> num_preemptions when last looked up
-        self._stored: set[str] = set()
+        self._in_l3: dict[str, int] = {}       # request id -> its leading full pages known in L3 (not written again)
+
+    @property
+    def loading(self) -> int:
+        """Waiting requests whose lookup is in flight."""
+        return len(self._lookups)
 
     # -- load --------------------------------------------------------------------------------
     def load(self, scheduler: Scheduler) -> None:
-        """Give waiting dense requests that the scheduler may admit next their L3 prefix pages."""
+        """Look up the waiting dense requests that the scheduler may admit next, and give those whose
+        lookup is back their pages. Raises the exception of an L3 call that failed (a bug) since the
+        last call."""
+        self.io.check()
+        self._start_lookups(scheduler)
+        self._finish_lookups(scheduler)
+
+    def _start_lookups(self, scheduler: Scheduler) -> None:
         room = scheduler.max_num_seqs - len(scheduler.running)
-        reserve = len(scheduler.running)   # the one-page-per-running-request margin the scheduler keeps
+        s = self.page_size
         for i, seq in enumerate(list(scheduler.waiting)[:max(0, room)]):
-            if seq.sparse or seq.pages or seq.num_computed:
+            if seq.sparse or seq.pages or seq.num_computed or seq.loading:
                 continue
             if self._looked_up.get(seq.request_id) == seq.num_preemptions:
                 continue
-            s = self.page_size
             full = (seq.num_tokens - 1) // s   # the last token is always computed (it gives the logits)
             if full == 0:
                 continue
-            # Pages held by a waiting request cannot be preempted, so a request gets pages only when the
-            # scheduler admits it next: the whole request fits now, or it is first in line (a request
-            # just preempted is put there) and loads the leading pages that fit, one page and the
-            # running requests' margin left free, prefilling the rest in chunks as pages free up.
-            # Otherwise it is looked up again at a later step.
-            free = scheduler.allocator.num_free
-            cap = full if free >= -(-seq.num_tokens // s) + reserve else (free - reserve - 1 if i == 0 else 0)
+            cap = self._cap(scheduler, seq, full, held=0, first_in_line=i == 0)
             if cap <= 0:
                 continue
             self._looked_up[seq.request_id] = seq.num_preemptions
             self.stats.lookups += 1
-            # the leading pages the pool still holds are shared (cheaper than any copy); L3 continues after them
-            start = scheduler.prefix.match(seq) // s if scheduler.prefix is not None else 0
-            keys = page_keys(seq.token_ids[:full * s], self.layout)[start:cap]
-            found = self.l3.exists(keys)
-            hits = found.index(False) if False in found else len(found)
-            hits = min(hits, max(0, scheduler.allocator.num_free - reserve - 1))  # sharing may have used room
-            if hits == 0:
+            # the leading pages the pool holds are shared when the lookup is back (cheaper than any copy)
+            start = min(scheduler.prefix.num_cached(seq, cap), cap) if scheduler.prefix is not None else 0
+            if start == cap:   # nothing for L3 to add
+                future: Future = Future()
+                future.set_result([])
+            else:
+                future = self.io.submit(functools.partial(self._read_run, seq.token_ids[:cap * s], start))
+            seq.loading = True
+            self._lookups[seq.request_id] = _Lookup(seq, start, future, time.monotonic() + self.load_timeout_s)
+
+    def _cap(self, scheduler: Scheduler, seq: Sequence, full: int, *, held: int, first_in_line: bool) -> int:
+        """How many of its first `full` pages `seq` (holding `held` pool pages) may take now.
+
+        Pages held by a waiting request cannot be preempted, so a request gets pages only when the
+        scheduler admits it next: the whole request fits now, or it is first in line (a request just
+        preempted is put there) and takes the leading pages that fit, one page and the running
+        requests' margin left free, prefilling the rest in chunks as pages free up. Otherwise 0: it
+        is looked up again at a later step (or, its lookup back, prefills)."""
+        free = scheduler.allocator.num_free
+        reserve = len(scheduler.running)   # the one-page-per-running-request margin the scheduler keeps
+        if free >= -(-seq.num_tokens // self.page_size) - held + reserve:
+            return full
+        return min(full, held + free - reserve - 1) if first_in_line else 0
+
+    def _read_run(self, tokens: list[int], start: int) -> list[memoryview]:
+        """On the I/O thread: the payloads of the leading run of pages from `start` (of the full pages
+        of `tokens`) that L3 holds and that pass their checks."""
+        keys = page_keys(tokens, self.layout)[start:]
+        found = self.l3.exists(keys)
+        hits = found.index(False) if False in found else len(found)
+        payloads = self.l3.get(keys[:hits])
+        good = next((i for i, p in enumerate(payloads) if p is None or len(p) != self.page_bytes), len(payloads))
+        return payloads[:good]
+
+    def _finish_lookups(self, scheduler: Scheduler) -> None:
+        """Give each waiting request whose lookup is back (or timed out) its pages, in queue order."""
+        if not self._lookups:
+            return
+        now = time.monotonic()
+        for i, seq in enumerate(scheduler.waiting):
+            lookup = self._lookups.get(seq.request_id)
+            if lookup is None:
                 continue
-            payloads = self.l3.get(keys[:hits])
-            hits = next((i for i, p in enumerate(payloads) if p is None or len(p) != self.page_bytes), hits)
-            if hits == 0:
+            if lookup.future.done():
+                # a failed lookup (a bug; io.check() raises it) reads as a miss
+                payloads = [] if lookup.future.exception() is not None else lookup.future.result()
+            elif now >= lookup.deadline:
+                lookup.future.cancel()
+                self.stats.loads_timed_out += 1
+                log.warning("L3 lookup of %s not back after %.1f s; prefilling it instead", seq.request_id,
+                            self.load_timeout_s)
+                payloads = []
+            else:
                 continue
-            pages = scheduler.allocator.allocate(hits)
-            self._write_pages(pages, payloads[:hits])
-            seq.pages, seq.num_computed = seq.pages + pages, (start + hits) * s
-            self._stored.discard(seq.request_id)
-            self.stats.requests_hit += 1
-            self.stats.pages_loaded += hits
-            self.stats.tokens_loaded += hits * s
+            del self._lookups[seq.request_id]
+            seq.loading = False
+            self._take_pages(scheduler, seq, lookup.start, payloads, first_in_line=i == 0)
+
+    def _take_pages(self, scheduler: Scheduler, seq: Sequence, start: int, payloads: list, *,
+                    first_in_line: bool) -> None:
+        """Share the leading pages the pool holds now, then copy in the loaded pages after them that fit."""
+        s = self.page_size
+        held = scheduler.prefix.match(seq) // s if scheduler.prefix is not None else 0
+        # L3's run starts at page `start`: it continues the pool's pages only if the pool still holds those
+        payloads = payloads[held - start:] if held >= start else []
+        full = held + len(payloads)
+        n = max(0, self._cap(scheduler, seq, full, held=held, first_in_line=first_in_line) - held)
+        self._in_l3[seq.request_id] = max(self._in_l3.get(seq.request_id, 0), held + n)
+        if n == 0:
+            return
+        pages = scheduler.allocator.allocate(n)
+        self._write_pages(pages, payloads[:n])
+        seq.pages, seq.num_computed = seq.pages + pages, (held + n) * s
+        self.stats.requests_hit += 1
+        self.stats.pages_loaded += n
+        self.stats.tokens_loaded += n * s
+
+    def wait_for_lookups(self, timeout_s: float = 0.05) -> None:
+        """Block until a lookup in flight is back or `timeout_s` has passed (the engine, when nothing
+        else can run)."""
+        if self._lookups:
+            wait([lookup.future for lookup in self._lookups.values()], timeout=timeout_s,
+                 return_when=FIRST_COMPLETED)
 
     def _write_pages(self, pages: list[int], payloads) -> None:
         """Copy loaded pages into device pages. On CUDA through two reusable pinned staging buffers of
@@ -157,20 +271,16 @@ class L3PrefixCache:
 
     # -- store -------------------------------------------------------------------------------
     def store_prompts(self, seqs: list[Sequence]) -> None:
-        """Write the full prompt pages of dense requests whose prefill just ended (those L3 lacks)."""
+        """Write the full prompt pages of dense requests whose prefill has reached the prompt's end."""
         for seq in seqs:
-            if seq.sparse or seq.request_id in self._stored or seq.num_computed < seq.num_prompt:
-                continue
-            self._stored.add(seq.request_id)
-            self.stats.pages_stored += self._write_missing(seq, seq.num_prompt // self.page_size)
+            if not seq.sparse and seq.num_computed >= seq.num_prompt:
+                self._write(seq, seq.num_prompt // self.page_size, parking=False)
 
     def store_finished(self, seq: Sequence) -> None:
         """When a dense request finishes (stop or length): write its full pages past the prompt's (its
-        answer) that L3 lacks, so the next turn of the conversation, which starts with this prompt
-        and answer, loads them too."""
-        full = self._computed_pages(seq)
-        if full > seq.num_prompt // self.page_size:
-            self.stats.pages_stored += self._write_missing(seq, full)
+        answer), so the next turn of the conversation, which starts with this prompt and answer,
+        loads them too."""
+        self._write(seq, self._computed_pages(seq), parking=False)
 
     def park(self, seq: Sequence) -> None:
         """Before a dense request is preempted: write every full page whose KV it has computed (prompt
@@ -179,7 +289,7 @@ class L3PrefixCache:
         if full == 0:
             return
         self.stats.requests_parked += 1
-        self.stats.pages_parked += self._write_missing(seq, full)
+        self._write(seq, full, parking=True)
 
     def _computed_pages(self, seq: Sequence) -> int:
         """Full pages of a dense request whose KV is computed and still held (0 for a sparse one)."""
@@ -187,25 +297,58 @@ class L3PrefixCache:
             return 0
         return min(seq.num_computed // self.page_size, len(seq.pages))
 
-    def _write_missing(self, seq: Sequence, full: int) -> int:
-        """Write the first `full` pages of `seq` that L3 lacks; the number written."""
-        if full == 0:
-            return 0
-        keys = page_keys(seq.token_ids[:full * self.page_size], self.layout)
-        missing = [i for i, there in enumerate(self.l3.exists(keys)) if not there]
-        if not missing:
-            return 0
-        index = torch.tensor([seq.pages[i] for i in missing], dtype=torch.int64, device=self.cache.data.device)
+    def _write(self, seq: Sequence, upto: int, *, parking: bool) -> None:
+        """Copy seq's full pages from the first not known in L3 up to `upto` off the device now, and
+        hand their write to the I/O thread (dropped, and counted, when the pending writes are full)."""
+        first = self._in_l3.get(seq.request_id, 0)
+        if upto <= first:
+            return
+        n = upto - first
+        if not self.io.room_for(n * self.page_bytes):
+            self.stats.pages_dropped += n
+            return
+        self._in_l3[seq.request_id] = upto
+        index = torch.tensor(seq.pages[first:upto], dtype=torch.int64, device=self.cache.data.device)
         host = self.cache.data.index_select(1, index).transpose(0, 1).contiguous().cpu()   # [n, L, 2, S, KVH, D]
-        rows = host.view(len(missing), -1).view(torch.uint8).numpy()
-        return self.l3.set([keys[i] for i in missing], [rows[j].data for j in range(len(missing))])
+        rows = host.view(n, -1).view(torch.uint8).numpy()                                 # [n, page bytes]
+        self.io.submit(functools.partial(self._write_missing, seq.token_ids[:upto * self.page_size], first, rows,
+                                         parking=parking), nbytes=n * self.page_bytes)
 
+    def _write_missing(self, tokens: list[int], first: int, rows: np.ndarray, *, parking: bool) -> None:
+        """On the I/O thread: write the pages `rows` (full pages first.. of `tokens`) that L3 lacks."""
+        keys = page_keys(tokens, self.layout)[first:]
+        missing = [i for i, there in enumerate(self.l3.exists(keys)) if not there]
+        written = self.l3.set([keys[i] for i in missing], [rows[i].data for i in missing])
+        if parking:
+            self.stats.pages_parked += written
+        else:
+            self.stats.pages_stored += written
+
+    # -- lifetime ----------------------------------------------------------------------------
     def forget(self, request_id: str) -> None:
+        """A request ended (finished, aborted, failed): drop its lookup in flight, if any, and its state."""
+        lookup = self._lookups.pop(request_id, None)
+        if lookup is not None:
+            lookup.future.cancel()   # no effect once running: its result is dropped when it ends
+            lookup.seq.loading = False
         self._looked_up.pop(request_id, None)
-        self._stored.discard(request_id)
+        self._in_l3.pop(request_id, None)
+
+    def drain(self) -> None:
+        """Wait until every L3 call handed over so far has ended (its writes visible to other engines)."""
+        self.io.drain()
+
+    def close(self) -> None:
+        """Drop the lookups in flight, run the writes still queued, join the I/O thread, close the store."""
+        for request_id in list(self._lookups):
+            self.forget(request_id)
+        self.io.close()
+        self.l3.close()
 
     def metrics(self) -> dict[str, int]:
-        return {**asdict(self.stats), **{f"store_{k}": v for k, v in self.l3.stats.as_dict().items()}}
+        return {**asdict(self.stats), "pending_lookups": len(self._lookups), "pending_calls": self.io.pending_calls,
+                "pending_write_bytes": self.io.pending_bytes,
+                **{f"store_{k}": v for k, v in self.l3.stats.as_dict().items()}}
 
 
 def kv_layout(loaded, cache: PagedKVCache, *, seed: int) -> KVLayout:

@@ -127,7 +127,8 @@ class LLMEngine:
             raise ConfigError(f"--l3 is not supported yet for {self.model_config.arch} models (MLA cache)")
         capacity = None if self.config.l3_gb is None else int(self.config.l3_gb * 2**30)
         return L3PrefixCache(open_l3(self.config.l3, capacity_bytes=capacity), cache=self.cache,
-                             layout=kv_layout(self.loaded, self.cache, seed=self.config.seed))
+                             layout=kv_layout(self.loaded, self.cache, seed=self.config.seed),
+                             sync=not self.config.l3_async)
 
     def _check_pool(self, num_pages: int) -> None:
         """The device pool must hold one dense request just too short to go sparse, and with the sparse
@@ -270,7 +271,10 @@ class LLMEngine:
             self.l3_prefix.load(self.scheduler)
         batch = self.scheduler.schedule()
         if not batch.seqs:
-            if self.scheduler.has_unfinished() and not self.scheduler.running:
+            self.last_step_tokens = self.last_step_prefill_tokens = 0
+            if self.l3_prefix is not None and self.l3_prefix.loading:
+                self.l3_prefix.wait_for_lookups()  # nothing runs before a lookup is back: wait a little for one
+            elif self.scheduler.has_unfinished() and not self.scheduler.running:
                 raise RuntimeError("scheduler made no progress with an empty running set (pool too small?)")
             return []
         if self.on_schedule is not None:
@@ -381,7 +385,7 @@ class LLMEngine:
             sparse.drop_step_state()
         del sparse
         if self.__dict__.get("l3_prefix") is not None:
-            self.l3_prefix.l3.close()
+            self.l3_prefix.close()  # runs the writes still queued, then joins its I/O thread
         for name in ("runner", "cache", "sparse", "scheduler", "sampler", "l3_prefix"):
             self.__dict__[name] = None
         if self._owns_weights:

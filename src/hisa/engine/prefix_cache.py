@@ -59,6 +59,10 @@ class DevicePrefixCache:
             have.append(parent)
         return have[:num_pages]
 
+    def num_cached(self, seq: Sequence, num_pages: int) -> int:
+        """How many of seq's first num_pages full pages the pool holds now (nothing is taken)."""
+        return len(self.allocator.lookup(self.digests(seq, num_pages)))
+
     def match(self, seq: Sequence) -> int:
         """Give a dense request that holds no pages yet the leading pages the pool knows. Returns the
         tokens it no longer has to prefill (seq.num_computed)."""

@@ -8,7 +8,8 @@ The step's token budget (`max_num_batched_tokens`) is split by `split_token_budg
 gets its token first, then prompt chunks share the rest so that a long prompt's prefill never holds
 a short request for more than one step (see there). Running sequences are scheduled oldest first;
 waiting sequences are then admitted while their share of the budget, the sequence limit and the
-free pages allow.
+free pages allow; a waiting sequence whose prefix is being loaded from L3 (`loading`) is passed over
+until its pages are back.
 
 Memory, with a sparse policy (the hierarchical sparse cache), is HBM first:
   * the device page pool serves dense requests, *resident* sparse requests (every page on the
@@ -149,7 +150,7 @@ class Scheduler:
         """This step's tokens per sequence: running ones, and the waiting ones that could be admitted."""
         decodes = [s for s in self.running if not s.in_prefill]
         prefills = [s for s in self.running if s.in_prefill]
-        prefills += list(self.waiting)[: max(0, self.max_num_seqs - len(self.running))]
+        prefills += [s for s in self.waiting if not s.loading][: max(0, self.max_num_seqs - len(self.running))]
         shares = split_token_budget(self.max_num_batched_tokens, num_decodes=len(decodes),
                                     prefill_demands=[s.num_tokens - s.num_computed for s in prefills])
         return dict(zip(decodes + prefills, shares))

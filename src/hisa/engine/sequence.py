@@ -52,6 +52,9 @@ class Sequence:
     # many of its pages are registered in the allocator (0 again once its pages are released)
     prefix_digests: list[bytes] = field(default_factory=list)
     num_registered: int = 0
+    # True while its leading pages are being looked up in L3 (hisa.engine.l3_prefix): the scheduler
+    # leaves it waiting until they are back
+    loading: bool = False
     # Teacher forcing (LLMEngine.score): the outputs to feed instead of sampling, and the logits seen.
     forced_output: list[int] | None = None
     scored_logits: list = field(default_factory=list)

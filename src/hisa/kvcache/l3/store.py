@@ -12,8 +12,9 @@ class is what the engine talks to; it adds what every backend needs alike:
   misses / stores nothing, a warning is logged, `stats.failures` counts it and the store is
   unavailable ("no L3") until `retry_after_s` has passed, when the next call tries again.
 
-Torch-free. Not thread-safe: one engine loop calls it (a `get` checks its pages' checksums on a few
-worker threads of its own).
+Torch-free. Not thread-safe: one thread calls it, the engine's L3 I/O thread (`worker.py`), or the
+engine thread itself in the synchronous mode (a `get` checks its pages' checksums on a few worker
+threads of its own).
 """
 
 from __future__ import annotations

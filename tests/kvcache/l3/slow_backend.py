@@ -1,0 +1,47 @@
+"""A slow store for the tests: a real backend (a directory, a Redis server) whose every exists, get and
+set first sleeps, as on a slow disk or a far server. It also records which threads called it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Sequence
+
+
+class SlowBackend:
+    """Wraps a real L3 backend; `delay_s` seconds before each exists/get/set.
+
+    Example::
+
+        store.backend = SlowBackend(store.backend, delay_s=0.5)
+    """
+
+    def __init__(self, inner, *, delay_s: float):
+        self.inner, self.delay_s = inner, delay_s
+        self.name, self.errors = f"slow {inner.name}", inner.errors
+        self.threads: set[threading.Thread] = set()
+
+    def _wait(self) -> None:
+        self.threads.add(threading.current_thread())
+        time.sleep(self.delay_s)
+
+    def exists(self, keys: Sequence[str]) -> list[bool]:
+        self._wait()
+        return self.inner.exists(keys)
+
+    def get(self, keys: Sequence[str]) -> list[bytes | None]:
+        self._wait()
+        return self.inner.get(keys)
+
+    def set(self, keys: Sequence[str], values: Sequence[bytes]) -> None:
+        self._wait()
+        self.inner.set(keys, values)
+
+    def delete(self, keys: Sequence[str]) -> None:
+        self.inner.delete(keys)
+
+    def listing(self) -> list[tuple[str, int]]:
+        return self.inner.listing()
+
+    def close(self) -> None:
+        self.inner.close()
