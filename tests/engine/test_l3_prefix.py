@@ -171,8 +171,10 @@ def test_preempted_requests_park_in_l3_and_resume_from_it(make_llm, park_run, tm
     recomputing its context: same greedy outputs, fewer prefill tokens, nothing leaked.
 
     Synchronous, a victim's lookup lands in the step after its preemption; asynchronous, a step or two
-    later (and the fresh requests' lookups land at different steps, so the batches differ): the pages
-    the running requests took meanwhile are prefilled instead of loaded, hence the looser bound."""
+    later, by thread timing (and the fresh requests' lookups land at different steps, so the batches
+    differ): the pages the running requests took meanwhile are prefilled instead of loaded. So the
+    synchronous run checks how much parking saves (under half the recompute; 119 vs 353 tokens here)
+    and the asynchronous one only that it saves some (215 here), a bound thread timing cannot break."""
     prompts, want, prefill_plain = park_run
     parked = make_llm(**PARK_POOL, l3=f"file:{tmp_path / 'l3'}", l3_async=l3_async)
     got, prefill_parked = _run_counting_prefill(parked, prompts, PARK_PARAMS)
@@ -183,7 +185,7 @@ def test_preempted_requests_park_in_l3_and_resume_from_it(make_llm, park_run, tm
     # tokens run again after preemptions (prefill tokens past the prompts): a resumed request loads
     # its parked pages and recomputes little more than its last partial page
     redone_plain, redone_parked = (n - sum(map(len, prompts)) for n in (prefill_plain, prefill_parked))
-    bound = 0.75 if l3_async else 0.5
+    bound = 1.0 if l3_async else 0.5
     assert m["tokens_loaded"] > 0 and 0 <= redone_parked < redone_plain * bound, (redone_parked, redone_plain)
     assert m["store_corrupt"] == 0 and m["store_failures"] == 0
     _check_no_leak(parked)
