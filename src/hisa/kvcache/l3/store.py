@@ -20,14 +20,13 @@ threads of its own).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Callable, Protocol, Sequence, TypeVar
 
 from hisa.kvcache.l3 import record
+from hisa.kvcache.l3.threads import LazyThreads
 
 log = logging.getLogger("hisa.l3")
 T = TypeVar("T")
@@ -83,7 +82,7 @@ class L3Store:
         self.retry_after_s = retry_after_s
         self.stats = L3Stats()
         self._clock = clock
-        self._pool: ThreadPoolExecutor | None = None
+        self._checkers = LazyThreads("hisa-l3-crc")  # checksums of a batch of pages
         self._down_until: float | None = None      # None: available
         self._lru: OrderedDict[str, int] = OrderedDict()  # key -> stored bytes, oldest first
         self._used = 0
@@ -125,8 +124,7 @@ class L3Store:
         out: list[memoryview | None] = []
         bad: list[str] = []
         # the checksums, a few threads at once (zlib.crc32 releases the GIL): ~1 GB/s in one thread
-        payloads = (list(self._checkers().map(record.decode, keys, records)) if len(keys) >= 4
-                    else [record.decode(k, r) for k, r in zip(keys, records)])
+        payloads = self._checkers.map(record.decode, keys, records)
         for key, rec, payload in zip(keys, records, payloads):
             if rec is None:
                 self.stats.misses += 1
@@ -179,14 +177,7 @@ class L3Store:
 
     def close(self) -> None:
         self._call("close", self.backend.close)
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-
-    def _checkers(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="hisa-l3-crc")
-        return self._pool
+        self._checkers.close()
 
     # -- internals ---------------------------------------------------------------------------
     def _call(self, op: str, fn: Callable[[], T]) -> tuple[bool, T | None]:
