@@ -267,3 +267,38 @@ def test_long_prefill_does_not_hold_decodes_or_a_short_prompt():
     assert dict(zip(batch.seqs, batch.num_new_tokens)) == {decoding: 1, long: 43, short: 20}
     _run_step(sched, batch, rng)
     assert short.num_output == 1 and long.in_prefill  # its first token, one step after it arrived
+
+
+def test_a_demotion_keeps_only_pages_the_request_holds_alone():
+    """A resident request whose pages other requests share (a cached prefix they matched) is demoted:
+    its LRU slots are the pages it holds alone, each holding its logical page, topped up with empty
+    fresh pages; a shared tail is copied to a fresh page; the shared pages only lose its reference
+    (the others still read them); its own kept pages are no longer named prefix pages."""
+    from hisa.engine.scheduler import ScheduledBatch
+
+    sched, policy = _sparse_sched(num_pages=20, host_pages=40, buffer_pages=4)  # 3 LRU slots + the tail
+    alloc = sched.allocator
+    b = _seq(0, 24)
+    sched.add(b)
+    sched.schedule()
+    assert not b.host_backed and len(b.pages) == 6
+    b.num_computed = 24
+    for i, p in enumerate(b.pages):
+        alloc.register(p, bytes([i]))
+    other = [b.pages[0], b.pages[1], b.pages[5]]  # another request shares pages 0, 1 and the (full) tail
+    alloc.share(other)
+    device_pages = list(b.pages)
+    batch = ScheduledBatch()
+    assert sched._demote_one(batch)
+    d = batch.demoted[0]
+    assert d.seq is b and b.host_backed and d.device_pages == device_pages and len(b.pages) == 6
+    assert d.holding == [2, 3, 4]  # the first pages it holds alone, each still holding its logical page
+    assert b.buffer_pages[:3] == device_pages[2:5]
+    (src, dst), = d.copies
+    assert src == device_pages[5] and b.buffer_pages[3] == dst and dst not in device_pages
+    assert [alloc.refs(p) for p in other] == [1, 1, 1]  # the other holder keeps them, named
+    assert alloc.lookup([bytes([0]), bytes([1])]) == device_pages[:2]
+    assert alloc.lookup([bytes([2])]) == []  # an LRU slot is rewritten: it names no prefix any more
+    sched._release(b)
+    alloc.free(other)
+    assert alloc.num_free == alloc.num_pages and policy.host_allocator.num_free == 40

@@ -248,3 +248,71 @@ def test_dense_layers_equal_to_the_model_give_dense_tokens(preset, algorithm):
     with pytest.raises(ConfigError, match=f"more than the model's {layers} layers"):
         LLM(loaded=tiny, device="cpu", dtype="float32", progress=False, page_size=16, max_model_len=512,
             sparse=_sparse(**small, dense_layers=layers + 1))
+
+
+def _shared_prefix_run(tiny, prompts, params, *, prefix_cache, num_kv_pages, residency="auto"):
+    """Greedy tokens of `prompts` on the tiny model with quest (budget 96, page 16), each prompt
+    added once the previous one's prefill is done (so a later one can find its pages), and what the
+    run did: prefix tokens reused, demotions, each demotion's LRU slots (the logical page each holds),
+    leaks checked."""
+    llm = LLM(loaded=tiny, device="cpu", dtype="float32", progress=False, page_size=16, max_model_len=512,
+              num_kv_pages=num_kv_pages, max_num_batched_tokens=1024, prefix_cache=prefix_cache,
+              sparse=SparseConfig(algorithm="quest", token_budget=96, min_prompt_len=64, host_pool_gb=0.01,
+                                  residency=residency))
+    e = llm.engine
+    holding = []
+    schedule = e.scheduler.schedule
+
+    def watched():
+        batch = schedule()
+        holding.extend(d.holding for d in batch.demoted)
+        return batch
+
+    e.scheduler.schedule = watched
+    ids, out = [], {}
+    for p in prompts:
+        ids.append(e.add_request(p, params))
+        while any(s.num_computed < s.num_prompt for s in e.scheduler.running) or e.scheduler.waiting:
+            for o in e.step():
+                out[o.request_id] = o.token_ids
+    while e.has_unfinished_requests():
+        for o in e.step():
+            out[o.request_id] = o.token_ids
+    assert e.allocator.num_free == e.allocator.num_pages
+    assert e.sparse.host_allocator.num_free == e.sparse.host_allocator.num_pages
+    hit = e.prefix_cache.stats.tokens_hit if e.prefix_cache is not None else 0
+    return [out[i] for i in ids], hit, e.scheduler.num_demotions, holding
+
+
+def test_resident_sparse_requests_reuse_a_cached_prefix_with_the_same_tokens():
+    """A second sparse request whose prompt starts with the first's 256 tokens takes those 16 pages from
+    the pool instead of prefilling them, and quest's page summaries of them are built from their keys
+    (a missing summary would change the picks at a budget of 96 of ~300 tokens): the same greedy
+    tokens as without the prefix cache."""
+    tiny = load_model("random:tiny-llama", device=torch.device("cpu"), dtype=torch.float32, progress=False)
+    g = torch.Generator().manual_seed(11)
+    common = torch.randint(3, 500, (256,), generator=g).tolist()
+    prompts = [common + torch.randint(3, 500, (44,), generator=g).tolist() for _ in range(2)]
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    want, hit, _, _ = _shared_prefix_run(tiny, prompts, params, prefix_cache=False, num_kv_pages=200)
+    assert hit == 0
+    got, hit, demotions, _ = _shared_prefix_run(tiny, prompts, params, prefix_cache=True, num_kv_pages=200)
+    assert got == want and hit == 256 and demotions == 0
+
+
+def test_a_demoted_request_keeps_only_pages_it_holds_alone():
+    """Two resident sparse requests share a 128-token prefix (8 pages) in a pool too small for both to
+    grow: the younger is demoted mid-generation. Its LRU buffer is made of pages it holds alone (the
+    shared ones, which the elder still reads, are let go, not overwritten), each still holding its
+    logical page. Both requests' tokens equal a run where neither shares nor moves."""
+    tiny = load_model("random:tiny-llama", device=torch.device("cpu"), dtype=torch.float32, progress=False)
+    g = torch.Generator().manual_seed(12)
+    common = torch.randint(3, 500, (128,), generator=g).tolist()
+    prompts = [common + torch.randint(3, 500, (200,), generator=g).tolist() for _ in range(2)]
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    want, _, demotions, _ = _shared_prefix_run(tiny, prompts, params, prefix_cache=False, num_kv_pages=200)
+    assert demotions == 0
+    got, hit, demotions, holding = _shared_prefix_run(tiny, prompts, params, prefix_cache=True, num_kv_pages=36)
+    assert hit == 128 and demotions == 1
+    assert holding[0][0] == 8  # the first slot holds logical page 8, the first page it does not share
+    assert got == want

@@ -1,10 +1,10 @@
 """Prefix reuse in the device page pool (L1): a prompt that starts with KV already computed skips it.
 
-Every full page a dense request computes (prompt or generated tokens) is registered in the page
+Every full page a request computes in the pool (prompt or generated tokens) is registered in the page
 allocator under the chained digest of its tokens and every token before them (as L3 keys pages,
 `hisa.kvcache.l3.keys`, without the layout: one engine, one layout). When its last holder frees it,
 the page keeps its KV as a *cached* page (counted as free, evicted least recently freed first when
-the pool needs room). A dense request being admitted takes the leading run of its full pages that
+the pool needs room). A request being admitted takes the leading run of its full pages that
 the allocator knows (shared with running requests, or cached) instead of prefilling them: only the
 rest is prefilled, in chunks as usual. At least its last token is always computed: its logits give
 the next token. A preempted request finds its own pages again this way if nobody evicted them.
@@ -12,8 +12,14 @@ the next token. A preempted request finds its own pages again this way if nobody
 Multi-turn chats and agents send the previous turn's prompt and answer as the start of the next
 prompt: its pages were registered as they filled, answer included.
 
-Sparse requests neither share nor register pages (their representations would have to be rebuilt),
-and DeepSeek-V3.2 models (MLA cache) do not use this. Torch-free.
+Sparse requests take part while they are *resident* (every page in the pool): a sparse request that
+matched a prefix must be admitted resident (`Scheduler._admit`; if only the host pool has room it
+gives the pages back and prefills host-backed), its representations of the shared pages are built
+from their keys with its first chunk (`SparseCoordinator.prefill_resident`), and when it is demoted
+to the host pool the device pages it keeps as its buffer are made its own first: a page another
+request holds is copied to a fresh page, one it holds alone is forgotten by the cache (it will be
+overwritten). Host-backed requests register nothing (their pages are host pages). DeepSeek-V3.2
+models (MLA cache) do not use this. Torch-free.
 
 Example::
 
@@ -36,7 +42,7 @@ _ROOT = hashlib.blake2b(b"hisa-device-prefix-v1", digest_size=DIGEST_BYTES).dige
 
 @dataclass(slots=True)
 class PrefixCacheStats:
-    lookups: int = 0         # dense requests looked up at admission
+    lookups: int = 0         # requests looked up at admission
     requests_hit: int = 0    # of which at least one page was reused
     pages_hit: int = 0
     tokens_hit: int = 0      # prompt tokens not prefilled
@@ -44,7 +50,8 @@ class PrefixCacheStats:
 
 
 class DevicePrefixCache:
-    """Shares and registers dense requests' full pages through a :class:`PageAllocator`."""
+    """Shares and registers full pages of requests held in the device pool (dense and resident sparse
+    ones) through a :class:`PageAllocator`."""
 
     def __init__(self, allocator: PageAllocator, *, page_size: int):
         self.allocator, self.page_size = allocator, page_size
@@ -64,9 +71,10 @@ class DevicePrefixCache:
         return len(self.allocator.lookup(self.digests(seq, num_pages)))
 
     def match(self, seq: Sequence) -> int:
-        """Give a dense request that holds no pages yet the leading pages the pool knows. Returns the
-        tokens it no longer has to prefill (seq.num_computed)."""
-        if seq.sparse or seq.pages or seq.num_computed:
+        """Give a request that holds no pages yet the leading pages the pool knows (a sparse one then
+        has to be admitted resident: `Scheduler._admit`). Returns the tokens it no longer has to
+        prefill (seq.num_computed)."""
+        if seq.pages or seq.num_computed:
             return 0
         full = (seq.num_tokens - 1) // self.page_size  # the last token is always computed
         if full == 0:
@@ -90,10 +98,11 @@ class DevicePrefixCache:
         seq.pages, seq.num_computed, seq.num_registered = [], 0, 0
 
     def register(self, seqs: list[Sequence]) -> None:
-        """Register the pages of `seqs` (dense, after a step) that have filled since last time."""
+        """Register the pages of `seqs` (after a step) that have filled since last time; a host-backed
+        sparse request's pages are host pages, not the pool's."""
         s = self.page_size
         for seq in seqs:
-            if seq.sparse or not seq.pages:
+            if seq.host_backed or not seq.pages:
                 continue
             full = min(seq.num_computed // s, len(seq.pages))
             if full <= seq.num_registered:

@@ -36,10 +36,14 @@ from hisa.kvcache.page_allocator import PageAllocator
 class Demotion:
     """A resident sparse request moved to the host pool in this step: copy `device_pages[i]` (every
     layer) to `seq.pages[i]` (host) before the step runs. `seq.buffer_pages` are the device pages it
-    keeps (device_pages[:NS] as its LRU buffer, holding logical pages 0..NS-1, then the tail page)."""
+    keeps: NS LRU slots (`holding`: the logical page each holds, -1 for an empty one), then the tail
+    page; `copies` (src, dst): a tail page another request shares is replaced by a fresh page `dst`,
+    into which `src` is copied (every layer) after the host copy."""
 
     seq: Sequence
     device_pages: list[int]
+    copies: list[tuple[int, int]] = field(default_factory=list)
+    holding: list[int] | None = None  # the logical page each LRU slot holds (-1: empty); None: 0..NS-1
 
 
 @dataclass
@@ -77,8 +81,9 @@ class Scheduler:
 
     def __init__(self, *, allocator: PageAllocator, page_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, sparse: SparsePolicy | None = None, prefix=None):
-        """prefix: a `hisa.engine.prefix_cache.DevicePrefixCache` over `allocator` (dense requests
-        reuse cached prefix pages at admission, and register theirs after each step), or None."""
+        """prefix: a `hisa.engine.prefix_cache.DevicePrefixCache` over `allocator` (requests held in
+        the pool, dense or resident sparse, reuse cached prefix pages at admission and register
+        theirs after each step), or None."""
         self.allocator = allocator
         self.prefix = prefix
         self.sparse = sparse
@@ -142,6 +147,10 @@ class Scheduler:
         total = -(-(seq.num_computed + num_new) // self.page_size)
         return max(0, total - len(seq.pages))
 
+    def may_share_prefix(self, seq: Sequence) -> bool:
+        """Whether `seq` may take prefix pages from the pool: dense, or sparse where it may be resident."""
+        return not seq.sparse or self.sparse.residency != "host"
+
     def device_pages_held(self, seq: Sequence) -> int:
         return len(seq.buffer_pages) + (0 if seq.host_backed else len(seq.pages))
 
@@ -194,11 +203,15 @@ class Scheduler:
         for seq in [s for s in self.waiting if shares.get(s, 0)]:
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
-            matched = self.prefix.match(seq) if self.prefix is not None else 0
+            matched = self.prefix.match(seq) if self.prefix is not None and self.may_share_prefix(seq) else 0
             n = min(shares[seq], budget, seq.num_tokens - seq.num_computed)
-            if not self._admit(seq, n, reserve):
-                if matched:
-                    self.prefix.unmatch(seq)
+            admitted = self._admit(seq, n, reserve)
+            if not admitted and matched:
+                self.prefix.unmatch(seq)
+                if seq.sparse:  # it may still go host-backed, prefilling its prefix after all
+                    n = min(shares[seq], budget, seq.num_tokens)
+                    admitted = self._admit(seq, n, reserve)
+            if not admitted:
                 break
             self.waiting.remove(seq)
             seq.status = Status.RUNNING
@@ -219,7 +232,8 @@ class Scheduler:
         mode = self.sparse.residency
         host = self.sparse.host_allocator
         resident_ok = mode != "host" and need + reserve[id(dev)] <= dev.num_free
-        host_ok = (mode != "device" and need + reserve[id(host)] <= host.num_free
+        host_ok = (mode != "device" and not seq.pages  # pages from the prefix cache are device pages
+                   and need + reserve[id(host)] <= host.num_free
                    and self.sparse.buffer_pages + reserve[id(dev)] <= dev.num_free)
         if not (resident_ok or host_ok):
             return False
@@ -240,16 +254,37 @@ class Scheduler:
         host, keep = self.sparse.host_allocator, self.sparse.buffer_pages
         for seq in reversed(self.running):
             # in prefill: its KV is half written; small: demoting would free nothing
-            if (seq.sparse and not seq.host_backed and not seq.in_prefill and len(seq.pages) > keep
+            if not (seq.sparse and not seq.host_backed and not seq.in_prefill and len(seq.pages) > keep
                     and host.can_allocate(len(seq.pages) + 1)):
-                device_pages = seq.pages
-                seq.pages = host.allocate(len(device_pages))
-                seq.buffer_pages = device_pages[: keep - 1] + [device_pages[-1]]  # LRU slots + the tail
-                self.allocator.free(device_pages[keep - 1: -1])
-                seq.host_backed = True
-                batch.demoted.append(Demotion(seq, device_pages))
-                self.num_demotions += 1
-                return True
+                continue
+            # The buffer's NS slots are pages this request holds alone, each still holding its logical
+            # page (the first NS of them, as a fresh demotion's LRU), topped up with empty fresh pages
+            # where it shares its pages (a prefix other requests read); a shared tail page (full, taken
+            # by another request's prefix) is copied to a fresh one. Every other page is let go.
+            device_pages = seq.pages
+            body, tail = device_pages[:-1], device_pages[-1]
+            own = [i for i, p in enumerate(body) if self.allocator.refs(p) == 1]
+            kept = own[: keep - 1]
+            fresh_n = keep - 1 - len(kept) + (self.allocator.refs(tail) > 1)
+            if fresh_n > self.allocator.num_free + len(own) - len(kept):
+                continue  # demoting it would not even make room for its own buffer
+            keep_set = set(kept)
+            self.allocator.free([p for i, p in enumerate(body) if i not in keep_set])  # shared: one holder fewer
+            seq.pages = host.allocate(len(device_pages))
+            fresh = self.allocator.allocate(fresh_n)
+            copies = []
+            if self.allocator.refs(tail) > 1:
+                copies.append((tail, fresh.pop()))
+                self.allocator.free([tail])
+                tail = copies[0][1]
+            for p in [body[i] for i in kept] + [tail]:
+                self.allocator.forget(p)  # an LRU slot or the tail is rewritten: no longer a prefix page
+            seq.buffer_pages = [body[i] for i in kept] + fresh + [tail]  # LRU slots + the tail
+            seq.num_registered = 0  # its pages are host pages now
+            seq.host_backed = True
+            batch.demoted.append(Demotion(seq, device_pages, copies, holding=kept + [-1] * len(fresh)))
+            self.num_demotions += 1
+            return True
         return False
 
     def _preemption_victim(self, seq: Sequence) -> Sequence:

@@ -88,13 +88,18 @@ class SparseKVCacheManager:
         self.host_table[slot] = -1
         self._free_slots.append(slot)
 
-    def begin_host_backed(self, slot: int, buffer_pages: list[int], *, holding: int = 0) -> None:
-        """Give `slot` its LRU buffer: device pages buffer_pages[:NS]; the first `holding` of them
-        already hold logical pages 0..holding-1 in every layer (a demotion), the rest are empty."""
+    def begin_host_backed(self, slot: int, buffer_pages: list[int], *, holding: int | list[int] = 0) -> None:
+        """Give `slot` its LRU buffer: device pages buffer_pages[:NS]. holding: an int h = the first h
+        of them already hold logical pages 0..h-1 in every layer (a demotion), the rest are empty; or
+        the logical page each holds (-1: empty)."""
         pages = torch.tensor(buffer_pages[: self.ns], dtype=torch.int32)
         self.slot_pages[slot] = pages.to(self.device)
-        lp = torch.arange(self.ns, dtype=torch.int32)
-        self.buffer_lp[:, slot] = torch.where(lp < holding, lp, -1).to(self.device)
+        if isinstance(holding, int):
+            lp = torch.arange(self.ns, dtype=torch.int32)
+            lp = torch.where(lp < holding, lp, -1)
+        else:
+            lp = torch.tensor(holding, dtype=torch.int32)
+        self.buffer_lp[:, slot] = lp.to(self.device)
         self.last_used[:, slot] = 0
 
     def set_host_pages(self, slot: int, start: int, pages: list[int]) -> None:
@@ -102,16 +107,27 @@ class SparseKVCacheManager:
         if pages:
             self.host_table[slot, start:start + len(pages)] = torch.tensor(pages, dtype=torch.int32).to(self.device)
 
-    def demote(self, slot: int, device_pages: list[int], host_pages: list[int], buffer_pages: list[int]) -> None:
+    def demote(self, slot: int, device_pages: list[int], host_pages: list[int], buffer_pages: list[int],
+               holding: list[int] | None = None) -> None:
         """A resident request moves to the host pool: copy its pages (every layer) device -> host,
-        record them, and keep buffer_pages[:NS] (= device_pages[:NS], holding logical 0..NS-1).
+        record them, and keep buffer_pages[:NS] as its LRU buffer (holding: the logical page each
+        holds, -1 for an empty one; None: = device_pages[:NS], holding logical 0..NS-1).
         host_pages may hold one page more than device_pages: the step's new page, still empty."""
         src = torch.tensor(device_pages, dtype=torch.int64, device=self.device)
         dst = torch.tensor(host_pages[: len(device_pages)], dtype=torch.int64, device=self.device)
         for layer in range(self.num_layers):
             store_pages(self.cache.layer_rows(layer), self.host.layer_rows(layer), src, dst)
         self.set_host_pages(slot, 0, host_pages)
-        self.begin_host_backed(slot, buffer_pages, holding=self.ns)
+        self.begin_host_backed(slot, buffer_pages, holding=self.ns if holding is None else holding)
+
+    def copy_device_pages(self, src: list[int], dst: list[int]) -> None:
+        """Copy device pages src[i] -> dst[i] (every layer): a demoted request's tail page that other
+        requests share becomes a private copy of it."""
+        s = torch.tensor(src, dtype=torch.int64, device=self.device)
+        d = torch.tensor(dst, dtype=torch.int64, device=self.device)
+        for layer in range(self.num_layers):
+            rows = self.cache.layer_rows(layer)
+            rows.index_copy_(0, d, rows.index_select(0, s))
 
     # -- prefill of a host-backed request -----------------------------------------------------
     def read_context(self, layer: int, host_pages: list[int]) -> torch.Tensor:

@@ -112,3 +112,11 @@ class PageAllocator:
 
     def refs(self, page: int) -> int:
         return self._refs[page]
+
+    def forget(self, page: int) -> None:
+        """Unname an in-use page that only one holder has (its content is about to change)."""
+        if self._refs[page] != 1:
+            raise ValueError(f"page {page} has {self._refs[page]} holders: only a page held once may be rewritten")
+        key = self._key_of.pop(page, None)
+        if key is not None:
+            del self._page_of[key]

@@ -93,6 +93,8 @@ class SparseCoordinator:
         self._selected = torch.zeros(self.num_layers, dtype=torch.int64, device=self.device)
         self._d: DecodeRowsView | None = None
         self._running: dict[int, object] = {}  # sparse slot -> the running request holding it
+        # per layer: sparse slot -> tokens whose representations a resident prefill built
+        self._represented: list[dict[int, int]] = [{} for _ in range(self.num_layers)]
 
     # -- lifecycle (called by the scheduler) ----------------------------------------------------
     def wants(self, seq) -> bool:
@@ -114,13 +116,17 @@ class SparseCoordinator:
         """on_request_end (finish, abort or preemption): the slot goes back; the scheduler frees pages."""
         self.manager.release_slot(seq.sparse_slot)
         self._running.pop(seq.sparse_slot, None)
+        for built in self._represented:
+            built.pop(seq.sparse_slot, None)
         seq.sparse_slot = None
 
     def apply_demotions(self, demoted) -> None:
         """Before a step: copy each demoted request's KV device -> host (scheduler.Demotion list)."""
         for d in demoted:
             seq = d.seq
-            self.manager.demote(seq.sparse_slot, d.device_pages, seq.pages, seq.buffer_pages)
+            self.manager.demote(seq.sparse_slot, d.device_pages, seq.pages, seq.buffer_pages, d.holding)
+            if d.copies:  # after the host copy: a copy may land on one of its own freed pages
+                self.manager.copy_device_pages([src for src, _ in d.copies], [dst for _, dst in d.copies])
             if self.algorithm.token_level:  # DSA: a resident request's indexer keys lived in its device pages
                 pages = torch.tensor(d.device_pages, dtype=torch.int64, device=self.device)
                 for layer in range(self.num_layers):
@@ -130,11 +136,14 @@ class SparseCoordinator:
     # -- prefill ------------------------------------------------------------------------------
     def prefill_resident(self, layer: int, seq, computed: int, n: int) -> None:
         """attention_end of a resident request's prefill chunk (the engine wrote its KV into device
-        pages): build the representations of the pages the chunk touched, from the written keys."""
+        pages): build the representations of the pages the chunk touched, from the written keys; the
+        first chunk after a shared prefix (pages the pool's prefix cache gave it) also builds those."""
         if self.windows[layer] is not None or not self.algorithm.selects or self.dense[layer]:
             return
         s = self.page_size
-        first, last = computed // s, -(-(computed + n) // s)
+        built = self._represented[layer]
+        first, last = min(computed, built.get(seq.sparse_slot, 0)) // s, -(-(computed + n) // s)
+        built[seq.sparse_slot] = computed + n
         pages = torch.tensor(seq.pages[first:last], dtype=torch.int64, device=self.device)
         keys = self.cache.keys(layer).index_select(0, pages).float()  # [P, S, KVH, D]
         keys = keys.reshape(-1, *keys.shape[2:])
