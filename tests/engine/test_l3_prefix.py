@@ -216,6 +216,26 @@ def test_pool_prefix_comes_before_l3(make_llm, prompts, reference, tmp_path):
     assert again.engine.l3_prefix.metrics()["requests_hit"] == 1
 
 
+def test_a_prefix_shared_from_the_pool_is_written_to_l3_if_l3_lost_it(make_llm, prompts, reference, tmp_path):
+    """L3 loses a prefix the pool still holds (here its files are deleted, as a size bound or a dropped
+    write would): the next request that shares those pages from the pool writes them to L3 again,
+    so another engine finds them."""
+    import shutil
+
+    url = f"file:{tmp_path / 'l3'}"
+    llm = make_llm(max_num_batched_tokens=128, l3=url)
+    assert _one_by_one(llm, prompts[:1]) == reference[:1]
+    llm.engine.l3_prefix.drain()
+    shutil.rmtree(tmp_path / "l3")
+    (tmp_path / "l3").mkdir()
+    assert _one_by_one(llm, prompts[1:2]) == reference[1:2]
+    assert llm.engine.prefix_cache.stats.pages_hit == 300 // S   # it shared them from the pool
+    llm.engine.l3_prefix.drain()
+    again = make_llm(max_num_batched_tokens=128, l3=url)
+    assert _one_by_one(again, prompts[2:]) == reference[2:]
+    assert again.engine.l3_prefix.metrics()["pages_loaded"] == 300 // S
+
+
 def test_a_second_turn_loads_the_first_turns_answer_from_l3(make_llm, prompts, tmp_path):
     """A finished request writes its answer's full pages too: the next turn (prompt + answer + a new
     question) served by another engine loads them from L3, and its tokens equal a run without L3."""
@@ -301,6 +321,69 @@ def test_a_request_aborted_while_loading_leaves_nothing(make_llm, prompts, refer
     assert prefix.metrics()["pending_calls"] == 0 and prefix.metrics()["pending_lookups"] == 0
     assert _one_by_one(llm, prompts[1:2]) == reference[1:2]
     assert prefix.metrics()["pages_loaded"] == 300 // S
+    _check_no_leak(llm)
+
+
+def test_a_lookup_back_when_the_batch_is_full_takes_no_pages_and_is_looked_up_again(make_llm, prompts, reference,
+                                                                                  tmp_path):
+    """While X's lookup is in flight a short request takes the only sequence slot. X's lookup comes
+    back to a full batch: X takes no pages (a waiting request holds none, so nothing can starve the
+    running ones), and once the slot is free it is looked up again and loads its prefix."""
+    llm = make_llm(max_num_batched_tokens=128, prefix_cache=False, max_num_seqs=1, l3=f"file:{tmp_path / 'l3'}")
+    engine, prefix = llm.engine, llm.engine.l3_prefix
+    assert _one_by_one(llm, prompts[:1]) == reference[:1]
+    prefix.drain()
+    gate = threading.Event()
+    prefix.io.submit(gate.wait)   # X's lookup stays in flight until the gate opens
+    x = engine.add_request(prompts[1], PARAMS)
+    assert engine.step() == [] and prefix.loading == 1
+    engine.add_request(prompts[2][:10], SamplingParams(max_tokens=6, ignore_eos=True))  # under one page: no lookup
+    outs = {}
+    for o in engine.step():          # the short request is admitted (X, loading, is passed over)
+        outs[o.request_id] = o
+    assert engine.num_running == 1
+    gate.set()
+    prefix.drain()
+    engine.step()                    # X's lookup is back, the batch is full: X takes nothing
+    xseq = next(s for s in engine.scheduler.waiting if s.request_id == x)
+    assert not xseq.pages and xseq.num_computed == 0 and prefix.metrics()["pages_loaded"] == 0
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            outs[o.request_id] = o
+    assert outs[x].token_ids == reference[1]
+    assert prefix.metrics()["pages_loaded"] == 300 // S   # looked up again once the slot was free
+    _check_no_leak(llm)
+
+
+def test_a_request_that_took_pages_but_was_not_admitted_gives_them_back(make_llm, prompts, reference, tmp_path):
+    """A waiting request that got its prefix's pages but that the scheduler did not admit in the same
+    step (here: the step's token budget went to a running prefill) does not keep them: they return
+    to the pool, and it loads them again when it is admitted. Same tokens, nothing leaked."""
+    llm = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=f"file:{tmp_path / 'l3'}", l3_async=False)
+    engine, prefix = llm.engine, llm.engine.l3_prefix
+    assert _one_by_one(llm, prompts[:1]) == reference[:1]
+    seq_x = None
+    x = engine.add_request(prompts[1], PARAMS)
+    seq_x = next(s for s in engine.scheduler.waiting if s.request_id == x)
+    schedule = engine.scheduler.schedule
+    held_after = []
+
+    def starved():   # a schedule that admits nobody this once, as when the budget is spent
+        engine.scheduler.schedule = schedule
+        from hisa.engine.scheduler import ScheduledBatch
+        held_after.append(len(seq_x.pages))
+        return ScheduledBatch()
+
+    engine.scheduler.schedule = starved
+    engine.step()
+    assert held_after == [300 // S]        # the lookup gave it its pages before the schedule
+    assert not seq_x.pages and engine.allocator.num_free == engine.allocator.num_pages   # and it gave them back
+    outs = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            outs[o.request_id] = o
+    assert outs[x].token_ids == reference[1]
+    assert prefix.metrics()["pages_loaded"] == 2 * (300 // S)   # loaded again when admitted
     _check_no_leak(llm)
 
 

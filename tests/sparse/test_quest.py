@@ -145,7 +145,7 @@ def test_page_scores_real_sizes_on_gpu(dtype):
         torch.testing.assert_close(got.nan_to_num(0, neginf=0), want.nan_to_num(0, neginf=0), rtol=2e-3, atol=1e-5)
 
 
-@pytest.mark.parametrize("maxp,k", [(70, 5), (33, 40), (300, 61), (16, 16)])
+@pytest.mark.parametrize("maxp,k", [(70, 5), (33, 40), (300, 61), (16, 16), (40000, 62)])
 def test_select_pages_triton_matches_reference(maxp, k):
     """The top-k search (Triton) against a stable sort: the same pages, in page order, ties to the lower
     page; rows with fewer valid pages than k, an empty row, many exact ties."""

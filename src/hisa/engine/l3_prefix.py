@@ -120,6 +120,7 @@ class L3PrefixCache:
         self._lookups: dict[str, _Lookup] = {}  # request id -> its lookup in flight
         self._looked_up: dict[str, int] = {}   # request id -> num_preemptions when last looked up
         self._in_l3: dict[str, int] = {}       # request id -> its leading full pages known in L3 (not written again)
+        self._dropped: dict[str, int] = {}     # request id -> pages up to which a refused write was counted
 
     @property
     def loading(self) -> int:
@@ -153,9 +154,9 @@ class L3PrefixCache:
             self.stats.lookups += 1
             # the leading pages the pool holds are shared when the lookup is back (cheaper than any copy)
             start = min(scheduler.prefix.num_cached(seq, cap), cap) if scheduler.prefix is not None else 0
-            if start == cap:   # nothing for L3 to add
+            if start == cap:   # nothing for L3 to add (what L3 holds is checked when the pages are written)
                 future: Future = Future()
-                future.set_result([])
+                future.set_result((0, []))
             else:
                 future = self.io.submit(functools.partial(self._read_run, seq.token_ids[:cap * s], start))
             seq.loading = True
@@ -175,15 +176,20 @@ class L3PrefixCache:
             return full
         return min(full, held + free - reserve - 1) if first_in_line else 0
 
-    def _read_run(self, tokens: list[int], start: int) -> list[memoryview]:
-        """On the I/O thread: the payloads of the leading run of pages from `start` (of the full pages
-        of `tokens`) that L3 holds and that pass their checks."""
-        keys = page_keys(tokens, self.layout)[start:]
+    def _read_run(self, tokens: list[int], start: int) -> tuple[int, list[memoryview]]:
+        """On the I/O thread: how many leading full pages of `tokens` L3 holds (pages the pool gave
+        the request count only if L3 has them too: their writer's write may have been dropped), and
+        the payloads of the run of pages from `start` that L3 holds and that pass their checks."""
+        keys = page_keys(tokens, self.layout)
         found = self.l3.exists(keys)
-        hits = found.index(False) if False in found else len(found)
-        payloads = self.l3.get(keys[:hits])
+        in_l3 = found.index(False) if False in found else len(found)
+        after = found[start:]
+        hits = after.index(False) if False in after else len(after)
+        payloads = self.l3.get(keys[start:start + hits])
         good = next((i for i, p in enumerate(payloads) if p is None or len(p) != self.page_bytes), len(payloads))
-        return payloads[:good]
+        if good < hits:  # a page that failed its check is gone from L3 now (the store deleted it)
+            in_l3 = min(in_l3, start + good)
+        return in_l3, payloads[:good]
 
     def _finish_lookups(self, scheduler: Scheduler) -> None:
         """Give each waiting request whose lookup is back (or timed out) its pages, in queue order."""
@@ -196,18 +202,41 @@ class L3PrefixCache:
                 continue
             if lookup.future.done():
                 # a failed lookup (a bug; io.check() raises it) reads as a miss
-                payloads = [] if lookup.future.exception() is not None else lookup.future.result()
+                in_l3, payloads = (0, []) if lookup.future.exception() is not None else lookup.future.result()
             elif now >= lookup.deadline:
                 lookup.future.cancel()
                 self.stats.loads_timed_out += 1
                 log.warning("L3 lookup of %s not back after %.1f s; prefilling it instead", seq.request_id,
                             self.load_timeout_s)
-                payloads = []
+                in_l3, payloads = 0, []
             else:
                 continue
             del self._lookups[seq.request_id]
             seq.loading = False
+            self._in_l3[seq.request_id] = max(self._in_l3.get(seq.request_id, 0), in_l3)
+            if len(scheduler.running) >= scheduler.max_num_seqs:  # it cannot be admitted now: look it up again later
+                self._looked_up.pop(seq.request_id, None)
+                continue
             self._take_pages(scheduler, seq, lookup.start, payloads, first_in_line=i == 0)
+
+    def release_unadmitted(self, scheduler: Scheduler) -> int:
+        """After the schedule: a waiting request that took pages here but was not admitted gives them
+        back (a waiting request cannot be preempted, so holding them could starve the running ones).
+        With the pool's prefix cache they stay cached under their prefix (the scheduler's match takes
+        them at admission); either way the request is looked up again. Returns how many gave pages back."""
+        released = 0
+        for seq in scheduler.waiting:
+            if not seq.pages or seq.loading:
+                continue
+            released += 1
+            if scheduler.prefix is not None:
+                scheduler.prefix.register([seq])
+                scheduler.prefix.unmatch(seq)
+            else:
+                scheduler.allocator.free(seq.pages[::-1])
+                seq.pages, seq.num_computed, seq.num_registered = [], 0, 0
+            self._looked_up.pop(seq.request_id, None)
+        return released
 
     def _take_pages(self, scheduler: Scheduler, seq: Sequence, start: int, payloads: list, *,
                     first_in_line: bool) -> None:
@@ -218,7 +247,6 @@ class L3PrefixCache:
         payloads = payloads[held - start:] if held >= start else []
         full = held + len(payloads)
         n = max(0, self._cap(scheduler, seq, full, held=held, first_in_line=first_in_line) - held)
-        self._in_l3[seq.request_id] = max(self._in_l3.get(seq.request_id, 0), held + n)
         if n == 0:
             return
         pages = scheduler.allocator.allocate(n)
@@ -305,7 +333,9 @@ class L3PrefixCache:
             return
         n = upto - first
         if not self.io.room_for(n * self.page_bytes):
-            self.stats.pages_dropped += n
+            # counted once per page: a prompt's write is tried again at the next step
+            self.stats.pages_dropped += max(0, upto - max(first, self._dropped.get(seq.request_id, 0)))
+            self._dropped[seq.request_id] = max(upto, self._dropped.get(seq.request_id, 0))
             return
         self._in_l3[seq.request_id] = upto
         index = torch.tensor(seq.pages[first:upto], dtype=torch.int64, device=self.cache.data.device)
@@ -333,6 +363,7 @@ class L3PrefixCache:
             lookup.seq.loading = False
         self._looked_up.pop(request_id, None)
         self._in_l3.pop(request_id, None)
+        self._dropped.pop(request_id, None)
 
     def drain(self) -> None:
         """Wait until every L3 call handed over so far has ended (its writes visible to other engines)."""

@@ -270,11 +270,12 @@ class LLMEngine:
         if self.l3_prefix is not None:
             self.l3_prefix.load(self.scheduler)
         batch = self.scheduler.schedule()
+        released = self.l3_prefix.release_unadmitted(self.scheduler) if self.l3_prefix is not None else 0
         if not batch.seqs:
             self.last_step_tokens = self.last_step_prefill_tokens = 0
             if self.l3_prefix is not None and self.l3_prefix.loading:
                 self.l3_prefix.wait_for_lookups()  # nothing runs before a lookup is back: wait a little for one
-            elif self.scheduler.has_unfinished() and not self.scheduler.running:
+            elif self.scheduler.has_unfinished() and not self.scheduler.running and not released:
                 raise RuntimeError("scheduler made no progress with an empty running set (pool too small?)")
             return []
         if self.on_schedule is not None:

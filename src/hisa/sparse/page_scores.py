@@ -133,8 +133,6 @@ def select_pages(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, k: in
         return select_pages_ref(scores, lo, hi, k)
     from hisa.sparse.triton_page_scores import select_pages_kernel
 
-    if MAXP >= 1 << 15:
-        raise ValueError(f"select_pages takes fewer than 32,768 pages per row, got {MAXP}")
     out = torch.empty(R, k, dtype=torch.int32, device=scores.device)
     if R and k:
         block = _next_pow2(MAXP)

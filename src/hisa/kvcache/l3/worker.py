@@ -99,9 +99,10 @@ class L3Worker:
             self._pool.submit(lambda: None).result()
 
     def close(self) -> None:
-        """Run the calls still queued, then join the thread. Idempotent."""
+        """Run the calls still queued, then join the thread. Idempotent. Called on the thread itself
+        (an engine collected there by the garbage collector), it does not wait for itself."""
         if self._pool is not None:
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown(wait=not threading.current_thread().name.startswith("hisa-l3-io"))
 
     def _ended(self, future: Future, *, nbytes: int) -> None:
         error = None if future.cancelled() else future.exception()
