@@ -316,3 +316,31 @@ def test_a_demoted_request_keeps_only_pages_it_holds_alone():
     assert hit == 128 and demotions == 1
     assert holding[0][0] == 8  # the first slot holds logical page 8, the first page it does not share
     assert got == want
+
+
+def test_a_resident_sparse_request_loads_its_prefix_from_l3(tmp_path):
+    """Another engine's sparse request over the same 256-token prefix loads those 16 pages from L3
+    (written by the first engine's resident sparse request) instead of prefilling them, rebuilds
+    quest's summaries from their keys, and gives the tokens of a run without L3."""
+    tiny = load_model("random:tiny-llama", device=torch.device("cpu"), dtype=torch.float32, progress=False)
+    g = torch.Generator().manual_seed(13)
+    common = torch.randint(3, 500, (256,), generator=g).tolist()
+    prompts = [common + torch.randint(3, 500, (44,), generator=g).tolist() for _ in range(2)]
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+
+    def engine(l3):
+        return LLM(loaded=tiny, device="cpu", dtype="float32", progress=False, page_size=16, max_model_len=512,
+                   max_num_batched_tokens=1024, prefix_cache=False, l3=l3,
+                   sparse=SparseConfig(algorithm="quest", token_budget=96, min_prompt_len=64, host_pool_gb=0.01))
+
+    want = [o.token_ids for o in engine(None).generate(prompts, params, use_tqdm=False)]
+    url = f"file:{tmp_path / 'l3'}"
+    first = engine(url)
+    assert first.generate(prompts[:1], params, use_tqdm=False)[0].token_ids == want[0]
+    first.engine.l3_prefix.drain()
+    second = engine(url)
+    assert second.generate(prompts[1:], params, use_tqdm=False)[0].token_ids == want[1]
+    m = second.engine.l3_prefix.metrics()
+    assert m["pages_loaded"] == 16 and second.engine.sparse.summary()["decode_steps"] > 0
+    e = second.engine
+    assert e.allocator.num_free == e.allocator.num_pages

@@ -1,5 +1,6 @@
-"""Prefix reuse from L3 for dense requests: load a prompt's full pages that L3 holds instead of
-prefilling them, and store a request's full pages once they are computed.
+"""Prefix reuse from L3 for requests held in the device pool (dense, and sparse ones while resident):
+load a prompt's full pages that L3 holds instead of prefilling them, and store a request's full pages
+once they are computed.
 
 A page in L3 is one token page across every layer, `[layers, 2, page_size, kv_heads, head_dim]`
 in the cache's dtype (what `PagedKVCache.data[:, page]` holds), keyed by the chain of its tokens
@@ -9,7 +10,7 @@ Asynchronous: every L3 call runs on one I/O thread (`hisa.kvcache.l3.worker`), o
 order handed over, so a slow backend (a slow disk, a far Redis) never delays a step of the running
 requests.
 
-Load: before each schedule, each waiting dense request the scheduler may admit next (never looked
+Load: before each schedule, each waiting request the scheduler may admit next (never looked
 up since it last lost its pages) is marked `loading` and its lookup goes to the I/O thread: which
 of its keys L3 holds, then a read of the leading run of them. The scheduler leaves a loading request
 waiting (it holds no pages and no slot; requests behind it may be admitted) while the others keep
@@ -21,23 +22,30 @@ computed: its logits give the first output token. A missing or corrupt page ends
 past it is used. When nothing else can run, the engine step waits for a lookup (briefly, so that new
 requests and aborts get in). A lookup not back after `load_timeout_s` is given up
 (`loads_timed_out`) and the request prefills; a backend error reads as misses (`L3Store`). A request
-aborted while loading holds nothing but its lookup, which is forgotten.
+aborted while loading holds nothing but its lookup, which is forgotten. A lookup back while the
+batch is full takes nothing and is made again later; a request that took pages but that the
+schedule did not admit gives them back right after it (a waiting request cannot be preempted:
+holding pages it could starve the running ones): they stay cached in the pool's prefix cache when
+it is on, and a dense request is looked up again. A sparse request that took pages must be admitted
+resident (its pages are device pages; representations are built from their keys with its first
+chunk); one that then does not fit resident is not looked up again and may go host-backed.
 
-Store: once a dense request's prefill reaches the end of its prompt, its full prompt pages are
+Store: once a request's prefill reaches the end of its prompt, its full prompt pages are
 written; when it finishes (stop or length), its answer's full pages too (a chat's or an agent's next
 turn starts with this turn's prompt and answer, and finds all of it in L3). The pages are copied off
 the device at once (one gather, one device-to-host copy: the caller may free or overwrite them right
 after) and the write (which of the keys L3 lacks, then one batched `set` of those) goes to the I/O
 thread. Pending writes hold at most `max_pending_bytes` of pages in host memory: a write past that
-is dropped (`pages_dropped`; L3 is a cache, the engine never waits for it). The leading pages a
-request got from L3 or from the pool (whose pages the request that computed them wrote), or handed
-over already, are not copied again.
+is dropped (`pages_dropped`; L3 is a cache, the engine never waits for it). The leading pages that
+L3 held at the request's lookup, or handed over already, are not copied again; pages it shared from
+the pool are written if L3 lacks them (their writer's write may have been dropped, or L3 evicted
+them). A host-backed sparse request writes nothing (its pages are in the host pool).
 
 Consistency: a lookup runs after every write handed over before it, so it finds their pages (a
 request parked and then looked up again finds its own). Another engine or process sharing the store
 finds a write once it has run; `drain()` waits for that.
 
-Parking: a dense request the scheduler preempts (the device pool ran short) first hands its full
+Parking: a request the scheduler preempts (the device pool ran short) first hands its full
 pages, prompt and generated tokens alike, to a write; its pages are then freed as before. When it
 is looked up again, the lookup runs after that write and finds them under the keys of its tokens so
 far: it resumes from L3 instead of recomputing its whole context; only the tokens past its last
@@ -45,7 +53,7 @@ full page run again.
 
 `sync=True` (`EngineConfig.l3_async=False`) runs every L3 call at once on the engine thread: a
 lookup and its reads before the schedule, a write where it is handed over (a slow backend then
-delays every step). Sparse requests and MLA caches are not served yet.
+delays every step). Host-backed sparse requests and MLA caches are not served yet.
 """
 
 from __future__ import annotations
@@ -96,7 +104,8 @@ class _Lookup:
 
 
 class L3PrefixCache:
-    """Loads and stores dense requests' full pages through an :class:`L3Store`, off the engine thread.
+    """Loads and stores full pages of requests in the device pool through an :class:`L3Store`, off
+    the engine thread.
 
     Example::
 
@@ -129,7 +138,7 @@ class L3PrefixCache:
 
     # -- load --------------------------------------------------------------------------------
     def load(self, scheduler: Scheduler) -> None:
-        """Look up the waiting dense requests that the scheduler may admit next, and give those whose
+        """Look up the waiting requests that the scheduler may admit next, and give those whose
         lookup is back their pages. Raises the exception of an L3 call that failed (a bug) since the
         last call."""
         self.io.check()
@@ -140,7 +149,7 @@ class L3PrefixCache:
         room = scheduler.max_num_seqs - len(scheduler.running)
         s = self.page_size
         for i, seq in enumerate(list(scheduler.waiting)[:max(0, room)]):
-            if seq.sparse or seq.pages or seq.num_computed or seq.loading:
+            if not scheduler.may_share_prefix(seq) or seq.pages or seq.num_computed or seq.loading:
                 continue
             if self._looked_up.get(seq.request_id) == seq.num_preemptions:
                 continue
@@ -235,7 +244,8 @@ class L3PrefixCache:
             else:
                 scheduler.allocator.free(seq.pages[::-1])
                 seq.pages, seq.num_computed, seq.num_registered = [], 0, 0
-            self._looked_up.pop(seq.request_id, None)
+            if not seq.sparse:  # a sparse one may not fit resident (only resident requests take pages): once
+                self._looked_up.pop(seq.request_id, None)
         return released
 
     def _take_pages(self, scheduler: Scheduler, seq: Sequence, start: int, payloads: list, *,
@@ -299,19 +309,19 @@ class L3PrefixCache:
 
     # -- store -------------------------------------------------------------------------------
     def store_prompts(self, seqs: list[Sequence]) -> None:
-        """Write the full prompt pages of dense requests whose prefill has reached the prompt's end."""
+        """Write the full prompt pages of requests whose prefill has reached the prompt's end."""
         for seq in seqs:
-            if not seq.sparse and seq.num_computed >= seq.num_prompt:
+            if not seq.host_backed and seq.num_computed >= seq.num_prompt:
                 self._write(seq, seq.num_prompt // self.page_size, parking=False)
 
     def store_finished(self, seq: Sequence) -> None:
-        """When a dense request finishes (stop or length): write its full pages past the prompt's (its
+        """When a request finishes (stop or length): write its full pages past the prompt's (its
         answer), so the next turn of the conversation, which starts with this prompt and answer,
         loads them too."""
         self._write(seq, self._computed_pages(seq), parking=False)
 
     def park(self, seq: Sequence) -> None:
-        """Before a dense request is preempted: write every full page whose KV it has computed (prompt
+        """Before a request is preempted: write every full page whose KV it has computed (prompt
         and generated tokens) to L3, so that its resumption loads them instead of recomputing them."""
         full = self._computed_pages(seq)
         if full == 0:
@@ -320,8 +330,8 @@ class L3PrefixCache:
         self._write(seq, full, parking=True)
 
     def _computed_pages(self, seq: Sequence) -> int:
-        """Full pages of a dense request whose KV is computed and still held (0 for a sparse one)."""
-        if seq.sparse or not seq.pages:
+        """Full pages whose KV is computed and held in the device pool (0 for a host-backed request)."""
+        if seq.host_backed or not seq.pages:
             return 0
         return min(seq.num_computed // self.page_size, len(seq.pages))
 
