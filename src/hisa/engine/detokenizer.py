@@ -6,7 +6,9 @@ requests, all on the engine thread. `Detokenizer` decodes a short window instead
 tokens already emitted (context, so that a tokenizer that drops a leading space at the start of a
 decode, or merges bytes across tokens, sees what it would see in the full output) plus the new
 ones, and appends what the new tokens added. A new token whose text ends in an incomplete UTF-8
-character ("\ufffd") is held back until the character completes.
+character ("\ufffd") is held back until the character completes (for at most 24 tokens). Where the
+window's text does not extend its context's (a tokenizer that cleans up spaces around punctuation
+rewrites earlier text), that step takes the full decode instead.
 
 The text equals `tokenizer.decode(ids, skip_special_tokens=True)` of the whole output, cut before an
 incomplete trailing character; tests/engine/test_detokenizer.py checks that at every step on both
@@ -61,17 +63,13 @@ class Detokenizer:
             return state.text
         context = self.decode(ids[state.context_start:state.emitted])
         window = self.decode(ids[state.context_start:])
-        if window.endswith("\ufffd") or not window.startswith(context):
-            # an incomplete character (or a window that rewrites its context): wait for more tokens;
-            # a window this long that still does not settle is taken from the full decode
-            if len(ids) - state.emitted < 4 * CONTEXT_TOKENS:
-                return state.text
-            full = self.decode(ids)
-            state.text = full.rstrip("\ufffd")
-            state.emitted = len(ids)
-            state.context_start = max(0, len(ids) - CONTEXT_TOKENS)
-            return state.text
-        state.text += window[len(context):]
+        settled = window.startswith(context)  # False: the tokenizer rewrote its context (space clean-up)
+        if settled and window.endswith("\ufffd") and len(ids) - state.emitted < 4 * CONTEXT_TOKENS:
+            return state.text  # an incomplete character: wait for the tokens that complete it
+        if settled and not window.endswith("\ufffd"):
+            state.text += window[len(context):]
+        else:  # a rewrite, or bytes that never complete a character: the full decode, once
+            state.text = self.decode(ids).rstrip("\ufffd")
         state.emitted = len(ids)
         state.context_start = max(0, len(ids) - CONTEXT_TOKENS)
         return state.text

@@ -260,7 +260,11 @@ class L3PrefixCache:
         if n == 0:
             return
         pages = scheduler.allocator.allocate(n)
-        self._write_pages(pages, payloads[:n])
+        try:
+            self._write_pages(pages, payloads[:n])
+        except BaseException:
+            scheduler.allocator.free(pages)
+            raise
         seq.pages, seq.num_computed = seq.pages + pages, (held + n) * s
         self.stats.requests_hit += 1
         self.stats.pages_loaded += n
