@@ -413,3 +413,27 @@ def test_a_busy_io_thread_times_lookups_out_bounds_writes_and_close_runs_them(ma
     assert not io_threads[0].is_alive()
     keys = page_keys(prompts[0] + out.token_ids, prefix.layout)[:prompt_pages + 1]
     assert FileBackend(str(tmp_path / "l3")).exists(keys) == [True] * prompt_pages + [False]
+
+
+def test_lookups_in_flight_are_bounded_in_bytes(make_llm, prompts, reference, tmp_path):
+    """Two requests whose prefixes are in L3, lookups in flight bounded to one request's pages (their
+    payloads are host memory): the second is not looked up while the first's lookup is out, so it is
+    admitted and prefills like a request without L3; the outputs are the same."""
+    llm = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=f"file:{tmp_path / 'l3'}")
+    engine, prefix = llm.engine, llm.engine.l3_prefix
+    assert _one_by_one(llm, prompts[:1]) == reference[:1]
+    prefix.drain()
+    prefix.max_lookup_bytes = (len(prompts[1]) // S) * prefix.page_bytes
+    gate = threading.Event()
+    prefix.io.submit(gate.wait)
+    ids = [engine.add_request(p, PARAMS) for p in prompts[1:]]
+    engine.step()
+    assert prefix.loading == 1   # the second lookup would pass the bound: not started
+    gate.set()
+    outs = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            outs[o.request_id] = o.token_ids
+    assert [outs[i] for i in ids] == reference[1:]
+    assert prefix.metrics()["pages_loaded"] == 300 // S and prefix._lookup_bytes == 0
+    _check_no_leak(llm)

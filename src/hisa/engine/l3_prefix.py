@@ -101,6 +101,7 @@ class _Lookup:
     start: int         # leading pages the pool held when it was handed over: L3's keys start after them
     future: Future     # -> the payloads of the leading run of pages from `start` that L3 holds
     deadline: float    # time.monotonic() past which it is given up
+    nbytes: int        # the most its payloads can hold (pages from `start` to its cap)
 
 
 class L3PrefixCache:
@@ -119,6 +120,8 @@ class L3PrefixCache:
                  max_pending_bytes: int = MAX_PENDING_BYTES, load_timeout_s: float = LOAD_TIMEOUT_S):
         self.l3, self.cache, self.layout = store, cache, layout
         self.io = L3Worker(threaded=not sync, max_pending_bytes=max_pending_bytes)
+        # lookups in flight may read at most this many bytes of pages into host memory (one always may)
+        self.max_lookup_bytes = max_pending_bytes
         self.load_timeout_s = load_timeout_s
         self.page_size = cache.page_size
         self.page_shape = tuple(cache.data.shape[:1] + cache.data.shape[2:])  # [layers, 2, S, KVH, D]
@@ -127,6 +130,7 @@ class L3PrefixCache:
         self._staging: list[torch.Tensor] | None = None  # CUDA: two pinned [n, L, 2, S, KVH, D] buffers
         self._staged: list | None = None  # and the events of their last copies
         self._lookups: dict[str, _Lookup] = {}  # request id -> its lookup in flight
+        self._lookup_bytes = 0                  # their nbytes, summed
         self._looked_up: dict[str, int] = {}   # request id -> num_preemptions when last looked up
         self._in_l3: dict[str, int] = {}       # request id -> its leading full pages known in L3 (not written again)
         self._dropped: dict[str, int] = {}     # request id -> pages up to which a refused write was counted
@@ -159,17 +163,21 @@ class L3PrefixCache:
             cap = self._cap(scheduler, seq, full, held=0, first_in_line=i == 0)
             if cap <= 0:
                 continue
-            self._looked_up[seq.request_id] = seq.num_preemptions
-            self.stats.lookups += 1
             # the leading pages the pool holds are shared when the lookup is back (cheaper than any copy)
             start = min(scheduler.prefix.num_cached(seq, cap), cap) if scheduler.prefix is not None else 0
+            nbytes = (cap - start) * self.page_bytes
+            if self._lookups and self._lookup_bytes + nbytes > self.max_lookup_bytes:
+                break   # no host memory for its pages yet: it is looked up at a later step, in queue order
+            self._looked_up[seq.request_id] = seq.num_preemptions
+            self.stats.lookups += 1
             if start == cap:   # nothing for L3 to add (what L3 holds is checked when the pages are written)
                 future: Future = Future()
                 future.set_result((0, []))
             else:
                 future = self.io.submit(functools.partial(self._read_run, seq.token_ids[:cap * s], start))
             seq.loading = True
-            self._lookups[seq.request_id] = _Lookup(seq, start, future, time.monotonic() + self.load_timeout_s)
+            self._lookups[seq.request_id] = _Lookup(seq, start, future, time.monotonic() + self.load_timeout_s, nbytes)
+            self._lookup_bytes += nbytes
 
     def _cap(self, scheduler: Scheduler, seq: Sequence, full: int, *, held: int, first_in_line: bool) -> int:
         """How many of its first `full` pages `seq` (holding `held` pool pages) may take now.
@@ -221,6 +229,7 @@ class L3PrefixCache:
             else:
                 continue
             del self._lookups[seq.request_id]
+            self._lookup_bytes -= lookup.nbytes
             seq.loading = False
             self._in_l3[seq.request_id] = max(self._in_l3.get(seq.request_id, 0), in_l3)
             if len(scheduler.running) >= scheduler.max_num_seqs:  # it cannot be admitted now: look it up again later
@@ -373,6 +382,7 @@ class L3PrefixCache:
         """A request ended (finished, aborted, failed): drop its lookup in flight, if any, and its state."""
         lookup = self._lookups.pop(request_id, None)
         if lookup is not None:
+            self._lookup_bytes -= lookup.nbytes
             lookup.future.cancel()   # no effect once running: its result is dropped when it ends
             lookup.seq.loading = False
         self._looked_up.pop(request_id, None)
