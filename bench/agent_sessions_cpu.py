@@ -15,7 +15,9 @@ rotating order):
   pool+l3     the same with --l3 file:DIR (prompts stored after prefill, answers when a request ends).
 
 Per mode: the sum and median of time to first token over all turns, the time its requests took,
-tokens reused (pool and L3 counters), and whether every answer equals mode `none`'s.
+tokens reused (pool and L3 counters), and whether every answer equals mode `none`'s; and the
+capacity side: the KV of all sessions' conversations at the end and what L3 holds, against the
+pool that serves them.
 Writes JSON (command, date, commit, machine) and a bar plot beside it.
 
     python bench/agent_sessions_cpu.py --out bench/results/agent_sessions_cpu.json
@@ -125,13 +127,26 @@ def main() -> int:
                 print(f"turn {t + 1} session {s + 1} ({len(modes[0].history[s])} tokens): "
                       + "  ".join(f"{m.mode} {m.ttfts[-1]:.2f} s" for m in modes), flush=True)
                 i += 1
-        rows = [m.row() for m in modes]
         for m in modes:
-            m.llm.close()
+            m.llm.close()   # queued L3 writes land before the directory is measured
+        rows = [m.row() for m in modes]
+        kv_token = PagedKVCache.page_bytes(num_layers=loaded.config.num_layers, page_size=1,
+                                           num_kv_heads=loaded.config.num_kv_heads, head_dim=loaded.config.head_dim,
+                                           dtype=torch.float32)
+        sessions_gib = sum(len(h) for h in modes[0].history) * kv_token / 2**30
+        l3_gib = sum(f.stat().st_size for f in (Path(tmp) / "l3").rglob("*") if f.is_file()) / 2**30
+        for r in rows:   # capacity: the KV of every session's conversation against the pool that serves them
+            r["sessions_kv_gib"] = round(sessions_gib, 3)
+            r["sessions_kv_vs_pool"] = round(sessions_gib / r["pool_gib"], 2)
+            if r["mode"] == "pool+l3":
+                r["l3_gib"] = round(l3_gib, 3)
+                r["l3_vs_pool"] = round(l3_gib / r["pool_gib"], 2)
     base = rows[0]
     print(f"\n{a.sessions} sessions x {a.turns} turns, documents of {a.doc_tokens} tokens, pool of "
           f"{rows[0]['pool_pages']} pages ({rows[0]['pool_gib']} GiB, ~{a.pool_sessions} sessions), "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads; the sessions' KV at the end {base['sessions_kv_gib']} GiB "
+          f"({base['sessions_kv_vs_pool']}x the pool)"
+          + "".join(f", L3 holds {r['l3_gib']} GiB ({r['l3_vs_pool']}x the pool)" for r in rows if "l3_gib" in r))
     print(f"{'mode':10s}{'TTFT sum s':>12s}{'median s':>10s}{'vs ' + base['mode']:>10s}{'busy s':>9s}"
           f"{'reused tok':>12s}  same answers")
     for r in rows:
