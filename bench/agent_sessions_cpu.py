@@ -128,8 +128,11 @@ def main() -> int:
                       + "  ".join(f"{m.mode} {m.ttfts[-1]:.2f} s" for m in modes), flush=True)
                 i += 1
         for m in modes:
-            m.llm.close()   # queued L3 writes land before the directory is measured
+            if m.llm.engine.l3_prefix is not None:
+                m.llm.engine.l3_prefix.drain()   # queued L3 writes land before the directory is measured
         rows = [m.row() for m in modes]
+        for m in modes:
+            m.llm.close()
         kv_token = PagedKVCache.page_bytes(num_layers=loaded.config.num_layers, page_size=1,
                                            num_kv_heads=loaded.config.num_kv_heads, head_dim=loaded.config.head_dim,
                                            dtype=torch.float32)
