@@ -250,6 +250,14 @@ def test_dense_layers_equal_to_the_model_give_dense_tokens(preset, algorithm):
             sparse=_sparse(**small, dense_layers=layers + 1))
 
 
+def _tiny_prompts_sharing(seed: int, common: int, tail: int):
+    """The tiny random model and two random prompts that share their first `common` tokens."""
+    tiny = load_model("random:tiny-llama", device=torch.device("cpu"), dtype=torch.float32, progress=False)
+    g = torch.Generator().manual_seed(seed)
+    head = torch.randint(3, 500, (common,), generator=g).tolist()
+    return tiny, [head + torch.randint(3, 500, (tail,), generator=g).tolist() for _ in range(2)]
+
+
 def _shared_prefix_run(tiny, prompts, params, *, prefix_cache, num_kv_pages, residency="auto"):
     """Greedy tokens of `prompts` on the tiny model with quest (budget 96, page 16), each prompt
     added once the previous one's prefill is done (so a later one can find its pages), and what the
@@ -289,10 +297,7 @@ def test_resident_sparse_requests_reuse_a_cached_prefix_with_the_same_tokens():
     the pool instead of prefilling them, and quest's page summaries of them are built from their keys
     (a missing summary would change the picks at a budget of 96 of ~300 tokens): the same greedy
     tokens as without the prefix cache."""
-    tiny = load_model("random:tiny-llama", device=torch.device("cpu"), dtype=torch.float32, progress=False)
-    g = torch.Generator().manual_seed(11)
-    common = torch.randint(3, 500, (256,), generator=g).tolist()
-    prompts = [common + torch.randint(3, 500, (44,), generator=g).tolist() for _ in range(2)]
+    tiny, prompts = _tiny_prompts_sharing(11, 256, 44)
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     want, hit, _, _ = _shared_prefix_run(tiny, prompts, params, prefix_cache=False, num_kv_pages=200)
     assert hit == 0
@@ -305,10 +310,7 @@ def test_a_demoted_request_keeps_only_pages_it_holds_alone():
     grow: the younger is demoted mid-generation. Its LRU buffer is made of pages it holds alone (the
     shared ones, which the elder still reads, are let go, not overwritten), each still holding its
     logical page. Both requests' tokens equal a run where neither shares nor moves."""
-    tiny = load_model("random:tiny-llama", device=torch.device("cpu"), dtype=torch.float32, progress=False)
-    g = torch.Generator().manual_seed(12)
-    common = torch.randint(3, 500, (128,), generator=g).tolist()
-    prompts = [common + torch.randint(3, 500, (200,), generator=g).tolist() for _ in range(2)]
+    tiny, prompts = _tiny_prompts_sharing(12, 128, 200)
     params = SamplingParams(max_tokens=40, ignore_eos=True)
     want, _, demotions, _ = _shared_prefix_run(tiny, prompts, params, prefix_cache=False, num_kv_pages=200)
     assert demotions == 0
@@ -322,10 +324,7 @@ def test_a_resident_sparse_request_loads_its_prefix_from_l3(tmp_path):
     """Another engine's sparse request over the same 256-token prefix loads those 16 pages from L3
     (written by the first engine's resident sparse request) instead of prefilling them, rebuilds
     quest's summaries from their keys, and gives the tokens of a run without L3."""
-    tiny = load_model("random:tiny-llama", device=torch.device("cpu"), dtype=torch.float32, progress=False)
-    g = torch.Generator().manual_seed(13)
-    common = torch.randint(3, 500, (256,), generator=g).tolist()
-    prompts = [common + torch.randint(3, 500, (44,), generator=g).tolist() for _ in range(2)]
+    tiny, prompts = _tiny_prompts_sharing(13, 256, 44)
     params = SamplingParams(max_tokens=24, ignore_eos=True)
 
     def engine(l3):
