@@ -117,6 +117,8 @@ def indexer_scores(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Te
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("use_triton=True with CPU tensors needs TRITON_INTERPRET=1 set before triton is "
                          "imported; move the tensors to CUDA or pass use_triton=False")
+    import triton
+
     from hisa.attention.triton_dsa_indexer import dsa_indexer_scores_kernel
 
     B, IH, ID = q.shape
@@ -134,8 +136,8 @@ def indexer_scores(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Te
         q.stride(0), q.stride(1), q.stride(2), weights.stride(0), weights.stride(1),
         index_cache.stride(0), index_cache.stride(1), index_cache.stride(2),
         page_table.stride(0), page_table.stride(1), lengths.stride(0), out.stride(0),
-        IH=IH, ID=ID, S=S, BLOCK_H=max(16, _next_pow2(IH)), BLOCK_D=max(16, _next_pow2(ID)), BLOCK_T=block_t,
-        TILES=tiles, DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
+        IH=IH, ID=ID, S=S, BLOCK_H=max(16, triton.next_power_of_2(IH)), BLOCK_D=max(16, triton.next_power_of_2(ID)),
+        BLOCK_T=block_t, TILES=tiles, DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
         num_warps=num_warps if q.is_cuda else 1)
     return out
 
@@ -177,10 +179,6 @@ def indexer_topk_prefill(q: torch.Tensor, weights: torch.Tensor, keys: torch.Ten
         scores = scores.masked_fill(kpos[None, :] > qpos[:, None], float("-inf"))
         out[lo:hi] = _topk_or_pad(scores, k)
     return out
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _validate(q, weights, index_cache, page_table, lengths, *, scale, block_t, tiles) -> None:

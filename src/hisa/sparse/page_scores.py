@@ -31,27 +31,6 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sslots:
 
     block_p (pages per program, a power of two >= 16) and num_warps tune the logits kernel; None takes
     the module's BLOCK_P / LOGITS_WARPS."""
-    _check_summaries(q, kmin, kmax, kmean)
-    R, H, D = q.shape
-    MAXP = kmin.shape[1]
-    if use_triton is None:
-        use_triton = q.is_cuda
-    if not use_triton:
-        return page_scores_ref(q, kmin, kmax, sslots, lo, hi, scale=scale, kmean=kmean)
-    from hisa.sparse.triton_page_scores import page_scores_kernel
-
-    logits, mpart, spart, PB, block_p = _page_logits(q, kmin, kmax, sslots, lo, hi, scale=scale, kmean=kmean,
-                                                     block_p=block_p, num_warps=num_warps)
-    scores = torch.empty(R, MAXP, dtype=torch.float32, device=q.device)
-    if R:
-        page_scores_kernel[(R, PB)](
-            logits[0], mpart[0], spart[0], logits[-1], mpart[-1], spart[-1], lo, hi, scores, MAXP, PB,
-            H=H, BLOCK_P=block_p, BLOCK_PB=max(2, _next_pow2(PB)), BLOCK_H=max(2, _next_pow2(H)),
-            HAS_MEAN=kmean is not None, num_warps=4)
-    return scores
-
-
-def _check_summaries(q, kmin, kmax, kmean) -> None:
     R, H, D = q.shape
     SS, MAXP, KVH, Dm = kmin.shape
     if Dm != D or H % KVH or kmax.shape != kmin.shape or (kmean is not None and kmean.shape != kmin.shape):
@@ -61,14 +40,12 @@ def _check_summaries(q, kmin, kmax, kmean) -> None:
             raise ValueError(f"{name} must be contiguous in its last two dims, got strides {t.stride()}")
     if q.stride(2) != 1:
         raise ValueError(f"q must be contiguous in its last dim, got strides {q.stride()}")
+    if use_triton is None:
+        use_triton = q.is_cuda
+    if not use_triton:
+        return page_scores_ref(q, kmin, kmax, sslots, lo, hi, scale=scale, kmean=kmean)
+    from hisa.sparse.triton_page_scores import page_logits_kernel, page_scores_kernel
 
-
-def _page_logits(q, kmin, kmax, sslots, lo, hi, *, scale, kmean, block_p, num_warps):
-    """Run page_logits_kernel: (logits, mpart, spart) each [terms, ...] (terms = 2 with kmean), PB, block_p."""
-    from hisa.sparse.triton_page_scores import page_logits_kernel
-
-    R, H, D = q.shape
-    SS, MAXP, KVH, _ = kmin.shape
     block_p = BLOCK_P if block_p is None else block_p
     num_warps = LOGITS_WARPS if num_warps is None else num_warps
     if block_p < 16 or block_p & (block_p - 1):
@@ -82,16 +59,23 @@ def _page_logits(q, kmin, kmax, sslots, lo, hi, *, scale, kmean, block_p, num_wa
     logits = torch.empty(n_terms, R, H, MAXP, **f32)
     mpart = torch.empty(n_terms, R, PB, H, **f32)
     spart = torch.empty(n_terms, R, PB, H, **f32)
-    if R:
-        page_logits_kernel[(R, PB, KVH)](
-            q, kmin, kmax, kmean if kmean is not None else kmin, sslots, lo, hi,
-            logits[0], mpart[0], spart[0], logits[-1], mpart[-1], spart[-1],
-            scale * _LOG2E, MAXP, PB,
-            q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), kmin.stride(2),
-            H=H, G=H // KVH, D=D, BLOCK_P=block_p, BLOCK_D=max(16, _next_pow2(D)),
-            BLOCK_G=max(16, _next_pow2(H // KVH)), HAS_MEAN=kmean is not None,
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps)
-    return logits, mpart, spart, PB, block_p
+    scores = torch.empty(R, MAXP, **f32)
+    if R == 0:
+        return scores
+    second = (logits[-1], mpart[-1], spart[-1])
+    page_logits_kernel[(R, PB, KVH)](
+        q, kmin, kmax, kmean if kmean is not None else kmin, sslots, lo, hi,
+        logits[0], mpart[0], spart[0], *second,
+        scale * _LOG2E, MAXP, PB,
+        q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), kmin.stride(2),
+        H=H, G=H // KVH, D=D, BLOCK_P=block_p, BLOCK_D=max(16, _next_pow2(D)),
+        BLOCK_G=max(16, _next_pow2(H // KVH)), HAS_MEAN=kmean is not None,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps)
+    page_scores_kernel[(R, PB)](
+        logits[0], mpart[0], spart[0], *second, lo, hi, scores, MAXP, PB,
+        H=H, BLOCK_P=block_p, BLOCK_PB=max(2, _next_pow2(PB)), BLOCK_H=max(2, _next_pow2(H)),
+        HAS_MEAN=kmean is not None, num_warps=4)
+    return scores
 
 
 def page_scores_ref(q, kmin, kmax, sslots, lo, hi, *, scale: float, kmean=None) -> torch.Tensor:

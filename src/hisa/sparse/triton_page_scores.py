@@ -140,30 +140,23 @@ def select_pages_kernel(
     MAXP, stride_o,
     K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Top-K pages of each row by score, written in page order (`_select_in_page_order`)."""
+    """Top-K pages of each row by score, written in page order (no sort).
+
+    Scores of valid pages are non-negative, so their fp32 bit patterns order like the values. A
+    search finds the K-th largest pattern T = max{t : #(patterns >= t) >= K}: each round cuts the
+    candidate range [t_lo, t_hi] in three and counts the patterns at or above both cuts in one
+    reduction (two counts packed 16 bits apart in an int32; 32 bits apart in an int64 when a row
+    has 2^15 pages or more), so 20 rounds (3^20 > 2^31) replace a binary search's 31. The pages
+    above T and the first (lowest) pages equal to T make the K; ties go to the lower page, as a
+    stable sort would. (On an H200 the three-way search was the fastest at 1,028 pages, 9.3 vs
+    10.2 µs per call for two-way and 10.5 for four-way counts packed in an int64; at 4,096 the three
+    were within 4 µs: bench/results/selection_kernels_gpu_h200_v2.json.)"""
     r = tl.program_id(0).to(tl.int64)
     lo = tl.load(lo_ptr + r)
     hi = tl.load(hi_ptr + r)
     p = tl.arange(0, BLOCK)
     valid = (p >= lo) & (p < hi) & (p < MAXP)
     score = tl.load(score_ptr + r * MAXP + p, mask=valid, other=0.0)
-    _select_in_page_order(score, valid, p, out_ptr + r * stride_o, K, BLOCK_K, BLOCK > 16384)
-
-
-@triton.jit
-def _select_in_page_order(score, valid, p, out_ptr, K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_WIDE: tl.constexpr):
-    """Write the top K of `score` (>= 0 where valid) to out_ptr[0:K] in page order, -1 padded.
-
-    Scores of valid pages are non-negative, so their fp32 bit patterns order like the values. A
-    search finds the K-th largest pattern T = max{t : #(patterns >= t) >= K}: each round cuts the
-    candidate range [t_lo, t_hi] in three and counts the patterns at or above both cuts in one
-    reduction (two counts packed 16 bits apart in an int32; 32 bits apart in an int64 when a row
-    has 2^15 pages or more: BLOCK_WIDE), so
-    20 rounds (3^20 > 2^31) replace a binary search's 31. The pages above T and the first (lowest)
-    pages equal to T make the K; ties go to the lower page, as a stable sort would. (On an H200 the
-    three-way search was the fastest at 1,028 pages, 9.3 vs 10.2 µs per call for two-way and 10.5
-    for four-way counts packed in an int64; at 4,096 the three were within 4 µs:
-    bench/results/selection_kernels_gpu_h200_v2.json.)"""
     bits = tl.where(valid, score.to(tl.int32, bitcast=True), -1).to(tl.int64)  # -1 outside the range
     kk = tl.minimum(tl.sum(valid.to(tl.int32), axis=0), K)
     t_lo = tl.zeros([], dtype=tl.int64)
@@ -172,7 +165,7 @@ def _select_in_page_order(score, valid, p, out_ptr, K: tl.constexpr, BLOCK_K: tl
         step = (t_hi - t_lo + 3) // 3  # a third of the range, rounded up (>= 1)
         c1 = t_lo + step
         c2 = c1 + step
-        if BLOCK_WIDE:  # rows of 2^15 pages and more: the counts 32 bits apart in an int64
+        if BLOCK > 16384:  # rows of 2^15 pages and more: the counts 32 bits apart in an int64
             packed = tl.sum((bits >= c1).to(tl.int64) + ((bits >= c2).to(tl.int64) << 32), axis=0)
             n1 = packed & 0xFFFFFFFF
             n2 = packed >> 32
@@ -187,6 +180,6 @@ def _select_in_page_order(score, valid, p, out_ptr, K: tl.constexpr, BLOCK_K: tl
     need = kk - tl.sum(above.to(tl.int32), axis=0)
     take = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= need))
     pos = tl.cumsum(take.to(tl.int32), axis=0) - 1
-    tl.store(out_ptr + pos, p, mask=take)
+    tl.store(out_ptr + r * stride_o + pos, p, mask=take)
     k = tl.arange(0, BLOCK_K)
-    tl.store(out_ptr + k, tl.full([BLOCK_K], -1, tl.int32), mask=(k >= kk) & (k < K))
+    tl.store(out_ptr + r * stride_o + k, tl.full([BLOCK_K], -1, tl.int32), mask=(k >= kk) & (k < K))
