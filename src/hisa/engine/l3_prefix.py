@@ -248,11 +248,8 @@ class L3PrefixCache:
                 continue
             released += 1
             if scheduler.prefix is not None:
-                scheduler.prefix.register([seq])
-                scheduler.prefix.unmatch(seq)
-            else:
-                scheduler.allocator.free(seq.pages[::-1])
-                seq.pages, seq.num_computed, seq.num_registered = [], 0, 0
+                scheduler.prefix.register([seq])  # the loaded pages stay cached under their prefix
+            scheduler.give_back(seq)
             if not seq.sparse:  # a sparse one may not fit resident (only resident requests take pages): once
                 self._looked_up.pop(seq.request_id, None)
         return released

@@ -16,10 +16,10 @@ Sparse requests take part while they are *resident* (every page in the pool): a 
 matched a prefix must be admitted resident (`Scheduler._admit`; if only the host pool has room it
 gives the pages back and prefills host-backed), its representations of the shared pages are built
 from their keys with its first chunk (`SparseCoordinator.prefill_resident`), and when it is demoted
-to the host pool the device pages it keeps as its buffer are made its own first: a page another
-request holds is copied to a fresh page, one it holds alone is forgotten by the cache (it will be
-overwritten). Host-backed requests register nothing (their pages are host pages). DeepSeek-V3.2
-models (MLA cache) do not use this. Torch-free.
+to the host pool its LRU slots are pages it holds alone, unnamed by the cache (they will be
+overwritten), while the pages it shares only lose its reference (`Scheduler._demote_one`).
+Host-backed requests register nothing (their pages are host pages). DeepSeek-V3.2 models (MLA
+cache) do not use this. Torch-free.
 
 Example::
 
@@ -90,12 +90,6 @@ class DevicePrefixCache:
         self.stats.pages_hit += len(pages)
         self.stats.tokens_hit += seq.num_computed
         return seq.num_computed
-
-    def unmatch(self, seq: Sequence) -> None:
-        """Undo `match` for a request that was not admitted after all (its pages go back to the cache)."""
-        if seq.pages:
-            self.allocator.free(seq.pages[::-1])  # tail first into the LRU, as Scheduler._release
-        seq.pages, seq.num_computed, seq.num_registered = [], 0, 0
 
     def register(self, seqs: list[Sequence]) -> None:
         """Register the pages of `seqs` (after a step) that have filled since last time; a host-backed

@@ -143,6 +143,13 @@ class Scheduler:
             self._free_slots.append(seq.slot)
             seq.slot = None
 
+    def give_back(self, seq: Sequence) -> None:
+        """A waiting request that holds pages (a matched prefix, or pages loaded from L3) but was not
+        admitted returns them, last page first (as `_release`), and counts nothing as computed."""
+        if seq.pages:
+            self.allocator.free(seq.pages[::-1])
+        seq.pages, seq.num_computed, seq.num_registered = [], 0, 0
+
     def pages_needed(self, seq: Sequence, num_new: int) -> int:
         total = -(-(seq.num_computed + num_new) // self.page_size)
         return max(0, total - len(seq.pages))
@@ -207,7 +214,7 @@ class Scheduler:
             n = min(shares[seq], budget, seq.num_tokens - seq.num_computed)
             admitted = self._admit(seq, n, reserve)
             if not admitted and matched:
-                self.prefix.unmatch(seq)
+                self.give_back(seq)
                 if seq.sparse:  # it may still go host-backed, prefilling its prefix after all
                     n = min(shares[seq], budget, seq.num_tokens)
                     admitted = self._admit(seq, n, reserve)
@@ -265,7 +272,8 @@ class Scheduler:
             body, tail = device_pages[:-1], device_pages[-1]
             own = [i for i, p in enumerate(body) if self.allocator.refs(p) == 1]
             kept = own[: keep - 1]
-            fresh_n = keep - 1 - len(kept) + (self.allocator.refs(tail) > 1)
+            tail_shared = self.allocator.refs(tail) > 1
+            fresh_n = keep - 1 - len(kept) + tail_shared
             if fresh_n > self.allocator.num_free + len(own) - len(kept):
                 continue  # demoting it would not even make room for its own buffer
             keep_set = set(kept)
@@ -273,7 +281,7 @@ class Scheduler:
             seq.pages = host.allocate(len(device_pages))
             fresh = self.allocator.allocate(fresh_n)
             copies = []
-            if self.allocator.refs(tail) > 1:
+            if tail_shared:
                 copies.append((tail, fresh.pop()))
                 self.allocator.free([tail])
                 tail = copies[0][1]
