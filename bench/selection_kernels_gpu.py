@@ -29,7 +29,6 @@ shape (partial: true until the end) and a plot beside it at the end.
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 from pathlib import Path
 
@@ -48,7 +47,11 @@ SHAPES = {"32K x 8": (32768, 8), "128K x 4": (131072, 4), "128K x 11": (131072, 
 SLACK_PAGES = 4  # an engine's rows have a few page slots past the prompt (the tokens it generates)
 LOWBIT_BITS, LOWBIT_GROUP = 4, 32
 LOWBIT_SETTINGS = ((64, 4), (128, 4), (32, 4))  # (sub_tokens, num_warps); the first is the default
-BLOCK_P_WARPS = ((64, 4), (32, 4), (64, 8))  # the logits kernel's settings; the first is the default
+BLOCK_P_WARPS = ((64, 4, None), (64, 4, True), (64, 4, False), (32, 4, True), (128, 8, True))  # the logits kernel's
+# (block_p, num_warps, head_fast) settings; the first is the default
+DECODE_SETTINGS = ((None, 64, None, None), (None, 64, True, None), (None, 64, False, None), (None, 64, True, 4),
+                   (None, 64, True, 2), (None, 32, True, 4), (16, 32, True, 3), (4, 64, True, 4))
+# (num_splits, block_n, head_fast, num_stages) of paged decode over the selected pages; the first is the default
 KERNELS = {"page_scores": ("page_scores", "select_pages"), "decode": ("paged_decode",),
            "lowbit": ("lowbit_scores", "lowbit_select")}
 
@@ -75,18 +78,23 @@ def sweep_scores(ctx: int, rows: int, reps: int) -> list[dict]:
     base_pages = select_pages(base_scores, lo, hi, k)
     nbytes = rows * maxp * KVH * D * 2 * 2  # kmin + kmax, bf16
     out = []
-    for block_p, warps in BLOCK_P_WARPS:
-        got = page_scores(q, *meta[0], ss, lo, hi, scale=scale, block_p=block_p, num_warps=warps)
+    for block_p, warps, head_fast in BLOCK_P_WARPS:
+        kw = dict(block_p=block_p, num_warps=warps, head_fast=head_fast)
+        got = page_scores(q, *meta[0], ss, lo, hi, scale=scale, **kw)
         ok = torch.allclose(got.nan_to_num(0, neginf=0), base_scores.nan_to_num(0, neginf=0), rtol=1e-4, atol=1e-6)
-        us = graph_us([lambda m=m: page_scores(q, *m, ss, lo, hi, scale=scale, block_p=block_p, num_warps=warps)
-                       for m in meta], reps)
-        out.append(dict(kernel="page_scores", block_p=block_p, num_warps=warps, us=us, ok=ok, gb_s=nbytes / us / 1e3))
+        us = graph_us([lambda m=m: page_scores(q, *m, ss, lo, hi, scale=scale, **kw) for m in meta], reps)
+        out.append(dict(kernel="page_scores", block_p=block_p, num_warps=warps,
+                        head_fast="default" if head_fast is None else head_fast, us=us, ok=ok, gb_s=nbytes / us / 1e3))
         progress(out[-1])
     scores = [page_scores(q, *m, ss, lo, hi, scale=scale) for m in meta]
-    for warps in (None, 4, 8):
-        ok = torch.equal(select_pages(base_scores, lo, hi, k, num_warps=warps), base_pages)
-        us = graph_us([lambda s_=s_: select_pages(s_, lo, hi, k, num_warps=warps) for s_ in scores], reps)
-        out.append(dict(kernel="select_pages", num_warps=warps or "auto", us=us, ok=ok))
+    for warps, early in ((None, None), (None, True), (None, False), (4, True), (16, True)):
+        ok = torch.equal(select_pages(base_scores, lo, hi, k, num_warps=warps, early_exit=early), base_pages)
+        ok = ok and all(torch.equal(select_pages(s_, lo, hi, k, num_warps=warps, early_exit=early),
+                                    select_pages(s_, lo, hi, k, early_exit=False)) for s_ in scores[:4])
+        us = graph_us([lambda s_=s_: select_pages(s_, lo, hi, k, num_warps=warps, early_exit=early) for s_ in scores],
+                      reps)
+        out.append(dict(kernel="select_pages", num_warps=warps or "auto",
+                        early_exit="default" if early is None else early, us=us, ok=ok))
         progress(out[-1])
     return out
 
@@ -108,15 +116,16 @@ def sweep_decode(rows: int, reps: int) -> list[dict]:
     want = paged_decode_attention(q, caches[0][:, 0], caches[0][:, 1], tables[0], lens, scale=scale)
     nbytes = rows * kv_len * KVH * D * 2 * 2
     out = []
-    for splits, block_n in itertools.product((None, 4, 16), (32, 64)):
-        got = paged_decode_attention(q, caches[0][:, 0], caches[0][:, 1], tables[0], lens, scale=scale,
-                                     num_splits=splits, block_n=block_n)
+    for splits, block_n, head_fast, stages in DECODE_SETTINGS:
+        kw = dict(num_splits=splits, block_n=block_n, head_fast=head_fast, num_stages=stages)
+        got = paged_decode_attention(q, caches[0][:, 0], caches[0][:, 1], tables[0], lens, scale=scale, **kw)
         ok = torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2)
         us = graph_us([lambda i=i: paged_decode_attention(q, caches[i][:, 0], caches[i][:, 1], tables[i], lens,
-                                                          scale=scale, num_splits=splits, block_n=block_n,
-                                                          out=outs[i]) for i in range(LAYERS)], reps)
-        out.append(dict(kernel="paged_decode", num_splits=splits or "auto", block_n=block_n, us=us, ok=ok,
-                        gb_s=nbytes / us / 1e3))
+                                                          scale=scale, out=outs[i], **kw) for i in range(LAYERS)],
+                      reps)
+        out.append(dict(kernel="paged_decode", num_splits=splits or "auto", block_n=block_n,
+                        head_fast="default" if head_fast is None else head_fast, num_stages=stages or "default",
+                        us=us, ok=ok, gb_s=nbytes / us / 1e3))
         progress(out[-1])
     return out
 

@@ -107,12 +107,12 @@ def _summaries(ss, maxp, kvh, d, dtype, device):
 
 
 @pytest.mark.parametrize("with_mean", [False, True])
-@pytest.mark.parametrize("h,kvh,d,maxp,block_p", [(6, 2, 16, 70, None), (4, 4, 32, 33, 16), (9, 3, 64, 40, 64),
-                                                   (6, 2, 8, 20, 16)])
-def test_page_scores_triton_matches_reference(with_mean, h, kvh, d, maxp, block_p):
+@pytest.mark.parametrize("h,kvh,d,maxp,block_p,head_fast", [(6, 2, 16, 70, None, None), (4, 4, 32, 33, 16, True),
+                                                             (9, 3, 64, 40, 64, False), (6, 2, 8, 20, 16, None)])
+def test_page_scores_triton_matches_reference(with_mean, h, kvh, d, maxp, block_p, head_fast):
     """Two Triton kernels (per-block logits + softmax partials, then the merge) against the torch
     reference: rows with a middle range, a row that selects nothing, ranges cut at block edges, at
-    the default and two other pages-per-program tunings, a head dim under tl.dot's 16."""
+    the default and two other pages-per-program tunings, both grid orders, a head dim under tl.dot's 16."""
     torch.manual_seed(h * 100 + maxp)
     R, SS = 4, 5
     q = torch.randn(R, h, d)
@@ -122,7 +122,8 @@ def test_page_scores_triton_matches_reference(with_mean, h, kvh, d, maxp, block_
     args = (q, kmin, kmax, ss, lo, hi)
     want = page_scores_ref(*args, scale=0.3, kmean=kmean if with_mean else None)
     args, kmean = tuple(x.to(DEV) for x in args), kmean.to(DEV)  # Triton on the GPU, or the interpreter
-    got = page_scores(*args, scale=0.3, kmean=kmean if with_mean else None, use_triton=True, block_p=block_p).cpu()
+    got = page_scores(*args, scale=0.3, kmean=kmean if with_mean else None, use_triton=True, block_p=block_p,
+                      head_fast=head_fast).cpu()
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     torch.testing.assert_close(got.nan_to_num(0, neginf=0), want.nan_to_num(0, neginf=0), rtol=1e-5, atol=1e-6)
     assert torch.isinf(got[1]).all()  # the row with an empty range scores nothing
@@ -161,6 +162,9 @@ def test_select_pages_triton_matches_reference(maxp, k):
     want = select_pages_ref(scores, lo, hi, k)
     got = select_pages(scores.to(DEV), lo.to(DEV), hi.to(DEV), k, use_triton=True).cpu()
     assert torch.equal(got, want)
+    if maxp < 1000:  # the full 20-round search (no early exit) picks the same pages
+        assert torch.equal(select_pages(scores.to(DEV), lo.to(DEV), hi.to(DEV), k, use_triton=True,
+                                        early_exit=False).cpu(), want)
     assert (want[1] == -1).all()
     for r in range(R):  # each row holds min(k, valid) distinct pages of its range, ascending
         row = [x for x in want[r].tolist() if x >= 0]
@@ -172,8 +176,8 @@ def test_select_pages_triton_matches_reference(maxp, k):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (real sizes)")
-@pytest.mark.parametrize("num_warps", [None, 1, 8])
-def test_select_pages_real_sizes_on_gpu(num_warps):
+@pytest.mark.parametrize("num_warps,early_exit", [(None, None), (1, None), (8, None), (None, False)])
+def test_select_pages_real_sizes_on_gpu(num_warps, early_exit):
     """128K tokens at page 32 (4,096 pages) and 32K (1,024), 62 of them kept: the radix select picks
     the stable sort's pages, at the default warps and two others."""
     torch.manual_seed(num_warps or 0)
@@ -184,5 +188,5 @@ def test_select_pages_real_sizes_on_gpu(num_warps):
         hi = torch.tensor([maxp - 1, maxp - 1, 40, maxp, 1, maxp], dtype=torch.int32, device="cuda")
         p = torch.arange(maxp, device="cuda")
         scores = torch.where((p[None, :] >= lo[:, None]) & (p[None, :] < hi[:, None]), scores, float("-inf"))
-        got = select_pages(scores, lo, hi, 62, num_warps=num_warps)
+        got = select_pages(scores, lo, hi, 62, num_warps=num_warps, early_exit=early_exit)
         assert torch.equal(got, select_pages_ref(scores, lo, hi, 62))

@@ -21,12 +21,14 @@ import torch
 _LOG2E = 1.4426950408889634
 BLOCK_P = 64  # pages per program of the logits kernel (a tuning knob; `bench/selection_kernels_gpu.py`)
 LOGITS_WARPS = 4
+HEAD_FAST = False  # the logits kernel's grid order (a tuning knob): kv heads fastest, or rows
+SELECT_EARLY_EXIT = True  # select_pages stops its search once exactly k pages are at or above the cut
 
 
 def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sslots: torch.Tensor, lo: torch.Tensor,
                 hi: torch.Tensor, *, scale: float, kmean: torch.Tensor | None = None,
                 use_triton: bool | None = None, block_p: int | None = None,
-                num_warps: int | None = None) -> torch.Tensor:
+                num_warps: int | None = None, head_fast: bool | None = None) -> torch.Tensor:
     """Score every page of each row's middle range (see the module docstring). fp32 [R, MAXP].
 
     block_p (pages per program, a power of two >= 16) and num_warps tune the logits kernel; None takes
@@ -63,14 +65,15 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sslots:
     if R == 0:
         return scores
     second = (logits[-1], mpart[-1], spart[-1])
-    page_logits_kernel[(R, PB, KVH)](
+    head_fast = HEAD_FAST if head_fast is None else head_fast
+    page_logits_kernel[(KVH, PB, R) if head_fast else (R, PB, KVH)](
         q, kmin, kmax, kmean if kmean is not None else kmin, sslots, lo, hi,
         logits[0], mpart[0], spart[0], *second,
         scale * _LOG2E, MAXP, PB,
         q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), kmin.stride(2),
         H=H, G=H // KVH, D=D, BLOCK_P=block_p, BLOCK_D=max(16, _next_pow2(D)),
         BLOCK_G=max(16, _next_pow2(H // KVH)), HAS_MEAN=kmean is not None,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps)
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HEAD_FAST=head_fast, num_warps=num_warps)
     page_scores_kernel[(R, PB)](
         logits[0], mpart[0], spart[0], *second, lo, hi, scores, MAXP, PB,
         H=H, BLOCK_P=block_p, BLOCK_PB=max(2, _next_pow2(PB)), BLOCK_H=max(2, _next_pow2(H)),
@@ -102,7 +105,8 @@ def _next_pow2(n: int) -> int:
 
 
 def select_pages(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, k: int, *,
-                 use_triton: bool | None = None, num_warps: int | None = None) -> torch.Tensor:
+                 use_triton: bool | None = None, num_warps: int | None = None,
+                 early_exit: bool | None = None) -> torch.Tensor:
     """The k best pages of each row by score, in page order: int32 [R, k], -1 padded.
 
     scores: fp32 [R, MAXP] (what `page_scores` returns: >= 0 inside each row's [lo, hi), -inf
@@ -121,7 +125,8 @@ def select_pages(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, k: in
     if R and k:
         block = _next_pow2(MAXP)
         select_pages_kernel[(R,)](scores, lo, hi, out, MAXP, out.stride(0), K=k, BLOCK=block,
-                                  BLOCK_K=_next_pow2(k), num_warps=num_warps or (8 if block >= 2048 else 4))
+                                  BLOCK_K=_next_pow2(k), num_warps=num_warps or (8 if block >= 2048 else 4),
+                                  EARLY_EXIT=SELECT_EARLY_EXIT if early_exit is None else early_exit)
     return out
 
 

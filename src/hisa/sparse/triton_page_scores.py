@@ -34,11 +34,16 @@ def page_logits_kernel(
     stride_qr, stride_qh, stride_ms, stride_mp, stride_mh,
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, HAS_MEAN: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HEAD_FAST: tl.constexpr,
 ):
-    r = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1)
-    j = tl.program_id(2)  # the kv head
+    if HEAD_FAST:  # grid (KVH, PB, R): neighbouring programs read neighbouring heads of the same pages
+        j = tl.program_id(0)
+        b = tl.program_id(1)
+        r = tl.program_id(2).to(tl.int64)
+    else:  # grid (R, PB, KVH)
+        r = tl.program_id(0).to(tl.int64)
+        b = tl.program_id(1)
+        j = tl.program_id(2)  # the kv head
     sslot = tl.load(sslot_ptr + r).to(tl.int64)
     lo = tl.load(lo_ptr + r)
     hi = tl.load(hi_ptr + r)
@@ -138,7 +143,7 @@ def select_pages_kernel(
     lo_ptr, hi_ptr,                 # int32 [R]
     out_ptr,                        # int32 [R, K] out: the chosen pages in page order, -1 padded
     MAXP, stride_o,
-    K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+    K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, EARLY_EXIT: tl.constexpr,
 ):
     """Top-K pages of each row by score, written in page order (no sort).
 
@@ -161,20 +166,17 @@ def select_pages_kernel(
     kk = tl.minimum(tl.sum(valid.to(tl.int32), axis=0), K)
     t_lo = tl.zeros([], dtype=tl.int64)
     t_hi = tl.full([], 2147483647, tl.int64)  # bits of valid scores are in [0, 2^31 - 1)
-    for _ in range(20):
-        step = (t_hi - t_lo + 3) // 3  # a third of the range, rounded up (>= 1)
-        c1 = t_lo + step
-        c2 = c1 + step
-        if BLOCK > 16384:  # rows of 2^15 pages and more: the counts 32 bits apart in an int64
-            packed = tl.sum((bits >= c1).to(tl.int64) + ((bits >= c2).to(tl.int64) << 32), axis=0)
-            n1 = packed & 0xFFFFFFFF
-            n2 = packed >> 32
-        else:
-            packed = tl.sum((bits >= c1).to(tl.int32) + ((bits >= c2).to(tl.int32) << 16), axis=0)
-            n1 = packed & 0xFFFF
-            n2 = packed >> 16
-        t_hi = tl.where(n2 >= kk, t_hi, tl.where(n1 >= kk, tl.minimum(c2 - 1, t_hi), c1 - 1))
-        t_lo = tl.where(n2 >= kk, c2, tl.where(n1 >= kk, c1, t_lo))
+    n_lo = tl.sum(valid.to(tl.int32), axis=0).to(tl.int64)  # patterns >= t_lo
+    if EARLY_EXIT:
+        # stop once exactly kk patterns are >= t_lo (they are the top kk, ties and all) or the range is
+        # one pattern: with distinct scores this takes about half the rounds
+        rounds = tl.zeros([], dtype=tl.int32)
+        while (rounds < 20) & (t_lo < t_hi) & (n_lo != kk):
+            t_lo, t_hi, n_lo = _trisect(bits, kk, t_lo, t_hi, n_lo, BLOCK)
+            rounds += 1
+    else:
+        for _ in range(20):
+            t_lo, t_hi, n_lo = _trisect(bits, kk, t_lo, t_hi, n_lo, BLOCK)
     above = bits > t_lo
     tie = (bits == t_lo) & valid
     need = kk - tl.sum(above.to(tl.int32), axis=0)
@@ -183,3 +185,24 @@ def select_pages_kernel(
     tl.store(out_ptr + r * stride_o + pos, p, mask=take)
     k = tl.arange(0, BLOCK_K)
     tl.store(out_ptr + r * stride_o + k, tl.full([BLOCK_K], -1, tl.int32), mask=(k >= kk) & (k < K))
+
+
+@triton.jit
+def _trisect(bits, kk, t_lo, t_hi, n_lo, BLOCK: tl.constexpr):
+    """One round of select_pages' search: cut [t_lo, t_hi] in three, keep the third holding the
+    kk-th largest pattern. n_lo: the patterns >= t_lo."""
+    step = (t_hi - t_lo + 3) // 3  # a third of the range, rounded up (>= 1)
+    c1 = t_lo + step
+    c2 = c1 + step
+    if BLOCK > 16384:  # rows of 2^15 pages and more: the counts 32 bits apart in an int64
+        packed = tl.sum((bits >= c1).to(tl.int64) + ((bits >= c2).to(tl.int64) << 32), axis=0)
+        n1 = packed & 0xFFFFFFFF
+        n2 = packed >> 32
+    else:
+        packed = tl.sum((bits >= c1).to(tl.int32) + ((bits >= c2).to(tl.int32) << 16), axis=0)
+        n1 = (packed & 0xFFFF).to(tl.int64)
+        n2 = (packed >> 16).to(tl.int64)
+    t_hi = tl.where(n2 >= kk, t_hi, tl.where(n1 >= kk, tl.minimum(c2 - 1, t_hi), c1 - 1))
+    n_lo = tl.where(n2 >= kk, n2, tl.where(n1 >= kk, n1, n_lo))
+    t_lo = tl.where(n2 >= kk, c2, tl.where(n1 >= kk, c1, t_lo))
+    return t_lo, t_hi, n_lo
