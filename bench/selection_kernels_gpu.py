@@ -49,8 +49,9 @@ LOWBIT_BITS, LOWBIT_GROUP = 4, 32
 LOWBIT_SETTINGS = ((64, 4), (128, 4), (32, 4))  # (sub_tokens, num_warps); the first is the default
 BLOCK_P_WARPS = ((64, 4, None), (64, 4, True), (64, 4, False), (32, 4, True), (128, 8, True))  # the logits kernel's
 # (block_p, num_warps, head_fast) settings; the first is the default
-DECODE_SETTINGS = ((None, 64, None, None), (None, 64, True, None), (None, 64, False, None), (None, 64, True, 4),
-                   (None, 64, True, 2), (None, 32, True, 4), (16, 32, True, 3), (4, 64, True, 4))
+DECODE_SETTINGS = ((None, 64, None, None), (None, 64, None, 2), (4, 64, None, 2), (6, 64, None, 2), (4, 64, None, 3),
+                   (None, 32, None, 3), (None, 32, None, 2), (12, 32, None, 2), (16, 32, None, 2), (None, 64, None, 1),
+                   (6, 128, None, 1), (4, 128, None, 2))
 # (num_splits, block_n, head_fast, num_stages) of paged decode over the selected pages; the first is the default
 KERNELS = {"page_scores": ("page_scores", "select_pages"), "decode": ("paged_decode",),
            "lowbit": ("lowbit_scores", "lowbit_select")}
