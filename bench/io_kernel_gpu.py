@@ -47,6 +47,13 @@ def parse_args(argv=None):
     ap.add_argument("--rows", default="32,128,512", help="pages gathered per call")
     ap.add_argument("--block-bytes", default="8192,16384,32768", help="UVA kernel bytes per program (sweep)")
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--host-alloc", default="torch",
+                    help="comma-separated host pool allocations to compare: torch (pin_memory, cudaHostAlloc), "
+                         "register (hisa's pool: cudaHostRegister of 4 KiB pages), register_huge (the same over "
+                         "transparent huge pages, what the pool does now)")
+    ap.add_argument("--methods", default="uva,staged,per_row,bulk,uva_store",
+                    help="comma-separated subset of uva, staged, per_row, bulk, uva_store")
+    ap.add_argument("--skip-diff", action="store_true", help="only the I/O part")
     args = ap.parse_args(argv)
     if args.smoke:
         args.host_tokens, args.page_sizes, args.rows, args.block_bytes, args.reps = 512, "4,1", "4,8", "1024", 2
@@ -116,12 +123,29 @@ def bench_io(args, timer: Timer, dev: torch.device) -> list[dict]:
     results = []
     max_rows = max(int(n) for n in args.rows.split(","))
     blocks = [int(b) for b in args.block_bytes.split(",")]
-    for page_size in (int(p) for p in args.page_sizes.split(",")):
+    from hisa.kvcache.host_pool import host_tensor
+
+    class Owner:  # keeps a registered pool pinned while it lives
+        pass
+
+    wanted = set(args.methods.split(","))
+    for alloc, page_size in ((a, int(p)) for a in args.host_alloc.split(",") for p in args.page_sizes.split(",")):
         row = 2 * page_size * KV_HEADS * HEAD_DIM  # elements: K then V of one page
         row_bytes = row * torch.finfo(DTYPE).bits // 8
         host_pages = max(args.host_tokens // page_size, 2 * max_rows)
-        host = torch.empty(host_pages, row, dtype=DTYPE, pin_memory=CUDA)  # [H_PAGES, ROW]
-        host.view(torch.int16).copy_(torch.randint(-2**15, 2**15, (host_pages, row), dtype=torch.int16))
+        t0 = time.perf_counter()
+        owner = Owner()
+        if alloc == "torch" or not CUDA:
+            host = torch.empty(host_pages, row, dtype=DTYPE, pin_memory=CUDA)  # [H_PAGES, ROW]
+        else:
+            host = host_tensor((host_pages, row), DTYPE, pin=True, owner=owner, huge_pages=alloc == "register_huge")
+        alloc_s = time.perf_counter() - t0
+        # random bits (a pool of many GiB: one random row block repeated, cheaper than randint over all of it)
+        block = torch.randint(-2**15, 2**15, (min(host_pages, 256), row), dtype=torch.int16)
+        for i in range(0, host_pages, block.shape[0]):
+            n_ = min(block.shape[0], host_pages - i)
+            host.view(torch.int16)[i:i + n_].copy_(block[:n_])
+        host.view(torch.int16)[:, 0] = torch.arange(host_pages, dtype=torch.int16)  # rows differ
         dev_kv = torch.zeros(2 * max_rows, row, dtype=DTYPE, device=dev)  # [D_SLOTS, ROW]
         staging = torch.empty(max_rows, row, dtype=DTYPE, pin_memory=CUDA)
         staging_dev = torch.empty(max_rows, row, dtype=DTYPE, device=dev)
@@ -156,42 +180,51 @@ def bench_io(args, timer: Timer, dev: torch.device) -> list[dict]:
             def uva_store(i):
                 io.store_pages(dev_kv, host, dsts[i % n_sets], srcs[i % n_sets], backend="triton")
 
-            methods = {f"uva_b{b}": uva(b) for b in blocks}
-            methods.update(staged=staged, per_row=per_row, bulk=bulk, uva_store=uva_store)
+            methods = {f"uva_b{b}": uva(b) for b in blocks} if "uva" in wanted else {}
+            methods.update({k: f for k, f in dict(staged=staged, per_row=per_row, bulk=bulk, uva_store=uva_store).items()
+                            if k in wanted})
             # correctness once: the UVA gather equals the host rows (exact bits)
             dev_kv.zero_()
             io.load_pages(host, dev_kv, srcs[0], dsts[0], backend="triton")
             ok = torch.equal(dev_kv[dsts[0]].cpu().view(torch.int16), host[srcs_cpu[0]].view(torch.int16))
-            rec = {"page_size": page_size, "row_bytes": row_bytes, "rows": n, "bytes": nbytes,
+            rec = {"host_alloc": alloc, "alloc_s": alloc_s, "host_gib": host.nbytes / 2**30,
+                   "page_size": page_size, "row_bytes": row_bytes, "rows": n, "bytes": nbytes,
                    "host_pages": host_pages, "input_sets": n_sets, "uva_correct": ok}
-            saved = host.clone()  # uva_store writes host rows: put the pool's bits back afterwards
+            # uva_store writes host rows: put the pool's bits back afterwards
+            saved = host.clone() if "uva_store" in methods else None
             for name, fn in methods.items():
                 rec[f"{name}_idle_s"], rec[f"{name}_bb_s"] = timer(fn)
-            host.copy_(saved)
+            if saved is not None:
+                host.copy_(saved)
             del saved
             if CUDA:  # pure GPU time of the UVA kernel: one graph of n_sets calls
                 b = blocks[len(blocks) // 2]
                 rec["uva_graph_s"] = timer.graph([lambda i=i: uva(b)(i) for i in range(n_sets)])
             for key in [k for k in rec if k.endswith("_s")]:
                 rec[key[:-2] + "_GBps"] = nbytes / rec[key] / 1e9
-            best = max(rec[f"uva_b{b}_bb_GBps"] for b in blocks)
-            rec["uva_over_bulk_bb"] = best / rec["bulk_bb_GBps"]
-            rec["uva_over_bulk_idle"] = max(rec[f"uva_b{b}_idle_GBps"] for b in blocks) / rec["bulk_idle_GBps"]
+            if "uva" in wanted and "bulk" in wanted:
+                best = max(rec[f"uva_b{b}_bb_GBps"] for b in blocks)
+                rec["uva_over_bulk_bb"] = best / rec["bulk_bb_GBps"]
+                rec["uva_over_bulk_idle"] = max(rec[f"uva_b{b}_idle_GBps"] for b in blocks) / rec["bulk_idle_GBps"]
             results.append(rec)
-        del host, staging
+            print({k: (round(v, 1) if isinstance(v, float) else v) for k, v in rec.items()
+                   if k.endswith("GBps") or k in ("host_alloc", "host_gib", "rows", "alloc_s")}, flush=True)
+        del host, staging, owner
     return results
 
 
 def print_io(results: list[dict]) -> None:
     names = [k[:-8] for k in results[0] if k.endswith("_bb_GBps")]
     print("I/O GB/s, back-to-back (idle single call in brackets); uva_b<bytes> = Triton UVA kernel")
-    print(f"{'page':>4} {'row KiB':>7} {'N':>4}  " + " ".join(f"{n:>16}" for n in names)
+    print(f"{'host pool':>22} {'page':>4} {'row KiB':>7} {'N':>4}  " + " ".join(f"{n:>16}" for n in names)
           + f" {'uva_graph':>9} {'uva/bulk':>8}")
     for r in results:
         cells = " ".join(f"{r[n + '_bb_GBps']:7.1f} ({r[n + '_idle_GBps']:6.1f})" for n in names)
         graph = f"{r['uva_graph_GBps']:9.1f}" if "uva_graph_GBps" in r else f"{'-':>9}"
-        print(f"{r['page_size']:>4} {r['row_bytes'] // 1024:>7} {r['rows']:>4}  {cells} {graph} "
-              f"{r['uva_over_bulk_bb']:8.2f}{'' if r['uva_correct'] else '  WRONG DATA'}")
+        ratio = f"{r['uva_over_bulk_bb']:8.2f}" if "uva_over_bulk_bb" in r else f"{'-':>8}"
+        pool = f"{r['host_alloc']} {r['host_gib']:.1f} GiB"
+        print(f"{pool:>22} {r['page_size']:>4} {r['row_bytes'] // 1024:>7} {r['rows']:>4}  {cells} {graph} "
+              f"{ratio}{'' if r['uva_correct'] else '  WRONG DATA'}")
 
 
 def topk_steps(R: int, NS: int, K: int, *, n_steps: int, seed: int, dev: torch.device) -> list[torch.Tensor]:
@@ -272,7 +305,7 @@ def main(argv=None) -> dict:
     print(f"device: {name}; torch {torch.__version__}; smoke={args.smoke}", flush=True)
     timer = Timer(args.reps)
     io_results = bench_io(args, timer, dev)
-    diff_results = bench_diff(args, timer, dev)
+    diff_results = [] if args.skip_diff else bench_diff(args, timer, dev)
     print_io(io_results)
     print_diff(diff_results)
     import triton
