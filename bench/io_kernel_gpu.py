@@ -54,6 +54,9 @@ def parse_args(argv=None):
     ap.add_argument("--methods", default="uva,staged,per_row,bulk,uva_store",
                     help="comma-separated subset of uva, staged, per_row, bulk, uva_store")
     ap.add_argument("--skip-diff", action="store_true", help="only the I/O part")
+    ap.add_argument("--sets", type=int, default=0,
+                    help="input sets of rows, disjoint (0: a few, reused); with at least 2 x reps + 2 sets every call "
+                         "reads rows no call read before (cold address translations, as a decode step's misses)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.host_tokens, args.page_sizes, args.rows, args.block_bytes, args.reps = 512, "4,1", "4,8", "1024", 2
@@ -75,12 +78,12 @@ class Timer:
         for i in range(warmup):
             fn(i)
         idle = []
-        for i in range(self.reps):
+        for i in range(warmup, warmup + self.reps):  # the inputs go on where the last call stopped
             t0 = self._start()
             fn(i)
             idle.append(self._stop(t0))
         t0 = self._start()
-        for i in range(self.reps):
+        for i in range(warmup + self.reps, warmup + 2 * self.reps):
             fn(i)
         return statistics.median(idle), self._stop(t0) / self.reps
 
@@ -140,6 +143,7 @@ def bench_io(args, timer: Timer, dev: torch.device) -> list[dict]:
         else:
             host = host_tensor((host_pages, row), DTYPE, pin=True, owner=owner, huge_pages=alloc == "register_huge")
         alloc_s = time.perf_counter() - t0
+        huge_kib = _anon_huge_kib()
         # random bits (a pool of many GiB: one random row block repeated, cheaper than randint over all of it)
         block = torch.randint(-2**15, 2**15, (min(host_pages, 256), row), dtype=torch.int16)
         for i in range(0, host_pages, block.shape[0]):
@@ -153,7 +157,11 @@ def bench_io(args, timer: Timer, dev: torch.device) -> list[dict]:
         for n in (int(x) for x in args.rows.split(",")):
             nbytes = n * row_bytes
             n_sets = 2 if args.smoke else max(4, min(32, -(-4 * host.nbytes // 4 // nbytes)))
-            srcs_cpu = [torch.randperm(host_pages, generator=gen)[:n] for _ in range(n_sets)]
+            if args.sets:
+                n_sets = min(args.sets, host_pages // n)
+                srcs_cpu = list(torch.randperm(host_pages, generator=gen)[:n * n_sets].view(n_sets, n))
+            else:
+                srcs_cpu = [torch.randperm(host_pages, generator=gen)[:n] for _ in range(n_sets)]
             dsts_cpu = [torch.randperm(dev_kv.shape[0], generator=gen)[:n] for _ in range(n_sets)]
             srcs, dsts = [x.to(dev) for x in srcs_cpu], [x.to(dev) for x in dsts_cpu]
             pairs = [list(zip(s.tolist(), d.tolist())) for s, d in zip(srcs_cpu, dsts_cpu)]
@@ -187,7 +195,8 @@ def bench_io(args, timer: Timer, dev: torch.device) -> list[dict]:
             dev_kv.zero_()
             io.load_pages(host, dev_kv, srcs[0], dsts[0], backend="triton")
             ok = torch.equal(dev_kv[dsts[0]].cpu().view(torch.int16), host[srcs_cpu[0]].view(torch.int16))
-            rec = {"host_alloc": alloc, "alloc_s": alloc_s, "host_gib": host.nbytes / 2**30,
+            rec = {"host_alloc": alloc, "alloc_s": alloc_s, "host_gib": host.nbytes / 2**30, "anon_huge_gib": huge_kib / 2**20,
+                   "sets": n_sets,
                    "page_size": page_size, "row_bytes": row_bytes, "rows": n, "bytes": nbytes,
                    "host_pages": host_pages, "input_sets": n_sets, "uva_correct": ok}
             # uva_store writes host rows: put the pool's bits back afterwards
@@ -208,9 +217,19 @@ def bench_io(args, timer: Timer, dev: torch.device) -> list[dict]:
                 rec["uva_over_bulk_idle"] = max(rec[f"uva_b{b}_idle_GBps"] for b in blocks) / rec["bulk_idle_GBps"]
             results.append(rec)
             print({k: (round(v, 1) if isinstance(v, float) else v) for k, v in rec.items()
-                   if k.endswith("GBps") or k in ("host_alloc", "host_gib", "rows", "alloc_s")}, flush=True)
+                   if k.endswith("GBps") or k in ("host_alloc", "host_gib", "rows", "alloc_s", "anon_huge_gib", "sets")},
+                  flush=True)
         del host, staging, owner
     return results
+
+
+def _anon_huge_kib() -> int:
+    """This process's anonymous memory in transparent huge pages (KiB; 0 where unknown)."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            return sum(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:"))
+    except OSError:
+        return 0
 
 
 def print_io(results: list[dict]) -> None:
