@@ -49,8 +49,7 @@ def parse_args(argv=None):
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--host-alloc", default="torch",
                     help="comma-separated host pool allocations to compare: torch (pin_memory, cudaHostAlloc), "
-                         "register (hisa's pool: cudaHostRegister of 4 KiB pages), register_huge (the same over "
-                         "transparent huge pages, what the pool does now)")
+                         "register (hisa's pool: cudaHostRegister of ordinary pages)")
     ap.add_argument("--methods", default="uva,staged,per_row,bulk,uva_store",
                     help="comma-separated subset of uva, staged, per_row, bulk, uva_store")
     ap.add_argument("--skip-diff", action="store_true", help="only the I/O part")
@@ -141,7 +140,7 @@ def bench_io(args, timer: Timer, dev: torch.device) -> list[dict]:
         if alloc == "torch" or not CUDA:
             host = torch.empty(host_pages, row, dtype=DTYPE, pin_memory=CUDA)  # [H_PAGES, ROW]
         else:
-            host = host_tensor((host_pages, row), DTYPE, pin=True, owner=owner, huge_pages=alloc == "register_huge")
+            host = host_tensor((host_pages, row), DTYPE, pin=True, owner=owner)
         alloc_s = time.perf_counter() - t0
         huge_kib = _anon_huge_kib()
         # random bits (a pool of many GiB: one random row block repeated, cheaper than randint over all of it)

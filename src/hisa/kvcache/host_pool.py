@@ -20,7 +20,6 @@ one address range for the GPU (a mapped registration's device address is its hos
 
 from __future__ import annotations
 
-import mmap
 import os
 import weakref
 
@@ -95,11 +94,10 @@ class HostKVPool:
 
 
 PIN_PIECE_BYTES = 4 * 2**30  # most bytes one cudaHostRegister call pins (see the module docstring)
-HUGE_PAGE_BYTES = 2 * 2**20  # x86-64 transparent huge pages
 
 
 def host_tensor(shape: tuple[int, ...], dtype: torch.dtype, *, pin: bool, owner: object,
-                piece_bytes: int = PIN_PIECE_BYTES, huge_pages: bool = True) -> torch.Tensor:
+                piece_bytes: int = PIN_PIECE_BYTES) -> torch.Tensor:
     """An uninitialized host tensor of exactly its size; with `pin`, page-locked and mapped for the GPU
     (cudaHostRegister, portable + mapped: a kernel may read it through its UVA address), registered in
     pieces of at most `piece_bytes` (`pin_ranges`).
@@ -108,19 +106,9 @@ def host_tensor(shape: tuple[int, ...], dtype: torch.dtype, *, pin: bool, owner:
     unregistered before the owner's attributes, and so the tensor, are released (a weakref callback
     runs first). A view that outlives the owner keeps plain pageable memory, which stays valid.
 
-    `huge_pages` (pinned tensors of 2 MiB and more): the memory is asked for in transparent huge pages
-    (`huge_page_buffer`), so the GPU's reads of it through UVA cross far fewer translations.
-
     Raises RuntimeError when CUDA refuses to pin it (e.g. the RAM is not there); pieces already
     registered are unregistered first."""
-    numel = 1
-    for n in shape:
-        numel *= n
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    if pin and huge_pages and nbytes >= HUGE_PAGE_BYTES:
-        t = huge_page_buffer(nbytes).view(dtype).view(shape)
-    else:
-        t = torch.empty(shape, dtype=dtype)
+    t = torch.empty(shape, dtype=dtype)
     if not pin or t.numel() == 0:
         return t
     cudart = torch.cuda.cudart()
@@ -136,22 +124,6 @@ def host_tensor(shape: tuple[int, ...], dtype: torch.dtype, *, pin: bool, owner:
         done.append(start)
     weakref.finalize(owner, _unregister, cudart, done)
     return t
-
-
-def huge_page_buffer(nbytes: int) -> torch.Tensor:
-    """An uninitialized uint8 host tensor of `nbytes` in anonymous memory aligned to 2 MiB and advised
-    MADV_HUGEPAGE, so the kernel backs it with transparent huge pages where it can (THP "always" or
-    "madvise"; "never" leaves ordinary pages, which work the same, only slower for the GPU to read).
-    The tensor keeps the mapping alive; it is unmapped when the last view of it goes."""
-    m = mmap.mmap(-1, nbytes + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    whole = torch.frombuffer(m, dtype=torch.uint8)  # shares the mapping and holds a reference to it
-    off = -whole.data_ptr() % HUGE_PAGE_BYTES
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            m.madvise(mmap.MADV_HUGEPAGE, off, nbytes)
-        except OSError:  # a kernel without THP: ordinary pages
-            pass
-    return whole[off:off + nbytes]
 
 
 def _unregister(cudart, starts: list[int]) -> None:
