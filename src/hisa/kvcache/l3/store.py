@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Protocol, Sequence, TypeVar
 
 from hisa.kvcache.l3 import record
-from hisa.kvcache.l3.threads import LazyThreads
+from hisa.kvcache.l3.threads import THREADS, LazyThreads
 
 log = logging.getLogger("hisa.l3")
 T = TypeVar("T")
@@ -78,7 +78,7 @@ class L3Store:
     """
 
     def __init__(self, backend: L3Backend, *, capacity_bytes: int | None = None, retry_after_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 read_threads: int = THREADS, clock: Callable[[], float] = time.monotonic):
         if capacity_bytes is not None and capacity_bytes <= 0:
             raise ValueError(f"capacity_bytes must be positive or None, got {capacity_bytes}")
         self.backend = backend
@@ -86,7 +86,8 @@ class L3Store:
         self.retry_after_s = retry_after_s
         self.stats = L3Stats()
         self._clock = clock
-        self._readers = LazyThreads("hisa-l3-read")  # reads and checksums of a batch of pages
+        # reads and checksums of a batch of pages (`readers.workers`: how many threads)
+        self.readers = LazyThreads("hisa-l3-read", read_threads)
         self._down_until: float | None = None      # None: available
         self._lru: OrderedDict[str, int] = OrderedDict()  # key -> stored bytes, oldest first
         self._used = 0
@@ -125,7 +126,7 @@ class L3Store:
             return [None] * len(keys)
         self._check_count(records, keys)
         # the checksums, several threads at once (zlib.crc32 releases the GIL)
-        payloads = self._readers.map(record.decode, keys, records)
+        payloads = self.readers.map(record.decode, keys, records)
         self._tally(keys, [None if r is None else len(r) for r in records], [p is not None for p in payloads])
         return payloads
 
@@ -156,12 +157,12 @@ class L3Store:
                 size = read_into([key], [[head, payload]])[0]
                 return size, size == len(head) + len(payload) and record.check(key, head, payload)
 
-            ok, results = self._call("get", lambda: self._readers.map(one, keys, heads, payloads))
+            ok, results = self._call("get", lambda: self.readers.map(one, keys, heads, payloads))
         else:
             ok, records = self._call("get", lambda: self.backend.get(keys))
             if ok:
                 self._check_count(records, keys)
-                results = self._readers.map(_copy_check, keys, records, heads, payloads)
+                results = self.readers.map(_copy_check, keys, records, heads, payloads)
         if not ok:
             self.stats.unavailable += len(keys)
             return [False] * len(keys)
@@ -200,7 +201,7 @@ class L3Store:
 
     def close(self) -> None:
         self._call("close", self.backend.close)
-        self._readers.close()
+        self.readers.close()
 
     # -- internals ---------------------------------------------------------------------------
     def _check_count(self, records: Sequence, keys: Sequence[str]) -> None:
