@@ -14,12 +14,14 @@ Load: before each schedule, each waiting request the scheduler may admit next (n
 up since it last lost its pages) is marked `loading` and its lookup goes to the I/O thread: which
 of its keys L3 holds, then a read of the leading run of them straight into reusable host rows
 (`l3_rows.LoadRows`: pinned on CUDA, allocated once), each page checked in place on the store's
-reader threads (`L3Store.get_into`). The scheduler leaves a loading request
+reader threads (`L3Store.get_into`). On CUDA the pages read and checked so far are copied on to
+the device (a landing stream) at each step while the rest are read. The scheduler leaves a loading request
 waiting (it holds no pages and no slot; requests behind it may be admitted) while the others keep
 stepping. Once the lookup is back (checked before each schedule), the leading pages the pool's
 prefix cache holds then are shared, and the run of pages that L3 returned after them, checksums
-passed, is copied from those rows into newly allocated device pages (asynchronously on CUDA: one
-copy per run of rows, no host copy before it); all count as computed, so the scheduler
+passed, is copied into newly allocated device pages (on CUDA asynchronously: device to device for
+the pages landed, one copy per run of rows for the rest, no host copy before it); all count as
+computed, so the scheduler
 prefills only the rest (a chunk after a cached prefix). At least the prompt's last token is always
 computed: its logits give the first output token. A missing or corrupt page ends the run; nothing
 past it is used. When nothing else can run, the engine step waits for a lookup (briefly, so that new
@@ -63,15 +65,16 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import asdict, dataclass
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from hisa.engine.l3_rows import LoadRows, runs
+from hisa.engine.l3_rows import LoadedRun, LoadRows, runs
 from hisa.engine.scheduler import Scheduler
 from hisa.engine.sequence import Sequence
 from hisa.kvcache.l3 import KVLayout, L3Store, page_keys
@@ -80,6 +83,8 @@ from hisa.kvcache.paged_cache import PagedKVCache
 
 log = logging.getLogger("hisa.l3")
 COPY_CHUNK_BYTES = 256 << 20  # CUDA: the most bytes of pages one host-to-device copy moves (its device temporary)
+LAND_CHUNK_BYTES = 128 << 20  # CUDA: pages a lookup reads per batch; each batch ready is copied to the device meanwhile
+LAND_HEADROOM_BYTES = 1 << 30  # CUDA: pages are copied ahead to the device only while this much more is free there
 LOAD_TIMEOUT_S = 10.0      # a lookup not back by then is given up: the request prefills instead
 
 
@@ -99,13 +104,24 @@ class PrefixStats:
 
 
 @dataclass(slots=True)
+class _Reading:
+    """The host rows of a lookup in flight and how far its read has got."""
+    rows: list[int]      # taken for it (one per page from `start` to its cap)
+    ready: int = 0       # the leading rows read and checked so far (the I/O thread's; only grows)
+    landed: list = field(default_factory=list)  # engine thread: device copies of rows[:num_landed], in order
+    num_landed: int = 0  # rows[:num_landed] are copied to the device (and given back)
+    dropped: bool = False
+
+
+@dataclass(slots=True)
 class _Lookup:
     """A waiting request's lookup in flight."""
     seq: Sequence
     start: int         # leading pages the pool held when it was handed over: L3's keys start after them
-    future: Future     # -> (leading pages in L3, the LoadRows rows holding the run of pages from `start` read)
+    future: Future     # -> (leading pages in L3, how many pages from `start` were read and checked into the rows)
     deadline: float    # time.monotonic() past which it is given up
     nbytes: int        # the most its rows can hold (pages from `start` to its cap)
+    reading: _Reading
 
 
 class L3PrefixCache:
@@ -132,15 +148,21 @@ class L3PrefixCache:
         self.page_bytes = cache.data[:, 0].numel() * cache.data.element_size()
         self.stats = PrefixStats()
         # the host rows lookups read pages into: as many as max_lookup_bytes allows, pinned on CUDA and
-        # allocated at once on the I/O thread (cudaHostAlloc is slow: no lookup should wait for it)
+        # allocated now (cudaHostAlloc is slow: no lookup should wait for it)
         on_cuda = cache.data.device.type == "cuda"
         self.rows = LoadRows(self.page_bytes, capacity=max(1, self.max_lookup_bytes // self.page_bytes), pin=on_cuda)
         if on_cuda:
-            self.io.submit(self.rows.reserve)
+            self.rows.reserve()
+        # CUDA: the pages of a lookup in flight that are read and checked are copied on to the device
+        # (tensors of the caching allocator, on a stream of its own) while the rest are read, so that once
+        # it is back only device-to-device copies into the pool's pages are left; off: they wait in the rows
+        self.land_on_device = on_cuda
+        self._land_stream = torch.cuda.Stream(cache.data.device) if on_cuda else None
+        self._progressed = threading.Event()   # set by the I/O thread as a lookup's read advances or ends
         # where a load's time goes (cumulative): the I/O thread reading and checking pages into the rows,
         # and the engine thread copying them into device pages (on CUDA: issuing the asynchronous copies;
         # copy_timing() adds their time on the device)
-        self.timing = {"read_s": 0.0, "read_bytes": 0, "copy_s": 0.0, "copied_bytes": 0}
+        self.timing = {"read_s": 0.0, "read_bytes": 0, "landed_bytes": 0, "copy_s": 0.0, "copied_bytes": 0}
         self._copy_events: list = []   # CUDA: (start, end) events of each load's copies, not yet timed
         self._lookups: dict[str, _Lookup] = {}  # request id -> its lookup in flight
         self._lookup_bytes = 0                  # their nbytes, summed
@@ -159,7 +181,9 @@ class L3PrefixCache:
         lookup is back their pages. Raises the exception of an L3 call that failed (a bug) since the
         last call."""
         self.io.check()
+        self._progressed.clear()   # before looking: progress made from now on wakes wait_for_lookups
         self._start_lookups(scheduler)
+        self._land()
         self._finish_lookups(scheduler)
 
     def _start_lookups(self, scheduler: Scheduler) -> None:
@@ -181,15 +205,21 @@ class L3PrefixCache:
             nbytes = (cap - start) * self.page_bytes
             if self._lookups and self._lookup_bytes + nbytes > self.max_lookup_bytes:
                 break   # no host memory for its pages yet: it is looked up at a later step, in queue order
+            rows = self.rows.take(cap - start)
+            if rows is None:
+                break   # rows still held (a dropped lookup's read is running): later, in queue order
             self._looked_up[seq.request_id] = seq.num_preemptions
             self.stats.lookups += 1
+            reading = _Reading(rows)
             if start == cap:   # nothing for L3 to add (what L3 holds is checked when the pages are written)
                 future: Future = Future()
-                future.set_result((0, []))
+                future.set_result((0, 0))
             else:
-                future = self.io.submit(functools.partial(self._read_run, seq.token_ids[:cap * s], start))
+                future = self.io.submit(functools.partial(self._read_run, seq.token_ids[:cap * s], start, reading))
+                future.add_done_callback(lambda _: self._progressed.set())
             seq.loading = True
-            self._lookups[seq.request_id] = _Lookup(seq, start, future, time.monotonic() + self.load_timeout_s, nbytes)
+            self._lookups[seq.request_id] = _Lookup(seq, start, future, time.monotonic() + self.load_timeout_s, nbytes,
+                                                    reading)
             self._lookup_bytes += nbytes
 
     def _cap(self, scheduler: Scheduler, seq: Sequence, full: int, *, held: int, first_in_line: bool) -> int:
@@ -206,39 +236,75 @@ class L3PrefixCache:
             return full
         return min(full, held + free - reserve - 1) if first_in_line else 0
 
-    def _read_run(self, tokens: list[int], start: int) -> tuple[int, list[int]]:
+    def _read_run(self, tokens: list[int], start: int, reading: _Reading) -> tuple[int, int]:
         """On the I/O thread: how many leading full pages of `tokens` L3 holds (pages the pool gave
         the request count only if L3 has them too: their writer's write may have been dropped), and
-        the rows (`self.rows`) into which the run of pages from `start` that L3 holds was read and
-        checked, in order; the run ends at the first page that fails its checks."""
+        how many pages from `start` on, the run L3 holds, were read and checked into `reading.rows`;
+        the run ends at the first page that fails its checks. With `land_on_device` the pages are read
+        in batches and `reading.ready` published after each, so the engine thread copies them on to
+        the device while the next are read. No CUDA call here."""
         keys = page_keys(tokens, self.layout)
         found = self.l3.exists(keys)
         in_l3 = found.index(False) if False in found else len(found)
         after = found[start:]
-        hits = after.index(False) if False in after else len(after)
-        rows = self.rows.take(hits) if hits else []
-        try:
+        hits = min(after.index(False) if False in after else len(after), len(reading.rows))
+        batch = max(hits, 1)
+        if self.land_on_device:
+            batch = max(LAND_CHUNK_BYTES // self.page_bytes, 2 * self.l3.readers.workers, 1)
+        good = 0
+        while good < hits and not reading.dropped:
+            part = reading.rows[good:min(hits, good + batch)]
             t0 = time.perf_counter()
-            ok = self.l3.get_into(keys[start:start + len(rows)], self.rows.views(rows))
-            good = ok.index(False) if False in ok else len(ok)
+            ok = self.l3.get_into(keys[start + good:start + good + len(part)], self.rows.views(part))
+            n = ok.index(False) if False in ok else len(ok)
             self.timing["read_s"] += time.perf_counter() - t0
-            self.timing["read_bytes"] += good * self.page_bytes
-        except BaseException:
-            self.rows.give_back(rows)
-            raise
-        if good < len(ok):  # a page that failed its check is gone from L3 now (the store deleted it)
-            in_l3 = min(in_l3, start + good)
-        self.rows.give_back(rows[good:])
-        return in_l3, rows[:good]
+            self.timing["read_bytes"] += n * self.page_bytes
+            good += n
+            reading.ready = good
+            self._progressed.set()
+            if n < len(part):   # a page that failed its check is gone from L3 now (the store deleted it)
+                in_l3 = min(in_l3, start + good)
+                break
+        return in_l3, good
+
+    def _land(self) -> None:
+        """CUDA: copy the pages of lookups in flight that are read and checked (and not yet copied) on
+        to the device, on the landing stream, while their reads go on; their rows are given back once
+        the copies are done. Only while the device has LAND_HEADROOM_BYTES to spare past them (a
+        lookup's pages may need 2 GiB there until it is back); pages not copied now are later, or
+        from the rows when the lookup is back. In order: a lookup's landed pages are its leading ones."""
+        if not self.land_on_device or not self._lookups:
+            return
+        device, dtype = self.cache.data.device, self.cache.data.dtype
+        for lookup in self._lookups.values():
+            r = lookup.reading
+            ready = r.ready
+            if ready <= r.num_landed:
+                continue
+            rows = r.rows[r.num_landed:ready]
+            if torch.cuda.mem_get_info(device)[0] < len(rows) * self.page_bytes + LAND_HEADROOM_BYTES:
+                continue
+            with torch.cuda.stream(self._land_stream):
+                for pos, first, end in runs(rows):
+                    pages = torch.empty(end - first, *self.page_shape, dtype=dtype, device=device)
+                    pages.copy_(self.rows.pages(first, end, dtype=dtype, shape=self.page_shape), non_blocking=True)
+                    copied = torch.cuda.Event()
+                    copied.record(self._land_stream)
+                    r.landed.append((pages, copied))
+                    self.rows.give_back(rows[pos:pos + end - first], event=copied)
+            r.num_landed = ready
+            self.timing["landed_bytes"] += len(rows) * self.page_bytes
 
     def _drop(self, lookup: _Lookup) -> None:
-        """Forget a lookup in flight: its rows come back once its read has ended."""
-        lookup.future.cancel()   # no effect once running
-        lookup.future.add_done_callback(self._give_back_rows)
+        """Forget a lookup in flight: its device copies go now, its rows not copied come back once its
+        read has ended (a read running goes on; its result is dropped)."""
+        lookup.reading.dropped = True   # no more copies; the read stops after its current batch
+        lookup.reading.landed = []
+        lookup.future.cancel()          # no effect once running
+        lookup.future.add_done_callback(functools.partial(self._give_back_rows, lookup.reading))
 
-    def _give_back_rows(self, future: Future) -> None:
-        if not future.cancelled() and future.exception() is None:
-            self.rows.give_back(future.result()[1])
+    def _give_back_rows(self, reading: _Reading, future: Future) -> None:
+        self.rows.give_back(reading.rows[reading.num_landed:])   # any thread: rows no copy reads
 
     def _finish_lookups(self, scheduler: Scheduler) -> None:
         """Give each waiting request whose lookup is back (or timed out) its pages, in queue order."""
@@ -249,15 +315,22 @@ class L3PrefixCache:
             lookup = self._lookups.get(seq.request_id)
             if lookup is None:
                 continue
+            r = lookup.reading
             if lookup.future.done():
                 # a failed lookup (a bug; io.check() raises it) reads as a miss
-                in_l3, rows = (0, []) if lookup.future.exception() is not None else lookup.future.result()
+                if lookup.future.exception() is not None:
+                    in_l3, run = 0, LoadedRun()
+                    self.rows.give_back(r.rows[r.num_landed:])
+                else:   # its pages: those copied on to the device (rows[:num_landed]), then rows[num_landed:good]
+                    in_l3, good = lookup.future.result()
+                    run = LoadedRun(r.landed, r.rows[r.num_landed:good])
+                    self.rows.give_back(r.rows[good:])   # rows no page was read into
             elif now >= lookup.deadline:
                 self._drop(lookup)
                 self.stats.loads_timed_out += 1
                 log.warning("L3 lookup of %s not back after %.1f s; prefilling it instead", seq.request_id,
                             self.load_timeout_s)
-                in_l3, rows = 0, []
+                in_l3, run = 0, LoadedRun()
             else:
                 continue
             del self._lookups[seq.request_id]
@@ -266,9 +339,9 @@ class L3PrefixCache:
             self._in_l3[seq.request_id] = max(self._in_l3.get(seq.request_id, 0), in_l3)
             if len(scheduler.running) >= scheduler.max_num_seqs:  # it cannot be admitted now: look it up again later
                 self._looked_up.pop(seq.request_id, None)
-                self.rows.give_back(rows)
+                self.rows.give_back(run.rows)
                 continue
-            self._take_pages(scheduler, seq, lookup.start, rows, first_in_line=i == 0)
+            self._take_pages(scheduler, seq, lookup.start, run, first_in_line=i == 0)
 
     def release_unadmitted(self, scheduler: Scheduler) -> int:
         """After the schedule: a waiting request that took pages here but was not admitted gives them
@@ -287,70 +360,80 @@ class L3PrefixCache:
                 self._looked_up.pop(seq.request_id, None)
         return released
 
-    def _take_pages(self, scheduler: Scheduler, seq: Sequence, start: int, rows: list[int], *,
+    def _take_pages(self, scheduler: Scheduler, seq: Sequence, start: int, run: LoadedRun, *,
                     first_in_line: bool) -> None:
-        """Share the leading pages the pool holds now, then copy in the loaded pages (in `rows`) after
-        them that fit; every row is given back."""
+        """Share the leading pages the pool holds now, then copy in the loaded pages (`run`) after
+        them that fit; every host row of the run is given back."""
         s = self.page_size
         held = scheduler.prefix.match(seq) // s if scheduler.prefix is not None else 0
         # L3's run starts at page `start`: it continues the pool's pages only if the pool still holds those
-        usable = rows[held - start:] if held >= start else []
+        usable = run.slice(held - start, len(run)) if held >= start else LoadedRun()
         full = held + len(usable)
         n = max(0, self._cap(scheduler, seq, full, held=held, first_in_line=first_in_line) - held)
         if n == 0:
-            self.rows.give_back(rows)
+            self.rows.give_back(run.rows)
             return
         pages = scheduler.allocator.allocate(n)
         try:
-            copied = self._write_pages(pages, usable[:n])
+            copied = self._write_pages(pages, usable.slice(0, n))
         except BaseException:
             scheduler.allocator.free(pages)
             if self.cache.data.device.type == "cuda":
                 torch.cuda.synchronize(self.cache.data.device)   # no copy still reads the rows
-            self.rows.give_back(rows)
+            self.rows.give_back(run.rows)
             raise
-        self.rows.give_back(rows, event=copied)
+        self.rows.give_back(run.rows, event=copied)
         seq.pages, seq.num_computed = seq.pages + pages, (held + n) * s
         self.stats.requests_hit += 1
         self.stats.pages_loaded += n
         self.stats.tokens_loaded += n * s
 
     def wait_for_lookups(self, timeout_s: float = 0.05) -> None:
-        """Block until a lookup in flight is back or `timeout_s` has passed (the engine, when nothing
-        else can run)."""
+        """Block until a lookup in flight has read more pages or is back (since the last `load`), or
+        `timeout_s` has passed (the engine, when nothing else can run: the next `load` copies the
+        pages read on to the device, or takes the lookup)."""
         if self._lookups:
-            wait([lookup.future for lookup in self._lookups.values()], timeout=timeout_s,
-                 return_when=FIRST_COMPLETED)
+            self._progressed.wait(timeout_s)
 
-    def _write_pages(self, pages: list[int], rows: list[int]):
-        """Copy the loaded pages in host `rows` into device `pages`; returns the CUDA event that
-        completes when the copies have read the rows (None on the CPU, where they are done). Each
-        run of consecutive rows crosses as it lies, in copies of at most COPY_CHUNK_BYTES, asynchronous
-        from pinned memory on CUDA (the engine thread does not wait for them; the step after them on the
-        stream does); the [n, L] -> [L, n] swap happens on the device."""
+    def _write_pages(self, pages: list[int], run: LoadedRun):
+        """Copy the loaded pages of `run` into device `pages`, in order; returns the CUDA event that
+        completes when the copies have read its host rows (None on the CPU, where they are done).
+        Landed pages are copied device to device once their landing copy is done (the stream waits,
+        not the engine thread). Each run of consecutive host rows crosses as it lies, in copies of at
+        most COPY_CHUNK_BYTES, asynchronous from pinned memory on CUDA (the engine thread does not wait
+        for them; the step after them on the stream does). The [n, L] -> [L, n] swap happens on the device."""
         t0 = time.perf_counter()
         device, dtype = self.cache.data.device, self.cache.data.dtype
         on_cuda = device.type == "cuda"
         if on_cuda:
+            stream = torch.cuda.current_stream(device)
             start = torch.cuda.Event(enable_timing=True)
-            start.record()
-        for pos, first, end in runs(rows):
+            start.record(stream)
+        done = 0
+        for landed, copied in run.landed:   # [n, L, 2, S, KVH, D] on the device
+            n = landed.shape[0]
+            stream.wait_event(copied)
+            index = torch.tensor(pages[done:done + n], dtype=torch.int64).to(device, non_blocking=True)
+            self.cache.data.index_copy_(1, index, landed.transpose(0, 1))
+            landed.record_stream(stream)   # allocated on the landing stream, last read on this one
+            done += n
+        for pos, first, end in runs(run.rows):
             step = max(1, COPY_CHUNK_BYTES // self.page_bytes) if on_cuda else end - first
             for a in range(first, end, step):
                 b = min(end, a + step)
                 host = self.rows.pages(a, b, dtype=dtype, shape=self.page_shape)   # [n, L, 2, S, KVH, D]
-                index = torch.tensor(pages[pos + a - first:pos + b - first], dtype=torch.int64)
+                index = torch.tensor(pages[done + pos + a - first:done + pos + b - first], dtype=torch.int64)
                 if on_cuda:
                     index, host = index.to(device, non_blocking=True), host.to(device, non_blocking=True)
                 self.cache.data.index_copy_(1, index, host.transpose(0, 1))
         event = None
         if on_cuda:
             event = torch.cuda.Event(enable_timing=True)
-            event.record()
+            event.record(stream)
             self._copy_events.append((start, event))
             del self._copy_events[:-64]   # timed by copy_timing(); a server that never asks keeps the last few
         self.timing["copy_s"] += time.perf_counter() - t0
-        self.timing["copied_bytes"] += len(rows) * self.page_bytes
+        self.timing["copied_bytes"] += len(pages) * self.page_bytes
         return event
 
     def copy_timing(self) -> dict[str, float]:

@@ -1,25 +1,27 @@
 """LoadRows: the host memory L3 lookups read pages into, allocated once and reused.
 
-A lookup (on the L3 I/O thread) takes rows, one page each, and `L3Store.get_into` reads and checks
-the pages straight into them; the engine thread then copies the rows it uses into device pages and
-gives them all back. On CUDA the rows are pinned (one `cudaHostAlloc`, made on the I/O thread when
-the engine starts: a 2 GiB one cost ~1 s on the H200 machine, too much for a lookup to pay), so a
-run of rows crosses to the device in one asynchronous copy with no host copy before it; rows given
-back with a CUDA event are reused only once the copy reading them has finished. On the CPU the rows
-are plain memory and the copies are synchronous.
+The engine thread takes rows (one page each) for a lookup when it hands it over; the L3 I/O thread
+reads and checks pages straight into them (`L3Store.get_into`); the engine thread then copies them
+to the device (as they become ready, or when the lookup is back) and gives them back. On CUDA the
+rows are pinned, one `cudaHostAlloc` made when the engine starts (2 GiB cost ~1 s on the H200
+machine, too much for a lookup to pay), so a run of rows crosses to the device in one asynchronous
+copy with no host copy before it; rows given back with a CUDA event are reused only once the copy
+reading them has finished. On the CPU the rows are plain memory and the copies synchronous.
 
-Rows are taken on the I/O thread and given back on the engine thread (or on the I/O thread, by a
-dropped lookup's done-callback), so every change holds a lock. The engine bounds the bytes its
-lookups in flight may read (`max_lookup_bytes`), which is the capacity here: a lookup finds rows
-free, after waiting for the copies of rows given back. One larger than the capacity (allowed when
-it is alone) grows it, once no row is in use; one that still finds too few rows reads the leading
-pages it got rows for (the rest prefills).
+Every CUDA call here (allocation, event query and wait) is made on the engine thread: the I/O
+thread only reads into rows and, for a dropped lookup, gives its rows back without an event (a
+lock guards the free set), so it never makes a CUDA call that a CUDA graph capture on the engine
+thread could trip over.
+
+The engine bounds the bytes its lookups in flight may read (`max_lookup_bytes`), which is the
+capacity: a lookup takes rows after waiting for the copies of rows given back; one larger than
+the capacity (allowed when it is alone) grows it once no row is in use.
 
 Example::
 
     rows = LoadRows(page_bytes, capacity=1024, pin=True)
-    taken = rows.take(3)                       # on the I/O thread: [0, 1, 2]
-    store.get_into(keys, rows.views(taken))    # pages read and checked in place
+    taken = rows.take(3)                       # engine thread: [0, 1, 2] (None: not enough free)
+    store.get_into(keys, rows.views(taken))    # I/O thread: pages read and checked in place
     ...                                        # engine thread: copy rows.pages(0, 3, ...) to the device
     rows.give_back(taken, event=copy_done)     # reusable once the copy has finished
 """
@@ -27,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass, field
 
 import torch
 
@@ -50,29 +53,30 @@ class LoadRows:
         with self._lock:
             return self.capacity - len(self._free)
 
-    @property
-    def allocated(self) -> bool:
-        return self._data is not None
-
     def reserve(self) -> None:
-        """Allocate the rows now (the engine does it on the I/O thread at start-up, pinned on CUDA)."""
+        """Allocate the rows now (the engine does at start-up on CUDA: pinning is slow)."""
         with self._lock:
             self._allocate(self.capacity)
 
-    def take(self, n: int) -> list[int]:
-        """Up to `n` free rows, lowest first (so a lookup's rows tend to be one contiguous run)."""
+    def take(self, n: int) -> list[int] | None:
+        """`n` free rows, lowest first (so a lookup's rows tend to be one run), or None if not that
+        many are free even after waiting for the copies of those given back (rows held by lookups
+        in flight). Engine thread only."""
         with self._lock:
             self._reclaim(wait=False)
             if len(self._free) < n:
                 self._reclaim(wait=True)
             if self._data is None or (len(self._free) < n and len(self._free) == self.capacity):
                 self._allocate(max(n, self.capacity))   # nothing in use: grow (or allocate) at once
+            if len(self._free) < n:
+                return None
             taken = sorted(self._free)[:n]
             self._free.difference_update(taken)
             return taken
 
     def give_back(self, rows: list[int], *, event=None) -> None:
-        """Free `rows`; with a CUDA `event`, only once it has completed (the copy reading them)."""
+        """Free `rows`; with a CUDA `event` (engine thread), only once it has completed (the copy
+        reading them). Without one, from any thread."""
         if not rows:
             return
         with self._lock:
@@ -122,3 +126,26 @@ def runs(rows: list[int]) -> list[tuple[int, int, int]]:
             out.append((start, rows[start], rows[i - 1] + 1))
             start = i
     return out
+
+
+@dataclass(slots=True)
+class LoadedRun:
+    """The pages one lookup read, in order: first those already copied to the device (`landed`, CUDA:
+    each a tensor [n, layers, 2, S, KVH, D] and the event recorded after its copy on the landing
+    stream), then those still in host `rows` of a LoadRows."""
+    landed: list[tuple[torch.Tensor, object]] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return sum(t.shape[0] for t, _ in self.landed) + len(self.rows)
+
+    def slice(self, a: int, b: int) -> "LoadedRun":
+        """Pages a..b-1 (views of the landed tensors, no copy)."""
+        landed, pos = [], 0
+        for pages, event in self.landed:
+            n = pages.shape[0]
+            lo, hi = max(a, pos), min(b, pos + n)
+            if lo < hi:
+                landed.append((pages[lo - pos:hi - pos], event))
+            pos += n
+        return LoadedRun(landed, self.rows[max(0, a - pos):max(0, b - pos)])

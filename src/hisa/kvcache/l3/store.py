@@ -125,7 +125,7 @@ class L3Store:
             self.stats.unavailable += len(keys)
             return [None] * len(keys)
         self._check_count(records, keys)
-        # the checksums, several threads at once (zlib.crc32 releases the GIL)
+        # the checksums, several threads at once (crc32 releases the GIL)
         payloads = self.readers.map(record.decode, keys, records)
         self._tally(keys, [None if r is None else len(r) for r in records], [p is not None for p in payloads])
         return payloads
