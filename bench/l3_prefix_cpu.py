@@ -7,8 +7,8 @@ the last --tail tokens) + a tail. For each mode:
               another tail, then the measured prompt takes the prefix's full pages from the pool;
   file/redis/mooncake
               an engine with --l3 (and --no-prefix-cache, so the pages come from L3) first serves the prefix with another tail (its prefill stores the
-              prefix's pages), then the measured prompt: the prefix's full pages are read from L3 and
-              only the rest is prefilled.
+              prefix's pages; the bench then waits until that write has ended, fill_drain_s), then
+              the measured prompt: the prefix's full pages are read from L3 and only the rest is prefilled.
 Servers (redis-server, Mooncake master + store process) are started on loopback ports and stopped
 afterwards. Each mode's first output token is checked against the recompute one. Writes JSON (with
 command, date, commit, machine) and a bar plot beside it.
@@ -127,6 +127,10 @@ def main() -> None:
                     t0 = time.perf_counter()
                     row["fill_ttft_s"], _ = ttft(llm, prefix + other)   # prefill + storing the pages
                     row["fill_wall_s"] = time.perf_counter() - t0
+                    if url is not None:   # the prefix was computed before: its write has ended (else the
+                        t0 = time.perf_counter()   # measured lookup would queue behind it on the I/O thread)
+                        llm.engine.l3_prefix.drain()
+                        row["fill_drain_s"] = time.perf_counter() - t0
                 if url is not None:
                     before = llm.engine.l3_prefix.copy_timing()
                 row["ttft_s"], first = ttft(llm, measured)

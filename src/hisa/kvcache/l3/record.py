@@ -6,9 +6,9 @@ The checksum covers the key and the payload, so a flipped bit anywhere, a trunca
 stored under another page's key all read as a corrupt page (a miss), never as KV. crc32 (zlib's CRC-32)
 finds every error burst of up to 32 bits; it guards against faults, not against an adversary who can
 write the store. It is computed by zlib-ng's (package `zlib-ng`) where installed: the same values,
-~58 GB/s on a cached 2 MiB page in one thread on this project's CPU machine against 1.4 GB/s for
-the system zlib 1.2.13's, which made the checks the bottleneck of a load; else by zlib's. Both
-release the GIL on large buffers, so several threads check pages at once.
+31 GB/s over 2 MiB pages in one thread on this project's CPU machine against 4.1 GB/s for the
+system zlib 1.2.13's (bench/results/l3_read_cpu.json), which made the checks the bottleneck of a
+load; else by zlib's. Both release the GIL on large buffers, so several threads check pages at once.
 
 A record can be checked where it lies: `decode` takes it whole, `check` takes its head (header +
 key) and its payload as two buffers, so a reader can put the payload straight where it is needed
