@@ -284,16 +284,21 @@ class L3PrefixCache:
             rows = r.rows[r.num_landed:ready]
             if torch.cuda.mem_get_info(device)[0] < len(rows) * self.page_bytes + LAND_HEADROOM_BYTES:
                 continue
+            landed = 0
             with torch.cuda.stream(self._land_stream):
                 for pos, first, end in runs(rows):
-                    pages = torch.empty(end - first, *self.page_shape, dtype=dtype, device=device)
+                    try:
+                        pages = torch.empty(end - first, *self.page_shape, dtype=dtype, device=device)
+                    except torch.cuda.OutOfMemoryError:
+                        break   # these and the later pages stay in their rows (for now)
                     pages.copy_(self.rows.pages(first, end, dtype=dtype, shape=self.page_shape), non_blocking=True)
                     copied = torch.cuda.Event()
                     copied.record(self._land_stream)
                     r.landed.append((pages, copied))
                     self.rows.give_back(rows[pos:pos + end - first], event=copied)
-            r.num_landed = ready
-            self.timing["landed_bytes"] += len(rows) * self.page_bytes
+                    landed = pos + end - first
+            r.num_landed += landed
+            self.timing["landed_bytes"] += landed * self.page_bytes
 
     def _drop(self, lookup: _Lookup) -> None:
         """Forget a lookup in flight: its device copies go now, its rows not copied come back once its
