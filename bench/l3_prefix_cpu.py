@@ -7,8 +7,8 @@ the last --tail tokens) + a tail. For each mode:
               another tail, then the measured prompt takes the prefix's full pages from the pool;
   file/redis/mooncake
               an engine with --l3 (and --no-prefix-cache, so the pages come from L3) first serves the prefix with another tail (its prefill stores the
-              prefix's pages), then the measured prompt: the prefix's full pages are read from L3 and
-              only the rest is prefilled.
+              prefix's pages; the bench then waits until that write has ended, fill_drain_s), then
+              the measured prompt: the prefix's full pages are read from L3 and only the rest is prefilled.
 Servers (redis-server, Mooncake master + store process) are started on loopback ports and stopped
 afterwards. Each mode's first output token is checked against the recompute one. Writes JSON (with
 command, date, commit, machine) and a bar plot beside it.
@@ -57,6 +57,11 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2; e.g. random:llama-3.1-8b on a GPU")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--kv-cache-gb", type=float, default=None)
+    ap.add_argument("--read-threads", type=int, default=None,
+                    help="L3 reader threads (default: the store's, one per core up to 32)")
+    ap.add_argument("--no-device-landing", action="store_true",
+                    help="CUDA: copy a load's pages to the device only once its lookup is back (default: pages "
+                         "read and checked are copied on while the rest are read)")
     ap.add_argument("--git-commit", default=None)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "l3_prefix_cpu.json")
     args = ap.parse_args()
@@ -110,11 +115,30 @@ def main() -> None:
             try:
                 llm = LLM(**{**kw, "prefix_cache": mode == "pool"}, l3=url)
                 row = dict(mode=mode, prompt_tokens=len(measured), prefix_tokens=len(prefix))
+                if url is not None:
+                    store = llm.engine.l3_prefix.l3
+                    if args.read_threads is not None:
+                        store.readers.workers = args.read_threads
+                    row["read_threads"] = store.readers.workers
+                    if args.no_device_landing:
+                        llm.engine.l3_prefix.land_on_device = False
+                    row["device_landing"] = llm.engine.l3_prefix.land_on_device
                 if mode != "recompute":
                     t0 = time.perf_counter()
                     row["fill_ttft_s"], _ = ttft(llm, prefix + other)   # prefill + storing the pages
                     row["fill_wall_s"] = time.perf_counter() - t0
+                    if url is not None:   # the prefix was computed before: its write has ended (else the
+                        t0 = time.perf_counter()   # measured lookup would queue behind it on the I/O thread)
+                        llm.engine.l3_prefix.drain()
+                        row["fill_drain_s"] = time.perf_counter() - t0
+                if url is not None:
+                    before = llm.engine.l3_prefix.copy_timing()
                 row["ttft_s"], first = ttft(llm, measured)
+                if url is not None:   # the measured load: reading + checking pages (I/O thread), copying them
+                    after = llm.engine.l3_prefix.copy_timing()
+                    load = {k: after[k] - before.get(k, 0) for k in after}
+                    load["read_gb_s"] = load["read_bytes"] / max(load["read_s"], 1e-9) / 1e9
+                    row["load"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in load.items()}
                 if mode == "recompute":
                     reference = first
                 row["first_token"] = first
@@ -124,11 +148,18 @@ def main() -> None:
                 if mode == "pool":
                     row["prefix_cache"] = llm.engine.prefix_cache.metrics()
                 rows.append(row)
-                print(f"{mode:10s} ttft {row['ttft_s']:.3f} s"
-                      + (f"  (filling it: {row['fill_ttft_s']:.2f} s; pages loaded {row['l3']['pages_loaded']},"
-                         f" MB read {row['l3']['store_bytes_read'] / 1e6:.1f})" if url else "")
-                      + (f"  (filling it: {row['fill_ttft_s']:.2f} s; pages reused "
-                         f"{row['prefix_cache']['pages_hit']})" if mode == "pool" else ""), flush=True)
+                said = ""
+                if url is not None:
+                    load = row["load"]
+                    said = (f"  (filling it: {row['fill_ttft_s']:.2f} s; pages loaded {row['l3']['pages_loaded']}, "
+                            f"MB read {row['l3']['store_bytes_read'] / 1e6:.1f}; load: read+check {load['read_s']:.3f} s "
+                            f"= {load['read_gb_s']:.1f} GB/s on {row['read_threads']} threads, copy issue "
+                            f"{load['copy_s']:.3f} s"
+                            + (f", copy on device {load['copy_device_s']:.3f} s" if "copy_device_s" in load else "") + ")")
+                elif mode == "pool":
+                    said = (f"  (filling it: {row['fill_ttft_s']:.2f} s; pages reused "
+                            f"{row['prefix_cache']['pages_hit']})")
+                print(f"{mode:10s} ttft {row['ttft_s']:.3f} s{said}", flush=True)
                 llm.close()
             finally:
                 if server is not None:
@@ -142,7 +173,12 @@ def main() -> None:
                          "dense, page 16",
                    prompt_len=args.prompt_len, tail=args.tail, max_num_batched_tokens=args.chunk, threads=args.threads, rows=rows,
                    note="ttft_s: arrival to first token of one request alone (engine step time, L3 reads "
-                        "included). Machine shared with other jobs: absolute times vary run to run.")
+                        "included). load (L3 modes, the measured request): read_s = the I/O thread's reads + "
+                        "checks into the host rows (read_bytes of pages), copy_s = the engine thread copying "
+                        "them to device pages once the lookup is back (CUDA: issuing the async copies), "
+                        "copy_device_s = those copies' device time, landed_bytes = pages copied on to the device "
+                        "while the lookup was still reading (device_landing). Machine shared with other jobs: "
+                        "absolute times vary run to run.")
     write_json(args.out, payload)
     plot(rows, args.out.with_suffix(".png"), payload["device"].get("name", "cpu"), args.model or "SmolLM2")
 

@@ -12,11 +12,16 @@ requests.
 
 Load: before each schedule, each waiting request the scheduler may admit next (never looked
 up since it last lost its pages) is marked `loading` and its lookup goes to the I/O thread: which
-of its keys L3 holds, then a read of the leading run of them. The scheduler leaves a loading request
+of its keys L3 holds, then a read of the leading run of them straight into reusable host rows
+(`l3_rows.LoadRows`: pinned on CUDA, allocated once), each page checked in place on the store's
+reader threads (`L3Store.get_into`). On CUDA the pages read and checked so far are copied on to
+the device (a landing stream) at each step while the rest are read. The scheduler leaves a loading request
 waiting (it holds no pages and no slot; requests behind it may be admitted) while the others keep
 stepping. Once the lookup is back (checked before each schedule), the leading pages the pool's
 prefix cache holds then are shared, and the run of pages that L3 returned after them, checksums
-passed, is copied into newly allocated device pages; all count as computed, so the scheduler
+passed, is copied into newly allocated device pages (on CUDA asynchronously: device to device for
+the pages landed, one copy per run of rows for the rest, no host copy before it); all count as
+computed, so the scheduler
 prefills only the rest (a chunk after a cached prefix). At least the prompt's last token is always
 computed: its logits give the first output token. A missing or corrupt page ends the run; nothing
 past it is used. When nothing else can run, the engine step waits for a lookup (briefly, so that new
@@ -60,14 +65,16 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import asdict, dataclass
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from hisa.engine.l3_rows import LoadedRun, LoadRows, runs
 from hisa.engine.scheduler import Scheduler
 from hisa.engine.sequence import Sequence
 from hisa.kvcache.l3 import KVLayout, L3Store, page_keys
@@ -75,7 +82,9 @@ from hisa.kvcache.l3.worker import MAX_PENDING_BYTES, L3Worker
 from hisa.kvcache.paged_cache import PagedKVCache
 
 log = logging.getLogger("hisa.l3")
-STAGING_BYTES = 256 << 20  # CUDA: the size of each of the two pinned buffers loaded pages cross through
+COPY_CHUNK_BYTES = 256 << 20  # CUDA: the most bytes of pages one host-to-device copy moves (its device temporary)
+LAND_CHUNK_BYTES = 128 << 20  # CUDA: pages a lookup reads per batch; each batch ready is copied to the device meanwhile
+LAND_HEADROOM_BYTES = 1 << 30  # CUDA: pages are copied ahead to the device only while this much more is free there
 LOAD_TIMEOUT_S = 10.0      # a lookup not back by then is given up: the request prefills instead
 
 
@@ -95,13 +104,24 @@ class PrefixStats:
 
 
 @dataclass(slots=True)
+class _Reading:
+    """The host rows of a lookup in flight and how far its read has got."""
+    rows: list[int]      # taken for it (one per page from `start` to its cap)
+    ready: int = 0       # the leading rows read and checked so far (the I/O thread's; only grows)
+    landed: list = field(default_factory=list)  # engine thread: device copies of rows[:num_landed], in order
+    num_landed: int = 0  # rows[:num_landed] are copied to the device (and given back)
+    dropped: bool = False
+
+
+@dataclass(slots=True)
 class _Lookup:
     """A waiting request's lookup in flight."""
     seq: Sequence
     start: int         # leading pages the pool held when it was handed over: L3's keys start after them
-    future: Future     # -> the payloads of the leading run of pages from `start` that L3 holds
+    future: Future     # -> (leading pages in L3, how many pages from `start` were read and checked into the rows)
     deadline: float    # time.monotonic() past which it is given up
-    nbytes: int        # the most its payloads can hold (pages from `start` to its cap)
+    nbytes: int        # the most its rows can hold (pages from `start` to its cap)
+    reading: _Reading
 
 
 class L3PrefixCache:
@@ -127,8 +147,23 @@ class L3PrefixCache:
         self.page_shape = tuple(cache.data.shape[:1] + cache.data.shape[2:])  # [layers, 2, S, KVH, D]
         self.page_bytes = cache.data[:, 0].numel() * cache.data.element_size()
         self.stats = PrefixStats()
-        self._staging: list[torch.Tensor] | None = None  # CUDA: two pinned [n, L, 2, S, KVH, D] buffers
-        self._staged: list | None = None  # and the events of their last copies
+        # the host rows lookups read pages into: as many as max_lookup_bytes allows, pinned on CUDA and
+        # allocated now (cudaHostAlloc is slow: no lookup should wait for it)
+        on_cuda = cache.data.device.type == "cuda"
+        self.rows = LoadRows(self.page_bytes, capacity=max(1, self.max_lookup_bytes // self.page_bytes), pin=on_cuda)
+        if on_cuda:
+            self.rows.reserve()
+        # CUDA: the pages of a lookup in flight that are read and checked are copied on to the device
+        # (tensors of the caching allocator, on a stream of its own) while the rest are read, so that once
+        # it is back only device-to-device copies into the pool's pages are left; off: they wait in the rows
+        self.land_on_device = on_cuda
+        self._land_stream = torch.cuda.Stream(cache.data.device) if on_cuda else None
+        self._progressed = threading.Event()   # set by the I/O thread as a lookup's read advances or ends
+        # where a load's time goes (cumulative): the I/O thread reading and checking pages into the rows,
+        # and the engine thread copying them into device pages (on CUDA: issuing the asynchronous copies;
+        # copy_timing() adds their time on the device)
+        self.timing = {"read_s": 0.0, "read_bytes": 0, "landed_bytes": 0, "copy_s": 0.0, "copied_bytes": 0}
+        self._copy_events: list = []   # CUDA: (start, end) events of each load's copies, not yet timed
         self._lookups: dict[str, _Lookup] = {}  # request id -> its lookup in flight
         self._lookup_bytes = 0                  # their nbytes, summed
         self._looked_up: dict[str, int] = {}   # request id -> num_preemptions when last looked up
@@ -146,7 +181,9 @@ class L3PrefixCache:
         lookup is back their pages. Raises the exception of an L3 call that failed (a bug) since the
         last call."""
         self.io.check()
+        self._progressed.clear()   # before looking: progress made from now on wakes wait_for_lookups
         self._start_lookups(scheduler)
+        self._land()
         self._finish_lookups(scheduler)
 
     def _start_lookups(self, scheduler: Scheduler) -> None:
@@ -168,15 +205,21 @@ class L3PrefixCache:
             nbytes = (cap - start) * self.page_bytes
             if self._lookups and self._lookup_bytes + nbytes > self.max_lookup_bytes:
                 break   # no host memory for its pages yet: it is looked up at a later step, in queue order
+            rows = self.rows.take(cap - start)
+            if rows is None:
+                break   # rows still held (a dropped lookup's read is running): later, in queue order
             self._looked_up[seq.request_id] = seq.num_preemptions
             self.stats.lookups += 1
+            reading = _Reading(rows)
             if start == cap:   # nothing for L3 to add (what L3 holds is checked when the pages are written)
                 future: Future = Future()
-                future.set_result((0, []))
+                future.set_result((0, 0))
             else:
-                future = self.io.submit(functools.partial(self._read_run, seq.token_ids[:cap * s], start))
+                future = self.io.submit(functools.partial(self._read_run, seq.token_ids[:cap * s], start, reading))
+                future.add_done_callback(lambda _: self._progressed.set())
             seq.loading = True
-            self._lookups[seq.request_id] = _Lookup(seq, start, future, time.monotonic() + self.load_timeout_s, nbytes)
+            self._lookups[seq.request_id] = _Lookup(seq, start, future, time.monotonic() + self.load_timeout_s, nbytes,
+                                                    reading)
             self._lookup_bytes += nbytes
 
     def _cap(self, scheduler: Scheduler, seq: Sequence, full: int, *, held: int, first_in_line: bool) -> int:
@@ -193,20 +236,80 @@ class L3PrefixCache:
             return full
         return min(full, held + free - reserve - 1) if first_in_line else 0
 
-    def _read_run(self, tokens: list[int], start: int) -> tuple[int, list[memoryview]]:
+    def _read_run(self, tokens: list[int], start: int, reading: _Reading) -> tuple[int, int]:
         """On the I/O thread: how many leading full pages of `tokens` L3 holds (pages the pool gave
         the request count only if L3 has them too: their writer's write may have been dropped), and
-        the payloads of the run of pages from `start` that L3 holds and that pass their checks."""
+        how many pages from `start` on, the run L3 holds, were read and checked into `reading.rows`;
+        the run ends at the first page that fails its checks. With `land_on_device` the pages are read
+        in batches and `reading.ready` published after each, so the engine thread copies them on to
+        the device while the next are read. No CUDA call here."""
         keys = page_keys(tokens, self.layout)
         found = self.l3.exists(keys)
         in_l3 = found.index(False) if False in found else len(found)
         after = found[start:]
-        hits = after.index(False) if False in after else len(after)
-        payloads = self.l3.get(keys[start:start + hits])
-        good = next((i for i, p in enumerate(payloads) if p is None or len(p) != self.page_bytes), len(payloads))
-        if good < hits:  # a page that failed its check is gone from L3 now (the store deleted it)
-            in_l3 = min(in_l3, start + good)
-        return in_l3, payloads[:good]
+        hits = min(after.index(False) if False in after else len(after), len(reading.rows))
+        batch = max(hits, 1)
+        if self.land_on_device:
+            batch = max(LAND_CHUNK_BYTES // self.page_bytes, 2 * self.l3.readers.workers, 1)
+        good = 0
+        while good < hits and not reading.dropped:
+            part = reading.rows[good:min(hits, good + batch)]
+            t0 = time.perf_counter()
+            ok = self.l3.get_into(keys[start + good:start + good + len(part)], self.rows.views(part))
+            n = ok.index(False) if False in ok else len(ok)
+            self.timing["read_s"] += time.perf_counter() - t0
+            self.timing["read_bytes"] += n * self.page_bytes
+            good += n
+            reading.ready = good
+            self._progressed.set()
+            if n < len(part):   # a page that failed its check is gone from L3 now (the store deleted it)
+                in_l3 = min(in_l3, start + good)
+                break
+        return in_l3, good
+
+    def _land(self) -> None:
+        """CUDA: copy the pages of lookups in flight that are read and checked (and not yet copied) on
+        to the device, on the landing stream, while their reads go on; their rows are given back once
+        the copies are done. Only while the device has LAND_HEADROOM_BYTES to spare past them (a
+        lookup's pages may need 2 GiB there until it is back); pages not copied now are later, or
+        from the rows when the lookup is back. In order: a lookup's landed pages are its leading ones."""
+        if not self.land_on_device or not self._lookups:
+            return
+        device, dtype = self.cache.data.device, self.cache.data.dtype
+        for lookup in self._lookups.values():
+            r = lookup.reading
+            ready = r.ready
+            if ready <= r.num_landed:
+                continue
+            rows = r.rows[r.num_landed:ready]
+            if torch.cuda.mem_get_info(device)[0] < len(rows) * self.page_bytes + LAND_HEADROOM_BYTES:
+                continue
+            landed = 0
+            with torch.cuda.stream(self._land_stream):
+                for pos, first, end in runs(rows):
+                    try:
+                        pages = torch.empty(end - first, *self.page_shape, dtype=dtype, device=device)
+                    except torch.cuda.OutOfMemoryError:
+                        break   # these and the later pages stay in their rows (for now)
+                    pages.copy_(self.rows.pages(first, end, dtype=dtype, shape=self.page_shape), non_blocking=True)
+                    copied = torch.cuda.Event()
+                    copied.record(self._land_stream)
+                    r.landed.append((pages, copied))
+                    self.rows.give_back(rows[pos:pos + end - first], event=copied)
+                    landed = pos + end - first
+            r.num_landed += landed
+            self.timing["landed_bytes"] += landed * self.page_bytes
+
+    def _drop(self, lookup: _Lookup) -> None:
+        """Forget a lookup in flight: its device copies go now, its rows not copied come back once its
+        read has ended (a read running goes on; its result is dropped)."""
+        lookup.reading.dropped = True   # no more copies; the read stops after its current batch
+        lookup.reading.landed = []
+        lookup.future.cancel()          # no effect once running
+        lookup.future.add_done_callback(functools.partial(self._give_back_rows, lookup.reading))
+
+    def _give_back_rows(self, reading: _Reading, future: Future) -> None:
+        self.rows.give_back(reading.rows[reading.num_landed:])   # any thread: rows no copy reads
 
     def _finish_lookups(self, scheduler: Scheduler) -> None:
         """Give each waiting request whose lookup is back (or timed out) its pages, in queue order."""
@@ -217,15 +320,22 @@ class L3PrefixCache:
             lookup = self._lookups.get(seq.request_id)
             if lookup is None:
                 continue
+            r = lookup.reading
             if lookup.future.done():
                 # a failed lookup (a bug; io.check() raises it) reads as a miss
-                in_l3, payloads = (0, []) if lookup.future.exception() is not None else lookup.future.result()
+                if lookup.future.exception() is not None:
+                    in_l3, run = 0, LoadedRun()
+                    self.rows.give_back(r.rows[r.num_landed:])
+                else:   # its pages: those copied on to the device (rows[:num_landed]), then rows[num_landed:good]
+                    in_l3, good = lookup.future.result()
+                    run = LoadedRun(r.landed, r.rows[r.num_landed:good])
+                    self.rows.give_back(r.rows[good:])   # rows no page was read into
             elif now >= lookup.deadline:
-                lookup.future.cancel()
+                self._drop(lookup)
                 self.stats.loads_timed_out += 1
                 log.warning("L3 lookup of %s not back after %.1f s; prefilling it instead", seq.request_id,
                             self.load_timeout_s)
-                in_l3, payloads = 0, []
+                in_l3, run = 0, LoadedRun()
             else:
                 continue
             del self._lookups[seq.request_id]
@@ -234,8 +344,9 @@ class L3PrefixCache:
             self._in_l3[seq.request_id] = max(self._in_l3.get(seq.request_id, 0), in_l3)
             if len(scheduler.running) >= scheduler.max_num_seqs:  # it cannot be admitted now: look it up again later
                 self._looked_up.pop(seq.request_id, None)
+                self.rows.give_back(run.rows)
                 continue
-            self._take_pages(scheduler, seq, lookup.start, payloads, first_in_line=i == 0)
+            self._take_pages(scheduler, seq, lookup.start, run, first_in_line=i == 0)
 
     def release_unadmitted(self, scheduler: Scheduler) -> int:
         """After the schedule: a waiting request that took pages here but was not admitted gives them
@@ -254,68 +365,91 @@ class L3PrefixCache:
                 self._looked_up.pop(seq.request_id, None)
         return released
 
-    def _take_pages(self, scheduler: Scheduler, seq: Sequence, start: int, payloads: list, *,
+    def _take_pages(self, scheduler: Scheduler, seq: Sequence, start: int, run: LoadedRun, *,
                     first_in_line: bool) -> None:
-        """Share the leading pages the pool holds now, then copy in the loaded pages after them that fit."""
+        """Share the leading pages the pool holds now, then copy in the loaded pages (`run`) after
+        them that fit; every host row of the run is given back."""
         s = self.page_size
         held = scheduler.prefix.match(seq) // s if scheduler.prefix is not None else 0
         # L3's run starts at page `start`: it continues the pool's pages only if the pool still holds those
-        payloads = payloads[held - start:] if held >= start else []
-        full = held + len(payloads)
+        usable = run.slice(held - start, len(run)) if held >= start else LoadedRun()
+        full = held + len(usable)
         n = max(0, self._cap(scheduler, seq, full, held=held, first_in_line=first_in_line) - held)
         if n == 0:
+            self.rows.give_back(run.rows)
             return
         pages = scheduler.allocator.allocate(n)
         try:
-            self._write_pages(pages, payloads[:n])
+            copied = self._write_pages(pages, usable.slice(0, n))
         except BaseException:
             scheduler.allocator.free(pages)
+            if self.cache.data.device.type == "cuda":
+                torch.cuda.synchronize(self.cache.data.device)   # no copy still reads the rows
+            self.rows.give_back(run.rows)
             raise
+        self.rows.give_back(run.rows, event=copied)
         seq.pages, seq.num_computed = seq.pages + pages, (held + n) * s
         self.stats.requests_hit += 1
         self.stats.pages_loaded += n
         self.stats.tokens_loaded += n * s
 
     def wait_for_lookups(self, timeout_s: float = 0.05) -> None:
-        """Block until a lookup in flight is back or `timeout_s` has passed (the engine, when nothing
-        else can run)."""
+        """Block until a lookup in flight has read more pages or is back (since the last `load`), or
+        `timeout_s` has passed (the engine, when nothing else can run: the next `load` copies the
+        pages read on to the device, or takes the lookup)."""
         if self._lookups:
-            wait([lookup.future for lookup in self._lookups.values()], timeout=timeout_s,
-                 return_when=FIRST_COMPLETED)
+            self._progressed.wait(timeout_s)
 
-    def _write_pages(self, pages: list[int], payloads) -> None:
-        """Copy loaded pages into device pages. On CUDA through two reusable pinned staging buffers of
-        up to STAGING_BYTES each, so one chunk's host copy overlaps the previous chunk's DMA (a fresh
-        2 GB pinned buffer per load cost ~1 s of cudaHostAlloc on the H200 machine); on the CPU the
-        pages go straight into the cache."""
-        device = self.cache.data.device
-        if device.type != "cuda":
-            host = torch.empty(len(pages), *self.page_shape, dtype=self.cache.data.dtype)   # [n, L, 2, S, KVH, D]
-            self._fill(host, payloads)
-            self.cache.data.index_copy_(1, torch.tensor(pages, dtype=torch.int64), host.transpose(0, 1))
-            return
-        per_chunk = min(max(1, STAGING_BYTES // self.page_bytes), len(pages))
-        if self._staging is None or self._staging[0].shape[0] < per_chunk:
-            if self._staged is not None:  # grown up to STAGING_BYTES as loads need: let the old copies finish
-                for e in self._staged:
-                    e.synchronize()
-            self._staging = [torch.empty(per_chunk, *self.page_shape, dtype=self.cache.data.dtype, pin_memory=True)
-                             for _ in range(2)]
-            self._staged = [torch.cuda.Event(), torch.cuda.Event()]
-        for j, first in enumerate(range(0, len(pages), per_chunk)):
-            buf, done = self._staging[j % 2], self._staged[j % 2]
-            n = min(per_chunk, len(pages) - first)
-            done.synchronize()  # this buffer's previous DMA has finished
-            self._fill(buf[:n], payloads[first:first + n])
-            index = torch.tensor(pages[first:first + n], dtype=torch.int64).to(device, non_blocking=True)
-            # the contiguous host rows cross as they are; the [n, L] -> [L, n] swap happens on the device
-            self.cache.data.index_copy_(1, index, buf[:n].to(device, non_blocking=True).transpose(0, 1))
-            done.record()
+    def _write_pages(self, pages: list[int], run: LoadedRun):
+        """Copy the loaded pages of `run` into device `pages`, in order; returns the CUDA event that
+        completes when the copies have read its host rows (None on the CPU, where they are done).
+        Landed pages are copied device to device once their landing copy is done (the stream waits,
+        not the engine thread). Each run of consecutive host rows crosses as it lies, in copies of at
+        most COPY_CHUNK_BYTES, asynchronous from pinned memory on CUDA (the engine thread does not wait
+        for them; the step after them on the stream does). The [n, L] -> [L, n] swap happens on the device."""
+        t0 = time.perf_counter()
+        device, dtype = self.cache.data.device, self.cache.data.dtype
+        on_cuda = device.type == "cuda"
+        if on_cuda:
+            stream = torch.cuda.current_stream(device)
+            start = torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+        done = 0
+        for landed, copied in run.landed:   # [n, L, 2, S, KVH, D] on the device
+            n = landed.shape[0]
+            stream.wait_event(copied)
+            index = torch.tensor(pages[done:done + n], dtype=torch.int64).to(device, non_blocking=True)
+            self.cache.data.index_copy_(1, index, landed.transpose(0, 1))
+            landed.record_stream(stream)   # allocated on the landing stream, last read on this one
+            done += n
+        for pos, first, end in runs(run.rows):
+            step = max(1, COPY_CHUNK_BYTES // self.page_bytes) if on_cuda else end - first
+            for a in range(first, end, step):
+                b = min(end, a + step)
+                host = self.rows.pages(a, b, dtype=dtype, shape=self.page_shape)   # [n, L, 2, S, KVH, D]
+                index = torch.tensor(pages[done + pos + a - first:done + pos + b - first], dtype=torch.int64)
+                if on_cuda:
+                    index, host = index.to(device, non_blocking=True), host.to(device, non_blocking=True)
+                self.cache.data.index_copy_(1, index, host.transpose(0, 1))
+        event = None
+        if on_cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record(stream)
+            self._copy_events.append((start, event))
+            del self._copy_events[:-64]   # timed by copy_timing(); a server that never asks keeps the last few
+        self.timing["copy_s"] += time.perf_counter() - t0
+        self.timing["copied_bytes"] += len(pages) * self.page_bytes
+        return event
 
-    def _fill(self, host: torch.Tensor, payloads) -> None:
-        rows = host.view(host.shape[0], -1).view(torch.uint8).numpy()                  # [n, page bytes]
-        for row, payload in zip(rows, payloads):                                      # one copy per page
-            row[:] = np.frombuffer(payload, dtype=np.uint8)
+    def copy_timing(self) -> dict[str, float]:
+        """`timing`, plus on CUDA `copy_device_s`: the device time of the loads' copies since the last
+        call (waits for them; for benchmarks)."""
+        gpu = 0.0
+        for start, end in self._copy_events:
+            end.synchronize()
+            gpu += start.elapsed_time(end) / 1e3
+        self._copy_events.clear()
+        return {**self.timing, **({"copy_device_s": gpu} if self.cache.data.device.type == "cuda" else {})}
 
     # -- store -------------------------------------------------------------------------------
     def store_prompts(self, seqs: list[Sequence]) -> None:
@@ -380,7 +514,7 @@ class L3PrefixCache:
         lookup = self._lookups.pop(request_id, None)
         if lookup is not None:
             self._lookup_bytes -= lookup.nbytes
-            lookup.future.cancel()   # no effect once running: its result is dropped when it ends
+            self._drop(lookup)   # a read running goes on: its result is dropped (its rows freed) when it ends
             lookup.seq.loading = False
         self._looked_up.pop(request_id, None)
         self._in_l3.pop(request_id, None)

@@ -1,11 +1,13 @@
 """Every L3 backend against a real store (a directory, redis-server, Mooncake master + store process):
-round trip, batches, a deleted page and a corrupted page (one bit flipped where the page is kept)."""
+round trip, batches, a deleted page and a corrupted page (one bit flipped where the page is kept),
+through `get` and through `get_into` (the load path: pages read into one buffer and checked there)."""
 
 from __future__ import annotations
 
 import os
 import random
 
+import numpy as np
 import pytest
 
 from hisa.kvcache.l3 import open_l3
@@ -93,3 +95,43 @@ def test_corrupt_page_reads_as_a_counted_miss_and_is_deleted(l3, where):
     assert store.exists(keys) == [True, False, True]      # the corrupt page is gone: it can be rewritten
     store.set(keys[1:2], pages[1:2])
     assert bytes(store.get(keys[1:2])[0]) == pages[1]
+
+
+def _rows(n, size):
+    return np.zeros((n, size), dtype=np.uint8)
+
+
+def test_get_into_reads_verified_pages_in_place(l3):
+    """The load path: each page read straight into its row of one buffer (file: one preadv per page;
+    redis, mooncake: get, then a copy) and checked there; an absent page is a counted miss."""
+    store, _ = l3
+    keys = [f"{request_tag(4)}{i:04d}" for i in range(6)]
+    pages = [random.Random(i).randbytes(4096) for i in range(6)]
+    store.set(keys, pages)
+    rows = _rows(7, 4096)
+    assert store.get_into(keys + ["absent-key"], [memoryview(r) for r in rows]) == [True] * 6 + [False]
+    assert [bytes(r) for r in rows[:6]] == pages
+    assert (store.stats.hits, store.stats.misses, store.stats.corrupt) == (6, 1, 0)
+    assert store.stats.bytes_read == 6 * 4096
+
+
+def test_get_into_misses_corrupt_truncated_misplaced_and_deleted_pages(l3):
+    """A flipped bit, a truncated value, a value stored under another page's key, a value of another
+    page size and a deleted page each read as a miss (counted; the corrupt ones are deleted), never
+    as KV; the intact pages around them are read."""
+    store, flip = l3
+    raw = store.backend
+    keys = [f"{request_tag(5)}{i:04d}" for i in range(7)]
+    pages = [random.Random(10 + i).randbytes(4096) for i in range(7)]
+    store.set(keys, pages)
+    flip(keys[1], 8 * 300 + 5)                                       # a payload bit
+    raw.set([keys[2]], [raw.get([keys[2]])[0][:-100]])               # truncated
+    raw.set([keys[3]], [raw.get([keys[0]])[0]])                      # page 0's record under page 3's key
+    store.set([keys[4]], [pages[4] + b"x" * 16])                     # intact, but not one page long
+    store.delete([keys[5]])
+    rows = _rows(7, 4096)
+    got = store.get_into(keys, [memoryview(r) for r in rows])
+    assert got == [True, False, False, False, False, False, True]
+    assert bytes(rows[0]) == pages[0] and bytes(rows[6]) == pages[6]
+    assert (store.stats.hits, store.stats.corrupt, store.stats.misses) == (2, 4, 1)
+    assert store.exists(keys) == [True] + [False] * 5 + [True]      # the corrupt ones are gone

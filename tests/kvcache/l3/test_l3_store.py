@@ -152,3 +152,33 @@ def test_unreachable_servers_fail_at_start_up_with_advice():
     port = free_port()
     with pytest.raises(ConfigError, match="cannot reach the server"):
         open_l3(f"redis://127.0.0.1:{port}")
+
+
+def test_file_get_into_misses_files_truncated_emptied_or_gone(tmp_path):
+    """The file backend's preadv path: a file cut short in place, an empty file (a crashed writer's
+    page renamed in by hand) and a file removed by another process are misses, counted; a directory
+    gone from under the store is a failure: misses, no exception, no L3 for a while."""
+    store = L3Store(FileBackend(str(tmp_path / "l3")), retry_after_s=10.0, clock=Clock())
+    keys = [f"f{i:03d}" for i in range(5)]
+    store.set(keys, [_kb(i) for i in range(5)])
+    os.truncate(store.backend.path(keys[1]), record.head_bytes(keys[1]) + 500)
+    os.truncate(store.backend.path(keys[2]), 0)
+    os.unlink(store.backend.path(keys[3]))
+    rows = bytearray(5 * 1000)
+    views = [memoryview(rows)[i * 1000:(i + 1) * 1000] for i in range(5)]
+    assert store.get_into(keys, views) == [True, False, False, False, True]
+    assert bytes(views[0]) == _kb(0) and bytes(views[4]) == _kb(4)
+    assert (store.stats.hits, store.stats.corrupt, store.stats.misses) == (2, 2, 1)
+    shutil.rmtree(tmp_path / "l3")
+    (tmp_path / "l3").write_bytes(b"not a directory")
+    assert store.get_into(keys, views) == [False] * 5
+    assert store.stats.failures == 1 and store.stats.unavailable == 5 and not store.available
+
+
+def test_the_checksum_is_zlibs_crc32_whichever_library_computes_it():
+    """Pages written by a hisa with zlib-ng read in one without it, and back: the same CRC-32."""
+    import zlib
+
+    data = bytes(range(256)) * 4099
+    for n in (0, 1, 15, 4096, len(data)):
+        assert record.crc32(data[:n], 7) == zlib.crc32(data[:n], 7)

@@ -13,8 +13,8 @@ class is what the engine talks to; it adds what every backend needs alike:
   unavailable ("no L3") until `retry_after_s` has passed, when the next call tries again.
 
 Torch-free. Not thread-safe: one thread calls it, the engine's L3 I/O thread (`worker.py`), or the
-engine thread itself in the synchronous mode (a `get` checks its pages' checksums on a few worker
-threads of its own).
+engine thread itself in the synchronous mode (a `get` or `get_into` reads and checks its pages on a
+pool of threads of its own, one per core up to 32: file reads and crc32 release the GIL).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Protocol, Sequence, TypeVar
 
 from hisa.kvcache.l3 import record
-from hisa.kvcache.l3.threads import LazyThreads
+from hisa.kvcache.l3.threads import THREADS, LazyThreads
 
 log = logging.getLogger("hisa.l3")
 T = TypeVar("T")
@@ -39,6 +39,10 @@ class L3Backend(Protocol):
 
     def exists(self, keys: Sequence[str]) -> list[bool]: ...
     def get(self, keys: Sequence[str]) -> list[bytes | None]: ...
+    # Optional (file has it): `get_into(keys, buffers) -> list[int | None]` reads each value straight
+    # into its writable buffers (a list of memoryviews, filled in order) if it is exactly as long as
+    # they are, and returns its length (not read if it differs) or None if absent; callable from
+    # several threads at once. L3Store.get_into uses it where present, else `get` and a copy.
     def set(self, keys: Sequence[str], values: Sequence[bytes]) -> None: ...
     def delete(self, keys: Sequence[str]) -> None: ...
     def listing(self) -> list[tuple[str, int]]: ...   # (key, stored bytes), oldest first; [] if unknown
@@ -74,7 +78,7 @@ class L3Store:
     """
 
     def __init__(self, backend: L3Backend, *, capacity_bytes: int | None = None, retry_after_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 read_threads: int = THREADS, clock: Callable[[], float] = time.monotonic):
         if capacity_bytes is not None and capacity_bytes <= 0:
             raise ValueError(f"capacity_bytes must be positive or None, got {capacity_bytes}")
         self.backend = backend
@@ -82,7 +86,8 @@ class L3Store:
         self.retry_after_s = retry_after_s
         self.stats = L3Stats()
         self._clock = clock
-        self._checkers = LazyThreads("hisa-l3-crc")  # checksums of a batch of pages
+        # reads and checksums of a batch of pages (`readers.workers`: how many threads)
+        self.readers = LazyThreads("hisa-l3-read", read_threads)
         self._down_until: float | None = None      # None: available
         self._lru: OrderedDict[str, int] = OrderedDict()  # key -> stored bytes, oldest first
         self._used = 0
@@ -119,31 +124,50 @@ class L3Store:
         if not ok:
             self.stats.unavailable += len(keys)
             return [None] * len(keys)
-        if len(records) != len(keys):
-            raise RuntimeError(f"L3 backend {self.backend.name} returned {len(records)} pages for {len(keys)} keys")
-        out: list[memoryview | None] = []
-        bad: list[str] = []
-        # the checksums, a few threads at once (zlib.crc32 releases the GIL): ~1 GB/s in one thread
-        payloads = self._checkers.map(record.decode, keys, records)
-        for key, rec, payload in zip(keys, records, payloads):
-            if rec is None:
-                self.stats.misses += 1
-                self._forget(key)
-                out.append(None)
-                continue
-            if payload is None:
-                self.stats.corrupt += 1
-                bad.append(key)
-                out.append(None)
-                continue
-            self.stats.hits += 1
-            self.stats.bytes_read += len(payload)
-            self._touch(key, len(rec))
-            out.append(payload)
-        if bad:
-            log.warning("L3 (%s): %d corrupt page(s) read as misses and deleted", self.backend.name, len(bad))
-            self.delete(bad)
-        return out
+        self._check_count(records, keys)
+        # the checksums, several threads at once (crc32 releases the GIL)
+        payloads = self.readers.map(record.decode, keys, records)
+        self._tally(keys, [None if r is None else len(r) for r in records], [p is not None for p in payloads])
+        return payloads
+
+    def get_into(self, keys: Sequence[str], payloads: Sequence[memoryview]) -> list[bool]:
+        """Read each page's payload straight into `payloads[i]` (a writable buffer exactly one page
+        long, e.g. a row of a pinned host tensor) and check it there: True where it now holds a
+        verified page, False for a miss (absent, corrupt, of another length, or L3 down; counted as
+        `get` counts them), whose buffer holds garbage.
+
+        A backend with `get_into` (file) reads each page on one of the store's threads, which then
+        checks it while it is warm in the cache: no bytes object, no copy. Others `get` the batch;
+        each page is then copied into its buffer and checked on those threads.
+
+        Example::
+
+            rows = numpy.empty((2, page_bytes), numpy.uint8)
+            store.get_into(["k0", "k9"], [memoryview(rows[0]), memoryview(rows[1])])   # [True, False]
+        """
+        if len(keys) != len(payloads):
+            raise ValueError(f"{len(keys)} keys for {len(payloads)} buffers")
+        if not keys:
+            return []
+        payloads = [memoryview(p).cast("B") for p in payloads]
+        heads = [bytearray(record.head_bytes(k)) for k in keys]
+        read_into = getattr(self.backend, "get_into", None)
+        if read_into is not None:
+            def one(key: str, head: bytearray, payload: memoryview) -> tuple[int | None, bool]:
+                size = read_into([key], [[head, payload]])[0]
+                return size, size == len(head) + len(payload) and record.check(key, head, payload)
+
+            ok, results = self._call("get", lambda: self.readers.map(one, keys, heads, payloads))
+        else:
+            ok, records = self._call("get", lambda: self.backend.get(keys))
+            if ok:
+                self._check_count(records, keys)
+                results = self.readers.map(_copy_check, keys, records, heads, payloads)
+        if not ok:
+            self.stats.unavailable += len(keys)
+            return [False] * len(keys)
+        sizes, good = zip(*results)
+        return self._tally(keys, list(sizes), list(good))
 
     def set(self, keys: Sequence[str], pages: Sequence[bytes | bytearray | memoryview]) -> int:
         """Store pages (overwriting); returns how many were stored (0 while L3 is down). A page
@@ -177,9 +201,33 @@ class L3Store:
 
     def close(self) -> None:
         self._call("close", self.backend.close)
-        self._checkers.close()
+        self.readers.close()
 
     # -- internals ---------------------------------------------------------------------------
+    def _check_count(self, records: Sequence, keys: Sequence[str]) -> None:
+        if len(records) != len(keys):
+            raise RuntimeError(f"L3 backend {self.backend.name} returned {len(records)} pages for {len(keys)} keys")
+
+    def _tally(self, keys: Sequence[str], sizes: list[int | None], good: list[bool]) -> list[bool]:
+        """Count a read's pages (`sizes`: their stored lengths, None if absent; `good`: passed the
+        checks), forget the absent ones, delete the corrupt ones; returns `good`."""
+        bad: list[str] = []
+        for key, size, ok in zip(keys, sizes, good):
+            if size is None:
+                self.stats.misses += 1
+                self._forget(key)
+            elif not ok:
+                self.stats.corrupt += 1
+                bad.append(key)
+            else:
+                self.stats.hits += 1
+                self.stats.bytes_read += size - record.head_bytes(key)
+                self._touch(key, size)
+        if bad:
+            log.warning("L3 (%s): %d corrupt page(s) read as misses and deleted", self.backend.name, len(bad))
+            self.delete(bad)
+        return good
+
     def _call(self, op: str, fn: Callable[[], T]) -> tuple[bool, T | None]:
         """(True, fn()) or (False, None): a backend error marks L3 down for `retry_after_s` (warned,
         counted), and while it is down no call is made."""
@@ -223,3 +271,15 @@ class L3Store:
             freed += nbytes
         if victims and self.delete(victims):
             self.stats.evictions += len(victims)
+
+
+def _copy_check(key: str, rec: bytes | None, head: bytearray, payload: memoryview) -> tuple[int | None, bool]:
+    """(stored length, intact) of a record a backend returned whole, copied into `head` + `payload` first."""
+    if rec is None:
+        return None, False
+    if len(rec) != len(head) + len(payload):
+        return len(rec), False
+    view = memoryview(rec)
+    head[:] = view[:len(head)]
+    payload[:] = view[len(head):]
+    return len(rec), record.check(key, head, payload)
