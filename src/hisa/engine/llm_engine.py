@@ -123,6 +123,7 @@ class LLMEngine:
                         and (self.sparse is None or self.sparse.algorithm.graph_safe))
         self._readback = TokenReadback(max_rows=config.max_num_seqs, device=config.torch_device) if self.overlap else None
         self._in_flight: InFlightStep | None = None  # the launched step whose tokens are not read back yet
+        self.num_overlapped_steps = 0  # steps launched while the step before was in flight
 
     def _open_l3(self):
         """Prefix reuse through the L3 store `config.l3` (dense requests; hisa.engine.l3_prefix)."""
@@ -368,6 +369,7 @@ class LLMEngine:
             return outputs + self._fail_step(batch, e)
         self.last_step_tokens, self.last_step_prefill_tokens = batch.num_tokens, 0
         self.num_steps += 1
+        self.num_overlapped_steps += prev is not None
         # while the device runs the step just launched: the step before's tokens (the one sync)
         outputs = self._resolve_in_flight() if prev is not None else []
         # a request that stopped there also ran in the step launched: that token is dropped (never
@@ -375,6 +377,8 @@ class LLMEngine:
         # only now, so that every token before num_computed is known when full pages are registered
         live = [(seq, n) for seq, n in zip(batch.seqs, batch.num_new_tokens) if not seq.is_finished]
         self.scheduler.complete_step(ScheduledBatch([seq for seq, _ in live], [n for _, n in live]))
+        if self.l3_prefix is not None:  # a prompt write dropped earlier (pending writes full) is tried again
+            self.l3_prefix.store_prompts([seq for seq, _ in live])
         for seq in launched.seqs:
             if not seq.is_finished:
                 seq.token_ids.append(PENDING_TOKEN)
