@@ -19,7 +19,7 @@ import torch
 from hisa.config import EngineConfig
 from hisa.engine.detokenizer import Detokenizer
 from hisa.engine.outputs import RequestOutput
-from hisa.engine.overlap import InFlightStep, TokenReadback
+from hisa.engine.overlap import InFlightStep, TokenReadback, can_overlap
 from hisa.engine.prefix_cache import DevicePrefixCache
 from hisa.engine.sampler import Sampler
 from hisa.engine.sampling_params import SamplingParams
@@ -248,7 +248,7 @@ class LLMEngine:
         seq = self.scheduler.abort(request_id)
         if seq is None:
             return False
-        _drop_pending(seq)  # its token in flight is dropped when the step is resolved
+        seq.drop_pending()  # its token in flight is dropped when the step is resolved
         self._forget(seq)
         return True
 
@@ -350,7 +350,7 @@ class LLMEngine:
         when the next step cannot overlap, resolve the one in flight alone (the next call runs
         synchronously), or run synchronously when none is in flight."""
         prev = self._in_flight
-        if not self._overlap_eligible():
+        if not can_overlap(self.scheduler):
             return self._resolve_in_flight() if prev is not None else self._step_sync()
         batch = self.scheduler.schedule()
         if batch.preempted or batch.demoted or not all(_is_decode(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens)):
@@ -388,23 +388,6 @@ class LLMEngine:
         self.scheduler.remove_finished()
         return outputs
 
-    def _overlap_eligible(self) -> bool:
-        """Whether the next step may be launched with a step in flight: nothing waits, every running
-        request decodes greedily without logit adjustments, and its pages fit (no preemption or
-        demotion can happen)."""
-        sched = self.scheduler
-        if sched.waiting or not sched.running:
-            return False
-        need: dict[int, list] = {}
-        for seq in sched.running:
-            p = seq.params
-            if seq.in_prefill or seq.forced_output is not None or not p.greedy or p.adjusts_logits:
-                return False
-            if not seq.last_pending:
-                pool = sched.pool(seq)
-                need.setdefault(id(pool), [pool, 0])[1] += sched.pages_needed(seq, 1)
-        return all(pool.can_allocate(n) for pool, n in need.values())
-
     def _resolve_in_flight(self) -> list[RequestOutput]:
         """Read back the step in flight's tokens (waiting for them) and post-process them: the
         PENDING_TOKEN of each request still running is replaced by its token, as the synchronous
@@ -416,7 +399,7 @@ class LLMEngine:
         for seq, token in zip(step.seqs, tokens):
             if not seq.pending or seq.is_finished:
                 continue
-            _drop_pending(seq)
+            seq.drop_pending()
             outputs.extend(self._postprocess(seq, token, now))
         self.scheduler.remove_finished()
         return outputs
@@ -636,13 +619,6 @@ def build_sparse(sp, *, algorithm, cache: PagedKVCache | MLAKVCache, model_confi
                                    device=cache.device)
     return SparseCoordinator(sp, algorithm=algorithm, manager=manager, adaptor=adaptor, windows=mc.layer_windows,
                              scale=mc.attention_scale)
-
-
-def _drop_pending(seq: Sequence) -> None:
-    """Take a request's PENDING_TOKEN (overlap mode) off its tokens, if it has one."""
-    if seq.pending:
-        seq.token_ids.pop()
-        seq.pending = seq.last_pending = False
 
 
 def _is_decode(seq: Sequence, num_new: int) -> bool:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hisa.engine.scheduler import Scheduler
 from hisa.engine.sequence import Sequence
 
 
@@ -86,3 +87,20 @@ class TokenReadback:
             done.record()
         return InFlightStep(seqs=seqs, tokens=tokens, host=host, done=done,
                             rows={seq: r for r, seq in enumerate(seqs)})
+
+
+def can_overlap(scheduler: Scheduler) -> bool:
+    """Whether the next step may be launched while a step is in flight: nothing waits, every running
+    request decodes greedily without logit adjustments or teacher forcing, and the pages of the next
+    token fit in each pool (so the schedule can neither preempt nor demote)."""
+    if scheduler.waiting or not scheduler.running:
+        return False
+    need: dict[int, list] = {}  # id(pool) -> [pool, pages]
+    for seq in scheduler.running:
+        p = seq.params
+        if seq.in_prefill or seq.forced_output is not None or not p.greedy or p.adjusts_logits:
+            return False
+        if not seq.last_pending:
+            pool = scheduler.pool(seq)
+            need.setdefault(id(pool), [pool, 0])[1] += scheduler.pages_needed(seq, 1)
+    return all(pool.can_allocate(n) for pool, n in need.values())

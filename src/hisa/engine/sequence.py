@@ -99,3 +99,9 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == Status.FINISHED
+
+    def drop_pending(self) -> None:
+        """Take the PENDING_TOKEN (overlap mode) off its tokens, if it has one."""
+        if self.pending:
+            self.token_ids.pop()
+            self.pending = self.last_pending = False
