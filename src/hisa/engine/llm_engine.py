@@ -350,7 +350,7 @@ class LLMEngine:
         when the next step cannot overlap, resolve the one in flight alone (the next call runs
         synchronously), or run synchronously when none is in flight."""
         prev = self._in_flight
-        if not can_overlap(self.scheduler):
+        if not can_overlap(self.scheduler, l3=self.l3_prefix is not None):
             return self._resolve_in_flight() if prev is not None else self._step_sync()
         batch = self.scheduler.schedule()
         if batch.preempted or batch.demoted or not all(_is_decode(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens)):

@@ -19,7 +19,7 @@ next step is launched, whose decode rows take their input token from that device
     length (max_tokens, the context) is known in advance (`Sequence.last_pending`) and not scheduled.
 
 Any other step drains first (the step in flight is resolved, then the engine runs synchronously):
-a prefill chunk or a waiting request, a request that samples or adjusts logits, teacher forcing
+a prefill chunk or a request that can be admitted, a request that samples or adjusts logits, teacher forcing
 (score()), a schedule that might preempt or demote, a DSA model, an algorithm that reads on the host.
 """
 
@@ -89,11 +89,14 @@ class TokenReadback:
                             rows={seq: r for r, seq in enumerate(seqs)})
 
 
-def can_overlap(scheduler: Scheduler) -> bool:
-    """Whether the next step may be launched while a step is in flight: nothing waits, every running
-    request decodes greedily without logit adjustments or teacher forcing, and the pages of the next
-    token fit in each pool (so the schedule can neither preempt nor demote)."""
-    if scheduler.waiting or not scheduler.running:
+def can_overlap(scheduler: Scheduler, *, l3: bool = False) -> bool:
+    """Whether the next step may be launched while a step is in flight: no request can be admitted
+    (none waits, or every request slot is taken and no L3 lookup has to start), every running request
+    decodes greedily without logit adjustments or teacher forcing, and the pages of the next token
+    fit in each pool (so the schedule can neither preempt nor demote)."""
+    if not scheduler.running:
+        return False
+    if scheduler.waiting and (l3 or len(scheduler.running) < scheduler.max_num_seqs):
         return False
     need: dict[int, list] = {}  # id(pool) -> [pool, pages]
     for seq in scheduler.running:
