@@ -248,7 +248,7 @@ def test_requests_waiting_for_a_slot_do_not_stop_the_overlap(tiny):
                   max_num_seqs=2, overlap=overlap)
         ids, finals = _run(llm.engine, list(zip(prompts, params)))
         res[overlap] = [finals[i].token_ids for i in ids]
-        if overlap:  # 2 requests at a time: 28 of 34 steps overlap although requests wait (14 or fewer if waiting stopped it)
+        if overlap:  # 2 at a time: 28 of 34 steps overlap although requests wait (14 or fewer if waiting stopped it)
             assert llm.engine.num_overlapped_steps > 20
         llm.close()
     assert res[True] == res[False]

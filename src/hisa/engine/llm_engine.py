@@ -121,7 +121,8 @@ class LLMEngine:
         # overlap mode (hisa.engine.overlap): a DSA model, or an algorithm that reads on the host, runs synchronously
         self.overlap = (config.overlap_on and mcfg.dsa is None
                         and (self.sparse is None or self.sparse.algorithm.graph_safe))
-        self._readback = TokenReadback(max_rows=config.max_num_seqs, device=config.torch_device) if self.overlap else None
+        self._readback = (TokenReadback(max_rows=config.max_num_seqs, device=config.torch_device)
+                          if self.overlap else None)
         self._in_flight: InFlightStep | None = None  # the launched step whose tokens are not read back yet
         self.num_overlapped_steps = 0  # steps launched while the step before was in flight
 
@@ -353,7 +354,8 @@ class LLMEngine:
         if not can_overlap(self.scheduler, l3=self.l3_prefix is not None):
             return self._resolve_in_flight() if prev is not None else self._step_sync()
         batch = self.scheduler.schedule()
-        if batch.preempted or batch.demoted or not all(_is_decode(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens)):
+        decodes_only = all(_is_decode(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens))
+        if batch.preempted or batch.demoted or not decodes_only:
             raise RuntimeError("an overlapped step may only decode (the eligibility check missed a case)")
         if not batch.seqs:  # every running request's token in flight is its last
             self.last_step_tokens = self.last_step_prefill_tokens = 0
