@@ -1,4 +1,4 @@
-"""Overlap mode: the host post-processes step N and prepares step N+1 while the device runs step N+1.
+"""Overlap mode: while the device runs step N, the host post-processes step N-1 and prepares step N+1.
 
 Synchronously, a decode step is schedule → run (one CUDA-graph replay) → sample (argmax, then the
 step's one device-to-host read) → postprocess, and the device idles through the host parts. In
@@ -19,8 +19,9 @@ next step is launched, whose decode rows take their input token from that device
     length (max_tokens, the context) is known in advance (`Sequence.last_pending`) and not scheduled.
 
 Any other step drains first (the step in flight is resolved, then the engine runs synchronously):
-a prefill chunk or a request that can be admitted, a request that samples or adjusts logits, teacher forcing
-(score()), a schedule that might preempt or demote, a DSA model, an algorithm that reads on the host.
+a prefill chunk or a request that can be admitted, a request that samples or adjusts logits,
+teacher forcing (score()), a schedule that might preempt or demote; a DSA model or an algorithm
+that reads on the host never overlaps.
 """
 
 from __future__ import annotations
