@@ -13,6 +13,12 @@ asked is visible, not averaged away). Rows:
   * for all-resident sparse steps, the GPU time over the byte bound (weights + selected KV + page
     metadata read per step, over the HBM bandwidth measured in this run by a device copy).
 
+`--overlap` (default auto: on for CUDA, as the engine) runs the engines in overlap mode
+(`hisa.engine.overlap`): a step() launches the next decode step and returns the tokens of the one
+before, so the timed steps are not synced one by one (that would serialize the host and device work
+again): the time of a step is the time between two step() returns, and tokens/s counts the tokens
+the calls returned. Each row records `overlap` (whether the engine ran in overlap mode).
+
 Usage (H200)::
 
     python bench/decode_speed_gpu.py --out bench/results/decode_speed_gpu.json
@@ -69,7 +75,7 @@ def hbm_bandwidth(device) -> float:
 class Engine:
     """One LLM with `batch` random prompts of `ctx` tokens; decode steps timed one by one."""
 
-    def __init__(self, loaded, *, device, ctx, batch, steps, sparse, page_size, chunk, util, seed=0):
+    def __init__(self, loaded, *, device, ctx, batch, steps, sparse, page_size, chunk, util, seed=0, overlap="auto"):
         mc = loaded.config
         self.spare = batch * -(-ctx // chunk) + 8  # prefill steps during which early requests decode
         # a context at the model's limit (128K = 131,072) leaves room for the tokens it will generate
@@ -79,7 +85,7 @@ class Engine:
         self.llm = LLM(loaded=loaded, device=device.type, dtype="bfloat16" if device.type == "cuda" else "float32",
                        page_size=page_size, progress=False, max_model_len=ctx + steps + self.spare + page_size,
                        max_num_batched_tokens=chunk, max_num_seqs=max(batch, 1), seed=seed, sparse=sparse, prefix_cache=False,
-                       gpu_memory_utilization=util)
+                       gpu_memory_utilization=util, overlap=overlap)
         self.build_s = time.perf_counter() - t0
         e = self.llm.engine
         gen = torch.Generator().manual_seed(seed)
@@ -101,16 +107,22 @@ class Engine:
         """Time n_steps decode steps; the first two (warm-up, CUDA-graph capture) are reported apart."""
         e = self.llm.engine
         rows = []
+        sync(self.device)
+        t = time.perf_counter()
         for _ in range(n_steps):
             if not e.has_unfinished_requests():
                 break
             running = len(e.scheduler.running)
             host_backed = sum(1 for s in e.scheduler.running if s.host_backed)
-            sync(self.device)
-            t = time.perf_counter()
+            if not e.overlap:  # overlap mode: no sync per step; a step's time is the time between returns
+                sync(self.device)
+                t = time.perf_counter()
             produced = sum(1 for _ in e.step())
-            sync(self.device)
-            rows.append(dict(s=time.perf_counter() - t, produced=produced, running=running, host_backed=host_backed))
+            if not e.overlap:
+                sync(self.device)
+            now = time.perf_counter()
+            rows.append(dict(s=now - t, produced=produced, running=running, host_backed=host_backed))
+            t = now
         warm = rows[2:] or rows
         total_s = sum(r["s"] for r in warm)
         out = dict(steps_timed=len(warm), tokens_produced=sum(r["produced"] for r in warm),
@@ -118,7 +130,7 @@ class Engine:
                    ms_per_step=statistics.median(r["s"] * 1e3 for r in warm),
                    running_batch_per_step=[r["running"] for r in warm],
                    host_backed_per_step=[r["host_backed"] for r in warm],
-                   warmup_ms=[round(r["s"] * 1e3, 2) for r in rows[:2]])
+                   warmup_ms=[round(r["s"] * 1e3, 2) for r in rows[:2]], overlap=e.overlap)
         if e.sparse is not None:
             st = e.sparse.summary()
             out.update(hit_rate=st["hit_rate"], bytes_h2d_per_step=st["bytes_h2d_per_step"], misses=st["misses"],
@@ -264,6 +276,8 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true", help="count kernels per layer of one eager step (first rows)")
     p.add_argument("--host-rows", action="store_true", help="also run the first rows with every request host-backed")
     p.add_argument("--skip-dense", action="store_true", help="no dense row at --contexts x --batches")
+    p.add_argument("--overlap", default="auto", choices=("auto", "on", "off"),
+                   help="overlap mode of the engines (auto: on for CUDA)")
     p.add_argument("--git-commit", default=None)
     p.add_argument("--out", type=Path, default=REPO / "bench/results/decode_speed_gpu.json")
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: one engine, in a child process
@@ -344,6 +358,7 @@ def run_job(a, spec: dict) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     loaded = load_model(f"random:{a.preset}", device=device, dtype=dtype, progress=False)
     ctx, name, hbm = spec["ctx"], spec["name"], spec["hbm"]
+    overlap = {"auto": "auto", "on": True, "off": False}[a.overlap]
 
     def cfg(batch):
         if spec["residency"] is None:
@@ -365,7 +380,7 @@ def run_job(a, spec: dict) -> int:
     if spec["kind"] == "fixed":
         batch = spec["batch"]
         eng = Engine(loaded, device=device, ctx=ctx, batch=batch, steps=a.steps + 4, sparse=cfg(batch),
-                     page_size=a.page_size, chunk=a.chunk, util=a.util)
+                     page_size=a.page_size, chunk=a.chunk, util=a.util, overlap=overlap)
         res = eng.decode(a.steps)
         extra = dict(profile=eng.kernels_per_step()) if a.profile else {}
         rows.append(row(f"{name} b{batch}", eng, res, batch, **extra))
@@ -387,7 +402,7 @@ def run_job(a, spec: dict) -> int:
                     break
                 n, held = held, more
         eng = Engine(loaded, device=device, ctx=ctx, batch=n, steps=2 * a.steps, sparse=cfg(n),
-                     page_size=a.page_size, chunk=a.chunk, util=a.util)
+                     page_size=a.page_size, chunk=a.chunk, util=a.util, overlap=overlap)
         rows.append(row(f"{name} largest", eng, eng.decode(a.steps), n, largest_batch=n))
         eng.keep(a.small_batch)
         rows.append(row(f"{name} b{a.small_batch}", eng, eng.decode(a.steps), a.small_batch))

@@ -71,6 +71,9 @@ def test_engine_flags_users_expect_reach_the_engine_config():
     assert engine_kwargs(args)["prefix_cache"] is True  # on unless turned off
     off = build_parser().parse_args(["serve", "--no-prefix-cache"])
     assert engine_kwargs(off)["prefix_cache"] is False
+    assert engine_kwargs(args)["overlap"] == "auto"  # on for CUDA, off on the CPU
+    assert engine_kwargs(build_parser().parse_args(["serve", "--overlap"]))["overlap"] is True
+    assert engine_kwargs(build_parser().parse_args(["serve", "--no-overlap"]))["overlap"] is False
 
 
 def test_unsupported_architecture(capsys, tmp_path):

@@ -52,6 +52,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV of full prompt pages already in the KV pool (a prefix shared with a running "
                         "request, or kept after earlier requests) instead of prefilling them (default: on)")
+    g.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                   help="while the device runs a decode step, post-process the previous one and prepare the next "
+                        "on the host (same tokens, outputs one step later) (default: on for CUDA, off on the CPU)")
     l3 = p.add_argument_group("L3: prompt KV pages in storage, reused by later requests with the same prefix")
     l3.add_argument("--l3", default=None, metavar="URL",
                     help="file:PATH, redis://HOST:PORT or mooncake://MASTER_HOST:PORT[?metadata=URL] (default: off)")
@@ -100,7 +103,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb,
                 gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed, sparse=sparse,
                 cuda_graphs=not getattr(args, "no_cuda_graphs", False), l3=args.l3, l3_gb=args.l3_gb,
-                l3_async=not args.l3_sync, prefix_cache=args.prefix_cache)
+                l3_async=not args.l3_sync, prefix_cache=args.prefix_cache,
+                overlap="auto" if getattr(args, "overlap", None) is None else args.overlap)
 
 
 def build_parser() -> argparse.ArgumentParser:

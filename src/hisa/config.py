@@ -48,6 +48,10 @@ class EngineConfig:
         request beside the paged cache, so decode attention reads it in place instead of gathering
         pages every step (`hisa.engine.cpu_decode_kv`); requests past it take the paged path; 0 = off.
         Ignored on CUDA.
+    overlap: "auto" (on for CUDA, off on the CPU), True or False: while the device runs a decode
+        step, the host post-processes the step before and prepares the next (`hisa.engine.overlap`);
+        outputs come back one step later, the tokens are the same. Steps it does not cover (prefill,
+        sampling, ...) run synchronously.
 
     Example::
 
@@ -73,6 +77,7 @@ class EngineConfig:
     l3_async: bool = True
     prefix_cache: bool = True
     cpu_decode_kv_gb: float = 1.0
+    overlap: bool | str = "auto"
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -107,12 +112,19 @@ class EngineConfig:
             raise ConfigError(f"l3_gb must be > 0 and needs l3 (--l3), got l3_gb={self.l3_gb!r}, l3={self.l3!r}")
         if not isinstance(self.cpu_decode_kv_gb, (int, float)) or self.cpu_decode_kv_gb < 0:
             raise ConfigError(f"cpu_decode_kv_gb must be >= 0, got {self.cpu_decode_kv_gb!r}")
+        if self.overlap not in (True, False, "auto"):
+            raise ConfigError(f"overlap must be True, False or 'auto', got {self.overlap!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
     @property
     def torch_device(self) -> torch.device:
         return torch.device(self.device)
+
+    @property
+    def overlap_on(self) -> bool:
+        """Whether decode steps overlap host and device work ("auto": on CUDA)."""
+        return self.overlap is True or (self.overlap == "auto" and self.device != "cpu")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -50,10 +50,11 @@ class HostReadGuard(TorchDispatchMode):
         return wrapper
 
 
-def _engine(device: str, dtype: str, residency: str, graphs: bool = False, algorithm: str = "quest"):
+def _engine(device: str, dtype: str, residency: str, graphs: bool = False, algorithm: str = "quest",
+            overlap: bool = False):
     loaded = load_model("random:tiny-llama", device=torch.device(device), dtype=getattr(torch, dtype), progress=False)
     llm = LLM(loaded=loaded, device=device, dtype=dtype, progress=False, page_size=16, max_model_len=1024,
-              kv_cache_gb=0.05, cuda_graphs=graphs,
+              kv_cache_gb=0.05, cuda_graphs=graphs, overlap=overlap,
               sparse=SparseConfig(algorithm=algorithm, token_budget=96, min_prompt_len=64, host_pool_gb=0.02,
                                   residency=residency))
     engine = llm.engine
@@ -62,15 +63,21 @@ def _engine(device: str, dtype: str, residency: str, graphs: bool = False, algor
         engine.add_request(torch.randint(3, 500, (n,), generator=g).tolist(), SamplingParams(max_tokens=30, ignore_eos=True))
     while any(s.num_computed < s.num_prompt for s in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()
-    engine.step()  # a first pure decode step (captured when graphs are on)
+    engine.step()  # a first pure decode step (captured when graphs are on; with overlap, left in flight)
+    if overlap:
+        assert engine._in_flight is not None
     return llm, engine
 
 
-@pytest.mark.parametrize("residency, algorithm", [("host", "quest"), ("auto", "quest"), ("host", "lowbit")])
-def test_a_decode_step_reads_nothing_back_on_the_cpu(monkeypatch, residency, algorithm):
-    llm, engine = _engine("cpu", "float32", residency, algorithm=algorithm)
+@pytest.mark.parametrize("residency, algorithm, overlap", [("host", "quest", False), ("auto", "quest", False),
+                                                            ("host", "lowbit", False), ("host", "quest", True),
+                                                            ("auto", "quest", True)])
+def test_a_decode_step_reads_nothing_back_on_the_cpu(monkeypatch, residency, algorithm, overlap):
+    """Overlap mode: the step launched, and the tokens of the one before read back (exempt as the sampler)."""
+    llm, engine = _engine("cpu", "float32", residency, algorithm=algorithm, overlap=overlap)
     guard = HostReadGuard()
     import hisa.attention.paged_decode as pd
+    import hisa.engine.overlap as overlap_mod
     import hisa.engine.sampler as sampler
     import hisa.kvcache.io as io
     import hisa.kvcache.manager as manager
@@ -85,6 +92,7 @@ def test_a_decode_step_reads_nothing_back_on_the_cpu(monkeypatch, residency, alg
                          (quest, "quest_update")):
         monkeypatch.setattr(module, name, guard.exempt(getattr(module, name)))
     monkeypatch.setattr(sampler.Sampler, "sample", guard.exempt(sampler.Sampler.sample))
+    monkeypatch.setattr(overlap_mod.InFlightStep, "read", guard.exempt(overlap_mod.InFlightStep.read))
     real_tolist, real_item = torch.Tensor.tolist, torch.Tensor.item
 
     def counted(real):
@@ -101,16 +109,20 @@ def test_a_decode_step_reads_nothing_back_on_the_cpu(monkeypatch, residency, alg
         for _ in range(3):
             outs = engine.step()
     assert len(outs) == 3  # three requests decoded in each guarded step
+    assert engine.num_overlapped_steps == (3 if overlap else 0)
     assert kinds_before == {residency == "host"}
     assert guard.reads == [], f"host reads in a decode step: {guard.reads}"
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("graphs", [False, True])
 @pytest.mark.parametrize("residency, algorithm", [("host", "quest"), ("auto", "quest"), ("host", "lowbit")])
-def test_a_decode_step_copies_only_the_sampled_tokens_to_the_host_on_cuda(graphs, residency, algorithm):
-    llm, engine = _engine("cuda", "bfloat16", residency, graphs=graphs, algorithm=algorithm)
+def test_a_decode_step_copies_only_the_sampled_tokens_to_the_host_on_cuda(graphs, residency, algorithm, overlap):
+    """With overlap, one step() launches a step (its tokens' copy) and reads the step before's from
+    pinned memory: still one device-to-host copy."""
+    llm, engine = _engine("cuda", "bfloat16", residency, graphs=graphs, algorithm=algorithm, overlap=overlap)
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
         outs = engine.step()
@@ -119,5 +131,6 @@ def test_a_decode_step_copies_only_the_sampled_tokens_to_the_host_on_cuda(graphs
     d2h = [e.name for e in prof.events() if "DtoH" in e.name or "Device -> Pageable" in e.name
            or "Device -> Pinned" in e.name]
     assert len(d2h) == 1, d2h  # the sampled token ids
+    assert engine.num_overlapped_steps == (1 if overlap else 0)
     if graphs:
         assert engine.runner.graphs.replays >= 1

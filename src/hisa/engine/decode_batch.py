@@ -65,29 +65,43 @@ class DecodeBuffers:
         self.max_rows, self.max_pages, self.device = max_rows, max_pages, device
         self.pad_slot, self.sparse_sentinel = max_seqs, sparse_sentinel
         pin = device.type == "cuda"
-        self.host = torch.zeros(len(FIELDS), max_rows, dtype=torch.int32, pin_memory=pin)
+        # FIELDS, then one more row: where a row's input token comes from on the device (overlap mode:
+        # its index in the previous step's sampled tokens, -1 = the token id field)
+        self.host = torch.zeros(len(FIELDS) + 1, max_rows, dtype=torch.int32, pin_memory=pin)
         self._np = self.host.numpy()
         # a padding row: no token (t = 0), kind PAD, its write aimed at the scratch page (never read)
         self._pad = np.array([0, 0, 0, max_seqs, sparse_sentinel, PAD, scratch_page, -1], dtype=np.int32)[:, None]
         i32 = dict(dtype=torch.int32, device=device)
-        self.dev = torch.zeros(len(FIELDS), max_rows, **i32)
+        self.dev = torch.zeros(len(FIELDS) + 1, max_rows, **i32)
         self.block_table = torch.full((max_seqs + 1, max_pages), -1, **i32)
         self.table = torch.full((max_rows, max_pages), -1, **i32)
         self.kv_lens = torch.zeros(max_rows, **i32)
         self._copied = torch.cuda.Event() if pin else None
 
-    def fill(self, rows: list[tuple[int, ...]], n: int) -> None:
+    def fill(self, rows: list[tuple[int, ...]], n: int, *, sources: list[int] | None = None,
+             prev_tokens: torch.Tensor | None = None) -> None:
         """Write `rows` (one tuple of FIELDS per decode row) and n - len(rows) padding rows, then copy
-        them to the device in one transfer."""
+        them to the device in one transfer.
+
+        Overlap mode: a row whose input token was sampled by the previous step, still on the device,
+        takes it from there: `prev_tokens` (int64 [P] device, that step's sampled tokens) and
+        `sources` (per row, its index in prev_tokens, or -1 to keep the row's token id field).
+        The gather runs on the device after the copy, before the step (no host sync).
+        """
         if self._copied is not None:
             self._copied.synchronize()  # the previous step's copy has left the pinned buffer
         r = len(rows)
         if r:
-            self._np[:, :r] = np.asarray(rows, dtype=np.int32).T
-        self._np[:, r:n] = self._pad
+            self._np[:-1, :r] = np.asarray(rows, dtype=np.int32).T
+            self._np[-1, :r] = -1 if sources is None else sources
+        self._np[:-1, r:n] = self._pad
+        self._np[-1, r:n] = -1
         self.dev.copy_(self.host, non_blocking=True)
         if self._copied is not None:
             self._copied.record()
+        if prev_tokens is not None and r:
+            ids, src = self.dev[0, :r], self.dev[-1, :r]  # [r]
+            ids.copy_(torch.where(src >= 0, prev_tokens.index_select(0, src.clamp(min=0)).to(torch.int32), ids))
 
     def view(self, n: int, *, has_sparse: bool, has_host_backed: bool, has_on_device: bool = True) -> DecodeView:
         fields = {name: self.dev[i, :n] for i, name in enumerate(FIELDS)}

@@ -19,11 +19,12 @@ import torch
 from hisa.config import EngineConfig
 from hisa.engine.detokenizer import Detokenizer
 from hisa.engine.outputs import RequestOutput
+from hisa.engine.overlap import InFlightStep, TokenReadback, can_overlap
 from hisa.engine.prefix_cache import DevicePrefixCache
 from hisa.engine.sampler import Sampler
 from hisa.engine.sampling_params import SamplingParams
-from hisa.engine.scheduler import Scheduler
-from hisa.engine.sequence import Sequence, Status
+from hisa.engine.scheduler import ScheduledBatch, Scheduler
+from hisa.engine.sequence import PENDING_TOKEN, Sequence, Status
 from hisa.engine.model_runner import ModelRunner
 from hisa.config import fit_sparse_to_context
 from hisa.errors import ConfigError, DeviceError, InvalidRequestError, StepFailedError
@@ -117,6 +118,13 @@ class LLMEngine:
         self.num_steps = 0
         self.last_step_tokens = 0  # tokens the last step ran (prefill chunks + decodes)
         self.last_step_prefill_tokens = 0  # of which prompt (prefill) tokens
+        # overlap mode (hisa.engine.overlap): a DSA model, or an algorithm that reads on the host, runs synchronously
+        self.overlap = (config.overlap_on and mcfg.dsa is None
+                        and (self.sparse is None or self.sparse.algorithm.graph_safe))
+        self._readback = (TokenReadback(max_rows=config.max_num_seqs, device=config.torch_device)
+                          if self.overlap else None)
+        self._in_flight: InFlightStep | None = None  # the launched step whose tokens are not read back yet
+        self.num_overlapped_steps = 0  # steps launched while the step before was in flight
 
     def _open_l3(self):
         """Prefix reuse through the L3 store `config.l3` (dense requests; hisa.engine.l3_prefix)."""
@@ -217,8 +225,10 @@ class LLMEngine:
         token `prefill_tokens + j` (the last row predicts the token after the document). Runs alone:
         other requests must not be in flight.
         """
-        if self.has_unfinished_requests():
+        if self.scheduler.has_unfinished():
             raise RuntimeError("score() runs alone; finish or abort other requests first")
+        if self._in_flight is not None:  # a step of requests aborted since: nothing to output
+            self._resolve_in_flight()
         n = len(token_ids)
         prefill_tokens = n if prefill_tokens is None else prefill_tokens
         if not 1 <= prefill_tokens <= n:
@@ -239,11 +249,13 @@ class LLMEngine:
         seq = self.scheduler.abort(request_id)
         if seq is None:
             return False
+        seq.drop_pending()  # its token in flight is dropped when the step is resolved
         self._forget(seq)
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """True while a request is waiting or running, or a step's tokens are not read back yet."""
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     @property
     def num_running(self) -> int:
@@ -265,8 +277,17 @@ class LLMEngine:
         """Schedule → run → postprocess. Returns an output for each request that got a new token, and
         a finished one (finish_reason "error") for each request the step failed.
 
+        In overlap mode (`EngineConfig.overlap`, `hisa.engine.overlap`) a decode step's outputs come
+        back from the next call (which launches the step after it first); a call that only resolves
+        the step in flight, before a step that cannot overlap, launches nothing.
+
         Raises DeviceError when the step failed and the device no longer works."""
         self._check_open()
+        if self.overlap:
+            return self._step_overlap()
+        return self._step_sync()
+
+    def _step_sync(self) -> list[RequestOutput]:
         if self.l3_prefix is not None:
             self.l3_prefix.load(self.scheduler)
         batch = self.scheduler.schedule()
@@ -295,27 +316,94 @@ class LLMEngine:
         now = time.monotonic()
         outputs = []
         for row, (seq, token) in enumerate(zip(seqs, tokens)):
-            try:
-                if isinstance(token, Exception):
-                    raise token
-                if seq.forced_output is not None:
-                    seq.scored_logits.append(logits[row].cpu())
-                    token = seq.forced_output[seq.num_output]
-                seq.token_ids.append(token)
-                if seq.first_token_time is None:
-                    seq.first_token_time = now
-                reason = self._check_stop(seq, token)
-                if reason is not None:
-                    if self.l3_prefix is not None:  # the next turn starts with this prompt and answer
-                        self.l3_prefix.store_finished(seq)
-                    self.scheduler.finish(seq, reason)
-                outputs.append(self._output(seq, now))
-                if reason is not None:
-                    self._forget(seq)
-            except Exception as e:  # noqa: BLE001 — this request's fault alone: end it, keep the others
-                outputs.append(self._fail_request(seq, e, now))
+            if seq.forced_output is not None and not isinstance(token, Exception):
+                seq.scored_logits.append(logits[row].cpu())
+                token = seq.forced_output[seq.num_output]
+            outputs.extend(self._postprocess(seq, token, now))
         self.scheduler.remove_finished()
         self.num_steps += 1
+        return outputs
+
+    def _postprocess(self, seq: Sequence, token: int | Exception, now: float) -> list[RequestOutput]:
+        """Append a sampled token (or fail the request with the exception its row raised), check the
+        stops, finish the request if one hit; its output."""
+        try:
+            if isinstance(token, Exception):
+                raise token
+            seq.token_ids.append(token)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            reason = self._check_stop(seq, token)
+            if reason is not None:
+                if self.l3_prefix is not None:  # the next turn starts with this prompt and answer
+                    self.l3_prefix.store_finished(seq)
+                self.scheduler.finish(seq, reason)
+            outputs = [self._output(seq, now)]
+            if reason is not None:
+                self._forget(seq)
+        except Exception as e:  # noqa: BLE001 — this request's fault alone: end it, keep the others
+            outputs = [self._fail_request(seq, e, now)]
+        return outputs
+
+    # -- overlap mode (hisa.engine.overlap) -------------------------------------------------------
+    def _step_overlap(self) -> list[RequestOutput]:
+        """Launch the next decode step, then resolve the one in flight (its outputs are returned); or,
+        when the next step cannot overlap, resolve the one in flight alone (the next call runs
+        synchronously), or run synchronously when none is in flight."""
+        prev = self._in_flight
+        if not can_overlap(self.scheduler, l3=self.l3_prefix is not None):
+            return self._resolve_in_flight() if prev is not None else self._step_sync()
+        batch = self.scheduler.schedule()
+        decodes_only = all(_is_decode(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens))
+        if batch.preempted or batch.demoted or not decodes_only:
+            raise RuntimeError("an overlapped step may only decode (the eligibility check missed a case)")
+        if not batch.seqs:  # every running request's token in flight is its last
+            self.last_step_tokens = self.last_step_prefill_tokens = 0
+            return self._resolve_in_flight() if prev is not None else []
+        if self.on_schedule is not None:
+            self.on_schedule()
+        try:
+            logits, rows = self.runner.run(batch, prev_tokens=prev.tokens if prev is not None else None,
+                                           prev_rows=prev.rows if prev is not None else None)
+            launched = self._readback.start(logits, [batch.seqs[i] for i in rows])
+        except Exception as e:  # noqa: BLE001 — as in the synchronous step: end the step's requests, go on
+            outputs = self._resolve_in_flight() if prev is not None else []
+            return outputs + self._fail_step(batch, e)
+        self.last_step_tokens, self.last_step_prefill_tokens = batch.num_tokens, 0
+        self.num_steps += 1
+        self.num_overlapped_steps += prev is not None
+        # while the device runs the step just launched: the step before's tokens (the one sync)
+        outputs = self._resolve_in_flight() if prev is not None else []
+        # a request that stopped there also ran in the step launched: that token is dropped (never
+        # appended), its pages went with the request; the others count their token as computed
+        # only now, so that every token before num_computed is known when full pages are registered
+        live = [(seq, n) for seq, n in zip(batch.seqs, batch.num_new_tokens) if not seq.is_finished]
+        self.scheduler.complete_step(ScheduledBatch([seq for seq, _ in live], [n for _, n in live]))
+        if self.l3_prefix is not None:  # a prompt write dropped earlier (pending writes full) is tried again
+            self.l3_prefix.store_prompts([seq for seq, _ in live])
+        for seq in launched.seqs:
+            if not seq.is_finished:
+                seq.token_ids.append(PENDING_TOKEN)
+                seq.pending = True
+                seq.last_pending = seq.num_output >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len
+        self._in_flight = launched
+        self.scheduler.remove_finished()
+        return outputs
+
+    def _resolve_in_flight(self) -> list[RequestOutput]:
+        """Read back the step in flight's tokens (waiting for them) and post-process them: the
+        PENDING_TOKEN of each request still running is replaced by its token, as the synchronous
+        step appends it. Requests aborted meanwhile are skipped (their token is dropped)."""
+        step, self._in_flight = self._in_flight, None
+        tokens = step.read()
+        now = time.monotonic()
+        outputs = []
+        for seq, token in zip(step.seqs, tokens):
+            if not seq.pending or seq.is_finished:
+                continue
+            seq.drop_pending()
+            outputs.extend(self._postprocess(seq, token, now))
+        self.scheduler.remove_finished()
         return outputs
 
     # -- fault isolation -----------------------------------------------------------------------
@@ -380,6 +468,10 @@ class LLMEngine:
         scheduler = self.__dict__.get("scheduler")
         for seq in (list(scheduler.running) + list(scheduler.waiting)) if scheduler is not None else []:
             self.abort_request(seq.request_id)
+        in_flight = self.__dict__.get("_in_flight")
+        if in_flight is not None:  # its requests are aborted: wait for the device to finish it, drop its tokens
+            self._in_flight = None
+            in_flight.read()
         del scheduler  # it holds the KV cache: a live local would keep the pool through the collection below
         sparse = self.__dict__.get("sparse")
         if sparse is not None:

@@ -63,11 +63,15 @@ class ModelRunner:
                                       head_dim=cache.head_dim, budget_bytes=cpu_decode_kv_bytes)
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
-        """Run one step. Returns (fp32 logits [Bs, V] of the sampled rows, their indices in batch.seqs)."""
+    def run(self, batch: ScheduledBatch, *, prev_tokens: torch.Tensor | None = None,
+            prev_rows: dict | None = None) -> tuple[torch.Tensor, list[int]]:
+        """Run one step. Returns (fp32 logits [Bs, V] of the sampled rows, their indices in batch.seqs).
+
+        Overlap mode: a decode row whose input token is still PENDING_TOKEN takes it on the device from
+        `prev_tokens` (int64 [P], the previous step's sampled tokens) at index `prev_rows[seq]`."""
         if batch.demoted:
             self.sparse.apply_demotions(batch.demoted)
-        decode_rows, decode_index, sparse_t, prefill = [], [], [], []
+        decode_rows, decode_index, sparse_t, prefill, sources = [], [], [], [], []
         s = self.page_size
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             if n == 1 and seq.num_computed > 0:
@@ -82,7 +86,11 @@ class ModelRunner:
                     kind, wpage, hpage = RESIDENT, page, -1
                     sparse_t.append(t)
                 sslot = seq.sparse_slot if seq.sparse else self.buffers.sparse_sentinel
-                decode_rows.append((seq.token_ids[t - 1], t - 1, t, seq.slot, sslot, kind, wpage, hpage))
+                token, source = seq.token_ids[t - 1], -1
+                if seq.pending:  # its input token is the previous step's, not read back yet
+                    token, source = 0, prev_rows[seq]
+                decode_rows.append((token, t - 1, t, seq.slot, sslot, kind, wpage, hpage))
+                sources.append(source)
                 decode_index.append(i)
             else:
                 prefill.append(i)
@@ -98,7 +106,8 @@ class ModelRunner:
         n_pad = bucket(n, self.max_num_seqs) if graphed else n
         view = None
         if n:
-            self.buffers.fill(decode_rows, n_pad)
+            self.buffers.fill(decode_rows, n_pad, sources=sources if prev_tokens is not None else None,
+                              prev_tokens=prev_tokens)
             key = (n_pad, has_sparse, has_host, on_device)
             view = self._views.get(key)
             if view is None:

@@ -164,7 +164,8 @@ class Scheduler:
     # -- one step ----------------------------------------------------------------------------
     def _token_shares(self) -> dict[Sequence, int]:
         """This step's tokens per sequence: running ones, and the waiting ones that could be admitted."""
-        decodes = [s for s in self.running if not s.in_prefill]
+        # a request whose token in flight is its last (overlap mode) is not scheduled again
+        decodes = [s for s in self.running if not s.in_prefill and not s.last_pending]
         prefills = [s for s in self.running if s.in_prefill]
         prefills += [s for s in self.waiting if not s.loading][: max(0, self.max_num_seqs - len(self.running))]
         shares = split_token_budget(self.max_num_batched_tokens, num_decodes=len(decodes),

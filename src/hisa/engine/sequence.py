@@ -10,6 +10,12 @@ from hisa.engine.detokenizer import DetokState
 from hisa.engine.sampling_params import SamplingParams
 
 
+# The value a Sequence holds for its token still being sampled on the device (overlap mode,
+# `hisa.engine.overlap`): counted like any token (num_tokens, pages, positions), read by nothing
+# that needs the value until the step is resolved and it is replaced.
+PENDING_TOKEN = -1
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -59,6 +65,11 @@ class Sequence:
     forced_output: list[int] | None = None
     scored_logits: list = field(default_factory=list)
     detok: DetokState = field(default_factory=DetokState)  # its output's text, built incrementally
+    # Overlap mode: True when its last token is PENDING_TOKEN (sampled by the step in flight, not read
+    # back yet), and `last_pending` when that token is its last for sure (max_tokens or the context):
+    # the scheduler does not schedule it again.
+    pending: bool = False
+    last_pending: bool = False
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -88,3 +99,9 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == Status.FINISHED
+
+    def drop_pending(self) -> None:
+        """Take the PENDING_TOKEN (overlap mode) off its tokens, if it has one."""
+        if self.pending:
+            self.token_ids.pop()
+            self.pending = self.last_pending = False
