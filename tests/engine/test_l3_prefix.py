@@ -271,14 +271,15 @@ def test_l3_continues_a_prefix_whose_tail_the_pool_evicted(make_llm, prompts, re
 
 # -- asynchronous L3: the I/O thread -------------------------------------------------------------
 def test_a_slow_store_never_blocks_the_running_requests(make_llm, prompts, reference, tmp_path):
-    """L3 calls that take 0.5 s each (a slow disk, a far server) delay only the request being looked
+    """L3 calls that take 1 s each (a slow disk, a far server) delay only the request being looked
     up: while its lookup is in flight, a running request keeps decoding, no step waits for the
     store, and both outputs are those of runs without L3."""
     llm = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=f"file:{tmp_path / 'l3'}")
     engine, prefix = llm.engine, llm.engine.l3_prefix
     assert _one_by_one(llm, prompts[:1]) == reference[:1]   # L3 now holds the shared 300-token prefix
     prefix.drain()
-    slow = prefix.l3.backend = SlowBackend(prefix.l3.backend, delay_s=0.5)
+    # 1 s per call: the lookup (exists, then a read) spans several steps even on a loaded 2-core machine
+    slow = prefix.l3.backend = SlowBackend(prefix.l3.backend, delay_s=1.0)
     short = prompts[2][-12:]   # no full page: never looked up
     params = SamplingParams(max_tokens=60, ignore_eos=True)
     want_short = make_llm(prefix_cache=False).generate([short], params, use_tqdm=False)[0].token_ids
@@ -289,7 +290,7 @@ def test_a_slow_store_never_blocks_the_running_requests(make_llm, prompts, refer
     while engine.has_unfinished_requests():
         t0 = time.perf_counter()
         outs = engine.step()
-        if prefix.loading:   # this step ran while the lookup (exists, then get: >= 1 s) was in flight
+        if prefix.loading:   # this step ran while the lookup (exists, then a read: >= 2 s) was in flight
             step_s.append(time.perf_counter() - t0)
             tokens_while_loading += sum(o.request_id == other for o in outs)
         done.update({o.request_id: o.token_ids for o in outs if o.finished})
