@@ -8,9 +8,10 @@ layer's tensors, so nothing is served from L2 as in a real step) and reports the
 
   * Quest's selection: `page_scores` (two kernels) per (pages per program, warps) of its logits
     kernel, bytes = the page summaries read (kmin + kmax of every page of every row); then
-    `select_pages` (top-k pages per row) per warps;
+    `select_pages` (top-k pages per row) per warps, with and without the search's early exit;
   * `paged_decode_attention` over the selected pages (64 full pages + the newest, at random
-    physical places in a buffer twice the budget): KV splits x tokens per iteration (block_n);
+    physical places in a buffer twice the budget): KV splits x tokens per iteration (block_n) x
+    pipeline stages;
     bytes = the K and V read;
   * `lowbit_page_scores` (4-bit keys, groups of 32; two kernels), alone (lowbit_scores) and followed
     by `select_pages` (lowbit_select): tokens per dot (sub_tokens) x warps of the logits kernel;
@@ -47,12 +48,11 @@ SHAPES = {"32K x 8": (32768, 8), "128K x 4": (131072, 4), "128K x 11": (131072, 
 SLACK_PAGES = 4  # an engine's rows have a few page slots past the prompt (the tokens it generates)
 LOWBIT_BITS, LOWBIT_GROUP = 4, 32
 LOWBIT_SETTINGS = ((64, 4), (128, 4), (32, 4))  # (sub_tokens, num_warps); the first is the default
-BLOCK_P_WARPS = ((64, 4, None), (64, 4, True), (64, 4, False), (32, 4, True), (128, 8, True))  # the logits kernel's
-# (block_p, num_warps, head_fast) settings; the first is the default
-DECODE_SETTINGS = ((None, 64, None, None), (None, 64, None, 2), (4, 64, None, 2), (6, 64, None, 2), (4, 64, None, 3),
-                   (None, 32, None, 3), (None, 32, None, 2), (12, 32, None, 2), (16, 32, None, 2), (None, 64, None, 1),
-                   (6, 128, None, 1), (4, 128, None, 2))
-# (num_splits, block_n, head_fast, num_stages) of paged decode over the selected pages; the first is the default
+BLOCK_P_WARPS = ((64, 4), (32, 4), (128, 8))  # the logits kernel's (block_p, num_warps); the first is the default
+DECODE_SETTINGS = ((None, 64, None), (None, 64, 2), (4, 128, 2), (None, 32, 3), (12, 32, 2), (6, 64, 2))
+# (num_splits, block_n, num_stages) of paged decode over the selected pages; the first is the default
+# (a kv-heads-fastest grid order for both kernels was tried too, within 0.5 µs: not kept,
+# bench/results/selection_kernels_gpu_h200_v3.json and _decode.json)
 KERNELS = {"page_scores": ("page_scores", "select_pages"), "decode": ("paged_decode",),
            "lowbit": ("lowbit_scores", "lowbit_select")}
 
@@ -79,13 +79,12 @@ def sweep_scores(ctx: int, rows: int, reps: int) -> list[dict]:
     base_pages = select_pages(base_scores, lo, hi, k)
     nbytes = rows * maxp * KVH * D * 2 * 2  # kmin + kmax, bf16
     out = []
-    for block_p, warps, head_fast in BLOCK_P_WARPS:
-        kw = dict(block_p=block_p, num_warps=warps, head_fast=head_fast)
+    for block_p, warps in BLOCK_P_WARPS:
+        kw = dict(block_p=block_p, num_warps=warps)
         got = page_scores(q, *meta[0], ss, lo, hi, scale=scale, **kw)
         ok = torch.allclose(got.nan_to_num(0, neginf=0), base_scores.nan_to_num(0, neginf=0), rtol=1e-4, atol=1e-6)
         us = graph_us([lambda m=m: page_scores(q, *m, ss, lo, hi, scale=scale, **kw) for m in meta], reps)
-        out.append(dict(kernel="page_scores", block_p=block_p, num_warps=warps,
-                        head_fast="default" if head_fast is None else head_fast, us=us, ok=ok, gb_s=nbytes / us / 1e3))
+        out.append(dict(kernel="page_scores", block_p=block_p, num_warps=warps, us=us, ok=ok, gb_s=nbytes / us / 1e3))
         progress(out[-1])
     scores = [page_scores(q, *m, ss, lo, hi, scale=scale) for m in meta]
     for warps, early in ((None, None), (None, True), (None, False), (4, True), (16, True)):
@@ -117,15 +116,15 @@ def sweep_decode(rows: int, reps: int) -> list[dict]:
     want = paged_decode_attention(q, caches[0][:, 0], caches[0][:, 1], tables[0], lens, scale=scale)
     nbytes = rows * kv_len * KVH * D * 2 * 2
     out = []
-    for splits, block_n, head_fast, stages in DECODE_SETTINGS:
-        kw = dict(num_splits=splits, block_n=block_n, head_fast=head_fast, num_stages=stages)
+    for splits, block_n, stages in DECODE_SETTINGS:
+        kw = dict(num_splits=splits, block_n=block_n, num_stages=stages)
         got = paged_decode_attention(q, caches[0][:, 0], caches[0][:, 1], tables[0], lens, scale=scale, **kw)
         ok = torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2)
         us = graph_us([lambda i=i: paged_decode_attention(q, caches[i][:, 0], caches[i][:, 1], tables[i], lens,
                                                           scale=scale, out=outs[i], **kw) for i in range(LAYERS)],
                       reps)
         out.append(dict(kernel="paged_decode", num_splits=splits or "auto", block_n=block_n,
-                        head_fast="default" if head_fast is None else head_fast, num_stages=stages or "default",
+                        num_stages=stages or "default",
                         us=us, ok=ok, gb_s=nbytes / us / 1e3))
         progress(out[-1])
     return out

@@ -110,9 +110,9 @@ def test_triton_matches_reference(dtype, group, head_dim, page_size, num_kv_head
     scale = head_dim ** -0.5
     ref = paged_decode_attention_ref(q, k_cache, v_cache, table, lens, scale=scale)
     assert not ref.isnan().any()
-    for num_splits, head_fast in ((1, False), (3, False), (3, True)):  # both grid orders
+    for num_splits in (1, 3):
         out = paged_decode_attention(q, k_cache, v_cache, table, lens, scale=scale, num_splits=num_splits,
-                                     block_n=16, use_triton=True, head_fast=head_fast)
+                                     block_n=16, use_triton=True)
         assert out.shape == q.shape and out.dtype == dtype
         torch.testing.assert_close(out, ref, **TOL[dtype], msg=lambda m: f"num_splits={num_splits}: {m}")
     for b, n in enumerate(kv_lens):
@@ -262,8 +262,7 @@ def test_launcher_rejects_bad_options(kwargs, match):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("num_splits", [1, None])
 @pytest.mark.parametrize("window", [None, 512])
-@pytest.mark.parametrize("head_fast", [False, True])
-def test_cuda_triton_matches_reference(dtype, num_splits, window, head_fast):
+def test_cuda_triton_matches_reference(dtype, num_splits, window):
     S, KVH, group, D = 16, 8, 4, 128
     q, kv, table, lens = make_case([0, 1, 16, 300, 1000, 777], page_size=S, num_kv_heads=KVH, group=group,
                                    head_dim=D, dtype=torch.float32, seed=11, device="cuda")
@@ -271,7 +270,7 @@ def test_cuda_triton_matches_reference(dtype, num_splits, window, head_fast):
     ref = paged_decode_attention_ref(q.float(), kv[:, 0].float(), kv[:, 1].float(), table, lens, scale=D ** -0.5,
                                      window=window)
     out = paged_decode_attention(q, kv[:, 0], kv[:, 1], table, lens, scale=D ** -0.5, num_splits=num_splits,
-                                 window=window, head_fast=head_fast)
+                                 window=window)
     assert out.dtype == dtype and not out.isnan().any()
     tol = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 1e-4}[dtype]
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)

@@ -107,12 +107,12 @@ def _summaries(ss, maxp, kvh, d, dtype, device):
 
 
 @pytest.mark.parametrize("with_mean", [False, True])
-@pytest.mark.parametrize("h,kvh,d,maxp,block_p,head_fast", [(6, 2, 16, 70, None, None), (4, 4, 32, 33, 16, True),
-                                                             (9, 3, 64, 40, 64, False), (6, 2, 8, 20, 16, None)])
-def test_page_scores_triton_matches_reference(with_mean, h, kvh, d, maxp, block_p, head_fast):
+@pytest.mark.parametrize("h,kvh,d,maxp,block_p", [(6, 2, 16, 70, None), (4, 4, 32, 33, 16), (9, 3, 64, 40, 64),
+                                                   (6, 2, 8, 20, 16)])
+def test_page_scores_triton_matches_reference(with_mean, h, kvh, d, maxp, block_p):
     """Two Triton kernels (per-block logits + softmax partials, then the merge) against the torch
     reference: rows with a middle range, a row that selects nothing, ranges cut at block edges, at
-    the default and two other pages-per-program tunings, both grid orders, a head dim under tl.dot's 16."""
+    the default and two other pages-per-program tunings, a head dim under tl.dot's 16."""
     torch.manual_seed(h * 100 + maxp)
     R, SS = 4, 5
     q = torch.randn(R, h, d)
@@ -122,8 +122,7 @@ def test_page_scores_triton_matches_reference(with_mean, h, kvh, d, maxp, block_
     args = (q, kmin, kmax, ss, lo, hi)
     want = page_scores_ref(*args, scale=0.3, kmean=kmean if with_mean else None)
     args, kmean = tuple(x.to(DEV) for x in args), kmean.to(DEV)  # Triton on the GPU, or the interpreter
-    got = page_scores(*args, scale=0.3, kmean=kmean if with_mean else None, use_triton=True, block_p=block_p,
-                      head_fast=head_fast).cpu()
+    got = page_scores(*args, scale=0.3, kmean=kmean if with_mean else None, use_triton=True, block_p=block_p).cpu()
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     torch.testing.assert_close(got.nan_to_num(0, neginf=0), want.nan_to_num(0, neginf=0), rtol=1e-5, atol=1e-6)
     assert torch.isinf(got[1]).all()  # the row with an empty range scores nothing

@@ -26,15 +26,13 @@ _AUTO_MAX_SPLITS = 64
 _PROGRAMS_PER_SM = 4  # programs of the split kernel resident per SM (see default_num_splits)
 _INTERPRETER_SMS = 4  # stand-in SM count off CUDA (interpreter): a few splits, fast tests
 _LOG2E = 1.4426950408889634
-HEAD_FAST = False  # the split kernel's grid order (a tuning knob): kv heads fastest, or requests
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            page_table: torch.Tensor, kv_lens: torch.Tensor, *, scale: float,
                            num_splits: int | None = None, out: torch.Tensor | None = None,
                            use_triton: bool | None = None, block_n: int | None = None,
-                           window: int | None = None, head_fast: bool | None = None,
-                           num_stages: int | None = None) -> torch.Tensor:
+                           window: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """Attention of each request's new token over its paged KV (GQA, softmax in fp32).
 
     q:          [B, H, D] fp16/bf16/fp32, last dim contiguous.
@@ -52,6 +50,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     use_triton: None = Triton iff q is on CUDA; True forces Triton (on CPU only under
                 TRITON_INTERPRET=1); False forces the torch reference.
     block_n:    tokens per kernel iteration (a tuning knob, power of two >= 16); None = 64.
+    num_stages: software-pipelining depth of the split kernel on CUDA (a tuning knob); None = 3.
     window:     sliding-window attention (Gemma-3's local layers): only the last `window` tokens
                 of each request's virtual sequence are attended, positions kv_len - window ..
                 kv_len - 1 (the newest token included); the kernel skips the older blocks. The
@@ -86,8 +85,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if q.shape[0] == 0:
         return out
     _launch_triton(q, k_cache, v_cache, page_table, kv_lens, out, scale=scale, num_splits=num_splits,
-                   block_n=64 if block_n is None else block_n, window=window,
-                   head_fast=HEAD_FAST if head_fast is None else head_fast, num_stages=num_stages)
+                   block_n=64 if block_n is None else block_n, window=window, num_stages=num_stages)
     return out
 
 
@@ -115,8 +113,7 @@ def _sm_count(device_index: int) -> int:
 
 def _launch_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
                    kv_lens: torch.Tensor, out: torch.Tensor, *, scale: float, num_splits: int | None,
-                   block_n: int, window: int | None, head_fast: bool = False,
-                   num_stages: int | None = None) -> None:
+                   block_n: int, window: int | None, num_stages: int | None = None) -> None:
     from hisa.attention.triton_paged_decode import paged_decode_combine_kernel, paged_decode_split_kernel
 
     B, H, D = q.shape
@@ -133,7 +130,7 @@ def _launch_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     direct = num_splits == 1
     m_ws, l_ws, acc_ws = split_workspaces(out, num_splits, D)
     gpu = q.is_cuda
-    paged_decode_split_kernel[(KVH, num_splits, B) if head_fast else (B, KVH, num_splits)](
+    paged_decode_split_kernel[(B, KVH, num_splits)](
         q, k_cache, v_cache, page_table, kv_lens, out, m_ws, l_ws, acc_ws,
         scale * _LOG2E,
         H, max_tokens, num_splits, max_tokens if window is None else window,  # no window: all tokens
@@ -143,7 +140,7 @@ def _launch_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         page_table.stride(0), kv_lens.stride(0),
         out.stride(0), out.stride(1),
         D=D, S=S, G=G, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, DIRECT_OUT=direct,
-        INTERPRETER=os.environ.get("TRITON_INTERPRET") == "1", HEAD_FAST=head_fast,
+        INTERPRETER=os.environ.get("TRITON_INTERPRET") == "1",
         num_warps=4 if gpu else 1, num_stages=(num_stages or 3) if gpu else 1,
     )
     if not direct:

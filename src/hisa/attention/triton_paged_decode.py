@@ -79,16 +79,11 @@ def paged_decode_split_kernel(
     stride_ob, stride_oh,
     D: tl.constexpr, S: tl.constexpr, G: tl.constexpr,  # head dim, page size, query heads per kv head
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    DIRECT_OUT: tl.constexpr, INTERPRETER: tl.constexpr, HEAD_FAST: tl.constexpr,
+    DIRECT_OUT: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
-    if HEAD_FAST:  # grid (KVH, num_splits, B): neighbouring programs read neighbouring heads of the same pages
-        kvh = tl.program_id(0)
-        split = tl.program_id(1)
-        b = tl.program_id(2).to(tl.int64)
-    else:  # grid (B, KVH, num_splits)
-        b = tl.program_id(0).to(tl.int64)
-        kvh = tl.program_id(1)
-        split = tl.program_id(2)
+    b = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
 
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)

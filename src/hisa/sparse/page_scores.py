@@ -21,14 +21,13 @@ import torch
 _LOG2E = 1.4426950408889634
 BLOCK_P = 64  # pages per program of the logits kernel (a tuning knob; `bench/selection_kernels_gpu.py`)
 LOGITS_WARPS = 4
-HEAD_FAST = False  # the logits kernel's grid order (a tuning knob): kv heads fastest, or rows
 SELECT_EARLY_EXIT = True  # select_pages stops its search once exactly k pages are at or above the cut
 
 
 def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sslots: torch.Tensor, lo: torch.Tensor,
                 hi: torch.Tensor, *, scale: float, kmean: torch.Tensor | None = None,
                 use_triton: bool | None = None, block_p: int | None = None,
-                num_warps: int | None = None, head_fast: bool | None = None) -> torch.Tensor:
+                num_warps: int | None = None) -> torch.Tensor:
     """Score every page of each row's middle range (see the module docstring). fp32 [R, MAXP].
 
     block_p (pages per program, a power of two >= 16) and num_warps tune the logits kernel; None takes
@@ -65,15 +64,14 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sslots:
     if R == 0:
         return scores
     second = (logits[-1], mpart[-1], spart[-1])
-    head_fast = HEAD_FAST if head_fast is None else head_fast
-    page_logits_kernel[(KVH, PB, R) if head_fast else (R, PB, KVH)](
+    page_logits_kernel[(R, PB, KVH)](
         q, kmin, kmax, kmean if kmean is not None else kmin, sslots, lo, hi,
         logits[0], mpart[0], spart[0], *second,
         scale * _LOG2E, MAXP, PB,
         q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), kmin.stride(2),
         H=H, G=H // KVH, D=D, BLOCK_P=block_p, BLOCK_D=max(16, _next_pow2(D)),
         BLOCK_G=max(16, _next_pow2(H // KVH)), HAS_MEAN=kmean is not None,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HEAD_FAST=head_fast, num_warps=num_warps)
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps)
     page_scores_kernel[(R, PB)](
         logits[0], mpart[0], spart[0], *second, lo, hi, scores, MAXP, PB,
         H=H, BLOCK_P=block_p, BLOCK_PB=max(2, _next_pow2(PB)), BLOCK_H=max(2, _next_pow2(H)),

@@ -34,16 +34,11 @@ def page_logits_kernel(
     stride_qr, stride_qh, stride_ms, stride_mp, stride_mh,
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, HAS_MEAN: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, HEAD_FAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    if HEAD_FAST:  # grid (KVH, PB, R): neighbouring programs read neighbouring heads of the same pages
-        j = tl.program_id(0)
-        b = tl.program_id(1)
-        r = tl.program_id(2).to(tl.int64)
-    else:  # grid (R, PB, KVH)
-        r = tl.program_id(0).to(tl.int64)
-        b = tl.program_id(1)
-        j = tl.program_id(2)  # the kv head
+    r = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1)
+    j = tl.program_id(2)  # the kv head
     sslot = tl.load(sslot_ptr + r).to(tl.int64)
     lo = tl.load(lo_ptr + r)
     hi = tl.load(hi_ptr + r)
