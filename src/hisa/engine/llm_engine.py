@@ -24,7 +24,7 @@ from hisa.engine.prefix_cache import DevicePrefixCache
 from hisa.engine.sampler import Sampler
 from hisa.engine.sampling_params import SamplingParams
 from hisa.engine.scheduler import ScheduledBatch, Scheduler
-from hisa.engine.sequence import PENDING_TOKEN, Sequence, Status
+from hisa.engine.sequence import PENDING_TOKEN, Sequence
 from hisa.engine.model_runner import ModelRunner
 from hisa.config import fit_sparse_to_context
 from hisa.errors import ConfigError, DeviceError, InvalidRequestError, StepFailedError

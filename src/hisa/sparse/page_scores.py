@@ -110,7 +110,9 @@ def select_pages(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, k: in
     scores: fp32 [R, MAXP] (what `page_scores` returns: >= 0 inside each row's [lo, hi), -inf
     outside); a row with fewer than k valid pages gets them all. Ties go to the lower page. One
     Triton launch on CUDA (a search over the scores' bit patterns: no sort, no host sync), the torch reference elsewhere.
-    num_warps tunes the kernel; None = 8 from 2,048 pages up, else 4.
+    num_warps tunes the kernel; None = 8 from 2,048 pages up, else 4. early_exit (None =
+    SELECT_EARLY_EXIT) lets the search stop once exactly k pages are at or above its cut; False runs
+    all 20 rounds (the same pages: the reference the tests compare it with).
     """
     R, MAXP = scores.shape
     if use_triton is None:
