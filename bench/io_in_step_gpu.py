@@ -9,6 +9,12 @@ decodes a few steps, then runs one eager step with each layer's `load_pages` cal
 tensors and rows, and with the pairs compacted (no masked programs), and with as many random rows of
 the same pool. Prints a table per layer and writes JSON.
 
+Two more suspects are timed with the step's own calls: the state a step leaves the GPU in (each call
+replayed right after a kernel that streams `--thrash-gib` of HBM, as the weight GEMMs before it do:
+translation and L2 state gone), and the copy's program size (`--blocks`). `--thp-gib` then compares a
+registered pool in ordinary 4 KiB pages with one in transparent huge pages (2 MiB), idle and after
+the same thrash, on cold random rows (what a step's misses are).
+
     python bench/io_in_step_gpu.py --ctx 32768 --batch 8 --out bench/results/io_in_step_gpu_h200.json
 """
 
@@ -52,6 +58,101 @@ def timed_ms(fn, reps: int = 1) -> float:
     return statistics.median(out)
 
 
+class Thrash:
+    """Stream `gib` of HBM (a sum over a device buffer) on the current stream: what the weight GEMMs
+    between two layers' loads do to the L2 and the GPU's translation caches."""
+
+    def __init__(self, dev: torch.device, gib: float):
+        n = int(gib * 2**30) // 2
+        self.buf = torch.ones(n, dtype=torch.bfloat16, device=dev) if n else None
+        self.out = torch.empty((), dtype=torch.float32, device=dev)
+
+    def __call__(self) -> None:
+        if self.buf is not None:
+            torch.sum(self.buf, dtype=torch.float32, out=self.out)
+
+
+def timed_after_ms(pre, fn, reps: int = 3) -> float:
+    """GPU time of fn() alone when it runs right after pre() on the same stream (median of reps)."""
+    if not torch.cuda.is_available():
+        return timed_ms(fn, reps)
+    out = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        pre()
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        fn()
+        e1.record()
+        e1.synchronize()
+        out.append(e0.elapsed_time(e1))
+    return statistics.median(out)
+
+
+def thp_buffer(nbytes: int) -> torch.Tensor:
+    """uint8 host memory of nbytes, 2 MiB aligned and advised MADV_HUGEPAGE (transparent huge pages)."""
+    import mmap
+    huge = 2 * 2**20
+    m = mmap.mmap(-1, nbytes + huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    whole = torch.frombuffer(m, dtype=torch.uint8)
+    off = -whole.data_ptr() % huge
+    m.madvise(mmap.MADV_HUGEPAGE, off, nbytes)
+    return whole[off:off + nbytes]
+
+
+def thp_compare(dev: torch.device, gib: float, row_bytes: int, dtype: torch.dtype, thrash: Thrash,
+                sizes: tuple[int, ...] = (75, 176), sets: int = 8) -> list[dict]:
+    """Cold random rows from a registered pool of `gib` in 4 KiB pages vs transparent huge pages."""
+    from hisa.kvcache.host_pool import host_tensor, pin_ranges
+    cudart = torch.cuda.cudart()
+    elem = torch.empty((), dtype=dtype).element_size()
+    pages = int(gib * 2**30) // row_bytes
+    out = []
+
+    class Owner:
+        pass
+
+    owners = []
+    for kind in ("register_4k", "register_thp"):
+        owner = Owner()
+        owners.append(owner)
+        if kind == "register_4k":
+            host = host_tensor((pages, row_bytes // elem), dtype, pin=True, owner=owner)
+        else:
+            raw = thp_buffer(pages * row_bytes)
+            raw.fill_(1)  # fault the huge pages in before registering
+            for start, length in pin_ranges(raw.data_ptr(), raw.numel()):
+                assert int(cudart.cudaHostRegister(start, length, 3)) == 0, "cudaHostRegister failed"
+            host = raw.view(dtype).view(pages, row_bytes // elem)
+        anon_huge = _anon_huge_gib()
+        dev_rows = torch.empty(max(sizes), row_bytes // elem, dtype=dtype, device=dev)
+        gen = torch.Generator().manual_seed(1)
+        for n in sizes:
+            dst = torch.arange(n, device=dev)
+            r = dict(pool=kind, gib=gib, rows=n, mib=n * row_bytes / 2**20, anon_huge_gib=anon_huge)
+            for name, pre in (("idle", lambda: None), ("after_thrash", thrash)):
+                ms = []
+                for _ in range(sets):  # rows no earlier call read: cold translations
+                    src = torch.randperm(pages, generator=gen)[:n].to(dev)
+                    ms.append(timed_after_ms(pre, lambda: load_pages(host, dev_rows, src, dst), reps=1))
+                r[f"{name}_ms"] = statistics.median(ms)
+                r[f"{name}_gb_s"] = n * row_bytes / (r[f"{name}_ms"] * 1e-3) / 1e9
+            out.append(r)
+            print(f"{kind:13s} rows {n:4d}  idle {r['idle_gb_s']:5.1f} GB/s  after thrash {r['after_thrash_gb_s']:5.1f} GB/s"
+                  f"  (anon huge pages {anon_huge:.1f} GiB)", flush=True)
+    return out
+
+
+def _anon_huge_gib() -> float:
+    try:
+        for line in open("/proc/self/smaps_rollup"):
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ctx", type=int, default=32768)
@@ -60,6 +161,9 @@ def main() -> int:
     ap.add_argument("--host-pool-gb", type=float, default=None)
     ap.add_argument("--preset", default="llama-3.1-8b")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--thrash-gib", type=float, default=2.0, help="HBM streamed before the 'after thrash' replays")
+    ap.add_argument("--blocks", default="4096,65536", help="other bytes-per-program to replay with (after thrash)")
+    ap.add_argument("--thp-gib", type=float, default=0.0, help="also compare 4 KiB vs huge-page pools of this size")
     ap.add_argument("--git-commit", default=None)
     ap.add_argument("--out", type=Path, default=REPO / "bench/results/io_in_step_gpu.json")
     a = ap.parse_args()
@@ -71,7 +175,10 @@ def main() -> int:
     eng = Engine(loaded, device=dev, ctx=a.ctx, batch=a.batch, steps=a.warm_steps + 8, sparse=sp, page_size=32,
                  chunk=8192, util=0.9)
     e = eng.llm.engine
+    print(f"prefilled {a.batch} x {eng.ctx} in {eng.prefill_s:.1f} s", flush=True)
     eng.decode(a.warm_steps)
+    thrash = Thrash(dev, a.thrash_gib if dev.type == "cuda" else 0.0)
+    blocks = [int(b) for b in a.blocks.split(",") if b]
     calls = []
 
     def recording(host, dev_rows, src, dst, **kw):
@@ -99,26 +206,44 @@ def main() -> int:
         r = dict(layer=layer, pairs=int(src.numel()), rows=n, mib=n * row_bytes / 2**20, in_step_ms=c["ms"],
                  replay_ms=timed_ms(lambda: load_pages(host, dev_rows, src, dst), reps=3),
                  compact_ms=timed_ms(lambda: load_pages(host, dev_rows, src_c, dst_c), reps=3),
-                 random_rows_ms=timed_ms(lambda: load_pages(host, dev_rows, rand, dst_c), reps=1))
+                 random_rows_ms=timed_ms(lambda: load_pages(host, dev_rows, rand, dst_c), reps=1),
+                 after_thrash_ms=timed_after_ms(thrash, lambda: load_pages(host, dev_rows, src, dst)),
+                 compact_after_thrash_ms=timed_after_ms(thrash, lambda: load_pages(host, dev_rows, src_c, dst_c)))
+        for b in blocks:
+            r[f"block{b}_after_thrash_ms"] = timed_after_ms(
+                thrash, lambda: load_pages(host, dev_rows, src_c, dst_c, block_bytes=b))
         load_pages(host, dev_rows, src_c, dst_c)  # the real rows back
         distinct = int(src_c.unique().numel())
         r.update(distinct_src=distinct, host_row_span_gib=(int(src_c.max()) - int(src_c.min())) * row_bytes / 2**30
                  if n else 0.0)
-        for k in ("in_step_ms", "replay_ms", "compact_ms", "random_rows_ms"):
+        timings = [k for k in r if k.endswith("_ms")]
+        for k in timings:
             r[k.replace("_ms", "_gb_s")] = n * row_bytes / (r[k] * 1e-3) / 1e9 if r[k] > 0 else 0.0
         rows.append(r)
         print(f"layer {layer:2d} pairs {r['pairs']:5d} rows {n:4d} ({r['mib']:6.1f} MiB)  in step {r['in_step_ms']:6.3f} ms "
               f"({r['in_step_gb_s']:5.1f} GB/s)  replay {r['replay_gb_s']:5.1f}  compact {r['compact_gb_s']:5.1f}  "
-              f"random rows {r['random_rows_gb_s']:5.1f} GB/s", flush=True)
-    tot = {k: sum(r[k] for r in rows) for k in ("mib", "in_step_ms", "replay_ms", "compact_ms", "random_rows_ms")}
+              f"random rows {r['random_rows_gb_s']:5.1f}  after thrash {r['after_thrash_gb_s']:5.1f}  "
+              f"compact after thrash {r['compact_after_thrash_gb_s']:5.1f}  "
+              + "  ".join(f"b{b} {r[f'block{b}_after_thrash_gb_s']:5.1f}" for b in blocks) + " GB/s", flush=True)
+    timings = [k for k in rows[0] if k.endswith("_ms")] if rows else []
+    tot = {k: sum(r[k] for r in rows) for k in ["mib", *timings]}
     summary = {k: tot[k] for k in tot}
-    for k in ("in_step_ms", "replay_ms", "compact_ms", "random_rows_ms"):
+    for k in timings:
         summary[k.replace("_ms", "_gb_s")] = tot["mib"] * 2**20 / (tot[k] * 1e-3) / 1e9 if tot[k] else 0.0
-    print("total", {k: round(v, 2) for k, v in summary.items()})
+    print("total", {k: round(v, 2) for k, v in summary.items()}, flush=True)
+    thp = []
+    if a.thp_gib > 0 and dev.type == "cuda":
+        row_bytes = calls[0]["host"].shape[1] * calls[0]["host"].element_size()
+        try:
+            print("THP setting:", open("/sys/kernel/mm/transparent_hugepage/enabled").read().strip(), flush=True)
+        except OSError:
+            pass
+        thp = thp_compare(dev, a.thp_gib, row_bytes, calls[0]["host"].dtype, thrash)
     st = e.sparse.summary()
     write_json(a.out, dict(**header(dev, a.git_commit), model=f"random:{a.preset}", dtype="bfloat16", page_size=32,
                            budget_tokens=2048, ctx=eng.ctx, batch=a.batch, hit_rate=st["hit_rate"],
-                           host_pool_gib=e.sparse.memory()["host_pool_bytes"] / 2**30, summary=summary, layers=rows))
+                           host_pool_gib=e.sparse.memory()["host_pool_bytes"] / 2**30, thrash_gib=a.thrash_gib,
+                           summary=summary, layers=rows, thp=thp))
     eng.close()
     return 0
 
