@@ -69,7 +69,7 @@ class Thrash:
 
     def __call__(self) -> None:
         if self.buf is not None:
-            torch.sum(self.buf, dtype=torch.float32, out=self.out)
+            torch.sum(self.buf, 0, dtype=torch.float32, out=self.out)
 
 
 def timed_after_ms(pre, fn, reps: int = 3) -> float:
