@@ -7,7 +7,9 @@ benchmark's engine (random Llama-3.1-8B shape, bf16, page 32, quest, every reque
 decodes a few steps, then runs one eager step with each layer's `load_pages` call timed on its own
 (synchronized before and after), and afterwards replays every recorded call alone with the same
 tensors and rows, and with the pairs compacted (no masked programs), and with as many random rows of
-the same pool. Prints a table per layer and writes JSON.
+the same pool. Prints a table per layer and writes JSON. Before that, two steps eager and two replayed
+from their CUDA graph run under the profiler: the copy kernel's time there, nothing synchronized
+between the kernels, against the bytes the step loaded.
 
 Two more suspects are timed with the step's own calls: the state a step leaves the GPU in (each call
 replayed right after a kernel that streams `--thrash-gib` of HBM, as the weight GEMMs before it do:
@@ -153,6 +155,32 @@ def _anon_huge_gib() -> float:
     return 0.0
 
 
+def profiled_copy(eng, *, graphs: bool) -> dict:
+    """One decode step under the profiler, eager (kernels launched one by one, nothing synchronized
+    in between) or replayed from its CUDA graph: the copy kernel's GPU time and the bytes the step
+    loaded (the miss counters before and after)."""
+    e = eng.llm.engine
+    saved = e.runner.graphs
+    if not graphs:
+        e.runner.graphs = None
+    before = sum(e.sparse.manager.misses.tolist())
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    try:
+        with torch.profiler.profile(activities=acts) as prof:
+            sync(eng.device)
+            e.step()
+            sync(eng.device)
+    finally:
+        e.runner.graphs = saved
+    loaded = (sum(e.sparse.manager.misses.tolist()) - before) * e.sparse.manager.row_bytes
+    ks = [ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA]
+    copies = [ev.device_time_total / 1e3 for ev in ks if ev.name.startswith("copy_rows_kernel")]
+    ms = sum(copies)
+    return dict(mode="graph" if graphs else "eager", kernels_seen=len(ks), copy_calls=len(copies), copy_ms=ms,
+                loaded_mib=loaded / 2**20, copy_gb_s=loaded / (ms * 1e-3) / 1e9 if ms else 0.0,
+                copy_ms_per_call=[round(c, 4) for c in copies])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ctx", type=int, default=32768)
@@ -177,6 +205,13 @@ def main() -> int:
     e = eng.llm.engine
     print(f"prefilled {a.batch} x {eng.ctx} in {eng.prefill_s:.1f} s", flush=True)
     eng.decode(a.warm_steps)
+    profiled = []
+    if dev.type == "cuda":
+        for graphs in (True, False, True, False):
+            r = profiled_copy(eng, graphs=graphs)
+            profiled.append(r)
+            print(f"profiled {r['mode']:5s} step: copy_rows {r['copy_calls']} calls {r['copy_ms']:.3f} ms for "
+                  f"{r['loaded_mib']:.1f} MiB ({r['copy_gb_s']:.1f} GB/s); kernels seen {r['kernels_seen']}", flush=True)
     thrash = Thrash(dev, a.thrash_gib if dev.type == "cuda" else 0.0)
     blocks = [int(b) for b in a.blocks.split(",") if b]
     calls = []
@@ -243,7 +278,7 @@ def main() -> int:
     write_json(a.out, dict(**header(dev, a.git_commit), model=f"random:{a.preset}", dtype="bfloat16", page_size=32,
                            budget_tokens=2048, ctx=eng.ctx, batch=a.batch, hit_rate=st["hit_rate"],
                            host_pool_gib=e.sparse.memory()["host_pool_bytes"] / 2**30, thrash_gib=a.thrash_gib,
-                           summary=summary, layers=rows, thp=thp))
+                           summary=summary, profiled_steps=profiled, layers=rows, thp=thp))
     eng.close()
     return 0
 
