@@ -107,11 +107,15 @@ class Engine:
         """Time n_steps decode steps; the first two (warm-up, CUDA-graph capture) are reported apart."""
         e = self.llm.engine
         rows = []
+        start = None  # the sparse counters when the timed steps begin (after the two warm-up steps)
         sync(self.device)
         t = time.perf_counter()
-        for _ in range(n_steps):
+        for i in range(n_steps):
             if not e.has_unfinished_requests():
                 break
+            if i == 2 and e.sparse is not None:
+                start = e.sparse.summary()  # reads device counters: a sync, outside the timed steps
+                t = time.perf_counter()
             running = len(e.scheduler.running)
             host_backed = sum(1 for s in e.scheduler.running if s.host_backed)
             if not e.overlap:  # overlap mode: no sync per step; a step's time is the time between returns
@@ -133,7 +137,18 @@ class Engine:
                    warmup_ms=[round(r["s"] * 1e3, 2) for r in rows[:2]], overlap=e.overlap)
         if e.sparse is not None:
             st = e.sparse.summary()
-            out.update(hit_rate=st["hit_rate"], bytes_h2d_per_step=st["bytes_h2d_per_step"], misses=st["misses"],
+            # hits, misses and bytes of the timed steps only (the totals since start also count the
+            # steps run while later requests prefilled, with fewer host-backed rows)
+            st0 = start or dict(selected_pages=0, misses=0, bytes_h2d=0)
+            sel, miss = st["selected_pages"] - st0["selected_pages"], st["misses"] - st0["misses"]
+            moved = (st["bytes_h2d"] - st0["bytes_h2d"]) / max(1, len(warm))
+            # the host-backed rows' own hit rate (resident rows never miss, and dilute `hit_rate`)
+            host_sel = (sum(r["host_backed"] for r in warm) * e.model_config.num_layers
+                        * (e.sparse.config.token_budget // self.page_size))
+            out.update(hit_rate=(sel - miss) / sel if sel else 1.0, bytes_h2d_per_step=moved,
+                       host_backed_hit_rate=1 - miss / host_sel if host_sel else None,
+                       misses=miss, pcie_gb_s=moved / (total_s / max(1, len(warm))) / 1e9,
+                       hit_rate_since_start=st["hit_rate"], bytes_h2d_per_step_since_start=st["bytes_h2d_per_step"],
                        resident_requests=st["resident_requests"], host_backed_requests=st["host_backed_requests"])
         return out
 
