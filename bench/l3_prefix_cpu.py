@@ -44,6 +44,34 @@ def ttft(llm: LLM, prompt: list[int]) -> tuple[float, int]:
     return out.first_token_time - out.arrival_time, out.token_ids[0]
 
 
+def profiled_ttft(llm: LLM, prompt: list[int], device: torch.device, top: int = 15) -> dict:
+    """One request run under the profiler: wall time, GPU kernel time and span, and the host ops and kernels that took the most."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        wall, _ = ttft(llm, prompt)
+    evs = prof.key_averages()
+    host = sorted(((e.key, e.count, e.cpu_time_total / 1e3) for e in evs), key=lambda x: -x[2])[:top]
+    kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    names: dict[str, list] = {}
+    for e in kern:
+        n = names.setdefault(e.name[:70], [0, 0.0])
+        n[0] += 1
+        n[1] += e.device_time_total / 1e3
+    out = dict(wall_ms=wall * 1e3, kernels=len(kern), kernel_ms=sum(v[1] for v in names.values()),
+               span_ms=(max(e.time_range.end for e in kern) - min(e.time_range.start for e in kern)) / 1e3 if kern else 0.0,
+               top_host_ops=[[k, c, round(ms, 3)] for k, c, ms in host],
+               top_kernels=sorted(([k, c, round(ms, 3)] for k, (c, ms) in names.items()), key=lambda x: -x[2])[:top])
+    print(f"profiled: wall {out['wall_ms']:.1f} ms, {out['kernels']} kernels, {out['kernel_ms']:.1f} ms of kernels "
+          f"over a {out['span_ms']:.1f} ms span", flush=True)
+    for k, c, ms in out["top_host_ops"]:
+        print(f"  host  {ms:9.3f} ms  x{c:<5d} {k}", flush=True)
+    for k, c, ms in out["top_kernels"]:
+        print(f"  gpu   {ms:9.3f} ms  x{c:<5d} {k}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompt-len", type=int, default=8000)
@@ -62,6 +90,9 @@ def main() -> None:
     ap.add_argument("--no-device-landing", action="store_true",
                     help="CUDA: copy a load's pages to the device only once its lookup is back (default: pages "
                          "read and checked are copied on while the rest are read)")
+    ap.add_argument("--profile", action="store_true",
+                    help="run the measured request of each mode under the torch profiler and print where its "
+                         "time goes (host ops and GPU kernels; the profiler's overhead inflates ttft_s)")
     ap.add_argument("--git-commit", default=None)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "l3_prefix_cpu.json")
     args = ap.parse_args()
@@ -133,6 +164,8 @@ def main() -> None:
                         row["fill_drain_s"] = time.perf_counter() - t0
                 if url is not None:
                     before = llm.engine.l3_prefix.copy_timing()
+                if args.profile:  # another tail, so the timed request below does not find this one's pages
+                    row["profile"] = profiled_ttft(llm, prefix + tail[::-1], device)
                 row["ttft_s"], first = ttft(llm, measured)
                 if url is not None:   # the measured load: reading + checking pages (I/O thread), copying them
                     after = llm.engine.l3_prefix.copy_timing()
