@@ -50,8 +50,14 @@ class HostReadGuard(TorchDispatchMode):
         return wrapper
 
 
+def _params(i: int, sampled: bool) -> SamplingParams:
+    if sampled:  # drawn on the device: temperature, top-k, top-p, min-p, each request its own seed
+        return SamplingParams(max_tokens=30, ignore_eos=True, temperature=0.8, top_k=40, top_p=0.9, min_p=0.01, seed=i)
+    return SamplingParams(max_tokens=30, ignore_eos=True)
+
+
 def _engine(device: str, dtype: str, residency: str, graphs: bool = False, algorithm: str = "quest",
-            overlap: bool = False):
+            overlap: bool = False, sampled: bool = False):
     loaded = load_model("random:tiny-llama", device=torch.device(device), dtype=getattr(torch, dtype), progress=False)
     llm = LLM(loaded=loaded, device=device, dtype=dtype, progress=False, page_size=16, max_model_len=1024,
               kv_cache_gb=0.05, cuda_graphs=graphs, overlap=overlap,
@@ -59,8 +65,8 @@ def _engine(device: str, dtype: str, residency: str, graphs: bool = False, algor
                                   residency=residency))
     engine = llm.engine
     g = torch.Generator().manual_seed(0)
-    for n in (300, 40, 200):  # two sparse requests and a dense one decode together
-        engine.add_request(torch.randint(3, 500, (n,), generator=g).tolist(), SamplingParams(max_tokens=30, ignore_eos=True))
+    for i, n in enumerate((300, 40, 200)):  # two sparse requests and a dense one decode together
+        engine.add_request(torch.randint(3, 500, (n,), generator=g).tolist(), _params(i, sampled))
     while any(s.num_computed < s.num_prompt for s in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()
     engine.step()  # a first pure decode step (captured when graphs are on; with overlap, left in flight)
@@ -69,12 +75,15 @@ def _engine(device: str, dtype: str, residency: str, graphs: bool = False, algor
     return llm, engine
 
 
-@pytest.mark.parametrize("residency, algorithm, overlap", [("host", "quest", False), ("auto", "quest", False),
-                                                            ("host", "lowbit", False), ("host", "quest", True),
-                                                            ("auto", "quest", True)])
-def test_a_decode_step_reads_nothing_back_on_the_cpu(monkeypatch, residency, algorithm, overlap):
-    """Overlap mode: the step launched, and the tokens of the one before read back (exempt as the sampler)."""
-    llm, engine = _engine("cpu", "float32", residency, algorithm=algorithm, overlap=overlap)
+@pytest.mark.parametrize("residency, algorithm, overlap, sampled",
+                         [("host", "quest", False, False), ("auto", "quest", False, False),
+                          ("host", "lowbit", False, False), ("host", "quest", True, False),
+                          ("auto", "quest", True, False), ("host", "quest", False, True),
+                          ("auto", "quest", True, True)])
+def test_a_decode_step_reads_nothing_back_on_the_cpu(monkeypatch, residency, algorithm, overlap, sampled):
+    """Overlap mode: the step launched, and the tokens of the one before read back (the one read,
+    exempt). Sampled requests (temperature, top-k/p, min-p) are drawn on the device: no read per row."""
+    llm, engine = _engine("cpu", "float32", residency, algorithm=algorithm, overlap=overlap, sampled=sampled)
     guard = HostReadGuard()
     import hisa.attention.paged_decode as pd
     import hisa.engine.overlap as overlap_mod
@@ -91,7 +100,7 @@ def test_a_decode_step_reads_nothing_back_on_the_cpu(monkeypatch, residency, alg
                          (io, "_copy_rows_torch"), (write, "write_token_kv_ref"), (scores, "page_scores_ref"),
                          (quest, "quest_update")):
         monkeypatch.setattr(module, name, guard.exempt(getattr(module, name)))
-    monkeypatch.setattr(sampler.Sampler, "sample", guard.exempt(sampler.Sampler.sample))
+    monkeypatch.setattr(sampler.DeviceDraw, "read", guard.exempt(sampler.DeviceDraw.read))
     monkeypatch.setattr(overlap_mod.InFlightStep, "read", guard.exempt(overlap_mod.InFlightStep.read))
     real_tolist, real_item = torch.Tensor.tolist, torch.Tensor.item
 
@@ -118,11 +127,14 @@ def test_a_decode_step_reads_nothing_back_on_the_cpu(monkeypatch, residency, alg
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("graphs", [False, True])
-@pytest.mark.parametrize("residency, algorithm", [("host", "quest"), ("auto", "quest"), ("host", "lowbit")])
-def test_a_decode_step_copies_only_the_sampled_tokens_to_the_host_on_cuda(graphs, residency, algorithm, overlap):
+@pytest.mark.parametrize("residency, algorithm, sampled", [("host", "quest", False), ("auto", "quest", False),
+                                                           ("host", "lowbit", False), ("auto", "quest", True)])
+def test_a_decode_step_copies_only_the_sampled_tokens_to_the_host_on_cuda(graphs, residency, algorithm, overlap,
+                                                                          sampled):
     """With overlap, one step() launches a step (its tokens' copy) and reads the step before's from
-    pinned memory: still one device-to-host copy."""
-    llm, engine = _engine("cuda", "bfloat16", residency, graphs=graphs, algorithm=algorithm, overlap=overlap)
+    pinned memory: still one device-to-host copy, with sampled requests too."""
+    llm, engine = _engine("cuda", "bfloat16", residency, graphs=graphs, algorithm=algorithm, overlap=overlap,
+                          sampled=sampled)
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
         outs = engine.step()

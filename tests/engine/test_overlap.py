@@ -179,22 +179,75 @@ def test_sparse_requests_give_the_synchronous_tokens_and_statistics(tiny, reside
         assert res[True][1] > 0, "the test did not exercise demotion"
 
 
-def test_sampled_requests_run_synchronously_beside_greedy_ones(tiny):
-    """A request that samples (or adjusts logits) makes every step synchronous while it runs; seeded
-    outputs do not change."""
-    prompts = _random_prompts([30, 45], seed=4)
-    params = [SamplingParams(max_tokens=12, ignore_eos=True),
-              SamplingParams(max_tokens=8, temperature=0.8, seed=3, ignore_eos=True)]
+def test_sampled_requests_overlap_with_their_seeded_tokens(tiny):
+    """Temperature, top-k, top-p and min-p requests are drawn on the device and overlap like greedy
+    ones, with the synchronous engine's tokens (seeded: their own generators); a request with a
+    penalty reads the token in flight, so the steps it runs in are synchronous."""
+    prompts = _random_prompts([30, 45, 25, 38], seed=4)
+    params = [SamplingParams(max_tokens=24, ignore_eos=True),
+              SamplingParams(max_tokens=20, temperature=0.8, seed=3, ignore_eos=True),
+              SamplingParams(max_tokens=22, temperature=1.1, top_k=20, top_p=0.9, min_p=0.02, seed=11, ignore_eos=True),
+              SamplingParams(max_tokens=6, temperature=0.7, presence_penalty=0.5, seed=5, ignore_eos=True)]
     res = {}
     for overlap in (False, True):
         llm = LLM(loaded=tiny, device="cpu", dtype="float32", progress=False, page_size=16, max_model_len=512,
                   overlap=overlap)
         ids, finals = _run(llm.engine, list(zip(prompts, params)))
-        res[overlap] = [finals[i].token_ids for i in ids]
-        if overlap:  # only after the sampled request ended (8 tokens) did the greedy one overlap
-            assert 0 < llm.engine.num_overlapped_steps <= 4
+        res[overlap] = [(finals[i].token_ids, finals[i].finish_reason) for i in ids]
+        if overlap:  # the penalty request decodes 6 tokens synchronously, then the other three overlap
+            assert 12 <= llm.engine.num_overlapped_steps <= 18
         llm.close()
     assert res[True] == res[False]
+    assert len({tuple(t) for t, _ in res[True]}) == 4
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_row_with_nan_logits_fails_its_request_alone(tiny, overlap):
+    """The model gives one sampled request NaN logits in one step: that request ends with "error",
+    the others (one of them sampled) get the tokens of a run without the fault; in overlap mode the
+    failed row still feeds a valid token to the step launched after it."""
+    prompts = _random_prompts([30, 45, 25], seed=9)
+    params = [SamplingParams(max_tokens=14, ignore_eos=True),
+              SamplingParams(max_tokens=14, temperature=0.9, seed=2, ignore_eos=True),
+              SamplingParams(max_tokens=14, temperature=0.9, seed=7, ignore_eos=True)]
+
+    rids = ["r0", "r1", "r2"]
+
+    def run(fault: bool):
+        llm = LLM(loaded=tiny, device="cpu", dtype="float32", progress=False, page_size=16, max_model_len=512,
+                  overlap=overlap)
+        engine = llm.engine
+        real, calls = engine.runner.run, [0]
+
+        def run_with_fault(batch, *a, **k):
+            logits, rows = real(batch, *a, **k)
+            calls[0] += 1
+            if fault and calls[0] == 8:  # a decode step: poison the third request's row
+                logits = logits.clone()  # (an inference tensor cannot be written in place)
+                for r, i in enumerate(rows):
+                    if batch.seqs[i].request_id == rids[2]:
+                        logits[r] = float("nan")
+            return logits, rows
+
+        engine.runner.run = run_with_fault
+        for (prompt, sp), rid in zip(zip(prompts, params), rids):
+            engine.add_request(prompt, sp, request_id=rid)
+        finals = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                assert PENDING_TOKEN not in out.token_ids
+                if out.finished:
+                    finals[out.request_id] = out
+        if overlap:  # the poisoned step was an overlapped one
+            assert engine.num_overlapped_steps > 5
+        llm.close()
+        return [finals[r] for r in rids]
+
+    clean, faulty = run(False), run(True)
+    assert [o.finish_reason for o in faulty] == ["length", "length", "error"]
+    assert "not finite" in str(faulty[2].error)
+    assert faulty[0].token_ids == clean[0].token_ids and faulty[1].token_ids == clean[1].token_ids
+    assert len(faulty[2].token_ids) < 14 and faulty[2].token_ids == clean[2].token_ids[:len(faulty[2].token_ids)]
 
 
 def test_score_and_close_with_overlap_on(tiny):

@@ -114,6 +114,22 @@ def test_a_failing_row_fails_alone():
     assert isinstance(out[0], int) and out[2] == int(logits[2].argmax())
 
 
+def test_sampling_on_the_device_leaves_valid_tokens_and_reads_once():
+    """sample_on_device keeps the draw on the device: a NaN row holds a placeholder id (valid input
+    for the next step) and reads back as an exception; the other rows equal `sample`'s."""
+    logits = _logits(rows=3)
+    logits[1] = float("nan")
+    seqs = [_seq(0, temperature=0.7, seed=1), _seq(1, temperature=0.7, seed=1), _seq(2)]
+    draw = Sampler(torch.device("cpu")).sample_on_device(logits, seqs)
+    assert draw.tokens.shape == (3,) and draw.tokens.dtype == torch.int64
+    assert bool(((draw.tokens >= 0) & (draw.tokens < V)).all())
+    assert draw.failed.tolist() == [False, True, False]
+    got = draw.read()
+    assert isinstance(got[1], RuntimeError) and "not finite" in str(got[1])
+    ref = Sampler(torch.device("cpu")).sample(logits, seqs)
+    assert got[0] == ref[0] and got[2] == ref[2] == int(logits[2].argmax())
+
+
 def test_token_ids_are_checked_against_the_vocabulary():
     SamplingParams(logit_bias={"10": 1.0}, stop_token_ids=[3]).check_vocab(V)
     with pytest.raises(InvalidRequestError, match=r"logit_bias: token id 50 is outside the vocabulary \[0, 50\)"):

@@ -365,7 +365,8 @@ class LLMEngine:
         try:
             logits, rows = self.runner.run(batch, prev_tokens=prev.tokens if prev is not None else None,
                                            prev_rows=prev.rows if prev is not None else None)
-            launched = self._readback.start(logits, [batch.seqs[i] for i in rows])
+            seqs = [batch.seqs[i] for i in rows]
+            launched = self._readback.start(self.sampler.sample_on_device(logits, seqs), seqs)
         except Exception as e:  # noqa: BLE001 — as in the synchronous step: end the step's requests, go on
             outputs = self._resolve_in_flight() if prev is not None else []
             return outputs + self._fail_step(batch, e)

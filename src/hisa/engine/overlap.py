@@ -1,9 +1,10 @@
 """Overlap mode: while the device runs step N, the host post-processes step N-1 and prepares step N+1.
 
-Synchronously, a decode step is schedule → run (one CUDA-graph replay) → sample (argmax, then the
-step's one device-to-host read) → postprocess, and the device idles through the host parts. In
-overlap mode (`EngineConfig.overlap`, `LLMEngine._step_overlap`) a pure decode step of greedy
-requests is launched, its sampled tokens stay on the device (`InFlightStep.tokens`) and go to a
+Synchronously, a decode step is schedule → run (one CUDA-graph replay) → sample (on the device,
+then the step's one device-to-host read) → postprocess, and the device idles through the host
+parts. In overlap mode (`EngineConfig.overlap`, `LLMEngine._step_overlap`) a pure decode step is
+launched, its sampled tokens (greedy, or drawn with temperature / top-k / top-p / min-p:
+`Sampler.sample_on_device`) stay on the device (`InFlightStep.tokens`) and go to a
 pinned host buffer by an asynchronous copy; the host reads them (an event sync) only after the
 next step is launched, whose decode rows take their input token from that device tensor
 (`DecodeBuffers.fill`'s gather). So:
@@ -16,10 +17,17 @@ next step is launched, whose decode rows take their input token from that device
     step too, whose token for it is dropped (never appended or output) and whose pages are freed
     with the request's. The next step's KV writes are ordered after it on the one stream, so a
     freed page is never written out of order. A request whose token in flight is its last by
-    length (max_tokens, the context) is known in advance (`Sequence.last_pending`) and not scheduled.
+    length (max_tokens, the context) is known in advance (`Sequence.last_pending`) and not scheduled;
+  * a sampling failure (a row whose probabilities are not finite) is marked on the device, the row
+    keeps a valid placeholder token for the step launched after it, and the request fails when the
+    step is resolved;
+  * a seeded request draws from its own generator, so its tokens are those of the synchronous
+    engine; an unseeded one draws from the engine's shared generator, which a request stopped one
+    step late has drawn from once more, so unseeded tokens may differ from a synchronous run's.
 
 Any other step drains first (the step in flight is resolved, then the engine runs synchronously):
-a prefill chunk or a request that can be admitted, a request that samples or adjusts logits,
+a prefill chunk or a request that can be admitted, a request that adjusts logits (penalties read
+the token in flight; logit bias),
 teacher forcing (score()), a schedule that might preempt or demote; a DSA model or an algorithm
 that reads on the host never overlaps.
 """
@@ -30,6 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hisa.engine.sampler import DeviceDraw
 from hisa.engine.scheduler import Scheduler
 from hisa.engine.sequence import Sequence
 
@@ -38,32 +47,37 @@ from hisa.engine.sequence import Sequence
 class InFlightStep:
     """One launched decode step whose sampled tokens are not read back yet.
 
-    tokens: int64 [n] device, the greedy tokens of `seqs` (one per sampled row, in row order);
-    host: int64 [n] (pinned on CUDA), where they are being copied; done: the copy's event (None on
-    the CPU, where the copy is synchronous)."""
+    tokens: int64 [n] device, the sampled tokens of `seqs` (one per sampled row, in row order; valid
+    ids in every row: the next step's inputs); host: int64 [n] (pinned on CUDA), where they are being
+    copied (-1 in a row whose draw failed); done: the copy's event (None on the CPU, where the copy
+    is synchronous); draw: the sampler's result, which maps failed rows to their exceptions."""
 
     seqs: list[Sequence]
     tokens: torch.Tensor
     host: torch.Tensor
     done: torch.cuda.Event | None
+    draw: DeviceDraw | None = None
     rows: dict[Sequence, int] = field(default_factory=dict)  # seq -> its row (index in tokens)
 
-    def read(self) -> list[int]:
-        """The sampled tokens on the host: waits for this step's copy (the step's one sync)."""
+    def read(self) -> list[int | Exception]:
+        """The sampled tokens on the host (an exception for a row whose draw failed): waits for this
+        step's copy (the step's one sync)."""
         if self.done is not None:
             self.done.synchronize()
-        return self.host.tolist()
+        values = self.host.tolist()
+        return self.draw.resolve(values) if self.draw is not None else values
 
 
 class TokenReadback:
-    """Launches the greedy sampling of a step on the device and its asynchronous copy to the host.
+    """Starts the asynchronous copy of a step's sampled tokens (left on the device by
+    `Sampler.sample_on_device`) to the host.
 
     Two pinned buffers, used in turn: step N+1's copy is issued before step N's tokens are read.
 
     Example::
 
         readback = TokenReadback(max_rows=64, device=torch.device("cuda"))
-        step = readback.start(logits, seqs)   # no sync
+        step = readback.start(sampler.sample_on_device(logits, seqs), seqs)   # no sync
         ...                                   # launch the next step
         tokens = step.read()                  # waits for this step's copy only
     """
@@ -74,26 +88,25 @@ class TokenReadback:
         self._events = [torch.cuda.Event() for _ in range(2)] if pin else None
         self._turn = 0
 
-    def start(self, logits: torch.Tensor, seqs: list[Sequence]) -> InFlightStep:
-        """logits: [n, V] of the sampled rows of `seqs` → their argmax (as `Sampler.sample` takes it),
-        on its way to the host."""
-        tokens = logits.float().argmax(dim=-1)  # [n] int64, stays on the device
+    def start(self, draw: DeviceDraw, seqs: list[Sequence]) -> InFlightStep:
+        """draw: the tokens of the sampled rows of `seqs`, on the device → on their way to the host."""
         i, n = self._turn, len(seqs)
         self._turn ^= 1
         host = self._host[i][:n]
-        host.copy_(tokens, non_blocking=True)
+        host.copy_(draw.reported(), non_blocking=True)
         done = None
         if self._events is not None:
             done = self._events[i]
             done.record()
-        return InFlightStep(seqs=seqs, tokens=tokens, host=host, done=done,
+        return InFlightStep(seqs=seqs, tokens=draw.tokens, host=host, done=done, draw=draw,
                             rows={seq: r for r, seq in enumerate(seqs)})
 
 
 def can_overlap(scheduler: Scheduler, *, l3: bool = False) -> bool:
     """Whether the next step may be launched while a step is in flight: no request can be admitted
     (none waits, or every request slot is taken and no L3 lookup has to start), every running request
-    decodes greedily without logit adjustments or teacher forcing, and the pages of the next token
+    decodes (greedy or sampled) without logit adjustments (penalties read the token in flight) or
+    teacher forcing, and the pages of the next token
     fit in each pool (so the schedule can neither preempt nor demote)."""
     if not scheduler.running:
         return False
@@ -102,7 +115,7 @@ def can_overlap(scheduler: Scheduler, *, l3: bool = False) -> bool:
     need: dict[int, list] = {}  # id(pool) -> [pool, pages]
     for seq in scheduler.running:
         p = seq.params
-        if seq.in_prefill or seq.forced_output is not None or not p.greedy or p.adjusts_logits:
+        if seq.in_prefill or seq.forced_output is not None or p.adjusts_logits:
             return False
         if not seq.last_pending:
             pool = scheduler.pool(seq)
