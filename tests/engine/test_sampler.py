@@ -145,3 +145,50 @@ def test_tiny_temperature_generates_the_greedy_text(make_llm):
     tiny = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=FP32_TINY, seed=3),
                         use_tqdm=False)[0]
     assert tiny.token_ids == greedy.token_ids and tiny.finish_reason == greedy.finish_reason
+
+
+def _reference_probs(row, *, temperature, top_k=0, top_p=1.0, min_p=0.0):
+    """The definition, in fp64, one row at a time: temperature, min-p, top-k, top-p, renormalized."""
+    p = torch.softmax(row.double() / temperature, -1)
+    keep = torch.ones_like(p, dtype=torch.bool)
+    if min_p:
+        keep &= p >= min_p * p.max()
+    if top_k:
+        keep &= p >= torch.topk(p, top_k).values[-1]
+    order = torch.argsort(torch.where(keep, p, 0.0), descending=True)
+    kept = torch.where(keep, p, 0.0)[order]
+    before = torch.cumsum(kept / kept.sum(), 0) - kept / kept.sum()
+    nucleus = torch.zeros_like(keep)
+    nucleus[order] = before < top_p
+    q = torch.where(keep & nucleus, p, 0.0)
+    return q / q.sum()
+
+
+def test_a_mixed_batch_draws_each_row_from_its_own_filtered_distribution():
+    """Rows with different temperature / top-k / top-p / min-p share one batched draw; each row's
+    empirical frequencies match its own distribution, and filtered-out tokens are never drawn."""
+    row = torch.tensor([2.0, 1.6, 1.2, 0.5, 0.0, -1.0, -3.0, -8.0])
+    kinds = [dict(temperature=1.0), dict(temperature=0.7, top_k=3), dict(temperature=1.3, top_p=0.6),
+             dict(temperature=1.0, min_p=0.2), dict(temperature=0.9, top_k=5, top_p=0.8)]
+    per_kind = 400
+    seqs = [_seq(i, **kinds[i % len(kinds)]) for i in range(per_kind * len(kinds))]
+    logits = row.expand(len(seqs), -1).contiguous()
+    sampler = Sampler(torch.device("cpu"), seed=3)
+    counts = torch.zeros(len(kinds), row.numel())
+    for _ in range(5):
+        for i, tok in enumerate(sampler.sample(logits, seqs)):
+            counts[i % len(kinds), tok] += 1
+    for j, kw in enumerate(kinds):
+        ref = _reference_probs(row, **kw).float()
+        freq = counts[j] / counts[j].sum()
+        assert bool((freq[ref == 0] == 0).all()), f"{kw}: drew a filtered token: {freq} vs {ref}"
+        torch.testing.assert_close(freq, ref, atol=0.035, rtol=0, msg=lambda m: f"{kw}: {m}")
+
+
+def test_seeded_rows_draw_the_same_tokens_whatever_shares_the_batch():
+    logits = _logits(rows=4, seed=5)
+    alone = Sampler(torch.device("cpu")).sample(logits[2:3], [_seq(7, temperature=1.0, top_p=0.9, seed=42)])
+    mixed = Sampler(torch.device("cpu")).sample(
+        logits, [_seq(0, temperature=0.5), _seq(1), _seq(7, temperature=1.0, top_p=0.9, seed=42),
+                 _seq(3, temperature=2.0, top_k=4, seed=1)])
+    assert mixed[2] == alone[0]

@@ -13,9 +13,12 @@ class Sampler:
     Rows with penalties or a logit bias get them first (greedy rows too). Greedy rows take the
     argmax. Sampled rows subtract their max logit before dividing by the temperature, so any
     temperature SamplingParams accepts (0 or >= 1.2e-38) gives finite logits: a tiny one puts all
-    the mass on the top token, never inf/NaN. Then min-p, top-k, top-p (nucleus), and a draw. A
-    request with a seed draws from its own generator, so its output does not depend on what else
-    shares the batch.
+    the mass on the top token, never inf/NaN. Then min-p, top-k, top-p (nucleus), and a draw: the
+    sampled rows of a step are filtered together, as one [n, V] batch with per-row parameters, and
+    each draws by inverse CDF (the first token whose cumulative probability exceeds u x total) with
+    one uniform u per row. A request with a seed takes its u from its own generator, so its output
+    does not depend on what else shares the batch; unseeded rows take theirs from the engine's
+    generator, in row order.
 
     A failure in one row (a NaN logit from the model, ...) fails that row alone: `sample` returns
     the exception in its place and the other rows get their tokens.
@@ -46,33 +49,91 @@ class Sampler:
 
     @torch.no_grad()
     def sample_on_device(self, logits: torch.Tensor, seqs: list[Sequence]) -> "DeviceDraw":
-        """The batch's tokens, left on the device (nothing is read back): greedy rows take the argmax of
-        the batch at once; the others are adjusted, filtered and drawn row by row, each draw a device
-        tensor, so no row waits for the device. A row whose probabilities are not finite (a NaN or inf
-        logit from the model) is marked failed on the device and draws from a placeholder
-        distribution, so the token tensor always holds valid ids (overlap mode feeds it to the next
-        step); its exception appears when the draw is read."""
+        """The batch's tokens, left on the device (nothing is read back): rows with penalties or a
+        logit bias are adjusted one by one, greedy rows take the argmax of the batch at once, and the
+        sampled rows are filtered and drawn together (`_draw_rows`). A row whose probabilities are
+        not finite (a NaN or inf logit from the model) is marked failed on the device and drawn from a
+        placeholder distribution, so the token tensor always holds valid ids (overlap mode feeds it
+        to the next step); its exception appears when the draw is read."""
         logits = logits.float()
-        tokens = logits.argmax(dim=-1)  # [B] int64, on the device
-        picked: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         errors: dict[int, Exception] = {}
-        for i, seq in enumerate(seqs):  # per row: each may have its own generator and filters
-            p = seq.params
-            if p.greedy and not p.adjusts_logits:
-                continue
-            try:
-                row = self._adjusted(logits[i], seq)
-                picked[i] = (row.argmax(), None) if p.greedy else self._draw(row, seq)
-            except Exception as e:  # noqa: BLE001 — handed to the engine, which fails this request alone
-                errors[i] = e
+        adjust = [i for i, seq in enumerate(seqs) if seq.params.adjusts_logits]
+        if adjust:
+            logits = logits.clone()
+            for i in adjust:
+                try:
+                    logits[i] = self._adjusted(logits[i], seqs[i])
+                except Exception as e:  # noqa: BLE001 — handed to the engine, which fails this request alone
+                    errors[i] = e
+        tokens = logits.argmax(dim=-1)  # [B] int64, on the device
+        rows = [i for i, seq in enumerate(seqs) if not seq.params.greedy and i not in errors]
         failed = None
-        if picked:
-            no = torch.zeros((), dtype=torch.bool, device=tokens.device)
-            tokens = torch.stack([picked[i][0] if i in picked else tokens[i] for i in range(len(seqs))])
-            if any(bad is not None for _, bad in picked.values()):
-                failed = torch.stack([picked[i][1] if i in picked and picked[i][1] is not None else no
-                                      for i in range(len(seqs))])
+        if rows:
+            idx = self._on_device(rows, torch.int64)
+            drawn, bad = self._draw_rows(logits.index_select(0, idx), [seqs[i] for i in rows])
+            tokens = tokens.index_copy(0, idx, drawn)
+            failed = torch.zeros(len(seqs), dtype=torch.bool, device=tokens.device).index_copy(0, idx, bad)
         return DeviceDraw(tokens=tokens, failed=failed, errors=errors)
+
+    def _on_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        """A small host list on the sampler's device without a sync (pinned, copied asynchronously)."""
+        t = torch.tensor(values, dtype=dtype)
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    def _draw_rows(self, x: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [n, V] fp32 logits of the sampled rows → (their tokens int64 [n], bool [n] rows whose
+        probabilities were not finite), on the device: temperature, min-p, top-k, top-p as per-row
+        vectors, then one inverse-CDF draw per row."""
+        ps = [seq.params for seq in seqs]
+        V = x.shape[-1]
+        ks = [p.top_k if p.top_k and p.top_k < V else 0 for p in ps]
+        inf = float("inf")
+        knobs = self._on_device([[p.temperature for p in ps], [p.min_p for p in ps], [float(k) for k in ks],
+                                 [p.top_p if p.top_p < 1.0 else inf for p in ps]], torch.float32)  # [4, n]
+        temp, min_p, top_k, top_p = (knobs[j][:, None] for j in range(4))
+        x = (x - x.max(-1, keepdim=True).values) / temp  # <= 0 with the top token at 0: any temperature
+        if any(p.min_p > 0.0 for p in ps):
+            probs = x.softmax(-1)
+            x = x.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, -inf)  # the top token stays
+        nucleus = any(p.top_p < 1.0 for p in ps)
+        sorted_x = order = None
+        if any(ks):
+            k = top_k.long()
+            sorted_x, order = torch.topk(x, max(ks), dim=-1)  # [n, K], descending
+            kth = sorted_x.gather(1, (k - 1).clamp(min=0))  # each row's k-th largest logit
+            x = x.masked_fill((k > 0) & (x < kth), -inf)
+            sorted_x = sorted_x.masked_fill((k > 0) & (sorted_x < kth), -inf)
+            if any(p.top_p < 1.0 and not k_ for p, k_ in zip(ps, ks)):
+                sorted_x = None  # a nucleus row without top-k needs its whole row sorted
+        if nucleus:
+            if sorted_x is None:
+                sorted_x, order = torch.sort(x, dim=-1, descending=True)
+            # (with every nucleus row top-k'd, the top-k candidates hold all of its mass)
+            probs = sorted_x.softmax(-1)
+            # drop a token when the mass before it already reaches top_p (the first one always stays)
+            drop = (probs.cumsum(-1) - probs >= top_p) & (top_p <= 1.0)
+            x = x.scatter(1, order, sorted_x.masked_fill(drop, -inf))
+        cdf = x.softmax(-1).cumsum(-1)
+        bad = ~torch.isfinite(cdf[:, -1])  # NaN logits: marked here, on the device (any NaN reaches the total)
+        u = self._uniforms(seqs, x.device)
+        tokens = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+        return tokens.clamp_(0, V - 1), bad
+
+    def _uniforms(self, seqs: list[Sequence], device: torch.device) -> torch.Tensor:
+        """One uniform in [0, 1) per row, fp32 [n]: a seeded row's from its own generator, the others'
+        from the engine's, in row order."""
+        shared = [j for j, seq in enumerate(seqs) if seq.params.seed is None]
+        us: list[torch.Tensor | None] = [None] * len(seqs)
+        if shared:
+            draws = torch.rand(len(shared), generator=self.generator, device=device)
+            for n, j in enumerate(shared):
+                us[j] = draws[n]
+        for j, seq in enumerate(seqs):
+            if us[j] is None:
+                us[j] = torch.rand((), generator=self._generator(seq), device=device)
+        return torch.stack(us)
 
     @staticmethod
     def _adjusted(row: torch.Tensor, seq: Sequence) -> torch.Tensor:
@@ -88,28 +149,6 @@ class Sampler:
             ids, counts = torch.tensor(seq.output_token_ids, device=row.device).unique(return_counts=True)
             row[ids] -= counts.to(row.dtype) * p.frequency_penalty + p.presence_penalty
         return row
-
-    def _draw(self, row: torch.Tensor, seq: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the drawn token, whether the row's probabilities were not finite), both 0-d device tensors."""
-        p = seq.params
-        row = (row - row.max()) / p.temperature  # <= 0 with the top token at 0: no overflow, any temperature
-        if p.min_p > 0.0:
-            probs = row.softmax(-1)
-            row = row.masked_fill(probs < p.min_p * probs.max(), float("-inf"))  # the top token always stays
-        if p.top_k and p.top_k < row.shape[-1]:
-            kth = torch.topk(row, p.top_k).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_logits, order = torch.sort(row, descending=True)
-            probs = sorted_logits.softmax(-1)
-            # drop a token when the mass before it already reaches top_p (the first one always stays)
-            drop = probs.cumsum(-1) - probs >= p.top_p
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-            row = torch.empty_like(row).scatter_(0, order, sorted_logits)
-        probs = row.softmax(-1)
-        bad = ~torch.isfinite(probs).all()  # NaN logits: checked here, on the device, not by multinomial
-        probs = torch.where(bad, torch.ones_like(probs), probs)  # finite rows keep theirs (the same draw)
-        return torch.multinomial(probs, 1, generator=self._generator(seq))[0], bad
 
 
 NOT_FINITE = "the row's probabilities are not finite (a NaN or inf logit)"
