@@ -192,3 +192,43 @@ def test_seeded_rows_draw_the_same_tokens_whatever_shares_the_batch():
         logits, [_seq(0, temperature=0.5), _seq(1), _seq(7, temperature=1.0, top_p=0.9, seed=42),
                  _seq(3, temperature=2.0, top_k=4, seed=1)])
     assert mixed[2] == alone[0]
+
+
+@pytest.mark.parametrize("flat_row_too", [False, True])
+def test_top_p_on_the_cpu_finds_the_nucleus_among_candidates_or_sorts_everything(monkeypatch, flat_row_too):
+    """The CPU's shortcut: the nucleus is looked for among the most likely tokens (16 here) and the
+    whole vocabulary is sorted only when a row's nucleus may be wider (a flat row); either way each
+    row draws from its own nucleus with the reference frequencies."""
+    monkeypatch.setattr(Sampler, "NUCLEUS_CANDIDATES", 16)
+    used = []
+    real = Sampler._nucleus_candidates
+
+    def spy(self, x, top_p):
+        out = real(self, x, top_p)
+        used.append(out[0] is not None)
+        return out
+
+    monkeypatch.setattr(Sampler, "_nucleus_candidates", spy)
+    g = torch.Generator().manual_seed(1)
+    peaked = torch.randn(64, generator=g) * 3
+    flat = torch.randn(64, generator=g) * 0.05
+    rows, kinds = [peaked], [dict(temperature=1.0, top_p=0.7)]
+    if flat_row_too:
+        rows.append(flat)
+        kinds.append(dict(temperature=1.0, top_p=0.9))
+    per_kind = 2000
+    seqs = [_seq(i, **kinds[i % len(kinds)]) for i in range(per_kind * len(kinds))]
+    logits = torch.stack([rows[i % len(kinds)] for i in range(len(seqs))])
+    sampler = Sampler(torch.device("cpu"), seed=5)
+    counts = torch.zeros(len(kinds), 64)
+    for _ in range(5):
+        for i, tok in enumerate(sampler.sample(logits, seqs)):
+            counts[i % len(kinds), tok] += 1
+    assert used == [not flat_row_too] * 5
+    for j, kw in enumerate(kinds):
+        ref = _reference_probs(rows[j], **kw).float()
+        freq = counts[j] / counts[j].sum()
+        assert bool((freq[ref == 0] == 0).all())
+        torch.testing.assert_close(freq, ref, atol=0.02, rtol=0)
+    if flat_row_too:
+        assert int((_reference_probs(flat, temperature=1.0, top_p=0.9) > 0).sum()) > 16  # wider than the candidates

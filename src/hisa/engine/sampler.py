@@ -108,18 +108,40 @@ class Sampler:
             if any(p.top_p < 1.0 and not k_ for p, k_ in zip(ps, ks)):
                 sorted_x = None  # a nucleus row without top-k needs its whole row sorted
         if nucleus:
+            lse = None  # set when the candidates do not hold a whole row's mass
+            if sorted_x is None and x.device.type == "cpu":
+                sorted_x, order, lse = self._nucleus_candidates(x, top_p)
             if sorted_x is None:
                 sorted_x, order = torch.sort(x, dim=-1, descending=True)
-            # (with every nucleus row top-k'd, the top-k candidates hold all of its mass)
-            probs = sorted_x.softmax(-1)
+            # the candidates hold every nucleus row's nucleus (all of a top-k'd row's mass, or
+            # checked): its probabilities are against the whole row
+            probs = sorted_x.softmax(-1) if lse is None else (sorted_x - lse).exp()
             # drop a token when the mass before it already reaches top_p (the first one always stays)
             drop = (probs.cumsum(-1) - probs >= top_p) & (top_p <= 1.0)
-            x = x.scatter(1, order, sorted_x.masked_fill(drop, -inf))
+            kept = sorted_x.masked_fill(drop, -inf)
+            if lse is not None:  # the nucleus rows' tokens outside the candidates
+                x = torch.where(top_p <= 1.0, torch.full_like(x, -inf), x)
+            x = x.scatter(1, order, kept)
         cdf = x.softmax(-1).cumsum(-1)
         bad = ~torch.isfinite(cdf[:, -1])  # NaN logits: marked here, on the device (any NaN reaches the total)
         u = self._uniforms(seqs, x.device)
         tokens = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
         return tokens.clamp_(0, V - 1), bad
+
+    NUCLEUS_CANDIDATES = 1024  # CPU: top-p looks for the nucleus among this many tokens first
+
+    def _nucleus_candidates(self, x: torch.Tensor, top_p: torch.Tensor):
+        """CPU only (a read of the values, which on the CPU waits for nothing): the most likely
+        `NUCLEUS_CANDIDATES` tokens of each row, sorted, if they hold more than top_p of every nucleus
+        row's mass, so that its nucleus is among them (a partial sort instead of the whole vocabulary's:
+        ~7x less for 49K tokens), with each row's log-sum-exp [n, 1]; else (None, None, None)."""
+        K = min(self.NUCLEUS_CANDIDATES, x.shape[-1])
+        vals, order = torch.topk(x, K, dim=-1)
+        lse = torch.logsumexp(x, -1, keepdim=True)
+        mass = (vals - lse).exp().sum(-1, keepdim=True)
+        if bool(((mass > top_p + 1e-4) | (top_p > 1.0)).all()):
+            return vals, order, lse
+        return None, None, None
 
     def _uniforms(self, seqs: list[Sequence], device: torch.device) -> torch.Tensor:
         """One uniform in [0, 1) per row, fp32 [n]: a seeded row's from its own generator, the others'
