@@ -50,14 +50,17 @@ class HostReadGuard(TorchDispatchMode):
         return wrapper
 
 
-def _params(i: int, sampled: bool) -> SamplingParams:
+def _params(i: int, sampled: bool | str) -> SamplingParams:
+    if sampled == "penalties":  # adjusted on the device from host counts: still no read (a synchronous step)
+        return SamplingParams(max_tokens=30, ignore_eos=True, temperature=0.8 * (i % 2), seed=i,
+                              presence_penalty=0.3, frequency_penalty=0.2, logit_bias={5 + i: 1.5})
     if sampled:  # drawn on the device: temperature, top-k, top-p, min-p, each request its own seed
         return SamplingParams(max_tokens=30, ignore_eos=True, temperature=0.8, top_k=40, top_p=0.9, min_p=0.01, seed=i)
     return SamplingParams(max_tokens=30, ignore_eos=True)
 
 
 def _engine(device: str, dtype: str, residency: str, graphs: bool = False, algorithm: str = "quest",
-            overlap: bool = False, sampled: bool = False):
+            overlap: bool = False, sampled: bool | str = False):
     loaded = load_model("random:tiny-llama", device=torch.device(device), dtype=getattr(torch, dtype), progress=False)
     llm = LLM(loaded=loaded, device=device, dtype=dtype, progress=False, page_size=16, max_model_len=1024,
               kv_cache_gb=0.05, cuda_graphs=graphs, overlap=overlap,
@@ -79,7 +82,7 @@ def _engine(device: str, dtype: str, residency: str, graphs: bool = False, algor
                          [("host", "quest", False, False), ("auto", "quest", False, False),
                           ("host", "lowbit", False, False), ("host", "quest", True, False),
                           ("auto", "quest", True, False), ("host", "quest", False, True),
-                          ("auto", "quest", True, True)])
+                          ("auto", "quest", True, True), ("auto", "quest", False, "penalties")])
 def test_a_decode_step_reads_nothing_back_on_the_cpu(monkeypatch, residency, algorithm, overlap, sampled):
     """Overlap mode: the step launched, and the tokens of the one before read back (the one read,
     exempt). Sampled requests (temperature, top-k/p, min-p) are drawn on the device: no read per row."""

@@ -180,13 +180,14 @@ def test_sparse_requests_give_the_synchronous_tokens_and_statistics(tiny, reside
 
 
 def test_sampled_requests_overlap_with_their_seeded_tokens(tiny):
-    """Temperature, top-k, top-p and min-p requests are drawn on the device and overlap like greedy
-    ones, with the synchronous engine's tokens (seeded: their own generators); a request with a
-    penalty reads the token in flight, so the steps it runs in are synchronous."""
+    """Temperature, top-k, top-p, min-p and logit-bias requests are drawn on the device and overlap
+    like greedy ones, with the synchronous engine's tokens (seeded: their own generators); a request
+    with a penalty reads the token in flight, so the steps it runs in are synchronous."""
     prompts = _random_prompts([30, 45, 25, 38], seed=4)
     params = [SamplingParams(max_tokens=24, ignore_eos=True),
               SamplingParams(max_tokens=20, temperature=0.8, seed=3, ignore_eos=True),
-              SamplingParams(max_tokens=22, temperature=1.1, top_k=20, top_p=0.9, min_p=0.02, seed=11, ignore_eos=True),
+              SamplingParams(max_tokens=22, temperature=1.1, top_k=20, top_p=0.9, min_p=0.02, seed=11, ignore_eos=True,
+                             logit_bias={7: 3.0, 11: -2.0}),
               SamplingParams(max_tokens=6, temperature=0.7, presence_penalty=0.5, seed=5, ignore_eos=True)]
     res = {}
     for overlap in (False, True):

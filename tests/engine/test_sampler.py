@@ -89,11 +89,19 @@ def test_presence_and_frequency_penalties_lower_generated_tokens():
     logits = torch.zeros(1, V)
     logits[0, 3], logits[0, 4] = 10.0, 9.0
     seq = _seq(output=[3, 3, 3], frequency_penalty=0.5, presence_penalty=0.4)
-    row = Sampler._adjusted(logits[0], seq)
+    row = Sampler(torch.device("cpu"))._adjusted(logits[0], seq)
     assert row[3].item() == pytest.approx(10.0 - 3 * 0.5 - 0.4)
     assert row[4].item() == 9.0 and logits[0, 3] == 10.0  # other tokens and the input untouched
     assert Sampler(torch.device("cpu")).sample(logits, [seq]) == [4]  # greedy with penalties
     assert Sampler(torch.device("cpu")).sample(logits, [_seq(output=[3, 3, 3])]) == [3]  # without
+
+
+def test_a_bias_and_penalties_on_one_token_add_up():
+    logits = torch.zeros(1, V)
+    seq = _seq(output=[5, 5, 7], frequency_penalty=1.0, presence_penalty=0.5, logit_bias={5: 2.0, 9: -1.0})
+    row = Sampler(torch.device("cpu"))._adjusted(logits[0], seq)
+    assert row[5].item() == pytest.approx(2.0 - 2 * 1.0 - 0.5)
+    assert row[7].item() == pytest.approx(-1.0 - 0.5) and row[9].item() == -1.0 and row[0].item() == 0.0
 
 
 def test_min_p_keeps_only_tokens_near_the_top():

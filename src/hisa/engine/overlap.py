@@ -26,8 +26,8 @@ next step is launched, whose decode rows take their input token from that device
     step late has drawn from once more, so unseeded tokens may differ from a synchronous run's.
 
 Any other step drains first (the step in flight is resolved, then the engine runs synchronously):
-a prefill chunk or a request that can be admitted, a request that adjusts logits (penalties read
-the token in flight; logit bias),
+a prefill chunk or a request that can be admitted, a request with presence or frequency penalties
+(they read the token in flight),
 teacher forcing (score()), a schedule that might preempt or demote; a DSA model or an algorithm
 that reads on the host never overlaps.
 """
@@ -105,8 +105,8 @@ class TokenReadback:
 def can_overlap(scheduler: Scheduler, *, l3: bool = False) -> bool:
     """Whether the next step may be launched while a step is in flight: no request can be admitted
     (none waits, or every request slot is taken and no L3 lookup has to start), every running request
-    decodes (greedy or sampled) without logit adjustments (penalties read the token in flight) or
-    teacher forcing, and the pages of the next token
+    decodes (greedy or sampled, a logit bias allowed) without penalties (they read the token in
+    flight) or teacher forcing, and the pages of the next token
     fit in each pool (so the schedule can neither preempt nor demote)."""
     if not scheduler.running:
         return False
@@ -115,7 +115,7 @@ def can_overlap(scheduler: Scheduler, *, l3: bool = False) -> bool:
     need: dict[int, list] = {}  # id(pool) -> [pool, pages]
     for seq in scheduler.running:
         p = seq.params
-        if seq.in_prefill or seq.forced_output is not None or p.adjusts_logits:
+        if seq.in_prefill or seq.forced_output is not None or p.penalizes:
             return False
         if not seq.last_pending:
             pool = scheduler.pool(seq)

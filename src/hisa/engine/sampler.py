@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from hisa.engine.sequence import Sequence
@@ -157,20 +159,24 @@ class Sampler:
                 us[j] = torch.rand((), generator=self._generator(seq), device=device)
         return torch.stack(us)
 
-    @staticmethod
-    def _adjusted(row: torch.Tensor, seq: Sequence) -> torch.Tensor:
-        """`row` [V] fp32 with the request's logit bias and presence/frequency penalties applied."""
+    def _adjusted(self, row: torch.Tensor, seq: Sequence) -> torch.Tensor:
+        """`row` [V] fp32 with the request's logit bias and presence/frequency penalties applied. The
+        token counts are made on the host and sent with the bias by asynchronous copies: no sync."""
         p = seq.params
         if not p.adjusts_logits:
             return row
-        row = row.clone()
+        ids: list[int] = []
+        delta: list[float] = []
         if p.logit_bias:
-            ids = torch.tensor(list(p.logit_bias), dtype=torch.int64, device=row.device)
-            row.index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), dtype=row.dtype, device=row.device))
-        if (p.presence_penalty or p.frequency_penalty) and seq.num_output:
-            ids, counts = torch.tensor(seq.output_token_ids, device=row.device).unique(return_counts=True)
-            row[ids] -= counts.to(row.dtype) * p.frequency_penalty + p.presence_penalty
-        return row
+            ids += [int(t) for t in p.logit_bias]
+            delta += [float(b) for b in p.logit_bias.values()]
+        if p.penalizes and seq.num_output:
+            for token, n in Counter(seq.output_token_ids).items():
+                ids.append(token)
+                delta.append(-(n * p.frequency_penalty + p.presence_penalty))
+        if not ids:
+            return row
+        return row.index_add(0, self._on_device(ids, torch.int64), self._on_device(delta, row.dtype))
 
 
 NOT_FINITE = "the row's probabilities are not finite (a NaN or inf logit)"

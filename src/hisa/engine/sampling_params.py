@@ -108,6 +108,11 @@ class SamplingParams:
         """True when penalties or a logit bias change the logits before the token is picked."""
         return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
+    @property
+    def penalizes(self) -> bool:
+        """True when presence or frequency penalties read the tokens generated so far."""
+        return bool(self.presence_penalty or self.frequency_penalty)
+
     def check_vocab(self, vocab_size: int) -> None:
         """Raise InvalidRequestError if a token id (logit_bias, stop_token_ids) is outside [0, vocab_size)."""
         for name, ids in (("logit_bias", self.logit_bias or {}), ("stop_token_ids", self.stop_token_ids)):
