@@ -56,3 +56,27 @@ def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"results written to {path}")
+
+
+def bar_pair_plot(path: Path, labels: list[str], before: list[float], after: list[float], *, before_label: str,
+                  after_label: str, ylabel: str, title: str, xlabel: str | None = None, log: bool = False) -> None:
+    """Two bars per label (a side-by-side comparison), saved as a PNG at `path`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    x = range(len(labels))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.bar([i - 0.2 for i in x], before, 0.4, label=before_label)
+    ax.bar([i + 0.2 for i in x], after, 0.4, label=after_label)
+    ax.set_xticks(list(x), labels, rotation=15 if max(map(len, labels), default=0) > 12 else 0)
+    if log:
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -41,23 +42,7 @@ from hisa.sparse.config import SparseConfig  # noqa: E402
 
 def timed_ms(fn, reps: int = 1) -> float:
     """GPU time of fn() from an idle device (median of reps); wall time off CUDA (a smoke run)."""
-    out = []
-    if not torch.cuda.is_available():
-        import time
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t) * 1e3)
-        return statistics.median(out)
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        fn()
-        e1.record()
-        e1.synchronize()
-        out.append(e0.elapsed_time(e1))
-    return statistics.median(out)
+    return timed_after_ms(None, fn, reps)
 
 
 class Thrash:
@@ -75,13 +60,18 @@ class Thrash:
 
 
 def timed_after_ms(pre, fn, reps: int = 3) -> float:
-    """GPU time of fn() alone when it runs right after pre() on the same stream (median of reps)."""
-    if not torch.cuda.is_available():
-        return timed_ms(fn, reps)
+    """GPU time of fn() alone when it runs right after pre() (None: from an idle device) on the same
+    stream, median of reps; wall time off CUDA (a smoke run)."""
     out = []
     for _ in range(reps):
+        if not torch.cuda.is_available():
+            t = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t) * 1e3)
+            continue
         torch.cuda.synchronize()
-        pre()
+        if pre is not None:
+            pre()
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         e0.record()
         fn()

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, header, write_json  # noqa: E402
+from _common import REPO, bar_pair_plot, header, write_json  # noqa: E402
 
 import hisa.attention.prefill as prefill  # noqa: E402
 
@@ -78,23 +78,10 @@ def main() -> int:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    labels = [f"{r['chunk']} x {r['context']}" for r in rows]
-    x = range(len(rows))
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.bar([i - 0.2 for i in x], [r["expand_ms"] for r in rows], 0.4, label="expand K/V (repeat_interleave)")
-    ax.bar([i + 0.2 for i in x], [r["grouped_ms"] for r in rows], 0.4, label="grouped K/V read in place")
-    ax.set_xticks(list(x), labels, rotation=15)
-    ax.set_yscale("log")
-    ax.set_ylabel("ms per call (one layer)")
-    ax.set_xlabel("chunk x context (tokens)")
-    ax.set_title("Prefill attention, 32 query / 8 KV heads, bf16")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    bar_pair_plot(path, [f"{r['chunk']} x {r['context']}" for r in rows], [r["expand_ms"] for r in rows],
+                  [r["grouped_ms"] for r in rows], before_label="expand K/V (repeat_interleave)",
+                  after_label="grouped K/V read in place", ylabel="ms per call (one layer)",
+                  xlabel="chunk x context (tokens)", title="Prefill attention, 32 query / 8 KV heads, bf16", log=True)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, header, write_json  # noqa: E402
+from _common import REPO, bar_pair_plot, header, write_json  # noqa: E402
 
 from hisa import SamplingParams  # noqa: E402
 from hisa.engine.sampler import Sampler  # noqa: E402
@@ -100,20 +100,10 @@ def main() -> int:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    x = range(len(rows))
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.bar([i - 0.2 for i in x], [r["row_by_row_ms"] for r in rows], 0.4, label="row by row, multinomial")
-    ax.bar([i + 0.2 for i in x], [r["batched_ms"] for r in rows], 0.4, label="batched, inverse CDF")
-    ax.set_xticks(list(x), [r["setting"] for r in rows])
-    ax.set_ylabel("ms per step's sampling")
-    ax.set_title(f"Sampling a batch: {title}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    bar_pair_plot(path, [r["setting"] for r in rows], [r["row_by_row_ms"] for r in rows],
+                  [r["batched_ms"] for r in rows], before_label="row by row, multinomial",
+                  after_label="batched, inverse CDF", ylabel="ms per step's sampling",
+                  title=f"Sampling a batch: {title}")
 
 
 if __name__ == "__main__":
