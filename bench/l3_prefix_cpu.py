@@ -97,6 +97,8 @@ def main() -> None:
                     help="run the request that fills the pool / L3 under the torch profiler (its fill_ttft_s then "
                          "includes the profiler's overhead): with L3 on a GPU it took 2.2 s vs 0.59 s without, "
                          "so far unexplained")
+    ap.add_argument("--mooncake-segment", default="1 GB",
+                    help="memory the Mooncake store process lends (a 16K prompt of the Llama-3.1-8B shape is 2.1 GB)")
     ap.add_argument("--git-commit", default=None)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "l3_prefix_cpu.json")
     args = ap.parse_args()
@@ -143,7 +145,7 @@ def main() -> None:
                 from l3_servers import MooncakeStoreServers
 
                 (Path(tmp) / "mooncake").mkdir()
-                server = MooncakeStoreServers(Path(tmp) / "mooncake", segment="1 GB").start()
+                server = MooncakeStoreServers(Path(tmp) / "mooncake", segment=args.mooncake_segment).start()
                 url = server.url
             else:
                 raise SystemExit(f"unknown mode {mode!r}")
