@@ -240,3 +240,17 @@ def test_top_p_on_the_cpu_finds_the_nucleus_among_candidates_or_sorts_everything
         torch.testing.assert_close(freq, ref, atol=0.02, rtol=0)
     if flat_row_too:
         assert int((_reference_probs(flat, temperature=1.0, top_p=0.9) > 0).sum()) > 16  # wider than the candidates
+
+
+def test_rows_drawn_in_parts_give_the_same_tokens(monkeypatch):
+    """A batch larger than DRAW_ELEMENTS allows is filtered and drawn a few rows at a time, with the
+    same random stream: the same tokens as all at once."""
+    logits = _logits(rows=7, seed=9)
+
+    def seqs():  # odd rows seeded, even ones from the sampler's generator
+        return [_seq(i, temperature=0.9, top_p=0.8, **({"seed": i} if i % 2 else {})) for i in range(7)]
+
+    whole = Sampler(torch.device("cpu"), seed=4).sample(logits, seqs())
+    monkeypatch.setattr(Sampler, "DRAW_ELEMENTS", 2 * V)   # two rows at a time
+    parts = Sampler(torch.device("cpu"), seed=4).sample(logits, seqs())
+    assert parts == whole

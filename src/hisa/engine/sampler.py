@@ -71,11 +71,17 @@ class Sampler:
         rows = [i for i, seq in enumerate(seqs) if not seq.params.greedy and i not in errors]
         failed = None
         if rows:
-            idx = self._on_device(rows, torch.int64)
-            drawn, bad = self._draw_rows(logits.index_select(0, idx), [seqs[i] for i in rows])
-            tokens = tokens.index_copy(0, idx, drawn)
-            failed = torch.zeros(len(seqs), dtype=torch.bool, device=tokens.device).index_copy(0, idx, bad)
+            failed = torch.zeros(len(seqs), dtype=torch.bool, device=tokens.device)
+            per = max(1, self.DRAW_ELEMENTS // logits.shape[-1])  # rows filtered at once: bounded memory
+            for a in range(0, len(rows), per):
+                part = rows[a:a + per]
+                idx = self._on_device(part, torch.int64)
+                drawn, bad = self._draw_rows(logits.index_select(0, idx), [seqs[i] for i in part])
+                tokens = tokens.index_copy(0, idx, drawn)
+                failed = failed.index_copy(0, idx, bad)
         return DeviceDraw(tokens=tokens, failed=failed, errors=errors)
+
+    DRAW_ELEMENTS = 1 << 25  # logits of the rows drawn together (x ~6 fp32 temporaries): 32 rows of 1M tokens
 
     def _on_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         """A small host list on the sampler's device without a sync (pinned, copied asynchronously)."""
