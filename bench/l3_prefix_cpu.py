@@ -45,7 +45,8 @@ def ttft(llm: LLM, prompt: list[int]) -> tuple[float, int]:
 
 
 def profiled_ttft(llm: LLM, prompt: list[int], device: torch.device, top: int = 15) -> dict:
-    """One request run under the profiler: wall time, GPU kernel time and span, and the host ops and kernels that took the most."""
+    """One request run under the profiler: wall time, GPU kernel time and span, and the host ops and
+    kernels that took the most."""
     acts = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         acts.append(torch.profiler.ProfilerActivity.CUDA)

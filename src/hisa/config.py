@@ -50,8 +50,8 @@ class EngineConfig:
         Ignored on CUDA.
     overlap: "auto" (on for CUDA, off on the CPU), True or False: while the device runs a decode
         step, the host post-processes the step before and prepares the next (`hisa.engine.overlap`);
-        outputs come back one step later, the tokens are the same. Steps it does not cover (prefill,
-        sampling, ...) run synchronously.
+        outputs come back one step later, the tokens are the same (unseeded sampled requests may
+        differ). Steps it does not cover (prefill, presence/frequency penalties, ...) run synchronously.
 
     Example::
 

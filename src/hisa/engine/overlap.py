@@ -47,25 +47,27 @@ from hisa.engine.sequence import Sequence
 class InFlightStep:
     """One launched decode step whose sampled tokens are not read back yet.
 
-    tokens: int64 [n] device, the sampled tokens of `seqs` (one per sampled row, in row order; valid
-    ids in every row: the next step's inputs); host: int64 [n] (pinned on CUDA), where they are being
-    copied (-1 in a row whose draw failed); done: the copy's event (None on the CPU, where the copy
-    is synchronous); draw: the sampler's result, which maps failed rows to their exceptions."""
+    draw: the sampler's result for `seqs` (one sampled row each, in row order), on the device;
+    host: int64 [n] (pinned on CUDA), where its tokens are being copied (-1 in a row whose draw
+    failed); done: the copy's event (None on the CPU, where the copy is synchronous)."""
 
     seqs: list[Sequence]
-    tokens: torch.Tensor
+    draw: DeviceDraw
     host: torch.Tensor
     done: torch.cuda.Event | None
-    draw: DeviceDraw | None = None
     rows: dict[Sequence, int] = field(default_factory=dict)  # seq -> its row (index in tokens)
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """int64 [n] device: the sampled tokens, valid ids in every row (the next step's inputs)."""
+        return self.draw.tokens
 
     def read(self) -> list[int | Exception]:
         """The sampled tokens on the host (an exception for a row whose draw failed): waits for this
         step's copy (the step's one sync)."""
         if self.done is not None:
             self.done.synchronize()
-        values = self.host.tolist()
-        return self.draw.resolve(values) if self.draw is not None else values
+        return self.draw.resolve(self.host.tolist())
 
 
 class TokenReadback:
@@ -98,8 +100,7 @@ class TokenReadback:
         if self._events is not None:
             done = self._events[i]
             done.record()
-        return InFlightStep(seqs=seqs, tokens=draw.tokens, host=host, done=done, draw=draw,
-                            rows={seq: r for r, seq in enumerate(seqs)})
+        return InFlightStep(seqs=seqs, draw=draw, host=host, done=done, rows={seq: r for r, seq in enumerate(seqs)})
 
 
 def can_overlap(scheduler: Scheduler, *, l3: bool = False) -> bool:
