@@ -6,8 +6,8 @@ knobs it captures one CUDA graph that calls the kernel once per layer (32 calls,
 layer's tensors, so nothing is served from L2 as in a real step) and reports the GPU time per call
 (median of --reps replays) and the bytes per second it reaches:
 
-  * Quest's selection: `page_scores` (two kernels) per (pages per program, warps) of its logits
-    kernel, bytes = the page summaries read (kmin + kmax of every page of every row); then
+  * Quest's selection: `page_scores` (two kernels) per (pages per block, warps, blocks per program,
+    pipeline stages) of its logits kernel, bytes = the page summaries read (kmin + kmax of every page of every row); then
     `select_pages` (top-k pages per row) per warps, with and without the search's early exit;
   * `paged_decode_attention` over the selected pages (64 full pages + the newest, at random
     physical places in a buffer twice the budget): KV splits x tokens per iteration (block_n) x
@@ -48,7 +48,9 @@ SHAPES = {"32K x 8": (32768, 8), "128K x 4": (131072, 4), "128K x 11": (131072, 
 SLACK_PAGES = 4  # an engine's rows have a few page slots past the prompt (the tokens it generates)
 LOWBIT_BITS, LOWBIT_GROUP = 4, 32
 LOWBIT_SETTINGS = ((64, 4), (128, 4), (32, 4))  # (sub_tokens, num_warps); the first is the default
-BLOCK_P_WARPS = ((64, 4), (32, 4), (128, 8))  # the logits kernel's (block_p, num_warps); the first is the default
+BLOCK_P_WARPS = ((None, None, None, None), (64, 4, 1, 1), (64, 4, 2, 2), (64, 4, 4, 3), (32, 4, 4, 3), (32, 4, 8, 3),
+                 (64, 8, 4, 3), (128, 8, 2, 2), (16, 4, 16, 4), (32, 2, 8, 4), (64, 4, 16, 3))
+# the logits kernel's (block_p, num_warps, blocks per program, pipeline stages); the first is the default
 DECODE_SETTINGS = ((None, 64, None), (None, 64, 2), (4, 128, 2), (None, 32, 3), (12, 32, 2), (6, 64, 2))
 # (num_splits, block_n, num_stages) of paged decode over the selected pages; the first is the default
 # (a kv-heads-fastest grid order for both kernels was tried too, within 0.5 µs: not kept,
@@ -79,12 +81,13 @@ def sweep_scores(ctx: int, rows: int, reps: int) -> list[dict]:
     base_pages = select_pages(base_scores, lo, hi, k)
     nbytes = rows * maxp * KVH * D * 2 * 2  # kmin + kmax, bf16
     out = []
-    for block_p, warps in BLOCK_P_WARPS:
-        kw = dict(block_p=block_p, num_warps=warps)
+    for block_p, warps, blocks, stages in BLOCK_P_WARPS:
+        kw = dict(block_p=block_p, num_warps=warps, blocks=blocks, num_stages=stages)
         got = page_scores(q, *meta[0], ss, lo, hi, scale=scale, **kw)
         ok = torch.allclose(got.nan_to_num(0, neginf=0), base_scores.nan_to_num(0, neginf=0), rtol=1e-4, atol=1e-6)
         us = graph_us([lambda m=m: page_scores(q, *m, ss, lo, hi, scale=scale, **kw) for m in meta], reps)
-        out.append(dict(kernel="page_scores", block_p=block_p, num_warps=warps, us=us, ok=ok, gb_s=nbytes / us / 1e3))
+        out.append(dict(kernel="page_scores", **{k_: "default" if v is None else v for k_, v in kw.items()},
+                        us=us, ok=ok, gb_s=nbytes / us / 1e3))
         progress(out[-1])
     scores = [page_scores(q, *m, ss, lo, hi, scale=scale) for m in meta]
     for warps, early in ((None, None), (None, True), (None, False), (4, True), (16, True)):

@@ -107,12 +107,14 @@ def _summaries(ss, maxp, kvh, d, dtype, device):
 
 
 @pytest.mark.parametrize("with_mean", [False, True])
-@pytest.mark.parametrize("h,kvh,d,maxp,block_p", [(6, 2, 16, 70, None), (4, 4, 32, 33, 16), (9, 3, 64, 40, 64),
-                                                   (6, 2, 8, 20, 16)])
-def test_page_scores_triton_matches_reference(with_mean, h, kvh, d, maxp, block_p):
+@pytest.mark.parametrize("h,kvh,d,maxp,block_p,blocks", [(6, 2, 16, 70, None, None), (4, 4, 32, 33, 16, 1),
+                                                          (9, 3, 64, 40, 64, 1), (6, 2, 8, 20, 16, 1),
+                                                          (4, 4, 32, 100, 16, 3), (6, 2, 16, 70, 16, 8)])
+def test_page_scores_triton_matches_reference(with_mean, h, kvh, d, maxp, block_p, blocks):
     """Two Triton kernels (per-block logits + softmax partials, then the merge) against the torch
     reference: rows with a middle range, a row that selects nothing, ranges cut at block edges, at
-    the default and two other pages-per-program tunings, a head dim under tl.dot's 16."""
+    the default and other pages-per-block tunings, several blocks per program (a loop whose last
+    program has fewer blocks; more blocks than the row has), a head dim under tl.dot's 16."""
     torch.manual_seed(h * 100 + maxp)
     R, SS = 4, 5
     q = torch.randn(R, h, d)
@@ -122,7 +124,8 @@ def test_page_scores_triton_matches_reference(with_mean, h, kvh, d, maxp, block_
     args = (q, kmin, kmax, ss, lo, hi)
     want = page_scores_ref(*args, scale=0.3, kmean=kmean if with_mean else None)
     args, kmean = tuple(x.to(DEV) for x in args), kmean.to(DEV)  # Triton on the GPU, or the interpreter
-    got = page_scores(*args, scale=0.3, kmean=kmean if with_mean else None, use_triton=True, block_p=block_p).cpu()
+    got = page_scores(*args, scale=0.3, kmean=kmean if with_mean else None, use_triton=True, block_p=block_p,
+                      blocks=blocks).cpu()
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     torch.testing.assert_close(got.nan_to_num(0, neginf=0), want.nan_to_num(0, neginf=0), rtol=1e-5, atol=1e-6)
     assert torch.isinf(got[1]).all()  # the row with an empty range scores nothing
@@ -140,9 +143,11 @@ def test_page_scores_real_sizes_on_gpu(dtype):
     lo = torch.ones(R, dtype=torch.int32, device="cuda")
     hi = torch.tensor([4094, 1000, 17, 4000, 2048, 3, 4094, 600], dtype=torch.int32, device="cuda")
     for km in (None, kmean):
-        got = page_scores(q, kmin, kmax, ss, lo, hi, scale=128 ** -0.5, kmean=km)
         want = page_scores_ref(q, kmin, kmax, ss, lo, hi, scale=128 ** -0.5, kmean=km)
-        torch.testing.assert_close(got.nan_to_num(0, neginf=0), want.nan_to_num(0, neginf=0), rtol=2e-3, atol=1e-5)
+        for blocks, stages in ((None, None), (1, 1), (4, 3), (7, 2)):
+            got = page_scores(q, kmin, kmax, ss, lo, hi, scale=128 ** -0.5, kmean=km, blocks=blocks, num_stages=stages)
+            torch.testing.assert_close(got.nan_to_num(0, neginf=0), want.nan_to_num(0, neginf=0), rtol=2e-3,
+                                       atol=1e-5)
 
 
 @pytest.mark.parametrize("maxp,k", [(70, 5), (33, 40), (300, 61), (16, 16), (40000, 62)])

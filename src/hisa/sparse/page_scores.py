@@ -21,17 +21,21 @@ import torch
 _LOG2E = 1.4426950408889634
 BLOCK_P = 64  # pages per program of the logits kernel (a tuning knob; `bench/selection_kernels_gpu.py`)
 LOGITS_WARPS = 4
+LOGITS_BLOCKS = 1  # page blocks per program of the logits kernel (a loop, software-pipelined)
+LOGITS_STAGES = 2  # pipeline stages of that loop
 SELECT_EARLY_EXIT = True  # select_pages stops its search once exactly k pages are at or above the cut
 
 
 def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sslots: torch.Tensor, lo: torch.Tensor,
                 hi: torch.Tensor, *, scale: float, kmean: torch.Tensor | None = None,
                 use_triton: bool | None = None, block_p: int | None = None,
-                num_warps: int | None = None) -> torch.Tensor:
+                num_warps: int | None = None, blocks: int | None = None,
+                num_stages: int | None = None) -> torch.Tensor:
     """Score every page of each row's middle range (see the module docstring). fp32 [R, MAXP].
 
-    block_p (pages per program, a power of two >= 16) and num_warps tune the logits kernel; None takes
-    the module's BLOCK_P / LOGITS_WARPS."""
+    block_p (pages per block, a power of two >= 16), blocks (page blocks per program, a loop),
+    num_stages (that loop's pipeline stages) and num_warps tune the logits kernel; None takes the
+    module's BLOCK_P / LOGITS_BLOCKS / LOGITS_STAGES / LOGITS_WARPS."""
     R, H, D = q.shape
     SS, MAXP, KVH, Dm = kmin.shape
     if Dm != D or H % KVH or kmax.shape != kmin.shape or (kmean is not None and kmean.shape != kmin.shape):
@@ -49,6 +53,10 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sslots:
 
     block_p = BLOCK_P if block_p is None else block_p
     num_warps = LOGITS_WARPS if num_warps is None else num_warps
+    blocks = LOGITS_BLOCKS if blocks is None else blocks
+    num_stages = LOGITS_STAGES if num_stages is None else num_stages
+    if blocks < 1 or num_stages < 1:
+        raise ValueError(f"blocks and num_stages must be >= 1, got {blocks} and {num_stages}")
     if block_p < 16 or block_p & (block_p - 1):
         raise ValueError(f"block_p must be a power of two >= 16 (tl.dot's smallest M), got {block_p}")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -64,14 +72,15 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sslots:
     if R == 0:
         return scores
     second = (logits[-1], mpart[-1], spart[-1])
-    page_logits_kernel[(R, PB, KVH)](
+    page_logits_kernel[(R, -(-PB // blocks), KVH)](
         q, kmin, kmax, kmean if kmean is not None else kmin, sslots, lo, hi,
         logits[0], mpart[0], spart[0], *second,
         scale * _LOG2E, MAXP, PB,
         q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), kmin.stride(2),
         H=H, G=H // KVH, D=D, BLOCK_P=block_p, BLOCK_D=max(16, _next_pow2(D)),
         BLOCK_G=max(16, _next_pow2(H // KVH)), HAS_MEAN=kmean is not None,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps)
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCKS=blocks, STAGES=num_stages,
+        num_warps=num_warps)
     page_scores_kernel[(R, PB)](
         logits[0], mpart[0], spart[0], *second, lo, hi, scores, MAXP, PB,
         H=H, BLOCK_P=block_p, BLOCK_PB=max(2, _next_pow2(PB)), BLOCK_H=max(2, _next_pow2(H)),

@@ -1,8 +1,10 @@
 """Triton kernels of page scoring for the whole batch (Quest bound, optional page-mean key).
 Launcher and torch reference: `hisa.sparse.page_scores`.
 
-Kernel 1 (page_logits_kernel), grid (R, PB, KVH): program (r, b, j) scores pages
-[b * BLOCK_P, (b + 1) * BLOCK_P) of row r for the query heads of kv head j. Quest's bound
+Kernel 1 (page_logits_kernel), grid (R, cdiv(PB, BLOCKS), KVH): program (r, c, j) scores the page
+blocks b = c * BLOCKS ... c * BLOCKS + BLOCKS - 1 of row r (block b: pages [b * BLOCK_P, (b + 1) *
+BLOCK_P)) for the query heads of kv head j, in a loop that Triton software-pipelines (STAGES: the
+next block's summaries load while this one's products run). Quest's bound
 max_d(q_d * kmin_d, q_d * kmax_d) summed over d equals q⁺ · kmax + q⁻ · kmin (q⁺ = max(q, 0),
 q⁻ = min(q, 0)) when kmin <= kmax. Each kv head's page summaries are read once and serve its G query
 heads as two tl.dot products in q's dtype ([BLOCK_P, D] x [D, G], heads padded to 16 rows; products
@@ -34,44 +36,51 @@ def page_logits_kernel(
     stride_qr, stride_qh, stride_ms, stride_mp, stride_mh,
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, HAS_MEAN: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCKS: tl.constexpr, STAGES: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1)
+    c = tl.program_id(1)
     j = tl.program_id(2)  # the kv head
     sslot = tl.load(sslot_ptr + r).to(tl.int64)
     lo = tl.load(lo_ptr + r)
     hi = tl.load(hi_ptr + r)
-    p = b * BLOCK_P + tl.arange(0, BLOCK_P)  # [BLOCK_P] logical pages
-    valid = (p >= lo) & (p < hi)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    tile = valid[:, None] & d_ok[None, :]
     g = tl.arange(0, BLOCK_G)
     g_ok = g < G
     h = j * G + g  # the kv head's query heads (padded to BLOCK_G rows for tl.dot)
     # the group's queries split by sign: q . bound = q+ . kmax + q- . kmin (exact in q's dtype)
     qg = tl.load(q_ptr + r * stride_qr + h[:, None] * stride_qh + d[None, :],
                  mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
-    # the kv head's summaries of the block's pages, read once, one product per bound for all G heads
-    base = (sslot * stride_ms + p.to(tl.int64) * stride_mp + j * stride_mh)[:, None] + d[None, :]
-    kmax = tl.load(kmax_ptr + base, mask=tile, other=0.0)  # [BLOCK_P, BLOCK_D]
-    kmin = tl.load(kmin_ptr + base, mask=tile, other=0.0)
-    q_pos = tl.where(qg > 0, qg, 0.0).to(kmax.dtype)  # (Triton's max/where compute bf16 in fp32)
-    q_neg = tl.where(qg < 0, qg, 0.0).to(kmax.dtype)
-    lg = tl.dot(kmax, tl.trans(q_pos), input_precision=DOT_PRECISION)
-    lg = tl.dot(kmin, tl.trans(q_neg), acc=lg, input_precision=DOT_PRECISION)  # [BLOCK_P, BLOCK_G]
-    _store_heads(lg * scale_log2, valid, g_ok, r, b, p, h, logit_ptr, mpart_ptr, spart_ptr, MAXP, PB, H)
-    if HAS_MEAN:
-        kmean = tl.load(kmean_ptr + base, mask=tile, other=0.0)
-        lm = tl.dot(kmean, tl.trans(qg.to(kmean.dtype)), input_precision=DOT_PRECISION)
-        _store_heads(lm * scale_log2, valid, g_ok, r, b, p, h, logit2_ptr, mpart2_ptr, spart2_ptr, MAXP, PB, H)
+    q_pos = tl.trans(tl.where(qg > 0, qg, 0.0).to(kmax_ptr.dtype.element_ty))  # (where computes bf16 in fp32)
+    q_neg = tl.trans(tl.where(qg < 0, qg, 0.0).to(kmax_ptr.dtype.element_ty))
+    q_all = tl.trans(qg.to(kmax_ptr.dtype.element_ty))
+    row = sslot * stride_ms + j * stride_mh
+    for i in tl.range(0, BLOCKS, num_stages=STAGES):
+        b = c * BLOCKS + i  # (the last program's blocks may run past PB: nothing read or written there)
+        p = b * BLOCK_P + tl.arange(0, BLOCK_P)  # [BLOCK_P] logical pages
+        valid = (p >= lo) & (p < hi)  # (hi <= MAXP <= PB * BLOCK_P)
+        tile = valid[:, None] & d_ok[None, :]
+        # the kv head's summaries of the block's pages, read once, one product per bound for all G heads
+        base = (row + p.to(tl.int64) * stride_mp)[:, None] + d[None, :]
+        kmax = tl.load(kmax_ptr + base, mask=tile, other=0.0)  # [BLOCK_P, BLOCK_D]
+        kmin = tl.load(kmin_ptr + base, mask=tile, other=0.0)
+        lg = tl.dot(kmax, q_pos, input_precision=DOT_PRECISION)
+        lg = tl.dot(kmin, q_neg, acc=lg, input_precision=DOT_PRECISION)  # [BLOCK_P, BLOCK_G]
+        _store_heads(lg * scale_log2, valid, g_ok & (b < PB), r, b, p, h, logit_ptr, mpart_ptr, spart_ptr,
+                     MAXP, PB, H)
+        if HAS_MEAN:
+            kmean = tl.load(kmean_ptr + base, mask=tile, other=0.0)
+            lm = tl.dot(kmean, q_all, input_precision=DOT_PRECISION)
+            _store_heads(lm * scale_log2, valid, g_ok & (b < PB), r, b, p, h, logit2_ptr, mpart2_ptr, spart2_ptr,
+                         MAXP, PB, H)
 
 
 @triton.jit
 def _store_heads(lg, valid, g_ok, r, b, p, h, logit_ptr, mpart_ptr, spart_ptr, MAXP, PB, H):
     """A block's logits [BLOCK_P, BLOCK_G] of the heads h (read back where valid) and each head's
-    softmax partials over the block (max, sum of 2^(l - max))."""
+    softmax partials over the block (max, sum of 2^(l - max)); g_ok: the real heads (none for a
+    block past the row's last)."""
     lg = tl.where(valid[:, None] & g_ok[None, :], lg, float("-inf"))
     tl.store(logit_ptr + (r * H + h)[None, :] * MAXP + p[:, None], lg, mask=valid[:, None] & g_ok[None, :])
     m = tl.max(lg, axis=0)  # [BLOCK_G]
