@@ -1,0 +1,39 @@
+"""Triton kernel of `hisa.ops.linear`: y = x @ w^T for a decode batch (few rows, M <= 16).
+
+Grid (cdiv(N, BLOCK_N),): program n0 streams rows [n0 * BLOCK_N, (n0 + 1) * BLOCK_N) of the weight
+over all of K in BLOCK_K steps (a loop Triton software-pipelines, STAGES deep) and multiplies each
+tile by the whole of x. The weight tile is tl.dot's left operand ([BLOCK_N, BLOCK_K] x [BLOCK_K,
+BLOCK_M]; x's rows padded to BLOCK_M = 16, the smallest tensor-core shape), so a decode batch of 1-16
+rows costs what its weight bytes cost; fp32 accumulation, one rounding to the output dtype. No split
+over K: a program owns its outputs and writes them once (no workspace, no second kernel).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def skinny_linear_kernel(
+    x_ptr, w_ptr, y_ptr,            # x [M, K], w [N, K] (rows contiguous), y [M, N]
+    M, N, stride_xm, stride_wn, stride_ym,
+    K: tl.constexpr,  # (a model has few distinct K; a constant trip count, and the interpreter needs one)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.arange(0, BLOCK_M)
+    n_ok = n < N
+    m_ok = m < M
+    w_rows = w_ptr + n.to(tl.int64)[:, None] * stride_wn
+    x_rows = x_ptr + m[:, None] * stride_xm
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
+        x = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        acc = tl.dot(w, tl.trans(x), acc=acc)
+    tl.store(y_ptr + m[None, :] * stride_ym + n[:, None], acc.to(y_ptr.dtype.element_ty),
+             mask=n_ok[:, None] & m_ok[None, :])

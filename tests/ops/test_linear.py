@@ -1,0 +1,70 @@
+"""hisa.ops.linear: the decode-batch projection kernel against F.linear, and where it is used."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hisa.ops import linear as linear_mod
+from hisa.ops.linear import Linear, linear
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+needs_triton = pytest.mark.skipif(not CUDA and os.environ.get("TRITON_INTERPRET") != "1",
+                                  reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m,n,k,block_n,block_k", [(1, 40, 64, 16, 32), (5, 33, 100, 16, 32), (16, 64, 48, 32, 16),
+                                                   (3, 17, 256, 16, 128)])
+def test_kernel_matches_f_linear(dtype, m, n, k, block_n, block_k):
+    """Rows 1..16, N and K not multiples of the blocks (masked tails), several blocks over K."""
+    torch.manual_seed(m * 1000 + n + k)
+    x = torch.randn(m, k, dtype=dtype, device=DEV)
+    w = torch.randn(n, k, dtype=dtype, device=DEV) * k ** -0.5
+    got = linear(x, w, use_triton=True, block_n=block_n, block_k=block_k, num_stages=2)
+    want = F.linear(x.float(), w.float())
+    assert got.dtype == dtype and got.shape == (m, n)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+@needs_triton
+def test_leading_dims_bias_and_strided_rows():
+    x = torch.randn(2, 3, 40, device=DEV)
+    big = torch.randn(6, 80, device=DEV)
+    w = torch.randn(24, 40, device=DEV)
+    b = torch.randn(24, device=DEV)
+    got = linear(x, w, b, use_triton=True, block_n=16, block_k=16, num_stages=1)
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    assert got.shape == (2, 3, 24)
+    rows = big[:, :40]  # a row stride of 80
+    torch.testing.assert_close(linear(rows, w, use_triton=True, block_n=16, block_k=16, num_stages=1),
+                               F.linear(rows, w), rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_bad_input_is_refused():
+    x = torch.randn(2, 8, device=DEV)
+    with pytest.raises(ValueError, match="does not match"):
+        linear(x, torch.randn(4, 9, device=DEV), use_triton=True)
+    with pytest.raises(ValueError, match="weight is"):
+        linear(x, torch.randn(4, 8, device=DEV, dtype=torch.float16), use_triton=True)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        linear(torch.randn(17, 8, device=DEV), torch.randn(4, 8, device=DEV), use_triton=True)
+
+
+def test_the_dispatch_uses_the_kernel_only_where_it_pays(monkeypatch):
+    """CPU tensors, fp32, more than MAX_M rows and a weight too short to fill the GPU take F.linear;
+    the model layer computes the same as nn.Linear either way."""
+    calls = []
+    real = F.linear
+    monkeypatch.setattr(linear_mod.F, "linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    lin = Linear(32, 48, bias=False)
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(lin(x), x @ lin.weight.T)
+    assert calls == [(4, 32)]  # a CPU tensor: F.linear
