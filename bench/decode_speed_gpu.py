@@ -11,7 +11,10 @@ asked is visible, not averaged away). Rows:
     pool; sparse: the pool plus the host pool, i.e. resident + host-backed requests), then the same
     engine after aborting down to `--small-batch` requests (so the 128K prefills are paid once);
   * for all-resident sparse steps, the GPU time over the byte bound (weights + selected KV + page
-    metadata read per step, over the HBM bandwidth measured in this run by a device copy).
+    metadata read per step, over the HBM bandwidth measured in this run by a device copy). The
+    weights are those a step reads: an untied input embedding counts one row per request (runs
+    before 2026-12-02 counted all of it, 1.05 GB at Llama-3.1-8B: their bound was ~0.25 ms too high and
+    their ratio to it ~6% too low).
 
 `--overlap` (default auto: on for CUDA, as the engine) runs the engines in overlap mode
 (`hisa.engine.overlap`): a step() launches the next decode step and returns the tokens of the one
@@ -264,10 +267,26 @@ def largest_batch(loaded, *, device, ctx, steps, sparse, page_size, util) -> int
     return n
 
 
+def step_weight_bytes(model, batch: int) -> int:
+    """Bytes of weights one decode step of `batch` requests reads (see `byte_bound`)."""
+    linear_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    total = 0
+    for p in model.parameters():  # (each shared parameter once)
+        total += p.numel() * p.element_size()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Embedding) and id(m.weight) not in linear_ids:
+            w = m.weight
+            total -= w.numel() * w.element_size() - batch * w.shape[1] * w.element_size()
+    return total
+
+
 def byte_bound(loaded, *, batch, budget, ctx, page_size, meta_bytes_per_page_layer, hbm) -> float:
-    """Seconds a decode step must take at least: weights + selected KV + page metadata, read once."""
+    """Seconds a decode step must take at least: weights + selected KV + page metadata, read once.
+
+    The weights a step reads: every parameter except an input embedding table that is not also the
+    lm_head (a step reads one row of it per request, counted as such)."""
     mc = loaded.config
-    weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    weights = step_weight_bytes(loaded.model, batch)
     kv_token_layer = 2 * mc.num_kv_heads * mc.head_dim * 2  # bf16
     selected = batch * mc.num_layers * min(budget, ctx) * kv_token_layer
     metadata = batch * mc.num_layers * -(-ctx // page_size) * meta_bytes_per_page_layer
@@ -390,7 +409,8 @@ def run_job(a, spec: dict) -> int:
             meta = eng.llm.engine.sparse.algorithm.metadata_bytes_per_page() // loaded.config.num_layers
             bound = byte_bound(loaded, batch=batch, budget=a.budget, ctx=ctx, page_size=a.page_size,
                                meta_bytes_per_page_layer=meta, hbm=hbm)
-            extra.update(byte_bound_ms=bound * 1e3, over_byte_bound=res["ms_per_step"] / (bound * 1e3),
+            extra.update(byte_bound_ms=bound * 1e3, weight_bytes_per_step=step_weight_bytes(loaded.model, batch),
+                         over_byte_bound=res["ms_per_step"] / (bound * 1e3),
                          over_byte_bound_mean=res["ms_per_step_mean"] / (bound * 1e3))
         return dict(row=label, context=eng.ctx, batch_asked=batch, prefill_s=eng.prefill_s, **res, memory=eng.memory(),
                     **extra)

@@ -29,6 +29,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from hisa.ops.triton_pdl import pdl_enter
+
 
 @triton.jit
 def _attend_block(
@@ -80,7 +82,9 @@ def paged_decode_split_kernel(
     D: tl.constexpr, S: tl.constexpr, G: tl.constexpr,  # head dim, page size, query heads per kv head
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT_OUT: tl.constexpr, INTERPRETER: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)  # before any read of step data or any write (hisa.ops.pdl)
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -140,7 +144,9 @@ def paged_decode_combine_kernel(
     H, D, NUM_SPLITS,
     stride_ob, stride_oh,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)  # before any read of step data or any write (hisa.ops.pdl)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     row = (b * H + h) * NUM_SPLITS + tl.arange(0, BLOCK_S)  # [BLOCK_S] workspace rows of (b, h)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from hisa.ops.triton_pdl import pdl_enter
+
 
 @triton.jit
 def write_token_kv_kernel(
@@ -20,7 +22,9 @@ def write_token_kv_kernel(
     t_ptr,                         # int32 [R]: tokens once this one is written (its offset is (t-1) % S)
     stride_k, stride_v, dev_stride, host_stride,
     KD: tl.constexpr, S: tl.constexpr, BLOCK: tl.constexpr, HAS_HOST: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)  # before any read of step data or any write (hisa.ops.pdl)
     r = tl.program_id(0)
     page = tl.load(page_ptr + r).to(tl.int64)
     t = tl.load(t_ptr + r)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from hisa.ops import pdl
+
 
 def write_token_kv(k: torch.Tensor, v: torch.Tensor, dev_rows: torch.Tensor, pages: torch.Tensor,
                    t: torch.Tensor, *, host_rows: torch.Tensor | None = None,
@@ -53,7 +55,8 @@ def write_token_kv(k: torch.Tensor, v: torch.Tensor, dev_rows: torch.Tensor, pag
     write_token_kv_kernel[(R,)](
         k, v, dev_rows, host_rows if has_host else dev_rows, pages, host_pages if has_host else pages, t,
         k.stride(0), v.stride(0), dev_rows.stride(0), host_rows.stride(0) if has_host else 0,
-        KD=kd, S=page_size, BLOCK=triton_next_pow2(kd), HAS_HOST=has_host, num_warps=4 if kd >= 512 else 1)
+        KD=kd, S=page_size, BLOCK=triton_next_pow2(kd), HAS_HOST=has_host, num_warps=4 if kd >= 512 else 1,
+        **pdl.launch_kwargs(k))
 
 
 def write_token_kv_ref(k, v, dev_rows, pages, t, *, host_rows=None, host_pages=None, page_size: int) -> None:

@@ -30,6 +30,7 @@ from hisa.models.layers import FusedLinear, RMSNorm
 from hisa.models.llama import AttentionFn
 from hisa.models.rope import RotaryEmbedding, rope_inv_freq
 from hisa.ops.act_mul import act_mul
+from hisa.ops.linear import Linear
 from hisa.ops.qkv_rope import qkv_rope
 
 
@@ -49,7 +50,7 @@ class Gemma3Attention(nn.Module):
         bias = cfg.attention_bias
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = FusedLinear(cfg.hidden_size, {"q_proj": q, "k_proj": kv, "v_proj": kv}, bias=bias)
-        self.o_proj = nn.Linear(q, cfg.hidden_size, bias=bias)
+        self.o_proj = Linear(q, cfg.hidden_size, bias=bias)
         self.q_norm = GemmaRMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_norm = GemmaRMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
@@ -67,7 +68,7 @@ class Gemma3MLP(nn.Module):
         super().__init__()
         inter = cfg.intermediate_size
         self.gate_up_proj = FusedLinear(cfg.hidden_size, {"gate_proj": inter, "up_proj": inter}, bias=False)
-        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
+        self.down_proj = Linear(inter, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, hidden] → [T, hidden] (gated GELU, tanh approximation)."""
@@ -121,7 +122,7 @@ class Gemma3ForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Gemma3Body(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         global_freq, local_freq = self.rope_inv_freqs(cfg, rope_freqs)

@@ -1,6 +1,7 @@
 """Building blocks shared by the model families: fused projections and the residual RMSNorm.
 
-`FusedLinear` runs several projections of one input as one GEMM (q|k|v, gate|up) and remembers
+`FusedLinear` runs several projections of one input as one GEMM (q|k|v, gate|up; `hisa.ops.linear`
+at decode batch sizes on CUDA) and remembers
 the checkpoint names of its parts, so `checkpoint_targets` maps every Hugging Face name
 (`...self_attn.q_proj.weight`) to the rows of the fused parameter it fills: checkpoints load by
 their own names, into the fused weights, with no copy of the parts kept.
@@ -11,10 +12,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hisa.ops.linear import Linear
 from hisa.ops.rms_norm import rms_norm
 
 
-class FusedLinear(nn.Linear):
+class FusedLinear(Linear):
     """One GEMM for several projections of the same input; the output is their concatenation.
 
     parts: checkpoint name of each projection (a sibling of this module) → its output size, in

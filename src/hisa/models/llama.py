@@ -23,6 +23,7 @@ from hisa.models.config import ModelConfig
 from hisa.models.layers import FusedLinear, RMSNorm
 from hisa.models.rope import RotaryEmbedding, rope_inv_freq
 from hisa.ops.act_mul import act_mul
+from hisa.ops.linear import Linear
 from hisa.ops.qkv_rope import qkv_rope
 
 __all__ = ["AttentionFn", "RMSNorm", "Attention", "MLP", "DecoderLayer", "LlamaForCausalLM"]
@@ -40,7 +41,7 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = FusedLinear(cfg.hidden_size, {"q_proj": q, "k_proj": kv, "v_proj": kv}, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(q, cfg.hidden_size, bias=False)
+        self.o_proj = Linear(q, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, attn: AttentionFn) -> torch.Tensor:
         """x: [T, hidden] normed, cos_sin: fp32 [T, 2, D/2] → [T, hidden]."""
@@ -55,7 +56,7 @@ class MLP(nn.Module):
         super().__init__()
         inter = cfg.intermediate_size
         self.gate_up_proj = FusedLinear(cfg.hidden_size, {"gate_proj": inter, "up_proj": inter}, bias=False)
-        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
+        self.down_proj = Linear(inter, cfg.hidden_size, bias=False)
         self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,7 +103,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = LlamaBody(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rope = RotaryEmbedding(rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, rope_freqs))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hisa.ops import pdl
 from hisa.ops._checks import FLOAT_DTYPES, check_tensor, next_pow2, want_triton
 
 ACTIVATIONS = ("silu", "gelu_tanh")  # Llama family, Gemma-3
@@ -49,5 +50,6 @@ def _launch_triton(gate_up: torch.Tensor, act: str) -> torch.Tensor:
         return out
     block = min(1024, next_pow2(inter))
     act_mul_kernel[(t, -(-inter // block))](gate_up, out, inter, gate_up.stride(0), ACT=ACTIVATIONS.index(act),
-                                            BLOCK=block, num_warps=4 if gate_up.is_cuda else 1)
+                                            BLOCK=block, num_warps=4 if gate_up.is_cuda else 1,
+                                            **pdl.launch_kwargs(gate_up))
     return out

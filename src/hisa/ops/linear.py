@@ -11,19 +11,24 @@ whose forward calls it (the models' projections).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hisa.ops import pdl
 from hisa.ops._checks import check_tensor, want_triton
 
 MAX_M = 16  # rows the Triton kernel takes (x's rows are padded to 16 for the tensor cores)
-BLOCK_N = 16  # weight rows per program
-BLOCK_K = 256  # weight columns per pipelined step
-STAGES = 4
-WARPS = 4
+# (block_n, block_k, num_stages, num_warps): weight rows per program, columns per pipelined step.
+# The fastest on an H200 at 1-16 rows (bench/results/linear_gpu_h200.json): narrow programs for
+# the projections of a few thousand rows, wide ones for gate|up and the lm_head.
+SMALL_N = (16, 256, 4, 2)
+LARGE_N = (64, 128, 4, 4)
+LARGE_N_FROM = 16384  # weight rows from which LARGE_N is used
 MIN_PROGRAMS = 128  # fewer programs than this leave SMs idle: F.linear (cuBLAS splits K) is faster there
-ENABLED = True  # False: every projection runs F.linear (A/B comparisons)
+ENABLED = os.environ.get("HISA_TRITON_LINEAR", "1") != "0"  # 0: every projection runs F.linear (A/B runs)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -33,11 +38,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
     use_triton: None = the Triton kernel where it pays (see the module docstring), True forces it (CPU
     only under TRITON_INTERPRET=1; x must have at most MAX_M rows), False = F.linear. block_n,
-    block_k, num_stages, num_warps tune the kernel (None: the module's defaults)."""
+    block_k, num_stages, num_warps tune the kernel (None: SMALL_N or LARGE_N by the weight's rows)."""
+    dflt = LARGE_N if weight.shape[0] >= LARGE_N_FROM else SMALL_N
+    block_n, block_k = block_n or dflt[0], block_k or dflt[1]
+    num_stages, num_warps = num_stages or dflt[2], num_warps or dflt[3]
     if use_triton is None:
         use_triton = (ENABLED and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
                       and weight.dtype == x.dtype and x.numel() // max(1, x.shape[-1]) <= MAX_M
-                      and -(-weight.shape[0] // (block_n or BLOCK_N)) >= MIN_PROGRAMS)
+                      and -(-weight.shape[0] // block_n) >= MIN_PROGRAMS)
     elif use_triton:
         use_triton = want_triton(True, x)
     if not use_triton:
@@ -58,11 +66,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if m and n:
         from hisa.ops.triton_linear import skinny_linear_kernel
 
-        bn = block_n or BLOCK_N
-        skinny_linear_kernel[(-(-n // bn),)](
+        skinny_linear_kernel[(-(-n // block_n),)](
             x2, weight, y, m, n, x2.stride(0), weight.stride(0), y.stride(0), K=k,
-            BLOCK_M=16, BLOCK_N=bn, BLOCK_K=block_k or BLOCK_K, STAGES=num_stages or STAGES,
-            num_warps=num_warps or (WARPS if x.is_cuda else 1))
+            BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=num_stages,
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            num_warps=num_warps if x.is_cuda else 1, **pdl.launch_kwargs(x))
     if bias is not None:
         y += bias
     return y.view(*lead, n)

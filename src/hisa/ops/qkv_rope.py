@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hisa.ops import pdl
 from hisa.ops._checks import FLOAT_DTYPES, check_eps, check_tensor, next_pow2, want_triton
 from hisa.ops.rms_norm import _norm_ref
 
@@ -107,6 +108,7 @@ def _launch_triton(qkv, cos_sin, *, num_heads, num_kv_heads, head_dim, q_norm_we
         qkv.stride(0), cos_sin.stride(0), float(eps),
         H=num_heads, KVH=num_kv_heads, HALF=half, BLOCK_H=next_pow2(half), HAS_NORM=norm,
         UNIT_OFFSET=bool(unit_offset), num_warps=1 if half <= 64 or not qkv.is_cuda else 2,
+        **pdl.launch_kwargs(qkv),
     )
     return q, k, v
 

@@ -10,12 +10,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from hisa.ops.triton_pdl import pdl_enter
+
 @triton.jit
 def act_mul_kernel(
     x_ptr, out_ptr,      # x [T, 2 I] (gate | up), any row stride; out [T, I] contiguous
     inter, stride_x,
     ACT: tl.constexpr, BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)  # before any read of step data or any write (hisa.ops.pdl)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < inter

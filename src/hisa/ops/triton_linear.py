@@ -6,12 +6,16 @@ tile by the whole of x. The weight tile is tl.dot's left operand ([BLOCK_N, BLOC
 BLOCK_M]; x's rows padded to BLOCK_M = 16, the smallest tensor-core shape), so a decode batch of 1-16
 rows costs what its weight bytes cost; fp32 accumulation, one rounding to the output dtype. No split
 over K: a program owns its outputs and writes them once (no workspace, no second kernel).
+With PDL (`hisa.ops.pdl`) the first weight tile is read before the wait for the previous kernel
+(weights are not written during a step), so the weight stream starts while that kernel drains.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from hisa.ops.triton_pdl import pdl_enter
 
 
 @triton.jit
@@ -20,6 +24,7 @@ def skinny_linear_kernel(
     M, N, stride_xm, stride_wn, stride_ym,
     K: tl.constexpr,  # (a model has few distinct K; a constant trip count, and the interpreter needs one)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -29,11 +34,21 @@ def skinny_linear_kernel(
     w_rows = w_ptr + n.to(tl.int64)[:, None] * stride_wn
     x_rows = x_ptr + m[:, None] * stride_xm
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < K
-        w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
-        x = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
-        acc = tl.dot(w, tl.trans(x), acc=acc)
+    k = tl.arange(0, BLOCK_K)
+    if PDL:  # the first weight tile: constant data, read before the wait
+        w0 = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & (k < K)[None, :], other=0.0)
+    pdl_enter(PDL)  # before any read of step data or any write (hisa.ops.pdl)
+    if PDL:
+        x0 = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0.0)
+        acc = tl.dot(w0, tl.trans(x0), acc=acc, input_precision=DOT_PRECISION)
+        k_first: tl.constexpr = BLOCK_K
+    else:
+        k_first: tl.constexpr = 0
+    for k0 in tl.range(k_first, K, BLOCK_K, num_stages=STAGES):
+        kk = k0 + k
+        k_ok = kk < K
+        w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
+        x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        acc = tl.dot(w, tl.trans(x), acc=acc, input_precision=DOT_PRECISION)
     tl.store(y_ptr + m[None, :] * stride_ym + n[:, None], acc.to(y_ptr.dtype.element_ty),
              mask=n_ok[:, None] & m_ok[None, :])

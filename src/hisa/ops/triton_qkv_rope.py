@@ -15,6 +15,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from hisa.ops.triton_pdl import pdl_enter
+
 
 @triton.jit
 def qkv_rope_kernel(
@@ -23,7 +25,9 @@ def qkv_rope_kernel(
     stride_qkv, stride_cs, eps,
     H: tl.constexpr, KVH: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
     HAS_NORM: tl.constexpr, UNIT_OFFSET: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)  # before any read of step data or any write (hisa.ops.pdl)
     t = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     dtype = q_ptr.dtype.element_ty

@@ -14,6 +14,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from hisa.ops.triton_pdl import pdl_enter
+
 
 @triton.jit
 def rms_norm_kernel(
@@ -21,7 +23,9 @@ def rms_norm_kernel(
     out_ptr, res_out_ptr,              # [T, N] contiguous: the normed output, the new residual
     n_cols, stride_x, stride_res, eps, pre_eps,
     HAS_RESIDUAL: tl.constexpr, HAS_PRE: tl.constexpr, UNIT_OFFSET: tl.constexpr, BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)  # before any read of step data or any write (hisa.ops.pdl)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     ok = cols < n_cols

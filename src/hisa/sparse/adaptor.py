@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hisa.ops import pdl
+
 # a row's kind in a decode step (int32 in the step plan)
 PAD, DENSE, RESIDENT, HOST_BACKED = -1, 0, 1, 2
 
@@ -87,7 +89,8 @@ class BackendAdaptor:
         compose_kernel[(R,)](
             kind, slot, t, write_page, lo, bounds.hi, tk, block_table, table, logical, kv_lens,
             tk.stride(0) if nsel else 0, block_table.stride(0), table.stride(0), logical.stride(0),
-            S=self.page_size, NSEL=nsel, K=K, BLOCK_K=_next_pow2(K), WINDOWED=windowed, num_warps=1)
+            S=self.page_size, NSEL=nsel, K=K, BLOCK_K=_next_pow2(K), WINDOWED=windowed, num_warps=1,
+            **pdl.launch_kwargs(table))
 
 
     # -- token-level selection (DSA) ------------------------------------------------------------------

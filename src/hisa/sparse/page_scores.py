@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import torch
 
+from hisa.ops import pdl
+
 _LOG2E = 1.4426950408889634
 BLOCK_P = 64  # pages per program of the logits kernel (a tuning knob; `bench/selection_kernels_gpu.py`)
 LOGITS_WARPS = 4
-LOGITS_BLOCKS = 1  # page blocks per program of the logits kernel (a loop, software-pipelined)
+LOGITS_BLOCKS = 2  # page blocks per program of the logits kernel (a loop, software-pipelined; 2 was the
+# fastest on an H200 at 32K x 8, 128K x 4 and 128K x 11: bench/results/selection_kernels_gpu_h200_v4.json)
 LOGITS_STAGES = 2  # pipeline stages of that loop
 SELECT_EARLY_EXIT = True  # select_pages stops its search once exactly k pages are at or above the cut
 
@@ -80,11 +83,11 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sslots:
         H=H, G=H // KVH, D=D, BLOCK_P=block_p, BLOCK_D=max(16, _next_pow2(D)),
         BLOCK_G=max(16, _next_pow2(H // KVH)), HAS_MEAN=kmean is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCKS=blocks, STAGES=num_stages,
-        num_warps=num_warps)
+        num_warps=num_warps, **pdl.launch_kwargs(q))
     page_scores_kernel[(R, PB)](
         logits[0], mpart[0], spart[0], *second, lo, hi, scores, MAXP, PB,
         H=H, BLOCK_P=block_p, BLOCK_PB=max(2, _next_pow2(PB)), BLOCK_H=max(2, _next_pow2(H)),
-        HAS_MEAN=kmean is not None, num_warps=4)
+        HAS_MEAN=kmean is not None, num_warps=4, **pdl.launch_kwargs(q))
     return scores
 
 
@@ -135,7 +138,8 @@ def select_pages(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, k: in
         block = _next_pow2(MAXP)
         select_pages_kernel[(R,)](scores, lo, hi, out, MAXP, out.stride(0), K=k, BLOCK=block,
                                   BLOCK_K=_next_pow2(k), num_warps=num_warps or (8 if block >= 2048 else 4),
-                                  EARLY_EXIT=SELECT_EARLY_EXIT if early_exit is None else early_exit)
+                                  EARLY_EXIT=SELECT_EARLY_EXIT if early_exit is None else early_exit,
+                                  **pdl.launch_kwargs(scores))
     return out
 
 

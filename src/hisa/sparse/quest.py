@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from hisa.ops import pdl
 from hisa.sparse.base import BaseSparseAlgorithm, DecodeRows, register
 from hisa.sparse.page_scores import page_scores, select_pages
 
@@ -102,7 +103,7 @@ def quest_update(kmin: torch.Tensor, kmax: torch.Tensor, kmean: torch.Tensor | N
             keys, kmin, kmax, kmean if kmean is not None else kmin, sparse_slots, t,
             keys.stride(0), kmin.stride(0), kmin.stride(1), sentinel,
             S=page_size, KD=kd, BLOCK=1 << max(0, kd - 1).bit_length(), HAS_MEAN=kmean is not None,
-            num_warps=4 if kd >= 512 else 1)
+            num_warps=4 if kd >= 512 else 1, **pdl.launch_kwargs(keys))
         return
     keep = (sparse_slots != sentinel) & (t > 0)
     s, tt = sparse_slots[keep].long(), t[keep].long()

@@ -15,6 +15,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from hisa.ops.triton_pdl import pdl_enter
+
 
 @triton.jit
 def compose_kernel(
@@ -27,7 +29,9 @@ def compose_kernel(
     kv_lens_ptr,                    # int32 [R] out
     stride_tk, stride_bt, stride_tb, stride_lg,
     S: tl.constexpr, NSEL: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr, WINDOWED: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)  # before any read of step data or any write (hisa.ops.pdl)
     r = tl.program_id(0).to(tl.int64)
     kind = tl.load(kind_ptr + r)
     if kind > 0:

@@ -24,6 +24,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from hisa.ops.triton_pdl import pdl_enter
+
 
 @triton.jit
 def page_logits_kernel(
@@ -37,7 +39,9 @@ def page_logits_kernel(
     H: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, HAS_MEAN: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCKS: tl.constexpr, STAGES: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)  # before any read of step data or any write (hisa.ops.pdl)
     r = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     j = tl.program_id(2)  # the kv head
@@ -128,7 +132,9 @@ def page_scores_kernel(
     MAXP, PB,
     H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_PB: tl.constexpr, BLOCK_H: tl.constexpr,
     HAS_MEAN: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)  # before any read of step data or any write (hisa.ops.pdl)
     r = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1)
     lo = tl.load(lo_ptr + r)
@@ -148,6 +154,7 @@ def select_pages_kernel(
     out_ptr,                        # int32 [R, K] out: the chosen pages in page order, -1 padded
     MAXP, stride_o,
     K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, EARLY_EXIT: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Top-K pages of each row by score, written in page order (no sort).
 
@@ -162,6 +169,7 @@ def select_pages_kernel(
     stable sort would. (On an H200 the three-way search was the fastest at 1,028 pages, 9.3 vs
     10.2 µs per call for two-way and 10.5 for four-way counts packed in an int64; at 4,096 the three
     were within 4 µs: bench/results/selection_kernels_gpu_h200_v2.json.)"""
+    pdl_enter(PDL)  # before any read of step data or any write (hisa.ops.pdl)
     r = tl.program_id(0).to(tl.int64)
     lo = tl.load(lo_ptr + r)
     hi = tl.load(hi_ptr + r)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from hisa.ops.triton_pdl import pdl_enter
+
 
 @triton.jit
 def quest_update_kernel(
@@ -18,7 +20,9 @@ def quest_update_kernel(
     sslot_ptr, t_ptr,               # int32 [R]
     stride_k, stride_s, stride_p, SENTINEL,
     S: tl.constexpr, KD: tl.constexpr, BLOCK: tl.constexpr, HAS_MEAN: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)  # before any read of step data or any write (hisa.ops.pdl)
     r = tl.program_id(0)
     sslot = tl.load(sslot_ptr + r)
     t = tl.load(t_ptr + r)
