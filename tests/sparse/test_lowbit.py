@@ -180,6 +180,7 @@ def test_sub_tokens_is_a_pure_tuning_knob():
     codes, scales = _index(R, maxp * s, kvh, d, 4, 32, seed=3)
     ss, lo = torch.arange(R, dtype=torch.int32), torch.tensor([0, 3], dtype=torch.int32)
     hi = torch.tensor([maxp, 66], dtype=torch.int32)
+    q, codes, scales, ss, lo, hi = (x.to(DEV) for x in (q, codes, scales, ss, lo, hi))  # the GPU, or the interpreter
     kw = dict(scale=0.2, page_size=s, bits=4, group_size=32, use_triton=True)
     base = lowbit_page_scores(q, codes, scales, ss, lo, hi, **kw)
     for sub in (16, 128, 256):

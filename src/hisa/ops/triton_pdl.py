@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+
+# HISA_PDL_TRIGGER=0: no early trigger (the next kernel launches when this one's blocks have exited)
+EARLY_TRIGGER = tl.constexpr(os.environ.get("HISA_PDL_TRIGGER", "1") != "0")
 
 
 @triton.jit
@@ -13,4 +19,5 @@ def pdl_enter(PDL: tl.constexpr):
     kernel launch once every block of this one has got here. Without: nothing."""
     if PDL:
         gdc_wait()
-        gdc_launch_dependents()
+        if EARLY_TRIGGER:
+            gdc_launch_dependents()
