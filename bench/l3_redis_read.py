@@ -1,0 +1,124 @@
+"""Read throughput of the L3 `redis` backend for large pages: redis-py's reply parser (hiredis vs its
+own Python one) x the bytes per socket read, on loopback to a redis-server this script starts.
+
+Writes `--pages` pages of `--page-mib` MiB (Llama-3.1-8B bf16 at page 32: 2 MiB) through
+`L3Store.set`, then times, per setting, the backend's batched `get` (one MGET of every page: what an
+L3 prefix load asks for) and `L3Store.get_into` (the same, then each page copied into its row of one
+host buffer and checked by the store's reader threads), `--repeats` times, median. Also redis-py's
+64 KiB default with each parser, for the record. Prints a table, writes JSON (command, date,
+commit, machine) and a plot beside it.
+
+    python bench/l3_redis_read.py --pages 200 --out bench/results/l3_redis_read_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from _common import REPO, header, write_json
+
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "tests" / "kvcache" / "l3"))
+
+from hisa.kvcache.l3 import L3Store  # noqa: E402
+from hisa.kvcache.l3 import redis_backend  # noqa: E402
+from l3_servers import REDIS_SERVER, RedisServer  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pages", type=int, default=200)
+    ap.add_argument("--page-mib", type=float, default=2.0)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--read-sizes", type=int, nargs="+", default=[64 << 10, 1 << 20, 4 << 20])
+    ap.add_argument("--git-commit", default=None)
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "l3_redis_read_cpu.json")
+    args = ap.parse_args()
+    if REDIS_SERVER is None:
+        print("needs redis-server on PATH", file=sys.stderr)
+        return 2
+    import redis
+    from redis._parsers import _HiredisParser, _RESP2Parser
+    from redis.utils import HIREDIS_AVAILABLE
+
+    parsers = {"python": _RESP2Parser, **({"hiredis": _HiredisParser} if HIREDIS_AVAILABLE else {})}
+    page_bytes = int(args.page_mib * (1 << 20))
+    rows, gb = [], args.pages * page_bytes / 1e9
+    with tempfile.TemporaryDirectory() as tmp:
+        server = RedisServer(Path(tmp)).start()
+        try:
+            writer = L3Store(redis_backend.RedisBackend("127.0.0.1", server.port))
+            rng = np.random.default_rng(0)
+            keys = [f"{i:064x}" for i in range(args.pages)]
+            for i in range(0, args.pages, 32):   # (in batches: one pipeline per 32 pages)
+                writer.set(keys[i:i + 32], [rng.integers(0, 256, page_bytes, dtype=np.uint8).data
+                                            for _ in keys[i:i + 32]])
+            writer.close()
+            buf = np.empty((args.pages, page_bytes), np.uint8)
+            for pname, pclass in parsers.items():
+                for size in args.read_sizes:
+                    backend = redis_backend.RedisBackend("127.0.0.1", server.port)
+                    kw = dict(backend.client.connection_pool.connection_kwargs, parser_class=pclass,
+                              socket_read_size=size)
+                    backend.client.close()
+                    backend.client = redis.Redis(connection_pool=redis.ConnectionPool(**kw))
+                    store = L3Store(backend)
+                    backend.get(keys[:1])
+                    conn = backend.client.connection_pool.get_connection()
+                    parser = type(conn._parser).__name__   # (RESP3 swaps redis-py's Python parser for its RESP3 one)
+                    backend.client.connection_pool.release(conn)
+                    t_get, t_into = [], []
+                    for _ in range(args.repeats):
+                        t0 = time.perf_counter()
+                        got = backend.get(keys)
+                        t_get.append(time.perf_counter() - t0)
+                        assert all(g is not None for g in got)
+                        del got
+                        t0 = time.perf_counter()
+                        ok = store.get_into(keys, [memoryview(buf[i]) for i in range(args.pages)])
+                        t_into.append(time.perf_counter() - t0)
+                        assert all(ok), "a page failed its check"
+                    store.close()
+                    row = dict(parser=pname, parser_class=parser, socket_read_bytes=size, get_s=statistics.median(t_get),
+                               get_into_s=statistics.median(t_into))
+                    row.update(get_gb_s=gb / row["get_s"], get_into_gb_s=gb / row["get_into_s"])
+                    rows.append(row)
+                    print(f"{pname:8s} read {size >> 10:5d} KiB   MGET {row['get_gb_s']:5.2f} GB/s   "
+                          f"get_into (copy + check) {row['get_into_gb_s']:5.2f} GB/s", flush=True)
+        finally:
+            server.stop()
+    payload = dict(**header(torch.device("cpu"), args.git_commit), pages=args.pages, page_bytes=page_bytes,
+                   hisa_default=dict(socket_read_bytes=redis_backend.SOCKET_READ_BYTES,
+                                     parser="hiredis" if HIREDIS_AVAILABLE else "python"), rows=rows)
+    write_json(args.out, payload)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        labels = [f"{r['parser']}\n{r['socket_read_bytes'] >> 10} KiB" for r in rows]
+        xs = np.arange(len(rows))
+        ax.bar(xs - 0.2, [r["get_gb_s"] for r in rows], 0.4, label="MGET")
+        ax.bar(xs + 0.2, [r["get_into_gb_s"] for r in rows], 0.4, label="L3Store.get_into")
+        ax.set_xticks(xs, labels, fontsize=7)
+        ax.set_ylabel("GB/s")
+        ax.set_title(f"L3 redis reads, {args.pages} pages of {args.page_mib:g} MiB, loopback")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.out.with_suffix(".png"), dpi=120)
+    except ImportError:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
