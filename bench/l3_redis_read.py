@@ -95,8 +95,8 @@ def main() -> int:
         finally:
             server.stop()
     payload = dict(**header(torch.device("cpu"), args.git_commit), pages=args.pages, page_bytes=page_bytes,
-                   hisa_default=dict(socket_read_bytes=redis_backend.SOCKET_READ_BYTES,
-                                     parser="hiredis" if HIREDIS_AVAILABLE else "python"), rows=rows)
+                   hisa_default=dict(socket_read_bytes=64 << 10, parser="hiredis" if HIREDIS_AVAILABLE else "python"),
+                   rows=rows)
     write_json(args.out, payload)
     try:
         import matplotlib

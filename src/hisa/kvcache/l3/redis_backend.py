@@ -1,10 +1,11 @@
 """L3 backend `redis`: pages as string values in a Redis server (redis-py), shareable by processes.
 
 Keys are `hisa:l3:<key>`. Batches are one round trip each (MGET, a pipeline of EXISTS, of SET,
-one DEL). Replies are parsed by hiredis (C) when it is installed (the `l3` extra pins it) and read
-from the socket in 1 MiB pieces: pages are MiBs each at 8B-model shapes, and with redis-py's own
-parser and 64 KiB reads `L3Store.get_into` moved 0.45 GB/s of 2 MiB pages on a 2-core machine,
-1.13 GB/s with both (`python bench/l3_redis_read.py`, bench/results/l3_redis_read_cpu.json). The client does not retry and times out after `timeout_s`, so a server that went away
+one DEL). Replies are parsed by hiredis (C) when it is installed (the `l3` extra pins it): pages
+are MiBs each at 8B-model shapes, and `L3Store.get_into` of 2 MiB pages moved 0.45 GB/s with
+redis-py's own parser and 1.09 GB/s with hiredis on a 2-core machine, 0.33 and 0.62 GB/s on an
+H200 machine's host (`python bench/l3_redis_read.py`, bench/results/l3_redis_read_cpu.json,
+_h200.json; the bytes per socket read made no consistent difference with hiredis). The client does not retry and times out after `timeout_s`, so a server that went away
 surfaces as one RedisError that L3Store turns into "no L3" instead of a stalled engine step.
 """
 
@@ -17,7 +18,6 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 PREFIX = "hisa:l3:"
-SOCKET_READ_BYTES = 1 << 20   # bytes per socket read (redis-py's default: 64 KiB)
 
 
 class RedisBackend:
@@ -34,8 +34,7 @@ class RedisBackend:
     def __init__(self, host: str, port: int, db: int = 0, *, timeout_s: float = 2.0, prefix: str = PREFIX):
         self.prefix = prefix
         self.client = redis.Redis(host=host, port=port, db=db, socket_timeout=timeout_s,
-                                  socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0),
-                                  socket_read_size=SOCKET_READ_BYTES)
+                                  socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0))
         self.client.ping()   # raises at start-up if the server is not there
 
     def _k(self, key: str) -> str:
