@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import REPO, header, write_json
+from _common import REPO, bar_pair_plot, header, write_json
 
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "tests" / "kvcache" / "l3"))
@@ -99,22 +99,10 @@ def main() -> int:
                    rows=rows)
     write_json(args.out, payload)
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        labels = [f"{r['parser']}\n{r['socket_read_bytes'] >> 10} KiB" for r in rows]
-        xs = np.arange(len(rows))
-        ax.bar(xs - 0.2, [r["get_gb_s"] for r in rows], 0.4, label="MGET")
-        ax.bar(xs + 0.2, [r["get_into_gb_s"] for r in rows], 0.4, label="L3Store.get_into")
-        ax.set_xticks(xs, labels, fontsize=7)
-        ax.set_ylabel("GB/s")
-        ax.set_title(f"L3 redis reads, {args.pages} pages of {args.page_mib:g} MiB, loopback")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.out.with_suffix(".png"), dpi=120)
+        bar_pair_plot(args.out.with_suffix(".png"), [f"{r['parser']}\n{r['socket_read_bytes'] >> 10} KiB" for r in rows],
+                      [r["get_gb_s"] for r in rows], [r["get_into_gb_s"] for r in rows], before_label="MGET",
+                      after_label="L3Store.get_into (copy + check)", ylabel="GB/s",
+                      title=f"L3 redis reads, {args.pages} pages of {args.page_mib:g} MiB, loopback")
     except ImportError:
         pass
     return 0
