@@ -86,7 +86,8 @@ def main() -> int:
                         t_into.append(time.perf_counter() - t0)
                         assert all(ok), "a page failed its check"
                     store.close()
-                    row = dict(parser=pname, parser_class=parser, socket_read_bytes=size, get_s=statistics.median(t_get),
+                    row = dict(parser=pname, parser_class=parser, socket_read_bytes=size,
+                               get_s=statistics.median(t_get),
                                get_into_s=statistics.median(t_into))
                     row.update(get_gb_s=gb / row["get_s"], get_into_gb_s=gb / row["get_into_s"])
                     rows.append(row)
@@ -99,7 +100,8 @@ def main() -> int:
                    rows=rows)
     write_json(args.out, payload)
     try:
-        bar_pair_plot(args.out.with_suffix(".png"), [f"{r['parser']}\n{r['socket_read_bytes'] >> 10} KiB" for r in rows],
+        labels = [f"{r['parser']}\n{r['socket_read_bytes'] >> 10} KiB" for r in rows]
+        bar_pair_plot(args.out.with_suffix(".png"), labels,
                       [r["get_gb_s"] for r in rows], [r["get_into_gb_s"] for r in rows], before_label="MGET",
                       after_label="L3Store.get_into (copy + check)", ylabel="GB/s",
                       title=f"L3 redis reads, {args.pages} pages of {args.page_mib:g} MiB, loopback")

@@ -30,7 +30,8 @@ from hisa.ops.linear import linear  # noqa: E402
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}
 LAYERS = 32
-SETTINGS = ((None, None, None, None), (16, 256, 4, 4), (16, 512, 3, 4), (16, 128, 6, 4), (32, 256, 4, 4), (32, 128, 5, 4), (64, 128, 4, 4),
+SETTINGS = ((None, None, None, None), (16, 256, 4, 4), (16, 512, 3, 4), (16, 128, 6, 4), (32, 256, 4, 4),
+            (32, 128, 5, 4), (64, 128, 4, 4),
             (32, 512, 3, 8), (64, 256, 3, 8), (16, 256, 4, 2), (16, 512, 4, 8))
 # (block_n, block_k, num_stages, num_warps); the first (None) is hisa.ops.linear's choice for the shape
 

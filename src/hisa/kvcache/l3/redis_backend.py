@@ -5,8 +5,9 @@ one DEL). Replies are parsed by hiredis (C) when it is installed (the `l3` extra
 are MiBs each at 8B-model shapes, and `L3Store.get_into` of 2 MiB pages moved 0.45 GB/s with
 redis-py's own parser and 1.09 GB/s with hiredis on a 2-core machine, 0.33 and 0.62 GB/s on an
 H200 machine's host (`python bench/l3_redis_read.py`, bench/results/l3_redis_read_cpu.json,
-_h200.json; the bytes per socket read made no consistent difference with hiredis). The client does not retry and times out after `timeout_s`, so a server that went away
-surfaces as one RedisError that L3Store turns into "no L3" instead of a stalled engine step.
+_h200.json; the bytes per socket read made no consistent difference with hiredis). The client
+does not retry and times out after `timeout_s`, so a server that went away surfaces as one
+RedisError that L3Store turns into "no L3" instead of a stalled engine step.
 """
 
 from __future__ import annotations
