@@ -34,6 +34,21 @@ def test_kernel_matches_f_linear(dtype, m, n, k, block_n, block_k):
 
 
 @needs_triton
+def test_fp16_bias_is_added_before_the_one_rounding():
+    """The bias joins the fp32 accumulator (as cuBLAS adds it), not the rounded fp16 output: outputs
+    near 1000 (fp16 steps of 0.5-1) plus biases under 0.5 differ from a round-then-add in about half
+    the entries; the kernel matches one rounding of the fp32 sum but for accumulation-order ties."""
+    torch.manual_seed(5)
+    x = torch.randn(4, 64, dtype=torch.float16, device=DEV)
+    w = (torch.randn(64, 64, device=DEV) * 120).half()
+    b = (torch.rand(64, device=DEV) * 0.5).half()
+    got = linear(x, w, b, use_triton=True, block_n=16, block_k=32, num_stages=1)
+    exact = F.linear(x.float(), w.float()) + b.float()
+    assert (got == exact.half()).float().mean() > 0.97
+    assert (F.linear(x, w) + b != exact.half()).float().mean() > 0.2   # (what two roundings would give)
+
+
+@needs_triton
 def test_leading_dims_bias_and_strided_rows():
     x = torch.randn(2, 3, 40, device=DEV)
     big = torch.randn(6, 80, device=DEV)
@@ -54,6 +69,8 @@ def test_bad_input_is_refused():
         linear(x, torch.randn(4, 9, device=DEV), use_triton=True)
     with pytest.raises(ValueError, match="weight is"):
         linear(x, torch.randn(4, 8, device=DEV, dtype=torch.float16), use_triton=True)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        linear(x, torch.randn(4, 8, device=DEV), torch.randn(5, device=DEV), use_triton=True)
     with pytest.raises(ValueError, match="at most 16 rows"):
         linear(torch.randn(17, 8, device=DEV), torch.randn(4, 8, device=DEV), use_triton=True)
 

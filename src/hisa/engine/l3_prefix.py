@@ -41,8 +41,9 @@ turn starts with this turn's prompt and answer, and finds all of it in L3). The 
 the device at once (one gather on the device, then on CUDA an asynchronous copy into pinned staging
 rows reserved at start-up, `l3_rows.LoadRows`, so the caller may free or overwrite them right after
 and the engine thread does not wait for the copy; on the CPU one copy) and the write (which of the
-keys L3 lacks, then one batched `set` of those) goes to the I/O thread, which waits for the copy
-first and frees the rows after. (A synchronous copy into new pageable memory ran at ~1 GB/s on an
+keys L3 lacks, then one batched `set` of those) goes to the I/O thread once the copy has completed
+(checked by the engine thread at each step and before a lookup; the I/O thread makes no CUDA call,
+which a CUDA graph being captured would refuse), which frees the rows after it. (A synchronous copy into new pageable memory ran at ~1 GB/s on an
 H200 machine: 2.0 of the 2.3 s to the first token of a 16K-token prompt that filled L3,
 bench/results/l3_prefix_gpu_h200_fillprof.json.) Pending writes hold at most `max_pending_bytes`
 of pages in host memory: a write past that, or one that finds no free staging rows, is dropped
@@ -178,6 +179,7 @@ class L3PrefixCache:
         self._looked_up: dict[str, int] = {}   # request id -> num_preemptions when last looked up
         self._in_l3: dict[str, int] = {}       # request id -> its leading full pages known in L3 (not written again)
         self._dropped: dict[str, int] = {}     # request id -> pages up to which a refused write was counted
+        self._staged: list[tuple] = []         # CUDA: (copy's event, write, bytes) not yet handed over, in order
 
     @property
     def loading(self) -> int:
@@ -190,6 +192,7 @@ class L3PrefixCache:
         lookup is back their pages. Raises the exception of an L3 call that failed (a bug) since the
         last call."""
         self.io.check()
+        self._hand_over()
         self._progressed.clear()   # before looking: progress made from now on wakes wait_for_lookups
         self._start_lookups(scheduler)
         self._land()
@@ -217,6 +220,7 @@ class L3PrefixCache:
             rows = self.rows.take(cap - start)
             if rows is None:
                 break   # rows still held (a dropped lookup's read is running): later, in queue order
+            self._hand_over(wait=True)   # a lookup runs after every write before it (a parked request's own)
             self._looked_up[seq.request_id] = seq.num_preemptions
             self.stats.lookups += 1
             reading = _Reading(rows)
@@ -490,47 +494,68 @@ class L3PrefixCache:
 
     def _write(self, seq: Sequence, upto: int, *, parking: bool) -> None:
         """Copy seq's full pages from the first not known in L3 up to `upto` off the device now, and
-        hand their write to the I/O thread (dropped, and counted, when the pending writes are full)."""
+        hand their write to the I/O thread (dropped, and counted, when the pending writes are full).
+        On CUDA the copy into staging rows is asynchronous: the write is handed over once it has
+        completed (`_hand_over`, engine thread: the I/O thread makes no CUDA call)."""
         first = self._in_l3.get(seq.request_id, 0)
         if upto <= first:
             return
         n = upto - first
         room = self.io.room_for(n * self.page_bytes)
-        staged = self.store_rows.take(n) if room and self.store_rows is not None else None  # CUDA staging rows
-        if not room or (self.store_rows is not None and staged is None):   # (rows held by writes in flight)
+        staging = self.store_rows is not None and n <= self.store_rows.capacity   # (larger: a synchronous copy)
+        staged = self.store_rows.take(n) if room and staging else None
+        if not room or (staging and staged is None):   # (rows held by writes in flight)
             # counted once per page: a prompt's write is tried again at the next step
             self.stats.pages_dropped += max(0, upto - max(first, self._dropped.get(seq.request_id, 0)))
             self._dropped[seq.request_id] = max(upto, self._dropped.get(seq.request_id, 0))
             return
         self._in_l3[seq.request_id] = upto
-        index = torch.tensor(seq.pages[first:upto], dtype=torch.int64, device=self.cache.data.device)
-        pages = self.cache.data.index_select(1, index).transpose(0, 1).contiguous()   # [n, L, 2, S, KVH, D]
-        if staged is None:   # CPU: the gathered pages are the host copy
-            rows, done = pages.view(n, -1).view(torch.uint8).numpy(), None   # [n, page bytes]
-        else:   # CUDA: asynchronous copies into the pinned rows, one per run of rows
-            for pos, a, b in runs(staged):
+        write = functools.partial(self._write_missing, seq.token_ids[:upto * self.page_size], first,
+                                  parking=parking)
+        device = self.cache.data.device
+        try:
+            index = torch.tensor(seq.pages[first:upto], dtype=torch.int64, device=device)
+            pages = self.cache.data.index_select(1, index).transpose(0, 1).contiguous()   # [n, L, 2, S, KVH, D]
+            if staged is None:   # CPU (the gathered pages are the host copy), or too many pages to stage
+                self.io.submit(functools.partial(write, pages.cpu().view(n, -1).view(torch.uint8).numpy(), False),
+                               nbytes=n * self.page_bytes)
+                return
+            for pos, a, b in runs(staged):   # asynchronous copies into the pinned rows, one per run of rows
                 dst = self.store_rows.pages(a, b, dtype=pages.dtype, shape=self.page_shape)
                 dst.copy_(pages[pos:pos + b - a], non_blocking=True)
-            rows, done = staged, torch.cuda.Event()
-            done.record()
-        self.io.submit(functools.partial(self._write_missing, seq.token_ids[:upto * self.page_size], first, rows,
-                                         done, parking=parking), nbytes=n * self.page_bytes)
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(device))
+        except BaseException:
+            if staged is not None:
+                self.store_rows.give_back(staged)
+            self._in_l3[seq.request_id] = first
+            raise
+        self._staged.append((done, functools.partial(write, staged, True), n * self.page_bytes))
+        self._hand_over(wait=not self.io.threaded)
 
-    def _write_missing(self, tokens: list[int], first: int, rows, done, *, parking: bool) -> None:
+    def _hand_over(self, *, wait: bool = False) -> None:
+        """Engine thread: hand the staged writes whose copy has completed to the I/O thread, in order
+        (all of them, waiting for their copies, when `wait`)."""
+        while self._staged:
+            done, write, nbytes = self._staged[0]
+            if wait:
+                done.synchronize()
+            elif not done.query():
+                return
+            self._staged.pop(0)
+            self.io.submit(write, nbytes=nbytes)
+
+    def _write_missing(self, tokens: list[int], first: int, rows, staged: bool, *, parking: bool) -> None:
         """On the I/O thread: write the pages (full pages first.. of `tokens`) that L3 lacks. rows: the
-        pages as an array [n, page bytes], or (CUDA) staging rows whose copy `done` completes; those
+        pages as an array [n, page bytes], or (`staged`) staging rows whose copy has completed; those
         are freed here, written or not."""
         try:
-            if done is not None:
-                done.synchronize()
-                pages = self.store_rows.views(rows)
-            else:
-                pages = [row.data for row in rows]
+            pages = self.store_rows.views(rows) if staged else [row.data for row in rows]
             keys = page_keys(tokens, self.layout)[first:]
             missing = [i for i, there in enumerate(self.l3.exists(keys)) if not there]
             written = self.l3.set([keys[i] for i in missing], [pages[i] for i in missing])
         finally:
-            if done is not None:
+            if staged:
                 self.store_rows.give_back(rows)
         if parking:
             self.stats.pages_parked += written
@@ -550,13 +575,15 @@ class L3PrefixCache:
         self._dropped.pop(request_id, None)
 
     def drain(self) -> None:
-        """Wait until every L3 call handed over so far has ended (its writes visible to other engines)."""
+        """Wait until every write so far has ended (visible to other engines), and every other L3 call."""
+        self._hand_over(wait=True)
         self.io.drain()
 
     def close(self) -> None:
         """Drop the lookups in flight, run the writes still queued, join the I/O thread, close the store."""
         for request_id in list(self._lookups):
             self.forget(request_id)
+        self._hand_over(wait=True)
         self.io.close()
         self.l3.close()
 

@@ -46,8 +46,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     num_stages, num_warps = num_stages or dflt[2], num_warps or dflt[3]
     if use_triton is None:
         use_triton = (ENABLED and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-                      and weight.dtype == x.dtype and x.numel() // max(1, x.shape[-1]) <= MAX_M
-                      and -(-weight.shape[0] // block_n) >= MIN_PROGRAMS)
+                      and weight.dtype == x.dtype and weight.device == x.device and weight.ndim == 2
+                      and weight.stride(-1) == 1 and x.numel() // max(1, x.shape[-1]) <= MAX_M
+                      and -(-weight.shape[0] // block_n) >= MIN_PROGRAMS
+                      and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous())))
     elif use_triton:
         use_triton = want_triton(True, x)
     if not use_triton:
@@ -58,6 +60,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         raise ValueError(f"x's last dim {k} does not match weight {tuple(weight.shape)} [N, K]")
     if weight.dtype != x.dtype:
         raise ValueError(f"weight is {weight.dtype} but x is {x.dtype}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, layout="[N]", dtype=x.dtype, like=x, shape=(weight.shape[0],))
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -69,12 +73,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         from hisa.ops.triton_linear import skinny_linear_kernel
 
         skinny_linear_kernel[(-(-n // block_n),)](
-            x2, weight, y, m, n, x2.stride(0), weight.stride(0), y.stride(0), K=k,
+            x2, weight, bias if bias is not None else weight, y, m, n, x2.stride(0), weight.stride(0), y.stride(0),
+            K=k, HAS_BIAS=bias is not None,
             BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=num_stages,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             num_warps=num_warps if x.is_cuda else 1, **pdl.launch_kwargs(x))
-    if bias is not None:
-        y += bias
     return y.view(*lead, n)
 
 

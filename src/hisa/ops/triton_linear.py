@@ -4,8 +4,9 @@ Grid (cdiv(N, BLOCK_N),): program n0 streams rows [n0 * BLOCK_N, (n0 + 1) * BLOC
 over all of K in BLOCK_K steps (a loop Triton software-pipelines, STAGES deep) and multiplies each
 tile by the whole of x. The weight tile is tl.dot's left operand ([BLOCK_N, BLOCK_K] x [BLOCK_K,
 BLOCK_M]; x's rows padded to BLOCK_M = 16, the smallest tensor-core shape), so a decode batch of 1-16
-rows costs what its weight bytes cost; fp32 accumulation, one rounding to the output dtype. No split
-over K: a program owns its outputs and writes them once (no workspace, no second kernel).
+rows costs what its weight bytes cost; fp32 accumulation (and bias), one rounding to the output
+dtype. No split over K: a program owns its outputs and writes them once (no workspace, no second
+kernel).
 With PDL (`hisa.ops.pdl`) the first weight tile is read before the wait for the previous kernel
 (weights are not written during a step), so the weight stream starts while that kernel drains.
 """
@@ -20,9 +21,10 @@ from hisa.ops.triton_pdl import pdl_enter
 
 @triton.jit
 def skinny_linear_kernel(
-    x_ptr, w_ptr, y_ptr,            # x [M, K], w [N, K] (rows contiguous), y [M, N]
+    x_ptr, w_ptr, b_ptr, y_ptr,     # x [M, K], w [N, K] (rows contiguous), bias [N] (HAS_BIAS), y [M, N]
     M, N, stride_xm, stride_wn, stride_ym,
     K: tl.constexpr,  # (a model has few distinct K; a constant trip count, and the interpreter needs one)
+    HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
     DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False,
 ):
@@ -50,5 +52,7 @@ def skinny_linear_kernel(
         w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
         x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
         acc = tl.dot(w, tl.trans(x), acc=acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:  # added in fp32 before the one rounding, as cuBLAS does
+        acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     tl.store(y_ptr + m[None, :] * stride_ym + n[:, None], acc.to(y_ptr.dtype.element_ty),
              mask=n_ok[:, None] & m_ok[None, :])
