@@ -80,3 +80,18 @@ def bar_pair_plot(path: Path, labels: list[str], before: list[float], after: lis
     fig.savefig(path, dpi=120)
     plt.close(fig)
     print(f"wrote {path}")
+
+
+def step_weight_bytes(model, batch: int) -> int:
+    """Bytes of weights one decode step of `batch` requests reads: every parameter once, except an
+    input embedding table that is not also a projection's weight (a step reads one row of it per
+    request). Every expert of an MoE layer counts (an upper bound when a batch leaves some unused)."""
+    linear_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    total = 0
+    for p in model.parameters():  # (each shared parameter once)
+        total += p.numel() * p.element_size()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Embedding) and id(m.weight) not in linear_ids:
+            w = m.weight
+            total -= w.numel() * w.element_size() - batch * w.shape[1] * w.element_size()
+    return total

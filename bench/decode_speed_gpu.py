@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, header, write_json  # noqa: E402
+from _common import REPO, header, step_weight_bytes, write_json  # noqa: E402
 
 from hisa import LLM, SamplingParams  # noqa: E402
 from hisa.models.factory import load_model  # noqa: E402
@@ -265,19 +265,6 @@ def largest_batch(loaded, *, device, ctx, steps, sparse, page_size, util) -> int
     gc.collect()
     torch.cuda.empty_cache() if device.type == "cuda" else None
     return n
-
-
-def step_weight_bytes(model, batch: int) -> int:
-    """Bytes of weights one decode step of `batch` requests reads (see `byte_bound`)."""
-    linear_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    total = 0
-    for p in model.parameters():  # (each shared parameter once)
-        total += p.numel() * p.element_size()
-    for m in model.modules():
-        if isinstance(m, torch.nn.Embedding) and id(m.weight) not in linear_ids:
-            w = m.weight
-            total -= w.numel() * w.element_size() - batch * w.shape[1] * w.element_size()
-    return total
 
 
 def byte_bound(loaded, *, batch, budget, ctx, page_size, meta_bytes_per_page_layer, hbm) -> float:

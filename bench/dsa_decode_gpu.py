@@ -20,7 +20,9 @@ over that context. So a row costs its decode steps plus one short step, whatever
 Per row: device bytes per request (latent KV / buffer, indexer cache, each), host bytes per request,
 the fraction of the top-k fetched per layer per step (misses / selected rows, after the first decode
 step: the buffer starts empty), H2D bytes per step, ms/step, tok/s (tokens produced / decode time),
-the byte bound (bytes a step must read / 4.2 TB/s; PCIe 55 GB/s for the misses), and whether the
+the byte bound (bytes a step must read / 4.2 TB/s; PCIe 55 GB/s for the misses; the weights as
+`_common.step_weight_bytes` counts them: runs before 2026-12-02 also counted the untied embedding
+table, 1.85 GB at deepseek-v3.2-small, so their bound was too high), and whether the
 hierarchical greedy tokens equal all-on-device's at the same batch. Also, per context: the largest
 batch each mode fits (from the free HBM after the weights and the host pool the RAM allows; and
 with 4x the HBM in host RAM), and the issue-12 ratios. JSON (written after every row: a killed run
@@ -50,7 +52,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, header  # noqa: E402
+from _common import REPO, header, step_weight_bytes  # noqa: E402
 
 from hisa import LLM, SamplingParams  # noqa: E402
 from hisa.engine.llm_engine import host_backed_buffer_pages  # noqa: E402
@@ -272,7 +274,7 @@ def run_row(loaded, tpl: Template, sz: Sizes, *, mode: str, batch: int, residenc
         d, L = mc.dsa, mc.num_layers
         elt = torch.empty((), dtype=getattr(torch, dtype)).element_size()
         kv = batch * L * (min(d.index_topk, ctx) * d.latent_dim + ctx * d.index_head_dim) * elt
-        weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+        weights = step_weight_bytes(loaded.model, batch)   # (not the untied embedding table: one row per request)
         out["step_read_bytes"] = weights + kv
         out["hbm_bound_ms"] = out["step_read_bytes"] / HBM_BYTES_PER_S * 1e3
         out["pcie_bound_ms"] = out.get("h2d_bytes_per_step", 0) / PCIE_BYTES_PER_S * 1e3
