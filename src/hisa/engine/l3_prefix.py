@@ -43,9 +43,10 @@ rows reserved at start-up, `l3_rows.LoadRows`, so the caller may free or overwri
 and the engine thread does not wait for the copy; on the CPU one copy) and the write (which of the
 keys L3 lacks, then one batched `set` of those) goes to the I/O thread once the copy has completed
 (checked by the engine thread at each step and before a lookup; the I/O thread makes no CUDA call,
-which a CUDA graph being captured would refuse), which frees the rows after it. (A synchronous copy into new pageable memory ran at ~1 GB/s on an
-H200 machine: 2.0 of the 2.3 s to the first token of a 16K-token prompt that filled L3,
-bench/results/l3_prefix_gpu_h200_fillprof.json.) Pending writes hold at most `max_pending_bytes`
+which a CUDA graph being captured would refuse), which frees the rows after it. (A synchronous copy
+into new pageable memory ran at ~1 GB/s on an H200 machine: 2.0 of the 2.3 s to the first token of
+a 16K-token prompt that filled L3, bench/results/l3_prefix_gpu_h200_fillprof.json.) A write of more
+pages than the staging rows hold copies synchronously. Pending writes hold at most `max_pending_bytes`
 of pages in host memory: a write past that, or one that finds no free staging rows, is dropped
 (`pages_dropped`; L3 is a cache, the engine never waits for it). The leading pages that
 L3 held at the request's lookup, or handed over already, are not copied again; pages it shared from
@@ -157,7 +158,7 @@ class L3PrefixCache:
         on_cuda = cache.data.device.type == "cuda"
         self.rows = LoadRows(self.page_bytes, capacity=max(1, self.max_lookup_bytes // self.page_bytes), pin=on_cuda)
         # CUDA: the pinned rows writes stage their pages in (the device-to-host copy runs asynchronously;
-        # the I/O thread waits for it and frees the rows once the pages are written)
+        # the engine thread hands the write over once it has completed, the I/O thread frees the rows)
         self.store_rows = LoadRows(self.page_bytes, capacity=max(1, max_pending_bytes // self.page_bytes),
                                    pin=True) if on_cuda else None
         if on_cuda:

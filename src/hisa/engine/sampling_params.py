@@ -106,7 +106,7 @@ class SamplingParams:
     @property
     def adjusts_logits(self) -> bool:
         """True when penalties or a logit bias change the logits before the token is picked."""
-        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+        return self.penalizes or bool(self.logit_bias)
 
     @property
     def penalizes(self) -> bool:

@@ -58,7 +58,8 @@ def page_logits_kernel(
                  mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
     q_pos = tl.trans(tl.where(qg > 0, qg, 0.0).to(kmax_ptr.dtype.element_ty))  # (where computes bf16 in fp32)
     q_neg = tl.trans(tl.where(qg < 0, qg, 0.0).to(kmax_ptr.dtype.element_ty))
-    q_all = tl.trans(qg.to(kmax_ptr.dtype.element_ty))
+    if HAS_MEAN:
+        q_all = tl.trans(qg.to(kmax_ptr.dtype.element_ty))
     row = sslot * stride_ms + j * stride_mh
     for i in tl.range(0, BLOCKS, num_stages=STAGES):
         b = c * BLOCKS + i  # (the last program's blocks may run past PB: nothing read or written there)
