@@ -99,7 +99,8 @@ def time_graph_ms(fns: list, *, reps: int = 50) -> float:
 
 
 def run_config(*, batch: int, kv_len: int, page_size: int, dtype_name: str, num_heads: int, num_kv_heads: int,
-               head_dim: int, device: torch.device, num_splits: int | None, reps: int) -> dict:
+               head_dim: int, device: torch.device, num_splits: int | None, reps: int,
+               block_n: int = 64, num_stages: int | None = None, graph_only: bool = False) -> dict:
     from hisa.attention.paged_decode import default_num_splits, paged_decode_attention
     from hisa.attention.reference import paged_decode_attention_ref
 
@@ -110,11 +111,12 @@ def run_config(*, batch: int, kv_len: int, page_size: int, dtype_name: str, num_
     scale = head_dim ** -0.5
     use_triton = True  # on CPU this needs TRITON_INTERPRET=1 (main sets it for --smoke)
     splits = num_splits or default_num_splits(batch=batch, num_kv_heads=num_kv_heads,
-                                              max_tokens=table.shape[1] * page_size, block_n=64, device=device)
+                                              max_tokens=table.shape[1] * page_size, block_n=block_n,
+                                              device=device)
+    knobs = dict(num_splits=splits, block_n=block_n, num_stages=num_stages)
 
     def triton_fn():
-        return paged_decode_attention(q, k_cache, v_cache, table, lens, scale=scale, num_splits=splits,
-                                      use_triton=use_triton)
+        return paged_decode_attention(q, k_cache, v_cache, table, lens, scale=scale, use_triton=use_triton, **knobs)
 
     def ref_fn():
         return paged_decode_attention_ref(q, k_cache, v_cache, table, lens, scale=scale)
@@ -125,8 +127,8 @@ def run_config(*, batch: int, kv_len: int, page_size: int, dtype_name: str, num_
     rel = ((out - ref).norm() / ref.norm()).item()
     finite = bool(torch.isfinite(out).all().item())
 
-    t_triton = time_ms(triton_fn, device, reps=reps)
-    t_ref = time_ms(ref_fn, device, reps=reps)
+    t_triton = float("nan") if graph_only else time_ms(triton_fn, device, reps=reps)
+    t_ref = float("nan") if graph_only else time_ms(ref_fn, device, reps=reps)
     kv_bytes = int(lens.sum().item()) * num_kv_heads * head_dim * 2 * kv.element_size()  # K and V read once
     t_graph = None
     if device.type == "cuda":
@@ -134,12 +136,13 @@ def run_config(*, batch: int, kv_len: int, page_size: int, dtype_name: str, num_
         caches = [kv] + [torch.randn_like(kv) for _ in range(n_copies - 1)]  # [P, 2, S, KVH, D] each
         outs = [torch.empty_like(q) for _ in caches]
         t_graph = time_graph_ms([
-            (lambda c=c, o=o: paged_decode_attention(q, c[:, 0], c[:, 1], table, lens, scale=scale,
-                                                     num_splits=splits, out=o))
+            (lambda c=c, o=o: paged_decode_attention(q, c[:, 0], c[:, 1], table, lens, scale=scale, out=o,
+                                                     **knobs))
             for c, o in zip(caches, outs)])
         del caches, outs
     return dict(batch=batch, kv_len=kv_len, page_size=page_size, dtype=dtype_name, num_heads=num_heads,
-                num_kv_heads=num_kv_heads, head_dim=head_dim, num_splits=splits,
+                num_kv_heads=num_kv_heads, head_dim=head_dim, num_splits=splits, block_n=block_n,
+                num_stages=num_stages,
                 max_abs_err=max_abs, rel_err=rel, ok=finite and rel <= REL_TOL[dtype_name],
                 triton_ms=t_triton, ref_ms=t_ref, kv_bytes=kv_bytes,
                 triton_gbps=kv_bytes / (t_triton * 1e-3) / 1e9, ref_gbps=kv_bytes / (t_ref * 1e-3) / 1e9,
@@ -186,7 +189,8 @@ def write_plot(rows: list[dict], path: Path, device_name: str) -> None:
     import matplotlib.pyplot as plt
 
     short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
-    labels = [f"B{r['batch']} L{r['kv_len']} S{r['page_size']} {short[r['dtype']]}" for r in rows]
+    labels = [f"B{r['batch']} L{r['kv_len']} S{r['page_size']} {short[r['dtype']]} "
+              f"n{r['num_splits']} b{r['block_n']} s{r['num_stages'] or 3}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(rows)), 4.0))
     x = range(len(rows))
     ax.bar([i - 0.2 for i in x], [r["triton_gbps"] for r in rows], width=0.4, label="eager (do_bench)")
@@ -210,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--git-commit", default=None,
                         help="commit to record when the tree is a copy without .git (default: git rev-parse HEAD)")
     parser.add_argument("--reps", type=int, default=3, help="timed runs per figure off CUDA (do_bench decides on CUDA)")
+    parser.add_argument("--sweep", metavar="B,KV_LEN,PAGE", default=None,
+                        help="one shape (e.g. 8,2080,32: a sparse step's rows) over num_splits x block_n x "
+                             "num_stages, CUDA-graph timing only (bf16)")
     args = parser.parse_args(argv)
 
     cuda = torch.cuda.is_available()
@@ -228,8 +235,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"paged decode attention on {device_name}: H={sizes['num_heads']} KVH={sizes['num_kv_heads']} "
           f"D={sizes['head_dim']}, torch {torch.__version__}")
     rows = []
-    for batch, kv_len, page_size, dtype_name in itertools.product(sizes["batches"], sizes["kv_lens"],
-                                                                  sizes["page_sizes"], sizes["dtypes"]):
+    if args.sweep:
+        batch, kv_len, page_size = (int(x) for x in args.sweep.split(","))
+        configs = [dict(num_splits=ns, block_n=bn, num_stages=st) for ns in (None, 4, 6, 8, 12, 16, 24, 32)
+                   for bn in (32, 64) for st in (2, 3, 4)]
+        if not cuda:
+            configs = configs[:2]
+        for knobs in configs:
+            rows.append(run_config(batch=batch, kv_len=kv_len, page_size=page_size,
+                                   dtype_name="bfloat16" if cuda else "float16", num_heads=sizes["num_heads"],
+                                   num_kv_heads=sizes["num_kv_heads"], head_dim=sizes["head_dim"], device=device,
+                                   reps=args.reps, graph_only=True, **knobs))
+            r = rows[-1]
+            print(f"splits {r['num_splits']:>3} (asked {knobs['num_splits']}) block_n {r['block_n']:>3} "
+                  f"stages {r['num_stages']}: graph {_fmt(r['graph_ms'], 8, '.4f')} ms "
+                  f"{_fmt(r['graph_gbps'], 7, '.0f')} GB/s ok={r['ok']}", flush=True)
+    grid = [] if args.sweep else itertools.product(sizes["batches"], sizes["kv_lens"], sizes["page_sizes"],
+                                                   sizes["dtypes"])
+    for batch, kv_len, page_size, dtype_name in grid:
         rows.append(run_config(batch=batch, kv_len=kv_len, page_size=page_size, dtype_name=dtype_name,
                                num_heads=sizes["num_heads"], num_kv_heads=sizes["num_kv_heads"],
                                head_dim=sizes["head_dim"], device=device, num_splits=args.num_splits,

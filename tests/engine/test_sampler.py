@@ -113,6 +113,16 @@ def test_min_p_keeps_only_tokens_near_the_top():
     assert {sampler.sample(logits, [_seq(temperature=1.0, min_p=1.0)])[0] for _ in range(50)} == {0}
 
 
+@pytest.mark.parametrize("top_p", [1e-300, 5e-324, 1e-50])
+@pytest.mark.parametrize("extra", [{}, {"top_k": 5}, {"min_p": 0.5}])
+def test_a_top_p_below_fp32s_smallest_keeps_the_top_token(top_p, extra):
+    # valid (top_p is in (0, 1]) but 0 in fp32: the nucleus is the top token, never an empty row
+    logits = _logits()
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    seqs = [_seq(i, temperature=1.0, top_p=top_p, **extra) for i in range(4)]
+    assert sampler.sample(logits, seqs) == logits.argmax(-1).tolist()
+
+
 def test_a_failing_row_fails_alone():
     logits = _logits(rows=3)
     logits[1] = float("nan")

@@ -124,8 +124,10 @@ class Sampler:
             # the candidates hold every nucleus row's nucleus (all of a top-k'd row's mass, or
             # checked): its probabilities are against the whole row
             probs = sorted_x.softmax(-1) if lse is None else (sorted_x - lse).exp()
-            # drop a token when the mass before it already reaches top_p (the first one always stays)
+            # drop a token when the mass before it already reaches top_p; the first one always stays,
+            # also when top_p is below the smallest fp32 (a valid 1e-300 is 0 in fp32: 0 >= 0)
             drop = (probs.cumsum(-1) - probs >= top_p) & (top_p <= 1.0)
+            drop[:, 0] = False
             kept = sorted_x.masked_fill(drop, -inf)
             if lse is not None:  # the nucleus rows' tokens outside the candidates
                 x = torch.where(top_p <= 1.0, torch.full_like(x, -inf), x)
