@@ -128,6 +128,7 @@ class _Lookup:
     deadline: float    # time.monotonic() past which it is given up
     nbytes: int        # the most its rows can hold (pages from `start` to its cap)
     reading: _Reading
+    host: bool = False  # its pages go to the host pool (a sparse request admitted host-backed)
 
 
 class L3PrefixCache:
@@ -181,6 +182,9 @@ class L3PrefixCache:
         self._in_l3: dict[str, int] = {}       # request id -> its leading full pages known in L3 (not written again)
         self._dropped: dict[str, int] = {}     # request id -> pages up to which a refused write was counted
         self._staged: list[tuple] = []         # CUDA: (copy's event, write, bytes) not yet handed over, in order
+        # the sparse cache's host pool (hisa.kvcache.host_pool.HostKVPool), set by the engine when sparse
+        # requests may be host-backed: their pages are loaded into it and written from it
+        self.host = None
 
     @property
     def loading(self) -> int:
@@ -203,18 +207,24 @@ class L3PrefixCache:
         room = scheduler.max_num_seqs - len(scheduler.running)
         s = self.page_size
         for i, seq in enumerate(list(scheduler.waiting)[:max(0, room)]):
-            if not scheduler.may_share_prefix(seq) or seq.pages or seq.num_computed or seq.loading:
+            if seq.pages or seq.num_computed or seq.loading:
+                continue
+            host = self._host_target(scheduler, seq)
+            if not host and not scheduler.may_share_prefix(seq):
                 continue
             if self._looked_up.get(seq.request_id) == seq.num_preemptions:
                 continue
             full = (seq.num_tokens - 1) // s   # the last token is always computed (it gives the logits)
             if full == 0:
                 continue
-            cap = self._cap(scheduler, seq, full, held=0, first_in_line=i == 0)
+            cap = (self._host_cap if host else self._cap)(scheduler, seq, full, held=0, first_in_line=i == 0)
             if cap <= 0:
                 continue
-            # the leading pages the pool holds are shared when the lookup is back (cheaper than any copy)
-            start = min(scheduler.prefix.num_cached(seq, cap), cap) if scheduler.prefix is not None else 0
+            # the leading pages the pool holds are shared when the lookup is back (cheaper than any copy);
+            # a host-backed request takes none (they are device pages)
+            start = 0
+            if scheduler.prefix is not None and not host:
+                start = min(scheduler.prefix.num_cached(seq, cap), cap)
             nbytes = (cap - start) * self.page_bytes
             if self._lookups and self._lookup_bytes + nbytes > self.max_lookup_bytes:
                 break   # no host memory for its pages yet: it is looked up at a later step, in queue order
@@ -233,7 +243,7 @@ class L3PrefixCache:
                 future.add_done_callback(lambda _: self._progressed.set())
             seq.loading = True
             self._lookups[seq.request_id] = _Lookup(seq, start, future, time.monotonic() + self.load_timeout_s, nbytes,
-                                                    reading)
+                                                    reading, host=host)
             self._lookup_bytes += nbytes
 
     def _cap(self, scheduler: Scheduler, seq: Sequence, full: int, *, held: int, first_in_line: bool) -> int:
@@ -249,6 +259,30 @@ class L3PrefixCache:
         if free >= -(-seq.num_tokens // self.page_size) - held + reserve:
             return full
         return min(full, held + free - reserve - 1) if first_in_line else 0
+
+    def _host_target(self, scheduler: Scheduler, seq: Sequence) -> bool:
+        """Whether `seq`'s pages from L3 go to the host pool: a sparse request that is host-backed by
+        configuration, or (HBM first) one whose whole KV the device pool cannot hold now."""
+        if self.host is None or not seq.sparse:
+            return False
+        residency = scheduler.sparse.residency
+        if residency != "auto":
+            return residency == "host"
+        need = -(-seq.num_tokens // self.page_size) + len(scheduler.running)
+        return scheduler.allocator.num_free < need
+
+    def _host_cap(self, scheduler: Scheduler, seq: Sequence, full: int, *, held: int, first_in_line: bool) -> int:
+        """`_cap` for a request whose pages go to the host pool: all `full` pages if the whole request
+        fits there now (with the running host-backed requests' one-page margin) and the device holds
+        its buffer, else 0. Never a part: host pages a waiting request gives back are not cached
+        (unlike the device pool's), so taking a part it cannot prefill on from would read the same
+        pages from L3 at every step until it fits; it is looked up when it fits, as it is admitted
+        (`Scheduler._admit` needs the whole prefill chunk's pages too)."""
+        pool = scheduler.sparse.host_allocator
+        if scheduler.sparse.buffer_pages + len(scheduler.running) > scheduler.allocator.num_free:
+            return 0
+        reserve = sum(1 for r in scheduler.running if r.host_backed and not r.in_prefill)
+        return full if pool.num_free >= -(-seq.num_tokens // self.page_size) - held + reserve else 0
 
     def _read_run(self, tokens: list[int], start: int, reading: _Reading) -> tuple[int, int]:
         """On the I/O thread: how many leading full pages of `tokens` L3 holds (pages the pool gave
@@ -293,7 +327,7 @@ class L3PrefixCache:
         for lookup in self._lookups.values():
             r = lookup.reading
             ready = r.ready
-            if ready <= r.num_landed:
+            if lookup.host or ready <= r.num_landed:   # pages for the host pool stay in their rows
                 continue
             rows = r.rows[r.num_landed:ready]
             if torch.cuda.mem_get_info(device)[0] < len(rows) * self.page_bytes + LAND_HEADROOM_BYTES:
@@ -360,7 +394,10 @@ class L3PrefixCache:
                 self._looked_up.pop(seq.request_id, None)
                 self.rows.give_back(run.rows)
                 continue
-            self._take_pages(scheduler, seq, lookup.start, run, first_in_line=i == 0)
+            if lookup.host:
+                self._take_host_pages(scheduler, seq, run, first_in_line=i == 0)
+            else:
+                self._take_pages(scheduler, seq, lookup.start, run, first_in_line=i == 0)
 
     def release_unadmitted(self, scheduler: Scheduler) -> int:
         """After the schedule: a waiting request that took pages here but was not admitted gives them
@@ -374,8 +411,10 @@ class L3PrefixCache:
             released += 1
             if scheduler.prefix is not None:
                 scheduler.prefix.register([seq])  # the loaded pages stay cached under their prefix
+            host = seq.host_backed   # pages loaded into the host pool
             scheduler.give_back(seq)
-            if not seq.sparse:  # a sparse one may not fit resident (only resident requests take pages): once
+            # a sparse one that took device pages may not fit resident: looked up once (it may go host-backed)
+            if not seq.sparse or host:
                 self._looked_up.pop(seq.request_id, None)
         return released
 
@@ -403,9 +442,43 @@ class L3PrefixCache:
             raise
         self.rows.give_back(run.rows, event=copied)
         seq.pages, seq.num_computed = seq.pages + pages, (held + n) * s
+        seq.needs_prefill = True
         self.stats.requests_hit += 1
         self.stats.pages_loaded += n
         self.stats.tokens_loaded += n * s
+
+    def _take_host_pages(self, scheduler: Scheduler, seq: Sequence, run: LoadedRun, *, first_in_line: bool) -> None:
+        """A sparse request to be admitted host-backed: copy the loaded pages (`run`, host rows only:
+        nothing is landed on the device for it) that fit into new pages of the host pool, one copy
+        per layer and run of rows, and mark it host-backed (`Scheduler._admit` admits it only so);
+        every row of the run is given back."""
+        n = min(len(run), self._host_cap(scheduler, seq, len(run), held=0, first_in_line=first_in_line))
+        if n == 0 or self.host is None:
+            self.rows.give_back(run.rows)
+            return
+        t0 = time.perf_counter()
+        pool = scheduler.sparse.host_allocator
+        pages = pool.allocate(n)
+        try:
+            done = 0
+            for pos, first, end in runs(run.rows[:n]):
+                src = self.rows.pages(first, end, dtype=self.host.dtype, shape=self.page_shape)   # [m, L, 2, S, KVH, D]
+                index = torch.tensor(pages[pos:pos + end - first], dtype=torch.int64)
+                for layer in range(self.host.num_layers):
+                    self.host.layer_rows(layer).index_copy_(0, index, src[:, layer].reshape(end - first, -1))
+                done += end - first
+        except BaseException:
+            pool.free(pages)
+            self.rows.give_back(run.rows)
+            raise
+        self.rows.give_back(run.rows)
+        seq.pages, seq.num_computed, seq.host_backed = pages, n * self.page_size, True
+        seq.needs_prefill = True
+        self.timing["copy_s"] += time.perf_counter() - t0
+        self.timing["copied_bytes"] += n * self.page_bytes
+        self.stats.requests_hit += 1
+        self.stats.pages_loaded += n
+        self.stats.tokens_loaded += n * self.page_size
 
     def wait_for_lookups(self, timeout_s: float = 0.05) -> None:
         """Block until a lookup in flight has read more pages or is back (since the last `load`), or
@@ -469,7 +542,7 @@ class L3PrefixCache:
     def store_prompts(self, seqs: list[Sequence]) -> None:
         """Write the full prompt pages of requests whose prefill has reached the prompt's end."""
         for seq in seqs:
-            if not seq.host_backed and seq.num_computed >= seq.num_prompt:
+            if seq.num_computed >= seq.num_prompt:
                 self._write(seq, seq.num_prompt // self.page_size, parking=False)
 
     def store_finished(self, seq: Sequence) -> None:
@@ -488,8 +561,9 @@ class L3PrefixCache:
         self._write(seq, full, parking=True)
 
     def _computed_pages(self, seq: Sequence) -> int:
-        """Full pages whose KV is computed and held in the device pool (0 for a host-backed request)."""
-        if seq.host_backed or not seq.pages:
+        """Full pages whose KV is computed and held in the device pool (the host pool for a host-backed
+        request)."""
+        if not seq.pages or seq.host_backed and self.host is None:
             return 0
         return min(seq.num_computed // self.page_size, len(seq.pages))
 
@@ -503,7 +577,8 @@ class L3PrefixCache:
             return
         n = upto - first
         room = self.io.room_for(n * self.page_bytes)
-        staging = self.store_rows is not None and n <= self.store_rows.capacity   # (larger: a synchronous copy)
+        # (larger: a synchronous copy; a host-backed request's pages are on the host already)
+        staging = self.store_rows is not None and not seq.host_backed and n <= self.store_rows.capacity
         staged = self.store_rows.take(n) if room and staging else None
         if not room or (staging and staged is None):   # (rows held by writes in flight)
             # counted once per page: a prompt's write is tried again at the next step
@@ -514,6 +589,15 @@ class L3PrefixCache:
         write = functools.partial(self._write_missing, seq.token_ids[:upto * self.page_size], first,
                                   parking=parking)
         device = self.cache.data.device
+        if seq.host_backed:   # the pages are in the host pool: gathered across layers on the engine thread
+            try:
+                pages = self._host_pages(seq.pages[first:upto])
+            except BaseException:
+                self._in_l3[seq.request_id] = first
+                raise
+            self.io.submit(functools.partial(write, pages.view(n, -1).view(torch.uint8).numpy(), False),
+                           nbytes=n * self.page_bytes)
+            return
         try:
             index = torch.tensor(seq.pages[first:upto], dtype=torch.int64, device=device)
             pages = self.cache.data.index_select(1, index).transpose(0, 1).contiguous()   # [n, L, 2, S, KVH, D]
@@ -533,6 +617,16 @@ class L3PrefixCache:
             raise
         self._staged.append((done, functools.partial(write, staged, True), n * self.page_bytes))
         self._hand_over(wait=not self.io.threaded)
+
+    def _host_pages(self, pages: list[int]) -> torch.Tensor:
+        """Host pool pages [n, L, ROW] (a copy; the L3 page layout). On CUDA the device writes the
+        host pool (decode's new tokens, prefill chunks): the stream is synchronized first, so every
+        write launched before has landed."""
+        if self.cache.data.device.type == "cuda":
+            torch.cuda.current_stream(self.cache.data.device).synchronize()
+        index = torch.tensor(pages, dtype=torch.int64)
+        return torch.stack([self.host.layer_rows(layer).index_select(0, index) for layer in range(self.host.num_layers)],
+                           dim=1)
 
     def _hand_over(self, *, wait: bool = False) -> None:
         """Engine thread: hand the staged writes whose copy has completed to the I/O thread, in order

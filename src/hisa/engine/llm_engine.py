@@ -108,7 +108,7 @@ class LLMEngine:
                                   cpu_decode_kv_bytes=int(config.cpu_decode_kv_gb * 2**30))
         self.sampler = Sampler(config.torch_device, config.seed)
         self.l3_prefix = self._open_l3() if config.l3 is not None else None
-        if self.l3_prefix is not None:  # a preempted dense request parks its KV in L3 and resumes from it
+        if self.l3_prefix is not None:  # a preempted request parks its KV in L3 and resumes from it
             self.scheduler.on_preempt = self.l3_prefix.park
         self.eos_token_ids = set(mcfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -127,16 +127,19 @@ class LLMEngine:
         self.num_overlapped_steps = 0  # steps launched while the step before was in flight
 
     def _open_l3(self):
-        """Prefix reuse through the L3 store `config.l3` (dense requests; hisa.engine.l3_prefix)."""
+        """Prefix reuse through the L3 store `config.l3` (dense and sparse requests; hisa.engine.l3_prefix)."""
         from hisa.engine.l3_prefix import L3PrefixCache, kv_layout
         from hisa.kvcache.l3 import open_l3
 
         if not isinstance(self.cache, PagedKVCache):
             raise ConfigError(f"--l3 is not supported yet for {self.model_config.arch} models (MLA cache)")
         capacity = None if self.config.l3_gb is None else int(self.config.l3_gb * 2**30)
-        return L3PrefixCache(open_l3(self.config.l3, capacity_bytes=capacity), cache=self.cache,
-                             layout=kv_layout(self.loaded, self.cache, seed=self.config.seed),
-                             sync=not self.config.l3_async)
+        prefix = L3PrefixCache(open_l3(self.config.l3, capacity_bytes=capacity), cache=self.cache,
+                               layout=kv_layout(self.loaded, self.cache, seed=self.config.seed),
+                               sync=not self.config.l3_async)
+        if self.sparse is not None and self.config.sparse.residency != "device":
+            prefix.host = self.sparse.manager.host  # host-backed requests load into it and write from it
+        return prefix
 
     def _check_pool(self, num_pages: int) -> None:
         """The device pool must hold one dense request just too short to go sparse, and with the sparse

@@ -74,7 +74,7 @@ class ModelRunner:
         decode_rows, decode_index, sparse_t, prefill, sources = [], [], [], [], []
         s = self.page_size
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            if n == 1 and seq.num_computed > 0:
+            if n == 1 and seq.num_computed > 0 and not seq.needs_prefill:
                 t = seq.num_computed + 1
                 page = seq.pages[(t - 1) // s]
                 if not seq.sparse:
@@ -141,8 +141,10 @@ class ModelRunner:
             ids.extend(seq.token_ids[c:ctx])
             positions.extend(range(c, ctx))
             chunk = PrefillChunk(start=row, end=row + n, seq=seq, computed=c)
+            seq.needs_prefill = False  # this chunk records its pages (and builds its representations)
             if seq.sparse and seq.host_backed:
-                self.sparse.manager.set_host_pages(seq.sparse_slot, c // s, seq.pages[c // s: -(-ctx // s)])
+                # from page 0, not c // s: a prefix loaded from L3 into the host pool is recorded here too
+                self.sparse.manager.set_host_pages(seq.sparse_slot, 0, seq.pages[: -(-ctx // s)])
             else:
                 pages = seq.pages[: -(-ctx // s)]
                 # from page 0, not c // s: a prefix loaded from L3 was never prefilled through this slot

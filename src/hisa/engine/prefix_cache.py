@@ -86,6 +86,7 @@ class DevicePrefixCache:
         self.allocator.share(pages)
         seq.pages = pages
         seq.num_computed, seq.num_registered = len(pages) * self.page_size, len(pages)
+        seq.needs_prefill = True
         self.stats.requests_hit += 1
         self.stats.pages_hit += len(pages)
         self.stats.tokens_hit += seq.num_computed

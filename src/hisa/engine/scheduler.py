@@ -133,6 +133,7 @@ class Scheduler:
             self.pool(seq).free(seq.pages[::-1])
             seq.pages = []
         seq.num_registered = 0
+        seq.needs_prefill = False
         if seq.buffer_pages:
             self.allocator.free(seq.buffer_pages)
             seq.buffer_pages = []
@@ -144,11 +145,13 @@ class Scheduler:
             seq.slot = None
 
     def give_back(self, seq: Sequence) -> None:
-        """A waiting request that holds pages (a matched prefix, or pages loaded from L3) but was not
-        admitted returns them, last page first (as `_release`), and counts nothing as computed."""
+        """A waiting request that holds pages (a matched prefix, or pages loaded from L3: host pages
+        for one marked host-backed) but was not admitted returns them, last page first (as
+        `_release`), and counts nothing as computed."""
         if seq.pages:
-            self.allocator.free(seq.pages[::-1])
+            self.pool(seq).free(seq.pages[::-1])
         seq.pages, seq.num_computed, seq.num_registered = [], 0, 0
+        seq.host_backed = seq.needs_prefill = False
 
     def pages_needed(self, seq: Sequence, num_new: int) -> int:
         total = -(-(seq.num_computed + num_new) // self.page_size)
@@ -239,8 +242,9 @@ class Scheduler:
             return need + reserve[id(dev)] <= dev.num_free
         mode = self.sparse.residency
         host = self.sparse.host_allocator
-        resident_ok = mode != "host" and need + reserve[id(dev)] <= dev.num_free
-        host_ok = (mode != "device" and not seq.pages  # pages from the prefix cache are device pages
+        loaded_host = seq.host_backed  # it holds host pages already (loaded from L3 while waiting)
+        resident_ok = not loaded_host and mode != "host" and need + reserve[id(dev)] <= dev.num_free
+        host_ok = (mode != "device" and (not seq.pages or loaded_host)  # a prefix cache's pages are device pages
                    and need + reserve[id(host)] <= host.num_free
                    and self.sparse.buffer_pages + reserve[id(dev)] <= dev.num_free)
         if not (resident_ok or host_ok):
@@ -251,7 +255,7 @@ class Scheduler:
         if not self.sparse.on_request_begin(seq):  # every sparse slot is taken
             if seq.buffer_pages:
                 dev.free(seq.buffer_pages)
-            seq.buffer_pages, seq.host_backed = [], False
+            seq.buffer_pages, seq.host_backed = [], loaded_host
             return False
         return True
 

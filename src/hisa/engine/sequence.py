@@ -58,6 +58,11 @@ class Sequence:
     # many of its pages are registered in the allocator (0 again once its pages are released)
     prefix_digests: list[bytes] = field(default_factory=list)
     num_registered: int = 0
+    # Pages it was given with their KV (a prefix the pool shared, pages loaded from L3) that no prefill
+    # chunk has recorded in the step's tables (block or host table, the sparse representations) yet:
+    # its next chunk runs as a prefill even when it is one token, which would otherwise look like a
+    # decode row (hisa.engine.model_runner)
+    needs_prefill: bool = False
     # True while its leading pages are being looked up in L3 (hisa.engine.l3_prefix): the scheduler
     # leaves it waiting until they are back
     loading: bool = False

@@ -173,8 +173,13 @@ class SparseCoordinator:
         m.write_pages(layer, rows.reshape(last_page - first_page, -1), seq.pages[first_page:last_page],
                       tail_page=seq.buffer_pages[-1])
         if self.windows[layer] is None and self.algorithm.selects and not self.dense[layer]:
-            keys = torch.nn.functional.pad(k_all[span].float(), (0, 0, 0, 0, 0, pad), value=float("nan"))
-            self.algorithm.construct_representations(layer, seq.sparse_slot, first_page, keys)
+            # from the first page without a representation: the first chunk after a prefix loaded from
+            # L3 into the host pool also builds the prefix's (k_all holds the whole context then)
+            built = self._represented[layer]
+            first = min(first_page, built.get(seq.sparse_slot, 0) // s)
+            built[seq.sparse_slot] = total
+            keys = torch.nn.functional.pad(k_all[first * s:total].float(), (0, 0, 0, 0, 0, pad), value=float("nan"))
+            self.algorithm.construct_representations(layer, seq.sparse_slot, first, keys)
         return out
 
     def prefill_host_backed_mla(self, layer: int, seq, computed: int, rows: torch.Tensor,
