@@ -1,4 +1,4 @@
-"""Prefix reuse from L3 (dense requests, the embedded SmolLM2): a prompt whose full pages another
+"""Prefix reuse from L3 (dense and sparse requests, the embedded SmolLM2): a prompt whose full pages another
 request stored in L3 loads them instead of prefilling them, and greedy outputs are identical with
 and without L3, also when a page is corrupt or missing or the Redis server dies mid-run.
 
@@ -199,6 +199,66 @@ def test_preempted_requests_park_in_l3_and_resume_from_it(make_llm, park_run, tm
     with_outputs = [page_keys(p + o[:f * S - len(p)], layout)[len(p) // S:f]
                     for p, o, f in zip(prompts, got, full) if f * S > len(p)]
     assert any(any(parked.engine.l3_prefix.l3.exists(keys)) for keys in with_outputs if keys)
+
+
+# -- host-backed sparse requests: L3 <-> the host pool ------------------------------------------------
+def _host_sparse(smollm2, host_pages: int):
+    """Quest, every sparse request host-backed, a host pool of `host_pages` pages of 16 tokens."""
+    from hisa.sparse.config import SparseConfig
+
+    c = smollm2.config
+    page_bytes = c.num_layers * 2 * S * c.num_kv_heads * c.head_dim * 4   # fp32
+    return dict(page_size=S, max_model_len=512, prefix_cache=False,
+                sparse=SparseConfig(algorithm="quest", token_budget=96, min_prompt_len=64, residency="host",
+                                    host_pool_gb=host_pages * page_bytes / 2**30))
+
+
+def _check_no_host_leak(llm):
+    _check_no_leak(llm)
+    host = llm.engine.scheduler.sparse.host_allocator
+    assert host.num_free == host.num_pages
+
+
+def test_host_backed_sparse_requests_load_l3_pages_into_the_host_pool(make_llm, smollm2, tmp_path):
+    """A host-backed sparse request whose prompt's pages L3 holds reads them into new host pool pages
+    (not the device), its first chunk builds their representations, and it decodes sparsely with the
+    tokens of a run without L3; it writes its own pages from the host pool. The first prompt is one
+    token past its full pages (its chunk is that token alone: a prefill, not a decode row)."""
+    tok = smollm2.tokenizer
+    prefix = tok.encode(long_text(400, seed=11))[:288]   # 18 pages
+    prompts = [prefix + tok.encode(long_text(30, seed=20 + i))[:1 + 16 * i + 7 * (i > 0)] for i in range(3)]
+    kw = _host_sparse(smollm2, host_pages=72)
+    want = _one_by_one(make_llm(max_num_batched_tokens=128, **kw), prompts)
+    url = f"file:{tmp_path / 'l3'}"
+    llm = make_llm(max_num_batched_tokens=128, l3=url, **kw)
+    assert _one_by_one(llm, prompts) == want
+    m = llm.engine.l3_prefix.metrics()
+    assert m["requests_hit"] == 2 and m["pages_loaded"] == 2 * 18 and m["pages_stored"] > 0
+    _check_no_host_leak(llm)
+    llm.engine.l3_prefix.drain()
+    again = make_llm(max_num_batched_tokens=128, l3=url, **kw)
+    assert _one_by_one(again, prompts) == want
+    assert again.engine.l3_prefix.metrics()["pages_loaded"] == sum((len(p) - 1) // S for p in prompts)
+    assert again.engine.l3_prefix.metrics()["store_corrupt"] == 0
+    _check_no_host_leak(again)
+
+
+def test_preempted_host_backed_requests_park_in_l3_and_resume_from_it(make_llm, smollm2, tmp_path):
+    """A host pool too small for the batch preempts host-backed requests mid-generation: each parks its
+    full pages (read from the host pool) in L3, and resumes by loading them back into the host pool,
+    with the tokens of a run without L3 (which recomputes its context)."""
+    prompts = [smollm2.tokenizer.encode(long_text(300, seed=40 + i))[:290 + 5 * i] for i in range(4)]
+    params = SamplingParams(max_tokens=48, ignore_eos=True)
+    want, want_prefill = _run_counting_prefill(make_llm(max_num_batched_tokens=512, **_host_sparse(smollm2, 60)),
+                                               prompts, params)
+    parked = make_llm(max_num_batched_tokens=512, l3=f"file:{tmp_path / 'l3'}", l3_async=False,
+                      **_host_sparse(smollm2, 60))
+    got, prefill = _run_counting_prefill(parked, prompts, params)
+    assert got == want
+    m = parked.engine.l3_prefix.metrics()
+    assert parked.engine.scheduler.num_preemptions > 0 and m["requests_parked"] > 0, m
+    assert m["tokens_loaded"] > 0 and prefill < want_prefill   # resumed from L3, not recomputed
+    _check_no_host_leak(parked)
 
 
 def test_pool_prefix_comes_before_l3(make_llm, prompts, reference, tmp_path):

@@ -158,6 +158,33 @@ def test_smollm2_tokens_do_not_change(make_llm, smollm2):
     _equal_with_and_without(lambda **kw: make_llm(page_size=16, max_num_batched_tokens=64, **kw), smollm2.tokenizer)
 
 
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse-resident"])
+def test_a_prefix_hit_that_leaves_one_token_runs_it_as_a_prefill(make_llm, smollm2, sparse):
+    """A prompt whose full pages are all cached but for its last token has a one-token chunk left,
+    which looks like a decode row; it must run as a prefill that records its shared pages in the
+    slot's page table (and builds a sparse request's representations). Taking the slot of a request
+    that held other pages, it read that request's stale table: an IndexError, or wrong tokens."""
+    from hisa.sparse.config import SparseConfig
+    from tests.conftest import long_text
+
+    tok = smollm2.tokenizer
+    prefix = tok.encode(long_text(400, seed=11))[:288]          # 18 pages of 16
+    a = prefix + tok.encode(long_text(30, seed=3))[:20]
+    b = prefix + tok.encode(long_text(30, seed=4))[:1]          # 289 tokens: one past the cached pages
+    other = tok.encode(long_text(300, seed=5))[:200]
+    kw = dict(page_size=16, max_model_len=512)
+    if sparse:   # resident: selection reads the representations of the shared pages
+        kw["sparse"] = SparseConfig(algorithm="quest", token_budget=96, min_prompt_len=64, residency="device")
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    want = make_llm(prefix_cache=False, **kw).generate([b], params, use_tqdm=False)[0].token_ids
+    llm = make_llm(prefix_cache=True, **kw)
+    # `other` finishes last: b takes its slot, whose page table holds other's pages
+    llm.generate([a, other], [params, SamplingParams(max_tokens=16, ignore_eos=True)], use_tqdm=False)
+    assert llm.generate([b], params, use_tqdm=False)[0].token_ids == want
+    assert llm.engine.prefix_cache.stats.tokens_hit >= 288
+    assert llm.engine.allocator.num_free == llm.engine.allocator.num_pages
+
+
 def test_gemma3_tokens_do_not_change():
     from hisa import LLM
     from hisa.models.factory import load_model

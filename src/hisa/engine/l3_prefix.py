@@ -1,6 +1,6 @@
-"""Prefix reuse from L3 for requests held in the device pool (dense, and sparse ones while resident):
-load a prompt's full pages that L3 holds instead of prefilling them, and store a request's full pages
-once they are computed.
+"""Prefix reuse from L3 for every request of a paged (GQA) cache: dense, sparse resident (device
+pool) and sparse host-backed (host pool): load a prompt's full pages that L3 holds instead of
+prefilling them, and store a request's full pages once they are computed.
 
 A page in L3 is one token page across every layer, `[layers, 2, page_size, kv_heads, head_dim]`
 in the cache's dtype (what `PagedKVCache.data[:, page]` holds), keyed by the chain of its tokens
@@ -35,6 +35,16 @@ it is on, and a dense request is looked up again. A sparse request that took pag
 resident (its pages are device pages; representations are built from their keys with its first
 chunk); one that then does not fit resident is not looked up again and may go host-backed.
 
+Host-backed sparse requests (`host` set: the sparse cache's host pool): a sparse request that will be
+host-backed (residency "host", or "auto" when the device pool cannot hold its whole KV now) is looked
+up only when its whole KV fits the host pool (with the running host-backed requests' one-page margin)
+and the device its LRU buffer: its pages are read into the lookup rows as above (never landed on the
+device), then copied into new host pool pages, one copy per layer and run of rows, and the request
+is marked host-backed; `Scheduler._admit` admits it only so, and its first prefill chunk, which reads
+the context back from the host pool, builds the representations of every page from page 0. Never a
+part of its pages: host pages a request gives back are not cached, so a part it could not prefill on
+from would be read from L3 at every step until it fits.
+
 Store: once a request's prefill reaches the end of its prompt, its full prompt pages are
 written; when it finishes (stop or length), its answer's full pages too (a chat's or an agent's next
 turn starts with this turn's prompt and answer, and finds all of it in L3). The pages are copied off
@@ -51,7 +61,9 @@ of pages in host memory: a write past that, or one that finds no free staging ro
 (`pages_dropped`; L3 is a cache, the engine never waits for it). The leading pages that
 L3 held at the request's lookup, or handed over already, are not copied again; pages it shared from
 the pool are written if L3 lacks them (their writer's write may have been dropped, or L3 evicted
-them). A host-backed sparse request writes nothing (its pages are in the host pool).
+them). A host-backed sparse request's pages are gathered from the host pool across layers on the
+engine thread (a copy; on CUDA after a stream sync, since the device writes the host pool) and
+written the same way.
 
 Consistency: a lookup runs after every write handed over before it, so it finds their pages (a
 request parked and then looked up again finds its own). Another engine or process sharing the store
@@ -65,7 +77,7 @@ full page run again.
 
 `sync=True` (`EngineConfig.l3_async=False`) runs every L3 call at once on the engine thread: a
 lookup and its reads before the schedule, a write where it is handed over (a slow backend then
-delays every step). Host-backed sparse requests and MLA caches are not served yet.
+delays every step). MLA caches (DeepSeek-V3.2) are not served yet.
 """
 
 from __future__ import annotations
