@@ -100,6 +100,12 @@ def main() -> None:
                          "so far unexplained")
     ap.add_argument("--mooncake-segment", default="1 GB",
                     help="memory the Mooncake store process lends (a 16K prompt of the Llama-3.1-8B shape is 2.1 GB)")
+    ap.add_argument("--sparse", default=None, metavar="ALGO",
+                    help="run the prompts as sparse requests of this algorithm (e.g. quest); default dense")
+    ap.add_argument("--residency", default="host", choices=["auto", "device", "host"],
+                    help="with --sparse: where their KV lives (default host: L3 pages go to the host pool)")
+    ap.add_argument("--token-budget", type=int, default=1024, help="with --sparse (default 1024)")
+    ap.add_argument("--host-pool-gb", type=float, default=None, help="with --sparse: the host pool (default: automatic)")
     ap.add_argument("--git-commit", default=None)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "l3_prefix_cpu.json")
     args = ap.parse_args()
@@ -125,6 +131,17 @@ def main() -> None:
     kw = dict(loaded=loaded, device=device.type, dtype=str(dtype).removeprefix("torch."), progress=False,
               max_num_batched_tokens=args.chunk, max_model_len=max(args.prompt_len + 8, 2048), max_num_seqs=4,
               prefix_cache=False, kv_cache_gb=args.kv_cache_gb)
+    kind = "dense"
+    if args.sparse is not None:
+        from hisa.sparse.config import SparseConfig
+
+        kw["sparse"] = SparseConfig(algorithm=args.sparse, token_budget=args.token_budget, residency=args.residency,
+                                    min_prompt_len=min(1024, args.prompt_len - args.tail),
+                                    host_pool_gb=args.host_pool_gb)
+        kind = f"sparse {args.sparse} (budget {args.token_budget}, residency {args.residency})"
+        if args.residency == "host" and "pool" in args.modes:
+            raise SystemExit("--modes pool: the pool's prefix cache holds device pages, which host-backed "
+                             "requests do not take")
     warm = LLM(**kw)
     warm.generate([text_ids[:256]], SamplingParams(max_tokens=2), use_tqdm=False)   # first-call overheads
     del warm
@@ -214,7 +231,7 @@ def main() -> None:
             r["speedup_vs_recompute"] = round(base / r["ttft_s"], 2)
     payload = dict(**header(device, args.git_commit),
                    model=f"{args.model or 'SmolLM2-135M-Instruct (embedded GGUF)'}, {str(dtype).removeprefix('torch.')}, "
-                         "dense, page 16",
+                         f"{kind}, page 16",
                    prompt_len=args.prompt_len, tail=args.tail, max_num_batched_tokens=args.chunk, threads=args.threads, rows=rows,
                    note="ttft_s: arrival to first token of one request alone (engine step time, L3 reads "
                         "included). load (L3 modes, the measured request): read_s = the I/O thread's reads + "

@@ -293,6 +293,8 @@ class L3PrefixCache:
         pool = scheduler.sparse.host_allocator
         if scheduler.sparse.buffer_pages + len(scheduler.running) > scheduler.allocator.num_free:
             return 0
+        if scheduler.sparse.manager.num_free_slots == 0:   # every sparse slot is taken: it cannot be admitted
+            return 0
         reserve = sum(1 for r in scheduler.running if r.host_backed and not r.in_prefill)
         return full if pool.num_free >= -(-seq.num_tokens // self.page_size) - held + reserve else 0
 
@@ -467,6 +469,8 @@ class L3PrefixCache:
         n = min(len(run), self._host_cap(scheduler, seq, len(run), held=0, first_in_line=first_in_line))
         if n == 0 or self.host is None:
             self.rows.give_back(run.rows)
+            if n == 0 and len(run):   # it no longer fits (others took the room meanwhile): looked up again when it does
+                self._looked_up.pop(seq.request_id, None)
             return
         t0 = time.perf_counter()
         pool = scheduler.sparse.host_allocator
