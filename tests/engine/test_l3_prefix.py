@@ -214,6 +214,9 @@ def _host_sparse(smollm2, host_pages: int):
 
 
 def _check_no_host_leak(llm):
+    """Nothing held in either pool once the writes have ended (a write in flight holds the host pages
+    it reads until then)."""
+    llm.engine.l3_prefix.drain()
     _check_no_leak(llm)
     host = llm.engine.scheduler.sparse.host_allocator
     assert host.num_free == host.num_pages
@@ -222,8 +225,9 @@ def _check_no_host_leak(llm):
 def test_host_backed_sparse_requests_load_l3_pages_into_the_host_pool(make_llm, smollm2, tmp_path):
     """A host-backed sparse request whose prompt's pages L3 holds reads them into new host pool pages
     (not the device), its first chunk builds their representations, and it decodes sparsely with the
-    tokens of a run without L3; it writes its own pages from the host pool. The first prompt is one
-    token past its full pages (its chunk is that token alone: a prefill, not a decode row)."""
+    tokens of a run without L3; it writes its own pages from the host pool (the I/O thread reads them
+    there, the pages held until it has). The first prompt is one token past its full pages (its
+    chunk is that token alone: a prefill, not a decode row)."""
     tok = smollm2.tokenizer
     prefix = tok.encode(long_text(400, seed=11))[:288]   # 18 pages
     prompts = [prefix + tok.encode(long_text(30, seed=20 + i))[:1 + 16 * i + 7 * (i > 0)] for i in range(3)]
@@ -234,12 +238,36 @@ def test_host_backed_sparse_requests_load_l3_pages_into_the_host_pool(make_llm, 
     assert _one_by_one(llm, prompts) == want
     m = llm.engine.l3_prefix.metrics()
     assert m["requests_hit"] == 2 and m["pages_loaded"] == 2 * 18 and m["pages_stored"] > 0
-    _check_no_host_leak(llm)
-    llm.engine.l3_prefix.drain()
+    _check_no_host_leak(llm)   # (drains: the second engine sees every write)
     again = make_llm(max_num_batched_tokens=128, l3=url, **kw)
     assert _one_by_one(again, prompts) == want
     assert again.engine.l3_prefix.metrics()["pages_loaded"] == sum((len(p) - 1) // S for p in prompts)
     assert again.engine.l3_prefix.metrics()["store_corrupt"] == 0
+    _check_no_host_leak(again)
+
+
+def test_a_host_backed_write_holds_its_host_pages_until_it_has_read_them(make_llm, smollm2, tmp_path):
+    """The I/O thread reads a host-backed request's pages from the host pool after the request may have
+    ended: they stay allocated (held) until the write has read them, so no other request reuses them
+    meanwhile, and are free once it has; what it wrote loads back with the same tokens."""
+    tok = smollm2.tokenizer
+    prompt = tok.encode(long_text(400, seed=11))[:300]
+    kw = _host_sparse(smollm2, host_pages=72)
+    want = _one_by_one(make_llm(max_num_batched_tokens=128, **kw), [prompt])
+    url = f"file:{tmp_path / 'l3'}"
+    llm = make_llm(max_num_batched_tokens=128, l3=url, **kw)
+    prefix = llm.engine.l3_prefix
+    slow = prefix.l3.backend = SlowBackend(prefix.l3.backend, delay_s=0.5)
+    host = llm.engine.scheduler.sparse.host_allocator
+    assert _one_by_one(llm, [prompt]) == want   # ended; its prompt's and its answer's writes are queued
+    assert host.num_free < host.num_pages       # the pages they read are still held
+    prefix.drain()
+    # its prompt's 18 full pages, then its answer's: 300 + 8 tokens, all but the last computed
+    assert host.num_free == host.num_pages and prefix.metrics()["pages_stored"] == (len(prompt) + 8 - 1) // S
+    assert "hisa-l3-io_0" in {t.name for t in slow.threads}
+    again = make_llm(max_num_batched_tokens=128, l3=url, **kw)
+    assert _one_by_one(again, [prompt]) == want
+    assert again.engine.l3_prefix.metrics()["pages_loaded"] == (len(prompt) - 1) // S
     _check_no_host_leak(again)
 
 

@@ -67,6 +67,19 @@ def _run(sched, rng=None):
         _finish_step(sched, sched.schedule(), rng)
 
 
+def test_a_held_page_is_not_handed_out_until_the_hold_is_freed():
+    alloc = PageAllocator(3)
+    pages = alloc.allocate(2)
+    alloc.hold(pages[:1])            # e.g. an L3 write still reads it
+    alloc.free(pages)                # its request ended
+    assert alloc.num_free == 2 and alloc.refs(pages[0]) == 1
+    assert pages[0] not in alloc.allocate(2)
+    alloc.free(pages[:1])            # the write has read it
+    assert alloc.num_free == 1
+    with pytest.raises(ValueError, match="not in use"):
+        alloc.hold([pages[0]])
+
+
 def test_a_request_starts_after_the_pages_an_earlier_one_left():
     sched, prefix = _scheduler()
     first = _seq("a", list(range(10)), max_tokens=6)  # 16 tokens computed in the end: pages 0-2 full

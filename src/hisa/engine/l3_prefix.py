@@ -61,9 +61,11 @@ of pages in host memory: a write past that, or one that finds no free staging ro
 (`pages_dropped`; L3 is a cache, the engine never waits for it). The leading pages that
 L3 held at the request's lookup, or handed over already, are not copied again; pages it shared from
 the pool are written if L3 lacks them (their writer's write may have been dropped, or L3 evicted
-them). A host-backed sparse request's pages are gathered from the host pool across layers on the
-engine thread (a copy; on CUDA after a stream sync, since the device writes the host pool) and
-written the same way.
+them). A host-backed sparse request's pages are read from the host pool by the I/O thread (gathered
+across layers into the page layout, then written the same way; on CUDA handed over once the device's
+writes into them have landed, as staged writes are): the engine thread copies nothing, and holds the
+pages (`PageAllocator.hold`) until the write has read them, so that no other request is handed them
+meanwhile (`_release_holds`, engine thread: at each step, drain and close).
 
 Consistency: a lookup runs after every write handed over before it, so it finds their pages (a
 request parked and then looked up again finds its own). Another engine or process sharing the store
@@ -82,6 +84,7 @@ delays every step). MLA caches (DeepSeek-V3.2) are not served yet.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import threading
@@ -197,6 +200,7 @@ class L3PrefixCache:
         # the sparse cache's host pool (hisa.kvcache.host_pool.HostKVPool), set by the engine when sparse
         # requests may be host-backed: their pages are loaded into it and written from it
         self.host = None
+        self._unhold: collections.deque[list[int]] = collections.deque()   # host pages whose write has read them
 
     @property
     def loading(self) -> int:
@@ -210,6 +214,7 @@ class L3PrefixCache:
         last call."""
         self.io.check()
         self._hand_over()
+        self._release_holds()
         self._progressed.clear()   # before looking: progress made from now on wakes wait_for_lookups
         self._start_lookups(scheduler)
         self._land()
@@ -605,14 +610,17 @@ class L3PrefixCache:
         write = functools.partial(self._write_missing, seq.token_ids[:upto * self.page_size], first,
                                   parking=parking)
         device = self.cache.data.device
-        if seq.host_backed:   # the pages are in the host pool: gathered across layers on the engine thread
-            try:
-                pages = self._host_pages(seq.pages[first:upto])
-            except BaseException:
-                self._in_l3[seq.request_id] = first
-                raise
-            self.io.submit(functools.partial(write, pages.view(n, -1).view(torch.uint8).numpy(), False),
-                           nbytes=n * self.page_bytes)
+        if seq.host_backed:   # the pages are in the host pool: the I/O thread reads them there
+            held = seq.pages[first:upto]
+            self.host.allocator.hold(held)   # not handed out again before the write has read them
+            write = functools.partial(self._write_host, write, held)
+            if device.type == "cuda":   # handed over once the device's writes into these pages have landed
+                done = torch.cuda.Event()
+                done.record(torch.cuda.current_stream(device))
+                self._staged.append((done, write, n * self.page_bytes))
+                self._hand_over(wait=not self.io.threaded)
+            else:
+                self.io.submit(write, nbytes=n * self.page_bytes)
             return
         try:
             index = torch.tensor(seq.pages[first:upto], dtype=torch.int64, device=device)
@@ -634,15 +642,24 @@ class L3PrefixCache:
         self._staged.append((done, functools.partial(write, staged, True), n * self.page_bytes))
         self._hand_over(wait=not self.io.threaded)
 
-    def _host_pages(self, pages: list[int]) -> torch.Tensor:
-        """Host pool pages [n, L, ROW] (a copy; the L3 page layout). On CUDA the device writes the
-        host pool (decode's new tokens, prefill chunks): the stream is synchronized first, so every
-        write launched before has landed."""
-        if self.cache.data.device.type == "cuda":
-            torch.cuda.current_stream(self.cache.data.device).synchronize()
-        index = torch.tensor(pages, dtype=torch.int64)
-        return torch.stack([self.host.layer_rows(layer).index_select(0, index) for layer in range(self.host.num_layers)],
-                           dim=1)
+    def _write_host(self, write, pages: list[int]) -> None:
+        """On the I/O thread: gather host pool `pages` across layers into the L3 page layout [n, L, ROW]
+        (one copy, no CUDA call: on CUDA this runs once the device's writes into them have landed),
+        write them (`write`: `_write_missing` less its rows), then hand the pages back to the engine
+        thread, which frees its hold on them (`_release_holds`)."""
+        try:
+            index = torch.tensor(pages, dtype=torch.int64)
+            rows = torch.stack([self.host.layer_rows(layer).index_select(0, index)
+                                for layer in range(self.host.num_layers)], dim=1)
+            write(rows.view(len(pages), -1).view(torch.uint8).numpy(), False)
+        finally:
+            self._unhold.append(pages)
+
+    def _release_holds(self) -> None:
+        """Engine thread: free the host pages whose writes have read them (the allocator is not
+        thread-safe, so the I/O thread only queues them)."""
+        while self._unhold:
+            self.host.allocator.free(self._unhold.popleft())
 
     def _hand_over(self, *, wait: bool = False) -> None:
         """Engine thread: hand the staged writes whose copy has completed to the I/O thread, in order
@@ -689,6 +706,7 @@ class L3PrefixCache:
         """Wait until every write so far has ended (visible to other engines), and every other L3 call."""
         self._hand_over(wait=True)
         self.io.drain()
+        self._release_holds()
 
     def close(self) -> None:
         """Drop the lookups in flight, run the writes still queued, join the I/O thread, close the store."""
@@ -696,6 +714,7 @@ class L3PrefixCache:
             self.forget(request_id)
         self._hand_over(wait=True)
         self.io.close()
+        self._release_holds()
         self.l3.close()
 
     def metrics(self) -> dict[str, int]:

@@ -110,6 +110,15 @@ class PageAllocator:
                 del self._cached[p]
             self._refs[p] += 1
 
+    def hold(self, pages: list[int]) -> None:
+        """Take one more reference to each in-use page (registered or not): it is not handed out again
+        until `free` drops it (e.g. while a background write still reads it)."""
+        for p in pages:
+            if self._refs[p] <= 0:
+                raise ValueError(f"page {p} is not in use: only a page holding KV can be held")
+        for p in pages:
+            self._refs[p] += 1
+
     def refs(self, page: int) -> int:
         return self._refs[page]
 
