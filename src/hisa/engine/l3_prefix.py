@@ -294,7 +294,8 @@ class L3PrefixCache:
         its buffer, else 0. Never a part: host pages a waiting request gives back are not cached
         (unlike the device pool's), so taking a part it cannot prefill on from would read the same
         pages from L3 at every step until it fits; it is looked up when it fits, as it is admitted
-        (`Scheduler._admit` needs the whole prefill chunk's pages too)."""
+        (`Scheduler._admit` needs the whole prefill chunk's pages too). `held` and `first_in_line`
+        as `_cap`'s (the latter unused: no part for the head of the queue either)."""
         pool = scheduler.sparse.host_allocator
         if scheduler.sparse.buffer_pages + len(scheduler.running) > scheduler.allocator.num_free:
             return 0
@@ -481,13 +482,11 @@ class L3PrefixCache:
         pool = scheduler.sparse.host_allocator
         pages = pool.allocate(n)
         try:
-            done = 0
             for pos, first, end in runs(run.rows[:n]):
                 src = self.rows.pages(first, end, dtype=self.host.dtype, shape=self.page_shape)   # [m, L, 2, S, KVH, D]
                 index = torch.tensor(pages[pos:pos + end - first], dtype=torch.int64)
                 for layer in range(self.host.num_layers):
                     self.host.layer_rows(layer).index_copy_(0, index, src[:, layer].reshape(end - first, -1))
-                done += end - first
         except BaseException:
             pool.free(pages)
             self.rows.give_back(run.rows)
@@ -584,7 +583,7 @@ class L3PrefixCache:
     def _computed_pages(self, seq: Sequence) -> int:
         """Full pages whose KV is computed and held in the device pool (the host pool for a host-backed
         request)."""
-        if not seq.pages or seq.host_backed and self.host is None:
+        if not seq.pages or (seq.host_backed and self.host is None):
             return 0
         return min(seq.num_computed // self.page_size, len(seq.pages))
 
@@ -594,7 +593,7 @@ class L3PrefixCache:
         On CUDA the copy into staging rows is asynchronous: the write is handed over once it has
         completed (`_hand_over`, engine thread: the I/O thread makes no CUDA call)."""
         first = self._in_l3.get(seq.request_id, 0)
-        if upto <= first:
+        if upto <= first or (seq.host_backed and self.host is None):
             return
         n = upto - first
         room = self.io.room_for(n * self.page_bytes)
