@@ -198,6 +198,36 @@ def test_a_prefix_hit_that_leaves_one_token_runs_it_as_a_prefill(make_llm, smoll
     assert llm.engine.allocator.num_free == llm.engine.allocator.num_pages
 
 
+def test_host_backed_sparse_requests_share_prefix_pages_in_the_host_pool(make_llm, smollm2):
+    """L2 prefix reuse: a host-backed sparse request registers its full host pages; later ones whose
+    prompts share the prefix (one of them a token past it) take those host pages instead of
+    prefilling them, build their representations from page 0, and produce the tokens of a run
+    without the prefix cache. Ended requests' pages stay cached (counted free) in the host pool."""
+    from hisa.sparse.config import SparseConfig
+    from tests.conftest import long_text
+
+    tok, c = smollm2.tokenizer, smollm2.config
+    prefix = tok.encode(long_text(400, seed=11))[:288]          # 18 pages of 16
+    prompts = [prefix + tok.encode(long_text(30, seed=20 + i))[:1 + 16 * i + 7 * (i > 0)] for i in range(3)]
+    page_bytes = c.num_layers * 2 * 16 * c.num_kv_heads * c.head_dim * 4
+    kw = dict(page_size=16, max_model_len=512, max_num_batched_tokens=128,
+              sparse=SparseConfig(algorithm="quest", token_budget=96, min_prompt_len=64, residency="host",
+                                  host_pool_gb=72 * page_bytes / 2**30))
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    plain = make_llm(prefix_cache=False, **kw)
+    want = [plain.generate([p], params, use_tqdm=False)[0].token_ids for p in prompts]
+    llm = make_llm(prefix_cache=True, **kw)
+    got = [llm.generate([p], params, use_tqdm=False)[0].token_ids for p in prompts * 2]
+    assert got == want * 2
+    stats = llm.engine.host_prefix_cache.stats
+    # 18 shared pages for each of the 2 later prompts, then each prompt's own full pages again
+    assert stats.requests_hit == 5 and stats.pages_hit == 2 * 18 + sum((len(p) - 1) // 16 for p in prompts)
+    assert llm.engine.prefix_cache.stats.pages_hit == 0            # (no device pages: all host-backed)
+    host = llm.engine.scheduler.sparse.host_allocator
+    assert host.num_free == host.num_pages and host.num_cached > 0
+    assert llm.engine.allocator.num_free == llm.engine.allocator.num_pages
+
+
 def test_gemma3_tokens_do_not_change():
     from hisa import LLM
     from hisa.models.factory import load_model

@@ -237,11 +237,11 @@ class L3PrefixCache:
             cap = (self._host_cap if host else self._cap)(scheduler, seq, full, held=0, first_in_line=i == 0)
             if cap <= 0:
                 continue
-            # the leading pages the pool holds are shared when the lookup is back (cheaper than any copy);
-            # a host-backed request takes none (they are device pages)
-            start = 0
-            if scheduler.prefix is not None and not host:
-                start = min(scheduler.prefix.num_cached(seq, cap), cap)
+            # the leading pages the pool holds are shared when the lookup is back (cheaper than any copy):
+            # the device pool's, or the host pool's for a request that goes host-backed
+            start, pool_prefix = 0, scheduler.host_prefix if host else scheduler.prefix
+            if pool_prefix is not None:
+                start = min(pool_prefix.num_cached(seq, cap), cap)
             nbytes = (cap - start) * self.page_bytes
             if self._lookups and self._lookup_bytes + nbytes > self.max_lookup_bytes:
                 break   # no host memory for its pages yet: it is looked up at a later step, in queue order
@@ -415,7 +415,7 @@ class L3PrefixCache:
                 self.rows.give_back(run.rows)
                 continue
             if lookup.host:
-                self._take_host_pages(scheduler, seq, run, first_in_line=i == 0)
+                self._take_host_pages(scheduler, seq, lookup.start, run, first_in_line=i == 0)
             else:
                 self._take_pages(scheduler, seq, lookup.start, run, first_in_line=i == 0)
 
@@ -429,8 +429,9 @@ class L3PrefixCache:
             if not seq.pages or seq.loading:
                 continue
             released += 1
-            if scheduler.prefix is not None:
-                scheduler.prefix.register([seq])  # the loaded pages stay cached under their prefix
+            for prefix in (scheduler.prefix, scheduler.host_prefix):   # (each names its own pool's pages)
+                if prefix is not None:
+                    prefix.register([seq])  # the loaded pages stay cached under their prefix
             host = seq.host_backed   # pages loaded into the host pool
             scheduler.give_back(seq)
             # a sparse one that took device pages may not fit resident: looked up once (it may go host-backed)
@@ -467,22 +468,30 @@ class L3PrefixCache:
         self.stats.pages_loaded += n
         self.stats.tokens_loaded += n * s
 
-    def _take_host_pages(self, scheduler: Scheduler, seq: Sequence, run: LoadedRun, *, first_in_line: bool) -> None:
-        """A sparse request to be admitted host-backed: copy the loaded pages (`run`, host rows only:
-        nothing is landed on the device for it) that fit into new pages of the host pool, one copy
-        per layer and run of rows, and mark it host-backed (`Scheduler._admit` admits it only so);
-        every row of the run is given back."""
-        n = min(len(run), self._host_cap(scheduler, seq, len(run), held=0, first_in_line=first_in_line))
+    def _take_host_pages(self, scheduler: Scheduler, seq: Sequence, start: int, run: LoadedRun, *,
+                         first_in_line: bool) -> None:
+        """A sparse request to be admitted host-backed: share the leading pages the host pool's prefix
+        cache holds now, then copy the loaded pages after them (`run`, host rows only: nothing is
+        landed on the device for it) into new host pool pages, one copy per layer and run of rows, if
+        the whole request fits; it is marked host-backed (`Scheduler._admit` admits it only so).
+        Every row of the run is given back."""
+        s = self.page_size
+        held = scheduler.host_prefix.match(seq) // s if scheduler.host_prefix is not None else 0
+        # L3's run starts at page `start`: it continues the pool's pages only if the pool still holds those
+        usable = run.slice(held - start, len(run)) if held >= start else LoadedRun()
+        full = held + len(usable)
+        n = max(0, self._host_cap(scheduler, seq, full, held=held, first_in_line=first_in_line) - held)
         if n == 0 or self.host is None:
             self.rows.give_back(run.rows)
-            if n == 0 and len(run):   # it no longer fits (others took the room meanwhile): looked up again when it does
-                self._looked_up.pop(seq.request_id, None)
+            if n == 0 and len(usable) and not held:   # it no longer fits (others took the room meanwhile):
+                self._looked_up.pop(seq.request_id, None)   # looked up again when it does
             return
         t0 = time.perf_counter()
         pool = scheduler.sparse.host_allocator
         pages = pool.allocate(n)
         try:
-            for pos, first, end in runs(run.rows[:n]):
+            rows = usable.slice(0, n).rows
+            for pos, first, end in runs(rows):
                 src = self.rows.pages(first, end, dtype=self.host.dtype, shape=self.page_shape)   # [m, L, 2, S, KVH, D]
                 index = torch.tensor(pages[pos:pos + end - first], dtype=torch.int64)
                 for layer in range(self.host.num_layers):
@@ -492,13 +501,13 @@ class L3PrefixCache:
             self.rows.give_back(run.rows)
             raise
         self.rows.give_back(run.rows)
-        seq.pages, seq.num_computed, seq.host_backed = pages, n * self.page_size, True
+        seq.pages, seq.num_computed, seq.host_backed = seq.pages + pages, (held + n) * s, True
         seq.needs_prefill = True
         self.timing["copy_s"] += time.perf_counter() - t0
         self.timing["copied_bytes"] += n * self.page_bytes
         self.stats.requests_hit += 1
         self.stats.pages_loaded += n
-        self.stats.tokens_loaded += n * self.page_size
+        self.stats.tokens_loaded += n * s
 
     def wait_for_lookups(self, timeout_s: float = 0.05) -> None:
         """Block until a lookup in flight has read more pages or is back (since the last `load`), or

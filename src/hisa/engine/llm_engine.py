@@ -20,7 +20,7 @@ from hisa.config import EngineConfig
 from hisa.engine.detokenizer import Detokenizer
 from hisa.engine.outputs import RequestOutput
 from hisa.engine.overlap import InFlightStep, TokenReadback, can_overlap
-from hisa.engine.prefix_cache import DevicePrefixCache
+from hisa.engine.prefix_cache import DevicePrefixCache, HostPrefixCache
 from hisa.engine.sampler import Sampler
 from hisa.engine.sampling_params import SamplingParams
 from hisa.engine.scheduler import ScheduledBatch, Scheduler
@@ -95,13 +95,15 @@ class LLMEngine:
             self.sparse = build_sparse(config.sparse, algorithm=algorithm, cache=self.cache, model_config=mcfg,
                                        max_model_len=self.max_model_len)
         self.allocator = PageAllocator(num_pages)
-        self.prefix_cache = None
+        self.prefix_cache = self.host_prefix_cache = None
         if config.prefix_cache and mcfg.dsa is None:
             self.prefix_cache = DevicePrefixCache(self.allocator, page_size=config.page_size)
+            if self.sparse is not None and config.sparse.residency != "device":
+                self.host_prefix_cache = HostPrefixCache(self.sparse.host_allocator, page_size=config.page_size)
         self.scheduler = Scheduler(allocator=self.allocator, page_size=config.page_size,
                                    max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens, sparse=self.sparse,
-                                   prefix=self.prefix_cache)
+                                   prefix=self.prefix_cache, host_prefix=self.host_prefix_cache)
         self.runner = ModelRunner(self.loaded.model, self.cache, config.torch_device, sparse=self.sparse,
                                   max_num_seqs=config.max_num_seqs, cuda_graphs=config.cuda_graphs,
                                   max_model_len=self.max_model_len, scratch_page=num_pages,

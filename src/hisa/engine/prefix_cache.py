@@ -92,12 +92,15 @@ class DevicePrefixCache:
         self.stats.tokens_hit += seq.num_computed
         return seq.num_computed
 
+    # which requests' pages this cache names: those held in the device pool (not host-backed ones)
+    host_pages = False
+
     def register(self, seqs: list[Sequence]) -> None:
-        """Register the pages of `seqs` (after a step) that have filled since last time; a host-backed
-        sparse request's pages are host pages, not the pool's."""
+        """Register the pages of `seqs` (after a step) that have filled since last time, if they are
+        this cache's pool's (device pages here; host pages for `HostPrefixCache`)."""
         s = self.page_size
         for seq in seqs:
-            if seq.host_backed or not seq.pages:
+            if seq.host_backed != self.host_pages or not seq.pages:
                 continue
             full = min(seq.num_computed // s, len(seq.pages))
             if full <= seq.num_registered:
@@ -109,3 +112,29 @@ class DevicePrefixCache:
 
     def metrics(self) -> dict[str, int]:
         return {**asdict(self.stats), "pages_cached": self.allocator.num_cached, "pages_evicted": self.allocator.evicted}
+
+
+class HostPrefixCache(DevicePrefixCache):
+    """Prefix reuse in the host pool (L2) for host-backed sparse requests: the same scheme over the host
+    pool's allocator. A host-backed request registers its full host pages as they fill (prompt and
+    answer); when it ends they stay cached (evicted least recently freed first when the host pool
+    needs room), and a new request that will be host-backed takes the leading run its prompt shares
+    (`match`, then marked host-backed: `Scheduler._admit` admits it only so) instead of prefilling it;
+    its first chunk builds the shared pages' representations (`SparseCoordinator.prefill_host_backed`).
+    A full host page is never written again (a chunk writes from the page it starts in; decode writes
+    the page of its new token), so sharing one is safe.
+
+    Example::
+
+        host_prefix = HostPrefixCache(host_pool.allocator, page_size=16)
+        host_prefix.match(seq)       # seq.pages: the host pages of its cached prefix
+        host_prefix.register([seq])  # after a step (host-backed requests only)
+    """
+
+    host_pages = True
+
+    def match(self, seq: Sequence) -> int:
+        got = super().match(seq)
+        if got:
+            seq.host_backed = True
+        return got

@@ -80,12 +80,15 @@ class Scheduler:
     """
 
     def __init__(self, *, allocator: PageAllocator, page_size: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, sparse: SparsePolicy | None = None, prefix=None):
+                 max_num_batched_tokens: int, sparse: SparsePolicy | None = None, prefix=None,
+                 host_prefix=None):
         """prefix: a `hisa.engine.prefix_cache.DevicePrefixCache` over `allocator` (requests held in
         the pool, dense or resident sparse, reuse cached prefix pages at admission and register
-        theirs after each step), or None."""
+        theirs after each step), or None. host_prefix: a `HostPrefixCache` over the sparse host
+        pool's allocator (the same for host-backed sparse requests), or None."""
         self.allocator = allocator
         self.prefix = prefix
+        self.host_prefix = host_prefix
         self.sparse = sparse
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
@@ -161,6 +164,17 @@ class Scheduler:
         """Whether `seq` may take prefix pages from the pool: dense, or sparse where it may be resident."""
         return not seq.sparse or self.sparse.residency != "host"
 
+    def _goes_host_backed(self, seq: Sequence, *, device_tried: bool = False) -> bool:
+        """Whether a waiting request holding no pages should look in the host pool's prefix cache: a
+        sparse one that will be host-backed (residency "host"; "auto" once the device could not take
+        it, or when the device pool cannot hold its whole KV now)."""
+        if self.host_prefix is None or not seq.sparse or seq.pages or seq.num_computed:
+            return False
+        mode = self.sparse.residency
+        if mode != "auto":
+            return mode == "host"
+        return device_tried or self.allocator.num_free < -(-seq.num_tokens // self.page_size) + len(self.running)
+
     def device_pages_held(self, seq: Sequence) -> int:
         return len(seq.buffer_pages) + (0 if seq.host_backed else len(seq.pages))
 
@@ -215,13 +229,20 @@ class Scheduler:
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
             matched = self.prefix.match(seq) if self.prefix is not None and self.may_share_prefix(seq) else 0
+            if not matched and self._goes_host_backed(seq):
+                matched = self.host_prefix.match(seq)   # the host pool's cached prefix (marks it host-backed)
             n = min(shares[seq], budget, seq.num_tokens - seq.num_computed)
             admitted = self._admit(seq, n, reserve)
             if not admitted and matched:
+                on_device = not seq.host_backed
                 self.give_back(seq)
-                if seq.sparse:  # it may still go host-backed, prefilling its prefix after all
-                    n = min(shares[seq], budget, seq.num_tokens)
+                if seq.sparse and on_device:  # it may still go host-backed (from the host pool's prefix)
+                    if self._goes_host_backed(seq, device_tried=True):
+                        self.host_prefix.match(seq)
+                    n = min(shares[seq], budget, seq.num_tokens - seq.num_computed)
                     admitted = self._admit(seq, n, reserve)
+                    if not admitted and seq.pages:
+                        self.give_back(seq)
             if not admitted:
                 break
             self.waiting.remove(seq)
@@ -323,6 +344,8 @@ class Scheduler:
             seq.num_computed += n
         if self.prefix is not None:
             self.prefix.register(batch.seqs)
+        if self.host_prefix is not None:
+            self.host_prefix.register(batch.seqs)
 
     def remove_finished(self) -> None:
         self.running = [s for s in self.running if not s.is_finished]
