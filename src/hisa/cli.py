@@ -51,7 +51,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="run decode steps eagerly instead of replaying CUDA graphs (CUDA only)")
     g.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV of full prompt pages already in the KV pool (a prefix shared with a running "
-                        "request, or kept after earlier requests) instead of prefilling them (default: on)")
+                        "request, or kept after earlier requests) instead of prefilling them; host-backed sparse "
+                        "requests likewise in the host pool (default: on)")
     g.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                    help="while the device runs a decode step, post-process the previous one and prepare the next "
                         "on the host (same tokens, outputs one step later) (default: on for CUDA, off on the CPU)")

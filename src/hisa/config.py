@@ -41,9 +41,10 @@ class EngineConfig:
     cuda_graphs: on CUDA, steps where every request decodes (all dense, or all sparse) are
         captured in a CUDA graph per (batch size, page-table width bucket) and replayed
         (`hisa.engine.cuda_graph`); False runs every step eagerly. Ignored on the CPU.
-    prefix_cache: dense requests reuse the KV of full prompt pages already in the device pool (a
-        shared prefix of a running request, or pages kept after their requests finished, evicted
-        LRU when the pool needs room) instead of prefilling them (`hisa.engine.prefix_cache`).
+    prefix_cache: requests reuse the KV of full prompt pages already in their pool (a shared prefix of
+        a running request, or pages kept after their requests finished, evicted LRU when the pool
+        needs room) instead of prefilling them: dense and resident sparse requests in the device
+        pool, host-backed sparse requests in the host pool (`hisa.engine.prefix_cache`).
     cpu_decode_kv_gb: on the CPU, the most GB of fp32 K/V kept contiguous per decoding dense
         request beside the paged cache, so decode attention reads it in place instead of gathering
         pages every step (`hisa.engine.cpu_decode_kv`); requests past it take the paged path; 0 = off.

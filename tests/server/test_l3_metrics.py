@@ -1,5 +1,5 @@
 """/metrics shows the L3 counters (hits, bytes, faults) when --l3 is on, and nothing of L3 when it is off;
-likewise the pool's prefix-cache counters."""
+likewise the pools' prefix-cache counters (device, host)."""
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -33,3 +33,12 @@ def test_prefix_cache_counters_are_gauges():
                                 prefix=dict(lookups=3, requests_hit=2, pages_hit=36, tokens_hit=576, pages_cached=5)))
     samples = _samples(metrics)
     assert samples["hisa_prefix_cache_tokens_hit"] == 576 and samples["hisa_prefix_cache_pages_cached"] == 5
+
+
+def test_host_prefix_cache_counters_are_gauges_of_their_own():
+    metrics = ServerMetrics()
+    metrics.refresh(EngineStats(kv_pages_used=1, kv_pages_total=8,
+                                prefix=dict(pages_hit=0), host_prefix=dict(requests_hit=2, pages_hit=36)))
+    samples = _samples(metrics)
+    assert samples["hisa_host_prefix_cache_pages_hit"] == 36 and samples["hisa_host_prefix_cache_requests_hit"] == 2
+    assert samples["hisa_prefix_cache_pages_hit"] == 0

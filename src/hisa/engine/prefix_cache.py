@@ -18,8 +18,8 @@ gives the pages back and prefills host-backed), its representations of the share
 from their keys with its first chunk (`SparseCoordinator.prefill_resident`), and when it is demoted
 to the host pool its LRU slots are pages it holds alone, unnamed by the cache (they will be
 overwritten), while the pages it shares only lose its reference (`Scheduler._demote_one`).
-Host-backed requests register nothing (their pages are host pages). DeepSeek-V3.2 models (MLA
-cache) do not use this. Torch-free.
+Host-backed requests' pages are host pages: `HostPrefixCache` (below) does the same in the host
+pool (L2). DeepSeek-V3.2 models (MLA cache) do not use this. Torch-free.
 
 Example::
 

@@ -67,6 +67,7 @@ class EngineStats:
     sparse: Mapping[str, float] | None = None  # engine.sparse_stats, when the engine has a sparse cache
     l3: Mapping[str, float] | None = None  # engine.l3_prefix.metrics(), when --l3 is on
     prefix: Mapping[str, float] | None = None  # engine.prefix_cache.metrics(), when --prefix-cache is on
+    host_prefix: Mapping[str, float] | None = None  # engine.host_prefix_cache.metrics(): host-backed requests
 
 
 @dataclass(frozen=True)
@@ -369,7 +370,9 @@ class AsyncEngine:
                                  sparse=read_sparse_stats(engine),
                                  l3=engine.l3_prefix.metrics() if getattr(engine, "l3_prefix", None) else None,
                                  prefix=engine.prefix_cache.metrics() if getattr(engine, "prefix_cache", None)
-                                 else None)
+                                 else None,
+                                 host_prefix=engine.host_prefix_cache.metrics()
+                                 if getattr(engine, "host_prefix_cache", None) else None)
 
 
 def _max_prompt_chars(tokenizer, max_model_len: int) -> int:
