@@ -14,6 +14,10 @@ rotating order):
   pool        the pool's prefix cache (pages shared or kept after requests, evicted LRU);
   pool+l3     the same with --l3 file:DIR (prompts stored after prefill, answers when a request ends).
 
+With `--sparse-host` the sessions are host-backed sparse requests (quest, `--token-budget`): their KV
+lives in the host pool, which is then the pool of `--pool-sessions` sessions (the device pool holds
+their LRU buffers), and `pool` is the host pool's prefix cache (L2).
+
 Per mode: the sum and median of time to first token over all turns, the time its requests took,
 tokens reused (pool and L3 counters), and whether every answer equals mode `none`'s; and the
 capacity side: the KV of all sessions' conversations at the end and what L3 holds, against the
@@ -67,9 +71,16 @@ class Mode:
         self.num_pages = int(a.pool_sessions * -(-longest // PAGE))
         self.pool_gib = round(self.num_pages * page_bytes / 2**30, 3)
         self.mode, self.later = mode, later
+        pools = dict(num_kv_pages=self.num_pages)
+        if a.sparse_host:   # the host pool is the pool the sessions compete for; the device holds buffers
+            from hisa.sparse.config import SparseConfig
+
+            pools = dict(sparse=SparseConfig(algorithm="quest", token_budget=a.token_budget, min_prompt_len=256,
+                                              residency="host", host_pool_gb=self.num_pages * page_bytes / 2**30),
+                         num_kv_pages=-(-longest // PAGE) + 2 * -(-a.token_budget // PAGE) + 4)   # + a buffer
         self.llm = LLM(loaded=loaded, device="cpu", dtype="float32", progress=False, page_size=PAGE, max_num_seqs=1,
-                       max_model_len=longest + PAGE, num_kv_pages=self.num_pages, max_num_batched_tokens=a.chunk,
-                       prefix_cache=mode != "none", l3=f"file:{l3_dir}" if mode == "pool+l3" else None)
+                       max_model_len=longest + PAGE, max_num_batched_tokens=a.chunk, prefix_cache=mode != "none",
+                       l3=f"file:{l3_dir}" if mode == "pool+l3" else None, **pools)
         self.params = SamplingParams(max_tokens=a.answer_tokens, ignore_eos=True)
         self.history = [list(o) for o in openings]
         self.answers, self.ttfts, self.busy_s = [], [], 0.0
@@ -86,7 +97,8 @@ class Mode:
 
     def row(self) -> dict:
         engine = self.llm.engine
-        pool = engine.prefix_cache.metrics() if engine.prefix_cache is not None else {}
+        cache = engine.host_prefix_cache if engine.host_prefix_cache is not None else engine.prefix_cache
+        pool = cache.metrics() if cache is not None else {}
         l3 = engine.l3_prefix.metrics() if engine.l3_prefix is not None else {}
         return dict(mode=self.mode, ttft_sum_s=round(sum(self.ttfts), 3),
                     ttft_median_s=round(statistics.median(self.ttfts), 3), ttft_s=[round(t, 3) for t in self.ttfts],
@@ -105,6 +117,9 @@ def main() -> int:
     p.add_argument("--chunk", type=int, default=2048, help="--max-num-batched-tokens")
     p.add_argument("--modes", default="none,pool,pool+l3")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--sparse-host", action="store_true",
+                   help="host-backed sparse sessions (quest): the host pool is the pool, `pool` its prefix cache (L2)")
+    p.add_argument("--token-budget", type=int, default=256, help="with --sparse-host (default 256)")
     p.add_argument("--git-commit", default=None)
     p.add_argument("--out", type=Path, default=REPO / "bench/results/agent_sessions_cpu.json")
     a = p.parse_args()
@@ -161,7 +176,9 @@ def main() -> int:
                    config=dict(sessions=a.sessions, turns=a.turns, doc_tokens=a.doc_tokens,
                                question_tokens=a.question_tokens, answer_tokens=a.answer_tokens,
                                pool_sessions=a.pool_sessions, chunk=a.chunk, page_size=PAGE,
-                               threads=torch.get_num_threads(), model="SmolLM2-135M-Instruct (embedded GGUF), fp32"),
+                               threads=torch.get_num_threads(), model="SmolLM2-135M-Instruct (embedded GGUF), fp32",
+                               kv=f"host-backed sparse quest, budget {a.token_budget} (the pool: the host pool)"
+                               if a.sparse_host else "dense (the pool: the device pool)"),
                    rows=[{k: v for k, v in r.items() if k != "answers"} for r in rows])
     write_json(a.out, payload)
     _plot(rows, a.out.with_suffix(".png"))
