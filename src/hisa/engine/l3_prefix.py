@@ -278,15 +278,8 @@ class L3PrefixCache:
         return min(full, held + free - reserve - 1) if first_in_line else 0
 
     def _host_target(self, scheduler: Scheduler, seq: Sequence) -> bool:
-        """Whether `seq`'s pages from L3 go to the host pool: a sparse request that is host-backed by
-        configuration, or (HBM first) one whose whole KV the device pool cannot hold now."""
-        if self.host is None or not seq.sparse:
-            return False
-        residency = scheduler.sparse.residency
-        if residency != "auto":
-            return residency == "host"
-        need = -(-seq.num_tokens // self.page_size) + len(scheduler.running)
-        return scheduler.allocator.num_free < need
+        """Whether `seq`'s pages from L3 go to the host pool (`Scheduler.will_be_host_backed`)."""
+        return self.host is not None and scheduler.will_be_host_backed(seq)
 
     def _host_cap(self, scheduler: Scheduler, seq: Sequence, full: int, *, held: int, first_in_line: bool) -> int:
         """`_cap` for a request whose pages go to the host pool: all `full` pages if the whole request
@@ -463,10 +456,15 @@ class L3PrefixCache:
             raise
         self.rows.give_back(run.rows, event=copied)
         seq.pages, seq.num_computed = seq.pages + pages, (held + n) * s
+        self._loaded(seq, n)
+
+    def _loaded(self, seq: Sequence, n: int) -> None:
+        """`seq` was given n pages from L3 (after any its pool shared): its next chunk runs as a
+        prefill (`Sequence.needs_prefill`), and the load is counted."""
         seq.needs_prefill = True
         self.stats.requests_hit += 1
         self.stats.pages_loaded += n
-        self.stats.tokens_loaded += n * s
+        self.stats.tokens_loaded += n * self.page_size
 
     def _take_host_pages(self, scheduler: Scheduler, seq: Sequence, start: int, run: LoadedRun, *,
                          first_in_line: bool) -> None:
@@ -502,12 +500,9 @@ class L3PrefixCache:
             raise
         self.rows.give_back(run.rows)
         seq.pages, seq.num_computed, seq.host_backed = seq.pages + pages, (held + n) * s, True
-        seq.needs_prefill = True
         self.timing["copy_s"] += time.perf_counter() - t0
         self.timing["copied_bytes"] += n * self.page_bytes
-        self.stats.requests_hit += 1
-        self.stats.pages_loaded += n
-        self.stats.tokens_loaded += n * s
+        self._loaded(seq, n)
 
     def wait_for_lookups(self, timeout_s: float = 0.05) -> None:
         """Block until a lookup in flight has read more pages or is back (since the last `load`), or
@@ -623,10 +618,7 @@ class L3PrefixCache:
             self.host.allocator.hold(held)   # not handed out again before the write has read them
             write = functools.partial(self._write_host, write, held)
             if device.type == "cuda":   # handed over once the device's writes into these pages have landed
-                done = torch.cuda.Event()
-                done.record(torch.cuda.current_stream(device))
-                self._staged.append((done, write, n * self.page_bytes))
-                self._hand_over(wait=not self.io.threaded)
+                self._stage(write, n * self.page_bytes)
             else:
                 self.io.submit(write, nbytes=n * self.page_bytes)
             return
@@ -640,14 +632,20 @@ class L3PrefixCache:
             for pos, a, b in runs(staged):   # asynchronous copies into the pinned rows, one per run of rows
                 dst = self.store_rows.pages(a, b, dtype=pages.dtype, shape=self.page_shape)
                 dst.copy_(pages[pos:pos + b - a], non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(torch.cuda.current_stream(device))
         except BaseException:
             if staged is not None:
                 self.store_rows.give_back(staged)
             self._in_l3[seq.request_id] = first
             raise
-        self._staged.append((done, functools.partial(write, staged, True), n * self.page_bytes))
+        self._stage(functools.partial(write, staged, True), n * self.page_bytes)
+
+    def _stage(self, write, nbytes: int) -> None:
+        """CUDA, engine thread: queue `write` for the I/O thread behind an event recorded now on the
+        cache device's stream, so that it is handed over (`_hand_over`) once the device work launched
+        before it (a copy into staging rows, writes into host pool pages) has completed."""
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.cache.data.device))
+        self._staged.append((done, write, nbytes))
         self._hand_over(wait=not self.io.threaded)
 
     def _write_host(self, write, pages: list[int]) -> None:

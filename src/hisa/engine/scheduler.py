@@ -164,16 +164,21 @@ class Scheduler:
         """Whether `seq` may take prefix pages from the pool: dense, or sparse where it may be resident."""
         return not seq.sparse or self.sparse.residency != "host"
 
-    def _goes_host_backed(self, seq: Sequence, *, device_tried: bool = False) -> bool:
-        """Whether a waiting request holding no pages should look in the host pool's prefix cache: a
-        sparse one that will be host-backed (residency "host"; "auto" once the device could not take
-        it, or when the device pool cannot hold its whole KV now)."""
-        if self.host_prefix is None or not seq.sparse or seq.pages or seq.num_computed:
+    def will_be_host_backed(self, seq: Sequence, *, device_tried: bool = False) -> bool:
+        """Whether a waiting request will be host-backed: sparse, and residency "host", or "auto" once
+        the device could not take it or when the device pool cannot hold its whole KV now (HBM first).
+        Where its prefix is looked for: the host pool's prefix cache, L3 into the host pool."""
+        if not seq.sparse:
             return False
         mode = self.sparse.residency
         if mode != "auto":
             return mode == "host"
         return device_tried or self.allocator.num_free < -(-seq.num_tokens // self.page_size) + len(self.running)
+
+    def _goes_host_backed(self, seq: Sequence, *, device_tried: bool = False) -> bool:
+        """Whether a waiting request holding no pages should look in the host pool's prefix cache."""
+        return (self.host_prefix is not None and not seq.pages and not seq.num_computed
+                and self.will_be_host_backed(seq, device_tried=device_tried))
 
     def device_pages_held(self, seq: Sequence) -> int:
         return len(seq.buffer_pages) + (0 if seq.host_backed else len(seq.pages))

@@ -141,14 +141,22 @@ class SparseCoordinator:
         if self.windows[layer] is not None or not self.algorithm.selects or self.dense[layer]:
             return
         s = self.page_size
-        built = self._represented[layer]
-        first, last = min(computed, built.get(seq.sparse_slot, 0)) // s, -(-(computed + n) // s)
-        built[seq.sparse_slot] = computed + n
+        first, last = self._unrepresented(layer, seq, computed, computed + n), -(-(computed + n) // s)
         pages = torch.tensor(seq.pages[first:last], dtype=torch.int64, device=self.device)
         keys = self.cache.keys(layer).index_select(0, pages).float()  # [P, S, KVH, D]
         keys = keys.reshape(-1, *keys.shape[2:])
         keys[computed + n - first * s:] = float("nan")  # slots past the written tokens
         self.algorithm.construct_representations(layer, seq.sparse_slot, first, keys)
+
+    def _unrepresented(self, layer: int, seq, computed: int, total: int) -> int:
+        """The first page of `seq` whose representation a prefill chunk over tokens [computed, total)
+        builds in `layer`: the chunk's first page, or an earlier one when pages were given to the
+        request with their KV (a shared prefix, an L3 load) and no chunk built theirs yet. Records
+        that tokens up to `total` are represented."""
+        built = self._represented[layer]
+        first = min(computed, built.get(seq.sparse_slot, 0)) // self.page_size
+        built[seq.sparse_slot] = total
+        return first
 
     def prefill_host_backed(self, layer: int, seq, computed: int, q, k, v) -> torch.Tensor:
         """A host-backed request's prefill chunk: attend over the context read back from the host
@@ -173,11 +181,9 @@ class SparseCoordinator:
         m.write_pages(layer, rows.reshape(last_page - first_page, -1), seq.pages[first_page:last_page],
                       tail_page=seq.buffer_pages[-1])
         if self.windows[layer] is None and self.algorithm.selects and not self.dense[layer]:
-            # from the first page without a representation: the first chunk after a prefix loaded from
-            # L3 into the host pool also builds the prefix's (k_all holds the whole context then)
-            built = self._represented[layer]
-            first = min(first_page, built.get(seq.sparse_slot, 0) // s)
-            built[seq.sparse_slot] = total
+            # the first chunk after a prefix shared or loaded into the host pool also builds the
+            # prefix's (k_all holds the whole context then)
+            first = self._unrepresented(layer, seq, computed, total)
             keys = torch.nn.functional.pad(k_all[first * s:total].float(), (0, 0, 0, 0, 0, pad), value=float("nan"))
             self.algorithm.construct_representations(layer, seq.sparse_slot, first, keys)
         return out
