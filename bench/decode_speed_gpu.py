@@ -302,6 +302,9 @@ def main(argv=None) -> int:
     p.add_argument("--skip-dense", action="store_true", help="no dense row at --contexts x --batches")
     p.add_argument("--overlap", default="auto", choices=("auto", "on", "off"),
                    help="overlap mode of the engines (auto: on for CUDA)")
+    p.add_argument("--decode-streams", default="2",
+                   help="SparseConfig.decode_streams of the sparse rows at --contexts x --batches; comma-separated "
+                        "values give one row each, side by side (A/B)")
     p.add_argument("--git-commit", default=None)
     p.add_argument("--out", type=Path, default=REPO / "bench/results/decode_speed_gpu.json")
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)  # internal: one engine, in a child process
@@ -337,7 +340,10 @@ def main(argv=None) -> int:
     for ctx in (int(c) for c in a.contexts.split(",") if c):  # --contexts "": only the largest-batch rows
         for batch in (int(b) for b in a.batches.split(",")):
             pair = {} if a.skip_dense else job(kind="fixed", ctx=ctx, batch=batch, name="dense", residency=None)
-            pair.update(job(kind="fixed", ctx=ctx, batch=batch, name=a.algorithm, residency="auto"))
+            streams = [int(x) for x in a.decode_streams.split(",")]
+            for n in streams:
+                name = a.algorithm if len(streams) == 1 else f"{a.algorithm} s{n}"
+                pair.update(job(kind="fixed", ctx=ctx, batch=batch, name=name, residency="auto", streams=n))
             if a.host_rows:  # the same batch with every request host-backed (the PCIe regime)
                 pair.update(job(kind="fixed", ctx=ctx, batch=batch, name=f"{a.algorithm} host", residency="host"))
             ref = pair.get(f"dense b{batch}", {}).get("tokens_per_s")
@@ -389,7 +395,8 @@ def run_job(a, spec: dict) -> int:
             return None
         return SparseConfig(algorithm=a.algorithm, token_budget=a.budget, min_prompt_len=1024,
                             host_pool_gb=a.host_pool_gb, max_sparse_requests=max(batch, 1),
-                            residency=spec["residency"])
+                            residency=spec["residency"],
+                            decode_streams=spec.get("streams", int(a.decode_streams.split(",")[0])))
 
     def row(label, eng, res, batch, **extra):
         if eng.llm.engine.sparse is not None and not any(res["host_backed_per_step"]):

@@ -87,6 +87,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                     help="sparse requests running at once (default: 16)")
     sp.add_argument("--dense-layers", type=int, default=0,
                     help="the first N layers attend densely to every page (needs --residency device) (default: 0)")
+    sp.add_argument("--decode-streams", type=int, default=2,
+                    help="CUDA: a resident sparse decode step's rows run in this many groups on their own streams, "
+                         "overlapping their selection kernels (default: 2)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -98,7 +101,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                               sink_pages=args.sink_pages, recent_pages=args.recent_pages,
                               min_prompt_len=args.sparse_min_prompt_len, host_pool_gb=args.host_pool_gb,
                               residency=args.residency, max_sparse_requests=args.max_sparse_requests,
-                              dense_layers=args.dense_layers)
+                              dense_layers=args.dense_layers, decode_streams=args.decode_streams)
     return dict(model=args.model, device=args.device, dtype=args.dtype, page_size=args.page_size,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb,

@@ -135,6 +135,43 @@ def test_cuda_graphs_are_off_on_the_cpu():
     assert llm.engine.runner.graphs is None
 
 
+@pytest.mark.parametrize("preset,algorithm,dense_first", [
+    ("tiny-llama", "quest", False), ("tiny-gemma3", "quest", False), ("tiny-llama", "lowbit", False),
+    ("tiny-llama", "quest", True)])
+def test_rows_decoded_in_groups_equal_rows_decoded_together(monkeypatch, preset, algorithm, dense_first):
+    """A captured resident step runs its rows in groups, each on its own CUDA stream
+    (SparseConfig.decode_streams). Off CUDA the groups run one after another: the same coordinator
+    calls on row ranges, the same attention into views of the output, so the tokens must be those
+    of the rows decoded together. (dense_first: the first layer attends densely.)"""
+    loaded = _tiny(preset, "cpu", torch.float32)
+    from hisa.engine.step_attention import StepAttention
+
+    def run(groups: int):
+        sparse = SparseConfig(algorithm=algorithm, token_budget=96, min_prompt_len=64, max_sparse_requests=4,
+                              residency="device", decode_streams=groups, dense_layers=1 if dense_first else 0)
+        llm = LLM(loaded=loaded, device="cpu", dtype="float32", progress=False, sparse=sparse, max_model_len=1024,
+                  kv_cache_gb=0.05)
+        llm.engine.runner.cpu_kv = None  # every row on the paged path, grouped or not
+        params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in MAX_TOKENS]
+        outs = llm.generate(_prompts(loaded.config.vocab_size), params, use_tqdm=False)
+        return [o.token_ids for o in outs]
+
+    def grouped(self, q):
+        d, n = self.decode, self.sparse.config.decode_streams
+        if not d.has_sparse or d.has_host_backed or n < 2 or q.shape[0] < 2:
+            return []
+        cut = [q.shape[0] * i // n for i in range(n + 1)]
+        grouped.steps += 1
+        return [slice(a, b) for a, b in zip(cut, cut[1:])]
+
+    grouped.steps = 0
+    together = run(1)
+    monkeypatch.setattr(StepAttention, "_row_groups", grouped)
+    in_groups = run(2)
+    assert grouped.steps > 0
+    assert in_groups == together
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("preset,algorithm,dtype,residency", [

@@ -11,11 +11,12 @@ chunks over the host pool (the coordinator).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
-from hisa.attention.paged_decode import paged_decode_attention
+from hisa.attention.paged_decode import default_num_splits, paged_decode_attention
 from hisa.attention.prefill import gather_pages, prefill_attention
 from hisa.engine.cpu_decode_kv import CpuDecodeStep
 from hisa.engine.decode_batch import DecodeView
@@ -61,6 +62,9 @@ class StepAttention:
     def _decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         d = self.decode
         host = d.has_host_backed
+        groups = self._row_groups(q)
+        if groups:
+            return self._decode_streams(layer, q, k, v, groups)
         write_token_kv(k, v, self.cache.layer_rows(layer), d.write_page, d.t, page_size=self.cache.page_size,
                        host_rows=self._host.layer_rows(layer) if host else None,
                        host_pages=d.write_host_page if host else None)
@@ -75,6 +79,55 @@ class StepAttention:
                                          scale=self.scale, window=self.windows[layer])
         if d.has_sparse:
             self.sparse.attention_end(layer, k)
+        return out
+
+    def _row_groups(self, q: torch.Tensor) -> list[slice]:
+        """The row groups of a decode step captured in a CUDA graph whose sparse rows are all resident
+        (SparseConfig.decode_streams > 1), else [] (one stream, the order above)."""
+        d, sp = self.decode, self.sparse
+        if sp is None or not d.has_sparse or d.has_host_backed or not q.is_cuda:
+            return []
+        n = min(sp.config.decode_streams, q.shape[0])
+        if n < 2:
+            return []
+        _streams(q.device, n)  # made by the eager run that precedes a shape's capture, not during it
+        if not torch.cuda.is_current_stream_capturing():
+            return []
+        bounds = [q.shape[0] * i // n for i in range(n + 1)]
+        return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+    def _decode_streams(self, layer: int, q, k, v, groups: list[slice]) -> torch.Tensor:
+        """A resident sparse step's layer on several streams (captured): the new K/V and the
+        representations' update on one side stream, each row group's selection → compose → attention
+        on its own, joined before the output projection. The rows are independent, so their chains of
+        small latency-bound kernels (page logits, scores, top-k, compose, split attention) overlap
+        instead of running one after another. The update writes only the current page's
+        representation, which no selection reads (it is a recent page), so it runs beside them."""
+        d, cache = self.decode, self.cache
+        cuda = q.is_cuda  # (off CUDA the groups run one after another: the same results, for the tests)
+        main = torch.cuda.current_stream() if cuda else None
+        side = _streams(q.device, len(groups)) if cuda else [None] * len(groups)
+        for s in side if cuda else ():
+            s.wait_stream(main)
+        with _on(side[0]):
+            write_token_kv(k, v, cache.layer_rows(layer), d.write_page, d.t, page_size=cache.page_size)
+            self.sparse.attention_end(layer, k)
+        out = torch.empty_like(q)
+        # each group's split count as for the whole batch: together they fill the GPU's one wave
+        attended, window = d.table.shape[1] * cache.page_size, self.windows[layer]
+        splits = default_num_splits(batch=q.shape[0], num_kv_heads=k.shape[1], block_n=64, device=q.device,
+                                    max_tokens=attended if window is None else min(attended, window))
+        for i, rows in enumerate(groups):
+            s = main if i == 0 else side[i]
+            with _on(s):
+                self.sparse.attention_begin(layer, q[rows], rows=rows)
+                if cuda:
+                    s.wait_stream(side[0])  # the current page holds the new token
+                paged_decode_attention(q[rows], cache.keys(layer), cache.values(layer), d.table[rows],
+                                       d.kv_lens[rows], scale=self.scale, window=self.windows[layer],
+                                       num_splits=splits, out=out[rows])
+        for s in side if cuda else ():
+            main.wait_stream(s)
         return out
 
     def _prefill(self, layer: int, c: PrefillChunk, q, k, v) -> torch.Tensor:
@@ -94,3 +147,19 @@ class StepAttention:
         if seq.sparse:
             self.sparse.prefill_resident(layer, seq, c.computed, q.shape[0])
         return out
+
+
+def _on(stream: torch.cuda.Stream | None):
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
+_STREAMS: dict[tuple[int, int], torch.cuda.Stream] = {}
+
+
+def _streams(device: torch.device, n: int) -> list[torch.cuda.Stream]:
+    """n side streams of the device, made once and reused by every step (and every captured graph)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    for i in range(n):
+        if (idx, i) not in _STREAMS:
+            _STREAMS[idx, i] = torch.cuda.Stream(device=idx)
+    return [_STREAMS[idx, i] for i in range(n)]

@@ -36,6 +36,10 @@ class SparseConfig:
         there; Quest keeps 2); 0 (the default) selects in every layer. Sliding-window layers keep
         their window either way. Needs residency="device": a host-backed request's device buffer
         holds only its budget's pages, not a whole context per layer.
+    decode_streams: CUDA decode steps captured in a graph whose sparse rows are all resident split
+        their rows into this many groups, each selecting and attending on its own stream (the new
+        K/V written on another): the chains of small, latency-bound selection kernels of different
+        rows overlap. 1 runs every row on one stream. Eager and host-backed steps always use one.
 
     Example::
 
@@ -53,6 +57,7 @@ class SparseConfig:
     max_sparse_requests: int = 16
     prefetch: bool = False
     dense_layers: int = 0
+    decode_streams: int = 2
 
     def __post_init__(self) -> None:
         from hisa.sparse.base import registered_algorithms
@@ -72,6 +77,8 @@ class SparseConfig:
             raise ConfigError(f"host_pool_gb must be > 0 (or None: sized from the machine's RAM), got {self.host_pool_gb}")
         if self.residency not in ("auto", "device", "host"):
             raise ConfigError(f"residency must be 'auto', 'device' or 'host', got {self.residency!r}")
+        if self.decode_streams < 1:
+            raise ConfigError(f"decode_streams must be >= 1, got {self.decode_streams}")
         if self.dense_layers < 0:
             raise ConfigError(f"dense_layers must be >= 0, got {self.dense_layers}")
         if self.dense_layers and self.residency != "device":

@@ -39,6 +39,21 @@ from hisa.sparse.base import BaseSparseAlgorithm, DecodeRows
 from hisa.sparse.config import SparseConfig
 
 
+@dataclass
+class _RowGroup:
+    """A contiguous range of a resident-only step's rows (views of the DecodeRowsView's tensors)."""
+
+    kind: torch.Tensor
+    slot: torch.Tensor
+    sparse_slot: torch.Tensor
+    t: torch.Tensor
+    write_page: torch.Tensor
+    table: torch.Tensor
+    kv_lens: torch.Tensor
+    block_table: torch.Tensor
+    has_host_backed: bool = False
+
+
 class DecodeRowsView(Protocol):
     """What the engine's decode step exposes (int32 [R] device tensors unless said otherwise)."""
 
@@ -235,10 +250,18 @@ class SparseCoordinator:
         if d.has_host_backed:
             self.manager.clock.add_(1)
 
-    def attention_begin(self, layer: int, q: torch.Tensor) -> None:
+    def attention_begin(self, layer: int, q: torch.Tensor, rows: slice | None = None) -> None:
         """Before a layer's decode attention: select → compose → (host-backed) diff + load misses.
-        Writes the sparse rows of the step's `table` and `kv_lens`."""
-        d, windowed = self._d, self.windows[layer] is not None
+        Writes the sparse rows of the step's `table` and `kv_lens`.
+
+        rows: only this contiguous range of the step's rows (q holds just those; a step without
+        host-backed rows, whose rows are independent: the engine runs groups of rows on separate
+        CUDA streams); None: every row."""
+        windowed = self.windows[layer] is not None
+        if rows is None:
+            d, bounds, drows, logical = self._d, self._bounds, self._rows, self._logical
+        else:
+            d, bounds, drows, logical = self._row_group(rows)
         if self.dense[layer]:  # every page, as prepare_step laid the rows out (an earlier layer may have composed)
             resident = d.kind == RESIDENT
             d.table.copy_(torch.where(resident[:, None], d.block_table.index_select(0, d.slot.long()), d.table))
@@ -246,10 +269,10 @@ class SparseCoordinator:
             return
         topk = None
         if not windowed and self.algorithm.selects and self.adaptor.num_select > 0:
-            topk = self.algorithm.retrieve_topk(layer, q, self._rows)  # [R, num_select] logical
+            topk = self.algorithm.retrieve_topk(layer, q, drows)  # [R, num_select] logical
         K = self.adaptor.width(windowed)
-        logical = self._logical[:, :K]
-        self.adaptor.compose(kind=d.kind, slot=d.slot, t=d.t, write_page=d.write_page, bounds=self._bounds,
+        logical = logical[:, :K]
+        self.adaptor.compose(kind=d.kind, slot=d.slot, t=d.t, write_page=d.write_page, bounds=bounds,
                              topk=topk, block_table=d.block_table, table=d.table, logical=logical,
                              kv_lens=d.kv_lens, windowed=windowed)
         if d.has_host_backed:
@@ -263,6 +286,21 @@ class SparseCoordinator:
             if nxt < self.num_layers and (self.windows[nxt] is not None and windowed
                                           or self.config.prefetch and self.windows[nxt] is None and not windowed):
                 self.manager.prefetch(nxt, logical, active=self._host_rows, sparse_slots=d.sparse_slot)
+
+    def _row_group(self, rows: slice):
+        """Views of the step's row state restricted to `rows` (see attention_begin)."""
+        d = self._d
+        if d.has_host_backed:
+            raise ValueError("a step with host-backed rows runs its sparse rows together (their loads share the "
+                             "layer's buffers and counters)")
+        b = self._bounds
+        bounds = LayoutBounds(b.lo[rows], b.hi[rows], None if b.window_lo is None else b.window_lo[rows])
+        view = _RowGroup(kind=d.kind[rows], slot=d.slot[rows], sparse_slot=d.sparse_slot[rows], t=d.t[rows],
+                         write_page=d.write_page[rows], table=d.table[rows], kv_lens=d.kv_lens[rows],
+                         block_table=d.block_table)
+        drows = DecodeRows(sparse_slots=view.sparse_slot, t=view.t, lo=bounds.lo, hi=bounds.hi,
+                           num_select=self.adaptor.num_select, page_keys=None)
+        return view, bounds, drows, self._logical[rows]
 
     def attention_end(self, layer: int, k: torch.Tensor) -> None:
         """After a layer's decode attention: fold the new keys into the algorithm's representations."""
