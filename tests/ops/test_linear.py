@@ -85,3 +85,58 @@ def test_the_dispatch_uses_the_kernel_only_where_it_pays(monkeypatch):
     x = torch.randn(4, 32)
     torch.testing.assert_close(lin(x), x @ lin.weight.T)
     assert calls == [(4, 32)]  # a CPU tensor: F.linear
+
+
+@needs_triton
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m,inter,k,block_n,block_k", [(1, 40, 64, 16, 32), (5, 33, 100, 16, 32), (16, 64, 48, 32, 16)])
+def test_gate_up_kernel_matches_the_projection_then_act_mul(act, dtype, m, inter, k, block_n, block_k):
+    """gate_up_act's kernel (both halves streamed by one program, the activation in its epilogue)
+    against the fp32 projection then act(gate) * up; masked tails in I and K, several K blocks."""
+    from hisa.ops.act_mul import act_mul_ref
+    from hisa.ops.linear import gate_up_act
+
+    torch.manual_seed(m * 100 + inter + k)
+    x = torch.randn(m, k, dtype=dtype, device=DEV)
+    w = (torch.randn(2 * inter, k, device=DEV) * 2 * k ** -0.5).to(dtype)
+    got = gate_up_act(x, w, act=act, use_triton=True, block_n=block_n, block_k=block_k, num_stages=2)
+    want = act_mul_ref(F.linear(x.float(), w.float()), act=act)
+    assert got.dtype == dtype and got.shape == (m, inter)
+    tol = 1e-5 if dtype == torch.float32 else 4e-3
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+def test_gate_up_act_off_the_kernel_is_the_projection_then_act_mul():
+    """Where the kernel does not run (here: the CPU), gate_up_act is linear + act_mul, leading dims kept;
+    a weight that is not two halves, or an unknown activation, is refused."""
+    from hisa.ops.act_mul import act_mul
+    from hisa.ops.linear import gate_up_act
+
+    x = torch.randn(2, 3, 24)
+    w = torch.randn(40, 24)
+    got = gate_up_act(x, w, act="silu")
+    assert got.shape == (2, 3, 20)
+    torch.testing.assert_close(got, act_mul(F.linear(x, w).reshape(6, 40), act="silu").view(2, 3, 20))
+    with pytest.raises(ValueError, match=r"\[2 \* I, K\]"):
+        gate_up_act(x, torch.randn(41, 24), act="silu")
+    with pytest.raises(ValueError, match="act must be"):
+        gate_up_act(x, w, act="relu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("act,rows", [("silu", 8), ("gelu_tanh", 3), ("silu", 16)])
+def test_gate_up_kernel_at_llama_8b_shapes_matches_the_unfused_ops(act, rows):
+    """bf16, Llama-3.1-8B's gate|up (2 x 14336 x 4096): the dispatch picks the fused kernel, and it
+    agrees with cuBLAS's projection then act_mul to bf16 rounding (each half rounded once in both)."""
+    from hisa.ops.act_mul import act_mul
+    from hisa.ops.linear import gate_up_act
+
+    torch.manual_seed(rows)
+    x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(2 * 14336, 4096, device="cuda") * 4096 ** -0.5).to(torch.bfloat16)
+    got = gate_up_act(x, w, act=act)
+    want = act_mul(F.linear(x, w), act=act)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    assert (got == want).float().mean() > 0.9

@@ -29,8 +29,7 @@ from hisa.models.config import SLIDING, ModelConfig
 from hisa.models.layers import FusedLinear, RMSNorm
 from hisa.models.llama import AttentionFn
 from hisa.models.rope import RotaryEmbedding, rope_inv_freq
-from hisa.ops.act_mul import act_mul
-from hisa.ops.linear import Linear
+from hisa.ops.linear import Linear, gate_up_act
 from hisa.ops.qkv_rope import qkv_rope
 
 
@@ -72,7 +71,7 @@ class Gemma3MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, hidden] → [T, hidden] (gated GELU, tanh approximation)."""
-        return self.down_proj(act_mul(self.gate_up_proj(x), act="gelu_tanh"))
+        return self.down_proj(gate_up_act(x, self.gate_up_proj.weight, act="gelu_tanh"))
 
 
 class Gemma3DecoderLayer(nn.Module):

@@ -81,6 +81,64 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.view(*lead, n)
 
 
+# gate_up_act's tiling: weight rows per program *per half* (the program streams twice that), as
+# LARGE_N / SMALL_N stream for the unfused projection of the same weight
+GATE_UP_LARGE = (32, 128, 4, 4)
+GATE_UP_SMALL = (16, 256, 4, 2)
+
+
+def gate_up_act(x: torch.Tensor, weight: torch.Tensor, *, act: str, use_triton: bool | None = None,
+                block_n: int | None = None, block_k: int | None = None, num_stages: int | None = None,
+                num_warps: int | None = None) -> torch.Tensor:
+    """act(x @ gate^T) * (x @ up^T) for weight = [gate | up] ([2 I, K], a fused gate|up projection
+    without bias): the gated MLP's input to its down projection, [..., I].
+
+    On CUDA for a decode batch (the conditions of `linear`) one Triton kernel computes both halves
+    and the activation (`triton_linear.skinny_gate_up_kernel`); elsewhere it is
+    `act_mul(linear(x, weight), act=act)`. act: "silu" or "gelu_tanh" (`hisa.ops.act_mul`).
+    block_n (weight rows per program per half), block_k, num_stages, num_warps tune the kernel."""
+    from hisa.ops.act_mul import ACTIVATIONS, act_mul
+
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    if weight.ndim != 2 or weight.shape[0] % 2:
+        raise ValueError(f"weight must be [2 * I, K] ([gate | up]), got {tuple(weight.shape)}")
+    inter = weight.shape[0] // 2
+    dflt = GATE_UP_LARGE if weight.shape[0] >= LARGE_N_FROM else GATE_UP_SMALL
+    block_n, block_k = block_n or dflt[0], block_k or dflt[1]
+    num_stages, num_warps = num_stages or dflt[2], num_warps or dflt[3]
+    if use_triton is None:
+        use_triton = (ENABLED and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+                      and weight.dtype == x.dtype and weight.device == x.device and weight.stride(-1) == 1
+                      and x.numel() // max(1, x.shape[-1]) <= MAX_M and -(-inter // block_n) >= MIN_PROGRAMS)
+    elif use_triton:
+        use_triton = want_triton(True, x)
+    if not use_triton:
+        return act_mul(linear(x, weight).reshape(-1, weight.shape[0]), act=act).view(*x.shape[:-1], inter)
+    check_tensor("weight", weight, ndim=2, layout="[2 * I, K]", like=x)
+    lead, k = x.shape[:-1], x.shape[-1]
+    if weight.shape[1] != k:
+        raise ValueError(f"x's last dim {k} does not match weight {tuple(weight.shape)} [2 * I, K]")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight is {weight.dtype} but x is {x.dtype}")
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if m > MAX_M:
+        raise ValueError(f"the Triton kernel takes at most {MAX_M} rows, got {m}")
+    y = torch.empty(m, inter, dtype=x.dtype, device=x.device)
+    if m and inter:
+        from hisa.ops.triton_linear import skinny_gate_up_kernel
+
+        skinny_gate_up_kernel[(-(-inter // block_n),)](
+            x2, weight, y, m, inter, x2.stride(0), weight.stride(0), y.stride(0),
+            K=k, ACT=ACTIVATIONS.index(act), BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=num_stages,
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            num_warps=num_warps if x.is_cuda else 1, **pdl.launch_kwargs(x))
+    return y.view(*lead, inter)
+
+
 class Linear(nn.Linear):
     """nn.Linear whose forward is `linear` (the same parameters and checkpoint names)."""
 

@@ -26,6 +26,13 @@ def act_mul_kernel(
     dtype = out_ptr.dtype.element_ty
     g = tl.load(x_ptr + t * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(x_ptr + t * stride_x + inter + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * inter + cols, gated(g, u, ACT, dtype), mask=ok)
+
+
+@triton.jit
+def gated(g, u, ACT: tl.constexpr, dtype: tl.constexpr):
+    """act(g) * u from fp32 g and u (values of `dtype`), rounded to `dtype` as the unfused model's
+    two ops round: act(g) first, then the product."""
     if ACT == 0:  # g * sigmoid(g), with exp of a non-positive argument only (no overflow)
         e = tl.exp(-tl.abs(g))
         a = g * tl.where(g >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
@@ -34,5 +41,4 @@ def act_mul_kernel(
         e = tl.exp(-2.0 * tl.abs(z))
         th = (1.0 - e) / (1.0 + e)
         a = 0.5 * g * (1.0 + tl.where(z >= 0, th, -th))
-    y = (a.to(dtype).to(tl.float32) * u).to(dtype)
-    tl.store(out_ptr + t * inter + cols, y, mask=ok)
+    return (a.to(dtype).to(tl.float32) * u).to(dtype)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from hisa.ops.triton_act_mul import gated
 from hisa.ops.triton_pdl import pdl_enter
 
 
@@ -56,3 +57,44 @@ def skinny_linear_kernel(
         acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     tl.store(y_ptr + m[None, :] * stride_ym + n[:, None], acc.to(y_ptr.dtype.element_ty),
              mask=n_ok[:, None] & m_ok[None, :])
+
+
+@triton.jit
+def skinny_gate_up_kernel(
+    x_ptr, w_ptr, y_ptr,            # x [M, K], w [2 I, K] = [gate | up] (rows contiguous), y [M, I]
+    M, I, stride_xm, stride_wn, stride_ym,
+    K: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False,
+):
+    """The gated MLP's first half for a decode batch: y = act(x @ gate^T) * (x @ up^T).
+
+    Program n0 streams rows [n0 * BLOCK_N, (n0 + 1) * BLOCK_N) of the gate half and the same rows
+    of the up half, as skinny_linear_kernel streams one block, and applies the activation in its
+    epilogue: the [M, 2 I] projection output and the separate act_mul launch are never made. Both
+    products are rounded to the output dtype before act(gate) * up, as the unfused two ops round
+    (`hisa.ops.triton_act_mul.gated`); ACT: 0 = SiLU, 1 = GELU (tanh)."""
+    pid = tl.program_id(0)
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.arange(0, BLOCK_M)
+    n_ok = n < I
+    m_ok = m < M
+    g_rows = w_ptr + n.to(tl.int64)[:, None] * stride_wn
+    u_rows = w_ptr + (n + I).to(tl.int64)[:, None] * stride_wn
+    x_rows = x_ptr + m[:, None] * stride_xm
+    acc_g = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    k = tl.arange(0, BLOCK_K)
+    pdl_enter(PDL)  # before any read of step data or any write (hisa.ops.pdl)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        kk = k0 + k
+        k_ok = kk < K
+        w_mask = n_ok[:, None] & k_ok[None, :]
+        wg = tl.load(g_rows + kk[None, :], mask=w_mask, other=0.0)  # [BLOCK_N, BLOCK_K]
+        wu = tl.load(u_rows + kk[None, :], mask=w_mask, other=0.0)
+        xt = tl.trans(tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0))
+        acc_g = tl.dot(wg, xt, acc=acc_g, input_precision=DOT_PRECISION)
+        acc_u = tl.dot(wu, xt, acc=acc_u, input_precision=DOT_PRECISION)
+    dtype = y_ptr.dtype.element_ty
+    y = gated(acc_g.to(dtype).to(tl.float32), acc_u.to(dtype).to(tl.float32), ACT, dtype)
+    tl.store(y_ptr + m[None, :] * stride_ym + n[:, None], y, mask=n_ok[:, None] & m_ok[None, :])
