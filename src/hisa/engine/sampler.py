@@ -7,6 +7,7 @@ from collections import Counter
 import torch
 
 from hisa.engine.sequence import Sequence
+from hisa.ops.argmax import argmax
 
 
 class Sampler:
@@ -57,9 +58,11 @@ class Sampler:
         not finite (a NaN or inf logit from the model) is marked failed on the device and drawn from a
         placeholder distribution, so the token tensor always holds valid ids (overlap mode feeds it
         to the next step); its exception appears when the draw is read."""
-        logits = logits.float()
         errors: dict[int, Exception] = {}
         adjust = [i for i, seq in enumerate(seqs) if seq.params.adjusts_logits]
+        rows = [i for i, seq in enumerate(seqs) if not seq.params.greedy]
+        if adjust or rows or logits.stride(-1) != 1:  # (an all-greedy batch reads the model's logits as they are)
+            logits = logits.float()
         if adjust:
             logits = logits.clone()
             for i in adjust:
@@ -67,8 +70,8 @@ class Sampler:
                     logits[i] = self._adjusted(logits[i], seqs[i])
                 except Exception as e:  # noqa: BLE001 — handed to the engine, which fails this request alone
                     errors[i] = e
-        tokens = logits.argmax(dim=-1)  # [B] int64, on the device
-        rows = [i for i, seq in enumerate(seqs) if not seq.params.greedy and i not in errors]
+        tokens = argmax(logits)  # [B] int64, on the device (the first maximum, as torch.argmax)
+        rows = [i for i in rows if i not in errors]
         failed = None
         if rows:
             failed = torch.zeros(len(seqs), dtype=torch.bool, device=tokens.device)
