@@ -25,15 +25,21 @@ from paged_decode_gpu import time_graph_ms
 
 sys.path.insert(0, str(REPO / "src"))
 
-from hisa.ops.linear import linear  # noqa: E402
+from hisa.ops.act_mul import act_mul  # noqa: E402
+from hisa.ops.linear import gate_up_act, linear  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
-          "lm_head": (128256, 4096)}
+          "lm_head": (128256, 4096), "gate_up_act": (28672, 4096)}
+# gate_up_act: hisa.ops.linear.gate_up_act (the projection and act(gate) * up in one kernel) against
+# the unfused pair (hisa.ops.linear's default tiling, then act_mul) as the baseline column
 LAYERS = 32
 SETTINGS = ((None, None, None, None), (16, 256, 4, 4), (16, 512, 3, 4), (16, 128, 6, 4), (32, 256, 4, 4),
             (32, 128, 5, 4), (64, 128, 4, 4),
             (32, 512, 3, 8), (64, 256, 3, 8), (16, 256, 4, 2), (16, 512, 4, 8))
 # (block_n, block_k, num_stages, num_warps); the first (None) is hisa.ops.linear's choice for the shape
+GATE_UP_SETTINGS = ((None, None, None, None), (16, 256, 4, 2), (16, 128, 4, 4), (32, 64, 6, 4), (32, 256, 3, 4),
+                    (64, 64, 4, 4), (64, 128, 3, 8), (64, 64, 5, 8), (16, 256, 4, 4), (32, 128, 4, 8),
+                    (128, 64, 3, 8))  # block_n: weight rows per program per half
 
 
 def main() -> int:
@@ -56,14 +62,21 @@ def main() -> int:
         nbytes = n * k * 2
         for m in (int(r) for r in args.rows.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            want = F.linear(x, ws[0])
-            base = time_graph_ms([lambda w=w: F.linear(x, w) for w in ws], reps=args.reps) * 1000
+            fused = name == "gate_up_act"
+            if fused:  # baseline: the unfused pair; the kernel under test: gate_up_act
+                def ref(w): return act_mul(linear(x, w), act="silu")
+                def op(w, **kw): return gate_up_act(x, w, act="silu", **kw)
+            else:
+                def ref(w): return F.linear(x, w)
+                def op(w, **kw): return linear(x, w, **kw)
+            want = ref(ws[0])
+            base = time_graph_ms([lambda w=w: ref(w) for w in ws], reps=args.reps) * 1000
             case = dict(shape=name, n=n, k=k, rows=m, cublas_us=base, cublas_gb_s=nbytes / base / 1e3, settings=[])
-            for bn, bk, st, wp in SETTINGS:
+            for bn, bk, st, wp in GATE_UP_SETTINGS if fused else SETTINGS:
                 kw = dict(use_triton=True, block_n=bn, block_k=bk, num_stages=st, num_warps=wp)
-                got = linear(x, ws[0], **kw)
+                got = op(ws[0], **kw)
                 ok = torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2)
-                us = time_graph_ms([lambda w=w: linear(x, w, **kw) for w in ws], reps=args.reps) * 1000
+                us = time_graph_ms([lambda w=w: op(w, **kw) for w in ws], reps=args.reps) * 1000
                 case["settings"].append(dict(block_n=bn or "default", block_k=bk or "default",
                                              num_stages=st or "default", num_warps=wp or "default", us=us, ok=ok,
                                              gb_s=nbytes / us / 1e3, vs_cublas=base / us))
