@@ -101,7 +101,7 @@ def test_a_decode_step_reads_nothing_back_on_the_cpu(monkeypatch, residency, alg
     # the torch references of the Triton kernels (CUDA runs the kernels), and the sampler
     for module, name in ((pd, "paged_decode_attention_ref"), (adaptor, "_compose_ref"), (manager, "lru_diff_mapped"),
                          (io, "_copy_rows_torch"), (write, "write_token_kv_ref"), (scores, "page_scores_ref"),
-                         (quest, "quest_update")):
+                         (scores, "_layout_ref"), (quest, "quest_update")):
         monkeypatch.setattr(module, name, guard.exempt(getattr(module, name)))
     monkeypatch.setattr(sampler.DeviceDraw, "read", guard.exempt(sampler.DeviceDraw.read))
     monkeypatch.setattr(overlap_mod.InFlightStep, "read", guard.exempt(overlap_mod.InFlightStep.read))

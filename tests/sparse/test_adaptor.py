@@ -106,3 +106,39 @@ def test_token_pages_and_remap_read_exactly_the_selected_tokens(page_size):
                 assert q == -1
             else:  # the same logical page and offset, read through the row's table
                 assert 0 <= q < (k_pages + 1) * s and table[q // s] == p // s and q % s == p % s
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_select_pages_with_a_table_layout_writes_what_compose_writes(use_triton):
+    """The top-k kernel laying resident rows out itself (TableLayout, no compose launch) gives the
+    table and kv_lens compose gives from the same picks; other rows (host-backed, dense, padding)
+    are left alone."""
+    from hisa.sparse.page_scores import TableLayout, select_pages
+
+    adaptor = BackendAdaptor(page_size=16, sink_pages=1, recent_pages=2, budget_pages=7)
+    case = _case(adaptor, windowed=False, seed=3)
+    g = torch.Generator().manual_seed(4)
+    lo, hi = case["bounds"].lo, case["bounds"].hi
+    p = torch.arange(40)
+    valid = (p[None] >= lo[:, None]) & (p[None] < hi[:, None])
+    scores = torch.where(valid, torch.rand(6, 40, generator=g), float("-inf"))
+    picks = select_pages(scores, lo, hi, adaptor.num_select, use_triton=False)
+    case["topk"] = picks
+    want_table, _, want_lens = _run(adaptor, case, False, use_triton=False)
+
+    table = torch.full((6, 48), -7, **I32, device=DEV)
+    kv_lens = torch.full((6,), -7, **I32, device=DEV)
+    lay = TableLayout(kind=case["kind"].to(DEV), slot=case["slot"].to(DEV), t=case["t"].to(DEV),
+                      block_table=case["block_table"].to(DEV), table=table, kv_lens=kv_lens, page_size=16)
+    got = select_pages(scores.to(DEV), lo.to(DEV), hi.to(DEV), adaptor.num_select, use_triton=use_triton,
+                       layout=lay)
+    assert torch.equal(got.cpu(), picks)
+    table, kv_lens = table.cpu(), kv_lens.cpu()
+    for r in range(6):
+        if case["kind"][r] == RESIDENT:
+            n = -(-int(want_lens[r]) // 16)
+            assert kv_lens[r] == want_lens[r]
+            assert torch.equal(table[r, :n], want_table[r, :n])
+            assert (table[r, n:] == -7).all()
+        else:
+            assert (table[r] == -7).all() and kv_lens[r] == -7

@@ -85,6 +85,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 # LARGE_N / SMALL_N stream for the unfused projection of the same weight
 GATE_UP_LARGE = (32, 128, 4, 4)
 GATE_UP_SMALL = (16, 256, 4, 2)
+GATE_UP_ENABLED = os.environ.get("HISA_GATE_UP_ACT", "1") != "0"  # 0: the unfused pair everywhere (A/B runs)
 
 
 def gate_up_act(x: torch.Tensor, weight: torch.Tensor, *, act: str, use_triton: bool | None = None,
@@ -108,7 +109,7 @@ def gate_up_act(x: torch.Tensor, weight: torch.Tensor, *, act: str, use_triton: 
     block_n, block_k = block_n or dflt[0], block_k or dflt[1]
     num_stages, num_warps = num_stages or dflt[2], num_warps or dflt[3]
     if use_triton is None:
-        use_triton = (ENABLED and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+        use_triton = (ENABLED and GATE_UP_ENABLED and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
                       and weight.dtype == x.dtype and weight.device == x.device and weight.stride(-1) == 1
                       and x.numel() // max(1, x.shape[-1]) <= MAX_M and -(-inter // block_n) >= MIN_PROGRAMS)
     elif use_triton:

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from hisa.sparse.page_scores import TableLayout
 
 _REGISTRY: dict[str, type["BaseSparseAlgorithm"]] = {}
 
@@ -61,6 +65,8 @@ class DecodeRows:
     hi: torch.Tensor
     num_select: int
     page_keys: Callable[[int], torch.Tensor] | None = None
+    layout: TableLayout | None = None  # a step without host-backed rows: where select_pages may also lay
+    # the resident rows out for attention (algorithms with writes_layout = True pass it on)
 
 
 class BaseSparseAlgorithm:
@@ -77,6 +83,9 @@ class BaseSparseAlgorithm:
     # sync and no Python state that changes between steps, so a decode step can be captured in a
     # CUDA graph (hisa.engine.cuda_graph) and replayed; the default keeps an algorithm eager.
     graph_safe = False
+    # retrieve_topk hands rows.layout to select_pages, which then writes the resident rows' attention
+    # table itself (the coordinator skips the adaptor's compose launch)
+    writes_layout = False
     # False: the algorithm picks no middle pages (sinks + recent window only, e.g. streaming)
     selects = True
     # True: retrieve_topk returns TOKEN positions (DSA's indexer), which the adaptor maps to the pages

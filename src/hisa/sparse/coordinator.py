@@ -37,6 +37,7 @@ from hisa.kvcache.write import write_token_rows
 from hisa.sparse.adaptor import HOST_BACKED, RESIDENT, BackendAdaptor, LayoutBounds
 from hisa.sparse.base import BaseSparseAlgorithm, DecodeRows
 from hisa.sparse.config import SparseConfig
+from hisa.sparse.page_scores import TableLayout
 
 
 @dataclass
@@ -240,7 +241,8 @@ class SparseCoordinator:
         self._d = d = decode
         self._bounds: LayoutBounds = self.adaptor.bounds(d.t, d.kind)
         self._rows = DecodeRows(sparse_slots=d.sparse_slot, t=d.t, lo=self._bounds.lo, hi=self._bounds.hi,
-                                num_select=self.adaptor.num_select, page_keys=_weak_call(self._page_keys))
+                                num_select=self.adaptor.num_select, page_keys=_weak_call(self._page_keys),
+                                layout=self._layout(d))
         R = d.kind.shape[0]
         K = max(self.adaptor.budget_pages, self.adaptor.window_pages or 0)
         i32 = dict(dtype=torch.int32, device=self.device)
@@ -272,9 +274,10 @@ class SparseCoordinator:
             topk = self.algorithm.retrieve_topk(layer, q, drows)  # [R, num_select] logical
         K = self.adaptor.width(windowed)
         logical = logical[:, :K]
-        self.adaptor.compose(kind=d.kind, slot=d.slot, t=d.t, write_page=d.write_page, bounds=bounds,
-                             topk=topk, block_table=d.block_table, table=d.table, logical=logical,
-                             kv_lens=d.kv_lens, windowed=windowed)
+        if topk is None or drows.layout is None:  # (else the top-k kernel laid the rows out: TableLayout)
+            self.adaptor.compose(kind=d.kind, slot=d.slot, t=d.t, write_page=d.write_page, bounds=bounds,
+                                 topk=topk, block_table=d.block_table, table=d.table, logical=logical,
+                                 kv_lens=d.kv_lens, windowed=windowed)
         if d.has_host_backed:
             miss = self._miss
             out = DiffResult(d.table[:, :K], miss.load_slots[:, :K], miss.load_pages[:, :K], miss.num_misses)
@@ -299,8 +302,16 @@ class SparseCoordinator:
                          write_page=d.write_page[rows], table=d.table[rows], kv_lens=d.kv_lens[rows],
                          block_table=d.block_table)
         drows = DecodeRows(sparse_slots=view.sparse_slot, t=view.t, lo=bounds.lo, hi=bounds.hi,
-                           num_select=self.adaptor.num_select, page_keys=None)
+                           num_select=self.adaptor.num_select, page_keys=None, layout=self._layout(view))
         return view, bounds, drows, self._logical[rows]
+
+    def _layout(self, d) -> TableLayout | None:
+        """Where the algorithm's top-k may lay the resident rows out itself (no host-backed rows: their
+        lists go to the diff), or None."""
+        if d.has_host_backed or not self.algorithm.writes_layout:
+            return None
+        return TableLayout(kind=d.kind, slot=d.slot, t=d.t, block_table=d.block_table, table=d.table,
+                           kv_lens=d.kv_lens, page_size=self.page_size)
 
     def attention_end(self, layer: int, k: torch.Tensor) -> None:
         """After a layer's decode attention: fold the new keys into the algorithm's representations."""

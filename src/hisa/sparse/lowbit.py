@@ -51,6 +51,7 @@ class LowBitAlgorithm(BaseSparseAlgorithm):
     softmax partials, merge into page scores, top-k select); the update after attention: one kernel.
     """
 
+    writes_layout = True  # select_pages lays resident rows out (rows.layout)
     graph_safe = True  # device tensors only, no host sync
     lowbit = LowBitConfig()
 
@@ -85,7 +86,7 @@ class LowBitAlgorithm(BaseSparseAlgorithm):
         scores = lowbit_page_scores(q, self.codes[layer], self.scales[layer], rows.sparse_slots, rows.lo, rows.hi,
                                     scale=self.scale, page_size=self.page_size, bits=self.bits,
                                     group_size=self.group_size, pool=self.pool)
-        return select_pages(scores, rows.lo, rows.hi, rows.num_select)  # in page order
+        return select_pages(scores, rows.lo, rows.hi, rows.num_select, layout=rows.layout)  # in page order
 
 
 @register("lowbit-2bit")

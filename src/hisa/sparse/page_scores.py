@@ -16,6 +16,8 @@ request); sslots, lo, hi int32 [R]. Returns fp32 [R, MAXP], -inf outside [lo, hi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from hisa.ops import pdl
@@ -114,9 +116,25 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+@dataclass
+class TableLayout:
+    """Where select_pages also lays resident rows out for attention (the adaptor's compose, done by
+    the top-k kernel itself: one launch fewer per layer). kind, slot, t: int32 [R] (`DecodeRowsView`);
+    block_table int32 [*, MAXP]; table int32 [R, W] and kv_lens int32 [R] are written for rows of
+    kind RESIDENT (1) only. See `hisa.sparse.adaptor.BackendAdaptor.layout_target`."""
+
+    kind: torch.Tensor
+    slot: torch.Tensor
+    t: torch.Tensor
+    block_table: torch.Tensor
+    table: torch.Tensor
+    kv_lens: torch.Tensor
+    page_size: int
+
+
 def select_pages(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, k: int, *,
                  use_triton: bool | None = None, num_warps: int | None = None,
-                 early_exit: bool | None = None) -> torch.Tensor:
+                 early_exit: bool | None = None, layout: TableLayout | None = None) -> torch.Tensor:
     """The k best pages of each row by score, in page order: int32 [R, k], -1 padded.
 
     scores: fp32 [R, MAXP] (what `page_scores` returns: >= 0 inside each row's [lo, hi), -inf
@@ -125,22 +143,48 @@ def select_pages(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, k: in
     num_warps tunes the kernel; None = 8 from 2,048 pages up, else 4. early_exit (None =
     SELECT_EARLY_EXIT) lets the search stop once exactly k pages are at or above its cut; False runs
     all 20 rounds (the same pages: the reference the tests compare it with).
+    layout: also write the attention table of the resident rows (`TableLayout`), as
+    `BackendAdaptor.compose` would from the returned picks.
     """
     R, MAXP = scores.shape
     if use_triton is None:
         use_triton = scores.is_cuda
     if not use_triton:
-        return select_pages_ref(scores, lo, hi, k)
+        out = select_pages_ref(scores, lo, hi, k)
+        if layout is not None:
+            _layout_ref(out, lo, hi, layout)
+        return out
     from hisa.sparse.triton_page_scores import select_pages_kernel
 
     out = torch.empty(R, k, dtype=torch.int32, device=scores.device)
     if R and k:
         block = _next_pow2(MAXP)
+        lay = {}
+        if layout is not None:
+            L = layout
+            if L.block_table.shape[1] < MAXP or L.block_table.dtype != torch.int32 or L.table.dtype != torch.int32:
+                raise ValueError("layout: block_table must be int32 [*, >= MAXP] and table int32 [R, W]")
+            lay = dict(kind_ptr=L.kind, slot_ptr=L.slot, t_ptr=L.t, block_table_ptr=L.block_table, table_ptr=L.table,
+                       kv_lens_ptr=L.kv_lens, stride_bt=L.block_table.stride(0), stride_tb=L.table.stride(0),
+                       S=L.page_size, LAYOUT=True)
         select_pages_kernel[(R,)](scores, lo, hi, out, MAXP, out.stride(0), K=k, BLOCK=block,
                                   BLOCK_K=_next_pow2(k), num_warps=num_warps or (8 if block >= 2048 else 4),
                                   EARLY_EXIT=SELECT_EARLY_EXIT if early_exit is None else early_exit,
-                                  **pdl.launch_kwargs(scores))
+                                  **lay, **pdl.launch_kwargs(scores))
     return out
+
+
+def _layout_ref(picks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, layout: TableLayout) -> None:
+    """TableLayout's writes in plain torch (row by row): the resident rows' [sinks | picks | recent]."""
+    L, s = layout, layout.page_size
+    for r, (kd, sl, t, a, b) in enumerate(zip(*(x.tolist() for x in (L.kind, L.slot, L.t, lo, hi)))):
+        if kd != 1:
+            continue
+        n = -(-t // s)
+        mid = [p for p in picks[r].tolist() if p >= 0][: max(0, b - a)]
+        pages = list(range(a)) + mid + list(range(b, n))
+        L.table[r, :len(pages)] = L.block_table[sl, pages]
+        L.kv_lens[r] = (len(pages) - 1) * s + (t - (n - 1) * s)
 
 
 def select_pages_ref(scores, lo, hi, k: int) -> torch.Tensor:

@@ -26,6 +26,7 @@ class QuestAlgorithm(BaseSparseAlgorithm):
     after attention: one kernel.
     """
 
+    writes_layout = True  # select_pages lays resident rows out (rows.layout)
     graph_safe = True  # device tensors only, no host sync: decode steps can be replayed from CUDA graphs
     has_mean = False
 
@@ -60,7 +61,7 @@ class QuestAlgorithm(BaseSparseAlgorithm):
     def retrieve_topk(self, layer, q, rows: DecodeRows):
         scores = page_scores(q, self.kmin[layer], self.kmax[layer], rows.sparse_slots, rows.lo, rows.hi,
                              scale=self.scale, kmean=self.kmean[layer] if self.has_mean else None)
-        return select_pages(scores, rows.lo, rows.hi, rows.num_select)  # in page order
+        return select_pages(scores, rows.lo, rows.hi, rows.num_select, layout=rows.layout)  # in page order
 
 
 @register("quest-mean")

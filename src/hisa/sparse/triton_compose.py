@@ -63,3 +63,25 @@ def compose_kernel(
             tl.store(logical_ptr + r * stride_lg + k, tl.where(valid & ~current, lp, -1), mask=k < K)
             tail = tl.load(write_page_ptr + r)
             tl.store(table_ptr + r * stride_tb + k, tl.full([BLOCK_K], 0, tl.int32) + tail, mask=valid & current)
+
+
+@triton.jit
+def scatter_resident_row(p, take, pos, r, kind_ptr, slot_ptr, t_ptr, lo, hi, block_table_ptr, table_ptr,
+                         kv_lens_ptr, stride_bt, stride_tb, S: tl.constexpr, NSEL: tl.constexpr):
+    """compose's resident branch written from a top-k search's lanes (one per logical page p of row r;
+    `take` marks the middle picks, `pos` their rank in page order): the row's list [sinks | picks |
+    recent ... current] mapped through its block table into table[r], and kv_lens[r]. select_pages
+    runs it in place of a compose launch (`hisa.sparse.page_scores.TableLayout`). Rows that are not
+    resident are left alone."""
+    kind = tl.load(kind_ptr + r)
+    if kind == 1:
+        t = tl.load(t_ptr + r)
+        n = (t + S - 1) // S
+        nmid = tl.minimum(hi - lo, NSEL)
+        cnt = lo + nmid + (n - hi)
+        at = tl.where(p < lo, p, tl.where(take, lo + pos, lo + nmid + (p - hi)))  # the list position of page p
+        keep = (p < lo) | take | ((p >= hi) & (p < n))
+        slot = tl.load(slot_ptr + r).to(tl.int64)
+        phys = tl.load(block_table_ptr + slot * stride_bt + p, mask=keep, other=-1)
+        tl.store(table_ptr + r * stride_tb + at, phys, mask=keep)
+        tl.store(kv_lens_ptr + r, (cnt - 1) * S + (t - (n - 1) * S))

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from hisa.ops.triton_pdl import pdl_enter
+from hisa.sparse.triton_compose import scatter_resident_row
 
 
 @triton.jit
@@ -155,6 +156,9 @@ def select_pages_kernel(
     out_ptr,                        # int32 [R, K] out: the chosen pages in page order, -1 padded
     MAXP, stride_o,
     K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, EARLY_EXIT: tl.constexpr,
+    kind_ptr=None, slot_ptr=None, t_ptr=None, block_table_ptr=None, table_ptr=None, kv_lens_ptr=None,
+    stride_bt=0, stride_tb=0, S: tl.constexpr = 1,
+    LAYOUT: tl.constexpr = False,  # also lay resident rows out in the attention table (scatter_resident_row)
     PDL: tl.constexpr = False,
 ):
     """Top-K pages of each row by score, written in page order (no sort).
@@ -200,6 +204,9 @@ def select_pages_kernel(
     tl.store(out_ptr + r * stride_o + pos, p, mask=take)
     k = tl.arange(0, BLOCK_K)
     tl.store(out_ptr + r * stride_o + k, tl.full([BLOCK_K], -1, tl.int32), mask=(k >= kk) & (k < K))
+    if LAYOUT:
+        scatter_resident_row(p, take, pos, r, kind_ptr, slot_ptr, t_ptr, lo, hi, block_table_ptr, table_ptr,
+                             kv_lens_ptr, stride_bt, stride_tb, S, K)
 
 
 @triton.jit
