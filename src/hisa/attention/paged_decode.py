@@ -24,7 +24,6 @@ from hisa.ops import pdl
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_SPLITS = 128  # the combine kernel holds one [num_splits, D] fp32 tile in registers
 _AUTO_MAX_SPLITS = 64
-_MAX_MERGE_SPLITS = 16  # the last split merges with an unrolled loop over the splits; beyond, the combine kernel
 _PROGRAMS_PER_SM = 4  # programs of the split kernel resident per SM (see default_num_splits)
 _INTERPRETER_SMS = 4  # stand-in SM count off CUDA (interpreter): a few splits, fast tests
 _LOG2E = 1.4426950408889634
@@ -34,8 +33,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            page_table: torch.Tensor, kv_lens: torch.Tensor, *, scale: float,
                            num_splits: int | None = None, out: torch.Tensor | None = None,
                            use_triton: bool | None = None, block_n: int | None = None,
-                           window: int | None = None, num_stages: int | None = None,
-                           counters: torch.Tensor | None = None) -> torch.Tensor:
+                           window: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """Attention of each request's new token over its paged KV (GQA, softmax in fp32).
 
     q:          [B, H, D] fp16/bf16/fp32, last dim contiguous.
@@ -58,9 +56,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                 of each request's virtual sequence are attended, positions kv_len - window ..
                 kv_len - 1 (the newest token included); the kernel skips the older blocks. The
                 page table's tail must then hold the contiguous latest pages. None = all tokens.
-    counters:   optional int32 [>= B * KVH] of zeros, left zero: with several splits, the last
-                split of each (request, kv head) merges them (one launch instead of two; Triton
-                only). Calls that may run at the same time (other streams) need their own.
     Returns [B, H, D] in q's dtype. Query head h reads kv head h // (H // KVH). When q's dtype
     differs from the cache's, the kernel casts q to the cache dtype before the products.
 
@@ -90,15 +85,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if q.shape[0] == 0:
         return out
-    if counters is not None:
-        need = q.shape[0] * k_cache.shape[2]
-        if counters.dtype != torch.int32 or counters.device != q.device or counters.numel() < need \
-                or not counters.is_contiguous():
-            raise ValueError(f"counters must be a contiguous int32 tensor of >= {need} zeros on {q.device}, "
-                             f"got {counters.dtype} {tuple(counters.shape)} on {counters.device}")
     _launch_triton(q, k_cache, v_cache, page_table, kv_lens, out, scale=scale, num_splits=num_splits,
-                   block_n=64 if block_n is None else block_n, window=window, num_stages=num_stages,
-                   counters=counters)
+                   block_n=64 if block_n is None else block_n, window=window, num_stages=num_stages)
     return out
 
 
@@ -126,8 +114,7 @@ def _sm_count(device_index: int) -> int:
 
 def _launch_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
                    kv_lens: torch.Tensor, out: torch.Tensor, *, scale: float, num_splits: int | None,
-                   block_n: int, window: int | None, num_stages: int | None = None,
-                   counters: torch.Tensor | None = None) -> None:
+                   block_n: int, window: int | None, num_stages: int | None = None) -> None:
     from hisa.attention.triton_paged_decode import paged_decode_combine_kernel, paged_decode_split_kernel
 
     B, H, D = q.shape
@@ -142,7 +129,6 @@ def _launch_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     block_g = max(16, _next_pow2(G))  # tl.dot needs M >= 16
     block_d = max(16, _next_pow2(D))
     direct = num_splits == 1
-    merge = not direct and counters is not None and num_splits <= _MAX_MERGE_SPLITS
     m_ws, l_ws, acc_ws = split_workspaces(out, num_splits, D)
     gpu = q.is_cuda
     paged_decode_split_kernel[(B, KVH, num_splits)](
@@ -157,9 +143,8 @@ def _launch_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         D=D, S=S, G=G, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, DIRECT_OUT=direct,
         INTERPRETER=os.environ.get("TRITON_INTERPRET") == "1",
         num_warps=4 if gpu else 1, num_stages=(num_stages or 3) if gpu else 1, **pdl.launch_kwargs(q),
-        **(dict(count_ptr=counters, LAST_MERGES=True, SPLITS=num_splits) if merge else {}),
     )
-    if not direct and not merge:
+    if not direct:
         block_s = _next_pow2(num_splits)  # one [BLOCK_S, BLOCK_D] fp32 tile per program
         paged_decode_combine_kernel[(B, H)](
             m_ws, l_ws, acc_ws, out, H, D, num_splits, out.stride(0), out.stride(1),

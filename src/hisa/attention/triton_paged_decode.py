@@ -16,9 +16,6 @@ Algorithm (same result as `reference.paged_decode_attention_ref`):
   * DIRECT_OUT (num_splits == 1): the split kernel normalizes and writes the output itself.
     Otherwise it writes (m, l, acc) per query head and split to fp32 workspaces and the combine
     kernel, grid (B, H), merges them: out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s.
-    With LAST_MERGES (a zeroed counter per (request, kv head)) there is no combine launch: each
-    split program counts itself done with an atomic (acquire-release, after a barrier that orders
-    its threads' stores), and the one that counts last merges the partials and resets the counter.
   * empty splits and empty requests hold m = -inf, l = 0, acc = 0; every exp2 subtracts a finite
     max (0 when everything is -inf) so nothing turns into NaN, and l == 0 gives a zero output.
   * loops: range() with runtime bounds (software-pipelined by num_stages) when compiled; a while
@@ -85,8 +82,6 @@ def paged_decode_split_kernel(
     D: tl.constexpr, S: tl.constexpr, G: tl.constexpr,  # head dim, page size, query heads per kv head
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT_OUT: tl.constexpr, INTERPRETER: tl.constexpr,
-    count_ptr=None,                         # int32 [B, KVH] zeros (LAST_MERGES): splits done per (b, kv head)
-    LAST_MERGES: tl.constexpr = False, SPLITS: tl.constexpr = 1,
     PDL: tl.constexpr = False,
 ):
     pdl_enter(PDL)  # before any read of step data or any write (hisa.ops.pdl)
@@ -139,38 +134,6 @@ def paged_decode_split_kernel(
         tl.store(m_ws_ptr + row, m_i, mask=g_ok)
         tl.store(l_ws_ptr + row, l_i, mask=g_ok)
         tl.store(acc_ws_ptr + row[:, None] * D + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
-        if LAST_MERGES:
-            # the last split of (b, kv head) to finish merges all of them (no combine launch): every
-            # program's partials are stored before its one release; the last one acquires them all
-            tl.debug_barrier()
-            done = tl.atomic_add(count_ptr + b * (H // G) + kvh, 1, sem="acq_rel", scope="gpu")
-            if done == SPLITS - 1:
-                _merge_splits(m_ws_ptr, l_ws_ptr, acc_ws_ptr, out_ptr, b, heads, g_ok, d, d_ok, H,
-                              stride_ob, stride_oh, D, BLOCK_G, BLOCK_D, SPLITS)
-                tl.atomic_xchg(count_ptr + b * (H // G) + kvh, 0, sem="relaxed", scope="gpu")  # for the next launch
-
-
-@triton.jit
-def _merge_splits(m_ws_ptr, l_ws_ptr, acc_ws_ptr, out_ptr, b, heads, g_ok, d, d_ok, H, stride_ob, stride_oh,
-                  D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr):
-    """out for the query heads `heads` of request b from the SPLITS partials of each (read past L1:
-    other programs wrote them): out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s."""
-    base = (b * H + heads) * SPLITS  # [BLOCK_G]
-    m_all = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    for s in tl.static_range(SPLITS):
-        m_all = tl.maximum(m_all, tl.load(m_ws_ptr + base + s, mask=g_ok, other=float("-inf"), cache_modifier=".cg"))
-    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)  # all splits empty: weights 2^-inf = 0
-    l_tot = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for s in tl.static_range(SPLITS):
-        w = tl.exp2(tl.load(m_ws_ptr + base + s, mask=g_ok, other=float("-inf"), cache_modifier=".cg") - m_all)
-        l_tot += w * tl.load(l_ws_ptr + base + s, mask=g_ok, other=0.0, cache_modifier=".cg")
-        a = tl.load(acc_ws_ptr + (base + s)[:, None] * D + d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0,
-                    cache_modifier=".cg")
-        acc += w[:, None] * a
-    o = acc / tl.where(l_tot > 0.0, l_tot, 1.0)[:, None]  # no token at all: acc == 0, zeros
-    tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :], o.to(out_ptr.dtype.element_ty),
-             mask=g_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit

@@ -76,8 +76,7 @@ class StepAttention:
                                      paged=paged_decode_attention)
         else:
             out = paged_decode_attention(q, self.cache.keys(layer), self.cache.values(layer), d.table, d.kv_lens,
-                                         scale=self.scale, window=self.windows[layer],
-                                         counters=_counters(q, k.shape[1], slice(0, q.shape[0])))
+                                         scale=self.scale, window=self.windows[layer])
         if d.has_sparse:
             self.sparse.attention_end(layer, k)
         return out
@@ -126,7 +125,7 @@ class StepAttention:
                     s.wait_stream(side[0])  # the current page holds the new token
                 paged_decode_attention(q[rows], cache.keys(layer), cache.values(layer), d.table[rows],
                                        d.kv_lens[rows], scale=self.scale, window=self.windows[layer],
-                                       num_splits=splits, out=out[rows], counters=_counters(q, k.shape[1], rows))
+                                       num_splits=splits, out=out[rows])
         for s in side if cuda else ():
             main.wait_stream(s)
         return out
@@ -152,26 +151,6 @@ class StepAttention:
 
 def _on(stream: torch.cuda.Stream | None):
     return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-
-
-_COUNTERS: dict[int, torch.Tensor] = {}
-_MAX_COUNTERS = 1 << 16
-
-
-def _counters(q: torch.Tensor, kv_heads: int, rows: slice) -> torch.Tensor | None:
-    """The paged-decode kernel's split counters of decode rows `rows` (their own range of one zeroed
-    buffer per device, so row groups on different streams never share one; the kernel leaves them
-    zero): the last split of each (row, kv head) merges the partials, no combine launch. None off
-    CUDA or past the buffer. Made by the first (eager) decode step, never during a capture."""
-    if not q.is_cuda or rows.stop * kv_heads > _MAX_COUNTERS:
-        return None
-    idx = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    buf = _COUNTERS.get(idx)
-    if buf is None:
-        if torch.cuda.is_current_stream_capturing():
-            return None
-        buf = _COUNTERS[idx] = torch.zeros(_MAX_COUNTERS, dtype=torch.int32, device=q.device)
-    return buf[rows.start * kv_heads:rows.stop * kv_heads]
 
 
 _STREAMS: dict[tuple[int, int], torch.cuda.Stream] = {}

@@ -81,10 +81,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.view(*lead, n)
 
 
-# gate_up_act's tiling: weight rows per program *per half* (the program streams twice that), as
-# LARGE_N / SMALL_N stream for the unfused projection of the same weight
-GATE_UP_LARGE = (32, 128, 4, 4)
-GATE_UP_SMALL = (16, 256, 4, 2)
+# gate_up_act's tiling: weight rows per program *per half* (the program streams twice that). The
+# fastest of 11 at Llama-3.1-8B's gate|up, 8 rows, on an H200: 56.6 µs against 58.3 for the unfused
+# projection + act_mul (bench/results/linear_gpu_h200_gate_up_act.json). Used from LARGE_N_FROM
+# weight rows; smaller models keep the unfused pair (not measured there).
+GATE_UP_TILING = (64, 64, 4, 4)
 GATE_UP_ENABLED = os.environ.get("HISA_GATE_UP_ACT", "1") != "0"  # 0: the unfused pair everywhere (A/B runs)
 
 
@@ -105,11 +106,11 @@ def gate_up_act(x: torch.Tensor, weight: torch.Tensor, *, act: str, use_triton: 
     if weight.ndim != 2 or weight.shape[0] % 2:
         raise ValueError(f"weight must be [2 * I, K] ([gate | up]), got {tuple(weight.shape)}")
     inter = weight.shape[0] // 2
-    dflt = GATE_UP_LARGE if weight.shape[0] >= LARGE_N_FROM else GATE_UP_SMALL
+    dflt = GATE_UP_TILING
     block_n, block_k = block_n or dflt[0], block_k or dflt[1]
     num_stages, num_warps = num_stages or dflt[2], num_warps or dflt[3]
     if use_triton is None:
-        use_triton = (ENABLED and GATE_UP_ENABLED and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+        use_triton = (ENABLED and GATE_UP_ENABLED and weight.shape[0] >= LARGE_N_FROM and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
                       and weight.dtype == x.dtype and weight.device == x.device and weight.stride(-1) == 1
                       and x.numel() // max(1, x.shape[-1]) <= MAX_M and -(-inter // block_n) >= MIN_PROGRAMS)
     elif use_triton:
