@@ -232,7 +232,8 @@ def main() -> None:
     payload = dict(**header(device, args.git_commit),
                    model=f"{args.model or 'SmolLM2-135M-Instruct (embedded GGUF)'}, {str(dtype).removeprefix('torch.')}, "
                          f"{kind}, page 16",
-                   prompt_len=args.prompt_len, tail=args.tail, max_num_batched_tokens=args.chunk, threads=args.threads, rows=rows,
+                   prompt_len=args.prompt_len, tail=args.tail, max_num_batched_tokens=args.chunk, threads=args.threads,
+                   crc32=_crc32_impl(), rows=rows,
                    note="ttft_s: arrival to first token of one request alone (engine step time, L3 reads "
                         "included). load (L3 modes, the measured request): read_s = the I/O thread's reads + "
                         "checks into the host rows (read_bytes of pages), copy_s = the engine thread copying "
@@ -267,3 +268,10 @@ def plot(rows, path: Path, device: str, model: str) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _crc32_impl() -> str:
+    """Which crc32 the store checks pages with ("zlib-ng" or "zlib": ~8x apart per core)."""
+    from hisa.kvcache.l3 import record
+
+    return record.CRC32
