@@ -266,12 +266,12 @@ def plot(rows, path: Path, device: str, model: str) -> None:
     print(f"plot written to {path}")
 
 
-if __name__ == "__main__":
-    main()
-
-
 def _crc32_impl() -> str:
     """Which crc32 the store checks pages with ("zlib-ng" or "zlib": ~8x apart per core)."""
     from hisa.kvcache.l3 import record
 
     return record.CRC32
+
+
+if __name__ == "__main__":
+    main()
