@@ -53,6 +53,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="reuse the KV of full prompt pages already in the KV pool (a prefix shared with a running "
                         "request, or kept after earlier requests) instead of prefilling them; host-backed sparse "
                         "requests likewise in the host pool (default: on)")
+    g.add_argument("--keep-alive", type=float, default=300.0, metavar="SECONDS",
+                   help="with --prefix-cache: how long a finished request that asked for it (\"keep_alive\": true, "
+                        "a turn of an agent session) keeps its pages cached ahead of other cached pages; under "
+                        "pressure evicted last, to L3 with --l3 (default: 300)")
     g.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                    help="while the device runs a decode step, post-process the previous one and prepare the next "
                         "on the host (same tokens, outputs one step later) (default: on for CUDA, off on the CPU)")
@@ -107,7 +111,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb,
                 gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed, sparse=sparse,
                 cuda_graphs=not getattr(args, "no_cuda_graphs", False), l3=args.l3, l3_gb=args.l3_gb,
-                l3_async=not args.l3_sync, prefix_cache=args.prefix_cache,
+                l3_async=not args.l3_sync, prefix_cache=args.prefix_cache, keep_alive_s=args.keep_alive,
                 overlap="auto" if getattr(args, "overlap", None) is None else args.overlap)
 
 

@@ -45,6 +45,11 @@ class EngineConfig:
         a running request, or pages kept after their requests finished, evicted LRU when the pool
         needs room) instead of prefilling them: dense and resident sparse requests in the device
         pool, host-backed sparse requests in the host pool (`hisa.engine.prefix_cache`).
+    keep_alive_s: with prefix_cache, how long the pages of a finished request that asked for it
+        (`SamplingParams.keep_alive`: a turn of an agent session) stay cached ahead of all other
+        cached pages; under pressure ordinary cached pages are evicted first, then kept ones, the
+        oldest finished request first (with `l3` its pages are in L3 too: the session is parked
+        there). Default 300 s.
     cpu_decode_kv_gb: on the CPU, the most GB of fp32 K/V kept contiguous per decoding dense
         request beside the paged cache, so decode attention reads it in place instead of gathering
         pages every step (`hisa.engine.cpu_decode_kv`); requests past it take the paged path; 0 = off.
@@ -77,10 +82,13 @@ class EngineConfig:
     l3_gb: float | None = None
     l3_async: bool = True
     prefix_cache: bool = True
+    keep_alive_s: float = 300.0
     cpu_decode_kv_gb: float = 1.0
     overlap: bool | str = "auto"
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.keep_alive_s, (int, float)) and 0 <= self.keep_alive_s < float("inf")):
+            raise ConfigError(f"keep_alive_s must be a finite number of seconds >= 0, got {self.keep_alive_s!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be cpu, cuda or auto, got {self.device!r}")
         if self.device == "auto":

@@ -38,8 +38,36 @@ def test_allocator_keeps_freed_registered_pages_until_it_needs_them():
         alloc.register(got[0], b"k3")  # freed just above
 
 
-def _seq(rid: str, tokens: list[int], max_tokens: int = 4) -> Sequence:
-    return Sequence(request_id=rid, prompt_token_ids=list(tokens), params=SamplingParams(max_tokens=max_tokens))
+def test_kept_pages_are_evicted_after_other_cached_pages_until_their_deadline():
+    """free(keep_until=): cached pages evicted only once no ordinary cached page is left, the request
+    freed first first; a kept page can be shared back; past the deadline kept pages are ordinary
+    cached pages again."""
+    now = [0.0]
+    alloc = PageAllocator(6, clock=lambda: now[0])
+    a, b, c = alloc.allocate(2), alloc.allocate(2), alloc.allocate(2)
+    for i, p in enumerate(a + b + c):
+        alloc.register(p, bytes([i]))
+    alloc.free(a, keep_until=10.0)   # session a finished, kept 10 s
+    alloc.free(b)                    # an ordinary request
+    alloc.free(c, keep_until=20.0)   # session c finished later
+    assert alloc.num_kept == 4 and alloc.num_cached == 6 and alloc.num_free == 6
+    assert set(alloc.allocate(2)) == set(b) and alloc.kept_evicted == 0  # the ordinary ones go first
+    assert set(alloc.allocate(2)) == set(a) and alloc.kept_evicted == 2  # then the oldest session
+    alloc.share(alloc.lookup([bytes([4]), bytes([5])]))  # session c comes back: its pages in use again
+    assert alloc.num_kept == 0 and alloc.num_free == 0
+    alloc.free(c, keep_until=30.0)
+    assert alloc.num_kept == 2
+    now[0] = 31.0
+    assert alloc.num_kept == 0 and alloc.num_cached == 2  # past the deadline: ordinary cached pages
+    alloc.allocate(1)
+    assert alloc.kept_evicted == 2 and alloc.evicted == 5
+    alloc.free(alloc.allocate(1), keep_until=1.0)  # a deadline already past: nothing is kept
+    assert alloc.num_kept == 0
+
+
+def _seq(rid: str, tokens: list[int], max_tokens: int = 4, keep_alive: bool = False) -> Sequence:
+    return Sequence(request_id=rid, prompt_token_ids=list(tokens),
+                    params=SamplingParams(max_tokens=max_tokens, keep_alive=keep_alive))
 
 
 def _scheduler(num_pages: int = 32, max_tokens: int = 64, max_num_seqs: int = 4):
@@ -122,6 +150,33 @@ def test_requests_sharing_a_prefix_hold_the_same_pages_and_none_leaks():
         assert steps < 10_000
     assert all(s.status == Status.FINISHED for s in seqs)
     assert sched.allocator.num_free == 20 and prefix.stats.requests_hit > 10
+
+
+@pytest.mark.parametrize("keep_alive", [False, True])
+def test_a_kept_session_finds_its_pages_after_other_requests_filled_the_pool(keep_alive):
+    """A turn of an agent session finishes, then unrelated requests need most of the pool: without
+    keep_alive the session's pages, freed first, are evicted first; with it the unrelated requests'
+    cached pages go instead and the session's next turn (its prompt and answer, then more) reuses
+    every full page."""
+    alloc = PageAllocator(10)
+    prefix = DevicePrefixCache(alloc, page_size=S)
+    sched = Scheduler(allocator=alloc, page_size=S, max_num_seqs=2, max_num_batched_tokens=64, prefix=prefix,
+                      keep_alive_s=60.0)
+    turn = _seq("s1", list(range(14)), max_tokens=2, keep_alive=keep_alive)  # 15 computed: 3 full pages
+    sched.add(turn)
+    _run(sched)
+    for i in range(2):  # unrelated requests of 5 pages (4 registered) one after the other: the second
+        sched.add(_seq(f"x{i}", [500 + 20 * i + j for j in range(19)], max_tokens=1))  # needs 2 cached pages
+        _run(sched)
+    again = _seq("s2", turn.token_ids + [9, 9, 9], keep_alive=keep_alive)
+    sched.add(again)
+    sched.schedule()
+    if keep_alive:  # the first unrelated request's pages went: every full page of the session is back
+        assert again.num_computed == 3 * S and alloc.kept_evicted == 0
+    else:  # the session's pages were the least recently freed: its tail pages went
+        assert again.num_computed == S
+    _run(sched)
+    assert alloc.num_free == 10 and alloc.num_kept == (5 if keep_alive else 0)  # s2: 22 tokens computed
 
 
 def test_a_request_not_admitted_gives_its_matched_pages_back():

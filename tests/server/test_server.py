@@ -96,6 +96,22 @@ def test_chat_streamed_equals_plain_under_greedy(server):
     assert text == msg.content and finish == plain.choices[0].finish_reason
 
 
+def test_a_chat_turn_that_asks_for_keep_alive_leaves_its_pages_kept(server):
+    """"keep_alive": true (an agent session's turn): once it finishes its full pages stay cached ahead
+    of other cached pages (--keep-alive, 300 s by default), counted by /metrics; a non-boolean is a 400."""
+    client = server.client()
+    before = server.metrics().get("hisa_prefix_cache_pages_kept", 0)
+    turn = client.chat.completions.create(
+        model=MODEL, max_tokens=8, temperature=0, extra_body={"keep_alive": True},
+        messages=[{"role": "user", "content": "List three colours of the rainbow, then name a fruit of each. " * 4}])
+    server.ledger.record(turn.usage)
+    assert server.metrics()["hisa_prefix_cache_pages_kept"] > before
+    with server.http() as http:
+        bad = http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2, "keep_alive": "5m"})
+    assert bad.status_code == 400
+    server.ledger.errors += 1
+
+
 def test_include_usage_sends_a_final_usage_chunk(server):
     chunks = list(server.client().completions.create(
         model=MODEL, prompt="1, 2, 3,", max_tokens=6, temperature=0, stream=True,

@@ -103,7 +103,8 @@ class LLMEngine:
         self.scheduler = Scheduler(allocator=self.allocator, page_size=config.page_size,
                                    max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens, sparse=self.sparse,
-                                   prefix=self.prefix_cache, host_prefix=self.host_prefix_cache)
+                                   prefix=self.prefix_cache, host_prefix=self.host_prefix_cache,
+                                   keep_alive_s=config.keep_alive_s)
         self.runner = ModelRunner(self.loaded.model, self.cache, config.torch_device, sparse=self.sparse,
                                   max_num_seqs=config.max_num_seqs, cuda_graphs=config.cuda_graphs,
                                   max_model_len=self.max_model_len, scratch_page=num_pages,

@@ -111,7 +111,9 @@ class DevicePrefixCache:
             seq.num_registered = full
 
     def metrics(self) -> dict[str, int]:
-        return {**asdict(self.stats), "pages_cached": self.allocator.num_cached, "pages_evicted": self.allocator.evicted}
+        a = self.allocator
+        return {**asdict(self.stats), "pages_cached": a.num_cached, "pages_evicted": a.evicted,
+                "pages_kept": a.num_kept, "kept_pages_evicted": a.kept_evicted}
 
 
 class HostPrefixCache(DevicePrefixCache):

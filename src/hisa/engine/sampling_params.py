@@ -40,7 +40,9 @@ class SamplingParams:
     `seed` makes a sampled request reproducible regardless of what else is in the batch.
     presence_penalty / frequency_penalty (OpenAI's, in [-2, 2]) lower the logits of tokens already
     generated (once / per occurrence); logit_bias adds a bias in [-100, 100] to given token ids.
-    Penalties and biases apply to greedy requests too.
+    Penalties and biases apply to greedy requests too. keep_alive (not about sampling: a turn of an
+    agent session): once the request finishes, its KV pages stay cached ahead of other cached pages
+    for the engine's `keep_alive_s`, so the session's next turn finds them after other requests ran.
 
     Example::
 
@@ -61,6 +63,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] | None = None
+    keep_alive: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -88,8 +91,9 @@ class SamplingParams:
                                       "characters each")
         if not isinstance(self.stop_token_ids, list) or not all(_is_int(t) for t in self.stop_token_ids):
             raise InvalidRequestError("stop_token_ids must be a list of integers")
-        if not isinstance(self.ignore_eos, bool):
-            raise InvalidRequestError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        for name in ("ignore_eos", "keep_alive"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequestError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not _is_number(value) or not PENALTY_RANGE[0] <= value <= PENALTY_RANGE[1]:

@@ -81,12 +81,15 @@ class Scheduler:
 
     def __init__(self, *, allocator: PageAllocator, page_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, sparse: SparsePolicy | None = None, prefix=None,
-                 host_prefix=None):
+                 host_prefix=None, keep_alive_s: float = 0.0):
         """prefix: a `hisa.engine.prefix_cache.DevicePrefixCache` over `allocator` (requests held in
         the pool, dense or resident sparse, reuse cached prefix pages at admission and register
         theirs after each step), or None. host_prefix: a `HostPrefixCache` over the sparse host
-        pool's allocator (the same for host-backed sparse requests), or None."""
+        pool's allocator (the same for host-backed sparse requests), or None. keep_alive_s: how long
+        the pages of a finished request with `params.keep_alive` stay cached ahead of other cached
+        pages (`PageAllocator.free(keep_until=)`)."""
         self.allocator = allocator
+        self.keep_alive_s = keep_alive_s
         self.prefix = prefix
         self.host_prefix = host_prefix
         self.sparse = sparse
@@ -124,16 +127,18 @@ class Scheduler:
         """Mark finished and give its pages back. The caller has already removed it from running."""
         seq.status = Status.FINISHED
         seq.finish_reason = reason
-        self._release(seq)
+        self._release(seq, keep=reason != "abort" and seq.params.keep_alive)
 
     def pool(self, seq: Sequence) -> PageAllocator:
         return self.sparse.host_allocator if seq.host_backed else self.allocator
 
-    def _release(self, seq: Sequence) -> None:
+    def _release(self, seq: Sequence, *, keep: bool = False) -> None:
         if seq.pages:
             # last page first: cached prefix pages are evicted least recently freed first, so under
             # pressure a prefix loses its tail before its head (a later request reuses a leading run)
-            self.pool(seq).free(seq.pages[::-1])
+            pool = self.pool(seq)
+            until = pool.clock() + self.keep_alive_s if keep and self.keep_alive_s > 0 else None
+            pool.free(seq.pages[::-1], keep_until=until)
             seq.pages = []
         seq.num_registered = 0
         seq.needs_prefill = False

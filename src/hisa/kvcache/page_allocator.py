@@ -7,11 +7,18 @@ frees it, it keeps its KV and its key and becomes *cached* instead of free, so a
 the same prefix can take it back (`lookup` + `share`) instead of recomputing it. Cached pages count
 as free: `allocate` takes truly free pages first, then evicts cached ones, least recently freed
 first, dropping their keys.
+
+Pages freed with a keep-alive deadline (`free(pages, keep_until=t)`: a finished turn of an agent
+session, `SamplingParams.keep_alive`) are *kept*: cached pages evicted only after every ordinary
+cached page, the request freed first first (LRU by request); past its deadline a kept page is an
+ordinary cached one again (the oldest).
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 
 class PageAllocator:
@@ -26,21 +33,24 @@ class PageAllocator:
         alloc.share(alloc.lookup([b"k0", b"k1"]))   # [0]: a later request takes page 0 back
     """
 
-    def __init__(self, num_pages: int):
+    def __init__(self, num_pages: int, *, clock: Callable[[], float] = time.monotonic):
         if num_pages < 1:
             raise ValueError(f"num_pages must be >= 1, got {num_pages}")
         self.num_pages = num_pages
+        self.clock = clock  # the time keep-alive deadlines are read on
         self._free = list(range(num_pages - 1, -1, -1))  # pop() from the end hands out low ids first
         self._refs = [0] * num_pages
         self._key_of: dict[int, bytes] = {}  # registered pages (in use or cached) -> key
         self._page_of: dict[bytes, int] = {}
         self._cached: OrderedDict[int, None] = OrderedDict()  # refs 0, still registered; oldest first
+        self._kept: OrderedDict[int, float] = OrderedDict()  # cached under a keep-alive deadline; oldest first
         self.evicted = 0  # cached pages handed out again (their prefix forgotten)
+        self.kept_evicted = 0  # of which kept pages, evicted before their deadline
 
     @property
     def num_free(self) -> int:
         """Pages `allocate` can hand out: free ones and cached ones (evicted on demand)."""
-        return len(self._free) + len(self._cached)
+        return len(self._free) + len(self._cached) + len(self._kept)
 
     @property
     def num_used(self) -> int:
@@ -48,7 +58,26 @@ class PageAllocator:
 
     @property
     def num_cached(self) -> int:
-        return len(self._cached)
+        return len(self._cached) + len(self._kept)
+
+    @property
+    def num_kept(self) -> int:
+        """Cached pages still under a keep-alive deadline (counted in num_cached too)."""
+        self._expire()
+        return len(self._kept)
+
+    def _expire(self) -> None:
+        """Kept pages past their deadline become ordinary cached pages, ahead of those freed since."""
+        now, gone = self.clock(), []
+        while self._kept:
+            p, until = next(iter(self._kept.items()))
+            if until > now:
+                break
+            del self._kept[p]
+            gone.append(p)
+        for p in reversed(gone):
+            self._cached[p] = None
+            self._cached.move_to_end(p, last=False)
 
     def can_allocate(self, n: int) -> bool:
         return n <= self.num_free
@@ -57,26 +86,37 @@ class PageAllocator:
         if n > self.num_free:
             raise MemoryError(f"asked for {n} pages, {self.num_free} free")
         pages = []
+        if n > len(self._free) and self._kept:
+            self._expire()
         for _ in range(n):
             if self._free:
                 p = self._free.pop()
-            else:  # evict the least recently freed cached page
-                p, _ = self._cached.popitem(last=False)
+            else:  # evict the least recently freed cached page; kept pages only once none is left
+                if self._cached:
+                    p, _ = self._cached.popitem(last=False)
+                else:
+                    p, _ = self._kept.popitem(last=False)
+                    self.kept_evicted += 1
                 del self._page_of[self._key_of.pop(p)]
                 self.evicted += 1
             self._refs[p] = 1
             pages.append(p)
         return pages
 
-    def free(self, pages: list[int]) -> None:
-        """Drop one reference to each page; a page nobody holds becomes cached (registered) or free."""
+    def free(self, pages: list[int], *, keep_until: float | None = None) -> None:
+        """Drop one reference to each page; a page nobody holds becomes cached (registered) or free.
+        keep_until: registered pages that become cached are kept until then (`self.clock` time)."""
+        keep = keep_until is not None and keep_until > self.clock()
         for p in pages:
             if self._refs[p] <= 0:
                 raise ValueError(f"page {p} freed twice or never allocated")
             self._refs[p] -= 1
             if self._refs[p] == 0:
                 if p in self._key_of:
-                    self._cached[p] = None
+                    if keep:
+                        self._kept[p] = keep_until
+                    else:
+                        self._cached[p] = None
                 else:
                     self._free.append(p)
 
@@ -106,7 +146,7 @@ class PageAllocator:
         for p in pages:
             if p not in self._key_of:
                 raise ValueError(f"page {p} holds no registered prefix")
-            if self._refs[p] == 0:
+            if self._refs[p] == 0 and self._kept.pop(p, None) is None:
                 del self._cached[p]
             self._refs[p] += 1
 

@@ -73,6 +73,7 @@ class _SamplingFields(_Request):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool | None = False  # extra: generate exactly max_tokens tokens
+    keep_alive: bool | None = False  # extra: a turn of an agent session: its KV pages stay cached (--keep-alive)
     presence_penalty: float | None = _finite(ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
     frequency_penalty: float | None = _finite(ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
     logit_bias: dict[str, float] | None = None
@@ -158,6 +159,7 @@ class _SamplingFields(_Request):
             top_k=self.top_k or 0, top_p=1.0 if self.top_p is None else float(self.top_p),
             min_p=float(self.min_p or 0.0), seed=self.seed, stop=list(self.stop or []),
             stop_token_ids=list(self.stop_token_ids or []), ignore_eos=bool(self.ignore_eos),
+            keep_alive=bool(self.keep_alive),
             presence_penalty=float(self.presence_penalty or 0.0),
             frequency_penalty=float(self.frequency_penalty or 0.0), logit_bias=self.logit_bias or None)
 
