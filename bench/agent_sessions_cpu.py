@@ -12,7 +12,13 @@ rotating order):
 
   none        --no-prefix-cache, no L3: every turn prefills its whole conversation;
   pool        the pool's prefix cache (pages shared or kept after requests, evicted LRU);
-  pool+l3     the same with --l3 file:DIR (prompts stored after prefill, answers when a request ends).
+  pool+l3     the same with --l3 file:DIR (prompts stored after prefill, answers when a request ends);
+  pool+keep   the pool's prefix cache, the sessions' requests sent with keep_alive (their pages are
+              evicted only after every other cached page: `--keep-alive`, SamplingParams.keep_alive).
+
+`--noise N` sends N one-shot requests (fresh documents of --doc-tokens, no keep_alive) after every
+turn, in every mode: traffic that is not a session and competes for the same pool. Their time to
+first token is reported apart (`noise_ttft_sum_s`).
 
 With `--sparse-host` the sessions are host-backed sparse requests (quest, `--token-budget`): their KV
 lives in the host pool, which is then the pool of `--pool-sessions` sessions (the device pool holds
@@ -81,9 +87,14 @@ class Mode:
         self.llm = LLM(loaded=loaded, device="cpu", dtype="float32", progress=False, page_size=PAGE, max_num_seqs=1,
                        max_model_len=longest + PAGE, max_num_batched_tokens=a.chunk, prefix_cache=mode != "none",
                        l3=f"file:{l3_dir}" if mode == "pool+l3" else None, **pools)
-        self.params = SamplingParams(max_tokens=a.answer_tokens, ignore_eos=True)
+        self.params = SamplingParams(max_tokens=a.answer_tokens, ignore_eos=True, keep_alive=mode == "pool+keep")
+        self.noise_params = SamplingParams(max_tokens=a.answer_tokens, ignore_eos=True)
         self.history = [list(o) for o in openings]
-        self.answers, self.ttfts, self.busy_s = [], [], 0.0
+        self.answers, self.ttfts, self.busy_s, self.noise_ttfts = [], [], 0.0, []
+
+    def noise(self, prompt: list[int]) -> None:
+        out = self.llm.generate([prompt], self.noise_params, use_tqdm=False)[0]
+        self.noise_ttfts.append(out.first_token_time - out.arrival_time)
 
     def turn(self, s: int, t: int) -> None:
         if t:
@@ -103,6 +114,7 @@ class Mode:
         return dict(mode=self.mode, ttft_sum_s=round(sum(self.ttfts), 3),
                     ttft_median_s=round(statistics.median(self.ttfts), 3), ttft_s=[round(t, 3) for t in self.ttfts],
                     busy_s=round(self.busy_s, 2), tokens_reused=pool.get("tokens_hit", 0) + l3.get("tokens_loaded", 0),
+                    noise_requests=len(self.noise_ttfts), noise_ttft_sum_s=round(sum(self.noise_ttfts), 3),
                     pool=pool, l3=l3, answers=self.answers, pool_pages=self.num_pages, pool_gib=self.pool_gib)
 
 
@@ -115,7 +127,8 @@ def main() -> int:
     p.add_argument("--answer-tokens", type=int, default=16)
     p.add_argument("--pool-sessions", type=float, default=2.5, help="pool size in sessions' longest contexts")
     p.add_argument("--chunk", type=int, default=2048, help="--max-num-batched-tokens")
-    p.add_argument("--modes", default="none,pool,pool+l3")
+    p.add_argument("--modes", default="none,pool,pool+l3", help="of none, pool, pool+l3, pool+keep")
+    p.add_argument("--noise", type=int, default=0, help="one-shot requests after every turn (default 0)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--sparse-host", action="store_true",
                    help="host-backed sparse sessions (quest): the host pool is the pool, `pool` its prefix cache (L2)")
@@ -131,6 +144,8 @@ def main() -> int:
     warm.generate([openings[0][:128]], SamplingParams(max_tokens=2), use_tqdm=False)  # first-call overheads
     warm.close()
     names = a.modes.split(",")
+    if unknown := set(names) - {"none", "pool", "pool+l3", "pool+keep"}:
+        p.error(f"unknown mode(s) {sorted(unknown)}: choose from none, pool, pool+l3, pool+keep")
     with tempfile.TemporaryDirectory(prefix="hisa-agents-") as tmp:
         modes = [Mode(loaded, m, a, openings, later, Path(tmp) / "l3") for m in names]
         i = 0
@@ -139,6 +154,10 @@ def main() -> int:
                 order = modes[i % len(modes):] + modes[: i % len(modes)]  # rotate: no mode always runs first
                 for m in order:
                     m.turn(s, t)
+                for k in range(a.noise):
+                    doc = loaded.tokenizer.encode(long_text(a.doc_tokens, seed=5000 + 97 * i + k))[: a.doc_tokens]
+                    for m in order:
+                        m.noise(doc)
                 print(f"turn {t + 1} session {s + 1} ({len(modes[0].history[s])} tokens): "
                       + "  ".join(f"{m.mode} {m.ttfts[-1]:.2f} s" for m in modes), flush=True)
                 i += 1
@@ -175,7 +194,7 @@ def main() -> int:
     payload = dict(**header(torch.device("cpu"), a.git_commit),
                    config=dict(sessions=a.sessions, turns=a.turns, doc_tokens=a.doc_tokens,
                                question_tokens=a.question_tokens, answer_tokens=a.answer_tokens,
-                               pool_sessions=a.pool_sessions, chunk=a.chunk, page_size=PAGE,
+                               pool_sessions=a.pool_sessions, chunk=a.chunk, page_size=PAGE, noise=a.noise,
                                threads=torch.get_num_threads(), model="SmolLM2-135M-Instruct (embedded GGUF), fp32",
                                kv=f"host-backed sparse quest, budget {a.token_budget} (the pool: the host pool)"
                                if a.sparse_host else "dense (the pool: the device pool)"),
