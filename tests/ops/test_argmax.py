@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from hisa.ops.argmax import argmax
 
 CUDA = torch.cuda.is_available()
-DEV = "cuda" if CUDA else "cpu"
-needs_triton = pytest.mark.skipif(not CUDA and os.environ.get("TRITON_INTERPRET") != "1",
-                                  reason="needs CUDA or TRITON_INTERPRET=1")
+DEV = "cuda" if CUDA else "cpu"  # on a CPU machine tests/conftest.py runs Triton in the interpreter
 
 
-@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("b,v,chunk", [(1, 1, 16), (3, 100, 16), (5, 1000, 64), (2, 64, 64)])
 def test_kernels_match_torch_argmax(dtype, b, v, chunk):
@@ -24,7 +19,6 @@ def test_kernels_match_torch_argmax(dtype, b, v, chunk):
     assert argmax(x, use_triton=True, chunk=chunk).tolist() == x.float().argmax(-1).tolist()
 
 
-@needs_triton
 def test_ties_keep_the_first_column_across_chunks_and_nan_wins():
     """Rows whose maximum repeats inside a chunk and in later chunks; a row with +inf then NaN
     (torch's CUDA argmax takes the NaN); a row of -inf only (column 0); a strided row."""

@@ -45,29 +45,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     block_n, block_k = block_n or dflt[0], block_k or dflt[1]
     num_stages, num_warps = num_stages or dflt[2], num_warps or dflt[3]
     if use_triton is None:
-        use_triton = (ENABLED and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-                      and weight.dtype == x.dtype and weight.device == x.device and weight.ndim == 2
-                      and weight.stride(-1) == 1 and x.numel() // max(1, x.shape[-1]) <= MAX_M
-                      and -(-weight.shape[0] // block_n) >= MIN_PROGRAMS
+        use_triton = (_pays(x, weight, -(-weight.shape[0] // block_n))
                       and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous())))
     elif use_triton:
         use_triton = want_triton(True, x)
     if not use_triton:
         return F.linear(x, weight, bias)
-    check_tensor("weight", weight, ndim=2, layout="[N, K]", like=x)
-    lead, k = x.shape[:-1], x.shape[-1]
-    if weight.shape[1] != k:
-        raise ValueError(f"x's last dim {k} does not match weight {tuple(weight.shape)} [N, K]")
-    if weight.dtype != x.dtype:
-        raise ValueError(f"weight is {weight.dtype} but x is {x.dtype}")
+    x2 = _rows(x, weight, "[N, K]")
     if bias is not None:
         check_tensor("bias", bias, ndim=1, layout="[N]", dtype=x.dtype, like=x, shape=(weight.shape[0],))
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    lead, k = x.shape[:-1], x.shape[-1]
     m, n = x2.shape[0], weight.shape[0]
-    if m > MAX_M:
-        raise ValueError(f"the Triton kernel takes at most {MAX_M} rows, got {m}")
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m and n:
         from hisa.ops.triton_linear import skinny_linear_kernel
@@ -110,25 +98,14 @@ def gate_up_act(x: torch.Tensor, weight: torch.Tensor, *, act: str, use_triton: 
     block_n, block_k = block_n or dflt[0], block_k or dflt[1]
     num_stages, num_warps = num_stages or dflt[2], num_warps or dflt[3]
     if use_triton is None:
-        use_triton = (ENABLED and GATE_UP_ENABLED and weight.shape[0] >= LARGE_N_FROM and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-                      and weight.dtype == x.dtype and weight.device == x.device and weight.stride(-1) == 1
-                      and x.numel() // max(1, x.shape[-1]) <= MAX_M and -(-inter // block_n) >= MIN_PROGRAMS)
+        use_triton = GATE_UP_ENABLED and weight.shape[0] >= LARGE_N_FROM and _pays(x, weight, -(-inter // block_n))
     elif use_triton:
         use_triton = want_triton(True, x)
     if not use_triton:
         return act_mul(linear(x, weight).reshape(-1, weight.shape[0]), act=act).view(*x.shape[:-1], inter)
-    check_tensor("weight", weight, ndim=2, layout="[2 * I, K]", like=x)
+    x2 = _rows(x, weight, "[2 * I, K]")
     lead, k = x.shape[:-1], x.shape[-1]
-    if weight.shape[1] != k:
-        raise ValueError(f"x's last dim {k} does not match weight {tuple(weight.shape)} [2 * I, K]")
-    if weight.dtype != x.dtype:
-        raise ValueError(f"weight is {weight.dtype} but x is {x.dtype}")
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
     m = x2.shape[0]
-    if m > MAX_M:
-        raise ValueError(f"the Triton kernel takes at most {MAX_M} rows, got {m}")
     y = torch.empty(m, inter, dtype=x.dtype, device=x.device)
     if m and inter:
         from hisa.ops.triton_linear import skinny_gate_up_kernel
@@ -139,6 +116,30 @@ def gate_up_act(x: torch.Tensor, weight: torch.Tensor, *, act: str, use_triton: 
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             num_warps=num_warps if x.is_cuda else 1, **pdl.launch_kwargs(x))
     return y.view(*lead, inter)
+
+
+def _pays(x: torch.Tensor, weight: torch.Tensor, programs: int) -> bool:
+    """Where the decode-batch kernels beat cuBLAS: CUDA, fp16/bf16, at most MAX_M rows, a weight with
+    contiguous rows on x's device, and enough programs to fill the GPU."""
+    return (ENABLED and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype
+            and weight.device == x.device and weight.ndim == 2 and weight.stride(-1) == 1
+            and x.numel() // max(1, x.shape[-1]) <= MAX_M and programs >= MIN_PROGRAMS)
+
+
+def _rows(x: torch.Tensor, weight: torch.Tensor, layout: str) -> torch.Tensor:
+    """x as [M, K] rows with a contiguous last dim, after the checks the kernels need (ValueError)."""
+    check_tensor("weight", weight, ndim=2, layout=layout, like=x)
+    k = x.shape[-1]
+    if weight.shape[1] != k:
+        raise ValueError(f"x's last dim {k} does not match weight {tuple(weight.shape)} {layout}")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight is {weight.dtype} but x is {x.dtype}")
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if x2.shape[0] > MAX_M:
+        raise ValueError(f"the Triton kernel takes at most {MAX_M} rows, got {x2.shape[0]}")
+    return x2
 
 
 class Linear(nn.Linear):
