@@ -121,7 +121,7 @@ class TableLayout:
     """Where select_pages also lays resident rows out for attention (the adaptor's compose, done by
     the top-k kernel itself: one launch fewer per layer). kind, slot, t: int32 [R] (`DecodeRowsView`);
     block_table int32 [*, MAXP]; table int32 [R, W] and kv_lens int32 [R] are written for rows of
-    kind RESIDENT (1) only. See `hisa.sparse.adaptor.BackendAdaptor.layout_target`."""
+    kind RESIDENT (1) only. Built by `hisa.sparse.coordinator.SparseCoordinator._layout`."""
 
     kind: torch.Tensor
     slot: torch.Tensor
@@ -175,16 +175,15 @@ def select_pages(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, k: in
 
 
 def _layout_ref(picks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, layout: TableLayout) -> None:
-    """TableLayout's writes in plain torch (row by row): the resident rows' [sinks | picks | recent]."""
-    L, s = layout, layout.page_size
-    for r, (kd, sl, t, a, b) in enumerate(zip(*(x.tolist() for x in (L.kind, L.slot, L.t, lo, hi)))):
-        if kd != 1:
-            continue
-        n = -(-t // s)
-        mid = [p for p in picks[r].tolist() if p >= 0][: max(0, b - a)]
-        pages = list(range(a)) + mid + list(range(b, n))
-        L.table[r, :len(pages)] = L.block_table[sl, pages]
-        L.kv_lens[r] = (len(pages) - 1) * s + (t - (n - 1) * s)
+    """TableLayout's writes in plain torch: the adaptor's compose reference over the resident rows
+    alone (every other row is passed as dense, so it is left alone, as the kernel leaves it)."""
+    from hisa.sparse.adaptor import DENSE, RESIDENT, _compose_ref
+
+    L = layout
+    kind = torch.where(L.kind == RESIDENT, L.kind, DENSE)
+    unused = torch.empty(L.kind.shape[0], 1, dtype=torch.int32, device=L.kind.device)  # host-backed rows' lists
+    _compose_ref(kind, L.slot, L.t, L.kind, lo, hi, picks, L.block_table, L.table, unused, L.kv_lens,
+                 page_size=L.page_size, num_select=picks.shape[1], K=1, windowed=False)
 
 
 def select_pages_ref(scores, lo, hi, k: int) -> torch.Tensor:
