@@ -3,6 +3,7 @@ step launches ~8 kernels per decoder layer on CUDA (counted with the profiler on
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -57,9 +58,15 @@ def test_decode_step_launches_eight_kernels_per_layer_on_cuda(family):
     assert counts["ops"]["aten::mm"] == 4 and counts["ops"]["triton:rms_norm"] == 2
 
 
-def test_fused_model_runs_in_triton_as_on_cuda():
+def test_fused_model_runs_in_triton_as_on_cuda(monkeypatch):
     """The model forward with every hisa.ops launcher on its Triton branch (interpreter on a CPU)
-    gives the CPU path's hidden states: the kernels are wired with the right shapes and weights."""
+    gives the CPU path's hidden states: the kernels are wired with the right shapes and weights.
+    The projections take their kernel too, so Llama's residual adds run in the o and down
+    projections and its norms in the qkv and gate|up projections (and no norm kernel but the last)."""
+    from hisa.ops import linear as linear_mod
+
+    if not os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("needs TRITON_INTERPRET=1 (the conftest sets it on a CPU)")
     from hisa.ops import act_mul, qkv_rope, rms_norm
 
     for preset in ("tiny-llama", "tiny-gemma3"):
@@ -69,11 +76,19 @@ def test_fused_model_runs_in_triton_as_on_cuda():
         with torch.inference_mode():
             want = model(ids, pos, launch_count._ReturnQ(), 3)
             saved = [(m, m.want_triton) for m in (act_mul, qkv_rope, rms_norm)]
+            norms = []
             try:
                 for m, _ in saved:
                     m.want_triton = lambda use_triton, x: True
+                monkeypatch.setattr(linear_mod, "_pays", lambda x, weight, programs: True)
+                monkeypatch.setattr(linear_mod, "_norms", lambda x: True)  # fp32 here; bf16 on CUDA
+                real_norm = rms_norm._launch_triton
+                monkeypatch.setattr(rms_norm, "_launch_triton", lambda *a, **k: norms.append(1) or real_norm(*a, **k))
                 got = model(ids, pos, launch_count._ReturnQ(), 3)
             finally:
                 for m, f in saved:
                     m.want_triton = f
+                monkeypatch.undo()
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        if preset == "tiny-llama":
+            assert len(norms) == 1  # the final norm

@@ -140,3 +140,118 @@ def test_gate_up_kernel_at_llama_8b_shapes_matches_the_unfused_ops(act, rows):
     want = act_mul(F.linear(x, w), act=act)
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
     assert (got == want).float().mean() > 0.9
+
+
+def _normed(m, k, dtype, seed):
+    """A residual stream of m rows (scaled far from 1, as a real one is) and a norm weight."""
+    from hisa.ops.rms_norm import NormedRows
+
+    torch.manual_seed(seed)
+    x = (torch.randn(m, k, device=DEV) * 7).to(dtype)
+    nw = (1 + 0.5 * torch.randn(k, device=DEV)).to(dtype)
+    return NormedRows(x, nw, 1e-5)
+
+
+def _norm_f32(rows):
+    """The normed rows in fp32 (the definition, no rounding in between)."""
+    xf = rows.x.float()
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + rows.eps) * rows.weight.float()
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m,n,k,block_n,block_k", [(1, 40, 64, 16, 32), (5, 33, 100, 16, 32), (16, 64, 48, 32, 16)])
+def test_kernel_norms_its_input_and_adds_the_residual(dtype, m, n, k, block_n, block_k):
+    """NormedRows in (the norm computed from tiles as they stream, applied in the epilogue), a bias,
+    and a residual added after the product's rounding: against the fp32 definition, masked tails
+    in N and K, several K blocks."""
+    rows = _normed(m, k, dtype, m * 1000 + n + k)
+    w = (torch.randn(n, k, device=DEV) * k ** -0.5).to(dtype)
+    b = torch.randn(n, device=DEV).to(dtype)
+    res = (torch.randn(m, n, device=DEV) * 3).to(dtype)
+    got = linear(rows, w, b, residual=res, use_triton=True, block_n=block_n, block_k=block_k, num_stages=2)
+    prod = (F.linear(_norm_f32(rows), w.float()) + b.float()).to(dtype)
+    want = prod.float() + res.float()
+    assert got.dtype == dtype and got.shape == (m, n)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # fp16: x * weight rounded before the dot
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+    if dtype == torch.float16:  # one rounding of the product, then the add rounded: not one rounding of the sum
+        exact = linear(rows.materialize(), w, b, use_triton=True, block_n=block_n, block_k=block_k, num_stages=2)
+        torch.testing.assert_close(linear(rows.materialize(), w, b, residual=res, use_triton=True, block_n=block_n,
+                                          block_k=block_k, num_stages=2), exact + res, rtol=0, atol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gate_up_kernel_norms_its_input(dtype):
+    from hisa.ops.act_mul import act_mul_ref
+    from hisa.ops.linear import gate_up_act
+
+    rows = _normed(5, 100, dtype, 3)
+    w = (torch.randn(2 * 33, 100, device=DEV) * 2 * 100 ** -0.5).to(dtype)
+    got = gate_up_act(rows, w, act="silu", use_triton=True, block_n=16, block_k=32, num_stages=2)
+    want = act_mul_ref(F.linear(_norm_f32(rows), w.float()), act="silu")
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+def test_off_the_kernel_normed_rows_are_materialized_and_the_residual_added():
+    """Where the kernel does not run (the CPU), a NormedRows input is the norm kernel's output and
+    residual= is the add after the projection, bit for bit; a residual of the wrong shape is refused."""
+    from hisa.ops.linear import gate_up_act
+    from hisa.ops.rms_norm import rms_norm
+
+    rows = _normed(4, 24, torch.bfloat16, 9)
+    w = torch.randn(40, 24, dtype=torch.bfloat16)
+    res = torch.randn(4, 40, dtype=torch.bfloat16)
+    normed = rms_norm(rows.x, rows.weight, eps=rows.eps)[0]
+    assert torch.equal(rows.materialize(), normed)
+    assert torch.equal(linear(rows, w, residual=res), F.linear(normed, w) + res)
+    assert torch.equal(gate_up_act(rows, w, act="silu"), gate_up_act(normed, w, act="silu"))
+    with pytest.raises(ValueError, match="residual must have shape"):
+        linear(rows, w, residual=res[:, :39])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_llama_8b_layer_with_fused_norms_matches_the_unfused_layer(monkeypatch):
+    """One decoder layer at Llama-3.1-8B's shapes, bf16, 8 rows, two steps (the second takes the
+    stream the first returned): with the norms in the qkv and gate|up kernels and the residual adds
+    in the o and down kernels, no norm kernel runs, and the stream agrees with the unfused layer
+    (norm kernels and F.linear adds) to bf16 rounding."""
+    from hisa.models.config import ModelConfig
+    from hisa.models.llama import DecoderLayer
+    from hisa.models.rope import RotaryEmbedding, rope_inv_freq
+
+    cfg = ModelConfig(arch="llama", vocab_size=128, hidden_size=4096, intermediate_size=14336,
+                      num_layers=1, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                      rope_theta=500000.0)
+    torch.manual_seed(0)
+    layer = DecoderLayer(cfg, 0).cuda().to(torch.bfloat16)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * (p.shape[-1] ** -0.5) if p.ndim == 2 else 1 + 0.1 * torch.randn_like(p))
+    rope = RotaryEmbedding(rope_inv_freq(128, 500000.0, None, None)).cuda()
+    cos_sin = rope.lookup(torch.arange(8, device="cuda"), 8)
+
+    class OwnToken:  # each token attends to itself alone: the output is its v, per query head
+        def forward(self, layer_idx, q, k, v):
+            return v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+
+    def two_steps():
+        x, res = torch.randn(8, 4096, device="cuda", generator=torch.Generator("cuda").manual_seed(1)).to(torch.bfloat16), None
+        for _ in range(2):
+            x, res = layer(x, res, cos_sin, OwnToken())
+        return x if res is None else x + res  # the stream
+
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fused = two_steps()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert not any("rms_norm" in n for n in names)
+    monkeypatch.setattr(linear_mod, "NORM_ENABLED", False)
+    monkeypatch.setattr(linear_mod, "ENABLED", False)  # F.linear, separate adds and norm kernels
+    with torch.no_grad():
+        unfused = two_steps()
+    torch.testing.assert_close(fused.float(), unfused.float(), rtol=3e-2, atol=3e-2)
+    assert (fused == unfused).float().mean() > 0.8

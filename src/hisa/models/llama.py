@@ -8,7 +8,9 @@ The dense parts are fused (`hisa.ops`; one kernel each on CUDA): q/k/v are one G
 with Qwen2's biases) whose output one kernel splits and rotates (RoPE); gate/up are one GEMM
 (`gate_up_proj`) followed by one SiLU-and-multiply; each residual add is fused with the norm that
 follows it. A decode step runs per layer: add+norm, qkv GEMM, rope, [attention], o_proj, add+norm,
-gate_up GEMM, act*mul, down GEMM. Checkpoints still load by their Hugging Face names
+gate_up GEMM, act*mul, down GEMM; on a decode batch on CUDA, five kernels: qkv GEMM with the norm,
+rope, [attention], o_proj with the residual add, gate_up GEMM with the norm and act*mul, down GEMM
+with the residual add (`DecoderLayer.forward`). Checkpoints still load by their Hugging Face names
 (`...q_proj.weight` fills rows of `qkv_proj.weight`: `hisa.models.layers.checkpoint_targets`).
 """
 
@@ -20,10 +22,11 @@ import torch
 from torch import nn
 
 from hisa.models.config import ModelConfig
-from hisa.models.layers import FusedLinear, RMSNorm
+from hisa.models.layers import FusedLinear, RMSNorm, project_add
 from hisa.models.rope import RotaryEmbedding, rope_inv_freq
 from hisa.ops.linear import Linear, gate_up_act
 from hisa.ops.qkv_rope import qkv_rope
+from hisa.ops.rms_norm import NormedRows
 
 __all__ = ["AttentionFn", "RMSNorm", "Attention", "MLP", "DecoderLayer", "LlamaForCausalLM"]
 
@@ -42,12 +45,16 @@ class Attention(nn.Module):
         self.qkv_proj = FusedLinear(cfg.hidden_size, {"q_proj": q, "k_proj": kv, "v_proj": kv}, bias=cfg.attention_bias)
         self.o_proj = Linear(q, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, attn: AttentionFn) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | NormedRows, cos_sin: torch.Tensor, attn: AttentionFn) -> torch.Tensor:
         """x: [T, hidden] normed, cos_sin: fp32 [T, 2, D/2] → [T, hidden]."""
+        return self.o_proj(self.attend(x, cos_sin, attn))
+
+    def attend(self, x: torch.Tensor | NormedRows, cos_sin: torch.Tensor, attn: AttentionFn) -> torch.Tensor:
+        """The attention output before o_proj: [T, hidden] normed → [T, H * D]."""
         q, k, v = qkv_rope(self.qkv_proj(x), cos_sin, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                            head_dim=self.head_dim)  # [T, H, D], [T, KVH, D], [T, KVH, D]
         out = attn.forward(self.layer_idx, q, k, v)  # [T, H, D]
-        return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.head_dim))
+        return out.reshape(x.shape[0], self.num_heads * self.head_dim)
 
 
 class MLP(nn.Module):
@@ -58,10 +65,14 @@ class MLP(nn.Module):
         self.down_proj = Linear(inter, cfg.hidden_size, bias=False)
         self.act = act
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | NormedRows) -> torch.Tensor:
         """x: [T, hidden] → [T, hidden]."""
-        # act(gate) * up [T, I] (one kernel with the projection for a decode batch on CUDA) → [T, hidden]
-        return self.down_proj(gate_up_act(x, self.gate_up_proj.weight, act=self.act))
+        return self.down_proj(self.gated(x))
+
+    def gated(self, x: torch.Tensor | NormedRows) -> torch.Tensor:
+        """act(gate) * up, [T, I]: the down projection's input (one kernel with the gate|up
+        projection for a decode batch on CUDA)."""
+        return gate_up_act(x, self.gate_up_proj.weight, act=self.act)
 
 
 class DecoderLayer(nn.Module):
@@ -74,11 +85,17 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos_sin: torch.Tensor,
                 attn: AttentionFn) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: the previous layer's MLP output (the embeddings for the first layer, with residual
-        None), residual: [T, hidden] the stream before x is added → (this layer's MLP output, residual)."""
-        h, residual = self.input_layernorm.add_norm(x, residual)
-        h, residual = self.post_attention_layernorm.add_norm(self.self_attn(h, cos_sin, attn), residual)
-        return self.mlp(h), residual
+        """x: the previous layer's MLP output, residual: [T, hidden] the stream before x is added →
+        (this layer's MLP output, residual). residual None: x is the stream itself (the embeddings
+        before the first layer, or a previous layer whose down projection added the residual:
+        `project_add`). On a decode batch on CUDA the residual adds run in the o and down
+        projections' epilogues and the norms in the qkv and gate|up projections (`NormedRows`):
+        no norm kernel between them."""
+        h, residual = self.input_layernorm.add_norm(x, residual, into=self.self_attn.qkv_proj)
+        a = self.self_attn.attend(h, cos_sin, attn)
+        h, residual = self.post_attention_layernorm.add_norm(*project_add(self.self_attn.o_proj, a, residual),
+                                                             into=self.mlp.gate_up_proj)
+        return project_add(self.mlp.down_proj, self.mlp.gated(h), residual)
 
 
 class LlamaBody(nn.Module):

@@ -21,6 +21,7 @@ from torch import nn
 
 from hisa.ops import pdl
 from hisa.ops._checks import check_tensor, want_triton
+from hisa.ops.rms_norm import NormedRows
 
 MAX_M = 16  # rows the Triton kernel takes (x's rows are padded to 16 for the tensor cores)
 # (block_n, block_k, num_stages, num_warps): weight rows per program, columns per pipelined step.
@@ -33,40 +34,85 @@ MIN_PROGRAMS = 128  # fewer programs than this leave SMs idle: F.linear (cuBLAS 
 ENABLED = os.environ.get("HISA_TRITON_LINEAR", "1") != "0"  # 0: every projection runs F.linear (A/B runs)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-           use_triton: bool | None = None, block_n: int | None = None, block_k: int | None = None,
-           num_stages: int | None = None, num_warps: int | None = None) -> torch.Tensor:
-    """x @ weight^T (+ bias), shaped as F.linear: x [..., K], weight [N, K] -> [..., N].
+NORM_ENABLED = os.environ.get("HISA_FUSED_NORM", "1") != "0"  # 0: NormedRows are always materialized (A/B runs)
 
-    use_triton: None = the Triton kernel where it pays (see the module docstring), True forces it (CPU
-    only under TRITON_INTERPRET=1; x must have at most MAX_M rows), False = F.linear. block_n,
-    block_k, num_stages, num_warps tune the kernel (None: SMALL_N or LARGE_N by the weight's rows)."""
+
+def linear(x: torch.Tensor | NormedRows, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           residual: torch.Tensor | None = None, use_triton: bool | None = None, block_n: int | None = None,
+           block_k: int | None = None, num_stages: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+    """x @ weight^T (+ bias) (+ residual), shaped as F.linear: x [..., K], weight [N, K] -> [..., N].
+
+    x: a tensor, or `NormedRows` (the kernel norms them as it reads them; elsewhere they are
+    materialized first). residual: [..., N] in x's dtype, added to the product rounded to x's dtype
+    and rounded again (a sublayer's output joining the residual stream: `rms_norm`'s add), in the
+    kernel's epilogue. use_triton: None = the Triton kernel where it pays (see the module
+    docstring), True forces it (CPU only under TRITON_INTERPRET=1; x must have at most MAX_M rows),
+    False = F.linear. block_n, block_k, num_stages, num_warps tune the kernel (None: SMALL_N or
+    LARGE_N by the weight's rows)."""
+    normed = x if isinstance(x, NormedRows) else None
+    xt = normed.x if normed is not None else x
     dflt = LARGE_N if weight.shape[0] >= LARGE_N_FROM else SMALL_N
     block_n, block_k = block_n or dflt[0], block_k or dflt[1]
     num_stages, num_warps = num_stages or dflt[2], num_warps or dflt[3]
     if use_triton is None:
-        use_triton = (_pays(x, weight, -(-weight.shape[0] // block_n))
-                      and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous())))
+        use_triton = runs_kernel(xt, weight, bias, block_n=block_n) and (normed is None or _norms(xt))
     elif use_triton:
-        use_triton = want_triton(True, x)
+        use_triton = want_triton(True, xt)
+    if residual is not None:
+        check_tensor("residual", residual, ndim=xt.ndim, layout="[..., N]", dtype=xt.dtype, like=xt,
+                     shape=(*xt.shape[:-1], weight.shape[0]))
     if not use_triton:
-        return F.linear(x, weight, bias)
-    x2 = _rows(x, weight, "[N, K]")
+        y = F.linear(normed.materialize() if normed is not None else x, weight, bias)
+        return y if residual is None else y + residual
+    x2 = _rows(xt, weight, "[N, K]")
     if bias is not None:
-        check_tensor("bias", bias, ndim=1, layout="[N]", dtype=x.dtype, like=x, shape=(weight.shape[0],))
-    lead, k = x.shape[:-1], x.shape[-1]
+        check_tensor("bias", bias, ndim=1, layout="[N]", dtype=xt.dtype, like=xt, shape=(weight.shape[0],))
+    lead, k = xt.shape[:-1], xt.shape[-1]
     m, n = x2.shape[0], weight.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    y = torch.empty(m, n, dtype=xt.dtype, device=xt.device)
     if m and n:
         from hisa.ops.triton_linear import skinny_linear_kernel
 
+        res2 = residual.reshape(m, n) if residual is not None else None
         skinny_linear_kernel[(-(-n // block_n),)](
             x2, weight, bias if bias is not None else weight, y, m, n, x2.stride(0), weight.stride(0), y.stride(0),
             K=k, HAS_BIAS=bias is not None,
             BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=num_stages,
-            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            num_warps=num_warps if x.is_cuda else 1, **pdl.launch_kwargs(x))
+            DOT_PRECISION="ieee" if xt.dtype == torch.float32 else "tf32",
+            **_fusions(normed, x2, res2), num_warps=num_warps if xt.is_cuda else 1, **pdl.launch_kwargs(xt))
     return y.view(*lead, n)
+
+
+def runs_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                block_n: int | None = None) -> bool:
+    """Whether `linear(x, weight, bias)` runs the Triton kernel (the dispatch's choice): a decoder
+    layer lets the projection add the residual only where it does (`hisa.models.layers`)."""
+    block_n = block_n or (LARGE_N if weight.shape[0] >= LARGE_N_FROM else SMALL_N)[0]
+    return (_pays(x, weight, -(-weight.shape[0] // block_n))
+            and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous())))
+
+
+def takes_normed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether `linear(NormedRows(x, ...), weight, bias)` norms x in the kernel (else the norm is a
+    kernel of its own): bf16 rows where the kernel runs (fp16 is left to the norm kernel: x * weight
+    before the norm could overflow it)."""
+    return _norms(x) and runs_kernel(x, weight, bias)
+
+
+def _norms(x: torch.Tensor) -> bool:
+    """Whether the kernels norm rows of x's dtype themselves (bf16; see `takes_normed`)."""
+    return NORM_ENABLED and x.dtype == torch.bfloat16
+
+
+def _fusions(normed: NormedRows | None, x2: torch.Tensor, res2: torch.Tensor | None) -> dict:
+    """The kernels' arguments for a normed input and (skinny_linear_kernel) a residual."""
+    out = {}
+    if normed is not None:
+        check_tensor("the norm weight", normed.weight, ndim=1, layout="[K]", like=x2, shape=(x2.shape[1],))
+        out.update(nw_ptr=normed.weight, eps=float(normed.eps), NORM_IN=True)
+    if res2 is not None:
+        out.update(res_ptr=res2, stride_rm=res2.stride(0), HAS_RESIDUAL=True)
+    return out
 
 
 # gate_up_act's tiling: weight rows per program *per half* (the program streams twice that). The
@@ -77,7 +123,7 @@ GATE_UP_TILING = (64, 64, 4, 4)
 GATE_UP_ENABLED = os.environ.get("HISA_GATE_UP_ACT", "1") != "0"  # 0: the unfused pair everywhere (A/B runs)
 
 
-def gate_up_act(x: torch.Tensor, weight: torch.Tensor, *, act: str, use_triton: bool | None = None,
+def gate_up_act(x: torch.Tensor | NormedRows, weight: torch.Tensor, *, act: str, use_triton: bool | None = None,
                 block_n: int | None = None, block_k: int | None = None, num_stages: int | None = None,
                 num_warps: int | None = None) -> torch.Tensor:
     """act(x @ gate^T) * (x @ up^T) for weight = [gate | up] ([2 I, K], a fused gate|up projection
@@ -85,8 +131,9 @@ def gate_up_act(x: torch.Tensor, weight: torch.Tensor, *, act: str, use_triton: 
 
     On CUDA for a decode batch (the conditions of `linear`) one Triton kernel computes both halves
     and the activation (`triton_linear.skinny_gate_up_kernel`); elsewhere it is
-    `act_mul(linear(x, weight), act=act)`. act: "silu" or "gelu_tanh" (`hisa.ops.act_mul`).
-    block_n (weight rows per program per half), block_k, num_stages, num_warps tune the kernel."""
+    `act_mul(linear(x, weight), act=act)`. x may be `NormedRows` (as for `linear`). act: "silu" or
+    "gelu_tanh" (`hisa.ops.act_mul`). block_n (weight rows per program per half), block_k,
+    num_stages, num_warps tune the kernel."""
     from hisa.ops.act_mul import ACTIVATIONS, act_mul
 
     if act not in ACTIVATIONS:
@@ -94,27 +141,30 @@ def gate_up_act(x: torch.Tensor, weight: torch.Tensor, *, act: str, use_triton: 
     if weight.ndim != 2 or weight.shape[0] % 2:
         raise ValueError(f"weight must be [2 * I, K] ([gate | up]), got {tuple(weight.shape)}")
     inter = weight.shape[0] // 2
+    normed = x if isinstance(x, NormedRows) else None
+    xt = normed.x if normed is not None else x
     dflt = GATE_UP_TILING
     block_n, block_k = block_n or dflt[0], block_k or dflt[1]
     num_stages, num_warps = num_stages or dflt[2], num_warps or dflt[3]
     if use_triton is None:
-        use_triton = GATE_UP_ENABLED and weight.shape[0] >= LARGE_N_FROM and _pays(x, weight, -(-inter // block_n))
+        use_triton = (GATE_UP_ENABLED and weight.shape[0] >= LARGE_N_FROM and _pays(xt, weight, -(-inter // block_n))
+                      and (normed is None or _norms(xt)))
     elif use_triton:
-        use_triton = want_triton(True, x)
+        use_triton = want_triton(True, xt)
     if not use_triton:
-        return act_mul(linear(x, weight).reshape(-1, weight.shape[0]), act=act).view(*x.shape[:-1], inter)
-    x2 = _rows(x, weight, "[2 * I, K]")
-    lead, k = x.shape[:-1], x.shape[-1]
+        return act_mul(linear(x, weight).reshape(-1, weight.shape[0]), act=act).view(*xt.shape[:-1], inter)
+    x2 = _rows(xt, weight, "[2 * I, K]")
+    lead, k = xt.shape[:-1], xt.shape[-1]
     m = x2.shape[0]
-    y = torch.empty(m, inter, dtype=x.dtype, device=x.device)
+    y = torch.empty(m, inter, dtype=xt.dtype, device=xt.device)
     if m and inter:
         from hisa.ops.triton_linear import skinny_gate_up_kernel
 
         skinny_gate_up_kernel[(-(-inter // block_n),)](
             x2, weight, y, m, inter, x2.stride(0), weight.stride(0), y.stride(0),
             K=k, ACT=ACTIVATIONS.index(act), BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=num_stages,
-            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            num_warps=num_warps if x.is_cuda else 1, **pdl.launch_kwargs(x))
+            DOT_PRECISION="ieee" if xt.dtype == torch.float32 else "tf32", **_fusions(normed, x2, None),
+            num_warps=num_warps if xt.is_cuda else 1, **pdl.launch_kwargs(xt))
     return y.view(*lead, inter)
 
 
@@ -143,7 +193,8 @@ def _rows(x: torch.Tensor, weight: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose forward is `linear` (the same parameters and checkpoint names)."""
+    """nn.Linear whose forward is `linear` (the same parameters and checkpoint names); x may be
+    `NormedRows`, and `residual` is added to the output (see `linear`)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor | NormedRows, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, residual=residual)

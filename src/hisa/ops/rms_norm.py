@@ -8,6 +8,8 @@ kernel launch on CUDA instead of five to eight.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -108,3 +110,28 @@ def _launch_triton(x, weight, *, eps, unit_offset, residual, pre_weight, pre_eps
         BLOCK_N=block, num_warps=min(16, max(1, block // 256)) if x.is_cuda else 1, **pdl.launch_kwargs(x),
     )
     return out, res_out
+
+
+@dataclass(frozen=True)
+class NormedRows:
+    """The rows `rms_norm(x, weight, eps=eps)[0]` (Llama's form, no residual), not computed yet.
+
+    A decode-batch projection that receives them (`hisa.ops.linear.linear`, `gate_up_act`) norms x
+    as it streams it (`triton_linear`, NORM_IN), so no norm kernel runs between the residual add
+    (done by the previous projection's epilogue) and the next projection. Any other consumer calls
+    `materialize()`. Built by `hisa.models.layers.RMSNorm.add_norm` where the next projection takes
+    them (`hisa.ops.linear.takes_normed`).
+    """
+
+    x: torch.Tensor       # [..., K] the residual stream
+    weight: torch.Tensor  # [K] the norm's weight
+    eps: float
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.x.shape
+
+    def materialize(self) -> torch.Tensor:
+        """The normed rows, computed by `rms_norm` ([..., K] in x's dtype)."""
+        rows = self.x.reshape(-1, self.x.shape[-1])
+        return rms_norm(rows, self.weight, eps=self.eps)[0].view(self.x.shape)
