@@ -81,7 +81,7 @@ def test_fused_model_runs_in_triton_as_on_cuda(monkeypatch):
                 for m, _ in saved:
                     m.want_triton = lambda use_triton, x: True
                 monkeypatch.setattr(linear_mod, "_pays", lambda x, weight, programs: True)
-                monkeypatch.setattr(linear_mod, "_norms", lambda x: True)  # fp32 here; bf16 on CUDA
+                monkeypatch.setattr(linear_mod, "norms_in_kernels", lambda x: True)  # fp32 here; bf16 on CUDA
                 real_norm = rms_norm._launch_triton
                 monkeypatch.setattr(rms_norm, "_launch_triton", lambda *a, **k: norms.append(1) or real_norm(*a, **k))
                 got = model(ids, pos, launch_count._ReturnQ(), 3)
@@ -91,4 +91,4 @@ def test_fused_model_runs_in_triton_as_on_cuda(monkeypatch):
                 monkeypatch.undo()
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         if preset == "tiny-llama":
-            assert len(norms) == 1  # the final norm
+            assert len(norms) == 2  # the first layer's input norm (embeddings) and the final norm

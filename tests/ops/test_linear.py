@@ -142,86 +142,93 @@ def test_gate_up_kernel_at_llama_8b_shapes_matches_the_unfused_ops(act, rows):
     assert (got == want).float().mean() > 0.9
 
 
-def _normed(m, k, dtype, seed):
-    """A residual stream of m rows (scaled far from 1, as a real one is) and a norm weight."""
-    from hisa.ops.rms_norm import NormedRows
+def _norm_f32(x, weight, eps):
+    """RMSNorm in fp32 (the definition, no rounding in between)."""
+    xf = x.float()
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+
+
+def _prepared(m, k, n, dtype, seed, *, block_n=16, block_k=32):
+    """A sublayer's end through the kernel: NormedRows prepared by linear_add_norm (a residual stream
+    scaled far from 1, as a real one is), with its inputs."""
+    from hisa.ops.linear import linear_add_norm
 
     torch.manual_seed(seed)
-    x = (torch.randn(m, k, device=DEV) * 7).to(dtype)
+    a = torch.randn(m, n, device=DEV).to(dtype)
+    w = (torch.randn(k, n, device=DEV) * n ** -0.5).to(dtype)
+    res = (torch.randn(m, k, device=DEV) * 7).to(dtype)
     nw = (1 + 0.5 * torch.randn(k, device=DEV)).to(dtype)
-    return NormedRows(x, nw, 1e-5)
-
-
-def _norm_f32(rows):
-    """The normed rows in fp32 (the definition, no rounding in between)."""
-    xf = rows.x.float()
-    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + rows.eps) * rows.weight.float()
+    return linear_add_norm(a, w, None, res, nw, 1e-5, use_triton=True), (a, w, res, nw)
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("m,n,k,block_n,block_k", [(1, 40, 64, 16, 32), (5, 33, 100, 16, 32), (16, 64, 48, 32, 16)])
-def test_kernel_norms_its_input_and_adds_the_residual(dtype, m, n, k, block_n, block_k):
-    """NormedRows in (the norm computed from tiles as they stream, applied in the epilogue), a bias,
-    and a residual added after the product's rounding: against the fp32 definition, masked tails
-    in N and K, several K blocks."""
-    rows = _normed(m, k, dtype, m * 1000 + n + k)
+def test_kernel_adds_the_residual_prepares_the_norm_and_the_next_projection_applies_it(dtype, m, n, k, block_n,
+                                                                                       block_k):
+    """linear_add_norm: r = the product rounded + the residual, rounded (the unfused ops, exactly),
+    scaled = r * the norm weight rounded, partial sums of r^2; then linear on the NormedRows (with a
+    bias) against the fp32 norm of r and projection. Masked tails in N and K, several K blocks."""
+    normed, (a, w1, res, nw) = _prepared(m, k, 24, dtype, m * 1000 + n + k)
+    r = normed.x
+    assert torch.equal(r, linear(a, w1, use_triton=True) + res)
+    assert torch.equal(normed.scaled, (r.float() * nw.float()).to(dtype))
+    assert normed.sumsq.shape == (-(-k // 16), 16) and torch.all(normed.sumsq[:, m:] == 0)
+    torch.testing.assert_close(normed.sumsq.sum(0)[:m], r.float().pow(2).sum(1), rtol=1e-5, atol=1e-5)
     w = (torch.randn(n, k, device=DEV) * k ** -0.5).to(dtype)
     b = torch.randn(n, device=DEV).to(dtype)
-    res = (torch.randn(m, n, device=DEV) * 3).to(dtype)
-    got = linear(rows, w, b, residual=res, use_triton=True, block_n=block_n, block_k=block_k, num_stages=2)
-    prod = (F.linear(_norm_f32(rows), w.float()) + b.float()).to(dtype)
-    want = prod.float() + res.float()
+    got = linear(normed, w, b, use_triton=True, block_n=block_n, block_k=block_k, num_stages=2)
+    want = F.linear(_norm_f32(r, nw, normed.eps), w.float()) + b.float()
     assert got.dtype == dtype and got.shape == (m, n)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2  # fp16: x * weight rounded before the dot
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # fp16: r * weight rounded before the dot
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
-    if dtype == torch.float16:  # one rounding of the product, then the add rounded: not one rounding of the sum
-        exact = linear(rows.materialize(), w, b, use_triton=True, block_n=block_n, block_k=block_k, num_stages=2)
-        torch.testing.assert_close(linear(rows.materialize(), w, b, residual=res, use_triton=True, block_n=block_n,
-                                          block_k=block_k, num_stages=2), exact + res, rtol=0, atol=0)
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_gate_up_kernel_norms_its_input(dtype):
+def test_gate_up_kernel_applies_a_prepared_norm(dtype):
     from hisa.ops.act_mul import act_mul_ref
     from hisa.ops.linear import gate_up_act
 
-    rows = _normed(5, 100, dtype, 3)
+    normed, (_, _, _, nw) = _prepared(5, 100, 24, dtype, 3)
     w = (torch.randn(2 * 33, 100, device=DEV) * 2 * 100 ** -0.5).to(dtype)
-    got = gate_up_act(rows, w, act="silu", use_triton=True, block_n=16, block_k=32, num_stages=2)
-    want = act_mul_ref(F.linear(_norm_f32(rows), w.float()), act="silu")
+    got = gate_up_act(normed, w, act="silu", use_triton=True, block_n=16, block_k=32, num_stages=2)
+    want = act_mul_ref(F.linear(_norm_f32(normed.x, nw, normed.eps), w.float()), act="silu")
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
 
 
-def test_off_the_kernel_normed_rows_are_materialized_and_the_residual_added():
-    """Where the kernel does not run (the CPU), a NormedRows input is the norm kernel's output and
-    residual= is the add after the projection, bit for bit; a residual of the wrong shape is refused."""
-    from hisa.ops.linear import gate_up_act
+def test_off_the_kernel_the_add_is_torch_s_and_the_norm_the_norm_kernel_s():
+    """Where the kernel does not run (the CPU), linear_add_norm is F.linear + the add, bit for bit, and
+    leaves the norm unprepared: a projection materializes it with rms_norm. A residual of the wrong
+    shape is refused."""
+    from hisa.ops.linear import gate_up_act, linear_add_norm
     from hisa.ops.rms_norm import rms_norm
 
-    rows = _normed(4, 24, torch.bfloat16, 9)
-    w = torch.randn(40, 24, dtype=torch.bfloat16)
-    res = torch.randn(4, 40, dtype=torch.bfloat16)
-    normed = rms_norm(rows.x, rows.weight, eps=rows.eps)[0]
-    assert torch.equal(rows.materialize(), normed)
-    assert torch.equal(linear(rows, w, residual=res), F.linear(normed, w) + res)
-    assert torch.equal(gate_up_act(rows, w, act="silu"), gate_up_act(normed, w, act="silu"))
+    a, w1 = torch.randn(4, 24, dtype=torch.bfloat16), torch.randn(32, 24, dtype=torch.bfloat16)
+    res, nw = torch.randn(4, 32, dtype=torch.bfloat16), torch.rand(32, dtype=torch.bfloat16) + 0.5
+    normed = linear_add_norm(a, w1, None, res, nw, 1e-5)
+    assert normed.scaled is None and torch.equal(normed.x, F.linear(a, w1) + res)
+    want = rms_norm(normed.x, nw, eps=1e-5)[0]
+    assert torch.equal(normed.materialize(), want)
+    w = torch.randn(40, 32, dtype=torch.bfloat16)
+    assert torch.equal(linear(normed, w), F.linear(want, w))
+    assert torch.equal(gate_up_act(normed, w, act="silu"), gate_up_act(want, w, act="silu"))
     with pytest.raises(ValueError, match="residual must have shape"):
-        linear(rows, w, residual=res[:, :39])
+        linear_add_norm(a, w1, None, res[:, :31], nw, 1e-5)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_llama_8b_layer_with_fused_norms_matches_the_unfused_layer(monkeypatch):
-    """One decoder layer at Llama-3.1-8B's shapes, bf16, 8 rows, two steps (the second takes the
-    stream the first returned): with the norms in the qkv and gate|up kernels and the residual adds
-    in the o and down kernels, no norm kernel runs, and the stream agrees with the unfused layer
-    (norm kernels and F.linear adds) to bf16 rounding."""
+    """One decoder layer at Llama-3.1-8B's shapes, bf16, 8 rows, two steps (the second takes what the
+    first returned): with the residual adds in the o and down kernels and the norms prepared there and
+    applied by the qkv and gate|up kernels, no norm kernel runs, and the stream agrees with the
+    unfused layer (norm kernels and F.linear) to bf16 rounding."""
     from hisa.models.config import ModelConfig
     from hisa.models.llama import DecoderLayer
     from hisa.models.rope import RotaryEmbedding, rope_inv_freq
+    from hisa.ops.rms_norm import NormedRows
 
     cfg = ModelConfig(arch="llama", vocab_size=128, hidden_size=4096, intermediate_size=14336,
                       num_layers=1, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
@@ -239,16 +246,17 @@ def test_llama_8b_layer_with_fused_norms_matches_the_unfused_layer(monkeypatch):
             return v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
 
     def two_steps():
-        x, res = torch.randn(8, 4096, device="cuda", generator=torch.Generator("cuda").manual_seed(1)).to(torch.bfloat16), None
+        g = torch.Generator("cuda").manual_seed(1)
+        x, res = torch.randn(8, 4096, device="cuda", generator=g).to(torch.bfloat16), None
         for _ in range(2):
-            x, res = layer(x, res, cos_sin, OwnToken())
-        return x if res is None else x + res  # the stream
+            x, res = layer(x, res, cos_sin, OwnToken(), layer.input_layernorm)
+        return x.x if isinstance(x, NormedRows) else x + res  # the stream
 
     with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fused = two_steps()
         torch.cuda.synchronize()
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    assert not any("rms_norm" in n for n in names)
+    assert sum("rms_norm" in n for n in names) == 1  # the first layer's input (embeddings): nothing prepared it
     monkeypatch.setattr(linear_mod, "NORM_ENABLED", False)
     monkeypatch.setattr(linear_mod, "ENABLED", False)  # F.linear, separate adds and norm kernels
     with torch.no_grad():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hisa.ops.linear import Linear, runs_kernel, takes_normed
+from hisa.ops.linear import Linear, linear_add_norm, prepares_norm
 from hisa.ops.rms_norm import NormedRows, rms_norm
 
 
@@ -74,18 +74,18 @@ class RMSNorm(nn.Module):
         rows = x.reshape(-1, x.shape[-1])  # [T, dim]
         return rms_norm(rows, self.weight, eps=self.eps, unit_offset=self.unit_offset)[0].view(x.shape)
 
-    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None, pre_norm: RMSNorm | None = None, *,
-                 into: Linear | None = None) -> tuple[torch.Tensor | NormedRows, torch.Tensor]:
+    def add_norm(self, x: torch.Tensor | NormedRows, residual: torch.Tensor | None,
+                 pre_norm: RMSNorm | None = None) -> tuple[torch.Tensor | NormedRows, torch.Tensor]:
         """(norm(r), r) with r = pre_norm(x) + residual: a sublayer's output x [T, dim] joins the
-        residual stream and is normed for the next sublayer. residual None (the first layer, or a
-        sublayer whose projection added it: `project_add`): r = x.
+        residual stream and is normed for the next sublayer. residual None (the first layer): r = x.
         pre_norm: Gemma's post-sublayer norm, applied to x before the add (fused too).
-        into: the projection that reads norm(r) next. With residual None, where that projection
-        norms its input as it reads it (`hisa.ops.linear.takes_normed`), norm(r) is returned as
-        `NormedRows` and no norm kernel runs (Llama's form only)."""
+        x may be this norm's `NormedRows` from `project_add` (the add done, the norm prepared): they
+        pass through as norm(r), for the next projection to apply."""
+        if isinstance(x, NormedRows):
+            if x.weight is not self.weight or residual is not None or pre_norm is not None:
+                raise ValueError("NormedRows reach add_norm only from project_add with this norm")
+            return x, x.x
         if residual is None:
-            if into is not None and not self.unit_offset and takes_normed(x, into.weight, into.bias):
-                return NormedRows(x, self.weight, self.eps), x
             return self(x), x
         if pre_norm is not None and pre_norm.unit_offset != self.unit_offset:
             raise ValueError("pre_norm and this norm must share one form (unit_offset)")
@@ -94,11 +94,13 @@ class RMSNorm(nn.Module):
                         pre_eps=None if pre_norm is None else pre_norm.eps)
 
 
-def project_add(proj: Linear, a: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A sublayer's last projection and its residual, as `RMSNorm.add_norm` takes them: (proj(a),
-    residual), or (proj(a) + residual, None) where proj's kernel adds the residual in its epilogue
-    (a decode batch on CUDA, `hisa.ops.linear.runs_kernel`): then the add costs no kernel of its own
-    and the next norm can be left to the projection after it."""
-    if residual is not None and runs_kernel(a, proj.weight, proj.bias):
-        return proj(a, residual=residual), None
+def project_add(proj: Linear, a: torch.Tensor, residual: torch.Tensor | None,
+                norm: RMSNorm | None) -> tuple[torch.Tensor | NormedRows, torch.Tensor | None]:
+    """A sublayer's last projection and its residual, as `norm.add_norm` takes them next: (proj(a),
+    residual), or, where proj's kernel adds the residual and prepares the norm in its epilogue (a
+    bf16 decode batch on CUDA: `hisa.ops.linear.linear_add_norm`), (NormedRows, None): no add+norm
+    kernel, and the projection after the norm applies it. norm None (the last layer, whose
+    final norm is left alone) or Gemma's form: the plain pair."""
+    if residual is not None and norm is not None and not norm.unit_offset and prepares_norm(a, proj.weight, proj.bias):
+        return linear_add_norm(a, proj.weight, proj.bias, residual, norm.weight, norm.eps), None
     return proj(a), residual

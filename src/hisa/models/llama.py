@@ -8,9 +8,9 @@ The dense parts are fused (`hisa.ops`; one kernel each on CUDA): q/k/v are one G
 with Qwen2's biases) whose output one kernel splits and rotates (RoPE); gate/up are one GEMM
 (`gate_up_proj`) followed by one SiLU-and-multiply; each residual add is fused with the norm that
 follows it. A decode step runs per layer: add+norm, qkv GEMM, rope, [attention], o_proj, add+norm,
-gate_up GEMM, act*mul, down GEMM; on a decode batch on CUDA, five kernels: qkv GEMM with the norm,
-rope, [attention], o_proj with the residual add, gate_up GEMM with the norm and act*mul, down GEMM
-with the residual add (`DecoderLayer.forward`). Checkpoints still load by their Hugging Face names
+gate_up GEMM, act*mul, down GEMM; on a bf16 decode batch on CUDA, five kernels: qkv GEMM with the
+norm, rope, [attention], o_proj with the residual add (preparing the norm), gate_up GEMM with the
+norm and act*mul, down GEMM with the residual add (`DecoderLayer.forward`). Checkpoints still load by their Hugging Face names
 (`...q_proj.weight` fills rows of `qkv_proj.weight`: `hisa.models.layers.checkpoint_targets`).
 """
 
@@ -83,19 +83,19 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos_sin: torch.Tensor,
-                attn: AttentionFn) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: the previous layer's MLP output, residual: [T, hidden] the stream before x is added →
-        (this layer's MLP output, residual). residual None: x is the stream itself (the embeddings
-        before the first layer, or a previous layer whose down projection added the residual:
-        `project_add`). On a decode batch on CUDA the residual adds run in the o and down
-        projections' epilogues and the norms in the qkv and gate|up projections (`NormedRows`):
-        no norm kernel between them."""
-        h, residual = self.input_layernorm.add_norm(x, residual, into=self.self_attn.qkv_proj)
+    def forward(self, x: torch.Tensor | NormedRows, residual: torch.Tensor | None, cos_sin: torch.Tensor,
+                attn: AttentionFn, next_norm: RMSNorm | None = None) -> tuple[torch.Tensor | NormedRows, torch.Tensor | None]:
+        """x: the previous layer's MLP output (the embeddings for the first layer, with residual
+        None), residual: [T, hidden] the stream before x is added → (this layer's MLP output,
+        residual). next_norm: the next layer's input norm; on a bf16 decode batch on CUDA the o and
+        down projections add the residual and prepare the norm after them, which the qkv and
+        gate|up projections apply (`project_add`): then the pair returned is (NormedRows of
+        next_norm, None), and no norm kernel runs between the layers."""
+        h, residual = self.input_layernorm.add_norm(x, residual)
         a = self.self_attn.attend(h, cos_sin, attn)
-        h, residual = self.post_attention_layernorm.add_norm(*project_add(self.self_attn.o_proj, a, residual),
-                                                             into=self.mlp.gate_up_proj)
-        return project_add(self.mlp.down_proj, self.mlp.gated(h), residual)
+        h, residual = self.post_attention_layernorm.add_norm(
+            *project_add(self.self_attn.o_proj, a, residual, self.post_attention_layernorm))
+        return project_add(self.mlp.down_proj, self.mlp.gated(h), residual, next_norm)
 
 
 class LlamaBody(nn.Module):
@@ -133,8 +133,9 @@ class LlamaForCausalLM(nn.Module):
         """
         x, residual = self.model.embed_tokens(input_ids), None  # [T, hidden]
         cos_sin = self.rope.lookup(positions, max_position)  # [T, 2, D/2], shared by every layer
-        for layer in self.model.layers:
-            x, residual = layer(x, residual, cos_sin, attn)
+        layers = self.model.layers
+        for i, layer in enumerate(layers):
+            x, residual = layer(x, residual, cos_sin, attn, layers[i + 1].input_layernorm if i + 1 < len(layers) else None)
         return self.model.norm.add_norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -37,82 +37,124 @@ ENABLED = os.environ.get("HISA_TRITON_LINEAR", "1") != "0"  # 0: every projectio
 NORM_ENABLED = os.environ.get("HISA_FUSED_NORM", "1") != "0"  # 0: NormedRows are always materialized (A/B runs)
 
 
-def linear(x: torch.Tensor | NormedRows, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-           residual: torch.Tensor | None = None, use_triton: bool | None = None, block_n: int | None = None,
-           block_k: int | None = None, num_stages: int | None = None, num_warps: int | None = None) -> torch.Tensor:
-    """x @ weight^T (+ bias) (+ residual), shaped as F.linear: x [..., K], weight [N, K] -> [..., N].
+NORM_ENABLED = os.environ.get("HISA_FUSED_NORM", "1") != "0"  # 0: no NormedRows are prepared (A/B runs)
 
-    x: a tensor, or `NormedRows` (the kernel norms them as it reads them; elsewhere they are
-    materialized first). residual: [..., N] in x's dtype, added to the product rounded to x's dtype
-    and rounded again (a sublayer's output joining the residual stream: `rms_norm`'s add), in the
-    kernel's epilogue. use_triton: None = the Triton kernel where it pays (see the module
-    docstring), True forces it (CPU only under TRITON_INTERPRET=1; x must have at most MAX_M rows),
-    False = F.linear. block_n, block_k, num_stages, num_warps tune the kernel (None: SMALL_N or
-    LARGE_N by the weight's rows)."""
-    normed = x if isinstance(x, NormedRows) else None
-    xt = normed.x if normed is not None else x
+
+def linear(x: torch.Tensor | NormedRows, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           use_triton: bool | None = None, block_n: int | None = None, block_k: int | None = None,
+           num_stages: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+    """x @ weight^T (+ bias), shaped as F.linear: x [..., K], weight [N, K] -> [..., N].
+
+    x: a tensor, or `NormedRows` (prepared ones are normed by the kernel: see `linear_add_norm`;
+    elsewhere they are materialized first). use_triton: None = the Triton kernel where it pays (see
+    the module docstring), True forces it (CPU only under TRITON_INTERPRET=1; x must have at most
+    MAX_M rows), False = F.linear. block_n, block_k, num_stages, num_warps tune the kernel (None:
+    SMALL_N or LARGE_N by the weight's rows)."""
+    normed, x = _unpack(x, use_triton, weight, bias)
     dflt = LARGE_N if weight.shape[0] >= LARGE_N_FROM else SMALL_N
     block_n, block_k = block_n or dflt[0], block_k or dflt[1]
     num_stages, num_warps = num_stages or dflt[2], num_warps or dflt[3]
     if use_triton is None:
-        use_triton = runs_kernel(xt, weight, bias, block_n=block_n) and (normed is None or _norms(xt))
+        use_triton = runs_kernel(x, weight, bias, block_n=block_n)
     elif use_triton:
-        use_triton = want_triton(True, xt)
-    if residual is not None:
-        check_tensor("residual", residual, ndim=xt.ndim, layout="[..., N]", dtype=xt.dtype, like=xt,
-                     shape=(*xt.shape[:-1], weight.shape[0]))
+        use_triton = want_triton(True, x)
     if not use_triton:
-        y = F.linear(normed.materialize() if normed is not None else x, weight, bias)
-        return y if residual is None else y + residual
-    x2 = _rows(xt, weight, "[N, K]")
-    if bias is not None:
-        check_tensor("bias", bias, ndim=1, layout="[N]", dtype=xt.dtype, like=xt, shape=(weight.shape[0],))
-    lead, k = xt.shape[:-1], xt.shape[-1]
-    m, n = x2.shape[0], weight.shape[0]
-    y = torch.empty(m, n, dtype=xt.dtype, device=xt.device)
-    if m and n:
-        from hisa.ops.triton_linear import skinny_linear_kernel
+        return F.linear(x, weight, bias)
+    return _skinny(x, weight, bias, normed, None, None, block_n, block_k, num_stages, num_warps)[0]
 
-        res2 = residual.reshape(m, n) if residual is not None else None
-        skinny_linear_kernel[(-(-n // block_n),)](
-            x2, weight, bias if bias is not None else weight, y, m, n, x2.stride(0), weight.stride(0), y.stride(0),
-            K=k, HAS_BIAS=bias is not None,
-            BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=num_stages,
-            DOT_PRECISION="ieee" if xt.dtype == torch.float32 else "tf32",
-            **_fusions(normed, x2, res2), num_warps=num_warps if xt.is_cuda else 1, **pdl.launch_kwargs(xt))
-    return y.view(*lead, n)
+
+def linear_add_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
+                    norm_weight: torch.Tensor, eps: float, *, use_triton: bool | None = None) -> NormedRows:
+    """The projection that ends a sublayer, its residual add and the next RMSNorm (Llama's form):
+    NormedRows(r, norm_weight, eps) with r = x @ weight^T (+ bias) + residual (the product rounded
+    to x's dtype, the sum rounded again: `rms_norm`'s add). Where the kernel runs (`runs_kernel`,
+    bf16) the same launch also prepares the norm (`NormedRows.scaled`, `.sumsq`) for the
+    projection after it; elsewhere r is F.linear + the add and the norm is left to `materialize`.
+    residual: [..., N] in x's dtype; use_triton as for `linear`."""
+    check_tensor("residual", residual, ndim=x.ndim, layout="[..., N]", dtype=x.dtype, like=x,
+                 shape=(*x.shape[:-1], weight.shape[0]))
+    if use_triton is None:
+        use_triton = prepares_norm(x, weight, bias)
+    elif use_triton:
+        use_triton = want_triton(True, x)
+    if not use_triton:
+        return NormedRows(F.linear(x, weight, bias) + residual, norm_weight, eps)
+    check_tensor("norm_weight", norm_weight, ndim=1, layout="[N]", like=x, shape=(weight.shape[0],))
+    dflt = LARGE_N if weight.shape[0] >= LARGE_N_FROM else SMALL_N
+    r, scaled, sumsq = _skinny(x, weight, bias, None, residual, norm_weight, *dflt)
+    return NormedRows(r, norm_weight, eps, scaled, sumsq)
 
 
 def runs_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                 block_n: int | None = None) -> bool:
-    """Whether `linear(x, weight, bias)` runs the Triton kernel (the dispatch's choice): a decoder
-    layer lets the projection add the residual only where it does (`hisa.models.layers`)."""
+    """Whether `linear(x, weight, bias)` runs the Triton kernel (the dispatch's choice)."""
     block_n = block_n or (LARGE_N if weight.shape[0] >= LARGE_N_FROM else SMALL_N)[0]
     return (_pays(x, weight, -(-weight.shape[0] // block_n))
             and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous())))
 
 
-def takes_normed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
-    """Whether `linear(NormedRows(x, ...), weight, bias)` norms x in the kernel (else the norm is a
-    kernel of its own): bf16 rows where the kernel runs (fp16 is left to the norm kernel: x * weight
-    before the norm could overflow it)."""
-    return _norms(x) and runs_kernel(x, weight, bias)
+def prepares_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether `linear_add_norm(x, weight, bias, ...)` runs the kernel and prepares the norm."""
+    return runs_kernel(x, weight, bias) and norms_in_kernels(x)
 
 
-def _norms(x: torch.Tensor) -> bool:
-    """Whether the kernels norm rows of x's dtype themselves (bf16; see `takes_normed`)."""
+def norms_in_kernels(x: torch.Tensor) -> bool:
+    """Whether the kernels prepare and apply norms for rows of x's dtype: bf16 (fp16 is left to the
+    norm kernel: r * weight before the norm could overflow it)."""
     return NORM_ENABLED and x.dtype == torch.bfloat16
 
 
-def _fusions(normed: NormedRows | None, x2: torch.Tensor, res2: torch.Tensor | None) -> dict:
-    """The kernels' arguments for a normed input and (skinny_linear_kernel) a residual."""
-    out = {}
-    if normed is not None:
-        check_tensor("the norm weight", normed.weight, ndim=1, layout="[K]", like=x2, shape=(x2.shape[1],))
-        out.update(nw_ptr=normed.weight, eps=float(normed.eps), NORM_IN=True)
-    if res2 is not None:
-        out.update(res_ptr=res2, stride_rm=res2.stride(0), HAS_RESIDUAL=True)
-    return out
+def _unpack(x, use_triton, weight, bias) -> tuple[NormedRows | None, torch.Tensor]:
+    """(normed, the tensor to stream): prepared NormedRows that the kernel will take stream their
+    `scaled` rows; any other NormedRows are materialized."""
+    if not isinstance(x, NormedRows):
+        return None, x
+    takes = x.scaled is not None and (use_triton if use_triton is not None else runs_kernel(x.scaled, weight, bias))
+    return (x, x.scaled) if takes else (None, x.materialize())
+
+
+def _skinny(x, weight, bias, normed, residual, norm_weight, block_n, block_k, num_stages, num_warps):
+    """skinny_linear_kernel: y [..., N], and with a residual (ADD_NORM) the prepared norm's scaled
+    rows and partial sums (else None, None)."""
+    x2 = _rows(x, weight, "[N, K]")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, layout="[N]", dtype=x.dtype, like=x, shape=(weight.shape[0],))
+    lead, k = x.shape[:-1], x.shape[-1]
+    m, n = x2.shape[0], weight.shape[0]
+    programs = -(-n // block_n)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    scaled = sumsq = None
+    extra = _norm_in(normed, x2)
+    if residual is not None:
+        scaled = torch.empty_like(y)
+        sumsq = torch.empty(programs, 16, dtype=torch.float32, device=x.device)
+        res2 = residual.reshape(m, n)
+        extra.update(res_ptr=res2, nw_ptr=norm_weight, xs_ptr=scaled, ss_out_ptr=sumsq, stride_rm=res2.stride(0),
+                     stride_xsm=scaled.stride(0), ADD_NORM=True)
+    if m and n:
+        from hisa.ops.triton_linear import skinny_linear_kernel
+
+        skinny_linear_kernel[(programs,)](
+            x2, weight, bias if bias is not None else weight, y, m, n, x2.stride(0), weight.stride(0), y.stride(0),
+            K=k, HAS_BIAS=bias is not None,
+            BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=num_stages,
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            num_warps=num_warps if x.is_cuda else 1, **extra, **pdl.launch_kwargs(x))
+    shape = (*lead, n)
+    return y.view(shape), None if scaled is None else scaled.view(shape), sumsq
+
+
+def _norm_in(normed: NormedRows | None, x2: torch.Tensor) -> dict:
+    """The kernels' NORM_IN arguments for prepared NormedRows."""
+    if normed is None:
+        return {}
+    ss = normed.sumsq
+    if ss is None or ss.ndim != 2 or ss.shape[1] != 16 or ss.dtype != torch.float32 or ss.device != x2.device:
+        raise ValueError("NormedRows.sumsq must be fp32 [P, 16] on the rows' device (made by linear_add_norm)")
+    if normed.scaled.shape[-1] != x2.shape[1]:
+        raise ValueError(f"NormedRows.scaled has {normed.scaled.shape[-1]} columns, the weight wants {x2.shape[1]}")
+    return dict(ss_ptr=ss, P=ss.shape[0], eps=float(normed.eps), BLOCK_P=max(2, 1 << (ss.shape[0] - 1).bit_length()),
+                NORM_IN=True)
 
 
 # gate_up_act's tiling: weight rows per program *per half* (the program streams twice that). The
@@ -141,30 +183,29 @@ def gate_up_act(x: torch.Tensor | NormedRows, weight: torch.Tensor, *, act: str,
     if weight.ndim != 2 or weight.shape[0] % 2:
         raise ValueError(f"weight must be [2 * I, K] ([gate | up]), got {tuple(weight.shape)}")
     inter = weight.shape[0] // 2
-    normed = x if isinstance(x, NormedRows) else None
-    xt = normed.x if normed is not None else x
     dflt = GATE_UP_TILING
     block_n, block_k = block_n or dflt[0], block_k or dflt[1]
     num_stages, num_warps = num_stages or dflt[2], num_warps or dflt[3]
+    rows = x if not isinstance(x, NormedRows) else x.x if x.scaled is None else x.scaled
     if use_triton is None:
-        use_triton = (GATE_UP_ENABLED and weight.shape[0] >= LARGE_N_FROM and _pays(xt, weight, -(-inter // block_n))
-                      and (normed is None or _norms(xt)))
+        use_triton = GATE_UP_ENABLED and weight.shape[0] >= LARGE_N_FROM and _pays(rows, weight, -(-inter // block_n))
     elif use_triton:
-        use_triton = want_triton(True, xt)
+        use_triton = want_triton(True, rows)
     if not use_triton:
-        return act_mul(linear(x, weight).reshape(-1, weight.shape[0]), act=act).view(*xt.shape[:-1], inter)
-    x2 = _rows(xt, weight, "[2 * I, K]")
-    lead, k = xt.shape[:-1], xt.shape[-1]
+        return act_mul(linear(x, weight).reshape(-1, weight.shape[0]), act=act).view(*rows.shape[:-1], inter)
+    normed, x = _unpack(x, True, weight, None)
+    x2 = _rows(x, weight, "[2 * I, K]")
+    lead, k = x.shape[:-1], x.shape[-1]
     m = x2.shape[0]
-    y = torch.empty(m, inter, dtype=xt.dtype, device=xt.device)
+    y = torch.empty(m, inter, dtype=x.dtype, device=x.device)
     if m and inter:
         from hisa.ops.triton_linear import skinny_gate_up_kernel
 
         skinny_gate_up_kernel[(-(-inter // block_n),)](
             x2, weight, y, m, inter, x2.stride(0), weight.stride(0), y.stride(0),
             K=k, ACT=ACTIVATIONS.index(act), BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=num_stages,
-            DOT_PRECISION="ieee" if xt.dtype == torch.float32 else "tf32", **_fusions(normed, x2, None),
-            num_warps=num_warps if xt.is_cuda else 1, **pdl.launch_kwargs(xt))
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **_norm_in(normed, x2),
+            num_warps=num_warps if x.is_cuda else 1, **pdl.launch_kwargs(x))
     return y.view(*lead, inter)
 
 
@@ -193,8 +234,8 @@ def _rows(x: torch.Tensor, weight: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose forward is `linear` (the same parameters and checkpoint names); x may be
-    `NormedRows`, and `residual` is added to the output (see `linear`)."""
+    """nn.Linear whose forward is `linear` (the same parameters and checkpoint names; x may be
+    `NormedRows`)."""
 
-    def forward(self, x: torch.Tensor | NormedRows, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, residual=residual)
+    def forward(self, x: torch.Tensor | NormedRows) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)

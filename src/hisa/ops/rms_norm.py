@@ -116,16 +116,18 @@ def _launch_triton(x, weight, *, eps, unit_offset, residual, pre_weight, pre_eps
 class NormedRows:
     """The rows `rms_norm(x, weight, eps=eps)[0]` (Llama's form, no residual), not computed yet.
 
-    A decode-batch projection that receives them (`hisa.ops.linear.linear`, `gate_up_act`) norms x
-    as it streams it (`triton_linear`, NORM_IN), so no norm kernel runs between the residual add
-    (done by the previous projection's epilogue) and the next projection. Any other consumer calls
-    `materialize()`. Built by `hisa.models.layers.RMSNorm.add_norm` where the next projection takes
-    them (`hisa.ops.linear.takes_normed`).
+    Made by `hisa.ops.linear.linear_add_norm`: the projection that ends a sublayer adds the residual
+    (x is the new stream) and, in the same kernel, prepares the norm: `scaled` = x * weight and
+    `sumsq`, per-column-block partial sums of x^2 (`hisa.ops.triton_linear`, ADD_NORM). A decode-batch
+    projection that receives them (`linear`, `gate_up_act`) streams `scaled` and applies the norm
+    factor to its products, so no norm kernel runs. Any other consumer calls `materialize()`.
     """
 
-    x: torch.Tensor       # [..., K] the residual stream
-    weight: torch.Tensor  # [K] the norm's weight
+    x: torch.Tensor                     # [..., K] the residual stream
+    weight: torch.Tensor                # [K] the norm's weight
     eps: float
+    scaled: torch.Tensor | None = None  # [..., K] x * weight in x's dtype; None: not prepared
+    sumsq: torch.Tensor | None = None   # fp32 [P, 16] partial sums of x^2 over P column blocks (row m in column m)
 
     @property
     def shape(self) -> torch.Size:
