@@ -75,6 +75,15 @@ def hbm_bandwidth(device) -> float:
     return 2 * n / (statistics.median(ms[2:]) * 1e-3)
 
 
+def _checked(outputs: list) -> list:
+    """A step's outputs, or the first request error raised: the engine ends a failed step's
+    requests and goes on, and a bench must not time (or count) that."""
+    for o in outputs:
+        if o.finish_reason == "error":
+            raise RuntimeError(f"request {o.request_id} failed in the engine: {o.error!r}") from o.error
+    return outputs
+
+
 class Engine:
     """One LLM with `batch` random prompts of `ctx` tokens; decode steps timed one by one."""
 
@@ -102,7 +111,7 @@ class Engine:
         while any(s.num_computed < s.num_prompt for s in e.scheduler.running) or e.scheduler.waiting:
             sync(device)
             t = time.perf_counter()
-            e.step()
+            _checked(e.step())
             sync(device)
             self.prefill_s += time.perf_counter() - t
 
@@ -124,7 +133,7 @@ class Engine:
             if not e.overlap:  # overlap mode: no sync per step; a step's time is the time between returns
                 sync(self.device)
                 t = time.perf_counter()
-            produced = sum(1 for _ in e.step())
+            produced = len(_checked(e.step()))
             if not e.overlap:
                 sync(self.device)
             now = time.perf_counter()

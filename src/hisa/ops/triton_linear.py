@@ -95,9 +95,11 @@ def _load_partials(ss_ptr, P, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, NORM
     after it by _rstd, so their latency hides behind it); else a placeholder."""
     if NORM_IN:
         p = tl.arange(0, BLOCK_P)
-        return tl.load(ss_ptr + p[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :], mask=(p < P)[:, None],
-                       other=0.0)
-    return tl.zeros([1, BLOCK_M], dtype=tl.float32)
+        parts = tl.load(ss_ptr + p[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :], mask=(p < P)[:, None],
+                        other=0.0)
+    else:
+        parts = tl.zeros([1, BLOCK_M], dtype=tl.float32)
+    return parts
 
 
 @triton.jit
