@@ -262,5 +262,5 @@ def test_llama_8b_layer_with_fused_norms_matches_the_unfused_layer(monkeypatch):
     monkeypatch.setattr(linear_mod, "ENABLED", False)  # F.linear, separate adds and norm kernels
     with torch.no_grad():
         unfused = two_steps()
-    torch.testing.assert_close(fused.float(), unfused.float(), rtol=3e-2, atol=3e-2)
-    assert (fused == unfused).float().mean() > 0.8
+    err = (fused.float() - unfused.float()).norm() / unfused.float().norm()
+    assert err < 1e-2, err  # bf16 rounding at different places (1 ulp = 2^-8 relative), over two layers

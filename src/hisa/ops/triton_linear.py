@@ -59,6 +59,10 @@ def skinny_linear_kernel(
         w0 = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & (k < K)[None, :], other=0.0)
     pdl_enter(PDL)  # before any read of step data or any write (hisa.ops.pdl)
     parts = _load_partials(ss_ptr, P, BLOCK_P, BLOCK_M, NORM_IN)
+    mask = n_ok[:, None] & m_ok[None, :]
+    if ADD_NORM:  # the epilogue's inputs, read before the weight stream (their latency hides behind it)
+        res = tl.load(res_ptr + m[None, :] * stride_rm + n[:, None], mask=mask, other=0.0).to(tl.float32)
+        nw = tl.load(nw_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
     if PDL:
         x0 = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0.0)
         acc = tl.dot(w0, tl.trans(x0), acc=acc, input_precision=DOT_PRECISION)
@@ -77,13 +81,9 @@ def skinny_linear_kernel(
         acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     dtype = y_ptr.dtype.element_ty
     out = acc.to(dtype)
-    mask = n_ok[:, None] & m_ok[None, :]
     if ADD_NORM:  # the product rounded, the add in fp32 and rounded again (the unfused ops)
-        res = tl.load(res_ptr + m[None, :] * stride_rm + n[:, None], mask=mask, other=0.0)
-        r = out.to(tl.float32) + res.to(tl.float32)
-        out = r.to(dtype)
+        out = (out.to(tl.float32) + res).to(dtype)
         r = out.to(tl.float32)  # what the next norm reads: the stored stream (0 in masked rows and columns)
-        nw = tl.load(nw_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(xs_ptr + m[None, :] * stride_xsm + n[:, None], (r * nw[:, None]).to(dtype), mask=mask)
         tl.store(ss_out_ptr + pid * BLOCK_M + m, tl.sum(r * r, axis=0))
     tl.store(y_ptr + m[None, :] * stride_ym + n[:, None], out, mask=mask)
