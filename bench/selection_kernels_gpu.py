@@ -90,16 +90,14 @@ def sweep_scores(ctx: int, rows: int, reps: int) -> list[dict]:
                         us=us, ok=ok, gb_s=nbytes / us / 1e3))
         progress(out[-1])
     scores = [page_scores(q, *m, ss, lo, hi, scale=scale) for m in meta]
-    for warps, early, bracket in ((None, None, None), (None, None, False), (None, False, None), (4, None, None),
-                                  (16, None, None), (4, None, False)):
-        kw = dict(num_warps=warps, early_exit=early, bracket=bracket)
-        ok = torch.equal(select_pages(base_scores, lo, hi, k, **kw), base_pages)
-        ok = ok and all(torch.equal(select_pages(s_, lo, hi, k, **kw),
-                                    select_pages(s_, lo, hi, k, early_exit=False, bracket=False)) for s_ in scores[:4])
-        us = graph_us([lambda s_=s_: select_pages(s_, lo, hi, k, **kw) for s_ in scores], reps)
+    for warps, early in ((None, None), (None, True), (None, False), (4, True), (16, True)):
+        ok = torch.equal(select_pages(base_scores, lo, hi, k, num_warps=warps, early_exit=early), base_pages)
+        ok = ok and all(torch.equal(select_pages(s_, lo, hi, k, num_warps=warps, early_exit=early),
+                                    select_pages(s_, lo, hi, k, early_exit=False)) for s_ in scores[:4])
+        us = graph_us([lambda s_=s_: select_pages(s_, lo, hi, k, num_warps=warps, early_exit=early) for s_ in scores],
+                      reps)
         out.append(dict(kernel="select_pages", num_warps=warps or "auto",
-                        early_exit="default" if early is None else early,
-                        bracket="default" if bracket is None else bracket, us=us, ok=ok))
+                        early_exit="default" if early is None else early, us=us, ok=ok))
         progress(out[-1])
     return out
 

@@ -29,7 +29,6 @@ LOGITS_BLOCKS = 2  # page blocks per program of the logits kernel (a loop, softw
 # fastest on an H200 at 32K x 8, 128K x 4 and 128K x 11: bench/results/selection_kernels_gpu_h200_v4.json)
 LOGITS_STAGES = 2  # pipeline stages of that loop
 SELECT_EARLY_EXIT = True  # select_pages stops its search once exactly k pages are at or above the cut
-SELECT_BRACKET = True  # select_pages starts its search in the k-th score's exponent (a histogram)
 
 
 def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sslots: torch.Tensor, lo: torch.Tensor,
@@ -135,8 +134,7 @@ class TableLayout:
 
 def select_pages(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, k: int, *,
                  use_triton: bool | None = None, num_warps: int | None = None,
-                 early_exit: bool | None = None, bracket: bool | None = None,
-                 layout: TableLayout | None = None) -> torch.Tensor:
+                 early_exit: bool | None = None, layout: TableLayout | None = None) -> torch.Tensor:
     """The k best pages of each row by score, in page order: int32 [R, k], -1 padded.
 
     scores: fp32 [R, MAXP] (what `page_scores` returns: >= 0 inside each row's [lo, hi), -inf
@@ -144,8 +142,7 @@ def select_pages(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, k: in
     Triton launch on CUDA (a search over the scores' bit patterns: no sort, no host sync), the torch reference elsewhere.
     num_warps tunes the kernel; None = 8 from 2,048 pages up, else 4. early_exit (None =
     SELECT_EARLY_EXIT) lets the search stop once exactly k pages are at or above its cut; False runs
-    all 20 rounds (the same pages: the reference the tests compare it with). bracket (None =
-    SELECT_BRACKET): start the search in the exponent of the k-th score (the same pages).
+    all 20 rounds (the same pages: the reference the tests compare it with).
     layout: also write the attention table of the resident rows (`TableLayout`), as
     `BackendAdaptor.compose` would from the returned picks.
     """
@@ -173,7 +170,6 @@ def select_pages(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, k: in
         select_pages_kernel[(R,)](scores, lo, hi, out, MAXP, out.stride(0), K=k, BLOCK=block,
                                   BLOCK_K=_next_pow2(k), num_warps=num_warps or (8 if block >= 2048 else 4),
                                   EARLY_EXIT=SELECT_EARLY_EXIT if early_exit is None else early_exit,
-                                  BRACKET=SELECT_BRACKET if bracket is None else bracket,
                                   **lay, **pdl.launch_kwargs(scores))
     return out
 

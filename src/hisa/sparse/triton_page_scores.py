@@ -156,7 +156,6 @@ def select_pages_kernel(
     out_ptr,                        # int32 [R, K] out: the chosen pages in page order, -1 padded
     MAXP, stride_o,
     K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, EARLY_EXIT: tl.constexpr,
-    BRACKET: tl.constexpr = True,
     kind_ptr=None, slot_ptr=None, t_ptr=None, block_table_ptr=None, table_ptr=None, kv_lens_ptr=None,
     stride_bt=0, stride_tb=0, S: tl.constexpr = 1,
     LAYOUT: tl.constexpr = False,  # also lay resident rows out in the attention table (scatter_resident_row)
@@ -168,9 +167,7 @@ def select_pages_kernel(
     search finds the K-th largest pattern T = max{t : #(patterns >= t) >= K}: each round cuts the
     candidate range [t_lo, t_hi] in three and counts the patterns at or above both cuts in one
     reduction (two counts packed 16 bits apart in an int32; 32 bits apart in an int64 when a row
-    has 2^15 pages or more), so 20 rounds (3^20 > 2^31) replace a binary search's 31. With BRACKET
-    the search starts inside one exponent (the kk-th largest pattern's, found from a 256-bin histogram
-    of the exponent bits): 2^23 patterns, 15 rounds at most. With EARLY_EXIT
+    has 2^15 pages or more), so 20 rounds (3^20 > 2^31) replace a binary search's 31; with EARLY_EXIT
     the search stops once exactly K patterns are at or above t_lo (9.6 -> 7.5 µs per call at 1,028
     pages on an H200, bench/results/selection_kernels_gpu_h200_v3.json). The pages
     above T and the first (lowest) pages equal to T make the K; ties go to the lower page, as a
@@ -185,20 +182,10 @@ def select_pages_kernel(
     valid = (p >= lo) & (p < hi) & (p < MAXP)
     score = tl.load(score_ptr + r * MAXP + p, mask=valid, other=0.0)
     bits = tl.where(valid, score.to(tl.int32, bitcast=True), -1).to(tl.int64)  # -1 outside the range
-    n_valid = tl.sum(valid.to(tl.int32), axis=0)
-    kk = tl.minimum(n_valid, K)
-    if BRACKET:  # the exponent that holds the kk-th largest pattern, from one histogram of the 8 exponent bits
-        e = tl.arange(0, 256)
-        hist = tl.histogram(tl.where(valid, bits >> 23, 0).to(tl.int32), 256, mask=valid)
-        at_or_above = n_valid - tl.cumsum(hist, axis=0) + hist  # patterns whose exponent is >= e
-        e_k = tl.max(tl.where(at_or_above >= kk, e, 0), axis=0)
-        t_lo = e_k.to(tl.int64) << 23
-        t_hi = t_lo + (1 << 23) - 1
-        n_lo = tl.sum(tl.where(e == e_k, at_or_above, 0), axis=0).to(tl.int64)  # patterns >= t_lo
-    else:
-        t_lo = tl.zeros([], dtype=tl.int64)
-        t_hi = tl.full([], 2147483647, tl.int64)  # bits of valid scores are in [0, 2^31 - 1)
-        n_lo = n_valid.to(tl.int64)  # patterns >= t_lo
+    kk = tl.minimum(tl.sum(valid.to(tl.int32), axis=0), K)
+    t_lo = tl.zeros([], dtype=tl.int64)
+    t_hi = tl.full([], 2147483647, tl.int64)  # bits of valid scores are in [0, 2^31 - 1)
+    n_lo = tl.sum(valid.to(tl.int32), axis=0).to(tl.int64)  # patterns >= t_lo
     if EARLY_EXIT:
         # stop once exactly kk patterns are >= t_lo (they are the top kk, ties and all) or the range is
         # one pattern: with distinct scores this takes about half the rounds
