@@ -1,8 +1,13 @@
 """Fused elementwise kernels of the model's dense parts (Triton on CUDA, torch elsewhere).
 
 rms_norm.py          `rms_norm`: RMSNorm, optionally fused with the residual add (and, for Gemma,
-                     with the sublayer's post-norm before the add); returns (normed, new residual)
+                     with the sublayer's post-norm before the add); returns (normed, new residual).
+                     `NormedRows`: a norm left to the projection after it (see linear.py)
 triton_rms_norm.py   its @triton.jit kernel
+linear.py            `linear`, `gate_up_act`, `linear_add_norm`: decode-batch projections (few rows,
+                     bound by the weight's bytes), the residual add and the next norm in them
+triton_linear.py     their @triton.jit kernels
+argmax.py            `argmax`: greedy sampling's token (triton_argmax.py: its kernels)
 qkv_rope.py          `qkv_rope`: split a fused q|k|v projection, (Gemma) QK-norm, RoPE on q and k
 triton_qkv_rope.py   its @triton.jit kernel
 act_mul.py           `act_mul`: act(gate) * up of a fused gate|up projection (SiLU, GELU-tanh)
