@@ -52,6 +52,17 @@ def header(device: torch.device, git: str | None = None) -> dict:
                 git=git_commit(git), device=device_info(device))
 
 
+def checked_step(engine) -> list:
+    """engine.step()'s outputs, or a RuntimeError for the first request the engine failed: the engine
+    ends a failed step's requests and goes on (a server must), and a benchmark must not time or
+    count that (a compile error once read as 1,000 ms steps)."""
+    outputs = engine.step()
+    for o in outputs:
+        if o.finish_reason == "error":
+            raise RuntimeError(f"request {o.request_id} failed in the engine: {o.error!r}") from o.error
+    return outputs
+
+
 def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")

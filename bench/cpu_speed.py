@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, header, write_json  # noqa: E402
+from _common import REPO, checked_step, header, write_json  # noqa: E402
 
 
 def prompt_ids(tokenizer, n: int) -> list[int]:
@@ -50,7 +50,7 @@ def run_hisa(llm, ids: list[int], decode: int) -> dict:
     engine.add_request(ids, SamplingParams(max_tokens=decode + 1, ignore_eos=True))
     stamps, tokens, steps = [], [], 0
     while engine.has_unfinished_requests():
-        outs = engine.step()
+        outs = checked_step(engine)
         steps += 1
         if outs:
             stamps.append(time.perf_counter())

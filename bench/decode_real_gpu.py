@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, header, write_json  # noqa: E402
+from _common import REPO, checked_step, header, write_json  # noqa: E402
 
 from hisa import LLM, SamplingParams  # noqa: E402
 from hisa.eval.runner import prompt_ids  # noqa: E402
@@ -61,7 +61,7 @@ def run_engine(loaded, prompts, *, device, name, sparse, steps, chunk, util, pag
     rids = [e.add_request(p, SamplingParams(max_tokens=steps + spare, ignore_eos=True)) for p in prompts]
     t0 = time.perf_counter()
     while any(s.num_computed < s.num_prompt for s in e.scheduler.running) or e.scheduler.waiting:
-        e.step()
+        checked_step(e)
     sync(device)
     prefill_s = time.perf_counter() - t0
     times = []
@@ -69,7 +69,7 @@ def run_engine(loaded, prompts, *, device, name, sparse, steps, chunk, util, pag
         running = len(e.scheduler.running)
         sync(device)
         t = time.perf_counter()
-        produced = sum(1 for _ in e.step())
+        produced = len(checked_step(e))
         sync(device)
         times.append((time.perf_counter() - t, produced, running))
     warm = times[2:]

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, header, step_weight_bytes, write_json  # noqa: E402
+from _common import REPO, checked_step, header, step_weight_bytes, write_json  # noqa: E402
 
 from hisa import LLM, SamplingParams  # noqa: E402
 from hisa.models.factory import load_model  # noqa: E402
@@ -75,15 +75,6 @@ def hbm_bandwidth(device) -> float:
     return 2 * n / (statistics.median(ms[2:]) * 1e-3)
 
 
-def _checked(outputs: list) -> list:
-    """A step's outputs, or the first request error raised: the engine ends a failed step's
-    requests and goes on, and a bench must not time (or count) that."""
-    for o in outputs:
-        if o.finish_reason == "error":
-            raise RuntimeError(f"request {o.request_id} failed in the engine: {o.error!r}") from o.error
-    return outputs
-
-
 class Engine:
     """One LLM with `batch` random prompts of `ctx` tokens; decode steps timed one by one."""
 
@@ -111,7 +102,7 @@ class Engine:
         while any(s.num_computed < s.num_prompt for s in e.scheduler.running) or e.scheduler.waiting:
             sync(device)
             t = time.perf_counter()
-            _checked(e.step())
+            checked_step(e)
             sync(device)
             self.prefill_s += time.perf_counter() - t
 
@@ -133,7 +124,7 @@ class Engine:
             if not e.overlap:  # overlap mode: no sync per step; a step's time is the time between returns
                 sync(self.device)
                 t = time.perf_counter()
-            produced = len(_checked(e.step()))
+            produced = len(checked_step(e))
             if not e.overlap:
                 sync(self.device)
             now = time.perf_counter()
@@ -174,7 +165,7 @@ class Engine:
         graphs, e.runner.graphs = e.runner.graphs, None
         acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=acts) as prof:
-            e.step()
+            checked_step(e)
             sync(self.device)
         e.runner.graphs = graphs
         kernels = [ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA
@@ -204,7 +195,7 @@ class Engine:
             with torch.profiler.profile(activities=acts) as prof:
                 sync(self.device)
                 t = time.perf_counter()
-                e.step()
+                checked_step(e)
                 sync(self.device)
                 walls.append((time.perf_counter() - t) * 1e3)
             ks = [ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA

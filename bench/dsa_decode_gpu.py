@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, header, step_weight_bytes  # noqa: E402
+from _common import REPO, checked_step, header, step_weight_bytes  # noqa: E402
 
 from hisa import LLM, SamplingParams  # noqa: E402
 from hisa.engine.llm_engine import host_backed_buffer_pages  # noqa: E402
@@ -141,7 +141,7 @@ def make_template(loaded, *, ctx: int, device, dtype: str, page_size: int, chunk
         rid = engine.add_request(prompt, SamplingParams(max_tokens=2, ignore_eos=True))
         seq = engine._seqs[rid]
         while seq.num_computed < ctx:
-            engine.step()
+            checked_step(engine)
         pages = torch.tensor(seq.pages, dtype=torch.int64, device=device)
         c = engine.cache
         latent = [c.latent_rows(i)[pages].reshape(-1, d.latent_dim)[: ctx - 1].clone() for i in range(L)]
@@ -229,7 +229,7 @@ def run_row(loaded, tpl: Template, sz: Sizes, *, mode: str, batch: int, residenc
         hp = engine.sparse
         host_backed = sum(1 for q in engine.scheduler.running if q.host_backed)
         t0 = time.perf_counter()
-        engine.step()  # every request's last prompt token: a decode row over the copied context (cold buffers)
+        checked_step(engine)  # every request's last prompt token: a decode row over the copied context (cold buffers)
         sync(device)
         first_step_s = time.perf_counter() - t0
         first = None if hp is None else (hp.manager.misses.sum().item(), hp._selected.sum().item())
@@ -237,7 +237,7 @@ def run_row(loaded, tpl: Template, sz: Sizes, *, mode: str, batch: int, residenc
         while engine.has_unfinished_requests():
             sync(device)
             t0 = time.perf_counter()
-            for o in engine.step():
+            for o in checked_step(engine):
                 produced += 1
                 if o.finished:
                     tokens[o.request_id] = list(o.token_ids)

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, header, write_json  # noqa: E402
+from _common import REPO, checked_step, header, write_json  # noqa: E402
 from decode_speed_gpu import Engine, sync  # noqa: E402
 
 import hisa.kvcache.manager as manager_module  # noqa: E402
@@ -158,7 +158,7 @@ def profiled_copy(eng, *, graphs: bool) -> dict:
     try:
         with torch.profiler.profile(activities=acts) as prof:
             sync(eng.device)
-            e.step()
+            checked_step(e)
             sync(eng.device)
     finally:
         e.runner.graphs = saved
@@ -213,7 +213,7 @@ def main() -> int:
     graphs, e.runner.graphs = e.runner.graphs, None  # one eager step: the calls run where we can time them
     manager_module.load_pages = recording
     try:
-        e.step()
+        checked_step(e)
         sync(dev)
     finally:
         manager_module.load_pages = load_pages

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, header, write_json  # noqa: E402
+from _common import REPO, checked_step, header, write_json  # noqa: E402
 
 from hisa import LLM, SamplingParams  # noqa: E402
 from hisa.kvcache.io import load_pages  # noqa: E402
@@ -84,7 +84,7 @@ def run_one(loaded, *, device, dtype, ctx, steps, batch, page_size, sparse: Spar
                                           + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []))
             prof.__enter__()
         t0 = time.perf_counter()
-        for o in engine.step():
+        for o in checked_step(engine):
             if o.finished:
                 tokens[o.request_id] = list(o.token_ids)
         sync(device)
