@@ -8,7 +8,9 @@ for their 15.8 and 13.2, and matched cuBLAS within 3% on gate|up, down and the l
 (bench/results/linear_gpu_h200.json). In a 32K x 8 quest decode step: 5.91 vs 6.09 ms
 (docs/architecture.md, "2026-12-02"). `linear` runs that kernel where it is the faster one (CUDA, fp16/bf16, at most MAX_M
 rows, enough weight rows to fill the GPU) and F.linear everywhere else; `Linear` is an nn.Linear
-whose forward calls it (the models' projections).
+whose forward calls it (the models' projections). `gate_up_act` fuses the gated MLP's activation
+into the gate|up projection, and `linear_add_norm` a sublayer's residual add and the next RMSNorm's
+preparation into its last projection, which the next projection completes (`NormedRows`).
 """
 
 from __future__ import annotations
@@ -32,9 +34,6 @@ LARGE_N = (64, 128, 4, 4)
 LARGE_N_FROM = 16384  # weight rows from which LARGE_N is used
 MIN_PROGRAMS = 128  # fewer programs than this leave SMs idle: F.linear (cuBLAS splits K) is faster there
 ENABLED = os.environ.get("HISA_TRITON_LINEAR", "1") != "0"  # 0: every projection runs F.linear (A/B runs)
-
-
-NORM_ENABLED = os.environ.get("HISA_FUSED_NORM", "1") != "0"  # 0: NormedRows are always materialized (A/B runs)
 
 
 NORM_ENABLED = os.environ.get("HISA_FUSED_NORM", "1") != "0"  # 0: no NormedRows are prepared (A/B runs)
