@@ -10,8 +10,9 @@ with Qwen2's biases) whose output one kernel splits and rotates (RoPE); gate/up 
 follows it. A decode step runs per layer: add+norm, qkv GEMM, rope, [attention], o_proj, add+norm,
 gate_up GEMM, act*mul, down GEMM; on a bf16 decode batch on CUDA, five kernels: qkv GEMM with the
 norm, rope, [attention], o_proj with the residual add (preparing the norm), gate_up GEMM with the
-norm and act*mul, down GEMM with the residual add (`DecoderLayer.forward`). Checkpoints still load by their Hugging Face names
-(`...q_proj.weight` fills rows of `qkv_proj.weight`: `hisa.models.layers.checkpoint_targets`).
+norm and act*mul, down GEMM with the residual add (`DecoderLayer.forward`). Checkpoints still load
+by their Hugging Face names (`...q_proj.weight` fills rows of `qkv_proj.weight`:
+`hisa.models.layers.checkpoint_targets`).
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor | NormedRows, residual: torch.Tensor | None, cos_sin: torch.Tensor,
-                attn: AttentionFn, next_norm: RMSNorm | None = None) -> tuple[torch.Tensor | NormedRows, torch.Tensor | None]:
+                attn: AttentionFn, next_norm: RMSNorm | None = None,
+                ) -> tuple[torch.Tensor | NormedRows, torch.Tensor | None]:
         """x: the previous layer's MLP output (the embeddings for the first layer, with residual
         None), residual: [T, hidden] the stream before x is added → (this layer's MLP output,
         residual). next_norm: the next layer's input norm; on a bf16 decode batch on CUDA the o and
@@ -135,7 +137,8 @@ class LlamaForCausalLM(nn.Module):
         cos_sin = self.rope.lookup(positions, max_position)  # [T, 2, D/2], shared by every layer
         layers = self.model.layers
         for i, layer in enumerate(layers):
-            x, residual = layer(x, residual, cos_sin, attn, layers[i + 1].input_layernorm if i + 1 < len(layers) else None)
+            next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else None
+            x, residual = layer(x, residual, cos_sin, attn, next_norm)
         return self.model.norm.add_norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
