@@ -264,3 +264,47 @@ def test_llama_8b_layer_with_fused_norms_matches_the_unfused_layer(monkeypatch):
         unfused = two_steps()
     err = (fused.float() - unfused.float()).norm() / unfused.float().norm()
     assert err < 1e-2, err  # bf16 rounding at different places (1 ulp = 2^-8 relative), over two layers
+
+
+_COMPILE = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from hisa.ops import triton_linear
+
+kernel, norm_in, add_norm = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1"
+consts = dict(K=4096, BLOCK_M=16, STAGES=4, DOT_PRECISION="tf32", PDL=False, NORM_IN=norm_in,
+              BLOCK_P=256 if norm_in else 1)
+sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "stride_xm": "i32", "stride_wn": "i32",
+       "stride_ym": "i32", "ss_ptr": "*fp32", "P": "i32", "eps": "fp32"}
+if kernel == "linear":
+    fn = triton_linear.skinny_linear_kernel
+    consts.update(HAS_BIAS=False, BLOCK_N=16, BLOCK_K=256, ADD_NORM=add_norm)
+    sig.update({"b_ptr": "*bf16", "N": "i32", "res_ptr": "*bf16", "nw_ptr": "*bf16", "xs_ptr": "*bf16",
+                "ss_out_ptr": "*fp32", "stride_rm": "i32", "stride_xsm": "i32"})
+else:
+    fn = triton_linear.skinny_gate_up_kernel
+    consts.update(ACT=0, BLOCK_N=64, BLOCK_K=64)
+    sig["I"] = "i32"
+sig.update({name: "constexpr" for name in consts})
+compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": 2 if kernel == "linear" else 4})
+assert compiled.asm["cubin"]
+"""
+
+
+@pytest.mark.parametrize("kernel,norm_in,add_norm", [("linear", False, False), ("linear", True, False),
+                                                     ("linear", False, True), ("gate_up", False, False),
+                                                     ("gate_up", True, False)])
+def test_kernels_compile_for_hopper(kernel, norm_in, add_norm):
+    """Each variant through Triton's compiler for sm_90 (to PTX and a cubin; no GPU needed, in a
+    process without TRITON_INTERPRET): the interpreter the other tests use on a CPU accepts code the
+    compiler refuses (two returns under a constexpr `if` once reached a GPU that way)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _COMPILE, kernel, str(int(norm_in)), str(int(add_norm))], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
