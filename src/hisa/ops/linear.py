@@ -49,14 +49,15 @@ def linear(x: torch.Tensor | NormedRows, weight: torch.Tensor, bias: torch.Tenso
     the module docstring), True forces it (CPU only under TRITON_INTERPRET=1; x must have at most
     MAX_M rows), False = F.linear. block_n, block_k, num_stages, num_warps tune the kernel (None:
     SMALL_N or LARGE_N by the weight's rows)."""
-    normed, x = _unpack(x, use_triton, weight, bias)
+    rows = _streamed(x)
     dflt = LARGE_N if weight.shape[0] >= LARGE_N_FROM else SMALL_N
     block_n, block_k = block_n or dflt[0], block_k or dflt[1]
     num_stages, num_warps = num_stages or dflt[2], num_warps or dflt[3]
     if use_triton is None:
-        use_triton = runs_kernel(x, weight, bias, block_n=block_n)
+        use_triton = runs_kernel(rows, weight, bias, block_n=block_n)
     elif use_triton:
-        use_triton = want_triton(True, x)
+        use_triton = want_triton(True, rows)
+    normed, x = _unpack(x, use_triton)
     if not use_triton:
         return F.linear(x, weight, bias)
     return _skinny(x, weight, bias, normed, None, None, block_n, block_k, num_stages, num_warps)[0]
@@ -103,13 +104,20 @@ def norms_in_kernels(x: torch.Tensor) -> bool:
     return NORM_ENABLED and x.dtype == torch.bfloat16
 
 
-def _unpack(x, use_triton, weight, bias) -> tuple[NormedRows | None, torch.Tensor]:
-    """(normed, the tensor to stream): prepared NormedRows that the kernel will take stream their
+def _streamed(x: torch.Tensor | NormedRows) -> torch.Tensor:
+    """The rows a kernel would stream for x (prepared NormedRows: their `scaled` rows), on which
+    the dispatch decides."""
+    if not isinstance(x, NormedRows):
+        return x
+    return x.x if x.scaled is None else x.scaled
+
+
+def _unpack(x: torch.Tensor | NormedRows, kernel: bool) -> tuple[NormedRows | None, torch.Tensor]:
+    """(normed, the input to use): prepared NormedRows going to the kernel are streamed as their
     `scaled` rows; any other NormedRows are materialized."""
     if not isinstance(x, NormedRows):
         return None, x
-    takes = x.scaled is not None and (use_triton if use_triton is not None else runs_kernel(x.scaled, weight, bias))
-    return (x, x.scaled) if takes else (None, x.materialize())
+    return (x, x.scaled) if kernel and x.scaled is not None else (None, x.materialize())
 
 
 def _skinny(x, weight, bias, normed, residual, norm_weight, block_n, block_k, num_stages, num_warps):
@@ -185,14 +193,14 @@ def gate_up_act(x: torch.Tensor | NormedRows, weight: torch.Tensor, *, act: str,
     dflt = GATE_UP_TILING
     block_n, block_k = block_n or dflt[0], block_k or dflt[1]
     num_stages, num_warps = num_stages or dflt[2], num_warps or dflt[3]
-    rows = x if not isinstance(x, NormedRows) else x.x if x.scaled is None else x.scaled
+    rows = _streamed(x)
     if use_triton is None:
         use_triton = GATE_UP_ENABLED and weight.shape[0] >= LARGE_N_FROM and _pays(rows, weight, -(-inter // block_n))
     elif use_triton:
         use_triton = want_triton(True, rows)
     if not use_triton:
         return act_mul(linear(x, weight).reshape(-1, weight.shape[0]), act=act).view(*rows.shape[:-1], inter)
-    normed, x = _unpack(x, True, weight, None)
+    normed, x = _unpack(x, True)
     x2 = _rows(x, weight, "[2 * I, K]")
     lead, k = x.shape[:-1], x.shape[-1]
     m = x2.shape[0]
