@@ -475,7 +475,11 @@ def _versions() -> dict[str, str | None]:
 
 
 def _git_state() -> dict[str, Any]:
-    """The commit of the hisa checkout this runs from (None outside a git checkout) and whether it is dirty."""
+    """The commit of the hisa checkout this runs from (None outside a git checkout) and whether it is dirty.
+    HISA_GIT_COMMIT, where set, wins: a copied tree may carry no .git, or a stale one."""
+    given = os.environ.get("HISA_GIT_COMMIT")
+    if given:
+        return {"commit": given, "dirty": None, "source": "HISA_GIT_COMMIT"}
     where = Path(__file__).resolve().parent
 
     def git(*args: str) -> str | None:
