@@ -8,10 +8,14 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable, Iterable, TypeVar
 
 T = TypeVar("T")
-# Page reads and checksums release the GIL, so a thread per core moves pages in parallel (one
-# thread reads ~6 GB/s from the page cache here). Capped: past a few dozen threads the memory
-# bus, not the thread count, limits a load.
-THREADS = max(1, min(32, os.cpu_count() or 1))
+# Page reads and checksums release the GIL, so threads move pages in parallel (one thread reads and
+# checks ~3 GB/s from the page cache on the H200 machine's host). Half the cores, at most 16: the
+# memory bus saturates before every core reads, and the engine thread, the L3 I/O thread and the
+# CUDA driver need cores of their own. There, 800 pages of 2 MiB read and checked at 17.4 GB/s
+# (median) on 8 threads and 10.1 GB/s on 16 (bench/results/l3_read_h200_zlibng.json); on a 2-core
+# machine both cores read.
+_CPUS = os.cpu_count() or 1
+THREADS = max(min(2, _CPUS), min(16, _CPUS // 2))
 MIN_ITEMS = 4  # fewer items than this run on the caller's thread (a thread hop costs more)
 
 
