@@ -98,20 +98,23 @@ def _index(ss, maxt, kvh, d, bits, group, seed):
     return codes.view(ss, maxt, kvh, -1), scales.view(ss, maxt, kvh, d // group, 2)
 
 
-@pytest.mark.parametrize("h,kvh,d,s,maxp,bits,group,pool", [
-    (6, 2, 64, 4, 40, 4, 32, "mean"), (4, 4, 32, 16, 9, 4, 32, "max"), (9, 3, 64, 1, 80, 2, 32, "mean"),
-    (4, 1, 128, 8, 12, 4, 64, "mean"), (8, 2, 16, 32, 5, 2, 16, "max"), (6, 2, 64, 4, 40, 4, 32, "max")])
-def test_page_scores_triton_matches_reference(h, kvh, d, s, maxp, bits, group, pool):
-    """The two scoring kernels (per-block page maxima + softmax partials, then the merge) against the
+@pytest.mark.parametrize("h,kvh,d,s,maxp,bits,group,pool,page", [
+    (6, 2, 64, 4, 40, 4, 32, "mean", "max"), (4, 4, 32, 16, 9, 4, 32, "max", "max"),
+    (9, 3, 64, 1, 80, 2, 32, "mean", "max"), (4, 1, 128, 8, 12, 4, 64, "mean", "max"),
+    (8, 2, 16, 32, 5, 2, 16, "max", "max"), (6, 2, 64, 4, 40, 4, 32, "max", "max"),
+    (6, 2, 64, 4, 40, 4, 32, "mean", "mass"), (8, 2, 16, 32, 5, 2, 16, "max", "mass"),
+    (9, 3, 64, 1, 80, 2, 32, "mean", "mass")])
+def test_page_scores_triton_matches_reference(h, kvh, d, s, maxp, bits, group, pool, page):
+    """The two scoring kernels (per-block page values + softmax partials, then the merge) against the
     torch reference: several blocks per row, ranges cut inside blocks, a row that selects nothing,
-    page sizes 1 to 32, 2 and 4 bits, GQA groups of 1 to 4 heads."""
+    page sizes 1 to 32, 2 and 4 bits, GQA groups of 1 to 4 heads, a page's best token or its mass."""
     torch.manual_seed(h * 100 + maxp)
     R, SS = 4, 5
     q = torch.randn(R, h, d)
     codes, scales = _index(SS, maxp * s, kvh, d, bits, group, seed=maxp)
     i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
     ss, lo, hi = i32([3, 0, 1, 4]), i32([1, 0, min(1, maxp), 0]), i32([maxp - 1, 0, min(33, maxp), maxp])
-    kw = dict(scale=0.3, page_size=s, bits=bits, group_size=group, pool=pool)
+    kw = dict(scale=0.3, page_size=s, bits=bits, group_size=group, pool=pool, page=page)
     want = lowbit_page_scores_ref(q, codes, scales, ss, lo, hi, **kw)
     got = lowbit_page_scores(*(x.to(DEV) for x in (q, codes, scales, ss, lo, hi)), use_triton=True, **kw).cpu()
     assert torch.equal(torch.isinf(got), torch.isinf(want))
@@ -216,6 +219,27 @@ def test_one_token_pages_rank_by_exact_attention_mass():
     assert torch.equal(picks, oracle.retrieve_topk(0, q, rows).sort(dim=1).values)
 
 
+def test_mass_ranks_a_page_of_many_matches_above_a_page_of_one():
+    """Page 1 holds one key matching the query a little better than each of page 2's four keys: the
+    best-token rule picks page 1, the mass rule page 2 (four tokens' attention against one), as the
+    oracle does with exact keys."""
+    s = 4
+    keys = torch.zeros(4 * s, KVH, D)
+    keys[s, :, 0] = 2.0
+    keys[2 * s:3 * s, :, 0] = 1.5
+    q = torch.zeros(1, H, D)
+    q[..., 0] = 2.0
+    rows = _rows([0], [4 * s], [0], [4], 1)
+    rows.page_keys = lambda layer: keys.view(1, 4, s, KVH, D)
+    picks = {}
+    for name in ("lowbit", "lowbit-mass", "oracle"):
+        algo = _algo(name, s)
+        if name != "oracle":
+            algo.construct_representations(0, 0, 0, keys)
+        picks[name] = algo.retrieve_topk(0, q, rows).item()
+    assert picks == {"lowbit": 1, "lowbit-mass": 2, "oracle": 2}
+
+
 def test_a_needle_token_lifts_its_page_where_the_bound_is_fooled():
     """Page 0's keys spread wide in two channels (Quest's bound sums both maxima: 10, while no key
     scores above 0); page 1 holds one key that truly matches (6) among zeros. lowbit picks page 1,
@@ -228,11 +252,11 @@ def test_a_needle_token_lifts_its_page_where_the_bound_is_fooled():
     q = torch.zeros(1, H, D)
     q[..., :2] = 1.0
     picks = {}
-    for name in ("quest", "lowbit", "lowbit-2bit", "lowbit-max"):
+    for name in ("quest", "lowbit", "lowbit-2bit", "lowbit-max", "lowbit-mass"):
         algo = _algo(name, s)
         algo.construct_representations(0, 0, 0, keys)
         picks[name] = algo.retrieve_topk(0, q, _rows([0], [3 * s], [0], [3], 1)).item()
-    assert picks == {"quest": 0, "lowbit": 1, "lowbit-2bit": 1, "lowbit-max": 1}
+    assert picks == {"quest": 0, "lowbit": 1, "lowbit-2bit": 1, "lowbit-max": 1, "lowbit-mass": 1}
 
 
 def test_metadata_bytes():
@@ -290,8 +314,8 @@ def test_page_scores_real_sizes_on_gpu(dtype, bits):
     ss = torch.arange(R, dtype=torch.int32, device="cuda")
     lo = torch.ones(R, dtype=torch.int32, device="cuda")
     hi = torch.tensor([1022, 17, 600, 3], dtype=torch.int32, device="cuda")
-    for pool in ("mean", "max"):
-        kw = dict(scale=128 ** -0.5, page_size=s, bits=bits, group_size=32, pool=pool)
+    for pool, page in (("mean", "max"), ("max", "max"), ("mean", "mass")):
+        kw = dict(scale=128 ** -0.5, page_size=s, bits=bits, group_size=32, pool=pool, page=page)
         got = lowbit_page_scores(q, codes, scales, ss, lo, hi, **kw)
         want = lowbit_page_scores_ref(q, codes, scales, ss, lo, hi, **kw)
         # the dot rounds the dequantized keys to q's dtype: bf16 keeps 8 mantissa bits (2^-9), fp16 11
@@ -306,3 +330,36 @@ def test_page_scores_real_sizes_on_gpu(dtype, bits):
     torch.testing.assert_close(dequantize_keys(*a, bits=bits, group_size=32),
                                dequantize_keys(*b, bits=bits, group_size=32),
                                atol=float(b[1][..., 0].float().max()) * 1.01, rtol=0)
+
+
+_COMPILE = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from hisa.sparse.triton_lowbit import lowbit_logits_kernel
+
+consts = dict(H=32, G=4, BLOCK_G=16, S=32, SUB_P=2, NSUB=16, DB=64, NG=4, BLOCK_NG=4, GROUP=32, BITS=4,
+              DOT_PRECISION="tf32", PAGE_MASS=sys.argv[1] == "mass")
+sig = {"q_ptr": "*bf16", "codes_ptr": "*u8", "scales_ptr": "*fp16", "sslot_ptr": "*i32", "lo_ptr": "*i32",
+       "hi_ptr": "*i32", "logit_ptr": "*fp32", "mpart_ptr": "*fp32", "spart_ptr": "*fp32", "scale_log2": "fp32",
+       "MAXP": "i32", "PB": "i32", **{n: "i32" for n in ("stride_qr", "stride_qh", "stride_cs", "stride_ct",
+                                                         "stride_ss", "stride_st")}}
+sig.update({name: "constexpr" for name in consts})
+compiled = triton.compile(ASTSource(fn=lowbit_logits_kernel, signature=sig, constexprs=consts),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+assert compiled.asm["cubin"]
+"""
+
+
+@pytest.mark.parametrize("page", ["max", "mass"])
+def test_logits_kernel_compiles_for_hopper(page):
+    """The scoring kernel at the Llama-8B shape through Triton's compiler for sm_90 (no GPU needed, in a
+    process without TRITON_INTERPRET, which accepts code the compiler refuses)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _COMPILE, page], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]

@@ -28,17 +28,22 @@ from hisa.sparse.page_scores import select_pages
 @dataclass(frozen=True, slots=True)
 class LowBitConfig:
     """bits: 4 or 2 per channel; group_size: channels sharing one (step, min), capped at head_dim;
-    pool: how the query heads of a KV group share a page value ("mean" or "max")."""
+    pool: how the query heads of a KV group share a page value ("mean" or "max"); page: a page's
+    value for one head, its best token's softmax ("max") or the sum over its tokens ("mass", the
+    attention mass the page would get: what `oracle` ranks by)."""
 
     bits: int = 4
     group_size: int = 32
     pool: str = "mean"
+    page: str = "max"
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 4):
             raise ValueError(f"lowbit bits must be 2 or 4, got {self.bits}")
         if self.pool not in ("mean", "max"):
             raise ValueError(f"lowbit pool must be 'mean' or 'max', got {self.pool!r}")
+        if self.page not in ("max", "mass"):
+            raise ValueError(f"lowbit page must be 'max' or 'mass', got {self.page!r}")
 
 
 @register("lowbit")
@@ -58,7 +63,7 @@ class LowBitAlgorithm(BaseSparseAlgorithm):
     def __init__(self, **kw):
         super().__init__(**kw)
         cfg = self.lowbit
-        self.bits, self.pool = cfg.bits, cfg.pool
+        self.bits, self.pool, self.page = cfg.bits, cfg.pool, cfg.page
         self.group_size = min(cfg.group_size, self.head_dim)
         check_layout(self.head_dim, self.bits, self.group_size)
         tokens = self.max_pages * self.page_size
@@ -85,7 +90,7 @@ class LowBitAlgorithm(BaseSparseAlgorithm):
     def retrieve_topk(self, layer, q, rows: DecodeRows):
         scores = lowbit_page_scores(q, self.codes[layer], self.scales[layer], rows.sparse_slots, rows.lo, rows.hi,
                                     scale=self.scale, page_size=self.page_size, bits=self.bits,
-                                    group_size=self.group_size, pool=self.pool)
+                                    group_size=self.group_size, pool=self.pool, page=self.page)
         return select_pages(scores, rows.lo, rows.hi, rows.num_select, layout=rows.layout)  # in page order
 
 
@@ -101,3 +106,11 @@ class LowBitMaxAlgorithm(LowBitAlgorithm):
     """lowbit with the group's query heads pooled by max instead of mean (for measurement)."""
 
     lowbit = LowBitConfig(pool="max")
+
+
+@register("lowbit-mass")
+class LowBitMassAlgorithm(LowBitAlgorithm):
+    """lowbit ranking pages by their attention mass (the sum of their tokens' softmax per head), as
+    `oracle` does with exact keys, instead of by their best token."""
+
+    lowbit = LowBitConfig(page="mass")

@@ -2,17 +2,20 @@
 
 Row r scores every token of its middle range (the tokens of pages [lo, hi)) for every query head h
 with the dequantized key: l_h(τ) = scale * q_h · k̂(τ). Per head the logits become a softmax over the
-row's middle tokens, p_h(τ). A page's value for head h is the largest p_h of its tokens (one needle
-token lifts its page); the query heads of a KV group share one value, their mean or their max
-(`pool`); the page score is the sum over KV heads:
+row's middle tokens, p_h(τ). A page's value for head h is the largest p_h of its tokens (`page`
+"max": one needle token lifts its page) or their sum ("mass": the attention the page would get,
+what `oracle` ranks by with exact keys; a needle token lifts its page too); the query heads of a KV
+group share one value, their mean or their max (`pool`); the page score is the sum over KV heads:
 
-    score(page) = Σ_kvh pool_{h ∈ group(kvh)} max_{τ ∈ page} p_h(τ)
+    score(page) = Σ_kvh pool_{h ∈ group(kvh)} max_{τ ∈ page} p_h(τ)      (page "max")
+    score(page) = Σ_kvh pool_{h ∈ group(kvh)} Σ_{τ ∈ page} p_h(τ)        (page "mass")
 
-Because the softmax is monotonic per head, max_τ p_h(τ) = 2^(max_τ l_h(τ) - M_h) / Z_h: kernel 1
-(grid rows x 32-page blocks x KV heads) dequantizes each token once per KV head into q's dtype,
-computes its group's logits with one tensor-core dot per `sub_tokens` tokens and writes each page's
-maximum logit per head plus the block's softmax partials (max, sum); kernel 2 (grid rows x page blocks) merges the partials into each head's M_h and Z_h and
-writes the page scores. `select_pages` then takes the top k. No host sync: a captured decode step
+Both are 2^(v_h(page) - M_h) / Z_h with v_h the page's largest logit (max) or the log-sum-exp of
+its logits (mass), M_h and Z_h the head's softmax max and normalizer: kernel 1 (grid rows x 32-page
+blocks x KV heads) dequantizes each token once per KV head into q's dtype, computes its group's
+logits with one tensor-core dot per `sub_tokens` tokens and writes v_h of each page plus the
+block's softmax partials (max, sum); kernel 2 (grid rows x page blocks) merges the partials into
+each head's M_h and Z_h and writes the page scores. `select_pages` then takes the top k. No host sync: a captured decode step
 replays it.
 
 Shapes: q [R, H, D]; codes uint8 [SS, MAXT, KVH, DB] and scales fp16 [SS, MAXT, KVH, NG, 2] (one
@@ -34,7 +37,7 @@ LOGITS_WARPS = 4
 
 def lowbit_page_scores(q: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, sslots: torch.Tensor,
                        lo: torch.Tensor, hi: torch.Tensor, *, scale: float, page_size: int, bits: int,
-                       group_size: int, pool: str = "mean", use_triton: bool | None = None,
+                       group_size: int, pool: str = "mean", page: str = "max", use_triton: bool | None = None,
                        sub_tokens: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """Score every page of each row's middle range (see the module docstring). fp32 [R, MAXP].
 
@@ -52,6 +55,8 @@ def lowbit_page_scores(q: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
                          f"at {bits} bits, groups of {group_size}, page {page_size}")
     if pool not in ("mean", "max"):
         raise ValueError(f"pool must be 'mean' or 'max', got {pool!r}")
+    if page not in ("max", "mass"):
+        raise ValueError(f"page must be 'max' or 'mass', got {page!r}")
     if not (codes.stride(3) == 1 and codes.stride(2) == DB and scales.stride(4) == 1 and scales.stride(3) == 2
             and scales.stride(2) == 2 * (D // group_size) and scales.stride(1) == KVH * scales.stride(2)):
         raise ValueError("codes and scales must be contiguous per token (a slot/layer slice of the full tensors)")
@@ -63,7 +68,7 @@ def lowbit_page_scores(q: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
         use_triton = q.is_cuda
     if not use_triton:
         return lowbit_page_scores_ref(q, codes, scales, sslots, lo, hi, scale=scale, page_size=page_size, bits=bits,
-                                      group_size=group_size, pool=pool)
+                                      group_size=group_size, pool=pool, page=page)
     from hisa.sparse.triton_lowbit import lowbit_logits_kernel, lowbit_scores_kernel
 
     sub_tokens = SUB_TOKENS if sub_tokens is None else sub_tokens
@@ -80,7 +85,7 @@ def lowbit_page_scores(q: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
     block_p = max(BLOCK_P, sub_p)
     PB = -(-MAXP // block_p)
     f32 = dict(dtype=torch.float32, device=q.device)
-    logits = torch.empty(R, H, MAXP, **f32)  # each page's max logit per head (log2 domain)
+    logits = torch.empty(R, H, MAXP, **f32)  # each page's v_h (log2 domain)
     mpart = torch.empty(R, PB, H, **f32)
     spart = torch.empty(R, PB, H, **f32)
     scores = torch.empty(R, MAXP, **f32)
@@ -92,7 +97,7 @@ def lowbit_page_scores(q: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
         q.stride(0), q.stride(1), codes.stride(0), codes.stride(1), scales.stride(0), scales.stride(1),
         # tl.dot needs M, N, K >= 16: the query heads pad to 16 rows, D to whole groups (>= 16 channels)
         H=H, G=G, BLOCK_G=max(16, _next_pow2(G)), S=S, SUB_P=sub_p, NSUB=block_p // sub_p, DB=DB, NG=NG,
-        BLOCK_NG=max(_next_pow2(NG), -(-16 // group_size)), GROUP=group_size, BITS=bits,
+        BLOCK_NG=max(_next_pow2(NG), -(-16 // group_size)), GROUP=group_size, BITS=bits, PAGE_MASS=page == "mass",
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps)
     lowbit_scores_kernel[(R, -(-MAXP // BLOCK_P))](
         logits, mpart, spart, lo, hi, scores, MAXP, PB,
@@ -102,7 +107,7 @@ def lowbit_page_scores(q: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
 
 
 def lowbit_page_scores_ref(q, codes, scales, sslots, lo, hi, *, scale: float, page_size: int, bits: int,
-                           group_size: int, pool: str = "mean") -> torch.Tensor:
+                           group_size: int, pool: str = "mean", page: str = "max") -> torch.Tensor:
     """Plain-torch lowbit_page_scores (same arguments): the semantics, spelled out."""
     R, H, D = q.shape
     SS, MAXT, KVH, DB = codes.shape
@@ -114,8 +119,9 @@ def lowbit_page_scores_ref(q, codes, scales, sslots, lo, hi, *, scale: float, pa
     valid = (p[None, :] >= lo.long()[:, None]) & (p[None, :] < hi.long()[:, None])  # [R, MAXP]
     logits = logits.masked_fill(~valid.repeat_interleave(S, 1)[:, None, None, :], float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows without a middle range: all zero
-    page = probs.view(R, KVH, G, MAXP, S).amax(-1)  # [R, KVH, G, MAXP] each head's best token per page
-    pooled = page.mean(2) if pool == "mean" else page.amax(2)  # [R, KVH, MAXP]
+    per_page = probs.view(R, KVH, G, MAXP, S)
+    value = per_page.amax(-1) if page == "max" else per_page.sum(-1)  # [R, KVH, G, MAXP] per head
+    pooled = value.mean(2) if pool == "mean" else value.amax(2)  # [R, KVH, MAXP]
     return pooled.sum(1).masked_fill(~valid, float("-inf"))
 
 

@@ -15,9 +15,9 @@ accumulation) then gives the logits of all G query heads of the group; tl.dot ne
 so the G heads are padded with zero rows to BLOCK_G >= 16 and D with masked whole groups to >= 16
 channels (a padded D of 96 is 128), so every shape check_layout allows takes this one path.
 fp16/bf16 q: the keys are rounded to that dtype (bf16: 8 mantissa bits, far below the step / 2 of
-the codes); fp32 q: an fp32 ("ieee") dot. Per head it stores each page's max logit (log2 domain) to
-[R, H, MAXP] and keeps an online softmax partial (max, sum of 2^(l - max)) over the block's tokens,
-written to [R, PB, H] at the end. The sub-tile loop has a constant trip count (NSUB) so the compiler
+the codes); fp32 q: an fp32 ("ieee") dot. Per head it stores each page's value (log2 domain: its
+max logit or, with PAGE_MASS, the log-sum-exp of its logits) to [R, H, MAXP] and keeps an online
+softmax partial (max, sum of 2^(l - max)) over the block's tokens, written to [R, PB, H] at the end. The sub-tile loop has a constant trip count (NSUB) so the compiler
 can pipeline its loads; tokens outside [lo, hi) are masked, and a program whose block misses the
 range skips the loop (no data-dependent host control: the grid depends on shapes only).
 On an H200 (Llama-8B shape, 32K tokens x 8 rows, bf16 q) it measured ~0.3 ms per layer (one ad-hoc
@@ -25,7 +25,7 @@ graph-timed run; the per-head fp32 multiply-and-sum it replaced was reported at 
 step, not re-measured); bench/selection_kernels_gpu.py --only lowbit times it.
 
 lowbit_scores_kernel, grid (R, page blocks): merges row r's partials into each head's max M_h and
-normalizer Z_h, and writes score(page) = Σ_kvh pool_{h in kvh} 2^(pagemax_h - M_h) / Z_h
+normalizer Z_h, and writes score(page) = Σ_kvh pool_{h in kvh} 2^(v_h(page) - M_h) / Z_h
 (pool: mean or max over the group's query heads), -inf outside [lo, hi).
 """
 
@@ -90,7 +90,7 @@ def lowbit_logits_kernel(
     stride_qr, stride_qh, stride_cs, stride_ct, stride_ss, stride_st,
     H: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, S: tl.constexpr, SUB_P: tl.constexpr,
     NSUB: tl.constexpr, DB: tl.constexpr, NG: tl.constexpr, BLOCK_NG: tl.constexpr, GROUP: tl.constexpr,
-    BITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BITS: tl.constexpr, DOT_PRECISION: tl.constexpr, PAGE_MASS: tl.constexpr = False,
 ):
     NP: tl.constexpr = 8 // BITS
     GB: tl.constexpr = GROUP // NP
@@ -144,7 +144,11 @@ def lowbit_logits_kernel(
             # all G heads at once: [BLOCK_G, BLOCK_K] x [BLOCK_K, TOKENS], fp32 accumulation
             lg = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
             lg = tl.where(tv[None, :], lg, float("-inf"))  # [BLOCK_G, TOKENS]
-            pm = tl.max(tl.reshape(lg, [BLOCK_G, SUB_P, S]), axis=2)  # [BLOCK_G, SUB_P] pages' best tokens
+            lp = tl.reshape(lg, [BLOCK_G, SUB_P, S])
+            pm = tl.max(lp, axis=2)  # [BLOCK_G, SUB_P] pages' best tokens
+            if PAGE_MASS:  # the page's log-sum-exp: 2^v / Z is then the mass of its tokens (>= the max)
+                pm_sub = tl.where(pm == float("-inf"), 0.0, pm)
+                pm = pm_sub + tl.log2(tl.sum(tl.exp2(lp - pm_sub[:, :, None]), axis=2))  # -inf: no token
             tl.store(logit_ptr + (r * H + j * G + gi)[:, None] * MAXP + p[None, :], pm,
                      mask=g_ok[:, None] & valid[None, :])
             # online softmax partial of every head over the block's tokens
