@@ -144,9 +144,9 @@ def main() -> None:
                              "requests do not take")
     # Warm-up on other tokens, through every shape the measured requests run: a whole prompt (the
     # recompute's chunks), then its prefix with another tail (the tail's chunk after a cached prefix,
-    # which every reuse mode runs). Without it the first request of each shape pays one-time costs
-    # (CUDA's lazy module loading, cuBLAS's choice of kernels): ~30 ms of the first pool / L3 request
-    # on an H200, which no later request pays.
+    # which every reuse mode runs). Without it the first request of a shape may pay one-time costs
+    # (CUDA's lazy module loading, cuBLAS's choice of kernels) that no later request pays: an H200
+    # profile of the pool mode's first request once showed 12 ms of module loading.
     if tok is not None:
         warm_ids = tok.encode(long_text(3 * args.prompt_len, seed=11))[: args.prompt_len]
     else:

@@ -145,3 +145,22 @@ def test_device_metadata_bytes_per_request_per_algorithm():
     assert ratio["dense"] == ratio["oracle"] == 0
     assert ratio["quest"] == pytest.approx(1 / 16)
     assert ratio["lowbit"] == pytest.approx((d // 2 + 4) / (2 * d * 4))  # 12 of the 128 bytes of fp32 K+V
+
+
+def test_the_sparse_check_allows_the_step_overlap_mode_runs_after_a_stop(smollm2):
+    """Overlap mode sees a stop token one step late: the request ran one more (dropped) step. The
+    check that every sparse row decoded sparse counts it as such instead of failing the grid (it
+    failed a SmolLM2 grid on the GPU, where overlap is on by default, 820 steps against 801)."""
+    from hisa.engine.sampling_params import SamplingParams
+    from hisa.eval.runner import _check_ran_sparse
+    from hisa.llm import LLM
+    from hisa.sparse.config import SparseConfig
+
+    prompt = smollm2.tokenizer.encode("Repeat the word once and stop: apple. " * 12)
+    llm = LLM(loaded=smollm2, device="cpu", dtype="float32", progress=False, overlap=True,
+              sparse=SparseConfig(algorithm="quest", token_budget=64, min_prompt_len=32))
+    outs = llm.generate([prompt], SamplingParams(max_tokens=24, temperature=0.0), use_tqdm=False)
+    assert llm.engine.overlap and outs[0].finish_reason == "stop"  # the case under test
+    stats = _check_ran_sparse(llm, outs, "quest@64", len(prompt))
+    assert stats["request_steps"] == outs[0].num_output_tokens  # the one late step counted, no more
+    llm.close()
