@@ -266,6 +266,62 @@ def test_llama_8b_layer_with_fused_norms_matches_the_unfused_layer(monkeypatch):
     assert err < 1e-2, err  # bf16 rounding at different places (1 ulp = 2^-8 relative), over two layers
 
 
+def _cos_sin(m, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    ang = torch.rand(m, d // 2, generator=g) * 6.0
+    return torch.stack([ang.cos(), ang.sin()], dim=1).to(DEV)  # fp32 [m, 2, d // 2]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m,h,kvh,d,k,bias,prepared", [(3, 4, 2, 32, 48, False, False), (1, 2, 1, 16, 40, True, False),
+                                                       (16, 2, 2, 32, 64, False, False), (5, 4, 2, 32, 0, False, True)])
+def test_qkv_rope_kernel_equals_the_projection_then_qkv_rope(dtype, m, h, kvh, d, k, bias, prepared):
+    """The fused q|k|v projection + RoPE gives the unfused kernels' q, k, v (the same products, rounded
+    once, rotated from the rounded values; within one rounding: the interpreter's tile products are
+    numpy matmuls, whose sums depend on a row's place in the tile): heads of q, k and v, 1 to 16 rows,
+    a bias, and rows normed by a prepared norm (NORM_IN)."""
+    from hisa.ops.linear import linear_qkv_rope
+    from hisa.ops.qkv_rope import qkv_rope
+
+    torch.manual_seed(m + h + d)
+    n = (h + 2 * kvh) * d
+    if prepared:
+        x, _ = _prepared(m, 48, 40, dtype, seed=m)
+        k = 48
+    else:
+        x = torch.randn(m, k, device=DEV).to(dtype)
+    w = (torch.randn(n, k, device=DEV) * k ** -0.5).to(dtype)
+    b = torch.randn(n, device=DEV).to(dtype) if bias else None
+    cs = _cos_sin(m, d, seed=m + d)
+    shape = dict(num_heads=h, num_kv_heads=kvh, head_dim=d)
+    want = qkv_rope(linear(x, w, b, use_triton=True), cs, use_triton=True, **shape)
+    got = linear_qkv_rope(x, w, b, cs, use_triton=True, **shape)
+    # one rounding of a projection value, through the rotation's cancellation: an absolute error of
+    # about one unit of the inputs' last place (a mixed-up pair or head would be off by O(1))
+    tol = dict(rtol=1e-3, atol=2e-3) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-5)
+    for g, wt, name in zip(got, want, "qkv"):
+        assert g.shape == wt.shape and g.is_contiguous(), name
+        torch.testing.assert_close(g, wt, **tol, msg=lambda e, name=name: f"{name}: {e}")
+
+
+def test_qkv_rope_off_the_kernel_is_the_projection_then_qkv_rope():
+    """Where the kernel does not run (here: the CPU without use_triton), the unfused ops, and shapes
+    the kernel cannot tile are refused when it is forced."""
+    from hisa.ops.linear import linear_qkv_rope
+    from hisa.ops.qkv_rope import qkv_rope
+
+    x = torch.randn(3, 24)
+    w = torch.randn(4 * 16, 24)
+    cs = _cos_sin(3, 16, seed=1).cpu()
+    shape = dict(num_heads=2, num_kv_heads=1, head_dim=16)
+    for g, wt in zip(linear_qkv_rope(x, w, None, cs, **shape), qkv_rope(F.linear(x, w), cs, **shape)):
+        assert torch.equal(g, wt)
+    with pytest.raises(ValueError, match="D / 2 a multiple of 8"):
+        linear_qkv_rope(x, torch.randn(4 * 12, 24), None, _cos_sin(3, 12, seed=1).cpu(), num_heads=2,
+                        num_kv_heads=1, head_dim=12, use_triton=True)
+
+
 _COMPILE = """
 import sys
 import triton
@@ -274,29 +330,33 @@ from triton.compiler import ASTSource
 from hisa.ops import triton_linear
 
 kernel, norm_in, add_norm = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1"
+rope = kernel == "linear_rope"
 consts = dict(K=4096, BLOCK_M=16, STAGES=4, DOT_PRECISION="tf32", PDL=False, NORM_IN=norm_in,
               BLOCK_P=256 if norm_in else 1)
 sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "stride_xm": "i32", "stride_wn": "i32",
        "stride_ym": "i32", "ss_ptr": "*fp32", "P": "i32", "eps": "fp32"}
-if kernel == "linear":
+if kernel in ("linear", "linear_rope"):
     fn = triton_linear.skinny_linear_kernel
     consts.update(HAS_BIAS=False, BLOCK_N=16, BLOCK_K=256, ADD_NORM=add_norm)
     sig.update({"b_ptr": "*bf16", "N": "i32", "res_ptr": "*bf16", "nw_ptr": "*bf16", "xs_ptr": "*bf16",
                 "ss_out_ptr": "*fp32", "stride_rm": "i32", "stride_xsm": "i32"})
+    if rope:
+        consts.update(NH=32, NKV=8, HALF=64, ROPE=True)
+        sig.update({"cs_ptr": "*fp32", "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "stride_cs": "i32"})
 else:
     fn = triton_linear.skinny_gate_up_kernel
     consts.update(ACT=0, BLOCK_N=64, BLOCK_K=64)
     sig["I"] = "i32"
 sig.update({name: "constexpr" for name in consts})
 compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": 2 if kernel == "linear" else 4})
+                          options={"num_warps": 4 if kernel == "gate_up" else 2})
 assert compiled.asm["cubin"]
 """
 
 
 @pytest.mark.parametrize("kernel,norm_in,add_norm", [("linear", False, False), ("linear", True, False),
-                                                     ("linear", False, True), ("gate_up", False, False),
-                                                     ("gate_up", True, False)])
+                                                     ("linear", False, True), ("linear_rope", True, False),
+                                                     ("gate_up", False, False), ("gate_up", True, False)])
 def test_kernels_compile_for_hopper(kernel, norm_in, add_norm):
     """Each variant through Triton's compiler for sm_90 (to PTX and a cubin; no GPU needed, in a
     process without TRITON_INTERPRET): the interpreter the other tests use on a CPU accepts code the

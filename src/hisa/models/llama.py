@@ -25,8 +25,7 @@ from torch import nn
 from hisa.models.config import ModelConfig
 from hisa.models.layers import FusedLinear, RMSNorm, project_add
 from hisa.models.rope import RotaryEmbedding, rope_inv_freq
-from hisa.ops.linear import Linear, gate_up_act
-from hisa.ops.qkv_rope import qkv_rope
+from hisa.ops.linear import Linear, gate_up_act, linear_qkv_rope
 from hisa.ops.rms_norm import NormedRows
 
 __all__ = ["AttentionFn", "RMSNorm", "Attention", "MLP", "DecoderLayer", "LlamaForCausalLM"]
@@ -52,8 +51,9 @@ class Attention(nn.Module):
 
     def attend(self, x: torch.Tensor | NormedRows, cos_sin: torch.Tensor, attn: AttentionFn) -> torch.Tensor:
         """The attention output before o_proj: [T, hidden] normed → [T, H * D]."""
-        q, k, v = qkv_rope(self.qkv_proj(x), cos_sin, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                           head_dim=self.head_dim)  # [T, H, D], [T, KVH, D], [T, KVH, D]
+        # [T, H, D], [T, KVH, D], [T, KVH, D]; one kernel for a decode batch on CUDA, else qkv_proj + qkv_rope
+        q, k, v = linear_qkv_rope(x, self.qkv_proj.weight, self.qkv_proj.bias, cos_sin, num_heads=self.num_heads,
+                                  num_kv_heads=self.num_kv_heads, head_dim=self.head_dim)
         out = attn.forward(self.layer_idx, q, k, v)  # [T, H, D]
         return out.reshape(x.shape[0], self.num_heads * self.head_dim)
 

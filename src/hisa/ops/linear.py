@@ -9,8 +9,9 @@ for their 15.8 and 13.2, and matched cuBLAS within 3% on gate|up, down and the l
 (docs/architecture.md, "2026-12-02"). `linear` runs that kernel where it is the faster one (CUDA, fp16/bf16, at most MAX_M
 rows, enough weight rows to fill the GPU) and F.linear everywhere else; `Linear` is an nn.Linear
 whose forward calls it (the models' projections). `gate_up_act` fuses the gated MLP's activation
-into the gate|up projection, and `linear_add_norm` a sublayer's residual add and the next RMSNorm's
-preparation into its last projection, which the next projection completes (`NormedRows`).
+into the gate|up projection, `linear_add_norm` a sublayer's residual add and the next RMSNorm's
+preparation into its last projection, which the next projection completes (`NormedRows`), and
+`linear_qkv_rope` the q|k|v split and RoPE into the q|k|v projection.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ ENABLED = os.environ.get("HISA_TRITON_LINEAR", "1") != "0"  # 0: every projectio
 
 
 NORM_ENABLED = os.environ.get("HISA_FUSED_NORM", "1") != "0"  # 0: no NormedRows are prepared (A/B runs)
+ROPE_ENABLED = os.environ.get("HISA_FUSED_ROPE", "1") != "0"  # 0: qkv_rope after the projection (A/B runs)
 
 
 def linear(x: torch.Tensor | NormedRows, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -83,6 +85,57 @@ def linear_add_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     dflt = LARGE_N if weight.shape[0] >= LARGE_N_FROM else SMALL_N
     r, scaled, sumsq = _skinny(x, weight, bias, None, residual, norm_weight, *dflt)
     return NormedRows(r, norm_weight, eps, scaled, sumsq)
+
+
+def linear_qkv_rope(x: torch.Tensor | NormedRows, weight: torch.Tensor, bias: torch.Tensor | None,
+                    cos_sin: torch.Tensor, *, num_heads: int, num_kv_heads: int, head_dim: int,
+                    use_triton: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused q|k|v projection and its split + RoPE: what `qkv_rope(linear(x, weight, bias),
+    cos_sin, ...)` returns (q [T, H, D], k and v [T, KVH, D], contiguous), the same values.
+
+    Where `linear` runs its kernel (and D / 2 is a multiple of half its weight rows per program),
+    one launch: each program streams the weight rows of rotation pairs (column c and c + D / 2 of one
+    head) and rotates them in its epilogue, so the [T, (H + 2 KVH) D] projection is never written
+    and the qkv_rope launch is gone. Without QK-norm only (Gemma-3's norm needs a whole head).
+    use_triton: None = where it pays; True forces the kernel (CPU: under TRITON_INTERPRET=1)."""
+    from hisa.ops.qkv_rope import qkv_rope
+
+    h, kvh, d = num_heads, num_kv_heads, head_dim
+    block_n, block_k, num_stages, num_warps = SMALL_N
+    rows = _streamed(x)
+    fits = (weight.shape[0] == (h + 2 * kvh) * d and d % 2 == 0 and (d // 2) % (block_n // 2) == 0
+            and weight.shape[0] < LARGE_N_FROM)
+    if use_triton is None:
+        use_triton = ROPE_ENABLED and fits and runs_kernel(rows, weight, bias, block_n=block_n)
+    elif use_triton:
+        if not fits:
+            raise ValueError(f"the fused kernel needs weight [(H + 2 KVH) * D, K] with D / 2 a multiple of "
+                             f"{block_n // 2}, got {tuple(weight.shape)} for H={h}, KVH={kvh}, D={d}")
+        use_triton = want_triton(True, rows)
+    if not use_triton:
+        return qkv_rope(linear(x, weight, bias), cos_sin, num_heads=h, num_kv_heads=kvh, head_dim=d)
+    normed, x = _unpack(x, True)
+    x2 = _rows(x, weight, "[(H + 2 KVH) * D, K]")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, layout="[N]", dtype=x.dtype, like=x, shape=(weight.shape[0],))
+    m = x2.shape[0]
+    check_tensor("cos_sin", cos_sin, ndim=3, layout="[T, 2, D // 2]", dtype=torch.float32, like=x,
+                 shape=(m, 2, d // 2))
+    if cos_sin.stride(2) != 1 or cos_sin.stride(1) != d // 2:
+        raise ValueError(f"cos_sin must be contiguous in its last two dims, got strides {cos_sin.stride()}")
+    q = torch.empty(m, h, d, dtype=x.dtype, device=x.device)
+    k = torch.empty(m, kvh, d, dtype=x.dtype, device=x.device)
+    v = torch.empty(m, kvh, d, dtype=x.dtype, device=x.device)
+    if m:
+        from hisa.ops.triton_linear import skinny_linear_kernel
+
+        skinny_linear_kernel[(weight.shape[0] // block_n,)](
+            x2, weight, bias if bias is not None else weight, q, m, weight.shape[0], x2.stride(0), weight.stride(0), 0,
+            K=x2.shape[1], HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=num_stages,
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **_norm_in(normed, x2),
+            cs_ptr=cos_sin, q_ptr=q, k_ptr=k, v_ptr=v, stride_cs=cos_sin.stride(0), NH=h, NKV=kvh, HALF=d // 2,
+            ROPE=True, num_warps=num_warps if x.is_cuda else 1, **pdl.launch_kwargs(x))
+    return q, k, v
 
 
 def runs_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

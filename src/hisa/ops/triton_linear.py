@@ -23,6 +23,12 @@ Two fusions take the norm kernels out of a decoder layer (`hisa.ops.rms_norm.Nor
     from a norm kernel is where the rounding falls: r * nw, not rmsnorm(r) and then * nw.
 (Applying the norm weight to each x tile inside the loop instead took the tiles out of the
 software pipeline: 6.30 against 5.82 ms per 32K x 8 quest step on an H200.)
+
+ROPE (skinny_linear_kernel, the fused q|k|v projection of a model without QK-norm): each program
+streams the weight rows of BLOCK_N / 2 rotation pairs of one head (columns c and c + D / 2, their
+rows interleaved in the tile, any row order being one pointer per row) and its epilogue rotates the
+rounded products (rotate-half, fp32, rounded once: `qkv_rope`'s arithmetic) into q or k, or copies
+them into v: the projection output and the qkv_rope launch are never made (`linear_qkv_rope`).
 """
 
 from __future__ import annotations
@@ -45,9 +51,18 @@ def skinny_linear_kernel(
     res_ptr=None, nw_ptr=None, xs_ptr=None, ss_out_ptr=None,  # ADD_NORM: residual [M, N], next norm's weight
     stride_rm=0, stride_xsm=0, ADD_NORM: tl.constexpr = False,  # [N]; out: xs [M, N], partials [programs, BLOCK_M]
     ss_ptr=None, P=1, eps=0.0, BLOCK_P: tl.constexpr = 1, NORM_IN: tl.constexpr = False,  # partials [P, BLOCK_M]
+    cs_ptr=None, q_ptr=None, k_ptr=None, v_ptr=None, stride_cs=0,  # ROPE: cos_sin fp32 [M, 2, HALF]; q, k, v out
+    NH: tl.constexpr = 1, NKV: tl.constexpr = 1, HALF: tl.constexpr = 1, ROPE: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
-    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    if ROPE:  # BLOCK_N / 2 rotation pairs of one head: tile row 2i is column c0 + i, row 2i + 1 column HALF + c0 + i
+        PAIRS: tl.constexpr = BLOCK_N // 2
+        head = pid // (HALF // PAIRS)
+        c0 = (pid % (HALF // PAIRS)) * PAIRS
+        r = tl.arange(0, BLOCK_N)
+        n = head * 2 * HALF + (r % 2) * HALF + c0 + r // 2
+    else:
+        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, BLOCK_M)
     n_ok = n < N
     m_ok = m < M
@@ -86,7 +101,41 @@ def skinny_linear_kernel(
         r = out.to(tl.float32)  # what the next norm reads: the stored stream (0 in masked rows and columns)
         tl.store(xs_ptr + m[None, :] * stride_xsm + n[:, None], (r * nw[:, None]).to(dtype), mask=mask)
         tl.store(ss_out_ptr + pid * BLOCK_M + m, tl.sum(r * r, axis=0))
-    tl.store(y_ptr + m[None, :] * stride_ym + n[:, None], out, mask=mask)
+    if ROPE:
+        _rope_store(out, m, m_ok, head, c0, cs_ptr, q_ptr, k_ptr, v_ptr, stride_cs, NH, NKV, HALF, BLOCK_N // 2,
+                    BLOCK_M)
+    else:
+        tl.store(y_ptr + m[None, :] * stride_ym + n[:, None], out, mask=mask)
+
+
+@triton.jit
+def _rope_store(out, m, m_ok, head, c0, cs_ptr, q_ptr, k_ptr, v_ptr, stride_cs, NH: tl.constexpr,
+                NKV: tl.constexpr, HALF: tl.constexpr, PAIRS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """ROPE's epilogue: the rounded products of PAIRS (column, column + HALF) pairs of one head
+    ([2 * PAIRS, BLOCK_M], pairs interleaved), rotated for a q or k head (rotate-half, in fp32 from
+    the rounded values, rounded once: as `qkv_rope` after the unfused projection) or copied for a v
+    head, into the head's row of q [M, NH, 2 HALF], k or v [M, NKV, 2 HALF]."""
+    x = tl.permute(tl.reshape(out.to(tl.float32), [PAIRS, 2, BLOCK_M]), (0, 2, 1))  # [PAIRS, BLOCK_M, 2]
+    x1, x2 = tl.split(x)  # [PAIRS, BLOCK_M]: columns c0 + i and HALF + c0 + i
+    c = c0 + tl.arange(0, PAIRS)
+    ok = m_ok[None, :]
+    dtype = q_ptr.dtype.element_ty
+    if head < NH + NKV:
+        cs = cs_ptr + m[None, :] * stride_cs + c[:, None]
+        cos = tl.load(cs, mask=ok, other=0.0)
+        sin = tl.load(cs + HALF, mask=ok, other=0.0)
+        o1 = (x1 * cos - x2 * sin).to(dtype)
+        o2 = (x2 * cos + x1 * sin).to(dtype)
+        if head < NH:
+            dst = q_ptr + (m[None, :] * NH + head) * (2 * HALF) + c[:, None]
+        else:
+            dst = k_ptr + (m[None, :] * NKV + head - NH) * (2 * HALF) + c[:, None]
+        tl.store(dst, o1, mask=ok)
+        tl.store(dst + HALF, o2, mask=ok)
+    else:
+        dst = v_ptr + (m[None, :] * NKV + head - NH - NKV) * (2 * HALF) + c[:, None]
+        tl.store(dst, x1.to(dtype), mask=ok)
+        tl.store(dst + HALF, x2.to(dtype), mask=ok)
 
 
 @triton.jit
