@@ -83,3 +83,16 @@ def sharp_tiny_dsa(seed: int = 3):
             if p.ndim >= 2:
                 p.mul_(5.0)
     return loaded
+
+
+def compile_for_hopper(script: str, *args: str) -> None:
+    """Run `script` (python -c, with `args`) in a process without TRITON_INTERPRET, where it compiles
+    Triton kernels for sm_90 (`triton.compile(..., target=GPUTarget("cuda", 90, 32))`: PTX and a
+    cubin, no GPU needed); fail the test with its stderr if it does not exit 0. The interpreter the
+    CPU kernel tests use accepts code the compiler refuses (two returns under a constexpr `if`)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]

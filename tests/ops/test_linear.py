@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from hisa.ops import linear as linear_mod
 from hisa.ops.linear import Linear, linear
+from tests.conftest import compile_for_hopper
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -361,10 +362,4 @@ def test_kernels_compile_for_hopper(kernel, norm_in, add_norm):
     """Each variant through Triton's compiler for sm_90 (to PTX and a cubin; no GPU needed, in a
     process without TRITON_INTERPRET): the interpreter the other tests use on a CPU accepts code the
     compiler refuses (two returns under a constexpr `if` once reached a GPU that way)."""
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _COMPILE, kernel, str(int(norm_in)), str(int(add_norm))], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    compile_for_hopper(_COMPILE, kernel, str(int(norm_in)), str(int(add_norm)))

@@ -354,12 +354,7 @@ assert compiled.asm["cubin"]
 
 @pytest.mark.parametrize("page", ["max", "mass"])
 def test_logits_kernel_compiles_for_hopper(page):
-    """The scoring kernel at the Llama-8B shape through Triton's compiler for sm_90 (no GPU needed, in a
-    process without TRITON_INTERPRET, which accepts code the compiler refuses)."""
-    import os
-    import subprocess
-    import sys
+    """The scoring kernel at the Llama-8B shape through Triton's compiler for sm_90 (no GPU needed)."""
+    from tests.conftest import compile_for_hopper
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _COMPILE, page], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    compile_for_hopper(_COMPILE, page)

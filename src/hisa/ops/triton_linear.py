@@ -59,8 +59,8 @@ def skinny_linear_kernel(
         PAIRS: tl.constexpr = BLOCK_N // 2
         head = pid // (HALF // PAIRS)
         c0 = (pid % (HALF // PAIRS)) * PAIRS
-        r = tl.arange(0, BLOCK_N)
-        n = head * 2 * HALF + (r % 2) * HALF + c0 + r // 2
+        row = tl.arange(0, BLOCK_N)
+        n = head * 2 * HALF + (row % 2) * HALF + c0 + row // 2
     else:
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.arange(0, BLOCK_M)

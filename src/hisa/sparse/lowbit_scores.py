@@ -15,8 +15,8 @@ its logits (mass), M_h and Z_h the head's softmax max and normalizer: kernel 1 (
 blocks x KV heads) dequantizes each token once per KV head into q's dtype, computes its group's
 logits with one tensor-core dot per `sub_tokens` tokens and writes v_h of each page plus the
 block's softmax partials (max, sum); kernel 2 (grid rows x page blocks) merges the partials into
-each head's M_h and Z_h and writes the page scores. `select_pages` then takes the top k. No host sync: a captured decode step
-replays it.
+each head's M_h and Z_h and writes the page scores. `select_pages` then takes the top k. No host
+sync: a captured decode step replays it.
 
 Shapes: q [R, H, D]; codes uint8 [SS, MAXT, KVH, DB] and scales fp16 [SS, MAXT, KVH, NG, 2] (one
 layer; MAXT = MAXP * page_size tokens per slot, see `hisa.sparse.lowbit_keys`); sslots, lo, hi int32

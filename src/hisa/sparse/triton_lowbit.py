@@ -17,9 +17,10 @@ channels (a padded D of 96 is 128), so every shape check_layout allows takes thi
 fp16/bf16 q: the keys are rounded to that dtype (bf16: 8 mantissa bits, far below the step / 2 of
 the codes); fp32 q: an fp32 ("ieee") dot. Per head it stores each page's value (log2 domain: its
 max logit or, with PAGE_MASS, the log-sum-exp of its logits) to [R, H, MAXP] and keeps an online
-softmax partial (max, sum of 2^(l - max)) over the block's tokens, written to [R, PB, H] at the end. The sub-tile loop has a constant trip count (NSUB) so the compiler
-can pipeline its loads; tokens outside [lo, hi) are masked, and a program whose block misses the
-range skips the loop (no data-dependent host control: the grid depends on shapes only).
+softmax partial (max, sum of 2^(l - max)) over the block's tokens, written to [R, PB, H] at the
+end. The sub-tile loop has a constant trip count (NSUB) so the compiler can pipeline its loads;
+tokens outside [lo, hi) are masked, and a program whose block misses the range skips the loop (no
+data-dependent host control: the grid depends on shapes only).
 On an H200 (Llama-8B shape, 32K tokens x 8 rows, bf16 q) it measured ~0.3 ms per layer (one ad-hoc
 graph-timed run; the per-head fp32 multiply-and-sum it replaced was reported at ~50 ms per 32-layer
 step, not re-measured); bench/selection_kernels_gpu.py --only lowbit times it.
