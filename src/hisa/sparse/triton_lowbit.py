@@ -149,7 +149,8 @@ def lowbit_logits_kernel(
             pm = tl.max(lp, axis=2)  # [BLOCK_G, SUB_P] pages' best tokens
             if PAGE_MASS:  # the page's log-sum-exp: 2^v / Z is then the mass of its tokens (>= the max)
                 pm_sub = tl.where(pm == float("-inf"), 0.0, pm)
-                pm = pm_sub + tl.log2(tl.sum(tl.exp2(lp - pm_sub[:, :, None]), axis=2))  # -inf: no token
+                tot = tl.sum(tl.exp2(lp - pm_sub[:, :, None]), axis=2)  # 0: no token of the page in range
+                pm = tl.where(tot > 0.0, pm_sub + tl.log2(tl.where(tot > 0.0, tot, 1.0)), float("-inf"))
             tl.store(logit_ptr + (r * H + j * G + gi)[:, None] * MAXP + p[None, :], pm,
                      mask=g_ok[:, None] & valid[None, :])
             # online softmax partial of every head over the block's tokens
