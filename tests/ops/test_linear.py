@@ -268,9 +268,11 @@ def test_llama_8b_layer_with_fused_norms_matches_the_unfused_layer(monkeypatch):
 
 
 def _cos_sin(m, d, seed):
+    """The models' cos/sin table (`RotaryEmbedding.lookup`) at m random positions: fp32 [m, 2, d // 2]."""
+    from hisa.models.rope import RotaryEmbedding, rope_inv_freq
+
     g = torch.Generator().manual_seed(seed)
-    ang = torch.rand(m, d // 2, generator=g) * 6.0
-    return torch.stack([ang.cos(), ang.sin()], dim=1).to(DEV)  # fp32 [m, 2, d // 2]
+    return RotaryEmbedding(rope_inv_freq(d, 10000.0, None)).lookup(torch.randint(0, 4096, (m,), generator=g)).to(DEV)
 
 
 @needs_triton

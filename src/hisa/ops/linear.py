@@ -115,10 +115,7 @@ def linear_qkv_rope(x: torch.Tensor | NormedRows, weight: torch.Tensor, bias: to
     if not use_triton:
         return qkv_rope(linear(x, weight, bias), cos_sin, num_heads=h, num_kv_heads=kvh, head_dim=d)
     normed, x = _unpack(x, True)
-    x2 = _rows(x, weight, "[(H + 2 KVH) * D, K]")
-    if bias is not None:
-        check_tensor("bias", bias, ndim=1, layout="[N]", dtype=x.dtype, like=x, shape=(weight.shape[0],))
-    m = x2.shape[0]
+    m = x.numel() // max(1, x.shape[-1])
     check_tensor("cos_sin", cos_sin, ndim=3, layout="[T, 2, D // 2]", dtype=torch.float32, like=x,
                  shape=(m, 2, d // 2))
     if cos_sin.stride(2) != 1 or cos_sin.stride(1) != d // 2:
@@ -126,15 +123,9 @@ def linear_qkv_rope(x: torch.Tensor | NormedRows, weight: torch.Tensor, bias: to
     q = torch.empty(m, h, d, dtype=x.dtype, device=x.device)
     k = torch.empty(m, kvh, d, dtype=x.dtype, device=x.device)
     v = torch.empty(m, kvh, d, dtype=x.dtype, device=x.device)
-    if m:
-        from hisa.ops.triton_linear import skinny_linear_kernel
-
-        skinny_linear_kernel[(weight.shape[0] // block_n,)](
-            x2, weight, bias if bias is not None else weight, q, m, weight.shape[0], x2.stride(0), weight.stride(0), 0,
-            K=x2.shape[1], HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=num_stages,
-            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **_norm_in(normed, x2),
-            cs_ptr=cos_sin, q_ptr=q, k_ptr=k, v_ptr=v, stride_cs=cos_sin.stride(0), NH=h, NKV=kvh, HALF=d // 2,
-            ROPE=True, num_warps=num_warps if x.is_cuda else 1, **pdl.launch_kwargs(x))
+    _skinny(x, weight, bias, normed, None, None, block_n, block_k, num_stages, num_warps,
+            rope=dict(cs_ptr=cos_sin, q_ptr=q, k_ptr=k, v_ptr=v, stride_cs=cos_sin.stride(0), NH=h, NKV=kvh,
+                      HALF=d // 2, ROPE=True))
     return q, k, v
 
 
@@ -173,18 +164,19 @@ def _unpack(x: torch.Tensor | NormedRows, kernel: bool) -> tuple[NormedRows | No
     return (x, x.scaled) if kernel and x.scaled is not None else (None, x.materialize())
 
 
-def _skinny(x, weight, bias, normed, residual, norm_weight, block_n, block_k, num_stages, num_warps):
+def _skinny(x, weight, bias, normed, residual, norm_weight, block_n, block_k, num_stages, num_warps, rope=None):
     """skinny_linear_kernel: y [..., N], and with a residual (ADD_NORM) the prepared norm's scaled
-    rows and partial sums (else None, None)."""
+    rows and partial sums (else None, None). rope: ROPE's kernel arguments (its epilogue writes q, k
+    and v there; y is then None)."""
     x2 = _rows(x, weight, "[N, K]")
     if bias is not None:
         check_tensor("bias", bias, ndim=1, layout="[N]", dtype=x.dtype, like=x, shape=(weight.shape[0],))
     lead, k = x.shape[:-1], x.shape[-1]
     m, n = x2.shape[0], weight.shape[0]
     programs = -(-n // block_n)
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    y = None if rope is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
     scaled = sumsq = None
-    extra = _norm_in(normed, x2)
+    extra = {**_norm_in(normed, x2), **(rope or {})}
     if residual is not None:
         scaled = torch.empty_like(y)
         sumsq = torch.empty(programs, 16, dtype=torch.float32, device=x.device)
@@ -195,13 +187,14 @@ def _skinny(x, weight, bias, normed, residual, norm_weight, block_n, block_k, nu
         from hisa.ops.triton_linear import skinny_linear_kernel
 
         skinny_linear_kernel[(programs,)](
-            x2, weight, bias if bias is not None else weight, y, m, n, x2.stride(0), weight.stride(0), y.stride(0),
+            x2, weight, bias if bias is not None else weight, weight if y is None else y, m, n, x2.stride(0),
+            weight.stride(0), 0 if y is None else y.stride(0),
             K=k, HAS_BIAS=bias is not None,
             BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=num_stages,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             num_warps=num_warps if x.is_cuda else 1, **extra, **pdl.launch_kwargs(x))
     shape = (*lead, n)
-    return y.view(shape), None if scaled is None else scaled.view(shape), sumsq
+    return None if y is None else y.view(shape), None if scaled is None else scaled.view(shape), sumsq
 
 
 def _norm_in(normed: NormedRows | None, x2: torch.Tensor) -> dict:
