@@ -18,10 +18,11 @@ Candidates, all at the same number of middle pages per step:
   int4 / int2     token-level scores from keys quantized per token and head (one group of head_dim
                   channels), each page's summed softmax mass: the study that led to lowbit
   lowbit          what runs as "lowbit" (hisa.sparse.lowbit: 4-bit keys, groups of 32 channels with
-                  fp16 step/min, softmax per head, the best token per page, mean over the GQA group,
-                  summed over KV heads), scored by the shipped `lowbit_page_scores`
+                  fp16 step/min, softmax per head, each page's summed softmax mass, mean over the GQA
+                  group, summed over KV heads), scored by the shipped `lowbit_page_scores`
   lowbit-max      the same, the group's query heads pooled by max ("lowbit-max")
-  lowbit-mass     the same, each page's summed softmax mass instead of its best token ("lowbit-mass")
+  lowbit-best     the same, each page's best token instead of its mass ("lowbit-best"; this row was
+                  "lowbit" and the mass row "lowbit-mass" in the JSON files before 2026-12-02)
   lowbit-2bit     the same at 2 bits ("lowbit-2bit")
 
 Besides recall and the attention-output error, it counts how often the heaviest page of each
@@ -54,7 +55,7 @@ from hisa.sparse.lowbit_scores import lowbit_page_scores  # noqa: E402
 from hisa.sparse.quest import QuestMeanAlgorithm  # noqa: E402
 
 CANDIDATES = ["oracle", "oracle/kvhead", "quest", "quest/kvhead", "quest/kvhead-max", "centroid", "quest-mean",
-              "int4", "int2", "lowbit", "lowbit-max", "lowbit-mass", "lowbit-2bit"]
+              "int4", "int2", "lowbit", "lowbit-max", "lowbit-best", "lowbit-2bit"]
 _SUMS: dict = defaultdict(lambda: torch.zeros(7, dtype=torch.float64))  # (cand, layer) → sums, see retrieve_topk
 
 
@@ -121,7 +122,7 @@ class RecallProbe(QuestMeanAlgorithm):
             lg = lg.masked_fill(~okm[:, None, None], float("-inf")).reshape(r, kvh, g, m * s)
             return torch.softmax(lg, -1).nan_to_num(0.0).view(r, kvh, g, m, s).sum(-1)
 
-        def shipped_lowbit(algo, pool, page="max"):  # [R, M]: the page scores the algorithm ranks by
+        def shipped_lowbit(algo, pool, page="mass"):  # [R, M]: the page scores the algorithm ranks by
             sc = lowbit_page_scores(q, algo.codes[layer], algo.scales[layer], rows.sparse_slots, rows.lo, rows.hi,
                                     scale=self.scale, page_size=s, bits=algo.bits, group_size=algo.group_size,
                                     pool=pool, page=page)
@@ -144,7 +145,7 @@ class RecallProbe(QuestMeanAlgorithm):
                 "int2": per_request(quantized_mass(2).sum((1, 2))),
                 "lowbit": per_request(shipped_lowbit(self.lowbit4, "mean")),
                 "lowbit-max": per_request(shipped_lowbit(self.lowbit4, "max")),
-                "lowbit-mass": per_request(shipped_lowbit(self.lowbit4, "mean", "mass")),
+                "lowbit-best": per_request(shipped_lowbit(self.lowbit4, "mean", "max")),
                 "lowbit-2bit": per_request(shipped_lowbit(self.lowbit2, "mean")),
             }
             for name, sc in scores.items():

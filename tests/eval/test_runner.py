@@ -79,7 +79,7 @@ def test_bad_budget_is_a_config_error(text):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(algorithms=["dense", "magic"]), "unknown algorithm(s) 'magic'; choose from: dense, dsa, lowbit, lowbit-2bit, lowbit-mass, lowbit-max, oracle, quest, quest-mean, streaming"),
+    (dict(algorithms=["dense", "magic"]), "unknown algorithm(s) 'magic'; choose from: dense, dsa, lowbit, lowbit-2bit, lowbit-best, lowbit-max, oracle, quest, quest-mean, streaming"),
     (dict(algorithms=["quest"]), "must include dense"),
     (dict(tasks=["niah_none"]), "unknown task(s)"),
     (dict(budgets=[]), "need at least one budget"),

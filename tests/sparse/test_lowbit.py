@@ -232,12 +232,12 @@ def test_mass_ranks_a_page_of_many_matches_above_a_page_of_one():
     rows = _rows([0], [4 * s], [0], [4], 1)
     rows.page_keys = lambda layer: keys.view(1, 4, s, KVH, D)
     picks = {}
-    for name in ("lowbit", "lowbit-mass", "oracle"):
+    for name in ("lowbit-best", "lowbit", "oracle"):
         algo = _algo(name, s)
         if name != "oracle":
             algo.construct_representations(0, 0, 0, keys)
         picks[name] = algo.retrieve_topk(0, q, rows).item()
-    assert picks == {"lowbit": 1, "lowbit-mass": 2, "oracle": 2}
+    assert picks == {"lowbit-best": 1, "lowbit": 2, "oracle": 2}
 
 
 def test_a_needle_token_lifts_its_page_where_the_bound_is_fooled():
@@ -252,11 +252,11 @@ def test_a_needle_token_lifts_its_page_where_the_bound_is_fooled():
     q = torch.zeros(1, H, D)
     q[..., :2] = 1.0
     picks = {}
-    for name in ("quest", "lowbit", "lowbit-2bit", "lowbit-max", "lowbit-mass"):
+    for name in ("quest", "lowbit", "lowbit-2bit", "lowbit-max", "lowbit-best"):
         algo = _algo(name, s)
         algo.construct_representations(0, 0, 0, keys)
         picks[name] = algo.retrieve_topk(0, q, _rows([0], [3 * s], [0], [3], 1)).item()
-    assert picks == {"quest": 0, "lowbit": 1, "lowbit-2bit": 1, "lowbit-max": 1, "lowbit-mass": 1}
+    assert picks == {"quest": 0, "lowbit": 1, "lowbit-2bit": 1, "lowbit-max": 1, "lowbit-best": 1}
 
 
 def test_metadata_bytes():

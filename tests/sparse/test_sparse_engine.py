@@ -68,7 +68,7 @@ def _generate_tiny(tiny, prompts, params, sparse):
     return outs, llm.engine.sparse.summary() if sparse is not None else None
 
 
-@pytest.mark.parametrize("algorithm", ["lowbit", "lowbit-2bit", "lowbit-mass"])
+@pytest.mark.parametrize("algorithm", ["lowbit", "lowbit-2bit", "lowbit-best"])
 def test_tiny_model_full_budget_equals_dense_and_host_equals_device(algorithm):
     """On a small random model (cheap on a CPU): a budget covering the context gives dense's tokens,
     resident or host-backed; a small budget gives the same tokens host-backed and resident."""

@@ -3,10 +3,12 @@
 Every context token's key of every KV head is kept on the device at 4 bits (2 as an option) with
 per-group fp16 step and minimum (`hisa.sparse.lowbit_keys`). Each decode step and layer, every
 token of a row's middle range is scored with it: softmax per query head over the middle tokens,
-each page's best token per head, pooled over the GQA group (mean by default), summed over KV heads
+each page's attention mass per head (the sum of its tokens' softmax, what `oracle` ranks by with
+exact keys), pooled over the GQA group (mean by default), summed over KV heads
 (`hisa.sparse.lowbit_scores`); the top-k pages are attended. A needle token lifts its page even
 when its neighbours are noise, which is where Quest's per-page bound fails on small models
-(docs/eval.md).
+(docs/eval.md). `lowbit-best` ranks a page by its best token instead (the first rule shipped: it
+cut copied needles short and lost the aggregate task on SmolLM2, docs/eval.md).
 
 Cost: (D * bits / 8 + 4 * D / group_size) bytes per token, KV head and layer on the device: 40 of
 the 256 bytes of a bf16 K+V at head_dim 64 (15.6%), 24 at 2 bits (9.4%); the scoring kernel reads
@@ -35,7 +37,7 @@ class LowBitConfig:
     bits: int = 4
     group_size: int = 32
     pool: str = "mean"
-    page: str = "max"
+    page: str = "mass"
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 4):
@@ -48,7 +50,7 @@ class LowBitConfig:
 
 @register("lowbit")
 class LowBitAlgorithm(BaseSparseAlgorithm):
-    """Token scores from 4-bit keys, page score = the best token's (see the module docstring).
+    """Token scores from 4-bit keys, page score = the page's attention mass (see the module docstring).
 
     Representations: codes uint8 [layers, slots + 1, max_pages * S, KVH, D * bits / 8] and scales
     fp16 [layers, slots + 1, max_pages * S, KVH, D / group, 2] on the device, indexed by (sparse
@@ -108,9 +110,9 @@ class LowBitMaxAlgorithm(LowBitAlgorithm):
     lowbit = LowBitConfig(pool="max")
 
 
-@register("lowbit-mass")
-class LowBitMassAlgorithm(LowBitAlgorithm):
-    """lowbit ranking pages by their attention mass (the sum of their tokens' softmax per head), as
-    `oracle` does with exact keys, instead of by their best token."""
+@register("lowbit-best")
+class LowBitBestAlgorithm(LowBitAlgorithm):
+    """lowbit ranking pages by their best token's softmax instead of their attention mass (the rule
+    lowbit shipped with until 2026-12-02; kept for measurement: docs/eval.md)."""
 
-    lowbit = LowBitConfig(page="mass")
+    lowbit = LowBitConfig(page="max")

@@ -37,7 +37,7 @@ LOGITS_WARPS = 4
 
 def lowbit_page_scores(q: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, sslots: torch.Tensor,
                        lo: torch.Tensor, hi: torch.Tensor, *, scale: float, page_size: int, bits: int,
-                       group_size: int, pool: str = "mean", page: str = "max", use_triton: bool | None = None,
+                       group_size: int, pool: str = "mean", page: str = "mass", use_triton: bool | None = None,
                        sub_tokens: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """Score every page of each row's middle range (see the module docstring). fp32 [R, MAXP].
 
@@ -107,7 +107,7 @@ def lowbit_page_scores(q: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
 
 
 def lowbit_page_scores_ref(q, codes, scales, sslots, lo, hi, *, scale: float, page_size: int, bits: int,
-                           group_size: int, pool: str = "mean", page: str = "max") -> torch.Tensor:
+                           group_size: int, pool: str = "mean", page: str = "mass") -> torch.Tensor:
     """Plain-torch lowbit_page_scores (same arguments): the semantics, spelled out."""
     R, H, D = q.shape
     SS, MAXT, KVH, DB = codes.shape
