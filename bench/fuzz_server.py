@@ -1,6 +1,6 @@
 """The long fuzz run: random request bodies against a real `hisa serve` (CPU, embedded SmolLM2).
 
-The same strategies, server and checks as tests/server/test_fuzz.py (which runs 500 examples in CI),
+The same strategies, server and checks as tests/server/test_fuzz.py (which runs 200 examples in CI),
 for --examples (default 20,000) or until --max-minutes: after every example the server must answer a
 fixed greedy request with the same text, be healthy, and have every pool gauge (running, waiting, KV
 pages, sparse host and device bytes) back at zero; no answer may be a 5xx and the server log may hold

@@ -37,6 +37,15 @@ def load_hf_reference(loaded):
 
 
 @pytest.fixture(scope="session")
+def gemma3():
+    """hisa's LoadedModel of Gemma-3-270M, fp32 on the CPU, loaded once per test session (the GGUF is
+    assembled on first use; a load takes ~40 s here, most of it the tokenizer's conversion)."""
+    from hisa.models.factory import load_model
+
+    return load_model("gemma3-270m", device=torch.device("cpu"), dtype=torch.float32, progress=False)
+
+
+@pytest.fixture(scope="session")
 def hf_smollm2(smollm2):
     """Hugging Face transformers' own load of the same GGUF file (fp32), the reference."""
     return load_hf_reference(smollm2)

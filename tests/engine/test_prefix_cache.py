@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from hisa import SamplingParams
 from hisa.engine.prefix_cache import DevicePrefixCache
@@ -283,12 +282,11 @@ def test_host_backed_sparse_requests_share_prefix_pages_in_the_host_pool(make_ll
     assert llm.engine.allocator.num_free == llm.engine.allocator.num_pages
 
 
-def test_gemma3_tokens_do_not_change():
+def test_gemma3_tokens_do_not_change(request):
     from hisa import LLM
-    from hisa.models.factory import load_model
 
     try:
-        gemma = load_model("gemma3-270m", device=torch.device("cpu"), dtype=torch.float32, progress=False)
+        gemma = request.getfixturevalue("gemma3")  # the session's load (conftest)
     except Exception as e:  # noqa: BLE001 — the package or transformers version is missing here
         pytest.skip(f"Gemma-3-270M not loadable here: {e}")
     _equal_with_and_without(lambda **kw: LLM(loaded=gemma, device="cpu", dtype="float32", progress=False,

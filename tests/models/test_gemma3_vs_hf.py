@@ -36,9 +36,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def gemma():
-    """hisa's LoadedModel of Gemma-3-270M, fp32 on the CPU (the GGUF is assembled on first use)."""
-    return load_model("gemma3-270m", device=torch.device("cpu"), dtype=torch.float32, progress=False)
+def gemma(gemma3):
+    """hisa's LoadedModel of Gemma-3-270M, fp32 on the CPU (the session's: conftest.gemma3)."""
+    return gemma3
 
 
 @pytest.fixture(scope="module")

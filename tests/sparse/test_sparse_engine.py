@@ -22,16 +22,21 @@ def _prompt(tokenizer, n, seed=0):
     return tokenizer.encode(long_text(n, seed))[:n]
 
 
+_DENSE: dict[int, tuple[list[int], list[int]]] = {}  # prompt length -> (prompt, dense greedy tokens)
+
+
 @pytest.mark.parametrize("algorithm, n_prompt, residency", [
     ("quest", 1024, "host"), ("quest", 4000, "host"), ("quest", 1500, "auto"), ("quest-mean", 1500, "host"),
     ("oracle", 1500, "host"), ("streaming", 1500, "host")])
 def test_full_budget_equals_dense(make_llm, algorithm, n_prompt, residency):
     """With a budget covering the whole context, every page is selected: output == dense, token for token,
     whether the request's KV lives on the device (resident) or in the host pool (host-backed)."""
-    dense_llm = make_llm()
-    ids = _prompt(dense_llm.tokenizer, n_prompt, seed=n_prompt)
     params = SamplingParams(max_tokens=64, ignore_eos=True)
-    dense = dense_llm.generate([ids], params, use_tqdm=False)[0].token_ids
+    if n_prompt not in _DENSE:  # the dense run of a prompt length, shared by its cases
+        dense_llm = make_llm()
+        ids = _prompt(dense_llm.tokenizer, n_prompt, seed=n_prompt)
+        _DENSE[n_prompt] = ids, dense_llm.generate([ids], params, use_tqdm=False)[0].token_ids
+    ids, dense = _DENSE[n_prompt]
     llm = make_llm(sparse=_sparse(algorithm=algorithm, token_budget=8192, residency=residency),
                    max_num_batched_tokens=1024)
     engine = llm.engine
