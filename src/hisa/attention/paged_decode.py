@@ -175,8 +175,7 @@ def _launch_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         D=D, S=S, G=G, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, DIRECT_OUT=direct,
         INTERPRETER=os.environ.get("TRITON_INTERPRET") == "1",
         num_warps=4 if gpu else 1, num_stages=(num_stages or 3) if gpu else 1, **pdl.launch_kwargs(q),
-        **({} if counters is None else dict(cnt_ptr=counters, MERGE=True, GP=_next_pow2(G),
-                                            BLOCK_S=_next_pow2(num_splits))),
+        **({} if counters is None else dict(cnt_ptr=counters, MERGE=True)),
     )
     if not direct and counters is None:
         block_s = _next_pow2(num_splits)  # one [BLOCK_S, BLOCK_D] fp32 tile per program

@@ -89,7 +89,6 @@ def paged_decode_split_kernel(
     PDL: tl.constexpr = False,
     cnt_ptr=None,                           # int32 [B, KVH] zeros (MERGE): splits done per (request, kv head)
     MERGE: tl.constexpr = False,            # the last split of each (request, kv head) merges and writes out
-    GP: tl.constexpr = 1, BLOCK_S: tl.constexpr = 1,  # MERGE: G and NUM_SPLITS rounded up to powers of two
 ):
     pdl_enter(PDL)  # before any read of step data or any write (hisa.ops.pdl)
     b = tl.program_id(0).to(tl.int64)
@@ -142,39 +141,42 @@ def paged_decode_split_kernel(
         tl.store(l_ws_ptr + row, l_i, mask=g_ok)
         tl.store(acc_ws_ptr + row[:, None] * D + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
         if MERGE:
-            _merge_if_last(cnt_ptr + b * tl.num_programs(1) + kvh, m_ws_ptr, l_ws_ptr, acc_ws_ptr, out_ptr, b, kvh,
-                           H, stride_ob, stride_oh, d, d_ok, NUM_SPLITS, G, GP, BLOCK_S, D, BLOCK_D)
+            _merge_if_last(cnt_ptr + b * tl.num_programs(1) + kvh, m_ws_ptr, l_ws_ptr, acc_ws_ptr, out_ptr,
+                           (b * H + heads) * NUM_SPLITS, b * stride_ob + heads * stride_oh, g_ok, d, d_ok,
+                           NUM_SPLITS, D, BLOCK_G, BLOCK_D)
 
 
 @triton.jit
-def _merge_if_last(cnt_ptr, m_ws_ptr, l_ws_ptr, acc_ws_ptr, out_ptr, b, kvh, H, stride_ob, stride_oh,
-                   d, d_ok, NUM_SPLITS, G: tl.constexpr, GP: tl.constexpr, BLOCK_S: tl.constexpr,
-                   D: tl.constexpr, BLOCK_D: tl.constexpr):
+def _merge_if_last(cnt_ptr, m_ws_ptr, l_ws_ptr, acc_ws_ptr, out_ptr, row0, out_row, g_ok, d, d_ok,
+                   NUM_SPLITS, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
     """MERGE: count this split as done for its (request, kv head); the split that finds all the
     others done merges the G heads' partials as the combine kernel does (out = sum_s 2^(m_s - M)
-    acc_s / sum_s 2^(m_s - M) l_s, M the largest m_s), all splits in one [GP, BLOCK_S, BLOCK_D]
-    load, and puts the counter back to 0 for the next call. The barrier orders every thread's
-    partials before the counter's release; the other splits' partials are read from L2 (.cg)."""
+    acc_s / sum_s 2^(m_s - M) l_s, M the largest m_s) and puts the counter back to 0 for the next
+    call. The barrier orders every thread's partials before the counter's release; the partials of
+    the other splits are read from L2 (.cg), past this SM's L1."""
     tl.debug_barrier()
     done = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
     if done == NUM_SPLITS - 1:
-        g = tl.arange(0, GP)
-        g_ok = g < G
-        sp = tl.arange(0, BLOCK_S)
-        rows = (b * H + kvh * G + g)[:, None] * NUM_SPLITS + sp[None, :]  # [GP, BLOCK_S]
-        ok = g_ok[:, None] & (sp < NUM_SPLITS)[None, :]
-        m = tl.load(m_ws_ptr + rows, mask=ok, other=float("-inf"), cache_modifier=".cg")
-        l = tl.load(l_ws_ptr + rows, mask=ok, other=0.0, cache_modifier=".cg")
-        a = tl.load(acc_ws_ptr + rows[:, :, None] * D + d[None, None, :], mask=ok[:, :, None] & d_ok[None, None, :],
-                    other=0.0, cache_modifier=".cg")  # [GP, BLOCK_S, BLOCK_D]
-        big = tl.max(m, axis=1)
+        # (while loops: triton 3.6's interpreter cannot run range() over a runtime bound, see above)
+        big = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+        s = 0
+        while s < NUM_SPLITS:
+            big = tl.maximum(big, tl.load(m_ws_ptr + row0 + s, mask=g_ok, other=float("-inf"), cache_modifier=".cg"))
+            s += 1
         big = tl.where(big == float("-inf"), 0.0, big)  # every split empty: weights 2^-inf = 0
-        w = tl.exp2(m - big[:, None])
-        l_tot = tl.sum(w * l, axis=1)
-        acc = tl.sum(w[:, :, None] * a, axis=1)  # [GP, BLOCK_D]
+        l_tot = tl.zeros([BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+        s = 0
+        while s < NUM_SPLITS:
+            w = tl.exp2(tl.load(m_ws_ptr + row0 + s, mask=g_ok, other=float("-inf"), cache_modifier=".cg") - big)
+            l_tot += w * tl.load(l_ws_ptr + row0 + s, mask=g_ok, other=0.0, cache_modifier=".cg")
+            a = tl.load(acc_ws_ptr + (row0 + s)[:, None] * D + d[None, :], mask=g_ok[:, None] & d_ok[None, :],
+                        other=0.0, cache_modifier=".cg")
+            acc += w[:, None] * a
+            s += 1
         o = acc / tl.where(l_tot > 0.0, l_tot, 1.0)[:, None]  # no token at all: acc == 0, zeros
-        tl.store(out_ptr + b * stride_ob + (kvh * G + g)[:, None] * stride_oh + d[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+        tl.store(out_ptr + out_row[:, None] + d[None, :], o.to(out_ptr.dtype.element_ty),
+                 mask=g_ok[:, None] & d_ok[None, :])
         tl.store(cnt_ptr, 0)
 
 
