@@ -131,25 +131,6 @@ def test_triton_more_splits_than_blocks_and_auto_splits():
         torch.testing.assert_close(out, ref, **TOL[torch.float32])
 
 
-def test_fused_merge_matches_combine_kernel_and_leaves_counters_zeroed():
-    """The split kernel's own merge (the default with splits) gives the combine kernel's output, for
-    empty splits and empty requests too, and puts every counter back to 0: a second call on the same
-    counters, and one in another slot, give the same output again."""
-    q, kv, table, lens = make_case([3, 0, 150, 77], page_size=8, num_kv_heads=2, group=3, head_dim=32,
-                                   dtype=torch.float32, seed=5)
-    ref = paged_decode_attention_ref(q, kv[:, 0], kv[:, 1], table, lens, scale=0.2)
-    for num_splits in (2, 5, 16):
-        args = dict(scale=0.2, num_splits=num_splits, block_n=16, use_triton=True)
-        two = paged_decode_attention(q, kv[:, 0], kv[:, 1], table, lens, fused_combine=False, **args)
-        for slot in (0, 0, 3):
-            one = paged_decode_attention(q, kv[:, 0], kv[:, 1], table, lens, fused_combine=True, combine_slot=slot,
-                                         **args)
-            torch.testing.assert_close(one, ref, **TOL[torch.float32])
-            torch.testing.assert_close(one, two, atol=1e-6, rtol=1e-6)
-            counters = paged_decode.combine_counters(q.device, 4 * 2, slot)
-            assert counters.dtype == torch.int32 and not counters.any()
-
-
 def test_triton_sparse_selection_matches_dense_over_selected_tokens():
     """Sparse use: a subset of full pages of a dense sequence, the partial newest page last."""
     S, KVH, group, D, n_tokens = 4, 2, 2, 32, 30  # pages 0..7, page 7 holds 2 tokens
@@ -281,8 +262,7 @@ def test_launcher_rejects_bad_options(kwargs, match):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("num_splits", [1, None])
 @pytest.mark.parametrize("window", [None, 512])
-@pytest.mark.parametrize("fused_combine", [True, False])
-def test_cuda_triton_matches_reference(dtype, num_splits, window, fused_combine):
+def test_cuda_triton_matches_reference(dtype, num_splits, window):
     S, KVH, group, D = 16, 8, 4, 128
     q, kv, table, lens = make_case([0, 1, 16, 300, 1000, 777], page_size=S, num_kv_heads=KVH, group=group,
                                    head_dim=D, dtype=torch.float32, seed=11, device="cuda")
@@ -290,45 +270,7 @@ def test_cuda_triton_matches_reference(dtype, num_splits, window, fused_combine)
     ref = paged_decode_attention_ref(q.float(), kv[:, 0].float(), kv[:, 1].float(), table, lens, scale=D ** -0.5,
                                      window=window)
     out = paged_decode_attention(q, kv[:, 0], kv[:, 1], table, lens, scale=D ** -0.5, num_splits=num_splits,
-                                 window=window, fused_combine=fused_combine)
+                                 window=window)
     assert out.dtype == dtype and not out.isnan().any()
     tol = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float32: 1e-4}[dtype]
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (compiled Triton kernels)")
-def test_cuda_fused_merge_on_concurrent_streams_in_a_graph():
-    """The engine's row groups: calls on two streams at once, each with its own counter slot,
-    captured in a CUDA graph and replayed many times, give the reference every time (a lost or
-    stale count would leave a pair unmerged, or merged from partials not yet written)."""
-    S, KVH, group, D = 32, 8, 4, 128
-    q, kv, table, lens = make_case([2080] * 8, page_size=S, num_kv_heads=KVH, group=group, head_dim=D,
-                                   dtype=torch.float32, seed=3, device="cuda")
-    q, kv = q.bfloat16(), kv.bfloat16()
-    ref = paged_decode_attention_ref(q.float(), kv[:, 0].float(), kv[:, 1].float(), table, lens, scale=D ** -0.5)
-    out = torch.empty_like(q)
-    halves = (slice(0, 4), slice(4, 8))
-    side = torch.cuda.Stream()
-
-    def step():
-        side.wait_stream(torch.cuda.current_stream())
-        for i, rows in enumerate(halves):
-            with torch.cuda.stream(side if i else torch.cuda.current_stream()):
-                paged_decode_attention(q[rows], kv[:, 0], kv[:, 1], table[rows], lens[rows], scale=D ** -0.5,
-                                       num_splits=8, out=out[rows], combine_slot=i)
-        torch.cuda.current_stream().wait_stream(side)
-
-    step()  # eager: allocates both slots' counters
-    torch.cuda.synchronize()
-    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    for _ in range(50):
-        out.zero_()
-        graph.replay()
-        torch.cuda.synchronize()
-        torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
-    for slot in (0, 1):
-        assert not paged_decode.combine_counters(q.device, 4 * KVH, slot).any()

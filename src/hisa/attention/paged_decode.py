@@ -27,19 +27,13 @@ _AUTO_MAX_SPLITS = 64
 _PROGRAMS_PER_SM = 4  # programs of the split kernel resident per SM (see default_num_splits)
 _INTERPRETER_SMS = 4  # stand-in SM count off CUDA (interpreter): a few splits, fast tests
 _LOG2E = 1.4426950408889634
-# HISA_FUSED_COMBINE=1: the split kernel's last program per (request, kv head) merges the splits (one
-# launch); 0 (the default until it has run on a GPU): the separate combine kernel
-FUSED_COMBINE = os.environ.get("HISA_FUSED_COMBINE", "0") == "1"
-# merge counters per (device, slot), smallest first; never freed, since a captured graph may use any of them
-_COUNTERS: dict[tuple[torch.device, int], list[torch.Tensor]] = {}
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            page_table: torch.Tensor, kv_lens: torch.Tensor, *, scale: float,
                            num_splits: int | None = None, out: torch.Tensor | None = None,
                            use_triton: bool | None = None, block_n: int | None = None,
-                           window: int | None = None, num_stages: int | None = None,
-                           fused_combine: bool | None = None, combine_slot: int = 0) -> torch.Tensor:
+                           window: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """Attention of each request's new token over its paged KV (GQA, softmax in fp32).
 
     q:          [B, H, D] fp16/bf16/fp32, last dim contiguous.
@@ -62,14 +56,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                 of each request's virtual sequence are attended, positions kv_len - window ..
                 kv_len - 1 (the newest token included); the kernel skips the older blocks. The
                 page table's tail must then hold the contiguous latest pages. None = all tokens.
-    fused_combine: with more than one split, whether the split kernel's last program of each
-                (request, kv head) merges the splits itself (one launch, through a zeroed counter
-                per pair: `combine_counters`) instead of a second, combine kernel. None = off
-                (HISA_FUSED_COMBINE=1 turns it on); it falls back to the combine kernel during a
-                CUDA graph capture that finds no counters allocated (an eager call of the same shape
-                allocates them).
-    combine_slot: which counter buffer the fused merge uses. Calls that may run at the same time
-                (on different streams) must use different slots.
     Returns [B, H, D] in q's dtype. Query head h reads kv head h // (H // KVH). When q's dtype
     differs from the cache's, the kernel casts q to the cache dtype before the products.
 
@@ -100,24 +86,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if q.shape[0] == 0:
         return out
     _launch_triton(q, k_cache, v_cache, page_table, kv_lens, out, scale=scale, num_splits=num_splits,
-                   block_n=64 if block_n is None else block_n, window=window, num_stages=num_stages,
-                   fused_combine=FUSED_COMBINE if fused_combine is None else fused_combine, slot=combine_slot)
+                   block_n=64 if block_n is None else block_n, window=window, num_stages=num_stages)
     return out
-
-
-def combine_counters(device: torch.device, n: int, slot: int = 0) -> torch.Tensor | None:
-    """The fused merge's counters: an int32 buffer of at least n zeros on `device` for `slot`. Each
-    merge puts its counter back to 0, so a buffer stays zeroed between calls; calls on one stream
-    share it. A larger one is allocated when a call needs it, and none is ever freed (a captured
-    graph keeps using the one it was captured with). None when a buffer would have to be allocated
-    during a CUDA graph capture (the allocation would belong to the graph)."""
-    have = _COUNTERS.setdefault((device, slot), [])
-    if have and have[-1].numel() >= n:
-        return have[-1]
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return None
-    have.append(torch.zeros(max(n, 2 * have[-1].numel() if have else 64), dtype=torch.int32, device=device))
-    return have[-1]
 
 
 def default_num_splits(*, batch: int, num_kv_heads: int, max_tokens: int, block_n: int,
@@ -144,8 +114,7 @@ def _sm_count(device_index: int) -> int:
 
 def _launch_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
                    kv_lens: torch.Tensor, out: torch.Tensor, *, scale: float, num_splits: int | None,
-                   block_n: int, window: int | None, num_stages: int | None = None,
-                   fused_combine: bool = False, slot: int = 0) -> None:
+                   block_n: int, window: int | None, num_stages: int | None = None) -> None:
     from hisa.attention.triton_paged_decode import paged_decode_combine_kernel, paged_decode_split_kernel
 
     B, H, D = q.shape
@@ -161,7 +130,6 @@ def _launch_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     block_d = max(16, _next_pow2(D))
     direct = num_splits == 1
     m_ws, l_ws, acc_ws = split_workspaces(out, num_splits, D)
-    counters = combine_counters(q.device, B * KVH, slot) if fused_combine and not direct else None
     gpu = q.is_cuda
     paged_decode_split_kernel[(B, KVH, num_splits)](
         q, k_cache, v_cache, page_table, kv_lens, out, m_ws, l_ws, acc_ws,
@@ -175,9 +143,8 @@ def _launch_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         D=D, S=S, G=G, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, DIRECT_OUT=direct,
         INTERPRETER=os.environ.get("TRITON_INTERPRET") == "1",
         num_warps=4 if gpu else 1, num_stages=(num_stages or 3) if gpu else 1, **pdl.launch_kwargs(q),
-        **({} if counters is None else dict(cnt_ptr=counters, MERGE=True)),
     )
-    if not direct and counters is None:
+    if not direct:
         block_s = _next_pow2(num_splits)  # one [BLOCK_S, BLOCK_D] fp32 tile per program
         paged_decode_combine_kernel[(B, H)](
             m_ws, l_ws, acc_ws, out, H, D, num_splits, out.stride(0), out.stride(1),

@@ -16,10 +16,6 @@ Algorithm (same result as `reference.paged_decode_attention_ref`):
   * DIRECT_OUT (num_splits == 1): the split kernel normalizes and writes the output itself.
     Otherwise it writes (m, l, acc) per query head and split to fp32 workspaces and the combine
     kernel, grid (B, H), merges them: out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s.
-  * MERGE (the launcher's default with splits): no combine kernel. Each split program counts itself
-    done on an int32 counter per (request, kv head) (an acq_rel atomic after a barrier); the one
-    that finds the others done merges that pair's partials the same way and resets the counter.
-    One launch fewer per layer, and no gap between the two kernels.
   * empty splits and empty requests hold m = -inf, l = 0, acc = 0; every exp2 subtracts a finite
     max (0 when everything is -inf) so nothing turns into NaN, and l == 0 gives a zero output.
   * loops: range() with runtime bounds (software-pipelined by num_stages) when compiled; a while
@@ -87,8 +83,6 @@ def paged_decode_split_kernel(
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT_OUT: tl.constexpr, INTERPRETER: tl.constexpr,
     PDL: tl.constexpr = False,
-    cnt_ptr=None,                           # int32 [B, KVH] zeros (MERGE): splits done per (request, kv head)
-    MERGE: tl.constexpr = False,            # the last split of each (request, kv head) merges and writes out
 ):
     pdl_enter(PDL)  # before any read of step data or any write (hisa.ops.pdl)
     b = tl.program_id(0).to(tl.int64)
@@ -140,44 +134,6 @@ def paged_decode_split_kernel(
         tl.store(m_ws_ptr + row, m_i, mask=g_ok)
         tl.store(l_ws_ptr + row, l_i, mask=g_ok)
         tl.store(acc_ws_ptr + row[:, None] * D + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
-        if MERGE:
-            _merge_if_last(cnt_ptr + b * tl.num_programs(1) + kvh, m_ws_ptr, l_ws_ptr, acc_ws_ptr, out_ptr,
-                           (b * H + heads) * NUM_SPLITS, b * stride_ob + heads * stride_oh, g_ok, d, d_ok,
-                           NUM_SPLITS, D, BLOCK_G, BLOCK_D)
-
-
-@triton.jit
-def _merge_if_last(cnt_ptr, m_ws_ptr, l_ws_ptr, acc_ws_ptr, out_ptr, row0, out_row, g_ok, d, d_ok,
-                   NUM_SPLITS, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
-    """MERGE: count this split as done for its (request, kv head); the split that finds all the
-    others done merges the G heads' partials as the combine kernel does (out = sum_s 2^(m_s - M)
-    acc_s / sum_s 2^(m_s - M) l_s, M the largest m_s) and puts the counter back to 0 for the next
-    call. The barrier orders every thread's partials before the counter's release; the partials of
-    the other splits are read from L2 (.cg), past this SM's L1."""
-    tl.debug_barrier()
-    done = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
-    if done == NUM_SPLITS - 1:
-        # (while loops: triton 3.6's interpreter cannot run range() over a runtime bound, see above)
-        big = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-        s = 0
-        while s < NUM_SPLITS:
-            big = tl.maximum(big, tl.load(m_ws_ptr + row0 + s, mask=g_ok, other=float("-inf"), cache_modifier=".cg"))
-            s += 1
-        big = tl.where(big == float("-inf"), 0.0, big)  # every split empty: weights 2^-inf = 0
-        l_tot = tl.zeros([BLOCK_G], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-        s = 0
-        while s < NUM_SPLITS:
-            w = tl.exp2(tl.load(m_ws_ptr + row0 + s, mask=g_ok, other=float("-inf"), cache_modifier=".cg") - big)
-            l_tot += w * tl.load(l_ws_ptr + row0 + s, mask=g_ok, other=0.0, cache_modifier=".cg")
-            a = tl.load(acc_ws_ptr + (row0 + s)[:, None] * D + d[None, :], mask=g_ok[:, None] & d_ok[None, :],
-                        other=0.0, cache_modifier=".cg")
-            acc += w[:, None] * a
-            s += 1
-        o = acc / tl.where(l_tot > 0.0, l_tot, 1.0)[:, None]  # no token at all: acc == 0, zeros
-        tl.store(out_ptr + out_row[:, None] + d[None, :], o.to(out_ptr.dtype.element_ty),
-                 mask=g_ok[:, None] & d_ok[None, :])
-        tl.store(cnt_ptr, 0)
 
 
 @triton.jit

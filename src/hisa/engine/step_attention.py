@@ -125,7 +125,7 @@ class StepAttention:
                     s.wait_stream(side[0])  # the current page holds the new token
                 paged_decode_attention(q[rows], cache.keys(layer), cache.values(layer), d.table[rows],
                                        d.kv_lens[rows], scale=self.scale, window=self.windows[layer],
-                                       num_splits=splits, out=out[rows], combine_slot=i)
+                                       num_splits=splits, out=out[rows])
         for s in side if cuda else ():
             main.wait_stream(s)
         return out
