@@ -30,8 +30,9 @@ _DENSE: dict[int, tuple[list[int], list[int]]] = {}  # prompt length -> (prompt,
     ("oracle", 1500, "host"), ("streaming", 1500, "host")])
 def test_full_budget_equals_dense(make_llm, algorithm, n_prompt, residency):
     """With a budget covering the whole context, every page is selected: output == dense, token for token,
-    whether the request's KV lives on the device (resident) or in the host pool (host-backed)."""
-    params = SamplingParams(max_tokens=64, ignore_eos=True)
+    whether the request's KV lives on the device (resident) or in the host pool (host-backed). (32
+    decode steps: each host-backed one reloads the whole context on this CPU, 64 took 20-70 s a case.)"""
+    params = SamplingParams(max_tokens=32, ignore_eos=True)
     if n_prompt not in _DENSE:  # the dense run of a prompt length, shared by its cases
         dense_llm = make_llm()
         ids = _prompt(dense_llm.tokenizer, n_prompt, seed=n_prompt)
@@ -47,7 +48,7 @@ def test_full_budget_equals_dense(make_llm, algorithm, n_prompt, residency):
         for o in engine.step():
             out = o.token_ids
     assert out == dense
-    assert engine.sparse.summary()["decode_steps"] == 63  # it really ran sparse
+    assert engine.sparse.summary()["decode_steps"] == 31  # it really ran sparse
     assert kinds == {residency == "host"}  # where it was asked to live
 
 
