@@ -368,6 +368,7 @@ def test_a_slow_store_never_blocks_the_running_requests(make_llm, prompts, refer
     prefix.drain()
     # 1 s per call: the lookup (exists, then a read) spans several steps even on a loaded 2-core machine
     slow = prefix.l3.backend = SlowBackend(prefix.l3.backend, delay_s=1.0)
+    prefix.cut_slow_loads = False   # (prefilling 300 tokens is faster than this read: it would be cut short)
     short = prompts[2][-12:]   # no full page: never looked up
     params = SamplingParams(max_tokens=60, ignore_eos=True)
     want_short = make_llm(prefix_cache=False).generate([short], params, use_tqdm=False)[0].token_ids
@@ -388,6 +389,33 @@ def test_a_slow_store_never_blocks_the_running_requests(make_llm, prompts, refer
     assert {t.name for t in slow.threads} == {"hisa-l3-io_0"}   # never the engine thread
     _check_no_leak(llm)
     llm.close()
+
+
+def test_a_read_slower_than_prefilling_is_cut_short(make_llm, prompts, reference, tmp_path):
+    """A store whose reads are so slow that prefilling a prompt's pages is faster (4 s per read,
+    against ~1 s to prefill 288 tokens here): the first read, with nothing to tell, is waited for;
+    the next request's is not: at the store's rate its read would take longer than prefilling its
+    pages, so it is cut short and the request prefills. The tokens are those of runs without L3, the
+    cut is counted, and every host row comes back once the read it was taken for has ended."""
+    llm = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=f"file:{tmp_path / 'l3'}")
+    prefix = llm.engine.l3_prefix
+    assert _one_by_one(llm, prompts[:1]) == reference[:1]   # L3 holds the shared prefix; prefill is timed
+    prefix.drain()
+    rate = prefix.prefill_tokens_per_s
+    assert rate is not None and rate > 0
+    slow = prefix.l3.backend = SlowBackend(prefix.l3.backend, delay_s=4.0, slow=("get",))
+    assert _one_by_one(llm, prompts[1:2]) == reference[1:2]   # the first slow read: waited for
+    m = prefix.metrics()
+    assert m["pages_loaded"] == 300 // S and m["loads_cut_short"] == 0, str(m)
+    t0 = time.perf_counter()
+    assert _one_by_one(llm, prompts[2:3]) == reference[2:3]
+    took = time.perf_counter() - t0
+    m = prefix.metrics()
+    assert m["loads_cut_short"] == 1 and m["pages_loaded"] == 300 // S, str(m)   # nothing more was loaded
+    assert took < slow.delay_s, (took, rate)   # waiting for the read takes longer than the whole request
+    prefix.drain()
+    assert prefix.rows.in_use == 0   # the cut read ended, its rows are back
+    _check_no_leak(llm)
 
 
 def test_a_request_aborted_while_loading_leaves_nothing(make_llm, prompts, reference, tmp_path):

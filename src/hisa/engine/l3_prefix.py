@@ -107,6 +107,9 @@ COPY_CHUNK_BYTES = 256 << 20  # CUDA: the most bytes of pages one host-to-device
 LAND_CHUNK_BYTES = 128 << 20  # CUDA: pages a lookup reads per batch; each batch ready is copied to the device meanwhile
 LAND_HEADROOM_BYTES = 1 << 30  # CUDA: pages are copied ahead to the device only while this much more is free there
 LOAD_TIMEOUT_S = 10.0      # a lookup not back by then is given up: the request prefills instead
+CUT_MARGIN = 1.5           # a read is cut short once finishing it looks this many times slower than prefilling its pages
+PREFILL_DECAY = 0.8        # weight of the earlier prefill steps in the prefill rate (decayed sums of tokens and seconds)
+READ_DECAY = 0.5           # the same for the store's read rate (batches read, cut reads' included: it follows a store that changes)
 
 
 @dataclass(slots=True)
@@ -122,6 +125,37 @@ class PrefixStats:
     pages_parked: int = 0     # pages those writes added (pages L3 held already are not written again)
     pages_dropped: int = 0    # pages not written: the pending writes held max_pending_bytes already
     loads_timed_out: int = 0  # lookups given up after load_timeout_s (the request prefilled instead)
+    loads_cut_short: int = 0  # reads stopped because prefilling their pages looked faster (the pages read so far were used)
+
+
+class _StepTimer:
+    """The time of one engine step: CUDA events on the current stream (no sync), or the host clock."""
+
+    def __init__(self, tokens: int, device: torch.device):
+        self.tokens, self.ok = tokens, False
+        self._events = None
+        if device.type == "cuda":
+            self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self._events[0].record()
+        self._t0, self._t1 = time.perf_counter(), None
+
+    def stop(self, ok: bool = True) -> None:
+        """The step is launched (ok) or failed (not counted)."""
+        self.ok = ok
+        if self._events is not None and ok:
+            self._events[1].record()
+        else:
+            self._events = None
+        self._t1 = time.perf_counter()
+
+    def done(self) -> bool:
+        """Stopped, and on CUDA the step has run."""
+        return self._t1 is not None and (self._events is None or self._events[1].query())
+
+    def seconds(self) -> float:
+        if self._events is not None:
+            return self._events[0].elapsed_time(self._events[1]) / 1e3
+        return self._t1 - self._t0
 
 
 @dataclass(slots=True)
@@ -132,6 +166,11 @@ class _Reading:
     landed: list = field(default_factory=list)  # engine thread: device copies of rows[:num_landed], in order
     num_landed: int = 0  # rows[:num_landed] are copied to the device (and given back)
     dropped: bool = False
+    # the I/O thread's, published once `exists` is back: the leading pages L3 holds, the run from `start`
+    # that will be read, and when its read began (time.monotonic())
+    in_l3: int = 0
+    hits: int = -1
+    read_since: float = 0.0
 
 
 @dataclass(slots=True)
@@ -201,6 +240,39 @@ class L3PrefixCache:
         # requests may be host-backed: their pages are loaded into it and written from it
         self.host = None
         self._unhold: collections.deque[list[int]] = collections.deque()   # host pages whose write has read them
+        # a read slower than prefilling would be is cut short (`_too_slow`); the engine's prefill rate, from
+        # decayed sums of the prompt tokens and the seconds of its steps that prefilled (`note_prefill`)
+        self.cut_slow_loads = True
+        self._prefill_tokens = self._prefill_s = 0.0
+        self._read_bytes = self._read_secs = 0.0   # the store's recent read rate, the same way (the I/O thread's)
+        self._timers: collections.deque[_StepTimer] = collections.deque()   # prefill steps not yet timed, in order
+
+    def prefill_timer(self, tokens: int) -> "_StepTimer":
+        """Time a step that prefills `tokens` prompt tokens (the whole step, decode rows included: an
+        underestimate of the rate, which cuts fewer reads short): call `stop()` on what this returns
+        once the step is launched. On CUDA two events on the current stream (read once they are done:
+        no sync), elsewhere the host's clock."""
+        timer = _StepTimer(tokens, self.cache.data.device)
+        self._timers.append(timer)
+        return timer
+
+    def note_prefill(self, tokens: int, seconds: float) -> None:
+        """Add a step that prefilled `tokens` prompt tokens in `seconds` to the prefill rate."""
+        if tokens > 0 and seconds > 0:
+            self._prefill_tokens = PREFILL_DECAY * self._prefill_tokens + tokens
+            self._prefill_s = PREFILL_DECAY * self._prefill_s + seconds
+
+    @property
+    def prefill_tokens_per_s(self) -> float | None:
+        """The engine's recent prefill rate, from the timed steps that have run (None before any)."""
+        self._poll_timers()
+        return self._prefill_tokens / self._prefill_s if self._prefill_s > 0 else None
+
+    def _poll_timers(self) -> None:
+        while self._timers and self._timers[0].done():
+            timer = self._timers.popleft()
+            if timer.ok:
+                self.note_prefill(timer.tokens, timer.seconds())
 
     @property
     def loading(self) -> int:
@@ -215,6 +287,7 @@ class L3PrefixCache:
         self.io.check()
         self._hand_over()
         self._release_holds()
+        self._poll_timers()
         self._progressed.clear()   # before looking: progress made from now on wakes wait_for_lookups
         self._start_lookups(scheduler)
         self._land()
@@ -309,6 +382,8 @@ class L3PrefixCache:
         in_l3 = found.index(False) if False in found else len(found)
         after = found[start:]
         hits = min(after.index(False) if False in after else len(after), len(reading.rows))
+        reading.in_l3, reading.read_since = in_l3, time.monotonic()
+        reading.hits = hits   # last: the engine thread reads `hits` first
         batch = max(hits, 1)
         if self.land_on_device:
             batch = max(LAND_CHUNK_BYTES // self.page_bytes, 2 * self.l3.readers.workers, 1)
@@ -318,7 +393,10 @@ class L3PrefixCache:
             t0 = time.perf_counter()
             ok = self.l3.get_into(keys[start + good:start + good + len(part)], self.rows.views(part))
             n = ok.index(False) if False in ok else len(ok)
-            self.timing["read_s"] += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self.timing["read_s"] += dt
+            self._read_bytes = READ_DECAY * self._read_bytes + len(part) * self.page_bytes   # (the I/O thread's)
+            self._read_secs = READ_DECAY * self._read_secs + dt
             self.timing["read_bytes"] += n * self.page_bytes
             good += n
             reading.ready = good
@@ -369,6 +447,42 @@ class L3PrefixCache:
         lookup.future.cancel()          # no effect once running
         lookup.future.add_done_callback(functools.partial(self._give_back_rows, lookup.reading))
 
+    def _too_slow(self, r: _Reading, now: float) -> bool:
+        """Whether the rest of a read in flight would take longer (by CUT_MARGIN) than prefilling its
+        pages at the engine's prefill rate. The rest's time: at the rate this read has gone so far
+        once a batch of its pages is in, before that at the store's recent rate (earlier reads) less
+        the time spent. Undecided (False) before `exists` is back, before any prefill was timed, and
+        for a first read with no page in yet: a load from a fast store (a local disk, a GPU host's
+        page cache) is not cut, and one from a slow store (a far Redis: 0.4-1 GB/s, against ~20K
+        tokens/s of 8B prefill on an H200) stops once a batch is in, or at once when the store was
+        slow before. The pages read so far are used."""
+        rate, hits = self.prefill_tokens_per_s, r.hits
+        if not self.cut_slow_loads or rate is None or hits < 0:
+            return False
+        ready = r.ready
+        left = hits - ready
+        if left <= 0:
+            return False
+        elapsed = now - r.read_since
+        if ready > 0:
+            read_s = elapsed * left / ready
+        elif self._read_secs > 0:
+            read_s = left * self.page_bytes * self._read_secs / self._read_bytes - elapsed
+        else:
+            return False
+        return read_s > CUT_MARGIN * left * self.page_size / rate
+
+    def _cut(self, lookup: _Lookup) -> tuple[int, int]:
+        """Stop a read in flight: the pages read and checked so far are kept (landed or in their rows),
+        the rows after them come back once the read has ended. Returns (leading pages L3 holds, pages
+        kept), as a finished read's result."""
+        r = lookup.reading
+        good = r.ready   # (only grows; rows past it may still be written by the running batch)
+        r.dropped = True   # the read stops after its current batch
+        lookup.future.cancel()
+        lookup.future.add_done_callback(lambda _: self.rows.give_back(r.rows[good:]))
+        return r.in_l3, good
+
     def _give_back_rows(self, reading: _Reading, future: Future) -> None:
         self.rows.give_back(reading.rows[reading.num_landed:])   # any thread: rows no copy reads
 
@@ -397,6 +511,10 @@ class L3PrefixCache:
                 log.warning("L3 lookup of %s not back after %.1f s; prefilling it instead", seq.request_id,
                             self.load_timeout_s)
                 in_l3, run = 0, LoadedRun()
+            elif self._too_slow(r, now):
+                in_l3, good = self._cut(lookup)
+                run = LoadedRun(r.landed, r.rows[r.num_landed:good])
+                self.stats.loads_cut_short += 1
             else:
                 continue
             del self._lookups[seq.request_id]

@@ -308,12 +308,17 @@ class LLMEngine:
         if self.on_schedule is not None:
             self.on_schedule()
         prefill_tokens = sum(n for seq, n in zip(batch.seqs, batch.num_new_tokens) if not _is_decode(seq, n))
+        timer = self.l3_prefix.prefill_timer(prefill_tokens) if self.l3_prefix is not None and prefill_tokens else None
         try:
             logits, rows = self.runner.run(batch)
             seqs = [batch.seqs[i] for i in rows]
             tokens = self.sampler.sample(logits, seqs) if seqs else []
         except Exception as e:  # noqa: BLE001 — not one request's fault: end the step's requests, go on
+            if timer is not None:
+                timer.stop(ok=False)
             return self._fail_step(batch, e)
+        if timer is not None:
+            timer.stop()
         self.last_step_tokens = batch.num_tokens
         self.last_step_prefill_tokens = prefill_tokens
         self.scheduler.complete_step(batch)

@@ -17,7 +17,7 @@ gauges are set from the engine thread's latest `EngineStats` snapshot when /metr
 | hisa_sparse_<name> | gauge | each numeric field of `engine.sparse_stats`, when present |
 | hisa_prefix_cache_<name> | gauge | with --prefix-cache (the default): device prefix reuse (lookups, requests_hit, pages_hit, tokens_hit, pages_registered, pages_cached, pages_evicted, pages_kept: cached for a finished request that asked for keep_alive, kept_pages_evicted: of those, evicted before their time) |
 | hisa_host_prefix_cache_<name> | gauge | with --prefix-cache and a sparse cache whose requests may be host-backed: the same counters for prefix reuse in the host pool (L2) |
-| hisa_l3_<name> | gauge | with --l3: the prefix counters (lookups, requests_hit, pages_loaded, tokens_loaded, pages_stored, requests_parked, pages_parked, pages_dropped, loads_timed_out), the L3 I/O thread's backlog (pending_lookups: requests waiting on a lookup; pending_calls: lookups and writes handed over, not ended; pending_write_bytes: the pages those writes hold) and the store's (store_hits, store_misses, store_corrupt, store_unavailable, store_failures, store_bytes_read, store_bytes_written, store_evictions, ...) |
+| hisa_l3_<name> | gauge | with --l3: the prefix counters (lookups, requests_hit, pages_loaded, tokens_loaded, pages_stored, requests_parked, pages_parked, pages_dropped, loads_timed_out, loads_cut_short), the L3 I/O thread's backlog (pending_lookups: requests waiting on a lookup; pending_calls: lookups and writes handed over, not ended; pending_write_bytes: the pages those writes hold) and the store's (store_hits, store_misses, store_corrupt, store_unavailable, store_failures, store_bytes_read, store_bytes_written, store_evictions, ...) |
 
 Example::
 
