@@ -26,7 +26,9 @@ prefills only the rest (a chunk after a cached prefix). At least the prompt's la
 computed: its logits give the first output token. A missing or corrupt page ends the run; nothing
 past it is used. When nothing else can run, the engine step waits for a lookup (briefly, so that new
 requests and aborts get in). A lookup not back after `load_timeout_s` is given up
-(`loads_timed_out`) and the request prefills; a backend error reads as misses (`L3Store`). A request
+(`loads_timed_out`) and the request prefills; a read that would take longer than prefilling its
+pages (this read's or the store's recent rate against the engine's prefill rate: `_too_slow`) is
+cut short, its pages read so far used (`loads_cut_short`); a backend error reads as misses (`L3Store`). A request
 aborted while loading holds nothing but its lookup, which is forgotten. A lookup back while the
 batch is full takes nothing and is made again later; a request that took pages but that the
 schedule did not admit gives them back right after it (a waiting request cannot be preempted:
