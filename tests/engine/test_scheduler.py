@@ -45,6 +45,20 @@ def test_allocator_round_trip_and_double_free():
         alloc.free([0])
 
 
+def test_allocator_hands_out_the_lowest_free_ids_most_recently_freed_first():
+    """Ids come from the free list as successive pops would give them (the bulk path of `allocate`
+    and the one-by-one path agree), and a freed page is the next one handed out."""
+    alloc = PageAllocator(8)
+    assert alloc.allocate(3) == [0, 1, 2]
+    alloc.free([1])
+    assert alloc.allocate(2) == [1, 3]   # the page just freed first, then the lowest never used
+    alloc.free([0, 2])
+    assert alloc.allocate(4) == [2, 0, 4, 5]
+    with pytest.raises(ValueError, match="freed twice"):
+        alloc.free([3, 3])   # the second drop of page 3's one reference
+    assert alloc.num_free == 8 - 6 + 1   # the first drop happened
+
+
 def test_chunked_prefill_respects_token_budget():
     sched = _make(max_tokens=10)
     sched.add(_seq(0, 25))

@@ -88,6 +88,13 @@ class PageAllocator:
         pages = []
         if n > len(self._free) and self._kept:
             self._expire()
+        free, refs = self._free, self._refs
+        if len(free) >= n:   # the common case, in one slice (no eviction)
+            pages = free[len(free) - n:][::-1]
+            del free[len(free) - n:]
+            for p in pages:
+                refs[p] = 1
+            return pages
         for _ in range(n):
             if self._free:
                 p = self._free.pop()
@@ -107,18 +114,21 @@ class PageAllocator:
         """Drop one reference to each page; a page nobody holds becomes cached (registered) or free.
         keep_until: registered pages that become cached are kept until then (`self.clock` time)."""
         keep = keep_until is not None and keep_until > self.clock()
+        # (locals: a request at page size 1 frees one id per token, 131K for a 128K context)
+        refs, key_of, free = self._refs, self._key_of, self._free
         for p in pages:
-            if self._refs[p] <= 0:
+            n = refs[p] - 1
+            if n < 0:
                 raise ValueError(f"page {p} freed twice or never allocated")
-            self._refs[p] -= 1
-            if self._refs[p] == 0:
-                if p in self._key_of:
+            refs[p] = n
+            if n == 0:
+                if p in key_of:
                     if keep:
                         self._kept[p] = keep_until
                     else:
                         self._cached[p] = None
                 else:
-                    self._free.append(p)
+                    free.append(p)
 
     # -- prefix pages --------------------------------------------------------------------------
     def register(self, page: int, key: bytes) -> bool:
