@@ -247,6 +247,7 @@ def run_row(loaded, tpl: Template, sz: Sizes, *, mode: str, batch: int, residenc
                    resident=batch - host_backed if mode == "hier" else 0, graphs=engine.runner.graphs is not None,
                    setup_s=setup_s, inject_s=inject_s, first_step_s=first_step_s, decode_steps=len(step_ms),
                    decode_ms_per_step=statistics.median(step_ms), decode_ms_max=max(step_ms),
+                   step_ms=[round(t, 2) for t in step_ms],
                    tokens_per_s=produced / (sum(step_ms) / 1e3), tokens_produced=produced,
                    tokens=[tokens.get(r) for r in rids])
         out["tokens_per_s_median_step"] = batch * 1e3 / out["decode_ms_per_step"]
