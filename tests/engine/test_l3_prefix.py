@@ -412,6 +412,8 @@ def test_a_read_slower_than_prefilling_is_cut_short(make_llm, prompts, reference
     took = time.perf_counter() - t0
     m = prefix.metrics()
     assert m["loads_cut_short"] == 1 and m["pages_loaded"] == 300 // S, str(m)   # nothing more was loaded
+    # the rates it was decided on: 18 pages in >= 4 s against the prefill's hundreds of tokens/s
+    assert m["read_bytes_per_s"] * slow.delay_s <= 300 // S * prefix.page_bytes and m["prefill_tokens_per_s"] > 0
     assert took < slow.delay_s, (took, rate)   # waiting for the read takes longer than the whole request
     prefix.drain()
     assert prefix.rows.in_use == 0   # the cut read ended, its rows are back

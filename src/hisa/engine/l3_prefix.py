@@ -843,9 +843,14 @@ class L3PrefixCache:
         self._release_holds()
         self.l3.close()
 
-    def metrics(self) -> dict[str, int]:
+    def metrics(self) -> dict[str, float]:
+        """The counters, the I/O backlog, the rates a cut is decided on (0 until measured: the engine's
+        prefill tokens/s and the store's read bytes/s, recent steps and batches weighted most) and
+        the store's counters."""
         return {**asdict(self.stats), "pending_lookups": len(self._lookups), "pending_calls": self.io.pending_calls,
                 "pending_write_bytes": self.io.pending_bytes,
+                "prefill_tokens_per_s": self._prefill_tokens / self._prefill_s if self._prefill_s > 0 else 0.0,
+                "read_bytes_per_s": self._read_bytes / self._read_secs if self._read_secs > 0 else 0.0,
                 **{f"store_{k}": v for k, v in self.l3.stats.as_dict().items()}}
 
 
