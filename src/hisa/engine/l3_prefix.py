@@ -268,7 +268,14 @@ class L3PrefixCache:
     def prefill_tokens_per_s(self) -> float | None:
         """The engine's recent prefill rate, from the timed steps that have run (None before any)."""
         self._poll_timers()
+        return self._prefill_rate()
+
+    def _prefill_rate(self) -> float | None:
         return self._prefill_tokens / self._prefill_s if self._prefill_s > 0 else None
+
+    def _read_rate(self) -> float | None:
+        """The store's recent read rate in bytes/s (None before any batch was read)."""
+        return self._read_bytes / self._read_secs if self._read_secs > 0 else None
 
     def _poll_timers(self) -> None:
         while self._timers and self._timers[0].done():
@@ -444,10 +451,16 @@ class L3PrefixCache:
     def _drop(self, lookup: _Lookup) -> None:
         """Forget a lookup in flight: its device copies go now, its rows not copied come back once its
         read has ended (a read running goes on; its result is dropped)."""
-        lookup.reading.dropped = True   # no more copies; the read stops after its current batch
         lookup.reading.landed = []
+        self._stop_read(lookup, keep=lookup.reading.num_landed)
+
+    def _stop_read(self, lookup: _Lookup, *, keep: int) -> None:
+        """End a lookup's read: no more copies, the read stops after its current batch, and its rows
+        from `keep` on come back once it has ended (rows before `keep` are the caller's)."""
+        r = lookup.reading
+        r.dropped = True
         lookup.future.cancel()          # no effect once running
-        lookup.future.add_done_callback(functools.partial(self._give_back_rows, lookup.reading))
+        lookup.future.add_done_callback(lambda _: self.rows.give_back(r.rows[keep:]))   # (any thread)
 
     def _too_slow(self, r: _Reading, now: float) -> bool:
         """Whether the rest of a read in flight would take longer (by CUT_MARGIN) than prefilling its
@@ -466,10 +479,11 @@ class L3PrefixCache:
         if left <= 0:
             return False
         elapsed = now - r.read_since
+        store_rate = self._read_rate()
         if ready > 0:
             read_s = elapsed * left / ready
-        elif self._read_secs > 0:
-            read_s = left * self.page_bytes * self._read_secs / self._read_bytes - elapsed
+        elif store_rate is not None:
+            read_s = left * self.page_bytes / store_rate - elapsed
         else:
             return False
         return read_s > CUT_MARGIN * left * self.page_size / rate
@@ -480,13 +494,8 @@ class L3PrefixCache:
         kept), as a finished read's result."""
         r = lookup.reading
         good = r.ready   # (only grows; rows past it may still be written by the running batch)
-        r.dropped = True   # the read stops after its current batch
-        lookup.future.cancel()
-        lookup.future.add_done_callback(lambda _: self.rows.give_back(r.rows[good:]))
+        self._stop_read(lookup, keep=good)
         return r.in_l3, good
-
-    def _give_back_rows(self, reading: _Reading, future: Future) -> None:
-        self.rows.give_back(reading.rows[reading.num_landed:])   # any thread: rows no copy reads
 
     def _finish_lookups(self, scheduler: Scheduler) -> None:
         """Give each waiting request whose lookup is back (or timed out) its pages, in queue order."""
@@ -849,8 +858,7 @@ class L3PrefixCache:
         the store's counters."""
         return {**asdict(self.stats), "pending_lookups": len(self._lookups), "pending_calls": self.io.pending_calls,
                 "pending_write_bytes": self.io.pending_bytes,
-                "prefill_tokens_per_s": self._prefill_tokens / self._prefill_s if self._prefill_s > 0 else 0.0,
-                "read_bytes_per_s": self._read_bytes / self._read_secs if self._read_secs > 0 else 0.0,
+                "prefill_tokens_per_s": self._prefill_rate() or 0.0, "read_bytes_per_s": self._read_rate() or 0.0,
                 **{f"store_{k}": v for k, v in self.l3.stats.as_dict().items()}}
 
 

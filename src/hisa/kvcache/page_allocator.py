@@ -85,7 +85,6 @@ class PageAllocator:
     def allocate(self, n: int) -> list[int]:
         if n > self.num_free:
             raise MemoryError(f"asked for {n} pages, {self.num_free} free")
-        pages = []
         if n > len(self._free) and self._kept:
             self._expire()
         free, refs = self._free, self._refs
@@ -95,6 +94,7 @@ class PageAllocator:
             for p in pages:
                 refs[p] = 1
             return pages
+        pages = []
         for _ in range(n):
             if self._free:
                 p = self._free.pop()
