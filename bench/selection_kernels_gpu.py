@@ -92,7 +92,7 @@ def sweep_scores(ctx: int, rows: int, reps: int) -> list[dict]:
                         us=us, ok=ok, gb_s=nbytes / us / 1e3))
         progress(out[-1])
     scores = [page_scores(q, *m, ss, lo, hi, scale=scale) for m in meta]
-    for warps, early in ((None, None), (None, True), (None, False), (4, True), (16, True)):
+    for warps, early in ((None, None), (None, True), (None, False), (1, True), (2, True), (4, True), (16, True)):
         ok = torch.equal(select_pages(base_scores, lo, hi, k, num_warps=warps, early_exit=early), base_pages)
         ok = ok and all(torch.equal(select_pages(s_, lo, hi, k, num_warps=warps, early_exit=early),
                                     select_pages(s_, lo, hi, k, early_exit=False)) for s_ in scores[:4])

@@ -142,14 +142,14 @@ def _launch_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         out.stride(0), out.stride(1),
         D=D, S=S, G=G, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, DIRECT_OUT=direct,
         INTERPRETER=os.environ.get("TRITON_INTERPRET") == "1",
-        num_warps=4 if gpu else 1, num_stages=(num_stages or 3) if gpu else 1, **pdl.launch_kwargs(q),
+        num_warps=4 if gpu else 1, num_stages=(num_stages or 3) if gpu else 1, **pdl.launch_kwargs(q, "attention"),
     )
     if not direct:
         block_s = _next_pow2(num_splits)  # one [BLOCK_S, BLOCK_D] fp32 tile per program
         paged_decode_combine_kernel[(B, H)](
             m_ws, l_ws, acc_ws, out, H, D, num_splits, out.stride(0), out.stride(1),
             BLOCK_S=block_s, BLOCK_D=block_d, num_warps=8 if block_s * block_d > 8192 else 4,
-            **pdl.launch_kwargs(q),
+            **pdl.launch_kwargs(q, "attention"),
         )
 
 

@@ -56,7 +56,7 @@ def write_token_kv(k: torch.Tensor, v: torch.Tensor, dev_rows: torch.Tensor, pag
         k, v, dev_rows, host_rows if has_host else dev_rows, pages, host_pages if has_host else pages, t,
         k.stride(0), v.stride(0), dev_rows.stride(0), host_rows.stride(0) if has_host else 0,
         KD=kd, S=page_size, BLOCK=triton_next_pow2(kd), HAS_HOST=has_host, num_warps=4 if kd >= 512 else 1,
-        **pdl.launch_kwargs(k))
+        **pdl.launch_kwargs(k, "kv_write"))
 
 
 def write_token_kv_ref(k, v, dev_rows, pages, t, *, host_rows=None, host_pages=None, page_size: int) -> None:

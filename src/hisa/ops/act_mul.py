@@ -51,5 +51,5 @@ def _launch_triton(gate_up: torch.Tensor, act: str) -> torch.Tensor:
     block = min(1024, next_pow2(inter))
     act_mul_kernel[(t, -(-inter // block))](gate_up, out, inter, gate_up.stride(0), ACT=ACTIVATIONS.index(act),
                                             BLOCK=block, num_warps=4 if gate_up.is_cuda else 1,
-                                            **pdl.launch_kwargs(gate_up))
+                                            **pdl.launch_kwargs(gate_up, "linear"))
     return out

@@ -192,7 +192,7 @@ def _skinny(x, weight, bias, normed, residual, norm_weight, block_n, block_k, nu
             K=k, HAS_BIAS=bias is not None,
             BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=num_stages,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            num_warps=num_warps if x.is_cuda else 1, **extra, **pdl.launch_kwargs(x))
+            num_warps=num_warps if x.is_cuda else 1, **extra, **pdl.launch_kwargs(x, "linear"))
     shape = (*lead, n)
     return None if y is None else y.view(shape), None if scaled is None else scaled.view(shape), sumsq
 
@@ -258,7 +258,7 @@ def gate_up_act(x: torch.Tensor | NormedRows, weight: torch.Tensor, *, act: str,
             x2, weight, y, m, inter, x2.stride(0), weight.stride(0), y.stride(0),
             K=k, ACT=ACTIVATIONS.index(act), BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=num_stages,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **_norm_in(normed, x2),
-            num_warps=num_warps if x.is_cuda else 1, **pdl.launch_kwargs(x))
+            num_warps=num_warps if x.is_cuda else 1, **pdl.launch_kwargs(x, "linear"))
     return y.view(*lead, inter)
 
 

@@ -108,7 +108,7 @@ def _launch_triton(qkv, cos_sin, *, num_heads, num_kv_heads, head_dim, q_norm_we
         qkv.stride(0), cos_sin.stride(0), float(eps),
         H=num_heads, KVH=num_kv_heads, HALF=half, BLOCK_H=next_pow2(half), HAS_NORM=norm,
         UNIT_OFFSET=bool(unit_offset), num_warps=1 if half <= 64 or not qkv.is_cuda else 2,
-        **pdl.launch_kwargs(qkv),
+        **pdl.launch_kwargs(qkv, "linear"),
     )
     return q, k, v
 

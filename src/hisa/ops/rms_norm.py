@@ -107,7 +107,7 @@ def _launch_triton(x, weight, *, eps, unit_offset, residual, pre_weight, pre_eps
         x, residual if residual is not None else x, weight, pre_weight if pre_weight is not None else weight,
         out, res_out, n, x.stride(0), residual.stride(0) if residual is not None else 0, float(eps), float(pre_eps),
         HAS_RESIDUAL=residual is not None, HAS_PRE=pre_weight is not None, UNIT_OFFSET=bool(unit_offset),
-        BLOCK_N=block, num_warps=min(16, max(1, block // 256)) if x.is_cuda else 1, **pdl.launch_kwargs(x),
+        BLOCK_N=block, num_warps=min(16, max(1, block // 256)) if x.is_cuda else 1, **pdl.launch_kwargs(x, "linear"),
     )
     return out, res_out
 

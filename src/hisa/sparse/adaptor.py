@@ -90,7 +90,7 @@ class BackendAdaptor:
             kind, slot, t, write_page, lo, bounds.hi, tk, block_table, table, logical, kv_lens,
             tk.stride(0) if nsel else 0, block_table.stride(0), table.stride(0), logical.stride(0),
             S=self.page_size, NSEL=nsel, K=K, BLOCK_K=_next_pow2(K), WINDOWED=windowed, num_warps=1,
-            **pdl.launch_kwargs(table))
+            **pdl.launch_kwargs(table, "selection"))
 
 
     # -- token-level selection (DSA) ------------------------------------------------------------------

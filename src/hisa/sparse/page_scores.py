@@ -16,6 +16,7 @@ request); sslots, lo, hi int32 [R]. Returns fp32 [R, MAXP], -inf outside [lo, hi
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,8 @@ LOGITS_BLOCKS = 2  # page blocks per program of the logits kernel (a loop, softw
 # fastest on an H200 at 32K x 8, 128K x 4 and 128K x 11: bench/results/selection_kernels_gpu_h200_v4.json)
 LOGITS_STAGES = 2  # pipeline stages of that loop
 SELECT_EARLY_EXIT = True  # select_pages stops its search once exactly k pages are at or above the cut
+# select_pages' warps when the caller does not say (0: 8 from 2,048 pages up, else 4); HISA_SELECT_WARPS sets it
+SELECT_WARPS = int(os.environ.get("HISA_SELECT_WARPS", "0"))
 
 
 def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sslots: torch.Tensor, lo: torch.Tensor,
@@ -85,11 +88,11 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sslots:
         H=H, G=H // KVH, D=D, BLOCK_P=block_p, BLOCK_D=max(16, _next_pow2(D)),
         BLOCK_G=max(16, _next_pow2(H // KVH)), HAS_MEAN=kmean is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCKS=blocks, STAGES=num_stages,
-        num_warps=num_warps, **pdl.launch_kwargs(q))
+        num_warps=num_warps, **pdl.launch_kwargs(q, "selection"))
     page_scores_kernel[(R, PB)](
         logits[0], mpart[0], spart[0], *second, lo, hi, scores, MAXP, PB,
         H=H, BLOCK_P=block_p, BLOCK_PB=max(2, _next_pow2(PB)), BLOCK_H=max(2, _next_pow2(H)),
-        HAS_MEAN=kmean is not None, num_warps=4, **pdl.launch_kwargs(q))
+        HAS_MEAN=kmean is not None, num_warps=4, **pdl.launch_kwargs(q, "selection"))
     return scores
 
 
@@ -140,7 +143,7 @@ def select_pages(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, k: in
     scores: fp32 [R, MAXP] (what `page_scores` returns: >= 0 inside each row's [lo, hi), -inf
     outside); a row with fewer than k valid pages gets them all. Ties go to the lower page. One
     Triton launch on CUDA (a search over the scores' bit patterns: no sort, no host sync), the torch reference elsewhere.
-    num_warps tunes the kernel; None = 8 from 2,048 pages up, else 4. early_exit (None =
+    num_warps tunes the kernel; None = SELECT_WARPS, else 8 from 2,048 pages up, else 4. early_exit (None =
     SELECT_EARLY_EXIT) lets the search stop once exactly k pages are at or above its cut; False runs
     all 20 rounds (the same pages: the reference the tests compare it with).
     layout: also write the attention table of the resident rows (`TableLayout`), as
@@ -168,9 +171,9 @@ def select_pages(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, k: in
                        kv_lens_ptr=L.kv_lens, stride_bt=L.block_table.stride(0), stride_tb=L.table.stride(0),
                        S=L.page_size, LAYOUT=True)
         select_pages_kernel[(R,)](scores, lo, hi, out, MAXP, out.stride(0), K=k, BLOCK=block,
-                                  BLOCK_K=_next_pow2(k), num_warps=num_warps or (8 if block >= 2048 else 4),
+                                  BLOCK_K=_next_pow2(k), num_warps=num_warps or SELECT_WARPS or (8 if block >= 2048 else 4),
                                   EARLY_EXIT=SELECT_EARLY_EXIT if early_exit is None else early_exit,
-                                  **lay, **pdl.launch_kwargs(scores))
+                                  **lay, **pdl.launch_kwargs(scores, "selection"))
     return out
 
 

@@ -104,7 +104,7 @@ def quest_update(kmin: torch.Tensor, kmax: torch.Tensor, kmean: torch.Tensor | N
             keys, kmin, kmax, kmean if kmean is not None else kmin, sparse_slots, t,
             keys.stride(0), kmin.stride(0), kmin.stride(1), sentinel,
             S=page_size, KD=kd, BLOCK=1 << max(0, kd - 1).bit_length(), HAS_MEAN=kmean is not None,
-            num_warps=4 if kd >= 512 else 1, **pdl.launch_kwargs(keys))
+            num_warps=4 if kd >= 512 else 1, **pdl.launch_kwargs(keys, "kv_write"))
         return
     keep = (sparse_slots != sentinel) & (t > 0)
     s, tt = sparse_slots[keep].long(), t[keep].long()
