@@ -73,7 +73,11 @@ def test_l3_prefix_gives_identical_output_and_skips_prefill(make_llm, prompts, r
     _check_no_leak(again)
 
 
-def test_corrupt_and_deleted_pages_are_recomputed(make_llm, prompts, reference, tmp_path):
+@pytest.mark.parametrize("check_on_device", [False, True], ids=["checked-on-read", "checked-after-landing"])
+def test_corrupt_and_deleted_pages_are_recomputed(make_llm, prompts, reference, tmp_path, check_on_device):
+    """Also with the payloads' checksums left to the device (`check_on_device`; on a CPU machine the
+    pages then stay in their rows and are checked on the host after the read, as pages that found no
+    room on the device are)."""
     url = f"file:{tmp_path / 'l3'}"
     first = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=url)
     assert _one_by_one(first, prompts[:1]) == reference[:1]
@@ -90,7 +94,9 @@ def test_corrupt_and_deleted_pages_are_recomputed(make_llm, prompts, reference, 
         f.write(bytes([byte ^ 0x10]))
     os.unlink(backend.path(keys[9]))                  # and delete page 9 (fixed again by the prompt's store)
     llm = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=url)
+    llm.engine.l3_prefix.check_on_device = check_on_device
     assert _one_by_one(llm, prompts[1:2]) == reference[1:2]
+    llm.engine.l3_prefix.drain()   # (a failed check found after the read is reported to the store on the I/O thread)
     m = llm.engine.l3_prefix.metrics()
     assert m["store_corrupt"] == 1 and m["pages_loaded"] == 5   # pages 0-4: the run ends at the corrupt page
     assert _one_by_one(llm, prompts[2:]) == reference[2:]     # page 5 was rewritten; 9 too

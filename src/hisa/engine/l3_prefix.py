@@ -101,6 +101,9 @@ from hisa.engine.l3_rows import LoadedRun, LoadRows, runs
 from hisa.engine.scheduler import Scheduler
 from hisa.engine.sequence import Sequence
 from hisa.kvcache.l3 import KVLayout, L3Store, page_keys
+from hisa.kvcache.l3.record import crc32 as record_crc32
+from hisa.kvcache.l3.record import key_crc
+from hisa.ops.crc32 import crc32_pages
 from hisa.kvcache.l3.worker import MAX_PENDING_BYTES, L3Worker
 from hisa.kvcache.paged_cache import PagedKVCache
 
@@ -165,6 +168,10 @@ class _Reading:
     """The host rows of a lookup in flight and how far its read has got."""
     rows: list[int]      # taken for it (one per page from `start` to its cap)
     ready: int = 0       # the leading rows read and checked so far (the I/O thread's; only grows)
+    # check_on_device: the payloads are read unchecked; (crc of the key, crc the payload must have) of
+    # rows[:ready], in order (the I/O thread's, published before `ready`)
+    crcs: list = field(default_factory=list)
+    checks: list = field(default_factory=list)  # engine thread: bool device tensors, a landed copy's failed pages
     landed: list = field(default_factory=list)  # engine thread: device copies of rows[:num_landed], in order
     num_landed: int = 0  # rows[:num_landed] are copied to the device (and given back)
     dropped: bool = False
@@ -225,6 +232,9 @@ class L3PrefixCache:
         # (tensors of the caching allocator, on a stream of its own) while the rest are read, so that once
         # it is back only device-to-device copies into the pool's pages are left; off: they wait in the rows
         self.land_on_device = on_cuda
+        # CUDA: the payloads of pages a lookup lands on the device are checked there (`crc32_pages` on the
+        # landing stream, `_verify`) instead of on the store's reader threads; off: every page on the host
+        self.check_on_device = on_cuda
         self._land_stream = torch.cuda.Stream(cache.data.device) if on_cuda else None
         self._progressed = threading.Event()   # set by the I/O thread as a lookup's read advances or ends
         # where a load's time goes (cumulative): the I/O thread reading and checking pages into the rows,
@@ -338,7 +348,8 @@ class L3PrefixCache:
                 future: Future = Future()
                 future.set_result((0, 0))
             else:
-                future = self.io.submit(functools.partial(self._read_run, seq.token_ids[:cap * s], start, reading))
+                future = self.io.submit(functools.partial(self._read_run, seq.token_ids[:cap * s], start, reading,
+                                                           unchecked=self.check_on_device and not host))
                 future.add_done_callback(lambda _: self._progressed.set())
             seq.loading = True
             self._lookups[seq.request_id] = _Lookup(seq, start, future, time.monotonic() + self.load_timeout_s, nbytes,
@@ -379,13 +390,14 @@ class L3PrefixCache:
         reserve = sum(1 for r in scheduler.running if r.host_backed and not r.in_prefill)
         return full if pool.num_free >= -(-seq.num_tokens // self.page_size) - held + reserve else 0
 
-    def _read_run(self, tokens: list[int], start: int, reading: _Reading) -> tuple[int, int]:
+    def _read_run(self, tokens: list[int], start: int, reading: _Reading, *, unchecked: bool = False) -> tuple[int, int]:
         """On the I/O thread: how many leading full pages of `tokens` L3 holds (pages the pool gave
         the request count only if L3 has them too: their writer's write may have been dropped), and
         how many pages from `start` on, the run L3 holds, were read and checked into `reading.rows`;
         the run ends at the first page that fails its checks. With `land_on_device` the pages are read
         in batches and `reading.ready` published after each, so the engine thread copies them on to
-        the device while the next are read. No CUDA call here."""
+        the device while the next are read. `unchecked`: the payloads' checksums are left to the
+        device (`_verify`); a page whose head fails still ends the run here. No CUDA call here."""
         keys = page_keys(tokens, self.layout)
         found = self.l3.exists(keys)
         in_l3 = found.index(False) if False in found else len(found)
@@ -400,8 +412,14 @@ class L3PrefixCache:
         while good < hits and not reading.dropped:
             part = reading.rows[good:min(hits, good + batch)]
             t0 = time.perf_counter()
-            ok = self.l3.get_into(keys[start + good:start + good + len(part)], self.rows.views(part))
-            n = ok.index(False) if False in ok else len(ok)
+            batch_keys = keys[start + good:start + good + len(part)]
+            if unchecked:
+                wants = self.l3.get_into_unchecked(batch_keys, self.rows.views(part))
+                n = wants.index(None) if None in wants else len(wants)
+                reading.crcs.extend((key_crc(k), w) for k, w in zip(batch_keys[:n], wants[:n]))
+            else:
+                ok = self.l3.get_into(batch_keys, self.rows.views(part))
+                n = ok.index(False) if False in ok else len(ok)
             dt = time.perf_counter() - t0
             self.timing["read_s"] += dt
             self._read_bytes = READ_DECAY * self._read_bytes + len(part) * self.page_bytes   # (the I/O thread's)
@@ -423,30 +441,36 @@ class L3PrefixCache:
         from the rows when the lookup is back. In order: a lookup's landed pages are its leading ones."""
         if not self.land_on_device or not self._lookups:
             return
-        device, dtype = self.cache.data.device, self.cache.data.dtype
         for lookup in self._lookups.values():
-            r = lookup.reading
-            ready = r.ready
-            if lookup.host or ready <= r.num_landed:   # pages for the host pool stay in their rows
-                continue
-            rows = r.rows[r.num_landed:ready]
-            if torch.cuda.mem_get_info(device)[0] < len(rows) * self.page_bytes + LAND_HEADROOM_BYTES:
-                continue
-            landed = 0
-            with torch.cuda.stream(self._land_stream):
-                for pos, first, end in runs(rows):
-                    try:
-                        pages = torch.empty(end - first, *self.page_shape, dtype=dtype, device=device)
-                    except torch.cuda.OutOfMemoryError:
-                        break   # these and the later pages stay in their rows (for now)
-                    pages.copy_(self.rows.pages(first, end, dtype=dtype, shape=self.page_shape), non_blocking=True)
-                    copied = torch.cuda.Event()
-                    copied.record(self._land_stream)
-                    r.landed.append((pages, copied))
-                    self.rows.give_back(rows[pos:pos + end - first], event=copied)
-                    landed = pos + end - first
-            r.num_landed += landed
-            self.timing["landed_bytes"] += landed * self.page_bytes
+            if not lookup.host:   # pages for the host pool stay in their rows
+                self._land_reading(lookup.reading, lookup.reading.ready)
+
+    def _land_reading(self, r: _Reading, upto: int) -> None:
+        """`_land` for one lookup's rows[num_landed:upto] (read and, unless `crcs`, checked); with
+        `crcs`, each landed copy is checked on the landing stream after it (`r.checks`)."""
+        if upto <= r.num_landed:
+            return
+        device, dtype = self.cache.data.device, self.cache.data.dtype
+        rows = r.rows[r.num_landed:upto]
+        if torch.cuda.mem_get_info(device)[0] < len(rows) * self.page_bytes + LAND_HEADROOM_BYTES:
+            return
+        landed = 0
+        with torch.cuda.stream(self._land_stream):
+            for pos, first, end in runs(rows):
+                try:
+                    pages = torch.empty(end - first, *self.page_shape, dtype=dtype, device=device)
+                except torch.cuda.OutOfMemoryError:
+                    break   # these and the later pages stay in their rows (for now)
+                pages.copy_(self.rows.pages(first, end, dtype=dtype, shape=self.page_shape), non_blocking=True)
+                if r.crcs:   # checked where they landed
+                    r.checks.append(self._failed(pages, r.crcs[r.num_landed + pos:r.num_landed + pos + end - first]))
+                copied = torch.cuda.Event()
+                copied.record(self._land_stream)
+                r.landed.append((pages, copied))
+                self.rows.give_back(rows[pos:pos + end - first], event=copied)
+                landed = pos + end - first
+        r.num_landed += landed
+        self.timing["landed_bytes"] += landed * self.page_bytes
 
     def _drop(self, lookup: _Lookup) -> None:
         """Forget a lookup in flight: its device copies go now, its rows not copied come back once its
@@ -497,6 +521,48 @@ class L3PrefixCache:
         self._stop_read(lookup, keep=good)
         return r.in_l3, good
 
+    def _failed(self, pages: torch.Tensor, crcs: list[tuple[int, int]]) -> torch.Tensor:
+        """Landing stream: which of the landed `pages` ([n, ...] on the device) fail their checksums
+        (`crcs`: each page's key crc and the crc its payload must have), bool [n] on the device."""
+        dev = pages.device
+        both = torch.tensor(crcs, dtype=torch.int64).pin_memory().to(dev, non_blocking=True)   # [n, 2]
+        return crc32_pages(pages, both[:, 0].contiguous()) != both[:, 1]
+
+    def _verified(self, lookup: _Lookup, in_l3: int, good: int) -> tuple[int, LoadedRun]:
+        """The run a finished (or cut) lookup gives: its `good` leading pages, landed first, then in
+        rows. Where they were read unchecked (`check_on_device`), the run ends before the first page
+        that fails its checksum: those landed were checked on the device (one wait for the landing
+        stream, a copy of one flag per page), those still in rows are checked here on the host; rows
+        past the end are given back, the failed page is reported to the store (counted corrupt,
+        deleted) and is not in L3 for this request any more. Returns (leading pages in L3, run)."""
+        r = lookup.reading
+        if not r.crcs or good == 0:
+            return in_l3, LoadedRun(r.landed, r.rows[r.num_landed:good])
+        if self.land_on_device:
+            self._land_reading(r, good)   # what is not on the device yet, checked there too
+        landed = min(r.num_landed, good)
+        end = good
+        if r.checks and landed:
+            flags = torch.cat(r.checks)[:landed]
+            self._land_stream.synchronize()
+            bad = flags.cpu().nonzero()
+            if len(bad):
+                end = int(bad[0])
+        if end == good and good > landed:   # pages left in their rows (no room on the device): checked here
+            for i in range(landed, good):
+                init, want = r.crcs[i]
+                if record_crc32(self.rows.views([r.rows[i]])[0], init) != want:
+                    end = i
+                    break
+        if end < good:
+            key = page_keys(lookup.seq.token_ids[:(lookup.start + end + 1) * self.page_size], self.layout)[-1]
+            self.io.submit(functools.partial(self.l3.corrupt_found, [key], self.page_bytes))
+            in_l3 = min(in_l3, lookup.start + end)
+            self.rows.give_back(r.rows[max(end, landed):good])
+        if end < landed:
+            return in_l3, LoadedRun(r.landed).slice(0, end)
+        return in_l3, LoadedRun(r.landed, r.rows[landed:end])
+
     def _finish_lookups(self, scheduler: Scheduler) -> None:
         """Give each waiting request whose lookup is back (or timed out) its pages, in queue order."""
         if not self._lookups:
@@ -514,8 +580,8 @@ class L3PrefixCache:
                     self.rows.give_back(r.rows[r.num_landed:])
                 else:   # its pages: those copied on to the device (rows[:num_landed]), then rows[num_landed:good]
                     in_l3, good = lookup.future.result()
-                    run = LoadedRun(r.landed, r.rows[r.num_landed:good])
                     self.rows.give_back(r.rows[good:])   # rows no page was read into
+                    in_l3, run = self._verified(lookup, in_l3, good)
             elif now >= lookup.deadline:
                 self._drop(lookup)
                 self.stats.loads_timed_out += 1
@@ -524,7 +590,7 @@ class L3PrefixCache:
                 in_l3, run = 0, LoadedRun()
             elif self._too_slow(r, now):
                 in_l3, good = self._cut(lookup)
-                run = LoadedRun(r.landed, r.rows[r.num_landed:good])
+                in_l3, run = self._verified(lookup, in_l3, good)
                 self.stats.loads_cut_short += 1
             else:
                 continue

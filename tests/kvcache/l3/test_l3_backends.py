@@ -135,3 +135,34 @@ def test_get_into_misses_corrupt_truncated_misplaced_and_deleted_pages(l3):
     assert bytes(rows[0]) == pages[0] and bytes(rows[6]) == pages[6]
     assert (store.stats.hits, store.stats.corrupt, store.stats.misses) == (2, 4, 1)
     assert store.exists(keys) == [True] + [False] * 5 + [True]      # the corrupt ones are gone
+
+
+def test_get_into_unchecked_leaves_the_payload_checksum_to_the_caller(l3):
+    """The load path with the check on the device: heads are checked on read (a truncated value, a
+    misplaced record, another page size and a deleted page are misses at once); a payload's flipped
+    bit is not, but the crc returned for it disagrees with the payload's (what `crc32_pages` computes
+    after landing), and `corrupt_found` turns it into a counted, deleted corrupt page."""
+    import torch
+
+    from hisa.kvcache.l3.record import key_crc
+    from hisa.ops.crc32 import crc32_pages
+
+    store, flip = l3
+    raw = store.backend
+    keys = [f"{request_tag(6)}{i:04d}" for i in range(7)]
+    pages = [random.Random(20 + i).randbytes(4096) for i in range(7)]
+    store.set(keys, pages)
+    flip(keys[1], 8 * 300 + 5)                                       # a payload bit
+    raw.set([keys[2]], [raw.get([keys[2]])[0][:-100]])               # truncated
+    raw.set([keys[3]], [raw.get([keys[0]])[0]])                      # page 0's record under page 3's key
+    store.set([keys[4]], [pages[4] + b"x" * 16])                     # intact, but not one page long
+    store.delete([keys[5]])
+    rows = _rows(7, 4096)
+    wants = store.get_into_unchecked(keys, [memoryview(r) for r in rows])
+    assert [w is not None for w in wants] == [True, True, False, False, False, False, True]
+    got = crc32_pages(torch.from_numpy(rows), torch.tensor([key_crc(k) for k in keys])).tolist()
+    assert [g == w for g, w in zip(got, wants)] == [True, False, False, False, False, False, True]
+    assert (store.stats.hits, store.stats.corrupt, store.stats.misses) == (3, 3, 1)
+    store.corrupt_found([keys[1]], 4096)
+    assert (store.stats.hits, store.stats.corrupt, store.stats.bytes_read) == (2, 4, 2 * 4096)
+    assert store.exists(keys) == [True] + [False] * 5 + [True]

@@ -12,7 +12,9 @@ load; else by zlib's. Both release the GIL on large buffers, so several threads 
 
 A record can be checked where it lies: `decode` takes it whole, `check` takes its head (header +
 key) and its payload as two buffers, so a reader can put the payload straight where it is needed
-(a row of a pinned host buffer) and the head in a small buffer beside it (`head_bytes`).
+(a row of a pinned host buffer) and the head in a small buffer beside it (`head_bytes`). A reader
+that checks payloads elsewhere (the GPU, once they have landed there) checks the head here and takes
+the checksum the payload must have (`expected_crc`, continued from `key_crc`).
 """
 
 from __future__ import annotations
@@ -48,16 +50,28 @@ def encode(key: str, payload: Buffer) -> bytes:
 def check(key: str, head: Buffer, payload: Buffer) -> bool:
     """Whether `head` (exactly `head_bytes(key)` bytes) and `payload` are an intact page stored under
     `key`. Reads both in place (no copy)."""
+    want = expected_crc(key, head, len(payload))
+    return want is not None and crc32(payload, key_crc(key)) == want
+
+
+def expected_crc(key: str, head: Buffer, payload_bytes: int) -> int | None:
+    """The crc32 that the payload (`payload_bytes` long) of the record whose head is `head` must
+    have, continued from `key_crc(key)`, if the head is sound for `key` (magic, lengths, the key
+    itself); None if not (a corrupt record). What `check` compares, for a caller that checks the
+    payload elsewhere (on the GPU: `hisa.ops.crc32.crc32_pages`)."""
     kb = key.encode()
     if len(head) != HEADER_BYTES + len(kb):
-        return False
+        return None
     head = memoryview(head)
     magic, length, crc, klen = _HEADER.unpack_from(head)
-    if magic != MAGIC or klen != len(kb) or length != len(payload):
-        return False
-    if head[HEADER_BYTES:] != kb:
-        return False
-    return crc32(payload, crc32(kb)) == crc
+    if magic != MAGIC or klen != len(kb) or length != payload_bytes or head[HEADER_BYTES:] != kb:
+        return None
+    return crc
+
+
+def key_crc(key: str) -> int:
+    """The crc32 of the key: a record's checksum continues from it over the payload."""
+    return crc32(key.encode())
 
 
 def decode(key: str, record: Buffer | None) -> memoryview | None:

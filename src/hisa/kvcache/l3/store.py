@@ -169,6 +169,50 @@ class L3Store:
         sizes, good = zip(*results)
         return self._tally(keys, list(sizes), list(good))
 
+    def get_into_unchecked(self, keys: Sequence[str], payloads: Sequence[memoryview]) -> list[int | None]:
+        """`get_into` less the payloads' checksums, for a caller that checks them elsewhere (on the GPU
+        once they have landed there: `hisa.ops.crc32.crc32_pages`): for each page the crc32 its
+        payload must have, continued from `record.key_crc(key)`, where it was read whole into its
+        buffer with a sound head, else None (a miss, counted as `get_into` counts it). The pages
+        returned count as hits until the caller reports those whose payload failed the check
+        (`corrupt_found`)."""
+        if len(keys) != len(payloads):
+            raise ValueError(f"{len(keys)} keys for {len(payloads)} buffers")
+        if not keys:
+            return []
+        payloads = [memoryview(p).cast("B") for p in payloads]
+        heads = [bytearray(record.head_bytes(k)) for k in keys]
+        read_into = getattr(self.backend, "get_into", None)
+        if read_into is not None:
+            def one(key: str, head: bytearray, payload: memoryview) -> tuple[int | None, int | None]:
+                size = read_into([key], [[head, payload]])[0]
+                whole = size == len(head) + len(payload)
+                return size, record.expected_crc(key, head, len(payload)) if whole else None
+
+            ok, results = self._call("get", lambda: self.readers.map(one, keys, heads, payloads))
+        else:
+            ok, records = self._call("get", lambda: self.backend.get(keys))
+            if ok:
+                self._check_count(records, keys)
+                results = self.readers.map(_copy_head, keys, records, heads, payloads)
+        if not ok:
+            self.stats.unavailable += len(keys)
+            return [None] * len(keys)
+        sizes, wants = zip(*results)
+        self._tally(keys, list(sizes), [w is not None for w in wants])
+        return list(wants)
+
+    def corrupt_found(self, keys: Sequence[str], payload_bytes: int) -> None:
+        """Pages that `get_into_unchecked` returned and whose payload (`payload_bytes` each) then
+        failed its checksum: counted as corrupt instead of as hits, and deleted."""
+        if not keys:
+            return
+        self.stats.hits -= len(keys)
+        self.stats.bytes_read -= len(keys) * payload_bytes
+        self.stats.corrupt += len(keys)
+        log.warning("L3 (%s): %d corrupt page(s) read as misses and deleted", self.backend.name, len(keys))
+        self.delete(keys)
+
     def set(self, keys: Sequence[str], pages: Sequence[bytes | bytearray | memoryview]) -> int:
         """Store pages (overwriting); returns how many were stored (0 while L3 is down). A page
         larger than the whole capacity is skipped."""
@@ -283,3 +327,16 @@ def _copy_check(key: str, rec: bytes | None, head: bytearray, payload: memoryvie
     head[:] = view[:len(head)]
     payload[:] = view[len(head):]
     return len(rec), record.check(key, head, payload)
+
+
+def _copy_head(key: str, rec: bytes | None, head: bytearray, payload: memoryview) -> tuple[int | None, int | None]:
+    """(stored length, the crc its payload must have or None) of a record a backend returned whole,
+    copied into `head` + `payload` (the payload is not checked)."""
+    if rec is None:
+        return None, None
+    if len(rec) != len(head) + len(payload):
+        return len(rec), None
+    view = memoryview(rec)
+    head[:] = view[:len(head)]
+    payload[:] = view[len(head):]
+    return len(rec), record.expected_crc(key, head, len(payload))
