@@ -91,6 +91,9 @@ def main() -> None:
     ap.add_argument("--no-device-landing", action="store_true",
                     help="CUDA: copy a load's pages to the device only once its lookup is back (default: pages "
                          "read and checked are copied on while the rest are read)")
+    ap.add_argument("--check-on-host", action="store_true",
+                    help="CUDA: check each page's crc32 on the store's reader threads as it is read (default: "
+                         "the pages landed on the device are checked there)")
     ap.add_argument("--profile", action="store_true",
                     help="run the measured request of each mode under the torch profiler and print where its "
                          "time goes (host ops and GPU kernels; the profiler's overhead inflates ttft_s)")
@@ -188,7 +191,10 @@ def main() -> None:
                     row["read_threads"] = store.readers.workers
                     if args.no_device_landing:
                         llm.engine.l3_prefix.land_on_device = False
+                    if args.no_device_landing or args.check_on_host:
+                        llm.engine.l3_prefix.check_on_device = False
                     row["device_landing"] = llm.engine.l3_prefix.land_on_device
+                    row["check_on_device"] = llm.engine.l3_prefix.check_on_device
                 if mode != "recompute":
                     t0 = time.perf_counter()
                     if args.profile_fill:   # where the first request's time goes (its pages are stored too)
