@@ -543,9 +543,8 @@ class L3PrefixCache:
         landed = min(r.num_landed, good)
         end = good
         if r.checks and landed:
-            flags = torch.cat(r.checks)[:landed]
-            self._land_stream.synchronize()
-            bad = flags.cpu().nonzero()
+            self._land_stream.synchronize()   # (the flags are the landing stream's)
+            bad = torch.cat(r.checks)[:landed].cpu().nonzero()
             if len(bad):
                 end = int(bad[0])
         if end == good and good > landed:   # pages left in their rows (no room on the device): checked here
