@@ -41,7 +41,9 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--pages", type=int, default=1020)
     p.add_argument("--page-mib", type=float, default=2.0)
-    p.add_argument("--lanes", default="128,256,512")
+    p.add_argument("--lanes", default="128,256")
+    p.add_argument("--pieces", default="auto,8,32,128", help="programs per page (auto: the default rule)")
+    p.add_argument("--chunk-pages", type=int, default=64, help="also time one landing copy's pages (default 64)")
     p.add_argument("--threads", type=int, default=8)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--git-commit", default=None)
@@ -67,21 +69,27 @@ def main() -> None:
             list(pool.map(host_crc, range(a.pages)))
             host_s.append(time.perf_counter() - t0)
     rows = [dict(kind=f"host {CRC}, {a.threads} threads", ms=statistics.median(host_s) * 1e3, ok=True)]
-    for lanes in [int(x) for x in a.lanes.split(",")]:
-        got = crc32_pages(pages, values, lanes=lanes)
-        ok = got.tolist() == want
+    def timed(n: int, **kw) -> float:
         times = []
         for _ in range(a.repeats):
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             e0.record()
-            crc32_pages(pages, values, lanes=lanes)
+            crc32_pages(pages[:n], values[:n], **kw)
             e1.record()
             e1.synchronize()
             times.append(e0.elapsed_time(e1))
-        rows.append(dict(kind=f"GPU, {lanes} lanes", lanes=lanes, ms=statistics.median(times), ok=ok))
+        return statistics.median(times)
+
+    for lanes in [int(x) for x in a.lanes.split(",")]:
+        for pieces in a.pieces.split(","):
+            kw = dict(lanes=lanes, pieces=None if pieces == "auto" else int(pieces))
+            ok = crc32_pages(pages, values, **kw).tolist() == want
+            rows.append(dict(kind=f"GPU, {lanes} lanes, {pieces} pieces", lanes=lanes, pieces=pieces,
+                             ms=timed(a.pages, **kw), ok=ok, chunk_ms=timed(a.chunk_pages, **kw)))
     for r in rows:
         r["gb_s"] = total / (r["ms"] / 1e3) / 1e9
-        print(f"{r['kind']:>28}  {r['ms']:8.2f} ms  {r['gb_s']:7.1f} GB/s  {'ok' if r['ok'] else 'WRONG'}")
+        chunk = f"  {a.chunk_pages} pages: {r['chunk_ms']:.3f} ms" if "chunk_ms" in r else ""
+        print(f"{r['kind']:>32}  {r['ms']:8.2f} ms  {r['gb_s']:7.1f} GB/s  {'ok' if r['ok'] else 'WRONG'}{chunk}")
     payload = dict(header(dev, a.git_commit), command=" ".join(["python"] + sys.argv), pages=a.pages,
                    page_bytes=nbytes, crc32=CRC, rows=rows)
     write_json(a.out, payload)

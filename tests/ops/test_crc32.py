@@ -18,14 +18,15 @@ def _zlib(pages: torch.Tensor, values: torch.Tensor) -> list[int]:
     return [zlib.crc32(flat[i].view(torch.uint8).numpy().tobytes(), int(v)) for i, v in enumerate(values.tolist())]
 
 
-@pytest.mark.parametrize("nbytes,lanes", [(4, 256), (64, 4), (1000, 8), (4096, 16), (36, 4), (2052, 32)])
-def test_kernel_matches_zlib_for_any_page_length_and_start_value(nbytes, lanes):
-    """Pages whose words fill the lanes exactly, and pages the kernel pads in front (1000 bytes on 8
-    lanes, 2052 on 32, a 4-byte page on 256 lanes); start values 0, all ones and arbitrary."""
+@pytest.mark.parametrize("nbytes,lanes,pieces", [(4, 256, None), (64, 4, None), (1000, 8, 3), (4096, 16, 4), (36, 4, 2), (2052, 32, 5), (8192, 8, None)])
+def test_kernel_matches_zlib_for_any_page_length_and_start_value(nbytes, lanes, pieces):
+    """Pages whose words fill the lanes and pieces exactly, and pages the kernel pads in front (1000
+    bytes in 3 pieces of 8 lanes, 2052 in 5 of 32, a 4-byte page on 256 lanes); start values 0, all
+    ones and arbitrary."""
     g = torch.Generator().manual_seed(nbytes)
     pages = torch.randint(0, 256, (4, nbytes), dtype=torch.uint8, generator=g).to(DEV)
     values = torch.tensor([0, 0xFFFFFFFF, 0x12345678, 77], dtype=torch.int64, device=DEV)
-    assert crc32_pages(pages, values, use_triton=True, lanes=lanes).tolist() == _zlib(pages, values)
+    assert crc32_pages(pages, values, use_triton=True, lanes=lanes, pieces=pieces).tolist() == _zlib(pages, values)
 
 
 def test_pages_of_any_dtype_and_strided_rows():
@@ -60,3 +61,5 @@ def test_bad_input_is_refused():
         crc32_pages(torch.zeros(2, 8, dtype=torch.int32).t(), torch.zeros(8, dtype=torch.int64))
     with pytest.raises(ValueError, match="power of two"):
         crc32_pages(torch.zeros(2, 8, dtype=torch.uint8), z, lanes=3)
+    with pytest.raises(ValueError, match="pieces"):
+        crc32_pages(torch.zeros(2, 8, dtype=torch.uint8), z, pieces=0)

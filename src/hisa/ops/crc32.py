@@ -9,13 +9,18 @@ same values there, over the landed pages, in a few milliseconds.
 The arithmetic. zlib's crc32(data, value) is ~R(~value, data), where R(s, data) runs the CRC
 register from state s over the bytes (reflected, polynomial 0xEDB88320). R is linear over GF(2):
 R(s, data) = Z^n s ^ R(0, data) for n = len(data), Z being one zero byte's step, and a message cut
-into pieces A|B gives R(0, A|B) = Z^len(B) R(0, A) ^ R(0, B). So one program per page lets LANES
-lanes each run the register over its own CHUNK consecutive words (slicing-by-4: four table lookups
-per 32-bit word), then shifts each lane's result past the bytes after it (a 32 x 32 GF(2) matrix
-per lane, `_lane_matrices`) and XORs them together. Leading zero bytes do not change R(0, .), so a
-page whose words do not fill LANES x CHUNK is padded with zeros in front. The key's crc enters as
-Z^n applied to ~value (one more matrix). The matrices depend only on the page length and are made
-once per length on the host (`_tables`).
+into pieces A|B gives R(0, A|B) = Z^len(B) R(0, A) ^ R(0, B). So a page is cut into PIECES, one
+program each, and a program's LANES lanes each run the register over their own CHUNK consecutive
+words (slicing-by-4: four table lookups per 32-bit word); each lane's result is shifted past the
+rest of its piece (a 32 x 32 GF(2) matrix per lane) and the lanes XORed, the piece's shifted past
+the pieces after it (a matrix per piece), and the pieces XORed into the page's crc by atomic XORs
+(so the programs of a page need no second pass). Leading zero bytes do not change R(0, .), so a
+page whose words do not fill PIECES x LANES x CHUNK is padded with zeros in front. The key's crc
+enters as Z^n applied to ~value (one more matrix), and the final inversion as an XOR with all ones,
+both added by a page's first piece. The matrices depend only on the page length and are made once
+per length on the host (`_tables`).
+(One program per page ran ~3.5 ms for any number of 2 MiB pages on an H200: a program's lanes are
+serial; a landing copy of 64 pages then took longer to check than to copy.)
 """
 
 from __future__ import annotations
@@ -28,17 +33,19 @@ import torch
 from hisa.ops._checks import next_pow2, want_triton
 
 POLY = 0xEDB88320  # CRC-32, reflected (zlib, gzip, PNG)
-LANES = 256        # lanes (independent runs of the register) per page
+LANES = 256        # lanes (independent runs of the register) per program
+LANE_WORDS = 64    # words each lane runs over (about): a page is cut into as many pieces as that needs
 
 
 def crc32_pages(pages: torch.Tensor, values: torch.Tensor, *, use_triton: bool | None = None,
-                lanes: int = LANES) -> torch.Tensor:
+                lanes: int = LANES, pieces: int | None = None) -> torch.Tensor:
     """zlib.crc32(bytes of pages[i], values[i]) for every page, as int64 [N].
 
     pages: [N, ...] any dtype, each page's bytes contiguous (rows may be strided), bytes per page a
     multiple of 4. values: int64 [N], the crc to continue from (zlib's `value`: the crc of what came
     before the page, e.g. its key; 0 for none), on pages' device. use_triton: None = Triton iff on
-    CUDA (elsewhere zlib on the host). lanes: a power of two (tuning).
+    CUDA (elsewhere zlib on the host). lanes (a power of two) and pieces (programs per page; None:
+    enough for about LANE_WORDS words per lane) tune the kernel.
 
     Example::
 
@@ -53,21 +60,26 @@ def crc32_pages(pages: torch.Tensor, values: torch.Tensor, *, use_triton: bool |
         raise ValueError(f"values is on {values.device} but pages is on {pages.device}; move them to one device")
     if lanes < 1 or lanes & (lanes - 1):
         raise ValueError(f"lanes must be a power of two, got {lanes}")
+    if pieces is not None and pieces < 1:
+        raise ValueError(f"pieces must be >= 1, got {pieces}")
     if not want_triton(use_triton, pages):
         return crc32_pages_ref(pages, values)
     from hisa.ops.triton_crc32 import crc32_pages_kernel
 
     N, W = words.shape
-    out = torch.empty(N, dtype=torch.int64, device=pages.device)
+    out = torch.zeros(N, dtype=torch.int32, device=pages.device)
     if N == 0:
-        return out
+        return out.long()
     lanes = min(lanes, next_pow2(W))
-    chunk = -(-W // lanes)
-    tables, lane_cols, tail_cols = _tables(W, lanes, pages.device)
-    crc32_pages_kernel[(N,)](words, values, out, tables, lane_cols, tail_cols, W, words.stride(0),
-                             lanes * chunk - W, CHUNK=chunk, LANES=lanes,
-                             num_warps=4 if pages.is_cuda else 1)
-    return out
+    if pieces is None:
+        pieces = max(1, W // (lanes * LANE_WORDS))
+    pieces = min(pieces, -(-W // lanes))
+    chunk = -(-W // (lanes * pieces))
+    tables, lane_cols, piece_cols, tail_cols = _tables(W, lanes, pieces, pages.device)
+    crc32_pages_kernel[(N, pieces)](words, values, out, tables, lane_cols, piece_cols, tail_cols, W, words.stride(0),
+                                    pieces * lanes * chunk - W, CHUNK=chunk, LANES=lanes,
+                                    num_warps=4 if pages.is_cuda else 1)
+    return out.long() & 0xFFFFFFFF
 
 
 def crc32_pages_ref(pages: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -134,8 +146,8 @@ def _signed(x: int) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def _host_tables(words: int, lanes: int) -> tuple[list[int], list[int], list[int]]:
-    chunk = -(-words // lanes)
+def _host_tables(words: int, lanes: int, pieces: int) -> tuple[list[int], list[int], list[int], list[int]]:
+    chunk = -(-words // (lanes * pieces))
     # slicing-by-4: table m (m = 0..3) maps a byte b to Z^(m + 1) b (the word's byte 3 - m)
     tables = []
     for m in range(4):
@@ -144,24 +156,25 @@ def _host_tables(words: int, lanes: int) -> tuple[list[int], list[int], list[int
             for _ in range(m + 1):
                 s = _zero_byte(s)
             tables.append(s)
-    # lane i's result shifted past the (lanes - 1 - i) chunks after it
-    step = _shift(4 * chunk)
-    lane = [[1 << k for k in range(32)]]
-    for _ in range(lanes - 1):
-        lane.append(_mul(step, lane[-1]))
-    lane_cols = [c for m in reversed(lane) for c in m]
-    return tables, lane_cols, _shift(4 * words)
+    return tables, _powers(_shift(4 * chunk), lanes), _powers(_shift(4 * chunk * lanes), pieces), _shift(4 * words)
 
 
-def _tables(words: int, lanes: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The kernel's constants for pages of `words` words, on `device` (made once per length and device)."""
-    return _device_tables(words, lanes, str(device))
+def _powers(step: list[int], n: int) -> list[int]:
+    """The columns of step^(n - 1), step^(n - 2), ..., step^0, concatenated: entry i shifts the
+    i-th of n equal parts past the parts after it."""
+    out = [[1 << k for k in range(32)]]
+    for _ in range(n - 1):
+        out.append(_mul(step, out[-1]))
+    return [c for m in reversed(out) for c in m]
+
+
+def _tables(words: int, lanes: int, pieces: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The kernel's constants for pages of `words` words, on `device` (made once per shape and device)."""
+    return _device_tables(words, lanes, pieces, str(device))
 
 
 @functools.lru_cache(maxsize=16)
-def _device_tables(words: int, lanes: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    tables, lane_cols, tail = _host_tables(words, lanes)
-
+def _device_tables(words: int, lanes: int, pieces: int, device: str) -> tuple[torch.Tensor, ...]:
     def t(xs):
         return torch.tensor([_signed(x) for x in xs], dtype=torch.int32, device=device)
-    return t(tables), t(lane_cols), t(tail)
+    return tuple(t(x) for x in _host_tables(words, lanes, pieces))

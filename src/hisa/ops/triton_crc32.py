@@ -1,10 +1,12 @@
 """Triton kernel of `hisa.ops.crc32.crc32_pages` (the arithmetic is described there).
 
-crc32_pages_kernel, grid (N,): program n runs LANES registers side by side over page n, lane i
-over the page's (zero-padded in front) words [i * CHUNK, (i + 1) * CHUNK), one word per step
-through the slicing-by-4 tables; then shifts lane i's register past the chunks after it (its
-matrix's 32 columns, lane_cols[i]), XORs the lanes, adds the initial value's term Z^n ~value
-(tail_cols) and writes ~R as the page's crc. All arithmetic on uint32 (logical shifts).
+crc32_pages_kernel, grid (N, PIECES): program (n, p) runs LANES registers side by side over piece
+p of page n, lane i over the page's (zero-padded in front) words [(p LANES + i) CHUNK, ... + CHUNK),
+one word per step through the slicing-by-4 tables; then shifts lane i's register past the chunks
+after it in the piece (lane_cols[i]), XORs the lanes, shifts that past the pieces after it
+(piece_cols[p]) and XORs it into the page's output (atomic; the output starts at zero). Piece 0
+also XORs in the initial value's term Z^n ~value (tail_cols) and all ones (the final inversion).
+All arithmetic on uint32 (logical shifts).
 """
 
 from __future__ import annotations
@@ -30,18 +32,20 @@ def _times(x, cols):
 @triton.jit
 def crc32_pages_kernel(
     words_ptr,              # int32 [N, W] each page's words (little-endian bytes)
-    value_ptr, out_ptr,     # int64 [N]: the crc each page continues from; out: its crc
+    value_ptr, out_ptr,     # int64 [N]: the crc each page continues from; out: int32 [N], zeroed: its crc
     table_ptr,              # int32 [4 * 256]: table m maps byte b to Z^(m + 1) b
-    lane_ptr,               # int32 [LANES, 32]: lane i's shift past the chunks after it
+    lane_ptr,               # int32 [LANES, 32]: lane i's shift past the rest of its piece
+    piece_ptr,              # int32 [PIECES, 32]: piece p's shift past the pieces after it
     tail_ptr,               # int32 [32]: Z^(4 W)
     W, stride_page, PAD,    # words per page, between pages; zero words in front of the page
     CHUNK: tl.constexpr, LANES: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1)
     lane = tl.arange(0, LANES)
     base = words_ptr + n * stride_page
     s = tl.zeros([LANES], dtype=tl.uint32)
-    first = lane * CHUNK - PAD  # the lane's first word in the page (negative: padding)
+    first = (p * LANES + lane) * CHUNK - PAD  # the lane's first word in the page (negative: padding)
     for j in range(CHUNK):
         t = first + j
         w = tl.load(base + t, mask=(t >= 0) & (t < W), other=0).to(tl.uint32, bitcast=True)
@@ -52,11 +56,14 @@ def crc32_pages_kernel(
         b3 = (x >> 24).to(tl.int32)
         s = (tl.load(table_ptr + 768 + b0) ^ tl.load(table_ptr + 512 + b1) ^ tl.load(table_ptr + 256 + b2)
              ^ tl.load(table_ptr + b3)).to(tl.uint32, bitcast=True)
-    cols = tl.load(lane_ptr + lane[:, None] * 32 + tl.arange(0, 32)[None, :]).to(tl.uint32, bitcast=True)
-    raw = tl.reduce(_times(s, cols), 0, _xor)
-    # the initial value's term: Z^(4 W) applied to ~value
-    v = (tl.load(value_ptr + n) ^ 0xFFFFFFFF).to(tl.uint32)  # (~ on uint32: the interpreter refuses it)
     k = tl.arange(0, 32)
-    tail = tl.load(tail_ptr + k).to(tl.uint32, bitcast=True)
-    raw = raw ^ tl.reduce(tl.where(((v >> k.to(tl.uint32)) & 1) != 0, tail, tl.zeros_like(tail)), 0, _xor)
-    tl.store(out_ptr + n, raw.to(tl.int64) ^ 0xFFFFFFFF)
+    cols = tl.load(lane_ptr + lane[:, None] * 32 + k[None, :]).to(tl.uint32, bitcast=True)
+    piece = tl.reduce(_times(s, cols), 0, _xor)  # R(0, piece), shifted to the piece's end
+    pcols = tl.load(piece_ptr + p * 32 + k).to(tl.uint32, bitcast=True)
+    part = tl.reduce(tl.where(((piece >> k.to(tl.uint32)) & 1) != 0, pcols, tl.zeros_like(pcols)), 0, _xor)
+    if p == 0:  # the initial value's term Z^(4 W) ~value, and the final inversion
+        v = (tl.load(value_ptr + n) ^ 0xFFFFFFFF).to(tl.uint32)  # (~ on uint32: the interpreter refuses it)
+        tail = tl.load(tail_ptr + k).to(tl.uint32, bitcast=True)
+        part = part ^ tl.reduce(tl.where(((v >> k.to(tl.uint32)) & 1) != 0, tail, tl.zeros_like(tail)), 0, _xor)
+        part = part ^ 0xFFFFFFFF
+    tl.atomic_xor(out_ptr + n, part.to(tl.int32, bitcast=True))
