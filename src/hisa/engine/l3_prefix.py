@@ -235,6 +235,7 @@ class L3PrefixCache:
         # CUDA: the payloads of pages a lookup lands on the device are checked there (`crc32_pages` on the
         # landing stream, `_verify`) instead of on the store's reader threads; off: every page on the host
         self.check_on_device = on_cuda
+        self._row_crcs: torch.Tensor | None = None   # pinned [rows, 2]: the crcs of landed rows (`_failed`)
         self._land_stream = torch.cuda.Stream(cache.data.device) if on_cuda else None
         self._progressed = threading.Event()   # set by the I/O thread as a lookup's read advances or ends
         # where a load's time goes (cumulative): the I/O thread reading and checking pages into the rows,
@@ -463,7 +464,8 @@ class L3PrefixCache:
                     break   # these and the later pages stay in their rows (for now)
                 pages.copy_(self.rows.pages(first, end, dtype=dtype, shape=self.page_shape), non_blocking=True)
                 if r.crcs:   # checked where they landed
-                    r.checks.append(self._failed(pages, r.crcs[r.num_landed + pos:r.num_landed + pos + end - first]))
+                    r.checks.append(self._failed(pages, r.crcs[r.num_landed + pos:r.num_landed + pos + end - first],
+                                                 first, end))
                 copied = torch.cuda.Event()
                 copied.record(self._land_stream)
                 r.landed.append((pages, copied))
@@ -521,11 +523,17 @@ class L3PrefixCache:
         self._stop_read(lookup, keep=good)
         return r.in_l3, good
 
-    def _failed(self, pages: torch.Tensor, crcs: list[tuple[int, int]]) -> torch.Tensor:
-        """Landing stream: which of the landed `pages` ([n, ...] on the device) fail their checksums
-        (`crcs`: each page's key crc and the crc its payload must have), bool [n] on the device."""
-        dev = pages.device
-        both = torch.tensor(crcs, dtype=torch.int64).pin_memory().to(dev, non_blocking=True)   # [n, 2]
+    def _failed(self, pages: torch.Tensor, crcs: list[tuple[int, int]], first: int, end: int) -> torch.Tensor:
+        """Landing stream: which of the landed `pages` ([n, ...] on the device, copied from rows
+        first..end-1) fail their checksums (`crcs`: each page's key crc and the crc its payload must
+        have), bool [n] on the device. The crcs cross in pinned slots beside their rows (reused with
+        the rows, after the copies: no pinned allocation per landing, which would wait for earlier
+        ones' copies to be free)."""
+        if self._row_crcs is None or self._row_crcs.shape[0] < end:
+            self._row_crcs = torch.zeros(max(end, self.rows.capacity), 2, dtype=torch.int64, pin_memory=True)
+        slots = self._row_crcs[first:end]
+        slots.copy_(torch.tensor(crcs, dtype=torch.int64))
+        both = slots.to(pages.device, non_blocking=True)   # [n, 2]
         return crc32_pages(pages, both[:, 0].contiguous()) != both[:, 1]
 
     def _verified(self, lookup: _Lookup, in_l3: int, good: int) -> tuple[int, LoadedRun]:
