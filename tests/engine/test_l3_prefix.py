@@ -562,3 +562,36 @@ def test_lookups_in_flight_are_bounded_in_bytes(make_llm, prompts, reference, tm
     assert [outs[i] for i in ids] == reference[1:]
     assert prefix.metrics()["pages_loaded"] == 300 // S and prefix._lookup_bytes == 0
     _check_no_leak(llm)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA (the pages land on the device)")
+def test_on_cuda_a_corrupt_page_is_caught_on_the_device_after_landing(tmp_path):
+    """CUDA: the pages a lookup reads are copied to the device unchecked and checked there
+    (`crc32_pages` on the landing stream); a bit flipped on disk ends the run at that page, is
+    counted and deleted, and the output is the one computed without L3."""
+    from hisa import LLM
+    from hisa.kvcache.l3 import page_keys
+
+    url = f"file:{tmp_path / 'l3'}"
+    kw = dict(device="cuda", dtype="float32", max_model_len=1024, page_size=S, prefix_cache=False, progress=False,
+              max_num_batched_tokens=128)
+    prompt = list(range(3, 400))
+    want = LLM("random:tiny-llama", **kw).generate([prompt], PARAMS, use_tqdm=False)[0].token_ids
+    first = LLM("random:tiny-llama", l3=url, **kw)
+    assert first.generate([prompt], PARAMS, use_tqdm=False)[0].token_ids == want
+    first.engine.l3_prefix.drain()
+    keys = page_keys(prompt[:(len(prompt) - 1) // S * S], first.engine.l3_prefix.layout)
+    with open(first.engine.l3_prefix.l3.backend.path(keys[7]), "r+b") as f:   # a payload bit of page 7
+        f.seek(-500, os.SEEK_END)
+        byte = f.read(1)[0]
+        f.seek(-500, os.SEEK_END)
+        f.write(bytes([byte ^ 0x04]))
+    llm = LLM("random:tiny-llama", l3=url, **kw)
+    prefix = llm.engine.l3_prefix
+    assert prefix.land_on_device and prefix.check_on_device
+    assert llm.generate([prompt], PARAMS, use_tqdm=False)[0].token_ids == want
+    prefix.drain()
+    m = prefix.metrics()
+    assert m["store_corrupt"] == 1 and m["pages_loaded"] == 7
+    assert prefix.timing["landed_bytes"] > 0   # checked after landing, not on the reader threads
+    _check_no_leak(llm)
