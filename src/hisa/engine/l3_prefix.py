@@ -114,6 +114,9 @@ LAND_HEADROOM_BYTES = 1 << 30  # CUDA: pages are copied ahead to the device only
 LOAD_TIMEOUT_S = 10.0      # a lookup not back by then is given up: the request prefills instead
 CUT_MARGIN = 1.5           # a read is cut short once finishing it looks this many times slower than prefilling its pages
 PREFILL_DECAY = 0.8        # weight of the earlier prefill steps in the prefill rate (decayed sums of tokens and seconds)
+# CUDA: check the crc32 of the pages a lookup lands on the device there, not on the reader threads. Off
+# by default: measured once on an H200, the load read slower with it (see docs/architecture.md, "2026-12-03, later")
+CHECK_ON_DEVICE = False
 READ_DECAY = 0.5           # the same for the store's read rate (batches read, cut reads' included: it follows a store that changes)
 
 
@@ -232,9 +235,9 @@ class L3PrefixCache:
         # (tensors of the caching allocator, on a stream of its own) while the rest are read, so that once
         # it is back only device-to-device copies into the pool's pages are left; off: they wait in the rows
         self.land_on_device = on_cuda
-        # CUDA: the payloads of pages a lookup lands on the device are checked there (`crc32_pages` on the
-        # landing stream, `_verify`) instead of on the store's reader threads; off: every page on the host
-        self.check_on_device = on_cuda
+        # CUDA, CHECK_ON_DEVICE: the payloads of pages a lookup lands on the device are checked there
+        # (`crc32_pages` on the landing stream, `_verified`) instead of on the store's reader threads
+        self.check_on_device = on_cuda and CHECK_ON_DEVICE
         self._row_crcs: torch.Tensor | None = None   # pinned [rows, 2]: the crcs of landed rows (`_failed`)
         self._land_stream = torch.cuda.Stream(cache.data.device) if on_cuda else None
         self._progressed = threading.Event()   # set by the I/O thread as a lookup's read advances or ends
