@@ -115,20 +115,27 @@ def test_get_into_reads_verified_pages_in_place(l3):
     assert store.stats.bytes_read == 6 * 4096
 
 
-def test_get_into_misses_corrupt_truncated_misplaced_and_deleted_pages(l3):
-    """A flipped bit, a truncated value, a value stored under another page's key, a value of another
-    page size and a deleted page each read as a miss (counted; the corrupt ones are deleted), never
-    as KV; the intact pages around them are read."""
-    store, flip = l3
+def _damaged_pages(store, flip, tag: str, *, seed: int) -> tuple[list[str], list[bytes]]:
+    """Seven pages of 4 KiB stored under `tag`, then damaged: 1 a flipped payload bit, 2 truncated,
+    3 page 0's record under its key, 4 an intact record of another length, 5 deleted; 0 and 6 intact."""
     raw = store.backend
-    keys = [f"{request_tag(5)}{i:04d}" for i in range(7)]
-    pages = [random.Random(10 + i).randbytes(4096) for i in range(7)]
+    keys = [f"{tag}{i:04d}" for i in range(7)]
+    pages = [random.Random(seed + i).randbytes(4096) for i in range(7)]
     store.set(keys, pages)
     flip(keys[1], 8 * 300 + 5)                                       # a payload bit
     raw.set([keys[2]], [raw.get([keys[2]])[0][:-100]])               # truncated
     raw.set([keys[3]], [raw.get([keys[0]])[0]])                      # page 0's record under page 3's key
     store.set([keys[4]], [pages[4] + b"x" * 16])                     # intact, but not one page long
     store.delete([keys[5]])
+    return keys, pages
+
+
+def test_get_into_misses_corrupt_truncated_misplaced_and_deleted_pages(l3):
+    """A flipped bit, a truncated value, a value stored under another page's key, a value of another
+    page size and a deleted page each read as a miss (counted; the corrupt ones are deleted), never
+    as KV; the intact pages around them are read."""
+    store, flip = l3
+    keys, pages = _damaged_pages(store, flip, request_tag(5), seed=10)
     rows = _rows(7, 4096)
     got = store.get_into(keys, [memoryview(r) for r in rows])
     assert got == [True, False, False, False, False, False, True]
@@ -148,15 +155,7 @@ def test_get_into_unchecked_leaves_the_payload_checksum_to_the_caller(l3):
     from hisa.ops.crc32 import crc32_pages
 
     store, flip = l3
-    raw = store.backend
-    keys = [f"{request_tag(6)}{i:04d}" for i in range(7)]
-    pages = [random.Random(20 + i).randbytes(4096) for i in range(7)]
-    store.set(keys, pages)
-    flip(keys[1], 8 * 300 + 5)                                       # a payload bit
-    raw.set([keys[2]], [raw.get([keys[2]])[0][:-100]])               # truncated
-    raw.set([keys[3]], [raw.get([keys[0]])[0]])                      # page 0's record under page 3's key
-    store.set([keys[4]], [pages[4] + b"x" * 16])                     # intact, but not one page long
-    store.delete([keys[5]])
+    keys, _ = _damaged_pages(store, flip, request_tag(6), seed=20)
     rows = _rows(7, 4096)
     wants = store.get_into_unchecked(keys, [memoryview(r) for r in rows])
     assert [w is not None for w in wants] == [True, True, False, False, False, False, True]

@@ -19,6 +19,7 @@ pool of threads of its own, one per core up to 32: file reads and crc32 release 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -145,28 +146,10 @@ class L3Store:
             rows = numpy.empty((2, page_bytes), numpy.uint8)
             store.get_into(["k0", "k9"], [memoryview(rows[0]), memoryview(rows[1])])   # [True, False]
         """
-        if len(keys) != len(payloads):
-            raise ValueError(f"{len(keys)} keys for {len(payloads)} buffers")
-        if not keys:
-            return []
-        payloads = [memoryview(p).cast("B") for p in payloads]
-        heads = [bytearray(record.head_bytes(k)) for k in keys]
-        read_into = getattr(self.backend, "get_into", None)
-        if read_into is not None:
-            def one(key: str, head: bytearray, payload: memoryview) -> tuple[int | None, bool]:
-                size = read_into([key], [[head, payload]])[0]
-                return size, size == len(head) + len(payload) and record.check(key, head, payload)
-
-            ok, results = self._call("get", lambda: self.readers.map(one, keys, heads, payloads))
-        else:
-            ok, records = self._call("get", lambda: self.backend.get(keys))
-            if ok:
-                self._check_count(records, keys)
-                results = self.readers.map(_copy_check, keys, records, heads, payloads)
-        if not ok:
-            self.stats.unavailable += len(keys)
+        results = self._read_into(keys, payloads, check=True)
+        if results is None:
             return [False] * len(keys)
-        sizes, good = zip(*results)
+        sizes, good = zip(*results) if results else ((), ())
         return self._tally(keys, list(sizes), list(good))
 
     def get_into_unchecked(self, keys: Sequence[str], payloads: Sequence[memoryview]) -> list[int | None]:
@@ -176,29 +159,10 @@ class L3Store:
         buffer with a sound head, else None (a miss, counted as `get_into` counts it). The pages
         returned count as hits until the caller reports those whose payload failed the check
         (`corrupt_found`)."""
-        if len(keys) != len(payloads):
-            raise ValueError(f"{len(keys)} keys for {len(payloads)} buffers")
-        if not keys:
-            return []
-        payloads = [memoryview(p).cast("B") for p in payloads]
-        heads = [bytearray(record.head_bytes(k)) for k in keys]
-        read_into = getattr(self.backend, "get_into", None)
-        if read_into is not None:
-            def one(key: str, head: bytearray, payload: memoryview) -> tuple[int | None, int | None]:
-                size = read_into([key], [[head, payload]])[0]
-                whole = size == len(head) + len(payload)
-                return size, record.expected_crc(key, head, len(payload)) if whole else None
-
-            ok, results = self._call("get", lambda: self.readers.map(one, keys, heads, payloads))
-        else:
-            ok, records = self._call("get", lambda: self.backend.get(keys))
-            if ok:
-                self._check_count(records, keys)
-                results = self.readers.map(_copy_head, keys, records, heads, payloads)
-        if not ok:
-            self.stats.unavailable += len(keys)
+        results = self._read_into(keys, payloads, check=False)
+        if results is None:
             return [None] * len(keys)
-        sizes, wants = zip(*results)
+        sizes, wants = zip(*results) if results else ((), ())
         self._tally(keys, list(sizes), [w is not None for w in wants])
         return list(wants)
 
@@ -248,6 +212,32 @@ class L3Store:
         self.readers.close()
 
     # -- internals ---------------------------------------------------------------------------
+    def _read_into(self, keys: Sequence[str], payloads: Sequence[memoryview], *, check: bool) -> list[tuple] | None:
+        """Read each page into its payload buffer on the reader threads: (stored length or None if
+        absent, verdict) per page, the verdict being `_verdict`'s; None while L3 is down (counted)."""
+        if len(keys) != len(payloads):
+            raise ValueError(f"{len(keys)} keys for {len(payloads)} buffers")
+        if not keys:
+            return []
+        payloads = [memoryview(p).cast("B") for p in payloads]
+        heads = [bytearray(record.head_bytes(k)) for k in keys]
+        read_into = getattr(self.backend, "get_into", None)
+        if read_into is not None:
+            def one(key: str, head: bytearray, payload: memoryview) -> tuple:
+                size = read_into([key], [[head, payload]])[0]
+                return size, _verdict(key, head, payload, size == len(head) + len(payload), check)
+
+            ok, results = self._call("get", lambda: self.readers.map(one, keys, heads, payloads))
+        else:
+            ok, records = self._call("get", lambda: self.backend.get(keys))
+            if ok:
+                self._check_count(records, keys)
+                results = self.readers.map(functools.partial(_copy_in, check=check), keys, records, heads, payloads)
+        if not ok:
+            self.stats.unavailable += len(keys)
+            return None
+        return results
+
     def _check_count(self, records: Sequence, keys: Sequence[str]) -> None:
         if len(records) != len(keys):
             raise RuntimeError(f"L3 backend {self.backend.name} returned {len(records)} pages for {len(keys)} keys")
@@ -317,26 +307,22 @@ class L3Store:
             self.stats.evictions += len(victims)
 
 
-def _copy_check(key: str, rec: bytes | None, head: bytearray, payload: memoryview) -> tuple[int | None, bool]:
-    """(stored length, intact) of a record a backend returned whole, copied into `head` + `payload` first."""
-    if rec is None:
-        return None, False
-    if len(rec) != len(head) + len(payload):
-        return len(rec), False
-    view = memoryview(rec)
-    head[:] = view[:len(head)]
-    payload[:] = view[len(head):]
-    return len(rec), record.check(key, head, payload)
+def _verdict(key: str, head: bytearray, payload: memoryview, whole: bool, check: bool):
+    """check: whether the page read is intact (bool); else the crc its payload must have, or None if
+    it was not read whole or its head is not sound."""
+    if check:
+        return whole and record.check(key, head, payload)
+    return record.expected_crc(key, head, len(payload)) if whole else None
 
 
-def _copy_head(key: str, rec: bytes | None, head: bytearray, payload: memoryview) -> tuple[int | None, int | None]:
-    """(stored length, the crc its payload must have or None) of a record a backend returned whole,
-    copied into `head` + `payload` (the payload is not checked)."""
+def _copy_in(key: str, rec: bytes | None, head: bytearray, payload: memoryview, *, check: bool) -> tuple:
+    """(stored length or None, `_verdict`) of a record a backend returned whole, copied into `head`
+    + `payload` first (when it has their length)."""
     if rec is None:
-        return None, None
-    if len(rec) != len(head) + len(payload):
-        return len(rec), None
-    view = memoryview(rec)
-    head[:] = view[:len(head)]
-    payload[:] = view[len(head):]
-    return len(rec), record.expected_crc(key, head, len(payload))
+        return None, _verdict(key, head, payload, False, check)
+    whole = len(rec) == len(head) + len(payload)
+    if whole:
+        view = memoryview(rec)
+        head[:] = view[:len(head)]
+        payload[:] = view[len(head):]
+    return len(rec), _verdict(key, head, payload, whole, check)
