@@ -103,9 +103,9 @@ from hisa.engine.sequence import Sequence
 from hisa.kvcache.l3 import KVLayout, L3Store, page_keys
 from hisa.kvcache.l3.record import crc32 as record_crc32
 from hisa.kvcache.l3.record import key_crc
-from hisa.ops.crc32 import crc32_pages
 from hisa.kvcache.l3.worker import MAX_PENDING_BYTES, L3Worker
 from hisa.kvcache.paged_cache import PagedKVCache
+from hisa.ops.crc32 import crc32_pages
 
 log = logging.getLogger("hisa.l3")
 COPY_CHUNK_BYTES = 256 << 20  # CUDA: the most bytes of pages one host-to-device copy moves (its device temporary)
@@ -114,10 +114,10 @@ LAND_HEADROOM_BYTES = 1 << 30  # CUDA: pages are copied ahead to the device only
 LOAD_TIMEOUT_S = 10.0      # a lookup not back by then is given up: the request prefills instead
 CUT_MARGIN = 1.5           # a read is cut short once finishing it looks this many times slower than prefilling its pages
 PREFILL_DECAY = 0.8        # weight of the earlier prefill steps in the prefill rate (decayed sums of tokens and seconds)
+READ_DECAY = 0.5           # the same for the store's read rate (batches read, cut reads' included: it follows a store that changes)
 # CUDA: check the crc32 of the pages a lookup lands on the device there, not on the reader threads. Off
 # by default: measured once on an H200, the load read slower with it (see docs/architecture.md, "2026-12-03, later")
 CHECK_ON_DEVICE = False
-READ_DECAY = 0.5           # the same for the store's read rate (batches read, cut reads' included: it follows a store that changes)
 
 
 @dataclass(slots=True)
@@ -401,7 +401,7 @@ class L3PrefixCache:
         the run ends at the first page that fails its checks. With `land_on_device` the pages are read
         in batches and `reading.ready` published after each, so the engine thread copies them on to
         the device while the next are read. `unchecked`: the payloads' checksums are left to the
-        device (`_verify`); a page whose head fails still ends the run here. No CUDA call here."""
+        device (`_verified`); a page whose head fails still ends the run here. No CUDA call here."""
         keys = page_keys(tokens, self.layout)
         found = self.l3.exists(keys)
         in_l3 = found.index(False) if False in found else len(found)
