@@ -12,6 +12,9 @@ qkv_rope.py          `qkv_rope`: split a fused q|k|v projection, (Gemma) QK-norm
 triton_qkv_rope.py   its @triton.jit kernel
 act_mul.py           `act_mul`: act(gate) * up of a fused gate|up projection (SiLU, GELU-tanh)
 triton_act_mul.py    its @triton.jit kernel
+crc32.py             `crc32_pages`: zlib's CRC-32 of many equal pages on the device (L3 pages landed there)
+triton_crc32.py      its @triton.jit kernel
+pdl.py               programmatic dependent launch for the decode step's kernels (HISA_PDL; off)
 
 Each launcher checks its arguments, runs the Triton kernel for CUDA tensors and a torch path
 otherwise, and has a plain-torch reference (`*_ref`) that the kernels are tested against
