@@ -145,10 +145,10 @@ def _signed(x: int) -> int:
     return x - (1 << 32) if x >= 1 << 31 else x
 
 
-@functools.lru_cache(maxsize=16)
-def _host_tables(words: int, lanes: int, pieces: int) -> tuple[list[int], list[int], list[int], list[int]]:
-    chunk = -(-words // (lanes * pieces))
-    # slicing-by-4: table m (m = 0..3) maps a byte b to Z^(m + 1) b (the word's byte 3 - m)
+@functools.lru_cache(maxsize=1)
+def _byte_tables() -> list[int]:
+    """Slicing-by-4's tables, concatenated: table m (m = 0..3) maps a byte b to Z^(m + 1) b (the
+    word's byte 3 - m). The same for every page length."""
     tables = []
     for m in range(4):
         for b in range(256):
@@ -156,7 +156,14 @@ def _host_tables(words: int, lanes: int, pieces: int) -> tuple[list[int], list[i
             for _ in range(m + 1):
                 s = _zero_byte(s)
             tables.append(s)
-    return tables, _powers(_shift(4 * chunk), lanes), _powers(_shift(4 * chunk * lanes), pieces), _shift(4 * words)
+    return tables
+
+
+@functools.lru_cache(maxsize=16)
+def _host_tables(words: int, lanes: int, pieces: int) -> tuple[list[int], list[int], list[int], list[int]]:
+    chunk = -(-words // (lanes * pieces))
+    return (_byte_tables(), _powers(_shift(4 * chunk), lanes), _powers(_shift(4 * chunk * lanes), pieces),
+            _shift(4 * words))
 
 
 def _powers(step: list[int], n: int) -> list[int]:

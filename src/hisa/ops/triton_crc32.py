@@ -30,6 +30,13 @@ def _times(x, cols):
 
 
 @triton.jit
+def _times_one(x, cols):
+    """One GF(2) matrix product: the XOR of the columns cols[k] ([32]) of x's set bits k (x: a uint32)."""
+    k = tl.arange(0, 32).to(tl.uint32)
+    return tl.reduce(tl.where(((x >> k) & 1) != 0, cols, tl.zeros_like(cols)), 0, _xor)
+
+
+@triton.jit
 def crc32_pages_kernel(
     words_ptr,              # int32 [N, W] each page's words (little-endian bytes)
     value_ptr, out_ptr,     # int64 [N]: the crc each page continues from; out: int32 [N], zeroed: its crc
@@ -60,10 +67,10 @@ def crc32_pages_kernel(
     cols = tl.load(lane_ptr + lane[:, None] * 32 + k[None, :]).to(tl.uint32, bitcast=True)
     piece = tl.reduce(_times(s, cols), 0, _xor)  # R(0, piece), shifted to the piece's end
     pcols = tl.load(piece_ptr + p * 32 + k).to(tl.uint32, bitcast=True)
-    part = tl.reduce(tl.where(((piece >> k.to(tl.uint32)) & 1) != 0, pcols, tl.zeros_like(pcols)), 0, _xor)
+    part = _times_one(piece, pcols)
     if p == 0:  # the initial value's term Z^(4 W) ~value, and the final inversion
         v = (tl.load(value_ptr + n) ^ 0xFFFFFFFF).to(tl.uint32)  # (~ on uint32: the interpreter refuses it)
         tail = tl.load(tail_ptr + k).to(tl.uint32, bitcast=True)
-        part = part ^ tl.reduce(tl.where(((v >> k.to(tl.uint32)) & 1) != 0, tail, tl.zeros_like(tail)), 0, _xor)
+        part = part ^ _times_one(v, tail)
         part = part ^ 0xFFFFFFFF
     tl.atomic_xor(out_ptr + n, part.to(tl.int32, bitcast=True))
