@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 # Page reads and checksums release the GIL, so threads move pages in parallel (one thread reads and
@@ -47,6 +47,34 @@ class LazyThreads:
         futures = [self._pool.submit(fn, *row) for row in zip(*columns)]
         wait(futures)
         return [f.result() for f in futures]
+
+    def stream(self, fn: Callable[..., T], *items: Iterable) -> Iterator[T]:
+        """`map`'s results one at a time, in item order, as they are done; all items are handed to
+        the pool at once, so a slow one holds back only the results after it, not the pool. When
+        the iterator is closed early (or raises), items not started are cancelled and those running
+        have ended before `close` returns: none is left writing into a caller's buffer.
+
+        Example::
+
+            for data in readers.stream(read_file, paths):   # stop at the first missing file
+                if data is None:
+                    break
+        """
+        columns = [list(c) for c in items]
+        if len(columns[0]) < MIN_ITEMS or self.workers == 1:
+            for row in zip(*columns):
+                yield fn(*row)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=self.name)
+        futures = [self._pool.submit(fn, *row) for row in zip(*columns)]
+        try:
+            for f in futures:
+                yield f.result()
+        finally:
+            for f in futures:
+                f.cancel()
+            wait(futures)
 
     def close(self) -> None:
         if self._pool is not None:
