@@ -35,7 +35,6 @@ sys.path.insert(0, str(REPO / "tests" / "kvcache" / "l3"))
 from tests.conftest import long_text  # noqa: E402
 
 from hisa import LLM, SamplingParams  # noqa: E402
-from hisa.kvcache.l3 import file_backend  # noqa: E402
 from hisa.models.factory import load_model  # noqa: E402
 
 
@@ -81,8 +80,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=2048, help="--max-num-batched-tokens (default 2048)")
     ap.add_argument("--modes", nargs="+", default=["recompute", "pool", "file", "redis", "mooncake"],
                     help="recompute: no reuse; pool: the device pool's prefix cache (--prefix-cache); file/redis/"
-                         "mooncake: L3 only (the pool's prefix cache off, so the pages come from L3); file@KIB: "
-                         "file with pages read in pieces of KIB KiB (0: one read per page); modes may repeat")
+                         "mooncake: L3 only (the pool's prefix cache off, so the pages come from L3); a mode may repeat")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: on a shared 2-core machine 2 threads ran 10x slower)")
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2; e.g. random:llama-3.1-8b on a GPU")
@@ -163,15 +161,13 @@ def main() -> None:
     del warm
 
     rows, reference = [], None
-    default_piece = file_backend.READ_PIECE_BYTES
     with tempfile.TemporaryDirectory(prefix="hisa-l3-bench-") as tmp:
         for mode in args.modes:
             server = None
             if mode in ("recompute", "pool"):
                 url = None
-            elif mode == "file" or mode.startswith("file@"):   # file@KIB: pages read in pieces of KIB (0: whole)
-                url = f"file:{tmp}/l3-{len(rows)}"
-                file_backend.READ_PIECE_BYTES = int(mode[5:]) << 10 if mode != "file" else default_piece
+            elif mode == "file":
+                url = f"file:{tmp}/l3-{len(rows)}"   # (a mode may repeat: each run its own directory)
             elif mode == "redis":
                 from l3_servers import RedisServer
 
@@ -193,8 +189,6 @@ def main() -> None:
                     if args.read_threads is not None:
                         store.readers.workers = args.read_threads
                     row["read_threads"] = store.readers.workers
-                    if mode.startswith("file"):
-                        row["read_piece_bytes"] = file_backend.READ_PIECE_BYTES
                     if args.no_device_landing:
                         llm.engine.l3_prefix.land_on_device = False
                     if args.check is not None:

@@ -5,9 +5,8 @@ count.
   old  L3Store.get: each page read into a fresh bytes object (the backend's reader threads), its
        checksum checked (the store's threads), then copied into its row of the buffer (one thread,
        as engine/l3_prefix.py's `_fill` did);
-  new  L3Store.get_into: each page read straight into its row of the buffer (header and key into a
-       small buffer beside it) in pieces (--pieces-kib; 0: one preadv), each piece's crc32 computed
-       as it lands, on the same thread.
+  new  L3Store.get_into: each page read by one preadv straight into its row of the buffer (header
+       and key into a small buffer beside it) and checked there, on the same thread.
 
 Also one thread's rates of the two parts, to estimate a many-core machine: a preadv of a cached page
 into the buffer, and the crc32 over a page (zlib-ng's where installed, as the store uses; and zlib's).
@@ -36,7 +35,6 @@ from _common import REPO, header, write_json
 sys.path.insert(0, str(REPO / "src"))   # this tree's hisa, whatever is installed
 
 from hisa.kvcache.l3 import L3Store, record  # noqa: E402
-from hisa.kvcache.l3 import file_backend  # noqa: E402
 from hisa.kvcache.l3.file_backend import FileBackend  # noqa: E402
 
 
@@ -86,10 +84,6 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=None,
                     help="reader thread counts to measure (default: 1, 2, 4, ... up to os.cpu_count())")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--pieces-kib", type=int, nargs="+", default=None,
-                    help="new path: read each page in pieces of these KiB, the crc32 over each as it lands (0: "
-                         "one read per page, then its crc32); default: file_backend.READ_PIECE_BYTES")
-    ap.add_argument("--no-old", action="store_true", help="measure only the new path")
     ap.add_argument("--dir", type=Path, default=None, help="where the pages go (default: a temporary directory)")
     ap.add_argument("--git-commit", default=None)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "l3_read_cpu.json")
@@ -99,7 +93,6 @@ def main() -> None:
     page_bytes = int(args.page_mib * 2**20)
     total = args.pages * page_bytes
 
-    default_piece = file_backend.READ_PIECE_BYTES
     with tempfile.TemporaryDirectory(prefix="hisa-l3-read-", dir=args.dir) as tmp:
         store = L3Store(FileBackend(tmp))
         keys = [f"{i:06x}" + "ab" * 29 for i in range(args.pages)]   # 64 hex characters, like page_keys
@@ -114,21 +107,17 @@ def main() -> None:
         print(f"one thread: preadv {parts['read_gb_s']} GB/s, crc32 ({parts['crc32']}) {parts['crc32_gb_s']} GB/s "
               f"(zlib {zlib.ZLIB_RUNTIME_VERSION}: {parts['zlib_crc32_gb_s']} GB/s), "
               f"both {parts['read_and_crc32_gb_s']} GB/s", flush=True)
-        pieces = [k << 10 for k in args.pieces_kib] if args.pieces_kib else [default_piece]
-        paths = ([] if args.no_old else [("old", old_path, default_piece)]) + [
-            ("new" if len(pieces) == 1 else f"new@{p >> 10}K", new_path, p) for p in pieces]
         results = []
         for n in threads:
             set_threads(store, n)
-            for name, fn, piece in paths:
-                file_backend.READ_PIECE_BYTES = piece
+            for name, fn in (("old", old_path), ("new", new_path)):
                 times = []
                 for _ in range(args.repeats):
                     t0 = time.perf_counter()
                     fn(store, keys, rows)
                     times.append(time.perf_counter() - t0)
                 best, med = min(times), statistics.median(times)
-                row = dict(path=name, threads=n, piece_bytes=piece, seconds=[round(t, 4) for t in times],
+                row = dict(path=name, threads=n, seconds=[round(t, 4) for t in times],
                            gb_s_best=round(total / best / 1e9, 2), gb_s_median=round(total / med / 1e9, 2),
                            gb_s_per_thread_best=round(total / best / 1e9 / n, 2))
                 results.append(row)
@@ -152,9 +141,9 @@ def plot(results: list[dict], path: Path, total: int, cpus: int) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name in dict.fromkeys(r["path"] for r in results):
+    for name, color in (("old", "#888"), ("new", "#3a7")):
         pts = [(r["threads"], r["gb_s_best"]) for r in results if r["path"] == name]
-        ax.plot(*zip(*pts), "o-", label=f"{name} (get{'' if name == 'old' else '_into'})")
+        ax.plot(*zip(*pts), "o-", color=color, label=f"{name} (get{'_into' if name == 'new' else ''})")
     ax.set_xlabel("reader threads")
     ax.set_ylabel("GB/s (best)")
     ax.set_title(f"L3 file read + verify into one buffer, {total / 1e9:.2f} GB ({cpus} CPUs)", fontsize=9)

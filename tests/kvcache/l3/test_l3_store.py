@@ -156,7 +156,8 @@ def test_unreachable_servers_fail_at_start_up_with_advice():
 
 def test_file_get_into_misses_files_truncated_emptied_or_gone(tmp_path):
     """The file backend's preadv path: a file cut short in place, an empty file (a crashed writer's
-    page renamed in by hand) and a file removed by another process are misses, counted; a directory
+    page renamed in by hand), a file removed by another process and one a byte too long are misses,
+    counted; a directory
     gone from under the store is a failure: misses, no exception, no L3 for a while."""
     store = L3Store(FileBackend(str(tmp_path / "l3")), retry_after_s=10.0, clock=Clock())
     keys = [f"f{i:03d}" for i in range(5)]
@@ -164,44 +165,17 @@ def test_file_get_into_misses_files_truncated_emptied_or_gone(tmp_path):
     os.truncate(store.backend.path(keys[1]), record.head_bytes(keys[1]) + 500)
     os.truncate(store.backend.path(keys[2]), 0)
     os.unlink(store.backend.path(keys[3]))
+    with open(store.backend.path(keys[4]), "ab") as f:   # one byte past the page: another page size
+        f.write(b"x")
     rows = bytearray(5 * 1000)
     views = [memoryview(rows)[i * 1000:(i + 1) * 1000] for i in range(5)]
-    assert store.get_into(keys, views) == [True, False, False, False, True]
-    assert bytes(views[0]) == _kb(0) and bytes(views[4]) == _kb(4)
-    assert (store.stats.hits, store.stats.corrupt, store.stats.misses) == (2, 2, 1)
+    assert store.get_into(keys, views) == [True, False, False, False, False]
+    assert bytes(views[0]) == _kb(0)
+    assert (store.stats.hits, store.stats.corrupt, store.stats.misses) == (1, 3, 1)
     shutil.rmtree(tmp_path / "l3")
     (tmp_path / "l3").write_bytes(b"not a directory")
     assert store.get_into(keys, views) == [False] * 5
     assert store.stats.failures == 1 and store.stats.unavailable == 5 and not store.available
-
-
-def test_file_pages_are_read_and_checked_in_pieces(tmp_path, monkeypatch):
-    """The file backend reads a page in pieces and the store's crc32 runs over each as it lands: the
-    pieces cover the buffers in order, whole pages read as written, and a bit flipped in any piece
-    (the first, one in the middle, the last byte) makes that page a counted miss."""
-    from hisa.kvcache.l3 import file_backend
-    monkeypatch.setattr(file_backend, "READ_PIECE_BYTES", 96)
-    backend = FileBackend(str(tmp_path / "l3"))
-    store = L3Store(backend)
-    keys = [f"p{i:03d}" for i in range(6)]
-    pages = [os.urandom(1000) for _ in keys]
-    store.set(keys, pages)
-    seen: list[tuple[int, int]] = []
-    head, row = bytearray(record.head_bytes(keys[0])), bytearray(1000)
-    assert backend.get_into(keys[:1], [[head, row]], [lambda i, v: seen.append((i, len(v)))]) == [len(head) + 1000]
-    assert bytes(row) == pages[0]
-    assert [i for i, _ in seen] == [0] + [1] * 11 and [n for _, n in seen] == [len(head)] + [96] * 10 + [40]
-    for key, at in zip(keys[1:4], (record.head_bytes(keys[1]) + 5, record.head_bytes(keys[2]) + 500,
-                                   record.head_bytes(keys[3]) + 999)):
-        with open(backend.path(key), "r+b") as f:
-            f.seek(at)
-            b = f.read(1)
-            f.seek(at)
-            f.write(bytes([b[0] ^ 0x10]))
-    rows = [bytearray(1000) for _ in keys]
-    assert store.get_into(keys, [memoryview(r) for r in rows]) == [True, False, False, False, True, True]
-    assert [bytes(r) for r in rows[4:]] == pages[4:]
-    assert (store.stats.hits, store.stats.corrupt) == (3, 3)
 
 
 def test_a_read_stopped_by_progress_ends_before_it_returns(tmp_path):
@@ -237,21 +211,9 @@ def test_stream_closed_early_cancels_what_has_not_started_and_waits_for_the_rest
     it = pool.stream(work, range(50))
     assert [next(it) for _ in range(3)] == [0, 1, 2]
     it.close()
-    assert sorted(started) == sorted(ended) and len(started) < 50
+    assert sorted(started) == sorted(ended) and len(started) <= 3 + 4 * 2   # what was taken + `ahead`
     assert list(pool.stream(work, range(6))) == list(range(6))
     pool.close()
-
-
-def test_file_exists_over_many_keys_on_the_reader_threads(tmp_path):
-    """`exists` of more keys than a few slices runs on the reader threads: the same answers, in order."""
-    from hisa.kvcache.l3.file_backend import EXISTS_SLICE
-    backend = FileBackend(str(tmp_path / "l3"))
-    keys = [f"e{i:04d}" for i in range(5 * EXISTS_SLICE + 3)]
-    there = [i % 3 == 0 or i == len(keys) - 1 for i in range(len(keys))]
-    backend.set([k for k, t in zip(keys, there) if t], [b"x"] * sum(there))
-    assert backend.exists(keys) == there
-    assert backend.exists(keys[:5]) == there[:5]
-    backend.close()
 
 
 def test_the_checksum_is_zlibs_crc32_whichever_library_computes_it():

@@ -41,12 +41,12 @@ class L3Backend(Protocol):
 
     def exists(self, keys: Sequence[str]) -> list[bool]: ...
     def get(self, keys: Sequence[str]) -> list[bytes | None]: ...
-    # Optional (file has it): `get_into(keys, buffers, each=None) -> list[int | None]` reads each value
-    # straight into its writable buffers (a list of memoryviews, filled in order) if it is exactly as
-    # long as they are, and returns its length (not read if it differs) or None if absent; `each[j](i,
-    # view)`, where given, is called on every part of page j's buffer i as it lands, in order (the
-    # store's crc32 runs there, while the part is in the cache); callable from several threads at
-    # once. L3Store.get_into uses it where present, else `get` and a copy.
+    # Optional (file has it): `get_into(keys, buffers) -> list[int | None]` reads each value straight
+    # into its writable buffers (a list of memoryviews, filled in order) and returns its length (the
+    # value is in the buffers only if that is their total length) or None if absent; callable from
+    # several threads at once. L3Store.get_into uses it where present, else `get` and a copy.
+    # Optional: `reads_find_misses = True` where reading an absent page costs no more than asking
+    # `exists` (file): a load then reads at once and its run ends at the first miss.
     def set(self, keys: Sequence[str], values: Sequence[bytes]) -> None: ...
     def delete(self, keys: Sequence[str]) -> None: ...
     def listing(self) -> list[tuple[str, int]]: ...   # (key, stored bytes), oldest first; [] if unknown
@@ -112,6 +112,11 @@ class L3Store:
         """Bytes of the pages this process knows to be stored (what `capacity_bytes` bounds)."""
         return self._used
 
+    @property
+    def reads_find_misses(self) -> bool:
+        """Whether reading an absent page is as cheap as asking `exists` (the backend says so: file)."""
+        return bool(getattr(self.backend, "reads_find_misses", False))
+
     # -- the interface -----------------------------------------------------------------------
     def exists(self, keys: Sequence[str]) -> list[bool]:
         """Whether each page is stored (cheap; not checksummed: `get` is the only verdict)."""
@@ -141,9 +146,8 @@ class L3Store:
         verified page, False for a miss (absent, corrupt, of another length, or L3 down; counted as
         `get` counts them), whose buffer holds garbage.
 
-        A backend with `get_into` (file) reads each page on one of the store's threads, which checks
-        it piece by piece as the pieces land, while they are warm in the cache: no bytes object, no
-        copy. Others `get` the batch; each page is then copied into its buffer and checked on those
+        A backend with `get_into` (file) reads each page on one of the store's threads, which then
+        checks it while it is warm in the cache: no bytes object, no copy. Others `get` the batch; each page is then copied into its buffer and checked on those
         threads.
 
         `progress(i, ok)`, if given, is called on the calling thread for each page in order as soon
@@ -238,19 +242,8 @@ class L3Store:
         read_into = getattr(self.backend, "get_into", None)
         if read_into is not None:
             def one(key: str, head: bytearray, payload: memoryview) -> tuple:
-                if not check:
-                    size = read_into([key], [[head, payload]])[0]
-                    return size, _verdict(key, head, payload, size == len(head) + len(payload), False)
-                crc = record.key_crc(key)
-
-                def each(i: int, piece: memoryview) -> None:   # the payload's crc, piece by piece as it lands
-                    nonlocal crc
-                    if i == 1:
-                        crc = record.crc32(piece, crc)
-
-                size = read_into([key], [[head, payload]], [each])[0]
-                whole = size == len(head) + len(payload)
-                return size, whole and record.expected_crc(key, head, len(payload)) == crc
+                size = read_into([key], [[head, payload]])[0]
+                return size, _verdict(key, head, payload, size == len(head) + len(payload), check)
 
             ok, results = self._call("get", lambda: _in_order(self.readers.stream(one, keys, heads, payloads),
                                                               progress))
