@@ -3,9 +3,9 @@ by threads (as `L3Store.get_into` does them) and by processes, with and without 
 page, and reads alone.
 
   full      open, fstat, one preadv (header + payload), crc32 of the payload, close: the store's
-            path before 2026-12-03 (night)
+            path (file_backend._read_into, then record.check)
   lean      open, one preadv (header + payload + one spare byte that only a longer file fills),
-            crc32, close: the store's path now (file_backend._read_into)
+            crc32, close: one system call fewer per page
   readonly  open, one preadv, close: no checksum
   processes the `full` path in N processes (spawned), each over its share of the pages, into one
             shared-memory buffer: whether the GIL bounds the threads

@@ -399,80 +399,45 @@ class L3PrefixCache:
         """On the I/O thread: how many leading full pages of `tokens` L3 holds (pages the pool gave
         the request count only if L3 has them too: their writer's write may have been dropped), and
         how many pages from `start` on, the run L3 holds, were read and checked into `reading.rows`;
-        the run ends at the first page that fails its checks. The pages are read with no barrier
-        between them; with `land_on_device`, `reading.ready` is published every LAND_CHUNK_BYTES of
-        them, so the engine thread copies them on to the device while the rest are read. `unchecked`: the payloads' checksums are left to the
+        the run ends at the first page that fails its checks. With `land_on_device` the pages are read
+        in batches and `reading.ready` published after each, so the engine thread copies them on to
+        the device while the next are read. `unchecked`: the payloads' checksums are left to the
         device (`_verified`); a page whose head fails still ends the run here. No CUDA call here."""
         keys = page_keys(tokens, self.layout)
         t0 = time.perf_counter()
-        if self.l3.reads_find_misses:
-            # No `exists` over the run (1,020 lookups took 8-11 ms on the H200 machine, in front of
-            # the read): its pages are read at once, the run ends at the first absent one, and
-            # `hits` is the most the rows hold until then. Only the pool's pages are looked up.
-            found = self.l3.exists(keys[:start])
-            hits = min(len(keys) - start, len(reading.rows))
-            in_l3 = found.index(False) if False in found else len(found)
-        else:
-            found = self.l3.exists(keys)
-            in_l3 = found.index(False) if False in found else len(found)
-            after = found[start:]
-            hits = min(after.index(False) if False in after else len(after), len(reading.rows))
+        found = self.l3.exists(keys)
         self.timing["exists_s"] += time.perf_counter() - t0
+        in_l3 = found.index(False) if False in found else len(found)
+        after = found[start:]
+        hits = min(after.index(False) if False in after else len(after), len(reading.rows))
         reading.in_l3, reading.read_since = in_l3, time.monotonic()
         reading.hits = hits   # last: the engine thread reads `hits` first
         batch = max(hits, 1)
         if self.land_on_device:
             batch = max(LAND_CHUNK_BYTES // self.page_bytes, 2 * self.l3.readers.workers, 1)
-        # The pages are read with no barrier between them (`progress` sees them in order); every
-        # `batch` good pages in a row are published (`ready`), so the engine thread copies them on
-        # to the device while the rest are read. The run ends at the first page that fails.
-        got = 0          # good pages in a row so far
-        published = 0
-        failed = False
-        t_last = time.perf_counter()
-
-        def publish() -> None:
-            nonlocal published, t_last
-            now = time.perf_counter()
-            dt, n = now - t_last, got - published
+        good = 0
+        while good < hits and not reading.dropped:
+            part = reading.rows[good:min(hits, good + batch)]
+            t0 = time.perf_counter()
+            batch_keys = keys[start + good:start + good + len(part)]
+            if unchecked:
+                wants = self.l3.get_into_unchecked(batch_keys, self.rows.views(part))
+                n = wants.index(None) if None in wants else len(wants)
+                reading.crcs.extend((key_crc(k), w) for k, w in zip(batch_keys[:n], wants[:n]))
+            else:
+                ok = self.l3.get_into(batch_keys, self.rows.views(part))
+                n = ok.index(False) if False in ok else len(ok)
+            dt = time.perf_counter() - t0
             self.timing["read_s"] += dt
-            self._read_bytes = READ_DECAY * self._read_bytes + n * self.page_bytes   # (the I/O thread's)
+            self._read_bytes = READ_DECAY * self._read_bytes + len(part) * self.page_bytes   # (the I/O thread's)
             self._read_secs = READ_DECAY * self._read_secs + dt
             self.timing["read_bytes"] += n * self.page_bytes
-            published, t_last = got, now
-            reading.ready = got
+            good += n
+            reading.ready = good
             self._progressed.set()
-
-        def progress(i: int, verdict) -> bool:
-            nonlocal got, failed
-            if unchecked:
-                if verdict is None:
-                    failed = True
-                    return False
-                reading.crcs.append((key_crc(run_keys[i]), verdict))
-            elif not verdict:
-                failed = True
-                return False
-            got += 1
-            if got - published >= batch or got == hits:
-                publish()
-            return not reading.dropped
-
-        run_keys = keys[start:start + hits]
-        if hits and not reading.dropped:
-            views = self.rows.views(reading.rows[:hits])
-            if unchecked:
-                self.l3.get_into_unchecked(run_keys, views, progress=progress)
-            else:
-                self.l3.get_into(run_keys, views, progress=progress)
-            if got > published or failed:
-                publish()
-        good = got
-        if self.l3.reads_find_misses:
-            if in_l3 == start:   # the pool's pages are in L3 too: the run read counts (L3 may hold more)
-                in_l3 = start + good
-        elif good < hits and not reading.dropped:   # a page that failed its check is gone from L3 now (the
-            in_l3 = min(in_l3, start + good)        # store deleted it), or L3 went down
+            if n < len(part):   # a page that failed its check is gone from L3 now (the store deleted it)
+                in_l3 = min(in_l3, start + good)
+                break
         return in_l3, good
 
     def _land(self) -> None:

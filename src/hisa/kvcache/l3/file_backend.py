@@ -30,25 +30,21 @@ def _read(path: str) -> bytes | None:
 
 
 def _read_into(path: str, buffers: Sequence[memoryview]) -> int | None:
-    """Read the file at `path` across `buffers` (in order); its size (the buffers hold it whole if
-    that is their total length; else they hold garbage), or None if there is no such file.
-
-    Three system calls: open, one preadv across the buffers and one spare byte (a file longer than
-    the buffers reads into it: only then is it `fstat`ed), close. On the H200 machine's host 1,020
-    pages of 2 MiB read and checked at 17.2 GB/s on 8 threads this way against 15.8 GB/s with an
-    `fstat` before the read (bench/results/l3_read_gil_h200.json)."""
+    """Read the file at `path` across `buffers` (in order) if its size is theirs in all; its size,
+    or None if there is no such file."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         return None
     try:
+        size = os.fstat(fd).st_size
         views = [memoryview(b).cast("B") for b in buffers]
-        want = sum(len(v) for v in views)
-        views.append(memoryview(bytearray(1)))
+        if size != sum(len(v) for v in views):
+            return size
         done = 0
         while views:
             n = os.preadv(fd, views, done)
-            if n == 0:   # end of file: shorter than the buffers (or exactly as long)
+            if n == 0:   # the file is a whole page or nothing (writes are renamed in): only a disk fault lands here
                 return done
             done += n
             while views and n >= len(views[0]):
@@ -56,7 +52,7 @@ def _read_into(path: str, buffers: Sequence[memoryview]) -> int | None:
                 views.pop(0)
             if views:
                 views[0] = views[0][n:]
-        return os.fstat(fd).st_size if done > want else done
+        return size
     finally:
         os.close(fd)
 
@@ -70,8 +66,6 @@ class FileBackend:
         b.set(["ab12"], [b"..."]); b.get(["ab12", "cd34"])   # [b"...", None]
     """
     name = "file"
-    # a read of an absent page fails at once (no such file): a load need not ask `exists` first
-    reads_find_misses = True
     errors: tuple[type[BaseException], ...] = (OSError,)
 
     def __init__(self, root: str):
@@ -97,9 +91,9 @@ class FileBackend:
 
     def get_into(self, keys: Sequence[str], buffers: Sequence[Sequence[memoryview]]) -> list[int | None]:
         """Read each key's page straight into its writable `buffers` (one `preadv` of the file
-        across them, no intermediate bytes object); its length (the page is in the buffers only if
-        that is their total length), or None if absent. Reads on the calling thread; safe to call
-        from several threads at once (L3Store does, one page per call)."""
+        across them, no intermediate bytes object) if the page is exactly as long as they are; its
+        length (not read if it differs), or None if absent. Reads on the calling thread; safe to
+        call from several threads at once (L3Store does, one page per call)."""
         return [_read_into(self.path(k), bufs) for k, bufs in zip(keys, buffers, strict=True)]
 
     def set(self, keys: Sequence[str], values: Sequence[bytes]) -> None:

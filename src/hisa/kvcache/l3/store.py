@@ -24,14 +24,13 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator, Protocol, Sequence, TypeVar
+from typing import Callable, Protocol, Sequence, TypeVar
 
 from hisa.kvcache.l3 import record
 from hisa.kvcache.l3.threads import THREADS, LazyThreads
 
 log = logging.getLogger("hisa.l3")
 T = TypeVar("T")
-Progress = Callable[[int, Any], bool | None]   # (page index, its verdict) -> False to stop reading
 
 
 class L3Backend(Protocol):
@@ -42,11 +41,9 @@ class L3Backend(Protocol):
     def exists(self, keys: Sequence[str]) -> list[bool]: ...
     def get(self, keys: Sequence[str]) -> list[bytes | None]: ...
     # Optional (file has it): `get_into(keys, buffers) -> list[int | None]` reads each value straight
-    # into its writable buffers (a list of memoryviews, filled in order) and returns its length (the
-    # value is in the buffers only if that is their total length) or None if absent; callable from
+    # into its writable buffers (a list of memoryviews, filled in order) if it is exactly as long as
+    # they are, and returns its length (not read if it differs) or None if absent; callable from
     # several threads at once. L3Store.get_into uses it where present, else `get` and a copy.
-    # Optional: `reads_find_misses = True` where reading an absent page costs no more than asking
-    # `exists` (file): a load then reads at once and its run ends at the first miss.
     def set(self, keys: Sequence[str], values: Sequence[bytes]) -> None: ...
     def delete(self, keys: Sequence[str]) -> None: ...
     def listing(self) -> list[tuple[str, int]]: ...   # (key, stored bytes), oldest first; [] if unknown
@@ -112,11 +109,6 @@ class L3Store:
         """Bytes of the pages this process knows to be stored (what `capacity_bytes` bounds)."""
         return self._used
 
-    @property
-    def reads_find_misses(self) -> bool:
-        """Whether reading an absent page is as cheap as asking `exists` (the backend says so: file)."""
-        return bool(getattr(self.backend, "reads_find_misses", False))
-
     # -- the interface -----------------------------------------------------------------------
     def exists(self, keys: Sequence[str]) -> list[bool]:
         """Whether each page is stored (cheap; not checksummed: `get` is the only verdict)."""
@@ -139,48 +131,40 @@ class L3Store:
         self._tally(keys, [None if r is None else len(r) for r in records], [p is not None for p in payloads])
         return payloads
 
-    def get_into(self, keys: Sequence[str], payloads: Sequence[memoryview], *,
-                 progress: Progress | None = None) -> list[bool]:
+    def get_into(self, keys: Sequence[str], payloads: Sequence[memoryview]) -> list[bool]:
         """Read each page's payload straight into `payloads[i]` (a writable buffer exactly one page
         long, e.g. a row of a pinned host tensor) and check it there: True where it now holds a
         verified page, False for a miss (absent, corrupt, of another length, or L3 down; counted as
         `get` counts them), whose buffer holds garbage.
 
         A backend with `get_into` (file) reads each page on one of the store's threads, which then
-        checks it while it is warm in the cache: no bytes object, no copy. Others `get` the batch; each page is then copied into its buffer and checked on those
-        threads.
-
-        `progress(i, ok)`, if given, is called on the calling thread for each page in order as soon
-        as it and every page before it are done (the reads run on ahead, with no barrier between
-        pages); when it returns False the pages after i that have not started are not read (False,
-        not counted) and those being read end before this returns.
+        checks it while it is warm in the cache: no bytes object, no copy. Others `get` the batch;
+        each page is then copied into its buffer and checked on those threads.
 
         Example::
 
             rows = numpy.empty((2, page_bytes), numpy.uint8)
             store.get_into(["k0", "k9"], [memoryview(rows[0]), memoryview(rows[1])])   # [True, False]
         """
-        results = self._read_into(keys, payloads, check=True, progress=progress)
+        results = self._read_into(keys, payloads, check=True)
         if results is None:
             return [False] * len(keys)
         sizes, good = zip(*results) if results else ((), ())
-        done = self._tally(keys[:len(results)], list(sizes), list(good))
-        return done + [False] * (len(keys) - len(done))
+        return self._tally(keys, list(sizes), list(good))
 
-    def get_into_unchecked(self, keys: Sequence[str], payloads: Sequence[memoryview], *,
-                           progress: Progress | None = None) -> list[int | None]:
+    def get_into_unchecked(self, keys: Sequence[str], payloads: Sequence[memoryview]) -> list[int | None]:
         """`get_into` less the payloads' checksums, for a caller that checks them elsewhere (on the GPU
         once they have landed there: `hisa.ops.crc32.crc32_pages`): for each page the crc32 its
         payload must have, continued from `record.key_crc(key)`, where it was read whole into its
         buffer with a sound head, else None (a miss, counted as `get_into` counts it). The pages
         returned count as hits until the caller reports those whose payload failed the check
-        (`corrupt_found`). `progress` as for `get_into`, called with each page's crc or None."""
-        results = self._read_into(keys, payloads, check=False, progress=progress)
+        (`corrupt_found`)."""
+        results = self._read_into(keys, payloads, check=False)
         if results is None:
             return [None] * len(keys)
         sizes, wants = zip(*results) if results else ((), ())
-        self._tally(keys[:len(results)], list(sizes), [w is not None for w in wants])
-        return list(wants) + [None] * (len(keys) - len(results))
+        self._tally(keys, list(sizes), [w is not None for w in wants])
+        return list(wants)
 
     def corrupt_found(self, keys: Sequence[str], payload_bytes: int) -> None:
         """Pages that `get_into_unchecked` returned and whose payload (`payload_bytes` each) then
@@ -228,11 +212,9 @@ class L3Store:
         self.readers.close()
 
     # -- internals ---------------------------------------------------------------------------
-    def _read_into(self, keys: Sequence[str], payloads: Sequence[memoryview], *, check: bool,
-                   progress: Progress | None = None) -> list[tuple] | None:
+    def _read_into(self, keys: Sequence[str], payloads: Sequence[memoryview], *, check: bool) -> list[tuple] | None:
         """Read each page into its payload buffer on the reader threads: (stored length or None if
-        absent, verdict) per page, the verdict being `_verdict`'s, for the leading pages read (all of
-        them unless `progress` stopped the read); None while L3 is down (counted)."""
+        absent, verdict) per page, the verdict being `_verdict`'s; None while L3 is down (counted)."""
         if len(keys) != len(payloads):
             raise ValueError(f"{len(keys)} keys for {len(payloads)} buffers")
         if not keys:
@@ -245,14 +227,12 @@ class L3Store:
                 size = read_into([key], [[head, payload]])[0]
                 return size, _verdict(key, head, payload, size == len(head) + len(payload), check)
 
-            ok, results = self._call("get", lambda: _in_order(self.readers.stream(one, keys, heads, payloads),
-                                                              progress))
+            ok, results = self._call("get", lambda: self.readers.map(one, keys, heads, payloads))
         else:
             ok, records = self._call("get", lambda: self.backend.get(keys))
             if ok:
                 self._check_count(records, keys)
-                results = _in_order(self.readers.stream(functools.partial(_copy_in, check=check), keys, records,
-                                                        heads, payloads), progress)
+                results = self.readers.map(functools.partial(_copy_in, check=check), keys, records, heads, payloads)
         if not ok:
             self.stats.unavailable += len(keys)
             return None
@@ -325,20 +305,6 @@ class L3Store:
             freed += nbytes
         if victims and self.delete(victims):
             self.stats.evictions += len(victims)
-
-
-def _in_order(results: Iterator[tuple], progress: Progress | None) -> list[tuple]:
-    """The (size, verdict) pairs of a stream of page reads, in order, until `progress` (if given)
-    returns False; the stream is closed then (pages not started are not read)."""
-    done: list[tuple] = []
-    try:
-        for i, result in enumerate(results):
-            done.append(result)
-            if progress is not None and progress(i, result[1]) is False:
-                break
-    finally:
-        results.close()
-    return done
 
 
 def _verdict(key: str, head: bytearray, payload: memoryview, whole: bool, check: bool):

@@ -4,9 +4,8 @@ pay for threads only once they have enough work, and close them with the store."
 from __future__ import annotations
 
 import os
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import Callable, Iterable, Iterator, TypeVar
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Callable, Iterable, TypeVar
 
 T = TypeVar("T")
 # Page reads and checksums release the GIL, so threads move pages in parallel (one thread reads and
@@ -48,41 +47,6 @@ class LazyThreads:
         futures = [self._pool.submit(fn, *row) for row in zip(*columns)]
         wait(futures)
         return [f.result() for f in futures]
-
-    def stream(self, fn: Callable[..., T], *items: Iterable, ahead: int | None = None) -> Iterator[T]:
-        """`map`'s results one at a time, in item order, as they are done. Up to `ahead` items
-        (default 4 per worker) are on the pool at once, the next handed over as each result is
-        taken: a slow item holds back only the results after it, not the pool, and a caller that
-        stops early has not queued the rest. When the iterator is closed early (or raises), items
-        not started are cancelled and those running have ended before `close` returns: none is left
-        writing into a caller's buffer.
-
-        Example::
-
-            for data in readers.stream(read_file, paths):   # stop at the first missing file
-                if data is None:
-                    break
-        """
-        rows = list(zip(*items))
-        if len(rows) < MIN_ITEMS or self.workers == 1:
-            for row in rows:
-                yield fn(*row)
-            return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=self.name)
-        ahead = max(1, ahead or 4 * self.workers)
-        queued: deque[Future] = deque()
-        nxt = 0
-        try:
-            while queued or nxt < len(rows):
-                while nxt < len(rows) and len(queued) < ahead:
-                    queued.append(self._pool.submit(fn, *rows[nxt]))
-                    nxt += 1
-                yield queued.popleft().result()
-        finally:
-            for f in queued:
-                f.cancel()
-            wait(queued)
 
     def close(self) -> None:
         if self._pool is not None:
