@@ -123,7 +123,7 @@ class RoutedExperts(nn.Module):
     def _grouped(self, x, weights, ids):
         k = ids.shape[1]
         order = ids.reshape(-1).argsort(stable=True)  # [T*k] (token, slot) pairs sorted by expert
-        counts = torch.bincount(ids.reshape(-1), minlength=self.num_experts).tolist()  # host sync (prefill only)
+        counts = torch.bincount(ids.reshape(-1), minlength=self.num_experts).tolist()  # host sync: no CUDA graph (decode past 64 rows too)
         tokens = order // k  # [T*k]
         xs, ws = x[tokens], weights.reshape(-1)[order]  # [T*k, hidden], fp32 [T*k]
         ys = torch.empty_like(xs)
