@@ -189,7 +189,8 @@ def inject_prefix(engine, rid: str, tpl: Template, n: int) -> None:
 # -- one row -------------------------------------------------------------------------------------------
 def run_row(loaded, tpl: Template, sz: Sizes, *, mode: str, batch: int, residency: str | None, n_resident: int,
             ctx: int, steps: int, page_size: int, buffer_ratio: float, device, dtype: str, graphs: bool,
-            seed: int) -> dict:
+            seed: int, profile: Path | None = None) -> dict:
+    """One row; with `profile`, the torch profiler's op table of a few timed steps is written there."""
     mc = loaded.config
     s = page_size
     if steps < 2:
@@ -234,6 +235,15 @@ def run_row(loaded, tpl: Template, sz: Sizes, *, mode: str, batch: int, residenc
         first_step_s = time.perf_counter() - t0
         first = None if hp is None else (hp.manager.misses.sum().item(), hp._selected.sum().item())
         tokens, step_ms, produced = {}, [], 0
+        prof, profiled = None, set()
+        if profile is not None:  # skip the first two timed steps (a graph capture), then record up to four;
+            active = min(4, max(1, steps - 5))  # the profiled steps are left out of the median
+            profiled = set(range(2, 3 + active))
+            acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                             if device.type == "cuda" else [])
+            prof = torch.profiler.profile(activities=acts, schedule=torch.profiler.schedule(
+                wait=2, warmup=1, active=active))
+            prof.start()
         while engine.has_unfinished_requests():
             sync(device)
             t0 = time.perf_counter()
@@ -243,11 +253,20 @@ def run_row(loaded, tpl: Template, sz: Sizes, *, mode: str, batch: int, residenc
                     tokens[o.request_id] = list(o.token_ids)
             sync(device)
             step_ms.append((time.perf_counter() - t0) * 1e3)
+            if prof is not None:
+                prof.step()
+        if prof is not None:
+            prof.stop()
+            key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            profile.write_text(f"{mode} ctx {ctx} batch {batch} graphs {graphs}: the profiled steps' ops by {key}\n"
+                               + prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70))
         out = dict(mode=mode, context=ctx, batch=batch, residency=residency, host_backed=host_backed,
                    resident=batch - host_backed if mode == "hier" else 0, graphs=engine.runner.graphs is not None,
                    setup_s=setup_s, inject_s=inject_s, first_step_s=first_step_s, decode_steps=len(step_ms),
-                   decode_ms_per_step=statistics.median(step_ms), decode_ms_max=max(step_ms),
-                   step_ms=[round(t, 2) for t in step_ms],
+                   decode_ms_per_step=statistics.median([t for i, t in enumerate(step_ms) if i not in profiled]
+                                                        or step_ms),
+                   decode_ms_max=max(step_ms), step_ms=[round(t, 2) for t in step_ms],
+                   profiled_steps=sorted(i for i in profiled if i < len(step_ms)),
                    tokens_per_s=produced / (sum(step_ms) / 1e3), tokens_produced=produced,
                    tokens=[tokens.get(r) for r in rids])
         out["tokens_per_s_median_step"] = batch * 1e3 / out["decode_ms_per_step"]
@@ -330,6 +349,9 @@ def main(argv=None) -> int:
     p.add_argument("--template", choices=("model", "synthetic"), default="model",
                    help="model: prefill the longest context once; synthetic: random KV, no prefill")
     p.add_argument("--graphs", action="store_true", help="capture decode steps in CUDA graphs (default eager)")
+    p.add_argument("--profile", choices=("device", "hier"), action="append", default=[],
+                   help="profile a few timed steps of that mode's largest row at each context: an op table "
+                        "beside the JSON (<out stem>_<mode>_<ctx>.prof.txt)")
     p.add_argument("--hbm-gb", type=float, default=None, help="KV budget on the device (default: free after the "
                    "weights and the template, less a reserve)")
     p.add_argument("--host-gb", type=float, default=None,
@@ -420,7 +442,9 @@ def main(argv=None) -> int:
             try:
                 r = run_row(loaded, tpl, sz, mode=mode, batch=b, residency=residency, n_resident=n_res, ctx=ctx,
                             steps=a.steps, page_size=a.page_size, buffer_ratio=a.buffer_ratio, device=device,
-                            dtype=dtype, graphs=a.graphs, seed=a.seed)
+                            dtype=dtype, graphs=a.graphs, seed=a.seed,
+                            profile=(a.out.with_name(f"{a.out.stem}_{mode}_{ctx}.prof.txt")
+                                     if is_max and mode in a.profile else None))
             except Exception as e:  # keep going: a row that fails is recorded, the others still run
                 traceback.print_exc()
                 r = dict(mode=mode, context=ctx, batch=b, residency=residency, error=f"{type(e).__name__}: {e}")

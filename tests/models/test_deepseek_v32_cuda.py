@@ -49,3 +49,41 @@ def test_cuda_graphs_equal_eager_and_bf16_close_to_fp32(tiny_dsa):  # noqa: F811
     # bf16 rounding can change which tokens the indexer keeps (top 64 of 400), so single rows move
     # more than in a dense model: on an H200, cosine min 0.960, argmax agreement 0.72 (Dec 2026)
     assert cos.min().item() > 0.9 and cos.mean().item() > 0.98 and agree >= 0.6, (cos.min().item(), agree)
+
+
+def test_moe_large_decode_batch_has_no_host_sync_and_is_captured():
+    """Past 64 tokens the routed experts run as PyTorch grouped GEMMs with device-side offsets: no
+    host sync (so a large DSA decode step can be a CUDA graph), same result as one expert at a time."""
+    from hisa.models.moe import MoE
+    from tests.models.test_deepseek_v32_parts import _hf_config, _hisa_config
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("PyTorch's grouped GEMM needs sm90+ to run without a host sync")
+    cfg = _hisa_config(_hf_config(hidden_size=512, moe_intermediate_size=256, n_routed_experts=16,
+                                  num_experts_per_tok=4, n_group=4, topk_group=2))
+    torch.manual_seed(0)
+    moe = MoE(cfg).to("cuda", torch.bfloat16).eval()
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0.0, 0.05)
+        moe.gate.float()  # the router's parameters are fp32, as the model loader keeps them
+    x = torch.randn(273, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        weights, ids = moe.gate(x)
+        assert moe.experts._grouped_mm_runs(x)
+        ref = moe.experts._grouped(x, weights, ids)  # one expert at a time (syncs for the counts)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            eager = moe(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.testing.assert_close(moe.experts(x, weights, ids), ref, rtol=2e-2, atol=2e-2)
+        static = x.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = moe(static)
+        static.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.testing.assert_close(out, moe(static), rtol=0, atol=0)
+    assert eager.shape == x.shape

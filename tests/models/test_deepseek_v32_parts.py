@@ -35,8 +35,12 @@ def _hisa_config(hf) -> ModelConfig:
                        rope_scaling=fields["rope_scaling"], dsa=dsa)
 
 
-@pytest.mark.parametrize("tokens", [2, 40, 100])  # gathered experts (T*k <= E), every expert (T <= 64), grouped
-def test_moe_matches_transformers(tokens):
+@pytest.mark.parametrize("tokens,grouped_mm,path", [
+    (2, True, "_gathered"),  # T*k <= E
+    (40, True, "_grouped_mm"), (100, True, "_grouped_mm"),  # PyTorch's grouped GEMM, offsets on the device
+    (40, False, "_every_expert"), (100, False, "_grouped"),  # where that GEMM would sync (e.g. fp32 on CUDA)
+])
+def test_moe_matches_transformers(tokens, grouped_mm, path, monkeypatch):
     from transformers.models.deepseek_v32.modeling_deepseek_v32 import DeepseekV32MoE
 
     hf_cfg = _hf_config()
@@ -54,6 +58,11 @@ def test_moe_matches_transformers(tokens):
         ours.experts.down_proj.copy_(ref.experts.down_proj)
         ours.shared_experts.load_state_dict(ref.shared_experts.state_dict())
     x = torch.randn(tokens, hf_cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    if not grouped_mm:
+        monkeypatch.setattr(ours.experts, "_grouped_mm_runs", lambda x: False)
+    ran = []
+    method = getattr(ours.experts, path)
+    monkeypatch.setattr(ours.experts, path, lambda *a: ran.append(path) or method(*a))
     with torch.no_grad():
         _, ref_w, ref_ids = ref.gate(x)
         w, ids = ours.gate(x)
@@ -62,6 +71,7 @@ def test_moe_matches_transformers(tokens):
         groups = ids // (hf_cfg.n_routed_experts // hf_cfg.n_group)
         assert all(len(set(g.tolist())) <= hf_cfg.topk_group for g in groups)
         torch.testing.assert_close(ours(x), ref(x[None])[0], rtol=1e-5, atol=1e-5)
+    assert ran == [path]
 
 
 def test_fuse_expert_tensors_stacks_each_layer_and_passes_the_rest():

@@ -12,14 +12,18 @@ The routed experts are stored fused, as transformers 5 holds them: `gate_up_proj
 (gate rows then up rows) and `down_proj` [E, hidden, I]; checkpoints with one tensor per expert
 (`experts.{e}.gate_proj.weight`, ...) are converted on load (`fuse_expert_tensors`).
 
-Three ways to run the experts, chosen by shapes only (so a decode step stays graph-capturable):
+Ways to run the experts, chosen by shapes, dtype and device only (never by the routing), so a
+decode step stays graph-capturable:
   * few tokens (T x k <= E and the gathered weights <= 1 GiB; small-batch decode): gather each
     (token, slot)'s expert weights and run batched mat-vecs: reads only the chosen experts (copied
     once), no host sync;
-  * up to 64 tokens with at most 64 experts: every expert over every token, weighted by the (mostly
-    zero) routing weight: no host sync, and with T x k > E most experts are read anyway;
-  * otherwise (prefill; decode of a 256-expert model past the first case): tokens sorted by expert,
-    each expert runs on its own rows (one host sync for the counts, so such a step is not captured).
+  * otherwise, where PyTorch's grouped GEMM runs without a host sync (CPU; CUDA bf16 on sm90+) and the
+    shapes meet its 16-byte stride rule: the (token, slot) rows sorted by expert, the per-expert row
+    offsets computed on the device, and two grouped GEMMs (gate/up, down) over all experts at once;
+  * else, up to 64 tokens with at most 64 experts: every expert over every token, weighted by the
+    (mostly zero) routing weight: no host sync, and with T x k > E most experts are read anyway;
+  * else (e.g. fp32 or fp16 on CUDA past 64 tokens): the sorted rows, one expert at a time (one host
+    sync for the counts, so such a decode step is not captured in a CUDA graph).
 """
 
 from __future__ import annotations
@@ -96,6 +100,8 @@ class RoutedExperts(nn.Module):
         expert_bytes = (self.gate_up_proj[0].numel() + self.down_proj[0].numel()) * self.down_proj.element_size()
         if t * k <= self.num_experts and t * k * expert_bytes <= _GATHER_MAX_BYTES:
             return self._gathered(x, weights, ids)
+        if self._grouped_mm_runs(x):
+            return self._grouped_mm(x, weights, ids)
         if t <= _DENSE_EXPERTS_MAX_TOKENS and self.num_experts <= _DENSE_EXPERTS_MAX_EXPERTS:
             return self._every_expert(x, weights, ids)
         return self._grouped(x, weights, ids)
@@ -119,6 +125,36 @@ class RoutedExperts(nn.Module):
             w = (weights * (ids == e)).sum(dim=-1, keepdim=True)  # fp32 [T, 1], 0 where e is not chosen
             out += (self._expert(e, x).float() * w).to(x.dtype)
         return out
+
+    def _grouped_mm_runs(self, x: torch.Tensor) -> bool:
+        """Whether `F.grouped_mm` takes x without a host sync: on the CPU any float dtype; on CUDA only
+        bf16 on compute capability 9.0+ (elsewhere PyTorch falls back to a loop that copies the
+        offsets to the host). Every row stride must be a multiple of 16 bytes."""
+        if not hasattr(F, "grouped_mm") or x.dtype != self.down_proj.dtype:
+            return False
+        if x.device.type == "cuda":
+            if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0):
+                return False
+        elif x.device.type != "cpu":
+            return False
+        size = x.element_size()
+        return all(n * size % 16 == 0 for n in (x.shape[1], self.inter))
+
+    def _grouped_mm(self, x, weights, ids):
+        t, k = ids.shape
+        flat = ids.reshape(-1)  # [T*k]
+        order = flat.argsort(stable=True)  # (token, slot) pairs sorted by expert
+        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))  # [E], on the device
+        offs = counts.cumsum(0, dtype=torch.int32)  # [E]: end row of each expert's group
+        tokens = order // k  # [T*k]
+        xs, ws = x[tokens], weights.reshape(-1)[order]  # [T*k, hidden], fp32 [T*k]
+        gate, up = F.grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)  # [T*k, I] each
+        ys = F.grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offs)  # [T*k, hidden]
+        ys = (ys.float() * ws[:, None]).to(x.dtype)
+        back = torch.empty_like(order)
+        back[order] = torch.arange(t * k, device=x.device)  # sorted row of each (token, slot)
+        return ys[back].view(t, k, -1).sum(dim=1)  # no atomics: the same sum in every run
 
     def _grouped(self, x, weights, ids):
         k = ids.shape[1]
