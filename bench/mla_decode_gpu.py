@@ -91,6 +91,8 @@ def main(argv=None) -> int:
     p.add_argument("--page-size", type=int, default=64)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--no-sweep", action="store_true", help="use the launcher's default tiling")
+    p.add_argument("--sweep-batch", type=int, default=None,
+                   help="batch of the tiling sweep (default 8 if among --batches, else the first)")
     p.add_argument("--dense-max-tokens", type=int, default=8 * 131072, help="skip dense MLA above batch x context")
     p.add_argument("--device", default="cuda")
     p.add_argument("--git-commit", default=None)
@@ -115,7 +117,7 @@ def main(argv=None) -> int:
     ref = mla_decode_attention_ref(small[4].float(), small[0].float(), small[2], small[3], scale=scale,
                                    kv_lora_rank=a.latent, indices=small[7])
     sweep, best = [], None
-    sweep_batch = 8 if 8 in batches else batches[0]
+    sweep_batch = a.sweep_batch or (8 if 8 in batches else batches[0])
     latent, index, table, lens, q, iq, iw, sel = make_inputs(a, sweep_batch, contexts[0], device, dtype)
     for cfg in configs:
         try:

@@ -155,7 +155,8 @@ def test_validation_errors():
     (1, 1, 1, 0.5, None),
     (2, 4, 0, 0.5, None),      # empty top-k
 ])
-def test_triton_matches_reference(R, NS, K, overlap, tile, monkeypatch):
+@pytest.mark.parametrize("backend", ["triton", "sorted"])
+def test_triton_matches_reference(R, NS, K, overlap, tile, backend, monkeypatch):
     if tile is not None:
         monkeypatch.setattr(diff, "_TILE", tile)
     rng = random.Random(R * 1000 + NS * 10 + K)
@@ -168,7 +169,7 @@ def test_triton_matches_reference(R, NS, K, overlap, tile, monkeypatch):
         use_tensor_step = step % 2 == 0  # both ways of passing the clock
         tri_step = torch.tensor(step, device=DEV) if use_tensor_step else step
         tri = diff.lru_diff(tri_bp, tri_lu, topk.to(DEV), tri_step, active=active.to(DEV), out=out,
-                            backend="triton")
+                            backend=backend)
         for name, a, b in zip(diff.DiffResult._fields, ref, tri):
             assert torch.equal(a, b.cpu()), f"step {step}: {name}\n{a}\n{b}"
         assert torch.equal(ref_bp, tri_bp.cpu()) and torch.equal(ref_lu, tri_lu.cpu()), f"state, step {step}"
@@ -189,14 +190,30 @@ def test_triton_without_active_and_strided_state():
     assert torch.equal(big[0].cpu(), torch.full((R, NS), -1, dtype=I32))  # the other layer untouched
 
 
+def test_sorted_at_token_granularity_matches_reference():
+    """DSA's shape, scaled down: K = NS / 2 token rows, where "auto" takes the sorted implementation."""
+    R, NS, K = 3, 1024, 1024
+    assert diff._auto_backend(torch.empty(0), NS, K) == "sorted"
+    assert diff._auto_backend(torch.empty(0), 128, 64) == "torch"
+    rng = random.Random(11)
+    ref_bp, ref_lu = new_state(R, NS, "cpu")
+    bp, lu = new_state(R, NS, "cpu")
+    for step, (topk, active) in enumerate(topk_sequence(rng, R=R, K=K, universe=4 * NS, steps=3, overlap=0.5), 1):
+        ref = diff.lru_diff_reference(ref_bp, ref_lu, topk, step, active=active)
+        got = diff.lru_diff(bp, lu, topk, step, active=active)
+        assert all(torch.equal(a, b) for a, b in zip(ref, got))
+        assert torch.equal(ref_bp, bp) and torch.equal(ref_lu, lu)
+    assert int(ref.num_misses.sum()) > 0
+
+
 # -- GPU only: real sizes, CUDA graphs -------------------------------------------------------------
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("R,NS,K", [(64, 256, 128), (8, 2048, 1024), (16, 4096, 4096)])
-def test_triton_real_sizes(R, NS, K):
+@pytest.mark.parametrize("R,NS,K", [(64, 256, 128), (8, 2048, 1024), (16, 4096, 4096), (8, 4098, 2048)])
+def test_triton_real_sizes(R, NS, K):  # "auto": Triton for the first, sorted for the others
     rng = random.Random(0)
     ref_bp, ref_lu = new_state(R, NS, "cpu")
     tri_bp, tri_lu = new_state(R, NS)
@@ -210,10 +227,10 @@ def test_triton_real_sizes(R, NS, K):
 
 @gpu
 @pytest.mark.gpu
-def test_triton_in_cuda_graph():
-    R, NS, K = 16, 64, 32
+@pytest.mark.parametrize("R,NS,K", [(16, 64, 32), (16, 4098, 2048)])  # Triton, sorted
+def test_triton_in_cuda_graph(R, NS, K):
     rng = random.Random(1)
-    seq = list(topk_sequence(rng, R=R, K=K, universe=200, steps=5, overlap=0.85))
+    seq = list(topk_sequence(rng, R=R, K=K, universe=max(200, 4 * K), steps=5, overlap=0.85))
     bp, lu = new_state(R, NS)
     topk, active = torch.full((R, K), -1, dtype=I32, device=DEV), torch.ones(R, dtype=torch.bool, device=DEV)
     step = torch.zeros((), dtype=I32, device=DEV)
@@ -233,8 +250,8 @@ def test_triton_in_cuda_graph():
 
 
 # -- the decode step's form: state rows by sparse slot, device / host pages out ---------------------------
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_mapped_triton_matches_torch_over_steps(seed):
+@pytest.mark.parametrize("seed,backend", [(0, "triton"), (1, "triton"), (2, "triton"), (3, "sorted"), (4, "sorted")])
+def test_mapped_triton_matches_torch_over_steps(seed, backend):
     """lru_diff_mapped (Triton, interpreter on the CPU) against its torch path over 8 steps of random
     selections: same state, same physical table (pre-written entries kept), same (device, host)
     miss pairs, same miss counter; rows in step order point at state rows by slot."""
@@ -249,7 +266,7 @@ def test_mapped_triton_matches_torch_over_steps(seed):
     counters = [torch.zeros(1, dtype=torch.int64, device=DEV) for _ in range(2)]
     for step, (topk, _) in enumerate(topk_sequence(rng, R=4, K=K, universe=universe, steps=8, overlap=0.7), 1):
         results = []
-        for (bp, lu), counter, backend in zip(states, counters, ("torch", "triton")):
+        for (bp, lu), counter, impl in zip(states, counters, ("torch", backend)):
             table = torch.full((4, K + 2), -9, dtype=I32, device=DEV)
             table[:, K - 1] = 555  # a pre-written entry (the tail page): kept where the top-k has no page
             out = diff.DiffResult(table[:, :K], torch.empty(4, K, dtype=I32, device=DEV),
@@ -258,7 +275,7 @@ def test_mapped_triton_matches_torch_over_steps(seed):
             tk[:, K - 1] = -1
             diff.lru_diff_mapped(bp, lu, tk, torch.tensor(step, dtype=I32, device=DEV), rows=rows, active=active,
                                  slot_pages=slot_pages, host_table=host_table, out=out, counter=counter,
-                                 backend=backend)
+                                 backend=impl)
             results.append((table, out))
         (t0, o0), (t1, o1) = results
         assert torch.equal(t0, t1) and (t0[:, K - 1] == 555).all()

@@ -89,9 +89,10 @@ class DSAAttention:
             elif hier is not None:  # the host-backed rows' indexer runs over the representation
                 decode_sel = hier.select_tokens(layer, IndexerStep(q=index.q[:n], weights=index.weights[:n],
                                                                    keys=index.keys[:n]))
-                if d.has_on_device:
-                    decode_sel = torch.where((d.kind == HOST_BACKED)[:, None], decode_sel,
-                                             self.indexer_topk(layer, index, rows, table, lens))
+                if d.has_on_device:  # the other rows' indexer over the device cache (host-backed rows: length 0)
+                    host = (d.kind == HOST_BACKED)[:, None]
+                    decode_sel = torch.where(host, decode_sel, self.indexer_topk(
+                        layer, index, rows, table, torch.where(host[:, 0], 0, lens)))
             elif table.shape[1] * cache.page_size > self.topk:  # some context may exceed the selection
                 decode_sel = self.indexer_topk(layer, index, rows, table, lens)
             # host-backed rows: their picks' pages into the buffer, table and positions remapped to its slots

@@ -24,8 +24,7 @@ it the step's decode rows (`DecodeRowsView`).
 from __future__ import annotations
 
 import weakref
-
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -248,6 +247,8 @@ class SparseCoordinator:
         i32 = dict(dtype=torch.int32, device=self.device)
         self._logical = torch.empty(R, K, **i32)
         self._host_rows = (d.kind == HOST_BACKED).to(torch.uint8)
+        if self.algorithm.token_level:  # select_tokens scores only the host-backed rows (length 0 elsewhere)
+            self._select_rows = replace(self._rows, t=torch.where(self._host_rows.bool(), d.t, 0))
         self._miss = DiffResult(None, torch.empty(R, K, **i32), torch.empty(R, K, **i32), torch.empty(R, **i32))
         if d.has_host_backed:
             self.manager.clock.add_(1)
@@ -329,8 +330,9 @@ class SparseCoordinator:
 
     def select_tokens(self, layer: int, index) -> torch.Tensor:
         """retrieve_topk of the token-level algorithm (DSA's indexer over the representation) for every
-        decode row: int32 [R, N] positions, -1 padded (only host-backed rows' are meaningful)."""
-        return self.algorithm.retrieve_topk(layer, index, self._rows)
+        host-backed decode row: int32 [R, N] positions, -1 padded; every other row is scored as an empty
+        context (no keys read) and gets -1s."""
+        return self.algorithm.retrieve_topk(layer, index, self._select_rows)
 
     def attention_begin_tokens(self, layer: int, tokens: torch.Tensor) -> torch.Tensor:
         """Before a DSA layer's decode attention, for the host-backed rows: the pages holding the
