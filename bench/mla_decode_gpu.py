@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     contexts = [int(x) for x in a.contexts.split(",")]
 
     # 1. correctness of every tiling against the reference, and the sweep
-    configs = [dict(block_h=16, block_n=32, num_warps=4)]
+    configs = [dict()]  # the launcher's default tiling (default_mla_tiling)
     if not a.no_sweep:
         configs = [dict(block_h=h, block_n=n, num_warps=w)
                    for h, n, w in itertools.product((16, 32, 64), (16, 32, 64), (4, 8))]

@@ -97,6 +97,17 @@ def test_triton_matches_reference(dtype, sparse, heads, dl, dr, page_size, kv_le
     assert not ref.isnan().any()
 
 
+def test_triton_wide_tiling_matches_reference():
+    """The large-batch tiling (64 heads x 64 rows, 8 warps) on a head count it does not divide."""
+    q, cache, table, lens, idx = make_case([50, 7, 33], page_size=1, heads=70, dl=32, dr=16, topk=40,
+                                           dtype=torch.float32, seed=3)
+    ref = mla_decode_attention_ref(q, cache, table, lens, scale=0.2, kv_lora_rank=32, indices=idx)
+    out = mla_decode_attention(q, cache, table, lens, scale=0.2, kv_lora_rank=32, indices=idx, use_triton=True,
+                               block_h=64, block_n=64, num_warps=8)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    assert mla_decode.default_mla_tiling(batch=512, heads=128, device=torch.device("cpu")) == (16, 32, 4)
+
+
 def test_triton_skips_out_of_range_and_padded_positions_and_fills_out():
     q, cache, table, lens, idx = make_case([20, 9], page_size=4, heads=4, dl=16, dr=16, topk=None,
                                            dtype=torch.float32, seed=7)
@@ -151,12 +162,13 @@ def test_launcher_rejects_bad_options(kwargs, match):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (compiled Triton kernels at real sizes)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("sparse", [False, True])
-def test_cuda_real_sizes_match_reference(dtype, sparse):
+@pytest.mark.parametrize("tiling", [dict(block_h=16, block_n=32, num_warps=4), dict(block_h=64, block_n=64, num_warps=8)])
+def test_cuda_real_sizes_match_reference(dtype, sparse, tiling):
     """DeepSeek-V3.2's shapes: 128 heads, latent 512 + rope 64, 2048 selected of up to 9K tokens, page 64."""
     q, cache, table, lens, idx = make_case([9000, 3000, 2048, 1], page_size=64, heads=128, dl=512, dr=64,
                                            topk=2048 if sparse else None, dtype=dtype, seed=5, device="cuda")
     ref = mla_decode_attention_ref(q.float(), cache.float(), table, lens, scale=0.135, kv_lora_rank=512, indices=idx)
     for splits in (None, 1, 8):
         out = mla_decode_attention(q, cache, table, lens, scale=0.135, kv_lora_rank=512, indices=idx,
-                                   num_splits=splits)
+                                   num_splits=splits, **tiling)
         torch.testing.assert_close(out.float(), ref, **TOL[dtype])

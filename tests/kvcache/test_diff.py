@@ -288,3 +288,41 @@ def test_mapped_triton_matches_torch_over_steps(seed, backend):
                 assert int(o0.load_pages[r, j]) in host_table[int(rows[r])].tolist()
     assert counters[0].item() == counters[1].item() > 0
     assert (states[0][0][4] == -1).all()  # the sentinel state row was never written
+
+
+@gpu
+@pytest.mark.gpu
+def test_mapped_sorted_in_cuda_graph():
+    """The decode step's diff at DSA's shape (token rows, K = NS / 2) replayed from a CUDA graph gives
+    the eager torch path's tables, loads and state, step after step (no host sync inside)."""
+    rng = random.Random(5)
+    N, NS, K, maxp = 9, 2048, 1024, 8192
+    rows = torch.tensor([3, 8, 0, 5, 8, 1, 2, 7], dtype=I32, device=DEV)  # two padding rows on the sentinel 8
+    active = (rows != 8).to(torch.uint8)
+    slot_pages = torch.randperm(N * NS, device=DEV).to(I32).view(N, NS)
+    host_table = torch.randperm(N * maxp, device=DEV).to(I32).view(N, maxp)
+    seq = [tk.to(DEV) for tk, _ in topk_sequence(rng, R=8, K=K, universe=maxp, steps=5, overlap=0.6)]
+    states = [new_state(N, NS) for _ in range(2)]
+    outs = [diff.DiffResult(*(torch.full((8, K), -1, dtype=I32, device=DEV) for _ in range(3)),
+                            torch.zeros(8, dtype=I32, device=DEV)) for _ in range(2)]
+    counters = [torch.zeros(1, dtype=torch.int64, device=DEV) for _ in range(2)]
+    topk, step = torch.full((8, K), -1, dtype=I32, device=DEV), torch.zeros((), dtype=I32, device=DEV)
+
+    def call(i, tk, backend):
+        diff.lru_diff_mapped(*states[i], tk, step, rows=rows, active=active, slot_pages=slot_pages,
+                             host_table=host_table, out=outs[i], counter=counters[i], backend=backend)
+
+    call(1, topk, "sorted")  # warm-up outside the capture (an all -1 selection changes nothing)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call(1, topk, "sorted")
+    for i, tk in enumerate(seq, start=1):
+        step.fill_(i)
+        call(0, tk, "torch")
+        topk.copy_(tk)
+        graph.replay()
+        for a, b in zip(outs[0], outs[1]):
+            assert torch.equal(a, b), f"step {i}"
+        assert torch.equal(states[0][0], states[1][0]) and torch.equal(states[0][1], states[1][1])
+    assert counters[0].item() == counters[1].item() > 0
+    assert (states[1][0][8] == -1).all()  # the sentinel row was never written

@@ -27,7 +27,8 @@ def mla_decode_attention(q: torch.Tensor, latent_cache: torch.Tensor, page_table
                          kv_lens: torch.Tensor, *, scale: float, kv_lora_rank: int,
                          indices: torch.Tensor | None = None, num_splits: int | None = None,
                          out: torch.Tensor | None = None, use_triton: bool | None = None,
-                         block_h: int = 16, block_n: int = 32, num_warps: int = 4) -> torch.Tensor:
+                         block_h: int | None = None, block_n: int | None = None,
+                         num_warps: int | None = None) -> torch.Tensor:
     """Attention of each request's new (absorbed) query over its latent rows, softmax in fp32.
 
     q:            [B, H, Dl + Dr] fp16/bf16/fp32 absorbed queries, [q_nope W_UK | q_pe] per head
@@ -43,7 +44,8 @@ def mla_decode_attention(q: torch.Tensor, latent_cache: torch.Tensor, page_table
     num_splits:   item splits per (request, head block); None fills the GPU (shapes only).
     out:          optional [B, H, Dl] output in q's dtype.
     use_triton:   None = Triton iff q is on CUDA; True forces it (CPU only under TRITON_INTERPRET=1).
-    block_h, block_n, num_warps: kernel tiling (powers of two >= 16 for the blocks).
+    block_h, block_n, num_warps: kernel tiling (powers of two >= 16 for the blocks); None takes
+                  `default_mla_tiling`'s.
     Returns [B, H, Dl] in q's dtype.
 
     Example::
@@ -55,6 +57,9 @@ def mla_decode_attention(q: torch.Tensor, latent_cache: torch.Tensor, page_table
         topk = torch.randint(0, 20000, (2, 2048), dtype=torch.int32, device="cuda")
         o = mla_decode_attention(q, cache, table, lens, scale=0.1, kv_lora_rank=512, indices=topk)  # [2, 128, 512]
     """
+    tiling = default_mla_tiling(batch=q.shape[0], heads=q.shape[1], device=q.device)
+    block_h, block_n, num_warps = (tiling[0] if block_h is None else block_h, tiling[1] if block_n is None else block_n,
+                                   tiling[2] if num_warps is None else num_warps)
     _validate(q, latent_cache, page_table, kv_lens, indices, scale=scale, kv_lora_rank=kv_lora_rank,
               num_splits=num_splits, out=out, block_h=block_h, block_n=block_n)
     if use_triton is None:
@@ -74,6 +79,19 @@ def mla_decode_attention(q: torch.Tensor, latent_cache: torch.Tensor, page_table
     _launch(q, latent_cache, page_table, kv_lens, indices, out, scale=scale, kv_lora_rank=kv_lora_rank,
             num_splits=num_splits, block_h=block_h, block_n=block_n, num_warps=num_warps)
     return out
+
+
+def default_mla_tiling(*, batch: int, heads: int, device: torch.device) -> tuple[int, int, int]:
+    """(block_h, block_n, num_warps) by shapes and the device. Large batches of many heads take 64 heads
+    x 64 rows in 8 warps once batch x head blocks fills every SM without splits: each latent row then
+    serves 64 heads instead of 16 (bench/mla_decode_gpu.py, H200, 128 heads, top-2048 at 128K, batch
+    273: 1.06 ms against 2.36 ms for 16 x 32 in 4 warps). Otherwise 16 x 32 in 4 warps, which leaves
+    room for splits at small batches."""
+    if device.type == "cuda" and heads >= 64:
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        if batch * -(-heads // 64) >= sms:
+            return 64, 64, 8
+    return 16, 32, 4
 
 
 def default_mla_splits(*, batch: int, head_blocks: int, max_items: int, block_n: int, device: torch.device) -> int:
