@@ -430,9 +430,9 @@ def main(argv=None) -> int:
         cap = a.max_batch_cap
         plans = [("device", b, None, 0, is_max) for b, is_max in parse_batches(a.device_batches, min(fit["device"], cap))]
         for b, is_max in parse_batches(a.hier_batches, min(fit["hier_auto"], cap)):
-            if is_max:  # HBM first: the first n_res requests resident, the rest host-backed
-                n_host = min(fit["hier_auto_host_backed"], b)
-                plans.append(("hier", b, "auto", b - n_host, True))
+            if is_max:  # HBM first: the first n_res requests resident, the rest host-backed (a capped
+                n_res = min(fit["hier_auto_resident"], b)  # batch stays resident as far as the HBM allows)
+                plans.append(("hier", b, "auto", n_res, True))
             else:
                 plans.append(("hier", min(b, fit["hier_host_only"]) if fit["hier_host_only"] > 0 else b, "host", 0, False))
         by_batch: dict[tuple[str, int], dict] = {}
