@@ -491,10 +491,13 @@ def main(argv=None) -> int:
         hier_max = [r for (m, _), r in by_batch.items() if m == "hier" and r["is_largest"]]
         if dev_max and hier_max:
             ratio = hier_max[0]["tokens_per_s"] / dev_max[0]["tokens_per_s"]
-            info["tok_s_ratio_at_largest"] = ratio
+            steady = hier_max[0]["tokens_per_s_median_step"] / dev_max[0]["tokens_per_s_median_step"]
+            info["tok_s_ratio_at_largest"] = ratio  # over every timed step (the last one frees every page)
+            info["tok_s_ratio_at_largest_median_step"] = steady  # the steady state
             info["batch_ratio_run"] = hier_max[0]["batch"] / dev_max[0]["batch"]
             print(f"  ctx {ctx}: at the largest batches run, hierarchical {hier_max[0]['batch']} vs all-on-device "
-                  f"{dev_max[0]['batch']} ({info['batch_ratio_run']:.2f}x): tok/s {ratio:.2f}x (target >= 1.4)", flush=True)
+                  f"{dev_max[0]['batch']} ({info['batch_ratio_run']:.2f}x): tok/s {ratio:.2f}x over all timed steps, "
+                  f"{steady:.2f}x at the median step (target >= 1.4)", flush=True)
         save()
     print(f"results written to {a.out}")
     _plot(payload, a.out.with_suffix(".png"))
