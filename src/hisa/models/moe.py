@@ -17,7 +17,7 @@ decode step stays graph-capturable:
   * few tokens (T x k <= E and the gathered weights <= 1 GiB; small-batch decode): gather each
     (token, slot)'s expert weights and run batched mat-vecs: reads only the chosen experts (copied
     once), no host sync;
-  * otherwise, where PyTorch's grouped GEMM runs without a host sync (CPU; CUDA bf16 on sm90+) and the
+  * otherwise, where PyTorch's grouped GEMM runs without a host sync (CPU; CUDA bf16 on sm90/sm100) and the
     shapes meet its 16-byte stride rule: the (token, slot) rows sorted by expert, the per-expert row
     offsets computed on the device, and two grouped GEMMs (gate/up, down) over all experts at once;
   * else, up to 64 tokens with at most 64 experts: every expert over every token, weighted by the
@@ -128,12 +128,13 @@ class RoutedExperts(nn.Module):
 
     def _grouped_mm_runs(self, x: torch.Tensor) -> bool:
         """Whether `F.grouped_mm` takes x without a host sync: on the CPU any float dtype; on CUDA only
-        bf16 on compute capability 9.0+ (elsewhere PyTorch falls back to a loop that copies the
-        offsets to the host). Every row stride must be a multiple of 16 bytes."""
+        bf16 on Hopper or datacenter Blackwell (sm90, sm100: PyTorch's CUTLASS kernels; checked on an
+        H200 under sync-debug mode; elsewhere PyTorch falls back to a loop that copies the offsets to
+        the host). Every row stride must be a multiple of 16 bytes."""
         if not hasattr(F, "grouped_mm") or x.dtype != self.down_proj.dtype:
             return False
         if x.device.type == "cuda":
-            if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0):
+            if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device)[0] not in (9, 10):
                 return False
         elif x.device.type != "cpu":
             return False
