@@ -41,31 +41,29 @@ from hisa.kvcache.l3.record import CRC32, crc32  # noqa: E402
 HEAD = 64  # header + key bytes in front of each payload (the store's is 24 + the key's length)
 
 
-def page_full(path: str, row: memoryview) -> int:
+def _pread(path: str, buffers: list, *, fstat: bool = False) -> None:
+    """open, (fstat,) one preadv into `buffers` from offset 0, close."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fstat(fd)
-        os.preadv(fd, [bytearray(HEAD), row], 0)
-        return crc32(row)
+        if fstat:
+            os.fstat(fd)
+        os.preadv(fd, buffers, 0)
     finally:
         os.close(fd)
+
+
+def page_full(path: str, row: memoryview) -> int:
+    _pread(path, [bytearray(HEAD), row], fstat=True)
+    return crc32(row)
 
 
 def page_lean(path: str, row: memoryview) -> int:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.preadv(fd, [bytearray(HEAD), row, bytearray(1)], 0)
-        return crc32(row)
-    finally:
-        os.close(fd)
+    _pread(path, [bytearray(HEAD), row, bytearray(1)])
+    return crc32(row)
 
 
 def page_readonly(path: str, row: memoryview) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.preadv(fd, [bytearray(HEAD), row], 0)
-    finally:
-        os.close(fd)
+    _pread(path, [bytearray(HEAD), row])
 
 
 def _share(args: tuple) -> float:

@@ -129,10 +129,10 @@ def lru_diff_mapped(buffer_pages: torch.Tensor, last_used: torch.Tensor, topk: t
     act = active.to(torch.bool)
     bp, lu = buffer_pages[srow], last_used[srow]  # [R, NS] copies
     local = (lru_diff_sorted if backend == "sorted" else lru_diff_reference)(bp, lu, topk, step, active=act)
-    # write the active rows back with no boolean indexing (a host sync): inactive rows write their own
-    # unchanged state (padding rows may share the sentinel row, always with equal values)
-    buffer_pages.index_copy_(0, srow, torch.where(act[:, None], bp, buffer_pages[srow]))
-    last_used.index_copy_(0, srow, torch.where(act[:, None], lu, last_used[srow]))
+    # every row back, no boolean indexing (a host sync): the diff leaves inactive rows as they were, so
+    # padding rows that share the sentinel row all write its unchanged state
+    buffer_pages.index_copy_(0, srow, bp)
+    last_used.index_copy_(0, srow, lu)
     sp = slot_pages[srow]  # [R, NS]
     has = local.slot_table >= 0
     out.slot_table.copy_(torch.where(has, sp.gather(1, local.slot_table.clamp(min=0).long()), out.slot_table))

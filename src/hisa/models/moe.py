@@ -141,15 +141,21 @@ class RoutedExperts(nn.Module):
         size = x.element_size()
         return all(n * size % 16 == 0 for n in (x.shape[1], self.inter))
 
+    @staticmethod
+    def _sorted_rows(x, weights, ids):
+        """The (token, slot) rows sorted by expert: order [T*k], their tokens [T*k], inputs [T*k, hidden]
+        and fp32 routing weights [T*k]."""
+        order = ids.reshape(-1).argsort(stable=True)
+        tokens = order // ids.shape[1]
+        return order, tokens, x[tokens], weights.reshape(-1)[order]
+
     def _grouped_mm(self, x, weights, ids):
         t, k = ids.shape
         flat = ids.reshape(-1)  # [T*k]
-        order = flat.argsort(stable=True)  # (token, slot) pairs sorted by expert
         counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
         counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))  # [E], on the device
         offs = counts.cumsum(0, dtype=torch.int32)  # [E]: end row of each expert's group
-        tokens = order // k  # [T*k]
-        xs, ws = x[tokens], weights.reshape(-1)[order]  # [T*k, hidden], fp32 [T*k]
+        order, _, xs, ws = self._sorted_rows(x, weights, ids)
         gate, up = F.grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)  # [T*k, I] each
         ys = F.grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offs)  # [T*k, hidden]
         ys = (ys.float() * ws[:, None]).to(x.dtype)
@@ -158,11 +164,8 @@ class RoutedExperts(nn.Module):
         return ys[back].view(t, k, -1).sum(dim=1)  # no atomics: the same sum in every run
 
     def _grouped(self, x, weights, ids):
-        k = ids.shape[1]
-        order = ids.reshape(-1).argsort(stable=True)  # [T*k] (token, slot) pairs sorted by expert
-        counts = torch.bincount(ids.reshape(-1), minlength=self.num_experts).tolist()  # host sync: no CUDA graph (decode past 64 rows too)
-        tokens = order // k  # [T*k]
-        xs, ws = x[tokens], weights.reshape(-1)[order]  # [T*k, hidden], fp32 [T*k]
+        counts = torch.bincount(ids.reshape(-1), minlength=self.num_experts).tolist()  # host sync: no CUDA graph
+        _, tokens, xs, ws = self._sorted_rows(x, weights, ids)
         ys = torch.empty_like(xs)
         start = 0
         for e, n in enumerate(counts):
