@@ -58,6 +58,7 @@ from hisa import LLM, SamplingParams  # noqa: E402
 from hisa.engine.llm_engine import host_backed_buffer_pages  # noqa: E402
 from hisa.engine.sequence import Status  # noqa: E402
 from hisa.kvcache.host_pool import available_host_bytes, default_host_pool_bytes  # noqa: E402
+from hisa.kvcache.mla_fp8 import packed_width  # noqa: E402
 from hisa.models.factory import load_model  # noqa: E402
 from hisa.sparse.config import SparseConfig  # noqa: E402
 
@@ -96,16 +97,24 @@ class Sizes:
         return self.hier_buffer_latent + self.hier_buffer_indexer_unused + self.hier_indexer
 
 
-def sizes_for(mc, *, ctx: int, steps: int, page_size: int, buffer_ratio: float, elt: int) -> Sizes:
+def latent_row_bytes(mc, *, elt: int, kv_cache_dtype: str) -> int:
+    """Bytes of one stored latent row (one token, one layer): latent_dim values, or the FP8 row."""
+    d = mc.dsa
+    return packed_width(d.kv_lora_rank, d.qk_rope_head_dim) if kv_cache_dtype == "fp8" else d.latent_dim * elt
+
+
+def sizes_for(mc, *, ctx: int, steps: int, page_size: int, buffer_ratio: float, elt: int,
+              kv_cache_dtype: str = "auto") -> Sizes:
     d, L, s = mc.dsa, mc.num_layers, page_size
+    lat = latent_row_bytes(mc, elt=elt, kv_cache_dtype=kv_cache_dtype)
     max_len = ctx + steps + 1
     pages = -(-max_len // s)
     sp = SparseConfig(algorithm="dsa", buffer_ratio=buffer_ratio)
     buf = host_backed_buffer_pages(sp, mc, s, max_len)
-    return Sizes(device_latent=pages * s * L * d.latent_dim * elt, device_indexer=pages * s * L * d.index_head_dim * elt,
-                 hier_buffer_latent=buf * s * L * d.latent_dim * elt,
+    return Sizes(device_latent=pages * s * L * lat, device_indexer=pages * s * L * d.index_head_dim * elt,
+                 hier_buffer_latent=buf * s * L * lat,
                  hier_buffer_indexer_unused=buf * s * L * d.index_head_dim * elt,
-                 hier_indexer=pages * s * L * d.index_head_dim * elt, host_latent=pages * s * L * d.latent_dim * elt,
+                 hier_indexer=pages * s * L * d.index_head_dim * elt, host_latent=pages * s * L * lat,
                  buffer_pages=buf)
 
 
@@ -169,7 +178,7 @@ def inject_prefix(engine, rid: str, tpl: Template, n: int) -> None:
     npg = -(-n // s)
     pad = npg * s - n
     for layer in range(cache.num_layers):
-        latent = torch.nn.functional.pad(tpl.latent[layer][:n], (0, 0, 0, pad))  # [npg * S, Dl + Dr]
+        latent = cache.pack(torch.nn.functional.pad(tpl.latent[layer][:n], (0, 0, 0, pad)))  # [npg * S, W] stored
         keys = torch.nn.functional.pad(tpl.keys[layer][:n], (0, 0, 0, pad))  # [npg * S, ID]
         if seq.host_backed:
             m = engine.sparse.manager
@@ -189,7 +198,7 @@ def inject_prefix(engine, rid: str, tpl: Template, n: int) -> None:
 # -- one row -------------------------------------------------------------------------------------------
 def run_row(loaded, tpl: Template, sz: Sizes, *, mode: str, batch: int, residency: str | None, n_resident: int,
             ctx: int, steps: int, page_size: int, buffer_ratio: float, device, dtype: str, graphs: bool,
-            seed: int, profile: Path | None = None) -> dict:
+            seed: int, profile: Path | None = None, kv_cache_dtype: str = "auto") -> dict:
     """One row; with `profile`, the torch profiler's op table of a few timed steps is written there."""
     mc = loaded.config
     s = page_size
@@ -199,13 +208,16 @@ def run_row(loaded, tpl: Template, sz: Sizes, *, mode: str, batch: int, residenc
     pages_per_request = -(-max_len // s)
     slack = batch * 2 + 4
     kw = dict(loaded=loaded, device=device.type, dtype=dtype, page_size=s, progress=False, max_model_len=max_len,
-              max_num_batched_tokens=max(batch, 256), max_num_seqs=batch, seed=seed, cuda_graphs=graphs)
+              max_num_batched_tokens=max(batch, 256), max_num_seqs=batch, seed=seed, cuda_graphs=graphs,
+              kv_cache_dtype=kv_cache_dtype)
+    elt = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    lat = latent_row_bytes(mc, elt=elt, kv_cache_dtype=kv_cache_dtype)
     if mode == "device":
         kw["num_kv_pages"] = batch * pages_per_request + slack
     else:
         n_host = batch - n_resident
         host_pages = n_host * pages_per_request + slack
-        host_gb = host_pages * mc.num_layers * s * mc.dsa.latent_dim * torch.empty((), dtype=getattr(torch, dtype)).element_size() / 2**30
+        host_gb = host_pages * mc.num_layers * s * lat / 2**30
         min_prompt = min(1024, ctx // 2)  # the pool must hold one request just too short to go sparse
         kw["num_kv_pages"] = n_resident * pages_per_request + n_host * sz.buffer_pages + slack + -(-min_prompt // s) + 1
         kw["sparse"] = SparseConfig(algorithm="dsa", residency=residency, buffer_ratio=buffer_ratio,
@@ -292,8 +304,7 @@ def run_row(loaded, tpl: Template, sz: Sizes, *, mode: str, batch: int, residenc
         # bytes a decode step must read: the weights, per request and layer the top-k latent rows and every
         # indexer key; hierarchical: the misses over PCIe on top
         d, L = mc.dsa, mc.num_layers
-        elt = torch.empty((), dtype=getattr(torch, dtype)).element_size()
-        kv = batch * L * (min(d.index_topk, ctx) * d.latent_dim + ctx * d.index_head_dim) * elt
+        kv = batch * L * (min(d.index_topk, ctx) * lat + ctx * d.index_head_dim * elt)
         weights = step_weight_bytes(loaded.model, batch)   # (not the untied embedding table: one row per request)
         out["step_read_bytes"] = weights + kv
         out["hbm_bound_ms"] = out["step_read_bytes"] / HBM_BYTES_PER_S * 1e3
@@ -356,6 +367,8 @@ def main(argv=None) -> int:
                    "weights and the template, less a reserve)")
     p.add_argument("--host-gb", type=float, default=None,
                    help="host pool budget (default: 70%% of the RAM available, a little under the engine's 75%%)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
+                   help="fp8: latent rows in DeepSeek's FP8 layout (656 bytes), in both modes (default: auto, bf16)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--git-commit", default=None)
@@ -374,6 +387,8 @@ def main(argv=None) -> int:
           flush=True)
     payload = dict(**header(device, a.git_commit), preset=a.preset, dtype=dtype, weight_bytes=weight_bytes,
                    page_size=a.page_size, buffer_ratio=a.buffer_ratio, steps=a.steps, template=a.template,
+                   kv_cache_dtype=a.kv_cache_dtype, latent_row_bytes=latent_row_bytes(mc, elt=elt,
+                                                                                        kv_cache_dtype=a.kv_cache_dtype),
                    contexts={}, results=[])
 
     def save() -> None:
@@ -391,7 +406,8 @@ def main(argv=None) -> int:
     save()
     for ctx in contexts:
         tpl = Template(full.prompt[:ctx], full.latent, full.keys)  # a causal prefix: the first rows are its KV
-        sz = sizes_for(mc, ctx=ctx, steps=a.steps, page_size=a.page_size, buffer_ratio=a.buffer_ratio, elt=elt)
+        sz = sizes_for(mc, ctx=ctx, steps=a.steps, page_size=a.page_size, buffer_ratio=a.buffer_ratio, elt=elt,
+                       kv_cache_dtype=a.kv_cache_dtype)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -442,7 +458,7 @@ def main(argv=None) -> int:
             try:
                 r = run_row(loaded, tpl, sz, mode=mode, batch=b, residency=residency, n_resident=n_res, ctx=ctx,
                             steps=a.steps, page_size=a.page_size, buffer_ratio=a.buffer_ratio, device=device,
-                            dtype=dtype, graphs=a.graphs, seed=a.seed,
+                            dtype=dtype, graphs=a.graphs, seed=a.seed, kv_cache_dtype=a.kv_cache_dtype,
                             profile=(a.out.with_name(f"{a.out.stem}_{mode}_{ctx}.prof.txt")
                                      if is_max and mode in a.profile else None))
             except Exception as e:  # keep going: a row that fails is recorded, the others still run

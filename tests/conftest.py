@@ -80,14 +80,16 @@ def long_text(n_words: int, seed: int = 0) -> str:
     return " ".join(out)
 
 
-def sharp_tiny_dsa(seed: int = 3):
+def sharp_tiny_dsa(seed: int = 3, **dsa):
     """The `tiny-deepseek-v3.2` preset with random fp32 weights on the CPU, scaled to N(0, 0.1)
-    (from N(0, 0.02)) so attention and the indexer's scores are sharp enough that selection matters."""
+    (from N(0, 0.02)) so attention and the indexer's scores are sharp enough that selection matters.
+    dsa: DSA fields to change (e.g. kv_lora_rank=128, which an FP8 latent cache needs)."""
     from hisa.models.config import PRESETS, ModelConfig
     from hisa.models.factory import random_model
 
-    loaded = random_model(ModelConfig(**PRESETS["tiny-deepseek-v3.2"]), device=torch.device("cpu"),
-                          dtype=torch.float32, seed=seed)
+    preset = dict(PRESETS["tiny-deepseek-v3.2"])
+    preset["dsa"] = {**preset["dsa"], **dsa}
+    loaded = random_model(ModelConfig(**preset), device=torch.device("cpu"), dtype=torch.float32, seed=seed)
     with torch.no_grad():
         for p in loaded.model.parameters():
             if p.ndim >= 2:

@@ -35,6 +35,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     g.add_argument("--dtype", default="auto", help="auto (fp32 on cpu, bf16 on cuda), float32, float16, bfloat16")
     g.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default: 16)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
+                   help="auto: KV in the model's dtype; fp8: a DeepSeek-V3.2 model's latent rows in DeepSeek's FP8 "
+                        "layout (656 instead of 1,152 bytes per token and layer; lossy) (default: auto)")
     g.add_argument("--max-num-seqs", type=int, default=64, help="most requests in one step (default: 64)")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="most tokens in one step; longer prompts are prefilled in chunks (default: 2048)")
@@ -107,6 +110,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                               residency=args.residency, max_sparse_requests=args.max_sparse_requests,
                               dense_layers=args.dense_layers, decode_streams=args.decode_streams)
     return dict(model=args.model, device=args.device, dtype=args.dtype, page_size=args.page_size,
+                kv_cache_dtype=args.kv_cache_dtype,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_model_len=args.max_model_len, kv_cache_gb=args.kv_cache_gb,
                 gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed, sparse=sparse,

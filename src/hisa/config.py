@@ -25,6 +25,10 @@ class EngineConfig:
     device: "cpu", "cuda" or "auto" (cuda when available).
     dtype: "auto" (fp32 on CPU, bf16 on CUDA), "float32", "float16" or "bfloat16".
     page_size: tokens per KV page.
+    kv_cache_dtype: "auto" (KV in the model's dtype) or "fp8": a DeepSeek-V3.2 (MLA) model's latent rows
+        in DeepSeek's FP8 layout, 656 bytes per token and layer instead of 1,152 in bf16, on the device,
+        in the host pool and over PCIe (`hisa.kvcache.mla_fp8`; lossy: e4m3 with a scale per 128
+        values). Models without a latent cache take only "auto".
     max_num_seqs / max_num_batched_tokens: the batch limits per engine step (continuous batching;
         prompts longer than max_num_batched_tokens are prefilled in chunks).
     max_model_len: longest prompt + output; defaults to the model's context length.
@@ -68,6 +72,7 @@ class EngineConfig:
     device: str = "auto"
     dtype: str = "auto"
     page_size: int = 16
+    kv_cache_dtype: str = "auto"
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
@@ -97,6 +102,8 @@ class EngineConfig:
             raise ConfigError("device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ConfigError(f"dtype must be one of auto, float32, float16, bfloat16; got {self.dtype!r}")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ConfigError(f"kv_cache_dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
         for name in ("page_size", "max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

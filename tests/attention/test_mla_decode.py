@@ -172,3 +172,87 @@ def test_cuda_real_sizes_match_reference(dtype, sparse, tiling):
         out = mla_decode_attention(q, cache, table, lens, scale=0.135, kv_lora_rank=512, indices=idx,
                                    num_splits=splits, **tiling)
         torch.testing.assert_close(out.float(), ref, **TOL[dtype])
+
+
+def _fp8_case(kv_lens, *, page_size, heads, dl, dr, topk, dtype, seed, device=DEVICE):
+    """make_case's rows packed as FP8 (NaN slots become 0: the packing of unread slots is arbitrary) and
+    the same rows unpacked into dtype, which the reference reads."""
+    from hisa.kvcache.mla_fp8 import pack_latent, unpack_latent
+
+    q, cache, table, lens, idx = make_case(kv_lens, page_size=page_size, heads=heads, dl=dl, dr=dr, topk=topk,
+                                           dtype=torch.float32, seed=seed, device=device)
+    packed = pack_latent(torch.nan_to_num(cache), kv_lora_rank=dl)
+    return q.to(dtype), packed, unpack_latent(packed, kv_lora_rank=dl, dtype=dtype), table, lens, idx
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("heads,dl,dr,page_size,kv_lens", [(4, 128, 16, 4, [37, 0, 13]), (20, 256, 8, 1, [25, 9])])
+def test_fp8_cache_matches_reference_over_the_unpacked_rows(dtype, sparse, heads, dl, dr, page_size, kv_lens):
+    """FP8 rows (uint8 [P, S, Dl + 4 Dl/128 + 2 Dr]) through the Triton kernel and through the torch path
+    give attention over the unpacked rows in q's dtype: the kernel dequantizes as unpack_latent does."""
+    q, packed, rows, table, lens, idx = _fp8_case(kv_lens, page_size=page_size, heads=heads, dl=dl, dr=dr,
+                                                  topk=12 if sparse else None, dtype=dtype, seed=heads + dl)
+    ref = mla_decode_attention_ref(q, rows, table, lens, scale=0.2, kv_lora_rank=dl, indices=idx)
+    torch_path = mla_decode_attention(q, packed, table, lens, scale=0.2, kv_lora_rank=dl, indices=idx,
+                                      use_triton=False)
+    torch.testing.assert_close(torch_path, ref, rtol=0, atol=0)
+    for splits in (1, 3):
+        out = mla_decode_attention(q, packed, table, lens, scale=0.2, kv_lora_rank=dl, indices=idx,
+                                   num_splits=splits, use_triton=True)
+        torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+def test_fp8_cache_rejects_rows_of_another_layout():
+    q, packed, _, table, lens, idx = _fp8_case([9], page_size=4, heads=4, dl=128, dr=16, topk=None,
+                                               dtype=torch.float32, seed=0)
+    with pytest.raises(ValueError, match="rows of 164 bytes"):
+        mla_decode_attention(q, packed[..., :-2], table, lens, scale=0.2, kv_lora_rank=128)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        mla_decode_attention(q[..., 64:], packed, table, lens, scale=0.2, kv_lora_rank=64)
+
+
+_COMPILE_FP8 = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from hisa.attention import triton_mla_decode
+
+block_h, block_n, sparse = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+consts = dict(DL=512, DR=64, S=1, BLOCK_H=block_h, BLOCK_DL=512, BLOCK_DR=64, BLOCK_N=block_n, SPARSE=sparse,
+              DIRECT_OUT=False, INTERPRETER=False, FP8=True)
+sig = {"q_ptr": "*bf16", "kv_ptr": "*u8", "pt_ptr": "*i32", "lens_ptr": "*i32", "idx_ptr": "*i32", "out_ptr": "*bf16",
+       "m_ws_ptr": "*fp32", "l_ws_ptr": "*fp32", "acc_ws_ptr": "*fp32", "scale_log2": "fp32", "H": "i32",
+       "MAX_TOKENS": "i32", "NUM_ITEMS_SPARSE": "i32", "NUM_SPLITS": "i32", "stride_qb": "i32", "stride_qh": "i32",
+       "stride_kp": "i32", "stride_ks": "i32", "stride_ptb": "i32", "stride_lens": "i32", "stride_ib": "i32",
+       "stride_ob": "i32", "stride_oh": "i32"}
+sig.update({name: "constexpr" for name in consts})
+compiled = triton.compile(ASTSource(fn=triton_mla_decode.mla_decode_split_kernel, signature=sig, constexprs=consts),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 8 if block_h == 64 else 4})
+assert compiled.asm["cubin"]
+"""
+
+
+@pytest.mark.parametrize("block_h,block_n,sparse", [(16, 32, True), (64, 64, True), (16, 32, False)])
+def test_fp8_kernel_compiles_for_hopper(block_h, block_n, sparse):
+    """The FP8 variant at DeepSeek-V3.2's row (512 + 64) through Triton's compiler for sm_90 (PTX and a
+    cubin, no GPU needed): the interpreter accepts code the compiler refuses."""
+    from tests.conftest import compile_for_hopper
+
+    compile_for_hopper(_COMPILE_FP8, str(block_h), str(block_n), str(int(sparse)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (compiled Triton kernels at real sizes)")
+@pytest.mark.parametrize("tiling", [dict(block_h=16, block_n=32, num_warps=4), dict(block_h=64, block_n=64, num_warps=8)])
+def test_cuda_fp8_real_sizes_match_reference(tiling):
+    """DeepSeek-V3.2's shapes with 656-byte FP8 rows, bf16 queries, top-2048 of up to 9K tokens, page 1 and 64."""
+    for page_size in (1, 64):
+        q, packed, rows, table, lens, idx = _fp8_case([9000, 3000, 2048, 1], page_size=page_size, heads=128, dl=512,
+                                                      dr=64, topk=2048, dtype=torch.bfloat16, seed=5, device="cuda")
+        assert packed.shape[-1] == 656
+        ref = mla_decode_attention_ref(q.float(), rows.float(), table, lens, scale=0.135, kv_lora_rank=512, indices=idx)
+        for splits in (None, 1, 8):
+            out = mla_decode_attention(q, packed, table, lens, scale=0.135, kv_lora_rank=512, indices=idx,
+                                       num_splits=splits, **tiling)
+            torch.testing.assert_close(out.float(), ref, **TOL[torch.bfloat16])

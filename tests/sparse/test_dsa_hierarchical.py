@@ -165,3 +165,52 @@ def test_replayed_host_backed_decode_steps_equal_eager_steps(tiny):
         runs.append((tokens, llm.engine.sparse.summary()["misses"]))
     assert runs[0] == runs[1]
     assert runner.graphs.captures > 0 and runner.graphs.replays > 0
+
+
+@pytest.fixture(scope="module")
+def tiny128():
+    """The tiny preset with kv_lora_rank 128: one scale tile of the FP8 latent layout."""
+    return sharp_tiny_dsa(seed=3, kv_lora_rank=128)
+
+
+def test_fp8_latent_host_backed_equals_fp8_on_device(tiny128):
+    """kv_cache_dtype="fp8" (latent rows as 164-byte FP8 rows here: 128 e4m3 + one fp32 scale + 16 bf16):
+    the host-backed run gives the FP8 all-on-device run's tokens and logits, moving 164 bytes per missed
+    token; against the fp32 cache it stays close (lossy: the sharp random model amplifies the e4m3
+    rounding, so the tokens part after a few steps, as for any change of arithmetic)."""
+    prompt = _prompts(tiny128.config.vocab_size, [200])[0]
+    params = SamplingParams(max_tokens=DECODE_STEPS + 1, ignore_eos=True)
+    ref_llm = _llm(tiny128, page_size=1, max_num_batched_tokens=128)
+    ref_tokens = ref_llm.generate([prompt], params, use_tqdm=False)[0].token_ids
+    forced = prompt + ref_tokens[:DECODE_STEPS]
+    ref_logits = ref_llm.engine.score(forced, prefill_tokens=len(prompt))
+
+    device_llm = _llm(tiny128, page_size=1, max_num_batched_tokens=128, kv_cache_dtype="fp8")
+    assert device_llm.engine.cache.page_shape == (1, 164)
+    device_tokens = device_llm.generate([prompt], params, use_tqdm=False)[0].token_ids
+    device_logits = device_llm.engine.score(forced, prefill_tokens=len(prompt))
+
+    llm = _llm(tiny128, page_size=1, sparse=_dsa(residency="host", buffer_ratio=2.0), max_num_batched_tokens=128,
+               kv_cache_dtype="fp8")
+    engine = llm.engine
+    tokens = llm.generate([prompt], params, use_tqdm=False)[0].token_ids
+    stats = engine.sparse.summary()
+    logits = engine.score(forced, prefill_tokens=len(prompt))
+
+    assert tokens == device_tokens
+    assert (logits - device_logits).abs().max().item() <= 1e-5
+    assert stats["misses"] > 0 and stats["bytes_h2d"] == stats["misses"] * 164 == stats["misses"] * engine.sparse.manager.row_bytes
+    _assert_nothing_held(engine)
+    assert device_tokens[:4] == ref_tokens[:4]
+    assert ((device_logits - ref_logits).norm() / ref_logits.norm()).item() < 0.3
+    assert (device_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item() >= 0.6
+
+
+def test_fp8_latent_needs_a_latent_cache_of_whole_tiles(tiny):
+    with pytest.raises(ConfigError, match="kv_lora_rank 32"):
+        _llm(tiny, page_size=1, kv_cache_dtype="fp8")
+    other = random_model(ModelConfig(**PRESETS["tiny-llama"]), device=torch.device("cpu"), dtype=torch.float32)
+    with pytest.raises(ConfigError, match="no latent cache"):
+        _llm(other, page_size=4, kv_cache_dtype="fp8")
+    with pytest.raises(ConfigError, match="auto or fp8"):
+        _llm(tiny, page_size=1, kv_cache_dtype="int8")

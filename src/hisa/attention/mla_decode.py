@@ -34,7 +34,9 @@ def mla_decode_attention(q: torch.Tensor, latent_cache: torch.Tensor, page_table
     q:            [B, H, Dl + Dr] fp16/bf16/fp32 absorbed queries, [q_nope W_UK | q_pe] per head
                   (see `mla_reference`), last dim contiguous.
     latent_cache: [P, S, Dl + Dr] one layer's latent rows (normed latent, then roped key), pages of S
-                  tokens; any strides but a contiguous last dim.
+                  tokens; any strides but a contiguous last dim. Or uint8 [P, S, W]: the rows in
+                  DeepSeek's FP8 layout (`hisa.kvcache.mla_fp8`, W = Dl + 4 Dl / 128 + 2 Dr bytes),
+                  dequantized into q's dtype as they are read.
     page_table:   int32 [B, max_pages] physical pages in token order, -1 past the request's pages.
     kv_lens:      int32 [B] tokens of each request (0 for padded rows: zeros out).
     scale:        softmax scale (DeepSeek: qk_head_dim ** -0.5 times YaRN's mscale squared).
@@ -65,6 +67,8 @@ def mla_decode_attention(q: torch.Tensor, latent_cache: torch.Tensor, page_table
     if use_triton is None:
         use_triton = q.is_cuda
     if not use_triton:
+        if latent_cache.dtype == torch.uint8:  # the pages the table names, dequantized
+            latent_cache, page_table = _unpacked_pages(latent_cache, page_table, kv_lora_rank, q.dtype)
         ref = mla_decode_attention_ref(q, latent_cache, page_table, kv_lens, scale=scale,
                                        kv_lora_rank=kv_lora_rank, indices=indices)
         return ref if out is None else out.copy_(ref)
@@ -79,6 +83,18 @@ def mla_decode_attention(q: torch.Tensor, latent_cache: torch.Tensor, page_table
     _launch(q, latent_cache, page_table, kv_lens, indices, out, scale=scale, kv_lora_rank=kv_lora_rank,
             num_splits=num_splits, block_h=block_h, block_n=block_n, num_warps=num_warps)
     return out
+
+
+def _unpacked_pages(packed: torch.Tensor, page_table: torch.Tensor, kv_lora_rank: int,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the pages page_table names, unpacked to dtype [B * max_pages, S, Dl + Dr], their table): the
+    torch path's view of an FP8 cache, without unpacking pages no request reads."""
+    from hisa.kvcache.mla_fp8 import unpack_latent
+
+    B, W = page_table.shape
+    rows = unpack_latent(packed[page_table.clamp(min=0).long().flatten()], kv_lora_rank=kv_lora_rank, dtype=dtype)
+    table = torch.arange(B * W, dtype=torch.int32, device=page_table.device).view(B, W)
+    return rows, torch.where(page_table >= 0, table, -1)
 
 
 def default_mla_tiling(*, batch: int, heads: int, device: torch.device) -> tuple[int, int, int]:
@@ -132,6 +148,7 @@ def _launch(q, latent_cache, page_table, kv_lens, indices, out, *, scale, kv_lor
         out.stride(0), out.stride(1),
         DL=Dl, DR=Dr, S=S, BLOCK_H=block_h, BLOCK_DL=max(16, _next_pow2(Dl)), BLOCK_DR=max(16, _next_pow2(Dr)),
         BLOCK_N=block_n, SPARSE=sparse, DIRECT_OUT=direct, INTERPRETER=os.environ.get("TRITON_INTERPRET") == "1",
+        FP8=latent_cache.dtype == torch.uint8,
         num_warps=num_warps if gpu else 1, num_stages=2 if gpu else 1,
     )
     if not direct:
@@ -160,19 +177,28 @@ def _validate(q, latent_cache, page_table, kv_lens, indices, *, scale, kv_lora_r
         if t.ndim != ndim:
             raise ValueError(f"{name} must be {ndim}-D {shape}, got shape {tuple(t.shape)}")
     B, H, Dq = q.shape
-    if latent_cache.shape[2] != Dq:
-        raise ValueError(f"row width mismatch: q has {Dq} values per head, latent_cache rows have "
-                         f"{latent_cache.shape[2]}")
     if not (isinstance(kv_lora_rank, int) and 0 < kv_lora_rank < Dq):
         raise ValueError(f"kv_lora_rank must be an int in (0, {Dq}) (the latent part of a row), got {kv_lora_rank!r}")
+    fp8 = latent_cache.dtype == torch.uint8
+    if fp8:
+        from hisa.kvcache.mla_fp8 import packed_width
+
+        want = packed_width(kv_lora_rank, Dq - kv_lora_rank)  # (raises unless Dl is a multiple of 128)
+        if latent_cache.shape[2] != want:
+            raise ValueError(f"an FP8 latent cache for Dl = {kv_lora_rank}, Dr = {Dq - kv_lora_rank} has rows of {want} "
+                             f"bytes, got {latent_cache.shape[2]}")
+    elif latent_cache.shape[2] != Dq:
+        raise ValueError(f"row width mismatch: q has {Dq} values per head, latent_cache rows have "
+                         f"{latent_cache.shape[2]}")
     for name, t in (("page_table", page_table), ("kv_lens", kv_lens), ("indices", indices)):
         if t is not None and t.dtype != torch.int32:
             raise ValueError(f"{name} must be int32, got {t.dtype}; convert with .to(torch.int32)")
     rows = [page_table.shape[0], kv_lens.shape[0]] + ([indices.shape[0]] if indices is not None else [])
     if any(r != B for r in rows):
         raise ValueError(f"batch mismatch: q has B={B}, page_table/kv_lens/indices have {rows} rows")
-    if q.dtype not in _FLOAT_DTYPES or latent_cache.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"q and latent_cache must be one of {_FLOAT_DTYPES}, got {q.dtype} and {latent_cache.dtype}")
+    if q.dtype not in _FLOAT_DTYPES or latent_cache.dtype not in _FLOAT_DTYPES + (torch.uint8,):
+        raise ValueError(f"q must be one of {_FLOAT_DTYPES} and latent_cache too (or uint8: FP8 rows), got {q.dtype} "
+                         f"and {latent_cache.dtype}")
     tensors = [q, latent_cache, page_table, kv_lens] + ([indices] if indices is not None else [])
     if len({t.device for t in tensors}) != 1:
         raise ValueError(f"q, latent_cache, page_table, kv_lens and indices must be on one device, got "

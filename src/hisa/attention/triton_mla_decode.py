@@ -14,6 +14,11 @@ Algorithm (same result as `mla_reference.mla_decode_attention_ref`):
     otherwise (m, l, acc) go to fp32 workspaces merged by `paged_decode_combine_kernel`
     (triton_paged_decode.py, the same merge as the GQA kernel's).
   * masked loads read 0: the cache is allocated uninitialized and 0 * NaN would survive.
+  * FP8 (`hisa.kvcache.mla_fp8`): rows are bytes [Dl e4m3 | Dl / 128 fp32 scales | Dr bf16]. Each
+    e4m3 byte becomes an fp16 by moving its sign to bit 15 and its 7 other bits to bits 7..13 (the
+    fp16 is the e4m3 value / 256, subnormals included), then value = fp16 * (scale * 256) in fp32,
+    rounded to q's dtype: the same value as the torch unpacking, bit for bit (one rounding of the
+    same exact product), without the hardware's fp8 conversion, so the interpreter runs it too.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ def _mla_attend_block(
     start, n_items, kv_len, q_lat, q_pe, m_i, l_i, acc,
     kv_ptr, pt_row_ptr, idx_row_ptr, dl, dl_ok, dr, dr_ok, scale_log2,
     stride_kp, stride_ks,
-    DL: tl.constexpr, S: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE: tl.constexpr,
+    DL: tl.constexpr, S: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE: tl.constexpr, FP8: tl.constexpr,
+    BLOCK_DL: tl.constexpr,
 ):
     """Fold items [start, min(start + BLOCK_N, n_items)) into the running (m_i, l_i, acc)."""
     j = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] item numbers
@@ -40,8 +46,11 @@ def _mla_attend_block(
     page = tl.load(pt_row_ptr + tok // S, mask=tok_ok, other=-1).to(tl.int64)  # [BLOCK_N]
     tok_ok = tok_ok & (page >= 0)
     row = kv_ptr + page * stride_kp + (tok % S).to(tl.int64) * stride_ks  # [BLOCK_N] row starts
-    lat = tl.load(row[:, None] + dl[None, :], mask=tok_ok[:, None] & dl_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_DL]
-    pe = tl.load(row[:, None] + DL + dr[None, :], mask=tok_ok[:, None] & dr_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_DR]
+    if FP8:
+        lat, pe = _fp8_rows(row, tok_ok, dl, dl_ok, dr, dr_ok, q_lat.dtype, DL, BLOCK_N, BLOCK_DL)
+    else:
+        lat = tl.load(row[:, None] + dl[None, :], mask=tok_ok[:, None] & dl_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_DL]
+        pe = tl.load(row[:, None] + DL + dr[None, :], mask=tok_ok[:, None] & dr_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_DR]
 
     qk = tl.dot(q_lat, tl.trans(lat), input_precision="ieee")  # [BLOCK_H, BLOCK_N]
     qk += tl.dot(q_pe, tl.trans(pe), input_precision="ieee")
@@ -53,6 +62,21 @@ def _mla_attend_block(
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(lat.dtype), lat, input_precision="ieee")  # [BLOCK_H, BLOCK_DL]
     return m_new, l_i, acc
+
+
+@triton.jit
+def _fp8_rows(row, tok_ok, dl, dl_ok, dr, dr_ok, ty, DL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DL: tl.constexpr):
+    """The latent [BLOCK_N, BLOCK_DL] and rope [BLOCK_N, BLOCK_DR] values of FP8 rows (bytes at `row`), in ty."""
+    NT: tl.constexpr = BLOCK_DL // 128  # scale tiles in the block (DL // 128 of them real)
+    b = tl.load(row[:, None] + dl[None, :], mask=tok_ok[:, None] & dl_ok[None, :], other=0).to(tl.uint16)
+    v = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.float16, bitcast=True).to(tl.float32)  # e4m3 / 256
+    t = tl.arange(0, NT)
+    sc = tl.load((row[:, None] + DL + 4 * t[None, :]).to(tl.pointer_type(tl.float32)),
+                 mask=tok_ok[:, None] & (t < DL // 128)[None, :], other=0.0)  # [BLOCK_N, NT]
+    lat = tl.reshape(tl.reshape(v, (BLOCK_N, NT, 128)) * (sc * 256.0)[:, :, None], (BLOCK_N, BLOCK_DL))
+    pe = tl.load((row[:, None] + DL + 4 * (DL // 128) + 2 * dr[None, :]).to(tl.pointer_type(tl.bfloat16)),
+                 mask=tok_ok[:, None] & dr_ok[None, :], other=0.0)
+    return lat.to(ty), pe.to(ty)
 
 
 @triton.jit
@@ -73,7 +97,7 @@ def mla_decode_split_kernel(
     stride_ob, stride_oh,
     DL: tl.constexpr, DR: tl.constexpr, S: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_DL: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPARSE: tl.constexpr, DIRECT_OUT: tl.constexpr, INTERPRETER: tl.constexpr,
+    SPARSE: tl.constexpr, DIRECT_OUT: tl.constexpr, INTERPRETER: tl.constexpr, FP8: tl.constexpr = False,
 ):
     b = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
@@ -88,8 +112,9 @@ def mla_decode_split_kernel(
     q_row = q_ptr + b * stride_qb + heads[:, None] * stride_qh  # [BLOCK_H, 1]
     q_lat = tl.load(q_row + dl[None, :], mask=h_ok[:, None] & dl_ok[None, :], other=0.0)  # [BLOCK_H, BLOCK_DL]
     q_pe = tl.load(q_row + DL + dr[None, :], mask=h_ok[:, None] & dr_ok[None, :], other=0.0)  # [BLOCK_H, BLOCK_DR]
-    q_lat = q_lat.to(kv_ptr.dtype.element_ty)
-    q_pe = q_pe.to(kv_ptr.dtype.element_ty)
+    if not FP8:  # (FP8 rows are dequantized into q's dtype)
+        q_lat = q_lat.to(kv_ptr.dtype.element_ty)
+        q_pe = q_pe.to(kv_ptr.dtype.element_ty)
 
     # clamped so a kv_len past the page table cannot read outside it
     kv_len = tl.maximum(tl.minimum(tl.load(lens_ptr + b * stride_lens), MAX_TOKENS), 0)
@@ -110,13 +135,13 @@ def mla_decode_split_kernel(
         while start < hi:
             m_i, l_i, acc = _mla_attend_block(start, hi, kv_len, q_lat, q_pe, m_i, l_i, acc, kv_ptr, pt_row_ptr,
                                               idx_row_ptr, dl, dl_ok, dr, dr_ok, scale_log2, stride_kp, stride_ks,
-                                              DL, S, BLOCK_N, SPARSE)
+                                              DL, S, BLOCK_N, SPARSE, FP8, BLOCK_DL)
             start += BLOCK_N
     else:
         for start in range(lo, hi, BLOCK_N):
             m_i, l_i, acc = _mla_attend_block(start, hi, kv_len, q_lat, q_pe, m_i, l_i, acc, kv_ptr, pt_row_ptr,
                                               idx_row_ptr, dl, dl_ok, dr, dr_ok, scale_log2, stride_kp, stride_ks,
-                                              DL, S, BLOCK_N, SPARSE)
+                                              DL, S, BLOCK_N, SPARSE, FP8, BLOCK_DL)
 
     if DIRECT_OUT:
         # l_i == 0 only when no item was valid, and then acc == 0: the output is zeros

@@ -71,7 +71,8 @@ class DSAAttention:
         """q: [T, H, Dl + Dr] absorbed queries; kv: [T, Dl + Dr] new latent rows → [T, H, Dl]."""
         cache, d = self.cache, self.decode
         out = q.new_zeros(q.shape[0], q.shape[1], self.kv_lora_rank)  # [T, H, Dl]
-        latent = cache.latent_rows(layer)  # [P, S, Dl + Dr]
+        latent = cache.latent_rows(layer)  # [P, S, W] stored rows (W = Dl + Dr, or the FP8 row's bytes)
+        kv = cache.pack(kv)  # the new rows as stored: everything below moves stored rows
         last_decode, last_prefill = self._last
         decode_sel = None
         n = d.n if d is not None else 0
@@ -106,9 +107,10 @@ class DSAAttention:
             new_keys = None if index is None else index.keys[start:end]
             if c.seq.sparse and c.seq.host_backed:  # the context comes back from the host pool, layer by layer
                 context, keys = self.sparse.prefill_host_backed_mla(layer, c.seq, c.computed, kv[start:end], new_keys)
+                context = cache.unpack(context)
             else:
                 cache.write(layer, c.write_pages, c.write_offsets, kv[start:end], new_keys)
-                context = gather_pages(latent, c.pages, ctx)  # [ctx, Dl + Dr]
+                context = cache.unpack(gather_pages(latent, c.pages, ctx))  # [ctx, Dl + Dr]
                 keys = None if index is None or ctx <= self.topk else gather_pages(cache.index_keys(layer), c.pages, ctx)
             sel = None
             if index is None:

@@ -70,6 +70,11 @@ class LLMEngine:
         if self.max_model_len > mcfg.max_position_embeddings:
             raise ConfigError(f"max_model_len={self.max_model_len} exceeds the model's context "
                               f"({mcfg.max_position_embeddings} tokens)")
+        if config.kv_cache_dtype == "fp8" and (mcfg.dsa is None or mcfg.dsa.kv_lora_rank % 128):
+            raise ConfigError("kv_cache_dtype='fp8' is the FP8 latent cache of DeepSeek-V3.2-style (MLA) models "
+                              "with kv_lora_rank a multiple of 128; this model "
+                              + ("has no latent cache" if mcfg.dsa is None else
+                                 f"has kv_lora_rank {mcfg.dsa.kv_lora_rank}") + ": use kv_cache_dtype='auto'")
         self.sparse = None
         if config.sparse is not None:
             _check_sparse_algorithm(config.sparse.algorithm, mcfg)
@@ -86,7 +91,8 @@ class LLMEngine:
         if mcfg.dsa is not None:  # DeepSeek-V3.2: latent rows + indexer keys (kvcache/mla_cache.py)
             self.cache = MLAKVCache(num_layers=mcfg.num_layers, num_pages=num_pages + 1, page_size=config.page_size,
                                     latent_dim=mcfg.dsa.latent_dim, index_head_dim=mcfg.dsa.index_head_dim,
-                                    dtype=config.torch_dtype, device=config.torch_device)
+                                    dtype=config.torch_dtype, device=config.torch_device,
+                                    kv_lora_rank=mcfg.dsa.kv_lora_rank, latent_format=config.kv_cache_dtype)
         else:
             self.cache = PagedKVCache(num_layers=mcfg.num_layers, num_pages=num_pages + 1, page_size=config.page_size,
                                       num_kv_heads=mcfg.num_kv_heads, head_dim=mcfg.head_dim,
@@ -167,7 +173,8 @@ class LLMEngine:
         if mcfg.dsa is not None:
             page_bytes = MLAKVCache.page_bytes(num_layers=mcfg.num_layers, page_size=cfg.page_size,
                                                latent_dim=mcfg.dsa.latent_dim, index_head_dim=mcfg.dsa.index_head_dim,
-                                               dtype=cfg.torch_dtype)
+                                               dtype=cfg.torch_dtype, kv_lora_rank=mcfg.dsa.kv_lora_rank,
+                                               latent_format=cfg.kv_cache_dtype)
         else:
             page_bytes = PagedKVCache.page_bytes(num_layers=mcfg.num_layers, page_size=cfg.page_size,
                                                  num_kv_heads=mcfg.num_kv_heads, head_dim=mcfg.head_dim,

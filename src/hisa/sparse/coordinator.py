@@ -209,9 +209,10 @@ class SparseCoordinator:
         host pool, write the chunk's pages to it (the last also to the tail page), put the chunk's
         indexer keys into the representation (device).
 
-        rows: [n, Dl + Dr] the chunk's latent rows; index_keys: [n, ID] its indexer keys (None on a
-        layer without an indexer). Returns the whole context's latent rows [computed + n, Dl + Dr]
-        and indexer keys [computed + n, ID] (None without), on the device, for the caller's attention."""
+        rows: [n, W] the chunk's latent rows as the cache stores them (`MLAKVCache.pack`); index_keys:
+        [n, ID] its indexer keys (None on a layer without an indexer). Returns the whole context's
+        stored latent rows [computed + n, W] and indexer keys [computed + n, ID] (None without), on
+        the device, for the caller's attention."""
         s, m = self.page_size, self.manager
         n, width = rows.shape
         total = computed + n
@@ -321,7 +322,7 @@ class SparseCoordinator:
 
     # -- one decode step of a DSA model (token-level selection, MLA over latent rows) -----------------
     def write_through_mla(self, layer: int, rows: torch.Tensor, index_keys: torch.Tensor | None) -> None:
-        """The decode rows' new latent rows [R, Dl + Dr] to their host pages (host-backed rows; the
+        """The decode rows' new latent rows [R, W] (as stored) to their host pages (host-backed rows; the
         engine wrote the tail page), their new indexer keys [R, ID] to the representation."""
         d = self._d
         write_token_rows(rows, self.manager.host.layer_rows(layer), d.write_host_page, d.t, page_size=self.page_size)

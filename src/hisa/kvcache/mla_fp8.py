@@ -1,0 +1,71 @@
+"""FP8 latent rows of an MLA cache: DeepSeek's 656-byte layout, packed and unpacked in torch.
+
+A latent row [normed compressed KV (Dl) | roped shared key (Dr)] is stored as bytes:
+
+    [ Dl values as float8 e4m3 | Dl / 128 fp32 scales | Dr values as bf16 ]
+
+Each tile of 128 latent values has its own scale, amax / 448 (448: e4m3's largest finite value), and
+holds round-to-nearest e4m3 of value / scale; the rope part stays bf16 (it carries position, and is
+an eighth of the row). For DeepSeek-V3.2 (Dl 512, Dr 64) a row is 512 + 16 + 128 = 656 bytes
+instead of 1,152 in bf16: the device buffer, the host pool and every miss moved over PCIe shrink
+by 43%. A value comes back as e4m3(value / scale) * scale, rounded once to the compute dtype; the
+Triton decode kernel (`hisa.attention.triton_mla_decode`, FP8) dequantizes the same way, bit for bit.
+
+Example::
+
+    packed = pack_latent(rows, kv_lora_rank=512)              # [T, 576] bf16 -> [T, 656] uint8
+    rows2 = unpack_latent(packed, kv_lora_rank=512, dtype=torch.bfloat16)   # [T, 576]
+"""
+
+from __future__ import annotations
+
+import torch
+
+TILE = 128  # latent values per scale
+FP8_MAX = 448.0  # the largest finite float8 e4m3 (fn) value
+LATENT_FORMATS = ("auto", "fp8")  # "auto": rows in the model's dtype
+
+
+def packed_width(kv_lora_rank: int, rope_dim: int) -> int:
+    """Bytes of one packed row: Dl (e4m3) + 4 * Dl / 128 (scales) + 2 * Dr (bf16)."""
+    _check_rank(kv_lora_rank)
+    return kv_lora_rank + 4 * (kv_lora_rank // TILE) + 2 * rope_dim
+
+
+def pack_latent(rows: torch.Tensor, *, kv_lora_rank: int) -> torch.Tensor:
+    """rows [..., Dl + Dr] (any float dtype) -> uint8 [..., packed_width(Dl, Dr)]. Graph-safe (no host sync)."""
+    _check_rank(kv_lora_rank)
+    if rows.shape[-1] <= kv_lora_rank:
+        raise ValueError(f"rows must be [..., Dl + Dr] with Dl = {kv_lora_rank} and Dr > 0, got {tuple(rows.shape)}")
+    lead, dl = rows.shape[:-1], kv_lora_rank
+    lat = rows[..., :dl].float().reshape(*lead, dl // TILE, TILE)
+    amax = lat.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))  # an all-zero tile: scale 1
+    q = (lat / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8).reshape(*lead, dl)
+    sc = scale.reshape(*lead, dl // TILE).contiguous().view(torch.uint8)  # fp32 bytes
+    pe = rows[..., dl:].to(torch.bfloat16).contiguous().view(torch.uint8)
+    return torch.cat([q, sc, pe], dim=-1)
+
+
+def unpack_latent(packed: torch.Tensor, *, kv_lora_rank: int, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 [..., packed_width] -> [..., Dl + Dr] in dtype: e4m3 * scale in fp32, then rounded to dtype."""
+    _check_rank(kv_lora_rank)
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"packed latent rows must be uint8, got {packed.dtype}")
+    dl, nt = kv_lora_rank, kv_lora_rank // TILE
+    rope_bytes = packed.shape[-1] - dl - 4 * nt
+    if rope_bytes <= 0 or rope_bytes % 2:
+        raise ValueError(f"a packed row of {packed.shape[-1]} bytes does not fit Dl = {dl} (FP8 layout "
+                         f"{dl} + {4 * nt} + 2 * Dr bytes)")
+    lead = packed.shape[:-1]
+    p = packed.contiguous()
+    q = p[..., :dl].contiguous().view(torch.float8_e4m3fn).float().reshape(*lead, nt, TILE)
+    scale = p[..., dl:dl + 4 * nt].contiguous().view(torch.float32).reshape(*lead, nt, 1)
+    pe = p[..., dl + 4 * nt:].contiguous().view(torch.bfloat16)
+    return torch.cat([(q * scale).reshape(*lead, dl).to(dtype), pe.to(dtype)], dim=-1)
+
+
+def _check_rank(kv_lora_rank: int) -> None:
+    if not (isinstance(kv_lora_rank, int) and kv_lora_rank > 0 and kv_lora_rank % TILE == 0):
+        raise ValueError(f"an FP8 latent cache needs kv_lora_rank to be a positive multiple of {TILE}, "
+                         f"got {kv_lora_rank!r}")
