@@ -216,7 +216,7 @@ def run_row(loaded, tpl: Template, sz: Sizes, *, mode: str, batch: int, residenc
         kw["num_kv_pages"] = batch * pages_per_request + slack
     else:
         n_host = batch - n_resident
-        host_pages = n_host * pages_per_request + slack
+        host_pages = max(n_host, 1) * pages_per_request + slack  # (the engine wants room for one request)
         host_gb = host_pages * mc.num_layers * s * lat / 2**30
         min_prompt = min(1024, ctx // 2)  # the pool must hold one request just too short to go sparse
         kw["num_kv_pages"] = n_resident * pages_per_request + n_host * sz.buffer_pages + slack + -(-min_prompt // s) + 1
