@@ -189,9 +189,8 @@ def _fp8_case(kv_lens, *, page_size, heads, dl, dr, topk, dtype, seed, device=DE
 @pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("heads,dl,dr,page_size,kv_lens", [(4, 128, 16, 4, [37, 0, 13]), (20, 256, 8, 1, [25, 9])])
 def test_fp8_cache_matches_reference_over_the_unpacked_rows(dtype, sparse, heads, dl, dr, page_size, kv_lens):
-    """FP8 rows (uint8 [P, S, Dl + 4 Dl/128 + 2 Dr]) through the torch path give attention over the
-    unpacked rows exactly, through the Triton kernel (scales applied per tile after the products) within
-    the dtype's tolerance."""
+    """FP8 rows (uint8 [P, S, Dl + 4 Dl/128 + 2 Dr]) through the Triton kernel and through the torch path
+    give attention over the unpacked rows in q's dtype: the kernel dequantizes as unpack_latent does."""
     q, packed, rows, table, lens, idx = _fp8_case(kv_lens, page_size=page_size, heads=heads, dl=dl, dr=dr,
                                                   topk=12 if sparse else None, dtype=dtype, seed=heads + dl)
     ref = mla_decode_attention_ref(q, rows, table, lens, scale=0.2, kv_lora_rank=dl, indices=idx)

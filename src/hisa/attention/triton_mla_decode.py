@@ -14,16 +14,11 @@ Algorithm (same result as `mla_reference.mla_decode_attention_ref`):
     otherwise (m, l, acc) go to fp32 workspaces merged by `paged_decode_combine_kernel`
     (triton_paged_decode.py, the same merge as the GQA kernel's).
   * masked loads read 0: the cache is allocated uninitialized and 0 * NaN would survive.
-  * FP8 (`hisa.kvcache.mla_fp8`): rows are bytes [Dl e4m3 | Dl / 128 fp32 scales | Dr bf16]. The
-    rows are never scaled: q's latent part, the rows and acc are held as [Dl / 128 tiles, ., 128]
-    and each tile t is one batched product, score = sum_t scale_t (q_t . e_t) + q_pe . k_pe and
-    acc_t += (p * scale_t) . e_t, with e the e4m3 values. Each e4m3 byte becomes an fp16 by moving
-    its sign to bit 15 and its 7 other bits to bits 7..13 (the fp16 is the e4m3 value / 256,
-    subnormals included, folded into the scale), exact in q's dtype; no hardware fp8 conversion,
-    so the interpreter runs it too. (A first form scaled every value into q's dtype before one
-    product per block: 1.81 ms per layer at 254 rows x top-2048 on an H200, against 0.58 ms for
-    bf16 rows at 165.) The result differs from attention over `unpack_latent`'s rows only by the
-    rounding of those rows to q's dtype, which this form does not do.
+  * FP8 (`hisa.kvcache.mla_fp8`): rows are bytes [Dl e4m3 | Dl / 128 fp32 scales | Dr bf16]. Each
+    e4m3 byte becomes an fp16 by moving its sign to bit 15 and its 7 other bits to bits 7..13 (the
+    fp16 is the e4m3 value / 256, subnormals included), then value = fp16 * (scale * 256) in fp32,
+    rounded to q's dtype: the same value as the torch unpacking, bit for bit (one rounding of the
+    same exact product), without the hardware's fp8 conversion, so the interpreter runs it too.
 """
 
 from __future__ import annotations
@@ -37,13 +32,25 @@ def _mla_attend_block(
     start, n_items, kv_len, q_lat, q_pe, m_i, l_i, acc,
     kv_ptr, pt_row_ptr, idx_row_ptr, dl, dl_ok, dr, dr_ok, scale_log2,
     stride_kp, stride_ks,
-    DL: tl.constexpr, S: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE: tl.constexpr,
+    DL: tl.constexpr, S: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE: tl.constexpr, FP8: tl.constexpr,
+    BLOCK_DL: tl.constexpr,
 ):
     """Fold items [start, min(start + BLOCK_N, n_items)) into the running (m_i, l_i, acc)."""
-    row, tok_ok = _item_rows(start, n_items, kv_len, kv_ptr, pt_row_ptr, idx_row_ptr, stride_kp, stride_ks,
-                             S, BLOCK_N, SPARSE)  # [BLOCK_N] row starts
-    lat = tl.load(row[:, None] + dl[None, :], mask=tok_ok[:, None] & dl_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_DL]
-    pe = tl.load(row[:, None] + DL + dr[None, :], mask=tok_ok[:, None] & dr_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_DR]
+    j = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] item numbers
+    j_ok = j < n_items
+    if SPARSE:
+        tok = tl.load(idx_row_ptr + j, mask=j_ok, other=-1)  # [BLOCK_N] selected token positions
+    else:
+        tok = j
+    tok_ok = j_ok & (tok >= 0) & (tok < kv_len)
+    page = tl.load(pt_row_ptr + tok // S, mask=tok_ok, other=-1).to(tl.int64)  # [BLOCK_N]
+    tok_ok = tok_ok & (page >= 0)
+    row = kv_ptr + page * stride_kp + (tok % S).to(tl.int64) * stride_ks  # [BLOCK_N] row starts
+    if FP8:
+        lat, pe = _fp8_rows(row, tok_ok, dl, dl_ok, dr, dr_ok, q_lat.dtype, DL, BLOCK_N, BLOCK_DL)
+    else:
+        lat = tl.load(row[:, None] + dl[None, :], mask=tok_ok[:, None] & dl_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_DL]
+        pe = tl.load(row[:, None] + DL + dr[None, :], mask=tok_ok[:, None] & dr_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_DR]
 
     qk = tl.dot(q_lat, tl.trans(lat), input_precision="ieee")  # [BLOCK_H, BLOCK_N]
     qk += tl.dot(q_pe, tl.trans(pe), input_precision="ieee")
@@ -58,54 +65,18 @@ def _mla_attend_block(
 
 
 @triton.jit
-def _item_rows(start, n_items, kv_len, kv_ptr, pt_row_ptr, idx_row_ptr, stride_kp, stride_ks,
-               S: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE: tl.constexpr):
-    """(row start pointers [BLOCK_N], valid [BLOCK_N]) of items [start, start + BLOCK_N)."""
-    j = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] item numbers
-    j_ok = j < n_items
-    if SPARSE:
-        tok = tl.load(idx_row_ptr + j, mask=j_ok, other=-1)  # [BLOCK_N] selected token positions
-    else:
-        tok = j
-    tok_ok = j_ok & (tok >= 0) & (tok < kv_len)
-    page = tl.load(pt_row_ptr + tok // S, mask=tok_ok, other=-1).to(tl.int64)  # [BLOCK_N]
-    tok_ok = tok_ok & (page >= 0)
-    return kv_ptr + page * stride_kp + (tok % S).to(tl.int64) * stride_ks, tok_ok
-
-
-@triton.jit
-def _mla_fp8_block(
-    start, n_items, kv_len, q_lat, q_pe, m_i, l_i, acc,
-    kv_ptr, pt_row_ptr, idx_row_ptr, dcol, d_ok, dr, dr_ok, scale_log2,
-    stride_kp, stride_ks,
-    DL: tl.constexpr, S: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE: tl.constexpr, NT: tl.constexpr,
-):
-    """_mla_attend_block over FP8 rows: per 128-value tile t, the scores take scale_t * (q_t . e_t) and
-    the values p * scale_t . e_t, with e the e4m3 values (exact in q's dtype): one product per tile,
-    no scaling of the rows themselves. q_lat [NT, BLOCK_H, 128], acc [NT, BLOCK_H, 128]."""
-    row, tok_ok = _item_rows(start, n_items, kv_len, kv_ptr, pt_row_ptr, idx_row_ptr, stride_kp, stride_ks,
-                             S, BLOCK_N, SPARSE)
-    ty = q_lat.dtype
+def _fp8_rows(row, tok_ok, dl, dl_ok, dr, dr_ok, ty, DL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DL: tl.constexpr):
+    """The latent [BLOCK_N, BLOCK_DL] and rope [BLOCK_N, BLOCK_DR] values of FP8 rows (bytes at `row`), in ty."""
+    NT: tl.constexpr = BLOCK_DL // 128  # scale tiles in the block (DL // 128 of them real)
+    b = tl.load(row[:, None] + dl[None, :], mask=tok_ok[:, None] & dl_ok[None, :], other=0).to(tl.uint16)
+    v = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.float16, bitcast=True).to(tl.float32)  # e4m3 / 256
     t = tl.arange(0, NT)
-    bits = tl.load(row[None, :, None] + dcol[:, None, :], mask=tok_ok[None, :, None] & d_ok[:, None, :],
-                   other=0).to(tl.uint16)  # [NT, BLOCK_N, 128] e4m3 bytes
-    e = (((bits & 0x80) << 8) | ((bits & 0x7F) << 7)).to(tl.float16, bitcast=True).to(ty)  # e4m3 / 256
-    sc = tl.load((row[None, :] + DL + 4 * t[:, None]).to(tl.pointer_type(tl.float32)),
-                 mask=tok_ok[None, :] & (t < DL // 128)[:, None], other=0.0) * 256.0  # [NT, BLOCK_N]
+    sc = tl.load((row[:, None] + DL + 4 * t[None, :]).to(tl.pointer_type(tl.float32)),
+                 mask=tok_ok[:, None] & (t < DL // 128)[None, :], other=0.0)  # [BLOCK_N, NT]
+    lat = tl.reshape(tl.reshape(v, (BLOCK_N, NT, 128)) * (sc * 256.0)[:, :, None], (BLOCK_N, BLOCK_DL))
     pe = tl.load((row[:, None] + DL + 4 * (DL // 128) + 2 * dr[None, :]).to(tl.pointer_type(tl.bfloat16)),
-                 mask=tok_ok[:, None] & dr_ok[None, :], other=0.0).to(ty)  # [BLOCK_N, BLOCK_DR]
-
-    parts = tl.dot(q_lat, tl.trans(e, 0, 2, 1), input_precision="ieee")  # [NT, BLOCK_H, BLOCK_N]
-    qk = tl.sum(parts * sc[:, None, :], axis=0) + tl.dot(q_pe, tl.trans(pe), input_precision="ieee")
-    qk = tl.where(tok_ok[None, :], qk * scale_log2, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, axis=1))  # [BLOCK_H]
-    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # finite: no (-inf) - (-inf)
-    alpha = tl.exp2(m_i - m_sub)  # [BLOCK_H]
-    p = tl.exp2(qk - m_sub[:, None])  # [BLOCK_H, BLOCK_N]
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    ps = (p[None, :, :] * sc[:, None, :]).to(ty)  # [NT, BLOCK_H, BLOCK_N]
-    acc = acc * alpha[None, :, None] + tl.dot(ps, e, input_precision="ieee")  # [NT, BLOCK_H, 128]
-    return m_new, l_i, acc
+                 mask=tok_ok[:, None] & dr_ok[None, :], other=0.0)
+    return lat.to(ty), pe.to(ty)
 
 
 @triton.jit
@@ -134,10 +105,16 @@ def mla_decode_split_kernel(
 
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
     h_ok = heads < H
+    dl = tl.arange(0, BLOCK_DL)
     dr = tl.arange(0, BLOCK_DR)
+    dl_ok = dl < DL
     dr_ok = dr < DR
     q_row = q_ptr + b * stride_qb + heads[:, None] * stride_qh  # [BLOCK_H, 1]
+    q_lat = tl.load(q_row + dl[None, :], mask=h_ok[:, None] & dl_ok[None, :], other=0.0)  # [BLOCK_H, BLOCK_DL]
     q_pe = tl.load(q_row + DL + dr[None, :], mask=h_ok[:, None] & dr_ok[None, :], other=0.0)  # [BLOCK_H, BLOCK_DR]
+    if not FP8:  # (FP8 rows are dequantized into q's dtype)
+        q_lat = q_lat.to(kv_ptr.dtype.element_ty)
+        q_pe = q_pe.to(kv_ptr.dtype.element_ty)
 
     # clamped so a kv_len past the page table cannot read outside it
     kv_len = tl.maximum(tl.minimum(tl.load(lens_ptr + b * stride_lens), MAX_TOKENS), 0)
@@ -148,65 +125,31 @@ def mla_decode_split_kernel(
     hi = tl.minimum(lo + blocks_per_split * BLOCK_N, n_items)
     pt_row_ptr = pt_ptr + b * stride_ptb
     idx_row_ptr = idx_ptr + b * stride_ib
+
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)  # running max (log2 domain)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)  # running sum of 2^(score - m_i)
-    ws = (b * H + heads) * NUM_SPLITS + split  # [BLOCK_H] row of the [B, H, NUM_SPLITS] workspace
-
-    if FP8:
-        # the latent split into NT tiles of 128 values, one scale each: q, rows and acc as [NT, ., 128]
-        NT: tl.constexpr = BLOCK_DL // 128
-        dcol = tl.arange(0, NT)[:, None] * 128 + tl.arange(0, 128)[None, :]  # [NT, 128] latent column
-        d_ok = dcol < DL
-        q_lat = tl.load(q_row[None, :, :] + dcol[:, None, :], mask=h_ok[None, :, None] & d_ok[:, None, :],
-                        other=0.0)  # [NT, BLOCK_H, 128]
-        acc = tl.zeros([NT, BLOCK_H, 128], dtype=tl.float32)  # running sum of p * latent, per tile
-        if INTERPRETER:
-            start = lo
-            while start < hi:
-                m_i, l_i, acc = _mla_fp8_block(start, hi, kv_len, q_lat, q_pe, m_i, l_i, acc, kv_ptr, pt_row_ptr,
-                                               idx_row_ptr, dcol, d_ok, dr, dr_ok, scale_log2, stride_kp, stride_ks,
-                                               DL, S, BLOCK_N, SPARSE, NT)
-                start += BLOCK_N
-        else:
-            for start in range(lo, hi, BLOCK_N):
-                m_i, l_i, acc = _mla_fp8_block(start, hi, kv_len, q_lat, q_pe, m_i, l_i, acc, kv_ptr, pt_row_ptr,
-                                               idx_row_ptr, dcol, d_ok, dr, dr_ok, scale_log2, stride_kp, stride_ks,
-                                               DL, S, BLOCK_N, SPARSE, NT)
-        mask3 = h_ok[None, :, None] & d_ok[:, None, :]
-        if DIRECT_OUT:
-            o = acc / tl.where(l_i > 0.0, l_i, 1.0)[None, :, None]  # [NT, BLOCK_H, 128]
-            tl.store(out_ptr + b * stride_ob + heads[None, :, None] * stride_oh + dcol[:, None, :],
-                     o.to(out_ptr.dtype.element_ty), mask=mask3)
-        else:
-            tl.store(m_ws_ptr + ws, m_i, mask=h_ok)
-            tl.store(l_ws_ptr + ws, l_i, mask=h_ok)
-            tl.store(acc_ws_ptr + ws[None, :, None] * DL + dcol[:, None, :], acc, mask=mask3)
+    acc = tl.zeros([BLOCK_H, BLOCK_DL], dtype=tl.float32)  # running sum of p * latent
+    if INTERPRETER:
+        # the interpreter cannot run range() with tensor bounds (see triton_paged_decode.py)
+        start = lo
+        while start < hi:
+            m_i, l_i, acc = _mla_attend_block(start, hi, kv_len, q_lat, q_pe, m_i, l_i, acc, kv_ptr, pt_row_ptr,
+                                              idx_row_ptr, dl, dl_ok, dr, dr_ok, scale_log2, stride_kp, stride_ks,
+                                              DL, S, BLOCK_N, SPARSE, FP8, BLOCK_DL)
+            start += BLOCK_N
     else:
-        dl = tl.arange(0, BLOCK_DL)
-        dl_ok = dl < DL
-        q_lat = tl.load(q_row + dl[None, :], mask=h_ok[:, None] & dl_ok[None, :], other=0.0)  # [BLOCK_H, BLOCK_DL]
-        q_lat = q_lat.to(kv_ptr.dtype.element_ty)
-        q_pe = q_pe.to(kv_ptr.dtype.element_ty)
-        acc = tl.zeros([BLOCK_H, BLOCK_DL], dtype=tl.float32)  # running sum of p * latent
-        if INTERPRETER:
-            # the interpreter cannot run range() with tensor bounds (see triton_paged_decode.py)
-            start = lo
-            while start < hi:
-                m_i, l_i, acc = _mla_attend_block(start, hi, kv_len, q_lat, q_pe, m_i, l_i, acc, kv_ptr, pt_row_ptr,
-                                                  idx_row_ptr, dl, dl_ok, dr, dr_ok, scale_log2, stride_kp, stride_ks,
-                                                  DL, S, BLOCK_N, SPARSE)
-                start += BLOCK_N
-        else:
-            for start in range(lo, hi, BLOCK_N):
-                m_i, l_i, acc = _mla_attend_block(start, hi, kv_len, q_lat, q_pe, m_i, l_i, acc, kv_ptr, pt_row_ptr,
-                                                  idx_row_ptr, dl, dl_ok, dr, dr_ok, scale_log2, stride_kp, stride_ks,
-                                                  DL, S, BLOCK_N, SPARSE)
-        if DIRECT_OUT:
-            # l_i == 0 only when no item was valid, and then acc == 0: the output is zeros
-            o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # [BLOCK_H, BLOCK_DL]
-            tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + dl[None, :],
-                     o.to(out_ptr.dtype.element_ty), mask=h_ok[:, None] & dl_ok[None, :])
-        else:
-            tl.store(m_ws_ptr + ws, m_i, mask=h_ok)
-            tl.store(l_ws_ptr + ws, l_i, mask=h_ok)
-            tl.store(acc_ws_ptr + ws[:, None] * DL + dl[None, :], acc, mask=h_ok[:, None] & dl_ok[None, :])
+        for start in range(lo, hi, BLOCK_N):
+            m_i, l_i, acc = _mla_attend_block(start, hi, kv_len, q_lat, q_pe, m_i, l_i, acc, kv_ptr, pt_row_ptr,
+                                              idx_row_ptr, dl, dl_ok, dr, dr_ok, scale_log2, stride_kp, stride_ks,
+                                              DL, S, BLOCK_N, SPARSE, FP8, BLOCK_DL)
+
+    if DIRECT_OUT:
+        # l_i == 0 only when no item was valid, and then acc == 0: the output is zeros
+        o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # [BLOCK_H, BLOCK_DL]
+        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + dl[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=h_ok[:, None] & dl_ok[None, :])
+    else:
+        ws = (b * H + heads) * NUM_SPLITS + split  # [BLOCK_H] row of the [B, H, NUM_SPLITS] workspace
+        tl.store(m_ws_ptr + ws, m_i, mask=h_ok)
+        tl.store(l_ws_ptr + ws, l_i, mask=h_ok)
+        tl.store(acc_ws_ptr + ws[:, None] * DL + dl[None, :], acc, mask=h_ok[:, None] & dl_ok[None, :])
