@@ -219,9 +219,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from hisa.attention import triton_mla_decode
 
-block_h, block_n, sparse = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+block_h, block_n, sparse, hw = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4] == "1"
 consts = dict(DL=512, DR=64, S=1, BLOCK_H=block_h, BLOCK_DL=512, BLOCK_DR=64, BLOCK_N=block_n, SPARSE=sparse,
-              DIRECT_OUT=False, INTERPRETER=False, FP8=True)
+              DIRECT_OUT=False, INTERPRETER=False, FP8=True, HW_CVT=hw)
 sig = {"q_ptr": "*bf16", "kv_ptr": "*u8", "pt_ptr": "*i32", "lens_ptr": "*i32", "idx_ptr": "*i32", "out_ptr": "*bf16",
        "m_ws_ptr": "*fp32", "l_ws_ptr": "*fp32", "acc_ws_ptr": "*fp32", "scale_log2": "fp32", "H": "i32",
        "MAX_TOKENS": "i32", "NUM_ITEMS_SPARSE": "i32", "NUM_SPLITS": "i32", "stride_qb": "i32", "stride_qh": "i32",
@@ -234,19 +234,23 @@ assert compiled.asm["cubin"]
 """
 
 
-@pytest.mark.parametrize("block_h,block_n,sparse", [(16, 32, True), (64, 64, True), (16, 32, False)])
-def test_fp8_kernel_compiles_for_hopper(block_h, block_n, sparse):
+@pytest.mark.parametrize("block_h,block_n,sparse,hw", [(16, 32, True, True), (64, 64, True, True), (16, 32, False, True),
+                                                      (64, 64, True, False)])
+def test_fp8_kernel_compiles_for_hopper(block_h, block_n, sparse, hw):
     """The FP8 variant at DeepSeek-V3.2's row (512 + 64) through Triton's compiler for sm_90 (PTX and a
     cubin, no GPU needed): the interpreter accepts code the compiler refuses."""
     from tests.conftest import compile_for_hopper
 
-    compile_for_hopper(_COMPILE_FP8, str(block_h), str(block_n), str(int(sparse)))
+    compile_for_hopper(_COMPILE_FP8, str(block_h), str(block_n), str(int(sparse)), str(int(hw)))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (compiled Triton kernels at real sizes)")
 @pytest.mark.parametrize("tiling", [dict(block_h=16, block_n=32, num_warps=4), dict(block_h=64, block_n=64, num_warps=8)])
-def test_cuda_fp8_real_sizes_match_reference(tiling):
-    """DeepSeek-V3.2's shapes with 656-byte FP8 rows, bf16 queries, top-2048 of up to 9K tokens, page 1 and 64."""
+@pytest.mark.parametrize("cvt", ["hw", "int"])
+def test_cuda_fp8_real_sizes_match_reference(tiling, cvt, monkeypatch):
+    """DeepSeek-V3.2's shapes with 656-byte FP8 rows, bf16 queries, top-2048 of up to 9K tokens, page 1 and 64;
+    the GPU's fp8 conversion and the integer one (HISA_FP8_CVT)."""
+    monkeypatch.setenv("HISA_FP8_CVT", cvt)
     for page_size in (1, 64):
         q, packed, rows, table, lens, idx = _fp8_case([9000, 3000, 2048, 1], page_size=page_size, heads=128, dl=512,
                                                       dr=64, topk=2048, dtype=torch.bfloat16, seed=5, device="cuda")

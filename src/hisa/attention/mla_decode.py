@@ -148,7 +148,7 @@ def _launch(q, latent_cache, page_table, kv_lens, indices, out, *, scale, kv_lor
         out.stride(0), out.stride(1),
         DL=Dl, DR=Dr, S=S, BLOCK_H=block_h, BLOCK_DL=max(16, _next_pow2(Dl)), BLOCK_DR=max(16, _next_pow2(Dr)),
         BLOCK_N=block_n, SPARSE=sparse, DIRECT_OUT=direct, INTERPRETER=os.environ.get("TRITON_INTERPRET") == "1",
-        FP8=latent_cache.dtype == torch.uint8,
+        FP8=latent_cache.dtype == torch.uint8, HW_CVT=gpu and os.environ.get("HISA_FP8_CVT", "hw") == "hw",
         num_warps=num_warps if gpu else 1, num_stages=2 if gpu else 1,
     )
     if not direct:

@@ -18,7 +18,9 @@ Algorithm (same result as `mla_reference.mla_decode_attention_ref`):
     e4m3 byte becomes an fp16 by moving its sign to bit 15 and its 7 other bits to bits 7..13 (the
     fp16 is the e4m3 value / 256, subnormals included), then value = fp16 * (scale * 256) in fp32,
     rounded to q's dtype: the same value as the torch unpacking, bit for bit (one rounding of the
-    same exact product), without the hardware's fp8 conversion, so the interpreter runs it too.
+    same exact product). HW_CVT (compiled kernels, set by the launcher off the interpreter, whose
+    fp8 conversion differs) takes the GPU's fp8 -> fp32 conversion instead of the integer steps:
+    the same exact value, e4m3 / 256 again after an exact multiply by 2^-8.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def _mla_attend_block(
     kv_ptr, pt_row_ptr, idx_row_ptr, dl, dl_ok, dr, dr_ok, scale_log2,
     stride_kp, stride_ks,
     DL: tl.constexpr, S: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE: tl.constexpr, FP8: tl.constexpr,
-    BLOCK_DL: tl.constexpr,
+    BLOCK_DL: tl.constexpr, HW_CVT: tl.constexpr,
 ):
     """Fold items [start, min(start + BLOCK_N, n_items)) into the running (m_i, l_i, acc)."""
     j = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] item numbers
@@ -47,7 +49,7 @@ def _mla_attend_block(
     tok_ok = tok_ok & (page >= 0)
     row = kv_ptr + page * stride_kp + (tok % S).to(tl.int64) * stride_ks  # [BLOCK_N] row starts
     if FP8:
-        lat, pe = _fp8_rows(row, tok_ok, dl, dl_ok, dr, dr_ok, q_lat.dtype, DL, BLOCK_N, BLOCK_DL)
+        lat, pe = _fp8_rows(row, tok_ok, dl, dl_ok, dr, dr_ok, q_lat.dtype, DL, BLOCK_N, BLOCK_DL, HW_CVT)
     else:
         lat = tl.load(row[:, None] + dl[None, :], mask=tok_ok[:, None] & dl_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_DL]
         pe = tl.load(row[:, None] + DL + dr[None, :], mask=tok_ok[:, None] & dr_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_DR]
@@ -65,11 +67,16 @@ def _mla_attend_block(
 
 
 @triton.jit
-def _fp8_rows(row, tok_ok, dl, dl_ok, dr, dr_ok, ty, DL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DL: tl.constexpr):
+def _fp8_rows(row, tok_ok, dl, dl_ok, dr, dr_ok, ty, DL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DL: tl.constexpr,
+              HW_CVT: tl.constexpr):
     """The latent [BLOCK_N, BLOCK_DL] and rope [BLOCK_N, BLOCK_DR] values of FP8 rows (bytes at `row`), in ty."""
     NT: tl.constexpr = BLOCK_DL // 128  # scale tiles in the block (DL // 128 of them real)
-    b = tl.load(row[:, None] + dl[None, :], mask=tok_ok[:, None] & dl_ok[None, :], other=0).to(tl.uint16)
-    v = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.float16, bitcast=True).to(tl.float32)  # e4m3 / 256
+    b = tl.load(row[:, None] + dl[None, :], mask=tok_ok[:, None] & dl_ok[None, :], other=0)
+    if HW_CVT:  # the GPU's own conversion (two values per instruction on sm_89+): the e4m3 value, / 256 below
+        v = b.to(tl.float8e4nv, bitcast=True).to(tl.float32) * 0.00390625
+    else:
+        b = b.to(tl.uint16)
+        v = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.float16, bitcast=True).to(tl.float32)  # e4m3 / 256
     t = tl.arange(0, NT)
     sc = tl.load((row[:, None] + DL + 4 * t[None, :]).to(tl.pointer_type(tl.float32)),
                  mask=tok_ok[:, None] & (t < DL // 128)[None, :], other=0.0)  # [BLOCK_N, NT]
@@ -98,6 +105,7 @@ def mla_decode_split_kernel(
     DL: tl.constexpr, DR: tl.constexpr, S: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_DL: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_N: tl.constexpr,
     SPARSE: tl.constexpr, DIRECT_OUT: tl.constexpr, INTERPRETER: tl.constexpr, FP8: tl.constexpr = False,
+    HW_CVT: tl.constexpr = False,
 ):
     b = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
@@ -135,13 +143,13 @@ def mla_decode_split_kernel(
         while start < hi:
             m_i, l_i, acc = _mla_attend_block(start, hi, kv_len, q_lat, q_pe, m_i, l_i, acc, kv_ptr, pt_row_ptr,
                                               idx_row_ptr, dl, dl_ok, dr, dr_ok, scale_log2, stride_kp, stride_ks,
-                                              DL, S, BLOCK_N, SPARSE, FP8, BLOCK_DL)
+                                              DL, S, BLOCK_N, SPARSE, FP8, BLOCK_DL, HW_CVT)
             start += BLOCK_N
     else:
         for start in range(lo, hi, BLOCK_N):
             m_i, l_i, acc = _mla_attend_block(start, hi, kv_len, q_lat, q_pe, m_i, l_i, acc, kv_ptr, pt_row_ptr,
                                               idx_row_ptr, dl, dl_ok, dr, dr_ok, scale_log2, stride_kp, stride_ks,
-                                              DL, S, BLOCK_N, SPARSE, FP8, BLOCK_DL)
+                                              DL, S, BLOCK_N, SPARSE, FP8, BLOCK_DL, HW_CVT)
 
     if DIRECT_OUT:
         # l_i == 0 only when no item was valid, and then acc == 0: the output is zeros
