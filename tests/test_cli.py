@@ -74,6 +74,8 @@ def test_engine_flags_users_expect_reach_the_engine_config():
     assert engine_kwargs(args)["overlap"] == "auto"  # on for CUDA, off on the CPU
     assert engine_kwargs(build_parser().parse_args(["serve", "--overlap"]))["overlap"] is True
     assert engine_kwargs(build_parser().parse_args(["serve", "--no-overlap"]))["overlap"] is False
+    assert engine_kwargs(args)["kv_cache_dtype"] == "auto"
+    assert engine_kwargs(build_parser().parse_args(["serve", "--kv-cache-dtype", "fp8"]))["kv_cache_dtype"] == "fp8"
 
 
 def test_unsupported_architecture(capsys, tmp_path):

@@ -206,6 +206,32 @@ def test_fp8_latent_host_backed_equals_fp8_on_device(tiny128):
     assert (device_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item() >= 0.6
 
 
+def test_fp8_latent_through_demotion_preemption_and_abort(tiny128):
+    """FP8 rows (164 bytes per token and layer) through the moves of the tests above: demotion from the
+    device to the host pool, and preemption with an abort in a host pool of 92 pages of 4 tokens, which
+    admits both long prompts but cannot hold both answers. Tokens equal the FP8 all-on-device batch;
+    nothing is left held."""
+    prompts = _prompts(tiny128.config.vocab_size, (200, 150, 40))
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    fp8 = dict(page_size=4, kv_cache_dtype="fp8")
+    expected = [o.token_ids for o in _llm(tiny128, **fp8).generate(prompts, params, use_tqdm=False)]
+
+    llm = _llm(tiny128, num_kv_pages=90, sparse=_dsa(residency="auto", buffer_ratio=1.0), **fp8)
+    tokens, host_backed = _run(llm, prompts, params)
+    assert tokens == expected
+    assert llm.engine.scheduler.num_demotions > 0 and host_backed
+    _assert_nothing_held(llm.engine)
+
+    llm = _llm(tiny128, sparse=_dsa(residency="host", buffer_ratio=1.0, host_pool_gb=0.00017, max_sparse_requests=3),
+               **fp8)
+    assert llm.engine.sparse.manager.host.num_pages == 92  # both prompts fit (88 pages), both answers do not
+    extra = _prompts(tiny128.config.vocab_size, (120,))[0]
+    tokens, host_backed = _run(llm, prompts, params, abort_after=5, extra=extra)
+    assert tokens == expected
+    assert llm.engine.scheduler.num_preemptions > 0 and len(host_backed) >= 2
+    _assert_nothing_held(llm.engine)
+
+
 def test_fp8_latent_needs_a_latent_cache_of_whole_tiles(tiny):
     with pytest.raises(ConfigError, match="kv_lora_rank 32"):
         _llm(tiny, page_size=1, kv_cache_dtype="fp8")
