@@ -2,7 +2,8 @@
 
 A random-weight model at DeepSeek-V3.2's attention shapes (`random:deepseek-v3.2-small`: 4 layers,
 128 heads, latent 512 + rope 64, indexer 64 x 128, top-2048, a reduced MoE; bf16) decodes `--steps`
-tokens for `batch` copies of one prompt per context, in two modes side by side in one process:
+tokens for `batch` copies of one prompt per context, in two modes side by side in one process
+(`--kv-cache-dtype fp8`: both with DeepSeek's 656-byte FP8 latent rows, `hisa.kvcache.mla_fp8`):
 
   * device: DSA with everything on the device (latent rows and indexer keys in device pages);
   * hier:   hierarchical DSA (`SparseConfig(algorithm="dsa")`): a host-backed request keeps its latent
@@ -33,6 +34,7 @@ most of it the one 128K prefill and pinning the host pool)::
 
     python bench/dsa_decode_gpu.py --git-commit $(git rev-parse HEAD)
     python bench/dsa_decode_gpu.py --contexts 131072 --device-batches 1,4,32 --hier-batches 4,32,max
+    python bench/dsa_decode_gpu.py --template synthetic --graphs --host-gb 92 --kv-cache-dtype fp8   # FP8 latent rows
     python bench/dsa_decode_gpu.py --preset tiny-deepseek-v3.2 --device cpu --contexts 256,512 --steps 8 \\
         --device-batches 2,max --hier-batches 2,max --hbm-gb 0.004 --host-gb 0.002 --out /tmp/dsa_smoke.json
 """
