@@ -15,17 +15,18 @@ Algorithm (same result as `mla_reference.mla_decode_attention_ref`):
     (triton_paged_decode.py, the same merge as the GQA kernel's).
   * masked loads read 0: the cache is allocated uninitialized and 0 * NaN would survive.
   * FP8 (`hisa.kvcache.mla_fp8`): rows are bytes [Dl e4m3 | Dl / 128 fp32 scales | Dr bf16]. Each
-    value is e4m3 * its tile's scale in fp32 (`hisa.ops.triton_fp8.e4m3_values`: the GPU's fp8
-    conversion with HW_CVT, set by the launcher off the interpreter; integer steps otherwise),
-    rounded to q's dtype: the same value as the torch unpacking, bit for bit.
+    e4m3 byte becomes an fp16 by moving its sign to bit 15 and its 7 other bits to bits 7..13 (the
+    fp16 is the e4m3 value / 256, subnormals included), then value = fp16 * (scale * 256) in fp32,
+    rounded to q's dtype: the same value as the torch unpacking, bit for bit (one rounding of the
+    same exact product). HW_CVT (compiled kernels, set by the launcher off the interpreter, whose
+    fp8 conversion differs) takes the GPU's fp8 -> fp32 conversion instead of the integer steps:
+    the same exact value, e4m3 / 256 again after an exact multiply by 2^-8.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-from hisa.ops.triton_fp8 import e4m3_values
 
 
 @triton.jit
@@ -70,11 +71,16 @@ def _fp8_rows(row, tok_ok, dl, dl_ok, dr, dr_ok, ty, DL: tl.constexpr, BLOCK_N: 
               HW_CVT: tl.constexpr):
     """The latent [BLOCK_N, BLOCK_DL] and rope [BLOCK_N, BLOCK_DR] values of FP8 rows (bytes at `row`), in ty."""
     NT: tl.constexpr = BLOCK_DL // 128  # scale tiles in the block (DL // 128 of them real)
-    v = e4m3_values(tl.load(row[:, None] + dl[None, :], mask=tok_ok[:, None] & dl_ok[None, :], other=0), HW_CVT)
+    b = tl.load(row[:, None] + dl[None, :], mask=tok_ok[:, None] & dl_ok[None, :], other=0)
+    if HW_CVT:  # the GPU's own conversion (two values per instruction on sm_89+): the e4m3 value, / 256 below
+        v = b.to(tl.float8e4nv, bitcast=True).to(tl.float32) * 0.00390625
+    else:
+        b = b.to(tl.uint16)
+        v = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.float16, bitcast=True).to(tl.float32)  # e4m3 / 256
     t = tl.arange(0, NT)
     sc = tl.load((row[:, None] + DL + 4 * t[None, :]).to(tl.pointer_type(tl.float32)),
                  mask=tok_ok[:, None] & (t < DL // 128)[None, :], other=0.0)  # [BLOCK_N, NT]
-    lat = tl.reshape(tl.reshape(v, (BLOCK_N, NT, 128)) * sc[:, :, None], (BLOCK_N, BLOCK_DL))
+    lat = tl.reshape(tl.reshape(v, (BLOCK_N, NT, 128)) * (sc * 256.0)[:, :, None], (BLOCK_N, BLOCK_DL))
     pe = tl.load((row[:, None] + DL + 4 * (DL // 128) + 2 * dr[None, :]).to(tl.pointer_type(tl.bfloat16)),
                  mask=tok_ok[:, None] & dr_ok[None, :], other=0.0)
     return lat.to(ty), pe.to(ty)

@@ -1,4 +1,4 @@
-"""FP8 rows of a DSA model's cache, DeepSeek's layouts: latent rows (656 bytes) and indexer keys (132).
+"""FP8 latent rows of an MLA cache: DeepSeek's 656-byte layout, packed and unpacked in torch.
 
 A latent row [normed compressed KV (Dl) | roped shared key (Dr)] is stored as bytes:
 
@@ -11,17 +11,10 @@ instead of 1,152 in bf16: the device buffer, the host pool and every miss moved 
 by 43%. A value comes back as e4m3(value / scale) * scale, rounded once to the compute dtype; the
 Triton decode kernel (`hisa.attention.triton_mla_decode`, FP8) dequantizes the same way, bit for bit.
 
-An indexer key [ID] is stored as [ ID values as e4m3 | one fp32 scale ] (amax / 448 over the key):
-132 bytes for ID = 128 instead of 256 in bf16, DeepSeek's own indexer cache. The indexer's score is
-a sum over heads of w_h * relu(q_h . k), and relu(q . (e * s)) = s * relu(q . e) for s > 0, so the
-decode kernel scales each token's score once instead of every key value
-(`hisa.attention.triton_dsa_indexer`).
-
 Example::
 
     packed = pack_latent(rows, kv_lora_rank=512)              # [T, 576] bf16 -> [T, 656] uint8
     rows2 = unpack_latent(packed, kv_lora_rank=512, dtype=torch.bfloat16)   # [T, 576]
-    keys8 = pack_index_keys(keys)                             # [T, 128] -> [T, 132] uint8
 """
 
 from __future__ import annotations
@@ -70,26 +63,6 @@ def unpack_latent(packed: torch.Tensor, *, kv_lora_rank: int, dtype: torch.dtype
     scale = p[..., dl:dl + 4 * nt].contiguous().view(torch.float32).reshape(*lead, nt, 1)
     pe = p[..., dl + 4 * nt:].contiguous().view(torch.bfloat16)
     return torch.cat([(q * scale).reshape(*lead, dl).to(dtype), pe.to(dtype)], dim=-1)
-
-
-def pack_index_keys(keys: torch.Tensor) -> torch.Tensor:
-    """Indexer keys [..., ID] (any float dtype) -> uint8 [..., ID + 4]: e4m3 values, then the key's fp32
-    scale (amax / 448; 1 for an all-zero key). Graph-safe (no host sync)."""
-    k = keys.float()
-    amax = k.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    q = (k / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
-    return torch.cat([q, scale.contiguous().view(torch.uint8)], dim=-1)
-
-
-def unpack_index_keys(packed: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 [..., ID + 4] -> [..., ID] in dtype: e4m3 * scale in fp32, then rounded to dtype."""
-    if packed.dtype != torch.uint8 or packed.shape[-1] <= 4:
-        raise ValueError(f"packed indexer keys must be uint8 [..., ID + 4], got {packed.dtype} {tuple(packed.shape)}")
-    p = packed.contiguous()
-    q = p[..., :-4].contiguous().view(torch.float8_e4m3fn).float()
-    scale = p[..., -4:].contiguous().view(torch.float32)
-    return (q * scale).to(dtype)
 
 
 def _check_rank(kv_lora_rank: int) -> None:
