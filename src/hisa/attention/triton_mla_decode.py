@@ -20,7 +20,7 @@ Algorithm (same result as `mla_reference.mla_decode_attention_ref`):
     rounded to q's dtype: the same value as the torch unpacking, bit for bit (one rounding of the
     same exact product). HW_CVT (compiled kernels, set by the launcher off the interpreter, whose
     fp8 conversion differs) takes the GPU's fp8 -> fp32 conversion instead of the integer steps:
-    the same exact value, e4m3 / 256 again after an exact multiply by 2^-8.
+    the e4m3 value itself, times the unmultiplied scale (the same product, one multiply fewer).
 """
 
 from __future__ import annotations
@@ -72,15 +72,16 @@ def _fp8_rows(row, tok_ok, dl, dl_ok, dr, dr_ok, ty, DL: tl.constexpr, BLOCK_N: 
     """The latent [BLOCK_N, BLOCK_DL] and rope [BLOCK_N, BLOCK_DR] values of FP8 rows (bytes at `row`), in ty."""
     NT: tl.constexpr = BLOCK_DL // 128  # scale tiles in the block (DL // 128 of them real)
     b = tl.load(row[:, None] + dl[None, :], mask=tok_ok[:, None] & dl_ok[None, :], other=0)
-    if HW_CVT:  # the GPU's own conversion (two values per instruction on sm_89+): the e4m3 value, / 256 below
-        v = b.to(tl.float8e4nv, bitcast=True).to(tl.float32) * 0.00390625
-    else:
-        b = b.to(tl.uint16)
-        v = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.float16, bitcast=True).to(tl.float32)  # e4m3 / 256
     t = tl.arange(0, NT)
     sc = tl.load((row[:, None] + DL + 4 * t[None, :]).to(tl.pointer_type(tl.float32)),
                  mask=tok_ok[:, None] & (t < DL // 128)[None, :], other=0.0)  # [BLOCK_N, NT]
-    lat = tl.reshape(tl.reshape(v, (BLOCK_N, NT, 128)) * (sc * 256.0)[:, :, None], (BLOCK_N, BLOCK_DL))
+    if HW_CVT:  # the GPU's own conversion (two values per instruction on sm_89+): the e4m3 value
+        v = b.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    else:
+        b = b.to(tl.uint16)
+        v = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.float16, bitcast=True).to(tl.float32)  # e4m3 / 256
+        sc = sc * 256.0  # (exact: the same product as e4m3 * scale)
+    lat = tl.reshape(tl.reshape(v, (BLOCK_N, NT, 128)) * sc[:, :, None], (BLOCK_N, BLOCK_DL))
     pe = tl.load((row[:, None] + DL + 4 * (DL // 128) + 2 * dr[None, :]).to(tl.pointer_type(tl.bfloat16)),
                  mask=tok_ok[:, None] & dr_ok[None, :], other=0.0)
     return lat.to(ty), pe.to(ty)
