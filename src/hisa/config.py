@@ -11,6 +11,7 @@ import torch
 from hisa.sparse.config import SparseConfig
 
 from hisa.errors import ConfigError
+from hisa.kvcache.mla_fp8 import LATENT_FORMATS
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -102,8 +103,8 @@ class EngineConfig:
             raise ConfigError("device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ConfigError(f"dtype must be one of auto, float32, float16, bfloat16; got {self.dtype!r}")
-        if self.kv_cache_dtype not in ("auto", "fp8"):
-            raise ConfigError(f"kv_cache_dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype not in LATENT_FORMATS:
+            raise ConfigError(f"kv_cache_dtype must be {' or '.join(LATENT_FORMATS)}, got {self.kv_cache_dtype!r}")
         for name in ("page_size", "max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

@@ -30,6 +30,7 @@ from hisa.config import fit_sparse_to_context
 from hisa.errors import ConfigError, DeviceError, InvalidRequestError, StepFailedError
 from hisa.kvcache.page_allocator import PageAllocator
 from hisa.kvcache.mla_cache import MLAKVCache
+from hisa.kvcache.mla_fp8 import TILE as FP8_TILE
 from hisa.kvcache.paged_cache import PagedKVCache
 from hisa.models.factory import LoadedModel, load_model
 
@@ -70,9 +71,9 @@ class LLMEngine:
         if self.max_model_len > mcfg.max_position_embeddings:
             raise ConfigError(f"max_model_len={self.max_model_len} exceeds the model's context "
                               f"({mcfg.max_position_embeddings} tokens)")
-        if config.kv_cache_dtype == "fp8" and (mcfg.dsa is None or mcfg.dsa.kv_lora_rank % 128):
+        if config.kv_cache_dtype == "fp8" and (mcfg.dsa is None or mcfg.dsa.kv_lora_rank % FP8_TILE):
             raise ConfigError("kv_cache_dtype='fp8' is the FP8 latent cache of DeepSeek-V3.2-style (MLA) models "
-                              "with kv_lora_rank a multiple of 128; this model "
+                              f"with kv_lora_rank a multiple of {FP8_TILE}; this model "
                               + ("has no latent cache" if mcfg.dsa is None else
                                  f"has kv_lora_rank {mcfg.dsa.kv_lora_rank}") + ": use kv_cache_dtype='auto'")
         self.sparse = None
