@@ -49,15 +49,16 @@ def _stop(proc: subprocess.Popen | None, sig=signal.SIGTERM) -> None:
 class RedisServer:
     """A redis-server on 127.0.0.1:port with no persistence, its files in `workdir`."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, *, extra_args: list[str] | None = None):
         self.workdir, self.port, self.proc = workdir, free_port(), None
+        self.extra_args = list(extra_args or [])   # more redis-server options (e.g. --io-threads 4)
 
     def start(self) -> "RedisServer":
         log = self.workdir / "redis.log"
         self.proc = subprocess.Popen(
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
              "--save", "", "--appendonly", "no", "--protected-mode", "yes", "--daemonize", "no",
-             "--logfile", str(log)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+             "--logfile", str(log), *self.extra_args], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         _wait(lambda: _port_open(self.port), timeout_s=20, what="redis-server", log=log)
         return self
 

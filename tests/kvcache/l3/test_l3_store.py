@@ -126,6 +126,64 @@ def test_redis_killed_mid_run_degrades_and_comes_back(redis_server, caplog):
     store.close()
 
 
+def test_redis_load_path_killed_mid_run_degrades_and_reconnects(redis_server, caplog):
+    """`get_into` (the load path: the reader threads' own sockets, not redis-py's pool) fails over
+    to "no L3" when the server dies, and reads again through new sockets once it is back."""
+    clock = Clock()
+    store = open_l3(redis_server.url, retry_after_s=5.0)
+    store._clock = clock
+    keys = [f"r{i:03d}" for i in range(8)]
+    assert store.set(keys, [_kb(i) for i in range(8)]) == 8
+    rows = [memoryview(bytearray(1000)) for _ in keys]
+    assert store.get_into(keys, rows) == [True] * 8
+    assert [bytes(r) for r in rows] == [_kb(i) for i in range(8)]
+    assert store.backend._readers                          # the reader threads' sockets, kept
+    redis_server.kill()
+    with caplog.at_level(logging.WARNING, logger="hisa.l3"):
+        assert store.get_into(keys, rows) == [False] * 8
+    assert store.stats.failures == 1 and store.stats.unavailable == 8
+    assert "L3 (redis) get failed" in caplog.text
+    redis_server.start()
+    clock.now = 5.0
+    assert store.set(keys, [_kb(i + 1) for i in range(8)]) == 8
+    assert store.get_into(keys, rows) == [True] * 8        # new sockets where the old ones broke
+    assert [bytes(r) for r in rows] == [_kb(i + 1) for i in range(8)]
+    store.backend.client.client_kill_filter(_type="normal", skipme=True)   # as a server's idle timeout does
+    assert store.get_into(keys, rows) == [True] * 8        # closed sockets are replaced, not failures
+    assert store.stats.failures == 1
+    store.close()
+    assert store.backend._readers == []
+
+
+def test_redis_load_path_stays_in_step_past_odd_values_and_uses_its_db(redis_server):
+    """One socket: a value of another length is read past (its length returned, the buffer left
+    alone), an absent key is None, a key of another type raises (and the socket is replaced); the
+    reads that follow on the same thread get their own values, from the database in the URL."""
+    import redis
+
+    from hisa.kvcache.l3.redis_backend import RedisBackend
+
+    backend = RedisBackend("127.0.0.1", redis_server.port, db=3)
+    other = RedisBackend("127.0.0.1", redis_server.port, db=0)
+    other.set(["a"], [b"from db 0"])
+    backend.set(["short", "page", "a"], [b"x" * 10, _kb(5), _kb(6)])
+    backend.client.rpush(backend.prefix + "list", b"1")
+    head, row = bytearray(24), bytearray(976)
+    assert backend.get_into(["short", "missing", "page"], [[head, row]] * 3) == [10, None, 1000]
+    assert bytes(head) + bytes(row) == _kb(5)
+    with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
+        backend.get_into(["list"], [[head, row]])
+    assert backend.get_into(["a"], [[head, row]]) == [1000]
+    assert bytes(head) + bytes(row) == _kb(6)
+    big = os.urandom(3 << 20)                               # a reply longer than the socket's buffers
+    backend.set(["big"], [big])
+    view = bytearray(len(big))
+    assert backend.get_into(["big", "short"], [[view], [head, row]]) == [len(big), 10]
+    assert bytes(view) == big
+    backend.close()
+    other.close()
+
+
 def test_mooncake_master_killed_degrades(tmp_path_factory, caplog):
     from l3_servers import MooncakeStoreServers, require_mooncake   # its own servers: the master is killed
     require_mooncake()
