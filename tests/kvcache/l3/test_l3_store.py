@@ -193,8 +193,12 @@ def test_mooncake_master_killed_degrades(tmp_path_factory, caplog):
         keys = [f"m{i:03d}" for i in range(4)]
         assert store.set(keys, [_kb(i) for i in range(4)]) == 4
         assert all(p is not None for p in store.get(keys))
+        rows = [memoryview(bytearray(1000)) for _ in keys]
+        assert store.get_into(keys, rows) == [True] * 4      # the load path: straight into the rows
+        assert [bytes(r) for r in rows] == [_kb(i) for i in range(4)]
         servers.kill_master()
         with caplog.at_level(logging.WARNING, logger="hisa.l3"):
+            assert store.get_into(keys, rows) == [False] * 4
             assert store.exists(keys) == [False] * 4
             assert store.get(keys) == [None] * 4
         assert store.stats.failures == 1 and not store.available

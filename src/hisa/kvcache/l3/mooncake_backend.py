@@ -5,10 +5,17 @@ metadata over HTTP) plus store processes that lend memory segments (`mooncake_cl
 --global_segment_size=...`). hisa joins as a client lending none by default (`segment_bytes=0`)
 and moves pages over TCP (no RDMA hardware is needed). Calls return status codes; a negative one
 other than "not found" is raised as MooncakeError, which L3Store turns into "no L3".
+
+Loads (`get_into`) go straight into the caller's buffers (`batch_get_into_multi_buffers`: the
+record's head into a small buffer, the page into its row of the pinned host rows), a batch per
+call. `L3Store.get_into` of 200 pages of 2 MiB on loopback, on this project's 2-core machine: 1.22-1.27
+GB/s, against 0.55-0.58 GB/s through `get_batch` (bytes objects via the client's local buffer) and a
+copy into the rows.
 """
 
 from __future__ import annotations
 
+import ctypes
 from typing import Sequence
 
 try:
@@ -38,6 +45,7 @@ class MooncakeBackend:
     """
     name = "mooncake"
     errors: tuple[type[BaseException], ...] = (MooncakeError,)
+    get_into_batched = True   # L3Store hands get_into a whole batch: the client moves its pages in parallel
 
     def __init__(self, *, master: str, metadata: str, local_hostname: str = "127.0.0.1",
                  segment_bytes: int = 0, local_buffer_bytes: int = 128 << 20, protocol: str = "tcp"):
@@ -77,6 +85,37 @@ class MooncakeBackend:
             start += len(part)
         return out
 
+    def get_into(self, keys: Sequence[str], buffers: Sequence[Sequence[memoryview]]) -> list[int | None]:
+        """Read each key's value straight into its writable `buffers` (filled in order; e.g. a small
+        head buffer and a row of the pinned host rows) if it is exactly as long as they are: its
+        length, or None if absent. One `batch_get_into_multi_buffers` call (the client writes each
+        value across its buffers itself: no bytes object, no copy through the local buffer); a value
+        of another length is not read and its length is asked for (`get_size`)."""
+        keys = list(keys)
+        if not keys:
+            return []
+        holders = [[(ctypes.c_char * len(v)).from_buffer(v) for v in map(_bytes_view, bufs)] for bufs in buffers]
+        ptrs = [[ctypes.addressof(h) for h in hs] for hs in holders]
+        sizes = [[len(h) for h in hs] for hs in holders]
+        codes = self.store.batch_get_into_multi_buffers(keys, ptrs, sizes)
+        if len(codes) != len(keys):
+            raise MooncakeError(f"batch_get_into_multi_buffers returned {len(codes)} codes for {len(keys)} keys")
+        out: list[int | None] = []
+        for key, code, want in zip(keys, codes, sizes):
+            if code == OBJECT_NOT_FOUND:
+                out.append(None)
+            elif code >= 0:
+                out.append(code)
+            else:   # a value that does not fit the buffers reads as an error code: which, its size says
+                size = self.store.get_size(key)
+                if size == OBJECT_NOT_FOUND:
+                    out.append(None)
+                elif size < 0 or size == sum(want):
+                    raise MooncakeError(f"batch_get_into_multi_buffers returned {code} for a page of {size} bytes")
+                else:
+                    out.append(size)
+        return out
+
     def set(self, keys: Sequence[str], values: Sequence[bytes]) -> None:
         start, size = 0, 0
         for i, value in enumerate(values):
@@ -103,3 +142,10 @@ class MooncakeBackend:
         if not self._closed:
             self._closed = True
             self.store.close()
+
+
+def _bytes_view(buf) -> memoryview:
+    view = memoryview(buf).cast("B")
+    if view.readonly:
+        raise ValueError("get_into needs writable buffers")
+    return view

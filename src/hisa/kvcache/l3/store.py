@@ -40,10 +40,13 @@ class L3Backend(Protocol):
 
     def exists(self, keys: Sequence[str]) -> list[bool]: ...
     def get(self, keys: Sequence[str]) -> list[bytes | None]: ...
-    # Optional (file has it): `get_into(keys, buffers) -> list[int | None]` reads each value straight
-    # into its writable buffers (a list of memoryviews, filled in order) if it is exactly as long as
-    # they are, and returns its length (not read if it differs) or None if absent; callable from
-    # several threads at once. L3Store.get_into uses it where present, else `get` and a copy.
+    # Optional (file, redis, mooncake have it): `get_into(keys, buffers) -> list[int | None]` reads
+    # each value straight into its writable buffers (a list of memoryviews, filled in order) if it is
+    # exactly as long as they are, and returns its length (not read if it differs) or None if absent.
+    # L3Store.get_into uses it where present, else `get` and a copy: one page per call on its reader
+    # threads (the backend's get_into must then be callable from several threads at once), or the
+    # whole batch in one call where the backend sets `get_into_batched = True` (mooncake: its client
+    # moves a batch's pages in parallel itself).
     def set(self, keys: Sequence[str], values: Sequence[bytes]) -> None: ...
     def delete(self, keys: Sequence[str]) -> None: ...
     def listing(self) -> list[tuple[str, int]]: ...   # (key, stored bytes), oldest first; [] if unknown
@@ -137,9 +140,10 @@ class L3Store:
         verified page, False for a miss (absent, corrupt, of another length, or L3 down; counted as
         `get` counts them), whose buffer holds garbage.
 
-        A backend with `get_into` (file) reads each page on one of the store's threads, which then
-        checks it while it is warm in the cache: no bytes object, no copy. Others `get` the batch;
-        each page is then copied into its buffer and checked on those threads.
+        A backend with `get_into` (file, redis) reads each page on one of the store's threads, which
+        then checks it while it is warm in the cache: no bytes object, no copy; mooncake reads the
+        batch in one call, then the threads check it. Others `get` the batch; each page is then
+        copied into its buffer and checked on those threads.
 
         Example::
 
@@ -222,7 +226,17 @@ class L3Store:
         payloads = [memoryview(p).cast("B") for p in payloads]
         heads = [bytearray(record.head_bytes(k)) for k in keys]
         read_into = getattr(self.backend, "get_into", None)
-        if read_into is not None:
+        if read_into is not None and getattr(self.backend, "get_into_batched", False):
+            def batch() -> list[tuple]:
+                sizes = read_into(keys, [[h, p] for h, p in zip(heads, payloads)])
+                self._check_count(sizes, keys)
+                return self.readers.map(
+                    lambda key, size, head, payload: (size, _verdict(key, head, payload,
+                                                                     size == len(head) + len(payload), check)),
+                    keys, sizes, heads, payloads)
+
+            ok, results = self._call("get", batch)
+        elif read_into is not None:
             def one(key: str, head: bytearray, payload: memoryview) -> tuple:
                 size = read_into([key], [[head, payload]])[0]
                 return size, _verdict(key, head, payload, size == len(head) + len(payload), check)
