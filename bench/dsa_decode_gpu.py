@@ -3,7 +3,8 @@
 A random-weight model at DeepSeek-V3.2's attention shapes (`random:deepseek-v3.2-small`: 4 layers,
 128 heads, latent 512 + rope 64, indexer 64 x 128, top-2048, a reduced MoE; bf16) decodes `--steps`
 tokens for `batch` copies of one prompt per context, in two modes side by side in one process
-(`--kv-cache-dtype fp8`: both with DeepSeek's 656-byte FP8 latent rows, `hisa.kvcache.mla_fp8`):
+(`--kv-cache-dtype fp8`: both with DeepSeek's FP8 cache, 656-byte latent rows and 144-byte indexer
+keys, `hisa.kvcache.mla_fp8`):
 
   * device: DSA with everything on the device (latent rows and indexer keys in device pages);
   * hier:   hierarchical DSA (`SparseConfig(algorithm="dsa")`): a host-backed request keeps its latent
@@ -60,7 +61,7 @@ from hisa import LLM, SamplingParams  # noqa: E402
 from hisa.engine.llm_engine import host_backed_buffer_pages  # noqa: E402
 from hisa.engine.sequence import Status  # noqa: E402
 from hisa.kvcache.host_pool import available_host_bytes, default_host_pool_bytes  # noqa: E402
-from hisa.kvcache.mla_fp8 import packed_width  # noqa: E402
+from hisa.kvcache.mla_fp8 import index_key_width, packed_width  # noqa: E402
 from hisa.models.factory import load_model  # noqa: E402
 from hisa.sparse.config import SparseConfig  # noqa: E402
 
@@ -105,18 +106,25 @@ def latent_row_bytes(mc, *, elt: int, kv_cache_dtype: str) -> int:
     return packed_width(d.kv_lora_rank, d.qk_rope_head_dim) if kv_cache_dtype == "fp8" else d.latent_dim * elt
 
 
+def index_key_bytes(mc, *, elt: int, kv_cache_dtype: str) -> int:
+    """Bytes of one stored indexer key (one token, one layer): index_head_dim values, or FP8 + a scale
+    (padded: `index_key_width`)."""
+    return index_key_width(mc.dsa.index_head_dim) if kv_cache_dtype == "fp8" else mc.dsa.index_head_dim * elt
+
+
 def sizes_for(mc, *, ctx: int, steps: int, page_size: int, buffer_ratio: float, elt: int,
               kv_cache_dtype: str = "auto") -> Sizes:
-    d, L, s = mc.dsa, mc.num_layers, page_size
+    L, s = mc.num_layers, page_size
     lat = latent_row_bytes(mc, elt=elt, kv_cache_dtype=kv_cache_dtype)
+    idx = index_key_bytes(mc, elt=elt, kv_cache_dtype=kv_cache_dtype)
     max_len = ctx + steps + 1
     pages = -(-max_len // s)
     sp = SparseConfig(algorithm="dsa", buffer_ratio=buffer_ratio)
     buf = host_backed_buffer_pages(sp, mc, s, max_len)
-    return Sizes(device_latent=pages * s * L * lat, device_indexer=pages * s * L * d.index_head_dim * elt,
+    return Sizes(device_latent=pages * s * L * lat, device_indexer=pages * s * L * idx,
                  hier_buffer_latent=buf * s * L * lat,
-                 hier_buffer_indexer_unused=buf * s * L * d.index_head_dim * elt,
-                 hier_indexer=pages * s * L * d.index_head_dim * elt, host_latent=pages * s * L * lat,
+                 hier_buffer_indexer_unused=buf * s * L * idx,
+                 hier_indexer=pages * s * L * idx, host_latent=pages * s * L * lat,
                  buffer_pages=buf)
 
 
@@ -181,7 +189,7 @@ def inject_prefix(engine, rid: str, tpl: Template, n: int) -> None:
     pad = npg * s - n
     for layer in range(cache.num_layers):
         latent = cache.pack(torch.nn.functional.pad(tpl.latent[layer][:n], (0, 0, 0, pad)))  # [npg * S, W] stored
-        keys = torch.nn.functional.pad(tpl.keys[layer][:n], (0, 0, 0, pad))  # [npg * S, ID]
+        keys = cache.pack_index(torch.nn.functional.pad(tpl.keys[layer][:n], (0, 0, 0, pad)))  # [npg * S, KW] stored
         if seq.host_backed:
             m = engine.sparse.manager
             m.write_pages(layer, latent.reshape(npg, -1), seq.pages[:npg], tail_page=seq.buffer_pages[-1])
@@ -214,6 +222,7 @@ def run_row(loaded, tpl: Template, sz: Sizes, *, mode: str, batch: int, residenc
               kv_cache_dtype=kv_cache_dtype)
     elt = torch.empty((), dtype=getattr(torch, dtype)).element_size()
     lat = latent_row_bytes(mc, elt=elt, kv_cache_dtype=kv_cache_dtype)
+    idx = index_key_bytes(mc, elt=elt, kv_cache_dtype=kv_cache_dtype)
     if mode == "device":
         kw["num_kv_pages"] = batch * pages_per_request + slack
     else:
@@ -306,7 +315,7 @@ def run_row(loaded, tpl: Template, sz: Sizes, *, mode: str, batch: int, residenc
         # bytes a decode step must read: the weights, per request and layer the top-k latent rows and every
         # indexer key; hierarchical: the misses over PCIe on top
         d, L = mc.dsa, mc.num_layers
-        kv = batch * L * (min(d.index_topk, ctx) * lat + ctx * d.index_head_dim * elt)
+        kv = batch * L * (min(d.index_topk, ctx) * lat + ctx * idx)
         weights = step_weight_bytes(loaded.model, batch)   # (not the untied embedding table: one row per request)
         out["step_read_bytes"] = weights + kv
         out["hbm_bound_ms"] = out["step_read_bytes"] / HBM_BYTES_PER_S * 1e3
@@ -389,8 +398,9 @@ def main(argv=None) -> int:
           flush=True)
     payload = dict(**header(device, a.git_commit), preset=a.preset, dtype=dtype, weight_bytes=weight_bytes,
                    page_size=a.page_size, buffer_ratio=a.buffer_ratio, steps=a.steps, template=a.template,
-                   kv_cache_dtype=a.kv_cache_dtype, latent_row_bytes=latent_row_bytes(mc, elt=elt,
-                                                                                        kv_cache_dtype=a.kv_cache_dtype),
+                   kv_cache_dtype=a.kv_cache_dtype,
+                   latent_row_bytes=latent_row_bytes(mc, elt=elt, kv_cache_dtype=a.kv_cache_dtype),
+                   index_key_bytes=index_key_bytes(mc, elt=elt, kv_cache_dtype=a.kv_cache_dtype),
                    contexts={}, results=[])
 
     def save() -> None:

@@ -248,3 +248,108 @@ def test_score_kernel_real_sizes_on_gpu(S):
     _assert_scores_close(indexer_scores(q, w, cache, table, lens, scale=d ** -0.5), want, rtol=1e-5)
     ids = indexer_topk(q, w, cache, table, lens, topk=topk, scale=d ** -0.5)
     _assert_topk_is_a_best_set(ids.cpu(), want.cpu(), topk, rtol=1e-5)
+
+
+def _fp8_paged(B, W, S, d, lens, *, seed):
+    """_paged's cache with its keys packed as FP8 (uint8 [P, S, index_key_width(d)]; NaN slots packed as zero keys)
+    and the reference's view of them (unpacked, fp32)."""
+    from hisa.kvcache.mla_fp8 import pack_index_keys, unpack_index_keys
+
+    cache, table, lengths = _paged(B, W, S, d, lens, seed=seed)
+    packed = pack_index_keys(torch.nan_to_num(cache))
+    return packed, unpack_index_keys(packed, index_head_dim=d, dtype=torch.float32), table, lengths
+
+
+@pytest.mark.parametrize("S,ih,d", [(1, 8, 32), (4, 6, 16), (16, 9, 24)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fp8_keys_score_as_their_unpacked_values(S, ih, d, dtype):
+    """FP8 keys (e4m3 values + a scale per key): the kernel (values into the dot unscaled, each score
+    times its key's scale) and the torch path score as the reference over the unpacked keys."""
+    W = -(-70 // S) + 1
+    lens = [70, 1, 0, W * S, 33]
+    packed, keys, table, lengths = _fp8_paged(len(lens), W, S, d, lens, seed=S + ih)
+    from hisa.kvcache.mla_fp8 import index_key_width
+
+    width = index_key_width(d)
+    assert packed.dtype == torch.uint8 and packed.shape[-1] == width and width % 16 == 0
+    gen = torch.Generator().manual_seed(ih)
+    q = torch.randn(len(lens), ih, d, generator=gen).to(device=DEV, dtype=dtype)
+    w = torch.randn(len(lens), ih, generator=gen).to(DEV)
+    want = indexer_scores_ref(q, w, keys, table, lengths, scale=d ** -0.5)
+    _assert_scores_close(indexer_scores(q, w, packed, table, lengths, scale=d ** -0.5, use_triton=False), want,
+                         rtol=1e-6)
+    got = indexer_scores(q, w, packed, table, lengths, scale=d ** -0.5, use_triton=True)
+    _assert_scores_close(got, want, rtol=1e-5)
+    ids = indexer_topk(q, w, packed, table, lengths, topk=24, scale=d ** -0.5, use_triton=True)
+    _assert_topk_is_a_best_set(ids.cpu(), want.cpu(), 24, rtol=1e-5)
+    with pytest.raises(ValueError, match=f"FP8 keys: {width} bytes"):
+        indexer_scores(q, w, packed[..., :-1], table, lengths, scale=0.2)
+
+
+def test_fp8_index_keys_keep_the_selection():
+    """DeepSeek-V3.2's indexer shape (64 heads x 128) over 4,096 random keys, top-512: FP8 keys (e4m3,
+    3 mantissa bits) keep at least 95% of each row's top-k of the full-precision keys."""
+    from hisa.kvcache.mla_fp8 import pack_index_keys
+
+    gen = torch.Generator().manual_seed(0)
+    n, ih, d, k, B = 4096, 64, 128, 512, 8
+    keys = torch.randn(n, 1, d, generator=gen)
+    q, w = torch.randn(B, ih, d, generator=gen), torch.rand(B, ih, generator=gen) * ih ** -0.5
+    table = torch.arange(n, dtype=torch.int32)[None].repeat(B, 1)
+    lens = torch.full((B,), n, dtype=torch.int32)
+    full = indexer_topk(q, w, keys, table, lens, topk=k, scale=d ** -0.5, use_triton=False)
+    fp8 = indexer_topk(q, w, pack_index_keys(keys), table, lens, topk=k, scale=d ** -0.5, use_triton=False)
+    kept = [len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(full, fp8)]
+    assert min(kept) >= 0.95, kept
+
+
+_COMPILE_FP8 = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from hisa.attention import triton_dsa_indexer
+
+hw = sys.argv[1] == "1"
+consts = dict(IH=64, ID=128, S=1, BLOCK_H=64, BLOCK_D=128, BLOCK_T=64, TILES=8, DOT_PRECISION="tf32", FP8=True,
+              HW_CVT=hw)
+sig = {"q_ptr": "*bf16", "w_ptr": "*fp32", "cache_ptr": "*u8", "table_ptr": "*i32", "len_ptr": "*i32",
+       "out_ptr": "*fp32", "scale": "fp32", "N": "i32", "stride_qb": "i32", "stride_qh": "i32", "stride_qd": "i32",
+       "stride_wb": "i32", "stride_wh": "i32", "stride_cp": "i32", "stride_cs": "i32", "stride_cd": "i32",
+       "stride_tb": "i32", "stride_tw": "i32", "stride_l": "i32", "stride_ob": "i32"}
+sig.update({name: "constexpr" for name in consts})
+compiled = triton.compile(ASTSource(fn=triton_dsa_indexer.dsa_indexer_scores_kernel, signature=sig, constexprs=consts),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+assert compiled.asm["cubin"]
+"""
+
+
+@pytest.mark.parametrize("hw", [True, False])
+def test_fp8_kernel_compiles_for_hopper(hw):
+    """The FP8 variant at V3.2's indexer shape through Triton's compiler for sm_90 (no GPU needed)."""
+    from tests.conftest import compile_for_hopper
+
+    compile_for_hopper(_COMPILE_FP8, str(int(hw)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (real sizes)")
+@pytest.mark.parametrize("cvt", ["hw", "int"])
+def test_fp8_score_kernel_real_sizes_on_gpu(cvt, monkeypatch):
+    """V3.2's indexer over 32K FP8 keys (144 bytes each), page 1, bf16 queries: scores as the reference over
+    the unpacked keys, a best top-2048 set; the GPU's fp8 conversion and the integer one."""
+    from hisa.kvcache.mla_fp8 import pack_index_keys, unpack_index_keys
+
+    monkeypatch.setenv("HISA_FP8_CVT", cvt)
+    torch.manual_seed(0)
+    ih, d, topk, ctx = 64, 128, 2048, 32768
+    lens = torch.tensor([ctx, 20001, 0, 2049], dtype=torch.int32, device="cuda")
+    B = len(lens)
+    packed = pack_index_keys(torch.randn(B * ctx + 5, 1, d, device="cuda"))
+    table = torch.randperm(B * ctx + 5, device="cuda")[:B * ctx].view(B, ctx).to(torch.int32)
+    q = torch.randn(B, ih, d, device="cuda").to(torch.bfloat16)
+    w = torch.randn(B, ih, device="cuda") * ih ** -0.5
+    want = indexer_scores_ref(q, w, unpack_index_keys(packed, index_head_dim=d, dtype=torch.float32), table, lens,
+                              scale=d ** -0.5)
+    _assert_scores_close(indexer_scores(q, w, packed, table, lens, scale=d ** -0.5), want, rtol=1e-5)
+    ids = indexer_topk(q, w, packed, table, lens, topk=topk, scale=d ** -0.5)
+    _assert_topk_is_a_best_set(ids.cpu(), want.cpu(), topk, rtol=1e-5)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from hisa.kvcache.mla_cache import MLAKVCache
-from hisa.kvcache.mla_fp8 import FP8_MAX, pack_latent, packed_width, unpack_latent
+from hisa.kvcache.mla_fp8 import (FP8_MAX, index_key_width, index_scale_offset, pack_index_keys, pack_latent,
+                                  packed_width, unpack_index_keys, unpack_latent)
 
 
 def test_deepseek_row_is_656_bytes_laid_out_as_values_scales_rope():
@@ -39,6 +40,32 @@ def test_unpacked_values_are_within_e4m3_rounding(dtype):
     assert torch.equal(back[..., 256:], rows[..., 256:].to(torch.bfloat16).to(dtype))
 
 
+def test_index_keys_are_e4m3_with_one_scale_per_key_each_part_16_byte_aligned():
+    """An indexer key [ID] -> ID e4m3 bytes, zeros to a 16-byte boundary, its fp32 scale (amax / 448),
+    zeros to the next: 144 bytes at V3.2's 128, so every key and every scale starts 16-byte aligned."""
+    g = torch.Generator().manual_seed(2)
+    keys = torch.randn(5, 3, 128, generator=g) * torch.logspace(-2, 2, 5)[:, None, None]
+    packed = pack_index_keys(keys)
+    assert packed.shape == (5, 3, 144) == (5, 3, index_key_width(128)) and packed.dtype == torch.uint8
+    scale = packed[..., 128:132].contiguous().view(torch.float32)
+    torch.testing.assert_close(scale, keys.abs().amax(-1, keepdim=True) / FP8_MAX)
+    assert not packed[..., 132:].any()
+    torch.testing.assert_close(packed[..., :128].view(torch.float8_e4m3fn).float() * scale,
+                               unpack_index_keys(packed, index_head_dim=128, dtype=torch.float32))
+    back = unpack_index_keys(packed, index_head_dim=128, dtype=torch.float32)
+    assert ((back - keys).abs() <= torch.maximum(keys.abs() * 2.0**-4, scale * 2.0**-10) * 1.01).all()
+    odd = torch.randn(4, 24, generator=g)   # 24 values: scale at byte 32, 48 bytes
+    p24 = pack_index_keys(odd)
+    assert p24.shape == (4, 48) and index_scale_offset(24) == 32 and not p24[:, 24:32].any()
+    torch.testing.assert_close(unpack_index_keys(p24, index_head_dim=24, dtype=torch.float32), odd, rtol=0.07, atol=1e-3)
+    assert torch.equal(unpack_index_keys(pack_index_keys(torch.zeros(2, 16)), index_head_dim=16, dtype=torch.float32),
+                       torch.zeros(2, 16))
+    with pytest.raises(ValueError, match="uint8"):
+        unpack_index_keys(keys, index_head_dim=128, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"uint8 \[..., 144\]"):
+        unpack_index_keys(packed[..., :132], index_head_dim=128, dtype=torch.float32)
+
+
 def test_zero_tiles_and_bad_shapes():
     zeros = torch.zeros(2, 128 + 8)
     assert torch.equal(unpack_latent(pack_latent(zeros, kv_lora_rank=128), kv_lora_rank=128, dtype=torch.float32), zeros)
@@ -58,17 +85,22 @@ def test_cache_stores_packed_rows_and_counts_their_bytes():
     cache = MLAKVCache(**kw, latent_format="fp8")
     plain = MLAKVCache(**kw)
     assert cache.page_shape == (4, 164) and cache.dtype == torch.uint8 and plain.page_shape == (4, 144)
-    assert cache.nbytes == 2 * 5 * 4 * (164 + 32 * 4)
+    assert cache.nbytes == 2 * 5 * 4 * (164 + 32 + 16)  # FP8 rows and FP8 indexer keys (32 values, scale, padding)
     page = {k: v for k, v in kw.items() if k not in ("num_pages", "device")}
     assert MLAKVCache.page_bytes(**page, latent_format="fp8") * 5 == cache.nbytes
     assert MLAKVCache.page_bytes(**page) * 5 == plain.nbytes
     rows = torch.randn(3, 144)
     pages, offsets = torch.tensor([0, 4, 4]), torch.tensor([1, 0, 3])
-    cache.write(1, pages, offsets, cache.pack(rows), torch.randn(3, 32))
+    keys = torch.randn(3, 32)
+    cache.write(1, pages, offsets, cache.pack(rows), cache.pack_index(keys))
     stored = cache.latent_rows(1)[pages, offsets]
     assert torch.equal(cache.unpack(stored), unpack_latent(pack_latent(rows, kv_lora_rank=128), kv_lora_rank=128,
                                                            dtype=torch.float32))
+    assert torch.equal(cache.unpack_index(cache.index_keys(1)[pages, offsets]),
+                       unpack_index_keys(pack_index_keys(keys), index_head_dim=32, dtype=torch.float32))
     with pytest.raises(ValueError, match="stored rows"):
         cache.write(1, pages, offsets, rows, None)  # unpacked rows
+    with pytest.raises(ValueError, match="stored keys"):
+        cache.write(1, pages, offsets, cache.pack(rows), keys)  # unpacked keys
     with pytest.raises(ValueError, match="latent_format"):
         MLAKVCache(**kw, latent_format="int4")

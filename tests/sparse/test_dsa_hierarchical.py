@@ -174,10 +174,11 @@ def tiny128():
 
 
 def test_fp8_latent_host_backed_equals_fp8_on_device(tiny128):
-    """kv_cache_dtype="fp8" (latent rows as 164-byte FP8 rows here: 128 e4m3 + one fp32 scale + 16 bf16):
-    the host-backed run gives the FP8 all-on-device run's tokens and logits, moving 164 bytes per missed
-    token; against the fp32 cache it stays close (lossy: the sharp random model amplifies the e4m3
-    rounding, so the tokens part after a few steps, as for any change of arithmetic)."""
+    """kv_cache_dtype="fp8" (latent rows as 164-byte FP8 rows here: 128 e4m3 + one fp32 scale + 16 bf16;
+    indexer keys as 32 e4m3 + a scale): the host-backed run gives the FP8 all-on-device run's tokens and
+    logits, moving 164 bytes per missed token. Against the fp32 cache it is lossy: FP8 keys change ~2%
+    of a top-k (test_fp8_index_keys_keep_the_selection), and this sharp random model (32 of 200 tokens
+    selected, weights x5) turns that into other tokens after a few steps; its logits stay correlated."""
     prompt = _prompts(tiny128.config.vocab_size, [200])[0]
     params = SamplingParams(max_tokens=DECODE_STEPS + 1, ignore_eos=True)
     ref_llm = _llm(tiny128, page_size=1, max_num_batched_tokens=128)
@@ -201,9 +202,9 @@ def test_fp8_latent_host_backed_equals_fp8_on_device(tiny128):
     assert (logits - device_logits).abs().max().item() <= 1e-5
     assert stats["misses"] > 0 and stats["bytes_h2d"] == stats["misses"] * 164 == stats["misses"] * engine.sparse.manager.row_bytes
     _assert_nothing_held(engine)
-    assert device_tokens[:4] == ref_tokens[:4]
-    assert ((device_logits - ref_logits).norm() / ref_logits.norm()).item() < 0.3
-    assert (device_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item() >= 0.6
+    assert device_tokens[:2] == ref_tokens[:2]
+    assert ((device_logits - ref_logits).norm() / ref_logits.norm()).item() < 0.6
+    assert (device_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item() >= 0.4
 
 
 def test_fp8_latent_through_demotion_preemption_and_abort(tiny128):

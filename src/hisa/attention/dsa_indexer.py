@@ -30,6 +30,8 @@ import os
 
 import torch
 
+from hisa.kvcache.mla_fp8 import index_key_width, index_scale_offset, unpack_index_keys
+
 _PREFILL_BLOCK_BYTES = 256 * 2**20  # fp32 scores per query block in prefill ([qb, IH, ctx])
 _DECODE_BLOCK_BYTES = 2 * 2**30  # decode in torch: gathered keys + fp32 scores of one block of rows
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -57,7 +59,8 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Tens
 
     q:           [B, IH, ID] indexer queries (roped).
     weights:     fp32 [B, IH] per-head weights (IH ** -0.5 folded in).
-    index_cache: [P, S, ID] one layer's indexer keys in pages of S tokens (may be a strided view).
+    index_cache: [P, S, ID] one layer's indexer keys in pages of S tokens (may be a strided view), or
+                 uint8 [P, S, index_key_width(ID)]: the keys in FP8 (`hisa.kvcache.mla_fp8.pack_index_keys`).
     page_table:  int32 [B, W] pages in token order, -1 past a request's pages.
     lengths:     int32 [B] tokens of each request (the new one included).
     use_triton:  None = the fused score kernel iff q is on CUDA; True forces it (CPU: TRITON_INTERPRET=1).
@@ -72,7 +75,7 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Tens
         ids = indexer_topk(q, w, cache.index_keys(layer), table, lens, topk=2048, scale=128 ** -0.5)
     """
     B, W = page_table.shape
-    S, ID = index_cache.shape[1], index_cache.shape[-1]
+    S, ID = index_cache.shape[1], q.shape[-1]
     k = min(topk, W * S)
     if use_triton is None:
         use_triton = q.is_cuda
@@ -129,7 +132,8 @@ def indexer_scores(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Te
     out = torch.empty(B, N, dtype=torch.float32, device=q.device)
     if B == 0 or N == 0:
         return out
-    dot_dtype = torch.promote_types(q.dtype, index_cache.dtype)
+    fp8 = index_cache.dtype == torch.uint8
+    dot_dtype = q.dtype if fp8 else torch.promote_types(q.dtype, index_cache.dtype)  # (FP8 keys: exact in any)
     q = q.to(dot_dtype)  # [B, IH, ID], a no-op when the dtypes agree
     dsa_indexer_scores_kernel[(-(-N // (block_t * tiles)), B)](
         q, weights, index_cache, page_table, lengths, out, scale, N,
@@ -138,6 +142,8 @@ def indexer_scores(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Te
         page_table.stride(0), page_table.stride(1), lengths.stride(0), out.stride(0),
         IH=IH, ID=ID, S=S, BLOCK_H=max(16, triton.next_power_of_2(IH)), BLOCK_D=max(16, triton.next_power_of_2(ID)),
         BLOCK_T=block_t, TILES=tiles, DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
+        FP8=fp8, HW_CVT=q.is_cuda and os.environ.get("HISA_FP8_CVT", "hw") == "hw",
+        SCALE_AT=index_scale_offset(ID) if fp8 else 0,
         num_warps=num_warps if q.is_cuda else 1)
     return out
 
@@ -149,6 +155,8 @@ def indexer_scores_ref(q: torch.Tensor, weights: torch.Tensor, index_cache: torc
     S = index_cache.shape[1]
     pages = page_table.long()  # [B, W]
     keys = index_cache[pages.clamp(min=0)].reshape(B, W * S, index_cache.shape[-1])  # [B, W*S, ID]
+    if keys.dtype == torch.uint8:  # FP8 keys: e4m3 * scale in fp32, as index_scores computes
+        keys = unpack_index_keys(keys, index_head_dim=q.shape[-1], dtype=torch.float32)
     scores = index_scores(q, weights, keys, scale=scale)  # [B, W*S]
     pos = torch.arange(W * S, device=q.device)
     valid = (pos[None, :] < lengths.long()[:, None]) & (pages >= 0)[:, :, None].expand(B, W, S).reshape(B, W * S)
@@ -192,9 +200,14 @@ def _validate(q, weights, index_cache, page_table, lengths, *, scale, block_t, t
     if weights.shape != (B, IH) or page_table.shape[0] != B or lengths.shape[0] != B:
         raise ValueError(f"q {tuple(q.shape)} does not fit weights {tuple(weights.shape)}, page_table "
                          f"{tuple(page_table.shape)} or lengths {tuple(lengths.shape)}: [B, IH], [B, W], [B]")
-    if index_cache.shape[2] != ID:
-        raise ValueError(f"index_cache keys have {index_cache.shape[2]} values, q has {ID} per head")
-    if q.dtype not in _FLOAT_DTYPES or index_cache.dtype not in _FLOAT_DTYPES or weights.dtype not in _FLOAT_DTYPES:
+    fp8 = index_cache.dtype == torch.uint8
+    if index_cache.shape[2] != (index_key_width(ID) if fp8 else ID):
+        raise ValueError(f"index_cache keys have {index_cache.shape[2]} {'bytes' if fp8 else 'values'}, q has {ID} "
+                         f"per head" + (f" (FP8 keys: {index_key_width(ID)} bytes)" if fp8 else ""))
+    if fp8 and index_cache.stride(2) != 1:
+        raise ValueError(f"FP8 index_cache keys must be contiguous bytes, got strides {index_cache.stride()}")
+    if q.dtype not in _FLOAT_DTYPES or index_cache.dtype not in _FLOAT_DTYPES + (torch.uint8,) \
+            or weights.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"q, weights and index_cache must be one of {_FLOAT_DTYPES}, got {q.dtype}, "
                          f"{weights.dtype} and {index_cache.dtype}")
     if page_table.dtype != torch.int32 or lengths.dtype != torch.int32:

@@ -12,6 +12,12 @@ stores fp32 scores; -inf for tokens past the row's length or on a -1 page (those
 dereferenced). Heads and channels are padded with zeros to BLOCK_H, BLOCK_D >= 16 (tl.dot's
 smallest dims), so any IH and ID take this one path. No [B, IH, N] tensor exists anywhere.
 
+FP8 keys (uint8 [P, S, W]: e4m3 values, then the key's fp32 scale at byte SCALE_AT, each part padded
+to 16 bytes so every key loads 16 bytes at a time; `hisa.kvcache.mla_fp8.index_key_width`):
+the values go into the dot unscaled (exact in q's dtype; `hisa.ops.triton_fp8.e4m3_values`) and
+each token's score is multiplied by its key's scale afterwards: relu(q . (e * s)) = s * relu(q . e)
+for s > 0, so one multiply per token replaces one per key value.
+
 A program wholly past its row's length stores -inf and reads nothing (a padding row, length 0,
 costs only its stores); inside the last live program the tiles past the length are masked loads.
 """
@@ -20,6 +26,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from hisa.ops.triton_fp8 import e4m3_values
 
 
 @triton.jit
@@ -34,6 +42,7 @@ def dsa_indexer_scores_kernel(
     stride_cp, stride_cs, stride_cd, stride_tb, stride_tw, stride_l, stride_ob,
     IH: tl.constexpr, ID: tl.constexpr, S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_T: tl.constexpr, TILES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FP8: tl.constexpr = False, HW_CVT: tl.constexpr = False, SCALE_AT: tl.constexpr = 0,
 ):
     blk = tl.program_id(0)
     r = tl.program_id(1).to(tl.int64)
@@ -55,10 +64,15 @@ def dsa_indexer_scores_kernel(
             t = first + i * BLOCK_T + ts  # [BLOCK_T] token positions
             page = tl.load(table_row + (t // S) * stride_tw, mask=t < length, other=-1)
             ok = (t < length) & (page >= 0)
-            k = tl.load(cache_ptr + page.to(tl.int64)[:, None] * stride_cp + (t % S)[:, None] * stride_cs
-                        + d[None, :] * stride_cd, mask=ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_T, BLOCK_D]
+            row = cache_ptr + page.to(tl.int64) * stride_cp + (t % S) * stride_cs  # [BLOCK_T] key starts
+            k = tl.load(row[:, None] + d[None, :] * stride_cd, mask=ok[:, None] & d_ok[None, :],
+                        other=0)  # [BLOCK_T, BLOCK_D] values, or FP8 bytes
+            if FP8:
+                k = e4m3_values(k, HW_CVT)
             s = tl.dot(k.to(qt.dtype), qt, input_precision=DOT_PRECISION)  # [BLOCK_T, BLOCK_H] fp32
             score = tl.sum(tl.maximum(s, 0.0) * w[None, :], axis=1)  # [BLOCK_T]
+            if FP8:  # each key's scale, after the ReLU (scales are > 0)
+                score *= tl.load((row + SCALE_AT).to(tl.pointer_type(tl.float32)), mask=ok, other=0.0)
             tl.store(out_row + t, tl.where(ok, score, float("-inf")), mask=t < N)
     else:  # wholly past the row's length: nothing to read
         for i in range(TILES):

@@ -72,19 +72,20 @@ class DSAAttention:
         cache, d = self.cache, self.decode
         out = q.new_zeros(q.shape[0], q.shape[1], self.kv_lora_rank)  # [T, H, Dl]
         latent = cache.latent_rows(layer)  # [P, S, W] stored rows (W = Dl + Dr, or the FP8 row's bytes)
-        kv = cache.pack(kv)  # the new rows as stored: everything below moves stored rows
+        kv = cache.pack(kv)  # the new rows as stored: everything below moves stored rows and keys
+        new_keys = None if index is None else cache.pack_index(index.keys)
         last_decode, last_prefill = self._last
         decode_sel = None
         n = d.n if d is not None else 0
         if n:
             # padding rows (t == 0) write into the engine's scratch page, never read
             offsets = (torch.clamp(d.t - 1, min=0) % cache.page_size).long()
-            cache.write(layer, d.write_page.long(), offsets, kv[:n], None if index is None else index.keys[:n])
+            cache.write(layer, d.write_page.long(), offsets, kv[:n], None if index is None else new_keys[:n])
             table, lens = d.table, d.kv_lens
             rows = torch.arange(n, device=q.device)
             hier = self.sparse if d.has_host_backed else None
             if hier is not None:  # host-backed rows: latent row to the host too, indexer key to the representation
-                hier.write_through_mla(layer, kv[:n], None if index is None else index.keys[:n])
+                hier.write_through_mla(layer, kv[:n], None if index is None else new_keys[:n])
             if index is None:
                 decode_sel = last_decode
             elif hier is not None:  # the host-backed rows' indexer runs over the representation
@@ -104,14 +105,15 @@ class DSAAttention:
         for i, c in enumerate(self.prefills):
             start, end = c.start, c.end
             ctx = c.computed + end - start
-            new_keys = None if index is None else index.keys[start:end]
+            chunk_keys = None if index is None else new_keys[start:end]
             if c.seq.sparse and c.seq.host_backed:  # the context comes back from the host pool, layer by layer
-                context, keys = self.sparse.prefill_host_backed_mla(layer, c.seq, c.computed, kv[start:end], new_keys)
+                context, keys = self.sparse.prefill_host_backed_mla(layer, c.seq, c.computed, kv[start:end], chunk_keys)
                 context = cache.unpack(context)
             else:
-                cache.write(layer, c.write_pages, c.write_offsets, kv[start:end], new_keys)
+                cache.write(layer, c.write_pages, c.write_offsets, kv[start:end], chunk_keys)
                 context = cache.unpack(gather_pages(latent, c.pages, ctx))  # [ctx, Dl + Dr]
                 keys = None if index is None or ctx <= self.topk else gather_pages(cache.index_keys(layer), c.pages, ctx)
+            keys = None if keys is None else cache.unpack_index(keys)
             sel = None
             if index is None:
                 sel = last_prefill[i]

@@ -564,7 +564,8 @@ def _sparse_algorithm(config: EngineConfig, mcfg, max_model_len: int):
     from hisa.sparse.base import create_algorithm
 
     sp = config.sparse
-    extra = {} if mcfg.dsa is None else dict(index_head_dim=mcfg.dsa.index_head_dim, index_topk=mcfg.dsa.index_topk)
+    extra = {} if mcfg.dsa is None else dict(index_head_dim=mcfg.dsa.index_head_dim, index_topk=mcfg.dsa.index_topk,
+                                             fp8_keys=config.kv_cache_dtype == "fp8")
     return create_algorithm(
         sp.algorithm, num_layers=mcfg.num_layers, num_heads=mcfg.num_heads, num_kv_heads=mcfg.num_kv_heads,
         head_dim=mcfg.head_dim, page_size=config.page_size, max_requests=sp.max_sparse_requests,

@@ -8,21 +8,23 @@ them in different tiers: the indexer keys stay on the device (every step scores 
 latent rows go to the host pool (each step reads only the selected ones).
 
 `latent_format="fp8"` stores each latent row packed as DeepSeek's FP8 layout (`hisa.kvcache.mla_fp8`:
-e4m3 latent values with a scale per 128, bf16 rope part; 656 bytes for V3.2 instead of 1,152), as
-uint8 rows: `pack` turns new rows into what the cache stores, `unpack` stored rows back into values.
-The indexer keys keep the model's dtype.
+e4m3 latent values with a scale per 128, bf16 rope part; 656 bytes for V3.2 instead of 1,152) and
+each indexer key as e4m3 values with one scale (144 bytes with its padding instead of 256), as uint8 rows: `pack` /
+`pack_index` turn new rows and keys into what the cache stores, `unpack` / `unpack_index` turn stored
+ones back into values.
 """
 
 from __future__ import annotations
 
 import torch
 
-from hisa.kvcache.mla_fp8 import LATENT_FORMATS, pack_latent, packed_width, unpack_latent
+from hisa.kvcache.mla_fp8 import (LATENT_FORMATS, index_key_width, pack_index_keys, pack_latent, packed_width,
+                                  unpack_index_keys, unpack_latent)
 
 
 class MLAKVCache:
     """Latent rows [layers, pages, page_size, row_width] (row_width = latent_dim, or the FP8 row's bytes) and
-    indexer keys [layers, pages, page_size, index_dim].
+    indexer keys [layers, pages, page_size, key_width] (index_dim, or its FP8 bytes).
 
     Example::
 
@@ -40,10 +42,12 @@ class MLAKVCache:
         self.model_dtype, self.latent_format, self.kv_lora_rank = dtype, latent_format, kv_lora_rank
         self.row_width = self.stored_width(latent_dim=latent_dim, kv_lora_rank=kv_lora_rank,
                                            latent_format=latent_format)
+        self.index_head_dim = index_head_dim
+        self.key_width = index_key_width(index_head_dim) if latent_format == "fp8" else index_head_dim
         row_dtype = torch.uint8 if latent_format == "fp8" else dtype
         # Uninitialized on purpose: slots are written before they are read as valid (readers mask by length).
         self.latent = torch.empty(num_layers, num_pages, page_size, self.row_width, dtype=row_dtype, device=device)
-        self.index = torch.empty(num_layers, num_pages, page_size, index_head_dim, dtype=dtype, device=device)
+        self.index = torch.empty(num_layers, num_pages, page_size, self.key_width, dtype=row_dtype, device=device)
 
     @staticmethod
     def stored_width(*, latent_dim: int, kv_lora_rank: int | None, latent_format: str) -> int:
@@ -62,8 +66,9 @@ class MLAKVCache:
         """Bytes of one page across all layers (latent rows and indexer keys)."""
         elt = torch.empty((), dtype=dtype).element_size()
         width = MLAKVCache.stored_width(latent_dim=latent_dim, kv_lora_rank=kv_lora_rank, latent_format=latent_format)
-        latent = width if latent_format == "fp8" else width * elt
-        return num_layers * page_size * (latent + index_head_dim * elt)
+        if latent_format == "fp8":
+            return num_layers * page_size * (width + index_key_width(index_head_dim))
+        return num_layers * page_size * (width + index_head_dim) * elt
 
     @property
     def nbytes(self) -> int:
@@ -86,6 +91,18 @@ class MLAKVCache:
             return pack_latent(rows, kv_lora_rank=self.kv_lora_rank)
         return rows.to(self.latent.dtype)
 
+    def pack_index(self, keys: torch.Tensor) -> torch.Tensor:
+        """New indexer keys [T, index_head_dim] -> what the cache stores for them [T, key_width]."""
+        if self.latent_format == "fp8":
+            return pack_index_keys(keys)
+        return keys.to(self.index.dtype)
+
+    def unpack_index(self, stored: torch.Tensor) -> torch.Tensor:
+        """Stored indexer keys [..., key_width] -> keys [..., index_head_dim] in the model's dtype."""
+        if self.latent_format == "fp8":
+            return unpack_index_keys(stored, index_head_dim=self.index_head_dim, dtype=self.model_dtype)
+        return stored
+
     def unpack(self, stored: torch.Tensor) -> torch.Tensor:
         """Stored rows [..., row_width] -> latent rows [..., latent_dim] in the model's dtype."""
         if self.latent_format == "fp8":
@@ -104,15 +121,19 @@ class MLAKVCache:
         return self.latent[layer]  # [P, S, row_width]
 
     def index_keys(self, layer: int) -> torch.Tensor:
-        return self.index[layer]  # [P, S, index_head_dim]
+        return self.index[layer]  # [P, S, key_width] stored keys
 
     def write(self, layer: int, pages: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor,
               index_keys: torch.Tensor | None) -> None:
         """Store new tokens. pages, offsets: int64 [T]; rows: [T, row_width] stored rows (`pack`);
-        index_keys: [T, index_dim] (None for a layer without an indexer: GLM-5's shared layers)."""
+        index_keys: [T, key_width] stored keys (`pack_index`; None for a layer without an indexer:
+        GLM-5's shared layers)."""
         if rows.shape[-1] != self.row_width:
             raise ValueError(f"rows must be stored rows [T, {self.row_width}] (see MLAKVCache.pack), got "
                              f"{tuple(rows.shape)}")
+        if index_keys is not None and index_keys.shape[-1] != self.key_width:
+            raise ValueError(f"index_keys must be stored keys [T, {self.key_width}] (see MLAKVCache.pack_index), got "
+                             f"{tuple(index_keys.shape)}")
         self.latent[layer, pages, offsets] = rows.to(self.latent.dtype)
         if index_keys is not None:
             self.index[layer, pages, offsets] = index_keys.to(self.index.dtype)

@@ -1,4 +1,4 @@
-"""FP8 latent rows of an MLA cache: DeepSeek's 656-byte layout, packed and unpacked in torch.
+"""FP8 rows of a DSA model's cache, DeepSeek's layouts: latent rows (656 bytes) and indexer keys (144).
 
 A latent row [normed compressed KV (Dl) | roped shared key (Dr)] is stored as bytes:
 
@@ -11,10 +11,20 @@ instead of 1,152 in bf16: the device buffer, the host pool and every miss moved 
 by 43%. A value comes back as e4m3(value / scale) * scale, rounded once to the compute dtype; the
 Triton decode kernel (`hisa.attention.triton_mla_decode`, FP8) dequantizes the same way, bit for bit.
 
+An indexer key [ID] is stored as [ ID values as e4m3 | one fp32 scale ] (amax / 448 over the key),
+DeepSeek's own indexer cache, each part padded to 16 bytes (`index_key_width`): 144 bytes for
+ID = 128 instead of 256 in bf16. The padding keeps every key 16-byte aligned, so a kernel loads its
+values 16 bytes at a time: unpadded 132-byte keys made the 128K decode step 2.1x slower on an H200
+(docs/dsa.md, "FP8 indexer keys"). The indexer's score is
+a sum over heads of w_h * relu(q_h . k), and relu(q . (e * s)) = s * relu(q . e) for s > 0, so the
+decode kernel scales each token's score once instead of every key value
+(`hisa.attention.triton_dsa_indexer`).
+
 Example::
 
     packed = pack_latent(rows, kv_lora_rank=512)              # [T, 576] bf16 -> [T, 656] uint8
     rows2 = unpack_latent(packed, kv_lora_rank=512, dtype=torch.bfloat16)   # [T, 576]
+    keys8 = pack_index_keys(keys)                             # [T, 128] -> [T, 144] uint8
 """
 
 from __future__ import annotations
@@ -63,6 +73,48 @@ def unpack_latent(packed: torch.Tensor, *, kv_lora_rank: int, dtype: torch.dtype
     scale = p[..., dl:dl + 4 * nt].contiguous().view(torch.float32).reshape(*lead, nt, 1)
     pe = p[..., dl + 4 * nt:].contiguous().view(torch.bfloat16)
     return torch.cat([(q * scale).reshape(*lead, dl).to(dtype), pe.to(dtype)], dim=-1)
+
+
+ALIGN = 16  # bytes: an FP8 indexer key's values and its scale each start on a multiple of it
+
+
+def index_scale_offset(index_head_dim: int) -> int:
+    """Where an FP8 indexer key's fp32 scale starts: past its values, rounded up to ALIGN bytes."""
+    return -(-index_head_dim // ALIGN) * ALIGN
+
+
+def index_key_width(index_head_dim: int) -> int:
+    """Bytes of one FP8 indexer key: its e4m3 values, then its fp32 scale, each padded to ALIGN bytes
+    (144 for ID = 128)."""
+    return index_scale_offset(index_head_dim) + ALIGN
+
+
+def pack_index_keys(keys: torch.Tensor) -> torch.Tensor:
+    """Indexer keys [..., ID] (any float dtype) -> uint8 [..., index_key_width(ID)]: e4m3 values, zeros
+    to the scale's offset, the key's fp32 scale (amax / 448; 1 for an all-zero key), zeros.
+    Graph-safe (no host sync)."""
+    k = keys.float()
+    idim = k.shape[-1]
+    amax = k.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (k / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+    lead = q.shape[:-1]
+    gap = q.new_zeros(*lead, index_scale_offset(idim) - idim)
+    tail = q.new_zeros(*lead, ALIGN - 4)
+    return torch.cat([q, gap, scale.contiguous().view(torch.uint8), tail], dim=-1)
+
+
+def unpack_index_keys(packed: torch.Tensor, *, index_head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 [..., index_key_width(ID)] -> [..., ID] in dtype: e4m3 * scale in fp32, then rounded to dtype."""
+    width = index_key_width(index_head_dim)
+    if packed.dtype != torch.uint8 or packed.shape[-1] != width:
+        raise ValueError(f"packed indexer keys of {index_head_dim} values must be uint8 [..., {width}], got "
+                         f"{packed.dtype} {tuple(packed.shape)}")
+    p = packed.contiguous()
+    at = index_scale_offset(index_head_dim)
+    q = p[..., :index_head_dim].contiguous().view(torch.float8_e4m3fn).float()
+    scale = p[..., at:at + 4].contiguous().view(torch.float32)
+    return (q * scale).to(dtype)
 
 
 def _check_rank(kv_lora_rank: int) -> None:

@@ -210,9 +210,9 @@ class SparseCoordinator:
         indexer keys into the representation (device).
 
         rows: [n, W] the chunk's latent rows as the cache stores them (`MLAKVCache.pack`); index_keys:
-        [n, ID] its indexer keys (None on a layer without an indexer). Returns the whole context's
-        stored latent rows [computed + n, W] and indexer keys [computed + n, ID] (None without), on
-        the device, for the caller's attention."""
+        [n, KW] its indexer keys, stored likewise (`pack_index`; None on a layer without an indexer).
+        Returns the whole context's stored latent rows [computed + n, W] and indexer keys
+        [computed + n, KW] (None without), on the device, for the caller's attention."""
         s, m = self.page_size, self.manager
         n, width = rows.shape
         total = computed + n
@@ -323,7 +323,7 @@ class SparseCoordinator:
     # -- one decode step of a DSA model (token-level selection, MLA over latent rows) -----------------
     def write_through_mla(self, layer: int, rows: torch.Tensor, index_keys: torch.Tensor | None) -> None:
         """The decode rows' new latent rows [R, W] (as stored) to their host pages (host-backed rows; the
-        engine wrote the tail page), their new indexer keys [R, ID] to the representation."""
+        engine wrote the tail page), their new indexer keys [R, KW] (as stored) to the representation."""
         d = self._d
         write_token_rows(rows, self.manager.host.layer_rows(layer), d.write_host_page, d.t, page_size=self.page_size)
         if index_keys is not None:

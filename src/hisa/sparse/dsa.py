@@ -8,7 +8,10 @@ and only the selected ones come back). `retrieve_topk` is the model's lightning 
 turns them into the pages that hold them and the diff loads the missing ones.
 
 Layout, indexed like every representation by (sparse slot, logical page):
-  keys [layers, max_requests + 1, max_pages, page_size, index_head_dim]  (row max_requests: the sentinel)
+  keys [layers, max_requests + 1, max_pages, page_size, W]  (row max_requests: the sentinel)
+with W = index_head_dim values, or with `fp8_keys` the keys as the cache stores them in FP8
+(`hisa.kvcache.mla_fp8.pack_index_keys`: uint8, `index_key_width` bytes, 144 at V3.2's 128 values). Keys come in and go out
+as stored (the caller packs them).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from hisa.attention.dsa_indexer import indexer_topk
+from hisa.kvcache.mla_fp8 import index_key_width
 from hisa.sparse.base import BaseSparseAlgorithm, DecodeRows, register
 
 
@@ -37,31 +41,34 @@ class DSAAlgorithm(BaseSparseAlgorithm):
     graph_safe = True  # device work only: the indexer, an index_put of the new keys
     token_level = True  # retrieve_topk returns token positions; the adaptor maps them to pages
 
-    def __init__(self, *, index_head_dim: int, index_topk: int, **common):
+    def __init__(self, *, index_head_dim: int, index_topk: int, fp8_keys: bool = False, **common):
         super().__init__(**common)
         self.index_head_dim, self.index_topk = index_head_dim, index_topk
         self.index_scale = index_head_dim ** -0.5
+        self.key_width = index_key_width(index_head_dim) if fp8_keys else index_head_dim
         rows, P, S = self.max_requests + 1, self.max_pages, self.page_size
-        # zeros, not empty: a sentinel row (dense and padding rows) is scored too, then ignored
-        self.keys = torch.zeros(self.num_layers, rows, P, S, index_head_dim, dtype=self.dtype, device=self.device)
+        # zeros, not empty: a sentinel row (dense and padding rows) is scored too, then ignored (packed
+        # zeros are zero keys too: e4m3 0 with scale 0)
+        self.keys = torch.zeros(self.num_layers, rows, P, S, self.key_width,
+                                dtype=torch.uint8 if fp8_keys else self.dtype, device=self.device)
         # each slot's logical pages as rows of keys[layer].view(-1, S, ID): the indexer's page table
         self._table = (torch.arange(rows, dtype=torch.int32, device=self.device)[:, None] * P
                        + torch.arange(P, dtype=torch.int32, device=self.device))  # [rows, P]
 
     def metadata_bytes_per_page(self) -> int:
-        return self.num_layers * self.page_size * self.index_head_dim * self.keys.element_size()
+        return self.num_layers * self.page_size * self.key_width * self.keys.element_size()
 
     def construct_representations(self, layer: int, slot: int, first_page: int, keys: torch.Tensor) -> None:
-        """keys [n * S, ID]: the indexer keys of logical pages first_page.. (page-aligned, tail ignored)."""
-        pages = keys.view(-1, self.page_size, self.index_head_dim)
+        """keys [n * S, W] (stored): the indexer keys of logical pages first_page.. (page-aligned, tail ignored)."""
+        pages = keys.view(-1, self.page_size, self.key_width)
         self.keys[layer, slot, first_page:first_page + pages.shape[0]] = pages.to(self.keys.dtype)
 
     def context_keys(self, layer: int, slot: int, num_tokens: int) -> torch.Tensor:
-        """The first num_tokens indexer keys of the request in `slot`, [num_tokens, ID] (a view)."""
-        return self.keys[layer, slot].view(-1, self.index_head_dim)[:num_tokens]
+        """The first num_tokens indexer keys of the request in `slot`, [num_tokens, W] as stored (a view)."""
+        return self.keys[layer, slot].view(-1, self.key_width)[:num_tokens]
 
     def update_representations(self, layer: int, rows: DecodeRows, keys: torch.Tensor) -> None:
-        """keys [R, ID]: each row's new indexer key, at token t - 1 (padding rows, t == 0, write into the
+        """keys [R, W] (stored): each row's new indexer key, at token t - 1 (padding rows, t == 0, write into the
         sentinel row, never read as valid)."""
         pos = torch.clamp(rows.t - 1, min=0).long()
         s = self.page_size
@@ -70,5 +77,5 @@ class DSAAlgorithm(BaseSparseAlgorithm):
     def retrieve_topk(self, layer: int, q, rows: DecodeRows) -> torch.Tensor:
         """q: the step's IndexerStep for the R decode rows → int32 [R, K] token positions (-1 padded)."""
         table = self._table.index_select(0, rows.sparse_slots.long())  # [R, P]
-        return indexer_topk(q.q, q.weights, self.keys[layer].view(-1, self.page_size, self.index_head_dim), table,
+        return indexer_topk(q.q, q.weights, self.keys[layer].view(-1, self.page_size, self.key_width), table,
                             rows.t, topk=self.index_topk, scale=self.index_scale)
