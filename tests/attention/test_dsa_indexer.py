@@ -312,7 +312,7 @@ from hisa.attention import triton_dsa_indexer
 
 hw = sys.argv[1] == "1"
 consts = dict(IH=64, ID=128, S=1, BLOCK_H=64, BLOCK_D=128, BLOCK_T=64, TILES=8, DOT_PRECISION="tf32", FP8=True,
-              HW_CVT=hw)
+              HW_CVT=hw, SCALE_AT=128)
 sig = {"q_ptr": "*bf16", "w_ptr": "*fp32", "cache_ptr": "*u8", "table_ptr": "*i32", "len_ptr": "*i32",
        "out_ptr": "*fp32", "scale": "fp32", "N": "i32", "stride_qb": "i32", "stride_qh": "i32", "stride_qd": "i32",
        "stride_wb": "i32", "stride_wh": "i32", "stride_cp": "i32", "stride_cs": "i32", "stride_cd": "i32",
