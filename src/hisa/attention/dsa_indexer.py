@@ -30,7 +30,8 @@ import os
 
 import torch
 
-from hisa.kvcache.mla_fp8 import index_key_width, index_scale_offset, unpack_index_keys
+from hisa.kvcache.mla_fp8 import (fp8_index_queries, index_key_width, index_scale_offset, quantize_index_queries,
+                                  unpack_index_keys)
 
 _PREFILL_BLOCK_BYTES = 256 * 2**20  # fp32 scores per query block in prefill ([qb, IH, ctx])
 _DECODE_BLOCK_BYTES = 2 * 2**30  # decode in torch: gathered keys + fp32 scores of one block of rows
@@ -133,8 +134,15 @@ def indexer_scores(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Te
     if B == 0 or N == 0:
         return out
     fp8 = index_cache.dtype == torch.uint8
-    dot_dtype = q.dtype if fp8 else torch.promote_types(q.dtype, index_cache.dtype)  # (FP8 keys: exact in any)
-    q = q.to(dot_dtype)  # [B, IH, ID], a no-op when the dtypes agree
+    hw_cvt = q.is_cuda and os.environ.get("HISA_FP8_CVT", "hw") == "hw"
+    if fp8:  # FP8 queries too: e4m3 bytes, each head's scale folded into its weight (relu(s x) = s relu(x))
+        q, q_scale = quantize_index_queries(q)
+        weights = weights.float() * q_scale
+        # the dot: FP8 x FP8 on the tensor cores (HW_CVT), else over the exact values in fp16
+        dot_dtype = torch.float16
+    else:
+        dot_dtype = torch.promote_types(q.dtype, index_cache.dtype)
+        q = q.to(dot_dtype)  # [B, IH, ID], a no-op when the dtypes agree
     dsa_indexer_scores_kernel[(-(-N // (block_t * tiles)), B)](
         q, weights, index_cache, page_table, lengths, out, scale, N,
         q.stride(0), q.stride(1), q.stride(2), weights.stride(0), weights.stride(1),
@@ -142,7 +150,7 @@ def indexer_scores(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Te
         page_table.stride(0), page_table.stride(1), lengths.stride(0), out.stride(0),
         IH=IH, ID=ID, S=S, BLOCK_H=max(16, triton.next_power_of_2(IH)), BLOCK_D=max(16, triton.next_power_of_2(ID)),
         BLOCK_T=block_t, TILES=tiles, DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
-        FP8=fp8, HW_CVT=q.is_cuda and os.environ.get("HISA_FP8_CVT", "hw") == "hw",
+        FP8=fp8, HW_CVT=hw_cvt,
         SCALE_AT=index_scale_offset(ID) if fp8 else 0,
         num_warps=num_warps if q.is_cuda else 1)
     return out
@@ -155,8 +163,9 @@ def indexer_scores_ref(q: torch.Tensor, weights: torch.Tensor, index_cache: torc
     S = index_cache.shape[1]
     pages = page_table.long()  # [B, W]
     keys = index_cache[pages.clamp(min=0)].reshape(B, W * S, index_cache.shape[-1])  # [B, W*S, ID]
-    if keys.dtype == torch.uint8:  # FP8 keys: e4m3 * scale in fp32, as index_scores computes
+    if keys.dtype == torch.uint8:  # FP8 keys, and then FP8 queries: e4m3 * scale in fp32, as the kernel's
         keys = unpack_index_keys(keys, index_head_dim=q.shape[-1], dtype=torch.float32)
+        q = fp8_index_queries(q)
     scores = index_scores(q, weights, keys, scale=scale)  # [B, W*S]
     pos = torch.arange(W * S, device=q.device)
     valid = (pos[None, :] < lengths.long()[:, None]) & (pages >= 0)[:, :, None].expand(B, W, S).reshape(B, W * S)

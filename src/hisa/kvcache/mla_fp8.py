@@ -18,7 +18,10 @@ values 16 bytes at a time: unpadded 132-byte keys made the 128K decode step 2.1x
 (docs/dsa.md, "FP8 indexer keys"). The indexer's score is
 a sum over heads of w_h * relu(q_h . k), and relu(q . (e * s)) = s * relu(q . e) for s > 0, so the
 decode kernel scales each token's score once instead of every key value
-(`hisa.attention.triton_dsa_indexer`).
+(`hisa.attention.triton_dsa_indexer`). As in DeepSeek's own inference, the decode indexer over FP8
+keys takes its queries in FP8 too (`quantize_index_queries`: one scale per head, folded into the
+head's weight), so the products run on the FP8 tensor cores: the indexer is bound by its products,
+not its bytes, at 64 heads.
 
 Example::
 
@@ -102,6 +105,24 @@ def pack_index_keys(keys: torch.Tensor) -> torch.Tensor:
     gap = q.new_zeros(*lead, index_scale_offset(idim) - idim)
     tail = q.new_zeros(*lead, ALIGN - 4)
     return torch.cat([q, gap, scale.contiguous().view(torch.uint8), tail], dim=-1)
+
+
+def quantize_index_queries(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indexer queries [..., IH, ID] -> (uint8 e4m3 [..., IH, ID], fp32 scales [..., IH]): each head's
+    query over its own scale (amax / 448; 1 for an all-zero head), DeepSeek's FP8 indexer, which
+    scores FP8 queries against FP8 keys. Graph-safe."""
+    x = q.float()
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q8 = (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+    return q8, scale.squeeze(-1)
+
+
+def fp8_index_queries(q: torch.Tensor) -> torch.Tensor:
+    """The values FP8 queries stand for, fp32 [..., IH, ID]: e4m3 * the head's scale
+    (`quantize_index_queries`, then back)."""
+    q8, scale = quantize_index_queries(q)
+    return q8.view(torch.float8_e4m3fn).float() * scale.unsqueeze(-1)
 
 
 def unpack_index_keys(packed: torch.Tensor, *, index_head_dim: int, dtype: torch.dtype) -> torch.Tensor:
