@@ -36,8 +36,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", help="auto (fp32 on cpu, bf16 on cuda), float32, float16, bfloat16")
     g.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default: 16)")
     g.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
-                   help="auto: KV in the model's dtype; fp8: a DeepSeek-V3.2 model's latent rows in DeepSeek's FP8 "
-                        "layout (656 instead of 1,152 bytes per token and layer; lossy) (default: auto)")
+                   help="auto: KV in the model's dtype; fp8: a DeepSeek-V3.2 model's latent rows and indexer keys "
+                        "in DeepSeek's FP8 layouts (656 instead of 1,152 and 144 instead of 256 bytes per token and "
+                        "layer; lossy) (default: auto)")
     g.add_argument("--max-num-seqs", type=int, default=64, help="most requests in one step (default: 64)")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="most tokens in one step; longer prompts are prefilled in chunks (default: 2048)")

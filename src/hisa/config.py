@@ -28,8 +28,10 @@ class EngineConfig:
     page_size: tokens per KV page.
     kv_cache_dtype: "auto" (KV in the model's dtype) or "fp8": a DeepSeek-V3.2 (MLA) model's latent rows
         in DeepSeek's FP8 layout, 656 bytes per token and layer instead of 1,152 in bf16, on the device,
-        in the host pool and over PCIe (`hisa.kvcache.mla_fp8`; lossy: e4m3 with a scale per 128
-        values). Models without a latent cache take only "auto".
+        in the host pool and over PCIe, and its indexer keys in FP8 too (144 bytes instead of 256; the
+        decode indexer then scores FP8 queries against them on the FP8 tensor cores)
+        (`hisa.kvcache.mla_fp8`; lossy: e4m3 with a scale per 128 values). Models without a latent
+        cache take only "auto".
     max_num_seqs / max_num_batched_tokens: the batch limits per engine step (continuous batching;
         prompts longer than max_num_batched_tokens are prefilled in chunks).
     max_model_len: longest prompt + output; defaults to the model's context length.
