@@ -37,13 +37,16 @@ from paged_decode_gpu import time_graph_ms
 
 sys.path.insert(0, str(REPO / "src"))
 
-from hisa.attention.dsa_indexer import (BLOCK_T, NUM_WARPS, TILES, indexer_scores, indexer_scores_ref,  # noqa: E402
-                                        indexer_topk)
+from hisa.attention.dsa_indexer import (BLOCK_T, FP8_TILING, NUM_WARPS, TILES, indexer_scores,  # noqa: E402
+                                        indexer_scores_ref, indexer_topk)
+from hisa.kvcache.mla_fp8 import pack_index_keys  # noqa: E402
 
 IH, ID, TOPK = 64, 128, 2048
 SHAPES = {"32K x 64": (32768, 64), "128K x 16": (131072, 16)}
 SMOKE_SHAPES = {"300 x 3": (300, 3)}  # the interpreter on a CPU: checks the bench runs, times nothing useful
 SETTINGS = ((BLOCK_T, TILES, NUM_WARPS), (64, 1, 4), (64, 8, 4), (128, 2, 8), (128, 1, 4), (32, 8, 4))
+FP8_SETTINGS = (FP8_TILING, (64, 8, 4), (64, 16, 4), (64, 8, 8), (128, 4, 8), (128, 8, 8), (128, 4, 4), (128, 2, 8),
+                (256, 2, 8))
 
 
 def time_us(fns: list, *, reps: int, device: torch.device) -> float:
@@ -73,19 +76,19 @@ def make_layers(ctx: int, rows: int, layers: int, *, page_size: int, dtype: torc
     return caches, table, lens, q, w
 
 
-def scores_ok(got: torch.Tensor, ref: torch.Tensor) -> bool:
-    """-inf where the reference has it (past ctx), elsewhere within 1e-5 of the row's largest score."""
-    tol = 1e-5 * ref.nan_to_num(0, neginf=0).abs().amax(-1, keepdim=True)
+def scores_ok(got: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-5) -> bool:
+    """-inf where the reference has it (past ctx), elsewhere within rtol of the row's largest score."""
+    tol = rtol * ref.nan_to_num(0, neginf=0).abs().amax(-1, keepdim=True)
     close = (torch.where(torch.isfinite(ref), got - ref, 0).abs() <= tol).all()
     return bool(torch.equal(torch.isinf(got), torch.isinf(ref)) and close)
 
 
-def topk_ok(ids: torch.Tensor, ref: torch.Tensor, k: int) -> bool:
+def topk_ok(ids: torch.Tensor, ref: torch.Tensor, k: int, rtol: float = 1e-5) -> bool:
     """Every row picked k distinct tokens (then -1 padding), each scoring (reference) at least the k-th
-    best minus 1e-5 of the row's largest score: the top-k up to ties and fp32 summation order."""
+    best minus rtol of the row's largest score: the top-k up to ties and fp32 summation order."""
     picked = ids[:, :k].long()
     kth = ref.topk(k, dim=-1).values[:, -1:]  # [rows, 1]
-    tol = 1e-5 * ref.nan_to_num(0, neginf=0).abs().amax(-1, keepdim=True)
+    tol = rtol * ref.nan_to_num(0, neginf=0).abs().amax(-1, keepdim=True)
     distinct = picked.sort(-1).values.diff(dim=-1).gt(0).all()
     padded = (ids[:, k:] == -1).all()
     return bool((picked >= 0).all() and distinct and padded and (ref.gather(1, picked) >= kth - tol).all())
@@ -94,8 +97,12 @@ def topk_ok(ids: torch.Tensor, ref: torch.Tensor, k: int) -> bool:
 def bench_shape(name: str, ctx: int, rows: int, args, device: torch.device, dtype: torch.dtype, emit) -> None:
     caches, table, lens, q, w = make_layers(ctx, rows, args.layers, page_size=args.page_size, dtype=dtype,
                                             device=device)
+    settings, rtol = SETTINGS, 1e-5
+    if args.fp8:   # FP8 keys (and so FP8 queries): the tensor cores' FP8 sums are not exact fp32 ones
+        caches = [pack_index_keys(c) for c in caches]
+        settings, rtol = FP8_SETTINGS, 1e-3
     scale = ID ** -0.5
-    key_bytes = rows * ctx * ID * caches[0].element_size()
+    key_bytes = rows * ctx * caches[0].shape[-1] * caches[0].element_size()
     k = min(TOPK, ctx)
     ref = indexer_scores_ref(q, w, caches[0], table, lens, scale=scale)  # fp32 [rows, W * S]
 
@@ -107,16 +114,16 @@ def bench_shape(name: str, ctx: int, rows: int, args, device: torch.device, dtyp
     ids = indexer_topk(q, w, caches[0], table, lens, topk=TOPK, scale=scale, use_triton=False)
     item("torch", [lambda c=c: indexer_topk(q, w, c, table, lens, topk=TOPK, scale=scale, use_triton=False)
                    for c in caches], topk_ok(ids, ref, k))
-    for block_t, tiles, warps in SETTINGS:
+    for block_t, tiles, warps in settings:
         knobs = dict(block_t=block_t, tiles=tiles, num_warps=warps)
         got = indexer_scores(q, w, caches[0], table, lens, scale=scale, use_triton=True, **knobs)
         item("scores", [lambda c=c: indexer_scores(q, w, c, table, lens, scale=scale, use_triton=True, **knobs)
-                        for c in caches], scores_ok(got, ref), **knobs)
+                        for c in caches], scores_ok(got, ref, rtol), **knobs)
     scores = [indexer_scores(q, w, c, table, lens, scale=scale, use_triton=True) for c in caches]
     item("topk", [lambda s=s: s.topk(k, dim=-1) for s in scores], True)
     ids = indexer_topk(q, w, caches[0], table, lens, topk=TOPK, scale=scale, use_triton=True)
     item("kernel+topk", [lambda c=c: indexer_topk(q, w, c, table, lens, topk=TOPK, scale=scale, use_triton=True)
-                         for c in caches], topk_ok(ids, ref, k))
+                         for c in caches], topk_ok(ids, ref, k, rtol))
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -155,6 +162,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=4, help="layers of keys per graph (each its own cache)")
     ap.add_argument("--page-size", type=int, default=1)
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {list(SHAPES)}")
+    ap.add_argument("--fp8", action="store_true", help="FP8 keys (144 bytes) and queries, as --kv-cache-dtype fp8 runs them")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (the interpreter): checks it runs")
     ap.add_argument("--out", default=str(REPO / "bench/results/dsa_indexer_gpu.json"))
     ap.add_argument("--git-commit", default=None)

@@ -39,6 +39,8 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BLOCK_T = 64  # tokens per tl.dot of the score kernel (a tuning knob; bench/dsa_indexer_gpu.py)
 TILES = 8  # tiles of BLOCK_T tokens per program (H200: 156 µs vs 163 at 4 for 128K x 16; dsa_indexer_gpu_h200.json)
 NUM_WARPS = 4
+# FP8 keys and queries: (block_t, tiles, num_warps); HISA_DSA_FP8_TILING="128,4,8" overrides (A/B runs)
+FP8_TILING = tuple(int(x) for x in os.environ.get("HISA_DSA_FP8_TILING", "64,8,4").split(","))
 
 
 def index_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, *, scale: float) -> torch.Tensor:
@@ -99,20 +101,23 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Tens
 
 
 def indexer_scores(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Tensor, page_table: torch.Tensor,
-                   lengths: torch.Tensor, *, scale: float, use_triton: bool | None = None, block_t: int = BLOCK_T,
-                   tiles: int = TILES, num_warps: int = NUM_WARPS) -> torch.Tensor:
+                   lengths: torch.Tensor, *, scale: float, use_triton: bool | None = None, block_t: int | None = None,
+                   tiles: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """Decode indexer scores of every token of every request, fp32 [B, W * S] (arguments as
     `indexer_topk`): I(t) for t < length on a page >= 0, -inf elsewhere.
 
     use_triton: None = the fused kernel iff q is on CUDA (else `indexer_scores_ref`). The kernel's
     dot runs in the wider of q's and the cache's dtypes (bf16 x bf16 products are exact in its fp32
     accumulator, as in the reference). block_t (tokens per dot, a power of two >= 16), tiles (tiles
-    per program) and num_warps tune it; they change nothing beyond fp32 summation order.
+    per program) and num_warps tune it (None: BLOCK_T, TILES, NUM_WARPS, or FP8_TILING for FP8 keys);
+    they change nothing beyond fp32 summation order.
 
     Example::
 
         scores = indexer_scores(q, w, cache.index_keys(layer), table, lens, scale=128 ** -0.5)  # [B, W * S]
     """
+    dflt = FP8_TILING if index_cache.dtype == torch.uint8 else (BLOCK_T, TILES, NUM_WARPS)
+    block_t, tiles, num_warps = block_t or dflt[0], tiles or dflt[1], num_warps or dflt[2]
     _validate(q, weights, index_cache, page_table, lengths, scale=scale, block_t=block_t, tiles=tiles)
     if use_triton is None:
         use_triton = q.is_cuda
