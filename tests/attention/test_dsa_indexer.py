@@ -282,9 +282,10 @@ def test_fp8_keys_score_as_their_unpacked_values(S, ih, d, dtype):
     _assert_scores_close(indexer_scores(q, w, packed, table, lengths, scale=d ** -0.5, use_triton=False), want,
                          rtol=1e-6)
     got = indexer_scores(q, w, packed, table, lengths, scale=d ** -0.5, use_triton=True)
-    _assert_scores_close(got, want, rtol=1e-5)
+    rtol = 1e-3 if got.is_cuda else 1e-5  # (the FP8 tensor cores' sums are not exact fp32 ones)
+    _assert_scores_close(got, want, rtol=rtol)
     ids = indexer_topk(q, w, packed, table, lengths, topk=24, scale=d ** -0.5, use_triton=True)
-    _assert_topk_is_a_best_set(ids.cpu(), want.cpu(), 24, rtol=1e-5)
+    _assert_topk_is_a_best_set(ids.cpu(), want.cpu(), 24, rtol=rtol)
     with pytest.raises(ValueError, match=f"FP8 keys: {width} bytes"):
         indexer_scores(q, w, packed[..., :-1], table, lengths, scale=0.2)
 
