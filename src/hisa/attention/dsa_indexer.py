@@ -148,12 +148,13 @@ def indexer_scores(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Te
     else:
         dot_dtype = torch.promote_types(q.dtype, index_cache.dtype)
         q = q.to(dot_dtype)  # [B, IH, ID], a no-op when the dtypes agree
+    block_d = max(32 if fp8 else 16, triton.next_power_of_2(ID))  # (FP8 tensor-core products take K >= 32)
     dsa_indexer_scores_kernel[(-(-N // (block_t * tiles)), B)](
         q, weights, index_cache, page_table, lengths, out, scale, N,
         q.stride(0), q.stride(1), q.stride(2), weights.stride(0), weights.stride(1),
         index_cache.stride(0), index_cache.stride(1), index_cache.stride(2),
         page_table.stride(0), page_table.stride(1), lengths.stride(0), out.stride(0),
-        IH=IH, ID=ID, S=S, BLOCK_H=max(16, triton.next_power_of_2(IH)), BLOCK_D=max(16, triton.next_power_of_2(ID)),
+        IH=IH, ID=ID, S=S, BLOCK_H=max(16, triton.next_power_of_2(IH)), BLOCK_D=block_d,
         BLOCK_T=block_t, TILES=tiles, DOT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
         FP8=fp8, HW_CVT=hw_cvt,
         SCALE_AT=index_scale_offset(ID) if fp8 else 0,
