@@ -10,8 +10,8 @@ turns them into the pages that hold them and the diff loads the missing ones.
 Layout, indexed like every representation by (sparse slot, logical page):
   keys [layers, max_requests + 1, max_pages, page_size, W]  (row max_requests: the sentinel)
 with W = index_head_dim values, or with `fp8_keys` the keys as the cache stores them in FP8
-(`hisa.kvcache.mla_fp8.pack_index_keys`: uint8, `index_key_width` bytes, 144 at V3.2's 128 values). Keys come in and go out
-as stored (the caller packs them).
+(`hisa.kvcache.mla_fp8.pack_index_keys`: uint8, `index_key_width` bytes, 144 at V3.2's 128 values).
+Keys come in and go out as stored (the caller packs them).
 """
 
 from __future__ import annotations

@@ -139,7 +139,7 @@ class _Reader:
     def get_into(self, name: bytes, buffers: Sequence[memoryview]) -> int | None:
         self.sock.sendall(_command(b"GET", name))
         head = self._header()
-        if head[:1] != b"$":
+        if head[:1] != b"$" or not head[1:].lstrip(b"-").isdigit():
             raise redis.exceptions.ResponseError(f"GET replied {bytes(head[:200])!r}")
         size = int(head[1:])
         if size < 0:
