@@ -28,6 +28,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from hisa.ops.triton_fp8 import e4m3_over_256, e4m3_values
+
 
 @triton.jit
 def _mla_attend_block(
@@ -76,10 +78,9 @@ def _fp8_rows(row, tok_ok, dl, dl_ok, dr, dr_ok, ty, DL: tl.constexpr, BLOCK_N: 
     sc = tl.load((row[:, None] + DL + 4 * t[None, :]).to(tl.pointer_type(tl.float32)),
                  mask=tok_ok[:, None] & (t < DL // 128)[None, :], other=0.0)  # [BLOCK_N, NT]
     if HW_CVT:  # the GPU's own conversion (two values per instruction on sm_89+): the e4m3 value
-        v = b.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        v = e4m3_values(b, True)
     else:
-        b = b.to(tl.uint16)
-        v = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.float16, bitcast=True).to(tl.float32)  # e4m3 / 256
+        v = e4m3_over_256(b)
         sc = sc * 256.0  # (exact: the same product as e4m3 * scale)
     lat = tl.reshape(tl.reshape(v, (BLOCK_N, NT, 128)) * sc[:, :, None], (BLOCK_N, BLOCK_DL))
     pe = tl.load((row[:, None] + DL + 4 * (DL // 128) + 2 * dr[None, :]).to(tl.pointer_type(tl.bfloat16)),

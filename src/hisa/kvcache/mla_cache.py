@@ -43,7 +43,7 @@ class MLAKVCache:
         self.row_width = self.stored_width(latent_dim=latent_dim, kv_lora_rank=kv_lora_rank,
                                            latent_format=latent_format)
         self.index_head_dim = index_head_dim
-        self.key_width = index_key_width(index_head_dim) if latent_format == "fp8" else index_head_dim
+        self.key_width = self.stored_key_width(index_head_dim=index_head_dim, latent_format=latent_format)
         row_dtype = torch.uint8 if latent_format == "fp8" else dtype
         # Uninitialized on purpose: slots are written before they are read as valid (readers mask by length).
         self.latent = torch.empty(num_layers, num_pages, page_size, self.row_width, dtype=row_dtype, device=device)
@@ -61,14 +61,18 @@ class MLAKVCache:
         return packed_width(kv_lora_rank, latent_dim - kv_lora_rank)
 
     @staticmethod
+    def stored_key_width(*, index_head_dim: int, latent_format: str) -> int:
+        """Values (bytes for "fp8") of one stored indexer key."""
+        return index_key_width(index_head_dim) if latent_format == "fp8" else index_head_dim
+
+    @staticmethod
     def page_bytes(*, num_layers: int, page_size: int, latent_dim: int, index_head_dim: int,
                    dtype: torch.dtype, kv_lora_rank: int | None = None, latent_format: str = "auto") -> int:
         """Bytes of one page across all layers (latent rows and indexer keys)."""
         elt = torch.empty((), dtype=dtype).element_size()
         width = MLAKVCache.stored_width(latent_dim=latent_dim, kv_lora_rank=kv_lora_rank, latent_format=latent_format)
-        if latent_format == "fp8":
-            return num_layers * page_size * (width + index_key_width(index_head_dim))
-        return num_layers * page_size * (width + index_head_dim) * elt
+        key_width = MLAKVCache.stored_key_width(index_head_dim=index_head_dim, latent_format=latent_format)
+        return num_layers * page_size * (width + key_width) * (1 if latent_format == "fp8" else elt)
 
     @property
     def nbytes(self) -> int:

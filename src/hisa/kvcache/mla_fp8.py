@@ -51,10 +51,8 @@ def pack_latent(rows: torch.Tensor, *, kv_lora_rank: int) -> torch.Tensor:
     if rows.shape[-1] <= kv_lora_rank:
         raise ValueError(f"rows must be [..., Dl + Dr] with Dl = {kv_lora_rank} and Dr > 0, got {tuple(rows.shape)}")
     lead, dl = rows.shape[:-1], kv_lora_rank
-    lat = rows[..., :dl].float().reshape(*lead, dl // TILE, TILE)
-    amax = lat.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))  # an all-zero tile: scale 1
-    q = (lat / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8).reshape(*lead, dl)
+    q, scale = _e4m3(rows[..., :dl].reshape(*lead, dl // TILE, TILE))
+    q = q.reshape(*lead, dl)
     sc = scale.reshape(*lead, dl // TILE).contiguous().view(torch.uint8)  # fp32 bytes
     pe = rows[..., dl:].to(torch.bfloat16).contiguous().view(torch.uint8)
     return torch.cat([q, sc, pe], dim=-1)
@@ -96,11 +94,8 @@ def pack_index_keys(keys: torch.Tensor) -> torch.Tensor:
     """Indexer keys [..., ID] (any float dtype) -> uint8 [..., index_key_width(ID)]: e4m3 values, zeros
     to the scale's offset, the key's fp32 scale (amax / 448; 1 for an all-zero key), zeros.
     Graph-safe (no host sync)."""
-    k = keys.float()
-    idim = k.shape[-1]
-    amax = k.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    q = (k / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+    idim = keys.shape[-1]
+    q, scale = _e4m3(keys)
     lead = q.shape[:-1]
     gap = q.new_zeros(*lead, index_scale_offset(idim) - idim)
     tail = q.new_zeros(*lead, ALIGN - 4)
@@ -111,10 +106,7 @@ def quantize_index_queries(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     """Indexer queries [..., IH, ID] -> (uint8 e4m3 [..., IH, ID], fp32 scales [..., IH]): each head's
     query over its own scale (amax / 448; 1 for an all-zero head), DeepSeek's FP8 indexer, which
     scores FP8 queries against FP8 keys. Graph-safe."""
-    x = q.float()
-    amax = x.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    q8 = (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+    q8, scale = _e4m3(q)
     return q8, scale.squeeze(-1)
 
 
@@ -136,6 +128,15 @@ def unpack_index_keys(packed: torch.Tensor, *, index_head_dim: int, dtype: torch
     q = p[..., :index_head_dim].contiguous().view(torch.float8_e4m3fn).float()
     scale = p[..., at:at + 4].contiguous().view(torch.float32)
     return (q * scale).to(dtype)
+
+
+def _e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., n] (any float dtype) -> (uint8 [..., n]: round-to-nearest e4m3 of x / scale, fp32 scale
+    [..., 1]: amax / 448 over the last dim, 1 where it is all zeros). Graph-safe."""
+    x = x.float()
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8), scale
 
 
 def _check_rank(kv_lora_rank: int) -> None:

@@ -20,6 +20,13 @@ def e4m3_values(b, HW_CVT: tl.constexpr):
     if HW_CVT:
         v = b.to(tl.float8e4nv, bitcast=True).to(tl.float32)
     else:
-        h = b.to(tl.uint16)
-        v = (((h & 0x80) << 8) | ((h & 0x7F) << 7)).to(tl.float16, bitcast=True).to(tl.float32) * 256.0
+        v = e4m3_over_256(b) * 256.0
     return v
+
+
+@triton.jit
+def e4m3_over_256(b):
+    """uint8 tensor -> fp32 tensor: the e4m3 values / 256, by integer steps (exact; a caller that
+    scales the values anyway can fold the 256 into its scale)."""
+    h = b.to(tl.uint16)
+    return (((h & 0x80) << 8) | ((h & 0x7F) << 7)).to(tl.float16, bitcast=True).to(tl.float32)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from hisa.attention.dsa_indexer import indexer_topk
-from hisa.kvcache.mla_fp8 import index_key_width
+from hisa.kvcache.mla_cache import MLAKVCache
 from hisa.sparse.base import BaseSparseAlgorithm, DecodeRows, register
 
 
@@ -45,7 +45,8 @@ class DSAAlgorithm(BaseSparseAlgorithm):
         super().__init__(**common)
         self.index_head_dim, self.index_topk = index_head_dim, index_topk
         self.index_scale = index_head_dim ** -0.5
-        self.key_width = index_key_width(index_head_dim) if fp8_keys else index_head_dim
+        self.key_width = MLAKVCache.stored_key_width(index_head_dim=index_head_dim,
+                                                     latent_format="fp8" if fp8_keys else "auto")
         rows, P, S = self.max_requests + 1, self.max_pages, self.page_size
         # zeros, not empty: a sentinel row (dense and padding rows) is scored too, then ignored (packed
         # zeros are zero keys too: e4m3 0 with scale 0)
