@@ -155,6 +155,35 @@ def test_redis_load_path_killed_mid_run_degrades_and_reconnects(redis_server, ca
     assert store.backend._readers == []
 
 
+def test_redis_reader_closed_by_a_refused_reconnect_is_not_reused(redis_server):
+    """The server gone: a thread's socket reads as closed and its reconnect is refused. Its old
+    socket must not be taken up again once the server is back, even when its descriptor number now
+    belongs to another, healthy socket (which made the old one look idle: EBADF on the next read)."""
+    import socket
+
+    from hisa.kvcache.l3.redis_backend import RedisBackend
+
+    backend = RedisBackend("127.0.0.1", redis_server.port)
+    backend.set(["p"], [_kb(3)])
+    row = bytearray(1000)
+    assert backend.get_into(["p"], [[row]]) == [1000]
+    old_fd = backend._local.reader.sock.fileno()
+    redis_server.kill()
+    with pytest.raises(OSError):                           # the socket reads closed; reconnect refused
+        backend.get_into(["p"], [[row]])
+    redis_server.start()
+    backend.set(["p"], [_kb(4)])
+    squatters = []                                         # sockets until one holds the old number
+    while not squatters or squatters[-1].fileno() < old_fd:
+        squatters.append(socket.create_connection(("127.0.0.1", redis_server.port)))
+    assert squatters[-1].fileno() == old_fd
+    assert backend.get_into(["p"], [[row]]) == [1000]
+    assert bytes(row) == _kb(4)
+    for s in squatters:
+        s.close()
+    backend.close()
+
+
 def test_redis_load_path_stays_in_step_past_odd_values_and_uses_its_db(redis_server):
     """One socket: a value of another length is read past (its length returned, the buffer left
     alone), an absent key is None, a key of another type raises (and the socket is replaced); the

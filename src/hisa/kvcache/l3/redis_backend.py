@@ -71,6 +71,7 @@ class RedisBackend:
         if absent. Safe to call from several threads at once: each has its own socket."""
         reader = getattr(self._local, "reader", None)
         if reader is None or reader.generation != self._generation or not reader.idle():
+            self._local.reader = None   # closed below: never taken up again, even if _Reader raises
             if reader is not None:
                 reader.close()
             reader = _Reader(self.host, self.port, self.db, self.timeout_s, self._generation)
@@ -133,8 +134,9 @@ class _Reader:
 
     def idle(self) -> bool:
         """Whether the socket is usable: between replies nothing may be readable, so a readable
-        socket was closed by the server (an idle timeout, a restart) or is out of step."""
-        return not self._poll.poll(0)
+        socket was closed by the server (an idle timeout, a restart) or is out of step. One we
+        closed is not usable either, whatever socket its descriptor number now belongs to."""
+        return self.sock.fileno() >= 0 and not self._poll.poll(0)
 
     def get_into(self, name: bytes, buffers: Sequence[memoryview]) -> int | None:
         self.sock.sendall(_command(b"GET", name))
