@@ -9,6 +9,9 @@ the last --tail tokens) + a tail. For each mode:
               an engine with --l3 (and --no-prefix-cache, so the pages come from L3) first serves the prefix with another tail (its prefill stores the
               prefix's pages; the bench then waits until that write has ended, fill_drain_s), then
               the measured prompt: the prefix's full pages are read from L3 and only the rest is prefilled.
+              A read slower than prefilling is cut short and the rest of its pages read from the back
+              while the front prefills; `redis:nosplit` (any L3 mode) prefills them instead (as before
+              2026-12-04), for A/B runs.
 Servers (redis-server, Mooncake master + store process) are started on loopback ports and stopped
 afterwards. Each mode's first output token is checked against the recompute one. Writes JSON (with
 command, date, commit, machine) and a bar plot beside it.
@@ -162,7 +165,10 @@ def main() -> None:
 
     rows, reference = [], None
     with tempfile.TemporaryDirectory(prefix="hisa-l3-bench-") as tmp:
-        for mode in args.modes:
+        for mode_name in args.modes:
+            mode, _, option = mode_name.partition(":")
+            if option not in ("", "nosplit"):
+                raise SystemExit(f"unknown mode option {option!r} in {mode_name!r} (nosplit)")
             server = None
             if mode in ("recompute", "pool"):
                 url = None
@@ -183,8 +189,10 @@ def main() -> None:
                 raise SystemExit(f"unknown mode {mode!r}")
             try:
                 llm = LLM(**{**kw, "prefix_cache": mode == "pool"}, l3=url)
-                row = dict(mode=mode, prompt_tokens=len(measured), prefix_tokens=len(prefix))
+                row = dict(mode=mode_name, prompt_tokens=len(measured), prefix_tokens=len(prefix))
                 if url is not None:
+                    llm.engine.l3_prefix.split_slow_loads = option != "nosplit"
+                    row["split_slow_loads"] = llm.engine.l3_prefix.split_slow_loads
                     store = llm.engine.l3_prefix.l3
                     if args.read_threads is not None:
                         store.readers.workers = args.read_threads
@@ -232,14 +240,15 @@ def main() -> None:
                 if url is not None:
                     load = row["load"]
                     said = (f"  (filling it: {row['fill_ttft_s']:.2f} s; pages loaded {row['l3']['pages_loaded']}, "
-                            f"MB read {row['l3']['store_bytes_read'] / 1e6:.1f}; load: read+check {load['read_s']:.3f} s "
+                            f"MB read {row['l3']['store_bytes_read'] / 1e6:.1f}, cut {row['l3']['loads_cut_short']}, "
+                            f"met from the back {row['l3']['pages_met']}; load: read+check {load['read_s']:.3f} s "
                             f"= {load['read_gb_s']:.1f} GB/s on {row['read_threads']} threads, exists {load['exists_s']:.4f} s, copy issue "
                             f"{load['copy_s']:.3f} s"
                             + (f", copy on device {load['copy_device_s']:.3f} s" if "copy_device_s" in load else "") + ")")
                 elif mode == "pool":
                     said = (f"  (filling it: {row['fill_ttft_s']:.2f} s; pages reused "
                             f"{row['prefix_cache']['pages_hit']})")
-                print(f"{mode:10s} ttft {row['ttft_s']:.3f} s{said}", flush=True)
+                print(f"{mode_name:14s} ttft {row['ttft_s']:.3f} s{said}", flush=True)
                 llm.close()
             finally:
                 if server is not None:

@@ -426,6 +426,78 @@ def test_a_read_slower_than_prefilling_is_cut_short(make_llm, prompts, reference
     _check_no_leak(llm)
 
 
+class _ScriptedReads(SlowBackend):
+    """Reads that look slow, then come in when the test says: the first `get` sleeps `first_s`, the
+    second waits for `front`, the third returns at once, every later one waits for `gate`."""
+
+    def __init__(self, inner, *, first_s: float):
+        super().__init__(inner, delay_s=0.0, slow=())
+        self.first_s, self.calls = first_s, 0
+        self.front, self.gate = threading.Event(), threading.Event()
+
+    def get(self, keys):
+        self.calls += 1
+        if self.calls == 1:
+            time.sleep(self.first_s)
+        elif self.calls == 2:
+            assert self.front.wait(60)
+        elif self.calls > 3:
+            assert self.gate.wait(60)
+        return self.inner.get(keys)
+
+
+def test_a_cut_read_is_read_from_the_back_while_the_front_prefills(make_llm, prompts, reference, tmp_path,
+                                                                  monkeypatch):
+    """A read cut short (the store is slower than prefilling) goes on from the prompt's last page back
+    while the request prefills from the front; the prefill stops where the read has got to and takes
+    the pages from there on. Here the back read's first batch (the last 4 of the 18 pages) comes in
+    during the first prefill chunk and the next never does: the prefill stops at page 14, takes pages
+    14-17 from L3, and computes only the prompt's tail after them. The tokens are those of runs
+    without L3; nothing leaks, and every host row comes back once the read has ended."""
+    import hisa.engine.l3_prefix as l3_prefix
+
+    monkeypatch.setattr(l3_prefix, "BACK_BATCH_PAGES", 4)
+    monkeypatch.setattr(l3_prefix, "BACK_SPLIT_MIN_PAGES", 1000)   # stop at the read's edge (no meeting point guessed)
+    llm = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=f"file:{tmp_path / 'l3'}")
+    engine, prefix = llm.engine, llm.engine.l3_prefix
+    assert _one_by_one(llm, prompts[:1]) == reference[:1]   # L3 holds the shared prefix; prefill is timed
+    prefix.drain()
+    store = prefix.l3.backend = _ScriptedReads(prefix.l3.backend, first_s=4.0)
+    assert _one_by_one(llm, prompts[1:2]) == reference[1:2]   # the first slow read: waited for
+    chunks = []
+    engine.scheduler.complete_step = _recording(engine.scheduler.complete_step, chunks)
+    rid = engine.add_request(prompts[2], PARAMS)
+    outs = {}
+    while prefix.metrics()["loads_cut_short"] == 0:   # its read (the 2nd get) is cut while it waits
+        outs.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+    assert chunks == [128]   # the step that cut it prefilled its first chunk
+    store.front.set()        # the cut read ends; the back read behind it gets pages 14-17 at once
+    deadline = time.monotonic() + 30
+    while prefix._back[rid].low != 14:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    while engine.has_unfinished_requests():
+        outs.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+    assert outs[rid] == reference[2]
+    m = prefix.metrics()
+    assert m["loads_cut_short"] == 1 and m["loads_split"] == 1 and m["pages_met"] == 4, str(m)
+    assert m["pages_loaded"] == 300 // S + 4, str(m)
+    # the prefill ran pages 0-13 (stopped at the read's edge: 128 + 96 tokens), then the tail after page 17
+    assert [n for n in chunks if n > 1] == [128, 96, len(prompts[2]) - 18 * S], chunks
+    store.gate.set()
+    prefix.drain()
+    assert prefix.rows.in_use == 0
+    _check_no_leak(llm)
+    llm.close()
+
+
+def _recording(complete_step, chunks):
+    def run(batch):
+        chunks.extend(batch.num_new_tokens)
+        return complete_step(batch)
+    return run
+
+
 def test_a_request_aborted_while_loading_leaves_nothing(make_llm, prompts, reference, tmp_path):
     """Aborted while its lookup waits on the I/O thread, a request holds no page and no slot, its
     lookup is dropped, and the engine serves the same prompt from L3 afterwards."""

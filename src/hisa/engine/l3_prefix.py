@@ -114,6 +114,8 @@ LAND_HEADROOM_BYTES = 1 << 30  # CUDA: pages are copied ahead to the device only
 LOAD_TIMEOUT_S = 10.0      # a lookup not back by then is given up: the request prefills instead
 CUT_MARGIN = 1.5           # a read is cut short once finishing it looks this many times slower than prefilling its pages
 PREFILL_DECAY = 0.8        # weight of the earlier prefill steps in the prefill rate (decayed sums of tokens and seconds)
+BACK_BATCH_PAGES = 64      # a back read (`_read_back`) reads this many pages per batch, from the last back
+BACK_SPLIT_MIN_PAGES = 4   # a gap to the back read this small is prefilled whole (no prediction of where they meet)
 READ_DECAY = 0.5           # the same for the store's read rate (batches read, cut reads' included: it follows a store that changes)
 # CUDA: check the crc32 of the pages a lookup lands on the device there, not on the reader threads. Off
 # by default: on two H200 machines the load read 10-30% slower with it, the TTFT 0.20-0.24 against 0.17-0.21 s
@@ -135,6 +137,8 @@ class PrefixStats:
     pages_dropped: int = 0    # pages not written: the pending writes held max_pending_bytes already
     loads_timed_out: int = 0  # lookups given up after load_timeout_s (the request prefilled instead)
     loads_cut_short: int = 0  # reads stopped because prefilling their pages looked faster (the pages read so far were used)
+    loads_split: int = 0      # cut reads whose later pages were then read from the back while the front prefilled
+    pages_met: int = 0        # pages those back reads gave (the prefill and the read met in the middle)
 
 
 class _StepTimer:
@@ -184,6 +188,22 @@ class _Reading:
     in_l3: int = 0
     hits: int = -1
     read_since: float = 0.0
+
+
+@dataclass(slots=True)
+class _BackRead:
+    """The rest of a cut read (`_too_slow`), read from its last page back while the request prefills
+    from the front: pages first..end-1, page first + i into rows[i]. The request's prefill chunks
+    stop at a page boundary short of the pages read (`Sequence.prefill_stop`, `_steer_back_reads`);
+    when a chunk reaches them, the pages from there to `end` are copied in (`_take_back`)."""
+    seq: Sequence
+    first: int
+    end: int
+    rows: list[int]
+    future: Future | None = None
+    low: int = 0          # the I/O thread's: pages low..end-1 are read and checked (only falls)
+    since: float = 0.0    # the I/O thread's: when its read began (time.monotonic()), 0 before
+    stopped: bool = False  # no batch is started after this is set (engine thread)
 
 
 @dataclass(slots=True)
@@ -263,6 +283,11 @@ class L3PrefixCache:
         self._prefill_tokens = self._prefill_s = 0.0
         self._read_bytes = self._read_secs = 0.0   # the store's recent read rate, the same way (the I/O thread's)
         self._timers: collections.deque[_StepTimer] = collections.deque()   # prefill steps not yet timed, in order
+        # reads of a cut read's later pages, back to front, while their request prefills from the front:
+        # request id -> its back read (`_BackRead`); off: a cut read's later pages are prefilled
+        self.split_slow_loads = True
+        self._back: dict[str, _BackRead] = {}
+        self._back_copies: list = []   # CUDA: events of back pages' copies the next step must wait for
 
     def prefill_timer(self, tokens: int) -> "_StepTimer":
         """Time a step that prefills `tokens` prompt tokens (the whole step, decode rows included: an
@@ -313,9 +338,11 @@ class L3PrefixCache:
         self._release_holds()
         self._poll_timers()
         self._progressed.clear()   # before looking: progress made from now on wakes wait_for_lookups
+        self._wait_back_copies()
         self._start_lookups(scheduler)
         self._land()
         self._finish_lookups(scheduler)
+        self._steer_back_reads(scheduler)
 
     def _start_lookups(self, scheduler: Scheduler) -> None:
         room = scheduler.max_num_seqs - len(scheduler.running)
@@ -520,14 +547,165 @@ class L3PrefixCache:
             return False
         return read_s > CUT_MARGIN * left * self.page_size / rate
 
-    def _cut(self, lookup: _Lookup) -> tuple[int, int]:
+    def _cut(self, lookup: _Lookup, *, keep_unread: bool = False) -> tuple[int, int]:
         """Stop a read in flight: the pages read and checked so far are kept (landed or in their rows),
-        the rows after them come back once the read has ended. Returns (leading pages L3 holds, pages
-        kept), as a finished read's result."""
+        the rows after them come back once the read has ended (`keep_unread`: those of the pages it
+        was to read stay the caller's, for `_start_back_read` or `_give_back_after`). Returns
+        (leading pages L3 holds, pages kept), as a finished read's result."""
         r = lookup.reading
         good = r.ready   # (only grows; rows past it may still be written by the running batch)
-        self._stop_read(lookup, keep=good)
+        self._stop_read(lookup, keep=max(good, r.hits) if keep_unread else good)
         return r.in_l3, good
+
+    def _give_back_after(self, lookup: _Lookup, rows: list[int]) -> None:
+        """Give `rows` back once the lookup's read has ended (it may still be writing into them)."""
+        if rows:
+            lookup.future.add_done_callback(lambda _: self.rows.give_back(rows))   # (any thread)
+
+    # -- a cut read's back half, read while the front prefills ------------------------------------
+    def _start_back_read(self, lookup: _Lookup, first: int, rows: list[int]) -> None:
+        """After a cut (`_too_slow`): read the pages `first`..`first + len(rows) - 1` that the cut read
+        did not get to, from the last back, into `rows`, while the request prefills from `first` on.
+        Queued behind the cut read on the I/O thread, so it starts once that read has ended (and no
+        longer writes into these rows)."""
+        seq = lookup.seq
+        b = _BackRead(seq, first, first + len(rows), rows, low=first + len(rows))
+        tokens = seq.token_ids[:b.end * self.page_size]
+        b.future = self.io.submit(functools.partial(self._read_back, tokens, b))
+        b.future.add_done_callback(lambda _: self._progressed.set())
+        self._back[seq.request_id] = b
+        self.stats.loads_split += 1
+
+    def _read_back(self, tokens: list[int], b: _BackRead) -> None:
+        """On the I/O thread: read and check b's pages in batches from the last back, publishing `low`
+        after each; the first page that fails its checks ends the read (the pages above it in its
+        batch are kept: the prefill computes the rest). No CUDA call here."""
+        keys = page_keys(tokens, self.layout)
+        b.since = time.monotonic()
+        batch = max(1, min(BACK_BATCH_PAGES, LAND_CHUNK_BYTES // self.page_bytes))
+        hi = b.end
+        while hi > b.first and not b.stopped:
+            lo = max(b.first, hi - batch)
+            t0 = time.perf_counter()
+            ok = self.l3.get_into(keys[lo:hi], self.rows.views(b.rows[lo - b.first:hi - b.first]))
+            dt = time.perf_counter() - t0
+            self.timing["read_s"] += dt
+            self._read_bytes = READ_DECAY * self._read_bytes + (hi - lo) * self.page_bytes
+            self._read_secs = READ_DECAY * self._read_secs + dt
+            if not all(ok):
+                b.low = lo + max(i for i, good in enumerate(ok) if not good) + 1
+                self.timing["read_bytes"] += (hi - b.low) * self.page_bytes
+                break
+            self.timing["read_bytes"] += (hi - lo) * self.page_bytes
+            b.low = hi = lo
+            self._progressed.set()
+
+    def _steer_back_reads(self, scheduler: Scheduler) -> None:
+        """Before the schedule: where each back read's request stops its next prefill chunk. The read
+        has pages low..end-1; the prefill is at token c. Once they meet (c at a page boundary at or
+        past `low`) the pages from there are taken now; else the chunk stops at `low`, or, while the
+        gap is wider than BACK_SPLIT_MIN_PAGES, where the two should meet at their current rates (a
+        chunk of gap * prefill rate / (prefill rate + read rate)): the read keeps going meanwhile."""
+        s = self.page_size
+        for b in list(self._back.values()):
+            seq, low, done = b.seq, b.low, b.future.done()
+            c = seq.num_computed
+            at = -(-c // s)   # the first page no chunk has reached
+            if at >= b.end or (done and low >= b.end):   # the prefill passed it, or the read got nothing
+                self._end_back(b)
+                continue
+            if low >= b.end:   # no page read yet: the prefill goes on as it would (stopped once there are)
+                seq.prefill_stop = None
+                continue
+            if low <= at:
+                if c == at * s:
+                    self._take_back(scheduler, b, at, now=True)
+                else:
+                    seq.prefill_stop = at * s
+                continue
+            gap = low * s - c
+            take = gap
+            if not done and gap > BACK_SPLIT_MIN_PAGES * s:
+                prefill, read = self._prefill_rate(), self._back_rate(b)
+                if prefill and read:
+                    take = max(1, int(gap * prefill / (prefill + read)))
+            seq.prefill_stop = min(low * s, -(-(c + take) // s) * s)
+
+    def _back_rate(self, b: _BackRead) -> float | None:
+        """A back read's rate in tokens/s: its own once a batch is in, else the store's recent one."""
+        pages = b.end - b.low
+        if pages > 0 and b.since > 0:
+            return pages * self.page_size / max(time.monotonic() - b.since, 1e-6)
+        rate = self._read_rate()
+        return None if rate is None else rate / self.page_bytes * self.page_size
+
+    def take_loaded_ahead(self, scheduler: Scheduler, batch) -> None:
+        """After the schedule: a request with a back read whose chunk ends where the read has got to
+        takes the pages from there on (copied in now, counted as computed once the chunk has run)."""
+        if not self._back:
+            return
+        s = self.page_size
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            b = self._back.get(seq.request_id)
+            if b is None or seq.prefill_stop is None:
+                continue
+            end = seq.num_computed + n
+            if end == seq.prefill_stop and end % s == 0 and b.low <= end // s:
+                self._take_back(scheduler, b, end // s, now=False)
+
+    def _take_back(self, scheduler: Scheduler, b: _BackRead, m: int, *, now: bool) -> None:
+        """Give b's request pages m..end-1 from b's rows (new device pages after its m pages; on CUDA
+        copied on the landing stream, which the next step waits for), then end the read. `now`: they
+        count as computed at once (the request is at page m), else once the scheduled chunk has run."""
+        seq = b.seq
+        n = b.end - m
+        if n <= 0 or len(seq.pages) != m or scheduler.allocator.num_free < n + len(scheduler.running):
+            self._end_back(b)   # (no room for them now: the prefill computes them)
+            return
+        pages = scheduler.allocator.allocate(n)
+        rows = b.rows[m - b.first:]
+        try:
+            if self._land_stream is not None:
+                self._land_stream.wait_stream(torch.cuda.current_stream(self.cache.data.device))
+                with torch.cuda.stream(self._land_stream):
+                    copied = self._write_pages(pages, LoadedRun(rows=rows))
+                self._back_copies.append(copied)
+            else:
+                copied = self._write_pages(pages, LoadedRun(rows=rows))
+        except BaseException:
+            scheduler.allocator.free(pages)
+            self._end_back(b)
+            raise
+        self.rows.give_back(rows, event=copied)
+        b.rows = b.rows[:m - b.first]
+        self._end_back(b)
+        seq.pages = seq.pages + pages
+        if now:
+            seq.num_computed = b.end * self.page_size
+            seq.needs_prefill = True
+        else:
+            seq.loaded_ahead = n * self.page_size
+        self.stats.pages_met += n
+        self.stats.pages_loaded += n
+        self.stats.tokens_loaded += n * self.page_size
+
+    def _wait_back_copies(self) -> None:
+        """CUDA: the current stream waits for the copies of pages back reads gave (landing stream)
+        before anything after it reads them: the next step, a write of the request's pages."""
+        if self._back_copies:
+            stream = torch.cuda.current_stream(self.cache.data.device)
+            for event in self._back_copies:
+                stream.wait_event(event)
+            self._back_copies.clear()
+
+    def _end_back(self, b: _BackRead) -> None:
+        """Stop b's read (after its current batch) and forget it; its rows come back once it has ended."""
+        b.stopped = True
+        b.seq.prefill_stop = None
+        if self._back.get(b.seq.request_id) is b:
+            del self._back[b.seq.request_id]
+        rows = b.rows
+        b.future.add_done_callback(lambda _: self.rows.give_back(rows))   # (any thread)
 
     def _failed(self, pages: torch.Tensor, crcs: list[tuple[int, int]], first: int, end: int) -> torch.Tensor:
         """Landing stream: which of the landed `pages` ([n, ...] on the device, copied from rows
@@ -586,6 +764,7 @@ class L3PrefixCache:
             if lookup is None:
                 continue
             r = lookup.reading
+            back: list[int] = []   # a cut read's rows not read yet (see the cut below)
             if lookup.future.done():
                 # a failed lookup (a bug; io.check() raises it) reads as a miss
                 if lookup.future.exception() is not None:
@@ -602,7 +781,10 @@ class L3PrefixCache:
                             self.load_timeout_s)
                 in_l3, run = 0, LoadedRun()
             elif self._too_slow(r, now):
-                in_l3, good = self._cut(lookup)
+                split = self.split_slow_loads and not lookup.host and not seq.sparse
+                in_l3, good = self._cut(lookup, keep_unread=split)
+                if split:   # the rows of the pages not read yet: for a back read, or back after the read
+                    back = r.rows[good:max(good, r.hits)]
                 in_l3, run = self._verified(lookup, in_l3, good)
                 self.stats.loads_cut_short += 1
             else:
@@ -614,11 +796,17 @@ class L3PrefixCache:
             if len(scheduler.running) >= scheduler.max_num_seqs:  # it cannot be admitted now: look it up again later
                 self._looked_up.pop(seq.request_id, None)
                 self.rows.give_back(run.rows)
+                self._give_back_after(lookup, back)
                 continue
             if lookup.host:
                 self._take_host_pages(scheduler, seq, lookup.start, run, first_in_line=i == 0)
             else:
                 self._take_pages(scheduler, seq, lookup.start, run, first_in_line=i == 0)
+            first = lookup.start + len(run)
+            if back and seq.num_computed == first * self.page_size and len(seq.pages) == first:
+                self._start_back_read(lookup, first, back)
+            else:
+                self._give_back_after(lookup, back)
 
     def release_unadmitted(self, scheduler: Scheduler) -> int:
         """After the schedule: a waiting request that took pages here but was not admitted gives them
@@ -634,6 +822,9 @@ class L3PrefixCache:
                 if prefix is not None:
                     prefix.register([seq])  # the loaded pages stay cached under their prefix
             host = seq.host_backed   # pages loaded into the host pool
+            back = self._back.get(seq.request_id)
+            if back is not None:   # looked up again, from the pages it keeps cached
+                self._end_back(back)
             scheduler.give_back(seq)
             # a sparse one that took device pages may not fit resident: looked up once (it may go host-backed)
             if not seq.sparse or host:
@@ -786,6 +977,9 @@ class L3PrefixCache:
     def park(self, seq: Sequence) -> None:
         """Before a request is preempted: write every full page whose KV it has computed (prompt
         and generated tokens) to L3, so that its resumption loads them instead of recomputing them."""
+        back = self._back.get(seq.request_id)
+        if back is not None:   # its pages go with it: the lookup at its resumption finds what L3 holds
+            self._end_back(back)
         full = self._computed_pages(seq)
         if full == 0:
             return
@@ -830,6 +1024,7 @@ class L3PrefixCache:
             else:
                 self.io.submit(write, nbytes=n * self.page_bytes)
             return
+        self._wait_back_copies()   # (pages a back read gave may be among them)
         try:
             index = torch.tensor(seq.pages[first:upto], dtype=torch.int64, device=device)
             pages = self.cache.data.index_select(1, index).transpose(0, 1).contiguous()   # [n, L, 2, S, KVH, D]
@@ -912,6 +1107,9 @@ class L3PrefixCache:
             self._lookup_bytes -= lookup.nbytes
             self._drop(lookup)   # a read running goes on: its result is dropped (its rows freed) when it ends
             lookup.seq.loading = False
+        back = self._back.get(request_id)
+        if back is not None:
+            self._end_back(back)
         self._looked_up.pop(request_id, None)
         self._in_l3.pop(request_id, None)
         self._dropped.pop(request_id, None)
@@ -924,7 +1122,7 @@ class L3PrefixCache:
 
     def close(self) -> None:
         """Drop the lookups in flight, run the writes still queued, join the I/O thread, close the store."""
-        for request_id in list(self._lookups):
+        for request_id in list(self._lookups) + list(self._back):
             self.forget(request_id)
         self._hand_over(wait=True)
         self.io.close()

@@ -305,7 +305,10 @@ class LLMEngine:
         if self.l3_prefix is not None:
             self.l3_prefix.load(self.scheduler)
         batch = self.scheduler.schedule()
-        released = self.l3_prefix.release_unadmitted(self.scheduler) if self.l3_prefix is not None else 0
+        released = 0
+        if self.l3_prefix is not None:
+            released = self.l3_prefix.release_unadmitted(self.scheduler)
+            self.l3_prefix.take_loaded_ahead(self.scheduler, batch)   # a back read met by this step's chunk
         if not batch.seqs:
             self.last_step_tokens = self.last_step_prefill_tokens = 0
             if self.l3_prefix is not None and self.l3_prefix.loading:

@@ -196,7 +196,7 @@ class Scheduler:
         prefills = [s for s in self.running if s.in_prefill]
         prefills += [s for s in self.waiting if not s.loading][: max(0, self.max_num_seqs - len(self.running))]
         shares = split_token_budget(self.max_num_batched_tokens, num_decodes=len(decodes),
-                                    prefill_demands=[s.num_tokens - s.num_computed for s in prefills])
+                                    prefill_demands=[s.prefill_left for s in prefills])
         return dict(zip(decodes + prefills, shares))
 
     def schedule(self) -> ScheduledBatch:
@@ -241,7 +241,7 @@ class Scheduler:
             matched = self.prefix.match(seq) if self.prefix is not None and self.may_share_prefix(seq) else 0
             if not matched and self._goes_host_backed(seq):
                 matched = self.host_prefix.match(seq)   # the host pool's cached prefix (marks it host-backed)
-            n = min(shares[seq], budget, seq.num_tokens - seq.num_computed)
+            n = min(shares[seq], budget, seq.prefill_left)
             admitted = self._admit(seq, n, reserve)
             if not admitted and matched:
                 on_device = not seq.host_backed
@@ -249,7 +249,7 @@ class Scheduler:
                 if seq.sparse and on_device:  # it may still go host-backed (from the host pool's prefix)
                     if self._goes_host_backed(seq, device_tried=True):
                         self.host_prefix.match(seq)
-                    n = min(shares[seq], budget, seq.num_tokens - seq.num_computed)
+                    n = min(shares[seq], budget, seq.prefill_left)
                     admitted = self._admit(seq, n, reserve)
                     if not admitted and seq.pages:
                         self.give_back(seq)
@@ -352,6 +352,10 @@ class Scheduler:
         """Advance `num_computed` of every scheduled sequence by the tokens it just ran."""
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed += n
+            if seq.loaded_ahead:   # pages from L3 right after this chunk's (hisa.engine.l3_prefix)
+                seq.num_computed += seq.loaded_ahead
+                seq.loaded_ahead = 0
+                seq.needs_prefill = True   # the next chunk records them in the step's tables
         if self.prefix is not None:
             self.prefix.register(batch.seqs)
         if self.host_prefix is not None:

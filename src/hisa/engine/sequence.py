@@ -66,6 +66,13 @@ class Sequence:
     # True while its leading pages are being looked up in L3 (hisa.engine.l3_prefix): the scheduler
     # leaves it waiting until they are back
     loading: bool = False
+    # While the pages after its prefilled ones are read from L3 back to front (hisa.engine.l3_prefix,
+    # a read that was slower than prefilling: the two meet in the middle): its prefill chunks end at
+    # most at this token, a page boundary; None otherwise.
+    prefill_stop: int | None = None
+    # Tokens of pages loaded from L3 right after those of the chunk scheduled with them, counted as
+    # computed once that chunk has run (`Scheduler.complete_step`)
+    loaded_ahead: int = 0
     # Teacher forcing (LLMEngine.score): the outputs to feed instead of sampling, and the logits seen.
     forced_output: list[int] | None = None
     scored_logits: list = field(default_factory=list)
@@ -95,6 +102,12 @@ class Sequence:
     @property
     def num_output(self) -> int:
         return self.num_tokens - self.num_prompt
+
+    @property
+    def prefill_left(self) -> int:
+        """Tokens its next prefill chunk may take: up to its last token, or to `prefill_stop`."""
+        end = self.num_tokens if self.prefill_stop is None else min(self.num_tokens, self.prefill_stop)
+        return max(0, end - self.num_computed)
 
     @property
     def in_prefill(self) -> bool:
