@@ -112,6 +112,13 @@ def main() -> None:
                     help="with --sparse: where their KV lives (default host: L3 pages go to the host pool)")
     ap.add_argument("--token-budget", type=int, default=1024, help="with --sparse (default 1024)")
     ap.add_argument("--host-pool-gb", type=float, default=None, help="with --sparse: the host pool (default: automatic)")
+    ap.add_argument("--redis-port", type=int, default=None,
+                    help="the redis-server's port (default: a free one); e.g. to shape its link with tc")
+    ap.add_argument("--probe-pages", type=int, default=0,
+                    help="L3 modes: before the measured request, one whose prompt is the prefix's first N "
+                         "pages + another tail, so the engine knows the store's read rate (as a server that "
+                         "has run a while does); default 0")
+    ap.add_argument("--note", default=None, help="free text stored in the JSON (e.g. how the link was shaped)")
     ap.add_argument("--git-commit", default=None)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "l3_prefix_cpu.json")
     args = ap.parse_args()
@@ -177,7 +184,7 @@ def main() -> None:
             elif mode == "redis":
                 from l3_servers import RedisServer
 
-                server = RedisServer(Path(tmp)).start()
+                server = RedisServer(Path(tmp), port=args.redis_port).start()
                 url = server.url
             elif mode == "mooncake":
                 from l3_servers import MooncakeStoreServers
@@ -217,6 +224,10 @@ def main() -> None:
                         t0 = time.perf_counter()   # measured lookup would queue behind it on the I/O thread)
                         llm.engine.l3_prefix.drain()
                         row["fill_drain_s"] = time.perf_counter() - t0
+                if url is not None and args.probe_pages:   # the store's rate, from a short read
+                    probe = prefix[:args.probe_pages * 16] + other
+                    row["probe_ttft_s"], _ = ttft(llm, probe)
+                    row["probe_read_bytes_per_s"] = llm.engine.l3_prefix.metrics()["read_bytes_per_s"]
                 if url is not None:
                     before = llm.engine.l3_prefix.copy_timing()
                 if args.profile:  # another tail, so the timed request below does not find this one's pages
@@ -261,7 +272,7 @@ def main() -> None:
                    model=f"{args.model or 'SmolLM2-135M-Instruct (embedded GGUF)'}, {str(dtype).removeprefix('torch.')}, "
                          f"{kind}, page 16",
                    prompt_len=args.prompt_len, tail=args.tail, max_num_batched_tokens=args.chunk, threads=args.threads,
-                   crc32=_crc32_impl(), rows=rows,
+                   crc32=_crc32_impl(), rows=rows, **({"setup_note": args.note} if args.note else {}),
                    note="ttft_s: arrival to first token of one request alone (engine step time, L3 reads "
                         "included). load (L3 modes, the measured request): read_s = the I/O thread's reads + "
                         "checks into the host rows (read_bytes of pages), copy_s = the engine thread copying "

@@ -113,7 +113,9 @@ LAND_CHUNK_BYTES = 128 << 20  # CUDA: pages a lookup reads per batch; each batch
 LAND_HEADROOM_BYTES = 1 << 30  # CUDA: pages are copied ahead to the device only while this much more is free there
 LOAD_TIMEOUT_S = 10.0      # a lookup not back by then is given up: the request prefills instead
 CUT_MARGIN = 1.5           # a read is cut short once finishing it looks this many times slower than prefilling its pages
+SPLIT_MARGIN = 1.0         # the same where the rest is then read from the back while the front prefills (`_BackRead`)
 PREFILL_DECAY = 0.8        # weight of the earlier prefill steps in the prefill rate (decayed sums of tokens and seconds)
+READ_BATCH_S = 0.25         # a read's batches hold at most this long a read at the store's recent rate
 BACK_BATCH_PAGES = 64      # a back read (`_read_back`) reads this many pages per batch, from the last back
 BACK_SPLIT_MIN_PAGES = 4   # a gap to the back read this small is prefilled whole (no prediction of where they meet)
 READ_DECAY = 0.5           # the same for the store's read rate (batches read, cut reads' included: it follows a store that changes)
@@ -426,9 +428,10 @@ class L3PrefixCache:
         """On the I/O thread: how many leading full pages of `tokens` L3 holds (pages the pool gave
         the request count only if L3 has them too: their writer's write may have been dropped), and
         how many pages from `start` on, the run L3 holds, were read and checked into `reading.rows`;
-        the run ends at the first page that fails its checks. With `land_on_device` the pages are read
-        in batches and `reading.ready` published after each, so the engine thread copies them on to
-        the device while the next are read. `unchecked`: the payloads' checksums are left to the
+        the run ends at the first page that fails its checks. The pages are read in batches
+        (`_batch_pages`) and `reading.ready` published after each: with `land_on_device` the engine
+        thread copies them on to the device while the next are read, and a cut ends the read after
+        the batch it is in. `unchecked`: the payloads' checksums are left to the
         device (`_verified`); a page whose head fails still ends the run here. No CUDA call here."""
         keys = page_keys(tokens, self.layout)
         t0 = time.perf_counter()
@@ -439,9 +442,7 @@ class L3PrefixCache:
         hits = min(after.index(False) if False in after else len(after), len(reading.rows))
         reading.in_l3, reading.read_since = in_l3, time.monotonic()
         reading.hits = hits   # last: the engine thread reads `hits` first
-        batch = max(hits, 1)
-        if self.land_on_device:
-            batch = max(LAND_CHUNK_BYTES // self.page_bytes, 2 * self.l3.readers.workers, 1)
+        batch = self._batch_pages(LAND_CHUNK_BYTES // self.page_bytes)
         good = 0
         while good < hits and not reading.dropped:
             part = reading.rows[good:min(hits, good + batch)]
@@ -521,8 +522,8 @@ class L3PrefixCache:
         lookup.future.cancel()          # no effect once running
         lookup.future.add_done_callback(lambda _: self.rows.give_back(r.rows[keep:]))   # (any thread)
 
-    def _too_slow(self, r: _Reading, now: float) -> bool:
-        """Whether the rest of a read in flight would take longer (by CUT_MARGIN) than prefilling its
+    def _too_slow(self, r: _Reading, now: float, margin: float = CUT_MARGIN) -> bool:
+        """Whether the rest of a read in flight would take longer (by `margin`) than prefilling its
         pages at the engine's prefill rate. The rest's time: at the rate this read has gone so far
         once a batch of its pages is in, before that at the store's recent rate (earlier reads) less
         the time spent. Undecided (False) before `exists` is back, before any prefill was timed, and
@@ -545,7 +546,7 @@ class L3PrefixCache:
             read_s = left * self.page_bytes / store_rate - elapsed
         else:
             return False
-        return read_s > CUT_MARGIN * left * self.page_size / rate
+        return read_s > margin * left * self.page_size / rate
 
     def _cut(self, lookup: _Lookup, *, keep_unread: bool = False) -> tuple[int, int]:
         """Stop a read in flight: the pages read and checked so far are kept (landed or in their rows),
@@ -556,6 +557,12 @@ class L3PrefixCache:
         good = r.ready   # (only grows; rows past it may still be written by the running batch)
         self._stop_read(lookup, keep=max(good, r.hits) if keep_unread else good)
         return r.in_l3, good
+
+    def _splits(self, lookup: _Lookup) -> bool:
+        """Whether a cut of this lookup's read goes on from the back (`_start_back_read`): dense
+        requests (a sparse one builds its representations from its first chunk on, a host-backed
+        one's pages go to the host pool whole)."""
+        return self.split_slow_loads and not lookup.host and not lookup.seq.sparse
 
     def _give_back_after(self, lookup: _Lookup, rows: list[int]) -> None:
         """Give `rows` back once the lookup's read has ended (it may still be writing into them)."""
@@ -582,7 +589,7 @@ class L3PrefixCache:
         batch are kept: the prefill computes the rest). No CUDA call here."""
         keys = page_keys(tokens, self.layout)
         b.since = time.monotonic()
-        batch = max(1, min(BACK_BATCH_PAGES, LAND_CHUNK_BYTES // self.page_bytes))
+        batch = min(BACK_BATCH_PAGES, self._batch_pages(LAND_CHUNK_BYTES // self.page_bytes))
         hi = b.end
         while hi > b.first and not b.stopped:
             lo = max(b.first, hi - batch)
@@ -599,6 +606,17 @@ class L3PrefixCache:
             self.timing["read_bytes"] += (hi - lo) * self.page_bytes
             b.low = hi = lo
             self._progressed.set()
+
+    def _batch_pages(self, most: int) -> int:
+        """Pages per batch of a read (I/O thread): at most `most`, and at the store's recent rate no more
+        than READ_BATCH_S of reading, so that a cut read (which ends after its current batch) and a
+        back read (which publishes its progress after each) answer soon; at least two per reader
+        thread."""
+        floor = 2 * self.l3.readers.workers
+        rate = self._read_rate()
+        if rate is not None:
+            most = min(most, int(rate * READ_BATCH_S / self.page_bytes))
+        return max(most, floor, 1)
 
     def _steer_back_reads(self, scheduler: Scheduler) -> None:
         """Before the schedule: where each back read's request stops its next prefill chunk. The read
@@ -780,8 +798,8 @@ class L3PrefixCache:
                 log.warning("L3 lookup of %s not back after %.1f s; prefilling it instead", seq.request_id,
                             self.load_timeout_s)
                 in_l3, run = 0, LoadedRun()
-            elif self._too_slow(r, now):
-                split = self.split_slow_loads and not lookup.host and not seq.sparse
+            elif self._too_slow(r, now, SPLIT_MARGIN if self._splits(lookup) else CUT_MARGIN):
+                split = self._splits(lookup)
                 in_l3, good = self._cut(lookup, keep_unread=split)
                 if split:   # the rows of the pages not read yet: for a back read, or back after the read
                     back = r.rows[good:max(good, r.hits)]

@@ -49,8 +49,8 @@ def _stop(proc: subprocess.Popen | None, sig=signal.SIGTERM) -> None:
 class RedisServer:
     """A redis-server on 127.0.0.1:port with no persistence, its files in `workdir`."""
 
-    def __init__(self, workdir: Path, *, extra_args: list[str] | None = None):
-        self.workdir, self.port, self.proc = workdir, free_port(), None
+    def __init__(self, workdir: Path, *, extra_args: list[str] | None = None, port: int | None = None):
+        self.workdir, self.port, self.proc = workdir, port or free_port(), None
         self.extra_args = list(extra_args or [])   # more redis-server options (e.g. --io-threads 4)
 
     def start(self) -> "RedisServer":
