@@ -10,8 +10,8 @@ the last --tail tokens) + a tail. For each mode:
               prefix's pages; the bench then waits until that write has ended, fill_drain_s), then
               the measured prompt: the prefix's full pages are read from L3 and only the rest is prefilled.
               A read slower than prefilling is cut short and the rest of its pages read from the back
-              while the front prefills; `redis:nosplit` (any L3 mode) prefills them instead (as before
-              2026-12-04), for A/B runs.
+              while the front prefills; `redis:nosplit` (any L3 mode) prefills them instead (the cut
+              alone, as before the split), for A/B runs.
 Servers (redis-server, Mooncake master + store process) are started on loopback ports and stopped
 afterwards. Each mode's first output token is checked against the recompute one. Writes JSON (with
 command, date, commit, machine) and a bar plot beside it.

@@ -491,6 +491,21 @@ def test_a_cut_read_is_read_from_the_back_while_the_front_prefills(make_llm, pro
     llm.close()
 
 
+def test_the_prefill_stops_where_it_should_meet_the_back_read():
+    from hisa.engine.l3_prefix import BACK_SPLIT_MIN_PAGES, meeting_stop
+
+    assert meeting_stop(0, 64, 16, 300.0, 100.0) == 48 * 16          # 3/4 of the gap at 3x the read's rate
+    assert meeting_stop(0, 64, 16, 100.0, 300.0) == 16 * 16          # 1/4 of it
+    assert meeting_stop(100, 64, 16, 1e9, 1.0) == 64 * 16            # never past the read's edge
+    assert meeting_stop(100, 64, 16, 1.0, 1e9) == 7 * 16             # at least to the next page boundary
+    assert meeting_stop(0, 64, 16, None, 100.0) == 64 * 16           # a rate unknown: to the read's edge
+    small = BACK_SPLIT_MIN_PAGES
+    assert meeting_stop(160, 10 + small, 16, 300.0, 300.0) == (10 + small) * 16   # a small gap: closed whole
+    for c in range(0, 64 * 16, 37):                                  # page-aligned, past c, within the edge
+        stop = meeting_stop(c, 64, 16, 250.0, 170.0)
+        assert stop % 16 == 0 and c < stop <= 64 * 16
+
+
 def _recording(complete_step, chunks):
     def run(batch):
         chunks.extend(batch.num_new_tokens)

@@ -28,7 +28,9 @@ past it is used. When nothing else can run, the engine step waits for a lookup (
 requests and aborts get in). A lookup not back after `load_timeout_s` is given up
 (`loads_timed_out`) and the request prefills; a read that would take longer than prefilling its
 pages (this read's or the store's recent rate against the engine's prefill rate: `_too_slow`) is
-cut short, its pages read so far used (`loads_cut_short`); a backend error reads as misses (`L3Store`). A request
+cut short, its pages read so far used (`loads_cut_short`), and for a dense request the pages it has
+not read are then read from the prompt's last page back while the request prefills from the front,
+its chunks stopping where the two meet (`_BackRead`, `loads_split`); a backend error reads as misses (`L3Store`). A request
 aborted while loading holds nothing but its lookup, which is forgotten. A lookup back while the
 batch is full takes nothing and is made again later; a request that took pages but that the
 schedule did not admit gives them back right after it (a waiting request cannot be preempted:
@@ -641,13 +643,8 @@ class L3PrefixCache:
                 else:
                     seq.prefill_stop = at * s
                 continue
-            gap = low * s - c
-            take = gap
-            if not done and gap > BACK_SPLIT_MIN_PAGES * s:
-                prefill, read = self._prefill_rate(), self._back_rate(b)
-                if prefill and read:
-                    take = max(1, int(gap * prefill / (prefill + read)))
-            seq.prefill_stop = min(low * s, -(-(c + take) // s) * s)
+            rates = (None, None) if done else (self._prefill_rate(), self._back_rate(b))
+            seq.prefill_stop = meeting_stop(c, low, s, *rates)
 
     def _back_rate(self, b: _BackRead) -> float | None:
         """A back read's rate in tokens/s: its own once a batch is in, else the store's recent one."""
@@ -1155,6 +1152,26 @@ class L3PrefixCache:
                 "pending_write_bytes": self.io.pending_bytes,
                 "prefill_tokens_per_s": self._prefill_rate() or 0.0, "read_bytes_per_s": self._read_rate() or 0.0,
                 **{f"store_{k}": v for k, v in self.l3.stats.as_dict().items()}}
+
+
+def meeting_stop(computed: int, low: int, page_size: int, prefill_rate: float | None,
+                 read_rate: float | None) -> int:
+    """Where a prefill at token `computed` should stop its next chunk while a read from the back has
+    pages `low`.. (a page boundary past `computed`, at most `low`'s): where the two meet if the
+    prefill runs at `prefill_rate` and the read goes on at `read_rate` (tokens/s both), i.e. after
+    gap * prefill / (prefill + read) of the gap's tokens, rounded up to a page; the read's edge when
+    a rate is unknown or the gap is at most BACK_SPLIT_MIN_PAGES pages (closing it whole costs
+    less than another step). Pure.
+
+    Example::
+
+        meeting_stop(0, 64, 16, 300.0, 100.0)   # 768: 48 of the 64 pages (3/4 of the gap)
+    """
+    gap = low * page_size - computed
+    take = gap
+    if prefill_rate and read_rate and gap > BACK_SPLIT_MIN_PAGES * page_size:
+        take = max(1, int(gap * prefill_rate / (prefill_rate + read_rate)))
+    return min(low * page_size, -(-(computed + take) // page_size) * page_size)
 
 
 def kv_layout(loaded, cache: PagedKVCache, *, seed: int) -> KVLayout:
