@@ -491,6 +491,33 @@ def test_a_cut_read_is_read_from_the_back_while_the_front_prefills(make_llm, pro
     llm.close()
 
 
+def test_a_lookup_not_back_in_time_keeps_the_pages_it_has_read(make_llm, prompts, reference, tmp_path, monkeypatch):
+    """A read that outlasts load_timeout_s (a long prompt's read can, and still beat prefilling) is
+    not thrown away: its first batch (4 pages) is in, the next never comes; once the lookup times out
+    the 4 pages are used and the rest is prefilled (its back read waits behind the stuck batch on the
+    I/O thread). The tokens are those of runs without L3; nothing leaks."""
+    import hisa.engine.l3_prefix as l3_prefix
+
+    llm = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=f"file:{tmp_path / 'l3'}")
+    prefix = llm.engine.l3_prefix
+    assert _one_by_one(llm, prompts[:1]) == reference[:1]   # L3 holds the shared prefix
+    prefix.drain()
+    monkeypatch.setattr(l3_prefix, "LAND_CHUNK_BYTES", 4 * prefix.page_bytes)   # batches of 4 pages
+    prefix.l3.readers.workers = 1
+    prefix.cut_slow_loads = False   # (only the timeout ends the wait)
+    prefix.load_timeout_s = 1.0
+    store = prefix.l3.backend = _ScriptedReads(prefix.l3.backend, first_s=0.0)   # its 2nd batch waits for `front`
+    assert _one_by_one(llm, prompts[1:2]) == reference[1:2]
+    m = prefix.metrics()
+    assert m["loads_timed_out"] == 1 and m["pages_loaded"] == 4 and m["pages_met"] == 0, str(m)
+    store.front.set()
+    store.gate.set()
+    prefix.drain()
+    assert prefix.rows.in_use == 0
+    _check_no_leak(llm)
+    llm.close()
+
+
 def test_the_prefill_stops_where_it_should_meet_the_back_read():
     from hisa.engine.l3_prefix import BACK_SPLIT_MIN_PAGES, meeting_stop
 

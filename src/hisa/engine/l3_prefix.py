@@ -25,8 +25,8 @@ computed, so the scheduler
 prefills only the rest (a chunk after a cached prefix). At least the prompt's last token is always
 computed: its logits give the first output token. A missing or corrupt page ends the run; nothing
 past it is used. When nothing else can run, the engine step waits for a lookup (briefly, so that new
-requests and aborts get in). A lookup not back after `load_timeout_s` is given up
-(`loads_timed_out`) and the request prefills; a read that would take longer than prefilling its
+requests and aborts get in). A lookup not back after `load_timeout_s` stops being waited for
+(`loads_timed_out`) as a cut read does (below): the pages read so far are used; a read that would take longer than prefilling its
 pages (this read's or the store's recent rate against the engine's prefill rate: `_too_slow`) is
 cut short, its pages read so far used (`loads_cut_short`), and for a dense request the pages it has
 not read are then read from the prompt's last page back while the request prefills from the front,
@@ -113,7 +113,7 @@ log = logging.getLogger("hisa.l3")
 COPY_CHUNK_BYTES = 256 << 20  # CUDA: the most bytes of pages one host-to-device copy moves (its device temporary)
 LAND_CHUNK_BYTES = 128 << 20  # CUDA: pages a lookup reads per batch; each batch ready is copied to the device meanwhile
 LAND_HEADROOM_BYTES = 1 << 30  # CUDA: pages are copied ahead to the device only while this much more is free there
-LOAD_TIMEOUT_S = 10.0      # a lookup not back by then is given up: the request prefills instead
+LOAD_TIMEOUT_S = 10.0      # a lookup not back by then is no longer waited for: treated as a cut read (`_cut`)
 CUT_MARGIN = 1.5           # a read is cut short once finishing it looks this many times slower than prefilling its pages
 SPLIT_MARGIN = 1.0         # the same where the rest is then read from the back while the front prefills (`_BackRead`)
 PREFILL_DECAY = 0.8        # weight of the earlier prefill steps in the prefill rate (decayed sums of tokens and seconds)
@@ -139,7 +139,7 @@ class PrefixStats:
     requests_parked: int = 0  # preempted requests whose full pages were handed to a write before being freed
     pages_parked: int = 0     # pages those writes added (pages L3 held already are not written again)
     pages_dropped: int = 0    # pages not written: the pending writes held max_pending_bytes already
-    loads_timed_out: int = 0  # lookups given up after load_timeout_s (the request prefilled instead)
+    loads_timed_out: int = 0  # lookups not back after load_timeout_s (the pages read so far used, the rest read from the back or prefilled)
     loads_cut_short: int = 0  # reads stopped because prefilling their pages looked faster (the pages read so far were used)
     loads_split: int = 0      # cut reads whose later pages were then read from the back while the front prefilled
     pages_met: int = 0        # pages those back reads gave (the prefill and the read met in the middle)
@@ -789,21 +789,24 @@ class L3PrefixCache:
                     in_l3, good = lookup.future.result()
                     self.rows.give_back(r.rows[good:])   # rows no page was read into
                     in_l3, run = self._verified(lookup, in_l3, good)
-            elif now >= lookup.deadline:
-                self._drop(lookup)
-                self.stats.loads_timed_out += 1
-                log.warning("L3 lookup of %s not back after %.1f s; prefilling it instead", seq.request_id,
-                            self.load_timeout_s)
-                in_l3, run = 0, LoadedRun()
-            elif self._too_slow(r, now, SPLIT_MARGIN if self._splits(lookup) else CUT_MARGIN):
+            else:
+                timed_out = now >= lookup.deadline
+                if not timed_out and not self._too_slow(r, now, SPLIT_MARGIN if self._splits(lookup) else CUT_MARGIN):
+                    continue
+                # a cut, or a lookup not back in time: the pages read so far are used (a long prompt's read
+                # may take longer than load_timeout_s and still beat prefilling), the rest read from the back
                 split = self._splits(lookup)
                 in_l3, good = self._cut(lookup, keep_unread=split)
                 if split:   # the rows of the pages not read yet: for a back read, or back after the read
                     back = r.rows[good:max(good, r.hits)]
                 in_l3, run = self._verified(lookup, in_l3, good)
-                self.stats.loads_cut_short += 1
-            else:
-                continue
+                if timed_out:
+                    self.stats.loads_timed_out += 1
+                    log.warning("L3 lookup of %s not back after %.1f s; using the %d page(s) read so far%s",
+                                seq.request_id, self.load_timeout_s, len(run),
+                                ", reading the rest from the back" if back else ", prefilling the rest")
+                else:
+                    self.stats.loads_cut_short += 1
             del self._lookups[seq.request_id]
             self._lookup_bytes -= lookup.nbytes
             seq.loading = False
