@@ -458,9 +458,7 @@ class L3PrefixCache:
                 ok = self.l3.get_into(batch_keys, self.rows.views(part))
                 n = ok.index(False) if False in ok else len(ok)
             dt = time.perf_counter() - t0
-            self.timing["read_s"] += dt
-            self._read_bytes = READ_DECAY * self._read_bytes + len(part) * self.page_bytes   # (the I/O thread's)
-            self._read_secs = READ_DECAY * self._read_secs + dt
+            self._note_read(len(part), dt)
             self.timing["read_bytes"] += n * self.page_bytes
             good += n
             reading.ready = good
@@ -522,7 +520,7 @@ class L3PrefixCache:
         r = lookup.reading
         r.dropped = True
         lookup.future.cancel()          # no effect once running
-        lookup.future.add_done_callback(lambda _: self.rows.give_back(r.rows[keep:]))   # (any thread)
+        self._give_back_when_done(lookup.future, r.rows[keep:])
 
     def _too_slow(self, r: _Reading, now: float, margin: float = CUT_MARGIN) -> bool:
         """Whether the rest of a read in flight would take longer (by `margin`) than prefilling its
@@ -553,7 +551,7 @@ class L3PrefixCache:
     def _cut(self, lookup: _Lookup, *, keep_unread: bool = False) -> tuple[int, int]:
         """Stop a read in flight: the pages read and checked so far are kept (landed or in their rows),
         the rows after them come back once the read has ended (`keep_unread`: those of the pages it
-        was to read stay the caller's, for `_start_back_read` or `_give_back_after`). Returns
+        was to read stay the caller's, for `_start_back_read` or `_give_back_when_done`). Returns
         (leading pages L3 holds, pages kept), as a finished read's result."""
         r = lookup.reading
         good = r.ready   # (only grows; rows past it may still be written by the running batch)
@@ -566,10 +564,17 @@ class L3PrefixCache:
         one's pages go to the host pool whole)."""
         return self.split_slow_loads and not lookup.host and not lookup.seq.sparse
 
-    def _give_back_after(self, lookup: _Lookup, rows: list[int]) -> None:
-        """Give `rows` back once the lookup's read has ended (it may still be writing into them)."""
+    def _give_back_when_done(self, future: Future, rows: list[int]) -> None:
+        """Give `rows` back once the read `future` stands for has ended (it may still be writing into them)."""
         if rows:
-            lookup.future.add_done_callback(lambda _: self.rows.give_back(rows))   # (any thread)
+            future.add_done_callback(lambda _: self.rows.give_back(rows))   # (any thread)
+
+    def _note_read(self, pages: int, seconds: float) -> None:
+        """I/O thread: a batch of `pages` read (and checked) in `seconds`, into the load's timing and the
+        store's recent read rate."""
+        self.timing["read_s"] += seconds
+        self._read_bytes = READ_DECAY * self._read_bytes + pages * self.page_bytes
+        self._read_secs = READ_DECAY * self._read_secs + seconds
 
     # -- a cut read's back half, read while the front prefills ------------------------------------
     def _start_back_read(self, lookup: _Lookup, first: int, rows: list[int]) -> None:
@@ -598,9 +603,7 @@ class L3PrefixCache:
             t0 = time.perf_counter()
             ok = self.l3.get_into(keys[lo:hi], self.rows.views(b.rows[lo - b.first:hi - b.first]))
             dt = time.perf_counter() - t0
-            self.timing["read_s"] += dt
-            self._read_bytes = READ_DECAY * self._read_bytes + (hi - lo) * self.page_bytes
-            self._read_secs = READ_DECAY * self._read_secs + dt
+            self._note_read(hi - lo, dt)
             if not all(ok):
                 b.low = lo + max(i for i, good in enumerate(ok) if not good) + 1
                 self.timing["read_bytes"] += (hi - b.low) * self.page_bytes
@@ -719,8 +722,7 @@ class L3PrefixCache:
         b.seq.prefill_stop = None
         if self._back.get(b.seq.request_id) is b:
             del self._back[b.seq.request_id]
-        rows = b.rows
-        b.future.add_done_callback(lambda _: self.rows.give_back(rows))   # (any thread)
+        self._give_back_when_done(b.future, b.rows)
 
     def _failed(self, pages: torch.Tensor, crcs: list[tuple[int, int]], first: int, end: int) -> torch.Tensor:
         """Landing stream: which of the landed `pages` ([n, ...] on the device, copied from rows
@@ -814,7 +816,7 @@ class L3PrefixCache:
             if len(scheduler.running) >= scheduler.max_num_seqs:  # it cannot be admitted now: look it up again later
                 self._looked_up.pop(seq.request_id, None)
                 self.rows.give_back(run.rows)
-                self._give_back_after(lookup, back)
+                self._give_back_when_done(lookup.future, back)
                 continue
             if lookup.host:
                 self._take_host_pages(scheduler, seq, lookup.start, run, first_in_line=i == 0)
@@ -824,7 +826,7 @@ class L3PrefixCache:
             if back and seq.num_computed == first * self.page_size and len(seq.pages) == first:
                 self._start_back_read(lookup, first, back)
             else:
-                self._give_back_after(lookup, back)
+                self._give_back_when_done(lookup.future, back)
 
     def release_unadmitted(self, scheduler: Scheduler) -> int:
         """After the schedule: a waiting request that took pages here but was not admitted gives them
