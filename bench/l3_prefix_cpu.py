@@ -114,6 +114,8 @@ def main() -> None:
     ap.add_argument("--host-pool-gb", type=float, default=None, help="with --sparse: the host pool (default: automatic)")
     ap.add_argument("--redis-port", type=int, default=None,
                     help="the redis-server's port (default: a free one); e.g. to shape its link with tc")
+    ap.add_argument("--redis-io-threads", type=int, default=1,
+                    help="the redis-server's --io-threads (default 1, Redis's own default)")
     ap.add_argument("--probe-pages", type=int, default=0,
                     help="L3 modes: before the measured request, one whose prompt is the prefix's first N "
                          "pages + another tail, so the engine knows the store's read rate (as a server that "
@@ -184,7 +186,8 @@ def main() -> None:
             elif mode == "redis":
                 from l3_servers import RedisServer
 
-                server = RedisServer(Path(tmp), port=args.redis_port).start()
+                server = RedisServer(Path(tmp), port=args.redis_port,
+                                     extra_args=["--io-threads", str(args.redis_io_threads)]).start()
                 url = server.url
             elif mode == "mooncake":
                 from l3_servers import MooncakeStoreServers
@@ -272,7 +275,7 @@ def main() -> None:
                    model=f"{args.model or 'SmolLM2-135M-Instruct (embedded GGUF)'}, {str(dtype).removeprefix('torch.')}, "
                          f"{kind}, page 16",
                    prompt_len=args.prompt_len, tail=args.tail, max_num_batched_tokens=args.chunk, threads=args.threads,
-                   crc32=_crc32_impl(), rows=rows, **({"setup_note": args.note} if args.note else {}),
+                   crc32=_crc32_impl(), redis_io_threads=args.redis_io_threads, rows=rows, **({"setup_note": args.note} if args.note else {}),
                    note="ttft_s: arrival to first token of one request alone (engine step time, L3 reads "
                         "included). load (L3 modes, the measured request): read_s = the I/O thread's reads + "
                         "checks into the host rows (read_bytes of pages), copy_s = the engine thread copying "
