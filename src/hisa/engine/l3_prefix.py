@@ -628,7 +628,16 @@ class L3PrefixCache:
         has pages low..end-1; the prefill is at token c. Once they meet (c at a page boundary at or
         past `low`) the pages from there are taken now; else the chunk stops at `low`, or, while the
         gap is wider than BACK_SPLIT_MIN_PAGES, where the two should meet at their current rates (a
-        chunk of gap * prefill rate / (prefill rate + read rate)): the read keeps going meanwhile."""
+        chunk of gap * prefill rate / (prefill rate + read rate)): the read keeps going meanwhile.
+
+        CUDA: first waits for the steps launched so far. A step of prefill chunks alone samples
+        nothing, so the engine thread does not wait for it and would schedule the next chunk at once:
+        every chunk of the prompt would be queued before the read had got anywhere (seen on an H200:
+        the read never met the prefill). Where the prefill stands on the device is what it steers by."""
+        if not self._back:
+            return
+        if self._land_stream is not None:
+            torch.cuda.current_stream(self.cache.data.device).synchronize()
         s = self.page_size
         for b in list(self._back.values()):
             seq, low, done = b.seq, b.low, b.future.done()
@@ -636,9 +645,6 @@ class L3PrefixCache:
             at = -(-c // s)   # the first page no chunk has reached
             if at >= b.end or (done and low >= b.end):   # the prefill passed it, or the read got nothing
                 self._end_back(b)
-                continue
-            if low >= b.end:   # no page read yet: the prefill goes on as it would (stopped once there are)
-                seq.prefill_stop = None
                 continue
             if low <= at:
                 if c == at * s:
