@@ -9,6 +9,9 @@ Writes `--pages` pages of `--page-mib` MiB (Llama-3.1-8B bf16 at page 32: 2 MiB)
 - per number of reader threads (`--threads`): `L3Store.get_into` as it is now, each reader thread
   GETting its pages over a socket of its own straight into their rows (`RedisBackend.get_into`),
   then checking them there.
+With `--servers N` (N > 1) it starts N redis-servers and spreads the pages over them
+(`hisa.kvcache.l3.sharded`, what `--l3 redis://HOST:PORT,HOST:PORT,...` does): the direct path
+only, per number of reader threads.
 Prints a table, writes JSON (command, date, commit, machine) and a plot beside it.
 
     python bench/l3_redis_read.py --pages 200 --out bench/results/l3_redis_read_cpu.json
@@ -33,6 +36,7 @@ sys.path.insert(0, str(REPO / "tests" / "kvcache" / "l3"))
 
 from hisa.kvcache.l3 import L3Store  # noqa: E402
 from hisa.kvcache.l3 import redis_backend  # noqa: E402
+from hisa.kvcache.l3.sharded import ShardedBackend  # noqa: E402
 from l3_servers import REDIS_SERVER, RedisServer  # noqa: E402
 
 
@@ -48,6 +52,9 @@ def main() -> int:
     ap.add_argument("--read-sizes", type=int, nargs="+", default=[64 << 10])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     ap.add_argument("--io-threads", type=int, default=1, help="the server's io-threads (1: Redis's default)")
+    ap.add_argument("--servers", type=int, default=1,
+                    help="redis-servers to spread the pages over (default 1); > 1: the direct path only")
+    ap.add_argument("--direct-only", action="store_true", help="skip the MGET rows")
     ap.add_argument("--git-commit", default=None)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "l3_redis_read_cpu.json")
     args = ap.parse_args()
@@ -62,9 +69,18 @@ def main() -> int:
     page_bytes = int(args.page_mib * (1 << 20))
     rows, gb = [], args.pages * page_bytes / 1e9
     with tempfile.TemporaryDirectory() as tmp:
-        server = RedisServer(Path(tmp), extra_args=_io_args(args.io_threads)).start()
+        servers = []
+        for i in range(args.servers):
+            (Path(tmp) / str(i)).mkdir()
+            servers.append(RedisServer(Path(tmp) / str(i), extra_args=_io_args(args.io_threads)).start())
+        server = servers[0]
+
+        def connect():   # what --l3 redis://... with these servers opens
+            shards = [redis_backend.RedisBackend("127.0.0.1", s.port) for s in servers]
+            return shards[0] if len(shards) == 1 else ShardedBackend(shards)
+
         try:
-            writer = L3Store(redis_backend.RedisBackend("127.0.0.1", server.port))
+            writer = L3Store(connect())
             rng = np.random.default_rng(0)
             keys = [f"{i:064x}" for i in range(args.pages)]
             for i in range(0, args.pages, 32):   # (in batches: one pipeline per 32 pages)
@@ -72,7 +88,7 @@ def main() -> int:
                                             for _ in keys[i:i + 32]])
             writer.close()
             buf = np.empty((args.pages, page_bytes), np.uint8)
-            for pname, pclass in parsers.items():
+            for pname, pclass in (parsers.items() if args.servers == 1 and not args.direct_only else ()):
                 for size in args.read_sizes:
                     backend = redis_backend.RedisBackend("127.0.0.1", server.port)
                     kw = dict(backend.client.connection_pool.connection_kwargs, parser_class=pclass,
@@ -105,7 +121,7 @@ def main() -> int:
                     print(f"{pname:8s} read {size >> 10:5d} KiB   MGET {row['get_gb_s']:5.2f} GB/s   "
                           f"get_into (copy + check) {row['get_into_gb_s']:5.2f} GB/s", flush=True)
             for threads in args.threads:
-                store = L3Store(redis_backend.RedisBackend("127.0.0.1", server.port), read_threads=threads)
+                store = L3Store(connect(), read_threads=threads)
                 views = [memoryview(buf[i]) for i in range(args.pages)]
                 assert all(store.get_into(keys, views)), "a page failed its check"   # (connects)
                 t_into = []
@@ -122,9 +138,11 @@ def main() -> int:
                 print(f"direct   {threads:2d} reader threads   get_into (GET into rows + check) "
                       f"{row['get_into_gb_s']:5.2f} GB/s", flush=True)
         finally:
-            server.stop()
+            for s in servers:
+                s.stop()
     payload = dict(**header(torch.device("cpu"), args.git_commit), pages=args.pages, page_bytes=page_bytes,
-                   server=dict(binary=REDIS_SERVER, io_threads=args.io_threads), cpus=os.cpu_count(),
+                   server=dict(binary=REDIS_SERVER, io_threads=args.io_threads, servers=args.servers),
+                   cpus=os.cpu_count(),
                    rows=rows)
     write_json(args.out, payload)
     try:
@@ -138,7 +156,7 @@ def main() -> int:
                color=["tab:gray" if r["path"] == "mget" else "tab:blue" for r in rows])
         ax.set_ylabel("GB/s (read + checked)")
         ax.set_title(f"L3 redis: L3Store.get_into of {args.pages} pages of {args.page_mib:g} MiB, loopback, "
-                     f"io-threads {args.io_threads}")
+                     f"io-threads {args.io_threads}, {args.servers} server(s)")
         fig.tight_layout()
         fig.savefig(args.out.with_suffix(".png"), dpi=120)
     except ImportError:

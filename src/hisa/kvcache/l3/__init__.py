@@ -30,11 +30,22 @@ def open_backend(spec: L3Spec | str) -> L3Backend:
             from hisa.kvcache.l3.redis_backend import RedisBackend
         except ImportError as e:
             raise ConfigError(f"--l3 redis:// needs the package redis (pip install redis): {e}") from e
+        shards = []
         try:
-            return RedisBackend(spec.host, spec.port, spec.db)
-        except RedisBackend.errors as e:
-            raise ConfigError(f"--l3 redis://{spec.host}:{spec.port}: cannot reach the server ({e}); "
-                              f"start redis-server there or drop --l3") from e
+            for host, port in spec.servers:
+                try:
+                    shards.append(RedisBackend(host, port, spec.db))
+                except RedisBackend.errors as e:
+                    raise ConfigError(f"--l3 redis://{host}:{port}: cannot reach the server ({e}); "
+                                      f"start redis-server there or drop --l3") from e
+        except ConfigError:
+            for shard in shards:
+                shard.close()
+            raise
+        if len(shards) == 1:
+            return shards[0]
+        from hisa.kvcache.l3.sharded import ShardedBackend
+        return ShardedBackend(shards)
     from hisa.kvcache.l3.mooncake_backend import MooncakeBackend, MooncakeError
     try:
         return MooncakeBackend(master=spec.master, metadata=spec.metadata)

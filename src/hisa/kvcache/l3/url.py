@@ -1,4 +1,4 @@
-"""Parse `--l3 file:PATH | redis://HOST:PORT[/DB] | mooncake://MASTER_HOST:PORT[?metadata=URL]`.
+"""Parse `--l3 file:PATH | redis://HOST:PORT[,HOST:PORT...][/DB] | mooncake://MASTER_HOST:PORT[?metadata=URL]`.
 
 Torch-free. Every malformed value raises :class:`hisa.errors.ConfigError` with the accepted forms,
 so the CLI prints it without a traceback.
@@ -11,7 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from hisa.errors import ConfigError
 
-FORMS = "file:PATH, redis://HOST:PORT[/DB] or mooncake://MASTER_HOST:PORT[?metadata=URL]"
+FORMS = "file:PATH, redis://HOST:PORT[,HOST:PORT...][/DB] or mooncake://MASTER_HOST:PORT[?metadata=URL]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,10 +22,16 @@ class FileL3Spec:
 
 @dataclass(frozen=True, slots=True)
 class RedisL3Spec:
-    """A Redis server; several hisa processes may share it."""
+    """A Redis server (host, port), or several (`others` after it: pages spread over them by key,
+    `hisa.kvcache.l3.sharded`); several hisa processes may share them."""
     host: str
     port: int
     db: int = 0
+    others: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def servers(self) -> tuple[tuple[str, int], ...]:
+        return ((self.host, self.port), *self.others)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +57,7 @@ def parse_l3_url(url: str) -> L3Spec:
 
         parse_l3_url("file:/var/cache/hisa")      # FileL3Spec(path='/var/cache/hisa')
         parse_l3_url("redis://127.0.0.1:6379")    # RedisL3Spec(host='127.0.0.1', port=6379, db=0)
+        parse_l3_url("redis://h:6379,h:6380/1")   # RedisL3Spec(host='h', port=6379, db=1, others=(('h', 6380),))
         parse_l3_url("mooncake://10.0.0.5:50051") # MooncakeL3Spec(..., metadata='http://10.0.0.5:8080/metadata')
     """
     if not isinstance(url, str) or not url.strip():
@@ -68,21 +75,20 @@ def parse_l3_url(url: str) -> L3Spec:
     if scheme in ("redis", "mooncake"):
         if not rest.startswith("//"):
             raise ConfigError(f"--l3 {url!r}: use {scheme}://HOST:PORT")
-        parts = urlsplit(url)
-        host = parts.hostname
-        try:
-            port = parts.port
-        except ValueError:
-            raise ConfigError(f"--l3 {url!r}: the port is not a number in 1-65535") from None
-        if not host or port is None:
-            raise ConfigError(f"--l3 {url!r}: both a host and a port are needed ({scheme}://HOST:PORT)")
+        netloc, slash, tail = rest[2:].partition("/")
+        hosts = netloc.split(",") if scheme == "redis" else [netloc]
+        servers = [_host_port(url, scheme, f"{scheme}://{h}") for h in hosts]
+        parts = urlsplit(f"{scheme}://{hosts[0]}{slash}{tail}")
+        host, port = servers[0]
         if scheme == "redis":
             if parts.query:
-                raise ConfigError(f"--l3 {url!r}: redis takes no options; use redis://HOST:PORT[/DB]")
+                raise ConfigError(f"--l3 {url!r}: redis takes no options; use redis://HOST:PORT[,HOST:PORT...][/DB]")
             db_text = parts.path.strip("/")
             if db_text and not db_text.isdigit():
                 raise ConfigError(f"--l3 {url!r}: the database after the port must be a number (redis://HOST:PORT/0)")
-            return RedisL3Spec(host=host, port=port, db=int(db_text or 0))
+            if len(set(servers)) != len(servers):
+                raise ConfigError(f"--l3 {url!r}: a server is named twice")
+            return RedisL3Spec(host=host, port=port, db=int(db_text or 0), others=tuple(servers[1:]))
         if parts.path.strip("/"):
             raise ConfigError(f"--l3 {url!r}: mooncake takes no path; use mooncake://MASTER_HOST:PORT[?metadata=URL]")
         query = parse_qs(parts.query, keep_blank_values=True)
@@ -94,3 +100,15 @@ def parse_l3_url(url: str) -> L3Spec:
             raise ConfigError(f"--l3 {url!r}: metadata= is empty")
         return MooncakeL3Spec(master_host=host, master_port=port, metadata=metadata)
     raise ConfigError(f"--l3 {url!r}: unknown scheme {scheme!r}; use {FORMS}")
+
+
+def _host_port(url: str, scheme: str, one: str) -> tuple[str, int]:
+    """(host, port) of `one` (scheme://HOST:PORT, a server of `url`); ConfigError if either is missing."""
+    parts = urlsplit(one)
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        raise ConfigError(f"--l3 {url!r}: the port is not a number in 1-65535") from None
+    if not host or port is None:
+        raise ConfigError(f"--l3 {url!r}: both a host and a port are needed ({scheme}://HOST:PORT)")
+    return host, port
