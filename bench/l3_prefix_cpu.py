@@ -47,6 +47,17 @@ def ttft(llm: LLM, prompt: list[int]) -> tuple[float, int]:
     return out.first_token_time - out.arrival_time, out.token_ids[0]
 
 
+class _Servers:
+    """Several servers stopped as one."""
+
+    def __init__(self, servers):
+        self.servers = servers
+
+    def stop(self) -> None:
+        for s in self.servers:
+            s.stop()
+
+
 def profiled_ttft(llm: LLM, prompt: list[int], device: torch.device, top: int = 15) -> dict:
     """One request run under the profiler: wall time, GPU kernel time and span, and the host ops and
     kernels that took the most."""
@@ -114,6 +125,9 @@ def main() -> None:
     ap.add_argument("--host-pool-gb", type=float, default=None, help="with --sparse: the host pool (default: automatic)")
     ap.add_argument("--redis-port", type=int, default=None,
                     help="the redis-server's port (default: a free one); e.g. to shape its link with tc")
+    ap.add_argument("--redis-servers", type=int, default=1,
+                    help="redis modes: start this many redis-servers and spread the pages over them "
+                         "(--l3 redis://HOST:PORT,HOST:PORT,...; default 1)")
     ap.add_argument("--redis-io-threads", type=int, default=1,
                     help="the redis-server's --io-threads (default 1, Redis's own default)")
     ap.add_argument("--probe-pages", type=int, default=0,
@@ -186,9 +200,14 @@ def main() -> None:
             elif mode == "redis":
                 from l3_servers import RedisServer
 
-                server = RedisServer(Path(tmp), port=args.redis_port,
-                                     extra_args=["--io-threads", str(args.redis_io_threads)]).start()
-                url = server.url
+                servers = []
+                for i in range(args.redis_servers):
+                    (Path(tmp) / f"redis-{len(rows)}-{i}").mkdir()
+                    servers.append(RedisServer(Path(tmp) / f"redis-{len(rows)}-{i}",
+                                               port=args.redis_port + i if args.redis_port else None,
+                                               extra_args=["--io-threads", str(args.redis_io_threads)]).start())
+                server = _Servers(servers)
+                url = "redis://" + ",".join(f"127.0.0.1:{s.port}" for s in servers)
             elif mode == "mooncake":
                 from l3_servers import MooncakeStoreServers
 
@@ -275,7 +294,7 @@ def main() -> None:
                    model=f"{args.model or 'SmolLM2-135M-Instruct (embedded GGUF)'}, {str(dtype).removeprefix('torch.')}, "
                          f"{kind}, page 16",
                    prompt_len=args.prompt_len, tail=args.tail, max_num_batched_tokens=args.chunk, threads=args.threads,
-                   crc32=_crc32_impl(), redis_io_threads=args.redis_io_threads, rows=rows, **({"setup_note": args.note} if args.note else {}),
+                   crc32=_crc32_impl(), redis_io_threads=args.redis_io_threads, redis_servers=args.redis_servers, rows=rows, **({"setup_note": args.note} if args.note else {}),
                    note="ttft_s: arrival to first token of one request alone (engine step time, L3 reads "
                         "included). load (L3 modes, the measured request): read_s = the I/O thread's reads + "
                         "checks into the host rows (read_bytes of pages), copy_s = the engine thread copying "
