@@ -277,7 +277,11 @@ def main() -> None:
                             f"met from the back {row['l3']['pages_met']}; load: read+check {load['read_s']:.3f} s "
                             f"= {load['read_gb_s']:.1f} GB/s on {row['read_threads']} threads, exists {load['exists_s']:.4f} s, copy issue "
                             f"{load['copy_s']:.3f} s"
-                            + (f", copy on device {load['copy_device_s']:.3f} s" if "copy_device_s" in load else "") + ")")
+                            + (f", copy on device {load['copy_device_s']:.3f} s" if "copy_device_s" in load else "")
+                            + (f"; cut after {load['cut_after_s']:.3f} s, back read started {load['back_wait_s']:.3f} s "
+                               f"later and ran {load['back_read_s']:.3f} s, met {load['met_after_s']:.3f} s after the "
+                               f"cut, {load['split_steps']} steered step(s)" if row['l3']['loads_split'] else "")
+                            + ")")
                 elif mode == "pool":
                     said = (f"  (filling it: {row['fill_ttft_s']:.2f} s; pages reused "
                             f"{row['prefix_cache']['pages_hit']})")

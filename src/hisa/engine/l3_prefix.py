@@ -208,6 +208,7 @@ class _BackRead:
     low: int = 0          # the I/O thread's: pages low..end-1 are read and checked (only falls)
     since: float = 0.0    # the I/O thread's: when its read began (time.monotonic()), 0 before
     stopped: bool = False  # no batch is started after this is set (engine thread)
+    cut_at: float = 0.0   # time.monotonic() of the cut that started it
 
 
 @dataclass(slots=True)
@@ -220,6 +221,7 @@ class _Lookup:
     nbytes: int        # the most its rows can hold (pages from `start` to its cap)
     reading: _Reading
     host: bool = False  # its pages go to the host pool (a sparse request admitted host-backed)
+    since: float = 0.0  # time.monotonic() when it was handed over
 
 
 class L3PrefixCache:
@@ -269,7 +271,11 @@ class L3PrefixCache:
         # where a load's time goes (cumulative): the I/O thread reading and checking pages into the rows,
         # and the engine thread copying them into device pages (on CUDA: issuing the asynchronous copies;
         # copy_timing() adds their time on the device)
-        self.timing = {"exists_s": 0.0, "read_s": 0.0, "read_bytes": 0, "landed_bytes": 0, "copy_s": 0.0, "copied_bytes": 0}
+        self.timing = {"exists_s": 0.0, "read_s": 0.0, "read_bytes": 0, "landed_bytes": 0, "copy_s": 0.0, "copied_bytes": 0,
+                       # split reads: lookup to cut, cut to the back read's start, its length, cut to the
+                       # meeting (summed over loads), and the steps steered meanwhile
+                       "cut_after_s": 0.0, "back_wait_s": 0.0, "back_read_s": 0.0, "met_after_s": 0.0,
+                       "split_steps": 0}
         self._copy_events: list = []   # CUDA: (start, end) events of each load's copies, not yet timed
         self._lookups: dict[str, _Lookup] = {}  # request id -> its lookup in flight
         self._lookup_bytes = 0                  # their nbytes, summed
@@ -388,8 +394,9 @@ class L3PrefixCache:
                                                            unchecked=self.check_on_device and not host))
                 future.add_done_callback(lambda _: self._progressed.set())
             seq.loading = True
-            self._lookups[seq.request_id] = _Lookup(seq, start, future, time.monotonic() + self.load_timeout_s, nbytes,
-                                                    reading, host=host)
+            now = time.monotonic()
+            self._lookups[seq.request_id] = _Lookup(seq, start, future, now + self.load_timeout_s, nbytes,
+                                                    reading, host=host, since=now)
             self._lookup_bytes += nbytes
 
     def _cap(self, scheduler: Scheduler, seq: Sequence, full: int, *, held: int, first_in_line: bool) -> int:
@@ -583,7 +590,7 @@ class L3PrefixCache:
         Queued behind the cut read on the I/O thread, so it starts once that read has ended (and no
         longer writes into these rows)."""
         seq = lookup.seq
-        b = _BackRead(seq, first, first + len(rows), rows, low=first + len(rows))
+        b = _BackRead(seq, first, first + len(rows), rows, low=first + len(rows), cut_at=time.monotonic())
         tokens = seq.token_ids[:b.end * self.page_size]
         b.future = self.io.submit(functools.partial(self._read_back, tokens, b))
         b.future.add_done_callback(lambda _: self._progressed.set())
@@ -596,6 +603,7 @@ class L3PrefixCache:
         batch are kept: the prefill computes the rest). No CUDA call here."""
         keys = page_keys(tokens, self.layout)
         b.since = time.monotonic()
+        self.timing["back_wait_s"] += b.since - b.cut_at
         batch = min(BACK_BATCH_PAGES, self._batch_pages(LAND_CHUNK_BYTES // self.page_bytes))
         hi = b.end
         while hi > b.first and not b.stopped:
@@ -611,6 +619,7 @@ class L3PrefixCache:
             self.timing["read_bytes"] += (hi - lo) * self.page_bytes
             b.low = hi = lo
             self._progressed.set()
+        self.timing["back_read_s"] += time.monotonic() - b.since
 
     def _batch_pages(self, most: int) -> int:
         """Pages per batch of a read (I/O thread): at most `most`, and at the store's recent rate no more
@@ -654,6 +663,7 @@ class L3PrefixCache:
                 continue
             rates = (None, None) if done else (self._prefill_rate(), self._back_rate(b))
             seq.prefill_stop = meeting_stop(c, low, s, *rates)
+            self.timing["split_steps"] += 1
 
     def _back_rate(self, b: _BackRead) -> float | None:
         """A back read's rate in tokens/s: its own once a batch is in, else the store's recent one."""
@@ -710,6 +720,7 @@ class L3PrefixCache:
         else:
             seq.loaded_ahead = n * self.page_size
         self.stats.pages_met += n
+        self.timing["met_after_s"] += time.monotonic() - b.cut_at
         self.stats.pages_loaded += n
         self.stats.tokens_loaded += n * self.page_size
 
@@ -815,6 +826,7 @@ class L3PrefixCache:
                                 ", reading the rest from the back" if back else ", prefilling the rest")
                 else:
                     self.stats.loads_cut_short += 1
+                self.timing["cut_after_s"] += now - lookup.since
             del self._lookups[seq.request_id]
             self._lookup_bytes -= lookup.nbytes
             seq.loading = False

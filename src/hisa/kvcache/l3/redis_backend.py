@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import select
 import socket
-import struct
 import threading
 from typing import Sequence
 
@@ -125,14 +124,6 @@ class _Reader:
         self.generation = generation
         self.sock = socket.create_connection((host, port), timeout=timeout_s)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # a blocking socket whose timeouts are the kernel's (SO_RCVTIMEO, SO_SNDTIMEO: a call past
-        # them raises an OSError), so that a page's bytes arrive in one recvmsg_into with
-        # MSG_WAITALL (with Python's own timeouts each recv takes what is there, a poll before it:
-        # ~20 calls per 2 MiB page, each taking the GIL back)
-        tv = struct.pack("ll", int(timeout_s), int(timeout_s % 1 * 1e6))
-        self.sock.settimeout(None)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         self._poll = select.poll()
         self._poll.register(self.sock, select.POLLIN)
         self._crlf = memoryview(bytearray(2))
@@ -157,7 +148,9 @@ class _Reader:
             return None
         views = [memoryview(b).cast("B") for b in buffers]
         if size == sum(len(v) for v in views):
-            self._recv_all([*views, self._crlf])   # and the reply's closing CRLF
+            for view in views:
+                self._recv_into(view)
+            self._recv_into(self._crlf)   # the reply's closing CRLF
         else:   # not a page of this length: read past it, the socket stays in step
             spare = memoryview(bytearray(min(size + 2, 1 << 20)))
             left = size + 2
@@ -182,19 +175,6 @@ class _Reader:
                 line += self.sock.recv(take)
             if len(line) > 1 << 16:
                 raise redis.exceptions.ResponseError(f"reply line too long: {line[:200]!r}")
-
-    def _recv_all(self, views: list[memoryview]) -> None:
-        """Fill `views` in order from the socket: one recvmsg_into with MSG_WAITALL, again for the
-        rest after a short return (a signal, the timeout)."""
-        while views:
-            n = self.sock.recvmsg_into(views, 0, socket.MSG_WAITALL)[0]
-            if n == 0:
-                raise ConnectionError("the Redis server closed the connection mid-reply")
-            while views and n >= len(views[0]):
-                n -= len(views[0])
-                views = views[1:]
-            if n:
-                views = [views[0][n:], *views[1:]]
 
     def _recv_into(self, view: memoryview) -> int:
         done = 0
