@@ -125,6 +125,9 @@ def main() -> None:
     ap.add_argument("--host-pool-gb", type=float, default=None, help="with --sparse: the host pool (default: automatic)")
     ap.add_argument("--redis-port", type=int, default=None,
                     help="the redis-server's port (default: a free one); e.g. to shape its link with tc")
+    ap.add_argument("--split-margin", type=float, default=None,
+                    help="L3 modes: split a read once finishing it looks this many times slower than "
+                         "prefilling its pages (default: the engine's SPLIT_MARGIN)")
     ap.add_argument("--redis-servers", type=int, default=1,
                     help="redis modes: start this many redis-servers and spread the pages over them "
                          "(--l3 redis://HOST:PORT,HOST:PORT,...; default 1)")
@@ -221,6 +224,9 @@ def main() -> None:
                 row = dict(mode=mode_name, prompt_tokens=len(measured), prefix_tokens=len(prefix))
                 if url is not None:
                     llm.engine.l3_prefix.split_slow_loads = option != "nosplit"
+                    if args.split_margin is not None:
+                        llm.engine.l3_prefix.split_margin = args.split_margin
+                    row["split_margin"] = llm.engine.l3_prefix.split_margin
                     row["split_slow_loads"] = llm.engine.l3_prefix.split_slow_loads
                     store = llm.engine.l3_prefix.l3
                     if args.read_threads is not None:

@@ -296,6 +296,7 @@ class L3PrefixCache:
         # reads of a cut read's later pages, back to front, while their request prefills from the front:
         # request id -> its back read (`_BackRead`); off: a cut read's later pages are prefilled
         self.split_slow_loads = True
+        self.split_margin = SPLIT_MARGIN   # (an attribute: benchmarks try others)
         self._back: dict[str, _BackRead] = {}
         self._back_copies: list = []   # CUDA: events of back pages' copies the next step must wait for
 
@@ -663,6 +664,11 @@ class L3PrefixCache:
                 continue
             rates = (None, None) if done else (self._prefill_rate(), self._back_rate(b))
             seq.prefill_stop = meeting_stop(c, low, s, *rates)
+            if low >= b.end and not done and low * s - c > BACK_SPLIT_MIN_PAGES * s:   # no page of it in yet: its rate is a guess (the store's recent
+                # one, a slow first batch's): the chunk takes at most a third of the gap, so that the steps
+                # after it steer by the read's own rate (an H200 run once prefilled an 8K chunk for 0.3 s
+                # while the file read it was steering by had ended after 0.2 s)
+                seq.prefill_stop = min(seq.prefill_stop, -(-(c + (low * s - c) // 3) // s) * s)
             self.timing["split_steps"] += 1
 
     def _back_rate(self, b: _BackRead) -> float | None:
@@ -810,7 +816,7 @@ class L3PrefixCache:
                     in_l3, run = self._verified(lookup, in_l3, good)
             else:
                 timed_out = now >= lookup.deadline
-                if not timed_out and not self._too_slow(r, now, SPLIT_MARGIN if self._splits(lookup) else CUT_MARGIN):
+                if not timed_out and not self._too_slow(r, now, self.split_margin if self._splits(lookup) else CUT_MARGIN):
                     continue
                 # a cut, or a lookup not back in time: the pages read so far are used (a long prompt's read
                 # may take longer than load_timeout_s and still beat prefilling), the rest read from the back
