@@ -526,6 +526,10 @@ def test_the_prefill_stops_where_it_should_meet_the_back_read():
     assert meeting_stop(100, 64, 16, 1e9, 1.0) == 64 * 16            # never past the read's edge
     assert meeting_stop(100, 64, 16, 1.0, 1e9) == 7 * 16             # at least to the next page boundary
     assert meeting_stop(0, 64, 16, None, 100.0) == 64 * 16           # a rate unknown: to the read's edge
+    # no page of the read in yet (its rate a guess): at most a third of the gap, rounded up to a page
+    assert meeting_stop(0, 64, 16, 300.0, 100.0, read_started=False) == 22 * 16
+    assert meeting_stop(0, 64, 16, 100.0, 300.0, read_started=False) == 16 * 16   # (under a third: as before)
+    assert meeting_stop(0, 64, 16, None, 100.0, read_started=False) == 64 * 16
     small = BACK_SPLIT_MIN_PAGES
     assert meeting_stop(160, 10 + small, 16, 300.0, 300.0) == (10 + small) * 16   # a small gap: closed whole
     for c in range(0, 64 * 16, 37):                                  # page-aligned, past c, within the edge

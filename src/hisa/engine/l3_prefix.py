@@ -663,12 +663,7 @@ class L3PrefixCache:
                     seq.prefill_stop = at * s
                 continue
             rates = (None, None) if done else (self._prefill_rate(), self._back_rate(b))
-            seq.prefill_stop = meeting_stop(c, low, s, *rates)
-            if low >= b.end and not done and low * s - c > BACK_SPLIT_MIN_PAGES * s:   # no page of it in yet: its rate is a guess (the store's recent
-                # one, a slow first batch's): the chunk takes at most a third of the gap, so that the steps
-                # after it steer by the read's own rate (an H200 run once prefilled an 8K chunk for 0.3 s
-                # while the file read it was steering by had ended after 0.2 s)
-                seq.prefill_stop = min(seq.prefill_stop, -(-(c + (low * s - c) // 3) // s) * s)
+            seq.prefill_stop = meeting_stop(c, low, s, *rates, read_started=done or low < b.end)
             self.timing["split_steps"] += 1
 
     def _back_rate(self, b: _BackRead) -> float | None:
@@ -1184,22 +1179,28 @@ class L3PrefixCache:
 
 
 def meeting_stop(computed: int, low: int, page_size: int, prefill_rate: float | None,
-                 read_rate: float | None) -> int:
+                 read_rate: float | None, *, read_started: bool = True) -> int:
     """Where a prefill at token `computed` should stop its next chunk while a read from the back has
     pages `low`.. (a page boundary past `computed`, at most `low`'s): where the two meet if the
     prefill runs at `prefill_rate` and the read goes on at `read_rate` (tokens/s both), i.e. after
     gap * prefill / (prefill + read) of the gap's tokens, rounded up to a page; the read's edge when
     a rate is unknown or the gap is at most BACK_SPLIT_MIN_PAGES pages (closing it whole costs
-    less than another step). Pure.
+    less than another step). Before the read has a page in (`read_started` False) its rate is a
+    guess (the store's recent one, or a slow first batch's): the chunk takes at most a third of the
+    gap, so that the steps after it steer by the read's own rate (an H200 run once prefilled an 8K
+    chunk for 0.3 s while the file read it was steering by had ended after 0.2 s). Pure.
 
     Example::
 
         meeting_stop(0, 64, 16, 300.0, 100.0)   # 768: 48 of the 64 pages (3/4 of the gap)
+        meeting_stop(0, 64, 16, 300.0, 100.0, read_started=False)   # 352: 22 pages (a third, rounded up)
     """
     gap = low * page_size - computed
     take = gap
     if prefill_rate and read_rate and gap > BACK_SPLIT_MIN_PAGES * page_size:
         take = max(1, int(gap * prefill_rate / (prefill_rate + read_rate)))
+        if not read_started:
+            take = min(take, max(1, gap // 3))
     return min(low * page_size, -(-(computed + take) // page_size) * page_size)
 
 
