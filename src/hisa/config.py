@@ -39,7 +39,7 @@ class EngineConfig:
         Defaults: 2 GB on CPU; on CUDA, `gpu_memory_utilization` of free memory after the weights.
     sparse: a :class:`hisa.sparse.config.SparseConfig`; prompts of at least its min_prompt_len run
         with the full KV in the host pool and only the selected pages on the device.
-    l3: None (off, the default) or an L3 store for prompt pages, `file:PATH`, `redis://HOST:PORT` or
+    l3: None (off, the default) or an L3 store for prompt pages, `file:PATH`, `redis://HOST:PORT[,HOST:PORT...]` or
         `mooncake://MASTER_HOST:PORT`: dense requests load the full prompt pages it holds instead of
         prefilling them, and store theirs (hisa.engine.l3_prefix).
     l3_gb: the most GB of pages this process keeps in L3 (LRU eviction); None = no bound.
@@ -86,7 +86,7 @@ class EngineConfig:
     progress: bool = True
     sparse: SparseConfig | None = None  # the hierarchical sparse KV cache for long prompts; None = all dense
     cuda_graphs: bool = True  # capture decode steps in CUDA graphs (CUDA only); False = always eager
-    l3: str | None = None  # prefix reuse through an L3 store (file:PATH | redis://HOST:PORT | mooncake://...)
+    l3: str | None = None  # prefix reuse through an L3 store (file:PATH | redis://HOST:PORT[,...] | mooncake://...)
     l3_gb: float | None = None
     l3_async: bool = True
     prefix_cache: bool = True

@@ -17,6 +17,22 @@ def redis_server(tmp_path):
     server.stop()
 
 
+@pytest.fixture
+def redis_servers(tmp_path):
+    """Two redis-servers (a store spread over them: redis://HOST:PORT,HOST:PORT)."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (scripts/setup.sh installs the Debian package redis-server)")
+    servers = []
+    try:
+        for i in range(2):
+            (tmp_path / f"redis-{i}").mkdir()
+            servers.append(RedisServer(tmp_path / f"redis-{i}").start())
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
 @pytest.fixture(scope="module")
 def mooncake_servers(tmp_path_factory):
     require_mooncake()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 
 import pytest
 
@@ -273,3 +274,45 @@ def test_the_checksum_is_zlibs_crc32_whichever_library_computes_it():
     data = bytes(range(256)) * 4099
     for n in (0, 1, 15, 4096, len(data)):
         assert record.crc32(data[:n], 7) == zlib.crc32(data[:n], 7)
+
+
+def test_a_store_spread_over_two_redis_servers(redis_servers, caplog):
+    """redis://A,B: each page lives on the server its key picks (both hold some), every page reads
+    back through the load path and is found by exists; a second process given the same list finds
+    them; one server killed degrades the whole store to "no L3" (misses, a warning, a counter), and
+    it comes back with that server."""
+    a, b = redis_servers
+    url = f"redis://127.0.0.1:{a.port},127.0.0.1:{b.port}"
+    store = open_l3(url, retry_after_s=0.2)
+    assert store.backend.name == "redis x2"
+    keys = [f"{i:064x}" for i in range(40)]
+    assert store.set(keys, [_kb(i) for i in range(40)]) == 40
+    on = [sum(1 for k in keys if store.backend.shard_of(k) == s) for s in range(2)]
+    assert min(on) >= 10, on                                       # spread over both
+    for server, n in zip(redis_servers, on):
+        import redis
+        client = redis.Redis(port=server.port)
+        assert len(client.keys("hisa:l3:*")) == n                  # each page on its server alone
+        client.close()
+    rows = [bytearray(1000) for _ in keys]
+    assert store.get_into(keys, [memoryview(r) for r in rows]) == [True] * 40
+    assert [bytes(r) for r in rows] == [_kb(i) for i in range(40)]
+    other = open_l3(url)                                           # another process, the same list
+    assert other.exists(keys + ["absent"]) == [True] * 40 + [False]
+    assert [bytes(v) for v in other.get(keys[:3])] == [_kb(i) for i in range(3)]
+    other.close()
+    b.kill()
+    with caplog.at_level(logging.WARNING, logger="hisa.l3"):
+        assert store.exists(keys[:4]) == [False] * 4                # one server gone: no L3 for a while
+    assert store.stats.failures == 1 and "failed" in caplog.text
+    b.start()                                                      # (its pages are gone with it)
+    time.sleep(0.3)
+    assert store.exists(keys) == [store.backend.shard_of(k) == 0 for k in keys]
+    store.close()
+
+
+def test_a_redis_url_naming_an_unreachable_server_is_a_config_error(redis_server):
+    from l3_servers import free_port
+
+    with pytest.raises(ConfigError, match=f"127.0.0.1:{(port := free_port())}: cannot reach"):
+        open_l3(f"redis://127.0.0.1:{redis_server.port},127.0.0.1:{port}")

@@ -1,4 +1,5 @@
-"""`--l3` values: the three accepted forms and a clear error for everything else."""
+"""`--l3` values: the three accepted forms (redis with one server or several) and a clear error for
+everything else."""
 
 import pytest
 
@@ -13,6 +14,8 @@ from hisa.kvcache.l3 import FileL3Spec, MooncakeL3Spec, RedisL3Spec, parse_l3_ur
     ("redis://127.0.0.1:6379", RedisL3Spec("127.0.0.1", 6379, 0)),
     ("redis://cache.local:7000/3", RedisL3Spec("cache.local", 7000, 3)),
     ("REDIS://[::1]:6379", RedisL3Spec("::1", 6379, 0)),
+    ("redis://a:6379,b:6380,a:6381/2", RedisL3Spec("a", 6379, 2, others=(("b", 6380), ("a", 6381)))),
+    ("redis://[::1]:6379,[::1]:6380", RedisL3Spec("::1", 6379, 0, others=(("::1", 6380),))),
     ("mooncake://10.0.0.5:50051", MooncakeL3Spec("10.0.0.5", 50051, "http://10.0.0.5:8080/metadata")),
     ("mooncake://127.0.0.1:50051?metadata=http://127.0.0.1:9000/metadata",
      MooncakeL3Spec("127.0.0.1", 50051, "http://127.0.0.1:9000/metadata")),
@@ -32,6 +35,9 @@ def test_accepted_forms(url, spec):
     ("redis://127.0.0.1:port", "not a number"),
     ("redis://127.0.0.1:70000", "not a number"),
     ("redis://127.0.0.1:6379/db1", "database"),
+    ("redis://127.0.0.1:6379,127.0.0.1:6379", "named twice"),
+    ("redis://127.0.0.1:6379,", "host and a port"),
+    ("redis://127.0.0.1:6379,127.0.0.1", "host and a port"),
     ("mooncake://127.0.0.1:50051?segment=1", "unknown option"),
     ("mooncake://127.0.0.1:50051/x", "no path"),
 ])
