@@ -105,23 +105,31 @@ def test_corrupt_and_deleted_pages_are_recomputed(make_llm, prompts, reference, 
 
 
 @pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed (scripts/setup.sh installs it)")
-def test_redis_shared_by_two_engines_and_killed_mid_run(make_llm, prompts, reference, tmp_path):
-    server = RedisServer(tmp_path).start()
+@pytest.mark.parametrize("servers", [1, 2])
+def test_redis_shared_by_two_engines_and_killed_mid_run(make_llm, prompts, reference, tmp_path, servers):
+    """Engine b loads the prefix engine a stored, from one Redis server or from two (pages spread by
+    key: redis://A,B); one server killed, b recomputes. Tokens as without L3; nothing leaks."""
+    running = []
     try:
-        a = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=server.url)
-        b = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=server.url)
+        for i in range(servers):
+            (tmp_path / str(i)).mkdir()
+            running.append(RedisServer(tmp_path / str(i)).start())
+        url = "redis://" + ",".join(f"127.0.0.1:{r.port}" for r in running)
+        a = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=url)
+        b = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=url)
         assert _one_by_one(a, prompts[:1]) == reference[:1]
         a.engine.l3_prefix.drain()
         assert _one_by_one(b, prompts[1:2]) == reference[1:2]          # b reuses a's prefix
         assert b.engine.l3_prefix.metrics()["pages_loaded"] == 300 // S
-        server.kill()
+        running[-1].kill()
         assert _one_by_one(b, prompts[2:]) == reference[2:]             # no L3 now: recomputed
         m = b.engine.l3_prefix.metrics()
         assert m["store_failures"] == 1 and m["pages_loaded"] == 300 // S
         _check_no_leak(a)
         _check_no_leak(b)
     finally:
-        server.stop()
+        for r in running:
+            r.stop()
 
 
 def test_mooncake_store_serves_a_prefix(make_llm, prompts, reference, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 from hisa.kvcache.l3 import open_l3
 
 
-@pytest.fixture(params=["file", "redis", "mooncake"])
+@pytest.fixture(params=["file", "redis", "redis x2", "mooncake"])
 def l3(request, tmp_path):
     """(store, flip_bit(key, bit)) for one backend; flip_bit corrupts the stored page in place."""
     if request.param == "file":
@@ -34,6 +34,14 @@ def l3(request, tmp_path):
         def flip(key, bit):
             name = store.backend.prefix + key
             raw.setbit(name, bit, 1 - raw.getbit(name, bit))
+    elif request.param == "redis x2":   # pages spread over two servers by key
+        a, b = request.getfixturevalue("redis_servers")
+        store = open_l3(f"redis://127.0.0.1:{a.port},127.0.0.1:{b.port}")
+
+        def flip(key, bit):
+            shard = store.backend.shards[store.backend.shard_of(key)]
+            name = shard.prefix + key
+            shard.client.setbit(name, bit, 1 - shard.client.getbit(name, bit))
     else:
         servers = request.getfixturevalue("mooncake_servers")
         store = open_l3(servers.url)
