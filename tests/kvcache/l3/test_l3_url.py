@@ -38,6 +38,7 @@ def test_accepted_forms(url, spec):
     ("redis://127.0.0.1:6379,127.0.0.1:6379", "named twice"),
     ("redis://127.0.0.1:6379,", "host and a port"),
     ("redis://127.0.0.1:6379,127.0.0.1", "host and a port"),
+    ("redis://127.0.0.1:6379,127.0.0.1:6380?x=1", "no options"),
     ("mooncake://127.0.0.1:50051?segment=1", "unknown option"),
     ("mooncake://127.0.0.1:50051/x", "no path"),
 ])

@@ -75,10 +75,9 @@ def parse_l3_url(url: str) -> L3Spec:
     if scheme in ("redis", "mooncake"):
         if not rest.startswith("//"):
             raise ConfigError(f"--l3 {url!r}: use {scheme}://HOST:PORT")
-        netloc, slash, tail = rest[2:].partition("/")
-        hosts = netloc.split(",") if scheme == "redis" else [netloc]
+        parts = urlsplit(url)
+        hosts = parts.netloc.split(",") if scheme == "redis" else [parts.netloc]
         servers = [_host_port(url, scheme, f"{scheme}://{h}") for h in hosts]
-        parts = urlsplit(f"{scheme}://{hosts[0]}{slash}{tail}")
         host, port = servers[0]
         if scheme == "redis":
             if parts.query:
