@@ -47,17 +47,6 @@ def ttft(llm: LLM, prompt: list[int]) -> tuple[float, int]:
     return out.first_token_time - out.arrival_time, out.token_ids[0]
 
 
-class _Servers:
-    """Several servers stopped as one."""
-
-    def __init__(self, servers):
-        self.servers = servers
-
-    def stop(self) -> None:
-        for s in self.servers:
-            s.stop()
-
-
 def profiled_ttft(llm: LLM, prompt: list[int], device: torch.device, top: int = 15) -> dict:
     """One request run under the profiler: wall time, GPU kernel time and span, and the host ops and
     kernels that took the most."""
@@ -201,16 +190,12 @@ def main() -> None:
             elif mode == "file":
                 url = f"file:{tmp}/l3-{len(rows)}"   # (a mode may repeat: each run its own directory)
             elif mode == "redis":
-                from l3_servers import RedisServer
+                from l3_servers import RedisServers
 
-                servers = []
-                for i in range(args.redis_servers):
-                    (Path(tmp) / f"redis-{len(rows)}-{i}").mkdir()
-                    servers.append(RedisServer(Path(tmp) / f"redis-{len(rows)}-{i}",
-                                               port=args.redis_port + i if args.redis_port else None,
-                                               extra_args=["--io-threads", str(args.redis_io_threads)]).start())
-                server = _Servers(servers)
-                url = "redis://" + ",".join(f"127.0.0.1:{s.port}" for s in servers)
+                (Path(tmp) / f"redis-{len(rows)}").mkdir()   # (a mode may repeat: each run its own servers)
+                server = RedisServers(Path(tmp) / f"redis-{len(rows)}", args.redis_servers, port=args.redis_port,
+                                      extra_args=["--io-threads", str(args.redis_io_threads)]).start()
+                url = server.url
             elif mode == "mooncake":
                 from l3_servers import MooncakeStoreServers
 

@@ -34,10 +34,9 @@ from _common import REPO, header, write_json
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "tests" / "kvcache" / "l3"))
 
-from hisa.kvcache.l3 import L3Store  # noqa: E402
+from hisa.kvcache.l3 import L3Store, open_backend  # noqa: E402
 from hisa.kvcache.l3 import redis_backend  # noqa: E402
-from hisa.kvcache.l3.sharded import ShardedBackend  # noqa: E402
-from l3_servers import REDIS_SERVER, RedisServer  # noqa: E402
+from l3_servers import REDIS_SERVER, RedisServers  # noqa: E402
 
 
 def _io_args(n: int) -> list[str]:
@@ -69,15 +68,11 @@ def main() -> int:
     page_bytes = int(args.page_mib * (1 << 20))
     rows, gb = [], args.pages * page_bytes / 1e9
     with tempfile.TemporaryDirectory() as tmp:
-        servers = []
-        for i in range(args.servers):
-            (Path(tmp) / str(i)).mkdir()
-            servers.append(RedisServer(Path(tmp) / str(i), extra_args=_io_args(args.io_threads)).start())
-        server = servers[0]
+        running = RedisServers(Path(tmp), args.servers, extra_args=_io_args(args.io_threads)).start()
+        server = running.servers[0]
 
-        def connect():   # what --l3 redis://... with these servers opens
-            shards = [redis_backend.RedisBackend("127.0.0.1", s.port) for s in servers]
-            return shards[0] if len(shards) == 1 else ShardedBackend(shards)
+        def connect():   # what --l3 with these servers opens
+            return open_backend(running.url)
 
         try:
             writer = L3Store(connect())
@@ -138,8 +133,7 @@ def main() -> int:
                 print(f"direct   {threads:2d} reader threads   get_into (GET into rows + check) "
                       f"{row['get_into_gb_s']:5.2f} GB/s", flush=True)
         finally:
-            for s in servers:
-                s.stop()
+            running.stop()
     payload = dict(**header(torch.device("cpu"), args.git_commit), pages=args.pages, page_bytes=page_bytes,
                    server=dict(binary=REDIS_SERVER, io_threads=args.io_threads, servers=args.servers),
                    cpus=os.cpu_count(),

@@ -20,7 +20,7 @@ from hisa import SamplingParams
 from tests.conftest import long_text
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "kvcache", "l3"))
-from l3_servers import REDIS_SERVER, MooncakeStoreServers, RedisServer, require_mooncake  # noqa: E402
+from l3_servers import REDIS_SERVER, MooncakeStoreServers, RedisServers, require_mooncake  # noqa: E402
 from slow_backend import SlowBackend  # noqa: E402
 
 pytestmark = pytest.mark.slow   # three SmolLM2 engines and a reference run
@@ -109,27 +109,23 @@ def test_corrupt_and_deleted_pages_are_recomputed(make_llm, prompts, reference, 
 def test_redis_shared_by_two_engines_and_killed_mid_run(make_llm, prompts, reference, tmp_path, servers):
     """Engine b loads the prefix engine a stored, from one Redis server or from two (pages spread by
     key: redis://A,B); one server killed, b recomputes. Tokens as without L3; nothing leaks."""
-    running = []
+    running = RedisServers(tmp_path, servers).start()
     try:
-        for i in range(servers):
-            (tmp_path / str(i)).mkdir()
-            running.append(RedisServer(tmp_path / str(i)).start())
-        url = "redis://" + ",".join(f"127.0.0.1:{r.port}" for r in running)
+        url = running.url
         a = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=url)
         b = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=url)
         assert _one_by_one(a, prompts[:1]) == reference[:1]
         a.engine.l3_prefix.drain()
         assert _one_by_one(b, prompts[1:2]) == reference[1:2]          # b reuses a's prefix
         assert b.engine.l3_prefix.metrics()["pages_loaded"] == 300 // S
-        running[-1].kill()
+        running.servers[-1].kill()
         assert _one_by_one(b, prompts[2:]) == reference[2:]             # no L3 now: recomputed
         m = b.engine.l3_prefix.metrics()
         assert m["store_failures"] == 1 and m["pages_loaded"] == 300 // S
         _check_no_leak(a)
         _check_no_leak(b)
     finally:
-        for r in running:
-            r.stop()
+        running.stop()
 
 
 def test_mooncake_store_serves_a_prefix(make_llm, prompts, reference, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from l3_servers import REDIS_SERVER, MooncakeStoreServers, RedisServer, require_mooncake
+from l3_servers import REDIS_SERVER, MooncakeStoreServers, RedisServer, RedisServers, require_mooncake
 
 
 @pytest.fixture
@@ -22,15 +22,9 @@ def redis_servers(tmp_path):
     """Two redis-servers (a store spread over them: redis://HOST:PORT,HOST:PORT)."""
     if REDIS_SERVER is None:
         pytest.skip("redis-server is not installed (scripts/setup.sh installs the Debian package redis-server)")
-    servers = []
-    try:
-        for i in range(2):
-            (tmp_path / f"redis-{i}").mkdir()
-            servers.append(RedisServer(tmp_path / f"redis-{i}").start())
-        yield servers
-    finally:
-        for server in servers:
-            server.stop()
+    servers = RedisServers(tmp_path, 2).start()
+    yield servers.servers
+    servers.stop()
 
 
 @pytest.fixture(scope="module")

@@ -73,6 +73,34 @@ class RedisServer:
     def stop(self) -> None:
         _stop(self.proc)
 
+
+class RedisServers:
+    """`n` RedisServers, each in its own subdirectory of `workdir` (a store spread over them:
+    `url` is redis://HOST:PORT,HOST:PORT,...); ports from `port` on if given. Started and stopped
+    as one; `servers[i]` is each (to kill one)."""
+
+    def __init__(self, workdir: Path, n: int, *, extra_args: list[str] | None = None, port: int | None = None):
+        self.servers = [RedisServer(workdir / f"redis-{i}", extra_args=extra_args,
+                                    port=port + i if port else None) for i in range(n)]
+
+    def start(self) -> "RedisServers":
+        try:
+            for server in self.servers:
+                server.workdir.mkdir(exist_ok=True)
+                server.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    @property
+    def url(self) -> str:
+        return "redis://" + ",".join(f"127.0.0.1:{s.port}" for s in self.servers)
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
 REDIS_SERVER = shutil.which("redis-server")
 
 def mooncake_bin(name: str) -> str | None:
