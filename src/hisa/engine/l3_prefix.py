@@ -30,7 +30,11 @@ requests and aborts get in). A lookup not back after `load_timeout_s` stops bein
 pages (this read's or the store's recent rate against the engine's prefill rate: `_too_slow`) is
 cut short, its pages read so far used (`loads_cut_short`), and for a dense request the pages it has
 not read are then read from the prompt's last page back while the request prefills from the front,
-its chunks stopping where the two meet (`_BackRead`, `loads_split`); a backend error reads as misses (`L3Store`). A request
+its chunks stopping where the two meet (`_BackRead`, `loads_split`). A read faster than prefilling
+is split the same way where the store and the device working at once save enough (`split_pays`):
+it ends after the batch it is in, which is kept (a cut throws it away). On CUDA a back read's pages
+are copied on to the device at each step while it goes on (`_land_back`), so where the two meet
+only device-to-device copies are left. A backend error reads as misses (`L3Store`). A request
 aborted while loading holds nothing but its lookup, which is forgotten. A lookup back while the
 batch is full takes nothing and is made again later; a request that took pages but that the
 schedule did not admit gives them back right after it (a waiting request cannot be preempted:
@@ -116,6 +120,10 @@ LAND_HEADROOM_BYTES = 1 << 30  # CUDA: pages are copied ahead to the device only
 LOAD_TIMEOUT_S = 10.0      # a lookup not back by then is no longer waited for: treated as a cut read (`_cut`)
 CUT_MARGIN = 1.5           # a read is cut short once finishing it looks this many times slower than prefilling its pages
 SPLIT_MARGIN = 1.0         # the same where the rest is then read from the back while the front prefills (`_BackRead`)
+# a read faster than prefilling is split too (`_split_pays`) when reading its rest from the back while the
+# front prefills should save this many seconds and this share of the rest's read
+SPLIT_GAIN_S = 0.02
+SPLIT_GAIN_SHARE = 0.1
 PREFILL_DECAY = 0.8        # weight of the earlier prefill steps in the prefill rate (decayed sums of tokens and seconds)
 READ_BATCH_S = 0.25         # a read's batches hold at most this long a read at the store's recent rate
 BACK_BATCH_PAGES = 64      # a back read (`_read_back`) reads this many pages per batch, from the last back
@@ -192,6 +200,7 @@ class _Reading:
     in_l3: int = 0
     hits: int = -1
     read_since: float = 0.0
+    failed: bool = False  # the I/O thread's: the read ended at a page that failed its checks
 
 
 @dataclass(slots=True)
@@ -209,6 +218,10 @@ class _BackRead:
     since: float = 0.0    # the I/O thread's: when its read began (time.monotonic()), 0 before
     stopped: bool = False  # no batch is started after this is set (engine thread)
     cut_at: float = 0.0   # time.monotonic() of the cut that started it
+    # CUDA (engine thread): pages landed_low..end-1 are copied on to the device (their rows given back):
+    # (first page, [n, layers, 2, S, KVH, D] tensor, the copy's event), in the order landed (last pages first)
+    landed_low: int = 0
+    landed: list = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -222,6 +235,7 @@ class _Lookup:
     reading: _Reading
     host: bool = False  # its pages go to the host pool (a sparse request admitted host-backed)
     since: float = 0.0  # time.monotonic() when it was handed over
+    split: bool = False  # a fast read told to end after its current batch, its rest read from the back (`_split_pays`)
 
 
 class L3PrefixCache:
@@ -275,7 +289,9 @@ class L3PrefixCache:
                        # split reads: lookup to cut, cut to the back read's start, its length, cut to the
                        # meeting (summed over loads), and the steps steered meanwhile
                        "cut_after_s": 0.0, "back_wait_s": 0.0, "back_read_s": 0.0, "met_after_s": 0.0,
-                       "split_steps": 0}
+                       "split_steps": 0,
+                       # CUDA: the bytes of back reads' pages copied on to the device while the read went on
+                       "back_landed_bytes": 0}
         self._copy_events: list = []   # CUDA: (start, end) events of each load's copies, not yet timed
         self._lookups: dict[str, _Lookup] = {}  # request id -> its lookup in flight
         self._lookup_bytes = 0                  # their nbytes, summed
@@ -297,6 +313,8 @@ class L3PrefixCache:
         # request id -> its back read (`_BackRead`); off: a cut read's later pages are prefilled
         self.split_slow_loads = True
         self.split_margin = SPLIT_MARGIN   # (an attribute: benchmarks try others)
+        # a dense request's read faster than prefilling is split too where that pays (`_split_pays`)
+        self.split_fast_loads = True
         self._back: dict[str, _BackRead] = {}
         self._back_copies: list = []   # CUDA: events of back pages' copies the next step must wait for
 
@@ -452,6 +470,7 @@ class L3PrefixCache:
         hits = min(after.index(False) if False in after else len(after), len(reading.rows))
         reading.in_l3, reading.read_since = in_l3, time.monotonic()
         reading.hits = hits   # last: the engine thread reads `hits` first
+        self._progressed.set()   # (the engine may decide on a cut or split at the store's recent rate)
         batch = self._batch_pages(LAND_CHUNK_BYTES // self.page_bytes)
         good = 0
         while good < hits and not reading.dropped:
@@ -473,6 +492,7 @@ class L3PrefixCache:
             self._progressed.set()
             if n < len(part):   # a page that failed its check is gone from L3 now (the store deleted it)
                 in_l3 = min(in_l3, start + good)
+                reading.failed = True
                 break
         return in_l3, good
 
@@ -532,29 +552,53 @@ class L3PrefixCache:
 
     def _too_slow(self, r: _Reading, now: float, margin: float = CUT_MARGIN) -> bool:
         """Whether the rest of a read in flight would take longer (by `margin`) than prefilling its
-        pages at the engine's prefill rate. The rest's time: at the rate this read has gone so far
-        once a batch of its pages is in, before that at the store's recent rate (earlier reads) less
-        the time spent. Undecided (False) before `exists` is back, before any prefill was timed, and
-        for a first read with no page in yet: a load from a fast store (a local disk, a GPU host's
-        page cache) is not cut, and one from a slow store (a far Redis: 0.4-1 GB/s, against ~20K
-        tokens/s of 8B prefill on an H200) stops once a batch is in, or at once when the store was
-        slow before. The pages read so far are used."""
-        rate, hits = self.prefill_tokens_per_s, r.hits
-        if not self.cut_slow_loads or rate is None or hits < 0:
+        pages at the engine's prefill rate (`_rest_read_s`). Undecided (False) before `exists` is
+        back, before any prefill was timed, and for a first read with no page in yet: a load from a
+        fast store (a local disk, a GPU host's page cache) is not cut, and one from a slow store (a
+        far Redis: 0.4-1 GB/s, against ~20K tokens/s of 8B prefill on an H200) stops once a batch is
+        in, or at once when the store was slow before. The pages read so far are used."""
+        rest = self._rest_read_s(r, now) if self.cut_slow_loads else None
+        if rest is None:
             return False
+        left, read_s, rate = rest
+        return read_s > margin * left * self.page_size / rate
+
+    def _split_pays(self, r: _Reading, now: float) -> bool:
+        """Whether a read in flight that is faster than prefilling should still end after its current
+        batch, its rest read from the back while the request prefills from there (`_BackRead`): the
+        store and the device then work at once, and the rest takes left / (prefill rate + read rate)
+        instead of left / read rate. Yes when that saves SPLIT_GAIN_S and SPLIT_GAIN_SHARE of the
+        rest's read (a page cache read at ~15 GB/s against ~28K tokens/s of 8B prefill on an H200
+        saves a fifth; a CPU's prefill beside its disk, a few hundredths: not split). Undecided as
+        `_too_slow`."""
+        rest = self._rest_read_s(r, now) if self.split_fast_loads else None
+        if rest is None:
+            return False
+        left, read_s, rate = rest
+        return split_pays(left * self.page_size, read_s, rate)
+
+    def _rest_read_s(self, r: _Reading, now: float) -> tuple[int, float, float] | None:
+        """(pages left, seconds their read should take, the engine's prefill rate in tokens/s) for a
+        read in flight, or None when that is not known yet. The rest's time: at the rate this read has
+        gone so far once a batch of its pages is in, before that at the store's recent rate (earlier
+        reads) less the time spent; None before `exists` is back, before any prefill was timed, or
+        with no page in and no earlier read."""
+        rate, hits = self.prefill_tokens_per_s, r.hits
+        if rate is None or hits < 0:
+            return None
         ready = r.ready
         left = hits - ready
         if left <= 0:
-            return False
+            return None
         elapsed = now - r.read_since
         store_rate = self._read_rate()
         if ready > 0:
             read_s = elapsed * left / ready
         elif store_rate is not None:
-            read_s = left * self.page_bytes / store_rate - elapsed
+            read_s = max(left * self.page_bytes / store_rate - elapsed, 0.0)
         else:
-            return False
-        return read_s > margin * left * self.page_size / rate
+            return None
+        return left, read_s, rate
 
     def _cut(self, lookup: _Lookup, *, keep_unread: bool = False) -> tuple[int, int]:
         """Stop a read in flight: the pages read and checked so far are kept (landed or in their rows),
@@ -591,7 +635,8 @@ class L3PrefixCache:
         Queued behind the cut read on the I/O thread, so it starts once that read has ended (and no
         longer writes into these rows)."""
         seq = lookup.seq
-        b = _BackRead(seq, first, first + len(rows), rows, low=first + len(rows), cut_at=time.monotonic())
+        end = first + len(rows)
+        b = _BackRead(seq, first, end, rows, low=end, cut_at=time.monotonic(), landed_low=end)
         tokens = seq.token_ids[:b.end * self.page_size]
         b.future = self.io.submit(functools.partial(self._read_back, tokens, b))
         b.future.add_done_callback(lambda _: self._progressed.set())
@@ -651,6 +696,7 @@ class L3PrefixCache:
         s = self.page_size
         for b in list(self._back.values()):
             seq, low, done = b.seq, b.low, b.future.done()
+            self._land_back(b, low)
             c = seq.num_computed
             at = -(-c // s)   # the first page no chunk has reached
             if at >= b.end or (done and low >= b.end):   # the prefill passed it, or the read got nothing
@@ -673,6 +719,36 @@ class L3PrefixCache:
             return pages * self.page_size / max(time.monotonic() - b.since, 1e-6)
         rate = self._read_rate()
         return None if rate is None else rate / self.page_bytes * self.page_size
+
+    def _land_back(self, b: _BackRead, low: int) -> None:
+        """CUDA: copy b's pages read since the last call (low..landed_low-1) on to the device on the
+        landing stream, while the read and the prefill go on, and give their rows back once copied; at
+        the meeting only device-to-device copies are left for them (`_take_back`). Only while the
+        device has LAND_HEADROOM_BYTES to spare past them; pages not landed stay in their rows."""
+        if not self.land_on_device or low >= b.landed_low:
+            return
+        device, dtype = self.cache.data.device, self.cache.data.dtype
+        n = b.landed_low - low
+        if torch.cuda.mem_get_info(device)[0] < n * self.page_bytes + LAND_HEADROOM_BYTES:
+            return
+        rows = b.rows[low - b.first:b.landed_low - b.first]
+        with torch.cuda.stream(self._land_stream):
+            try:
+                pages = torch.empty(n, *self.page_shape, dtype=dtype, device=device)
+            except torch.cuda.OutOfMemoryError:
+                return
+            done = 0
+            for pos, first, end in runs(rows):
+                pages[pos:pos + end - first].copy_(self.rows.pages(first, end, dtype=dtype, shape=self.page_shape),
+                                                   non_blocking=True)
+                done = pos + end - first
+            copied = torch.cuda.Event()
+            copied.record(self._land_stream)
+        assert done == n
+        b.landed.append((low, pages, copied))
+        self.rows.give_back(rows, event=copied)
+        b.landed_low = low
+        self.timing["back_landed_bytes"] += n * self.page_bytes
 
     def take_loaded_ahead(self, scheduler: Scheduler, batch) -> None:
         """After the schedule: a request with a back read whose chunk ends where the read has got to
@@ -698,12 +774,17 @@ class L3PrefixCache:
             self._end_back(b)   # (no room for them now: the prefill computes them)
             return
         pages = scheduler.allocator.allocate(n)
-        rows = b.rows[m - b.first:]
+        top = max(m, b.landed_low)   # pages m..top-1 are in their rows, top..end-1 on the device
+        rows = b.rows[m - b.first:top - b.first]
+        landed = LoadedRun([(t[max(0, top - p):], event) for p, t, event in sorted(b.landed, key=lambda x: x[0])
+                            if p + t.shape[0] > top])
         try:
             if self._land_stream is not None:
                 self._land_stream.wait_stream(torch.cuda.current_stream(self.cache.data.device))
                 with torch.cuda.stream(self._land_stream):
-                    copied = self._write_pages(pages, LoadedRun(rows=rows))
+                    copied = self._write_pages(pages[:top - m], LoadedRun(rows=rows))
+                    if len(landed):
+                        self._back_copies.append(self._write_pages(pages[top - m:], landed))
                 self._back_copies.append(copied)
             else:
                 copied = self._write_pages(pages, LoadedRun(rows=rows))
@@ -740,7 +821,8 @@ class L3PrefixCache:
         b.seq.prefill_stop = None
         if self._back.get(b.seq.request_id) is b:
             del self._back[b.seq.request_id]
-        self._give_back_when_done(b.future, b.rows)
+        b.landed = []
+        self._give_back_when_done(b.future, b.rows[:b.landed_low - b.first])   # (the landed pages' rows are back)
 
     def _failed(self, pages: torch.Tensor, crcs: list[tuple[int, int]], first: int, end: int) -> torch.Tensor:
         """Landing stream: which of the landed `pages` ([n, ...] on the device, copied from rows
@@ -799,7 +881,8 @@ class L3PrefixCache:
             if lookup is None:
                 continue
             r = lookup.reading
-            back: list[int] = []   # a cut read's rows not read yet (see the cut below)
+            back: list[int] = []   # a cut or split read's rows not read yet, pages from `good` on (below)
+            good = 0
             if lookup.future.done():
                 # a failed lookup (a bug; io.check() raises it) reads as a miss
                 if lookup.future.exception() is not None:
@@ -807,17 +890,29 @@ class L3PrefixCache:
                     self.rows.give_back(r.rows[r.num_landed:])
                 else:   # its pages: those copied on to the device (rows[:num_landed]), then rows[num_landed:good]
                     in_l3, good = lookup.future.result()
-                    self.rows.give_back(r.rows[good:])   # rows no page was read into
+                    # a split read that ended short, no page failing its check: the rest is read from the back
+                    if lookup.split and good < r.hits and not r.failed:
+                        back = r.rows[good:r.hits]
+                        self.rows.give_back(r.rows[r.hits:])
+                    else:
+                        self.rows.give_back(r.rows[good:])   # rows no page was read into
                     in_l3, run = self._verified(lookup, in_l3, good)
+            elif lookup.split and now < lookup.deadline:
+                continue   # told to end after its current batch: it will be back soon
             else:
                 timed_out = now >= lookup.deadline
-                if not timed_out and not self._too_slow(r, now, self.split_margin if self._splits(lookup) else CUT_MARGIN):
+                splits = self._splits(lookup)
+                if not timed_out and not self._too_slow(r, now, self.split_margin if splits else CUT_MARGIN):
+                    if splits and self._split_pays(r, now):
+                        # faster than prefilling, yet the rest is sooner read from the back while the front
+                        # prefills: the read ends after the batch it is in (a cut would throw that away)
+                        lookup.split = r.dropped = True
+                        self.timing["cut_after_s"] += now - lookup.since
                     continue
                 # a cut, or a lookup not back in time: the pages read so far are used (a long prompt's read
                 # may take longer than load_timeout_s and still beat prefilling), the rest read from the back
-                split = self._splits(lookup)
-                in_l3, good = self._cut(lookup, keep_unread=split)
-                if split:   # the rows of the pages not read yet: for a back read, or back after the read
+                in_l3, good = self._cut(lookup, keep_unread=splits)
+                if splits:   # the rows of the pages not read yet: for a back read, or back after the read
                     back = r.rows[good:max(good, r.hits)]
                 in_l3, run = self._verified(lookup, in_l3, good)
                 if timed_out:
@@ -842,7 +937,8 @@ class L3PrefixCache:
             else:
                 self._take_pages(scheduler, seq, lookup.start, run, first_in_line=i == 0)
             first = lookup.start + len(run)
-            if back and seq.num_computed == first * self.page_size and len(seq.pages) == first:
+            # (a run that ends before `good`, a page failing its check on the device, is prefilled on from there)
+            if back and len(run) == good and seq.num_computed == first * self.page_size and len(seq.pages) == first:
                 self._start_back_read(lookup, first, back)
             else:
                 self._give_back_when_done(lookup.future, back)
@@ -1202,6 +1298,23 @@ def meeting_stop(computed: int, low: int, page_size: int, prefill_rate: float | 
         if not read_started:
             take = min(take, max(1, gap // 3))
     return min(low * page_size, -(-(computed + take) // page_size) * page_size)
+
+
+def split_pays(tokens: int, read_s: float, prefill_rate: float) -> bool:
+    """Whether the rest of a read, `tokens` that would take `read_s` to read, comes in sooner enough
+    read from the back while the request prefills from the front at `prefill_rate` (tokens/s): the
+    two then cover it in tokens / (prefill rate + read rate), which must save SPLIT_GAIN_S and
+    SPLIT_GAIN_SHARE of read_s. Pure.
+
+    Example::
+
+        split_pays(15_000, 0.13, 28_000.0)   # True: an 8B prompt from an H200's page cache, 0.026 s saved
+        split_pays(6_000, 0.05, 1_500.0)     # False: SmolLM2 on a CPU beside its disk, 0.0006 s
+    """
+    if tokens <= 0 or read_s <= 0 or prefill_rate <= 0:
+        return False
+    gain = read_s - tokens / (prefill_rate + tokens / read_s)
+    return gain >= max(SPLIT_GAIN_S, SPLIT_GAIN_SHARE * read_s)
 
 
 def kv_layout(loaded, cache: PagedKVCache, *, seed: int) -> KVLayout:
