@@ -201,8 +201,8 @@ def main() -> None:
             elif mode == "mooncake":
                 from l3_servers import MooncakeStoreServers
 
-                (Path(tmp) / "mooncake").mkdir()
-                server = MooncakeStoreServers(Path(tmp) / "mooncake", segment=args.mooncake_segment).start()
+                (Path(tmp) / f"mooncake-{len(rows)}").mkdir()   # (a mode may repeat: each run its own store)
+                server = MooncakeStoreServers(Path(tmp) / f"mooncake-{len(rows)}", segment=args.mooncake_segment).start()
                 url = server.url
             else:
                 raise SystemExit(f"unknown mode {mode!r}")
