@@ -10,10 +10,8 @@ the last --tail tokens) + a tail. For each mode:
               prefix's pages; the bench then waits until that write has ended, fill_drain_s), then
               the measured prompt: the prefix's full pages are read from L3 and only the rest is prefilled.
               A read slower than prefilling is cut short and the rest of its pages read from the back
-              while the front prefills; so is a faster read where that pays (`_split_pays`: the store and
-              the device working at once). `redis:nosplit` (any L3 mode) prefills a cut read's rest
-              instead (the cut alone, as before the split), `file:slowsplit` splits only reads slower
-              than prefilling (as before fast reads were split), for A/B runs.
+              while the front prefills; `redis:nosplit` (any L3 mode) prefills them instead (the cut
+              alone, as before the split), for A/B runs.
 Servers (redis-server, Mooncake master + store process) are started on loopback ports and stopped
 afterwards. Each mode's first output token is checked against the recompute one. Writes JSON (with
 command, date, commit, machine) and a bar plot beside it.
@@ -184,8 +182,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="hisa-l3-bench-") as tmp:
         for mode_name in args.modes:
             mode, _, option = mode_name.partition(":")
-            if option not in ("", "nosplit", "slowsplit"):
-                raise SystemExit(f"unknown mode option {option!r} in {mode_name!r} (nosplit, slowsplit)")
+            if option not in ("", "nosplit"):
+                raise SystemExit(f"unknown mode option {option!r} in {mode_name!r} (nosplit)")
             server = None
             if mode in ("recompute", "pool"):
                 url = None
@@ -211,12 +209,10 @@ def main() -> None:
                 row = dict(mode=mode_name, prompt_tokens=len(measured), prefix_tokens=len(prefix))
                 if url is not None:
                     llm.engine.l3_prefix.split_slow_loads = option != "nosplit"
-                    llm.engine.l3_prefix.split_fast_loads = option == ""
                     if args.split_margin is not None:
                         llm.engine.l3_prefix.split_margin = args.split_margin
                     row["split_margin"] = llm.engine.l3_prefix.split_margin
                     row["split_slow_loads"] = llm.engine.l3_prefix.split_slow_loads
-                    row["split_fast_loads"] = llm.engine.l3_prefix.split_fast_loads
                     store = llm.engine.l3_prefix.l3
                     if args.read_threads is not None:
                         store.readers.workers = args.read_threads
@@ -273,9 +269,9 @@ def main() -> None:
                             f"= {load['read_gb_s']:.1f} GB/s on {row['read_threads']} threads, exists {load['exists_s']:.4f} s, copy issue "
                             f"{load['copy_s']:.3f} s"
                             + (f", copy on device {load['copy_device_s']:.3f} s" if "copy_device_s" in load else "")
-                            + (f"; split after {load['cut_after_s']:.3f} s, back read started {load['back_wait_s']:.3f} s "
+                            + (f"; cut after {load['cut_after_s']:.3f} s, back read started {load['back_wait_s']:.3f} s "
                                f"later and ran {load['back_read_s']:.3f} s, met {load['met_after_s']:.3f} s after the "
-                               f"split, {load['split_steps']} steered step(s), back pages landed while read "
+                               f"cut, {load['split_steps']} steered step(s), back pages landed while read "
                                f"{load.get('back_landed_bytes', 0) / 1e6:.0f} MB" if row['l3']['loads_split'] else "")
                             + ")")
                 elif mode == "pool":

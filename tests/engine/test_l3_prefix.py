@@ -495,18 +495,16 @@ def test_a_cut_read_is_read_from_the_back_while_the_front_prefills(make_llm, pro
     llm.close()
 
 
-def _split_read(engine, prefix, prompt, monkeypatch):
-    """Serve `prompt` (its first 18+ pages in L3) with its read split as a fast read's is: the read's
-    first batch (4 pages) comes at once, the engine tells it to end after the next (`_split_pays`,
-    made to pay whatever the rates), then the rest is read from the back while the front prefills.
-    Returns (its tokens, the prefill chunks run)."""
+def _cut_read(engine, prefix, prompt, monkeypatch):
+    """Serve `prompt` (its first 5+ pages in L3) with its read cut after its first batch (4 pages; the
+    cut made sure whatever the rates: `split_margin` 0) while the next batch waits, then the rest read
+    from the last page back in batches of 4 that come at once, all of them in before the prefill
+    reaches them. Returns (its tokens, the prefill chunks run)."""
     import hisa.engine.l3_prefix as l3_prefix
 
     monkeypatch.setattr(l3_prefix, "BACK_BATCH_PAGES", 4)
     monkeypatch.setattr(l3_prefix, "LAND_CHUNK_BYTES", 4 * prefix.page_bytes)   # batches of 4 pages
-    monkeypatch.setattr(l3_prefix, "SPLIT_GAIN_S", 0.0)
-    monkeypatch.setattr(l3_prefix, "SPLIT_GAIN_SHARE", 0.0)
-    prefix.split_margin = 1e9   # never "slower than prefilling": no cut, only the split may end the read
+    prefix.split_margin = 0.0
     prefix.l3.readers.workers = 1
     store = prefix.l3.backend = _ScriptedReads(prefix.l3.backend, first_s=0.0)   # its 2nd batch waits for `front`
     chunks = []
@@ -514,51 +512,25 @@ def _split_read(engine, prefix, prompt, monkeypatch):
     rid = engine.add_request(prompt, PARAMS)
     outs = {}
     deadline = time.monotonic() + 60
-    while rid not in prefix._lookups or not prefix._lookups[rid].split:   # told to end after its 2nd batch
+    while prefix.metrics()["loads_cut_short"] == 0:
         assert time.monotonic() < deadline and not outs
         outs.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
-    assert prefix._lookups[rid].reading.ready == 4 and chunks == []
-    store.front.set()   # the 2nd batch comes in and the read ends; the back read's batches come at once
+    assert prefix._back[rid].first == 4
+    store.front.set()   # the cut read's 2nd batch ends (thrown away); the back read's come at once
     store.gate.set()
-    while rid not in prefix._back:
-        assert time.monotonic() < deadline
-        outs.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
-    assert prefix._back[rid].first == 8
-    prefix._back[rid].future.result(timeout=60)   # all read before the prefill reaches them
+    prefix._back[rid].future.result(timeout=60)
     while engine.has_unfinished_requests():
         outs.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
     return outs[rid], [n for n in chunks if n > 1]
 
 
-def test_a_fast_read_is_split_where_reading_its_rest_from_the_back_pays(make_llm, prompts, reference, tmp_path,
-                                                                        monkeypatch):
-    """A read faster than prefilling whose rest would still come sooner read from the back while the
-    front prefills (`_split_pays`: the store and the device then work at once) is told to end after
-    the batch it is in, which is kept (a cut would throw it away): the request prefills from page 8
-    while pages 17 down to 8 are read, and takes the read pages where the two meet. The tokens are
-    those of runs without L3; it counts as a split, not a cut; nothing leaks, every host row comes
-    back."""
-    llm = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=f"file:{tmp_path / 'l3'}")
-    engine, prefix = llm.engine, llm.engine.l3_prefix
-    assert _one_by_one(llm, prompts[:1]) == reference[:1]   # L3 holds the shared prefix; prefill is timed
-    prefix.drain()
-    tokens, chunks = _split_read(engine, prefix, prompts[1], monkeypatch)
-    assert tokens == reference[1]
-    m = prefix.metrics()
-    assert m["loads_split"] == 1 and m["loads_cut_short"] == 0 and m["pages_met"] >= 1, str(m)
-    assert m["pages_loaded"] == 8 + m["pages_met"], str(m)
-    assert sum(chunks) == len(prompts[1]) - m["pages_loaded"] * S, (chunks, m)   # nothing computed twice
-    prefix.drain()
-    assert prefix.rows.in_use == 0
-    _check_no_leak(llm)
-    llm.close()
-
-
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA (the pages land on the device)")
-def test_on_cuda_a_split_reads_back_pages_land_on_the_device_before_the_meeting(tmp_path, monkeypatch):
+def test_on_cuda_a_back_reads_pages_land_on_the_device_before_the_meeting(tmp_path, monkeypatch):
     """CUDA: the pages a back read has read are copied on to the device at each step while the read
     and the prefill go on (`_land_back`), so where they meet only device-to-device copies are left;
-    the output is the one computed without L3 and nothing leaks."""
+    the output is the one computed without L3, nothing leaks, every host row comes back."""
+    import torch
+
     from hisa import LLM
 
     url = f"file:{tmp_path / 'l3'}"
@@ -567,17 +539,18 @@ def test_on_cuda_a_split_reads_back_pages_land_on_the_device_before_the_meeting(
     prompt = list(range(3, 400))   # 24 full pages
     want = LLM("random:tiny-llama", **kw).generate([prompt], PARAMS, use_tqdm=False)[0].token_ids
     llm = LLM("random:tiny-llama", l3=url, **kw)
-    assert llm.generate([prompt[:-9] + [7] * 9], PARAMS, use_tqdm=False)[0].token_ids   # stores 24 pages
+    assert llm.generate([prompt[:-9] + [7] * 9], PARAMS, use_tqdm=False)[0].token_ids   # stores the 24 pages
     engine, prefix = llm.engine, llm.engine.l3_prefix
     prefix.drain()
-    tokens, chunks = _split_read(engine, prefix, prompt, monkeypatch)
+    tokens, chunks = _cut_read(engine, prefix, prompt, monkeypatch)
     assert tokens == want
     m = prefix.metrics()
-    assert m["loads_split"] == 1 and m["pages_met"] >= 1 and m["pages_loaded"] == 8 + m["pages_met"], str(m)
+    assert m["loads_split"] == 1 and m["pages_met"] >= 1 and m["pages_loaded"] == 4 + m["pages_met"], str(m)
     assert prefix.timing["back_landed_bytes"] >= m["pages_met"] * prefix.page_bytes   # all landed before the meeting
-    assert sum(chunks) == len(prompt) - m["pages_loaded"] * S, (chunks, m)
+    assert sum(chunks) == len(prompt) - m["pages_loaded"] * S, (chunks, m)   # nothing computed twice
     prefix.drain()
-    assert prefix.rows.in_use == 0
+    torch.cuda.synchronize()
+    assert prefix.rows.take(prefix.rows.capacity) is not None   # every row free once its copy has run
     _check_no_leak(llm)
 
 
@@ -625,19 +598,6 @@ def test_the_prefill_stops_where_it_should_meet_the_back_read():
     for c in range(0, 64 * 16, 37):                                  # page-aligned, past c, within the edge
         stop = meeting_stop(c, 64, 16, 250.0, 170.0)
         assert stop % 16 == 0 and c < stop <= 64 * 16
-
-
-def test_a_fast_read_is_split_only_where_that_saves_time():
-    from hisa.engine.l3_prefix import SPLIT_GAIN_S, split_pays
-
-    # an 8B prompt's last 15K tokens from an H200's page cache (~15 GB/s) against 28K tokens/s of prefill:
-    # read and prefilled at once they take 0.104 instead of 0.13 s
-    assert split_pays(15_000, 0.13, 28_000.0)
-    assert split_pays(15_000, 0.25, 28_000.0)     # four Redis servers (~8 GB/s)
-    assert split_pays(15_000, 2.0, 28_000.0)      # slower than prefilling: splitting pays all the more
-    assert not split_pays(6_000, 0.05, 1_500.0)   # SmolLM2 on a CPU beside its disk: 0.6 ms
-    assert not split_pays(500, SPLIT_GAIN_S, 28_000.0)    # a short rest: the step it costs is not worth it
-    assert not split_pays(15_000, 0.13, 0.0) and not split_pays(0, 0.13, 28_000.0)
 
 
 def _recording(complete_step, chunks):

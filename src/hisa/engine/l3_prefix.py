@@ -30,11 +30,11 @@ requests and aborts get in). A lookup not back after `load_timeout_s` stops bein
 pages (this read's or the store's recent rate against the engine's prefill rate: `_too_slow`) is
 cut short, its pages read so far used (`loads_cut_short`), and for a dense request the pages it has
 not read are then read from the prompt's last page back while the request prefills from the front,
-its chunks stopping where the two meet (`_BackRead`, `loads_split`). A read faster than prefilling
-is split the same way where the store and the device working at once save enough (`split_pays`):
-it ends after the batch it is in, which is kept (a cut throws it away). On CUDA a back read's pages
+its chunks stopping where the two meet (`_BackRead`, `loads_split`). On CUDA a back read's pages
 are copied on to the device at each step while it goes on (`_land_back`), so where the two meet
-only device-to-device copies are left. A backend error reads as misses (`L3Store`). A request
+only device-to-device copies are left. (A read faster than prefilling is not split: on an H200 that
+made the file store's TTFT 0.26 instead of 0.21 s, "2026-12-04" in docs/architecture.md.) A backend
+error reads as misses (`L3Store`). A request
 aborted while loading holds nothing but its lookup, which is forgotten. A lookup back while the
 batch is full takes nothing and is made again later; a request that took pages but that the
 schedule did not admit gives them back right after it (a waiting request cannot be preempted:
@@ -120,10 +120,6 @@ LAND_HEADROOM_BYTES = 1 << 30  # CUDA: pages are copied ahead to the device only
 LOAD_TIMEOUT_S = 10.0      # a lookup not back by then is no longer waited for: treated as a cut read (`_cut`)
 CUT_MARGIN = 1.5           # a read is cut short once finishing it looks this many times slower than prefilling its pages
 SPLIT_MARGIN = 1.0         # the same where the rest is then read from the back while the front prefills (`_BackRead`)
-# a read faster than prefilling is split too (`_split_pays`) when reading its rest from the back while the
-# front prefills should save this many seconds and this share of the rest's read
-SPLIT_GAIN_S = 0.02
-SPLIT_GAIN_SHARE = 0.1
 PREFILL_DECAY = 0.8        # weight of the earlier prefill steps in the prefill rate (decayed sums of tokens and seconds)
 READ_BATCH_S = 0.25         # a read's batches hold at most this long a read at the store's recent rate
 BACK_BATCH_PAGES = 64      # a back read (`_read_back`) reads this many pages per batch, from the last back
@@ -200,7 +196,6 @@ class _Reading:
     in_l3: int = 0
     hits: int = -1
     read_since: float = 0.0
-    failed: bool = False  # the I/O thread's: the read ended at a page that failed its checks
 
 
 @dataclass(slots=True)
@@ -235,7 +230,6 @@ class _Lookup:
     reading: _Reading
     host: bool = False  # its pages go to the host pool (a sparse request admitted host-backed)
     since: float = 0.0  # time.monotonic() when it was handed over
-    split: bool = False  # a fast read told to end after its current batch, its rest read from the back (`_split_pays`)
 
 
 class L3PrefixCache:
@@ -313,8 +307,6 @@ class L3PrefixCache:
         # request id -> its back read (`_BackRead`); off: a cut read's later pages are prefilled
         self.split_slow_loads = True
         self.split_margin = SPLIT_MARGIN   # (an attribute: benchmarks try others)
-        # a dense request's read faster than prefilling is split too where that pays (`_split_pays`)
-        self.split_fast_loads = True
         self._back: dict[str, _BackRead] = {}
         self._back_copies: list = []   # CUDA: events of back pages' copies the next step must wait for
 
@@ -470,7 +462,7 @@ class L3PrefixCache:
         hits = min(after.index(False) if False in after else len(after), len(reading.rows))
         reading.in_l3, reading.read_since = in_l3, time.monotonic()
         reading.hits = hits   # last: the engine thread reads `hits` first
-        self._progressed.set()   # (the engine may decide on a cut or split at the store's recent rate)
+        self._progressed.set()   # (an engine waiting may cut it at once at the store's recent rate)
         batch = self._batch_pages(LAND_CHUNK_BYTES // self.page_bytes)
         good = 0
         while good < hits and not reading.dropped:
@@ -492,7 +484,6 @@ class L3PrefixCache:
             self._progressed.set()
             if n < len(part):   # a page that failed its check is gone from L3 now (the store deleted it)
                 in_l3 = min(in_l3, start + good)
-                reading.failed = True
                 break
         return in_l3, good
 
@@ -552,53 +543,29 @@ class L3PrefixCache:
 
     def _too_slow(self, r: _Reading, now: float, margin: float = CUT_MARGIN) -> bool:
         """Whether the rest of a read in flight would take longer (by `margin`) than prefilling its
-        pages at the engine's prefill rate (`_rest_read_s`). Undecided (False) before `exists` is
-        back, before any prefill was timed, and for a first read with no page in yet: a load from a
-        fast store (a local disk, a GPU host's page cache) is not cut, and one from a slow store (a
-        far Redis: 0.4-1 GB/s, against ~20K tokens/s of 8B prefill on an H200) stops once a batch is
-        in, or at once when the store was slow before. The pages read so far are used."""
-        rest = self._rest_read_s(r, now) if self.cut_slow_loads else None
-        if rest is None:
-            return False
-        left, read_s, rate = rest
-        return read_s > margin * left * self.page_size / rate
-
-    def _split_pays(self, r: _Reading, now: float) -> bool:
-        """Whether a read in flight that is faster than prefilling should still end after its current
-        batch, its rest read from the back while the request prefills from there (`_BackRead`): the
-        store and the device then work at once, and the rest takes left / (prefill rate + read rate)
-        instead of left / read rate. Yes when that saves SPLIT_GAIN_S and SPLIT_GAIN_SHARE of the
-        rest's read (a page cache read at ~15 GB/s against ~28K tokens/s of 8B prefill on an H200
-        saves a fifth; a CPU's prefill beside its disk, a few hundredths: not split). Undecided as
-        `_too_slow`."""
-        rest = self._rest_read_s(r, now) if self.split_fast_loads else None
-        if rest is None:
-            return False
-        left, read_s, rate = rest
-        return split_pays(left * self.page_size, read_s, rate)
-
-    def _rest_read_s(self, r: _Reading, now: float) -> tuple[int, float, float] | None:
-        """(pages left, seconds their read should take, the engine's prefill rate in tokens/s) for a
-        read in flight, or None when that is not known yet. The rest's time: at the rate this read has
-        gone so far once a batch of its pages is in, before that at the store's recent rate (earlier
-        reads) less the time spent; None before `exists` is back, before any prefill was timed, or
-        with no page in and no earlier read."""
+        pages at the engine's prefill rate. The rest's time: at the rate this read has gone so far
+        once a batch of its pages is in, before that at the store's recent rate (earlier reads) less
+        the time spent. Undecided (False) before `exists` is back, before any prefill was timed, and
+        for a first read with no page in yet: a load from a fast store (a local disk, a GPU host's
+        page cache) is not cut, and one from a slow store (a far Redis: 0.4-1 GB/s, against ~20K
+        tokens/s of 8B prefill on an H200) stops once a batch is in, or at once when the store was
+        slow before. The pages read so far are used."""
         rate, hits = self.prefill_tokens_per_s, r.hits
-        if rate is None or hits < 0:
-            return None
+        if not self.cut_slow_loads or rate is None or hits < 0:
+            return False
         ready = r.ready
         left = hits - ready
         if left <= 0:
-            return None
+            return False
         elapsed = now - r.read_since
         store_rate = self._read_rate()
         if ready > 0:
             read_s = elapsed * left / ready
         elif store_rate is not None:
-            read_s = max(left * self.page_bytes / store_rate - elapsed, 0.0)
+            read_s = left * self.page_bytes / store_rate - elapsed
         else:
-            return None
-        return left, read_s, rate
+            return False
+        return read_s > margin * left * self.page_size / rate
 
     def _cut(self, lookup: _Lookup, *, keep_unread: bool = False) -> tuple[int, int]:
         """Stop a read in flight: the pages read and checked so far are kept (landed or in their rows),
@@ -881,7 +848,7 @@ class L3PrefixCache:
             if lookup is None:
                 continue
             r = lookup.reading
-            back: list[int] = []   # a cut or split read's rows not read yet, pages from `good` on (below)
+            back: list[int] = []   # a cut read's rows not read yet, pages from `good` on (see the cut below)
             good = 0
             if lookup.future.done():
                 # a failed lookup (a bug; io.check() raises it) reads as a miss
@@ -890,24 +857,12 @@ class L3PrefixCache:
                     self.rows.give_back(r.rows[r.num_landed:])
                 else:   # its pages: those copied on to the device (rows[:num_landed]), then rows[num_landed:good]
                     in_l3, good = lookup.future.result()
-                    # a split read that ended short, no page failing its check: the rest is read from the back
-                    if lookup.split and good < r.hits and not r.failed:
-                        back = r.rows[good:r.hits]
-                        self.rows.give_back(r.rows[r.hits:])
-                    else:
-                        self.rows.give_back(r.rows[good:])   # rows no page was read into
+                    self.rows.give_back(r.rows[good:])   # rows no page was read into
                     in_l3, run = self._verified(lookup, in_l3, good)
-            elif lookup.split and now < lookup.deadline:
-                continue   # told to end after its current batch: it will be back soon
             else:
                 timed_out = now >= lookup.deadline
                 splits = self._splits(lookup)
                 if not timed_out and not self._too_slow(r, now, self.split_margin if splits else CUT_MARGIN):
-                    if splits and self._split_pays(r, now):
-                        # faster than prefilling, yet the rest is sooner read from the back while the front
-                        # prefills: the read ends after the batch it is in (a cut would throw that away)
-                        lookup.split = r.dropped = True
-                        self.timing["cut_after_s"] += now - lookup.since
                     continue
                 # a cut, or a lookup not back in time: the pages read so far are used (a long prompt's read
                 # may take longer than load_timeout_s and still beat prefilling), the rest read from the back
@@ -1298,23 +1253,6 @@ def meeting_stop(computed: int, low: int, page_size: int, prefill_rate: float | 
         if not read_started:
             take = min(take, max(1, gap // 3))
     return min(low * page_size, -(-(computed + take) // page_size) * page_size)
-
-
-def split_pays(tokens: int, read_s: float, prefill_rate: float) -> bool:
-    """Whether the rest of a read, `tokens` that would take `read_s` to read, comes in sooner enough
-    read from the back while the request prefills from the front at `prefill_rate` (tokens/s): the
-    two then cover it in tokens / (prefill rate + read rate), which must save SPLIT_GAIN_S and
-    SPLIT_GAIN_SHARE of read_s. Pure.
-
-    Example::
-
-        split_pays(15_000, 0.13, 28_000.0)   # True: an 8B prompt from an H200's page cache, 0.026 s saved
-        split_pays(6_000, 0.05, 1_500.0)     # False: SmolLM2 on a CPU beside its disk, 0.0006 s
-    """
-    if tokens <= 0 or read_s <= 0 or prefill_rate <= 0:
-        return False
-    gain = read_s - tokens / (prefill_rate + tokens / read_s)
-    return gain >= max(SPLIT_GAIN_S, SPLIT_GAIN_SHARE * read_s)
 
 
 def kv_layout(loaded, cache: PagedKVCache, *, seed: int) -> KVLayout:
