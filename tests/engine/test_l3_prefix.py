@@ -554,6 +554,50 @@ def test_on_cuda_a_back_reads_pages_land_on_the_device_before_the_meeting(tmp_pa
     _check_no_leak(llm)
 
 
+def test_a_cut_read_ended_early_by_its_checksums_is_prefilled_on_from_there(make_llm, prompts, reference, tmp_path,
+                                                                          monkeypatch):
+    """With the payloads' checksums left to the device (`check_on_device`; on a CPU machine checked on
+    the host once the lookup is back), a cut read's run can end before the pages read so far: here
+    page 2 of the 4 read fails. The request prefills on from page 2 and no back read starts (the rows
+    it would read into are those of pages 4 on, not 2 on). The tokens are those of runs without L3;
+    the fault is counted; nothing leaks."""
+    import hisa.engine.l3_prefix as l3_prefix
+    from hisa.kvcache.l3 import page_keys
+
+    llm = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=f"file:{tmp_path / 'l3'}")
+    engine, prefix = llm.engine, llm.engine.l3_prefix
+    assert _one_by_one(llm, prompts[:1]) == reference[:1]   # L3 holds the shared prefix; prefill is timed
+    prefix.drain()
+    with open(prefix.l3.backend.path(page_keys(prompts[0][:300], prefix.layout)[2]), "r+b") as f:
+        f.seek(4000)   # one bit of page 2's KV
+        byte = f.read(1)[0]
+        f.seek(4000)
+        f.write(bytes([byte ^ 0x10]))
+    prefix.check_on_device = True
+    monkeypatch.setattr(l3_prefix, "LAND_CHUNK_BYTES", 4 * prefix.page_bytes)   # batches of 4 pages
+    prefix.split_margin = 0.0   # cut once a batch is in
+    prefix.l3.readers.workers = 1
+    store = prefix.l3.backend = _ScriptedReads(prefix.l3.backend, first_s=0.0)   # its 2nd batch waits for `front`
+    rid = engine.add_request(prompts[1], PARAMS)
+    outs = {}
+    deadline = time.monotonic() + 60
+    while prefix.metrics()["loads_cut_short"] == 0:
+        assert time.monotonic() < deadline and not outs
+        outs.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+    assert rid not in prefix._back
+    store.front.set()
+    store.gate.set()
+    while engine.has_unfinished_requests():
+        outs.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+    assert outs[rid] == reference[1]
+    prefix.drain()
+    m = prefix.metrics()
+    assert m["store_corrupt"] == 1 and m["pages_loaded"] == 2 and m["loads_split"] == 0, str(m)
+    assert prefix.rows.in_use == 0
+    _check_no_leak(llm)
+    llm.close()
+
+
 def test_a_lookup_not_back_in_time_keeps_the_pages_it_has_read(make_llm, prompts, reference, tmp_path, monkeypatch):
     """A read that outlasts load_timeout_s (a long prompt's read can, and still beat prefilling) is
     not thrown away: its first batch (4 pages) is in, the next never comes; once the lookup times out
