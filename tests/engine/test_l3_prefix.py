@@ -401,12 +401,16 @@ def test_a_slow_store_never_blocks_the_running_requests(make_llm, prompts, refer
     llm.close()
 
 
-def test_a_read_slower_than_prefilling_is_cut_short(make_llm, prompts, reference, tmp_path):
+def test_a_read_slower_than_prefilling_is_cut_short(make_llm, prompts, reference, tmp_path, monkeypatch):
     """A store whose reads are so slow that prefilling a prompt's pages is faster (4 s per read,
-    against ~1 s to prefill 288 tokens here): the first read, with nothing to tell, is waited for;
-    the next request's is not: at the store's rate its read would take longer than prefilling its
-    pages, so it is cut short and the request prefills. The tokens are those of runs without L3, the
-    cut is counted, and every host row comes back once the read it was taken for has ended."""
+    against ~1 s to prefill 288 tokens here): the first read, in one batch with nothing to tell, is
+    waited for; the next request's is not: at the store's rate its read would take longer than
+    prefilling its pages, so the I/O thread cuts it before its first batch and the request prefills.
+    The tokens are those of runs without L3, the cut is counted, and every host row comes back once
+    the read it was taken for has ended."""
+    import hisa.engine.l3_prefix as l3_prefix
+
+    monkeypatch.setattr(l3_prefix, "FIRST_BATCH_PAGES", 1000)   # (a first batch of 16 pages would be cut after it)
     llm = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=f"file:{tmp_path / 'l3'}")
     prefix = llm.engine.l3_prefix
     assert _one_by_one(llm, prompts[:1]) == reference[:1]   # L3 holds the shared prefix; prefill is timed
@@ -432,11 +436,12 @@ def test_a_read_slower_than_prefilling_is_cut_short(make_llm, prompts, reference
 
 class _ScriptedReads(SlowBackend):
     """Reads that look slow, then come in when the test says: the first `get` sleeps `first_s`, the
-    second waits for `front`, the third returns at once, every later one waits for `gate`."""
+    second waits for `front`, those numbered in `free_calls` return at once, every other later one
+    waits for `gate`."""
 
-    def __init__(self, inner, *, first_s: float):
+    def __init__(self, inner, *, first_s: float, free_calls: tuple[int, ...] = (3,)):
         super().__init__(inner, delay_s=0.0, slow=())
-        self.first_s, self.calls = first_s, 0
+        self.first_s, self.calls, self.free_calls = first_s, 0, free_calls
         self.front, self.gate = threading.Event(), threading.Event()
 
     def get(self, keys):
@@ -445,7 +450,7 @@ class _ScriptedReads(SlowBackend):
             time.sleep(self.first_s)
         elif self.calls == 2:
             assert self.front.wait(60)
-        elif self.calls > 3:
+        elif self.calls not in self.free_calls:
             assert self.gate.wait(60)
         return self.inner.get(keys)
 
@@ -454,28 +459,30 @@ def test_a_cut_read_is_read_from_the_back_while_the_front_prefills(make_llm, pro
                                                                   monkeypatch):
     """A read cut short (the store is slower than prefilling) goes on from the prompt's last page back
     while the request prefills from the front; the prefill stops where the read has got to and takes
-    the pages from there on. Here the back read's first batch (the last 4 of the 18 pages) comes in
-    during the first prefill chunk and the next never does: the prefill stops at page 14, takes pages
-    14-17 from L3, and computes only the prompt's tail after them. The tokens are those of runs
-    without L3; nothing leaks, and every host row comes back once the read has ended."""
+    the pages from there on. Here the store was slow before, so the I/O thread cuts the read before
+    its first batch; the back read's first batch (the last 4 of the 18 pages) comes in during the
+    first prefill chunk and the next never does: the prefill stops at page 14, takes pages 14-17
+    from L3, and computes only the prompt's tail after them. The tokens are those of runs without
+    L3; nothing leaks, and every host row comes back once the read has ended."""
     import hisa.engine.l3_prefix as l3_prefix
 
+    monkeypatch.setattr(l3_prefix, "FIRST_BATCH_PAGES", 1000)   # the first slow read in one batch
     monkeypatch.setattr(l3_prefix, "BACK_BATCH_PAGES", 4)
     monkeypatch.setattr(l3_prefix, "BACK_SPLIT_MIN_PAGES", 1000)   # stop at the read's edge (no meeting point guessed)
     llm = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=f"file:{tmp_path / 'l3'}")
     engine, prefix = llm.engine, llm.engine.l3_prefix
     assert _one_by_one(llm, prompts[:1]) == reference[:1]   # L3 holds the shared prefix; prefill is timed
     prefix.drain()
-    store = prefix.l3.backend = _ScriptedReads(prefix.l3.backend, first_s=4.0)
+    store = prefix.l3.backend = _ScriptedReads(prefix.l3.backend, first_s=4.0, free_calls=())
     assert _one_by_one(llm, prompts[1:2]) == reference[1:2]   # the first slow read: waited for
     chunks = []
     engine.scheduler.complete_step = _recording(engine.scheduler.complete_step, chunks)
     rid = engine.add_request(prompts[2], PARAMS)
     outs = {}
-    while prefix.metrics()["loads_cut_short"] == 0:   # its read (the 2nd get) is cut while it waits
+    while prefix.metrics()["loads_cut_short"] == 0:   # its read is cut before a page is read
         outs.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
     assert chunks == [128]   # the step that cut it prefilled its first chunk
-    store.front.set()        # the cut read ends; the back read behind it gets pages 14-17 at once
+    store.front.set()        # the back read (the 2nd get) gets pages 14-17; its next batch waits for `gate`
     deadline = time.monotonic() + 30
     while prefix._back[rid].low != 14:
         assert time.monotonic() < deadline
@@ -495,16 +502,20 @@ def test_a_cut_read_is_read_from_the_back_while_the_front_prefills(make_llm, pro
     llm.close()
 
 
-def _cut_read(engine, prefix, prompt, monkeypatch):
-    """Serve `prompt` (its first 5+ pages in L3) with its read cut after its first batch (4 pages; the
-    cut made sure whatever the rates: `split_margin` 0) while the next batch waits, then the rest read
-    from the last page back in batches of 4 that come at once, all of them in before the prefill
-    reaches them. Returns (its tokens, the prefill chunks run)."""
+def _cut_read(engine, prefix, prompt, monkeypatch, *, stall: bool = False):
+    """Serve `prompt` (its first 5+ pages in L3) with its read cut after its first batch (4 pages),
+    then the rest read from the last page back in batches of 4 that come at once, all of them in
+    before the prefill reaches them. The cut: by the I/O thread before the next batch (made sure
+    whatever the rates: `split_margin` 0), or with `stall` by the engine while the next batch stalls
+    (its rest looks slower than prefilling once it has stalled ~0.3 s: 14 pages at 4 per 0.1 s
+    against ~250 tokens/s of prefill here), the back read waiting behind that batch until the test
+    lets it end. Returns (its tokens, the prefill chunks run)."""
     import hisa.engine.l3_prefix as l3_prefix
 
     monkeypatch.setattr(l3_prefix, "BACK_BATCH_PAGES", 4)
     monkeypatch.setattr(l3_prefix, "LAND_CHUNK_BYTES", 4 * prefix.page_bytes)   # batches of 4 pages
-    prefix.split_margin = 0.0
+    if not stall:
+        prefix.split_margin = 0.0
     prefix.l3.readers.workers = 1
     store = prefix.l3.backend = _ScriptedReads(prefix.l3.backend, first_s=0.0)   # its 2nd batch waits for `front`
     chunks = []
@@ -516,7 +527,10 @@ def _cut_read(engine, prefix, prompt, monkeypatch):
         assert time.monotonic() < deadline and not outs
         outs.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
     assert prefix._back[rid].first == 4
-    store.front.set()   # the cut read's 2nd batch ends (thrown away); the back read's come at once
+    if stall:   # the back read waits behind the stalled batch on the I/O thread
+        time.sleep(0.2)
+        assert prefix._back[rid].since == 0 and store.calls == 2
+    store.front.set()   # the stalled batch or the back read's first ends; the back read's others come at once
     store.gate.set()
     prefix._back[rid].future.result(timeout=60)
     while engine.has_unfinished_requests():
@@ -552,6 +566,26 @@ def test_on_cuda_a_back_reads_pages_land_on_the_device_before_the_meeting(tmp_pa
     torch.cuda.synchronize()
     assert prefix.rows.take(prefix.rows.capacity) is not None   # every row free once its copy has run
     _check_no_leak(llm)
+
+
+def test_a_batch_that_stalls_is_cut_by_the_engine(make_llm, prompts, reference, tmp_path, monkeypatch):
+    """A read whose rate looked fast after its first batch, and whose next batch then stalls, is cut
+    by the engine (the I/O thread is stuck in that batch): the 4 pages read are used, the request
+    prefills from page 4, and the rest is read from the back once the stalled batch has ended (its
+    pages thrown away). The tokens are those of runs without L3; nothing leaks."""
+    llm = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=f"file:{tmp_path / 'l3'}")
+    engine, prefix = llm.engine, llm.engine.l3_prefix
+    assert _one_by_one(llm, prompts[:1]) == reference[:1]   # L3 holds the shared prefix; prefill is timed
+    prefix.drain()
+    tokens, chunks = _cut_read(engine, prefix, prompts[1], monkeypatch, stall=True)
+    assert tokens == reference[1]
+    m = prefix.metrics()
+    assert m["loads_cut_short"] == 1 and m["loads_split"] == 1 and m["pages_loaded"] == 4 + m["pages_met"], str(m)
+    assert sum(chunks) == len(prompts[1]) - m["pages_loaded"] * S, (chunks, m)   # nothing computed twice
+    prefix.drain()
+    assert prefix.rows.in_use == 0
+    _check_no_leak(llm)
+    llm.close()
 
 
 def test_a_cut_read_ended_early_by_its_checksums_is_prefilled_on_from_there(make_llm, prompts, reference, tmp_path,

@@ -28,7 +28,8 @@ past it is used. When nothing else can run, the engine step waits for a lookup (
 requests and aborts get in). A lookup not back after `load_timeout_s` stops being waited for
 (`loads_timed_out`) as a cut read does (below): the pages read so far are used; a read that would take longer than prefilling its
 pages (this read's or the store's recent rate against the engine's prefill rate: `_too_slow`) is
-cut short, its pages read so far used (`loads_cut_short`), and for a dense request the pages it has
+cut short, its pages read so far used (`loads_cut_short`; by the I/O thread before its next batch,
+or by the engine while a batch is in flight), and for a dense request the pages it has
 not read are then read from the prompt's last page back while the request prefills from the front,
 its chunks stopping where the two meet (`_BackRead`, `loads_split`). On CUDA a back read's pages
 are copied on to the device at each step while it goes on (`_land_back`), so where the two meet
@@ -123,6 +124,7 @@ SPLIT_MARGIN = 1.0         # the same where the rest is then read from the back 
 PREFILL_DECAY = 0.8        # weight of the earlier prefill steps in the prefill rate (decayed sums of tokens and seconds)
 READ_BATCH_S = 0.25         # a read's batches hold at most this long a read at the store's recent rate
 BACK_BATCH_PAGES = 64      # a back read (`_read_back`) reads this many pages per batch, from the last back
+FIRST_BATCH_PAGES = 16     # a read's first batch holds at most this many pages (its own rate is known sooner)
 BACK_SPLIT_MIN_PAGES = 4   # a gap to the back read this small is prefilled whole (no prediction of where they meet)
 READ_DECAY = 0.5           # the same for the store's read rate (batches read, cut reads' included: it follows a store that changes)
 # CUDA: check the crc32 of the pages a lookup lands on the device there, not on the reader threads. Off
@@ -196,6 +198,9 @@ class _Reading:
     in_l3: int = 0
     hits: int = -1
     read_since: float = 0.0
+    # the I/O thread's read is cut before a batch (`_too_slow` by `margin`; None: never there) at cut_at (time.monotonic())
+    margin: float | None = None
+    cut_at: float = 0.0
 
 
 @dataclass(slots=True)
@@ -397,6 +402,8 @@ class L3PrefixCache:
             self._looked_up[seq.request_id] = seq.num_preemptions
             self.stats.lookups += 1
             reading = _Reading(rows)
+            if self.cut_slow_loads:
+                reading.margin = self.split_margin if self._may_split(seq, host) else CUT_MARGIN
             if start == cap:   # nothing for L3 to add (what L3 holds is checked when the pages are written)
                 future: Future = Future()
                 future.set_result((0, 0))
@@ -449,9 +456,11 @@ class L3PrefixCache:
         the request count only if L3 has them too: their writer's write may have been dropped), and
         how many pages from `start` on, the run L3 holds, were read and checked into `reading.rows`;
         the run ends at the first page that fails its checks. The pages are read in batches
-        (`_batch_pages`) and `reading.ready` published after each: with `land_on_device` the engine
-        thread copies them on to the device while the next are read, and a cut ends the read after
-        the batch it is in. `unchecked`: the payloads' checksums are left to the
+        (`_batch_pages`, the first of at most FIRST_BATCH_PAGES) and `reading.ready` published after
+        each: with `land_on_device` the engine thread copies them on to the device while the next are
+        read. Before each batch the read is cut where its rest looks slower than prefilling
+        (`_too_slow` by `reading.margin`; `reading.cut_at` tells the engine), and a cut by the engine
+        (a batch that stalls, a timeout) ends it after the batch it is in. `unchecked`: the payloads' checksums are left to the
         device (`_verified`); a page whose head fails still ends the run here. No CUDA call here."""
         keys = page_keys(tokens, self.layout)
         t0 = time.perf_counter()
@@ -462,10 +471,17 @@ class L3PrefixCache:
         hits = min(after.index(False) if False in after else len(after), len(reading.rows))
         reading.in_l3, reading.read_since = in_l3, time.monotonic()
         reading.hits = hits   # last: the engine thread reads `hits` first
-        self._progressed.set()   # (an engine waiting may cut it at once at the store's recent rate)
-        batch = self._batch_pages(LAND_CHUNK_BYTES // self.page_bytes)
         good = 0
         while good < hits and not reading.dropped:
+            # cut here, before the next batch, where the rest looks slower than prefilling (at the
+            # store's recent rate before the first): the engine then reads it from the back or prefills
+            # it with no batch in flight to wait for or throw away
+            if reading.margin is not None and self._too_slow(reading, time.monotonic(), reading.margin, self._prefill_rate()):
+                reading.cut_at = time.monotonic()
+                break
+            batch = self._batch_pages(LAND_CHUNK_BYTES // self.page_bytes)
+            if good == 0:
+                batch = min(batch, FIRST_BATCH_PAGES)
             part = reading.rows[good:min(hits, good + batch)]
             t0 = time.perf_counter()
             batch_keys = keys[start + good:start + good + len(part)]
@@ -541,7 +557,7 @@ class L3PrefixCache:
         lookup.future.cancel()          # no effect once running
         self._give_back_when_done(lookup.future, r.rows[keep:])
 
-    def _too_slow(self, r: _Reading, now: float, margin: float = CUT_MARGIN) -> bool:
+    def _too_slow(self, r: _Reading, now: float, margin: float, prefill_rate: float | None) -> bool:
         """Whether the rest of a read in flight would take longer (by `margin`) than prefilling its
         pages at the engine's prefill rate. The rest's time: at the rate this read has gone so far
         once a batch of its pages is in, before that at the store's recent rate (earlier reads) less
@@ -549,8 +565,9 @@ class L3PrefixCache:
         for a first read with no page in yet: a load from a fast store (a local disk, a GPU host's
         page cache) is not cut, and one from a slow store (a far Redis: 0.4-1 GB/s, against ~20K
         tokens/s of 8B prefill on an H200) stops once a batch is in, or at once when the store was
-        slow before. The pages read so far are used."""
-        rate, hits = self.prefill_tokens_per_s, r.hits
+        slow before. The pages read so far are used. `prefill_rate`: the engine's, in tokens/s (the
+        I/O thread passes `_prefill_rate()`: polling the timers would query CUDA events there)."""
+        rate, hits = prefill_rate, r.hits
         if not self.cut_slow_loads or rate is None or hits < 0:
             return False
         ready = r.ready
@@ -581,7 +598,10 @@ class L3PrefixCache:
         """Whether a cut of this lookup's read goes on from the back (`_start_back_read`): dense
         requests (a sparse one builds its representations from its first chunk on, a host-backed
         one's pages go to the host pool whole)."""
-        return self.split_slow_loads and not lookup.host and not lookup.seq.sparse
+        return self._may_split(lookup.seq, lookup.host)
+
+    def _may_split(self, seq: Sequence, host: bool) -> bool:
+        return self.split_slow_loads and not host and not seq.sparse
 
     def _give_back_when_done(self, future: Future, rows: list[int]) -> None:
         """Give `rows` back once the read `future` stands for has ended (it may still be writing into them)."""
@@ -857,12 +877,20 @@ class L3PrefixCache:
                     self.rows.give_back(r.rows[r.num_landed:])
                 else:   # its pages: those copied on to the device (rows[:num_landed]), then rows[num_landed:good]
                     in_l3, good = lookup.future.result()
-                    self.rows.give_back(r.rows[good:])   # rows no page was read into
+                    if r.cut_at and self._splits(lookup):   # cut by the I/O thread: the rest from the back
+                        back = r.rows[good:r.hits]
+                        self.rows.give_back(r.rows[r.hits:])
+                    else:
+                        self.rows.give_back(r.rows[good:])   # rows no page was read into
                     in_l3, run = self._verified(lookup, in_l3, good)
+                    if r.cut_at:
+                        self.stats.loads_cut_short += 1
+                        self.timing["cut_after_s"] += r.cut_at - lookup.since
             else:
                 timed_out = now >= lookup.deadline
                 splits = self._splits(lookup)
-                if not timed_out and not self._too_slow(r, now, self.split_margin if splits else CUT_MARGIN):
+                if not timed_out and not self._too_slow(r, now, self.split_margin if splits else CUT_MARGIN,
+                                                        self.prefill_tokens_per_s):
                     continue
                 # a cut, or a lookup not back in time: the pages read so far are used (a long prompt's read
                 # may take longer than load_timeout_s and still beat prefilling), the rest read from the back
