@@ -124,7 +124,7 @@ SPLIT_MARGIN = 1.0         # the same where the rest is then read from the back 
 PREFILL_DECAY = 0.8        # weight of the earlier prefill steps in the prefill rate (decayed sums of tokens and seconds)
 READ_BATCH_S = 0.25         # a read's batches hold at most this long a read at the store's recent rate
 BACK_BATCH_PAGES = 64      # a back read (`_read_back`) reads this many pages per batch, from the last back
-FIRST_BATCH_PAGES = 16     # a read's first batch holds at most this many pages (its own rate is known sooner)
+FIRST_BATCH_PAGES = 16     # a read's first batch holds at most this many pages, or two per reader thread (its rate is known sooner)
 BACK_SPLIT_MIN_PAGES = 4   # a gap to the back read this small is prefilled whole (no prediction of where they meet)
 READ_DECAY = 0.5           # the same for the store's read rate (batches read, cut reads' included: it follows a store that changes)
 # CUDA: check the crc32 of the pages a lookup lands on the device there, not on the reader threads. Off
@@ -480,8 +480,8 @@ class L3PrefixCache:
                 reading.cut_at = time.monotonic()
                 break
             batch = self._batch_pages(LAND_CHUNK_BYTES // self.page_bytes)
-            if good == 0:
-                batch = min(batch, FIRST_BATCH_PAGES)
+            if good == 0:   # (still two pages per reader thread: one page each times its latency, not its rate)
+                batch = max(min(batch, FIRST_BATCH_PAGES), 2 * self.l3.readers.workers)
             part = reading.rows[good:min(hits, good + batch)]
             t0 = time.perf_counter()
             batch_keys = keys[start + good:start + good + len(part)]
