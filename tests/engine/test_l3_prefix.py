@@ -507,8 +507,8 @@ def _cut_read(engine, prefix, prompt, monkeypatch, *, stall: bool = False):
     then the rest read from the last page back in batches of 4 that come at once, all of them in
     before the prefill reaches them. The cut: by the I/O thread before the next batch (made sure
     whatever the rates: `split_margin` 0), or with `stall` by the engine while the next batch stalls
-    (its rest looks slower than prefilling once it has stalled ~0.3 s: 14 pages at 4 per 0.1 s
-    against ~250 tokens/s of prefill here), the back read waiting behind that batch until the test
+    (its rest looks slower than prefilling once it has stalled ~0.5 s: 14 pages, 4 of them in and
+    4 stalled, against ~250 tokens/s of prefill here), the back read waiting behind that batch until the test
     lets it end. Returns (its tokens, the prefill chunks run)."""
     import hisa.engine.l3_prefix as l3_prefix
 

@@ -198,6 +198,8 @@ class _Reading:
     in_l3: int = 0
     hits: int = -1
     read_since: float = 0.0
+    ready_at: float = 0.0  # the I/O thread's: when `ready` last grew (time.monotonic())
+    batch: int = 0         # the I/O thread's: pages of the batch being read, 0 between batches
     # the I/O thread's read is cut before a batch (`_too_slow` by `margin`; None: never there) at cut_at (time.monotonic())
     margin: float | None = None
     cut_at: float = 0.0
@@ -483,6 +485,7 @@ class L3PrefixCache:
             if good == 0:   # (still two pages per reader thread: one page each times its latency, not its rate)
                 batch = max(min(batch, FIRST_BATCH_PAGES), 2 * self.l3.readers.workers)
             part = reading.rows[good:min(hits, good + batch)]
+            reading.batch = len(part)
             t0 = time.perf_counter()
             batch_keys = keys[start + good:start + good + len(part)]
             if unchecked:
@@ -496,7 +499,9 @@ class L3PrefixCache:
             self._note_read(len(part), dt)
             self.timing["read_bytes"] += n * self.page_bytes
             good += n
+            reading.ready_at = time.monotonic()
             reading.ready = good
+            reading.batch = 0
             self._progressed.set()
             if n < len(part):   # a page that failed its check is gone from L3 now (the store deleted it)
                 in_l3 = min(in_l3, start + good)
@@ -561,7 +566,7 @@ class L3PrefixCache:
         """Whether the rest of a read in flight would take longer (by `margin`) than prefilling its
         pages at the engine's prefill rate. The rest's time: at the rate this read has gone so far
         once a batch of its pages is in, before that at the store's recent rate (earlier reads) less
-        the time spent. Undecided (False) before `exists` is back, before any prefill was timed, and
+        the time spent (a batch in flight counts once it is overdue). Undecided (False) before `exists` is back, before any prefill was timed, and
         for a first read with no page in yet: a load from a fast store (a local disk, a GPU host's
         page cache) is not cut, and one from a slow store (a far Redis: 0.4-1 GB/s, against ~20K
         tokens/s of 8B prefill on an H200) stops once a batch is in, or at once when the store was
@@ -577,7 +582,11 @@ class L3PrefixCache:
         elapsed = now - r.read_since
         store_rate = self._read_rate()
         if ready > 0:
-            read_s = elapsed * left / ready
+            # the time its pages took: to when the last batch ended, or, once the batch in flight is
+            # overdue at that rate (a store that stalls), as if it ended now (a batch on time is not
+            # counted against the pages before it)
+            spent = max(r.ready_at - r.read_since, elapsed * ready / (ready + r.batch))
+            read_s = spent * left / ready
         elif store_rate is not None:
             read_s = left * self.page_bytes / store_rate - elapsed
         else:
