@@ -401,16 +401,13 @@ def test_a_slow_store_never_blocks_the_running_requests(make_llm, prompts, refer
     llm.close()
 
 
-def test_a_read_slower_than_prefilling_is_cut_short(make_llm, prompts, reference, tmp_path, monkeypatch):
+def test_a_read_slower_than_prefilling_is_cut_short(make_llm, prompts, reference, tmp_path):
     """A store whose reads are so slow that prefilling a prompt's pages is faster (4 s per read,
     against ~1 s to prefill 288 tokens here): the first read, in one batch with nothing to tell, is
     waited for; the next request's is not: at the store's rate its read would take longer than
     prefilling its pages, so the I/O thread cuts it before its first batch and the request prefills.
     The tokens are those of runs without L3, the cut is counted, and every host row comes back once
     the read it was taken for has ended."""
-    import hisa.engine.l3_prefix as l3_prefix
-
-    monkeypatch.setattr(l3_prefix, "FIRST_BATCH_PAGES", 1000)   # (a first batch of 16 pages would be cut after it)
     llm = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=f"file:{tmp_path / 'l3'}")
     prefix = llm.engine.l3_prefix
     assert _one_by_one(llm, prompts[:1]) == reference[:1]   # L3 holds the shared prefix; prefill is timed
@@ -466,7 +463,6 @@ def test_a_cut_read_is_read_from_the_back_while_the_front_prefills(make_llm, pro
     L3; nothing leaks, and every host row comes back once the read has ended."""
     import hisa.engine.l3_prefix as l3_prefix
 
-    monkeypatch.setattr(l3_prefix, "FIRST_BATCH_PAGES", 1000)   # the first slow read in one batch
     monkeypatch.setattr(l3_prefix, "BACK_BATCH_PAGES", 4)
     monkeypatch.setattr(l3_prefix, "BACK_SPLIT_MIN_PAGES", 1000)   # stop at the read's edge (no meeting point guessed)
     llm = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=f"file:{tmp_path / 'l3'}")

@@ -124,7 +124,6 @@ SPLIT_MARGIN = 1.0         # the same where the rest is then read from the back 
 PREFILL_DECAY = 0.8        # weight of the earlier prefill steps in the prefill rate (decayed sums of tokens and seconds)
 READ_BATCH_S = 0.25         # a read's batches hold at most this long a read at the store's recent rate
 BACK_BATCH_PAGES = 64      # a back read (`_read_back`) reads this many pages per batch, from the last back
-FIRST_BATCH_PAGES = 16     # a read's first batch holds at most this many pages, or two per reader thread (its rate is known sooner)
 BACK_SPLIT_MIN_PAGES = 4   # a gap to the back read this small is prefilled whole (no prediction of where they meet)
 READ_DECAY = 0.5           # the same for the store's read rate (batches read, cut reads' included: it follows a store that changes)
 # CUDA: check the crc32 of the pages a lookup lands on the device there, not on the reader threads. Off
@@ -458,7 +457,7 @@ class L3PrefixCache:
         the request count only if L3 has them too: their writer's write may have been dropped), and
         how many pages from `start` on, the run L3 holds, were read and checked into `reading.rows`;
         the run ends at the first page that fails its checks. The pages are read in batches
-        (`_batch_pages`, the first of at most FIRST_BATCH_PAGES) and `reading.ready` published after
+        (`_batch_pages`) and `reading.ready` published after
         each: with `land_on_device` the engine thread copies them on to the device while the next are
         read. Before each batch the read is cut where its rest looks slower than prefilling
         (`_too_slow` by `reading.margin`; `reading.cut_at` tells the engine), and a cut by the engine
@@ -482,8 +481,6 @@ class L3PrefixCache:
                 reading.cut_at = time.monotonic()
                 break
             batch = self._batch_pages(LAND_CHUNK_BYTES // self.page_bytes)
-            if good == 0:   # (still two pages per reader thread: one page each times its latency, not its rate)
-                batch = max(min(batch, FIRST_BATCH_PAGES), 2 * self.l3.readers.workers)
             part = reading.rows[good:min(hits, good + batch)]
             reading.batch = len(part)
             t0 = time.perf_counter()
