@@ -29,8 +29,8 @@ requests and aborts get in). A lookup not back after `load_timeout_s` stops bein
 (`loads_timed_out`) as a cut read does (below): the pages read so far are used; a read that would take longer than prefilling its
 pages (this read's or the store's recent rate against the engine's prefill rate: `_too_slow`) is
 cut short, its pages read so far used (`loads_cut_short`; by the I/O thread before its next batch,
-or by the engine while a batch is in flight), and for a dense request the pages it has
-not read are then read from the prompt's last page back while the request prefills from the front,
+or by the engine while a batch is in flight), and for a dense request the pages it has not read
+are then read from the prompt's last page back while the request prefills from the front,
 its chunks stopping where the two meet (`_BackRead`, `loads_split`). On CUDA a back read's pages
 are copied on to the device at each step while it goes on (`_land_back`), so where the two meet
 only device-to-device copies are left. (A read faster than prefilling is not split: on an H200 that
@@ -457,11 +457,11 @@ class L3PrefixCache:
         the request count only if L3 has them too: their writer's write may have been dropped), and
         how many pages from `start` on, the run L3 holds, were read and checked into `reading.rows`;
         the run ends at the first page that fails its checks. The pages are read in batches
-        (`_batch_pages`) and `reading.ready` published after
-        each: with `land_on_device` the engine thread copies them on to the device while the next are
-        read. Before each batch the read is cut where its rest looks slower than prefilling
-        (`_too_slow` by `reading.margin`; `reading.cut_at` tells the engine), and a cut by the engine
-        (a batch that stalls, a timeout) ends it after the batch it is in. `unchecked`: the payloads' checksums are left to the
+        (`_batch_pages`) and `reading.ready` published after each: with `land_on_device` the engine
+        thread copies them on to the device while the next are read. Before each batch the read is
+        cut where its rest looks slower than prefilling (`_too_slow` by `reading.margin`;
+        `reading.cut_at` tells the engine), and a cut by the engine (a batch that stalls, a timeout)
+        ends it after the batch it is in. `unchecked`: the payloads' checksums are left to the
         device (`_verified`); a page whose head fails still ends the run here. No CUDA call here."""
         keys = page_keys(tokens, self.layout)
         t0 = time.perf_counter()
@@ -477,7 +477,8 @@ class L3PrefixCache:
             # cut here, before the next batch, where the rest looks slower than prefilling (at the
             # store's recent rate before the first): the engine then reads it from the back or prefills
             # it with no batch in flight to wait for or throw away
-            if reading.margin is not None and self._too_slow(reading, time.monotonic(), reading.margin, self._prefill_rate()):
+            if reading.margin is not None and self._too_slow(reading, time.monotonic(), reading.margin,
+                                                             self._prefill_rate()):
                 reading.cut_at = time.monotonic()
                 break
             batch = self._batch_pages(LAND_CHUNK_BYTES // self.page_bytes)
@@ -562,12 +563,12 @@ class L3PrefixCache:
     def _too_slow(self, r: _Reading, now: float, margin: float, prefill_rate: float | None) -> bool:
         """Whether the rest of a read in flight would take longer (by `margin`) than prefilling its
         pages at the engine's prefill rate. The rest's time: at the rate this read has gone so far
-        once a batch of its pages is in, before that at the store's recent rate (earlier reads) less
-        the time spent (a batch in flight counts once it is overdue). Undecided (False) before `exists` is back, before any prefill was timed, and
-        for a first read with no page in yet: a load from a fast store (a local disk, a GPU host's
-        page cache) is not cut, and one from a slow store (a far Redis: 0.4-1 GB/s, against ~20K
-        tokens/s of 8B prefill on an H200) stops once a batch is in, or at once when the store was
-        slow before. The pages read so far are used. `prefill_rate`: the engine's, in tokens/s (the
+        once a batch of its pages is in (a batch in flight counts once it is overdue), before that at
+        the store's recent rate (earlier reads) less the time spent. Undecided (False) before
+        `exists` is back, before any prefill was timed, and for a first read with no page in yet: a
+        load from a fast store (a local disk, a GPU host's page cache) is not cut, and one from a
+        slow store (a far Redis: 0.4-1 GB/s, against ~20K tokens/s of 8B prefill on an H200) stops
+        once a batch is in, or at once when the store was slow before. The pages read so far are used. `prefill_rate`: the engine's, in tokens/s (the
         I/O thread passes `_prefill_rate()`: polling the timers would query CUDA events there)."""
         rate, hits = prefill_rate, r.hits
         if not self.cut_slow_loads or rate is None or hits < 0:
