@@ -349,3 +349,37 @@ def test_a_resident_sparse_request_loads_its_prefix_from_l3(tmp_path):
     assert m["pages_loaded"] == 16 and second.engine.sparse.summary()["decode_steps"] > 0
     e = second.engine
     assert e.allocator.num_free == e.allocator.num_pages
+
+
+def test_a_resident_sparse_requests_cut_read_prefills_the_rest(tmp_path, monkeypatch):
+    """A resident sparse request whose L3 read is cut by the I/O thread (here after its first batch of
+    4 pages, made sure: CUT_MARGIN 0) takes the 4 pages read and prefills the other 12 (no read from
+    the back for a sparse request: its summaries are built from its first chunk on), with the tokens
+    of a run without L3 and nothing left behind."""
+    import hisa.engine.l3_prefix as l3_prefix
+
+    tiny, prompts = _tiny_prompts_sharing(13, 256, 44)
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+
+    def engine(l3):
+        return LLM(loaded=tiny, device="cpu", dtype="float32", progress=False, page_size=16, max_model_len=512,
+                   max_num_batched_tokens=1024, prefix_cache=False, l3=l3,
+                   sparse=SparseConfig(algorithm="quest", token_budget=96, min_prompt_len=64, host_pool_gb=0.01))
+
+    want = engine(None).generate(prompts[1:], params, use_tqdm=False)[0].token_ids
+    url = f"file:{tmp_path / 'l3'}"
+    first = engine(url)
+    first.generate(prompts[:1], params, use_tqdm=False)
+    first.engine.l3_prefix.drain()
+    second = engine(url)
+    second.generate([list(range(3, 200))], params, use_tqdm=False)   # a prefill timed (nothing in L3 for it)
+    prefix = second.engine.l3_prefix
+    monkeypatch.setattr(l3_prefix, "CUT_MARGIN", 0.0)
+    monkeypatch.setattr(l3_prefix, "LAND_CHUNK_BYTES", 4 * prefix.page_bytes)   # batches of 4 pages
+    assert second.generate(prompts[1:], params, use_tqdm=False)[0].token_ids == want
+    m = prefix.metrics()
+    assert m["loads_cut_short"] == 1 and m["loads_split"] == 0 and m["pages_loaded"] == 4, str(m)
+    prefix.drain()
+    assert prefix.rows.in_use == 0
+    e = second.engine
+    assert e.allocator.num_free == e.allocator.num_pages
