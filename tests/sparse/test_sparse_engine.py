@@ -326,6 +326,13 @@ def test_a_demoted_request_keeps_only_pages_it_holds_alone():
     assert got == want
 
 
+def _tiny_quest_l3(tiny, l3):
+    """The tiny model with resident quest (budget 96, page 16), the pool's prefix cache off, L3 at `l3`."""
+    return LLM(loaded=tiny, device="cpu", dtype="float32", progress=False, page_size=16, max_model_len=512,
+               max_num_batched_tokens=1024, prefix_cache=False, l3=l3,
+               sparse=SparseConfig(algorithm="quest", token_budget=96, min_prompt_len=64, host_pool_gb=0.01))
+
+
 def test_a_resident_sparse_request_loads_its_prefix_from_l3(tmp_path):
     """Another engine's sparse request over the same 256-token prefix loads those 16 pages from L3
     (written by the first engine's resident sparse request) instead of prefilling them, rebuilds
@@ -333,17 +340,12 @@ def test_a_resident_sparse_request_loads_its_prefix_from_l3(tmp_path):
     tiny, prompts = _tiny_prompts_sharing(13, 256, 44)
     params = SamplingParams(max_tokens=24, ignore_eos=True)
 
-    def engine(l3):
-        return LLM(loaded=tiny, device="cpu", dtype="float32", progress=False, page_size=16, max_model_len=512,
-                   max_num_batched_tokens=1024, prefix_cache=False, l3=l3,
-                   sparse=SparseConfig(algorithm="quest", token_budget=96, min_prompt_len=64, host_pool_gb=0.01))
-
-    want = [o.token_ids for o in engine(None).generate(prompts, params, use_tqdm=False)]
+    want = [o.token_ids for o in _tiny_quest_l3(tiny, None).generate(prompts, params, use_tqdm=False)]
     url = f"file:{tmp_path / 'l3'}"
-    first = engine(url)
+    first = _tiny_quest_l3(tiny, url)
     assert first.generate(prompts[:1], params, use_tqdm=False)[0].token_ids == want[0]
     first.engine.l3_prefix.drain()
-    second = engine(url)
+    second = _tiny_quest_l3(tiny, url)
     assert second.generate(prompts[1:], params, use_tqdm=False)[0].token_ids == want[1]
     m = second.engine.l3_prefix.metrics()
     assert m["pages_loaded"] == 16 and second.engine.sparse.summary()["decode_steps"] > 0
@@ -361,17 +363,12 @@ def test_a_resident_sparse_requests_cut_read_prefills_the_rest(tmp_path, monkeyp
     tiny, prompts = _tiny_prompts_sharing(13, 256, 44)
     params = SamplingParams(max_tokens=24, ignore_eos=True)
 
-    def engine(l3):
-        return LLM(loaded=tiny, device="cpu", dtype="float32", progress=False, page_size=16, max_model_len=512,
-                   max_num_batched_tokens=1024, prefix_cache=False, l3=l3,
-                   sparse=SparseConfig(algorithm="quest", token_budget=96, min_prompt_len=64, host_pool_gb=0.01))
-
-    want = engine(None).generate(prompts[1:], params, use_tqdm=False)[0].token_ids
+    want = _tiny_quest_l3(tiny, None).generate(prompts[1:], params, use_tqdm=False)[0].token_ids
     url = f"file:{tmp_path / 'l3'}"
-    first = engine(url)
+    first = _tiny_quest_l3(tiny, url)
     first.generate(prompts[:1], params, use_tqdm=False)
     first.engine.l3_prefix.drain()
-    second = engine(url)
+    second = _tiny_quest_l3(tiny, url)
     second.generate([list(range(3, 200))], params, use_tqdm=False)   # a prefill timed (nothing in L3 for it)
     prefix = second.engine.l3_prefix
     monkeypatch.setattr(l3_prefix, "CUT_MARGIN", 0.0)

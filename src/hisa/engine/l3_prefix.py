@@ -199,7 +199,8 @@ class _Reading:
     read_since: float = 0.0
     ready_at: float = 0.0  # the I/O thread's: when `ready` last grew (time.monotonic())
     batch: int = 0         # the I/O thread's: pages of the batch being read, 0 between batches
-    # the I/O thread's read is cut before a batch (`_too_slow` by `margin`; None: never there) at cut_at (time.monotonic())
+    # the I/O thread cuts the read before a batch where `_too_slow` by `margin` (None: it never does),
+    # at cut_at (time.monotonic())
     margin: float | None = None
     cut_at: float = 0.0
 
@@ -568,8 +569,9 @@ class L3PrefixCache:
         `exists` is back, before any prefill was timed, and for a first read with no page in yet: a
         load from a fast store (a local disk, a GPU host's page cache) is not cut, and one from a
         slow store (a far Redis: 0.4-1 GB/s, against ~20K tokens/s of 8B prefill on an H200) stops
-        once a batch is in, or at once when the store was slow before. The pages read so far are used. `prefill_rate`: the engine's, in tokens/s (the
-        I/O thread passes `_prefill_rate()`: polling the timers would query CUDA events there)."""
+        once a batch is in, or at once when the store was slow before. The pages read so far are
+        used. `prefill_rate`: the engine's, in tokens/s (the I/O thread passes `_prefill_rate()`:
+        polling the timers would query CUDA events there)."""
         rate, hits = prefill_rate, r.hits
         if not self.cut_slow_loads or rate is None or hits < 0:
             return False
