@@ -405,7 +405,7 @@ class L3PrefixCache:
             self.stats.lookups += 1
             reading = _Reading(rows)
             if self.cut_slow_loads:
-                reading.margin = self.split_margin if self._may_split(seq, host) else CUT_MARGIN
+                reading.margin = self.split_margin if self._splits(seq, host) else CUT_MARGIN
             if start == cap:   # nothing for L3 to add (what L3 holds is checked when the pages are written)
                 future: Future = Future()
                 future.set_result((0, 0))
@@ -603,13 +603,10 @@ class L3PrefixCache:
         self._stop_read(lookup, keep=max(good, r.hits) if keep_unread else good)
         return r.in_l3, good
 
-    def _splits(self, lookup: _Lookup) -> bool:
-        """Whether a cut of this lookup's read goes on from the back (`_start_back_read`): dense
-        requests (a sparse one builds its representations from its first chunk on, a host-backed
-        one's pages go to the host pool whole)."""
-        return self._may_split(lookup.seq, lookup.host)
-
-    def _may_split(self, seq: Sequence, host: bool) -> bool:
+    def _splits(self, seq: Sequence, host: bool) -> bool:
+        """Whether a cut of the read of `seq` (its pages for the host pool: `host`) goes on from the
+        back (`_start_back_read`): dense requests (a sparse one builds its representations from its
+        first chunk on, a host-backed one's pages go to the host pool whole)."""
         return self.split_slow_loads and not host and not seq.sparse
 
     def _give_back_when_done(self, future: Future, rows: list[int]) -> None:
@@ -733,14 +730,11 @@ class L3PrefixCache:
                 pages = torch.empty(n, *self.page_shape, dtype=dtype, device=device)
             except torch.cuda.OutOfMemoryError:
                 return
-            done = 0
             for pos, first, end in runs(rows):
                 pages[pos:pos + end - first].copy_(self.rows.pages(first, end, dtype=dtype, shape=self.page_shape),
                                                    non_blocking=True)
-                done = pos + end - first
             copied = torch.cuda.Event()
             copied.record(self._land_stream)
-        assert done == n
         b.landed.append((low, pages, copied))
         self.rows.give_back(rows, event=copied)
         b.landed_low = low
@@ -772,7 +766,7 @@ class L3PrefixCache:
         pages = scheduler.allocator.allocate(n)
         top = max(m, b.landed_low)   # pages m..top-1 are in their rows, top..end-1 on the device
         rows = b.rows[m - b.first:top - b.first]
-        landed = LoadedRun([(t[max(0, top - p):], event) for p, t, event in sorted(b.landed, key=lambda x: x[0])
+        landed = LoadedRun([(t[max(0, top - p):], event) for p, t, event in reversed(b.landed)   # (landed last first)
                             if p + t.shape[0] > top])
         try:
             if self._land_stream is not None:
@@ -886,7 +880,7 @@ class L3PrefixCache:
                     self.rows.give_back(r.rows[r.num_landed:])
                 else:   # its pages: those copied on to the device (rows[:num_landed]), then rows[num_landed:good]
                     in_l3, good = lookup.future.result()
-                    if r.cut_at and self._splits(lookup):   # cut by the I/O thread: the rest from the back
+                    if r.cut_at and self._splits(lookup.seq, lookup.host):   # cut by the I/O thread: the rest from the back
                         back = r.rows[good:r.hits]
                         self.rows.give_back(r.rows[r.hits:])
                     else:
@@ -897,10 +891,11 @@ class L3PrefixCache:
                         self.timing["cut_after_s"] += r.cut_at - lookup.since
             else:
                 timed_out = now >= lookup.deadline
-                splits = self._splits(lookup)
-                if not timed_out and not self._too_slow(r, now, self.split_margin if splits else CUT_MARGIN,
-                                                        self.prefill_tokens_per_s):
+                # (by the margin the I/O thread checks before each batch, set when the lookup began)
+                if not timed_out and not (r.margin is not None
+                                          and self._too_slow(r, now, r.margin, self.prefill_tokens_per_s)):
                     continue
+                splits = self._splits(lookup.seq, lookup.host)
                 # a cut, or a lookup not back in time: the pages read so far are used (a long prompt's read
                 # may take longer than load_timeout_s and still beat prefilling), the rest read from the back
                 in_l3, good = self._cut(lookup, keep_unread=splits)
