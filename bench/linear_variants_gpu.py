@@ -183,7 +183,7 @@ def main() -> int:
             key = f"{r['shape']} m={r['rows']}"
             if key not in best or r["us"] < best[key]["us"]:
                 best[key] = dict(variant=r["variant"], us=r["us"])
-    out = dict(command=" ".join(sys.argv), **head, hbm_copy_bytes_per_s=copy_bw, rows=rows_out, best=best)
+    out = dict(**head, hbm_copy_bytes_per_s=copy_bw, rows=rows_out, best=best)
     write_json(args.out, out)
     labels = sorted(best)
     hisa = {f"{r['shape']} m={r['rows']}": r["us"] for r in rows_out if r["variant"] == "hisa (default)"}
