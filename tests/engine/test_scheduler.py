@@ -55,8 +55,43 @@ def test_allocator_hands_out_the_lowest_free_ids_most_recently_freed_first():
     alloc.free([0, 2])
     assert alloc.allocate(4) == [2, 0, 4, 5]
     with pytest.raises(ValueError, match="freed twice"):
-        alloc.free([3, 3])   # the second drop of page 3's one reference
-    assert alloc.num_free == 8 - 6 + 1   # the first drop happened
+        alloc.free([3, 3])   # two drops of page 3's one reference
+    assert alloc.num_free == 8 - 6 and alloc.refs(3) == 1   # a free that raises frees nothing
+
+
+def test_allocator_frees_long_lists_as_one_id_at_a_time_would():
+    """A request's whole page list (the vector path of `free`, past SMALL ids) leaves the pool as
+    freeing its ids one at a time does: the same ids handed out next, in the same order, shared
+    pages still held, registered ones cached (kept under a deadline) in list order; a list that names
+    a page twice, or a page nobody holds, raises and frees nothing."""
+    from hisa.kvcache.page_allocator import SMALL
+
+    def pool_after(one_by_one: bool) -> tuple:
+        now = [0.0]
+        alloc = PageAllocator(4 * SMALL + 10, clock=lambda: now[0])
+        a = alloc.allocate(2 * SMALL)        # a long request
+        b = alloc.allocate(SMALL + 3)        # another, sharing a's pages 5..9
+        alloc.hold(a[5:10])
+        for i in (1, 4, 7):
+            alloc.register(a[i], b"k%d" % i)
+        freed = a[::-1]                      # last page first, as the scheduler frees
+        if one_by_one:
+            for p in freed:
+                alloc.free([p], keep_until=5.0)
+        else:
+            alloc.free(freed, keep_until=5.0)
+        state = (alloc.num_free, alloc.num_kept, [alloc.refs(p) for p in a + b])
+        return state, alloc.allocate(3 * SMALL), alloc.lookup([b"k1"])
+
+    assert pool_after(False) == pool_after(True)
+    alloc = PageAllocator(4 * SMALL)
+    pages = alloc.allocate(2 * SMALL)
+    for bad in (pages + pages[:1], pages + [4 * SMALL - 1], pages + [-1]):
+        with pytest.raises(ValueError, match="freed twice|not a page"):
+            alloc.free(bad)
+        assert alloc.num_free == 2 * SMALL and all(alloc.refs(p) == 1 for p in pages)
+    alloc.free(pages)
+    assert alloc.num_free == 4 * SMALL and alloc.allocate(2) == [pages[-1], pages[-2]]  # the last freed first
 
 
 def test_chunked_prefill_respects_token_budget():

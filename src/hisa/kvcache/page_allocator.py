@@ -12,13 +12,24 @@ Pages freed with a keep-alive deadline (`free(pages, keep_until=t)`: a finished 
 session, `SamplingParams.keep_alive`) are *kept*: cached pages evicted only after every ordinary
 cached page, the request freed first first (LRU by request); past its deadline a kept page is an
 ordinary cached one again (the oldest).
+
+The free ids and the reference counts are numpy arrays, not Python lists: at page size 1 (DSA's
+latent rows) a 128K request holds 131K page ids and the pools tens of millions, so `free` works on a
+request's whole list at once, and a pool of 20M ids takes 188 MB of host memory instead of 960 MB
+of list and int objects (tracemalloc). On the 2-core CPU machine: `free` 44-46 ns per id against 87
+(11 ms -> 6 ms for a 128K request), `allocate(n)` 39-48 against 49, `allocate(1)` (a decode step's
+new page, a scalar path) 0.57 against 0.64 µs, a 20M-id pool made in 0.01-0.2 s against 1.3 s.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+SMALL = 32  # lists up to this long are freed one id at a time (numpy's per-call cost is higher)
 
 
 class PageAllocator:
@@ -38,8 +49,11 @@ class PageAllocator:
             raise ValueError(f"num_pages must be >= 1, got {num_pages}")
         self.num_pages = num_pages
         self.clock = clock  # the time keep-alive deadlines are read on
-        self._free = list(range(num_pages - 1, -1, -1))  # pop() from the end hands out low ids first
-        self._refs = [0] * num_pages
+        # free ids, a stack: _stack[:_top] are free, the last one is handed out first (low ids first)
+        self._stack = np.arange(num_pages - 1, -1, -1, dtype=np.int32 if num_pages < 2**31 else np.int64)
+        self._top = num_pages
+        self._refs = np.zeros(num_pages, dtype=np.int32)
+        self._named = np.zeros(num_pages, dtype=bool)  # registered (a key in _key_of): for free's vector path
         self._key_of: dict[int, bytes] = {}  # registered pages (in use or cached) -> key
         self._page_of: dict[bytes, int] = {}
         self._cached: OrderedDict[int, None] = OrderedDict()  # refs 0, still registered; oldest first
@@ -50,7 +64,7 @@ class PageAllocator:
     @property
     def num_free(self) -> int:
         """Pages `allocate` can hand out: free ones and cached ones (evicted on demand)."""
-        return len(self._free) + len(self._cached) + len(self._kept)
+        return self._top + len(self._cached) + len(self._kept)
 
     @property
     def num_used(self) -> int:
@@ -85,50 +99,89 @@ class PageAllocator:
     def allocate(self, n: int) -> list[int]:
         if n > self.num_free:
             raise MemoryError(f"asked for {n} pages, {self.num_free} free")
-        if n > len(self._free) and self._kept:
+        if n > self._top and self._kept:
             self._expire()
-        free, refs = self._free, self._refs
-        if len(free) >= n:   # the common case, in one slice (no eviction)
-            pages = free[len(free) - n:][::-1]
-            del free[len(free) - n:]
-            for p in pages:
+        stack, refs, top = self._stack, self._refs, self._top
+        if n <= top:   # the common case: free ids only (no eviction)
+            self._top = top - n
+            if n == 1:  # a decode step's next page (at page size 1, every step of every request)
+                p = int(stack[top - 1])
                 refs[p] = 1
-            return pages
-        pages = []
-        for _ in range(n):
-            if self._free:
-                p = self._free.pop()
-            else:  # evict the least recently freed cached page; kept pages only once none is left
-                if self._cached:
-                    p, _ = self._cached.popitem(last=False)
-                else:
-                    p, _ = self._kept.popitem(last=False)
-                    self.kept_evicted += 1
-                del self._page_of[self._key_of.pop(p)]
-                self.evicted += 1
-            self._refs[p] = 1
+                return [p]
+            taken = stack[top - n:top][::-1]
+            refs[taken] = 1
+            return taken.tolist()
+        pages = stack[:top][::-1].tolist()  # every free id first, in the order they would be handed out
+        self._top = 0
+        while len(pages) < n:  # evict the least recently freed cached page; kept pages only once none is left
+            if self._cached:
+                p, _ = self._cached.popitem(last=False)
+            else:
+                p, _ = self._kept.popitem(last=False)
+                self.kept_evicted += 1
+            del self._page_of[self._key_of.pop(p)]
+            self._named[p] = False
+            self.evicted += 1
             pages.append(p)
+        refs[pages] = 1
         return pages
 
-    def free(self, pages: list[int], *, keep_until: float | None = None) -> None:
+    def free(self, pages: Iterable[int], *, keep_until: float | None = None) -> None:
         """Drop one reference to each page; a page nobody holds becomes cached (registered) or free.
-        keep_until: registered pages that become cached are kept until then (`self.clock` time)."""
+        keep_until: registered pages that become cached are kept until then (`self.clock` time).
+        A page freed more often than it is held raises ValueError, and then nothing is freed."""
         keep = keep_until is not None and keep_until > self.clock()
-        # (locals: a request at page size 1 frees one id per token, 131K for a 128K context)
-        refs, key_of, free = self._refs, self._key_of, self._free
+        pages = pages if isinstance(pages, list) else list(pages)
+        n = len(pages)
+        refs = self._refs
+        if n > SMALL:
+            ids = np.fromiter(pages, dtype=np.int64, count=n)
+            if ids.min() < 0 or ids.max() >= self.num_pages:
+                bad = ids[(ids < 0) | (ids >= self.num_pages)][0]
+                raise ValueError(f"page {bad} is not a page of this pool ({self.num_pages} pages)")
+            held = refs[ids]
+            refs[ids] = np.arange(n, dtype=np.int32)  # a page listed twice reads back another's index
+            once = bool((refs[ids] == np.arange(n, dtype=np.int32)).all())
+            refs[ids] = held
+            if once:
+                if (held <= 0).any():
+                    raise ValueError(f"page {ids[held <= 0][0]} freed twice or never allocated")
+                refs[ids] = held - 1
+                done = ids[held == 1]  # nobody holds these now
+                named = self._named[done]
+                loose = done[~named]
+                self._stack[self._top:self._top + loose.size] = loose
+                self._top += loose.size
+                self._cache(done[named].tolist(), keep_until if keep else None)
+                return
+        # short lists, and lists naming a page twice: one id at a time
+        count: dict[int, int] = {}
         for p in pages:
-            n = refs[p] - 1
-            if n < 0:
+            count[p] = count.get(p, 0) + 1
+        for p, c in count.items():
+            if not 0 <= p < self.num_pages:
+                raise ValueError(f"page {p} is not a page of this pool ({self.num_pages} pages)")
+            if refs[p] < c:
                 raise ValueError(f"page {p} freed twice or never allocated")
-            refs[p] = n
-            if n == 0:
-                if p in key_of:
-                    if keep:
-                        self._kept[p] = keep_until
-                    else:
-                        self._cached[p] = None
-                else:
-                    free.append(p)
+        done = []
+        for p in pages:
+            left = int(refs[p]) - 1
+            refs[p] = left
+            if left == 0:
+                done.append(p)
+        for p in done:
+            if not self._named[p]:
+                self._stack[self._top] = p
+                self._top += 1
+        self._cache([p for p in done if self._named[p]], keep_until if keep else None)
+
+    def _cache(self, pages: list[int], keep_until: float | None) -> None:
+        """Registered pages nobody holds any more: cached (kept until keep_until, if given), in order."""
+        for p in pages:
+            if keep_until is not None:
+                self._kept[p] = keep_until
+            else:
+                self._cached[p] = None
 
     # -- prefix pages --------------------------------------------------------------------------
     def register(self, page: int, key: bytes) -> bool:
@@ -139,6 +192,7 @@ class PageAllocator:
         if key in self._page_of or page in self._key_of:
             return False
         self._key_of[page], self._page_of[key] = key, page
+        self._named[page] = True
         return True
 
     def lookup(self, keys: list[bytes]) -> list[int]:
@@ -170,7 +224,7 @@ class PageAllocator:
             self._refs[p] += 1
 
     def refs(self, page: int) -> int:
-        return self._refs[page]
+        return int(self._refs[page])
 
     def forget(self, page: int) -> None:
         """Unname an in-use page that only one holder has (its content is about to change)."""
@@ -179,3 +233,4 @@ class PageAllocator:
         key = self._key_of.pop(page, None)
         if key is not None:
             del self._page_of[key]
+            self._named[page] = False
