@@ -32,9 +32,10 @@ sys.path.insert(0, sys.argv[1])
 from hisa.kvcache.page_allocator import PageAllocator
 pool, requests, ids, reps = (int(x) for x in sys.argv[2:6])
 tracemalloc.start()  # the pool's memory (tracemalloc slows allocations down: timed apart)
-PageAllocator(pool)
+probe = PageAllocator(pool)
 pool_mb = tracemalloc.get_traced_memory()[0] / 1e6
 tracemalloc.stop()
+del probe
 t = time.perf_counter()
 alloc = PageAllocator(pool)
 make_s = time.perf_counter() - t
