@@ -15,10 +15,14 @@ ordinary cached one again (the oldest).
 
 The free ids and the reference counts are numpy arrays, not Python lists: at page size 1 (DSA's
 latent rows) a 128K request holds 131K page ids and the pools tens of millions, so `free` works on a
-request's whole list at once, and a pool of 20M ids takes 188 MB of host memory instead of 960 MB
-of list and int objects (tracemalloc). On the 2-core CPU machine: `free` 44-46 ns per id against 87
-(11 ms -> 6 ms for a 128K request), `allocate(n)` 39-48 against 49, `allocate(1)` (a decode step's
-new page, a scalar path) 0.57 against 0.64 µs, a 20M-id pool made in 0.01-0.2 s against 1.3 s.
+request's whole list at once (the step in which requests finish is the one that pays), and the
+pool holds no Python int per id. Against the lists it replaced (`python bench/page_allocator_cpu.py
+--against 353fc8e`, 2-core CPU machine, a 20M-id pool, 16 requests of 131K ids; bench/results/
+page_allocator_cpu.json): `free` 32.8 ns per id against 83.9 (11.0 -> 4.3 ms per 128K request),
+the pool 180 MB of host memory against 960 MB and made in 0.012 s against 1.0 s, `allocate(1)` (a
+decode step's new page, a scalar path) 0.95 against 3.0 µs; but `allocate(n)` 38.8 ns per id
+against 19.4 (the list it returns needs a new int per id, which the old free list kept alive:
++2.5 ms per 128K request, at admission, beside a prefill of seconds).
 """
 
 from __future__ import annotations
