@@ -143,9 +143,9 @@ class PageAllocator:
             if ids.min() < 0 or ids.max() >= self.num_pages:
                 bad = ids[(ids < 0) | (ids >= self.num_pages)][0]
                 raise ValueError(f"page {bad} is not a page of this pool ({self.num_pages} pages)")
-            held = refs[ids]
-            refs[ids] = np.arange(n, dtype=np.int32)  # a page listed twice reads back another's index
-            once = bool((refs[ids] == np.arange(n, dtype=np.int32)).all())
+            held, order = refs[ids], np.arange(n, dtype=np.int32)
+            refs[ids] = order  # a page listed twice reads back another position's number
+            once = bool((refs[ids] == order).all())
             refs[ids] = held
             if once:
                 if (held <= 0).any():
