@@ -42,8 +42,7 @@ LAYERS = 32
 
 
 @triton.jit
-def _tile(x_ptr, w_ptr, w_desc, n0, k0, m, m_ok, n, n_ok, k, stride_xm, stride_wn, K: tl.constexpr,
-          TMA: tl.constexpr):
+def _tile(x_ptr, w_ptr, w_desc, n0, k0, m, m_ok, n, n_ok, k, stride_xm, stride_wn, TMA: tl.constexpr):
     if TMA:
         w = w_desc.load([n0, k0])
     else:
@@ -65,7 +64,7 @@ def blocks_kernel(x_ptr, w_ptr, w_desc, y_ptr, M, N, stride_xm, stride_wn, strid
     k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-        w, x = _tile(x_ptr, w_ptr, w_desc, n0, k0, m, m_ok, n, n_ok, k, stride_xm, stride_wn, K, TMA)
+        w, x = _tile(x_ptr, w_ptr, w_desc, n0, k0, m, m_ok, n, n_ok, k, stride_xm, stride_wn, TMA)
         acc = tl.dot(w, tl.trans(x), acc=acc)
     tl.store(y_ptr + m[None, :] * stride_ym + n[:, None], acc.to(y_ptr.dtype.element_ty),
              mask=n_ok[:, None] & m_ok[None, :])
@@ -91,7 +90,7 @@ def persistent_kernel(x_ptr, w_ptr, w_desc, y_ptr, M, N, stride_xm, stride_wn, s
         n0 = b * BLOCK_N
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < N
-        w, x = _tile(x_ptr, w_ptr, w_desc, n0, ki * BLOCK_K, m, m_ok, n, n_ok, k, stride_xm, stride_wn, K, TMA)
+        w, x = _tile(x_ptr, w_ptr, w_desc, n0, ki * BLOCK_K, m, m_ok, n, n_ok, k, stride_xm, stride_wn, TMA)
         acc = tl.dot(w, tl.trans(x), acc=acc)
         if ki == K_TILES - 1:
             tl.store(y_ptr + m[None, :] * stride_ym + n[:, None], acc.to(y_ptr.dtype.element_ty),

@@ -70,7 +70,7 @@ def record(args) -> tuple[dict[int, list], dict]:
     info = dict(prompt_tokens=[len(p) for p in prompts], run_s=run_s, layers=len(rec),
                 budget_pages=sparse.budget_pages(args.page_size),
                 buffer_slots=sparse.buffer_slots(args.page_size), sink_pages=sparse.sink_pages,
-                recent_pages=sparse.recent_pages, model=str(e.model_source) if hasattr(e, "model_source") else None)
+                recent_pages=sparse.recent_pages, model=str(e.loaded.source.path), config=e.loaded.config.name)
     llm.close()
     return rec, info
 

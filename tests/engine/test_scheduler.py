@@ -70,8 +70,8 @@ def test_allocator_frees_long_lists_as_one_id_at_a_time_would():
         now = [0.0]
         alloc = PageAllocator(4 * SMALL + 10, clock=lambda: now[0])
         a = alloc.allocate(2 * SMALL)        # a long request
-        b = alloc.allocate(SMALL + 3)        # another, sharing a's pages 5..9
-        alloc.hold(a[5:10])
+        b = alloc.allocate(SMALL + 3)        # another request, left as it is
+        alloc.hold(a[5:10])                  # a's pages 5..9 held elsewhere too (shared)
         for i in (1, 4, 7):
             alloc.register(a[i], b"k%d" % i)
         freed = a[::-1]                      # last page first, as the scheduler frees
