@@ -82,7 +82,7 @@ def run_engine(loaded, prompts, *, device, name, sparse, steps, chunk, util, pag
     if e.sparse is not None:
         st = e.sparse.summary()
         row.update(hit_rate=st["hit_rate"], bytes_h2d_per_step=st["bytes_h2d_per_step"], misses=st["misses"],
-                   prefetched_pages=st["prefetched_pages"], prefetch=sparse.prefetch,
+                   prefetched_pages=st["prefetched_pages"], prefetch=sparse.prefetch, warm_start=sparse.warm_start,
                    resident_requests=st["resident_requests"], host_backed_requests=st["host_backed_requests"],
                    budget_tokens=sparse.token_budget, residency=sparse.residency)
     for rid in rids:
@@ -103,7 +103,8 @@ def main(argv=None) -> int:
     p.add_argument("--algorithms", default="quest,lowbit", help="comma-separated sparse rows beside dense")
     p.add_argument("--residencies", default="auto,host",
                    help="sparse residencies to run (auto: HBM first); a '+prefetch' suffix (e.g. host+prefetch) "
-                        "also loads each global layer's picks into the next layer's buffer ahead (SparseConfig.prefetch)")
+                        "also loads each global layer's picks into the next layer's buffer ahead (SparseConfig.prefetch), "
+                        "'+cold' starts decode from empty device buffers (SparseConfig.warm_start off)")
     p.add_argument("--budget-frac", type=float, default=1 / 8)
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--chunk", type=int, default=16384)
@@ -126,12 +127,12 @@ def main(argv=None) -> int:
     specs = [("dense", None)]
     for alg in (x for x in a.algorithms.split(",") if x):
         for res in (x for x in a.residencies.split(",") if x):
-            where, _, extra = res.partition("+")
-            if extra not in ("", "prefetch"):
-                raise SystemExit(f"unknown residency suffix {extra!r} in {res!r} (only '+prefetch')")
+            where, *extra = res.split("+")
+            if set(extra) - {"prefetch", "cold"}:
+                raise SystemExit(f"unknown residency suffix in {res!r} (only '+prefetch', '+cold')")
             specs.append((f"{alg} {res}", SparseConfig(algorithm=alg, token_budget=budget, residency=where,
                                                        min_prompt_len=1024, max_sparse_requests=len(prompts),
-                                                       prefetch=extra == "prefetch")))
+                                                       prefetch="prefetch" in extra, warm_start="cold" not in extra)))
     rows = []
     def payload(partial):
         return dict(**header(device, a.git_commit), model=str(loaded.source.path), config=loaded.config.name,

@@ -231,6 +231,35 @@ def test_prefetch_changes_no_token(preset):
         assert off["misses_per_layer"][1] == off["misses_per_layer"][2] == 0 < off["misses_per_layer"][0]
 
 
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gemma3"])
+def test_warm_start_loads_fewer_pages_and_changes_no_token(preset):
+    """A host-backed request's prefill leaves in each layer's device buffer the pages its first decode
+    step will read (SparseConfig.warm_start): with streaming (sinks + recent pages, a sliding layer's
+    window: a list known in advance) that first step misses nothing, where an empty buffer misses its
+    every page; with quest (picks guessed from the last prompt token) the whole run misses fewer pages.
+    The tokens are the same either way."""
+    tiny = load_model(f"random:{preset}", device=torch.device("cpu"), dtype=torch.float32, progress=False)
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (400, 311)]
+
+    def run(algorithm, warm, max_tokens):
+        llm = LLM(loaded=tiny, device="cpu", dtype="float32", progress=False, page_size=16, max_model_len=512,
+                  sparse=SparseConfig(algorithm=algorithm, token_budget=96, min_prompt_len=64, host_pool_gb=0.01,
+                                      residency="host", warm_start=warm))
+        outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
+        st = llm.engine.sparse.summary()
+        assert st["decode_steps"] > 0 and st["host_backed_requests"] == 0  # it ran host-backed, and ended
+        assert llm.engine.sparse.host_allocator.num_free == llm.engine.sparse.host_allocator.num_pages
+        return [o.token_ids for o in outs], st
+
+    (cold_out, cold), (warm_out, warm) = run("streaming", False, 2), run("streaming", True, 2)
+    assert warm_out == cold_out
+    assert cold["misses"] > 0 == warm["misses"]  # one decode step each: every page but the tail missed, or none
+    (cold_out, cold), (warm_out, warm) = run("quest", False, 24), run("quest", True, 24)
+    assert warm_out == cold_out
+    assert warm["selected_pages"] == cold["selected_pages"] and warm["misses"] < cold["misses"]
+
+
 @pytest.mark.parametrize("preset, algorithm", [("tiny-llama", "lowbit"), ("tiny-llama", "quest"),
                                                ("tiny-gemma3", "quest")])
 def test_dense_layers_equal_to_the_model_give_dense_tokens(preset, algorithm):

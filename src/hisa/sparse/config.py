@@ -34,6 +34,11 @@ class SparseConfig:
         model (SmolLM2 on an H200, 32 host-backed rows: 2.2x the bytes, the same hit rate, 3.97 vs
         2.91 ms per step; bench/results/decode_real_gpu_h200_smollm2_1204.json). Sliding-window
         layers (Gemma-3) always load the next one's window ahead: it is the same pages.
+    warm_start: host-backed requests only: at the end of the prefill, fill each layer's device buffer
+        with the pages the first decode step will most likely read (its sinks and recent pages, and
+        the middle pages the last prompt token's query ranks best), copied from the prefill's K/V while
+        it is on the device, instead of starting decode from an empty buffer that misses every page
+        of its first step. Changes only what is loaded over PCIe, never the outputs.
     dense_layers: the first N layers attend densely to every page of a sparse request (no selection
         there; Quest keeps 2); 0 (the default) selects in every layer. Sliding-window layers keep
         their window either way. Needs residency="device": a host-backed request's device buffer
@@ -58,6 +63,7 @@ class SparseConfig:
     host_pool_gb: float | None = None
     max_sparse_requests: int = 16
     prefetch: bool = False
+    warm_start: bool = True
     dense_layers: int = 0
     decode_streams: int = 2
 

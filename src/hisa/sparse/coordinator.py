@@ -201,7 +201,54 @@ class SparseCoordinator:
             first = self._unrepresented(layer, seq, computed, total)
             keys = torch.nn.functional.pad(k_all[first * s:total].float(), (0, 0, 0, 0, 0, pad), value=float("nan"))
             self.algorithm.construct_representations(layer, seq.sparse_slot, first, keys)
+        if self.config.warm_start and total >= seq.num_tokens:  # the last chunk: decoding follows
+            self._warm_buffer(layer, seq, q[-1:], k_all, v_all, total)
         return out
+
+    def _warm_buffer(self, layer: int, seq, q_last: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor,
+                     total: int) -> None:
+        """Fill a host-backed request's LRU buffer in `layer` with the pages its first decode step will
+        most likely read, from the prefill's K/V while it is still on the device: no PCIe, where an
+        empty buffer would miss every page of that step (a quarter of a 48-step run's misses on
+        SmolLM2). The list is the step's own layout at t = total + 1 (sinks, recent pages; a sliding
+        layer's window), and in a selecting layer the middle pages the last prompt token's query ranks
+        best: as many as the buffer has slots left (the first step's query is the next token's, so
+        a wider list catches more of its picks). Only which pages are on the device changes: every
+        page the step reads is still resolved by the diff, so outputs are the same either way."""
+        s, a, m = self.page_size, self.adaptor, self.manager
+        full = total // s  # whole pages: the one being written is the tail page, not the buffer's
+        t = total + 1
+        n = -(-t // s)
+        windowed = self.windows[layer] is not None
+        if windowed:
+            first = max(0, t - a.window) // s
+            pages = torch.arange(first, full, device=self.device)
+        else:
+            lo = min(n, a.sink_pages)
+            hi = max(lo, n - a.recent_pages)
+            picks = min(hi - lo, max(0, m.ns - lo - (full - hi))) if self.algorithm.selects else 0
+            parts = [torch.arange(lo, device=self.device)]
+            if 0 < picks < hi - lo:
+                i32 = dict(dtype=torch.int32, device=self.device)
+                rows = DecodeRows(sparse_slots=torch.tensor([seq.sparse_slot], **i32), t=torch.tensor([t], **i32),
+                                  lo=torch.tensor([lo], **i32), hi=torch.tensor([hi], **i32), num_select=picks,
+                                  page_keys=lambda _layer: _whole_pages(k_all, full, s)[None])
+                parts.append(self.algorithm.retrieve_topk(layer, q_last, rows)[0, :picks].long())
+            elif picks:
+                parts.append(torch.arange(lo, hi, device=self.device))
+            parts.append(torch.arange(hi, full, device=self.device))
+            pages = torch.cat(parts)
+        count = min(pages.shape[0], m.ns)
+        if count == 0:
+            return
+        pages = pages[-count:]  # (a window wider than the buffer: its newest pages)
+        rows = torch.stack([_whole_pages(k_all, full, s).index_select(0, pages),
+                            _whole_pages(v_all, full, s).index_select(0, pages)], dim=1)  # [count, 2, S, KVH, D]
+        slot = seq.sparse_slot
+        m.cache.layer_rows(layer).index_copy_(0, m.slot_pages[slot, :count].long(), rows.reshape(count, -1))
+        m.buffer_lp[layer, slot, :count] = pages.to(torch.int32)
+        m.buffer_lp[layer, slot, count:] = -1
+        m.last_used[layer, slot] = 0
 
     def prefill_host_backed_mla(self, layer: int, seq, computed: int, rows: torch.Tensor,
                                 index_keys: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -474,3 +521,8 @@ def _weak_call(method):
         return ref()(*args, **kwargs)
 
     return call
+
+
+def _whole_pages(x: torch.Tensor, pages: int, page_size: int) -> torch.Tensor:
+    """The first `pages` whole pages of per-token rows x [T, ...] as [pages, page_size, ...]."""
+    return x[: pages * page_size].reshape(pages, page_size, *x.shape[1:])
