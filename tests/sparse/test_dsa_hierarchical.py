@@ -85,6 +85,24 @@ def test_host_backed_equals_all_on_device(tiny, page_size, buffer_ratio):
     _assert_nothing_held(engine)
 
 
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_warm_start_loads_fewer_pages_with_the_same_tokens(tiny, page_size):
+    """The prefill leaves the pages of its last token's indexer picks in the buffer (warm_start): the
+    first decode step finds most of its picks there, so the run misses fewer pages, and the tokens are
+    those of a run that starts from empty buffers."""
+    prompts = _prompts(tiny.config.vocab_size, (200, 150))
+    params = SamplingParams(max_tokens=17, ignore_eos=True)
+    runs = {}
+    for warm in (False, True):
+        llm = _llm(tiny, page_size=page_size, sparse=_dsa(residency="host", buffer_ratio=1.0, warm_start=warm),
+                   max_num_batched_tokens=128)
+        runs[warm] = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)], llm.engine.sparse.summary()
+        _assert_nothing_held(llm.engine)
+    (cold_tokens, cold), (warm_tokens, warm) = runs[False], runs[True]
+    assert warm_tokens == cold_tokens
+    assert warm["selected_pages"] == cold["selected_pages"] and 0 < warm["misses"] < cold["misses"]
+
+
 @pytest.fixture(scope="module")
 def batch_on_device(tiny):
     """Tokens of a batch (two long prompts, one short) with everything on the device."""

@@ -107,8 +107,8 @@ class DSAAttention:
             ctx = c.computed + end - start
             chunk_keys = None if index is None else new_keys[start:end]
             if c.seq.sparse and c.seq.host_backed:  # the context comes back from the host pool, layer by layer
-                context, keys = self.sparse.prefill_host_backed_mla(layer, c.seq, c.computed, kv[start:end], chunk_keys)
-                context = cache.unpack(context)
+                stored, keys = self.sparse.prefill_host_backed_mla(layer, c.seq, c.computed, kv[start:end], chunk_keys)
+                context = cache.unpack(stored)
             else:
                 cache.write(layer, c.write_pages, c.write_offsets, kv[start:end], chunk_keys)
                 context = cache.unpack(gather_pages(latent, c.pages, ctx))  # [ctx, Dl + Dr]
@@ -121,6 +121,8 @@ class DSAAttention:
                 sel = indexer_topk_prefill(index.q[start:end], index.weights[start:end], keys, topk=self.topk,
                                            scale=self.index_scale)  # [n, topk]
             prefill_sel.append(sel)
+            if c.seq.sparse and c.seq.host_backed:  # the last chunk: its last token's picks into the buffer
+                self.sparse.warm_buffer_tokens(layer, c.seq, None if sel is None else sel[-1], stored, ctx)
             out[start:end] = mla_prefill_attention(q[start:end], context, scale=self.scale,
                                                    kv_lora_rank=self.kv_lora_rank, indices=sel)
         if index is not None:

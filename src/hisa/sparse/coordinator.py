@@ -281,6 +281,31 @@ class SparseCoordinator:
                 layer, seq.sparse_slot, first_page, torch.nn.functional.pad(keys[first_page * s:], (0, 0, 0, pad)))
         return latent, keys
 
+    def warm_buffer_tokens(self, layer: int, seq, tokens: torch.Tensor | None, latent: torch.Tensor,
+                           total: int) -> None:
+        """DSA's `_warm_buffer`: after the last prefill chunk of a host-backed request (`total` tokens),
+        fill its buffer in `layer` with the pages holding the last prompt token's picks (tokens: int
+        [N] positions, -1 padded; None: it attended every token, and the newest whole pages go in),
+        copied from the chunk's context rows `latent` [total, W] as stored. Device work only."""
+        if not self.config.warm_start or total < seq.num_tokens:
+            return
+        s, a, m = self.page_size, self.adaptor, self.manager
+        full = total // s  # whole pages (the partial one is the tail page)
+        if full == 0:
+            return
+        if tokens is None:
+            logical = torch.arange(max(0, full - m.ns), full, dtype=torch.int32, device=self.device)
+        else:
+            t = torch.tensor([total + 1], dtype=torch.int32, device=self.device)  # the first decode step's
+            logical = a.pages_or_pad(a.token_pages(tokens[None].to(torch.int32), t))[0, :m.ns]  # -1 padded
+        count = logical.shape[0]
+        rows = _whole_pages(latent, full, s).reshape(full, -1).index_select(0, logical.clamp(min=0).long())
+        slot = seq.sparse_slot
+        m.cache.layer_rows(layer).index_copy_(0, m.slot_pages[slot, :count].long(), rows)  # (-1: page 0's rows, unused)
+        m.buffer_lp[layer, slot, :count] = logical
+        m.buffer_lp[layer, slot, count:] = -1
+        m.last_used[layer, slot] = 0
+
     # -- one decode step ----------------------------------------------------------------------------
     def forward_begin(self, decode: DecodeRowsView) -> None:
         """Once per decode step, on the device (captured with the step): layout bounds, the LRU
