@@ -11,6 +11,9 @@ attention table) and then the I/O kernel reads just the missed pages from the ho
 tokens are written through to the host pool as they are made (`hisa.kvcache.write`), so the host
 always holds the full KV and an evicted page never needs writing back. A demotion (the scheduler
 moves a resident request to the host under memory pressure) copies its pages device → host once.
+The prefill of a host-backed request ends by leaving in each layer's buffer the pages its first
+decode step will most likely read (`warm`, from the K/V the prefill still has on the device), so
+decoding does not start from empty buffers that miss every page.
 
 Device state, preallocated and indexed by sparse slot (row SS is a sentinel for padding rows):
   buffer_lp     [layers, SS + 1, NS] int32  logical page each buffer slot holds (-1 empty)
@@ -146,6 +149,17 @@ class SparseKVCacheManager:
         store_pages(rows, self.host.layer_rows(layer), src, dst)
         if tail_page is not None:
             self.cache.layer_rows(layer)[tail_page] = rows[-1]
+
+    def warm(self, layer: int, slot: int, logical: torch.Tensor, rows: torch.Tensor) -> None:
+        """The end of a host-backed request's prefill: its first n buffer slots in `layer` hold logical
+        pages `logical` (int32 [n], -1: left empty), whose rows [n, ROW] (device) the prefill still has;
+        the other slots are emptied. A device-to-device copy: what the first decode step then finds
+        here it does not load over PCIe (`SparseConfig.warm_start`)."""
+        n = logical.shape[0]
+        self.cache.layer_rows(layer).index_copy_(0, self.slot_pages[slot, :n].long(), rows)  # (an empty slot's row: unread)
+        self.buffer_lp[layer, slot, :n] = logical
+        self.buffer_lp[layer, slot, n:] = -1
+        self.last_used[layer, slot] = 0
 
     # -- the per-layer hot path -----------------------------------------------------------------
     def resolve(self, layer: int, *, logical: torch.Tensor, active: torch.Tensor, sparse_slots: torch.Tensor,

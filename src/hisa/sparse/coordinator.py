@@ -244,11 +244,7 @@ class SparseCoordinator:
         pages = pages[-count:]  # (a window wider than the buffer: its newest pages)
         rows = torch.stack([_whole_pages(k_all, full, s).index_select(0, pages),
                             _whole_pages(v_all, full, s).index_select(0, pages)], dim=1)  # [count, 2, S, KVH, D]
-        slot = seq.sparse_slot
-        m.cache.layer_rows(layer).index_copy_(0, m.slot_pages[slot, :count].long(), rows.reshape(count, -1))
-        m.buffer_lp[layer, slot, :count] = pages.to(torch.int32)
-        m.buffer_lp[layer, slot, count:] = -1
-        m.last_used[layer, slot] = 0
+        m.warm(layer, seq.sparse_slot, pages.to(torch.int32), rows.reshape(count, -1))
 
     def prefill_host_backed_mla(self, layer: int, seq, computed: int, rows: torch.Tensor,
                                 index_keys: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -298,13 +294,8 @@ class SparseCoordinator:
         else:
             t = torch.tensor([total + 1], dtype=torch.int32, device=self.device)  # the first decode step's
             logical = a.pages_or_pad(a.token_pages(tokens[None].to(torch.int32), t))[0, :m.ns]  # -1 padded
-        count = logical.shape[0]
         rows = _whole_pages(latent, full, s).reshape(full, -1).index_select(0, logical.clamp(min=0).long())
-        slot = seq.sparse_slot
-        m.cache.layer_rows(layer).index_copy_(0, m.slot_pages[slot, :count].long(), rows)  # (-1: page 0's rows, unused)
-        m.buffer_lp[layer, slot, :count] = logical
-        m.buffer_lp[layer, slot, count:] = -1
-        m.last_used[layer, slot] = 0
+        m.warm(layer, seq.sparse_slot, logical, rows)
 
     # -- one decode step ----------------------------------------------------------------------------
     def forward_begin(self, decode: DecodeRowsView) -> None:
