@@ -83,7 +83,8 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=2048, help="--max-num-batched-tokens (default 2048)")
     ap.add_argument("--modes", nargs="+", default=["recompute", "pool", "file", "redis", "mooncake"],
                     help="recompute: no reuse; pool: the device pool's prefix cache (--prefix-cache); file/redis/"
-                         "mooncake: L3 only (the pool's prefix cache off, so the pages come from L3); a mode may repeat")
+                         "mooncake: L3 only (the pool's prefix cache off, so the pages come from L3); mooncake:shm through the "
+                         "store process's shared memory instead of TCP; a mode may repeat")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: on a shared 2-core machine 2 threads ran 10x slower)")
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2; e.g. random:llama-3.1-8b on a GPU")
@@ -182,8 +183,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="hisa-l3-bench-") as tmp:
         for mode_name in args.modes:
             mode, _, option = mode_name.partition(":")
-            if option not in ("", "nosplit"):
-                raise SystemExit(f"unknown mode option {option!r} in {mode_name!r} (nosplit)")
+            if option not in ("", "nosplit", "shm") or option == "shm" and mode != "mooncake":
+                raise SystemExit(f"unknown mode option {option!r} in {mode_name!r} (nosplit; mooncake:shm)")
             server = None
             if mode in ("recompute", "pool"):
                 url = None
@@ -201,7 +202,7 @@ def main() -> None:
 
                 (Path(tmp) / f"mooncake-{len(rows)}").mkdir()   # (a mode may repeat: each run its own store)
                 server = MooncakeStoreServers(Path(tmp) / f"mooncake-{len(rows)}", segment=args.mooncake_segment).start()
-                url = server.url
+                url = server.shm_url if option == "shm" else server.url   # shm: as the store process's dummy client
             else:
                 raise SystemExit(f"unknown mode {mode!r}")
             try:

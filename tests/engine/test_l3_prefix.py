@@ -128,12 +128,17 @@ def test_redis_shared_by_two_engines_and_killed_mid_run(make_llm, prompts, refer
         running.stop()
 
 
-def test_mooncake_store_serves_a_prefix(make_llm, prompts, reference, tmp_path):
+@pytest.mark.parametrize("via", ["tcp", "shm"])
+def test_mooncake_store_serves_a_prefix(make_llm, prompts, reference, tmp_path, via):
+    """From a Mooncake Store over TCP, or through the store process's shared memory (hisa its dummy
+    client, the load rows in the shared pool: the pages are read into them with no copy)."""
     require_mooncake()
     servers = MooncakeStoreServers(tmp_path).start()
     try:
-        llm = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=servers.url)
+        llm = make_llm(max_num_batched_tokens=128, prefix_cache=False,
+                       l3=servers.shm_url if via == "shm" else servers.url)
         assert _one_by_one(llm, prompts[:2]) == reference[:2]
+        assert llm.engine.l3_prefix.rows.backend_memory == (via == "shm")
         m = llm.engine.l3_prefix.metrics()
         assert m["pages_loaded"] == 300 // S and m["store_corrupt"] == 0 and m["store_failures"] == 0
         _check_no_leak(llm)

@@ -265,7 +265,8 @@ class L3PrefixCache:
         # the host rows lookups read pages into: as many as max_lookup_bytes allows, pinned on CUDA and
         # allocated now (cudaHostAlloc is slow: no lookup should wait for it)
         on_cuda = cache.data.device.type == "cuda"
-        self.rows = LoadRows(self.page_bytes, capacity=max(1, self.max_lookup_bytes // self.page_bytes), pin=on_cuda)
+        self.rows = LoadRows(self.page_bytes, capacity=max(1, self.max_lookup_bytes // self.page_bytes), pin=on_cuda,
+                             host_buffer=getattr(store.backend, "host_buffer", None))  # (Mooncake's shared pool)
         # CUDA: the pinned rows writes stage their pages in (the device-to-host copy runs asynchronously;
         # the engine thread hands the write over once it has completed, the I/O thread frees the rows)
         self.store_rows = LoadRows(self.page_bytes, capacity=max(1, max_pending_bytes // self.page_bytes),
@@ -1249,6 +1250,7 @@ class L3PrefixCache:
         self._hand_over(wait=True)
         self.io.close()
         self._release_holds()
+        self.rows.close()   # (their memory may be the backend's)
         self.l3.close()
 
     def metrics(self) -> dict[str, float]:

@@ -29,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -38,12 +39,19 @@ class LoadRows:
     """`capacity` rows of `page_bytes` bytes in host memory (pinned if `pin`), taken and given back
     by index. The memory is allocated on the first `reserve` or `take`."""
 
-    def __init__(self, page_bytes: int, *, capacity: int, pin: bool):
+    def __init__(self, page_bytes: int, *, capacity: int, pin: bool,
+                 host_buffer: Callable[[int], memoryview | None] | None = None):
+        """host_buffer: where the rows' memory comes from when it can (the L3 backend's, e.g. a Mooncake
+        store process's shared pool, which its reads fill without a copy; pinned here by registering
+        it with CUDA), or None / a None from it: memory of our own."""
         if page_bytes <= 0 or capacity <= 0:
             raise ValueError(f"page_bytes and capacity must be positive, got {page_bytes}, {capacity}")
         self.page_bytes, self.capacity, self.pin = page_bytes, capacity, pin
+        self.host_buffer = host_buffer
         self._lock = threading.Lock()
         self._data: torch.Tensor | None = None   # [capacity, page_bytes] uint8
+        self._registered: int | None = None   # the data's address, while it is registered with CUDA
+        self.backend_memory = False   # whether the rows live in host_buffer's memory
         self._free: set[int] = set(range(capacity))
         self._retired: list[tuple[list[int], object]] = []   # (rows, the CUDA event of the copy reading them)
 
@@ -96,13 +104,38 @@ class LoadRows:
         """Rows first..end-1 as pages: a view [end - first, *shape] of `dtype` (no copy)."""
         return self._data[first:end].view(dtype).view(end - first, *shape)
 
+    def close(self) -> None:
+        """Wait for the copies reading the rows, then let their memory go (unregistered from CUDA
+        first where it was registered): before the backend that lent it closes."""
+        with self._lock:
+            self._reclaim(wait=True)
+            self._drop()
+
     def _allocate(self, capacity: int) -> None:
         if self._data is not None and capacity <= self._data.shape[0]:
             return
-        self._data = None   # the old rows are all free: drop them before pinning the new ones
-        self._data = torch.empty(capacity, self.page_bytes, dtype=torch.uint8, pin_memory=self.pin)
+        self._drop()   # the old rows are all free: drop them before pinning the new ones
+        nbytes = capacity * self.page_bytes
+        lent = self.host_buffer(nbytes) if self.host_buffer is not None else None
+        if lent is not None:
+            data = torch.frombuffer(lent, dtype=torch.uint8).view(capacity, self.page_bytes)
+            if self.pin:
+                rc = torch.cuda.cudart().cudaHostRegister(data.data_ptr(), nbytes, 0)
+                if int(rc) != 0:
+                    raise RuntimeError(f"cudaHostRegister of {nbytes} bytes of L3 rows failed ({rc})")
+                self._registered = data.data_ptr()
+            self._data, self.backend_memory = data, True
+        else:
+            self._data = torch.empty(capacity, self.page_bytes, dtype=torch.uint8, pin_memory=self.pin)
+            self.backend_memory = False
         self.capacity = capacity
         self._free = set(range(capacity))
+
+    def _drop(self) -> None:
+        if self._registered is not None:
+            torch.cuda.cudart().cudaHostUnregister(self._registered)
+            self._registered = None
+        self._data = None
 
     def _reclaim(self, *, wait: bool) -> None:
         keep = []

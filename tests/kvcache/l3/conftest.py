@@ -27,8 +27,7 @@ def redis_servers(tmp_path):
     servers.stop()
 
 
-@pytest.fixture(scope="module")
-def mooncake_servers(tmp_path_factory):
+def _mooncake(tmp_path_factory):
     require_mooncake()
     servers = MooncakeStoreServers(tmp_path_factory.mktemp("mooncake"))
     try:
@@ -36,5 +35,19 @@ def mooncake_servers(tmp_path_factory):
     except BaseException:
         servers.stop()
         raise
+    return servers
+
+
+@pytest.fixture(scope="module")
+def mooncake_servers(tmp_path_factory):
+    servers = _mooncake(tmp_path_factory)
+    yield servers
+    servers.stop()
+
+
+@pytest.fixture(scope="module")
+def mooncake_servers_shm(tmp_path_factory):
+    """A store of its own for the shared-memory client (the tests reuse page keys across backends)."""
+    servers = _mooncake(tmp_path_factory)
     yield servers
     servers.stop()

@@ -141,6 +141,12 @@ class MooncakeStoreServers:
     def url(self) -> str:
         return f"mooncake://127.0.0.1:{self.rpc_port}?metadata={self.metadata}"
 
+    @property
+    def shm_url(self) -> str:
+        """The same store through the store process's shared memory (hisa as its dummy client; the
+        pool holds an engine's 2 GiB of load rows, touched only where pages are read)."""
+        return f"{self.url}&client=127.0.0.1:{self.store_port}&pool_gb=2.2"
+
     def kill_master(self) -> None:
         _stop(self.master, signal.SIGKILL)
 

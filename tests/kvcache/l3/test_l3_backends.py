@@ -13,7 +13,7 @@ import pytest
 from hisa.kvcache.l3 import open_l3
 
 
-@pytest.fixture(params=["file", "redis", "redis x2", "mooncake"])
+@pytest.fixture(params=["file", "redis", "redis x2", "mooncake", "mooncake shm"])
 def l3(request, tmp_path):
     """(store, flip_bit(key, bit)) for one backend; flip_bit corrupts the stored page in place."""
     if request.param == "file":
@@ -42,9 +42,12 @@ def l3(request, tmp_path):
             shard = store.backend.shards[store.backend.shard_of(key)]
             name = shard.prefix + key
             shard.client.setbit(name, bit, 1 - shard.client.getbit(name, bit))
-    else:
+    elif request.param == "mooncake":
         servers = request.getfixturevalue("mooncake_servers")
         store = open_l3(servers.url)
+    else:   # "mooncake shm": through the store process's shared memory, as its dummy client
+        store = open_l3(request.getfixturevalue("mooncake_servers_shm").shm_url)
+    if request.param.startswith("mooncake"):
 
         def flip(key, bit):   # rewrite the stored value with one bit changed, below the checksum layer
             value = bytearray(store.backend.get([key])[0])

@@ -19,6 +19,10 @@ from hisa.kvcache.l3 import FileL3Spec, MooncakeL3Spec, RedisL3Spec, parse_l3_ur
     ("mooncake://10.0.0.5:50051", MooncakeL3Spec("10.0.0.5", 50051, "http://10.0.0.5:8080/metadata")),
     ("mooncake://127.0.0.1:50051?metadata=http://127.0.0.1:9000/metadata",
      MooncakeL3Spec("127.0.0.1", 50051, "http://127.0.0.1:9000/metadata")),
+    ("mooncake://10.0.0.5:50051?client=127.0.0.1:50052",
+     MooncakeL3Spec("10.0.0.5", 50051, "http://10.0.0.5:8080/metadata", client="127.0.0.1:50052")),
+    ("mooncake://10.0.0.5:50051?client=localhost:50052&pool_gb=8",
+     MooncakeL3Spec("10.0.0.5", 50051, "http://10.0.0.5:8080/metadata", client="localhost:50052", pool_gb=8.0)),
 ])
 def test_accepted_forms(url, spec):
     assert parse_l3_url(url) == spec
@@ -41,6 +45,10 @@ def test_accepted_forms(url, spec):
     ("redis://127.0.0.1:6379,127.0.0.1:6380?x=1", "no options"),
     ("mooncake://127.0.0.1:50051?segment=1", "unknown option"),
     ("mooncake://127.0.0.1:50051/x", "no path"),
+    ("mooncake://127.0.0.1:50051?client=127.0.0.1", "host and a port"),
+    ("mooncake://127.0.0.1:50051?pool_gb=8", "add client="),
+    ("mooncake://127.0.0.1:50051?client=h:1&pool_gb=lots", "number of GB"),
+    ("mooncake://127.0.0.1:50051?client=h:1&pool_gb=0", "between"),
 ])
 def test_rejected_forms_say_what_to_use(url, says):
     with pytest.raises(ConfigError, match=says):

@@ -1,4 +1,4 @@
-"""Parse `--l3 file:PATH | redis://HOST:PORT[,HOST:PORT...][/DB] | mooncake://MASTER_HOST:PORT[?metadata=URL]`.
+"""Parse `--l3 file:PATH | redis://HOST:PORT[,HOST:PORT...][/DB] | mooncake://MASTER_HOST:PORT[?metadata=URL][&client=HOST:PORT[&pool_gb=GB]]`.
 
 Torch-free. Every malformed value raises :class:`hisa.errors.ConfigError` with the accepted forms,
 so the CLI prints it without a traceback.
@@ -11,7 +11,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from hisa.errors import ConfigError
 
-FORMS = "file:PATH, redis://HOST:PORT[,HOST:PORT...][/DB] or mooncake://MASTER_HOST:PORT[?metadata=URL]"
+FORMS = ("file:PATH, redis://HOST:PORT[,HOST:PORT...][/DB] or "
+         "mooncake://MASTER_HOST:PORT[?metadata=URL][&client=HOST:PORT[&pool_gb=GB]]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,10 +38,14 @@ class RedisL3Spec:
 @dataclass(frozen=True, slots=True)
 class MooncakeL3Spec:
     """A Mooncake Store master (`mooncake_master`). `metadata` is the transfer engine's metadata
-    server; by default the master's own HTTP metadata server on its default port 8080."""
+    server; by default the master's own HTTP metadata server on its default port 8080. `client`:
+    HOST:PORT of a store process on this host (`mooncake_client --port`) to move pages through its
+    shared memory (a pool of `pool_gb`) instead of TCP; None: TCP."""
     master_host: str
     master_port: int
     metadata: str
+    client: str | None = None
+    pool_gb: float = 4.0
 
     @property
     def master(self) -> str:
@@ -91,13 +96,26 @@ def parse_l3_url(url: str) -> L3Spec:
         if parts.path.strip("/"):
             raise ConfigError(f"--l3 {url!r}: mooncake takes no path; use mooncake://MASTER_HOST:PORT[?metadata=URL]")
         query = parse_qs(parts.query, keep_blank_values=True)
-        unknown = set(query) - {"metadata"}
+        unknown = set(query) - {"metadata", "client", "pool_gb"}
         if unknown:
-            raise ConfigError(f"--l3 {url!r}: unknown option(s) {sorted(unknown)}; the only one is metadata=URL")
+            raise ConfigError(f"--l3 {url!r}: unknown option(s) {sorted(unknown)}; the options are metadata=URL, "
+                              f"client=HOST:PORT and pool_gb=GB")
         metadata = query.get("metadata", [f"http://{host}:8080/metadata"])[-1]
         if not metadata:
             raise ConfigError(f"--l3 {url!r}: metadata= is empty")
-        return MooncakeL3Spec(master_host=host, master_port=port, metadata=metadata)
+        client = query.get("client", [None])[-1]
+        if client is not None:
+            h, p = _host_port(url, scheme, f"mooncake://{client}")
+            client = f"{h}:{p}"
+        try:
+            pool_gb = float(query.get("pool_gb", ["4"])[-1])
+        except ValueError:
+            raise ConfigError(f"--l3 {url!r}: pool_gb= must be a number of GB") from None
+        if "pool_gb" in query and client is None:
+            raise ConfigError(f"--l3 {url!r}: pool_gb= sizes the shared pool of client=HOST:PORT; add client=")
+        if not 0.05 <= pool_gb <= 1024:
+            raise ConfigError(f"--l3 {url!r}: pool_gb= must be between 0.05 and 1024, got {pool_gb}")
+        return MooncakeL3Spec(master_host=host, master_port=port, metadata=metadata, client=client, pool_gb=pool_gb)
     raise ConfigError(f"--l3 {url!r}: unknown scheme {scheme!r}; use {FORMS}")
 
 
