@@ -42,12 +42,11 @@ def l3(request, tmp_path):
             shard = store.backend.shards[store.backend.shard_of(key)]
             name = shard.prefix + key
             shard.client.setbit(name, bit, 1 - shard.client.getbit(name, bit))
-    elif request.param == "mooncake":
-        servers = request.getfixturevalue("mooncake_servers")
-        store = open_l3(servers.url)
     else:   # "mooncake shm": through the store process's shared memory, as its dummy client
-        store = open_l3(request.getfixturevalue("mooncake_servers_shm").shm_url)
-    if request.param.startswith("mooncake"):
+        if request.param == "mooncake":
+            store = open_l3(request.getfixturevalue("mooncake_servers").url)
+        else:
+            store = open_l3(request.getfixturevalue("mooncake_servers_shm").shm_url)
 
         def flip(key, bit):   # rewrite the stored value with one bit changed, below the checksum layer
             value = bytearray(store.backend.get([key])[0])
