@@ -165,6 +165,7 @@ class _Policy:
     def __init__(self, host_pages: int, *, buffer_pages: int = 3, residency: str = "auto", slots: int = 8):
         self.host_allocator = PageAllocator(host_pages)
         self.buffer_pages, self.residency = buffer_pages, residency
+        self.sink_pages = 1
         self.free = list(range(slots))
         self.begun, self.ended = [], []
 
@@ -209,8 +210,8 @@ def test_sparse_requests_are_resident_while_the_device_pool_has_room():
 
 def test_the_youngest_resident_request_is_demoted_before_anyone_is_preempted():
     """The device pool runs short while two resident requests decode: the younger one moves to the
-    host pool (its pages listed for the copy, the first buffer_pages-1 and the last kept) instead of a
-    recompute preemption; nothing is lost or double-counted."""
+    host pool (its pages listed for the copy; kept: its sink page, the newest of the others and the
+    tail) instead of a recompute preemption; nothing is lost or double-counted."""
     rng = random.Random(0)
     sched, policy = _sparse_sched(num_pages=11, host_pages=40)
     a, b = _seq(0, 16, max_tokens=12), _seq(1, 16, max_tokens=12)
@@ -228,7 +229,8 @@ def test_the_youngest_resident_request_is_demoted_before_anyone_is_preempted():
     d, host_pages, kept = demoted[0]
     # every page goes to the host (and the step's new page, when the demotion made room for it, is a host page)
     assert host_pages in (len(d.device_pages), len(d.device_pages) + 1)
-    assert kept == d.device_pages[:2] + d.device_pages[-1:]  # the buffer holds logical 0, 1; then the tail
+    # the buffer holds logical 0 (the sink) and the newest page before the tail; then the tail
+    assert kept == [d.device_pages[0], d.device_pages[-2], d.device_pages[-1]]
     assert a.num_output == b.num_output == 12 and a.num_preemptions == b.num_preemptions == 0
     assert sched.allocator.num_free == 11 and policy.host_allocator.num_free == 40
     assert sorted(policy.ended) == ["0", "1"]

@@ -301,13 +301,16 @@ class Scheduler:
                     and host.can_allocate(len(seq.pages) + 1)):
                 continue
             # The buffer's NS slots are pages this request holds alone, each still holding its logical
-            # page (the first NS of them, as a fresh demotion's LRU), topped up with empty fresh pages
+            # page (its sink pages and the newest others: the recent window is read every step, and
+            # the newest pages are likelier picks than the oldest), topped up with empty fresh pages
             # where it shares its pages (a prefix other requests read); a shared tail page (full, taken
             # by another request's prefix) is copied to a fresh one. Every other page is let go.
             device_pages = seq.pages
             body, tail = device_pages[:-1], device_pages[-1]
             own = [i for i, p in enumerate(body) if self.allocator.refs(p) == 1]
-            kept = own[: keep - 1]
+            sinks = [i for i in own if i < self.sparse.sink_pages][: keep - 1]
+            rest = [i for i in own if i >= self.sparse.sink_pages]
+            kept = sinks + rest[max(0, len(rest) - (keep - 1 - len(sinks))):]
             tail_shared = self.allocator.refs(tail) > 1
             fresh_n = keep - 1 - len(kept) + tail_shared
             if fresh_n > self.allocator.num_free + len(own) - len(kept):

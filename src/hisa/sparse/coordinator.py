@@ -99,6 +99,7 @@ class SparseCoordinator:
         self.max_pages = manager.max_pages
         self.host_allocator = manager.host.allocator
         self.buffer_pages = manager.ns + 1  # device pages of a host-backed request: LRU slots + the tail
+        self.sink_pages = adaptor.sink_pages  # (a demotion keeps them in the buffer)
         self.residency = config.residency
         # the first dense_layers layers select nothing: their global layers read every page (resident rows)
         self.dense = [i < config.dense_layers and w is None for i, w in enumerate(self.windows)]
