@@ -52,6 +52,12 @@ class BackendAdaptor:
         """Entries of a row's list in a layer: the budget, or the pages a window can touch."""
         return self.window_pages if windowed else self.budget_pages
 
+    def middle(self, t: int) -> tuple[int, int]:
+        """`bounds` of one row of t tokens, on the host: (lo, hi), its middle range of pages."""
+        n = -(-t // self.page_size)
+        lo = min(n, self.sink_pages)
+        return lo, max(lo, n - self.recent_pages)
+
     def bounds(self, t: torch.Tensor, kind: torch.Tensor) -> LayoutBounds:
         """t: int32 [R] tokens once this step's is written; kind: int32 [R]. Rows that are not sparse
         get an empty middle range (lo = hi = 0), so selection skips them."""

@@ -202,8 +202,7 @@ class SparseCoordinator:
             first = self._unrepresented(layer, seq, computed, total)
             keys = torch.nn.functional.pad(k_all[first * s:total].float(), (0, 0, 0, 0, 0, pad), value=float("nan"))
             self.algorithm.construct_representations(layer, seq.sparse_slot, first, keys)
-        if self.config.warm_start and total >= seq.num_tokens:  # the last chunk: decoding follows
-            self._warm_buffer(layer, seq, q[-1:], k_all, v_all, total)
+        self._warm_buffer(layer, seq, q[-1:], k_all, v_all, total)
         return out
 
     def _warm_buffer(self, layer: int, seq, q_last: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor,
@@ -215,18 +214,18 @@ class SparseCoordinator:
         layer's window), and in a selecting layer the middle pages the last prompt token's query ranks
         best: as many as the buffer has slots left (the first step's query is the next token's, so
         a wider list catches more of its picks). Only which pages are on the device changes: every
-        page the step reads is still resolved by the diff, so outputs are the same either way."""
+        page the step reads is still resolved by the diff, so outputs are the same either way. Only
+        after the last chunk (decoding follows), with `warm_start` on."""
+        if not self.config.warm_start or total < seq.num_tokens:
+            return
         s, a, m = self.page_size, self.adaptor, self.manager
         full = total // s  # whole pages: the one being written is the tail page, not the buffer's
         t = total + 1
-        n = -(-t // s)
-        windowed = self.windows[layer] is not None
-        if windowed:
+        if self.windows[layer] is not None:
             first = max(0, t - a.window) // s
             pages = torch.arange(first, full, device=self.device)
         else:
-            lo = min(n, a.sink_pages)
-            hi = max(lo, n - a.recent_pages)
+            lo, hi = a.middle(t)
             picks = min(hi - lo, max(0, m.ns - lo - (full - hi))) if self.algorithm.selects else 0
             parts = [torch.arange(lo, device=self.device)]
             if 0 < picks < hi - lo:
@@ -445,8 +444,7 @@ class SparseCoordinator:
         glob = slid = 0
         for t in sparse_t:
             n = -(-t // s)
-            lo = min(a.sink_pages, n)
-            hi = max(lo, n - a.recent_pages)
+            lo, hi = a.middle(t)
             glob += lo + min(hi - lo, a.num_select if self.algorithm.selects else 0) + (n - hi)
             if a.window is not None:
                 slid += n - max(0, t - a.window) // s

@@ -42,7 +42,7 @@ def l3(request, tmp_path):
             shard = store.backend.shards[store.backend.shard_of(key)]
             name = shard.prefix + key
             shard.client.setbit(name, bit, 1 - shard.client.getbit(name, bit))
-    else:   # "mooncake shm": through the store process's shared memory, as its dummy client
+    else:   # "mooncake" over TCP; "mooncake shm" through the store process's shared memory (its dummy client)
         if request.param == "mooncake":
             store = open_l3(request.getfixturevalue("mooncake_servers").url)
         else:

@@ -88,7 +88,6 @@ class MooncakeBackend:
             self._pool_left = pool_bytes
             self._scratch = self._alloc(_SCRATCH_BYTES)
             self._scratch_lock = threading.Lock()
-        self.client = client
         self._closed = False
         self._page_bytes = 1 << 20   # the largest page seen (a guess until then): sizes get batches
 
@@ -209,20 +208,22 @@ class MooncakeBackend:
             while start < len(keys):
                 used, staged, call_ptrs, end = 0, [], [], start
                 while end < len(keys):
-                    need = sum(n for p, n in zip(ptrs[end], sizes[end]) if not self._in_pool(p, n))
-                    if need > _SCRATCH_BYTES:
-                        raise MooncakeError(f"a page of {need} bytes does not fit the {_SCRATCH_BYTES}-byte scratch area")
-                    if used + need > _SCRATCH_BYTES:
-                        break
-                    row = []
+                    row, outside, at = [], [], used   # this key's buffers: in the pool, or at scratch + at
                     for p, n in zip(ptrs[end], sizes[end]):
                         if self._in_pool(p, n):
                             row.append(p)
                         else:
-                            row.append(self._scratch + used)
-                            staged.append((self._scratch + used, p, n))
-                            used += n
+                            row.append(self._scratch + at)
+                            outside.append((self._scratch + at, p, n))
+                            at += n
+                    if at - used > _SCRATCH_BYTES:
+                        raise MooncakeError(f"a page of {at - used} bytes does not fit the {_SCRATCH_BYTES}-byte "
+                                            f"scratch area")
+                    if at > _SCRATCH_BYTES:
+                        break   # (this key goes first in the next call)
                     call_ptrs.append(row)
+                    staged += outside
+                    used = at
                     end += 1
                 got = self.store.batch_get_into_multi_buffers(keys[start:end], call_ptrs, sizes[start:end])
                 for src, dst, n in staged:
