@@ -316,3 +316,46 @@ def test_a_redis_url_naming_an_unreachable_server_is_a_config_error(redis_server
 
     with pytest.raises(ConfigError, match=f"127.0.0.1:{(port := free_port())}: cannot reach"):
         open_l3(f"redis://127.0.0.1:{redis_server.port},127.0.0.1:{port}")
+
+
+class _GatedFile(FileBackend):
+    """A file backend whose page reads wait for `gate` (the test's hand on when a read ends)."""
+
+    def __init__(self, root: str):
+        super().__init__(root)
+        import threading
+        self.gate, self.started = threading.Event(), threading.Semaphore(0)
+
+    def get_into(self, keys, buffers):
+        self.started.release()
+        assert self.gate.wait(30)
+        return super().get_into(keys, buffers)
+
+
+def test_start_get_into_returns_before_the_pages_are_read_and_counts_them_when_waited_for(tmp_path):
+    """`start_get_into` queues a per-page backend's reads on the reader threads and returns at once,
+    so a caller can queue its next batch while this one reads; waiting gives what `get_into` gives
+    (the pages in their buffers, a missing and a corrupt page as misses), counted then. Unchecked, the
+    crc each payload must have."""
+    backend = _GatedFile(str(tmp_path / "l3"))
+    store = L3Store(backend, read_threads=2)
+    assert store.reads_in_background
+    keys = [f"g{i:03d}" for i in range(6)]
+    store.set(keys[:5], [_kb(i) for i in range(5)])
+    path = backend.path(keys[2])
+    raw = bytearray(open(path, "rb").read())
+    raw[-1] ^= 1
+    open(path, "wb").write(bytes(raw))
+    rows = bytearray(6 * 1000)
+    views = [memoryview(rows)[i * 1000:(i + 1) * 1000] for i in range(6)]
+    finish = store.start_get_into(keys, views)
+    assert backend.started.acquire(timeout=10)   # a reader thread is in a read, held there
+    assert store.stats.hits == 0                 # nothing counted before the wait
+    backend.gate.set()
+    assert finish() == [True, True, False, True, True, False]
+    assert all(bytes(views[i]) == _kb(i) for i in (0, 1, 3, 4))
+    assert (store.stats.hits, store.stats.corrupt, store.stats.misses) == (4, 1, 1)
+    wants = store.start_get_into(keys[:2], views[:2], checked=False)()
+    assert wants == [record.expected_crc(k, open(backend.path(k), "rb").read()[:record.head_bytes(k)], 1000)
+                     for k in keys[:2]]
+    store.close()
