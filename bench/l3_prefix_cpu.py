@@ -118,9 +118,6 @@ def main() -> None:
     ap.add_argument("--split-margin", type=float, default=None,
                     help="L3 modes: split a read once finishing it looks this many times slower than "
                          "prefilling its pages (default: the engine's SPLIT_MARGIN)")
-    ap.add_argument("--read-ahead", type=int, default=None,
-                    help="L3 modes: batches a load keeps queued on the reader threads behind the one it waits "
-                         "for (default: the engine's READ_AHEAD; 0: one batch at a time, as before)")
     ap.add_argument("--redis-servers", type=int, default=1,
                     help="redis modes: start this many redis-servers and spread the pages over them "
                          "(--l3 redis://HOST:PORT,HOST:PORT,...; default 1)")
@@ -221,10 +218,6 @@ def main() -> None:
                     if args.read_threads is not None:
                         store.readers.workers = args.read_threads
                     row["read_threads"] = store.readers.workers
-                    import hisa.engine.l3_prefix as l3_prefix_module
-                    if args.read_ahead is not None:
-                        l3_prefix_module.READ_AHEAD = args.read_ahead
-                    row["read_ahead"] = l3_prefix_module.READ_AHEAD
                     if args.no_device_landing:
                         llm.engine.l3_prefix.land_on_device = False
                     if args.check is not None:

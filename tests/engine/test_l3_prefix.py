@@ -406,56 +406,6 @@ def test_a_slow_store_never_blocks_the_running_requests(make_llm, prompts, refer
     llm.close()
 
 
-class _LoggedReads:
-    """A file backend's page reads, logged as ("start"|"end", call number); the `slow` call sleeps."""
-
-    def __init__(self, inner, *, slow: int, delay_s: float):
-        self.inner, self.slow, self.delay_s = inner, slow, delay_s
-        self.name, self.errors = inner.name, inner.errors
-        self.log, self.calls, self.lock = [], 0, threading.Lock()
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def get_into(self, keys, buffers):
-        with self.lock:
-            self.calls += 1
-            n = self.calls
-            self.log.append(("start", n))
-        if n == self.slow:
-            time.sleep(self.delay_s)
-        try:
-            return self.inner.get_into(keys, buffers)
-        finally:
-            with self.lock:
-                self.log.append(("end", n))
-
-
-def test_a_load_queues_its_next_batch_before_the_current_one_is_read(make_llm, prompts, reference, tmp_path,
-                                                                   monkeypatch):
-    """A lookup reads its pages in batches (4 pages here, on 2 reader threads) and keeps the next
-    batch queued on the reader threads while it waits for the current one, so a thread that is done
-    with its pages of a batch starts on the next batch's instead of waiting for the slowest page of
-    its own (the 4th page is slow here: the 5th is read before the 4th has ended). Same tokens, all
-    18 pages loaded, nothing left behind."""
-    import hisa.engine.l3_prefix as l3_prefix
-
-    llm = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=f"file:{tmp_path / 'l3'}")
-    prefix = llm.engine.l3_prefix
-    assert _one_by_one(llm, prompts[:1]) == reference[:1]
-    prefix.drain()
-    monkeypatch.setattr(l3_prefix, "LAND_CHUNK_BYTES", 4 * prefix.page_bytes)
-    prefix.cut_slow_loads = False   # (the slow page must not get the read cut)
-    prefix.l3.readers.workers = 2
-    logged = prefix.l3.backend = _LoggedReads(prefix.l3.backend, slow=4, delay_s=0.5)
-    assert _one_by_one(llm, prompts[1:2]) == reference[1:2]
-    assert prefix.metrics()["pages_loaded"] == 300 // S
-    assert logged.log.index(("start", 5)) < logged.log.index(("end", 4)), logged.log
-    prefix.drain()
-    assert prefix.rows.in_use == 0
-    _check_no_leak(llm)
-
-
 def test_a_read_slower_than_prefilling_is_cut_short(make_llm, prompts, reference, tmp_path):
     """A store whose reads are so slow that prefilling a prompt's pages is faster (4 s per read,
     against ~1 s to prefill 288 tokens here): the first read, in one batch with nothing to tell, is

@@ -101,7 +101,6 @@ import time
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -126,7 +125,6 @@ PREFILL_DECAY = 0.8        # weight of the earlier prefill steps in the prefill 
 READ_BATCH_S = 0.25         # a read's batches hold at most this long a read at the store's recent rate
 BACK_BATCH_PAGES = 64      # a back read (`_read_back`) reads this many pages per batch, from the last back
 BACK_SPLIT_MIN_PAGES = 4   # a gap to the back read this small is prefilled whole (no prediction of where they meet)
-READ_AHEAD = 1             # batches a lookup's read keeps queued on the reader threads behind the one it waits for
 READ_DECAY = 0.5           # the same for the store's read rate (batches read, cut reads' included: it follows a store that changes)
 # CUDA: check the crc32 of the pages a lookup lands on the device there, not on the reader threads. Off
 # by default: on two H200 machines the load read 10-30% slower with it, the TTFT 0.20-0.24 against 0.17-0.21 s
@@ -476,59 +474,38 @@ class L3PrefixCache:
         hits = min(after.index(False) if False in after else len(after), len(reading.rows))
         reading.in_l3, reading.read_since = in_l3, time.monotonic()
         reading.hits = hits   # last: the engine thread reads `hits` first
-        good = queued = 0
-        stop = False
-        # batches queued on the store's reader threads, oldest first: (pages, keys, wait for them, queued at)
-        queued_batches: collections.deque[tuple[int, list[str], Callable[[], list], float]] = collections.deque()
-        last_done = time.perf_counter()
-        ahead = self.l3.reads_in_background
-        while True:
-            # keep READ_AHEAD batches queued behind the one waited for, so the reader threads never idle
-            # between batches (a store that reads a batch before start_get_into returns: one at a
-            # time); none once the read is cut or dropped (it ends after the batches queued)
-            while not stop and queued < hits and len(queued_batches) <= (READ_AHEAD if ahead else 0):
-                if reading.dropped:
-                    stop = True
-                    break
-                # cut here, before the next batch, where the rest looks slower than prefilling (at the
-                # store's recent rate before the first): the engine then reads it from the back or
-                # prefills it with no batch in flight to wait for or throw away
-                if reading.margin is not None and self._too_slow(reading, time.monotonic(), reading.margin,
-                                                                 self._prefill_rate()):
-                    reading.cut_at = time.monotonic()
-                    stop = True
-                    break
-                part = reading.rows[queued:min(hits, queued + self._batch_pages(LAND_CHUNK_BYTES // self.page_bytes))]
-                batch_keys = keys[start + queued:start + queued + len(part)]
-                t0 = time.perf_counter()   # (a store that reads a batch at once reads it in start_get_into)
-                finish = self.l3.start_get_into(batch_keys, self.rows.views(part), checked=not unchecked)
-                queued_batches.append((len(part), batch_keys, finish, t0))
-                queued += len(part)
-                reading.batch = queued - good
-            if not queued_batches:
+        good = 0
+        while good < hits and not reading.dropped:
+            # cut here, before the next batch, where the rest looks slower than prefilling (at the
+            # store's recent rate before the first): the engine then reads it from the back or prefills
+            # it with no batch in flight to wait for or throw away
+            if reading.margin is not None and self._too_slow(reading, time.monotonic(), reading.margin,
+                                                             self._prefill_rate()):
+                reading.cut_at = time.monotonic()
                 break
-            size, batch_keys, finish, t0 = queued_batches.popleft()
-            got = finish()
+            batch = self._batch_pages(LAND_CHUNK_BYTES // self.page_bytes)
+            part = reading.rows[good:min(hits, good + batch)]
+            reading.batch = len(part)
+            t0 = time.perf_counter()
+            batch_keys = keys[start + good:start + good + len(part)]
             if unchecked:
-                n = got.index(None) if None in got else len(got)
-                reading.crcs.extend((key_crc(k), w) for k, w in zip(batch_keys[:n], got[:n]))
+                wants = self.l3.get_into_unchecked(batch_keys, self.rows.views(part))
+                n = wants.index(None) if None in wants else len(wants)
+                reading.crcs.extend((key_crc(k), w) for k, w in zip(batch_keys[:n], wants[:n]))
             else:
-                n = got.index(False) if False in got else len(got)
-            now = time.perf_counter()
-            self._note_read(size, now - max(t0, last_done))   # the time this batch added to the read
-            last_done = now
+                ok = self.l3.get_into(batch_keys, self.rows.views(part))
+                n = ok.index(False) if False in ok else len(ok)
+            dt = time.perf_counter() - t0
+            self._note_read(len(part), dt)
             self.timing["read_bytes"] += n * self.page_bytes
             good += n
             reading.ready_at = time.monotonic()
             reading.ready = good
-            reading.batch = queued - good
+            reading.batch = 0
             self._progressed.set()
-            if n < size:   # a page that failed its check is gone from L3 now (the store deleted it)
+            if n < len(part):   # a page that failed its check is gone from L3 now (the store deleted it)
                 in_l3 = min(in_l3, start + good)
-                for _, _, later, _ in queued_batches:   # pages past it are not used: wait out their reads
-                    later()
                 break
-        reading.batch = 0
         return in_l3, good
 
     def _land(self) -> None:

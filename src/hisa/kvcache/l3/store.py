@@ -23,7 +23,6 @@ import functools
 import logging
 import time
 from collections import OrderedDict
-from concurrent.futures import wait
 from dataclasses import asdict, dataclass
 from typing import Callable, Protocol, Sequence, TypeVar
 
@@ -151,35 +150,11 @@ class L3Store:
             rows = numpy.empty((2, page_bytes), numpy.uint8)
             store.get_into(["k0", "k9"], [memoryview(rows[0]), memoryview(rows[1])])   # [True, False]
         """
-        return self.start_get_into(keys, payloads)()
-
-    @property
-    def reads_in_background(self) -> bool:
-        """Whether `start_get_into` returns before the pages are read (a backend that reads a page per
-        call: file, redis); else it reads the batch before it returns."""
-        return getattr(self.backend, "get_into", None) is not None and not getattr(self.backend, "get_into_batched",
-                                                                                    False)
-
-    def start_get_into(self, keys: Sequence[str], payloads: Sequence[memoryview], *,
-                       checked: bool = True) -> Callable[[], list]:
-        """Start `get_into` (`checked`) or `get_into_unchecked` (not) and return a function that waits
-        for it and returns what that call returns. With a backend that reads a page per call (file,
-        redis) the pages are queued on the reader threads and this returns at once, so a caller can
-        queue its next batch before this one is done and the threads never wait between batches; the
-        others read the batch here. The buffers are the reader threads' until the function returns."""
-        pending = self._start_read_into(keys, payloads, check=checked)
-
-        def finish() -> list:
-            results = pending()
-            if results is None:
-                return [False if checked else None] * len(keys)
-            sizes, verdicts = zip(*results) if results else ((), ())
-            if checked:
-                return self._tally(keys, list(sizes), list(verdicts))
-            self._tally(keys, list(sizes), [w is not None for w in verdicts])
-            return list(verdicts)
-
-        return finish
+        results = self._read_into(keys, payloads, check=True)
+        if results is None:
+            return [False] * len(keys)
+        sizes, good = zip(*results) if results else ((), ())
+        return self._tally(keys, list(sizes), list(good))
 
     def get_into_unchecked(self, keys: Sequence[str], payloads: Sequence[memoryview]) -> list[int | None]:
         """`get_into` less the payloads' checksums, for a caller that checks them elsewhere (on the GPU
@@ -188,7 +163,12 @@ class L3Store:
         buffer with a sound head, else None (a miss, counted as `get_into` counts it). The pages
         returned count as hits until the caller reports those whose payload failed the check
         (`corrupt_found`)."""
-        return self.start_get_into(keys, payloads, checked=False)()
+        results = self._read_into(keys, payloads, check=False)
+        if results is None:
+            return [None] * len(keys)
+        sizes, wants = zip(*results) if results else ((), ())
+        self._tally(keys, list(sizes), [w is not None for w in wants])
+        return list(wants)
 
     def corrupt_found(self, keys: Sequence[str], payload_bytes: int) -> None:
         """Pages that `get_into_unchecked` returned and whose payload (`payload_bytes` each) then
@@ -236,39 +216,17 @@ class L3Store:
         self.readers.close()
 
     # -- internals ---------------------------------------------------------------------------
-    def _start_read_into(self, keys: Sequence[str], payloads: Sequence[memoryview], *,
-                         check: bool) -> Callable[[], list[tuple] | None]:
-        """Start reading each page into its payload buffer; the function returned waits for the read:
-        (stored length or None if absent, verdict) per page, the verdict being `_verdict`'s; None
-        while L3 is down (counted). A backend with a per-page `get_into` (file, redis) reads each page
-        on a reader thread, which then checks it while it is warm in the cache; those reads are left
-        running on return. Mooncake (`get_into_batched`) reads the batch in one call here, then the
-        threads check it; a backend with only `get` returns the batch here, and each page is then
-        copied into its buffer and checked on those threads."""
+    def _read_into(self, keys: Sequence[str], payloads: Sequence[memoryview], *, check: bool) -> list[tuple] | None:
+        """Read each page into its payload buffer on the reader threads: (stored length or None if
+        absent, verdict) per page, the verdict being `_verdict`'s; None while L3 is down (counted)."""
         if len(keys) != len(payloads):
             raise ValueError(f"{len(keys)} keys for {len(payloads)} buffers")
         if not keys:
-            return lambda: []
+            return []
         payloads = [memoryview(p).cast("B") for p in payloads]
         heads = [bytearray(record.head_bytes(k)) for k in keys]
         read_into = getattr(self.backend, "get_into", None)
-        if self.reads_in_background:
-            if not self.available:
-                ok, results = False, None
-            else:
-                def one(key: str, head: bytearray, payload: memoryview) -> tuple:
-                    size = read_into([key], [[head, payload]])[0]
-                    return size, _verdict(key, head, payload, size == len(head) + len(payload), check)
-
-                futures = self.readers.submit(one, keys, heads, payloads)
-
-                def finish() -> list[tuple] | None:
-                    wait(futures)   # every page's read has ended before a result (or an error) is taken
-                    ok, results = self._call("get", lambda: [f.result() for f in futures])
-                    return self._counted(ok, results, len(keys))
-
-                return finish
-        elif read_into is not None:
+        if read_into is not None and getattr(self.backend, "get_into_batched", False):
             def batch() -> list[tuple]:
                 sizes = read_into(keys, [[h, p] for h, p in zip(heads, payloads)])
                 self._check_count(sizes, keys)
@@ -278,17 +236,19 @@ class L3Store:
                     keys, sizes, heads, payloads)
 
             ok, results = self._call("get", batch)
+        elif read_into is not None:
+            def one(key: str, head: bytearray, payload: memoryview) -> tuple:
+                size = read_into([key], [[head, payload]])[0]
+                return size, _verdict(key, head, payload, size == len(head) + len(payload), check)
+
+            ok, results = self._call("get", lambda: self.readers.map(one, keys, heads, payloads))
         else:
             ok, records = self._call("get", lambda: self.backend.get(keys))
             if ok:
                 self._check_count(records, keys)
                 results = self.readers.map(functools.partial(_copy_in, check=check), keys, records, heads, payloads)
-        results = self._counted(ok, results, len(keys))
-        return lambda: results
-
-    def _counted(self, ok: bool, results: list[tuple] | None, n: int) -> list[tuple] | None:
         if not ok:
-            self.stats.unavailable += n
+            self.stats.unavailable += len(keys)
             return None
         return results
 

@@ -4,7 +4,7 @@ pay for threads only once they have enough work, and close them with the store."
 from __future__ import annotations
 
 import os
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable, Iterable, TypeVar
 
 T = TypeVar("T")
@@ -39,35 +39,16 @@ class LazyThreads:
     def map(self, fn: Callable[..., T], *items: Iterable) -> list[T]:
         """[fn(*row) for row in zip(*items)], on the pool. Every call has ended when it returns or
         raises (the first exception, in item order): none is left writing into a caller's buffer."""
-        return results(self.submit(fn, *items))
-
-    def submit(self, fn: Callable[..., T], *items: Iterable) -> list[Future]:
-        """`map` without the wait: one future per row, in order (`results` waits for them all). Fewer
-        than MIN_ITEMS rows, or one worker, run here before this returns."""
         columns = [list(c) for c in items]
         if len(columns[0]) < MIN_ITEMS or self.workers == 1:
-            return [_done(fn, row) for row in zip(*columns)]
+            return [fn(*row) for row in zip(*columns)]
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=self.name)
-        return [self._pool.submit(fn, *row) for row in zip(*columns)]
+        futures = [self._pool.submit(fn, *row) for row in zip(*columns)]
+        wait(futures)
+        return [f.result() for f in futures]
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-
-
-def results(futures: list[Future]) -> list:
-    """The futures' results in order, once every one has ended (the first exception, in order, is
-    raised only then: no call is left running)."""
-    wait(futures)
-    return [f.result() for f in futures]
-
-
-def _done(fn: Callable[..., T], row: tuple) -> Future:
-    f: Future = Future()
-    try:
-        f.set_result(fn(*row))
-    except Exception as e:  # noqa: BLE001 - raised by `results`, as map raises it
-        f.set_exception(e)
-    return f
