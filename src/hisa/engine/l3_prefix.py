@@ -26,15 +26,18 @@ prefills only the rest (a chunk after a cached prefix). At least the prompt's la
 computed: its logits give the first output token. A missing or corrupt page ends the run; nothing
 past it is used. When nothing else can run, the engine step waits for a lookup (briefly, so that new
 requests and aborts get in). A lookup not back after `load_timeout_s` stops being waited for
-(`loads_timed_out`) as a cut read does (below): the pages read so far are used; a read that would take longer than prefilling its
-pages (this read's or the store's recent rate against the engine's prefill rate: `_too_slow`) is
-cut short, its pages read so far used (`loads_cut_short`; by the I/O thread before its next batch,
-or by the engine while a batch is in flight), and for a dense request the pages it has not read
-are then read from the prompt's last page back while the request prefills from the front,
-its chunks stopping where the two meet (`_BackRead`, `loads_split`). On CUDA a back read's pages
-are copied on to the device at each step while it goes on (`_land_back`), so where the two meet
-only device-to-device copies are left. (A read faster than prefilling is not split: on an H200 that
-made the file store's TTFT 0.26 instead of 0.21 s, "2026-12-04" in docs/architecture.md.) A backend
+(`loads_timed_out`) as a cut read does (below): the pages read so far are used. A read that would
+take longer than prefilling its pages (this read's or the store's recent rate against the engine's
+prefill rate: `_too_slow`; CUT_MARGIN) is cut short, its pages read so far used (`loads_cut_short`;
+by the I/O thread before its next batch, or by the engine while a batch is in flight). For a dense
+request the cut comes sooner, once the read would take more than half as long as prefilling
+(SPLIT_MARGIN), and the pages it has not read are then read from the prompt's last page back while
+the request prefills from the front, its chunks stopping where the two meet (`_BackRead`,
+`loads_split`). On CUDA a back read's pages are copied on to the device at each step while it goes
+on (`_land_back`), so where the two meet only device-to-device copies are left. (A read much faster
+than prefilling is not split: on an H200 that made the file store's TTFT 0.26 instead of 0.21 s at
+11-15 GB/s; a Mooncake read at 5 GB/s, 0.75 of the prefill's time, split at 0.29-0.33 instead of
+0.47 s: "2026-12-04" and "2026-12-04, night" in docs/architecture.md.) A backend
 error reads as misses (`L3Store`). A request
 aborted while loading holds nothing but its lookup, which is forgotten. A lookup back while the
 batch is full takes nothing and is made again later; a request that took pages but that the
@@ -120,7 +123,7 @@ LAND_CHUNK_BYTES = 128 << 20  # CUDA: pages a lookup reads per batch; each batch
 LAND_HEADROOM_BYTES = 1 << 30  # CUDA: pages are copied ahead to the device only while this much more is free there
 LOAD_TIMEOUT_S = 10.0      # a lookup not back by then is no longer waited for: treated as a cut read (`_cut`)
 CUT_MARGIN = 1.5           # a read is cut short once finishing it looks this many times slower than prefilling its pages
-SPLIT_MARGIN = 1.0         # the same where the rest is then read from the back while the front prefills (`_BackRead`)
+SPLIT_MARGIN = 0.5         # the same where the rest is then read from the back while the front prefills (`_BackRead`)
 PREFILL_DECAY = 0.8        # weight of the earlier prefill steps in the prefill rate (decayed sums of tokens and seconds)
 READ_BATCH_S = 0.25         # a read's batches hold at most this long a read at the store's recent rate
 BACK_BATCH_PAGES = 64      # a back read (`_read_back`) reads this many pages per batch, from the last back
