@@ -260,6 +260,26 @@ def test_warm_start_loads_fewer_pages_and_changes_no_token(preset):
     assert warm["selected_pages"] == cold["selected_pages"] and warm["misses"] < cold["misses"]
 
 
+@pytest.mark.parametrize("algorithm", ["quest", "streaming"])
+def test_warm_start_of_prompts_shorter_than_their_sink_pages(algorithm):
+    """Host-backed prompts that end inside their sink pages (10 tokens: no whole page; 20 tokens with
+    two sink pages of 16) warm nothing they do not have: they decode, with the tokens of runs without
+    the warm start, and give every host page back."""
+    tiny = load_model("random:tiny-llama", device=torch.device("cpu"), dtype=torch.float32, progress=False)
+    prompts = [list(range(3, 13)), list(range(40, 60))]
+
+    def run(warm):
+        llm = LLM(loaded=tiny, device="cpu", dtype="float32", progress=False, page_size=16, max_model_len=256,
+                  sparse=SparseConfig(algorithm=algorithm, token_budget=96, sink_pages=2, min_prompt_len=1,
+                                      host_pool_gb=0.01, residency="host", warm_start=warm))
+        outs = llm.generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True), use_tqdm=False)
+        assert llm.engine.sparse.summary()["decode_steps"] > 0
+        assert llm.engine.sparse.host_allocator.num_free == llm.engine.sparse.host_allocator.num_pages
+        return [o.token_ids for o in outs]
+
+    assert run(True) == run(False)
+
+
 @pytest.mark.parametrize("preset, algorithm", [("tiny-llama", "lowbit"), ("tiny-llama", "quest"),
                                                ("tiny-gemma3", "quest")])
 def test_dense_layers_equal_to_the_model_give_dense_tokens(preset, algorithm):

@@ -225,7 +225,7 @@ class SparseCoordinator:
             first = max(0, t - a.window) // s
             pages = torch.arange(first, full, device=self.device)
         else:
-            lo, hi = a.middle(t)
+            lo, hi = (min(b, full) for b in a.middle(t))  # (a prompt shorter than its sinks: pages past `full`)
             picks = min(hi - lo, max(0, m.ns - lo - (full - hi))) if self.algorithm.selects else 0
             parts = [torch.arange(lo, device=self.device)]
             if 0 < picks < hi - lo:
