@@ -43,3 +43,31 @@ def test_a_loaded_run_slices_across_landed_pages_and_host_rows():
     assert [t.tolist() for t, _ in part.landed] == [[2.0], [3.0, 4.0]] and [e for _, e in part.landed] == ["e0", "e1"]
     assert part.rows == [10] and len(part) == 4
     assert run.slice(6, 8).landed == [] and run.slice(6, 8).rows == [11, 12]
+
+
+def test_rows_in_lent_memory_give_it_back_when_they_grow_and_when_closed():
+    """Rows that live in memory a backend lent (`host_buffer`, e.g. Mooncake's shared pool) tell it when
+    that memory is no longer used (`release_host_buffer`): the old area when the rows grow, the last
+    one on close; without a lender the rows are memory of their own."""
+    lent, released = [], []
+
+    def host_buffer(nbytes):
+        area = memoryview(bytearray(nbytes))
+        lent.append(area)
+        return area
+
+    rows = LoadRows(8, capacity=2, pin=False, host_buffer=host_buffer, release_host_buffer=released.append)
+    rows.reserve()
+    assert rows.backend_memory and len(lent) == 1 and released == []
+    rows.views(rows.take(2))[1][:] = b"abcdefgh"
+    assert bytes(lent[0][8:16]) == b"abcdefgh"   # the rows are the lent area
+    rows.give_back([0, 1])
+    assert rows.take(3) == [0, 1, 2]             # none in use: grows into a new area, the old one released
+    assert len(lent) == 2 and released == [lent[0]]
+    rows.give_back([0, 1, 2])
+    rows.close()
+    assert released == [lent[0], lent[1]]
+    own = LoadRows(8, capacity=2, pin=False, host_buffer=lambda n: None, release_host_buffer=released.append)
+    own.reserve()
+    own.close()
+    assert not own.backend_memory and released == [lent[0], lent[1]]

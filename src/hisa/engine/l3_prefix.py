@@ -269,7 +269,8 @@ class L3PrefixCache:
         # allocated now (cudaHostAlloc is slow: no lookup should wait for it)
         on_cuda = cache.data.device.type == "cuda"
         self.rows = LoadRows(self.page_bytes, capacity=max(1, self.max_lookup_bytes // self.page_bytes), pin=on_cuda,
-                             host_buffer=getattr(store.backend, "host_buffer", None))  # (Mooncake's shared pool)
+                             host_buffer=getattr(store.backend, "host_buffer", None),   # (Mooncake's shared pool)
+                             release_host_buffer=getattr(store.backend, "release_host_buffer", None))
         # CUDA: the pinned rows writes stage their pages in (the device-to-host copy runs asynchronously;
         # the engine thread hands the write over once it has completed, the I/O thread frees the rows)
         self.store_rows = LoadRows(self.page_bytes, capacity=max(1, max_pending_bytes // self.page_bytes),

@@ -28,11 +28,14 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+log = logging.getLogger("hisa.l3")
 
 
 class LoadRows:
@@ -40,14 +43,17 @@ class LoadRows:
     by index. The memory is allocated on the first `reserve` or `take`."""
 
     def __init__(self, page_bytes: int, *, capacity: int, pin: bool,
-                 host_buffer: Callable[[int], memoryview | None] | None = None):
+                 host_buffer: Callable[[int], memoryview | None] | None = None,
+                 release_host_buffer: Callable[[memoryview], None] | None = None):
         """host_buffer: where the rows' memory comes from when it can (the L3 backend's, e.g. a Mooncake
         store process's shared pool, which its reads fill without a copy; pinned here by registering
-        it with CUDA), or None / a None from it: memory of our own."""
+        it with CUDA), or None / a None from it: memory of our own. release_host_buffer: told when an
+        area host_buffer lent is no longer used (the rows grew, or closed)."""
         if page_bytes <= 0 or capacity <= 0:
             raise ValueError(f"page_bytes and capacity must be positive, got {page_bytes}, {capacity}")
         self.page_bytes, self.capacity, self.pin = page_bytes, capacity, pin
-        self.host_buffer = host_buffer
+        self.host_buffer, self.release_host_buffer = host_buffer, release_host_buffer
+        self._lent: memoryview | None = None   # host_buffer's area the rows live in
         self._lock = threading.Lock()
         self._data: torch.Tensor | None = None   # [capacity, page_bytes] uint8
         self._registered: int | None = None   # the data's address, while it is registered with CUDA
@@ -122,9 +128,15 @@ class LoadRows:
             if self.pin:
                 rc = torch.cuda.cudart().cudaHostRegister(data.data_ptr(), nbytes, 0)
                 if int(rc) != 0:
-                    raise RuntimeError(f"cudaHostRegister of {nbytes} bytes of L3 rows failed ({rc})")
-                self._registered = data.data_ptr()
-            self._data, self.backend_memory = data, True
+                    log.warning("L3: cudaHostRegister of the %d bytes of load rows the backend lent failed (%s): "
+                                "pinned memory of our own instead", nbytes, rc)
+                    if self.release_host_buffer is not None:
+                        self.release_host_buffer(lent)
+                    lent = None
+                else:
+                    self._registered = data.data_ptr()
+        if lent is not None:
+            self._data, self.backend_memory, self._lent = data, True, lent
         else:
             self._data = torch.empty(capacity, self.page_bytes, dtype=torch.uint8, pin_memory=self.pin)
             self.backend_memory = False
@@ -136,6 +148,10 @@ class LoadRows:
             torch.cuda.cudart().cudaHostUnregister(self._registered)
             self._registered = None
         self._data = None
+        if self._lent is not None:
+            lent, self._lent = self._lent, None
+            if self.release_host_buffer is not None:
+                self.release_host_buffer(lent)
 
     def _reclaim(self, *, wait: bool) -> None:
         keep = []

@@ -316,3 +316,44 @@ def test_a_redis_url_naming_an_unreachable_server_is_a_config_error(redis_server
 
     with pytest.raises(ConfigError, match=f"127.0.0.1:{(port := free_port())}: cannot reach"):
         open_l3(f"redis://127.0.0.1:{redis_server.port},127.0.0.1:{port}")
+
+
+def _shmem_kib() -> int:
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("RssShmem"))
+
+
+def test_mooncake_shared_pool_areas_are_reused_by_the_next_backend_not_mapped_again(mooncake_servers_shm):
+    """Mooncake cannot free a shared-pool area, so a closed dummy-client backend's areas (its scratch
+    area, the load rows it lent) go to the next backend of the same store process: three backends
+    opened and closed in turn use the same two areas, read pages into them correctly, and the
+    process maps no more shared memory after the first. A lent area given back is lent again; a
+    request past the pool is None (the caller uses memory of its own), not an error."""
+    import numpy as np
+
+    from hisa.kvcache.l3.mooncake_backend import MooncakeBackend
+
+    keys = [f"reuse-{i}" for i in range(4)]
+    pages = [bytes([i + 7]) * 4096 for i in range(4)]
+    seen, shmem = set(), []
+    for cycle in range(3):
+        store = open_l3(mooncake_servers_shm.shm_url.replace("pool_gb=2.2", "pool_gb=0.1"))
+        b = store.backend
+        assert isinstance(b, MooncakeBackend)
+        if cycle == 0:
+            store.set(keys, pages)
+        area = b.host_buffer(64 << 20)
+        assert area is not None and b.host_buffer(1 << 30) is None   # past pool_gb: None, warned
+        rows = np.frombuffer(area, dtype=np.uint8)
+        rows[:] = 0
+        views = [memoryview(rows[i * 4096:(i + 1) * 4096]) for i in range(4)]
+        assert store.get_into(keys, views) == [True] * 4
+        assert [bytes(v) for v in views] == pages
+        b.release_host_buffer(area)
+        again = b.host_buffer(64 << 20)    # the area given back, lent again
+        assert np.frombuffer(again, dtype=np.uint8).ctypes.data == rows.ctypes.data
+        seen.update(a for a, _ in b._pool)
+        del rows, views, area, again
+        store.close()
+        shmem.append(_shmem_kib())
+    assert len(seen) == 2, seen              # the scratch area and the rows' area, every time
+    assert shmem[2] - shmem[0] < 8 << 10, shmem   # (KiB) nothing more mapped after the first backend

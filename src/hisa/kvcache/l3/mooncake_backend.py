@@ -46,6 +46,13 @@ OBJECT_NOT_FOUND = -704
 _BATCH_BYTES = 32 << 20   # bytes per put call: a batch goes through the client's local buffer
 _SCRATCH_BYTES = 32 << 20  # dummy client: the pool area other buffers are staged through (heads, pages)
 _WARM_BLOCK, _WARM_KEYS = 2 << 20, 16   # dummy client: a fresh pool area is written once in these (`_warm`)
+# Dummy clients: the shared-pool areas a closed backend held, by store process (its client address):
+# (start, bytes). Mooncake has no call that frees an `alloc_from_mem_pool` area (each is a shared-memory
+# segment this process keeps mapped), so the next backend of that store process in this process takes
+# them instead of mapping more (an engine closed and made again, a test per backend). An area works
+# with a later dummy client of the same store process once registered with it.
+_SPARE_AREAS: dict[str, list[tuple[int, int]]] = {}
+_SPARE_LOCK = threading.Lock()
 
 
 class MooncakeError(RuntimeError):
@@ -71,8 +78,10 @@ class MooncakeBackend:
             raise ImportError(f"the mooncake backend needs the package mooncake-transfer-engine-non-cuda "
                               f"({_IMPORT_ERROR})")
         self.store = MooncakeDistributedStore()
-        self._pool: list[tuple[int, int]] = []   # dummy client: (start, end) of the pool areas handed out
+        self._pool: list[tuple[int, int]] = []   # dummy client: (start, end) of the pool areas it holds
+        self._lent: dict[int, int] = {}          # dummy client: start -> bytes of the areas lent (`host_buffer`)
         self._pool_left = 0
+        self._client = client
         if client is None:
             rc = self.store.setup(local_hostname, metadata, segment_bytes, local_buffer_bytes, protocol, "", master)
             if rc != 0:
@@ -86,25 +95,38 @@ class MooncakeBackend:
                 raise MooncakeError(f"could not reach the Mooncake store process at {client} (its client "
                                     f"service, mooncake_client --port): setup_dummy returned {rc}")
             self._pool_left = pool_bytes
-            self._scratch = self._alloc(_SCRATCH_BYTES)
+            try:
+                self._scratch = self._alloc(_SCRATCH_BYTES)[0]
+            except BaseException:
+                self.store.close()
+                raise
             self._scratch_lock = threading.Lock()
         self._closed = False
         self._page_bytes = 1 << 20   # the largest page seen (a guess until then): sizes get batches
 
     def host_buffer(self, nbytes: int) -> memoryview | None:
         """Dummy client: `nbytes` of the shared pool, which reads fill without a copy (the engine's L3
-        load rows), or None when there is no pool or not that much of it is left. Lives as long as
-        this backend (the pool has no free: ask once)."""
+        load rows), or None when there is no pool, not that much of it is left, or the store process
+        refuses it (warned: the caller uses memory of its own). Lent until `release_host_buffer` or
+        this backend's close."""
         if not self._pool:
             return None
-        if nbytes > self._pool_left:
-            log.warning("L3 (mooncake): the shared pool has %.2f GB left, not the %.2f GB of load rows asked "
-                        "for: pages will be read through its scratch area and copied (raise pool_gb)",
-                        self._pool_left / 1e9, nbytes / 1e9)
+        try:
+            ptr, fresh = self._alloc(nbytes)
+        except MooncakeError as e:
+            log.warning("L3 (mooncake): no %.2f GB of the shared pool for the load rows (%s): pages will be "
+                        "read through its scratch area and copied (raise pool_gb)", nbytes / 1e9, e)
             return None
-        ptr = self._alloc(nbytes)
-        self._warm(ptr, nbytes)
+        if fresh:
+            self._warm(ptr, nbytes)
+        self._lent[ptr] = nbytes
         return memoryview((ctypes.c_char * nbytes).from_address(ptr)).cast("B")
+
+    def release_host_buffer(self, view: memoryview) -> None:
+        """A `host_buffer` area no longer used: a later `host_buffer` of this backend may take it."""
+        ptr = ctypes.addressof(ctypes.c_char.from_buffer(view))
+        if self._lent.pop(ptr, None) is None:
+            raise ValueError("release_host_buffer: not an area this backend lent")
 
     def _warm(self, ptr: int, nbytes: int) -> None:
         """Have the store process write every block of a fresh pool area once. Its first write into a
@@ -116,10 +138,11 @@ class MooncakeBackend:
         store with no room for them leaves the area cold."""
         block = min(_WARM_BLOCK, nbytes)
         keys = [f"hisa-warm-{os.getpid()}-{ptr:x}-{j}" for j in range(_WARM_KEYS)]
-        if self.store.upsert_batch(keys, [bytes(block)] * len(keys)) != 0:
-            log.warning("L3 (mooncake): could not warm the shared pool's load rows; the first lookups read slower")
-            return
-        try:
+        try:   # (removed whatever happens: a batch stored in part leaves keys too)
+            if self.store.upsert_batch(keys, [bytes(block)] * len(keys)) != 0:
+                log.warning("L3 (mooncake): could not warm the shared pool's load rows; the first lookups read "
+                            "slower")
+                return
             offsets = list(range(0, nbytes - block + 1, block))
             for i in range(0, len(offsets), len(keys)):
                 part = offsets[i:i + len(keys)]
@@ -127,16 +150,38 @@ class MooncakeBackend:
         finally:
             self.store.batch_remove(keys, True)
 
-    def _alloc(self, nbytes: int) -> int:
-        ptr = self.store.alloc_from_mem_pool(nbytes)
-        if not ptr:
-            raise MooncakeError(f"the shared pool has no {nbytes} bytes left")
-        rc = self.store.register_buffer(ptr, nbytes)
+    def _alloc(self, nbytes: int) -> tuple[int, bool]:
+        """(start, whether it is freshly mapped) of a pool area of at least `nbytes`: an area of this
+        backend that is not lent, else a spare one a closed backend of the same store process held
+        (`_SPARE_AREAS`, registered with this client), else a new one, within `pool_bytes`."""
+        mine = [(a, b - a) for a, b in self._pool if a != getattr(self, "_scratch", None) and a not in self._lent]
+        fit = min((x for x in mine if x[1] >= nbytes), key=lambda x: x[1], default=None)
+        if fit is not None:
+            return fit[0], False
+        with _SPARE_LOCK:
+            spare = _SPARE_AREAS.get(self._client, [])
+            fit = min((x for x in spare if x[1] >= nbytes), key=lambda x: x[1], default=None)
+            if fit is not None:
+                spare.remove(fit)
+        fresh = fit is None
+        if fresh:
+            if nbytes > self._pool_left:
+                raise MooncakeError(f"the shared pool has {self._pool_left} of its pool_bytes left, not {nbytes}")
+            ptr = self.store.alloc_from_mem_pool(nbytes)
+            if not ptr:
+                raise MooncakeError(f"the shared pool has no {nbytes} bytes left")
+            size = nbytes
+        else:
+            ptr, size = fit
+        rc = self.store.register_buffer(ptr, size)
         if rc != 0:
+            with _SPARE_LOCK:   # (mapped all the same: the next backend may register it)
+                _SPARE_AREAS.setdefault(self._client, []).append((ptr, size))
             raise MooncakeError(f"register_buffer of the shared pool returned {rc}")
-        self._pool.append((ptr, ptr + nbytes))
-        self._pool_left -= nbytes
-        return ptr
+        self._pool.append((ptr, ptr + size))
+        if fresh:
+            self._pool_left -= size
+        return ptr, fresh
 
     def _in_pool(self, ptr: int, size: int) -> bool:
         return any(a <= ptr and ptr + size <= b for a, b in self._pool)
@@ -257,7 +302,13 @@ class MooncakeBackend:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            for a, _ in self._pool:
+                self.store.unregister_buffer(a)
             self.store.close()
+            if self._pool:   # kept mapped by this process whatever we do: for the next backend of this store
+                with _SPARE_LOCK:
+                    _SPARE_AREAS.setdefault(self._client, []).extend((a, b - a) for a, b in self._pool)
+                self._pool, self._lent = [], {}
 
 
 def _bytes_view(buf) -> memoryview:
