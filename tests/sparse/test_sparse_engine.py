@@ -260,6 +260,27 @@ def test_warm_start_loads_fewer_pages_and_changes_no_token(preset):
     assert warm["selected_pages"] == cold["selected_pages"] and warm["misses"] < cold["misses"]
 
 
+def test_warm_start_after_a_prefill_that_ends_one_token_short():
+    """A prompt whose last prefill chunk ends one token short (129 tokens, chunks of 128: its last
+    token is the first decode step's) is warmed all the same: with streaming that first step misses
+    nothing, with the tokens of a cold start."""
+    tiny = load_model("random:tiny-llama", device=torch.device("cpu"), dtype=torch.float32, progress=False)
+    prompt = torch.randint(3, 500, (129,), generator=torch.Generator().manual_seed(5)).tolist()
+
+    def run(warm):
+        llm = LLM(loaded=tiny, device="cpu", dtype="float32", progress=False, page_size=16, max_model_len=256,
+                  max_num_batched_tokens=128,
+                  sparse=SparseConfig(algorithm="streaming", token_budget=64, min_prompt_len=64, host_pool_gb=0.01,
+                                      residency="host", warm_start=warm))
+        out = llm.generate([prompt], SamplingParams(max_tokens=1, ignore_eos=True), use_tqdm=False)[0]
+        st = llm.engine.sparse.summary()
+        assert st["decode_steps"] == 1
+        return out.token_ids, st["misses"]
+
+    (cold_out, cold), (warm_out, warm) = run(False), run(True)
+    assert warm_out == cold_out and cold > 0 == warm
+
+
 @pytest.mark.parametrize("algorithm", ["quest", "streaming"])
 def test_warm_start_of_prompts_shorter_than_their_sink_pages(algorithm):
     """Host-backed prompts that end inside their sink pages (10 tokens: no whole page; 20 tokens with

@@ -215,8 +215,9 @@ class SparseCoordinator:
         best: as many as the buffer has slots left (the first step's query is the next token's, so
         a wider list catches more of its picks). Only which pages are on the device changes: every
         page the step reads is still resolved by the diff, so outputs are the same either way. Only
-        after the last chunk (decoding follows), with `warm_start` on."""
-        if not self.config.warm_start or total < seq.num_tokens:
+        after the last chunk (decoding follows: a chunk that ends one token short of the prompt is the
+        last, its last token being a decode step's), with `warm_start` on."""
+        if not self.config.warm_start or total < seq.num_tokens - 1:  # (the last token may be a decode step's)
             return
         s, a, m = self.page_size, self.adaptor, self.manager
         full = total // s  # whole pages: the one being written is the tail page, not the buffer's
@@ -283,7 +284,7 @@ class SparseCoordinator:
         fill its buffer in `layer` with the pages holding the last prompt token's picks (tokens: int
         [N] positions, -1 padded; None: it attended every token, and the newest whole pages go in),
         copied from the chunk's context rows `latent` [total, W] as stored. Device work only."""
-        if not self.config.warm_start or total < seq.num_tokens:
+        if not self.config.warm_start or total < seq.num_tokens - 1:  # (the last token may be a decode step's)
             return
         s, a, m = self.page_size, self.adaptor, self.manager
         full = total // s  # whole pages (the partial one is the tail page)
