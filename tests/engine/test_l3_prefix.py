@@ -147,6 +147,38 @@ def test_mooncake_store_serves_a_prefix(make_llm, prompts, reference, tmp_path, 
         servers.stop()
 
 
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA (the rows registered with it)")
+def test_on_cuda_mooncake_shared_pool_rows_serve_engine_after_engine(tmp_path):
+    """CUDA: engines opened one after another on one Mooncake store process through its shared pool:
+    each one's load rows live in the pool (registered with CUDA; the second engine's are the areas the
+    first one's close left, `_SPARE_AREAS`), and each serves the prefix with the tokens computed
+    without L3, nothing left behind."""
+    from hisa import LLM
+
+    require_mooncake()
+    servers = MooncakeStoreServers(tmp_path).start()
+    try:
+        kw = dict(device="cuda", dtype="float32", max_model_len=1024, page_size=S, prefix_cache=False,
+                  progress=False, max_num_batched_tokens=128)
+        prompt = list(range(3, 400))
+        want = LLM("random:tiny-llama", **kw).generate([prompt], PARAMS, use_tqdm=False)[0].token_ids
+        rows_at = []
+        for i in range(3):
+            llm = LLM("random:tiny-llama", l3=servers.shm_url, **kw)
+            assert llm.generate([prompt], PARAMS, use_tqdm=False)[0].token_ids == want
+            prefix = llm.engine.l3_prefix
+            assert prefix.rows.backend_memory
+            rows_at.append(prefix.rows._data.data_ptr())
+            if i:
+                assert prefix.metrics()["pages_loaded"] == (len(prompt) - 1) // S
+            prefix.drain()
+            _check_no_leak(llm)
+            llm.close()
+        assert rows_at[1] == rows_at[2] == rows_at[0]   # one area, lent to each engine in turn
+    finally:
+        servers.stop()
+
+
 def _run_counting_prefill(llm, prompts, params):
     """Outputs in prompt order, and the prefill tokens the engine ran (prompts and recomputations)."""
     engine = llm.engine
