@@ -118,6 +118,9 @@ def main() -> None:
     ap.add_argument("--split-margin", type=float, default=None,
                     help="L3 modes: split a read once finishing it looks this many times slower than "
                          "prefilling its pages (default: the engine's SPLIT_MARGIN)")
+    ap.add_argument("--mooncake-stores", type=int, default=1,
+                    help="mooncake modes: this many stores (a master and a store process each), pages spread "
+                         "over them by key and read from all at once")
     ap.add_argument("--redis-servers", type=int, default=1,
                     help="redis modes: start this many redis-servers and spread the pages over them "
                          "(--l3 redis://HOST:PORT,HOST:PORT,...; default 1)")
@@ -201,8 +204,13 @@ def main() -> None:
                 from l3_servers import MooncakeStoreServers
 
                 (Path(tmp) / f"mooncake-{len(rows)}").mkdir()   # (a mode may repeat: each run its own store)
-                server = MooncakeStoreServers(Path(tmp) / f"mooncake-{len(rows)}", segment=args.mooncake_segment).start()
-                url = server.shm_url if option == "shm" else server.url   # shm: as the store process's dummy client
+                stores = [MooncakeStoreServers(Path(tmp) / f"mooncake-{len(rows)}" / str(j),
+                                               segment=args.mooncake_segment) for j in range(args.mooncake_stores)]
+                server = _AllOf(stores)   # (stopped with the mode, each started in turn)
+                for one in stores:
+                    (one.workdir).mkdir(parents=True, exist_ok=True)
+                    one.start()
+                url = _mooncake_url(stores, shm=option == "shm")   # shm: as the store processes' dummy client
             else:
                 raise SystemExit(f"unknown mode {mode!r}")
             try:
@@ -331,5 +339,29 @@ def _crc32_impl() -> str:
     return record.CRC32
 
 
+class _AllOf:
+    """Several servers stopped as one."""
+
+    def __init__(self, servers):
+        self.servers = servers
+
+    def stop(self):
+        for s in self.servers:
+            s.stop()
+
+
+def _mooncake_url(stores, *, shm: bool) -> str:
+    """The --l3 URL of one Mooncake store or several (each its own master, metadata server and store
+    process), over TCP or through the store processes' shared memory."""
+    if len(stores) == 1:
+        return stores[0].shm_url if shm else stores[0].url
+    url = ("mooncake://" + ",".join(f"127.0.0.1:{s.rpc_port}" for s in stores)
+           + "?metadata=" + ",".join(s.metadata for s in stores))
+    if shm:
+        url += "&client=" + ",".join(f"127.0.0.1:{s.store_port}" for s in stores) + "&pool_gb=2.2"
+    return url
+
+
 if __name__ == "__main__":
     main()
+

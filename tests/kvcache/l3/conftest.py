@@ -51,3 +51,16 @@ def mooncake_servers_shm(tmp_path_factory):
     servers = _mooncake(tmp_path_factory)
     yield servers
     servers.stop()
+
+
+@pytest.fixture(scope="module")
+def mooncake_servers_x2(tmp_path_factory):
+    """Two Mooncake Stores, a master and a store process each (a store spread over them by key)."""
+    pair = []
+    try:
+        for _ in range(2):
+            pair.append(_mooncake(tmp_path_factory))
+        yield pair
+    finally:
+        for servers in pair:
+            servers.stop()

@@ -13,7 +13,7 @@ import pytest
 from hisa.kvcache.l3 import open_l3
 
 
-@pytest.fixture(params=["file", "redis", "redis x2", "mooncake", "mooncake shm"])
+@pytest.fixture(params=["file", "redis", "redis x2", "mooncake", "mooncake shm", "mooncake shm x2"])
 def l3(request, tmp_path):
     """(store, flip_bit(key, bit)) for one backend; flip_bit corrupts the stored page in place."""
     if request.param == "file":
@@ -42,11 +42,17 @@ def l3(request, tmp_path):
             shard = store.backend.shards[store.backend.shard_of(key)]
             name = shard.prefix + key
             shard.client.setbit(name, bit, 1 - shard.client.getbit(name, bit))
-    else:   # "mooncake" over TCP; "mooncake shm" through the store process's shared memory (its dummy client)
+    else:   # "mooncake" over TCP; "mooncake shm" through the store process's shared memory (its dummy
+        # client); "mooncake shm x2": two stores (a master and a store process each), pages spread by key
         if request.param == "mooncake":
             store = open_l3(request.getfixturevalue("mooncake_servers").url)
-        else:
+        elif request.param == "mooncake shm":
             store = open_l3(request.getfixturevalue("mooncake_servers_shm").shm_url)
+        else:
+            a, b = request.getfixturevalue("mooncake_servers_x2")
+            store = open_l3(f"mooncake://127.0.0.1:{a.rpc_port},127.0.0.1:{b.rpc_port}?metadata={a.metadata},"
+                            f"{b.metadata}&client=127.0.0.1:{a.store_port},127.0.0.1:{b.store_port}&pool_gb=0.1")
+            assert len(store.backend.shards) == 2
 
         def flip(key, bit):   # rewrite the stored value with one bit changed, below the checksum layer
             value = bytearray(store.backend.get([key])[0])

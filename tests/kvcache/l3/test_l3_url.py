@@ -1,5 +1,5 @@
-"""`--l3` values: the three accepted forms (redis with one server or several) and a clear error for
-everything else."""
+"""`--l3` values: the three accepted forms (redis and mooncake with one server or several) and a clear
+error for everything else."""
 
 import pytest
 
@@ -23,6 +23,11 @@ from hisa.kvcache.l3 import FileL3Spec, MooncakeL3Spec, RedisL3Spec, parse_l3_ur
      MooncakeL3Spec("10.0.0.5", 50051, "http://10.0.0.5:8080/metadata", client="127.0.0.1:50052")),
     ("mooncake://10.0.0.5:50051?client=localhost:50052&pool_gb=8",
      MooncakeL3Spec("10.0.0.5", 50051, "http://10.0.0.5:8080/metadata", client="localhost:50052", pool_gb=8.0)),
+    ("mooncake://a:1,b:2", MooncakeL3Spec("a", 1, "http://a:8080/metadata",
+                                          others=(MooncakeL3Spec("b", 2, "http://b:8080/metadata"),))),
+    ("mooncake://h:1,h:2?metadata=http://h:81/m,http://h:82/m&client=h:11,h:12&pool_gb=2",
+     MooncakeL3Spec("h", 1, "http://h:81/m", client="h:11", pool_gb=2.0,
+                    others=(MooncakeL3Spec("h", 2, "http://h:82/m", client="h:12", pool_gb=2.0),))),
 ])
 def test_accepted_forms(url, spec):
     assert parse_l3_url(url) == spec
@@ -49,6 +54,10 @@ def test_accepted_forms(url, spec):
     ("mooncake://127.0.0.1:50051?pool_gb=8", "add client="),
     ("mooncake://127.0.0.1:50051?client=h:1&pool_gb=lots", "number of GB"),
     ("mooncake://127.0.0.1:50051?client=h:1&pool_gb=0", "between"),
+    ("mooncake://h:1,h:1", "named twice"),
+    ("mooncake://h:1,h:2?metadata=http://h:81/m", "one URL per master"),
+    ("mooncake://h:1,h:2?client=h:11", "one store process per master"),
+    ("mooncake://h:1,h:2?metadata=http://h:81/m,&client=h:11,h:12", "none empty"),
 ])
 def test_rejected_forms_say_what_to_use(url, says):
     with pytest.raises(ConfigError, match=says):

@@ -47,15 +47,26 @@ def open_backend(spec: L3Spec | str) -> L3Backend:
         from hisa.kvcache.l3.sharded import ShardedBackend
         return ShardedBackend(shards)
     from hisa.kvcache.l3.mooncake_backend import MooncakeBackend, MooncakeError
+    stores = []
     try:
-        return MooncakeBackend(master=spec.master, metadata=spec.metadata, client=spec.client,
-                               pool_bytes=int(spec.pool_gb * 2**30))
-    except ImportError as e:
-        raise ConfigError(f"--l3 mooncake://: {e}") from e
-    except MooncakeError as e:
-        where = f"the store process at {spec.client}" if spec.client else "a store process"
-        raise ConfigError(f"--l3 mooncake://{spec.master}: {e}; start mooncake_master (with "
-                          f"--enable_http_metadata_server) and {where}, or drop --l3") from e
+        for one in spec.stores:
+            try:
+                stores.append(MooncakeBackend(master=one.master, metadata=one.metadata, client=one.client,
+                                              pool_bytes=int(one.pool_gb * 2**30)))
+            except ImportError as e:
+                raise ConfigError(f"--l3 mooncake://: {e}") from e
+            except MooncakeError as e:
+                where = f"the store process at {one.client}" if one.client else "a store process"
+                raise ConfigError(f"--l3 mooncake://{one.master}: {e}; start mooncake_master (with "
+                                  f"--enable_http_metadata_server) and {where}, or drop --l3") from e
+    except ConfigError:
+        for store in stores:
+            store.close()
+        raise
+    if len(stores) == 1:
+        return stores[0]
+    from hisa.kvcache.l3.sharded import ShardedBackend
+    return ShardedBackend(stores)
 
 
 def open_l3(spec: L3Spec | str, *, capacity_bytes: int | None = None, retry_after_s: float = 30.0) -> L3Store:

@@ -1,4 +1,4 @@
-"""Parse `--l3 file:PATH | redis://HOST:PORT[,HOST:PORT...][/DB] | mooncake://MASTER_HOST:PORT[?metadata=URL][&client=HOST:PORT[&pool_gb=GB]]`.
+"""Parse `--l3 file:PATH | redis://HOST:PORT[,HOST:PORT...][/DB] | mooncake://MASTER_HOST:PORT[,...][?metadata=URL[,...]][&client=HOST:PORT[,...][&pool_gb=GB]]`.
 
 Torch-free. Every malformed value raises :class:`hisa.errors.ConfigError` with the accepted forms,
 so the CLI prints it without a traceback.
@@ -12,7 +12,7 @@ from urllib.parse import parse_qs, urlsplit
 from hisa.errors import ConfigError
 
 FORMS = ("file:PATH, redis://HOST:PORT[,HOST:PORT...][/DB] or "
-         "mooncake://MASTER_HOST:PORT[?metadata=URL][&client=HOST:PORT[&pool_gb=GB]]")
+         "mooncake://MASTER_HOST:PORT[,...][?metadata=URL[,...]][&client=HOST:PORT[,...][&pool_gb=GB]]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,12 +40,20 @@ class MooncakeL3Spec:
     """A Mooncake Store master (`mooncake_master`). `metadata` is the transfer engine's metadata
     server; by default the master's own HTTP metadata server on its default port 8080. `client`:
     HOST:PORT of a store process on this host (`mooncake_client --port`) to move pages through its
-    shared memory (a pool of `pool_gb`) instead of TCP; None: TCP."""
+    shared memory (a pool of `pool_gb`) instead of TCP; None: TCP. `others`: more stores, each with a
+    master of its own (pages spread over them by key, `hisa.kvcache.l3.sharded`, read from all at once:
+    one store process serves one client's reads one at a time)."""
     master_host: str
     master_port: int
     metadata: str
     client: str | None = None
     pool_gb: float = 4.0
+    others: tuple["MooncakeL3Spec", ...] = ()
+
+    @property
+    def stores(self) -> tuple["MooncakeL3Spec", ...]:
+        return (MooncakeL3Spec(self.master_host, self.master_port, self.metadata, self.client, self.pool_gb),
+                *self.others)
 
     @property
     def master(self) -> str:
@@ -81,17 +89,17 @@ def parse_l3_url(url: str) -> L3Spec:
         if not rest.startswith("//"):
             raise ConfigError(f"--l3 {url!r}: use {scheme}://HOST:PORT")
         parts = urlsplit(url)
-        hosts = parts.netloc.split(",") if scheme == "redis" else [parts.netloc]
+        hosts = parts.netloc.split(",")
         servers = [_host_port(url, scheme, f"{scheme}://{h}") for h in hosts]
         host, port = servers[0]
+        if len(set(servers)) != len(servers):
+            raise ConfigError(f"--l3 {url!r}: a server is named twice")
         if scheme == "redis":
             if parts.query:
                 raise ConfigError(f"--l3 {url!r}: redis takes no options; use redis://HOST:PORT[,HOST:PORT...][/DB]")
             db_text = parts.path.strip("/")
             if db_text and not db_text.isdigit():
                 raise ConfigError(f"--l3 {url!r}: the database after the port must be a number (redis://HOST:PORT/0)")
-            if len(set(servers)) != len(servers):
-                raise ConfigError(f"--l3 {url!r}: a server is named twice")
             return RedisL3Spec(host=host, port=port, db=int(db_text or 0), others=tuple(servers[1:]))
         if parts.path.strip("/"):
             raise ConfigError(f"--l3 {url!r}: mooncake takes no path; use mooncake://MASTER_HOST:PORT[?metadata=URL]")
@@ -100,13 +108,18 @@ def parse_l3_url(url: str) -> L3Spec:
         if unknown:
             raise ConfigError(f"--l3 {url!r}: unknown option(s) {sorted(unknown)}; the options are metadata=URL, "
                               f"client=HOST:PORT and pool_gb=GB")
-        metadata = query.get("metadata", [f"http://{host}:8080/metadata"])[-1]
-        if not metadata:
-            raise ConfigError(f"--l3 {url!r}: metadata= is empty")
-        client = query.get("client", [None])[-1]
-        if client is not None:
-            h, p = _host_port(url, scheme, f"mooncake://{client}")
-            client = f"{h}:{p}"
+        n = len(servers)
+        metadata = query["metadata"][-1].split(",") if "metadata" in query else \
+            [f"http://{h}:8080/metadata" for h, _ in servers]
+        if len(metadata) != n or not all(metadata):
+            raise ConfigError(f"--l3 {url!r}: metadata= names one URL per master ({n}), none empty")
+        clients: list[str | None] = [None] * n
+        if "client" in query:
+            named = query["client"][-1].split(",")
+            if len(named) != n:
+                raise ConfigError(f"--l3 {url!r}: client= names one store process per master ({n})")
+            clients = [":".join(map(str, _host_port(url, scheme, f"mooncake://{c}"))) for c in named]
+        client = clients[0]
         try:
             pool_gb = float(query.get("pool_gb", ["4"])[-1])
         except ValueError:
@@ -115,7 +128,11 @@ def parse_l3_url(url: str) -> L3Spec:
             raise ConfigError(f"--l3 {url!r}: pool_gb= sizes the shared pool of client=HOST:PORT; add client=")
         if not 0.05 <= pool_gb <= 1024:
             raise ConfigError(f"--l3 {url!r}: pool_gb= must be between 0.05 and 1024, got {pool_gb}")
-        return MooncakeL3Spec(master_host=host, master_port=port, metadata=metadata, client=client, pool_gb=pool_gb)
+        stores = [MooncakeL3Spec(master_host=h, master_port=p, metadata=m, client=c, pool_gb=pool_gb)
+                  for (h, p), m, c in zip(servers, metadata, clients)]
+        first = stores[0]
+        return MooncakeL3Spec(first.master_host, first.master_port, first.metadata, first.client, pool_gb,
+                              others=tuple(stores[1:]))
     raise ConfigError(f"--l3 {url!r}: unknown scheme {scheme!r}; use {FORMS}")
 
 
