@@ -66,7 +66,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "on the host (same tokens, outputs one step later) (default: on for CUDA, off on the CPU)")
     l3 = p.add_argument_group("L3: prompt KV pages in storage, reused by later requests with the same prefix")
     l3.add_argument("--l3", default=None, metavar="URL",
-                    help="file:PATH, redis://HOST:PORT[,HOST:PORT...] or mooncake://MASTER_HOST:PORT[?metadata=URL] (default: off)")
+                    help="file:PATH, redis://HOST:PORT[,HOST:PORT...] or mooncake://MASTER_HOST:PORT[,...][?metadata=URL[,...]][&client=HOST:PORT[,...]] (default: off)")
     l3.add_argument("--l3-gb", type=float, default=None,
                     help="most GB of pages this process keeps in L3, least recently used evicted (default: no bound)")
     l3.add_argument("--l3-sync", action="store_true",
