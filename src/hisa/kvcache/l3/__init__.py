@@ -6,6 +6,9 @@ ConfigError at start-up if it cannot) and returns an :class:`L3Store`. See READM
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 from hisa.errors import ConfigError
 from hisa.kvcache.l3.keys import KVLayout, page_keys
 from hisa.kvcache.l3.store import L3Backend, L3Stats, L3Store
@@ -30,43 +33,46 @@ def open_backend(spec: L3Spec | str) -> L3Backend:
             from hisa.kvcache.l3.redis_backend import RedisBackend
         except ImportError as e:
             raise ConfigError(f"--l3 redis:// needs the package redis (pip install redis): {e}") from e
-        shards = []
-        try:
-            for host, port in spec.servers:
-                try:
-                    shards.append(RedisBackend(host, port, spec.db))
-                except RedisBackend.errors as e:
-                    raise ConfigError(f"--l3 redis://{host}:{port}: cannot reach the server ({e}); "
-                                      f"start redis-server there or drop --l3") from e
-        except ConfigError:
-            for shard in shards:
-                shard.close()
-            raise
-        if len(shards) == 1:
-            return shards[0]
-        from hisa.kvcache.l3.sharded import ShardedBackend
-        return ShardedBackend(shards)
-    from hisa.kvcache.l3.mooncake_backend import MooncakeBackend, MooncakeError
-    stores = []
-    try:
-        for one in spec.stores:
+
+        def redis(host: str, port: int) -> RedisBackend:
             try:
-                stores.append(MooncakeBackend(master=one.master, metadata=one.metadata, client=one.client,
-                                              pool_bytes=int(one.pool_gb * 2**30)))
-            except ImportError as e:
-                raise ConfigError(f"--l3 mooncake://: {e}") from e
-            except MooncakeError as e:
-                where = f"the store process at {one.client}" if one.client else "a store process"
-                raise ConfigError(f"--l3 mooncake://{one.master}: {e}; start mooncake_master (with "
-                                  f"--enable_http_metadata_server) and {where}, or drop --l3") from e
+                return RedisBackend(host, port, spec.db)
+            except RedisBackend.errors as e:
+                raise ConfigError(f"--l3 redis://{host}:{port}: cannot reach the server ({e}); "
+                                  f"start redis-server there or drop --l3") from e
+
+        return _one_or_sharded([functools.partial(redis, h, p) for h, p in spec.servers])
+    from hisa.kvcache.l3.mooncake_backend import MooncakeBackend, MooncakeError
+
+    def mooncake(one: MooncakeL3Spec) -> MooncakeBackend:
+        try:
+            return MooncakeBackend(master=one.master, metadata=one.metadata, client=one.client,
+                                   pool_bytes=int(one.pool_gb * 2**30))
+        except ImportError as e:
+            raise ConfigError(f"--l3 mooncake://: {e}") from e
+        except MooncakeError as e:
+            where = f"the store process at {one.client}" if one.client else "a store process"
+            raise ConfigError(f"--l3 mooncake://{one.master}: {e}; start mooncake_master (with "
+                              f"--enable_http_metadata_server) and {where}, or drop --l3") from e
+
+    return _one_or_sharded([functools.partial(mooncake, one) for one in spec.stores])
+
+
+def _one_or_sharded(opens: list[Callable[[], L3Backend]]) -> L3Backend:
+    """The backend of each server (`opens`: connect to one, ConfigError if it cannot): the one, or
+    all of them as a ShardedBackend (pages spread by key). A failure closes those opened before it."""
+    shards: list[L3Backend] = []
+    try:
+        for open_one in opens:
+            shards.append(open_one())
     except ConfigError:
-        for store in stores:
-            store.close()
+        for shard in shards:
+            shard.close()
         raise
-    if len(stores) == 1:
-        return stores[0]
+    if len(shards) == 1:
+        return shards[0]
     from hisa.kvcache.l3.sharded import ShardedBackend
-    return ShardedBackend(stores)
+    return ShardedBackend(shards)
 
 
 def open_l3(spec: L3Spec | str, *, capacity_bytes: int | None = None, retry_after_s: float = 30.0) -> L3Store:
