@@ -57,7 +57,6 @@ class LoadRows:
         self._lock = threading.Lock()
         self._data: torch.Tensor | None = None   # [capacity, page_bytes] uint8
         self._registered: int | None = None   # the data's address, while it is registered with CUDA
-        self.backend_memory = False   # whether the rows live in host_buffer's memory
         self._free: set[int] = set(range(capacity))
         self._retired: list[tuple[list[int], object]] = []   # (rows, the CUDA event of the copy reading them)
 
@@ -110,6 +109,11 @@ class LoadRows:
         """Rows first..end-1 as pages: a view [end - first, *shape] of `dtype` (no copy)."""
         return self._data[first:end].view(dtype).view(end - first, *shape)
 
+    @property
+    def backend_memory(self) -> bool:
+        """Whether the rows live in memory host_buffer lent."""
+        return self._lent is not None
+
     def close(self) -> None:
         """Wait for the copies reading the rows, then let their memory go (unregistered from CUDA
         first where it was registered): before the backend that lent it closes."""
@@ -136,10 +140,9 @@ class LoadRows:
                 else:
                     self._registered = data.data_ptr()
         if lent is not None:
-            self._data, self.backend_memory, self._lent = data, True, lent
+            self._data, self._lent = data, lent
         else:
             self._data = torch.empty(capacity, self.page_bytes, dtype=torch.uint8, pin_memory=self.pin)
-            self.backend_memory = False
         self.capacity = capacity
         self._free = set(range(capacity))
 

@@ -81,7 +81,8 @@ class MooncakeBackend:
                               f"({_IMPORT_ERROR})")
         self.store = MooncakeDistributedStore()
         self._pool: list[tuple[int, int]] = []   # dummy client: (start, end) of the pool areas it holds
-        self._lent: dict[int, int] = {}          # dummy client: start -> bytes of the areas lent (`host_buffer`)
+        self._lent: set[int] = set()             # dummy client: starts of the areas lent (`host_buffer`)
+        self._scratch = 0                        # dummy client: start of the scratch area (0: none yet)
         self._pool_left = 0
         self._client = client
         if client is None:
@@ -121,14 +122,15 @@ class MooncakeBackend:
             return None
         if fresh:
             self._warm(ptr, nbytes)
-        self._lent[ptr] = nbytes
+        self._lent.add(ptr)
         return memoryview((ctypes.c_char * nbytes).from_address(ptr)).cast("B")
 
     def release_host_buffer(self, view: memoryview) -> None:
         """A `host_buffer` area no longer used: a later `host_buffer` of this backend may take it."""
         ptr = ctypes.addressof(ctypes.c_char.from_buffer(view))
-        if self._lent.pop(ptr, None) is None:
+        if ptr not in self._lent:
             raise ValueError("release_host_buffer: not an area this backend lent")
+        self._lent.discard(ptr)
 
     def _warm(self, ptr: int, nbytes: int) -> None:
         """Have the store process write every block of a fresh pool area once. Its first write into a
@@ -156,7 +158,7 @@ class MooncakeBackend:
         """(start, whether it is freshly mapped) of a pool area of at least `nbytes`: an area of this
         backend that is not lent, else a spare one a closed backend of the same store process held
         (`_SPARE_AREAS`, registered with this client), else a new one, within `pool_bytes`."""
-        mine = [(a, b - a) for a, b in self._pool if a != getattr(self, "_scratch", None) and a not in self._lent]
+        mine = [(a, b - a) for a, b in self._pool if a != self._scratch and a not in self._lent]
         fit = min((x for x in mine if x[1] >= nbytes), key=lambda x: x[1], default=None)
         if fit is not None:
             return fit[0], False
@@ -310,7 +312,7 @@ class MooncakeBackend:
             if self._pool:   # kept mapped by this process whatever we do: for the next backend of this store
                 with _SPARE_LOCK:
                     _SPARE_AREAS.setdefault(self._client, []).extend((a, b - a) for a, b in self._pool)
-                self._pool, self._lent = [], {}
+                self._pool, self._lent = [], set()
 
 
 def _bytes_view(buf) -> memoryview:

@@ -6,7 +6,7 @@ so the CLI prints it without a traceback.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import parse_qs, urlsplit
 
 from hisa.errors import ConfigError
@@ -52,8 +52,7 @@ class MooncakeL3Spec:
 
     @property
     def stores(self) -> tuple["MooncakeL3Spec", ...]:
-        return (MooncakeL3Spec(self.master_host, self.master_port, self.metadata, self.client, self.pool_gb),
-                *self.others)
+        return (replace(self, others=()), *self.others)
 
     @property
     def master(self) -> str:
@@ -130,9 +129,7 @@ def parse_l3_url(url: str) -> L3Spec:
             raise ConfigError(f"--l3 {url!r}: pool_gb= must be between 0.05 and 1024, got {pool_gb}")
         stores = [MooncakeL3Spec(master_host=h, master_port=p, metadata=m, client=c, pool_gb=pool_gb)
                   for (h, p), m, c in zip(servers, metadata, clients)]
-        first = stores[0]
-        return MooncakeL3Spec(first.master_host, first.master_port, first.metadata, first.client, pool_gb,
-                              others=tuple(stores[1:]))
+        return replace(stores[0], others=tuple(stores[1:]))
     raise ConfigError(f"--l3 {url!r}: unknown scheme {scheme!r}; use {FORMS}")
 
 
