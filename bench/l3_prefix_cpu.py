@@ -201,7 +201,7 @@ def main() -> None:
                                       extra_args=["--io-threads", str(args.redis_io_threads)]).start()
                 url = server.url
             elif mode == "mooncake":
-                from l3_servers import MooncakeStoreServers
+                from l3_servers import MooncakeStoreServers, mooncake_url
 
                 (Path(tmp) / f"mooncake-{len(rows)}").mkdir()   # (a mode may repeat: each run its own store)
                 stores = [MooncakeStoreServers(Path(tmp) / f"mooncake-{len(rows)}" / str(j),
@@ -210,7 +210,7 @@ def main() -> None:
                 for one in stores:
                     (one.workdir).mkdir(parents=True, exist_ok=True)
                     one.start()
-                url = _mooncake_url(stores, shm=option == "shm")   # shm: as the store processes' dummy client
+                url = mooncake_url(stores, shm=option == "shm")   # shm: as the store processes' dummy client
             else:
                 raise SystemExit(f"unknown mode {mode!r}")
             try:
@@ -348,18 +348,6 @@ class _AllOf:
     def stop(self):
         for s in self.servers:
             s.stop()
-
-
-def _mooncake_url(stores, *, shm: bool) -> str:
-    """The --l3 URL of one Mooncake store or several (each its own master, metadata server and store
-    process), over TCP or through the store processes' shared memory."""
-    if len(stores) == 1:
-        return stores[0].shm_url if shm else stores[0].url
-    url = ("mooncake://" + ",".join(f"127.0.0.1:{s.rpc_port}" for s in stores)
-           + "?metadata=" + ",".join(s.metadata for s in stores))
-    if shm:
-        url += "&client=" + ",".join(f"127.0.0.1:{s.store_port}" for s in stores) + "&pool_gb=2.2"
-    return url
 
 
 if __name__ == "__main__":

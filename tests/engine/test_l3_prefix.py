@@ -20,7 +20,7 @@ from hisa import SamplingParams
 from tests.conftest import long_text
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "kvcache", "l3"))
-from l3_servers import REDIS_SERVER, MooncakeStoreServers, RedisServers, require_mooncake  # noqa: E402
+from l3_servers import REDIS_SERVER, MooncakeStoreServers, RedisServers, mooncake_url, require_mooncake  # noqa: E402
 from slow_backend import SlowBackend  # noqa: E402
 
 pytestmark = pytest.mark.slow   # three SmolLM2 engines and a reference run
@@ -128,23 +128,34 @@ def test_redis_shared_by_two_engines_and_killed_mid_run(make_llm, prompts, refer
         running.stop()
 
 
-@pytest.mark.parametrize("via", ["tcp", "shm"])
+@pytest.mark.parametrize("via", ["tcp", "shm", "shm x2"])
 def test_mooncake_store_serves_a_prefix(make_llm, prompts, reference, tmp_path, via):
     """From a Mooncake Store over TCP, or through the store process's shared memory (hisa its dummy
-    client, the load rows in the shared pool: the pages are read into them with no copy)."""
+    client, the load rows in the shared pool: the pages are read into them with no copy), or from two
+    stores through their shared memory (the rows cut into an area in each store's pool, each page
+    read into its own store's: still no copy)."""
     require_mooncake()
-    servers = MooncakeStoreServers(tmp_path).start()
+    stores = [MooncakeStoreServers(tmp_path / str(i)) for i in range(2 if via == "shm x2" else 1)]
     try:
-        llm = make_llm(max_num_batched_tokens=128, prefix_cache=False,
-                       l3=servers.shm_url if via == "shm" else servers.url)
+        for servers in stores:
+            servers.workdir.mkdir()
+            servers.start()
+        url = mooncake_url(stores, shm=via != "tcp")
+        llm = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=url)
         assert _one_by_one(llm, prompts[:2]) == reference[:2]
-        assert llm.engine.l3_prefix.rows.backend_memory == (via == "shm")
-        m = llm.engine.l3_prefix.metrics()
+        prefix = llm.engine.l3_prefix
+        assert prefix.rows.backend_memory == (via != "tcp") and prefix.rows.areas == len(stores)
+        m = prefix.metrics()
         assert m["pages_loaded"] == 300 // S and m["store_corrupt"] == 0 and m["store_failures"] == 0
+        if via != "tcp":   # only the records' heads (under 200 bytes each) went through a scratch area
+            backend = prefix.l3.backend
+            staged = sum(x.staged_bytes for x in getattr(backend, "shards", [backend]))
+            assert 0 < staged < 200 * m["pages_loaded"]
         _check_no_leak(llm)
         llm.close()
     finally:
-        servers.stop()
+        for servers in stores:
+            servers.stop()
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA (the rows registered with it)")
@@ -168,7 +179,7 @@ def test_on_cuda_mooncake_shared_pool_rows_serve_engine_after_engine(tmp_path):
             assert llm.generate([prompt], PARAMS, use_tqdm=False)[0].token_ids == want
             prefix = llm.engine.l3_prefix
             assert prefix.rows.backend_memory
-            rows_at.append(prefix.rows._data.data_ptr())
+            rows_at.append(prefix.rows._data[0].data_ptr())
             if i:
                 assert prefix.metrics()["pages_loaded"] == (len(prompt) - 1) // S
             prefix.drain()
@@ -177,6 +188,55 @@ def test_on_cuda_mooncake_shared_pool_rows_serve_engine_after_engine(tmp_path):
         assert rows_at[1] == rows_at[2] == rows_at[0]   # one area, lent to each engine in turn
     finally:
         servers.stop()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA (the rows registered with it)")
+def test_on_cuda_two_mooncake_stores_rows_in_each_pool_and_a_corrupt_page_caught_on_the_device(tmp_path):
+    """CUDA: a prefix spread over two Mooncake stores, read through their shared memory into load rows
+    cut into an area in each store's pool (registered with CUDA; no page staged through a scratch
+    area), landed in runs that alternate between the areas and checked on the device: a bit flipped
+    in one stored page ends the run there (counted, deleted), and the output is the one computed
+    without L3."""
+    from hisa import LLM
+    from hisa.kvcache.l3 import page_keys
+
+    require_mooncake()
+    stores = [MooncakeStoreServers(tmp_path / str(i)) for i in range(2)]
+    try:
+        for servers in stores:
+            servers.workdir.mkdir()
+            servers.start()
+        url = mooncake_url(stores, shm=True)
+        kw = dict(device="cuda", dtype="float32", max_model_len=1024, page_size=S, prefix_cache=False,
+                  progress=False, max_num_batched_tokens=128)
+        prompt = list(range(3, 400))
+        want = LLM("random:tiny-llama", **kw).generate([prompt], PARAMS, use_tqdm=False)[0].token_ids
+        first = LLM("random:tiny-llama", l3=url, **kw)
+        assert first.generate([prompt], PARAMS, use_tqdm=False)[0].token_ids == want
+        first.engine.l3_prefix.drain()
+        backend = first.engine.l3_prefix.l3.backend
+        key = page_keys(prompt[:(len(prompt) - 1) // S * S], first.engine.l3_prefix.layout)[7]
+        shard = backend.shards[backend.shard_of(key)]
+        value = bytearray(shard.get([key])[0])
+        value[-500] ^= 0x04   # a payload bit of page 7
+        shard.set([key], [bytes(value)])
+        first.close()
+        llm = LLM("random:tiny-llama", l3=url, **kw)
+        prefix = llm.engine.l3_prefix
+        prefix.check_on_device = True
+        assert prefix.rows.areas == 2 and prefix.rows.backend_memory and prefix.land_on_device
+        assert llm.generate([prompt], PARAMS, use_tqdm=False)[0].token_ids == want
+        prefix.drain()
+        m = prefix.metrics()
+        assert m["store_corrupt"] == 1 and m["pages_loaded"] == 7
+        assert prefix.timing["landed_bytes"] > 0
+        staged = sum(x.staged_bytes for x in prefix.l3.backend.shards)
+        assert 0 < staged < 200 * 24   # the records' heads only
+        _check_no_leak(llm)
+        llm.close()
+    finally:
+        for servers in stores:
+            servers.stop()
 
 
 def _run_counting_prefill(llm, prompts, params):

@@ -3,6 +3,7 @@ grown only when no row is in use, and viewed as pages without a copy."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from hisa.engine.l3_rows import LoadedRun, LoadRows, runs
@@ -45,29 +46,71 @@ def test_a_loaded_run_slices_across_landed_pages_and_host_rows():
     assert run.slice(6, 8).landed == [] and run.slice(6, 8).rows == [11, 12]
 
 
+class _Lender:
+    """A backend that lends memory (as Mooncake's shared pool does): every area it lent and released."""
+
+    def __init__(self, lends: bool = True):
+        self.lends, self.lent, self.released = lends, [], []
+
+    def host_buffer(self, nbytes):
+        if not self.lends:
+            return None
+        area = memoryview(bytearray(nbytes))
+        self.lent.append(area)
+        return area
+
+    def release_host_buffer(self, view):
+        self.released.append(view)
+
+
 def test_rows_in_lent_memory_give_it_back_when_they_grow_and_when_closed():
     """Rows that live in memory a backend lent (`host_buffer`, e.g. Mooncake's shared pool) tell it when
     that memory is no longer used (`release_host_buffer`): the old area when the rows grow, the last
-    one on close; without a lender the rows are memory of their own."""
-    lent, released = [], []
-
-    def host_buffer(nbytes):
-        area = memoryview(bytearray(nbytes))
-        lent.append(area)
-        return area
-
-    rows = LoadRows(8, capacity=2, pin=False, host_buffer=host_buffer, release_host_buffer=released.append)
+    one on close; a lender that lends nothing leaves the rows in memory of their own."""
+    lender = _Lender()
+    rows = LoadRows(8, capacity=2, pin=False, lenders=[lender])
     rows.reserve()
-    assert rows.backend_memory and len(lent) == 1 and released == []
+    assert rows.backend_memory and len(lender.lent) == 1 and lender.released == []
     rows.views(rows.take(2))[1][:] = b"abcdefgh"
-    assert bytes(lent[0][8:16]) == b"abcdefgh"   # the rows are the lent area
+    assert bytes(lender.lent[0][8:16]) == b"abcdefgh"   # the rows are the lent area
     rows.give_back([0, 1])
     assert rows.take(3) == [0, 1, 2]             # none in use: grows into a new area, the old one released
-    assert len(lent) == 2 and released == [lent[0]]
+    assert len(lender.lent) == 2 and lender.released == [lender.lent[0]]
     rows.give_back([0, 1, 2])
     rows.close()
-    assert released == [lent[0], lent[1]]
-    own = LoadRows(8, capacity=2, pin=False, host_buffer=lambda n: None, release_host_buffer=released.append)
+    assert lender.released == lender.lent
+    stingy = _Lender(lends=False)
+    own = LoadRows(8, capacity=2, pin=False, lenders=[stingy])
     own.reserve()
     own.close()
-    assert not own.backend_memory and released == [lent[0], lent[1]]
+    assert not own.backend_memory and stingy.released == []
+
+
+def test_rows_over_several_lenders_take_each_page_from_its_own_area():
+    """Pages spread over several stores that lend memory (Mooncake stores' shared pools) each get a row
+    in their own store's area, lowest first; an area that has none left lends a row of another; runs
+    never cross from one area into the next; each area's memory is its own store's."""
+    a, b = _Lender(), _Lender()
+    rows = LoadRows(4, capacity=4, pin=False, lenders=[a, b])
+    assert rows.areas == 2 and rows.per_area == 3 and rows.capacity == 6   # 4 x 1.25 / 2 = 2.5 -> 3 each
+    taken = rows.take(4, areas=[1, 0, 1, 0])
+    assert taken == [3, 0, 4, 1]
+    views = rows.views(taken)
+    for i, v in enumerate(views):
+        v[:] = bytes([i]) * 4
+    assert bytes(b.lent[0][:8]) == bytes([0]) * 4 + bytes([2]) * 4   # pages 0 and 2: store b's rows 3, 4
+    assert bytes(a.lent[0][:8]) == bytes([1]) * 4 + bytes([3]) * 4
+    assert rows.take(2, areas=[1, 1]) == [5, 2]    # b has one left: the other from a
+    assert rows.take(1, areas=[0]) is None          # all six taken
+    assert rows.runs([1, 2, 3, 4, 7]) == [(0, 1, 3), (2, 3, 5), (4, 7, 8)]   # 2 -> 3 crosses into b
+    with pytest.raises(ValueError, match="cross"):
+        rows.pages(2, 4, dtype=torch.uint8, shape=(4,))
+    assert rows.pages(3, 5, dtype=torch.uint8, shape=(4,)).tolist() == [[0] * 4, [2] * 4]
+    with pytest.raises(ValueError, match="areas"):
+        rows.take(2, areas=[0])
+    rows.give_back(list(range(6)))
+    assert rows.take(8, areas=[0, 1] * 4) == [0, 5, 1, 6, 2, 7, 3, 8]   # alone past the capacity: grown (5 each)
+    assert len(a.released) == 1 and len(b.released) == 1 and rows.capacity == 10
+    rows.give_back(list(range(10)))
+    rows.close()
+    assert a.released == a.lent and b.released == b.lent

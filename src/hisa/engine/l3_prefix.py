@@ -269,8 +269,7 @@ class L3PrefixCache:
         # allocated now (cudaHostAlloc is slow: no lookup should wait for it)
         on_cuda = cache.data.device.type == "cuda"
         self.rows = LoadRows(self.page_bytes, capacity=max(1, self.max_lookup_bytes // self.page_bytes), pin=on_cuda,
-                             host_buffer=getattr(store.backend, "host_buffer", None),   # (Mooncake's shared pool)
-                             release_host_buffer=getattr(store.backend, "release_host_buffer", None))
+                             lenders=_lenders(store.backend))
         # CUDA: the pinned rows writes stage their pages in (the device-to-host copy runs asynchronously;
         # the engine thread hands the write over once it has completed, the I/O thread frees the rows)
         self.store_rows = LoadRows(self.page_bytes, capacity=max(1, max_pending_bytes // self.page_bytes),
@@ -402,7 +401,12 @@ class L3PrefixCache:
             nbytes = (cap - start) * self.page_bytes
             if self._lookups and self._lookup_bytes + nbytes > self.max_lookup_bytes:
                 break   # no host memory for its pages yet: it is looked up at a later step, in queue order
-            rows = self.rows.take(cap - start)
+            keys = None
+            if self.rows.areas > 1:   # each page's row in the area of the store that holds it
+                keys = page_keys(seq.token_ids[:cap * s], self.layout)
+                rows = self.rows.take(cap - start, areas=[self.l3.backend.shard_of(k) for k in keys[start:]])
+            else:
+                rows = self.rows.take(cap - start)
             if rows is None:
                 break   # rows still held (a dropped lookup's read is running): later, in queue order
             self._hand_over(wait=True)   # a lookup runs after every write before it (a parked request's own)
@@ -416,7 +420,7 @@ class L3PrefixCache:
                 future.set_result((0, 0))
             else:
                 future = self.io.submit(functools.partial(self._read_run, seq.token_ids[:cap * s], start, reading,
-                                                           unchecked=self.check_on_device and not host))
+                                                           unchecked=self.check_on_device and not host, keys=keys))
                 future.add_done_callback(lambda _: self._progressed.set())
             seq.loading = True
             now = time.monotonic()
@@ -458,7 +462,8 @@ class L3PrefixCache:
         reserve = sum(1 for r in scheduler.running if r.host_backed and not r.in_prefill)
         return full if pool.num_free >= -(-seq.num_tokens // self.page_size) - held + reserve else 0
 
-    def _read_run(self, tokens: list[int], start: int, reading: _Reading, *, unchecked: bool = False) -> tuple[int, int]:
+    def _read_run(self, tokens: list[int], start: int, reading: _Reading, *, unchecked: bool = False,
+                  keys: list[str] | None = None) -> tuple[int, int]:
         """On the I/O thread: how many leading full pages of `tokens` L3 holds (pages the pool gave
         the request count only if L3 has them too: their writer's write may have been dropped), and
         how many pages from `start` on, the run L3 holds, were read and checked into `reading.rows`;
@@ -468,8 +473,10 @@ class L3PrefixCache:
         cut where its rest looks slower than prefilling (`_too_slow` by `reading.margin`;
         `reading.cut_at` tells the engine), and a cut by the engine (a batch that stalls, a timeout)
         ends it after the batch it is in. `unchecked`: the payloads' checksums are left to the
-        device (`_verified`); a page whose head fails still ends the run here. No CUDA call here."""
-        keys = page_keys(tokens, self.layout)
+        device (`_verified`); a page whose head fails still ends the run here. `keys`: the pages' keys
+        if the engine thread has them already. No CUDA call here."""
+        if keys is None:
+            keys = page_keys(tokens, self.layout)
         t0 = time.perf_counter()
         found = self.l3.exists(keys)
         self.timing["exists_s"] += time.perf_counter() - t0
@@ -533,24 +540,22 @@ class L3PrefixCache:
         rows = r.rows[r.num_landed:upto]
         if torch.cuda.mem_get_info(device)[0] < len(rows) * self.page_bytes + LAND_HEADROOM_BYTES:
             return
-        landed = 0
         with torch.cuda.stream(self._land_stream):
-            for pos, first, end in runs(rows):
-                try:
-                    pages = torch.empty(end - first, *self.page_shape, dtype=dtype, device=device)
-                except torch.cuda.OutOfMemoryError:
-                    break   # these and the later pages stay in their rows (for now)
-                pages.copy_(self.rows.pages(first, end, dtype=dtype, shape=self.page_shape), non_blocking=True)
-                if r.crcs:   # checked where they landed
-                    r.checks.append(self._failed(pages, r.crcs[r.num_landed + pos:r.num_landed + pos + end - first],
-                                                 first, end))
-                copied = torch.cuda.Event()
-                copied.record(self._land_stream)
-                r.landed.append((pages, copied))
-                self.rows.give_back(rows[pos:pos + end - first], event=copied)
-                landed = pos + end - first
-        r.num_landed += landed
-        self.timing["landed_bytes"] += landed * self.page_bytes
+            try:
+                pages = torch.empty(len(rows), *self.page_shape, dtype=dtype, device=device)
+            except torch.cuda.OutOfMemoryError:
+                return   # they stay in their rows (for now)
+            for pos, first, end in self.rows.runs(rows):   # (one copy per run of rows)
+                pages[pos:pos + end - first].copy_(self.rows.pages(first, end, dtype=dtype, shape=self.page_shape),
+                                                   non_blocking=True)
+            if r.crcs:   # checked where they landed
+                r.checks.append(self._failed(pages, r.crcs[r.num_landed:upto], rows))
+            copied = torch.cuda.Event()
+            copied.record(self._land_stream)
+        r.landed.append((pages, copied))
+        self.rows.give_back(rows, event=copied)
+        r.num_landed = upto
+        self.timing["landed_bytes"] += len(rows) * self.page_bytes
 
     def _drop(self, lookup: _Lookup) -> None:
         """Forget a lookup in flight: its device copies go now, its rows not copied come back once its
@@ -735,7 +740,7 @@ class L3PrefixCache:
                 pages = torch.empty(n, *self.page_shape, dtype=dtype, device=device)
             except torch.cuda.OutOfMemoryError:
                 return
-            for pos, first, end in runs(rows):
+            for pos, first, end in self.rows.runs(rows):
                 pages[pos:pos + end - first].copy_(self.rows.pages(first, end, dtype=dtype, shape=self.page_shape),
                                                    non_blocking=True)
             copied = torch.cuda.Event()
@@ -819,17 +824,26 @@ class L3PrefixCache:
         b.landed = []
         self._give_back_when_done(b.future, b.rows[:b.landed_low - b.first])   # (the landed pages' rows are back)
 
-    def _failed(self, pages: torch.Tensor, crcs: list[tuple[int, int]], first: int, end: int) -> torch.Tensor:
-        """Landing stream: which of the landed `pages` ([n, ...] on the device, copied from rows
-        first..end-1) fail their checksums (`crcs`: each page's key crc and the crc its payload must
-        have), bool [n] on the device. The crcs cross in pinned slots beside their rows (reused with
-        the rows, after the copies: no pinned allocation per landing, which would wait for earlier
-        ones' copies to be free)."""
-        if self._row_crcs is None or self._row_crcs.shape[0] < end:
-            self._row_crcs = torch.zeros(max(end, self.rows.capacity), 2, dtype=torch.int64, pin_memory=True)
-        slots = self._row_crcs[first:end]
-        slots.copy_(torch.tensor(crcs, dtype=torch.int64))
-        both = slots.to(pages.device, non_blocking=True)   # [n, 2]
+    def _failed(self, pages: torch.Tensor, crcs: list[tuple[int, int]], rows: list[int]) -> torch.Tensor:
+        """Landing stream: which of the landed `pages` ([n, ...] on the device, copied from `rows`)
+        fail their checksums (`crcs`: each page's key crc and the crc its payload must have), bool
+        [n] on the device. The crcs cross in pinned slots beside their rows (reused with the rows,
+        after the copies: no pinned allocation per landing, which would wait for earlier ones' copies
+        to be free); rows of several runs (areas) cross as all the slots, the pages' picked out on
+        the device (another landing's slots may change meanwhile: not these rows')."""
+        if self._row_crcs is None or self._row_crcs.shape[0] < self.rows.capacity:
+            self._row_crcs = torch.zeros(self.rows.capacity, 2, dtype=torch.int64, pin_memory=True)
+        want = torch.tensor(crcs, dtype=torch.int64)
+        spans = self.rows.runs(rows)
+        if len(spans) == 1:
+            _, first, end = spans[0]
+            slots = self._row_crcs[first:end]
+            slots.copy_(want)
+            both = slots.to(pages.device, non_blocking=True)   # [n, 2]
+        else:
+            at = torch.tensor(rows)
+            self._row_crcs[at] = want
+            both = self._row_crcs.to(pages.device, non_blocking=True)[at.to(pages.device)]
         return crc32_pages(pages, both[:, 0].contiguous()) != both[:, 1]
 
     def _verified(self, lookup: _Lookup, in_l3: int, good: int) -> tuple[int, LoadedRun]:
@@ -1015,7 +1029,7 @@ class L3PrefixCache:
         pages = pool.allocate(n)
         try:
             rows = usable.slice(0, n).rows
-            for pos, first, end in runs(rows):
+            for pos, first, end in self.rows.runs(rows):
                 src = self.rows.pages(first, end, dtype=self.host.dtype, shape=self.page_shape)   # [m, L, 2, S, KVH, D]
                 index = torch.tensor(pages[pos:pos + end - first], dtype=torch.int64)
                 for layer in range(self.host.num_layers):
@@ -1059,7 +1073,7 @@ class L3PrefixCache:
             self.cache.data.index_copy_(1, index, landed.transpose(0, 1))
             landed.record_stream(stream)   # allocated on the landing stream, last read on this one
             done += n
-        for pos, first, end in runs(run.rows):
+        for pos, first, end in self.rows.runs(run.rows):
             step = max(1, COPY_CHUNK_BYTES // self.page_bytes) if on_cuda else end - first
             for a in range(first, end, step):
                 b = min(end, a + step)
@@ -1265,6 +1279,16 @@ class L3PrefixCache:
                 "pending_write_bytes": self.io.pending_bytes,
                 "prefill_tokens_per_s": self._prefill_rate() or 0.0, "read_bytes_per_s": self._read_rate() or 0.0,
                 **{f"store_{k}": v for k, v in self.l3.stats.as_dict().items()}}
+
+
+def _lenders(backend) -> list:
+    """Where the lookup rows' memory comes from (`LoadRows(lenders=...)`): a backend that lends memory
+    its reads fill without a copy (a Mooncake store process's shared pool: `lends_host_memory`), one
+    area per store when pages spread over several such stores, else memory of our own."""
+    shards = getattr(backend, "shards", None)
+    if shards and all(getattr(x, "lends_host_memory", False) for x in shards):
+        return list(shards)
+    return [backend if getattr(backend, "lends_host_memory", False) else None]
 
 
 def meeting_stop(computed: int, low: int, page_size: int, prefill_rate: float | None,

@@ -17,6 +17,15 @@ The engine bounds the bytes its lookups in flight may read (`max_lookup_bytes`),
 capacity: a lookup takes rows after waiting for the copies of rows given back; one larger than
 the capacity (allowed when it is alone) grows it once no row is in use.
 
+**Areas.** The rows may live in memory an L3 backend lends (its `host_buffer`: a Mooncake store
+process's shared pool, which that store's reads fill without a copy). Pages spread over several
+such stores (`ShardedBackend`) each land only in their own store's pool, so the rows are then cut
+into one area per store (`lenders`), each holding a share of the capacity plus a margin for the
+uneven spread of keys, and a lookup asks for each page's row in the area of the store that holds
+it (`take(n, areas=...)`); a page whose area is full takes a row of another, which its store then
+reads through a scratch area and a copy (slower, not wrong). A run of rows (`runs`) never
+crosses from one area into the next.
+
 Example::
 
     rows = LoadRows(page_bytes, capacity=1024, pin=True)
@@ -29,36 +38,61 @@ Example::
 from __future__ import annotations
 
 import logging
+import math
 import threading
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 log = logging.getLogger("hisa.l3")
+
+# areas > 1: each area holds this much more than its even share of the capacity (keys spread over N
+# stores by a hash: a 1,024-page lookup over 4 stores puts 256 +- ~14 (one sigma) pages on each)
+AREA_MARGIN = 1.25
+
+
+class Lender(Protocol):
+    """An L3 backend that lends host memory its reads fill without a copy (MooncakeBackend)."""
+
+    def host_buffer(self, nbytes: int) -> memoryview | None: ...
+
+    def release_host_buffer(self, view: memoryview) -> None: ...
 
 
 class LoadRows:
     """`capacity` rows of `page_bytes` bytes in host memory (pinned if `pin`), taken and given back
     by index. The memory is allocated on the first `reserve` or `take`."""
 
-    def __init__(self, page_bytes: int, *, capacity: int, pin: bool,
-                 host_buffer: Callable[[int], memoryview | None] | None = None,
-                 release_host_buffer: Callable[[memoryview], None] | None = None):
-        """host_buffer: where the rows' memory comes from when it can (the L3 backend's, e.g. a Mooncake
-        store process's shared pool, which its reads fill without a copy; pinned here by registering
-        it with CUDA), or None / a None from it: memory of our own. release_host_buffer: told when an
-        area host_buffer lent is no longer used (the rows grew, or closed)."""
+    def __init__(self, page_bytes: int, *, capacity: int, pin: bool, lenders: Sequence[Lender | None] = (None,)):
+        """lenders: one per area of rows: where that area's memory comes from when it can (the backend's
+        `host_buffer`, pinned here by registering it with CUDA; told by `release_host_buffer` when the
+        area is no longer used: the rows grew, or closed), or None / a None from it: memory of our own.
+        Several lenders cut the rows into areas (see the module's doc)."""
         if page_bytes <= 0 or capacity <= 0:
             raise ValueError(f"page_bytes and capacity must be positive, got {page_bytes}, {capacity}")
-        self.page_bytes, self.capacity, self.pin = page_bytes, capacity, pin
-        self.host_buffer, self.release_host_buffer = host_buffer, release_host_buffer
-        self._lent: memoryview | None = None   # host_buffer's area the rows live in
+        if not lenders:
+            raise ValueError("lenders: at least one (None: memory of our own)")
+        self.page_bytes, self.pin, self.lenders = page_bytes, pin, list(lenders)
+        self.per_area = self._per_area(capacity)
         self._lock = threading.Lock()
-        self._data: torch.Tensor | None = None   # [capacity, page_bytes] uint8
-        self._registered: int | None = None   # the data's address, while it is registered with CUDA
-        self._free: set[int] = set(range(capacity))
+        self._data: list[torch.Tensor] | None = None   # per area [per_area, page_bytes] uint8
+        self._lent: list[memoryview | None] = [None] * self.areas   # each area's lent memory, if lent
+        self._registered: list[int] = []   # addresses of areas registered with CUDA
+        self._free: set[int] = set(range(self.capacity))
         self._retired: list[tuple[list[int], object]] = []   # (rows, the CUDA event of the copy reading them)
+
+    @property
+    def areas(self) -> int:
+        return len(self.lenders)
+
+    @property
+    def capacity(self) -> int:
+        return self.per_area * self.areas
+
+    def _per_area(self, rows: int) -> int:
+        return rows if self.areas == 1 else math.ceil(rows * AREA_MARGIN / self.areas)
 
     @property
     def in_use(self) -> int:
@@ -69,21 +103,42 @@ class LoadRows:
     def reserve(self) -> None:
         """Allocate the rows now (the engine does at start-up on CUDA: pinning is slow)."""
         with self._lock:
-            self._allocate(self.capacity)
+            self._allocate(0)
 
-    def take(self, n: int) -> list[int] | None:
+    def take(self, n: int, *, areas: Sequence[int] | None = None) -> list[int] | None:
         """`n` free rows, lowest first (so a lookup's rows tend to be one run), or None if not that
         many are free even after waiting for the copies of those given back (rows held by lookups
-        in flight). Engine thread only."""
+        in flight). `areas`: the area each row should come from (one per row; with several areas:
+        a page's store), any area's lowest free row where its own has none left. Engine thread only."""
+        if areas is not None and len(areas) != n:
+            raise ValueError(f"{len(areas)} areas for {n} rows")
         with self._lock:
             self._reclaim(wait=False)
             if len(self._free) < n:
                 self._reclaim(wait=True)
             if self._data is None or (len(self._free) < n and len(self._free) == self.capacity):
-                self._allocate(max(n, self.capacity))   # nothing in use: grow (or allocate) at once
+                self._allocate(n)   # nothing in use: grow (or allocate) at once
             if len(self._free) < n:
                 return None
-            taken = sorted(self._free)[:n]
+            free = sorted(self._free)
+            if areas is None or self.areas == 1:
+                taken = free[:n]
+            else:
+                by_area: list[list[int]] = [[] for _ in range(self.areas)]
+                for r in reversed(free):   # (each list lowest last: pop() takes the lowest)
+                    by_area[r // self.per_area].append(r)
+                taken, short = [], []
+                for i, a in enumerate(areas):
+                    if not 0 <= a < self.areas:
+                        raise ValueError(f"area {a} of {self.areas}")
+                    if by_area[a]:
+                        taken.append(by_area[a].pop())
+                    else:
+                        taken.append(-1)
+                        short.append(i)
+                rest = sorted(r for lst in by_area for r in lst)
+                for i, r in zip(short, rest):
+                    taken[i] = r
             self._free.difference_update(taken)
             return taken
 
@@ -102,17 +157,33 @@ class LoadRows:
         """A writable memoryview of each row (`page_bytes` bytes), for `L3Store.get_into`."""
         if not rows:
             return []
-        host = self._data.numpy()   # [capacity, page_bytes] uint8, the same memory
-        return [memoryview(host[r]) for r in rows]
+        hosts = [d.numpy() for d in self._data]   # per area [per_area, page_bytes] uint8, the same memory
+        return [memoryview(hosts[r // self.per_area][r % self.per_area]) for r in rows]
 
     def pages(self, first: int, end: int, *, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        """Rows first..end-1 as pages: a view [end - first, *shape] of `dtype` (no copy)."""
-        return self._data[first:end].view(dtype).view(end - first, *shape)
+        """Rows first..end-1 (of one area: a run of `runs`) as pages: a view [end - first, *shape] of
+        `dtype` (no copy)."""
+        a, i = divmod(first, self.per_area)
+        if (end - 1) // self.per_area != a:
+            raise ValueError(f"rows {first}..{end - 1} cross from one area into the next")
+        return self._data[a][i:i + end - first].view(dtype).view(end - first, *shape)
+
+    def runs(self, rows: list[int]) -> list[tuple[int, int, int]]:
+        """`runs(rows)` (module function), each run also within one area: what `pages` takes."""
+        if self.areas == 1:
+            return runs(rows)
+        out = []
+        for pos, first, end in runs(rows):
+            while first < end:
+                stop = min(end, (first // self.per_area + 1) * self.per_area)
+                out.append((pos, first, stop))
+                pos, first = pos + stop - first, stop
+        return out
 
     @property
     def backend_memory(self) -> bool:
-        """Whether the rows live in memory host_buffer lent."""
-        return self._lent is not None
+        """Whether some of the rows live in memory a lender lent."""
+        return any(v is not None for v in self._lent)
 
     def close(self) -> None:
         """Wait for the copies reading the rows, then let their memory go (unregistered from CUDA
@@ -121,40 +192,43 @@ class LoadRows:
             self._reclaim(wait=True)
             self._drop()
 
-    def _allocate(self, capacity: int) -> None:
-        if self._data is not None and capacity <= self._data.shape[0]:
+    def _allocate(self, rows: int) -> None:
+        """Allocate the areas (none yet), or grow them for a lookup of `rows` rows (all free)."""
+        per = max(self.per_area, self._per_area(rows))
+        if self._data is not None and per == self.per_area:
             return
         self._drop()   # the old rows are all free: drop them before pinning the new ones
-        nbytes = capacity * self.page_bytes
-        lent = self.host_buffer(nbytes) if self.host_buffer is not None else None
-        if lent is not None:
-            data = torch.frombuffer(lent, dtype=torch.uint8).view(capacity, self.page_bytes)
-            if self.pin:
-                rc = torch.cuda.cudart().cudaHostRegister(data.data_ptr(), nbytes, 0)
-                if int(rc) != 0:
-                    log.warning("L3: cudaHostRegister of the %d bytes of load rows the backend lent failed (%s): "
-                                "pinned memory of our own instead", nbytes, rc)
-                    if self.release_host_buffer is not None:
-                        self.release_host_buffer(lent)
-                    lent = None
-                else:
-                    self._registered = data.data_ptr()
-        if lent is not None:
-            self._data, self._lent = data, lent
-        else:
-            self._data = torch.empty(capacity, self.page_bytes, dtype=torch.uint8, pin_memory=self.pin)
-        self.capacity = capacity
-        self._free = set(range(capacity))
+        nbytes = per * self.page_bytes
+        data = []
+        for a, lender in enumerate(self.lenders):
+            lent = lender.host_buffer(nbytes) if lender is not None else None
+            if lent is not None:
+                area = torch.frombuffer(lent, dtype=torch.uint8).view(per, self.page_bytes)
+                if self.pin:
+                    rc = torch.cuda.cudart().cudaHostRegister(area.data_ptr(), nbytes, 0)
+                    if int(rc) != 0:
+                        log.warning("L3: cudaHostRegister of the %d bytes of load rows the backend lent failed (%s): "
+                                    "pinned memory of our own instead", nbytes, rc)
+                        lender.release_host_buffer(lent)
+                        lent = None
+                    else:
+                        self._registered.append(area.data_ptr())
+            if lent is None:
+                area = torch.empty(per, self.page_bytes, dtype=torch.uint8, pin_memory=self.pin)
+            self._lent[a] = lent
+            data.append(area)
+        self._data, self.per_area = data, per
+        self._free = set(range(self.capacity))
 
     def _drop(self) -> None:
-        if self._registered is not None:
-            torch.cuda.cudart().cudaHostUnregister(self._registered)
-            self._registered = None
+        for ptr in self._registered:
+            torch.cuda.cudart().cudaHostUnregister(ptr)
+        self._registered = []
         self._data = None
-        if self._lent is not None:
-            lent, self._lent = self._lent, None
-            if self.release_host_buffer is not None:
-                self.release_host_buffer(lent)
+        for a, lent in enumerate(self._lent):
+            if lent is not None:
+                self._lent[a] = None
+                self.lenders[a].release_host_buffer(lent)
 
     def _reclaim(self, *, wait: bool) -> None:
         keep = []

@@ -155,6 +155,17 @@ class MooncakeStoreServers:
         _stop(self.master)
 
 
+def mooncake_url(stores: "list[MooncakeStoreServers]", *, shm: bool, pool_gb: float = 2.2) -> str:
+    """The --l3 URL of one Mooncake store or several (each its own master, metadata server and store
+    process; pages spread over them by key), over TCP or through the store processes' shared memory
+    (hisa each one's dummy client, a pool of `pool_gb` each)."""
+    url = ("mooncake://" + ",".join(f"127.0.0.1:{s.rpc_port}" for s in stores)
+           + "?metadata=" + ",".join(s.metadata for s in stores))
+    if shm:
+        url += "&client=" + ",".join(f"127.0.0.1:{s.store_port}" for s in stores) + f"&pool_gb={pool_gb}"
+    return url
+
+
 def require_mooncake() -> None:
     """Skip the calling test, saying what to install, unless Mooncake Store can run here."""
     try:

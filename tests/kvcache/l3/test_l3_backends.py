@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from hisa.kvcache.l3 import open_l3
+from l3_servers import mooncake_url
 
 
 @pytest.fixture(params=["file", "redis", "redis x2", "mooncake", "mooncake shm", "mooncake shm x2"])
@@ -50,8 +51,7 @@ def l3(request, tmp_path):
             store = open_l3(request.getfixturevalue("mooncake_servers_shm").shm_url)
         else:
             a, b = request.getfixturevalue("mooncake_servers_x2")
-            store = open_l3(f"mooncake://127.0.0.1:{a.rpc_port},127.0.0.1:{b.rpc_port}?metadata={a.metadata},"
-                            f"{b.metadata}&client=127.0.0.1:{a.store_port},127.0.0.1:{b.store_port}&pool_gb=0.1")
+            store = open_l3(mooncake_url([a, b], shm=True, pool_gb=0.1))
             assert len(store.backend.shards) == 2
 
         def flip(key, bit):   # rewrite the stored value with one bit changed, below the checksum layer

@@ -84,6 +84,7 @@ class MooncakeBackend:
         self._lent: set[int] = set()             # dummy client: starts of the areas lent (`host_buffer`)
         self._scratch = 0                        # dummy client: start of the scratch area (0: none yet)
         self._pool_left = 0
+        self.staged_bytes = 0   # dummy client: bytes read through the scratch area and copied out (heads, pages)
         self._client = client
         if client is None:
             rc = self.store.setup(local_hostname, metadata, segment_bytes, local_buffer_bytes, protocol, "", master)
@@ -106,6 +107,11 @@ class MooncakeBackend:
             self._scratch_lock = threading.Lock()
         self._closed = False
         self._page_bytes = 1 << 20   # the largest page seen (a guess until then): sizes get batches
+
+    @property
+    def lends_host_memory(self) -> bool:
+        """Whether `host_buffer` lends memory (a dummy client: its store process's shared pool)."""
+        return bool(self._pool)
 
     def host_buffer(self, nbytes: int) -> memoryview | None:
         """Dummy client: `nbytes` of the shared pool, which reads fill without a copy (the engine's L3
@@ -277,6 +283,7 @@ class MooncakeBackend:
                 got = self.store.batch_get_into_multi_buffers(keys[start:end], call_ptrs, sizes[start:end])
                 for src, dst, n in staged:
                     ctypes.memmove(dst, src, n)
+                    self.staged_bytes += n
                 codes.extend(got)
                 start = end
         return codes
