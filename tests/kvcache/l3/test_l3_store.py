@@ -357,3 +357,48 @@ def test_mooncake_shared_pool_areas_are_reused_by_the_next_backend_not_mapped_ag
         shmem.append(_shmem_kib())
     assert len(seen) == 2, seen              # the scratch area and the rows' area, every time
     assert shmem[2] - shmem[0] < 8 << 10, shmem   # (KiB) nothing more mapped after the first backend
+
+
+def test_several_stores_read_at_once_check_each_call_as_it_returns(tmp_path, monkeypatch):
+    """Pages spread over stores that read a batch per call (Mooncake) are read by every store at once,
+    a few per call (`get_into_chunked`), each call's pages handed over (to be checked) as it returns
+    while the rest are read; the results come back in key order and a corrupt page still reads as a
+    counted, deleted miss."""
+    from hisa.kvcache.l3 import store as store_mod
+    from hisa.kvcache.l3.sharded import ShardedBackend
+
+    shards = [FileBackend(str(tmp_path / f"s{i}")) for i in range(2)]
+    for shard in shards:
+        shard.get_into_batched = True   # (a file store reads a page per call; here it stands for a batched one)
+    backend = ShardedBackend(shards)
+    assert backend.get_into_batched
+    keys = [f"{i:064x}" for i in range(24)]
+    calls = []
+    buffers = [[bytearray(3), bytearray(5)] for _ in keys]
+    for k, (a, b) in zip(keys, buffers):
+        shards[backend.shard_of(k)].set([k], [b"abc" + k[-5:].encode()])
+    got = backend.get_into_chunked(keys, [[memoryview(a), memoryview(b)] for a, b in buffers], chunk=3,
+                                   on_read=lambda idx, sizes: calls.append((list(idx), list(sizes))))
+    assert got == [8] * len(keys) and [bytes(b) for _, b in buffers] == [k[-5:].encode() for k in keys]
+    assert sorted(i for idx, _ in calls for i in idx) == list(range(len(keys)))
+    assert all(1 <= len(idx) <= 3 for idx, _ in calls)
+    assert {backend.shard_of(keys[idx[0]]) for idx, _ in calls} == {0, 1}
+    for idx, _ in calls:   # each call one store's, in key order
+        assert len({backend.shard_of(keys[i]) for i in idx}) == 1 and idx == sorted(idx)
+
+    monkeypatch.setattr(store_mod, "CHUNK_BYTES", 2 * 1000)   # two pages of 1,000 bytes per call
+    store = L3Store(backend)
+    pages = [_kb(i) for i in range(len(keys))]
+    assert store.set(keys, pages) == len(keys)
+    victim = keys[9]
+    with open(shards[backend.shard_of(victim)].path(victim), "r+b") as f:
+        f.seek(-10, os.SEEK_END)
+        byte = f.read(1)[0]
+        f.seek(-10, os.SEEK_END)
+        f.write(bytes([byte ^ 1]))
+    rows = [bytearray(1000) for _ in keys]
+    ok = store.get_into(keys, [memoryview(r) for r in rows])
+    assert ok == [i != 9 for i in range(len(keys))]
+    assert [bytes(r) for i, r in enumerate(rows) if i != 9] == [p for i, p in enumerate(pages) if i != 9]
+    assert store.stats.corrupt == 1 and store.exists([victim]) == [False]
+    store.close()

@@ -92,6 +92,28 @@ class ShardedBackend:
         return self._spread(keys, lambda shard, ks, idx: shard.get_into(ks, [buffers[i] for i in idx]),
                             at_once=self.get_into_batched)
 
+    def get_into_chunked(self, keys: Sequence[str], buffers: Sequence[Sequence[memoryview]], *, chunk: int,
+                         on_read: Callable[[list[int], list], None]) -> list[int | None]:
+        """`get_into` (batched shards only), each shard's pages read `chunk` at a time, all shards at
+        once, one thread each; after each call that shard's thread calls on_read(positions in `keys`,
+        what the call returned for them), e.g. to start checking those pages while the rest are read."""
+        if len(keys) != len(buffers):
+            raise ValueError(f"{len(keys)} keys for {len(buffers)} buffers")
+        if chunk < 1:
+            raise ValueError(f"chunk must be at least 1, got {chunk}")
+
+        def read(shard, ks: list[str], idx: list[int]) -> list:
+            out: list = []
+            for a in range(0, len(ks), chunk):
+                got = shard.get_into(ks[a:a + chunk], [buffers[i] for i in idx[a:a + chunk]])
+                if len(got) != len(ks[a:a + chunk]):
+                    raise RuntimeError(f"L3 shard {shard.name} answered {len(got)} of {len(ks[a:a + chunk])} keys")
+                on_read(idx[a:a + chunk], got)
+                out += got
+            return out
+
+        return self._spread(keys, read, at_once=True)
+
     def set(self, keys: Sequence[str], values: Sequence[bytes]) -> None:
         if len(keys) != len(values):
             raise ValueError(f"{len(keys)} keys for {len(values)} values")

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, wait
 from dataclasses import asdict, dataclass
 from typing import Callable, Protocol, Sequence, TypeVar
 
@@ -31,6 +33,9 @@ from hisa.kvcache.l3.threads import THREADS, LazyThreads
 
 log = logging.getLogger("hisa.l3")
 T = TypeVar("T")
+# several stores read at once (`get_into_chunked`): the bytes of pages each store reads per call; each
+# call's pages are checked on the reader threads while the next are read
+CHUNK_BYTES = 16 << 20
 
 
 class L3Backend(Protocol):
@@ -226,7 +231,30 @@ class L3Store:
         payloads = [memoryview(p).cast("B") for p in payloads]
         heads = [bytearray(record.head_bytes(k)) for k in keys]
         read_into = getattr(self.backend, "get_into", None)
-        if read_into is not None and getattr(self.backend, "get_into_batched", False):
+        chunked = getattr(self.backend, "get_into_chunked", None) if getattr(self.backend, "get_into_batched", False) \
+            else None
+        if chunked is not None:   # several stores read batches at once: each call's pages checked as it returns
+            def verdict(i: int, size: int | None) -> tuple:
+                return size, _verdict(keys[i], heads[i], payloads[i], size == len(heads[i]) + len(payloads[i]), check)
+
+            def sharded() -> list[tuple]:
+                checks: dict[int, Future] = {}
+                lock = threading.Lock()
+
+                def on_read(idx: list[int], sizes: list) -> None:
+                    with lock:
+                        for i, size in zip(idx, sizes):
+                            checks[i] = self.readers.submit(verdict, i, size)
+                try:
+                    self._check_count(chunked(keys, [[h, p] for h, p in zip(heads, payloads)],
+                                              chunk=max(1, CHUNK_BYTES // max(1, len(payloads[0]))),
+                                              on_read=on_read), keys)
+                finally:
+                    wait(list(checks.values()))   # (none left reading a caller's buffer)
+                return [checks[i].result() for i in range(len(keys))]
+
+            ok, results = self._call("get", sharded)
+        elif read_into is not None and getattr(self.backend, "get_into_batched", False):
             def batch() -> list[tuple]:
                 sizes = read_into(keys, [[h, p] for h, p in zip(heads, payloads)])
                 self._check_count(sizes, keys)

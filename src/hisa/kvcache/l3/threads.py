@@ -4,7 +4,7 @@ pay for threads only once they have enough work, and close them with the store."
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Callable, Iterable, TypeVar
 
 T = TypeVar("T")
@@ -47,6 +47,12 @@ class LazyThreads:
         futures = [self._pool.submit(fn, *row) for row in zip(*columns)]
         wait(futures)
         return [f.result() for f in futures]
+
+    def submit(self, fn: Callable[..., T], *args) -> Future:
+        """fn(*args) on the pool (made now if need be): its Future."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=self.name)
+        return self._pool.submit(fn, *args)
 
     def close(self) -> None:
         if self._pool is not None:
