@@ -129,7 +129,7 @@ class MooncakeStoreServers:
              f"--master_server_address=127.0.0.1:{self.rpc_port}", f"--metadata_server={self.metadata}",
              f"--global_segment_size={self.segment}", "--protocol=tcp"],
             stdout=open(slog, "wb"), stderr=subprocess.STDOUT, cwd=self.workdir)
-        _wait(lambda: b"Starting real client service" in slog.read_bytes(), timeout_s=30,
+        _wait(lambda: b"Starting real client service" in slog.read_bytes(), timeout_s=90,
               what="mooncake_client (store)", log=slog)
         return self
 
