@@ -119,7 +119,7 @@ def main() -> None:
                     help="L3 modes: split a read once finishing it looks this many times slower than "
                          "prefilling its pages (default: the engine's SPLIT_MARGIN)")
     ap.add_argument("--land-chunk-mib", type=int, default=None,
-                    help="L3 modes: the most a lookup reads per batch (default: the engine's LAND_CHUNK_BYTES)")
+                    help="L3 modes: the most a lookup reads per batch (default: the engine's LAND_CHUNK_BYTES, times STORE_CHUNKS for several Mooncake stores)")
     ap.add_argument("--mooncake-stores", type=int, default=1,
                     help="mooncake modes: this many stores (a master and a store process each), pages spread "
                          "over them by key and read from all at once")
@@ -224,9 +224,9 @@ def main() -> None:
                         llm.engine.l3_prefix.split_margin = args.split_margin
                     row["split_margin"] = llm.engine.l3_prefix.split_margin
                     import hisa.engine.l3_prefix as l3p
-                    if args.land_chunk_mib is not None:
-                        l3p.LAND_CHUNK_BYTES = args.land_chunk_mib << 20
-                    row["land_chunk_bytes"] = l3p.LAND_CHUNK_BYTES
+                    if args.land_chunk_mib is not None:   # (the batch of several batched stores too)
+                        l3p.LAND_CHUNK_BYTES, l3p.STORE_CHUNKS = args.land_chunk_mib << 20, 1
+                    row["batch_bytes"] = l3p.LAND_CHUNK_BYTES * llm.engine.l3_prefix._stores_at_once
                     row["split_slow_loads"] = llm.engine.l3_prefix.split_slow_loads
                     store = llm.engine.l3_prefix.l3
                     if args.read_threads is not None:

@@ -17,10 +17,19 @@ from pathlib import Path
 
 import pytest
 
+_GIVEN: set[int] = set()   # ports free_port handed out in this process (none is handed out twice)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now and not handed out before by this process (servers started together
+    must not be given the same one: it is only reserved once a server binds it)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 def _wait(predicate, *, timeout_s: float, what: str, log: Path | None = None) -> None:
     end = time.monotonic() + timeout_s
@@ -122,7 +131,7 @@ class MooncakeStoreServers:
              "--enable_http_metadata_server=true", "--http_metadata_server_host=127.0.0.1",
              f"--http_metadata_server_port={self.http_port}", f"--metrics_port={self.metrics_port}"],
             stdout=open(mlog, "wb"), stderr=subprocess.STDOUT, cwd=self.workdir)
-        _wait(lambda: _port_open(self.rpc_port) and _port_open(self.http_port), timeout_s=30,
+        _wait(lambda: _port_open(self.rpc_port) and _port_open(self.http_port), timeout_s=90,
               what="mooncake_master", log=mlog)
         self.store = subprocess.Popen(
             [mooncake_bin("mooncake_client"), "--host=127.0.0.1", f"--port={self.store_port}",
