@@ -290,6 +290,7 @@ class L3PrefixCache:
         # (`crc32_pages` on the landing stream, `_verified`) instead of on the store's reader threads
         self.check_on_device = on_cuda and CHECK_ON_DEVICE
         self._row_crcs: torch.Tensor | None = None   # pinned [rows, 2]: the crcs of landed rows (`_failed`)
+        self._row_pos: torch.Tensor | None = None    # pinned [rows]: landed rows' positions (`_rows_to_device`)
         self._land_stream = torch.cuda.Stream(cache.data.device) if on_cuda else None
         self._progressed = threading.Event()   # set by the I/O thread as a lookup's read advances or ends
         # where a load's time goes (cumulative): the I/O thread reading and checking pages into the rows,
@@ -550,9 +551,7 @@ class L3PrefixCache:
                 pages = torch.empty(len(rows), *self.page_shape, dtype=dtype, device=device)
             except torch.cuda.OutOfMemoryError:
                 return   # they stay in their rows (for now)
-            for pos, first, end in self.rows.runs(rows):   # (one copy per run of rows)
-                pages[pos:pos + end - first].copy_(self.rows.pages(first, end, dtype=dtype, shape=self.page_shape),
-                                                   non_blocking=True)
+            self._rows_to_device(pages, rows)
             if r.crcs:   # checked where they landed
                 r.checks.append(self._failed(pages, r.crcs[r.num_landed:upto], rows))
             copied = torch.cuda.Event()
@@ -753,9 +752,7 @@ class L3PrefixCache:
                 pages = torch.empty(n, *self.page_shape, dtype=dtype, device=device)
             except torch.cuda.OutOfMemoryError:
                 return
-            for pos, first, end in self.rows.runs(rows):
-                pages[pos:pos + end - first].copy_(self.rows.pages(first, end, dtype=dtype, shape=self.page_shape),
-                                                   non_blocking=True)
+            self._rows_to_device(pages, rows)
             copied = torch.cuda.Event()
             copied.record(self._land_stream)
         b.landed.append((low, pages, copied))
@@ -836,6 +833,32 @@ class L3PrefixCache:
             del self._back[b.seq.request_id]
         b.landed = []
         self._give_back_when_done(b.future, b.rows[:b.landed_low - b.first])   # (the landed pages' rows are back)
+
+    def _rows_to_device(self, dst: torch.Tensor, rows: list[int]) -> None:
+        """Landing stream: dst[i] = the page in rows[i] (dst: [len(rows), *page_shape] on the device),
+        one asynchronous copy per run of rows. Rows cut into areas (pages spread over several stores,
+        each read into its own store's area) come in runs of a page or two in page order: there each
+        area's rows are copied in row order, a run per area, into a staging tensor, and put in page
+        order on the device (`index_copy_`; the positions cross in pinned slots beside their rows, as
+        `_failed`'s crcs do). H200, 8 stores: issuing a copy per page took 33-51 ms of the engine
+        thread per 16K prompt (bench/results/l3_prefix_gpu_h200_mooncake_x8_b4.json)."""
+        shape = self.page_shape
+        ordered = sorted(rows)
+        if rows == ordered:   # (one area: the rows a lookup took, lowest first)
+            for pos, first, end in self.rows.runs(rows):
+                dst[pos:pos + end - first].copy_(self.rows.pages(first, end, dtype=dst.dtype, shape=shape),
+                                                 non_blocking=True)
+            return
+        if self._row_pos is None or self._row_pos.shape[0] < self.rows.capacity:
+            self._row_pos = torch.zeros(self.rows.capacity, dtype=torch.int64, pin_memory=True)
+        self._row_pos[torch.tensor(rows)] = torch.arange(len(rows))
+        stage = torch.empty_like(dst)
+        index = torch.empty(len(rows), dtype=torch.int64, device=dst.device)
+        for pos, first, end in self.rows.runs(ordered):
+            stage[pos:pos + end - first].copy_(self.rows.pages(first, end, dtype=dst.dtype, shape=shape),
+                                               non_blocking=True)
+            index[pos:pos + end - first].copy_(self._row_pos[first:end], non_blocking=True)
+        dst.index_copy_(0, index, stage)
 
     def _failed(self, pages: torch.Tensor, crcs: list[tuple[int, int]], rows: list[int]) -> torch.Tensor:
         """Landing stream: which of the landed `pages` ([n, ...] on the device, copied from `rows`)
