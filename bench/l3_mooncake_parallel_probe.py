@@ -57,7 +57,7 @@ def main() -> None:
     rows_out = []
     for n_stores in a.stores:
         with tempfile.TemporaryDirectory() as tmp:
-            seg = f"{(_bytes(a.segment) // n_stores >> 20) + 64} MB"
+            seg = f"{_bytes(a.segment) // n_stores // 10**6 + 64} MB"
             servers = [MooncakeStoreServers(Path(tmp) / str(s), segment=seg) for s in range(n_stores)]
             try:
                 for s in servers:

@@ -106,6 +106,9 @@ def test_rows_over_several_lenders_take_each_page_from_its_own_area():
     with pytest.raises(ValueError, match="cross"):
         rows.pages(2, 4, dtype=torch.uint8, shape=(4,))
     assert rows.pages(3, 5, dtype=torch.uint8, shape=(4,)).tolist() == [[0] * 4, [2] * 4]
+    # the four pages' rows [3, 0, 4, 1] are four runs in page order, one per area in row order
+    assert rows.runs(taken) == [(0, 3, 4), (1, 0, 1), (2, 4, 5), (3, 1, 2)]
+    assert rows.spans(taken) == [([1, 3], 0, 2), ([0, 2], 3, 5)]
     with pytest.raises(ValueError, match="areas"):
         rows.take(2, areas=[0])
     rows.give_back(list(range(6)))

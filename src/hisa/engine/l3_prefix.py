@@ -101,6 +101,7 @@ import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -835,51 +836,51 @@ class L3PrefixCache:
         self._give_back_when_done(b.future, b.rows[:b.landed_low - b.first])   # (the landed pages' rows are back)
 
     def _rows_to_device(self, dst: torch.Tensor, rows: list[int]) -> None:
-        """Landing stream: dst[i] = the page in rows[i] (dst: [len(rows), *page_shape] on the device),
-        one asynchronous copy per run of rows. Rows cut into areas (pages spread over several stores,
-        each read into its own store's area) come in runs of a page or two in page order: there each
-        area's rows are copied in row order, a run per area, into a staging tensor, and put in page
-        order on the device (`index_copy_`; the positions cross in pinned slots beside their rows, as
-        `_failed`'s crcs do). H200, 8 stores: issuing a copy per page took 33-51 ms of the engine
-        thread per 16K prompt (bench/results/l3_prefix_gpu_h200_mooncake_x8_b4.json)."""
-        shape = self.page_shape
+        """Landing stream: dst[i] = the page in rows[i] (dst: [len(rows), *page_shape] on the device).
+        H200, 8 stores: issuing a copy per page took 33-51 ms of the engine thread per 16K prompt
+        (bench/results/l3_prefix_gpu_h200_mooncake_x8_b4.json); `_gather` copies a run per area."""
+        self._gather(dst, rows, lambda first, end: self.rows.pages(first, end, dtype=dst.dtype, shape=self.page_shape))
+
+    def _gather(self, dst: torch.Tensor, rows: list[int], src: Callable[[int, int], torch.Tensor]) -> None:
+        """Current (landing) stream: dst[i] = src(rows[i], rows[i] + 1)[0], from pinned host memory
+        (`src(first, end)`: rows first..end-1 of it), with asynchronous copies, none of which waits
+        for the stream. Rows in ascending order: one copy per run of them. Rows cut into areas (pages
+        spread over several stores, each read into its own store's area) come in runs of a page or
+        two in page order: there each area's rows cross in row order, a run per area, into a staging
+        tensor put in page order on the device (`index_copy_`); their positions cross in pinned slots
+        beside the rows (`_row_pos`: reused with the rows, after the copies that read them). Without
+        device memory for the staging tensor, a copy per run."""
         ordered = sorted(rows)
-        if rows == ordered:   # (one area: the rows a lookup took, lowest first)
+        stage = None
+        if rows != ordered:
+            try:
+                stage = torch.empty_like(dst)
+            except torch.cuda.OutOfMemoryError:
+                stage = None
+        if stage is None:
             for pos, first, end in self.rows.runs(rows):
-                dst[pos:pos + end - first].copy_(self.rows.pages(first, end, dtype=dst.dtype, shape=shape),
-                                                 non_blocking=True)
+                dst[pos:pos + end - first].copy_(src(first, end), non_blocking=True)
             return
         if self._row_pos is None or self._row_pos.shape[0] < self.rows.capacity:
             self._row_pos = torch.zeros(self.rows.capacity, dtype=torch.int64, pin_memory=True)
         self._row_pos[torch.tensor(rows)] = torch.arange(len(rows))
-        stage = torch.empty_like(dst)
         index = torch.empty(len(rows), dtype=torch.int64, device=dst.device)
         for pos, first, end in self.rows.runs(ordered):
-            stage[pos:pos + end - first].copy_(self.rows.pages(first, end, dtype=dst.dtype, shape=shape),
-                                               non_blocking=True)
+            stage[pos:pos + end - first].copy_(src(first, end), non_blocking=True)
             index[pos:pos + end - first].copy_(self._row_pos[first:end], non_blocking=True)
         dst.index_copy_(0, index, stage)
 
     def _failed(self, pages: torch.Tensor, crcs: list[tuple[int, int]], rows: list[int]) -> torch.Tensor:
         """Landing stream: which of the landed `pages` ([n, ...] on the device, copied from `rows`)
         fail their checksums (`crcs`: each page's key crc and the crc its payload must have), bool
-        [n] on the device. The crcs cross in pinned slots beside their rows (reused with the rows,
-        after the copies: no pinned allocation per landing, which would wait for earlier ones' copies
-        to be free); rows of several runs (areas) cross as all the slots, the pages' picked out on
-        the device (another landing's slots may change meanwhile: not these rows')."""
+        [n] on the device. The crcs cross in pinned slots beside their rows, as the pages do
+        (`_gather`; reused with the rows, after the copies: no pinned allocation per landing, which
+        would wait for earlier ones' copies to be free)."""
         if self._row_crcs is None or self._row_crcs.shape[0] < self.rows.capacity:
             self._row_crcs = torch.zeros(self.rows.capacity, 2, dtype=torch.int64, pin_memory=True)
-        want = torch.tensor(crcs, dtype=torch.int64)
-        spans = self.rows.runs(rows)
-        if len(spans) == 1:
-            _, first, end = spans[0]
-            slots = self._row_crcs[first:end]
-            slots.copy_(want)
-            both = slots.to(pages.device, non_blocking=True)   # [n, 2]
-        else:
-            at = torch.tensor(rows)
-            self._row_crcs[at] = want
-            both = self._row_crcs.to(pages.device, non_blocking=True)[at.to(pages.device)]
+        self._row_crcs[torch.tensor(rows)] = torch.tensor(crcs, dtype=torch.int64)
+        both = torch.empty(len(rows), 2, dtype=torch.int64, device=pages.device)
+        self._gather(both, rows, lambda first, end: self._row_crcs[first:end])
         return crc32_pages(pages, both[:, 0].contiguous()) != both[:, 1]
 
     def _verified(self, lookup: _Lookup, in_l3: int, good: int) -> tuple[int, LoadedRun]:
@@ -1065,9 +1066,9 @@ class L3PrefixCache:
         pages = pool.allocate(n)
         try:
             rows = usable.slice(0, n).rows
-            for pos, first, end in self.rows.runs(rows):
+            for at, first, end in self.rows.spans(rows):
                 src = self.rows.pages(first, end, dtype=self.host.dtype, shape=self.page_shape)   # [m, L, 2, S, KVH, D]
-                index = torch.tensor(pages[pos:pos + end - first], dtype=torch.int64)
+                index = torch.tensor([pages[i] for i in at], dtype=torch.int64)
                 for layer in range(self.host.num_layers):
                     self.host.layer_rows(layer).index_copy_(0, index, src[:, layer].reshape(end - first, -1))
         except BaseException:
@@ -1109,12 +1110,12 @@ class L3PrefixCache:
             self.cache.data.index_copy_(1, index, landed.transpose(0, 1))
             landed.record_stream(stream)   # allocated on the landing stream, last read on this one
             done += n
-        for pos, first, end in self.rows.runs(run.rows):
+        for at, first, end in self.rows.spans(run.rows):
             step = max(1, COPY_CHUNK_BYTES // self.page_bytes) if on_cuda else end - first
             for a in range(first, end, step):
                 b = min(end, a + step)
                 host = self.rows.pages(a, b, dtype=dtype, shape=self.page_shape)   # [n, L, 2, S, KVH, D]
-                index = torch.tensor(pages[done + pos + a - first:done + pos + b - first], dtype=torch.int64)
+                index = torch.tensor([pages[done + i] for i in at[a - first:b - first]], dtype=torch.int64)
                 if on_cuda:
                     index, host = index.to(device, non_blocking=True), host.to(device, non_blocking=True)
                 self.cache.data.index_copy_(1, index, host.transpose(0, 1))

@@ -14,8 +14,9 @@ lock guards the free set), so it never makes a CUDA call that a CUDA graph captu
 thread could trip over.
 
 The engine bounds the bytes its lookups in flight may read (`max_lookup_bytes`), which is the
-capacity: a lookup takes rows after waiting for the copies of rows given back; one larger than
-the capacity (allowed when it is alone) grows it once no row is in use.
+capacity (with several areas, a quarter more: see below): a lookup takes rows after waiting for the
+copies of rows given back; one larger than the capacity (allowed when it is alone) grows it once no
+row is in use.
 
 **Areas.** The rows may live in memory an L3 backend lends (its `host_buffer`: a Mooncake store
 process's shared pool, which that store's reads fill without a copy). Pages spread over several
@@ -106,7 +107,8 @@ class LoadRows:
             self._allocate(0)
 
     def take(self, n: int, *, areas: Sequence[int] | None = None) -> list[int] | None:
-        """`n` free rows, lowest first (so a lookup's rows tend to be one run), or None if not that
+        """`n` free rows, lowest first (so a lookup's rows tend to be one run; with `areas`, lowest
+        first within each area, so each area's rows tend to be one run), or None if not that
         many are free even after waiting for the copies of those given back (rows held by lookups
         in flight). `areas`: the area each row should come from (one per row; with several areas:
         a page's store), any area's lowest free row where its own has none left. Engine thread only."""
@@ -179,6 +181,14 @@ class LoadRows:
                 out.append((pos, first, stop))
                 pos, first = pos + stop - first, stop
         return out
+
+    def spans(self, rows: list[int]) -> list[tuple[list[int], int, int]]:
+        """The rows as runs in row order (each within one area): (the positions in `rows` of rows
+        first..end-1, first, end). Rows taken from several areas come in runs of a page or two in
+        `rows`' (page) order, but in one run per area in row order: copy them by these, each to
+        its positions."""
+        where = {r: i for i, r in enumerate(rows)}
+        return [([where[r] for r in range(first, end)], first, end) for _, first, end in self.runs(sorted(rows))]
 
     @property
     def backend_memory(self) -> bool:
