@@ -120,6 +120,9 @@ def main() -> None:
                          "prefilling its pages (default: the engine's SPLIT_MARGIN)")
     ap.add_argument("--land-chunk-mib", type=int, default=None,
                     help="L3 modes: the most a lookup reads per batch (default: the engine's LAND_CHUNK_BYTES, times STORE_CHUNKS for several Mooncake stores)")
+    ap.add_argument("--per-store-batches", action="store_true",
+                    help="L3 modes over several batched stores: read each store's next pages in turn "
+                         "(L3PrefixCache.per_store_batches)")
     ap.add_argument("--mooncake-stores", type=int, default=1,
                     help="mooncake modes: this many stores (a master and a store process each), pages spread "
                          "over them by key and read from all at once")
@@ -227,6 +230,8 @@ def main() -> None:
                     if args.land_chunk_mib is not None:   # (the batch of several batched stores too)
                         l3p.LAND_CHUNK_BYTES, l3p.STORE_CHUNKS = args.land_chunk_mib << 20, 1
                     row["batch_bytes"] = l3p.LAND_CHUNK_BYTES * llm.engine.l3_prefix._stores_at_once
+                    llm.engine.l3_prefix.per_store_batches = args.per_store_batches
+                    row["per_store_batches"] = args.per_store_batches
                     row["split_slow_loads"] = llm.engine.l3_prefix.split_slow_loads
                     store = llm.engine.l3_prefix.l3
                     if args.read_threads is not None:

@@ -104,6 +104,54 @@ def test_corrupt_and_deleted_pages_are_recomputed(make_llm, prompts, reference, 
     _check_no_leak(llm)
 
 
+def test_several_stores_read_store_by_store_with_a_corrupt_page(make_llm, prompts, reference, tmp_path, monkeypatch):
+    """`per_store_batches`: pages spread over two stores that read a batch per call are read each
+    store's next pages in turn (every store the same share of a batch), so a lookup's pages are read
+    out of page order; the run still ends at a corrupt page (counted, deleted) and the output is the
+    one computed without L3. (Two directories stand for the stores here.)"""
+    import hisa.engine.l3_prefix as l3p
+    from hisa.kvcache.l3 import page_keys
+    from hisa.kvcache.l3.file_backend import FileBackend
+    from hisa.kvcache.l3.sharded import ShardedBackend
+
+    def two_stores(llm):
+        shards = [FileBackend(str(tmp_path / f"store{i}")) for i in range(2)]
+        for shard in shards:
+            shard.get_into_batched = True   # (read a batch per call, as Mooncake's do)
+        llm.engine.l3_prefix.l3.backend = ShardedBackend(shards)
+        return llm
+
+    first = two_stores(make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=f"file:{tmp_path / 'unused'}"))
+    assert _one_by_one(first, prompts[:1]) == reference[:1]
+    first.engine.l3_prefix.drain()
+    prefix = first.engine.l3_prefix
+    keys = page_keys(prompts[0][:300], prefix.layout)
+    backend = prefix.l3.backend
+    victim = backend.shards[backend.shard_of(keys[11])]
+    with open(victim.path(keys[11]), "r+b") as f:    # flip one bit of page 11's KV
+        f.seek(4000)
+        byte = f.read(1)[0]
+        f.seek(4000)
+        f.write(bytes([byte ^ 0x10]))
+    llm = two_stores(make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=f"file:{tmp_path / 'unused'}"))
+    prefix = llm.engine.l3_prefix
+    prefix.per_store_batches = True
+    monkeypatch.setattr(l3p, "LAND_CHUNK_BYTES", 4 * prefix.page_bytes)   # rounds of 2 pages per store
+    order = prefix._read_order(keys)
+    assert sorted(order) == list(range(len(keys))) and order != sorted(order) and prefix._read_order([]) == []
+    fewest = min(sum(backend.shard_of(k) == x for k in keys) for x in (0, 1))
+    assert fewest >= 4
+    for a in range(0, fewest // 2 * 4, 4):   # while both stores have pages: rounds of two of each
+        assert sorted(backend.shard_of(keys[i]) for i in order[a:a + 4]) == [0, 0, 1, 1]
+    assert _one_by_one(llm, prompts[1:2]) == reference[1:2]
+    prefix.drain()
+    m = prefix.metrics()
+    assert m["store_corrupt"] == 1 and m["pages_loaded"] == 11   # pages 0-10: the run ends at the corrupt page
+    assert _one_by_one(llm, prompts[2:]) == reference[2:]       # page 11 was rewritten
+    assert prefix.metrics()["pages_loaded"] == 11 + 300 // S
+    _check_no_leak(llm)
+
+
 @pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed (scripts/setup.sh installs it)")
 @pytest.mark.parametrize("servers", [1, 2])
 def test_redis_shared_by_two_engines_and_killed_mid_run(make_llm, prompts, reference, tmp_path, servers):

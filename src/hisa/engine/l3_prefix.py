@@ -291,6 +291,10 @@ class L3PrefixCache:
         # CUDA, CHECK_ON_DEVICE: the payloads of pages a lookup lands on the device are checked there
         # (`crc32_pages` on the landing stream, `_verified`) instead of on the store's reader threads
         self.check_on_device = on_cuda and CHECK_ON_DEVICE
+        # several batched stores (`_stores_at_once` > 1): read each store's next pages in turn, every store
+        # the same share of a batch, instead of the next pages in page order (whose spread over the
+        # stores by key is uneven; a batch waits for its slowest store). Off: not measured on a GPU yet
+        self.per_store_batches = False
         self._row_crcs: torch.Tensor | None = None   # pinned [rows, 2]: the crcs of landed rows (`_failed`)
         self._row_pos: torch.Tensor | None = None    # pinned [rows]: landed rows' positions (`_rows_to_device`)
         self._land_stream = torch.cuda.Stream(cache.data.device) if on_cuda else None
@@ -494,7 +498,14 @@ class L3PrefixCache:
         reading.in_l3, reading.read_since = in_l3, time.monotonic()
         reading.hits = hits   # last: the engine thread reads `hits` first
         good = 0
-        while good < hits and not reading.dropped:
+        # the pages (positions from `start`) in the order they are read: in page order, or, with
+        # `per_store_batches`, each store's next pages in turn (`_read_order`)
+        order = self._read_order(keys[start:start + hits]) if self.per_store_batches else range(hits)
+        done = bytearray(hits)   # read and checked
+        crcs: dict[int, tuple[int, int]] = {}   # unchecked: position -> (key crc, the crc its payload must have)
+        end = hits               # the run ends before the first page that failed (once one has)
+        at = 0                   # the next position in `order`
+        while good < end and not reading.dropped:
             # cut here, before the next batch, where the rest looks slower than prefilling (at the
             # store's recent rate before the first): the engine then reads it from the back or prefills
             # it with no batch in flight to wait for or throw away
@@ -504,29 +515,41 @@ class L3PrefixCache:
                 break
             # (the first batch one store's share: a read slower than it should be is cut after it, not
             # after a batch of every store's; H200, 8 stores at 3 GB/s: the cut came 0.175 s in)
-            batch = self._batch_pages(LAND_CHUNK_BYTES * (self._stores_at_once if good else 1) // self.page_bytes)
-            part = reading.rows[good:min(hits, good + batch)]
+            batch = self._batch_pages(LAND_CHUNK_BYTES * (self._stores_at_once if at else 1) // self.page_bytes)
+            idx = [i for i in order[at:at + batch] if i < end]
+            at += batch
+            if not idx:
+                continue
+            part = [reading.rows[i] for i in idx]
             reading.batch = len(part)
             t0 = time.perf_counter()
-            batch_keys = keys[start + good:start + good + len(part)]
+            batch_keys = [keys[start + i] for i in idx]
             if unchecked:
                 wants = self.l3.get_into_unchecked(batch_keys, self.rows.views(part))
-                n = wants.index(None) if None in wants else len(wants)
-                reading.crcs.extend((key_crc(k), w) for k, w in zip(batch_keys[:n], wants[:n]))
+                ok = [w is not None for w in wants]
+                crcs.update((i, (key_crc(k), w)) for i, k, w in zip(idx, batch_keys, wants) if w is not None)
             else:
                 ok = self.l3.get_into(batch_keys, self.rows.views(part))
-                n = ok.index(False) if False in ok else len(ok)
             dt = time.perf_counter() - t0
             self._note_read(len(part), dt)
-            self.timing["read_bytes"] += n * self.page_bytes
-            good += n
+            self.timing["read_bytes"] += sum(ok) * self.page_bytes
+            for i, good_page in zip(idx, ok):
+                if good_page:
+                    done[i] = 1
+                else:   # failed its check: gone from L3 now (the store deleted it); the run ends before it
+                    end = min(end, i)
+            ready = good
+            while ready < end and done[ready]:
+                ready += 1
+            if unchecked:   # (published before `ready`, in order)
+                reading.crcs.extend(crcs.pop(i) for i in range(good, ready))
+            good = ready
             reading.ready_at = time.monotonic()
             reading.ready = good
             reading.batch = 0
             self._progressed.set()
-            if n < len(part):   # a page that failed its check is gone from L3 now (the store deleted it)
-                in_l3 = min(in_l3, start + good)
-                break
+        if end < hits:
+            in_l3 = min(in_l3, start + end)
         return in_l3, good
 
     def _land(self) -> None:
@@ -677,6 +700,24 @@ class L3PrefixCache:
             b.low = hi = lo
             self._progressed.set()
         self.timing["back_read_s"] += time.monotonic() - b.since
+
+    def _read_order(self, keys: list[str]) -> list[int]:
+        """`per_store_batches`: the positions of `keys` (a lookup's pages from its start) in the order
+        they are read: rounds of each store's next LAND_CHUNK_BYTES / stores of pages, store after
+        store, so that a batch of whole rounds gives every store the same share (a batch ends when its
+        slowest store is done); in page order within each store. One store: page order."""
+        stores = self._stores_at_once
+        if stores == 1 or not keys:
+            return list(range(len(keys)))
+        queues: dict[int, list[int]] = {}
+        for i, key in enumerate(keys):
+            queues.setdefault(self.l3.backend.shard_of(key), []).append(i)
+        share = max(1, LAND_CHUNK_BYTES // self.page_bytes // stores)
+        order: list[int] = []
+        for a in range(0, max(len(q) for q in queues.values()), share):
+            for s in sorted(queues):
+                order += queues[s][a:a + share]
+        return order
 
     @property
     def _stores_at_once(self) -> int:
