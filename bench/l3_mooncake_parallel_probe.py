@@ -61,7 +61,6 @@ def main() -> None:
             servers = [MooncakeStoreServers(Path(tmp) / str(s), segment=seg) for s in range(n_stores)]
             try:
                 for s in servers:
-                    s.workdir.mkdir()
                     s.start()
                 rows_out += _measure(a, servers, keys, pattern, page)
             finally:

@@ -208,12 +208,11 @@ def main() -> None:
             elif mode == "mooncake":
                 from l3_servers import MooncakeStoreServers, mooncake_url
 
-                (Path(tmp) / f"mooncake-{len(rows)}").mkdir()   # (a mode may repeat: each run its own store)
-                stores = [MooncakeStoreServers(Path(tmp) / f"mooncake-{len(rows)}" / str(j),
-                                               segment=args.mooncake_segment) for j in range(args.mooncake_stores)]
+                stores = [MooncakeStoreServers(Path(tmp) / f"mooncake-{len(rows)}" / str(j),   # (a mode may
+                                               segment=args.mooncake_segment)   # repeat: each run its own stores)
+                          for j in range(args.mooncake_stores)]
                 server = _AllOf(stores)   # (stopped with the mode, each started in turn)
                 for one in stores:
-                    (one.workdir).mkdir(parents=True, exist_ok=True)
                     one.start()
                 url = mooncake_url(stores, shm=option == "shm")   # shm: as the store processes' dummy client
             else:

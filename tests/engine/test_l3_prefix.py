@@ -186,7 +186,6 @@ def test_mooncake_store_serves_a_prefix(make_llm, prompts, reference, tmp_path, 
     stores = [MooncakeStoreServers(tmp_path / str(i)) for i in range(2 if via == "shm x2" else 1)]
     try:
         for servers in stores:
-            servers.workdir.mkdir()
             servers.start()
         url = mooncake_url(stores, shm=via != "tcp")
         llm = make_llm(max_num_batched_tokens=128, prefix_cache=False, l3=url)
@@ -252,7 +251,6 @@ def test_on_cuda_two_mooncake_stores_rows_in_each_pool_and_a_corrupt_page_caught
     stores = [MooncakeStoreServers(tmp_path / str(i)) for i in range(2)]
     try:
         for servers in stores:
-            servers.workdir.mkdir()
             servers.start()
         url = mooncake_url(stores, shm=True)
         kw = dict(device="cuda", dtype="float32", max_model_len=1024, page_size=S, prefix_cache=False,

@@ -125,6 +125,7 @@ class MooncakeStoreServers:
         self.master = self.store = None
 
     def start(self) -> "MooncakeStoreServers":
+        self.workdir.mkdir(parents=True, exist_ok=True)
         mlog, slog = self.workdir / "master.log", self.workdir / "store.log"
         self.master = subprocess.Popen(
             [mooncake_bin("mooncake_master"), f"--rpc_port={self.rpc_port}", "--rpc_address=127.0.0.1",
@@ -148,13 +149,13 @@ class MooncakeStoreServers:
 
     @property
     def url(self) -> str:
-        return f"mooncake://127.0.0.1:{self.rpc_port}?metadata={self.metadata}"
+        return mooncake_url([self], shm=False)
 
     @property
     def shm_url(self) -> str:
         """The same store through the store process's shared memory (hisa as its dummy client; the
         pool holds an engine's 2 GiB of load rows, touched only where pages are read)."""
-        return f"{self.url}&client=127.0.0.1:{self.store_port}&pool_gb=2.2"
+        return mooncake_url([self], shm=True)
 
     def kill_master(self) -> None:
         _stop(self.master, signal.SIGKILL)
