@@ -22,6 +22,7 @@ from hisa.attention.reference import paged_decode_attention_ref
 from hisa.ops import pdl
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KV_EVICT = os.environ.get("HISA_KV_EVICT", "")  # L2 eviction hint of the split kernel's K/V loads (A/B runs)
 _MAX_SPLITS = 128  # the combine kernel holds one [num_splits, D] fp32 tile in registers
 _AUTO_MAX_SPLITS = 64
 _PROGRAMS_PER_SM = 4  # programs of the split kernel resident per SM (see default_num_splits)
@@ -141,7 +142,7 @@ def _launch_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         page_table.stride(0), kv_lens.stride(0),
         out.stride(0), out.stride(1),
         D=D, S=S, G=G, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=block_n, DIRECT_OUT=direct,
-        INTERPRETER=os.environ.get("TRITON_INTERPRET") == "1",
+        INTERPRETER=os.environ.get("TRITON_INTERPRET") == "1", KV_EVICT=KV_EVICT if gpu else "",
         num_warps=4 if gpu else 1, num_stages=(num_stages or 3) if gpu else 1, **pdl.launch_kwargs(q, "attention"),
     )
     if not direct:

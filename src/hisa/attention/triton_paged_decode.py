@@ -37,7 +37,7 @@ def _attend_block(
     start, tok_hi, q, m_i, l_i, acc,
     k_ptr, v_ptr, pt_row_ptr, kvh, d, d_ok, scale_log2,
     stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-    S: tl.constexpr, BLOCK_N: tl.constexpr,
+    S: tl.constexpr, BLOCK_N: tl.constexpr, KV_EVICT: tl.constexpr = "",
 ):
     """Fold tokens [start, min(start + BLOCK_N, tok_hi)) into the running (m_i, l_i, acc)."""
     tok = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] virtual token positions
@@ -47,9 +47,9 @@ def _attend_block(
     offs = tok % S
     kv_mask = tok_ok[:, None] & d_ok[None, :]  # [BLOCK_N, BLOCK_D]
     k = tl.load(k_ptr + page[:, None] * stride_kp + offs[:, None] * stride_ks + kvh * stride_kh + d[None, :],
-                mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+                mask=kv_mask, other=0.0, eviction_policy=KV_EVICT)  # [BLOCK_N, BLOCK_D]
     v = tl.load(v_ptr + page[:, None] * stride_vp + offs[:, None] * stride_vs + kvh * stride_vh + d[None, :],
-                mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+                mask=kv_mask, other=0.0, eviction_policy=KV_EVICT)  # [BLOCK_N, BLOCK_D]
 
     qk = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2  # [BLOCK_G, BLOCK_N]
     qk = tl.where(tok_ok[None, :], qk, float("-inf"))
@@ -82,7 +82,7 @@ def paged_decode_split_kernel(
     D: tl.constexpr, S: tl.constexpr, G: tl.constexpr,  # head dim, page size, query heads per kv head
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT_OUT: tl.constexpr, INTERPRETER: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, KV_EVICT: tl.constexpr = "",
 ):
     pdl_enter(PDL)  # before any read of step data or any write (hisa.ops.pdl)
     b = tl.program_id(0).to(tl.int64)
@@ -116,13 +116,13 @@ def paged_decode_split_kernel(
         while start < tok_hi:
             m_i, l_i, acc = _attend_block(start, tok_hi, q, m_i, l_i, acc, k_ptr, v_ptr, pt_row_ptr, kvh, d, d_ok,
                                           scale_log2, stride_kp, stride_ks, stride_kh,
-                                          stride_vp, stride_vs, stride_vh, S, BLOCK_N)
+                                          stride_vp, stride_vs, stride_vh, S, BLOCK_N, KV_EVICT)
             start += BLOCK_N
     else:
         for start in range(tok_lo, tok_hi, BLOCK_N):
             m_i, l_i, acc = _attend_block(start, tok_hi, q, m_i, l_i, acc, k_ptr, v_ptr, pt_row_ptr, kvh, d, d_ok,
                                           scale_log2, stride_kp, stride_ks, stride_kh,
-                                          stride_vp, stride_vs, stride_vh, S, BLOCK_N)
+                                          stride_vp, stride_vs, stride_vh, S, BLOCK_N, KV_EVICT)
 
     if DIRECT_OUT:
         # l_i == 0 only when no token was seen, and then acc == 0: the output is zeros
