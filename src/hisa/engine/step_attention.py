@@ -22,9 +22,6 @@ from hisa.engine.cpu_decode_kv import CpuDecodeStep
 from hisa.engine.decode_batch import DecodeView
 from hisa.kvcache.paged_cache import PagedKVCache
 from hisa.kvcache.write import write_token_kv
-from hisa.sparse import page_scores as page_scores_mod
-import os
-STAGGER = os.environ.get("HISA_DECODE_STAGGER", "")
 
 
 @dataclass
@@ -120,31 +117,10 @@ class StepAttention:
         attended, window = d.table.shape[1] * cache.page_size, self.windows[layer]
         splits = default_num_splits(batch=q.shape[0], num_kv_heads=k.shape[1], block_n=64, device=q.device,
                                     max_tokens=attended if window is None else min(attended, window))
-        stagger = STAGGER if cuda else ""
-        prev = None
         for i, rows in enumerate(groups):
             s = main if i == 0 else side[i]
             with _on(s):
-                if prev is not None:
-                    s.wait_event(prev)  # start after the group before passed its stagger point
-                    prev = None
-                mark, done = None, []
-                if stagger and i + 1 < len(groups):
-                    mark = torch.cuda.Event()
-
-                    def hook(name, s=s, mark=mark, done=done):
-                        if name == stagger and not done:
-                            mark.record(s)
-                            done.append(1)
-                    page_scores_mod.STAGE_HOOK = hook
-                try:
-                    self.sparse.attention_begin(layer, q[rows], rows=rows)
-                finally:
-                    page_scores_mod.STAGE_HOOK = None
-                if mark is not None:
-                    if not done:
-                        mark.record(s)
-                    prev = mark
+                self.sparse.attention_begin(layer, q[rows], rows=rows)
                 if cuda:
                     s.wait_stream(side[0])  # the current page holds the new token
                 paged_decode_attention(q[rows], cache.keys(layer), cache.values(layer), d.table[rows],

@@ -32,14 +32,6 @@ LOGITS_STAGES = 2  # pipeline stages of that loop
 SELECT_EARLY_EXIT = True  # select_pages stops its search once exactly k pages are at or above the cut
 # select_pages' warps when the caller does not say (0: 8 from 2,048 pages up, else 4); HISA_SELECT_WARPS sets it
 SELECT_WARPS = int(os.environ.get("HISA_SELECT_WARPS", "0"))
-# called with "logits" / "scores" after those launches and "select" after the top-k's (the engine's
-# staggered row groups record an event there); None: nothing
-STAGE_HOOK = None
-
-
-def _stage(name: str) -> None:
-    if STAGE_HOOK is not None:
-        STAGE_HOOK(name)
 
 
 def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sslots: torch.Tensor, lo: torch.Tensor,
@@ -97,12 +89,10 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, sslots:
         BLOCK_G=max(16, _next_pow2(H // KVH)), HAS_MEAN=kmean is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCKS=blocks, STAGES=num_stages,
         num_warps=num_warps, **pdl.launch_kwargs(q, "selection"))
-    _stage("logits")
     page_scores_kernel[(R, PB)](
         logits[0], mpart[0], spart[0], *second, lo, hi, scores, MAXP, PB,
         H=H, BLOCK_P=block_p, BLOCK_PB=max(2, _next_pow2(PB)), BLOCK_H=max(2, _next_pow2(H)),
         HAS_MEAN=kmean is not None, num_warps=4, **pdl.launch_kwargs(q, "selection"))
-    _stage("scores")
     return scores
 
 
@@ -184,7 +174,6 @@ def select_pages(scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, k: in
                                   BLOCK_K=_next_pow2(k), num_warps=num_warps or SELECT_WARPS or (8 if block >= 2048 else 4),
                                   EARLY_EXIT=SELECT_EARLY_EXIT if early_exit is None else early_exit,
                                   **lay, **pdl.launch_kwargs(scores, "selection"))
-        _stage("select")
     return out
 
 
