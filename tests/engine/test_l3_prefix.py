@@ -798,6 +798,18 @@ def test_a_lookup_not_back_in_time_keeps_the_pages_it_has_read(make_llm, prompts
     llm.close()
 
 
+def test_landed_pages_are_checked_on_the_device_by_default_only_in_lent_rows():
+    """CHECK_ON_DEVICE "auto": on the device when every area of the load rows is a store process's
+    shared memory (Mooncake's), else on the reader threads; "device" / "host" say where always."""
+    from hisa.engine.l3_prefix import checks_on_device
+    own, lent = None, object()
+    assert checks_on_device("auto", [lent]) and checks_on_device("auto", [lent, lent])
+    assert not checks_on_device("auto", [own]) and not checks_on_device("auto", [lent, own])
+    assert checks_on_device("device", [own]) and not checks_on_device("host", [lent])
+    with pytest.raises(ValueError, match="CHECK_ON_DEVICE"):
+        checks_on_device("gpu", [own])
+
+
 def test_the_prefill_stops_where_it_should_meet_the_back_read():
     from hisa.engine.l3_prefix import BACK_SPLIT_MIN_PAGES, meeting_stop
 
@@ -986,7 +998,11 @@ def test_on_cuda_a_corrupt_page_is_caught_on_the_device_after_landing(tmp_path):
         f.write(bytes([byte ^ 0x04]))
     llm = LLM("random:tiny-llama", l3=url, **kw)
     prefix = llm.engine.l3_prefix
+    assert not prefix.check_on_device   # a file's rows are ours: checked on the reader threads by default
+    from hisa.ops import crc32
+    crc32._device_tables.cache_clear()
     prefix.check_on_device = True
+    assert crc32._device_tables.cache_info().currsize == 1   # made (and the kernel run) now, not in the lookup
     assert prefix.land_on_device
     assert llm.generate([prompt], PARAMS, use_tqdm=False)[0].token_ids == want
     prefix.drain()

@@ -136,10 +136,13 @@ READ_BATCH_S = 0.25         # a read's batches hold at most this long a read at 
 BACK_BATCH_PAGES = 64      # a back read (`_read_back`) reads this many pages per batch, from the last back
 BACK_SPLIT_MIN_PAGES = 4   # a gap to the back read this small is prefilled whole (no prediction of where they meet)
 READ_DECAY = 0.5           # the same for the store's read rate (batches read, cut reads' included: it follows a store that changes)
-# CUDA: check the crc32 of the pages a lookup lands on the device there, not on the reader threads. Off
-# by default: on two H200 machines the load read 10-30% slower with it, the TTFT 0.20-0.24 against 0.17-0.21 s
-# for a 16K prompt (docs/architecture.md, "2026-12-03, later")
-CHECK_ON_DEVICE = False
+# CUDA: where the crc32 of the pages a lookup lands on the device is checked. "host": on the reader threads
+# as they read; "device": on the device after landing (`crc32_pages`); "auto": on the device when the load
+# rows lie in store processes' shared memory (Mooncake, `lends_host_memory`), else on the host. On H200
+# machines a `file` load read 10-30% slower checked on the device, TTFT 0.20-0.24 against 0.17-0.21 s for a
+# 16K prompt (docs/architecture.md, "2026-12-03, later"), while eight Mooncake stores' shared memory
+# gave 0.179-0.180 s checked on the device against 0.186-0.233 s on the host ("2026-12-04, night")
+CHECK_ON_DEVICE = "auto"
 
 
 @dataclass(slots=True)
@@ -290,14 +293,16 @@ class L3PrefixCache:
         self.land_on_device = on_cuda
         # CUDA, CHECK_ON_DEVICE: the payloads of pages a lookup lands on the device are checked there
         # (`crc32_pages` on the landing stream, `_verified`) instead of on the store's reader threads
-        self.check_on_device = on_cuda and CHECK_ON_DEVICE
+        self._check_on_device = False   # (set below, once the landing stream is made)
         # several batched stores (`_stores_at_once` > 1): read each store's next pages in turn, every store
         # the same share of a batch, instead of the next pages in page order (whose spread over the
-        # stores by key is uneven; a batch waits for its slowest store). Off: not measured on a GPU yet
+        # stores by key is uneven; a batch waits for its slowest store). Off: eight stores on an H200 loaded
+        # no faster with it (TTFT 0.201-0.255 against 0.192-0.233 s; docs/architecture.md, "2026-12-04, night")
         self.per_store_batches = False
         self._row_crcs: torch.Tensor | None = None   # pinned [rows, 2]: the crcs of landed rows (`_failed`)
         self._row_pos: torch.Tensor | None = None    # pinned [rows]: landed rows' positions (`_rows_to_device`)
         self._land_stream = torch.cuda.Stream(cache.data.device) if on_cuda else None
+        self.check_on_device = on_cuda and checks_on_device(CHECK_ON_DEVICE, self.rows.lenders)
         self._progressed = threading.Event()   # set by the I/O thread as a lookup's read advances or ends
         # where a load's time goes (cumulative): the I/O thread reading and checking pages into the rows,
         # and the engine thread copying them into device pages (on CUDA: issuing the asynchronous copies;
@@ -914,6 +919,22 @@ class L3PrefixCache:
             index[pos:pos + end - first].copy_(self._row_pos[first:end], non_blocking=True)
         dst.index_copy_(0, index, stage)
 
+    @property
+    def check_on_device(self) -> bool:
+        """Whether pages a lookup lands on the device are read unchecked and checked there (see
+        CHECK_ON_DEVICE). Turning it on (CUDA) compiles and runs the check once on a zero page, so
+        that the first lookup does not wait for the kernel's compilation (~0.5 s) and its tables."""
+        return self._check_on_device
+
+    @check_on_device.setter
+    def check_on_device(self, on: bool) -> None:
+        on = bool(on)
+        if on and not self._check_on_device and self._land_stream is not None:
+            device = self.cache.data.device
+            page = torch.zeros(1, *self.page_shape, dtype=self.cache.data.dtype, device=device)
+            crc32_pages(page, torch.zeros(1, dtype=torch.int64, device=device))
+        self._check_on_device = on
+
     def _failed(self, pages: torch.Tensor, crcs: list[tuple[int, int]], rows: list[int]) -> torch.Tensor:
         """Landing stream: which of the landed `pages` ([n, ...] on the device, copied from `rows`)
         fail their checksums (`crcs`: each page's key crc and the crc its payload must have), bool
@@ -1360,6 +1381,14 @@ class L3PrefixCache:
                 "pending_write_bytes": self.io.pending_bytes,
                 "prefill_tokens_per_s": self._prefill_rate() or 0.0, "read_bytes_per_s": self._read_rate() or 0.0,
                 **{f"store_{k}": v for k, v in self.l3.stats.as_dict().items()}}
+
+
+def checks_on_device(mode: str, lenders: list) -> bool:
+    """Whether a CUDA engine checks landed pages on the device (`CHECK_ON_DEVICE` = mode) when its load
+    rows come from `lenders` (`LoadRows.lenders`: None for an area of our own memory)."""
+    if mode not in ("auto", "device", "host"):
+        raise ValueError(f"CHECK_ON_DEVICE must be 'auto', 'device' or 'host', got {mode!r}")
+    return mode == "device" or mode == "auto" and all(x is not None for x in lenders)
 
 
 def _lenders(backend) -> list:
