@@ -20,7 +20,7 @@ table, writes JSON (command, device, date, git commit, figures) and a plot besid
 from __future__ import annotations
 
 import argparse
-import statistics
+import functools
 import sys
 from pathlib import Path
 
@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 from _common import REPO, bar_pair_plot, header, write_json
 from decode_speed_gpu import hbm_bandwidth
+from paged_decode_gpu import time_graph_ms
 
 sys.path.insert(0, str(REPO / "src"))
 
@@ -80,28 +81,8 @@ def l2_prefetch(t: torch.Tensor, *, evict_last: bool = True) -> None:
 
 
 def graph_ms(body, *, layers: int, reps: int) -> float:
-    """Median ms per layer of one CUDA graph calling body(i) for every layer i."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for i in range(layers):
-            body(i)
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(layers):
-            body(i)
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    out = []
-    for r in range(reps + 5):
-        e0.record()
-        g.replay()
-        e1.record()
-        e1.synchronize()
-        if r >= 5:
-            out.append(e0.elapsed_time(e1) / layers)
-    return statistics.median(out) * 1000  # µs
+    """Median µs per layer of one CUDA graph calling body(i) for every layer i."""
+    return time_graph_ms([functools.partial(body, i) for i in range(layers)], reps=reps) * 1000
 
 
 def main() -> None:
