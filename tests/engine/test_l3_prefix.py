@@ -800,14 +800,14 @@ def test_a_lookup_not_back_in_time_keeps_the_pages_it_has_read(make_llm, prompts
 
 def test_landed_pages_are_checked_on_the_device_by_default_only_in_lent_rows():
     """CHECK_ON_DEVICE "auto": on the device when every area of the load rows is a store process's
-    shared memory (Mooncake's), else on the reader threads; "device" / "host" say where always."""
+    shared memory (Mooncake's; `LoadRows.all_lent`, where the rows really are), else on the reader
+    threads; "device" / "host" say where always."""
     from hisa.engine.l3_prefix import checks_on_device
-    own, lent = None, object()
-    assert checks_on_device("auto", [lent]) and checks_on_device("auto", [lent, lent])
-    assert not checks_on_device("auto", [own]) and not checks_on_device("auto", [lent, own])
-    assert checks_on_device("device", [own]) and not checks_on_device("host", [lent])
+    assert checks_on_device("auto", all_lent=True) and not checks_on_device("auto", all_lent=False)
+    assert checks_on_device("device", all_lent=False) and not checks_on_device("host", all_lent=True)
+    assert checks_on_device(True, all_lent=False) and not checks_on_device(False, all_lent=True)   # the old values
     with pytest.raises(ValueError, match="CHECK_ON_DEVICE"):
-        checks_on_device("gpu", [own])
+        checks_on_device("gpu", all_lent=False)
 
 
 def test_the_prefill_stops_where_it_should_meet_the_back_read():

@@ -70,7 +70,7 @@ def test_rows_in_lent_memory_give_it_back_when_they_grow_and_when_closed():
     lender = _Lender()
     rows = LoadRows(8, capacity=2, pin=False, lenders=[lender])
     rows.reserve()
-    assert rows.backend_memory and len(lender.lent) == 1 and lender.released == []
+    assert rows.backend_memory and rows.all_lent and len(lender.lent) == 1 and lender.released == []
     rows.views(rows.take(2))[1][:] = b"abcdefgh"
     assert bytes(lender.lent[0][8:16]) == b"abcdefgh"   # the rows are the lent area
     rows.give_back([0, 1])
@@ -83,7 +83,23 @@ def test_rows_in_lent_memory_give_it_back_when_they_grow_and_when_closed():
     own = LoadRows(8, capacity=2, pin=False, lenders=[stingy])
     own.reserve()
     own.close()
-    assert not own.backend_memory and stingy.released == []
+    assert not own.backend_memory and not own.all_lent and stingy.released == []
+    mixed = LoadRows(8, capacity=2, pin=False, lenders=[_Lender(), None])
+    mixed.reserve()
+    assert mixed.backend_memory and not mixed.all_lent   # one area is ours: the pages are checked on the host
+
+
+def test_has_free_says_whether_take_would_find_the_rows_without_taking_them():
+    """A lookup asks before it computes its pages' keys and stores (with several areas) whether the rows
+    it needs are free: the answer `take` would give, and nothing is taken."""
+    rows = LoadRows(4, capacity=4, pin=False, lenders=[_Lender(), _Lender()])
+    assert rows.has_free(100)          # nothing allocated yet: take would allocate (or grow) at once
+    rows.reserve()
+    held = rows.take(5, areas=[0, 1, 0, 1, 0])
+    assert rows.has_free(1) and not rows.has_free(2) and rows.in_use == 5
+    assert rows.take(2) is None        # as has_free said
+    rows.give_back(held)
+    assert rows.has_free(6) and rows.has_free(10)   # all free: take grows the rows
 
 
 def test_rows_over_several_lenders_take_each_page_from_its_own_area():

@@ -302,7 +302,7 @@ class L3PrefixCache:
         self._row_crcs: torch.Tensor | None = None   # pinned [rows, 2]: the crcs of landed rows (`_failed`)
         self._row_pos: torch.Tensor | None = None    # pinned [rows]: landed rows' positions (`_rows_to_device`)
         self._land_stream = torch.cuda.Stream(cache.data.device) if on_cuda else None
-        self.check_on_device = on_cuda and checks_on_device(CHECK_ON_DEVICE, self.rows.lenders)
+        self.check_on_device = on_cuda and checks_on_device(CHECK_ON_DEVICE, self.rows.all_lent)
         self._progressed = threading.Event()   # set by the I/O thread as a lookup's read advances or ends
         # where a load's time goes (cumulative): the I/O thread reading and checking pages into the rows,
         # and the engine thread copying them into device pages (on CUDA: issuing the asynchronous copies;
@@ -420,6 +420,8 @@ class L3PrefixCache:
                 break   # no host memory for its pages yet: it is looked up at a later step, in queue order
             keys = None
             if self.rows.areas > 1:   # each page's row in the area of the store that holds it
+                if not self.rows.has_free(cap - start):
+                    break   # (as below; the keys are not worth computing at every step until rows are free)
                 keys = page_keys(seq.token_ids[:cap * s], self.layout)
                 rows = self.rows.take(cap - start, areas=[self.l3.backend.shard_of(k) for k in keys[start:]])
             else:
@@ -639,15 +641,17 @@ class L3PrefixCache:
             return False
         return read_s > margin * left * self.page_size / rate
 
-    def _cut(self, lookup: _Lookup, *, keep_unread: bool = False) -> tuple[int, int]:
+    def _cut(self, lookup: _Lookup, *, keep_unread: bool = False) -> tuple[int, int, int]:
         """Stop a read in flight: the pages read and checked so far are kept (landed or in their rows),
         the rows after them come back once the read has ended (`keep_unread`: those of the pages it
-        was to read stay the caller's, for `_start_back_read` or `_give_back_when_done`). Returns
-        (leading pages L3 holds, pages kept), as a finished read's result."""
+        was to read, up to the third value returned, stay the caller's, for `_start_back_read` or
+        `_give_back_when_done`). Returns (leading pages L3 holds, pages kept, end of the rows kept):
+        the I/O thread may publish `hits` at any time, so it is read once, here."""
         r = lookup.reading
         good = r.ready   # (only grows; rows past it may still be written by the running batch)
-        self._stop_read(lookup, keep=max(good, r.hits) if keep_unread else good)
-        return r.in_l3, good
+        upto = max(good, r.hits) if keep_unread else good
+        self._stop_read(lookup, keep=upto)
+        return r.in_l3, good, upto
 
     def _splits(self, seq: Sequence, host: bool) -> bool:
         """Whether a cut of the read of `seq` (its pages for the host pool: `host`) goes on from the
@@ -901,7 +905,9 @@ class L3PrefixCache:
         device memory for the staging tensor, a copy per run."""
         ordered = sorted(rows)
         stage = None
-        if rows != ordered:
+        # (the staging tensor only where the device has room for it: a failed allocation would first
+        # free the allocator's cache and synchronize the device)
+        if rows != ordered and torch.cuda.mem_get_info(dst.device)[0] >= dst.nbytes + LAND_HEADROOM_BYTES:
             try:
                 stage = torch.empty_like(dst)
             except torch.cuda.OutOfMemoryError:
@@ -967,12 +973,13 @@ class L3PrefixCache:
             bad = torch.cat(r.checks)[:landed].cpu().nonzero()
             if len(bad):
                 end = int(bad[0])
-        if end == good and good > landed:   # pages left in their rows (no room on the device): checked here
-            for i in range(landed, good):
-                init, want = r.crcs[i]
-                if record_crc32(self.rows.views([r.rows[i]])[0], init) != want:
-                    end = i
-                    break
+        if end == good and good > landed:   # pages left in their rows (no room on the device): checked on
+            # the store's reader threads, as a read checks them (one thread checks ~3 GB/s)
+            crcs = r.crcs[landed:good]
+            ok = self.l3.readers.map(lambda view, c: record_crc32(view, c[0]) == c[1],
+                                     self.rows.views(r.rows[landed:good]), crcs)
+            if not all(ok):
+                end = landed + ok.index(False)
         if end < good:
             key = page_keys(lookup.seq.token_ids[:(lookup.start + end + 1) * self.page_size], self.layout)[-1]
             self.io.submit(functools.partial(self.l3.corrupt_found, [key], self.page_bytes))
@@ -1019,9 +1026,9 @@ class L3PrefixCache:
                 splits = self._splits(lookup.seq, lookup.host)
                 # a cut, or a lookup not back in time: the pages read so far are used (a long prompt's read
                 # may take longer than load_timeout_s and still beat prefilling), the rest read from the back
-                in_l3, good = self._cut(lookup, keep_unread=splits)
+                in_l3, good, upto = self._cut(lookup, keep_unread=splits)
                 if splits:   # the rows of the pages not read yet: for a back read, or back after the read
-                    back = r.rows[good:max(good, r.hits)]
+                    back = r.rows[good:upto]
                 in_l3, run = self._verified(lookup, in_l3, good)
                 if timed_out:
                     self.stats.loads_timed_out += 1
@@ -1383,12 +1390,15 @@ class L3PrefixCache:
                 **{f"store_{k}": v for k, v in self.l3.stats.as_dict().items()}}
 
 
-def checks_on_device(mode: str, lenders: list) -> bool:
-    """Whether a CUDA engine checks landed pages on the device (`CHECK_ON_DEVICE` = mode) when its load
-    rows come from `lenders` (`LoadRows.lenders`: None for an area of our own memory)."""
+def checks_on_device(mode: str | bool, all_lent: bool) -> bool:
+    """Whether a CUDA engine checks landed pages on the device (`CHECK_ON_DEVICE` = mode; True and
+    False, its earlier values, mean "device" and "host") when its load rows are all memory that
+    store processes lent (`all_lent`: `LoadRows.all_lent`)."""
+    if mode is True or mode is False:
+        mode = "device" if mode else "host"
     if mode not in ("auto", "device", "host"):
         raise ValueError(f"CHECK_ON_DEVICE must be 'auto', 'device' or 'host', got {mode!r}")
-    return mode == "device" or mode == "auto" and all(x is not None for x in lenders)
+    return mode == "device" or mode == "auto" and all_lent
 
 
 def _lenders(backend) -> list:

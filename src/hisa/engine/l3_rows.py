@@ -106,6 +106,15 @@ class LoadRows:
         with self._lock:
             self._allocate(0)
 
+    def has_free(self, n: int) -> bool:
+        """Whether `take(n)` would find `n` rows now (after the same waits for the copies of rows given
+        back). Engine thread only."""
+        with self._lock:
+            self._reclaim(wait=False)
+            if len(self._free) < n:
+                self._reclaim(wait=True)
+            return len(self._free) >= n or self._data is None or len(self._free) == self.capacity
+
     def take(self, n: int, *, areas: Sequence[int] | None = None) -> list[int] | None:
         """`n` free rows, lowest first (so a lookup's rows tend to be one run; with `areas`, lowest
         first within each area, so each area's rows tend to be one run), or None if not that
@@ -194,6 +203,11 @@ class LoadRows:
     def backend_memory(self) -> bool:
         """Whether some of the rows live in memory a lender lent."""
         return any(v is not None for v in self._lent)
+
+    @property
+    def all_lent(self) -> bool:
+        """Whether every area of the rows lives in memory a lender lent (False before they are allocated)."""
+        return self._data is not None and all(v is not None for v in self._lent)
 
     def close(self) -> None:
         """Wait for the copies reading the rows, then let their memory go (unregistered from CUDA

@@ -4,6 +4,7 @@ pay for threads only once they have enough work, and close them with the store."
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Callable, Iterable, TypeVar
 
@@ -35,6 +36,7 @@ class LazyThreads:
             raise ValueError(f"workers must be at least 1, got {workers}")
         self.name, self.workers = name, workers
         self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()   # (several threads may fan work out at once: one pool is made)
 
     def map(self, fn: Callable[..., T], *items: Iterable) -> list[T]:
         """[fn(*row) for row in zip(*items)], on the pool. Every call has ended when it returns or
@@ -42,19 +44,23 @@ class LazyThreads:
         columns = [list(c) for c in items]
         if len(columns[0]) < MIN_ITEMS or self.workers == 1:
             return [fn(*row) for row in zip(*columns)]
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=self.name)
-        futures = [self._pool.submit(fn, *row) for row in zip(*columns)]
+        pool = self._made()
+        futures = [pool.submit(fn, *row) for row in zip(*columns)]
         wait(futures)
         return [f.result() for f in futures]
 
     def submit(self, fn: Callable[..., T], *args) -> Future:
         """fn(*args) on the pool (made now if need be): its Future."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=self.name)
-        return self._pool.submit(fn, *args)
+        return self._made().submit(fn, *args)
+
+    def _made(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=self.name)
+            return self._pool
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
