@@ -937,8 +937,9 @@ class L3PrefixCache:
         on = bool(on)
         if on and not self._check_on_device and self._land_stream is not None:
             device = self.cache.data.device
-            page = torch.zeros(1, *self.page_shape, dtype=self.cache.data.dtype, device=device)
-            crc32_pages(page, torch.zeros(1, dtype=torch.int64, device=device))
+            with torch.cuda.device(device), torch.cuda.stream(self._land_stream):   # where the checks run
+                page = torch.zeros(1, *self.page_shape, dtype=self.cache.data.dtype, device=device)
+                crc32_pages(page, torch.zeros(1, dtype=torch.int64, device=device))
         self._check_on_device = on
 
     def _failed(self, pages: torch.Tensor, crcs: list[tuple[int, int]], rows: list[int]) -> torch.Tensor:
