@@ -114,6 +114,7 @@ from hisa.engine.sequence import Sequence
 from hisa.kvcache.l3 import KVLayout, L3Store, page_keys
 from hisa.kvcache.l3.record import crc32 as record_crc32
 from hisa.kvcache.l3.record import key_crc
+from hisa.kvcache.l3.threads import LazyThreads
 from hisa.kvcache.l3.worker import MAX_PENDING_BYTES, L3Worker
 from hisa.kvcache.paged_cache import PagedKVCache
 from hisa.ops.crc32 import crc32_pages
@@ -302,6 +303,9 @@ class L3PrefixCache:
         self._row_crcs: torch.Tensor | None = None   # pinned [rows, 2]: the crcs of landed rows (`_failed`)
         self._row_pos: torch.Tensor | None = None    # pinned [rows]: landed rows' positions (`_rows_to_device`)
         self._land_stream = torch.cuda.Stream(cache.data.device) if on_cuda else None
+        # the engine thread's checks of pages read unchecked that stayed in their rows (`_verified`): threads
+        # of their own (made on first use), not queued behind a cut read's batch on the store's readers
+        self._checkers = LazyThreads("hisa-l3-check")
         self.check_on_device = on_cuda and checks_on_device(CHECK_ON_DEVICE, self.rows.all_lent)
         self._progressed = threading.Event()   # set by the I/O thread as a lookup's read advances or ends
         # where a load's time goes (cumulative): the I/O thread reading and checking pages into the rows,
@@ -975,10 +979,10 @@ class L3PrefixCache:
             if len(bad):
                 end = int(bad[0])
         if end == good and good > landed:   # pages left in their rows (no room on the device): checked on
-            # the store's reader threads, as a read checks them (one thread checks ~3 GB/s)
+            # threads, as a read checks them (one thread checks ~3 GB/s)
             crcs = r.crcs[landed:good]
-            ok = self.l3.readers.map(lambda view, c: record_crc32(view, c[0]) == c[1],
-                                     self.rows.views(r.rows[landed:good]), crcs)
+            ok = self._checkers.map(lambda view, c: record_crc32(view, c[0]) == c[1],
+                                    self.rows.views(r.rows[landed:good]), crcs)
             if not all(ok):
                 end = landed + ok.index(False)
         if end < good:
@@ -1377,6 +1381,7 @@ class L3PrefixCache:
             self.forget(request_id)
         self._hand_over(wait=True)
         self.io.close()
+        self._checkers.close()
         self._release_holds()
         self.rows.close()   # (their memory may be the backend's)
         self.l3.close()
