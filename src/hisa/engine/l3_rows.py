@@ -110,10 +110,7 @@ class LoadRows:
         """Whether `take(n)` would find `n` rows now (after the same waits for the copies of rows given
         back). Engine thread only."""
         with self._lock:
-            self._reclaim(wait=False)
-            if len(self._free) < n:
-                self._reclaim(wait=True)
-            return len(self._free) >= n or self._data is None or len(self._free) == self.capacity
+            return self._room(n)
 
     def take(self, n: int, *, areas: Sequence[int] | None = None) -> list[int] | None:
         """`n` free rows, lowest first (so a lookup's rows tend to be one run; with `areas`, lowest
@@ -124,13 +121,10 @@ class LoadRows:
         if areas is not None and len(areas) != n:
             raise ValueError(f"{len(areas)} areas for {n} rows")
         with self._lock:
-            self._reclaim(wait=False)
-            if len(self._free) < n:
-                self._reclaim(wait=True)
-            if self._data is None or (len(self._free) < n and len(self._free) == self.capacity):
-                self._allocate(n)   # nothing in use: grow (or allocate) at once
-            if len(self._free) < n:
+            if not self._room(n):
                 return None
+            if self._data is None or len(self._free) < n:
+                self._allocate(n)   # nothing allocated yet, or none in use: allocate (or grow) at once
             free = sorted(self._free)
             if areas is None or self.areas == 1:
                 taken = free[:n]
@@ -253,6 +247,15 @@ class LoadRows:
             if lent is not None:
                 self._lent[a] = None
                 self.lenders[a].release_host_buffer(lent)
+
+    def _room(self, n: int) -> bool:
+        """(Under the lock.) Whether `n` rows can be taken: free after the copies of rows given back
+        (waiting for them only if need be), or by allocating or growing the rows, which happens only
+        when none is in use."""
+        self._reclaim(wait=False)
+        if len(self._free) < n:
+            self._reclaim(wait=True)
+        return len(self._free) >= n or self._data is None or len(self._free) == self.capacity
 
     def _reclaim(self, *, wait: bool) -> None:
         keep = []
