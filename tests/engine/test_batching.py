@@ -36,6 +36,29 @@ def test_batch_equals_alone_when_pages_run_out(make_llm):
     assert llm.engine.kv_pages_free() == 128
 
 
+def test_a_one_token_prompt_piece_is_prefill_not_a_decode_step(make_llm):
+    """With two tokens a step and one request decoding, the other's prompt is prefilled one token at a time:
+    those pieces must not be sampled as if each were the request's last token (a decode row)."""
+    llm = make_llm(max_num_batched_tokens=2, page_size=16)
+    prompt = llm.tokenizer.encode(long_text(12, seed=5))[:12]
+    greedy = SamplingParams(max_tokens=6, ignore_eos=True)
+    alone = llm.generate([prompt], greedy, use_tqdm=False)[0].token_ids
+    eng = llm.engine
+    eng.add_request(llm.tokenizer.encode("Once upon a time"), SamplingParams(max_tokens=40, ignore_eos=True),
+                    request_id="busy")
+    while not any(s.num_output for s in eng.scheduler.running):
+        eng.step()   # "busy" decodes from here on and takes one of the step's two tokens
+    eng.add_request(prompt, greedy, request_id="late")
+    late = None
+    while late is None:
+        late = next((o for o in eng.step() if o.request_id == "late" and o.finished), None)
+    assert late.token_ids == alone
+    eng.abort_request("busy")
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert eng.kv_pages_free() == eng.allocator.num_pages
+
+
 def test_outputs_keep_prompt_order_and_finish_reasons(make_llm):
     llm = make_llm()
     tok = llm.tokenizer
