@@ -132,6 +132,22 @@ def test_a_request_arriving_mid_decode_drains_then_overlaps_again(tiny):
     assert counts[False] == 0 and counts[True] >= 15  # overlapped before and after the new request's prefill
 
 
+def test_a_prompt_one_token_longer_than_the_step_budget(tiny):
+    """The first chunk stops one token short of the prompt's end: the step computing that last token is
+    not a decode of an output token and runs synchronously; the outputs equal the synchronous engine's."""
+    prompts = _random_prompts([9, 17])
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    outs = {}
+    for overlap in (False, True):
+        llm = LLM(loaded=tiny, device="cpu", dtype="float32", progress=False, page_size=4, max_model_len=64,
+                  max_num_batched_tokens=8, overlap=overlap)
+        outs[overlap] = [[o.token_ids for o in llm.generate([p], params, use_tqdm=False)] for p in prompts]
+        outs[overlap].append([o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+        assert llm.engine.kv_pages_free() == llm.engine.allocator.num_pages
+        llm.close()
+    assert outs[True] == outs[False]
+
+
 def test_preemption_under_a_small_pool(tiny):
     """The pool holds less than the batch: steps that need pages drain and preempt synchronously, the
     others overlap; outputs equal the synchronous engine's (and the batch's preemptions are the same)."""

@@ -106,7 +106,7 @@ class TokenReadback:
 def can_overlap(scheduler: Scheduler, *, l3: bool = False) -> bool:
     """Whether the next step may be launched while a step is in flight: no request can be admitted
     (none waits, or every request slot is taken and no L3 lookup has to start), every running request
-    decodes (greedy or sampled, a logit bias allowed) without penalties (they read the token in
+    decodes an output token (greedy or sampled, a logit bias allowed) without penalties (they read the token in
     flight) or teacher forcing, and the pages of the next token
     fit in each pool (so the schedule can neither preempt nor demote)."""
     if not scheduler.running:
@@ -116,8 +116,8 @@ def can_overlap(scheduler: Scheduler, *, l3: bool = False) -> bool:
     need: dict[int, list] = {}  # id(pool) -> [pool, pages]
     for seq in scheduler.running:
         p = seq.params
-        if seq.in_prefill or seq.forced_output is not None or p.penalizes:
-            return False
+        if seq.in_prefill or not seq.num_output or seq.needs_prefill or seq.forced_output is not None or p.penalizes:
+            return False   # (a prompt's last token, computed alone, is not a decode: its step is synchronous)
         if not seq.last_pending:
             pool = scheduler.pool(seq)
             need.setdefault(id(pool), [pool, 0])[1] += scheduler.pages_needed(seq, 1)
