@@ -63,6 +63,24 @@ def test_shared_weights_stay_with_their_owner(smollm2):
         assert again.generate(["The sky is"], PARAMS, use_tqdm=False)[0].token_ids == first
 
 
+def test_a_refused_prompt_leaves_nothing_queued_and_other_requests_are_not_mixed_in():
+    from hisa.errors import InvalidRequestError
+
+    with _tiny() as llm:
+        with pytest.raises(InvalidRequestError, match="empty"):
+            llm.generate([[1, 2, 3], []], PARAMS, use_tqdm=False)  # the first was queued before the second failed
+        assert not llm.engine.has_unfinished_requests()
+        alone = llm.generate([[4, 5, 6]], PARAMS, use_tqdm=False)[0].token_ids
+        other = llm.engine.add_request([7, 8, 9], SamplingParams(max_tokens=12, ignore_eos=True))  # not generate()'s
+        outs = llm.generate([[4, 5, 6]], PARAMS, use_tqdm=False)
+        assert [o.token_ids for o in outs] == [alone]
+        assert llm.engine.has_unfinished_requests()  # the other request runs on; its output is its caller's
+        while llm.engine.has_unfinished_requests():
+            finished = [o for o in llm.engine.step() if o.finished]
+            assert [o.request_id for o in finished] in ([], [other])
+        assert llm.engine.kv_pages_free() == llm.engine.allocator.num_pages
+
+
 def test_generate_reports_prefill_and_decode_separately(smollm2):
     with LLM(loaded=smollm2, device="cpu", dtype="float32", max_model_len=512, max_num_batched_tokens=64,
              progress=False) as llm:

@@ -138,16 +138,20 @@ class LLM:
             if len(params) != len(prompts):
                 raise InvalidRequestError(f"{len(prompts)} prompts but {len(params)} sampling params")
         engine = self.engine
-        ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        ids: list[str] = []
         results: dict[str, RequestOutput] = {}
-        max_tokens = dict(zip(ids, (sp.max_tokens for sp in params)))
         stats = self.last_stats = GenerationStats()
-        progress = _Progress(prompt_tokens=sum(engine.num_prompt_tokens(i) for i in ids),
-                             max_output_tokens=sum(max_tokens.values()), disable=not use_tqdm)
+        progress = None
         try:
-            while engine.has_unfinished_requests():
+            for p, sp in zip(prompts, params):  # a prompt refused here aborts those added before it
+                ids.append(engine.add_request(p, sp))
+            max_tokens = dict(zip(ids, (sp.max_tokens for sp in params)))
+            progress = _Progress(prompt_tokens=sum(engine.num_prompt_tokens(i) for i in ids),
+                                 max_output_tokens=sum(max_tokens.values()), disable=not use_tqdm)
+            while len(results) < len(ids) and engine.has_unfinished_requests():
                 t0 = time.perf_counter()
-                outs = engine.step()
+                # requests added to the engine by other code run on, but their outputs are not this call's
+                outs = [o for o in engine.step() if o.request_id in max_tokens]
                 dt = time.perf_counter() - t0
                 stopped_early = 0
                 for out in outs:
@@ -172,7 +176,11 @@ class LLM:
                 engine.abort_request(rid)
             raise
         finally:
-            progress.close()
+            if progress is not None:
+                progress.close()
+        lost = [i for i in ids if i not in results]
+        if lost:  # only other code aborting them through `llm.engine` ends a request without an output
+            raise RuntimeError(f"requests {lost} were aborted outside generate()")
         return [results[i] for i in ids]
 
     def chat(self, messages: list[dict] | list[list[dict]],
