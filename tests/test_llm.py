@@ -81,6 +81,28 @@ def test_a_refused_prompt_leaves_nothing_queued_and_other_requests_are_not_mixed
         assert llm.engine.kv_pages_free() == llm.engine.allocator.num_pages
 
 
+def test_request_ids_and_token_id_prompts():
+    import numpy as np
+    import torch
+
+    from hisa.errors import InvalidRequestError
+
+    with _tiny() as llm:
+        e = llm.engine
+        assert e.add_request([1, 2], PARAMS, request_id="req-1") == "req-1"
+        auto = [e.add_request([1, 2], PARAMS) for _ in range(3)]  # the automatic ids go past the one taken
+        assert "req-1" not in auto and len(set(auto)) == 3
+        with pytest.raises(InvalidRequestError, match="already in use"):
+            e.add_request([1, 2], PARAMS, request_id=auto[0])
+        for bad in ([1.9, 2], [True, 3], ["7"]):
+            with pytest.raises(InvalidRequestError, match="must hold integers"):
+                e.add_request(bad, PARAMS)
+        ok = [e.add_request(ids, PARAMS) for ids in (np.array([3, 4]), torch.tensor([3, 4]), [np.int64(3), 4])]
+        assert [e.num_prompt_tokens(i) for i in ok] == [2, 2, 2]
+        for rid in ["req-1", *auto, *ok]:
+            e.abort_request(rid)
+
+
 def test_generate_reports_prefill_and_decode_separately(smollm2):
     with LLM(loaded=smollm2, device="cpu", dtype="float32", max_model_len=512, max_num_batched_tokens=64,
              progress=False) as llm:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import itertools
 import logging
+import operator
 import time
 from collections.abc import Callable
 
@@ -209,7 +210,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             text, ids = prompt, self.encode(prompt)
         else:
-            text, ids = None, [int(t) for t in prompt]
+            text, ids = None, _token_ids(prompt)
             if any(t < 0 or t >= self.model_config.vocab_size for t in ids):
                 raise InvalidRequestError(f"token ids must be in [0, {self.model_config.vocab_size})")
         if not ids:
@@ -222,7 +223,9 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context of "
                 f"{self.max_model_len} tokens; lower max_tokens to at most {self.max_model_len - len(ids)}")
-        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        rid = request_id
+        while rid is None or (request_id is None and rid in self._seqs):  # an id a caller chose is skipped
+            rid = f"req-{next(self._ids)}"
         if rid in self._seqs:
             raise InvalidRequestError(f"request id {rid!r} is already in use")
         seq = Sequence(request_id=rid, prompt_token_ids=ids, params=params, prompt=text)
@@ -645,6 +648,19 @@ def build_sparse(sp, *, algorithm, cache: PagedKVCache | MLAKVCache, model_confi
                                    device=cache.device)
     return SparseCoordinator(sp, algorithm=algorithm, manager=manager, adaptor=adaptor, windows=mc.layer_windows,
                              scale=mc.attention_scale)
+
+
+def _token_ids(prompt) -> list[int]:
+    """A prompt given as token ids, as ints: integers of any kind (numpy's, a torch tensor's), not floats or bools."""
+    ids = []
+    for t in prompt:
+        try:
+            if isinstance(t, bool):
+                raise TypeError
+            ids.append(operator.index(t))
+        except TypeError:
+            raise InvalidRequestError(f"a prompt of token ids must hold integers, not {t!r}") from None
+    return ids
 
 
 def _is_decode(seq: Sequence, num_new: int) -> bool:
