@@ -109,6 +109,27 @@ def test_a_held_page_is_not_handed_out_until_the_hold_is_freed():
         alloc.hold([pages[0]])
 
 
+def test_a_request_waiting_for_room_counts_its_hit_once_when_admitted():
+    """The scheduler looks a waiting request up at every step; /metrics' prefix counters count it once."""
+    sched, prefix = _scheduler(num_pages=16)
+    rng = random.Random(0)
+    sched.add(_seq("a", list(range(17)), max_tokens=1))        # leaves 4 full pages cached
+    _run(sched, rng)
+    sched.add(_seq("b", list(range(100, 128)), max_tokens=8))   # holds most of the other pages for a while
+    _finish_step(sched, sched.schedule(), rng)
+    late = _seq("c", list(range(17)) + list(range(200, 220)), max_tokens=1)
+    sched.add(late)
+    waited = 0
+    while late.status == Status.WAITING and waited < 100:
+        _finish_step(sched, sched.schedule(), rng)
+        waited += 1
+    assert 1 < waited < 100, "the test did not make the request wait, or it never got in"
+    assert late.num_computed >= 16 and prefix.stats.tokens_hit == 16  # it took the cached prefix once
+    assert (prefix.stats.lookups, prefix.stats.requests_hit, prefix.stats.pages_hit) == (3, 1, 4)
+    _run(sched, rng)
+    assert sched.allocator.num_free == 16
+
+
 def test_a_request_starts_after_the_pages_an_earlier_one_left():
     sched, prefix = _scheduler()
     first = _seq("a", list(range(10)), max_tokens=6)  # 16 tokens computed in the end: pages 0-2 full

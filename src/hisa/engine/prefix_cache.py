@@ -49,6 +49,18 @@ class PrefixCacheStats:
     pages_registered: int = 0
 
 
+def count_admitted(seq: Sequence) -> None:
+    """`seq` was admitted: count the prefix lookups it made on its way in (`DevicePrefixCache.match`
+    leaves them on the request, since one that waits for room is looked up again at each step)."""
+    for stats, pages, tokens in seq.prefix_counts:
+        stats.lookups += 1
+        if pages:
+            stats.requests_hit += 1
+            stats.pages_hit += pages
+            stats.tokens_hit += tokens
+    seq.prefix_counts.clear()
+
+
 class DevicePrefixCache:
     """Shares and registers full pages of requests held in the device pool (dense and resident sparse
     ones) through a :class:`PageAllocator`."""
@@ -79,17 +91,14 @@ class DevicePrefixCache:
         full = (seq.num_tokens - 1) // self.page_size  # the last token is always computed
         if full == 0:
             return 0
-        self.stats.lookups += 1
         pages = self.allocator.lookup(self.digests(seq, full))
+        seq.prefix_counts.append((self.stats, len(pages), len(pages) * self.page_size))  # see count_admitted
         if not pages:
             return 0
         self.allocator.share(pages)
         seq.pages = pages
         seq.num_computed, seq.num_registered = len(pages) * self.page_size, len(pages)
         seq.needs_prefill = True
-        self.stats.requests_hit += 1
-        self.stats.pages_hit += len(pages)
-        self.stats.tokens_hit += seq.num_computed
         return seq.num_computed
 
     # which requests' pages this cache names: those held in the device pool (not host-backed ones)

@@ -28,6 +28,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from hisa.engine.prefix_cache import count_admitted
 from hisa.engine.sequence import Sequence, Status
 from hisa.kvcache.page_allocator import PageAllocator
 
@@ -160,6 +161,7 @@ class Scheduler:
             self.pool(seq).free(seq.pages[::-1])
         seq.pages, seq.num_computed, seq.num_registered = [], 0, 0
         seq.host_backed = seq.needs_prefill = False
+        seq.prefix_counts.clear()   # the lookups that gave it those pages count only if it is admitted later
 
     def pages_needed(self, seq: Sequence, num_new: int) -> int:
         total = -(-(seq.num_computed + num_new) // self.page_size)
@@ -254,7 +256,9 @@ class Scheduler:
                     if not admitted and seq.pages:
                         self.give_back(seq)
             if not admitted:
+                seq.prefix_counts.clear()   # looked up again next time: counted once, when it is admitted
                 break
+            count_admitted(seq)
             self.waiting.remove(seq)
             seq.status = Status.RUNNING
             seq.slot = self._free_slots.pop()

@@ -58,6 +58,9 @@ class Sequence:
     # many of its pages are registered in the allocator (0 again once its pages are released)
     prefix_digests: list[bytes] = field(default_factory=list)
     num_registered: int = 0
+    # Its prefix lookups (stats, pages, tokens) not counted yet: counted once it is admitted, dropped
+    # when it is not (a request waiting for room is looked up again at every step)
+    prefix_counts: list = field(default_factory=list)
     # Pages it was given with their KV (a prefix the pool shared, pages loaded from L3) that no prefill
     # chunk has recorded in the step's tables (block or host table, the sparse representations) yet:
     # its next chunk runs as a prefill even when it is one token, which would otherwise look like a
