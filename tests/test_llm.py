@@ -127,3 +127,26 @@ def test_progress_bar_moves_through_prefill_then_decode(capsys):
     bar.step(still_prefilling=False, prefill_tokens=0, output_tokens=1, stopped_early=6)  # stopped at 2 of 10
     assert (bar.bar.n, bar.bar.total) == (2, 4)
     bar.close()
+
+
+def test_a_dense_request_that_could_outgrow_a_pool_sized_for_sparse_requests_is_refused():
+    from hisa.errors import InvalidRequestError
+
+    sparse = SparseConfig(algorithm="quest", token_budget=64, min_prompt_len=128, host_pool_gb=0.01)
+    smallest = None
+    for pages in range(1, 32):  # the smallest device pool the engine accepts: well under max_model_len
+        try:
+            smallest = LLM("random:tiny-llama", device="cpu", max_model_len=512, page_size=16, progress=False,
+                           sparse=sparse, num_kv_pages=pages)
+            break
+        except Exception:  # noqa: BLE001 — ConfigError: too small
+            continue
+    assert smallest is not None and pages * 16 < 512
+    with smallest as llm:
+        room = pages * 16 - 10 + 1
+        with pytest.raises(InvalidRequestError, match=f"lower max_tokens to at most {room}"):
+            llm.generate([list(range(3, 13))], SamplingParams(max_tokens=room + 1, ignore_eos=True), use_tqdm=False)
+        out = llm.generate([list(range(3, 13))], SamplingParams(max_tokens=room, ignore_eos=True), use_tqdm=False)[0]
+        assert len(out.token_ids) == room and out.finish_reason == "length"
+        long = llm.generate([list(range(3, 203))], SamplingParams(max_tokens=200, ignore_eos=True), use_tqdm=False)[0]
+        assert len(long.token_ids) == 200  # a sparse request is not bound by the device pool

@@ -229,6 +229,17 @@ class LLMEngine:
         if rid in self._seqs:
             raise InvalidRequestError(f"request id {rid!r} is already in use")
         seq = Sequence(request_id=rid, prompt_token_ids=ids, params=params, prompt=text)
+        policy = self.scheduler.sparse
+        if policy is None or not policy.wants(seq):  # dense: all of its KV in the device pool, to its last token
+            s, pool = self.config.page_size, self.allocator.num_pages
+            if -(-(len(ids) + params.max_tokens - 1) // s) > pool:  # (only a pool sized for sparse requests is smaller)
+                why = "" if policy is None else (
+                    f", and a prompt this short is not sparse (the sparse cache takes prompts from "
+                    f"{self.config.sparse.min_prompt_len} tokens)")
+                raise InvalidRequestError(
+                    f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) needs more KV than the device "
+                    f"pool's {pool * s} tokens{why}; lower max_tokens to at most {pool * s - len(ids) + 1}, "
+                    f"or raise kv_cache_gb")
         self._seqs[rid] = seq
         self.scheduler.add(seq)
         return rid
