@@ -261,9 +261,9 @@ def test_warm_start_loads_fewer_pages_and_changes_no_token(preset):
 
 
 def test_warm_start_after_a_prefill_that_ends_one_token_short():
-    """A prompt whose last prefill chunk ends one token short (129 tokens, chunks of 128: its last
-    token is the first decode step's) is warmed all the same: with streaming that first step misses
-    nothing, with the tokens of a cold start."""
+    """A prompt whose prefill leaves its last token alone (129 tokens, chunks of 128: a 1-token chunk) is
+    warmed after that chunk: with streaming the first decode step misses nothing, with the tokens of a
+    cold start."""
     tiny = load_model("random:tiny-llama", device=torch.device("cpu"), dtype=torch.float32, progress=False)
     prompt = torch.randint(3, 500, (129,), generator=torch.Generator().manual_seed(5)).tolist()
 
@@ -272,13 +272,35 @@ def test_warm_start_after_a_prefill_that_ends_one_token_short():
                   max_num_batched_tokens=128,
                   sparse=SparseConfig(algorithm="streaming", token_budget=64, min_prompt_len=64, host_pool_gb=0.01,
                                       residency="host", warm_start=warm))
-        out = llm.generate([prompt], SamplingParams(max_tokens=1, ignore_eos=True), use_tqdm=False)[0]
+        out = llm.generate([prompt], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)[0]
         st = llm.engine.sparse.summary()
         assert st["decode_steps"] == 1
         return out.token_ids, st["misses"]
 
     (cold_out, cold), (warm_out, warm) = run(False), run(True)
     assert warm_out == cold_out and cold > 0 == warm
+
+
+@pytest.mark.parametrize("algorithm", ["quest", "streaming"])
+def test_a_sparse_prompt_gives_the_same_tokens_however_its_prefill_is_chunked(algorithm):
+    """A prompt's last token attends to the whole prompt whether it is prefilled with the tokens before it
+    or alone (129 tokens in chunks of 128: a 1-token chunk), not to a decode step's selected pages."""
+    tiny = load_model("random:tiny-llama", device=torch.device("cpu"), dtype=torch.float32, progress=False)
+    with torch.no_grad():   # sharper attention than the random init's, so that what it reads shows in the tokens
+        for p in tiny.model.parameters():
+            if p.ndim >= 2:
+                p.mul_(4.0)
+    prompt = torch.randint(3, 500, (129,), generator=torch.Generator().manual_seed(21)).tolist()
+    outs = {}
+    for residency in ("device", "host"):
+        for chunk in (1024, 128):
+            llm = LLM(loaded=tiny, device="cpu", dtype="float32", progress=False, page_size=16, max_model_len=512,
+                      max_num_batched_tokens=chunk,
+                      sparse=SparseConfig(algorithm=algorithm, token_budget=64, min_prompt_len=64, host_pool_gb=0.01,
+                                          residency=residency))
+            outs[residency, chunk] = llm.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True),
+                                                  use_tqdm=False)[0].token_ids
+    assert len(set(map(tuple, outs.values()))) == 1, outs
 
 
 @pytest.mark.parametrize("algorithm", ["quest", "streaming"])

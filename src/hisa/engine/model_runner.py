@@ -74,9 +74,11 @@ class ModelRunner:
         decode_rows, decode_index, sparse_t, prefill, sources = [], [], [], [], []
         s = self.page_size
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            # a decode row computes the last known token; a 1-token piece inside the prompt (the step's
-            # token budget all but spent) is a prefill chunk, whose row is not sampled
-            if n == 1 and 0 < seq.num_computed == seq.num_tokens - 1 and not seq.needs_prefill:
+            # a decode row computes the last known token of a request that has output (`_is_decode`); a
+            # 1-token piece of a prompt (the step's token budget all but spent) is a prefill chunk: inside
+            # the prompt its row is not sampled, and a sparse request's last prompt token attends to its
+            # whole prompt, as in any chunk, not to a decode step's selected pages
+            if n == 1 and seq.num_output and seq.num_computed == seq.num_tokens - 1 and not seq.needs_prefill:
                 t = seq.num_computed + 1
                 page = seq.pages[(t - 1) // s]
                 if not seq.sparse:

@@ -216,8 +216,9 @@ class SparseCoordinator:
         a wider list catches more of its picks). Only which pages are on the device changes: every
         page the step reads is still resolved by the diff, so outputs are the same either way. Only
         after the last chunk (decoding follows: a chunk that ends one token short of the prompt is the
-        last, its last token being a decode step's), with `warm_start` on."""
-        if not self.config.warm_start or total < seq.num_tokens - 1:  # (the last token may be a decode step's)
+        last when the request has output, its last token being a decode step's), with `warm_start` on."""
+        last = total == seq.num_tokens or (total == seq.num_tokens - 1 and seq.num_output > 0)
+        if not self.config.warm_start or not last:  # (a prompt's lone last token is a prefill chunk: `ModelRunner.run`)
             return
         s, a, m = self.page_size, self.adaptor, self.manager
         full = total // s  # whole pages: the one being written is the tail page, not the buffer's
