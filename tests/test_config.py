@@ -1,10 +1,14 @@
-"""EngineConfig helpers: the sparse cache is capped at the context (never a giant allocation)."""
+"""EngineConfig: bad values are refused at construction; the sparse cache is capped at the context (never a
+giant allocation)."""
 
 from __future__ import annotations
 
 import logging
 
-from hisa.config import fit_sparse_to_context
+import pytest
+
+from hisa.config import EngineConfig, fit_sparse_to_context
+from hisa.errors import ConfigError
 from hisa.sparse.config import SparseConfig
 
 
@@ -27,3 +31,22 @@ def test_a_buffer_larger_than_the_context_is_capped_and_fitting_configs_are_kept
     with caplog.at_level(logging.WARNING, logger="hisa"):
         assert fit_sparse_to_context(kept, max_model_len=32768, page_size=16) is kept
     assert not caplog.records
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(kv_cache_gb=float("nan")), "kv_cache_gb must be a finite number > 0, got nan"),
+    (dict(kv_cache_gb=0), "kv_cache_gb must be a finite number > 0"),
+    (dict(seed=10**20), r"seed must be an integer in \[0, 18446744073709551615\]"),
+    (dict(seed=-1), "seed must be an integer in"),
+    (dict(l3="file:/tmp/x", l3_gb=float("inf")), "l3_gb must be a finite number > 0, got inf"),
+    (dict(l3_gb=4.0), "l3_gb needs l3"),
+    (dict(max_model_len=4096.0), "max_model_len must be an integer >= 2"),
+    (dict(num_kv_pages=0), "num_kv_pages must be an integer >= 1"),
+    (dict(cpu_decode_kv_gb=float("nan")), "cpu_decode_kv_gb must be a finite number >= 0"),
+    (dict(page_size=16.0), "page_size must be an integer >= 1"),
+])
+def test_invalid_engine_settings_fail_at_construction_with_what_to_change(kwargs, message):
+    """NaN, infinities, floats where an integer is meant: refused with one line, before a model loads (they
+    failed later with a traceback: NaN passes `x <= 0`)."""
+    with pytest.raises(ConfigError, match=message):
+        EngineConfig(device="cpu", **kwargs)

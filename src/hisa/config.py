@@ -10,7 +10,7 @@ import torch
 
 from hisa.sparse.config import SparseConfig
 
-from hisa.errors import ConfigError
+from hisa.errors import ConfigError, check_int, check_number
 from hisa.kvcache.mla_fp8 import LATENT_FORMATS
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -108,17 +108,16 @@ class EngineConfig:
         if self.kv_cache_dtype not in LATENT_FORMATS:
             raise ConfigError(f"kv_cache_dtype must be {' or '.join(LATENT_FORMATS)}, got {self.kv_cache_dtype!r}")
         for name in ("page_size", "max_num_seqs", "max_num_batched_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            check_int(name, getattr(self, name), low=1)
         if self.page_size & (self.page_size - 1):
             raise ConfigError(f"page_size must be a power of two, got {self.page_size}")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
-        if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
-            raise ConfigError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
-        if self.num_kv_pages is not None and self.num_kv_pages < 1:
-            raise ConfigError(f"num_kv_pages must be >= 1, got {self.num_kv_pages}")
+        if self.max_model_len is not None:
+            check_int("max_model_len", self.max_model_len, low=2)
+        if self.kv_cache_gb is not None:
+            check_number("kv_cache_gb", self.kv_cache_gb, low=0, open_low=True)
+        if self.num_kv_pages is not None:
+            check_int("num_kv_pages", self.num_kv_pages, low=1)
+        check_int("seed", self.seed, high=2**64 - 1)
         if self.sparse is not None and not isinstance(self.sparse, SparseConfig):
             raise ConfigError("sparse must be a hisa.sparse.config.SparseConfig (or None)")
         if self.sparse is not None:
@@ -127,10 +126,11 @@ class EngineConfig:
             from hisa.kvcache.l3.url import parse_l3_url
 
             parse_l3_url(self.l3)  # a malformed --l3 fails here, before the model loads
-        if self.l3_gb is not None and (self.l3 is None or self.l3_gb <= 0):
-            raise ConfigError(f"l3_gb must be > 0 and needs l3 (--l3), got l3_gb={self.l3_gb!r}, l3={self.l3!r}")
-        if not isinstance(self.cpu_decode_kv_gb, (int, float)) or self.cpu_decode_kv_gb < 0:
-            raise ConfigError(f"cpu_decode_kv_gb must be >= 0, got {self.cpu_decode_kv_gb!r}")
+        if self.l3_gb is not None:
+            if self.l3 is None:
+                raise ConfigError(f"l3_gb needs l3 (--l3), got l3_gb={self.l3_gb!r}, l3=None")
+            check_number("l3_gb", self.l3_gb, low=0, open_low=True)
+        check_number("cpu_decode_kv_gb", self.cpu_decode_kv_gb, low=0)
         if self.overlap not in (True, False, "auto"):
             raise ConfigError(f"overlap must be True, False or 'auto', got {self.overlap!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -5,6 +5,10 @@ that does not fit) is raised as a subclass of :class:`HisaError` with a message 
 change. The CLI prints these without a traceback; everything else is a bug and keeps its traceback.
 """
 
+from __future__ import annotations
+
+import math
+
 
 class HisaError(Exception):
     """An error caused by input the user can fix; the message says how."""
@@ -29,3 +33,19 @@ class StepFailedError(RuntimeError):
 
 class DeviceError(RuntimeError):
     """The device no longer works (a CUDA error that persists after a failed step): the engine stops."""
+
+
+def check_int(name: str, value, *, low: int = 0, high: int | None = None) -> None:
+    """Raise ConfigError unless `value` is an int (not a bool, not a float such as 96.0) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ConfigError(f"{name} must be an integer {bounds}, got {value!r}")
+
+
+def check_number(name: str, value, *, low: float, open_low: bool = False) -> None:
+    """Raise ConfigError unless `value` is a finite number >= low (> low with open_low): NaN and inf are
+    refused here, where a check like `value <= 0` lets NaN through to fail later without saying why."""
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (value > low if open_low else value >= low))
+    if not ok:
+        raise ConfigError(f"{name} must be a finite number {'>' if open_low else '>='} {low:g}, got {value!r}")

@@ -194,9 +194,14 @@ def test_passkey_answered_by_quest_with_a_256_token_budget(make_llm, capsys):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(token_budget=32), "smaller than the sinks"),
-    (dict(buffer_ratio=0.5), "buffer_ratio must be >= 1"),
+    (dict(buffer_ratio=0.5), "buffer_ratio must be a finite number >= 1"),
+    (dict(buffer_ratio=float("nan")), "buffer_ratio must be a finite number >= 1, got nan"),
+    (dict(host_pool_gb=float("inf")), "host_pool_gb must be a finite number > 0, got inf"),
+    (dict(token_budget=96.0), "token_budget must be an integer >= 1, got 96.0"),   # as JSON or YAML may give it
+    (dict(sink_pages=1.5), "sink_pages must be an integer >= 0"),
+    (dict(recent_pages=True), "recent_pages must be an integer >= 1"),
     (dict(algorithm="magic"), "unknown sparse algorithm 'magic'; choose one of: .*oracle.*quest.*streaming"),
-    (dict(dense_layers=-1, residency="device"), "dense_layers must be >= 0"),
+    (dict(dense_layers=-1, residency="device"), "dense_layers must be an integer >= 0"),
     (dict(dense_layers=2), "dense_layers=2 needs residency='device'"),
 ])
 def test_invalid_configurations_fail_at_construction(kwargs, message):

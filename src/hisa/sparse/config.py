@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hisa.errors import ConfigError
+from hisa.errors import ConfigError, check_int, check_number
 
 
 @dataclass(slots=True)
@@ -73,22 +73,15 @@ class SparseConfig:
         known = registered_algorithms()
         if self.algorithm not in known:
             raise ConfigError(f"unknown sparse algorithm {self.algorithm!r}; choose one of: {', '.join(known)}")
-        if self.buffer_ratio < 1.0:
-            raise ConfigError(f"buffer_ratio must be >= 1 (the buffer must hold the whole selection), "
-                              f"got {self.buffer_ratio}")
-        if self.sink_pages < 0 or self.recent_pages < 1:
-            raise ConfigError("sink_pages must be >= 0 and recent_pages >= 1 (the page being written is recent)")
-        for name in ("token_budget", "min_prompt_len", "max_sparse_requests"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.host_pool_gb is not None and self.host_pool_gb <= 0:
-            raise ConfigError(f"host_pool_gb must be > 0 (or None: sized from the machine's RAM), got {self.host_pool_gb}")
+        for name in ("token_budget", "min_prompt_len", "max_sparse_requests", "recent_pages", "decode_streams"):
+            check_int(name, getattr(self, name), low=1)   # (recent: the page being written is recent)
+        for name in ("sink_pages", "dense_layers"):
+            check_int(name, getattr(self, name))
+        check_number("buffer_ratio", self.buffer_ratio, low=1.0)  # the buffer must hold the whole selection
+        if self.host_pool_gb is not None:  # (None: sized from the machine's RAM)
+            check_number("host_pool_gb", self.host_pool_gb, low=0, open_low=True)
         if self.residency not in ("auto", "device", "host"):
             raise ConfigError(f"residency must be 'auto', 'device' or 'host', got {self.residency!r}")
-        if self.decode_streams < 1:
-            raise ConfigError(f"decode_streams must be >= 1, got {self.decode_streams}")
-        if self.dense_layers < 0:
-            raise ConfigError(f"dense_layers must be >= 0, got {self.dense_layers}")
         if self.dense_layers and self.residency != "device":
             raise ConfigError(f"dense_layers={self.dense_layers} needs residency='device' (--residency device): a "
                               f"host-backed request keeps only its budget's pages on the device, not a whole "
