@@ -164,3 +164,11 @@ def test_run_stops_at_max_duration():
         elapsed = time.monotonic() - start
     assert elapsed < 4 and res["completed"] == 0 and res["failed"] == 6
     assert list(res["errors"]) == ["not finished within max-duration 1s"]
+
+
+@pytest.mark.parametrize("out", ["{tmp}", "/proc/no-such-dir/bench.json"])
+def test_an_out_path_that_cannot_be_written_is_refused_before_the_run(tmp_path, capsys, out):
+    code = server_cli_main(["bench-serve", "--base-url", "http://127.0.0.1:9", "--num-requests", "1",
+                            "--out", out.format(tmp=tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--out" in err and "Traceback" not in err and "connect" not in err.lower()
