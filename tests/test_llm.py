@@ -150,3 +150,11 @@ def test_a_dense_request_that_could_outgrow_a_pool_sized_for_sparse_requests_is_
         assert len(out.token_ids) == room and out.finish_reason == "length"
         long = llm.generate([list(range(3, 203))], SamplingParams(max_tokens=200, ignore_eos=True), use_tqdm=False)[0]
         assert len(long.token_ids) == 200  # a sparse request is not bound by the device pool
+
+
+def test_a_kv_pool_larger_than_the_machine_is_a_config_error():
+    from hisa.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot allocate the KV pool .*lower kv_cache_gb"):
+        LLM("random:tiny-llama", device="cpu", max_model_len=256, page_size=16, progress=False,
+            kv_cache_gb=1_000_000)   # 1 PB, past any address space: refused at once, nothing touched

@@ -90,15 +90,12 @@ class LLMEngine:
         self._check_pool(num_pages)
         # one page more than the allocator hands out: the scratch page padding rows of a decode step write
         # into (page id num_pages), never read
-        if mcfg.dsa is not None:  # DeepSeek-V3.2: latent rows + indexer keys (kvcache/mla_cache.py)
-            self.cache = MLAKVCache(num_layers=mcfg.num_layers, num_pages=num_pages + 1, page_size=config.page_size,
-                                    latent_dim=mcfg.dsa.latent_dim, index_head_dim=mcfg.dsa.index_head_dim,
-                                    dtype=config.torch_dtype, device=config.torch_device,
-                                    kv_lora_rank=mcfg.dsa.kv_lora_rank, latent_format=config.kv_cache_dtype)
-        else:
-            self.cache = PagedKVCache(num_layers=mcfg.num_layers, num_pages=num_pages + 1, page_size=config.page_size,
-                                      num_kv_heads=mcfg.num_kv_heads, head_dim=mcfg.head_dim,
-                                      dtype=config.torch_dtype, device=config.torch_device)
+        try:
+            self.cache = self._make_cache(num_pages)
+        except RuntimeError as e:  # out of memory (torch.OutOfMemoryError is one) or a size past any memory
+            raise ConfigError(
+                f"cannot allocate the KV pool of {num_pages} pages ({num_pages * config.page_size} tokens) on "
+                f"{config.device}: {str(e).splitlines()[0][:200]}; lower kv_cache_gb or num_kv_pages") from None
         if algorithm is not None:
             self.sparse = build_sparse(config.sparse, algorithm=algorithm, cache=self.cache, model_config=mcfg,
                                        max_model_len=self.max_model_len)
@@ -151,6 +148,18 @@ class LLMEngine:
         if self.sparse is not None and self.config.sparse.residency != "device":
             prefix.host = self.sparse.manager.host  # host-backed requests load into it and write from it
         return prefix
+
+    def _make_cache(self, num_pages: int):
+        """The device KV pool of num_pages pages (the allocator's, and the scratch page after them)."""
+        config, mcfg = self.config, self.model_config
+        if mcfg.dsa is not None:  # DeepSeek-V3.2: latent rows + indexer keys (kvcache/mla_cache.py)
+            return MLAKVCache(num_layers=mcfg.num_layers, num_pages=num_pages + 1, page_size=config.page_size,
+                              latent_dim=mcfg.dsa.latent_dim, index_head_dim=mcfg.dsa.index_head_dim,
+                              dtype=config.torch_dtype, device=config.torch_device,
+                              kv_lora_rank=mcfg.dsa.kv_lora_rank, latent_format=config.kv_cache_dtype)
+        return PagedKVCache(num_layers=mcfg.num_layers, num_pages=num_pages + 1, page_size=config.page_size,
+                            num_kv_heads=mcfg.num_kv_heads, head_dim=mcfg.head_dim,
+                            dtype=config.torch_dtype, device=config.torch_device)
 
     def _check_pool(self, num_pages: int) -> None:
         """The device pool must hold one dense request just too short to go sparse, and with the sparse
