@@ -50,3 +50,12 @@ def test_invalid_engine_settings_fail_at_construction_with_what_to_change(kwargs
     failed later with a traceback: NaN passes `x <= 0`)."""
     with pytest.raises(ConfigError, match=message):
         EngineConfig(device="cpu", **kwargs)
+
+
+def test_a_context_shorter_than_the_fixed_pages_says_so_not_to_raise_the_budget():
+    with pytest.raises(ConfigError, match="the context of 32 tokens is shorter than the sparse cache's fixed pages"):
+        fit_sparse_to_context(SparseConfig(token_budget=2048), max_model_len=32, page_size=16)
+    # streaming selects nothing: its sinks and window alone fit a budget of 3 pages
+    assert SparseConfig(algorithm="streaming", token_budget=48).budget_pages(16) == 3
+    with pytest.raises(ConfigError, match="one selected page at page_size=16; raise --token-budget to at least 64"):
+        SparseConfig(algorithm="quest", token_budget=48).budget_pages(16)

@@ -166,6 +166,11 @@ def fit_sparse_to_context(sparse: SparseConfig, *, max_model_len: int, page_size
     """
     max_pages = -(-max_model_len // page_size)
     budget = min(sparse.token_budget, max_pages * page_size)
+    if budget < sparse.token_budget and budget // page_size < sparse.fixed_pages():
+        raise ConfigError(
+            f"the context of {max_model_len} tokens is shorter than the sparse cache's fixed pages, "
+            f"{sparse.fixed_pages_text()} at page_size={page_size}: lower --sink-pages/--recent-pages, or run "
+            f"this context dense (no --sparse)")
     ratio = sparse.buffer_ratio
     budget_pages = budget // page_size
     if budget_pages and ratio * budget_pages > max_pages:

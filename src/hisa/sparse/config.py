@@ -90,13 +90,21 @@ class SparseConfig:
     def budget_pages(self, page_size: int) -> int:
         """Pages attended per step (token_budget rounded down to whole pages)."""
         pages = self.token_budget // page_size
-        if pages < self.sink_pages + self.recent_pages + (0 if self.algorithm == "streaming" else 1):
-            need = (self.sink_pages + self.recent_pages + 1) * page_size
+        if pages < self.fixed_pages():
             raise ConfigError(
-                f"token_budget={self.token_budget} is smaller than the sinks ({self.sink_pages} pages) + the recent "
-                f"window ({self.recent_pages} pages) + one selected page at page_size={page_size}; raise "
-                f"--token-budget to at least {need} or lower --sink-pages/--recent-pages")
+                f"token_budget={self.token_budget} is smaller than {self.fixed_pages_text()} at page_size="
+                f"{page_size}; raise --token-budget to at least {self.fixed_pages() * page_size} or lower --sink-pages/--recent-pages")
         return pages
+
+    def fixed_pages(self) -> int:
+        """The fewest pages a budget must hold: sinks + recent window, + one selected page where the
+        algorithm selects (streaming attends to the sinks and the window alone)."""
+        return self.sink_pages + self.recent_pages + (0 if self.algorithm == "streaming" else 1)
+
+    def fixed_pages_text(self) -> str:
+        """`fixed_pages` in words, for error messages."""
+        one = "" if self.algorithm == "streaming" else " + one selected page"
+        return f"the sinks ({self.sink_pages} pages) + the recent window ({self.recent_pages} pages){one}"
 
     def selected_pages(self, page_size: int) -> int:
         """Pages chosen by the algorithm from the middle of the context (the rest are sinks + window)."""
