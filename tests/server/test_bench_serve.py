@@ -172,3 +172,15 @@ def test_an_out_path_that_cannot_be_written_is_refused_before_the_run(tmp_path, 
                             "--out", out.format(tmp=tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and "--out" in err and "Traceback" not in err and "connect" not in err.lower()
+
+
+def test_serve_on_a_port_in_use_fails_before_loading_the_model(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        t0 = time.perf_counter()
+        code = server_cli_main(["serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
+    assert time.perf_counter() - t0 < 5   # no model was loaded

@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -123,6 +124,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if api_key is not None and not api_key.strip():
         raise HisaError("--api-key is empty")
     template = load_chat_template(args.chat_template) if args.chat_template is not None else None
+    _check_can_listen(args.host, args.port)   # before the model loads, which can take minutes
     engine = LLMEngine(EngineConfig(**engine_kwargs(args)))
     if template is not None:
         set_chat_template(engine.tokenizer, template)
@@ -146,6 +148,22 @@ def run_serve(args: argparse.Namespace) -> int:
     server.run()
     return 0 if app.state.async_engine.error is None or isinstance(app.state.async_engine.error, EngineDeadError) \
         else 1
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    """A HisaError if `host:port` cannot be listened on (taken by another process, an address not here).
+    uvicorn binds the same way (SO_REUSEADDR) once the model is loaded."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise HisaError(f"--host {host}: {e.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as e:
+            raise HisaError(f"cannot listen on {host}:{port}: {e.strerror} (another server there? use --port)") from None
 
 
 def run_bench_serve(args: argparse.Namespace) -> int:
