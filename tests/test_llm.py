@@ -101,6 +101,8 @@ def test_request_ids_and_token_id_prompts():
         assert [e.num_prompt_tokens(i) for i in ok] == [2, 2, 2]
         for rid in ["req-1", *auto, *ok]:
             e.abort_request(rid)
+        with pytest.raises(InvalidRequestError, match="stop strings need a tokenizer"):  # random weights: no text
+            e.add_request([1, 2], SamplingParams(max_tokens=4, stop=["."]))
 
 
 def test_generate_reports_prefill_and_decode_separately(smollm2):

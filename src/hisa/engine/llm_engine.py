@@ -216,6 +216,9 @@ class LLMEngine:
         self._check_open()
         params = params or SamplingParams()
         params.check_vocab(self.model_config.vocab_size)
+        if params.stop and self.tokenizer is None:  # no text is made, so a stop string could never match
+            raise InvalidRequestError("stop strings need a tokenizer, and this model has none (random weights, or a "
+                                      "directory without tokenizer files): use stop_token_ids")
         if isinstance(prompt, str):
             text, ids = prompt, self.encode(prompt)
         else:
