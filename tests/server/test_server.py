@@ -182,6 +182,12 @@ BAD_REQUESTS = [
     ("/v1/completions", json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 0}), 400, "max_tokens", None),
     ("/v1/chat/completions", json.dumps({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}),
      400, "messages.0.role", None),
+    # JSON types as OpenAI takes them: no "5" or true for an integer, no "true" for a boolean
+    ("/v1/completions", json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": "5"}), 400, "max_tokens", None),
+    ("/v1/completions", json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": True}), 400, "max_tokens", None),
+    ("/v1/completions", json.dumps({"model": MODEL, "prompt": "hi", "stream": "true"}), 400, "stream", None),
+    ("/v1/completions", json.dumps({"model": MODEL, "prompt": [True, 2]}), 400, "prompt", None),
+    ("/v1/completions", json.dumps({"model": MODEL, "prompt": None}), 400, "prompt", None),
 ]
 
 

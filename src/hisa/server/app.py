@@ -325,8 +325,20 @@ def _validation_error(e: RequestValidationError) -> APIError:
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
     if err.get("type") == "missing":
         msg = "this field is required"
+    # a field of several types (prompt: text, token ids, ...) names the type it tried in its location
+    # ("prompt.str"), and gives one error per type: the parameter is the field, the error that none fits
+    tags = [i for i, p in enumerate(loc) if _is_type_tag(p)]
+    if tags:
+        loc = loc[:tags[0]]
+        if sum(1 for other in e.errors() if [str(p) for p in other.get("loc", ()) if p != "body"][:len(loc)] == loc) > 1:
+            msg = f"the value is none of the types this field takes ({msg.lower()}, ...)"
     param = ".".join(loc) or None
     return APIError(400, f"{param}: {msg}" if param else msg, param=param)
+
+
+def _is_type_tag(part: str) -> bool:
+    """Whether a pydantic error location part names a member of a union type, not a field or an index."""
+    return part in ("str", "int", "float", "bool", "dict", "list", "none") or "[" in part
 
 
 class _ErrorJSONResponse(JSONResponse):

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationInfo, field_validator, model_validator
 
 from hisa.engine.sampling_params import (
     FP32_MAX, FP32_TINY, MAX_SEED, MAX_STOP_CHARS, MAX_STOP_STRINGS, PENALTY_RANGE, SamplingParams,
@@ -35,12 +35,21 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class StreamOptions(_Request):
-    include_usage: bool = False
-
-
 def _finite(**kw):
-    return Field(default=None, allow_inf_nan=False, **kw)
+    return Field(default=None, allow_inf_nan=False, strict=True, **kw)
+
+
+def _strict(default=None, **kw):
+    """A scalar field taken as the JSON type it is (OpenAI's API refuses "5" or true for an integer, 1 for a
+    boolean): strict, where pydantic would coerce. (A strict float still takes an integer.)"""
+    return Field(default=default, strict=True, **kw)
+
+
+StrictInt = Annotated[int, Strict()]
+
+
+class StreamOptions(_Request):
+    include_usage: bool = _strict(False)
 
 
 # vLLM's extra sampling fields this engine does not implement: refused by name unless left at the default
@@ -61,22 +70,22 @@ class _SamplingFields(_Request):
     """The sampling fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = _strict(ge=1)
     temperature: float | None = _finite(ge=0.0, le=FP32_MAX)
     top_p: float | None = _finite(gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)  # extra: 0 or -1 = off
+    top_k: int | None = _strict(ge=-1)  # extra: 0 or -1 = off
     min_p: float | None = _finite(ge=0.0, le=1.0)  # extra (vLLM): drop tokens below min_p x the top probability
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    seed: int | None = _strict(ge=0, le=MAX_SEED)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None  # extra (vLLM)
-    n: int | None = 1
-    stream: bool | None = False
+    stop_token_ids: list[StrictInt] | None = None  # extra (vLLM)
+    n: int | None = _strict(1)
+    stream: bool | None = _strict(False)
     stream_options: StreamOptions | None = None
-    ignore_eos: bool | None = False  # extra: generate exactly max_tokens tokens
-    keep_alive: bool | None = False  # extra: a turn of an agent session: its KV pages stay cached (--keep-alive)
+    ignore_eos: bool | None = _strict(False)  # extra: generate exactly max_tokens tokens
+    keep_alive: bool | None = _strict(False)  # extra: a turn of an agent session: its KV pages stay cached (--keep-alive)
     presence_penalty: float | None = _finite(ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
     frequency_penalty: float | None = _finite(ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Annotated[float, Strict()]] | None = None
     # refused unless left at their defaults (_UNSUPPORTED_EXTRAS)
     repetition_penalty: Any = None
     length_penalty: Any = None
@@ -167,10 +176,10 @@ class _SamplingFields(_Request):
 class CompletionRequest(_SamplingFields):
     """POST /v1/completions. `prompt` is a string or a list of token ids (one prompt per request)."""
 
-    prompt: str | list[int] | list[str] | list[list[int]]
-    echo: bool | None = False
-    logprobs: int | None = None
-    best_of: int | None = None
+    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]
+    echo: bool | None = _strict(False)
+    logprobs: int | None = _strict()
+    best_of: int | None = _strict()
     suffix: str | None = None
 
     @field_validator("prompt")
@@ -247,9 +256,9 @@ class ChatCompletionRequest(_SamplingFields):
     """POST /v1/chat/completions. `max_completion_tokens` is the newer name of `max_tokens`."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool | None = False
-    top_logprobs: int | None = None
+    max_completion_tokens: int | None = _strict(ge=1)
+    logprobs: bool | None = _strict(False)
+    top_logprobs: int | None = _strict()
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
 
