@@ -59,3 +59,9 @@ def test_a_context_shorter_than_the_fixed_pages_says_so_not_to_raise_the_budget(
     assert SparseConfig(algorithm="streaming", token_budget=48).budget_pages(16) == 3
     with pytest.raises(ConfigError, match="one selected page at page_size=16; raise --token-budget to at least 64"):
         SparseConfig(algorithm="quest", token_budget=48).budget_pages(16)
+
+
+def test_a_min_prompt_len_no_prompt_can_reach_is_warned_about(caplog):
+    with caplog.at_level(logging.WARNING, logger="hisa"):
+        fit_sparse_to_context(SparseConfig(token_budget=256, min_prompt_len=4096), max_model_len=2048, page_size=16)
+    assert any("every request runs dense" in r.getMessage() for r in caplog.records)

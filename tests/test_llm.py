@@ -105,6 +105,15 @@ def test_request_ids_and_token_id_prompts():
             e.add_request([1, 2], SamplingParams(max_tokens=4, stop=["."]))
 
 
+def test_keep_alive_without_the_prefix_cache_is_warned_about_once(caplog):
+    import logging
+
+    with _tiny(prefix_cache=False) as llm, caplog.at_level(logging.WARNING, logger="hisa"):
+        for _ in range(2):
+            llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, keep_alive=True), use_tqdm=False)
+    assert sum("keep_alive has no effect" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_generate_reports_prefill_and_decode_separately(smollm2):
     with LLM(loaded=smollm2, device="cpu", dtype="float32", max_model_len=512, max_num_batched_tokens=64,
              progress=False) as llm:

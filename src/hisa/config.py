@@ -164,6 +164,10 @@ def fit_sparse_to_context(sparse: SparseConfig, *, max_model_len: int, page_size
         fit_sparse_to_context(SparseConfig(token_budget=100_000), max_model_len=8192, page_size=16)
         # -> token_budget=8192, buffer_ratio=1.0
     """
+    if sparse.min_prompt_len >= max_model_len:
+        logging.getLogger("hisa").warning(
+            "min_prompt_len=%d is not below the context of %d tokens: no prompt is long enough to go sparse, "
+            "every request runs dense", sparse.min_prompt_len, max_model_len)
     max_pages = -(-max_model_len // page_size)
     budget = min(sparse.token_budget, max_pages * page_size)
     if budget < sparse.token_budget and budget // page_size < sparse.fixed_pages():

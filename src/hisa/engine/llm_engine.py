@@ -101,6 +101,7 @@ class LLMEngine:
                                        max_model_len=self.max_model_len)
         self.allocator = PageAllocator(num_pages)
         self.prefix_cache = self.host_prefix_cache = None
+        self._keep_alive_warned = False
         if config.prefix_cache and mcfg.dsa is None:
             self.prefix_cache = DevicePrefixCache(self.allocator, page_size=config.page_size)
             if self.sparse is not None and config.sparse.residency != "device":
@@ -216,6 +217,10 @@ class LLMEngine:
         self._check_open()
         params = params or SamplingParams()
         params.check_vocab(self.model_config.vocab_size)
+        if params.keep_alive and self.prefix_cache is None and not self._keep_alive_warned:
+            self._keep_alive_warned = True   # (once: an agent client may send it with every turn)
+            log.warning("keep_alive has no effect without the prefix cache (off with --no-prefix-cache, and for "
+                        "DeepSeek-V3.2 / GLM-5 models): a finished request's pages are not kept for its next turn")
         if params.stop and self.tokenizer is None:  # no text is made, so a stop string could never match
             raise InvalidRequestError("stop strings need a tokenizer, and this model has none (random weights, or a "
                                       "directory without tokenizer files): use stop_token_ids")
