@@ -159,6 +159,9 @@ def test_a_dense_request_that_could_outgrow_a_pool_sized_for_sparse_requests_is_
             llm.generate([list(range(3, 13))], SamplingParams(max_tokens=room + 1, ignore_eos=True), use_tqdm=False)
         out = llm.generate([list(range(3, 13))], SamplingParams(max_tokens=room, ignore_eos=True), use_tqdm=False)[0]
         assert len(out.token_ids) == room and out.finish_reason == "length"
+        # what the server gives a request without max_tokens: the pool's room for a dense one, the context's else
+        assert llm.engine.max_output_tokens(list(range(3, 13))) == room
+        assert llm.engine.max_output_tokens(list(range(3, 203))) == 512 - 200
         long = llm.generate([list(range(3, 203))], SamplingParams(max_tokens=200, ignore_eos=True), use_tqdm=False)[0]
         assert len(long.token_ids) == 200  # a sparse request is not bound by the device pool
 

@@ -246,20 +246,33 @@ class LLMEngine:
         if rid in self._seqs:
             raise InvalidRequestError(f"request id {rid!r} is already in use")
         seq = Sequence(request_id=rid, prompt_token_ids=ids, params=params, prompt=text)
-        policy = self.scheduler.sparse
-        if policy is None or not policy.wants(seq):  # dense: all of its KV in the device pool, to its last token
-            s, pool = self.config.page_size, self.allocator.num_pages
-            if -(-(len(ids) + params.max_tokens - 1) // s) > pool:  # (only a pool sized for sparse requests is smaller)
-                why = "" if policy is None else (
-                    f", and a prompt this short is not sparse (the sparse cache takes prompts from "
-                    f"{self.config.sparse.min_prompt_len} tokens)")
-                raise InvalidRequestError(
-                    f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) needs more KV than the device "
-                    f"pool's {pool * s} tokens{why}; lower max_tokens to at most {pool * s - len(ids) + 1}, "
-                    f"or raise kv_cache_gb")
+        room = self._dense_room(seq)
+        if room is not None and params.max_tokens > room:  # (only a device pool sized for sparse requests is smaller)
+            why = "" if self.scheduler.sparse is None else (
+                f", and a prompt this short is not sparse (the sparse cache takes prompts from "
+                f"{self.config.sparse.min_prompt_len} tokens)")
+            raise InvalidRequestError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) needs more KV than the device pool's "
+                f"{self.allocator.num_pages * self.config.page_size} tokens{why}; lower max_tokens to at most {room}, "
+                f"or raise kv_cache_gb")
         self._seqs[rid] = seq
         self.scheduler.add(seq)
         return rid
+
+    def max_output_tokens(self, prompt_ids: list[int]) -> int:
+        """The most tokens a request with this prompt may ask for: to the end of the context, and for a
+        dense request (not sparse) no more than the device pool holds."""
+        probe = Sequence(request_id="", prompt_token_ids=list(prompt_ids), params=SamplingParams())
+        room = self._dense_room(probe)
+        return max(0, min(self.max_model_len - len(prompt_ids), room if room is not None else self.max_model_len))
+
+    def _dense_room(self, seq: Sequence) -> int | None:
+        """For a request that would run dense (all of its KV in the device pool, to its last token): the most
+        tokens it may generate before it outgrows the pool. None for a sparse one."""
+        policy = self.scheduler.sparse
+        if policy is not None and policy.wants(seq):
+            return None
+        return self.allocator.num_pages * self.config.page_size - seq.num_prompt + 1
 
     @torch.inference_mode()
     def score(self, token_ids: list[int], *, prefill_tokens: int | None = None) -> torch.Tensor:

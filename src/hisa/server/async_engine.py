@@ -287,8 +287,8 @@ class AsyncEngine:
              params_for: Callable[[int], SamplingParams]) -> None:
         try:
             ids = self._prompt_ids(prompt)
-            if max_tokens is None:
-                max_tokens = max(1, self.max_model_len - len(ids))
+            if max_tokens is None:   # to the end of the context (or of the device pool, for a dense request)
+                max_tokens = max(1, self._engine.max_output_tokens(ids))
             self._engine.add_request(ids, params_for(max_tokens), request_id=stream.request_id)
         except HisaError as e:
             self._send(stream, e)
