@@ -63,6 +63,7 @@ def test_full_budget_matches_dense(grid_run):
             assert rec["output_token_ids"] == dense[rec["task"]]["output_token_ids"]
             assert rec["score"] == dense[rec["task"]]["score"]
     for kl in report["kl"]:
+        assert kl["positions"] == 2   # the decoded positions only (not the prefill's, dense in every row)
         if kl["row"].endswith(f"@{FULL}"):
             assert kl["mean_kl"] < 1e-4 and kl["top1_agreement"] == 1.0
 
@@ -72,7 +73,7 @@ def test_budget_parsing(text, tokens_at_4096):
     assert parse_budget(text).resolve(4096) == tokens_at_4096
 
 
-@pytest.mark.parametrize("text", ["abc", "0", "-8", "2.5", "1/0", "3/2", ""])
+@pytest.mark.parametrize("text", ["abc", "0", "-8", "2.5", "1/0", "3/2", "2/1", "8/4", ""])
 def test_bad_budget_is_a_config_error(text):
     with pytest.raises(ConfigError, match="neither a token count"):
         parse_budget(text)
@@ -84,6 +85,8 @@ def test_bad_budget_is_a_config_error(text):
     (dict(tasks=["niah_none"]), "unknown task(s)"),
     (dict(budgets=[]), "need at least one budget"),
     (dict(samples=0), "must be >= 1"),
+    (dict(budgets=parse_budgets("1/8,0.125")), "--budgets lists a value twice: ['1/8', '0.125']"),
+    (dict(max_minutes=float("nan")), "max_minutes must be a finite number > 0"),
 ])
 def test_bad_grid_is_a_config_error(kwargs, message):
     args = dict(algorithms=["dense", "quest"], budgets=parse_budgets("256"), lengths=[1024], tasks=["passkey"])
@@ -108,12 +111,22 @@ def test_budget_below_the_window_fails_before_running(smollm2):
     (["eval", "--budgets", "256,abc"], "budget 'abc' is neither a token count"),
     (["eval", "--algorithms", "dense,magic"], "unknown algorithm(s) 'magic'"),
     (["eval", "--lengths", "2k"], "context length '2k' is not a positive whole number"),
+    (["eval", "--lengths", "512,\u00b2"], "is not a positive whole number"),
     (["eval", "--sparse", "quest"], "takes --algorithms and --budgets"),
 ])
 def test_cli_errors_are_one_line(capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_kl_tokens_that_leave_too_short_a_prefill_fail_before_running(smollm2):
+    """Checked on the real document (the chat template included), not the target length."""
+    grid = EvalGrid(algorithms=["dense", "quest"], budgets=parse_budgets("1/8"), lengths=[512], tasks=["passkey"],
+                    max_tokens=2, kl_tokens=32)
+    with pytest.raises(ConfigError, match="kl_tokens=32 leaves a prefill of .* below min_prompt_len=480"):
+        run_eval(grid, engine_kwargs=dict(device="cpu", dtype="float32"), sparse_kwargs=dict(min_prompt_len=480),
+                 loaded=smollm2, progress=False)
 
 
 def test_parse_lengths():

@@ -70,3 +70,17 @@ def test_aggregate_rejects_out_of_range_scores_and_empty_input():
         aggregate([(sample(), 100.0)])
     with pytest.raises(ValueError, match="at least one"):
         aggregate([])
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_no_seed_gives_the_answer_away_in_the_question(task):
+    """Over many seeds (not one): a reply that only repeats the question and the answer prefix scores 0.
+    (cwe's common words were drawn from a pool holding "often", a word of its own question.)"""
+    class Words:
+        def encode(self, text):
+            return text.split()
+
+    for seed in range(60):
+        s = TASKS[task](Words(), target_tokens=400, depth=None if task in DEPTHLESS_TASKS else 0.5, seed=seed)
+        question = s.prompt.rsplit("\n", 1)[-1]   # the question is the prompt's last line
+        assert score_sample(s, f"{question} {s.answer_prefix}") == 0.0, (task, seed, s.expected)

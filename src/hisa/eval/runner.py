@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import gc
+import math
 import os
 import platform
 import subprocess
@@ -86,7 +87,7 @@ def parse_budget(text: str) -> Budget:
         value = Fraction(label)
     except (ValueError, ZeroDivisionError):
         value = None
-    if value is None or value <= 0 or (value > 1 and value.denominator != 1):
+    if value is None or value <= 0 or (value > 1 and (value.denominator != 1 or "/" in label or "." in label)):
         raise ConfigError(f"budget {text!r} is neither a token count (e.g. 256) nor a fraction of the context "
                           f"length in (0, 1] (e.g. 1/8 or 0.125)")
     if value > 1 or (value == 1 and "/" not in label and "." not in label):
@@ -110,7 +111,7 @@ def parse_lengths(text: str) -> list[int]:
     """A comma-separated list of context lengths in tokens: "2048,4096"."""
     out = []
     for t in split_list(text, "lengths"):
-        if not t.isdigit() or int(t) < 1:
+        if not (t.isascii() and t.isdigit()) or int(t) < 1:
             raise ConfigError(f"context length {t!r} is not a positive whole number of tokens")
         out.append(int(t))
     return out
@@ -153,9 +154,10 @@ class EvalGrid:
         if DENSE not in self.algorithms:
             raise ConfigError("--algorithms must include dense: it is the reference for scores and fidelity")
         for name, values in (("algorithms", self.algorithms), ("lengths", self.lengths), ("tasks", self.tasks),
-                             ("budgets", [b.label for b in self.budgets])):
+                             ("budgets", [(b.tokens, b.fraction) for b in self.budgets])):  # 1/8 = 0.125
             if len(set(values)) != len(values):
-                raise ConfigError(f"--{name} lists a value twice: {values}")
+                shown = [b.label for b in self.budgets] if name == "budgets" else values
+                raise ConfigError(f"--{name} lists a value twice: {shown}")
         if self.sparse_algorithms and not self.budgets:
             raise ConfigError("sparse algorithms need at least one budget (--budgets 256,1/8)")
         if not self.lengths or any(not isinstance(n, int) or n < 1 for n in self.lengths):
@@ -169,8 +171,9 @@ class EvalGrid:
             raise ConfigError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.kl_tokens < 0:
             raise ConfigError(f"kl_tokens must be >= 0, got {self.kl_tokens}")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise ConfigError(f"max_minutes must be > 0, got {self.max_minutes}")
+        if self.max_minutes is not None and not (isinstance(self.max_minutes, (int, float))
+                                                 and math.isfinite(self.max_minutes) and self.max_minutes > 0):
+            raise ConfigError(f"max_minutes must be a finite number > 0, got {self.max_minutes}")
 
     @property
     def sparse_algorithms(self) -> list[str]:
@@ -283,8 +286,9 @@ class _Runner:
         try:
             cfg = SparseConfig(algorithm=algorithm, token_budget=max(tokens, 1), **kwargs)
             cfg.budget_pages(self.config.page_size)
-        except ConfigError as e:
-            raise ConfigError(f"budget {budget.label} at length {length} ({tokens} tokens): {e}") from None
+        except ConfigError as e:   # (it says --token-budget, the flag of `hisa generate`: here it is --budgets)
+            msg = str(e).replace("raise --token-budget", "raise the budget (--budgets)")
+            raise ConfigError(f"budget {budget.label} at length {length} ({tokens} tokens): {msg}") from None
         return cfg
 
     def llm(self, algorithm: str, budget: Budget | None, length: int, *, batch: int):
@@ -349,6 +353,8 @@ def run_eval(grid: EvalGrid, *, engine_kwargs: dict | None = None, sparse_kwargs
                 break
             t_round = time.perf_counter()
             items = _round_items(grid, tokenizer, indices, runner.context)
+            if r == 0:
+                _check_kl_prefill(grid, items, runner.sparse_kwargs["min_prompt_len"])
             for length in grid.lengths:
                 dense: dict[str, Any] = {}  # the reference: token ids per (task, index), KL logits
                 for algorithm, budget in rows:
@@ -369,6 +375,19 @@ def run_eval(grid: EvalGrid, *, engine_kwargs: dict | None = None, sparse_kwargs
     if out is not None:
         write_report(report, out)
     return report
+
+
+def _check_kl_prefill(grid: EvalGrid, items: dict[int, list[_Item]], min_prompt_len: int) -> None:
+    """Before anything runs: the KL's document (each length's first prompt, the chat template included)
+    must leave a prefill of at least min_prompt_len tokens once its last kl_tokens are decoded."""
+    if not grid.kl_tokens or not grid.sparse_algorithms:
+        return
+    for length, batch in items.items():
+        doc = len(batch[0].ids)
+        if doc - grid.kl_tokens < max(1, min_prompt_len):
+            raise ConfigError(f"kl_tokens={grid.kl_tokens} leaves a prefill of {doc - grid.kl_tokens} tokens of the "
+                              f"{doc}-token document at length {length}, below min_prompt_len={min_prompt_len} (it "
+                              f"would not run sparse); lower --kl-tokens to at most {doc - max(1, min_prompt_len)}")
 
 
 def _run_row(runner: _Runner, report: dict[str, Any], algorithm: str, budget: Budget | None, batch: list[_Item],
@@ -398,7 +417,12 @@ def _run_row(runner: _Runner, report: dict[str, Any], algorithm: str, budget: Bu
     kl_tokens = runner.grid.kl_tokens
     if kl and kl_tokens:
         doc = batch[0].ids  # a long document: the first prompt at this length
-        logits = llm.engine.score(doc, prefill_tokens=len(doc) - kl_tokens)  # [kl_tokens + 1, V] fp32
+        steps = llm.engine.sparse.summary()["request_steps"] if budget is not None else 0
+        # [kl_tokens + 1, V] fp32; row 0 comes from the prefill, dense in every row of the table: left out
+        logits = llm.engine.score(doc, prefill_tokens=len(doc) - kl_tokens)[1:]
+        if budget is not None and llm.engine.sparse.summary()["request_steps"] - steps != kl_tokens:
+            raise RuntimeError(f"{label} at length {length}: the KL's {kl_tokens} decode steps did not all run "
+                               f"sparse (min_prompt_len above the prefill of {len(doc) - kl_tokens} tokens?)")
         if budget is None:
             dense["logits"] = logits
         else:

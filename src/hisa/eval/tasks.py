@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -289,14 +290,16 @@ def common_words(tokenizer: Tokenizer, *, target_tokens: int, depth: float | Non
     if not freq_common > freq_uncommon >= 1:
         raise ValueError(f"need freq_common > freq_uncommon >= 1, got {freq_common}, {freq_uncommon}")
     rng = random.Random(seed)
-    common = word_pool(rng, num_common)
-    uncommon: list[str] = []
-    shuffle_seed = rng.getrandbits(64)
-    pool_seed = rng.getrandbits(64)
     head = ("Below is a numbered list of words. In these words, some appear more often than others. "
             "Memorize the ones that appear most often.")
     tail = f"Question: What are the {num_common} most common words in the above list?"
     answer_prefix = f"Answer: The top {num_common} words that appear most often in the list are:"
+    # no answer word inside the question's own words ("often" was one): a reply echoing them scores nothing
+    asked = sorted({w for w in re.findall(r"[a-z]+", f"{head} {tail} {answer_prefix}".lower()) if len(w) >= 3})
+    common = word_pool(rng, num_common, avoid=asked)
+    uncommon: list[str] = []
+    shuffle_seed = rng.getrandbits(64)
+    pool_seed = rng.getrandbits(64)
 
     def build(n: int):
         if len(uncommon) < n:   # regrow with the same seed: word_pool(k) is a prefix of word_pool(m > k)
