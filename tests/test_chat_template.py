@@ -37,6 +37,13 @@ def test_the_template_replaces_the_models_and_refusals_are_request_errors(smollm
             apply_chat_template(llm.tokenizer, [{"role": "assistant", "content": "hi"}])
 
 
+def test_a_template_whose_own_code_fails_is_that_requests_error(smollm2):
+    with LLM(loaded=smollm2, device="cpu", dtype="float32", max_model_len=256, progress=False,
+             chat_template="{{ messages[0]['content'] + 1 }}") as llm:   # str + int: a TypeError, not a TemplateError
+        with pytest.raises(InvalidRequestError, match=r"the chat template failed on these messages \(TypeError"):
+            llm.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
 @pytest.fixture(autouse=True)
 def _restore_template(smollm2):
     """LLM(loaded=...) shares the session's tokenizer: put its own template back after each test."""

@@ -66,6 +66,8 @@ def apply_chat_template(tokenizer, messages: list[dict]) -> list[int]:
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     except jinja2.TemplateError as e:
         raise InvalidRequestError(f"the chat template refused these messages: {e}") from None
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:  # raised by the template's own code
+        raise InvalidRequestError(f"the chat template failed on these messages ({type(e).__name__}: {e})") from None
     if isinstance(ids, dict) or hasattr(ids, "keys"):
         ids = ids["input_ids"]
     return list(ids)

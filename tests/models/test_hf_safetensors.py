@@ -55,3 +55,43 @@ def test_unsupported_architecture_names_what_is_supported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10}))
     with pytest.raises(ModelLoadError, match="unsupported architecture 'gpt2'.*llama.*mistral.*qwen2"):
         load_model(str(tmp_path), device=torch.device("cpu"), dtype=torch.float32, progress=False)
+
+
+_CONFIG = dict(model_type="llama", vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(num_attention_heads=None), "the field 'num_attention_heads' is missing"),
+    (dict(num_hidden_layers="2"), "not a model config hisa can read"),
+    (dict(num_key_value_heads=0), "not a model config hisa can read"),
+    (dict(num_key_value_heads=3), "not a multiple of"),   # ModelConfig's own check, as a load error
+    ("[1, 2]", "holds a JSON list, not an object"),
+    (b"\xff\xfe{}", "is not valid JSON"),
+])
+def test_a_damaged_config_is_a_load_error_not_a_traceback(tmp_path, change, message):
+    from hisa.errors import ModelLoadError
+    from hisa.models.loader import hf_config
+
+    if isinstance(change, dict):
+        cfg = {k: v for k, v in {**_CONFIG, **change}.items() if v is not None}
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+    elif isinstance(change, bytes):
+        (tmp_path / "config.json").write_bytes(change)
+    else:
+        (tmp_path / "config.json").write_text(change)
+    with pytest.raises(ModelLoadError, match=message):
+        hf_config(tmp_path)
+
+
+def test_a_damaged_generation_config_or_safetensors_file_is_a_load_error(tmp_path):
+    from hisa.errors import ModelLoadError
+
+    (tmp_path / "config.json").write_text(json.dumps(_CONFIG))
+    (tmp_path / "generation_config.json").write_text("{bad")
+    with pytest.raises(ModelLoadError, match="generation_config.json is not valid JSON"):
+        load_model(str(tmp_path), device=torch.device("cpu"), dtype=torch.float32, progress=False)
+    (tmp_path / "generation_config.json").unlink()
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ModelLoadError, match="model.safetensors is not a readable safetensors file"):
+        load_model(str(tmp_path), device=torch.device("cpu"), dtype=torch.float32, progress=False)

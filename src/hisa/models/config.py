@@ -70,6 +70,11 @@ class ModelConfig:
                 f"unsupported architecture {self.arch!r}; hisa supports: "
                 + ", ".join(sorted(SUPPORTED_ARCHITECTURES)) + f" ({SUPPORTED_MODELS})"
             )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.layer_types is not None:

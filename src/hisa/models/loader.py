@@ -136,12 +136,36 @@ def _check_arch(model_type: str, where: str) -> str:
     return model_type
 
 
+# what a config a user's file holds can raise while it is read: a missing key, a value of the wrong type
+# or size (also ModelConfig's own checks), text that is not UTF-8
+_CONFIG_ERRORS = (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError, UnicodeDecodeError)
+
+
+def _unreadable(where: str, e: Exception) -> ModelLoadError:
+    what = f"the field {e} is missing" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+    return ModelLoadError(f"{where}: not a model config hisa can read ({what})")
+
+
 def hf_config(path: Path) -> ModelConfig:
     """Read `config.json` of a Hugging Face directory into a :class:`ModelConfig`."""
     try:
-        raw = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+        return _hf_config(path)
+    except _CONFIG_ERRORS as e:
+        raise _unreadable(str(path / "config.json"), e) from None
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        raw = json.loads(file.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{file} holds a JSON {type(raw).__name__}, not an object")
+    return raw
+
+
+def _hf_config(path: Path) -> ModelConfig:
+    raw = _read_json(path / "config.json")
     arch = _check_arch(raw.get("model_type", "?"), str(path / "config.json"))
     num_heads = raw["num_attention_heads"]
     head_dim = raw.get("head_dim") or raw["hidden_size"] // num_heads
@@ -155,7 +179,7 @@ def hf_config(path: Path) -> ModelConfig:
     eos = raw.get("eos_token_id")
     gen_cfg = path / "generation_config.json"
     if gen_cfg.is_file():
-        eos = json.loads(gen_cfg.read_text()).get("eos_token_id", eos)
+        eos = _read_json(gen_cfg).get("eos_token_id", eos)
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     if arch == "mistral" and raw.get("sliding_window") and raw["sliding_window"] < raw.get("max_position_embeddings", 0):
         # Mistral v0.1 uses a 4K sliding window; we attend to the full context (same as HF up to 4K tokens).
@@ -224,23 +248,32 @@ def _hf_gemma3_fields(raw: dict, path: Path) -> tuple[dict, float, dict | None]:
 
 def hf_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) from every *.safetensors file of a Hugging Face directory."""
-    from safetensors import safe_open
-
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{path} has config.json but no *.safetensors weights")
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
+        with _safe_open(file) as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                try:
+                    tensor = f.get_tensor(name)
+                except Exception as e:  # noqa: BLE001 — safetensors' own error type, a damaged file
+                    raise ModelLoadError(f"{file}: tensor {name} cannot be read ({e})") from None
+                yield name, tensor
+
+
+def _safe_open(file: Path):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(file), framework="pt")
+    except Exception as e:  # noqa: BLE001 — safetensors' own error type: a truncated or foreign file
+        raise ModelLoadError(f"{file} is not a readable safetensors file ({e})") from None
 
 
 def hf_num_tensors(path: Path) -> int:
-    from safetensors import safe_open
-
     total = 0
     for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
+        with _safe_open(file) as f:
             total += len(list(f.keys()))
     return total
 
@@ -319,17 +352,32 @@ def _field(reader, key: str, default: Any = None) -> Any:
 
 def gguf_config(reader, path: Path) -> ModelConfig:
     """Read the architecture from GGUF metadata into a :class:`ModelConfig`."""
+    try:
+        return _gguf_config(reader, path)
+    except _CONFIG_ERRORS as e:   # (a required key missing reads as None: a TypeError)
+        raise _unreadable(f"{path} (GGUF metadata)", e) from None
+
+
+def _gguf_config(reader, path: Path) -> ModelConfig:
     arch = _check_arch(_field(reader, "general.architecture", "?"), str(path))
     p = arch  # GGUF keys are prefixed by the architecture name
 
     def key(name, default=None):
         return _field(reader, f"{p}.{name}", default)
 
-    hidden = key("embedding_length")
-    num_heads = key("attention.head_count")
+    def required(name):
+        value = key(name)
+        if value is None:
+            raise ModelLoadError(f"{path}: the GGUF metadata has no {p}.{name}")
+        return value
+
+    hidden = required("embedding_length")
+    num_heads = required("attention.head_count")
     num_kv = key("attention.head_count_kv", num_heads)
     names = {t.name for t in reader.tensors}
     vocab = key("vocab_size") or len(_field(reader, "tokenizer.ggml.tokens", []))
+    if not vocab:  # neither given: the embedding table's rows
+        vocab = next((int(t.shape[-1]) for t in reader.tensors if t.name == "token_embd.weight"), 0)
     rope_scaling = None
     scaling_type = key("rope.scaling.type")
     if scaling_type == "linear":
@@ -341,7 +389,7 @@ def gguf_config(reader, path: Path) -> ModelConfig:
     eos_ids = [i for i in (eos, eot) if i is not None]
     gemma = {}
     if SUPPORTED_ARCHITECTURES[arch] == "gemma3":
-        gemma = _gguf_gemma3_fields(key, int(key("block_count")), int(hidden), int(num_heads),
+        gemma = _gguf_gemma3_fields(key, int(required("block_count")), int(hidden), int(num_heads),
                                     int(key("attention.key_length", hidden // num_heads)), path)
         # chat turns end with <end_of_turn>, not <eos>: stop there too (as Gemma's generation_config does)
         tokens = _field(reader, "tokenizer.ggml.tokens", [])
@@ -351,8 +399,8 @@ def gguf_config(reader, path: Path) -> ModelConfig:
         arch=arch,
         vocab_size=int(vocab),
         hidden_size=int(hidden),
-        intermediate_size=int(key("feed_forward_length")),
-        num_layers=int(key("block_count")),
+        intermediate_size=int(required("feed_forward_length")),
+        num_layers=int(required("block_count")),
         num_heads=int(num_heads),
         num_kv_heads=int(num_kv),
         head_dim=int(key("attention.key_length", hidden // num_heads)),
