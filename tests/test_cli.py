@@ -39,6 +39,9 @@ def test_help_lists_commands(capsys):
      "seed must be an integer in [0, 2**64 - 1]"),
     (["generate", "--prompt", "hi", "--chat-template", "/no/such/template.jinja"], "does not exist"),
     (["generate", "--prompt", "hi", "--chat-template", "{% if %}"], "the chat template does not compile"),
+    (["generate", "--prompt", "hi", "--residency", "host", "--token-budget", "64"],
+     "--token-budget, --residency are settings of the sparse cache, which is off: add --sparse ALGORITHM"),
+    (["generate", "--prompt", "hi", "--system", "Answer in French", "--raw"], "--system goes into the chat template"),
 ])
 def test_bad_input_gets_one_line_error(capsys, argv, message):
     code, _, err = _run(capsys, *argv)

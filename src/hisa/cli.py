@@ -100,8 +100,23 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                          "overlapping their selection kernels (default: 2)")
 
 
-def engine_kwargs(args: argparse.Namespace) -> dict:
+# settings of the sparse cache alone: given without --sparse they would do nothing
+SPARSE_ONLY = ("token_budget", "buffer_ratio", "sink_pages", "recent_pages", "sparse_min_prompt_len", "host_pool_gb",
+               "residency", "max_sparse_requests", "dense_layers", "decode_streams")
+
+
+def engine_kwargs(args: argparse.Namespace, *, sparse_flags_need_sparse: bool = True) -> dict:
+    """EngineConfig fields from the engine flags. A sparse cache setting given without --sparse is an error
+    (`hisa eval`, whose sparse rows take them from its own flags, passes sparse_flags_need_sparse=False)."""
     sparse = None
+    if not args.sparse and sparse_flags_need_sparse:
+        defaults = argparse.ArgumentParser()
+        add_engine_args(defaults)
+        unchanged = vars(defaults.parse_args([]))
+        given = [f"--{d.replace('_', '-')}" for d in SPARSE_ONLY if getattr(args, d, None) != unchanged[d]]
+        if given:
+            raise HisaError(f"{', '.join(given)} {'is a setting' if len(given) == 1 else 'are settings'} of the "
+                            f"sparse cache, which is off: add --sparse ALGORITHM (e.g. --sparse quest)")
     if args.sparse:
         from hisa.sparse.config import SparseConfig
 
@@ -196,6 +211,8 @@ def cmd_generate(args) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="hisa: %(message)s")  # engine warnings, one line each
 
+    if args.system and args.raw:
+        raise HisaError("--system goes into the chat template, which --raw leaves out: drop one of them")
     prompts = _read_prompts(args)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.sample_seed, stop=args.stop)
@@ -203,6 +220,9 @@ def cmd_generate(args) -> int:
     llm = LLM(progress=not args.quiet, chat_template=args.chat_template, **engine_kwargs(args))
     load_s = time.perf_counter() - t0
     use_template = not args.raw and llm.tokenizer is not None and getattr(llm.tokenizer, "chat_template", None)
+    if args.system and not use_template:
+        raise HisaError("this model has no chat template, so --system has nowhere to go: drop it, or give one "
+                        "with --chat-template")
     if use_template:
         inputs = []
         for p in prompts:

@@ -98,7 +98,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
                     lengths=parse_lengths(args.lengths), tasks=split_list(args.tasks, "tasks"),
                     samples=args.samples, seed=args.seed, round_size=args.round_size, max_tokens=args.max_tokens,
                     kl_tokens=args.kl_tokens, max_minutes=args.max_minutes)
-    kwargs = engine_kwargs(args)
+    kwargs = engine_kwargs(args, sparse_flags_need_sparse=False)   # (its sparse rows take them)
     kwargs["progress"] = not args.quiet
     sparse_kwargs = dict(buffer_ratio=args.buffer_ratio, sink_pages=args.sink_pages, recent_pages=args.recent_pages,
                          min_prompt_len=args.sparse_min_prompt_len, host_pool_gb=args.host_pool_gb,
