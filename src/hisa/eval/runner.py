@@ -462,8 +462,6 @@ def _record(item: _Item, output, unit: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- provenance
 
 def _header(grid: EvalGrid, runner: _Runner, command: str | None) -> dict[str, Any]:
-    from hisa import __version__
-
     cfg, mcfg, src = runner.config, runner.loaded.config, runner.loaded.source
     device = cfg.device
     if device.startswith("cuda"):
