@@ -42,6 +42,7 @@ def test_help_lists_commands(capsys):
     (["generate", "--prompt", "hi", "--residency", "host", "--token-budget", "64"],
      "--token-budget, --residency are settings of the sparse cache, which is off: add --sparse ALGORITHM"),
     (["generate", "--prompt", "hi", "--system", "Answer in French", "--raw"], "--system goes into the chat template"),
+    (["generate", "--prompt", "hi", "--model", "random:tiny-llama"], "has no tokenizer and hisa generate takes text"),
 ])
 def test_bad_input_gets_one_line_error(capsys, argv, message):
     code, _, err = _run(capsys, *argv)
@@ -148,3 +149,12 @@ def test_dense_layers_flag_reaches_the_sparse_config(capsys):
     assert engine_kwargs(build_parser().parse_args(argv))["sparse"].dense_layers == 2
     code, _, err = _run(capsys, "generate", "--prompt", "hi", "--sparse", "quest", "--dense-layers", "2")
     assert code == 2 and "needs residency='device'" in err and "Traceback" not in err
+
+
+def test_without_max_tokens_a_long_prompt_gets_what_the_context_has_left(capsys):
+    """--max-tokens left out: at most 256 new tokens, and no more than the context leaves (not a refusal)."""
+    code, out, err = _run(capsys, "generate", "--prompt", "one two three four five six seven eight nine ten " * 4,
+                          "--raw", "--max-model-len", "64", "--device", "cpu", "--json", "--quiet")
+    assert code == 0, err
+    row = json.loads(out.strip().splitlines()[-1])
+    assert row["prompt_tokens"] + len(row["token_ids"]) == 64 and row["finish_reason"] == "length"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -100,6 +101,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                          "overlapping their selection kernels (default: 2)")
 
 
+DEFAULT_MAX_TOKENS = 256   # hisa generate's --max-tokens when it is not given (cut to what the context has left)
+
 # settings of the sparse cache alone: given without --sparse they would do nothing
 SPARSE_ONLY = ("token_budget", "buffer_ratio", "sink_pages", "recent_pages", "sparse_min_prompt_len", "host_pool_gb",
                "residency", "max_sparse_requests", "dense_layers", "decode_streams")
@@ -151,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--system", default=None, help="system message for the chat template")
     src.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     samp = gen.add_argument_group("sampling")
-    samp.add_argument("--max-tokens", type=int, default=256, help="most new tokens (default: 256)")
+    samp.add_argument("--max-tokens", type=int, default=None,
+                      help=f"most new tokens (default: {DEFAULT_MAX_TOKENS}, or what the context has left)")
     samp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
     samp.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     samp.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
@@ -213,9 +217,13 @@ def cmd_generate(args) -> int:
 
     if args.system and args.raw:
         raise HisaError("--system goes into the chat template, which --raw leaves out: drop one of them")
+    if args.model and args.model.startswith("random:"):   # before loading it
+        raise HisaError(f"{args.model} has no tokenizer and hisa generate takes text: use it from the Python API "
+                        "with token ids, or through hisa serve with token-id prompts")
     prompts = _read_prompts(args)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.sample_seed, stop=args.stop)
+    params = SamplingParams(max_tokens=DEFAULT_MAX_TOKENS if args.max_tokens is None else args.max_tokens,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.sample_seed,
+                            stop=args.stop)
     t0 = time.perf_counter()
     llm = LLM(progress=not args.quiet, chat_template=args.chat_template, **engine_kwargs(args))
     load_s = time.perf_counter() - t0
@@ -230,7 +238,16 @@ def cmd_generate(args) -> int:
             inputs.append(llm.apply_chat_template(msgs))
     else:
         inputs = prompts
-    outputs = llm.generate(inputs, params, use_tqdm=not args.quiet)
+    if llm.tokenizer is None:
+        raise HisaError("this model has no tokenizer (random weights, or a directory without tokenizer files): "
+                        "hisa generate takes text; use the Python API with token ids, or hisa bench")
+    per_prompt = params
+    if args.max_tokens is None:  # the default: no more than the context (or the device pool) has left
+        ids = [llm.engine.encode(x) if isinstance(x, str) else x for x in inputs]
+        fits = [max(1, min(DEFAULT_MAX_TOKENS, llm.engine.max_output_tokens(i))) for i in ids]
+        per_prompt = [dataclasses.replace(params, max_tokens=n) for n in fits]
+        inputs = ids
+    outputs = llm.generate(inputs, per_prompt, use_tqdm=not args.quiet)
     for i, out in enumerate(outputs):
         if args.json:
             print(json.dumps({"prompt_tokens": out.num_prompt_tokens, "text": out.text, "token_ids": out.token_ids,
