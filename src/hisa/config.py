@@ -95,8 +95,7 @@ class EngineConfig:
     overlap: bool | str = "auto"
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.keep_alive_s, (int, float)) and 0 <= self.keep_alive_s < float("inf")):
-            raise ConfigError(f"keep_alive_s must be a finite number of seconds >= 0, got {self.keep_alive_s!r}")
+        check_number("keep_alive_s", self.keep_alive_s, low=0)   # (seconds)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be cpu, cuda or auto, got {self.device!r}")
         if self.device == "auto":

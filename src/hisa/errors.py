@@ -35,9 +35,19 @@ class DeviceError(RuntimeError):
     """The device no longer works (a CUDA error that persists after a failed step): the engine stops."""
 
 
+def is_int(value) -> bool:
+    """An int, not a bool (True is an int to Python) and not a float such as 96.0."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_number(value) -> bool:
+    """An int or a float (not a bool) that is neither NaN nor infinite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_int(name: str, value, *, low: int = 0, high: int | None = None) -> None:
-    """Raise ConfigError unless `value` is an int (not a bool, not a float such as 96.0) in [low, high]."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+    """Raise ConfigError unless `value` is an int (`is_int`) in [low, high]."""
+    if not is_int(value) or value < low or (high is not None and value > high):
         bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ConfigError(f"{name} must be an integer {bounds}, got {value!r}")
 
@@ -45,7 +55,5 @@ def check_int(name: str, value, *, low: int = 0, high: int | None = None) -> Non
 def check_number(name: str, value, *, low: float, open_low: bool = False) -> None:
     """Raise ConfigError unless `value` is a finite number >= low (> low with open_low): NaN and inf are
     refused here, where a check like `value <= 0` lets NaN through to fail later without saying why."""
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-          and (value > low if open_low else value >= low))
-    if not ok:
+    if not is_finite_number(value) or not (value > low if open_low else value >= low):
         raise ConfigError(f"{name} must be a finite number {'>' if open_low else '>='} {low:g}, got {value!r}")

@@ -9,11 +9,10 @@ which knows it (`check_vocab`).
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 
-from hisa.errors import InvalidRequestError
+from hisa.errors import InvalidRequestError, is_finite_number, is_int
 
 FP32_TINY = 1.1754943508222875e-38  # smallest normal fp32: a temperature below it cannot be applied in fp32
 FP32_MAX = 3.4028234663852886e38
@@ -22,14 +21,6 @@ MAX_STOP_STRINGS = 32
 MAX_STOP_CHARS = 1024  # stop strings are matched against the output text after every token
 PENALTY_RANGE = (-2.0, 2.0)  # OpenAI's range for presence_penalty and frequency_penalty
 LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's range for logit_bias values
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass(slots=True)
@@ -68,35 +59,35 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+        if not is_int(self.max_tokens) or self.max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         t = self.temperature
-        if not _is_number(t) or t < 0:
+        if not is_finite_number(t) or t < 0:
             raise InvalidRequestError(f"temperature must be >= 0 (0 = greedy) and finite, got {t!r}")
         if 0 < t < FP32_TINY or t > FP32_MAX:
             raise InvalidRequestError(f"temperature {t!r} cannot be applied in fp32: use 0 (greedy) or a value "
                                       f"between {FP32_TINY:.2g} and {FP32_MAX:.2g}")
-        if not _is_int(self.top_k) or self.top_k < -1:
+        if not is_int(self.top_k) or self.top_k < -1:
             raise InvalidRequestError(f"top_k must be an integer >= 0 (0 or -1 = off), got {self.top_k!r}")
-        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+        if not is_finite_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+        if not is_finite_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
             raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p!r}")
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
             raise InvalidRequestError(f"seed must be an integer in [0, 2**64 - 1], got {self.seed!r}")
         if not isinstance(self.stop, list) or any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty strings")
         if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
             raise InvalidRequestError(f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} "
                                       "characters each")
-        if not isinstance(self.stop_token_ids, list) or not all(_is_int(t) for t in self.stop_token_ids):
+        if not isinstance(self.stop_token_ids, list) or not all(is_int(t) for t in self.stop_token_ids):
             raise InvalidRequestError("stop_token_ids must be a list of integers")
         for name in ("ignore_eos", "keep_alive"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidRequestError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            if not _is_number(value) or not PENALTY_RANGE[0] <= value <= PENALTY_RANGE[1]:
+            if not is_finite_number(value) or not PENALTY_RANGE[0] <= value <= PENALTY_RANGE[1]:
                 raise InvalidRequestError(f"{name} must be in [-2, 2], got {value!r}")
         if self.logit_bias is not None:
             self.logit_bias = check_logit_bias(self.logit_bias)
@@ -134,9 +125,9 @@ def check_logit_bias(bias) -> dict[int, float]:
         token = key
         if isinstance(key, str):
             token = int(key) if re.fullmatch(r"-?[0-9]{1,18}", key) else None
-        if not _is_int(token):
+        if not is_int(token):
             raise InvalidRequestError(f"logit_bias keys must be token ids (integers), got {key!r}")
-        if not _is_number(value) or not LOGIT_BIAS_RANGE[0] <= value <= LOGIT_BIAS_RANGE[1]:
+        if not is_finite_number(value) or not LOGIT_BIAS_RANGE[0] <= value <= LOGIT_BIAS_RANGE[1]:
             raise InvalidRequestError(f"logit_bias values must be in [-100, 100], got {value!r} for token {key}")
         out[token] = float(value)
     return out

@@ -25,7 +25,6 @@ Example::
 from __future__ import annotations
 
 import gc
-import math
 import os
 import platform
 import subprocess
@@ -40,7 +39,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from hisa.errors import ConfigError
+from hisa.errors import ConfigError, check_number
 from hisa.eval.fidelity import first_divergence, mean_kl, token_agreement, top1_agreement
 from hisa.eval.scoring import score_sample
 from hisa.eval.tasks import TASKS, TaskSample, derive_seed
@@ -171,9 +170,8 @@ class EvalGrid:
             raise ConfigError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.kl_tokens < 0:
             raise ConfigError(f"kl_tokens must be >= 0, got {self.kl_tokens}")
-        if self.max_minutes is not None and not (isinstance(self.max_minutes, (int, float))
-                                                 and math.isfinite(self.max_minutes) and self.max_minutes > 0):
-            raise ConfigError(f"max_minutes must be a finite number > 0, got {self.max_minutes}")
+        if self.max_minutes is not None:
+            check_number("max_minutes", self.max_minutes, low=0, open_low=True)
 
     @property
     def sparse_algorithms(self) -> list[str]:
@@ -269,10 +267,6 @@ class _Runner:
             if need >= self.context:
                 raise ConfigError(f"length {length} (+ answer tokens) is beyond the model's context of "
                                   f"{self.context} tokens; pick lengths below {self.context - need + length}")
-        shortest = min(grid.lengths)
-        if grid.kl_tokens and shortest - grid.kl_tokens < max(1, self.sparse_kwargs["min_prompt_len"]):
-            raise ConfigError(f"kl_tokens={grid.kl_tokens} leaves too short a prefill at length {shortest} "
-                              f"(min_prompt_len={self.sparse_kwargs['min_prompt_len']}); lower --kl-tokens")
         for algorithm, budget in grid.rows()[1:]:  # every budget must fit sinks + window + one page
             for length in grid.lengths:
                 self.sparse_config(algorithm, budget, length, batch=1)
@@ -379,15 +373,19 @@ def run_eval(grid: EvalGrid, *, engine_kwargs: dict | None = None, sparse_kwargs
 
 def _check_kl_prefill(grid: EvalGrid, items: dict[int, list[_Item]], min_prompt_len: int) -> None:
     """Before anything runs: the KL's document (each length's first prompt, the chat template included)
-    must leave a prefill of at least min_prompt_len tokens once its last kl_tokens are decoded."""
-    if not grid.kl_tokens or not grid.sparse_algorithms:
+    must leave a prefill once its last kl_tokens are decoded, of at least min_prompt_len tokens where
+    sparse rows are compared (shorter would run dense)."""
+    if not grid.kl_tokens:
         return
+    least = max(1, min_prompt_len) if grid.sparse_algorithms else 1
     for length, batch in items.items():
         doc = len(batch[0].ids)
-        if doc - grid.kl_tokens < max(1, min_prompt_len):
+        if doc - grid.kl_tokens < least:
+            why = (f"below min_prompt_len={min_prompt_len} (it would not run sparse)" if grid.sparse_algorithms
+                   else "too short to prefill")
             raise ConfigError(f"kl_tokens={grid.kl_tokens} leaves a prefill of {doc - grid.kl_tokens} tokens of the "
-                              f"{doc}-token document at length {length}, below min_prompt_len={min_prompt_len} (it "
-                              f"would not run sparse); lower --kl-tokens to at most {doc - max(1, min_prompt_len)}")
+                              f"{doc}-token document at length {length}, {why}; lower --kl-tokens to at most "
+                              f"{doc - least}")
 
 
 def _run_row(runner: _Runner, report: dict[str, Any], algorithm: str, budget: Budget | None, batch: list[_Item],

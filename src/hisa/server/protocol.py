@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationInfo, field_validator,
+                      model_validator)
 
 from hisa.engine.sampling_params import (
     FP32_MAX, FP32_TINY, MAX_SEED, MAX_STOP_CHARS, MAX_STOP_STRINGS, PENALTY_RANGE, SamplingParams,
@@ -44,8 +45,6 @@ def _strict(default=None, **kw):
     boolean): strict, where pydantic would coerce. (A strict float still takes an integer.)"""
     return Field(default=default, strict=True, **kw)
 
-
-StrictInt = Annotated[int, Strict()]
 
 
 class StreamOptions(_Request):
@@ -85,7 +84,7 @@ class _SamplingFields(_Request):
     keep_alive: bool | None = _strict(False)  # extra: a turn of an agent session: its KV pages stay cached (--keep-alive)
     presence_penalty: float | None = _finite(ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
     frequency_penalty: float | None = _finite(ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
-    logit_bias: dict[str, Annotated[float, Strict()]] | None = None
+    logit_bias: dict[str, StrictFloat] | None = None   # (a strict float still takes an integer)
     # refused unless left at their defaults (_UNSUPPORTED_EXTRAS)
     repetition_penalty: Any = None
     length_penalty: Any = None
