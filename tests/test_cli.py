@@ -33,7 +33,7 @@ def test_help_lists_commands(capsys):
     (["generate", "--prompt", "hi", "--max-tokens", "0"], "max_tokens must be an integer >= 1"),
     (["generate", "--prompt-file", "/no/such/prompt.txt"], "cannot read prompt file"),
     (["generate"], "give a prompt"),
-    (["generate", "--prompt", "hi", "--device", "tpu"], "device must be cpu, cuda or auto"),
+    (["generate", "--prompt", "hi", "--device", "tpu"], "device must be cpu, cuda, cuda:N or auto"),
     (["generate", "--prompt", "hi", "--temperature", "1e-40"], "temperature 1e-40 cannot be applied in fp32"),
     (["generate", "--prompt", "hi", "--sample-seed", "18446744073709551616"],
      "seed must be an integer in [0, 2**64 - 1]"),
@@ -56,6 +56,18 @@ def test_prompt_file_that_is_not_utf8_gets_one_line_error(capsys, tmp_path):
     code, _, err = _run(capsys, "generate", "--prompt-file", str(path))
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert f"prompt file '{path}' is not UTF-8 text: byte 0xe9 at offset 3" in err
+
+
+def test_an_empty_prompt_is_refused_before_the_model_loads(capsys, tmp_path):
+    """An empty file (a wrong path, an unfinished pipe) used to run: the chat template wrapped nothing."""
+    empty, blank = tmp_path / "empty.txt", tmp_path / "blank.txt"
+    empty.write_bytes(b"")
+    blank.write_text(" \n\t\n")
+    for argv, message in ((["--prompt-file", str(empty)], f"prompt file '{empty}' is empty"),
+                          (["--prompt-file", str(blank)], "is empty (only whitespace)"),
+                          (["--prompt", "  "], "--prompt is empty")):
+        code, _, err = _run(capsys, "generate", *argv)
+        assert code == 2 and message in err and "Traceback" not in err
 
 
 def test_prompt_file_utf8_with_bom_is_read(tmp_path):

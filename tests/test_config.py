@@ -44,12 +44,25 @@ def test_a_buffer_larger_than_the_context_is_capped_and_fitting_configs_are_kept
     (dict(num_kv_pages=0), "num_kv_pages must be an integer >= 1"),
     (dict(cpu_decode_kv_gb=float("nan")), "cpu_decode_kv_gb must be a finite number >= 0"),
     (dict(page_size=16.0), "page_size must be an integer >= 1"),
+    (dict(gpu_memory_utilization="0.9"), "gpu_memory_utilization must be a finite number > 0"),
+    (dict(gpu_memory_utilization=float("nan")), "gpu_memory_utilization must be a finite number > 0"),
+    (dict(gpu_memory_utilization=1.5), r"gpu_memory_utilization must be in \(0, 1\]"),
 ])
 def test_invalid_engine_settings_fail_at_construction_with_what_to_change(kwargs, message):
     """NaN, infinities, floats where an integer is meant: refused with one line, before a model loads (they
     failed later with a traceback: NaN passes `x <= 0`)."""
     with pytest.raises(ConfigError, match=message):
         EngineConfig(device="cpu", **kwargs)
+
+
+def test_device_names_are_read_as_typed_and_others_refused():
+    import torch
+
+    for given in ("CPU", " cpu ", torch.device("cpu"), "auto"):
+        assert EngineConfig(device=given).device in ("cpu", "cuda")
+    for bad in ("gpu", "cuda:x", 3):
+        with pytest.raises(ConfigError, match="device must be cpu, cuda, cuda:N or auto"):
+            EngineConfig(device=bad)
 
 
 def test_a_context_shorter_than_the_fixed_pages_says_so_not_to_raise_the_budget():

@@ -186,6 +186,9 @@ def _version() -> str:
 
 def _read_prompts(args) -> list[str]:
     prompts = list(args.prompt)
+    for text in prompts:
+        if not text.strip():
+            raise HisaError("--prompt is empty: give the text to continue or answer")
     for path in args.prompt_file:
         try:
             if path == "-":
@@ -195,7 +198,11 @@ def _read_prompts(args) -> list[str]:
                     data = f.read()
         except OSError as e:
             raise HisaError(f"cannot read prompt file {path!r}: {e.strerror}") from None
-        prompts.append(decode_utf8(data, what="stdin" if path == "-" else f"prompt file {path!r}"))
+        what = "stdin" if path == "-" else f"prompt file {path!r}"
+        text = decode_utf8(data, what=what)
+        if not text.strip():   # a wrong path or an unfinished pipe, not a question: the model would answer nothing
+            raise HisaError(f"{what} is empty" + (" (only whitespace)" if text else ""))
+        prompts.append(text)
     if not prompts:
         raise HisaError("give a prompt with --prompt TEXT or --prompt-file PATH")
     return prompts

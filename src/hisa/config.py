@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from dataclasses import dataclass
 
 import torch
@@ -96,8 +97,12 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         check_number("keep_alive_s", self.keep_alive_s, low=0)   # (seconds)
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"device must be cpu, cuda or auto, got {self.device!r}")
+        if isinstance(self.device, torch.device):
+            self.device = str(self.device)
+        if isinstance(self.device, str):
+            self.device = self.device.strip().lower()   # "CPU", "Cuda:0" as typed on a command line
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -132,7 +137,8 @@ class EngineConfig:
         check_number("cpu_decode_kv_gb", self.cpu_decode_kv_gb, low=0)
         if self.overlap not in (True, False, "auto"):
             raise ConfigError(f"overlap must be True, False or 'auto', got {self.overlap!r}")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+        check_number("gpu_memory_utilization", self.gpu_memory_utilization, low=0, open_low=True)
+        if self.gpu_memory_utilization > 1.0:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
     @property
