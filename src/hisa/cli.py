@@ -290,11 +290,13 @@ def print_sparse_stats(engine) -> None:
         print("[hisa] --stats: no sparse decode step ran (prompts shorter than --sparse-min-prompt-len run dense)",
               file=sys.stderr)
         return
-    per_layer = [m / s if s else 0.0 for m, s in zip(st["misses_per_layer"], st["selected_per_layer"])]
+    per_layer = [m / s if s else 0.0 for m, s in zip(st["misses_per_layer"], st["host_backed_selected_per_layer"])]
     lines = [
         f"sparse cache ({st['algorithm']}): {st['decode_steps']} decode steps, {st['request_steps']} request-steps",
-        f"  pages selected {st['selected_pages']}  hits {st['hits']}  misses {st['misses']}  "
-        f"hit rate {st['hit_rate']:.1%}",
+        f"  pages selected {st['selected_pages']} " + (
+            f"({st['host_backed_selected_pages']} by host-backed requests: hits {st['hits']}  misses "
+            f"{st['misses']}  hit rate {st['hit_rate']:.1%})" if st["host_backed_selected_pages"]
+            else "(every request resident: all on the device, nothing to miss)"),
         f"  bytes H2D {_mb(st['bytes_h2d'])} ({_mb(st['bytes_h2d_per_step'])}/step)",
         f"  device KV of a host-backed request {_mb(st['device_kv_bytes_per_host_backed_request'])} "
         f"(resident requests keep every page on the device); peak device bytes of sparse requests "

@@ -122,12 +122,21 @@ def test_a_request_demoted_mid_generation_gives_the_same_tokens():
         assert engine.sparse.host_allocator.num_free == engine.sparse.host_allocator.num_pages
         return [out[i] for i in ids], engine.scheduler.num_demotions, host_steps, engine.sparse.summary()
 
-    resident, demotions, _, _ = run(200, "device")
+    resident, demotions, _, stats = run(200, "device")
     assert demotions == 0
+    # resident rows have every page on the device: they neither hit nor miss (they counted as hits)
+    assert stats["selected_pages"] > 0 and stats["host_backed_selected_pages"] == stats["hits"] == stats["misses"] == 0
     # 2 x 19 prompt pages + reserve fit; the growth to 2 x 22 pages does not: one demotion
     mixed, demotions, host_steps, stats = run(41, "auto")
     assert demotions == 1 and host_steps > 0 and stats["misses"] > 0
     assert mixed == resident
+    # the buffer's hit rate is the host-backed row's own: budget 96 = 6 pages per layer and step, in the
+    # steps it decoded host-backed (host_steps, counted before each step, misses the demotion's own)
+    host_row_steps, rest = divmod(stats["host_backed_selected_pages"], tiny.config.num_layers * 6)
+    assert rest == 0 and host_row_steps in (host_steps, host_steps + 1)
+    assert stats["host_backed_selected_pages"] < stats["selected_pages"]
+    assert stats["hits"] + stats["misses"] == stats["host_backed_selected_pages"]
+    assert stats["hit_rate"] == pytest.approx(stats["hits"] / stats["host_backed_selected_pages"])
 
 
 def test_device_bytes_do_not_grow_with_the_prompt():

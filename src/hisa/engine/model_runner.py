@@ -71,7 +71,7 @@ class ModelRunner:
         `prev_tokens` (int64 [P], the previous step's sampled tokens) at index `prev_rows[seq]`."""
         if batch.demoted:
             self.sparse.apply_demotions(batch.demoted)
-        decode_rows, decode_index, sparse_t, prefill, sources = [], [], [], [], []
+        decode_rows, decode_index, sparse_t, sparse_host, prefill, sources = [], [], [], [], [], []
         s = self.page_size
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             # a decode row computes the last known token of a request that has output (`_is_decode`); a
@@ -86,9 +86,11 @@ class ModelRunner:
                 elif seq.host_backed:
                     kind, wpage, hpage = HOST_BACKED, seq.buffer_pages[-1], page
                     sparse_t.append(t)
+                    sparse_host.append(True)
                 else:
                     kind, wpage, hpage = RESIDENT, page, -1
                     sparse_t.append(t)
+                    sparse_host.append(False)
                 sslot = seq.sparse_slot if seq.sparse else self.buffers.sparse_sentinel
                 token, source = seq.token_ids[t - 1], -1
                 if seq.pending:  # its input token is the previous step's, not read back yet
@@ -130,7 +132,7 @@ class ModelRunner:
             sample_index = decode_index + sample_index
         logits = self.model.compute_logits(hidden)
         if has_sparse:
-            self.sparse.forward_end(sparse_t)
+            self.sparse.forward_end(sparse_t, sparse_host)
         return logits, sample_index
 
     def _plan_prefill(self, batch: ScheduledBatch, which: list[int], *, start: int):

@@ -76,6 +76,7 @@ class SparseTotals:
     decode_steps: int = 0
     request_steps: int = 0
     selected_per_layer: list[int] | None = None
+    host_backed_selected_per_layer: list[int] | None = None   # the rows whose pages can miss
     peak_device_bytes_in_use: int = 0
     peak_host_bytes_in_use: int = 0
 
@@ -103,7 +104,8 @@ class SparseCoordinator:
         self.residency = config.residency
         # the first dense_layers layers select nothing: their global layers read every page (resident rows)
         self.dense = [i < config.dense_layers and w is None for i, w in enumerate(self.windows)]
-        self.totals = SparseTotals(selected_per_layer=[0] * self.num_layers)
+        self.totals = SparseTotals(selected_per_layer=[0] * self.num_layers,
+                                   host_backed_selected_per_layer=[0] * self.num_layers)
         # token-level selection (DSA): pages the host-backed rows needed from their buffers, per layer
         # (data-dependent, so counted on the device and read only by summary())
         self._selected = torch.zeros(self.num_layers, dtype=torch.int64, device=self.device)
@@ -425,16 +427,21 @@ class SparseCoordinator:
             self.manager.prefetch(layer + 1, logical, active=self._host_rows, sparse_slots=d.sparse_slot)
         return torch.where(host[:, None], a.remap_tokens(tokens, pages, d.t), tokens)
 
-    def forward_end(self, sparse_t: list[int]) -> None:
-        """After a decode step: host-side counters (no sync). sparse_t: each sparse row's token count."""
+    def forward_end(self, sparse_t: list[int], host_backed: list[bool] | None = None) -> None:
+        """After a decode step: host-side counters (no sync). sparse_t: each sparse row's token count;
+        host_backed: which of those rows are host-backed (default: none)."""
         tot = self.totals
         tot.decode_steps += 1
         tot.request_steps += len(sparse_t)
         if not self.algorithm.token_level:  # token-level selection counts on the device (summary())
-            sel = self.selected_pages(sparse_t)
-            every = sum(-(-t // self.page_size) for t in sparse_t)  # a dense layer's pages
-            for layer, w in enumerate(self.windows):
-                tot.selected_per_layer[layer] += every if self.dense[layer] else sel[w is not None]
+            host_t = [t for t, h in zip(sparse_t, host_backed or ()) if h]
+            for counts, rows in ((tot.selected_per_layer, sparse_t), (tot.host_backed_selected_per_layer, host_t)):
+                if not rows:
+                    continue
+                sel = self.selected_pages(rows)
+                every = sum(-(-t // self.page_size) for t in rows)  # a dense layer's pages
+                for layer, w in enumerate(self.windows):
+                    counts[layer] += every if self.dense[layer] else sel[w is not None]
         mem = self.memory()
         tot.peak_device_bytes_in_use = max(tot.peak_device_bytes_in_use,
                                            mem["device_kv_bytes_in_use"] + mem["metadata_bytes_in_use"])
@@ -483,25 +490,32 @@ class SparseCoordinator:
         """Totals since start (peaks for bytes in use) and per-step means; what `--stats` prints.
         Reads the device miss counters (a sync): call it between steps, not inside one.
 
-        Pages are one layer's device page (`bytes_h2d` = pages loaded x its bytes). For a token-level
-        algorithm (DSA), `selected_pages` counts the distinct pages of the host-backed rows' picks
-        that had to be in the buffer (the tail page excluded; resident rows move nothing), so
-        hits / misses are those of the buffer."""
+        Pages are one layer's device page (`bytes_h2d` = pages loaded x its bytes). `selected_pages`
+        counts the pages every sparse row attended; hits, misses and `hit_rate` are those of the
+        host-backed rows' buffers (`host_backed_selected_pages` = hits + misses): a resident row has
+        every page on the device and can neither hit nor miss, so counting its pages as hits would
+        flatter the buffer. For a token-level algorithm (DSA), both count the distinct pages of the
+        host-backed rows' picks that had to be in the buffer (the tail page excluded)."""
         t = self.totals
         misses_per_layer = self.manager.misses.tolist()
-        selected_per_layer = self._selected.tolist() if self.algorithm.token_level else list(t.selected_per_layer)
-        misses, selected = sum(misses_per_layer), sum(selected_per_layer)
+        if self.algorithm.token_level:
+            selected_per_layer = host_per_layer = self._selected.tolist()
+        else:
+            selected_per_layer, host_per_layer = list(t.selected_per_layer), list(t.host_backed_selected_per_layer)
+        misses, selected, host_selected = sum(misses_per_layer), sum(selected_per_layer), sum(host_per_layer)
         prefetched = int(self.manager.prefetched.sum())
         row = self.manager.row_bytes
         steps = t.decode_steps
         loaded = misses + prefetched
         return {
             "algorithm": self.config.algorithm, "decode_steps": steps, "request_steps": t.request_steps,
-            "selected_pages": selected, "hits": selected - misses, "misses": misses,
-            "hit_rate": (selected - misses) / selected if selected else 1.0,
+            "selected_pages": selected, "host_backed_selected_pages": host_selected,
+            "hits": host_selected - misses, "misses": misses,
+            "hit_rate": (host_selected - misses) / host_selected if host_selected else 1.0,
             "prefetched_pages": prefetched,  # loaded ahead on a side stream (not counted as misses)
             "bytes_h2d": loaded * row, "bytes_h2d_per_step": loaded * row / steps if steps else 0.0,
             "misses_per_layer": misses_per_layer, "selected_per_layer": selected_per_layer,
+            "host_backed_selected_per_layer": host_per_layer,
             "peak_device_bytes_in_use": t.peak_device_bytes_in_use, "peak_host_bytes_in_use": t.peak_host_bytes_in_use,
             "device_kv_bytes_per_host_backed_request": self.manager.device_kv_bytes_per_request(),
             **self.memory(),
