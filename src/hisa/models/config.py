@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hisa.models.dsa_config import DSAConfig
+from hisa.ops.act_mul import ACTIVATIONS
 
 # Hugging Face `model_type` / GGUF `general.architecture` values we can run, mapped to our family.
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
@@ -53,7 +54,10 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     name: str = ""
-    # Gemma-3 only (None = absent)
+    # the MLP's gate activation, "silu" or "gelu_tanh" (hisa.ops.act_mul); None: the family's own
+    # (silu for the Llama family and DSA models, gelu_tanh for Gemma-3)
+    hidden_act: str | None = None
+    # Gemma-3, and Mistral / Qwen2 checkpoints that use a sliding window (None = absent)
     sliding_window: int | None = None  # tokens a sliding layer attends to, the current one included
     layer_types: list[str] | None = None  # per layer: "sliding_attention" or "full_attention"
     rope_local_theta: float | None = None  # RoPE base of the sliding layers (rope_theta serves the rest)
@@ -75,6 +79,8 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.hidden_act is not None and self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act must be one of {', '.join(ACTIVATIONS)}, got {self.hidden_act!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.layer_types is not None:
@@ -98,6 +104,11 @@ class ModelConfig:
     def family(self) -> str:
         """The model class that runs this architecture: "llama" or "gemma3"."""
         return SUPPORTED_ARCHITECTURES[self.arch]
+
+    @property
+    def mlp_act(self) -> str:
+        """The MLP's gate activation: `hidden_act`, or the family's own."""
+        return self.hidden_act or ("gelu_tanh" if self.family == "gemma3" else "silu")
 
     @property
     def attention_scale(self) -> float:

@@ -28,7 +28,7 @@ from torch import nn
 from hisa.models.config import SLIDING, ModelConfig
 from hisa.models.layers import FusedLinear, RMSNorm
 from hisa.models.llama import AttentionFn
-from hisa.models.rope import RotaryEmbedding, rope_inv_freq
+from hisa.models.rope import RotaryEmbedding, rope_attention_factor, rope_inv_freq
 from hisa.ops.linear import Linear, gate_up_act
 from hisa.ops.qkv_rope import qkv_rope
 
@@ -68,10 +68,11 @@ class Gemma3MLP(nn.Module):
         inter = cfg.intermediate_size
         self.gate_up_proj = FusedLinear(cfg.hidden_size, {"gate_proj": inter, "up_proj": inter}, bias=False)
         self.down_proj = Linear(inter, cfg.hidden_size, bias=False)
+        self.act = cfg.mlp_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [T, hidden] → [T, hidden] (gated GELU, tanh approximation)."""
-        return self.down_proj(gate_up_act(x, self.gate_up_proj.weight, act="gelu_tanh"))
+        """x: [T, hidden] → [T, hidden] (gated GELU, tanh approximation, unless the config says otherwise)."""
+        return self.down_proj(gate_up_act(x, self.gate_up_proj.weight, act=self.act))
 
 
 class Gemma3DecoderLayer(nn.Module):
@@ -125,7 +126,7 @@ class Gemma3ForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         global_freq, local_freq = self.rope_inv_freqs(cfg, rope_freqs)
-        self.rope = RotaryEmbedding(global_freq)
+        self.rope = RotaryEmbedding(global_freq, rope_attention_factor(cfg.rope_scaling))  # YaRN scales cos/sin
         self.rope_local = RotaryEmbedding(local_freq)
         self._sliding = [t == SLIDING for t in (cfg.layer_types or [])] or [False] * cfg.num_layers
 

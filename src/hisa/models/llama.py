@@ -24,7 +24,7 @@ from torch import nn
 
 from hisa.models.config import ModelConfig
 from hisa.models.layers import FusedLinear, RMSNorm, project_add
-from hisa.models.rope import RotaryEmbedding, rope_inv_freq
+from hisa.models.rope import RotaryEmbedding, rope_attention_factor, rope_inv_freq
 from hisa.ops.linear import Linear, gate_up_act, linear_qkv_rope
 from hisa.ops.rms_norm import NormedRows
 
@@ -80,7 +80,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.self_attn = Attention(cfg, layer_idx)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, act=cfg.mlp_act)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -125,7 +125,8 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.rope = RotaryEmbedding(rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, rope_freqs))
+        self.rope = RotaryEmbedding(rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, rope_freqs),
+                                    rope_attention_factor(cfg.rope_scaling))  # YaRN scales cos/sin
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionFn,
                 max_position: int | None = None) -> torch.Tensor:

@@ -164,29 +164,103 @@ def _read_json(file: Path) -> dict:
     return raw
 
 
+# Hugging Face `hidden_act` names → hisa's gate activations (hisa.ops.act_mul); gelu_new is the tanh form too
+_HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+
+
+def _hf_activation(raw: dict, family: str, where: str) -> str | None:
+    """The config's MLP activation as hisa names it (None: the family's default), or ModelLoadError."""
+    name = raw.get("hidden_activation" if family == "gemma3" else "hidden_act")
+    if name is None:
+        return None
+    if name not in _HF_ACTIVATIONS:
+        raise ModelLoadError(f"{where}: MLP activation {name!r} is not supported (supported: "
+                             f"{', '.join(sorted(_HF_ACTIVATIONS))})")
+    return _HF_ACTIVATIONS[name]
+
+
+def _hf_rope_scaling(scaling: dict | None, raw: dict, where: str) -> dict | None:
+    """A config's RoPE scaling dict as transformers reads it: `type` read as `rope_type`; llama3 and
+    YaRN without `original_max_position_embeddings` take the config's top-level one, else
+    `max_position_embeddings`; YaRN without `factor` scales max / original. None for plain RoPE."""
+    if not scaling:
+        return None
+    if not isinstance(scaling, dict):
+        raise ModelLoadError(f"{where}: rope scaling must be a JSON object, got {scaling!r}")
+    scaling = dict(scaling)
+    kind = scaling.setdefault("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind not in ("linear", "llama3", "yarn"):   # (what hisa.models.rope computes)
+        raise ModelLoadError(f"{where}: rope scaling {kind!r} is not supported (supported: default, linear, "
+                             "llama3, yarn)")
+    if scaling.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ModelLoadError(f"{where}: partial rotary embeddings (partial_rotary_factor="
+                             f"{scaling['partial_rotary_factor']}) are not supported")
+    if kind in ("llama3", "yarn"):
+        if raw.get("original_max_position_embeddings"):   # transformers gives the top-level value priority
+            scaling["original_max_position_embeddings"] = raw["original_max_position_embeddings"]
+        elif not scaling.get("original_max_position_embeddings"):
+            if not raw.get("max_position_embeddings"):
+                raise ModelLoadError(f"{where}: {kind} RoPE scaling needs original_max_position_embeddings "
+                                     "or max_position_embeddings")
+            scaling["original_max_position_embeddings"] = raw["max_position_embeddings"]
+        if kind == "yarn" and scaling.get("factor") is None:
+            scaling["factor"] = raw["max_position_embeddings"] / scaling["original_max_position_embeddings"]
+    return scaling
+
+
+def _hf_llama_windows(raw: dict, arch: str, where: str) -> dict:
+    """Mistral's and Qwen2's sliding windows as ModelConfig fields (sliding_window, layer_types): Mistral
+    slides on every layer when `sliding_window` is set; Qwen2 when `use_sliding_window`, on the layers
+    from `max_window_layers` on, or as `layer_types` lists (transformers 5 writes it). Llama: none."""
+    window, n = raw.get("sliding_window"), raw["num_hidden_layers"]
+    if arch == "qwen2" and not raw.get("use_sliding_window"):
+        window = None
+    if arch not in ("mistral", "qwen2") or not window:
+        return {}
+    layer_types = raw.get("layer_types")
+    if not layer_types:
+        first = raw.get("max_window_layers", 28) if arch == "qwen2" else 0
+        layer_types = [SLIDING if i >= first else FULL for i in range(n)]
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ModelLoadError(f"{where}: sliding_window must be a positive integer, got {window!r}")
+    if SLIDING not in layer_types:
+        return {}
+    return dict(sliding_window=window, layer_types=list(layer_types))
+
+
 def _hf_config(path: Path) -> ModelConfig:
     raw = _read_json(path / "config.json")
-    arch = _check_arch(raw.get("model_type", "?"), str(path / "config.json"))
+    where = str(path / "config.json")
+    arch = _check_arch(raw.get("model_type", "?"), where)
+    family = SUPPORTED_ARCHITECTURES[arch]
     num_heads = raw["num_attention_heads"]
     head_dim = raw.get("head_dim") or raw["hidden_size"] // num_heads
+    if raw.get("partial_rotary_factor", 1.0) not in (1, 1.0, None):
+        raise ModelLoadError(f"{where}: partial rotary embeddings (partial_rotary_factor="
+                             f"{raw['partial_rotary_factor']}) are not supported")
     rope_scaling = raw.get("rope_scaling")
-    rope_theta = raw.get("rope_theta", 10000.0)
+    rope_theta = raw.get("rope_theta") or 10000.0   # (transformers' default when absent or null)
     params = raw.get("rope_parameters")  # transformers >= 5 spelling
-    if params:
-        rope_theta = params.get("rope_theta", rope_theta)
-        if params.get("rope_type", "default") != "default":
+    if params and family != "gemma3":  # (Gemma-3's are per layer type: _hf_gemma3_fields)
+        rope_theta = params.get("rope_theta") or rope_theta
+        if params.get("rope_type", params.get("type", "default")) != "default":
             rope_scaling = params
+    rope_scaling = _hf_rope_scaling(rope_scaling, raw, where)
     eos = raw.get("eos_token_id")
     gen_cfg = path / "generation_config.json"
     if gen_cfg.is_file():
         eos = _read_json(gen_cfg).get("eos_token_id", eos)
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-    if arch == "mistral" and raw.get("sliding_window") and raw["sliding_window"] < raw.get("max_position_embeddings", 0):
-        # Mistral v0.1 uses a 4K sliding window; we attend to the full context (same as HF up to 4K tokens).
-        pass
     extra = {}  # the family's own ModelConfig fields
-    if SUPPORTED_ARCHITECTURES[arch] == "gemma3":
-        extra, rope_theta, rope_scaling = _hf_gemma3_fields(raw, path)
+    if family == "llama":
+        extra = _hf_llama_windows(raw, arch, where)
+    if family in ("llama", "gemma3"):
+        extra["hidden_act"] = _hf_activation(raw, family, where)
+    if family == "gemma3":
+        gemma, rope_theta, rope_scaling = _hf_gemma3_fields(raw, path)
+        extra.update(gemma)
     if SUPPORTED_ARCHITECTURES[arch] == "deepseek_v32":  # MLA + DSA + MoE (models/dsa_config.py)
         from hisa.models.dsa_config import dsa_fields_from_hf
 
@@ -201,9 +275,10 @@ def _hf_config(path: Path) -> ModelConfig:
         intermediate_size=raw["intermediate_size"],
         num_layers=raw["num_hidden_layers"],
         num_heads=num_heads,
-        num_kv_heads=raw.get("num_key_value_heads", num_heads),
+        # absent or null: one per head, as transformers reads it
+        num_kv_heads=num_heads if raw.get("num_key_value_heads") is None else raw["num_key_value_heads"],
         head_dim=head_dim,
-        rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+        rms_norm_eps=raw["rms_norm_eps"] if raw.get("rms_norm_eps") is not None else 1e-6,
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
         max_position_embeddings=raw.get("max_position_embeddings", 4096),
@@ -233,13 +308,19 @@ def _hf_gemma3_fields(raw: dict, path: Path) -> tuple[dict, float, dict | None]:
         pattern = raw.get("sliding_window_pattern", 6)
         layer_types = [SLIDING if (i + 1) % pattern else FULL for i in range(n)]
     params = raw.get("rope_parameters") or {}
+    if params and not (FULL in params or SLIDING in params):   # one dict for every layer: the full layers'
+        params = {FULL: params}
     full = params.get(FULL) or {}
     local = params.get(SLIDING) or {}
-    rope_theta = full.get("rope_theta", raw.get("rope_theta", 1_000_000.0))
+    rope_theta = full.get("rope_theta") or raw.get("rope_theta") or 1_000_000.0
     rope_scaling = raw.get("rope_scaling")
-    if full.get("rope_type", "default") != "default":
+    if full.get("rope_type", full.get("type", "default")) != "default":
         rope_scaling = full
-    local_theta = local.get("rope_theta", raw.get("rope_local_base_freq", 10_000.0))
+    rope_scaling = _hf_rope_scaling(rope_scaling, raw, str(path / "config.json"))
+    if local.get("rope_type", local.get("type", "default")) != "default":   # Gemma-3 keeps them plain
+        raise ModelLoadError(f"{path / 'config.json'}: RoPE scaling on the sliding layers "
+                             f"({local.get('rope_type', local.get('type'))!r}) is not supported")
+    local_theta = local.get("rope_theta") or raw.get("rope_local_base_freq") or 10_000.0
     fields = dict(sliding_window=raw.get("sliding_window", 4096), layer_types=list(layer_types),
                   rope_local_theta=float(local_theta), query_pre_attn_scalar=raw.get("query_pre_attn_scalar", 256),
                   final_logit_softcapping=raw.get("final_logit_softcapping"))
