@@ -60,6 +60,17 @@ def test_random_token_streams_stay_consistent(tok):
         _check_growing(tok, [rng.randrange(vocab) for _ in range(120)])
 
 
+def test_a_long_run_of_bytes_that_never_form_a_character_keeps_the_text_a_prefix(tok):
+    """25 tokens of lone UTF-8 bytes (a garbled or high-temperature output), then plain text: the
+    held-back bytes are given up as "\ufffd" after 24 tokens, as the full decode shows them. Dropping
+    them instead made the streamed text differ from the final one and cut a stop string's match at
+    the wrong place."""
+    hello = tok.encode(" hello world", add_special_tokens=False)
+    lone = next(t for t in range(min(len(tok), 4000)) if tok.decode([t]) == "\ufffd"
+                and tok.decode([t] * 25 + hello).endswith("\ufffd" + tok.decode(hello)))
+    _check_growing(tok, tok.encode("ok", add_special_tokens=False) + [lone] * 25 + hello)
+
+
 class _SpaceCleanup:
     """A real tokenizer whose decode then removes the space before punctuation, as tokenizers with
     `clean_up_tokenization_spaces` do: decoding more tokens rewrites text decoded before."""

@@ -6,7 +6,8 @@ requests, all on the engine thread. `Detokenizer` decodes a short window instead
 tokens already emitted (context, so that a tokenizer that drops a leading space at the start of a
 decode, or merges bytes across tokens, sees what it would see in the full output) plus the new
 ones, and appends what the new tokens added. A new token whose text ends in an incomplete UTF-8
-character ("\ufffd") is held back until the character completes (for at most 24 tokens). Where the
+character ("\ufffd") is held back until the character completes (for at most 24 tokens: bytes that
+never form a character then stay "\ufffd", as they do in the full decode). Where the
 window's text does not extend its context's (a tokenizer that cleans up spaces around punctuation
 rewrites earlier text), that step takes the full decode instead.
 
@@ -63,13 +64,15 @@ class Detokenizer:
             return state.text
         context = self.decode(ids[state.context_start:state.emitted])
         window = self.decode(ids[state.context_start:])
-        settled = window.startswith(context)  # False: the tokenizer rewrote its context (space clean-up)
-        if settled and window.endswith("\ufffd") and len(ids) - state.emitted < 4 * CONTEXT_TOKENS:
+        if window.endswith("\ufffd") and len(ids) - state.emitted < 4 * CONTEXT_TOKENS:
             return state.text  # an incomplete character: wait for the tokens that complete it
-        if settled and not window.endswith("\ufffd"):
+        if window.startswith(context):
             state.text += window[len(context):]
-        else:  # a rewrite, or bytes that never complete a character: the full decode, once
-            state.text = self.decode(ids).rstrip("\ufffd")
+        else:  # the tokenizer rewrote its context (space clean-up): the full decode, once
+            state.text = self.decode(ids)
+        # bytes that never completed a character in 24 tokens stay "\ufffd", as in the full decode:
+        # dropping them made the text stop being a prefix of the final one (later text landed after
+        # them, a stop string's cut was measured on the shorter text)
         state.emitted = len(ids)
         state.context_start = max(0, len(ids) - CONTEXT_TOKENS)
         return state.text
