@@ -203,6 +203,26 @@ def test_a_mixed_batch_draws_each_row_from_its_own_filtered_distribution():
         torch.testing.assert_close(freq, ref, atol=0.035, rtol=0, msg=lambda m: f"{kw}: {m}")
 
 
+@pytest.mark.parametrize("row, top_k, top_p", [
+    ([5.0, 1.0, 1.0, 1.0], 2, 0.5),         # the top token alone reaches top_p: its ties never drawn
+    ([2.0, 1.0, 1.0, 1.0, -5.0], 2, 0.95),  # the nucleus needs every token tied with the k-th
+    ([1.0, 1.0, 1.0, 1.0, 0.0], 2, 0.4),
+])
+def test_top_p_also_filters_the_tokens_tied_with_the_kth(row, top_k, top_p):
+    """top-k keeps every token tied with the k-th logit (frequent with bf16 logits); top-p then applies
+    to all of them. Ties past the k candidates were left out of top-p: drawn where the nucleus had
+    no room for them (0.6% of draws on SmolLM2's real logits at top_k=50, top_p=0.5)."""
+    row = torch.tensor(row)
+    seqs = [_seq(i, temperature=1.0, top_k=top_k, top_p=top_p) for i in range(3000)]
+    toks = Sampler(torch.device("cpu"), seed=1).sample(row.expand(len(seqs), -1).contiguous(), seqs)
+    freq = torch.bincount(torch.tensor(toks), minlength=row.numel()).float() / len(toks)
+    ref = _reference_probs(row, temperature=1.0, top_k=top_k, top_p=top_p).float()
+    if (ref > 0).sum() == (row == row[top_k - 1]).sum() + (row > row[top_k - 1]).sum():
+        torch.testing.assert_close(freq, ref, atol=0.03, rtol=0)   # every kept token: the reference's own
+    else:   # which of equal logits make the nucleus is arbitrary: as many tokens, of the top logits
+        assert (freq > 0).sum() <= (ref > 0).sum() and bool((row[freq > 0] >= row[top_k - 1]).all())
+
+
 def test_seeded_rows_draw_the_same_tokens_whatever_shares_the_batch():
     logits = _logits(rows=4, seed=5)
     alone = Sampler(torch.device("cpu")).sample(logits[2:3], [_seq(7, temperature=1.0, top_p=0.9, seed=42)])

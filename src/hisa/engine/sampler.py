@@ -119,21 +119,28 @@ class Sampler:
             if any(p.top_p < 1.0 and not k_ for p, k_ in zip(ps, ks)):
                 sorted_x = None  # a nucleus row without top-k needs its whole row sorted
         if nucleus:
-            lse = None  # set when the candidates do not hold a whole row's mass
-            if sorted_x is None and x.device.type == "cpu":
+            lse = None  # set when the candidates may not hold a whole row's mass
+            if sorted_x is not None:
+                # top-k's candidates: K tokens, but the top-k mask keeps every token tied with the k-th
+                # logit, and those past K are not among them (common with bf16 logits)
+                lse = torch.logsumexp(x, -1, keepdim=True)
+            elif x.device.type == "cpu":
                 sorted_x, order, lse = self._nucleus_candidates(x, top_p)
             if sorted_x is None:
                 sorted_x, order = torch.sort(x, dim=-1, descending=True)
-            # the candidates hold every nucleus row's nucleus (all of a top-k'd row's mass, or
-            # checked): its probabilities are against the whole row
+            # probabilities against the whole row (a softmax over the candidates when they are all of it)
             probs = sorted_x.softmax(-1) if lse is None else (sorted_x - lse).exp()
             # drop a token when the mass before it already reaches top_p; the first one always stays,
             # also when top_p is below the smallest fp32 (a valid 1e-300 is 0 in fp32: 0 >= 0)
             drop = (probs.cumsum(-1) - probs >= top_p) & (top_p <= 1.0)
             drop[:, 0] = False
             kept = sorted_x.masked_fill(drop, -inf)
-            if lse is not None:  # the nucleus rows' tokens outside the candidates
-                x = torch.where(top_p <= 1.0, torch.full_like(x, -inf), x)
+            if lse is not None:
+                # the tokens outside the candidates come after them (ties of the k-th logit, or less likely
+                # than every candidate): dropped where the candidates already reach top_p (the CPU's
+                # candidates always do); else top-k's ties stay, the nucleus being among equal logits
+                reached = probs.sum(-1, keepdim=True) >= top_p
+                x = torch.where((top_p <= 1.0) & reached, torch.full_like(x, -inf), x)
             x = x.scatter(1, order, kept)
         cdf = x.softmax(-1).cumsum(-1)
         bad = ~torch.isfinite(cdf[:, -1])  # NaN logits: marked here, on the device (any NaN reaches the total)
