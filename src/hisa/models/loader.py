@@ -452,9 +452,23 @@ def _gguf_config(reader, path: Path) -> ModelConfig:
             raise ModelLoadError(f"{path}: the GGUF metadata has no {p}.{name}")
         return value
 
+    def per_model(name, value):
+        """A count llama.cpp may give per layer (an array): one value when all layers agree."""
+        if isinstance(value, (list, tuple)):
+            if not value or len(set(value)) != 1:
+                raise ModelLoadError(f"{path}: {p}.{name} differs between layers ({list(value)[:8]}...): "
+                                     "per-layer shapes are not supported")
+            return value[0]
+        return value
+
+    shards = _field(reader, "split.count")
+    if shards is not None and int(shards) > 1:
+        raise ModelLoadError(f"{path} is shard {int(_field(reader, 'split.no', 0)) + 1} of a GGUF split into "
+                             f"{int(shards)} files, which hisa does not load: merge them into one first "
+                             "(llama.cpp's llama-gguf-split --merge FIRST_SHARD OUT.gguf)")
     hidden = required("embedding_length")
-    num_heads = required("attention.head_count")
-    num_kv = key("attention.head_count_kv", num_heads)
+    num_heads = per_model("attention.head_count", required("attention.head_count"))
+    num_kv = per_model("attention.head_count_kv", key("attention.head_count_kv", num_heads))
     names = {t.name for t in reader.tensors}
     vocab = key("vocab_size") or len(_field(reader, "tokenizer.ggml.tokens", []))
     if not vocab:  # neither given: the embedding table's rows
@@ -462,9 +476,10 @@ def _gguf_config(reader, path: Path) -> ModelConfig:
     rope_scaling = None
     scaling_type = key("rope.scaling.type")
     if scaling_type == "linear":
-        rope_scaling = {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
+        rope_scaling = {"rope_type": "linear", "factor": float(required("rope.scaling.factor"))}
     elif scaling_type not in (None, "none"):
-        raise ModelLoadError(f"{path}: rope scaling {scaling_type!r} is not supported (supported: linear, llama3)")
+        raise ModelLoadError(f"{path}: rope scaling {scaling_type!r} is not supported in GGUF files (supported: "
+                             "linear, and Llama 3's as a rope_freqs tensor)")
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     eot = _field(reader, "tokenizer.ggml.eot_token_id")
     eos_ids = [i for i in (eos, eot) if i is not None]
@@ -480,12 +495,13 @@ def _gguf_config(reader, path: Path) -> ModelConfig:
         arch=arch,
         vocab_size=int(vocab),
         hidden_size=int(hidden),
-        intermediate_size=int(required("feed_forward_length")),
+        intermediate_size=int(per_model("feed_forward_length", required("feed_forward_length"))),
         num_layers=int(required("block_count")),
         num_heads=int(num_heads),
         num_kv_heads=int(num_kv),
         head_dim=int(key("attention.key_length", hidden // num_heads)),
-        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        # required, as llama.cpp requires it: a guessed 1e-5 for a 1e-6 model shifts every logit
+        rms_norm_eps=float(required("attention.layer_norm_rms_epsilon")),
         rope_theta=float(key("rope.freq_base", 10000.0)),
         rope_scaling=rope_scaling,
         max_position_embeddings=int(key("context_length", 4096)),
@@ -546,11 +562,16 @@ def gguf_tensors(reader, config: ModelConfig) -> Iterator[tuple[str, torch.Tenso
         if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
             arr = np.asarray(t.data, dtype=np.float32).reshape(shape)
         else:
-            arr = dequantize(t.data, t.tensor_type).reshape(shape)
+            try:
+                arr = dequantize(t.data, t.tensor_type).reshape(shape)
+            except NotImplementedError:   # gguf-py reads F64, integer and a few other types but cannot convert them
+                raise ModelLoadError(f"GGUF tensor {t.name!r} is stored as {t.tensor_type.name}, which hisa cannot "
+                                     "convert to floats (re-quantize the file, e.g. to Q8_0 or F16)") from None
         if config.arch in ("llama", "mistral"):
-            if name.endswith("q_proj.weight"):
+            # llama.cpp's converter permutes Q and K rows, biases included, for its interleaved RoPE
+            if name.endswith(("q_proj.weight", "q_proj.bias")):
                 arr = _unpermute_qk(arr, config.num_heads)
-            elif name.endswith("k_proj.weight"):
+            elif name.endswith(("k_proj.weight", "k_proj.bias")):
                 arr = _unpermute_qk(arr, config.num_kv_heads)
         if gemma and name.endswith("norm.weight"):
             arr = arr - 1.0  # llama.cpp stores Gemma's norm weights as 1 + w; the model computes (1 + w)
@@ -590,6 +611,8 @@ def load_tokenizer(source: ModelSource, reader=None):
     hf_logging.set_verbosity_error()
     try:
         if source.kind == "gguf":
+            if _field(reader or open_gguf(source.path), "tokenizer.ggml.model") is None:
+                return None  # weights only, as a directory without tokenizer files: token ids, not text
             tok = _gguf_tokenizer(source.path, reader)
         elif not any((source.path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
             return None  # weights only: the engine then takes token ids, not text
