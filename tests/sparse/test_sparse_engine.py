@@ -139,6 +139,40 @@ def test_a_request_demoted_mid_generation_gives_the_same_tokens():
     assert stats["hit_rate"] == pytest.approx(stats["hits"] / stats["host_backed_selected_pages"])
 
 
+def test_a_step_failing_before_a_demotion_was_copied_fails_the_demoted_request_too():
+    """The step that demotes a request (not itself in the step: the token budget ran out before it)
+    fails before its KV reached the host pool: that request has nothing to decode from and fails in
+    the same step. It used to stay running as host-backed and broke a later step (an IndexError that
+    would fail every request batched with it)."""
+    tiny = load_model("random:tiny-llama", device=torch.device("cpu"), dtype=torch.float32, progress=False)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 500, (300,), generator=g).tolist() for _ in range(2)]
+    llm = LLM(loaded=tiny, device="cpu", dtype="float32", progress=False, page_size=16, max_model_len=512,
+              num_kv_pages=40, max_num_batched_tokens=1024,
+              sparse=SparseConfig(algorithm="quest", token_budget=96, min_prompt_len=64, host_pool_gb=0.01,
+                                  residency="auto"))
+    engine = llm.engine
+    ids = [engine.add_request(p, SamplingParams(max_tokens=40, ignore_eos=True)) for p in prompts]
+    while len(engine.scheduler.running) < 2 or not all(s.num_output for s in engine.scheduler.running):
+        engine.step()
+    engine.scheduler.max_num_batched_tokens = 1  # one decode per step: the older grows, the younger waits
+
+    def copy_fails(*args, **kwargs):
+        raise RuntimeError("injected: the device-to-host copy failed")
+
+    engine.sparse.manager.demote = copy_fails
+    finished = {}
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        finished.update({o.request_id: o for o in outs if o.finished})
+        if finished:
+            break
+    assert set(finished) == set(ids) and all(o.finish_reason == "error" for o in finished.values())
+    assert engine.scheduler.num_demotions == 1 and not engine.has_unfinished_requests()
+    assert engine.allocator.num_free == engine.allocator.num_pages
+    assert engine.sparse.host_allocator.num_free == engine.sparse.host_allocator.num_pages
+
+
 def test_device_bytes_do_not_grow_with_the_prompt():
     """Host-backed, a fixed budget gives the same device KV bytes per request at 1K, 4K and 8K prompt tokens."""
     tiny = load_model("random:tiny-llama", device=torch.device("cpu"), dtype=torch.float32, progress=False)

@@ -496,7 +496,10 @@ class LLMEngine:
         failed = StepFailedError(f"the engine step running this request failed: {error!r}")
         failed.__cause__ = error
         now = time.monotonic()
-        outputs = [self._fail_request(seq, failed, now) for seq in batch.seqs if not seq.is_finished]
+        # a request demoted for this step whose KV never reached the host pool (the step failed first) has
+        # nothing to decode from, in the step or not: it fails too (decoding on would read unwritten pages)
+        stranded = [d.seq for d in batch.demoted if not d.applied and all(d.seq is not s for s in batch.seqs)]
+        outputs = [self._fail_request(seq, failed, now) for seq in list(batch.seqs) + stranded if not seq.is_finished]
         self.scheduler.remove_finished()
         self.last_step_tokens = self.last_step_prefill_tokens = 0
         if not self.device_is_healthy():

@@ -45,6 +45,7 @@ class Demotion:
     device_pages: list[int]
     copies: list[tuple[int, int]] = field(default_factory=list)
     holding: list[int] | None = None  # the logical page each LRU slot holds (-1: empty); None: 0..NS-1
+    applied: bool = False  # its KV was copied (a step failing before that fails the request: no KV to read)
 
 
 @dataclass

@@ -150,6 +150,7 @@ class SparseCoordinator:
                 for layer in range(self.num_layers):
                     keys = self.cache.index_keys(layer).index_select(0, pages)  # [P, S, ID]
                     self.algorithm.construct_representations(layer, seq.sparse_slot, 0, keys.reshape(-1, keys.shape[-1]))
+            d.applied = True
 
     # -- prefill ------------------------------------------------------------------------------
     def prefill_resident(self, layer: int, seq, computed: int, n: int) -> None:
