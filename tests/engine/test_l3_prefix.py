@@ -1010,3 +1010,79 @@ def test_on_cuda_a_corrupt_page_is_caught_on_the_device_after_landing(tmp_path):
     assert m["store_corrupt"] == 1 and m["pages_loaded"] == 7
     assert prefix.timing["landed_bytes"] > 0   # checked after landing, not on the reader threads
     _check_no_leak(llm)
+
+
+@pytest.mark.parametrize("l3_async", [False, True], ids=["sync", "async"])
+def test_waiting_requests_looked_up_in_l3_do_not_hold_the_pool_from_the_first_in_line(tmp_path, l3_async):
+    """The pool's prefix cache on, L3 on, four requests that preempt: the waiting ones' lookups shared
+    their cached prefix pages before knowing whether they could be admitted; three of them held all 60
+    pages through the schedule, the first in line never got one, and each step gave them back for the
+    next lookup to take again: the engine spun for ever (the no-progress check saw pages released)."""
+    import random
+
+    import torch
+
+    from hisa import LLM
+    from hisa.models.factory import load_model
+
+    tiny = load_model("random:tiny-llama", device=torch.device("cpu"), dtype=torch.float32, progress=False)
+    rng = random.Random(11)
+    prompts = [[rng.randrange(3, 500) for _ in range(290)] for _ in range(4)]
+    params = SamplingParams(max_tokens=80, ignore_eos=True)
+
+    def run(**l3):
+        llm = LLM(loaded=tiny, device="cpu", dtype="float32", progress=False, page_size=16, num_kv_pages=60,
+                  max_model_len=512, max_num_batched_tokens=512, prefix_cache=True, **l3)
+        engine, done, steps = llm.engine, {}, 0
+        ids = [engine.add_request(p, params) for p in prompts]
+        while engine.has_unfinished_requests():
+            steps += 1
+            assert steps < 1000, "the engine makes no progress"
+            done.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+        assert engine.scheduler.num_preemptions >= 1
+        _check_no_leak(llm)
+        llm.close()
+        return [done[i] for i in ids]
+
+    assert run(l3=f"file:{tmp_path / 'l3'}", l3_async=l3_async) == run()
+
+
+def test_a_sparse_answer_is_not_served_as_a_prefix_to_another_request(tmp_path):
+    """A sparse request's answer pages hold KV its sparse decode steps computed (later layers attended
+    to selected pages), not what prefilling the same tokens computes. Keyed like prefilled pages, they
+    were served to the next turn (prompt + answer + more) from the pool's prefix cache and, through
+    L3, to a dense engine: outputs then depended on what was cached (5 of 6 seeds differed). Now they
+    are keyed with the request's own salt: the next turn reuses the prompt's pages and prefills the
+    answer's, and gives the tokens it gives with no cache at all."""
+    import random
+
+    import torch
+
+    from hisa import LLM
+    from hisa.models.factory import load_model
+    from hisa.sparse.config import SparseConfig
+
+    tiny = load_model("random:tiny-llama", device=torch.device("cpu"), dtype=torch.float32, progress=False)
+    sparse = SparseConfig(algorithm="quest", token_budget=64, min_prompt_len=32, residency="device")
+    rng = random.Random(1)
+    first = [rng.randrange(3, 500) for _ in range(100)]   # 6 full pages
+    more = [rng.randrange(3, 500) for _ in range(20)]
+
+    def make(**kw):
+        return LLM(loaded=tiny, device="cpu", dtype="float32", progress=False, page_size=16, max_model_len=1024, **kw)
+
+    def gen(llm, prompt, n):
+        return llm.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True), use_tqdm=False)[0].token_ids
+
+    with make(sparse=sparse, prefix_cache=True, l3=f"file:{tmp_path / 'l3'}") as chat:
+        answer = gen(chat, first, 200)
+        second = first + answer + more
+        chat.engine.l3_prefix.drain()
+        with make(prefix_cache=False, l3=f"file:{tmp_path / 'l3'}") as dense, make(prefix_cache=False) as plain:
+            assert gen(dense, second, 32) == gen(plain, second, 32)
+            assert dense.engine.l3_prefix.metrics()["pages_loaded"] == 6   # the prompt's pages, not the answer's
+        reused = chat.engine.prefix_cache.stats.tokens_hit
+        got_sparse = gen(chat, second, 32)
+        assert chat.engine.prefix_cache.stats.tokens_hit - reused == 6 * 16
+    with make(sparse=sparse, prefix_cache=False) as fresh:
+        assert got_sparse == gen(fresh, second, 32)

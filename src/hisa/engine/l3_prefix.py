@@ -97,7 +97,10 @@ delays every step). MLA caches (DeepSeek-V3.2) are not served yet.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
+import hashlib
+import json
 import logging
 import threading
 import time
@@ -426,7 +429,7 @@ class L3PrefixCache:
             if self.rows.areas > 1:   # each page's row in the area of the store that holds it
                 if not self.rows.has_free(cap - start):
                     break   # (as below; the keys are not worth computing at every step until rows are free)
-                keys = page_keys(seq.token_ids[:cap * s], self.layout)
+                keys = page_keys(seq.token_ids[:cap * s], self.layout, salt=seq.key_salt(s))
                 rows = self.rows.take(cap - start, areas=[self.l3.backend.shard_of(k) for k in keys[start:]])
             else:
                 rows = self.rows.take(cap - start)
@@ -443,7 +446,8 @@ class L3PrefixCache:
                 future.set_result((0, 0))
             else:
                 future = self.io.submit(functools.partial(self._read_run, seq.token_ids[:cap * s], start, reading,
-                                                           unchecked=self.check_on_device and not host, keys=keys))
+                                                          salt=seq.key_salt(s),
+                                                          unchecked=self.check_on_device and not host, keys=keys))
                 future.add_done_callback(lambda _: self._progressed.set())
             seq.loading = True
             now = time.monotonic()
@@ -486,7 +490,7 @@ class L3PrefixCache:
         return full if pool.num_free >= -(-seq.num_tokens // self.page_size) - held + reserve else 0
 
     def _read_run(self, tokens: list[int], start: int, reading: _Reading, *, unchecked: bool = False,
-                  keys: list[str] | None = None) -> tuple[int, int]:
+                  keys: list[str] | None = None, salt: tuple[int, bytes] | None = None) -> tuple[int, int]:
         """On the I/O thread: how many leading full pages of `tokens` L3 holds (pages the pool gave
         the request count only if L3 has them too: their writer's write may have been dropped), and
         how many pages from `start` on, the run L3 holds, were read and checked into `reading.rows`;
@@ -499,7 +503,7 @@ class L3PrefixCache:
         device (`_verified`); a page whose head fails still ends the run here. `keys`: the pages' keys
         if the engine thread has them already. No CUDA call here."""
         if keys is None:
-            keys = page_keys(tokens, self.layout)
+            keys = page_keys(tokens, self.layout, salt=salt)
         t0 = time.perf_counter()
         found = self.l3.exists(keys)
         self.timing["exists_s"] += time.perf_counter() - t0
@@ -685,16 +689,16 @@ class L3PrefixCache:
         end = first + len(rows)
         b = _BackRead(seq, first, end, rows, low=end, cut_at=time.monotonic(), landed_low=end)
         tokens = seq.token_ids[:b.end * self.page_size]
-        b.future = self.io.submit(functools.partial(self._read_back, tokens, b))
+        b.future = self.io.submit(functools.partial(self._read_back, tokens, b, seq.key_salt(self.page_size)))
         b.future.add_done_callback(lambda _: self._progressed.set())
         self._back[seq.request_id] = b
         self.stats.loads_split += 1
 
-    def _read_back(self, tokens: list[int], b: _BackRead) -> None:
+    def _read_back(self, tokens: list[int], b: _BackRead, salt: tuple[int, bytes] | None = None) -> None:
         """On the I/O thread: read and check b's pages in batches from the last back, publishing `low`
         after each; the first page that fails its checks ends the read (the pages above it in its
         batch are kept: the prefill computes the rest). No CUDA call here."""
-        keys = page_keys(tokens, self.layout)
+        keys = page_keys(tokens, self.layout, salt=salt)
         b.since = time.monotonic()
         self.timing["back_wait_s"] += b.since - b.cut_at
         batch = min(BACK_BATCH_PAGES, self._batch_pages(LAND_CHUNK_BYTES // self.page_bytes))
@@ -986,7 +990,8 @@ class L3PrefixCache:
             if not all(ok):
                 end = landed + ok.index(False)
         if end < good:
-            key = page_keys(lookup.seq.token_ids[:(lookup.start + end + 1) * self.page_size], self.layout)[-1]
+            key = page_keys(lookup.seq.token_ids[:(lookup.start + end + 1) * self.page_size], self.layout,
+                            salt=lookup.seq.key_salt(self.page_size))[-1]
             self.io.submit(functools.partial(self.l3.corrupt_found, [key], self.page_bytes))
             in_l3 = min(in_l3, lookup.start + end)
             self.rows.give_back(r.rows[max(end, landed):good])
@@ -1091,7 +1096,12 @@ class L3PrefixCache:
         """Share the leading pages the pool holds now, then copy in the loaded pages (`run`) after
         them that fit; every host row of the run is given back."""
         s = self.page_size
-        held = scheduler.prefix.match(seq) // s if scheduler.prefix is not None else 0
+        # the pool's cached pages of its prefix, counted first and shared only if it takes loaded pages
+        # too: a waiting request that shared them and then could not be admitted held them through the
+        # schedule, and three such requests held the whole pool (the first in line never got a page,
+        # each step gave them back and the next lookup took them again: a livelock)
+        prefix = scheduler.prefix
+        held = prefix.num_cached(seq, (seq.num_tokens - 1) // s) if prefix is not None else 0
         # L3's run starts at page `start`: it continues the pool's pages only if the pool still holds those
         usable = run.slice(held - start, len(run)) if held >= start else LoadedRun()
         full = held + len(usable)
@@ -1099,6 +1109,8 @@ class L3PrefixCache:
         if n == 0:
             self.rows.give_back(run.rows)
             return
+        if prefix is not None and prefix.match(seq) // s != held:
+            raise RuntimeError("the pool's cached prefix changed between counting and sharing it")
         pages = scheduler.allocator.allocate(n)
         try:
             copied = self._write_pages(pages, usable.slice(0, n))
@@ -1268,7 +1280,7 @@ class L3PrefixCache:
             return
         self._in_l3[seq.request_id] = upto
         write = functools.partial(self._write_missing, seq.token_ids[:upto * self.page_size], first,
-                                  parking=parking)
+                                  parking=parking, salt=seq.key_salt(self.page_size))
         device = self.cache.data.device
         if seq.host_backed:   # the pages are in the host pool: the I/O thread reads them there
             held = seq.pages[first:upto]
@@ -1337,13 +1349,14 @@ class L3PrefixCache:
             self._staged.pop(0)
             self.io.submit(write, nbytes=nbytes)
 
-    def _write_missing(self, tokens: list[int], first: int, rows, staged: bool, *, parking: bool) -> None:
+    def _write_missing(self, tokens: list[int], first: int, rows, staged: bool, *, parking: bool,
+                       salt: tuple[int, bytes] | None = None) -> None:
         """On the I/O thread: write the pages (full pages first.. of `tokens`) that L3 lacks. rows: the
         pages as an array [n, page bytes], or (`staged`) staging rows whose copy has completed; those
         are freed here, written or not."""
         try:
             pages = self.store_rows.views(rows) if staged else [row.data for row in rows]
-            keys = page_keys(tokens, self.layout)[first:]
+            keys = page_keys(tokens, self.layout, salt=salt)[first:]
             missing = [i for i, there in enumerate(self.l3.exists(keys)) if not there]
             written = self.l3.set([keys[i] for i in missing], [pages[i] for i in missing])
         finally:
@@ -1443,15 +1456,21 @@ def meeting_stop(computed: int, low: int, page_size: int, prefill_rate: float | 
     return min(low * page_size, -(-(computed + take) // page_size) * page_size)
 
 
-def kv_layout(loaded, cache: PagedKVCache, *, seed: int) -> KVLayout:
-    """The layout that keys a model's pages: its weights' identity, dtype and page geometry."""
+def kv_layout(loaded, cache: PagedKVCache) -> KVLayout:
+    """The layout that keys a model's pages: its weights' identity, dtype and page geometry.
+
+    The weights' identity: a checkpoint's content digest (`loader.fingerprint`; name and size alone let
+    a fine-tune saved over the same path be served its predecessor's pages), or for random weights the
+    whole config and the seed they were drawn with (the engine's seed only when it drew them)."""
+    from hisa.models.loader import fingerprint
+
     src, cfg = loaded.source, loaded.config
     if src.kind == "random":
-        model_id = f"random:{src.preset}:seed{seed}"
+        shape = hashlib.blake2b(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode(),
+                                digest_size=8).hexdigest()
+        model_id = f"random:{src.preset}:{shape}:seed{src.seed}"
     else:
-        path = Path(src.path)
-        files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) or sorted(path.iterdir())
-        model_id = f"{src.kind}:{path.name}:{sum(f.stat().st_size for f in files if f.is_file())}"
+        model_id = f"{src.kind}:{Path(src.path).name}:{fingerprint(src)}"
     return KVLayout(model_id=model_id, dtype=str(cache.data.dtype).removeprefix("torch."), page_size=cache.page_size,
                     num_layers=cache.num_layers, num_kv_heads=cache.num_kv_heads, head_dim=cache.head_dim,
                     extra=(("arch", str(cfg.arch)), ("windows", repr(list(cfg.layer_windows))),
