@@ -144,7 +144,7 @@ class LLMEngine:
             raise ConfigError(f"--l3 is not supported yet for {self.model_config.arch} models (MLA cache)")
         capacity = None if self.config.l3_gb is None else int(self.config.l3_gb * 2**30)
         prefix = L3PrefixCache(open_l3(self.config.l3, capacity_bytes=capacity), cache=self.cache,
-                               layout=kv_layout(self.loaded, self.cache, seed=self.config.seed),
+                               layout=kv_layout(self.loaded, self.cache),
                                sync=not self.config.l3_async)
         if self.sparse is not None and self.config.sparse.residency != "device":
             prefix.host = self.sparse.manager.host  # host-backed requests load into it and write from it
@@ -630,8 +630,11 @@ def _check_sparse_algorithm(algorithm: str, mcfg) -> None:
                           f"DSA: latent KV in the host pool), or no --sparse (DSA with everything on the device), "
                           f"not {algorithm!r}")
     if mcfg.dsa is None and algorithm == "dsa":
+        from hisa.sparse.base import registered_algorithms
+
+        others = ", ".join(a for a in registered_algorithms() if a != "dsa")
         raise ConfigError(f"--sparse dsa needs a model with DSA's indexer (DeepSeek-V3.2, GLM-5); {mcfg.arch} has "
-                          "none: choose quest, oracle or streaming")
+                          f"none: choose one of {others}")
 
 
 def dsa_selected_pages(mcfg, page_size: int, max_model_len: int) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +42,7 @@ def load_model(model: str | None, *, device: torch.device, dtype: torch.dtype,
     rope_freqs = reader = None
     if source.kind == "random":
         return random_model(ModelConfig(**PRESETS[source.preset]), device=device, dtype=dtype, seed=seed,
-                            source=source)
+                            source=dataclasses.replace(source, seed=seed))
     else:
         if source.kind == "gguf":
             reader = loader.open_gguf(source.path)
@@ -93,7 +95,7 @@ def random_model(cfg: ModelConfig, *, device: torch.device, dtype: torch.dtype, 
     _randomize(net, seed)
     _init_rope(net, cfg, None, device)
     net.eval()
-    return LoadedModel(net, cfg, None, source or loader.ModelSource("random", preset=cfg.name or None))
+    return LoadedModel(net, cfg, None, source or loader.ModelSource("random", preset=cfg.name or None, seed=seed))
 
 
 def _init_rope(net: CausalLM, cfg: ModelConfig, rope_freqs, device: torch.device) -> None:

