@@ -166,6 +166,7 @@ class _Policy:
         self.host_allocator = PageAllocator(host_pages)
         self.buffer_pages, self.residency = buffer_pages, residency
         self.sink_pages = 1
+        self.decodes_as_prefill = False   # page-level selection: a request's decoded pages differ from dense
         self.free = list(range(slots))
         self.begun, self.ended = [], []
 

@@ -173,6 +173,44 @@ def test_a_step_failing_before_a_demotion_was_copied_fails_the_demoted_request_t
     assert engine.sparse.host_allocator.num_free == engine.sparse.host_allocator.num_pages
 
 
+def test_a_request_demoted_and_preempted_by_one_schedule_recomputes_without_failing_the_step():
+    """A full device pool in "auto": one schedule demotes a request to the host pool and then picks it
+    as the preemption victim (its buffer pages still count). The step then applied the stale demotion
+    (ValueError: src_rows (14,) / dst_rows (0,)) and every request of the step failed. Now the demotion
+    is dropped with the preemption and nothing is parked for it (its KV is in neither pool). The
+    prompts are a differential fuzzer's (random ids), the case it found."""
+    import json
+    from pathlib import Path
+
+    tiny = load_model("random:tiny-llama", device=torch.device("cpu"), dtype=torch.float32, progress=False)
+    prompts = json.loads((Path(__file__).parent / "data" / "demote_then_preempt_prompts.json").read_text())
+    max_tokens, arrive = [22, 25, 25, 30, 25], [2, 0, 0, 0, 0]
+    llm = LLM(loaded=tiny, device="cpu", dtype="float32", progress=False, page_size=16, max_model_len=320,
+              num_kv_pages=32, max_num_batched_tokens=4096, max_num_seqs=8, prefix_cache=True, overlap=False,
+              sparse=SparseConfig(algorithm="oracle", token_budget=64, min_prompt_len=32, residency="auto",
+                                  host_pool_gb=0.01))
+    engine, scheduler = llm.engine, llm.engine.scheduler
+    both, preempt = [], scheduler._preempt
+
+    def spy(seq, batch):
+        both.extend(seq.request_id for d in batch.demoted if d.seq is seq)
+        preempt(seq, batch)
+
+    scheduler._preempt = spy
+    step, finished = 0, {}
+    while engine.has_unfinished_requests() or step <= max(arrive):
+        for i, at in enumerate(arrive):
+            if at == step:
+                engine.add_request(prompts[i], SamplingParams(max_tokens=max_tokens[i], ignore_eos=True))
+        finished.update({o.request_id: o for o in engine.step() if o.finished})
+        step += 1
+    assert both, "the case no longer demotes and preempts one request in one schedule"
+    assert {o.finish_reason for o in finished.values()} == {"length"} and len(finished) == 5
+    assert all(len(o.token_ids) == n for o, n in zip(sorted(finished.values(), key=lambda o: o.request_id), [25, 25, 30, 25, 22]))
+    assert engine.allocator.num_free == engine.allocator.num_pages
+    assert engine.sparse.host_allocator.num_free == engine.sparse.host_allocator.num_pages
+
+
 def test_device_bytes_do_not_grow_with_the_prompt():
     """Host-backed, a fixed budget gives the same device KV bytes per request at 1K, 4K and 8K prompt tokens."""
     tiny = load_model("random:tiny-llama", device=torch.device("cpu"), dtype=torch.float32, progress=False)
@@ -252,6 +290,15 @@ def test_invalid_configurations_fail_at_construction(kwargs, message):
 
     with pytest.raises(ConfigError, match=message):
         EngineConfig(device="cpu", page_size=16, sparse=SparseConfig(**kwargs))
+
+
+def test_dsa_on_a_model_without_an_indexer_names_every_algorithm_that_works():
+    from hisa.engine.llm_engine import LLMEngine
+    from hisa.config import EngineConfig
+
+    with pytest.raises(ConfigError, match="--sparse dsa needs a model with DSA's indexer .*lowbit.*quest-mean.*streaming"):
+        LLMEngine(EngineConfig(model="random:tiny-llama", device="cpu", dtype="float32", page_size=16,
+                               sparse=SparseConfig(algorithm="dsa")))
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gemma3"])

@@ -34,7 +34,7 @@ import hashlib
 from dataclasses import asdict, dataclass
 
 from hisa.engine.sequence import Sequence
-from hisa.kvcache.l3.keys import DIGEST_BYTES, chain_digest
+from hisa.kvcache.l3.keys import DIGEST_BYTES, chain_digest, salted
 from hisa.kvcache.page_allocator import PageAllocator
 
 _ROOT = hashlib.blake2b(b"hisa-device-prefix-v1", digest_size=DIGEST_BYTES).digest()
@@ -73,7 +73,10 @@ class DevicePrefixCache:
         """The chain digests of seq's first num_pages full pages (extended and kept on the seq)."""
         s, have = self.page_size, seq.prefix_digests
         parent = have[-1] if have else _ROOT
+        salt = seq.key_salt(s)
         for i in range(len(have), num_pages):
+            if salt is not None and i == salt[0]:   # its decoded pages: its own (Sequence.decode_salt)
+                parent = salted(parent, salt[1])
             parent = chain_digest(parent, seq.token_ids[i * s:(i + 1) * s])
             have.append(parent)
         return have[:num_pages]

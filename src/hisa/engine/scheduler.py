@@ -24,6 +24,8 @@ Memory, with a sparse policy (the hierarchical sparse cache), is HBM first:
 
 from __future__ import annotations
 
+import os
+
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -70,6 +72,10 @@ class SparsePolicy(Protocol):
     buffer_pages: int  # device pages a host-backed request holds: its LRU slots + the tail page
     residency: Literal["auto", "device", "host"]  # auto: HBM first, host-backed under pressure
 
+    # whether a sparse decode step computes the KV a prefill would (DSA: the model's own selection in
+    # both); if not, the pages of its decoded tokens are keyed apart (Sequence.decode_salt)
+    decodes_as_prefill: bool
+
     def wants(self, seq: Sequence) -> bool: ...
     def on_request_begin(self, seq: Sequence) -> bool: ...  # False: no sparse slot free
     def on_request_end(self, seq: Sequence) -> None: ...
@@ -111,6 +117,8 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
         seq.sparse = self.sparse is not None and self.sparse.wants(seq)
+        if seq.sparse and not self.sparse.decodes_as_prefill and seq.decode_salt is None:
+            seq.decode_salt = os.urandom(16)   # (see Sequence.decode_salt)
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -217,7 +225,7 @@ class Scheduler:
                 if self.pool(seq) is self.allocator and self._demote_one(batch):
                     continue  # maybe seq itself: its pages now come from the host pool
                 victim = self._preemption_victim(seq)
-                self._preempt(victim)
+                self._preempt(victim, batch)
                 batch.preempted.append(victim)
                 if victim is seq:
                     break
@@ -345,9 +353,15 @@ class Scheduler:
             return next(s for s in reversed(self.running) if s.host_backed)
         return next(s for s in reversed(self.running) if self.device_pages_held(s) > 0 or s is seq)
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
         self.running.remove(seq)
-        if self.on_preempt is not None:
+        # demoted by this very schedule: its KV is in neither pool now (the device pages it let go may
+        # be another's already, the host copy has not run), so there is nothing to copy and nothing to
+        # park: the demotion is dropped (it failed the whole step) and the request recomputes
+        demoted = [d for d in batch.demoted if d.seq is seq]
+        for d in demoted:
+            batch.demoted.remove(d)
+        if self.on_preempt is not None and not demoted:
             self.on_preempt(seq)
         self._release(seq)
         seq.num_computed = 0

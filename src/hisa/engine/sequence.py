@@ -58,6 +58,13 @@ class Sequence:
     # many of its pages are registered in the allocator (0 again once its pages are released)
     prefix_digests: list[bytes] = field(default_factory=list)
     num_registered: int = 0
+    # A sparse request's pages from the one holding its first output token on hold KV its sparse decode
+    # steps computed, unlike what a prefill of the same tokens computes (every later layer attended to
+    # selected pages only): their prefix digests and L3 keys are salted with this request's own random
+    # salt (`hisa.kvcache.l3.keys.salted`), so only this request (resumed after a preemption or parking)
+    # finds them, never another one whose prompt repeats those tokens (a chat's next turn prefills them,
+    # as without any cache). None: its KV is what a prefill computes (dense; DSA's own selection).
+    decode_salt: bytes | None = None
     # Its prefix lookups (stats, pages, tokens) not counted yet: counted once it is admitted, dropped
     # when it is not (a request waiting for room is looked up again at every step)
     prefix_counts: list = field(default_factory=list)
@@ -93,6 +100,10 @@ class Sequence:
     @property
     def num_prompt(self) -> int:
         return len(self.prompt_token_ids)
+
+    def key_salt(self, page_size: int) -> tuple[int, bytes] | None:
+        """(first salted page, salt) for its prefix digests and L3 keys; None when nothing is salted."""
+        return None if self.decode_salt is None else (self.num_prompt // page_size, self.decode_salt)
 
     @property
     def num_tokens(self) -> int:

@@ -115,6 +115,12 @@ class SparseCoordinator:
         self._represented: list[dict[int, int]] = [{} for _ in range(self.num_layers)]
 
     # -- lifecycle (called by the scheduler) ----------------------------------------------------
+    @property
+    def decodes_as_prefill(self) -> bool:
+        """Whether a decode step's KV equals a prefill's: DSA's token-level selection is the model's own
+        in both; page selection (quest, lowbit, oracle, streaming) attends less than a prefill does."""
+        return self.algorithm.token_level
+
     def wants(self, seq) -> bool:
         return seq.num_prompt >= self.config.min_prompt_len
 

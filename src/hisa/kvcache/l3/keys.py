@@ -61,11 +61,20 @@ def chain_digest(parent: bytes, page_tokens: Sequence[int]) -> bytes:
     return h.digest()
 
 
-def page_keys(token_ids: Sequence[int], layout: KVLayout, *, parent: bytes | None = None) -> list[str]:
+def salted(parent: bytes, salt: bytes) -> bytes:
+    """A chain digest turned onto a branch of its own by `salt`: the pages chained after it are named
+    apart from the same tokens' pages chained after `parent` (a sparse request's decoded pages:
+    `hisa.engine.sequence.Sequence.decode_salt`)."""
+    return hashlib.blake2b(parent + salt, digest_size=DIGEST_BYTES, person=b"hisa-salted").digest()
+
+
+def page_keys(token_ids: Sequence[int], layout: KVLayout, *, parent: bytes | None = None,
+              salt: tuple[int, bytes] | None = None) -> list[str]:
     """The keys (hex) of every full page of `token_ids`: len(token_ids) // page_size of them.
 
     `parent` continues a chain (the digest of the page before `token_ids[0]`, from `bytes.fromhex`
-    of its key) instead of starting at the layout's root.
+    of its key) instead of starting at the layout's root. `salt` (page, salt): the chain is `salted`
+    before that page (`Sequence.key_salt`).
 
     Example::
 
@@ -77,6 +86,8 @@ def page_keys(token_ids: Sequence[int], layout: KVLayout, *, parent: bytes | Non
     digest = layout.root() if parent is None else parent
     keys: list[str] = []
     for start in range(0, len(token_ids) - s + 1, s):
+        if salt is not None and start == salt[0] * s:
+            digest = salted(digest, salt[1])
         digest = chain_digest(digest, token_ids[start:start + s])
         keys.append(digest.hex())
     return keys
