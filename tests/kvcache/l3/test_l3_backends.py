@@ -181,3 +181,20 @@ def test_get_into_unchecked_leaves_the_payload_checksum_to_the_caller(l3):
     store.corrupt_found([keys[1]], 4096)
     assert (store.stats.hits, store.stats.corrupt, store.stats.bytes_read) == (2, 4, 2 * 4096)
     assert store.exists(keys) == [True] + [False] * 5 + [True]
+
+
+def test_a_start_up_listing_removes_a_crashs_temporaries_but_not_a_write_in_flight(tmp_path):
+    """Another process sharing the directory may be writing a page (its `.tmp` file is fresh): removing
+    it made that process's rename fail and turned its L3 off."""
+    from hisa.kvcache.l3.file_backend import STALE_TMP_S, FileBackend
+
+    backend = FileBackend(str(tmp_path))
+    sub = tmp_path / "ab"
+    sub.mkdir(exist_ok=True)
+    stale, fresh = sub / "abcd.1.tmp", sub / "abce.2.tmp"
+    stale.write_bytes(b"x")
+    fresh.write_bytes(b"y")
+    old = os.path.getmtime(stale) - STALE_TMP_S - 60
+    os.utime(stale, (old, old))
+    backend.listing()
+    assert not stale.exists() and fresh.exists()

@@ -63,7 +63,8 @@ def test_capacity_is_enforced_across_restarts(tmp_path):
         first.set([f"k{i:03d}"], [_kb(i)])
         os.utime(first.backend.path(f"k{i:03d}"), (1000 + i, 1000 + i))
     (tmp_path / "k0").mkdir(exist_ok=True)
-    (tmp_path / "k0" / "k007.123.deadbeef.tmp").write_bytes(b"half a page")   # a crashed writer's leftover
+    (tmp_path / "k0" / "k007.123.deadbeef.tmp").write_bytes(b"half a page")   # a crashed writer's leftover,
+    os.utime(tmp_path / "k0" / "k007.123.deadbeef.tmp", (1000, 1000))          # from long ago
     second = L3Store(FileBackend(str(tmp_path)), capacity_bytes=3 * page)
     assert second.exists([f"k{i:03d}" for i in range(6)]) == [False] * 3 + [True] * 3
     assert second.stats.evictions == 3

@@ -4,14 +4,16 @@ Layout `ROOT/<first two characters of the key>/<key>` (256 subdirectories for he
 directory grows past a few thousand entries per million pages). A page is written to a temporary
 file in its subdirectory and renamed over its name (`os.replace`, atomic on POSIX), so a reader sees
 the whole old page, the whole new page or nothing, and a crash leaves at most a `.tmp` file (removed
-by the next start-up's listing). Pages are not fsynced: L3 is a cache, a page lost in a power cut
-reads as a miss and the checksum catches a torn one.
+by a later start-up's listing once it is 10 minutes old: a younger one may be another process's write).
+Pages are not fsynced: L3 is a cache, a page lost in a power cut reads as a miss and the checksum
+catches a torn one.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import time
 import uuid
 from typing import Sequence
 
@@ -19,6 +21,7 @@ from hisa.kvcache.l3.threads import LazyThreads
 
 _KEY = re.compile(r"^[A-Za-z0-9_-]{3,200}$")
 _TMP = ".tmp"
+STALE_TMP_S = 600.0   # a temporary file older than this is a crash's leftover (a page is written in well under)
 
 
 def _read(path: str) -> bytes | None:
@@ -125,7 +128,13 @@ class FileBackend:
                 with os.scandir(sub.path) as entries:
                     for e in entries:
                         if e.name.endswith(_TMP):
-                            _unlink(e.path)
+                            # a crash's leftover; a younger one may be another process's write in flight
+                            # (its rename would fail and turn its L3 off)
+                            try:
+                                if time.time() - e.stat(follow_symlinks=False).st_mtime > STALE_TMP_S:
+                                    _unlink(e.path)
+                            except FileNotFoundError:
+                                pass
                         elif _KEY.match(e.name) and e.is_file(follow_symlinks=False):
                             st = e.stat(follow_symlinks=False)
                             found.append((st.st_mtime, e.name, st.st_size))
