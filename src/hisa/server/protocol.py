@@ -11,7 +11,8 @@ has no use for (user, metadata, ...).
 Example::
 
     req = CompletionRequest.model_validate({"model": "m", "prompt": "Hi", "max_tokens": 8})
-    params = req.sampling_params()        # SamplingParams(max_tokens=8, temperature=1.0, ...)
+    params = req.sampling_params(max_tokens=req.max_tokens)   # SamplingParams(max_tokens=8, temperature=1.0, ...)
+    # (the server resolves max_tokens first: unset, it is what the context leaves after the prompt)
 """
 
 from __future__ import annotations

@@ -81,9 +81,9 @@ class L3Store:
     Example::
 
         store = L3Store(FileBackend("/tmp/hisa-l3"), capacity_bytes=8 << 30)
-        store.set(["k0", "k1"], [page0_bytes, page1_bytes])
-        store.exists(["k0", "k9"])       # [True, False]
-        store.get(["k0", "k9"])          # [memoryview of page0, None]
+        store.set(["key0", "key1"], [page0_bytes, page1_bytes])
+        store.exists(["key0", "key9"])       # [True, False]
+        store.get(["key0", "key9"])          # [memoryview of page0, None]
     """
 
     def __init__(self, backend: L3Backend, *, capacity_bytes: int | None = None, retry_after_s: float = 30.0,
@@ -153,7 +153,7 @@ class L3Store:
         Example::
 
             rows = numpy.empty((2, page_bytes), numpy.uint8)
-            store.get_into(["k0", "k9"], [memoryview(rows[0]), memoryview(rows[1])])   # [True, False]
+            store.get_into(["key0", "key9"], [memoryview(rows[0]), memoryview(rows[1])])   # [True, False]
         """
         results = self._read_into(keys, payloads, check=True)
         if results is None:

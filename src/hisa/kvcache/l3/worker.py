@@ -41,8 +41,8 @@ class L3Worker:
 
         io = L3Worker(max_pending_bytes=1 << 30)
         if io.room_for(len(page)):
-            io.submit(lambda: store.set(["k0"], [page]), nbytes=len(page))
-        found = io.submit(lambda: store.exists(["k0"]))   # runs after the write
+            io.submit(lambda: store.set(["key0"], [page]), nbytes=len(page))
+        found = io.submit(lambda: store.exists(["key0"]))   # runs after the write
         found.result()                                     # [True]
         io.close()                                         # runs what is queued, then joins the thread
     """
