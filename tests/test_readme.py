@@ -29,4 +29,4 @@ def test_readme_python_examples_print_what_they_claim():
     answer = rest.strip()
     assert "SKP-7319" in answer, answer  # the same answer as the CLI's (tests/test_cli.py)
     hit_rate = float(answer.split()[-1])
-    assert 0.5 < hit_rate <= 1.0, answer
+    assert 0.9 < hit_rate < 1.0, answer   # host-backed (residency="host"): some pages crossed PCIe, most were hits
