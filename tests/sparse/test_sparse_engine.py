@@ -292,6 +292,56 @@ def test_invalid_configurations_fail_at_construction(kwargs, message):
         EngineConfig(device="cpu", page_size=16, sparse=SparseConfig(**kwargs))
 
 
+def _stats_llm(tiny_llama, **kwargs):
+    sparse = SparseConfig(algorithm="quest", token_budget=96, min_prompt_len=64, host_pool_gb=0.01,
+                          residency=kwargs.pop("residency"))
+    return LLM(loaded=tiny_llama, device="cpu", dtype="float32", progress=False, page_size=16, sparse=sparse,
+               **kwargs)
+
+
+def test_peak_bytes_cover_steps_without_a_sparse_decode_row():
+    """A host-backed request that is only prefilled (its one token comes from the last prefill step)
+    held host pages for three steps: the peaks must have seen them."""
+    tiny = load_model("random:tiny-llama", device=torch.device("cpu"), dtype=torch.float32, progress=False)
+    with _stats_llm(tiny, residency="host", max_model_len=512, num_kv_pages=200,
+                    max_num_batched_tokens=128) as llm:
+        e = llm.engine
+        prompt = torch.randint(3, 500, (300,), generator=torch.Generator().manual_seed(0)).tolist()
+        e.add_request(prompt, SamplingParams(max_tokens=1, ignore_eos=True))
+        seen_host = seen_device = 0
+        while e.has_unfinished_requests():
+            e.step()
+            m = e.sparse.memory()
+            seen_host = max(seen_host, m["host_bytes_in_use"])
+            seen_device = max(seen_device, m["device_kv_bytes_in_use"] + m["metadata_bytes_in_use"])
+        st = e.sparse.summary()
+        assert st["decode_steps"] == 0 and seen_host > 0
+        assert st["peak_host_bytes_in_use"] >= seen_host and st["peak_device_bytes_in_use"] >= seen_device > 0
+
+
+def test_device_kv_in_use_counts_a_shared_prefix_page_once():
+    """Resident requests sharing cached prefix pages: the device KV reported is the pages held, each
+    once (it counted a shared page once per holder: over twice the whole pool)."""
+    tiny = load_model("random:tiny-llama", device=torch.device("cpu"), dtype=torch.float32, progress=False)
+    with _stats_llm(tiny, residency="device", max_model_len=256, num_kv_pages=40,
+                    max_num_batched_tokens=256, prefix_cache=True) as llm:
+        e = llm.engine
+        prefix = torch.randint(3, 500, (224,), generator=torch.Generator().manual_seed(0)).tolist()   # 14 pages
+        llm.generate([prefix + [5]], SamplingParams(max_tokens=1, ignore_eos=True), use_tqdm=False)
+        for i in range(6):
+            e.add_request(prefix + [10 + i] * 3, SamplingParams(max_tokens=4, ignore_eos=True))
+        page = e.sparse.manager.device_page_bytes
+        shared = 0
+        while e.has_unfinished_requests():
+            e.step()
+            kv_pages = e.sparse.memory()["device_kv_bytes_in_use"] // page
+            assert kv_pages <= e.allocator.num_used   # (the pool's pages in use: cached ones included)
+            shared = max(shared, sum(1 for s in e.scheduler.running if s.sparse))
+        assert shared >= 2   # several requests did hold the prefix at once
+        st = e.sparse.summary()
+        assert st["peak_device_bytes_in_use"] <= e.allocator.num_pages * page + st["metadata_bytes"]
+
+
 def test_dsa_on_a_model_without_an_indexer_names_every_algorithm_that_works():
     from hisa.engine.llm_engine import LLMEngine
     from hisa.config import EngineConfig

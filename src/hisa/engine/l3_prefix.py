@@ -77,7 +77,7 @@ them). A host-backed sparse request's pages are read from the host pool by the I
 across layers into the page layout, then written the same way; on CUDA handed over once the device's
 writes into them have landed, as staged writes are): the engine thread copies nothing, and holds the
 pages (`PageAllocator.hold`) until the write has read them, so that no other request is handed them
-meanwhile (`_release_holds`, engine thread: at each step, drain and close).
+meanwhile (`release_holds`, engine thread: at each step, drain and close).
 
 Consistency: a lookup runs after every write handed over before it, so it finds their pages (a
 request parked and then looked up again finds its own). Another engine or process sharing the store
@@ -391,7 +391,7 @@ class L3PrefixCache:
         last call."""
         self.io.check()
         self._hand_over()
-        self._release_holds()
+        self.release_holds()
         self._poll_timers()
         self._progressed.clear()   # before looking: progress made from now on wakes wait_for_lookups
         self._wait_back_copies()
@@ -1322,7 +1322,7 @@ class L3PrefixCache:
         """On the I/O thread: gather host pool `pages` across layers into the L3 page layout [n, L, ROW]
         (one copy, no CUDA call: on CUDA this runs once the device's writes into them have landed),
         write them (`write`: `_write_missing` less its rows), then hand the pages back to the engine
-        thread, which frees its hold on them (`_release_holds`)."""
+        thread, which frees its hold on them (`release_holds`)."""
         try:
             index = torch.tensor(pages, dtype=torch.int64)
             rows = torch.stack([self.host.layer_rows(layer).index_select(0, index)
@@ -1331,7 +1331,7 @@ class L3PrefixCache:
         finally:
             self._unhold.append(pages)
 
-    def _release_holds(self) -> None:
+    def release_holds(self) -> None:
         """Engine thread: free the host pages whose writes have read them (the allocator is not
         thread-safe, so the I/O thread only queues them)."""
         while self._unhold:
@@ -1386,7 +1386,7 @@ class L3PrefixCache:
         """Wait until every write so far has ended (visible to other engines), and every other L3 call."""
         self._hand_over(wait=True)
         self.io.drain()
-        self._release_holds()
+        self.release_holds()
 
     def close(self) -> None:
         """Drop the lookups in flight, run the writes still queued, join the I/O thread, close the store."""
@@ -1395,7 +1395,7 @@ class L3PrefixCache:
         self._hand_over(wait=True)
         self.io.close()
         self._checkers.close()
-        self._release_holds()
+        self.release_holds()
         self.rows.close()   # (their memory may be the backend's)
         self.l3.close()
 

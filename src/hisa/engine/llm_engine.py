@@ -341,9 +341,10 @@ class LLMEngine:
 
         Raises DeviceError when the step failed and the device no longer works."""
         self._check_open()
-        if self.overlap:
-            return self._step_overlap()
-        return self._step_sync()
+        outputs = self._step_overlap() if self.overlap else self._step_sync()
+        if self.l3_prefix is not None:   # host pages whose L3 writes have read them (a finished answer's):
+            self.l3_prefix.release_holds()   # freed now, not at the next step (an idle engine holds none)
+        return outputs
 
     def _step_sync(self) -> list[RequestOutput]:
         if self.l3_prefix is not None:

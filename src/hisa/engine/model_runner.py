@@ -133,6 +133,8 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden)
         if has_sparse:
             self.sparse.forward_end(sparse_t, sparse_host)
+        elif self.sparse is not None:
+            self.sparse.note_memory()
         return logits, sample_index
 
     def _plan_prefill(self, batch: ScheduledBatch, which: list[int], *, start: int):

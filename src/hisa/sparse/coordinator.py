@@ -449,7 +449,12 @@ class SparseCoordinator:
                 every = sum(-(-t // self.page_size) for t in rows)  # a dense layer's pages
                 for layer, w in enumerate(self.windows):
                     counts[layer] += every if self.dense[layer] else sel[w is not None]
-        mem = self.memory()
+        self.note_memory()
+
+    def note_memory(self) -> None:
+        """Update the peaks of device and host bytes in use (every step: forward_end on a step with sparse
+        decode rows, the model runner on the others, so prefill-only steps are measured too)."""
+        tot, mem = self.totals, self.memory()
         tot.peak_device_bytes_in_use = max(tot.peak_device_bytes_in_use,
                                            mem["device_kv_bytes_in_use"] + mem["metadata_bytes_in_use"])
         tot.peak_host_bytes_in_use = max(tot.peak_host_bytes_in_use, mem["host_bytes_in_use"])
@@ -538,10 +543,13 @@ class SparseCoordinator:
         """Host pool size and use; device KV and representation bytes of the running sparse requests."""
         m = self.manager
         held = [self.device_bytes(seq) for seq in self._running.values()]
+        # device KV pages held, each once: resident requests share their cached prefix pages
+        resident = set().union(*(seq.pages for seq in self._running.values() if not seq.host_backed))
+        buffers = sum(len(seq.buffer_pages) for seq in self._running.values() if seq.host_backed)
         return {
             "host_pool_bytes": m.host.nbytes,
             "host_bytes_in_use": m.host.allocator.num_used * m.host.page_bytes,
-            "device_kv_bytes_in_use": sum(h["kv"] for h in held),
+            "device_kv_bytes_in_use": (len(resident) + buffers) * m.device_page_bytes,
             "metadata_bytes": (m.max_requests + 1) * self.max_pages * self.algorithm.metadata_bytes_per_page(),
             "metadata_bytes_in_use": sum(h["metadata"] for h in held),
             "host_backed_requests": sum(1 for seq in self._running.values() if seq.host_backed),
