@@ -79,6 +79,11 @@ def test_bad_budget_is_a_config_error(text):
         parse_budget(text)
 
 
+def test_a_budget_larger_than_any_context_is_refused():
+    with pytest.raises(ConfigError, match="larger than any context"):
+        parse_budget("1e400")   # (it ran the whole grid, then the plot failed on it)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(algorithms=["dense", "magic"]), "unknown algorithm(s) 'magic'; choose from: dense, dsa, lowbit, lowbit-2bit, lowbit-best, lowbit-max, oracle, quest, quest-mean, streaming"),
     (dict(algorithms=["quest"]), "must include dense"),
@@ -127,6 +132,85 @@ def test_kl_tokens_that_leave_too_short_a_prefill_fail_before_running(smollm2):
     with pytest.raises(ConfigError, match="kl_tokens=32 leaves a prefill of .* below min_prompt_len=480"):
         run_eval(grid, engine_kwargs=dict(device="cpu", dtype="float32"), sparse_kwargs=dict(min_prompt_len=480),
                  loaded=smollm2, progress=False)
+
+
+def test_prompts_of_every_round_are_checked_before_running(smollm2, tmp_path):
+    """A length too short for a task's own text fails at once with one line, not after the first
+    rounds have run (the task generator's ValueError escaped as a traceback)."""
+    grid = EvalGrid(algorithms=["dense"], budgets=[], lengths=[84], tasks=["niah_multiquery"], samples=3,
+                    round_size=1, max_tokens=2)
+    with pytest.raises(ConfigError, match="length 84, task niah_multiquery: the prompt without filler"):
+        run_eval(grid, engine_kwargs=dict(device="cpu", dtype="float32"), loaded=smollm2, progress=False,
+                 out=tmp_path / "e")
+    assert not list(tmp_path.iterdir())   # nothing ran, nothing written
+
+
+def test_sparse_rows_whose_prompts_would_run_dense_fail_before_running(smollm2):
+    grid = EvalGrid(algorithms=["dense", "quest"], budgets=parse_budgets("64"), lengths=[128],
+                    tasks=["niah_single_1"], max_tokens=2, kl_tokens=0)
+    with pytest.raises(ConfigError, match="under --sparse-min-prompt-len 5000: its sparse rows would run dense"):
+        run_eval(grid, engine_kwargs=dict(device="cpu", dtype="float32"), sparse_kwargs=dict(min_prompt_len=5000),
+                 loaded=smollm2, progress=False)
+
+
+def test_dsa_on_a_model_without_an_indexer_fails_before_running(smollm2):
+    grid = EvalGrid(algorithms=["dense", "dsa"], budgets=parse_budgets("64"), lengths=[128],
+                    tasks=["niah_single_1"], max_tokens=2)
+    with pytest.raises(ConfigError, match="--algorithms dsa: it needs a model with DSA's indexer"):
+        run_eval(grid, engine_kwargs=dict(device="cpu", dtype="float32"), loaded=smollm2, progress=False)
+
+
+def test_the_chat_template_given_is_the_one_applied(smollm2, tmp_path):
+    """--chat-template was accepted by `hisa eval` and ignored (the results said it was used)."""
+    import copy
+
+    loaded = copy.copy(smollm2)
+    loaded.tokenizer = copy.deepcopy(smollm2.tokenizer)   # (the session's model keeps its own template)
+    grid = EvalGrid(algorithms=["dense"], budgets=[], lengths=[128], tasks=["niah_single_1"], max_tokens=1,
+                    kl_tokens=0)
+    with pytest.raises(ConfigError, match="does not compile"):
+        run_eval(grid, engine_kwargs=dict(device="cpu", dtype="float32"), loaded=loaded, progress=False,
+                 chat_template="{{broken")
+    plain = run_eval(grid, engine_kwargs=dict(device="cpu", dtype="float32"), loaded=loaded, progress=False)
+    mine = run_eval(grid, engine_kwargs=dict(device="cpu", dtype="float32"), loaded=loaded, progress=False,
+                    chat_template="{% for m in messages %}[{{ m['content'] }}]{% endfor %}ANSWER:")
+    def prompt_tokens(report):
+        return [s["prompt_tokens"] for s in report["samples"]]
+    assert prompt_tokens(mine) != prompt_tokens(plain)
+
+
+def test_a_failed_write_keeps_the_last_round_written(tmp_path, monkeypatch):
+    """The files are renamed over whole: a write that fails (a full disk) leaves the previous round's
+    JSON readable, and the error is a HisaError (one line), not a traceback."""
+    from hisa.errors import HisaError
+    from hisa.eval import report as report_mod
+
+    good = {"model": {"name": "m"}, "device": "cpu", "dtype": "float32", "samples_completed": 1, "rows": []}
+    monkeypatch.setattr(report_mod, "markdown", lambda r: "table\n")
+    monkeypatch.setattr(report_mod, "plot", lambda r, path: path.write_bytes(b"png"))
+    report_mod.write_report(good, tmp_path / "e")
+
+    def full_disk(report, path):
+        path.write_bytes(b"half a pl")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report_mod, "plot", full_disk)
+    with pytest.raises(HisaError, match="No space left on device"):
+        report_mod.write_report({**good, "samples_completed": 2}, tmp_path / "e")
+    assert json.loads((tmp_path / "e.json").read_text())["samples_completed"] == 2   # (the json went first)
+    assert (tmp_path / "e.png").read_bytes() == b"png"                               # the old plot, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.json", "e.md", "e.png"]  # no temporary left
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--out", "{file}/sub/e"], "cannot make the folder of --out"),
+])
+def test_an_unwritable_out_fails_before_loading(capsys, tmp_path, argv, message):
+    (tmp_path / "file").write_text("x")
+    argv = [a.replace("{file}", str(tmp_path / "file")) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 def test_parse_lengths():

@@ -49,7 +49,10 @@ def test_cli_refuses_remote_target_with_one_line_error(capsys):
     (dict(concurrency=-1), "concurrency must be a positive integer"),
     (dict(endpoint="embeddings"), "endpoint must be completions or chat"),
     (dict(endpoint="chat", prompt_type="token-ids"), "chat endpoint takes text"),
-    (dict(max_duration_s=0), "must be > 0"),
+    (dict(max_duration_s=0), "must be a finite number > 0"),
+    (dict(max_duration_s=float("nan")), "max-duration .* must be a finite number > 0, got nan"),
+    (dict(request_timeout_s=float("nan")), "request-timeout .* must be a finite number > 0, got nan"),
+    (dict(base_url="http://127.0.0.1:99999"), "port outside 0-65535"),
 ])
 def test_bad_config_is_refused(kwargs, message):
     with pytest.raises(HisaError, match=message):

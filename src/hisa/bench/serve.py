@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 
-from hisa.errors import HisaError
+from hisa.errors import HisaError, check_number
 
 WORDS = tuple("""
 the of and to in is was for on that with as by at from his her they have this be not are one had
@@ -78,8 +78,9 @@ class BenchConfig:
             raise HisaError(f"prompt-type must be words or token-ids, got {self.prompt_type!r}")
         if self.prompt_type == "token-ids" and self.endpoint == "chat":
             raise HisaError("the chat endpoint takes text: use --prompt-type words with --endpoint chat")
-        if self.request_timeout_s <= 0 or self.max_duration_s <= 0:
-            raise HisaError("request-timeout and max-duration must be > 0 seconds")
+        for name in ("request_timeout_s", "max_duration_s"):   # (NaN passed a `<= 0` check)
+            check_number(name.removesuffix("_s").replace("_", "-") + " (seconds)", getattr(self, name), low=0,
+                         open_low=True)
         self.base_url = normalize_base_url(self.base_url)
         check_loopback(self.base_url, allow_remote=self.allow_remote)
 
@@ -106,6 +107,10 @@ def check_loopback(base_url: str, *, allow_remote: bool) -> None:
     parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise HisaError(f"base-url must look like http://127.0.0.1:8000, got {base_url!r}")
+    try:
+        parts.port   # (urlsplit checks the port only when asked: 0-65535)
+    except ValueError:
+        raise HisaError(f"base-url {base_url!r} has a port outside 0-65535") from None
     if allow_remote:
         return
     try:

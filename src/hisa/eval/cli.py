@@ -103,10 +103,13 @@ def run_eval_command(args: argparse.Namespace) -> int:
     sparse_kwargs = dict(buffer_ratio=args.buffer_ratio, sink_pages=args.sink_pages, recent_pages=args.recent_pages,
                          min_prompt_len=args.sparse_min_prompt_len, host_pool_gb=args.host_pool_gb,
                          residency=args.residency, max_sparse_requests=args.max_sparse_requests,
-                         dense_layers=args.dense_layers)
+                         dense_layers=args.dense_layers, decode_streams=args.decode_streams)
     out = args.out or default_out(args.model)
+    from hisa.eval.report import check_writable
+
+    check_writable(out)   # before the run: a bad path must not lose its results
     report = run_eval(grid, engine_kwargs=kwargs, sparse_kwargs=sparse_kwargs, out=out, progress=not args.quiet,
-                      command=_command_line(args))
+                      command=_command_line(args), chat_template=args.chat_template)
     from hisa.eval.report import markdown
 
     print(markdown(report))

@@ -24,6 +24,8 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
 
+from hisa.errors import HisaError
+
 DENSE = "dense"
 
 
@@ -244,19 +246,46 @@ def plot(report: dict[str, Any], path: str | os.PathLike) -> None:
     fig.suptitle(f"{report['model']['name']} on {report['device']} ({report['dtype']}): score vs budget "
                  f"({report['samples_completed']} samples per task per length)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
 
 
 def write_report(report: dict[str, Any], prefix: str | os.PathLike) -> dict[str, Path]:
-    """Write PREFIX.json, PREFIX.md and PREFIX.png; returns their paths."""
+    """Write PREFIX.json, PREFIX.md and PREFIX.png; returns their paths.
+
+    Each file is written beside its name and renamed over it, so a run killed or failing mid-write
+    (a full disk) keeps the files of the last round written whole. Raises HisaError if they cannot
+    be written."""
     prefix = Path(prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
     paths = {ext: prefix.with_name(prefix.name + "." + ext) for ext in ("json", "md", "png")}
-    paths["json"].write_text(json.dumps(report, indent=1) + "\n")
-    paths["md"].write_text(markdown(report))
-    plot(report, paths["png"])
+    writers = {"json": lambda tmp: tmp.write_text(json.dumps(report, indent=1) + "\n"),
+               "md": lambda tmp: tmp.write_text(markdown(report)),
+               "png": lambda tmp: plot(report, tmp)}
+    try:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        for ext, write in writers.items():
+            tmp = paths[ext].with_name(f"{paths[ext].name}.{os.getpid()}.tmp")
+            try:
+                write(tmp)
+                os.replace(tmp, paths[ext])
+            finally:
+                tmp.unlink(missing_ok=True)
+    except OSError as e:
+        raise HisaError(f"cannot write the eval results to {prefix}.json/.md/.png: {e.strerror or e}") from None
     return paths
 
 
-__all__ = ["summarize", "summary_table", "markdown", "plot", "write_report"]
+def check_writable(prefix: str | os.PathLike) -> None:
+    """Before a run: PREFIX's folder can be made and written to (its results are not lost at the end)."""
+    prefix = Path(prefix)
+    if prefix.name in ("", ".", "..") or prefix.is_dir():
+        raise HisaError(f"--out {prefix} is a directory; give a path prefix, e.g. {prefix / 'eval'}")
+    try:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise HisaError(f"cannot make the folder of --out {prefix}: {e.strerror or e}") from None
+    if not os.access(prefix.parent, os.W_OK):
+        raise HisaError(f"--out {prefix}: its folder cannot be written (permissions)")
+
+
+__all__ = ["summarize", "summary_table", "markdown", "plot", "write_report", "check_writable"]

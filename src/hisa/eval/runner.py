@@ -90,6 +90,8 @@ def parse_budget(text: str) -> Budget:
         raise ConfigError(f"budget {text!r} is neither a token count (e.g. 256) nor a fraction of the context "
                           f"length in (0, 1] (e.g. 1/8 or 0.125)")
     if value > 1 or (value == 1 and "/" not in label and "." not in label):
+        if value > 2**31:
+            raise ConfigError(f"budget {text!r} is larger than any context (at most {2**31} tokens)")
         return Budget(label, tokens=int(value))
     return Budget(label, fraction=value)
 
@@ -228,7 +230,10 @@ def _round_items(grid: EvalGrid, tokenizer, indices: range, context: int) -> dic
         for task in grid.tasks:
             for index in indices:
                 seed = derive_seed(grid.seed, task, length, index)
-                sample = TASKS[task](tokenizer, target_tokens=length, seed=seed)
+                try:
+                    sample = TASKS[task](tokenizer, target_tokens=length, seed=seed)
+                except ValueError as e:   # the task's own text does not fit the length
+                    raise ConfigError(f"length {length}, task {task}: {e}") from None
                 ids = prompt_ids(tokenizer, sample)
                 need = len(ids) + grid.answer_tokens(task)
                 if need > context:
@@ -267,6 +272,14 @@ class _Runner:
             if need >= self.context:
                 raise ConfigError(f"length {length} (+ answer tokens) is beyond the model's context of "
                                   f"{self.context} tokens; pick lengths below {self.context - need + length}")
+        from hisa.engine.llm_engine import _check_sparse_algorithm
+
+        for algorithm in grid.sparse_algorithms:   # (dsa needs a model with its indexer, and only dsa suits one)
+            try:
+                _check_sparse_algorithm(algorithm, mcfg)
+            except ConfigError as e:
+                raise ConfigError(f"--algorithms {algorithm}: {e}".replace("use --sparse dsa", "use dsa")
+                                  .replace("--sparse dsa needs", "it needs")) from None
         for algorithm, budget in grid.rows()[1:]:  # every budget must fit sinks + window + one page
             for length in grid.lengths:
                 self.sparse_config(algorithm, budget, length, batch=1)
@@ -316,15 +329,38 @@ def _check_ran_sparse(llm, outputs, label: str, length: int) -> dict[str, Any]:
     return {k: stats[k] for k in keep}
 
 
+def _check_prompts(grid: EvalGrid, tokenizer, rounds: list[range], runner, *, progress: bool):
+    """Before anything runs: every round's prompts can be made at every length, fit the context, and
+    (where sparse rows are compared) reach min_prompt_len, so that a bad grid fails at once instead of
+    after hours of rounds. The prompts are rebuilt per round (not kept: hundreds of 128K-token prompts);
+    returns the first round's items."""
+    min_prompt_len = runner.sparse_kwargs["min_prompt_len"]
+    first = None
+    for r, indices in enumerate(tqdm(rounds, desc="checking prompts", unit="round",
+                                     disable=not progress or len(rounds) < 2)):
+        items = _round_items(grid, tokenizer, indices, runner.context)
+        if grid.sparse_algorithms:
+            short = min((it for its in items.values() for it in its), key=lambda it: len(it.ids))
+            if len(short.ids) < min_prompt_len:
+                raise ConfigError(f"a {short.sample.task} prompt at length {short.length} is {len(short.ids)} "
+                                  f"tokens, under --sparse-min-prompt-len {min_prompt_len}: its sparse rows would "
+                                  f"run dense; lower it or raise --lengths")
+        if r == 0:
+            _check_kl_prefill(grid, items, min_prompt_len)
+            first = items
+    return first
+
+
 def run_eval(grid: EvalGrid, *, engine_kwargs: dict | None = None, sparse_kwargs: dict | None = None,
              loaded=None, out: str | os.PathLike | None = None, progress: bool = True,
-             command: str | None = None) -> dict[str, Any]:
+             command: str | None = None, chat_template: str | None = None) -> dict[str, Any]:
     """Run the grid; returns the report (and writes ``out``.json/.md/.png after every round when given).
 
     engine_kwargs: :class:`hisa.config.EngineConfig` fields (model, device, dtype, page_size, ...);
         its "sparse" is ignored. sparse_kwargs: :class:`hisa.sparse.config.SparseConfig` fields other
         than algorithm and token_budget (sink_pages, buffer_ratio, min_prompt_len, ...).
     loaded: a :class:`hisa.models.factory.LoadedModel` to reuse (e.g. a test's session model).
+    chat_template: a Jinja template (or a file holding one) replacing the model's (`--chat-template`).
     Raises ConfigError (a HisaError) for a grid the model cannot run, before running anything.
     """
     from hisa.eval.report import summarize, write_report
@@ -333,9 +369,14 @@ def run_eval(grid: EvalGrid, *, engine_kwargs: dict | None = None, sparse_kwargs
     runner = _Runner(grid, engine_kwargs=dict(engine_kwargs or {}), sparse_kwargs=dict(sparse_kwargs or {}),
                      loaded=loaded, progress=progress)
     tokenizer = runner.loaded.tokenizer
+    if chat_template is not None:
+        from hisa.chat_template import load_chat_template, set_chat_template
+
+        set_chat_template(tokenizer, load_chat_template(chat_template))
     report = _header(grid, runner, command)
     rows = grid.rows()
     rounds = [range(i, min(i + grid.round_size, grid.samples)) for i in range(0, grid.samples, grid.round_size)]
+    first_items = _check_prompts(grid, tokenizer, rounds, runner, progress=progress)
     bar = tqdm(total=len(rounds) * len(grid.lengths) * len(rows), desc="eval", unit="run", disable=not progress)
     round_seconds: list[float] = []
     try:
@@ -346,9 +387,7 @@ def run_eval(grid: EvalGrid, *, engine_kwargs: dict | None = None, sparse_kwargs
                                            f"(~{max(round_seconds):.0f} s) would pass max_minutes={grid.max_minutes}")
                 break
             t_round = time.perf_counter()
-            items = _round_items(grid, tokenizer, indices, runner.context)
-            if r == 0:
-                _check_kl_prefill(grid, items, runner.sparse_kwargs["min_prompt_len"])
+            items = first_items if r == 0 else _round_items(grid, tokenizer, indices, runner.context)
             for length in grid.lengths:
                 dense: dict[str, Any] = {}  # the reference: token ids per (task, index), KL logits
                 for algorithm, budget in rows:

@@ -2,7 +2,10 @@
 
 Each generator has the signature ``(tokenizer, *, target_tokens, depth=None, seed=0, **knobs)`` and
 returns a :class:`TaskSample` whose prompt (context + question) measures within
-``max(5 %, 64)`` tokens below ``target_tokens`` with ``tokenizer.encode``. The model's reply is
+``max(5 %, 64)`` tokens below ``target_tokens`` with ``tokenizer.encode`` when some filler size lands
+there; otherwise the closest size within that tolerance on either side (at small targets the task's
+own text may leave no size below: e.g. ~150 tokens for niah_multiquery at 84), and a ValueError when
+even no filler is over the target by more. The chat template adds its tokens on top. The model's reply is
 meant to start with ``sample.answer_prefix`` (RULER appends it after the prompt); a reply scores by
 how many of ``sample.expected`` it contains (see :mod:`hisa.eval.scoring`).
 
