@@ -342,6 +342,23 @@ def test_device_kv_in_use_counts_a_shared_prefix_page_once():
         assert st["peak_device_bytes_in_use"] <= e.allocator.num_pages * page + st["metadata_bytes"]
 
 
+def test_distinct_pages_of_prefix_sharing_requests_without_a_set_of_every_page():
+    """The count `memory()` takes at every step equals a set's, for requests sharing leading runs."""
+    import random
+
+    from hisa.sparse.coordinator import _distinct_pages
+
+    rng = random.Random(0)
+    for _ in range(500):
+        base, lists, fresh = list(range(1000, 1000 + rng.randint(0, 30))), [], 5000
+        for _ in range(rng.randint(0, 6)):
+            source = rng.choice(lists) if lists and rng.random() < 0.5 else base
+            own = rng.randint(0, 10)
+            lists.append(source[:rng.randint(0, len(source))] + list(range(fresh, fresh + own)))
+            fresh += own
+        assert _distinct_pages(lists) == len(set().union(*lists) if lists else ()), lists
+
+
 def test_dsa_on_a_model_without_an_indexer_names_every_algorithm_that_works():
     from hisa.engine.llm_engine import LLMEngine
     from hisa.config import EngineConfig

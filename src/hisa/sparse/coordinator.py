@@ -544,17 +544,47 @@ class SparseCoordinator:
         m = self.manager
         held = [self.device_bytes(seq) for seq in self._running.values()]
         # device KV pages held, each once: resident requests share their cached prefix pages
-        resident = set().union(*(seq.pages for seq in self._running.values() if not seq.host_backed))
+        resident = _distinct_pages([seq.pages for seq in self._running.values() if not seq.host_backed])
         buffers = sum(len(seq.buffer_pages) for seq in self._running.values() if seq.host_backed)
         return {
             "host_pool_bytes": m.host.nbytes,
             "host_bytes_in_use": m.host.allocator.num_used * m.host.page_bytes,
-            "device_kv_bytes_in_use": (len(resident) + buffers) * m.device_page_bytes,
+            "device_kv_bytes_in_use": (resident + buffers) * m.device_page_bytes,
             "metadata_bytes": (m.max_requests + 1) * self.max_pages * self.algorithm.metadata_bytes_per_page(),
             "metadata_bytes_in_use": sum(h["metadata"] for h in held),
             "host_backed_requests": sum(1 for seq in self._running.values() if seq.host_backed),
             "resident_requests": sum(1 for seq in self._running.values() if not seq.host_backed),
         }
+
+
+def _distinct_pages(page_lists: list[list[int]]) -> int:
+    """Distinct pages of requests' page lists, without a set of every page (this runs at every step).
+
+    Requests share pages only through the prefix cache, which shares a *leading* run: two lists that
+    hold one page hold it at the same index and agree before it. So lists that differ in their first
+    page share nothing, and a list adds its pages past its longest common prefix with the lists before
+    it (found by bisection): O(requests^2 log pages) among requests sharing a first page, else O(1) each."""
+    groups: dict[int, list[list[int]]] = {}
+    for pages in page_lists:
+        if pages:
+            groups.setdefault(pages[0], []).append(pages)
+    total = 0
+    for group in groups.values():
+        total += len(group[0])
+        for i in range(1, len(group)):
+            total += len(group[i]) - max(_common_prefix(group[i], other) for other in group[:i])
+    return total
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    lo, hi = 0, min(len(a), len(b))   # invariant: a[:lo] == b[:lo]; equality is a leading run
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[mid - 1] == b[mid - 1]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def _weak_call(method):
