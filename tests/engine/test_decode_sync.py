@@ -149,3 +149,33 @@ def test_a_decode_step_copies_only_the_sampled_tokens_to_the_host_on_cuda(graphs
     assert engine.num_overlapped_steps == (1 if overlap else 0)
     if graphs:
         assert engine.runner.graphs.replays >= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("residency", ["host", "auto"])
+def test_the_servers_per_step_sparse_gauges_never_wait_on_the_device(residency):
+    """The server reads the sparse stats at every step, while the step runs (`on_schedule`) and after
+    it: they read the device counters with a blocking `.tolist()`, a sync that serialized the host
+    work overlap mode hides. Read without waiting, the counters lag, then land."""
+    from hisa.server.async_engine import read_sparse_stats
+
+    llm, engine = _engine("cuda", "bfloat16", residency, graphs=True, overlap=True)
+    seen = []
+    engine.on_schedule = lambda: seen.append(read_sparse_stats(engine))
+    torch.cuda.set_sync_debug_mode("error")   # any implicit sync (a .tolist() of a CUDA tensor) raises
+    try:
+        for _ in range(6):
+            engine.step()
+            seen.append(read_sparse_stats(engine))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(seen) == 12 and all(s["decode_steps"] >= 1 for s in seen)
+    torch.cuda.synchronize()
+    read_sparse_stats(engine)   # the copy in flight has landed: the next read takes it
+    landed = read_sparse_stats(engine)
+    exact = engine.sparse.summary()   # blocking
+    assert landed["misses"] == exact["misses"] and landed["prefetched_pages"] == exact["prefetched_pages"]
+    if residency == "host":
+        assert exact["misses"] > 0
+    llm.close()

@@ -342,6 +342,16 @@ def test_device_kv_in_use_counts_a_shared_prefix_page_once():
         assert st["peak_device_bytes_in_use"] <= e.allocator.num_pages * page + st["metadata_bytes"]
 
 
+def test_summary_without_waiting_gives_the_same_figures_off_cuda():
+    """`summary(blocking=False)` (the server's gauges) reads the same counters where nothing is async."""
+    tiny = load_model("random:tiny-llama", device=torch.device("cpu"), dtype=torch.float32, progress=False)
+    with _stats_llm(tiny, residency="host", max_model_len=512, num_kv_pages=200) as llm:
+        prompt = torch.randint(3, 500, (300,), generator=torch.Generator().manual_seed(0)).tolist()
+        llm.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
+        blocking, not_blocking = llm.engine.sparse.summary(), llm.engine.sparse.summary(blocking=False)
+        assert blocking["misses"] > 0 and blocking == not_blocking
+
+
 def test_distinct_pages_of_prefix_sharing_requests_without_a_set_of_every_page():
     """The count `memory()` takes at every step equals a set's, for requests sharing leading runs."""
     import random

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import logging
 import queue
 import threading
@@ -404,7 +405,10 @@ def read_sparse_stats(engine) -> Mapping[str, float] | None:
         sparse = getattr(engine, "sparse", None)
         if sparse is None or not hasattr(sparse, "summary"):
             return None
-        stats = sparse.summary()
+        # without waiting on the device: this runs at every step, while the step runs (the device
+        # counters then lag a step or so)
+        takes_blocking = "blocking" in inspect.signature(sparse.summary).parameters
+        stats = sparse.summary(blocking=False) if takes_blocking else sparse.summary()
     if dataclasses.is_dataclass(stats):
         stats = dataclasses.asdict(stats)
     return {k: float(v) for k, v in dict(stats).items()

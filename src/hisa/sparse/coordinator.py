@@ -498,9 +498,39 @@ class SparseCoordinator:
         self.__dict__.pop("_d", None)
 
     # -- accounting ---------------------------------------------------------------------------
-    def summary(self) -> dict:
+    def _device_counters(self, blocking: bool) -> tuple[list[int], list[int], list[int] | None]:
+        """(misses per layer, prefetched per layer, DSA's selected pages per layer or None) from the
+        device counters. `blocking`: read them now (a sync on CUDA). Else (CUDA): the values of the
+        last copy of them that has landed, a copy into pinned memory being issued when none is in
+        flight, so the caller never waits on the device (the server reads these at every step, while
+        a step runs: a sync there would serialize the overlapped host work); zeros before the first lands."""
+        tensors = [self.manager.misses, self.manager.prefetched]
+        if self.algorithm.token_level:
+            tensors.append(self._selected)
+        if blocking or self.device.type != "cuda":
+            values = [t.tolist() for t in tensors]
+        else:
+            mirror = getattr(self, "_counter_mirror", None)
+            if mirror is None:
+                mirror = self._counter_mirror = {"host": [torch.zeros(t.shape, dtype=t.dtype, pin_memory=True)
+                                                          for t in tensors],
+                                                 "event": None, "values": [[0] * t.numel() for t in tensors]}
+            event = mirror["event"]
+            if event is not None and event.query():
+                mirror["values"], mirror["event"] = [h.tolist() for h in mirror["host"]], None
+            if mirror["event"] is None:
+                for h, t in zip(mirror["host"], tensors):
+                    h.copy_(t, non_blocking=True)
+                mirror["event"] = torch.cuda.Event()
+                mirror["event"].record()
+            values = mirror["values"]
+        return values[0], values[1], values[2] if self.algorithm.token_level else None
+
+    def summary(self, *, blocking: bool = True) -> dict:
         """Totals since start (peaks for bytes in use) and per-step means; what `--stats` prints.
-        Reads the device miss counters (a sync): call it between steps, not inside one.
+        Reads the device miss counters (a sync): call it between steps, not inside one; or with
+        `blocking=False` (the server's gauges, at every step) take their last copy that has landed,
+        which lags a step or so behind the host-side totals (`_device_counters`).
 
         Pages are one layer's device page (`bytes_h2d` = pages loaded x its bytes). `selected_pages`
         counts the pages every sparse row attended; hits, misses and `hit_rate` are those of the
@@ -509,13 +539,14 @@ class SparseCoordinator:
         flatter the buffer. For a token-level algorithm (DSA), both count the distinct pages of the
         host-backed rows' picks that had to be in the buffer (the tail page excluded)."""
         t = self.totals
-        misses_per_layer = self.manager.misses.tolist()
+        misses_per_layer, prefetched_per_layer, device_selected = self._device_counters(blocking)
         if self.algorithm.token_level:
-            selected_per_layer = host_per_layer = self._selected.tolist()
+            selected_per_layer = host_per_layer = device_selected
         else:
             selected_per_layer, host_per_layer = list(t.selected_per_layer), list(t.host_backed_selected_per_layer)
         misses, selected, host_selected = sum(misses_per_layer), sum(selected_per_layer), sum(host_per_layer)
-        prefetched = int(self.manager.prefetched.sum())
+        misses = min(misses, host_selected)   # (a lagging copy: never more misses than pages counted)
+        prefetched = sum(prefetched_per_layer)
         row = self.manager.row_bytes
         steps = t.decode_steps
         loaded = misses + prefetched
