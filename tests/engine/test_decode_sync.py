@@ -162,14 +162,18 @@ def test_the_servers_per_step_sparse_gauges_never_wait_on_the_device(residency):
 
     llm, engine = _engine("cuda", "bfloat16", residency, graphs=True, overlap=True)
     seen = []
-    engine.on_schedule = lambda: seen.append(read_sparse_stats(engine))
-    torch.cuda.set_sync_debug_mode("error")   # any implicit sync (a .tolist() of a CUDA tensor) raises
-    try:
-        for _ in range(6):
-            engine.step()
+
+    def read():
+        torch.cuda.set_sync_debug_mode("error")   # any implicit sync (a .tolist() of a CUDA tensor) raises
+        try:
             seen.append(read_sparse_stats(engine))
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    engine.on_schedule = read   # while the step runs, as the server reads them
+    for _ in range(6):
+        engine.step()
+        read()                  # and after it
     assert len(seen) == 12 and all(s["decode_steps"] >= 1 for s in seen)
     torch.cuda.synchronize()
     read_sparse_stats(engine)   # the copy in flight has landed: the next read takes it
