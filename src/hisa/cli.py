@@ -6,8 +6,10 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
+from pathlib import Path
 
 from hisa.errors import HisaError
 
@@ -106,6 +108,21 @@ DEFAULT_MAX_TOKENS = 256   # hisa generate's --max-tokens when it is not given (
 # settings of the sparse cache alone: given without --sparse they would do nothing
 SPARSE_ONLY = ("token_budget", "buffer_ratio", "sink_pages", "recent_pages", "sparse_min_prompt_len", "host_pool_gb",
                "residency", "max_sparse_requests", "dense_layers", "decode_streams")
+
+
+def writable_out(out: str) -> Path:
+    """The --out path, its folder made; a HisaError if a file cannot be written there (checked before a
+    run, so that a bad path does not lose its results)."""
+    path = Path(out)
+    if path.is_dir():
+        raise HisaError(f"--out {out} is a directory; give a file name, e.g. {path / 'bench.json'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise HisaError(f"cannot make the folder of --out {out}: {e.strerror}") from None
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise HisaError(f"--out {out} cannot be written (permissions)")
+    return path
 
 
 def engine_kwargs(args: argparse.Namespace, *, sparse_flags_need_sparse: bool = True) -> dict:

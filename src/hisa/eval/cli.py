@@ -14,6 +14,7 @@ import argparse
 import re
 import shlex
 import sys
+from pathlib import Path
 
 from hisa.errors import HisaError
 
@@ -88,7 +89,7 @@ def default_out(model: str | None) -> str:
 
 def run_eval_command(args: argparse.Namespace) -> int:
     """Parse the grid, run it, print the table and where the files went."""
-    from hisa.cli import engine_kwargs
+    from hisa.cli import engine_kwargs, writable_out
     from hisa.eval.runner import EvalGrid, parse_budgets, parse_lengths, run_eval, split_list
 
     if args.sparse is not None or args.token_budget is not None:
@@ -105,9 +106,10 @@ def run_eval_command(args: argparse.Namespace) -> int:
                          residency=args.residency, max_sparse_requests=args.max_sparse_requests,
                          dense_layers=args.dense_layers, decode_streams=args.decode_streams)
     out = args.out or default_out(args.model)
-    from hisa.eval.report import check_writable
-
-    check_writable(out)   # before the run: a bad path must not lose its results
+    if Path(out).name in ("", ".", "..") or Path(out).is_dir():
+        raise HisaError(f"--out {out} is a directory; give a path prefix, e.g. {Path(out) / 'eval'}")
+    for ext in ("json", "md", "png"):   # before the run: a bad path must not lose its results
+        writable_out(f"{out}.{ext}")
     report = run_eval(grid, engine_kwargs=kwargs, sparse_kwargs=sparse_kwargs, out=out, progress=not args.quiet,
                       command=_command_line(args), chat_template=args.chat_template)
     from hisa.eval.report import markdown

@@ -275,17 +275,4 @@ def write_report(report: dict[str, Any], prefix: str | os.PathLike) -> dict[str,
     return paths
 
 
-def check_writable(prefix: str | os.PathLike) -> None:
-    """Before a run: PREFIX's folder can be made and written to (its results are not lost at the end)."""
-    prefix = Path(prefix)
-    if prefix.name in ("", ".", "..") or prefix.is_dir():
-        raise HisaError(f"--out {prefix} is a directory; give a path prefix, e.g. {prefix / 'eval'}")
-    try:
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise HisaError(f"cannot make the folder of --out {prefix}: {e.strerror or e}") from None
-    if not os.access(prefix.parent, os.W_OK):
-        raise HisaError(f"--out {prefix}: its folder cannot be written (permissions)")
-
-
-__all__ = ["summarize", "summary_table", "markdown", "plot", "write_report", "check_writable"]
+__all__ = ["summarize", "summary_table", "markdown", "plot", "write_report"]

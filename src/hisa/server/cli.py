@@ -18,8 +18,8 @@ import os
 import socket
 import sys
 import threading
-from pathlib import Path
 
+from hisa.cli import writable_out
 from hisa.errors import HisaError
 
 API_KEY_ENV = "HISA_API_KEY"
@@ -176,7 +176,7 @@ def run_bench_serve(args: argparse.Namespace) -> int:
                       request_timeout_s=args.request_timeout, max_duration_s=args.max_duration,
                       allow_remote=args.allow_remote,
                       api_key=args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None)
-    path = _writable_out(args.out) if args.out else None   # before the run: a bad path must not lose its results
+    path = writable_out(args.out) if args.out else None   # before the run: a bad path must not lose its results
     results = run_benchmark(cfg)
     results["command"] = _bench_command(args)
     print(format_table(results))
@@ -189,20 +189,6 @@ def run_bench_serve(args: argparse.Namespace) -> int:
             raise HisaError(f"cannot write --out {path}: {e.strerror}; the JSON is printed above") from None
         print(f"results written to {path}")
     return 1 if results["failed"] else 0
-
-
-def _writable_out(out: str) -> Path:
-    """The --out path, its folder made; a HisaError if a file cannot be written there."""
-    path = Path(out)
-    if path.is_dir():
-        raise HisaError(f"--out {out} is a directory; give a file name, e.g. {path / 'bench.json'}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise HisaError(f"cannot make the folder of --out {out}: {e.strerror}") from None
-    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise HisaError(f"--out {out} cannot be written (permissions)")
-    return path
 
 
 def _bench_command(args: argparse.Namespace) -> str:

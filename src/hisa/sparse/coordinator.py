@@ -109,6 +109,10 @@ class SparseCoordinator:
         # token-level selection (DSA): pages the host-backed rows needed from their buffers, per layer
         # (data-dependent, so counted on the device and read only by summary())
         self._selected = torch.zeros(self.num_layers, dtype=torch.int64, device=self.device)
+        # summary(blocking=False): pinned copies of the device counters, the copy in flight, the last landed
+        self._counters_host: list[torch.Tensor] | None = None
+        self._counters_copied: torch.cuda.Event | None = None
+        self._counters_landed: list[list[int]] | None = None
         self._d: DecodeRowsView | None = None
         self._running: dict[int, object] = {}  # sparse slot -> the running request holding it
         # per layer: sparse slot -> tokens whose representations a resident prefill built
@@ -434,14 +438,14 @@ class SparseCoordinator:
             self.manager.prefetch(layer + 1, logical, active=self._host_rows, sparse_slots=d.sparse_slot)
         return torch.where(host[:, None], a.remap_tokens(tokens, pages, d.t), tokens)
 
-    def forward_end(self, sparse_t: list[int], host_backed: list[bool] | None = None) -> None:
+    def forward_end(self, sparse_t: list[int], host_backed: list[bool]) -> None:
         """After a decode step: host-side counters (no sync). sparse_t: each sparse row's token count;
-        host_backed: which of those rows are host-backed (default: none)."""
+        host_backed: which of those rows are host-backed."""
         tot = self.totals
         tot.decode_steps += 1
         tot.request_steps += len(sparse_t)
         if not self.algorithm.token_level:  # token-level selection counts on the device (summary())
-            host_t = [t for t, h in zip(sparse_t, host_backed or ()) if h]
+            host_t = [t for t, h in zip(sparse_t, host_backed) if h]
             for counts, rows in ((tot.selected_per_layer, sparse_t), (tot.host_backed_selected_per_layer, host_t)):
                 if not rows:
                     continue
@@ -510,20 +514,17 @@ class SparseCoordinator:
         if blocking or self.device.type != "cuda":
             values = [t.tolist() for t in tensors]
         else:
-            mirror = getattr(self, "_counter_mirror", None)
-            if mirror is None:
-                mirror = self._counter_mirror = {"host": [torch.zeros(t.shape, dtype=t.dtype, pin_memory=True)
-                                                          for t in tensors],
-                                                 "event": None, "values": [[0] * t.numel() for t in tensors]}
-            event = mirror["event"]
-            if event is not None and event.query():
-                mirror["values"], mirror["event"] = [h.tolist() for h in mirror["host"]], None
-            if mirror["event"] is None:
-                for h, t in zip(mirror["host"], tensors):
+            if self._counters_copied is not None and self._counters_copied.query():
+                self._counters_landed = [h.tolist() for h in self._counters_host]
+                self._counters_copied = None
+            if self._counters_copied is None:
+                if self._counters_host is None:
+                    self._counters_host = [torch.zeros(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+                for h, t in zip(self._counters_host, tensors):
                     h.copy_(t, non_blocking=True)
-                mirror["event"] = torch.cuda.Event()
-                mirror["event"].record()
-            values = mirror["values"]
+                self._counters_copied = torch.cuda.Event()
+                self._counters_copied.record()
+            values = self._counters_landed or [[0] * t.numel() for t in tensors]
         return values[0], values[1], values[2] if self.algorithm.token_level else None
 
     def summary(self, *, blocking: bool = True) -> dict:
@@ -545,7 +546,6 @@ class SparseCoordinator:
         else:
             selected_per_layer, host_per_layer = list(t.selected_per_layer), list(t.host_backed_selected_per_layer)
         misses, selected, host_selected = sum(misses_per_layer), sum(selected_per_layer), sum(host_per_layer)
-        misses = min(misses, host_selected)   # (a lagging copy: never more misses than pages counted)
         prefetched = sum(prefetched_per_layer)
         row = self.manager.row_bytes
         steps = t.decode_steps
